@@ -1,0 +1,154 @@
+//! What the user sees while a run goes: a live display on a terminal, plain lines otherwise.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::sched::{RunSummary, Status};
+
+pub struct Reporter {
+    live: Option<Live>,
+    quiet: bool,
+    total: usize,
+    finished: usize,
+}
+
+struct Live {
+    multi: MultiProgress,
+    overall: ProgressBar,
+    running: HashMap<String, ProgressBar>,
+}
+
+impl Reporter {
+    /// `quiet`: nothing but failures (for `--json`, where stdout is the summary).
+    pub fn new(quiet: bool) -> Reporter {
+        let live = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            let overall = multi.add(ProgressBar::new(0));
+            overall.set_style(
+                ProgressStyle::with_template("{prefix:>8.bold} [{bar:30}] {pos}/{len} stages  {elapsed}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            overall.set_prefix("pipeline");
+            Live { multi, overall, running: HashMap::new() }
+        });
+        Reporter { live, quiet, total: 0, finished: 0 }
+    }
+
+    fn line(&self, text: String) {
+        match &self.live {
+            Some(l) => {
+                let _ = l.multi.println(text);
+            }
+            None if !self.quiet => eprintln!("{text}"),
+            None => {}
+        }
+    }
+
+    fn tick(&mut self) {
+        self.finished += 1;
+        if let Some(l) = &self.live {
+            l.overall.set_position(self.finished as u64);
+        }
+    }
+
+    pub fn begin(&mut self, total: usize) {
+        self.total = total;
+        if let Some(l) = &self.live {
+            l.overall.set_length(total as u64);
+        }
+    }
+
+    pub fn cached(&mut self, name: &str) {
+        self.line(format!("  cached     {name}"));
+        self.tick();
+    }
+
+    pub fn started(&mut self, name: &str, threads: u32) {
+        match &mut self.live {
+            Some(l) => {
+                let pb = l.multi.insert_before(&l.overall, ProgressBar::new_spinner());
+                pb.set_style(
+                    ProgressStyle::with_template("  {spinner} running  {prefix} ({msg}) {elapsed}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                pb.set_prefix(name.to_string());
+                pb.set_message(format!("{threads} thread{}", if threads == 1 { "" } else { "s" }));
+                pb.enable_steady_tick(Duration::from_millis(120));
+                l.running.insert(name.to_string(), pb);
+            }
+            None => self.line(format!("  running    {name} ({threads} thread{})", if threads == 1 { "" } else { "s" })),
+        }
+    }
+
+    fn stop_spinner(&mut self, name: &str) {
+        if let Some(l) = &mut self.live {
+            if let Some(pb) = l.running.remove(name) {
+                pb.finish_and_clear();
+                l.multi.remove(&pb);
+            }
+        }
+    }
+
+    pub fn done(&mut self, name: &str, secs: f64) {
+        self.stop_spinner(name);
+        self.line(format!("  done       {name} in {secs:.2}s"));
+        self.tick();
+    }
+
+    pub fn failed(&mut self, name: &str, message: &str, log_tail: &str) {
+        self.stop_spinner(name);
+        let mut text = format!("  FAILED     {name}: {message}");
+        if !log_tail.trim().is_empty() {
+            text.push_str("\n             last lines of its output:");
+            for l in log_tail.lines() {
+                text.push_str("\n             | ");
+                text.push_str(l);
+            }
+        }
+        // Failures are shown even in quiet mode.
+        match &self.live {
+            Some(l) => {
+                let _ = l.multi.println(text);
+            }
+            None => eprintln!("{text}"),
+        }
+        self.tick();
+    }
+
+    pub fn skipped(&mut self, name: &str, why: &str) {
+        self.line(format!("  skipped    {name}: {why}"));
+        self.tick();
+    }
+
+    pub fn cancelled(&mut self, name: &str) {
+        self.stop_spinner(name);
+        self.line(format!("  cancelled  {name}"));
+        self.tick();
+    }
+
+    pub fn note(&mut self, text: &str) {
+        self.line(format!("  {text}"));
+    }
+
+    pub fn finish(&mut self, s: &RunSummary, cached: usize) {
+        if let Some(l) = &self.live {
+            l.overall.finish_and_clear();
+        }
+        let count = |st: Status| s.stages.iter().filter(|r| r.status == st).count();
+        self.line(format!(
+            "{}: {} — {} ran, {} cached, {} failed, {} skipped in {:.2}s ({} cores)",
+            s.pipeline,
+            s.status,
+            count(Status::Ran),
+            cached,
+            count(Status::Failed),
+            count(Status::Skipped) + count(Status::Cancelled),
+            s.wall_s,
+            s.cores
+        ));
+    }
+}

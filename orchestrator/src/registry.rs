@@ -1,0 +1,27 @@
+//! The stage kinds this binary knows. Adding a stage = a new crate + one line here.
+
+use stage_api::Stage;
+
+pub struct Registry {
+    stages: Vec<Box<dyn Stage>>,
+}
+
+impl Registry {
+    pub fn builtin() -> Registry {
+        Registry { stages: vec![Box::new(stage_command::CommandStage)] }
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&dyn Stage> {
+        self.stages.iter().find(|s| s.kind() == kind).map(|s| s.as_ref())
+    }
+
+    pub fn kinds(&self) -> Vec<&'static str> {
+        let mut k: Vec<&'static str> = self.stages.iter().map(|s| s.kind()).collect();
+        k.sort_unstable();
+        k
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &dyn Stage> {
+        self.stages.iter().map(|s| s.as_ref())
+    }
+}

@@ -1,0 +1,576 @@
+//! The store: objects + a sled index + a single-writer lock.
+//!
+//! sled holds only the index (cache key → manifest digest, last manifest per stage, run
+//! records, a stat cache for input files). Manifests and run records are objects too, so the
+//! whole index can be rebuilt from `objects/` (`orchestrate verify --repair`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::objects::{self, tagged, Entry, ObjKind, ObjectError, ObjectStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    #[error("the store {path} is in use by {holder}")]
+    Locked { path: PathBuf, holder: String },
+    #[error("the index {path} cannot be opened: {message}")]
+    Index { path: PathBuf, message: String },
+    #[error("index write failed: {0}")]
+    Sled(#[from] sled::Error),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// What the cache key is computed from. Versioned: bump `format` to invalidate everything.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyInput {
+    pub format: u32,
+    pub kind: String,
+    pub version: u32,
+    pub fields: BTreeMap<String, Value>,
+    pub params: BTreeMap<String, Value>,
+    /// Input name → content digest, in name order.
+    pub inputs: BTreeMap<String, String>,
+    pub outputs: Vec<String>,
+}
+
+pub const KEY_FORMAT: u32 = 1;
+
+impl KeyInput {
+    pub fn key(&self) -> String {
+        // serde_json maps are BTreeMaps here (no preserve_order), so this is canonical.
+        objects::hash_bytes(&serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub orchestrate: String,
+    pub format: u32,
+    pub pipeline: String,
+    pub stage: String,
+    pub key: String,
+    pub key_input: KeyInput,
+    pub outputs: BTreeMap<String, Entry>,
+    pub metrics: BTreeMap<String, Value>,
+    pub deterministic: bool,
+    pub threads: u32,
+    /// Unix seconds.
+    pub started_at: f64,
+    pub duration_s: f64,
+    pub cpu_s: f64,
+    pub peak_rss_bytes: u64,
+    /// Digest of the stage's captured stdout+stderr.
+    pub log: Option<String>,
+}
+
+pub const MANIFEST_TAG: &str = "manifest";
+pub const RUN_TAG: &str = "run";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub orchestrate: String,
+    pub format: u32,
+    pub pipeline: String,
+    pub pipeline_file: String,
+    pub started_at: f64,
+    pub finished_at: f64,
+    pub status: String,
+    /// Stage → manifest digest, for every stage that is done (ran or cached).
+    pub manifests: BTreeMap<String, String>,
+}
+
+pub fn now_unix() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// `2026-11-27T03:04:05Z` from unix seconds (UTC), without a date crate.
+pub fn iso8601(unix: f64) -> String {
+    let secs = unix.max(0.0) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Holds `<store>/LOCK` with an exclusive flock for as long as it lives.
+pub struct StoreLock {
+    _file: File,
+}
+
+fn describe_holder(text: &str) -> String {
+    match serde_json::from_str::<Value>(text) {
+        Ok(v) => format!(
+            "`orchestrate {}` (pid {}) since {}",
+            v["command"].as_str().unwrap_or("?"),
+            v["pid"],
+            v["since"].as_str().unwrap_or("?")
+        ),
+        Err(_) => "another orchestrate process".to_string(),
+    }
+}
+
+impl StoreLock {
+    pub fn acquire(root: &Path, command: &str, wait: bool) -> Result<StoreLock> {
+        let path = root.join("LOCK");
+        let mut file = objects::io_ctx(
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path),
+            || format!("opening {}", path.display()),
+        )?;
+        // SAFETY: flock on a file descriptor we own; no memory is touched.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = describe_holder(&text);
+            if !wait {
+                return Err(StoreError::Locked { path: root.to_path_buf(), holder });
+            }
+            eprintln!("waiting for the store {} held by {holder} ...", root.display());
+            // SAFETY: as above; blocking variant.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if rc != 0 {
+                return Err(StoreError::Object(ObjectError::Io {
+                    context: format!("locking {}", path.display()),
+                    source: std::io::Error::last_os_error(),
+                }));
+            }
+        }
+        let info = serde_json::json!({"pid": std::process::id(), "command": command, "since": iso8601(now_unix())});
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = file.write_all(info.to_string().as_bytes());
+        let _ = file.sync_data();
+        Ok(StoreLock { _file: file })
+    }
+}
+
+pub struct Store {
+    pub objects: std::sync::Arc<ObjectStore>,
+    pub root: PathBuf,
+    db: sled::Db,
+    cache: sled::Tree,
+    last: sled::Tree,
+    runs: sled::Tree,
+    stat: sled::Tree,
+    _lock: StoreLock,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StatEntry {
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+    digest: String,
+}
+
+/// What `verify` found and did.
+#[derive(Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub objects_checked: usize,
+    pub bytes_checked: u64,
+    /// (digest, path moved to) of objects whose content did not match their name.
+    pub corrupt: Vec<(String, String)>,
+    /// Index entries whose manifest or outputs are gone (removed when repairing).
+    pub dangling: Vec<String>,
+    pub index_rebuilt: bool,
+    pub manifests_indexed: usize,
+    pub runs_indexed: usize,
+}
+
+pub fn index_path(root: &Path) -> PathBuf {
+    root.join("index.sled")
+}
+
+fn open_db(root: &Path) -> Result<sled::Db> {
+    let path = index_path(root);
+    sled::Config::new().path(&path).open().map_err(|e| StoreError::Index { path, message: e.to_string() })
+}
+
+impl Store {
+    /// Open (creating if needed) the store at `root`, taking the writer lock.
+    pub fn open(root: &Path, command: &str, wait: bool) -> Result<Store> {
+        objects::io_ctx(fs::create_dir_all(root), || format!("creating store {}", root.display()))?;
+        // Stages run in scratch folders, so every path handed to them must be absolute.
+        let root = &objects::io_ctx(std::path::absolute(root), || format!("resolving {}", root.display()))?;
+        let lock = StoreLock::acquire(root, command, wait)?;
+        let objects = ObjectStore::open(root)?;
+        let db = open_db(root)?;
+        Self::assemble(root, objects, db, lock)
+    }
+
+    fn assemble(root: &Path, objects: ObjectStore, db: sled::Db, lock: StoreLock) -> Result<Store> {
+        Ok(Store {
+            cache: db.open_tree("cache")?,
+            last: db.open_tree("last")?,
+            runs: db.open_tree("runs")?,
+            stat: db.open_tree("stat")?,
+            db,
+            objects: std::sync::Arc::new(objects),
+            root: root.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    /// Remove leftovers of runs that were killed; we hold the lock so none of it is live.
+    pub fn clean_tmp(&self) {
+        if let Ok(rd) = fs::read_dir(self.objects.tmp_dir()) {
+            for e in rd.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() { remove_dir_all_writable(&p) } else { fs::remove_file(&p) };
+            }
+        }
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn last_key(pipeline: &str, stage: &str) -> Vec<u8> {
+        format!("{pipeline}\0{stage}").into_bytes()
+    }
+
+    pub fn load_manifest(&self, digest: &str) -> Result<Manifest> {
+        let bytes = self.objects.read_verified(digest, "manifest")?;
+        tagged::<Manifest>(&bytes, MANIFEST_TAG)
+            .ok_or_else(|| StoreError::Object(ObjectError::Invalid(format!("object {digest} is not a manifest"))))
+    }
+
+    /// The manifest cached under `key`, if it and every output are present.
+    pub fn lookup(&self, key: &str) -> Result<Option<(String, Manifest)>> {
+        let Some(d) = self.cache.get(key.as_bytes())? else { return Ok(None) };
+        let digest = String::from_utf8_lossy(&d).into_owned();
+        let m = match self.load_manifest(&digest) {
+            Ok(m) => m,
+            Err(_) => return Ok(None),
+        };
+        if m.key != key || !m.outputs.values().all(|e| self.objects.present(e)) {
+            return Ok(None);
+        }
+        Ok(Some((digest, m)))
+    }
+
+    /// The last manifest recorded for a stage of a pipeline (for `plan`'s "why" and `show`).
+    pub fn last_manifest(&self, pipeline: &str, stage: &str) -> Option<Manifest> {
+        let d = self.last.get(Self::last_key(pipeline, stage)).ok()??;
+        self.load_manifest(&String::from_utf8_lossy(&d)).ok()
+    }
+
+    /// Commit a finished stage: manifest object, then index entries, then flush.
+    pub fn commit(&self, m: &Manifest) -> Result<String> {
+        let bytes = serde_json::to_vec(m).map_err(|e| ObjectError::Invalid(e.to_string()))?;
+        let digest = self.objects.put_bytes(&bytes)?;
+        self.cache.insert(m.key.as_bytes(), digest.as_bytes())?;
+        self.last.insert(Self::last_key(&m.pipeline, &m.stage), digest.as_bytes())?;
+        self.flush()?;
+        Ok(digest)
+    }
+
+    pub fn record_run(&self, r: &RunRecord) -> Result<String> {
+        let bytes = serde_json::to_vec(r).map_err(|e| ObjectError::Invalid(e.to_string()))?;
+        let digest = self.objects.put_bytes(&bytes)?;
+        let k = ((r.started_at * 1e9) as u128).to_be_bytes();
+        self.runs.insert(k, digest.as_bytes())?;
+        self.flush()?;
+        Ok(digest)
+    }
+
+    /// Digest of an input file, reusing the last hash when size, times and inode are unchanged
+    /// and the file was not modified within a second of that hash (mtime granularity).
+    pub fn input_digest(&self, path: &Path) -> Result<Entry> {
+        let meta = objects::io_ctx(fs::metadata(path), || format!("stat {}", path.display()))?;
+        if !meta.is_file() {
+            return Ok(objects::digest_path(path)?);
+        }
+        let key = path.to_string_lossy().into_owned().into_bytes();
+        let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+        let ctime_ns = i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec());
+        if let Ok(Some(v)) = self.stat.get(&key) {
+            if let Ok(s) = serde_json::from_slice::<StatEntry>(&v) {
+                if s.size == meta.len() && s.mtime_ns == mtime_ns && s.ctime_ns == ctime_ns && s.ino == meta.ino() {
+                    return Ok(Entry { digest: s.digest, kind: ObjKind::File, size: s.size });
+                }
+            }
+        }
+        let (digest, size) = objects::hash_file(path)?;
+        let now_ns = (now_unix() * 1e9) as i128;
+        if now_ns - mtime_ns.max(ctime_ns) > 1_000_000_000 {
+            let s = StatEntry { size, mtime_ns, ctime_ns, ino: meta.ino(), digest: digest.clone() };
+            if let Ok(b) = serde_json::to_vec(&s) {
+                let _ = self.stat.insert(key, b);
+            }
+        }
+        Ok(Entry { digest, kind: ObjKind::File, size })
+    }
+
+    /// Run records, newest first.
+    pub fn runs(&self) -> Vec<(String, RunRecord)> {
+        let mut out = Vec::new();
+        for kv in self.runs.iter().rev().flatten() {
+            let d = String::from_utf8_lossy(&kv.1).into_owned();
+            if let Ok(bytes) = self.objects.read_verified(&d, "run record") {
+                if let Some(r) = tagged::<RunRecord>(&bytes, RUN_TAG) {
+                    out.push((d, r));
+                }
+            }
+        }
+        out
+    }
+
+    /// Re-hash every object; quarantine corrupt ones; check index entries; optionally rebuild
+    /// the index from the manifests and run records found in `objects/`.
+    pub fn verify(&self, repair: bool) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let quarantine = self.root.join("quarantine");
+        for (name, path) in self.objects.list()? {
+            report.objects_checked += 1;
+            let (actual, size) = match objects::hash_file(&path) {
+                Ok(x) => x,
+                Err(_) => (String::new(), 0),
+            };
+            report.bytes_checked += size;
+            if actual != name {
+                objects::io_ctx(fs::create_dir_all(&quarantine), || format!("creating {}", quarantine.display()))?;
+                let dest = quarantine.join(format!("{name}.{}", (now_unix() * 1000.0) as u64));
+                objects::io_ctx(fs::rename(&path, &dest), || format!("quarantining {}", path.display()))?;
+                report.corrupt.push((name, dest.display().to_string()));
+            }
+        }
+        if repair {
+            self.rebuild_index(&mut report)?;
+        }
+        for kv in self.cache.iter() {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let digest = String::from_utf8_lossy(&v).into_owned();
+            let ok = self.load_manifest(&digest).map(|m| m.outputs.values().all(|e| self.objects.present(e))).unwrap_or(false);
+            if !ok {
+                report.dangling.push(key.clone());
+                if repair {
+                    self.cache.remove(k)?;
+                }
+            }
+        }
+        self.flush()?;
+        Ok(report)
+    }
+
+    fn rebuild_index(&self, report: &mut VerifyReport) -> Result<()> {
+        self.cache.clear()?;
+        self.last.clear()?;
+        self.runs.clear()?;
+        let mut by_key: HashMap<String, (f64, String)> = HashMap::new();
+        let mut by_stage: HashMap<Vec<u8>, (f64, String)> = HashMap::new();
+        for (name, path) in self.objects.list()? {
+            let mut head = [0u8; 32];
+            let n = File::open(&path).and_then(|mut f| f.read(&mut head)).unwrap_or(0);
+            if !head[..n].starts_with(b"{\"orchestrate\":\"") {
+                continue;
+            }
+            let Ok(bytes) = fs::read(&path) else { continue };
+            if let Some(m) = tagged::<Manifest>(&bytes, MANIFEST_TAG) {
+                let newer = |e: &(f64, String)| m.started_at > e.0;
+                if by_key.get(&m.key).is_none_or(newer) {
+                    by_key.insert(m.key.clone(), (m.started_at, name.clone()));
+                }
+                let lk = Self::last_key(&m.pipeline, &m.stage);
+                if by_stage.get(&lk).is_none_or(newer) {
+                    by_stage.insert(lk, (m.started_at, name.clone()));
+                }
+            } else if let Some(r) = tagged::<RunRecord>(&bytes, RUN_TAG) {
+                self.runs.insert(((r.started_at * 1e9) as u128).to_be_bytes(), name.as_bytes())?;
+                report.runs_indexed += 1;
+            }
+        }
+        for (k, (_, d)) in &by_key {
+            self.cache.insert(k.as_bytes(), d.as_bytes())?;
+        }
+        for (k, (_, d)) in by_stage {
+            self.last.insert(k, d.as_bytes())?;
+        }
+        report.manifests_indexed = by_key.len();
+        report.index_rebuilt = true;
+        Ok(())
+    }
+
+    /// Keep what the last `keep_last` runs used; delete every other object and index entry.
+    pub fn gc(&self, keep_last: usize, dry_run: bool) -> Result<GcReport> {
+        let runs = self.runs();
+        let mut keep: HashSet<String> = HashSet::new();
+        let mut kept_manifests: HashSet<String> = HashSet::new();
+        for (d, r) in runs.iter().take(keep_last) {
+            keep.insert(d.clone());
+            for md in r.manifests.values() {
+                kept_manifests.insert(md.clone());
+            }
+        }
+        for md in &kept_manifests {
+            keep.insert(md.clone());
+            if let Ok(m) = self.load_manifest(md) {
+                for e in m.outputs.values() {
+                    self.objects.reachable(e, &mut keep);
+                }
+                if let Some(l) = &m.log {
+                    keep.insert(l.clone());
+                }
+            }
+        }
+        let mut report = GcReport { runs_kept: runs.len().min(keep_last), ..Default::default() };
+        for (name, path) in self.objects.list()? {
+            if keep.contains(&name) {
+                report.objects_kept += 1;
+                continue;
+            }
+            let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            report.objects_removed += 1;
+            report.bytes_freed += size;
+            if !dry_run {
+                objects::io_ctx(fs::remove_file(&path), || format!("removing {}", path.display()))?;
+            }
+        }
+        if !dry_run {
+            for tree in [&self.cache, &self.last] {
+                for kv in tree.iter() {
+                    let (k, v) = kv?;
+                    if !kept_manifests.contains(&*String::from_utf8_lossy(&v)) {
+                        tree.remove(k)?;
+                    }
+                }
+            }
+            for kv in self.runs.iter() {
+                let (k, v) = kv?;
+                if !keep.contains(&*String::from_utf8_lossy(&v)) {
+                    self.runs.remove(k)?;
+                }
+            }
+            self.flush()?;
+        }
+        Ok(report)
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub runs_kept: usize,
+    pub objects_kept: usize,
+    pub objects_removed: usize,
+    pub bytes_freed: u64,
+}
+
+/// `remove_dir_all` that first makes read-only folders writable (stage outputs may be 0555).
+pub fn remove_dir_all_writable(p: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(rd) = fs::read_dir(p) {
+        let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o755));
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                let _ = remove_dir_all_writable(&e.path());
+            }
+        }
+    }
+    fs::remove_dir_all(p)
+}
+
+/// Open the store's index when it cannot be opened normally: move the broken index aside.
+pub fn open_for_repair(root: &Path, wait: bool) -> Result<(Store, Option<PathBuf>)> {
+    objects::io_ctx(fs::create_dir_all(root), || format!("creating store {}", root.display()))?;
+    let root = &objects::io_ctx(std::path::absolute(root), || format!("resolving {}", root.display()))?;
+    let lock = StoreLock::acquire(root, "verify --repair", wait)?;
+    let objects = ObjectStore::open(root)?;
+    match open_db(root) {
+        Ok(db) => Ok((Store::assemble(root, objects, db, lock)?, None)),
+        Err(_) => {
+            let aside = root.join("quarantine").join(format!("index.sled.{}", (now_unix() * 1000.0) as u64));
+            objects::io_ctx(fs::create_dir_all(root.join("quarantine")), || "creating quarantine".into())?;
+            objects::io_ctx(fs::rename(index_path(root), &aside), || "moving the broken index aside".into())?;
+            let db = open_db(root)?;
+            Ok((Store::assemble(root, objects, db, lock)?, Some(aside)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_dates() {
+        assert_eq!(iso8601(0.0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso8601(1_795_748_645.0), "2026-11-27T02:24:05Z");
+    }
+
+    fn manifest(key: &str, out: Entry) -> Manifest {
+        Manifest {
+            orchestrate: MANIFEST_TAG.into(),
+            format: 1,
+            pipeline: "p".into(),
+            stage: "s".into(),
+            key: key.into(),
+            key_input: KeyInput {
+                format: KEY_FORMAT,
+                kind: "command".into(),
+                version: 1,
+                fields: BTreeMap::new(),
+                params: BTreeMap::new(),
+                inputs: BTreeMap::new(),
+                outputs: vec!["o".into()],
+            },
+            outputs: BTreeMap::from([("o".to_string(), out)]),
+            metrics: BTreeMap::new(),
+            deterministic: true,
+            threads: 1,
+            started_at: 1.0,
+            duration_s: 0.1,
+            cpu_s: 0.0,
+            peak_rss_bytes: 0,
+            log: None,
+        }
+    }
+
+    #[test]
+    fn commit_lookup_and_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "test", false).unwrap();
+        let d = store.objects.put_bytes(b"out").unwrap();
+        let m = manifest("k1", Entry { digest: d, kind: ObjKind::File, size: 3 });
+        store.commit(&m).unwrap();
+        assert_eq!(store.lookup("k1").unwrap().unwrap().1, m);
+        assert!(store.lookup("k2").unwrap().is_none());
+        store.cache.clear().unwrap();
+        assert!(store.lookup("k1").unwrap().is_none());
+        let r = store.verify(true).unwrap();
+        assert!(r.index_rebuilt && r.corrupt.is_empty());
+        assert_eq!(store.lookup("k1").unwrap().unwrap().1, m);
+        assert_eq!(store.last_manifest("p", "s").unwrap(), m);
+    }
+
+    #[test]
+    fn second_writer_is_refused_with_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = Store::open(dir.path(), "run x.yaml", false).unwrap();
+        let err = StoreLock::acquire(dir.path(), "run y.yaml", false).err().unwrap().to_string();
+        assert!(err.contains("in use by `orchestrate run x.yaml`"), "{err}");
+        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+    }
+}

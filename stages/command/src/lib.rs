@@ -1,0 +1,327 @@
+//! The `command` stage: run any external program with declared inputs and outputs.
+//!
+//! `cmd` is either a list (an argv, no shell involved) or a string (run with `sh -c`).
+//! `${inputs.NAME}` and `${outputs.NAME}` inside it are replaced with paths; every path is also
+//! in the environment as `ORCH_IN_NAME` / `ORCH_OUT_NAME`. A command may write a JSON object of
+//! metrics to `$ORCH_METRICS`.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use stage_api::{InputSpec, IoContext, ParamError, Params, Stage, StageContext, StageError, StagePlan};
+
+pub struct CommandStage;
+
+/// How the program is started.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Invocation {
+    /// `cmd: "..."`: one string for `sh -c`.
+    Shell(String),
+    /// `cmd: [prog, arg, ...]`: an argv.
+    Argv(Vec<String>),
+}
+
+impl Invocation {
+    pub fn from_params(params: &Params) -> Result<Invocation, ParamError> {
+        match params.field("cmd") {
+            None => Err(ParamError::new("kind", "a `command` stage needs `cmd`")
+                .with_help("add `cmd: \"...\"` (run with sh -c) or `cmd: [program, arg, ...]`")),
+            Some(Value::String(s)) if s.trim().is_empty() => Err(ParamError::new("cmd", "`cmd` is empty")),
+            Some(Value::String(s)) => Ok(Invocation::Shell(s.clone())),
+            Some(Value::Array(items)) => {
+                if items.is_empty() {
+                    return Err(ParamError::new("cmd", "`cmd` is an empty list; it needs at least the program"));
+                }
+                let mut argv = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(s) => argv.push(s.clone()),
+                        Value::Number(n) => argv.push(n.to_string()),
+                        Value::Bool(b) => argv.push(b.to_string()),
+                        other => {
+                            return Err(ParamError::new(
+                                format!("cmd.{i}"),
+                                format!("`cmd` list items must be strings, got {other}"),
+                            ))
+                        }
+                    }
+                }
+                Ok(Invocation::Argv(argv))
+            }
+            Some(other) => Err(ParamError::new("cmd", format!("`cmd` must be a string or a list of strings, got {other}"))),
+        }
+    }
+}
+
+/// Environment variable name for an input or output: `ORCH_IN_TEXT`, `ORCH_OUT_UPPER`.
+pub fn env_name(prefix: &str, name: &str) -> String {
+    let mut s = String::with_capacity(prefix.len() + name.len() + 1);
+    s.push_str(prefix);
+    s.push('_');
+    for c in name.chars() {
+        s.push(if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' });
+    }
+    s
+}
+
+/// Quote a path for `sh -c` only when it needs it, so simple commands stay readable in logs.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=:@,%".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Replace `${inputs.X}` / `${outputs.X}` with paths. `$${` stays a literal `${`.
+/// Everything else was resolved (or rejected) by the orchestrator before the stage runs.
+pub fn substitute_paths(
+    template: &str,
+    inputs: &BTreeMap<String, PathBuf>,
+    outputs: &BTreeMap<String, PathBuf>,
+    quote: bool,
+) -> Result<String, StageError> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos..];
+        if after.starts_with("$${") {
+            out.push_str("${");
+            rest = &after[3..];
+            continue;
+        }
+        if !after.starts_with("${") {
+            out.push('$');
+            rest = &after[1..];
+            continue;
+        }
+        let Some(end) = after.find('}') else {
+            return Err(StageError::failed(format!("unterminated `${{` in `{template}`")));
+        };
+        let expr = after[2..end].trim();
+        let path = if let Some(name) = expr.strip_prefix("inputs.") {
+            inputs.get(name)
+        } else if let Some(name) = expr.strip_prefix("outputs.") {
+            outputs.get(name)
+        } else {
+            None
+        };
+        let Some(path) = path else {
+            return Err(StageError::failed(format!("`${{{expr}}}` names no input or output of this stage")));
+        };
+        let text = path.to_string_lossy();
+        out.push_str(&if quote { shell_quote(&text) } else { text.into_owned() });
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exited with status {code}");
+    }
+    match status.signal() {
+        Some(9) => "was killed by SIGKILL (out of memory, a timeout, or cancelled)".to_string(),
+        Some(sig) => format!("was killed by signal {sig}"),
+        None => "ended abnormally".to_string(),
+    }
+}
+
+fn read_metrics(path: &Path) -> Result<BTreeMap<String, Value>, StageError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(StageError::io(format!("reading metrics file {}", path.display()), e)),
+    };
+    if text.trim().is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(map)) => Ok(map.into_iter().collect()),
+        Ok(_) | Err(_) => Err(StageError::failed(format!(
+            "$ORCH_METRICS ({}) must hold one JSON object, e.g. {{\"accuracy\": 0.9}}",
+            path.display()
+        ))),
+    }
+}
+
+impl Stage for CommandStage {
+    fn kind(&self) -> &'static str {
+        "command"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn describe(&self) -> &'static str {
+        "run an external program (argv list or `sh -c` string) with declared inputs and outputs"
+    }
+    fn fields(&self) -> &'static [&'static str] {
+        &["cmd", "env"]
+    }
+
+    fn check(&self, params: &Params, _io: &InputSpec) -> Result<StagePlan, ParamError> {
+        Invocation::from_params(params)?;
+        if let Some(env) = params.field("env") {
+            let Value::Object(map) = env else {
+                return Err(ParamError::new("env", "`env` must be a map of NAME: value"));
+            };
+            for (k, v) in map {
+                if k.is_empty() || k.contains('=') || k.contains('\0') {
+                    return Err(ParamError::new(format!("env.{k}"), format!("`{k}` is not a valid environment variable name")));
+                }
+                if v.is_object() || v.is_array() || v.is_null() {
+                    return Err(ParamError::new(format!("env.{k}"), format!("env `{k}` must be a string or number")));
+                }
+            }
+        }
+        Ok(StagePlan { default_threads: 1, deterministic: true, required_outputs: Vec::new() })
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let spec = ctx.spec().clone();
+        let invocation = Invocation::from_params(&spec.params)?;
+        let mut command = match &invocation {
+            Invocation::Shell(script) => {
+                let script = substitute_paths(script, &spec.inputs, &spec.outputs, true)?;
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(script);
+                c
+            }
+            Invocation::Argv(argv) => {
+                let mut resolved = Vec::with_capacity(argv.len());
+                for a in argv {
+                    resolved.push(substitute_paths(a, &spec.inputs, &spec.outputs, false)?);
+                }
+                let mut c = Command::new(&resolved[0]);
+                c.args(&resolved[1..]);
+                c
+            }
+        };
+        let metrics_path = spec.work_dir.join(".orch-metrics.json");
+        command
+            .current_dir(&spec.work_dir)
+            .stdin(Stdio::null())
+            .env("ORCH_STAGE", &spec.stage_name)
+            .env("ORCH_THREADS", spec.threads.to_string())
+            .env("ORCH_SEED", spec.seed.to_string())
+            .env("ORCH_METRICS", &metrics_path)
+            // Common thread knobs, so numeric programs respect the stage's CPU budget.
+            .env("OMP_NUM_THREADS", spec.threads.to_string())
+            .env("RAYON_NUM_THREADS", spec.threads.to_string());
+        for (name, path) in &spec.inputs {
+            command.env(env_name("ORCH_IN", name), path);
+        }
+        for (name, path) in &spec.outputs {
+            command.env(env_name("ORCH_OUT", name), path);
+        }
+        if let Some(Value::Object(env)) = spec.params.field("env") {
+            for (k, v) in env {
+                let text = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                command.env(k, text);
+            }
+        }
+        let program = match &invocation {
+            Invocation::Shell(_) => "sh".to_string(),
+            Invocation::Argv(argv) => argv[0].clone(),
+        };
+        let status = command.status().ctx(|| {
+            format!("could not start `{program}` (is it installed and on PATH?)")
+        })?;
+        if !status.success() {
+            return Err(StageError::failed(format!("command {}", describe_exit(status))));
+        }
+        for (k, v) in read_metrics(&metrics_path)? {
+            ctx.metric(k, v);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    fn params(cmd: Value) -> Params {
+        let mut p = Params::default();
+        p.fields.insert("cmd".into(), cmd);
+        p
+    }
+
+    #[test]
+    fn env_names_are_upper_snake() {
+        assert_eq!(env_name("ORCH_IN", "text"), "ORCH_IN_TEXT");
+        assert_eq!(env_name("ORCH_OUT", "model.bin-2"), "ORCH_OUT_MODEL_BIN_2");
+    }
+
+    #[test]
+    fn substitution_quotes_only_for_shell() {
+        let ins = BTreeMap::from([("t".to_string(), PathBuf::from("/a b/t.txt"))]);
+        let outs = BTreeMap::from([("u".to_string(), PathBuf::from("/o/u"))]);
+        assert_eq!(substitute_paths("cat ${inputs.t} > ${outputs.u}", &ins, &outs, true).unwrap(), "cat '/a b/t.txt' > /o/u");
+        assert_eq!(substitute_paths("${inputs.t}", &ins, &outs, false).unwrap(), "/a b/t.txt");
+        assert_eq!(substitute_paths("echo $${HOME} $HOME", &ins, &outs, true).unwrap(), "echo ${HOME} $HOME");
+        assert!(substitute_paths("${inputs.nope}", &ins, &outs, true).is_err());
+    }
+
+    #[test]
+    fn check_rejects_bad_cmd() {
+        let s = CommandStage;
+        assert!(s.check(&Params::default(), &InputSpec::default()).is_err());
+        assert_eq!(s.check(&params(Value::Array(vec![])), &InputSpec::default()).unwrap_err().key, "cmd");
+        assert_eq!(
+            s.check(&params(serde_json::json!(["echo", {"a": 1}])), &InputSpec::default()).unwrap_err().key,
+            "cmd.1"
+        );
+        assert!(s.check(&params(serde_json::json!("echo hi")), &InputSpec::default()).is_ok());
+    }
+
+    #[test]
+    fn runs_and_collects_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.txt");
+        let spec = stage_api::RunSpec {
+            stage_name: "t".into(),
+            kind: "command".into(),
+            params: params(serde_json::json!(
+                "printf hello > ${outputs.o} && echo '{\"n\": 3}' > \"$ORCH_METRICS\""
+            )),
+            inputs: BTreeMap::new(),
+            outputs: BTreeMap::from([("o".to_string(), out.clone())]),
+            work_dir: dir.path().to_path_buf(),
+            threads: 1,
+            seed: 1,
+        };
+        let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+        CommandStage.run(&mut ctx).unwrap();
+        assert_eq!(std::fs::read_to_string(out).unwrap(), "hello");
+        assert_eq!(ctx.metrics()["n"], serde_json::json!(3));
+    }
+
+    #[test]
+    fn failing_command_reports_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = stage_api::RunSpec {
+            stage_name: "t".into(),
+            kind: "command".into(),
+            params: params(serde_json::json!(["sh", "-c", "exit 3"])),
+            inputs: BTreeMap::new(),
+            outputs: BTreeMap::new(),
+            work_dir: dir.path().to_path_buf(),
+            threads: 1,
+            seed: 1,
+        };
+        let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+        let err = CommandStage.run(&mut ctx).unwrap_err().to_string();
+        assert!(err.contains("status 3"), "{err}");
+    }
+}
