@@ -128,6 +128,8 @@ impl Dag {
 /// Print the cycle as `a → b → c → a`, pointing at the input that closes it.
 fn cycle_error(p: &Pipeline, graph: &DiGraph<usize, String>, start: NodeIndex) -> Diagnostic {
     let scc = tarjan_scc(graph).into_iter().find(|c| c.contains(&start)).unwrap_or_else(|| vec![start]);
+    // Start the printed cycle at the stage that comes first in the file.
+    let start = scc.iter().copied().min_by_key(|n| graph[*n]).unwrap_or(start);
     // Breadth-first search inside the component from `start` back to `start`.
     let mut prev: std::collections::HashMap<NodeIndex, NodeIndex> = std::collections::HashMap::new();
     let mut queue = std::collections::VecDeque::from([start]);

@@ -34,11 +34,38 @@ fn brief(v: &Value) -> String {
     }
 }
 
+/// Both sides of a change, cut to the region where two long strings first differ.
+fn change(a: &Value, b: &Value) -> (String, String) {
+    if let (Value::String(x), Value::String(y)) = (a, b) {
+        let (xc, yc): (Vec<char>, Vec<char>) = (x.chars().collect(), y.chars().collect());
+        if xc.len() > 60 || yc.len() > 60 {
+            let at = xc.iter().zip(&yc).take_while(|(p, q)| p == q).count();
+            let cut = |c: &[char]| {
+                let from = at.saturating_sub(20);
+                let to = (at + 25).min(c.len());
+                let mut s: String = c[from.min(to)..to].iter().collect();
+                if from > 0 {
+                    s.insert(0, '…');
+                }
+                if to < c.len() {
+                    s.push('…');
+                }
+                format!("{s:?}")
+            };
+            return (cut(&xc), cut(&yc));
+        }
+    }
+    (brief(a), brief(b))
+}
+
 fn diff_maps(what: &str, old: &BTreeMap<String, Value>, new: &BTreeMap<String, Value>, out: &mut Vec<String>) {
     let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     for k in keys {
         match (old.get(k), new.get(k)) {
-            (Some(a), Some(b)) if a != b => out.push(format!("{what}{k} changed: {} → {}", brief(a), brief(b))),
+            (Some(a), Some(b)) if a != b => {
+                let (x, y) = change(a, b);
+                out.push(format!("{what}{k} changed: {x} → {y}"))
+            }
             (None, Some(b)) => out.push(format!("{what}{k} added: {}", brief(b))),
             (Some(a), None) => out.push(format!("{what}{k} removed (was {})", brief(a))),
             _ => {}

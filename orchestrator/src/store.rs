@@ -517,7 +517,7 @@ mod tests {
     #[test]
     fn iso_dates() {
         assert_eq!(iso8601(0.0), "1970-01-01T00:00:00Z");
-        assert_eq!(iso8601(1_795_748_645.0), "2026-11-27T02:24:05Z");
+        assert_eq!(iso8601(1_795_748_645.0), "2026-11-27T03:04:05Z");
     }
 
     fn manifest(key: &str, out: Entry) -> Manifest {

@@ -1,1 +1,115 @@
+//! Harness for end-to-end tests: a temp project folder with pipelines and a store, and the
+//! `orchestrate` binary that cargo built for this workspace.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `orchestrate` binary next to this test executable (`target/<profile>/orchestrate`).
+/// `cargo build --workspace` (the README's test command does it first) puts it there.
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/orchestrate
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = dir.join("orchestrate");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --workspace` (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Run {
+        use std::os::unix::process::ExitStatusExt;
+        Run {
+            code: o.status.code().unwrap_or_else(|| 128 + o.status.signal().unwrap_or(0)),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+    }
+    /// Stage name → status from a `run --json` summary.
+    pub fn statuses(&self) -> Vec<(String, String)> {
+        self.json()["stages"]
+            .as_array()
+            .expect("stages array")
+            .iter()
+            .map(|s| (s["stage"].as_str().unwrap_or("").to_string(), s["status"].as_str().unwrap_or("").to_string()))
+            .collect()
+    }
+    pub fn status_of(&self, stage: &str) -> String {
+        self.statuses().into_iter().find(|(n, _)| n == stage).map(|(_, s)| s).unwrap_or_else(|| panic!("no stage {stage} in {}", self.stdout))
+    }
+    pub fn assert_ok(&self) -> &Run {
+        assert_eq!(self.code, 0, "expected success\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+impl Default for Project {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Project {
+    pub fn new() -> Project {
+        Project { dir: tempfile::tempdir().expect("temp dir") }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn store(&self) -> PathBuf {
+        self.path().join("artifacts")
+    }
+    pub fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let p = self.path().join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path().join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
+    }
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(binary());
+        c.current_dir(self.path()).env_remove("ORCHESTRATE_STORE").env_remove("RUST_LOG");
+        c
+    }
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(self.cmd().args(args).output().expect("running orchestrate"))
+    }
+    /// Every object file in the store.
+    pub fn objects(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let root = self.store().join("objects");
+        if let Ok(shards) = std::fs::read_dir(root) {
+            for s in shards.flatten() {
+                if let Ok(files) = std::fs::read_dir(s.path()) {
+                    out.extend(files.flatten().map(|f| f.path()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+    /// Whether anything at all was written to the store.
+    pub fn store_is_empty(&self) -> bool {
+        self.objects().is_empty() && !self.store().join("index.sled").exists()
+    }
+}

@@ -1,0 +1,266 @@
+//! Caching and scheduling behaviour of `orchestrate run`, through the real binary.
+
+use e2e_tests::Project;
+
+const CHAIN: &str = r#"name: chain
+params: {seed: 42, sizes: [5, 10], suffix: "!"}
+stages:
+  up:
+    kind: command
+    cmd: ["sh", "-c", "tr a-z A-Z < ${inputs.text} > ${outputs.upper}"]
+    inputs: {text: file:data/in.txt}
+    outputs: [upper]
+  cut:
+    kind: command
+    foreach: ${params.sizes}
+    cmd: "head -c ${item} ${inputs.u} > ${outputs.out}"
+    inputs: {u: up.upper}
+    outputs: [out]
+  tag:
+    kind: command
+    cmd: "cat ${inputs.x} > ${outputs.t} && printf '${params.suffix}' >> ${outputs.t}"
+    inputs: {x: cut@5.out}
+    outputs: [t]
+  other:
+    kind: command
+    cmd: "echo ${params.seed} > ${outputs.o}"
+    outputs: [o]
+"#;
+
+fn project() -> Project {
+    let p = Project::new();
+    p.write("data/in.txt", "hello world, hello orchestrate\n");
+    p.write("p.yaml", CHAIN);
+    p
+}
+
+#[test]
+fn foreach_expands_and_outputs_are_right() {
+    let p = project();
+    let r = p.run(&["run", "p.yaml", "--json"]);
+    r.assert_ok();
+    let names: Vec<String> = r.statuses().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["up", "cut@5", "cut@10", "tag", "other"]);
+    assert!(r.statuses().iter().all(|(_, s)| s == "ran"));
+    p.run(&["export", "p.yaml", "tag.t", "t.txt"]).assert_ok();
+    assert_eq!(p.read("t.txt"), "HELLO!");
+    p.run(&["export", "p.yaml", "cut@10", "cut10"]).assert_ok();
+    assert_eq!(p.read("cut10/out"), "HELLO WORL");
+}
+
+#[test]
+fn rerun_is_fully_cached() {
+    let p = project();
+    p.run(&["run", "p.yaml"]).assert_ok();
+    let r = p.run(&["run", "p.yaml", "--json"]);
+    r.assert_ok();
+    assert!(r.statuses().iter().all(|(_, s)| s == "cached"), "{}", r.stdout);
+    let plan = p.run(&["plan", "p.yaml"]);
+    assert!(plan.stdout.contains("0 of 5 stages will run"), "{}", plan.stdout);
+}
+
+#[test]
+fn a_param_change_reruns_exactly_its_downstream() {
+    let p = project();
+    p.run(&["run", "p.yaml"]).assert_ok();
+    let plan = p.run(&["plan", "p.yaml", "--set", "suffix=+"]);
+    plan.assert_ok();
+    let tag = plan.stdout.lines().find(|l| l.starts_with("tag ")).unwrap_or_default();
+    assert!(tag.contains("will run  (cmd changed: ") && tag.contains("printf '!'") && tag.contains("printf '+'"), "{}", plan.stdout);
+    assert!(plan.stdout.contains("1 of 5 stages will run"), "{}", plan.stdout);
+    let r = p.run(&["run", "p.yaml", "--set", "suffix=+", "--json"]);
+    r.assert_ok();
+    assert_eq!(r.status_of("tag"), "ran");
+    for s in ["up", "cut@5", "cut@10", "other"] {
+        assert_eq!(r.status_of(s), "cached", "{s}");
+    }
+    // A stage param (not used by the command) still belongs to the cache key.
+    let plan = p.run(&["plan", "p.yaml", "--set", "suffix=+", "--set", "stages.other.params.x=3"]);
+    let other = plan.stdout.lines().find(|l| l.starts_with("other ")).unwrap_or_default();
+    assert!(other.ends_with("will run  (params.x added: 3)"), "{}", plan.stdout);
+}
+
+#[test]
+fn an_input_file_change_reruns_its_downstream_and_plan_says_why() {
+    let p = project();
+    p.run(&["run", "p.yaml"]).assert_ok();
+    p.write("data/in.txt", "goodbye world\n");
+    let plan = p.run(&["plan", "p.yaml", "--json"]);
+    let entries = plan.json();
+    let up = entries.as_array().unwrap().iter().find(|e| e["stage"] == "up").unwrap();
+    assert_eq!(up["status"], "run");
+    assert!(up["reasons"][0].as_str().unwrap().starts_with("input `text` changed: "), "{up}");
+    let r = p.run(&["run", "p.yaml", "--json"]);
+    r.assert_ok();
+    assert_eq!(r.status_of("up"), "ran");
+    assert_eq!(r.status_of("cut@5"), "ran");
+    assert_eq!(r.status_of("other"), "cached");
+    p.run(&["export", "p.yaml", "tag.t", "t.txt"]).assert_ok();
+    assert_eq!(p.read("t.txt"), "GOODB!");
+}
+
+#[test]
+fn same_output_bytes_stop_the_rerun_early() {
+    // `up` reruns on an input change that does not change its output; downstream stays cached.
+    let p = project();
+    p.run(&["run", "p.yaml"]).assert_ok();
+    p.write("data/in.txt", "HELLO WORLD, HELLO ORCHESTRATE\n");
+    let r = p.run(&["run", "p.yaml", "--json"]);
+    assert_eq!(r.status_of("up"), "ran");
+    assert_eq!(r.status_of("cut@5"), "cached");
+    assert_eq!(r.status_of("tag"), "cached");
+}
+
+#[test]
+fn set_changes_foreach_items() {
+    let p = project();
+    let r = p.run(&["run", "p.yaml", "--set", "sizes=[3]", "--set", "stages.tag.inputs.x=cut@3.out", "--json"]);
+    r.assert_ok();
+    let names: Vec<String> = r.statuses().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["up", "cut@3", "tag", "other"]);
+    p.run(&["export", "p.yaml", "--set", "sizes=[3]", "--set", "stages.tag.inputs.x=cut@3.out", "tag.t", "t.txt"]).assert_ok();
+    assert_eq!(p.read("t.txt"), "HEL!");
+}
+
+#[test]
+fn environment_variables_and_scratch_dir() {
+    let p = Project::new();
+    p.write("data/in.txt", "x");
+    p.write(
+        "p.yaml",
+        r#"stages:
+  env:
+    kind: command
+    cmd: "pwd > ${outputs.where} && echo \"$ORCH_IN_TEXT|$ORCH_OUT_WHERE|$ORCH_STAGE|$ORCH_THREADS|$GREETING\" > $ORCH_OUT_VARS"
+    inputs: {text: file:data/in.txt}
+    outputs: [where, vars]
+    threads: 1
+    env: {GREETING: hi}
+"#,
+    );
+    p.run(&["run", "p.yaml"]).assert_ok();
+    p.run(&["export", "p.yaml", "env", "out"]).assert_ok();
+    let vars = p.read("out/vars");
+    let parts: Vec<&str> = vars.trim().split('|').collect();
+    assert!(parts[0].ends_with("data/in.txt"), "{vars}");
+    assert!(parts[1].ends_with("/out/where"), "{vars}");
+    assert_eq!(&parts[2..], ["env", "1", "hi"]);
+    let wd = p.read("out/where");
+    assert!(wd.contains("/tmp/stage-env"), "commands run in a scratch folder under the store: {wd}");
+}
+
+/// Two independent `sleep 1` stages overlap in time with --cores 2 and do not with --cores 1.
+/// (Checked by the stages' own start/end stamps, not by a wall-clock bound.)
+#[test]
+fn independent_stages_run_in_parallel_within_the_core_budget() {
+    let src = r#"stages:
+  s1: {kind: command, cmd: "date +%s.%N > ${outputs.t}; sleep 1; date +%s.%N >> ${outputs.t}", outputs: [t], params: {run: RUN, id: 1}}
+  s2: {kind: command, cmd: "date +%s.%N > ${outputs.t}; sleep 1; date +%s.%N >> ${outputs.t}", outputs: [t], params: {run: RUN, id: 2}}
+"#;
+    let spans = |cores: &str| {
+        let p = Project::new();
+        p.write("p.yaml", &src.replace("RUN", cores));
+        let r = p.run(&["run", "p.yaml", "--cores", cores, "--json"]);
+        r.assert_ok();
+        let mut v = Vec::new();
+        for s in ["s1", "s2"] {
+            p.run(&["export", "p.yaml", &format!("{s}.t"), s]).assert_ok();
+            let t: Vec<f64> = p.read(s).lines().map(|l| l.trim().parse().unwrap()).collect();
+            v.push((t[0], t[1]));
+        }
+        (v[0], v[1], r.json()["wall_s"].as_f64().unwrap())
+    };
+    let ((a0, a1), (b0, b1), wall) = spans("2");
+    assert!(a0 < b1 && b0 < a1, "with 2 cores the stages must overlap: {a0}-{a1} vs {b0}-{b1}");
+    eprintln!("2 cores: wall {wall:.2}s for two 1 s stages");
+    let ((a0, a1), (b0, b1), _) = spans("1");
+    assert!(a1 <= b0 || b1 <= a0, "with 1 core the stages must not overlap: {a0}-{a1} vs {b0}-{b1}");
+}
+
+#[test]
+fn fail_fast_by_default_keep_going_finishes_other_branches() {
+    let src = r#"stages:
+  bad: {kind: command, cmd: "echo boom >&2; exit 7", outputs: [o]}
+  after_bad: {kind: command, cmd: "cp ${inputs.i} ${outputs.o}", inputs: {i: bad.o}, outputs: [o]}
+  slow: {kind: command, cmd: "sleep 0.5; echo ok > ${outputs.o}", outputs: [o]}
+"#;
+    let p = Project::new();
+    p.write("p.yaml", src);
+    let r = p.run(&["run", "p.yaml", "--cores", "1", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.status_of("bad"), "failed");
+    assert_eq!(r.status_of("after_bad"), "skipped");
+    assert_eq!(r.status_of("slow"), "skipped", "fail fast: nothing new starts after a failure");
+    assert!(r.stderr.contains("exited with status 7"), "{}", r.stderr);
+    assert!(r.stderr.contains("| boom"), "the stage's own output is shown: {}", r.stderr);
+
+    let r = p.run(&["run", "p.yaml", "--cores", "1", "--keep-going", "--json"]);
+    assert_eq!(r.code, 1);
+    assert_eq!(r.status_of("bad"), "failed");
+    assert_eq!(r.status_of("after_bad"), "skipped");
+    assert_eq!(r.status_of("slow"), "ran");
+}
+
+#[test]
+fn missing_declared_output_fails_and_stores_nothing_for_it() {
+    let p = Project::new();
+    p.write("p.yaml", "stages:\n  s: {kind: command, cmd: \"true\", outputs: [o]}\n");
+    let r = p.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("declared output `o` was not written"), "{}", r.stderr);
+    let r = p.run(&["run", "p.yaml", "--json"]);
+    assert_eq!(r.status_of("s"), "failed", "a failure is never cached");
+}
+
+#[test]
+fn directory_outputs_become_trees() {
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        "stages:\n  d: {kind: command, cmd: \"mkdir -p ${outputs.dir}/sub && echo a > ${outputs.dir}/a && echo b > ${outputs.dir}/sub/b\", outputs: [dir]}\n  c: {kind: command, cmd: \"cat ${inputs.d}/a ${inputs.d}/sub/b > ${outputs.o}\", inputs: {d: d.dir}, outputs: [o]}\n",
+    );
+    p.run(&["run", "p.yaml"]).assert_ok();
+    p.run(&["export", "p.yaml", "c.o", "o.txt"]).assert_ok();
+    assert_eq!(p.read("o.txt"), "a\nb\n");
+    let show = p.run(&["show", "p.yaml", "d", "--json"]);
+    show.assert_ok();
+    let v = show.json();
+    assert_eq!(v["outputs"]["dir"]["type"], "tree");
+    assert_eq!(v["outputs"]["dir"]["size"], 4);
+}
+
+#[test]
+fn show_reports_outputs_metrics_duration_and_memory() {
+    let p = Project::new();
+    p.write("p.yaml", "stages:\n  m: {kind: command, cmd: \"echo hi > ${outputs.o}; echo '{\\\"acc\\\": 0.5}' > $ORCH_METRICS\", outputs: [o]}\n");
+    p.run(&["run", "p.yaml"]).assert_ok();
+    let v = p.run(&["show", "p.yaml", "m", "--json"]).json();
+    assert_eq!(v["metrics"]["acc"], 0.5);
+    assert_eq!(v["outputs"]["o"]["size"], 3);
+    assert!(std::path::Path::new(v["outputs"]["o"]["path"].as_str().unwrap()).exists());
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(v["duration_s"].as_f64().unwrap() > 0.0);
+    let text = p.run(&["show", "p.yaml", "m"]);
+    assert!(text.stdout.contains("peak memory"), "{}", text.stdout);
+}
+
+#[test]
+fn timeout_and_retries() {
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        r#"stages:
+  slow: {kind: command, cmd: "sleep 5; echo > ${outputs.o}", outputs: [o], timeout: 300ms}
+  flaky:
+    kind: command
+    cmd: "n=$(cat ${inputs.c} 2>/dev/null); if [ -f ../../attempted ]; then echo ok > ${outputs.o}; else touch ../../attempted; exit 1; fi"
+    inputs: {c: file:p.yaml}
+    outputs: [o]
+    retries: 1
+"#,
+    );
+    let r = p.run(&["run", "p.yaml", "--keep-going", "--json"]);
+    assert_eq!(r.status_of("slow"), "failed");
+    assert!(r.stderr.contains("timed out"), "{}", r.stderr);
+    assert_eq!(r.status_of("flaky"), "ran", "{}", r.stderr);
+}

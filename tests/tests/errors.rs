@@ -1,0 +1,156 @@
+//! Every invalid pipeline or command line: a clear message with file:line:column where it
+//! applies, exit code 2, no panic or backtrace, and nothing written to the store.
+
+use e2e_tests::Project;
+
+const GOOD: &str = r#"name: demo
+params: {seed: 42, sizes: [5, 10]}
+stages:
+  a:
+    kind: command
+    cmd: ["sh", "-c", "tr a-z A-Z < ${inputs.text} > ${outputs.upper}"]
+    inputs: {text: file:data/in.txt}
+    outputs: [upper]
+  b:
+    kind: command
+    foreach: ${params.sizes}
+    cmd: "head -c ${item} ${inputs.u} > ${outputs.out}"
+    inputs: {u: a.upper}
+    outputs: [out]
+"#;
+
+fn project(pipeline: &str) -> Project {
+    let p = Project::new();
+    p.write("data/in.txt", "hello world\n");
+    p.write("p.yaml", pipeline);
+    p
+}
+
+/// Run `args` on a broken pipeline and check the common contract; returns stderr.
+fn invalid(pipeline: &str, args: &[&str], code: &str, location: Option<&str>) -> String {
+    let p = project(pipeline);
+    let mut all = vec!["run", "p.yaml"];
+    all.extend_from_slice(args);
+    let r = p.run(&all);
+    assert_eq!(r.code, 2, "exit code 2 expected\nstderr:\n{}", r.stderr);
+    assert!(r.stderr.contains(&format!("error[{code}]")), "code {code} expected in:\n{}", r.stderr);
+    if let Some(loc) = location {
+        assert!(r.stderr.starts_with(&format!("p.yaml:{loc}")), "location p.yaml:{loc} expected in:\n{}", r.stderr);
+    }
+    assert!(!r.stderr.contains("panicked") && !r.stderr.contains("RUST_BACKTRACE"), "{}", r.stderr);
+    assert!(p.store_is_empty(), "nothing may be written to the store on invalid input");
+    r.stderr
+}
+
+#[test]
+fn the_good_pipeline_is_valid() {
+    let p = project(GOOD);
+    p.run(&["run", "p.yaml"]).assert_ok();
+}
+
+#[test]
+fn yaml_syntax_error() {
+    let e = invalid(&GOOD.replace("outputs: [upper]", "outputs: [upper"), &[], "E-YAML", None);
+    assert!(e.contains("p.yaml:"), "{e}");
+}
+
+#[test]
+fn unknown_key_with_suggestion() {
+    let e = invalid(&GOOD.replace("    outputs: [upper]", "    outptus: [upper]"), &[], "E-UNKNOWN-KEY", Some("8:5"));
+    assert!(e.contains("unknown key `outptus` in stage `a`"), "{e}");
+    assert!(e.contains("did you mean `outputs`"), "{e}");
+    invalid(&format!("{GOOD}extra: 1\n"), &[], "E-UNKNOWN-KEY", Some("15:1"));
+}
+
+#[test]
+fn unknown_kind_lists_known_kinds() {
+    let e = invalid(&GOOD.replacen("kind: command", "kind: comand", 1), &[], "E-UNKNOWN-KIND", Some("5:11"));
+    assert!(e.contains("unknown stage kind `comand`"), "{e}");
+    assert!(e.contains("did you mean `command`"), "{e}");
+    assert!(e.contains("valid kinds: command"), "{e}");
+}
+
+#[test]
+fn missing_stage_output_reference() {
+    let e = invalid(&GOOD.replace("a.upper", "a.lower"), &[], "E-MISSING-REF", Some("13:17"));
+    assert!(e.contains("stage `a` has no output `lower`"), "{e}");
+    let e = invalid(&GOOD.replace("a.upper", "x.upper"), &[], "E-MISSING-REF", Some("13:17"));
+    assert!(e.contains("`x.upper` names no stage output"), "{e}");
+}
+
+#[test]
+fn missing_file_input() {
+    let e = invalid(&GOOD.replace("data/in.txt", "data/nope.txt"), &[], "E-MISSING-FILE", Some("7:20"));
+    assert!(e.contains("file `data/nope.txt` does not exist"), "{e}");
+}
+
+#[test]
+fn duplicate_stage_names() {
+    let e = invalid(&GOOD.replace("  b:\n", "  a:\n"), &[], "E-DUPLICATE", Some("9:3"));
+    assert!(e.contains("duplicate stage name `a`"), "{e}");
+    assert!(e.contains("line 4"), "names the first definition: {e}");
+}
+
+#[test]
+fn cycle_is_printed() {
+    let src = r#"stages:
+  a: {kind: command, cmd: "cp ${inputs.i} ${outputs.o}", inputs: {i: c.o}, outputs: [o]}
+  b: {kind: command, cmd: "cp ${inputs.i} ${outputs.o}", inputs: {i: a.o}, outputs: [o]}
+  c: {kind: command, cmd: "cp ${inputs.i} ${outputs.o}", inputs: {i: b.o}, outputs: [o]}
+"#;
+    let e = invalid(src, &[], "E-CYCLE", Some("2:"));
+    assert!(e.contains("a → b → c → a"), "{e}");
+}
+
+#[test]
+fn bad_set() {
+    let e = invalid(GOOD, &["--set", "seed"], "E-SET", None);
+    assert!(e.contains("is not KEY=VALUE"), "{e}");
+    let e = invalid(GOOD, &["--set", "sede=7"], "E-SET", None);
+    assert!(e.contains("did you mean `seed`"), "{e}");
+    invalid(GOOD, &["--set", "stages.zz.params.x=1"], "E-SET", None);
+    invalid(GOOD, &["--set", "sizes=[1, 2"], "E-SET", None);
+}
+
+#[test]
+fn undefined_interpolation() {
+    let e = invalid(&GOOD.replace("${item}", "${params.size}"), &[], "E-INTERPOLATE", Some("12:10"));
+    assert!(e.contains("`${params.size}` is not defined"), "{e}");
+    assert!(e.contains("did you mean `sizes`"), "{e}");
+    let e = invalid(&GOOD.replace("${outputs.upper}", "${outputs.uper}"), &[], "E-INTERPOLATE", Some("6:23"));
+    assert!(e.contains("no output named `uper`"), "{e}");
+}
+
+#[test]
+fn output_escaping_scratch_dir() {
+    let e = invalid(&GOOD.replace("outputs: [upper]", "outputs: [../../upper]"), &[], "E-OUTPUT-PATH", Some("8:15"));
+    assert!(e.contains("escapes the stage's scratch folder"), "{e}");
+    invalid(&GOOD.replace("outputs: [upper]", "outputs: [/tmp/upper]"), &[], "E-OUTPUT-PATH", Some("8:15"));
+}
+
+#[test]
+fn bad_values() {
+    invalid(&GOOD.replace("outputs: [upper]", "outputs: [upper]\n    threads: zero"), &[], "E-TYPE", Some("9:14"));
+    invalid(&GOOD.replace("outputs: [upper]", "outputs: [upper]\n    timeout: soon"), &[], "E-TYPE", Some("9:14"));
+    invalid(&GOOD.replace("foreach: ${params.sizes}", "foreach: 3"), &[], "E-FOREACH", None);
+    let e = invalid(&GOOD.replace("cmd: [\"sh\", \"-c\", \"tr a-z A-Z < ${inputs.text} > ${outputs.upper}\"]", "cmd: []"), &[], "E-PARAM", Some("6:"));
+    assert!(e.contains("empty list"), "{e}");
+}
+
+#[test]
+fn other_commands_share_the_checks() {
+    let p = project(&GOOD.replace("a.upper", "a.lower"));
+    for args in [vec!["plan", "p.yaml"], vec!["dag", "p.yaml"], vec!["show", "p.yaml", "a"], vec!["replay", "p.yaml"]] {
+        let r = p.run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("E-MISSING-REF"), "{args:?}: {}", r.stderr);
+    }
+    let p = project(GOOD);
+    let r = p.run(&["run", "p.yaml", "--cores", "0"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = p.run(&["run", "p.yaml", "--bogus"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = p.run(&["run", "missing.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("cannot read pipeline file missing.yaml"), "{}", r.stderr);
+}
