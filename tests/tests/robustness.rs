@@ -1,0 +1,283 @@
+//! The store survives crashes, corruption, concurrent use and lying stages.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use e2e_tests::Project;
+
+/// Three quick stages, then a slow one, then one after it.
+const SLOW_TAIL: &str = r#"name: tail
+stages:
+  a: {kind: command, cmd: "echo a > ${outputs.o}", outputs: [o]}
+  b: {kind: command, cmd: "cat ${inputs.i} > ${outputs.o}; echo b >> ${outputs.o}", inputs: {i: a.o}, outputs: [o]}
+  c: {kind: command, cmd: "cat ${inputs.i} > ${outputs.o}; echo c >> ${outputs.o}", inputs: {i: b.o}, outputs: [o]}
+  slow: {kind: command, cmd: "touch ${inputs.i}.started-marker 2>/dev/null; echo started > MARKERPATH; sleep 30; cat ${inputs.i} > ${outputs.o}", inputs: {i: c.o}, outputs: [o]}
+  last: {kind: command, cmd: "cp ${inputs.i} ${outputs.o}", inputs: {i: slow.o}, outputs: [o]}
+"#;
+
+fn wait_for(path: &std::path::Path, limit: Duration) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed() < limit, "{} did not appear within {limit:?}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Command lines of live processes that contain `needle` (read from /proc).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                out.push(cmd);
+            }
+        }
+    }
+    out
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+#[test]
+fn kill_9_mid_run_then_rerun_keeps_finished_stages() {
+    let p = Project::new();
+    let marker = p.path().join("slow-started");
+    p.write("p.yaml", &SLOW_TAIL.replace("MARKERPATH", &marker.display().to_string()));
+    let mut child = p.cmd().args(["run", "p.yaml"]).stderr(Stdio::null()).spawn().unwrap();
+    wait_for(&marker, Duration::from_secs(30));
+    assert!(!processes_mentioning(&marker.display().to_string()).is_empty(), "the slow stage is running before the kill");
+    // SAFETY: SIGKILL to the orchestrate process we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    // The stage's process group dies with the scheduler (no orphan keeps `sleep 30` going).
+    std::thread::sleep(Duration::from_millis(300));
+    let orphans = processes_mentioning(&marker.display().to_string());
+    assert!(orphans.is_empty(), "stage processes survived the scheduler: {orphans:?}");
+    let v = p.run(&["verify"]);
+    assert_eq!(v.code, 0, "verify after kill -9:\n{}{}", v.stdout, v.stderr);
+    assert!(v.stdout.contains("store OK"), "{}", v.stdout);
+    // Rerun without the slow sleep: a, b, c come from the cache.
+    let r = p.run(&["run", "p.yaml", "--set", "stages.slow.cmd=cat ${inputs.i} > ${outputs.o}", "--json"]);
+    r.assert_ok();
+    for s in ["a", "b", "c"] {
+        assert_eq!(r.status_of(s), "cached", "{s} finished before the kill and must not be recomputed");
+    }
+    assert_eq!(r.status_of("slow"), "ran");
+    assert_eq!(r.status_of("last"), "ran");
+    assert!(p.run(&["verify"]).stdout.contains("store OK"));
+}
+
+#[test]
+fn sigterm_stops_running_stages_and_commits_nothing_partial() {
+    let p = Project::new();
+    let marker = p.path().join("slow-started");
+    p.write("p.yaml", &SLOW_TAIL.replace("MARKERPATH", &marker.display().to_string()));
+    let child = p.cmd().args(["run", "p.yaml", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for(&marker, Duration::from_secs(30));
+    let t = Instant::now();
+    // SAFETY: SIGTERM to the orchestrate process we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(20), "the run must stop promptly, not wait for `sleep 30`");
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["status"], "cancelled");
+    let plan = p.run(&["plan", "p.yaml", "--json"]).json();
+    let status = |s: &str| plan.as_array().unwrap().iter().find(|e| e["stage"] == s).unwrap()["status"].clone();
+    assert_eq!(status("c"), "cached");
+    assert_eq!(status("slow"), "run", "an interrupted stage is never stored");
+    let tmp: Vec<_> = std::fs::read_dir(p.store().join("tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "scratch folders are cleaned up: {tmp:?}");
+}
+
+#[test]
+fn corrupted_object_is_named_by_verify_and_recomputed_by_the_next_run() {
+    let p = Project::new();
+    p.write("p.yaml", SLOW_TAIL.split("  slow:").next().unwrap());
+    p.run(&["run", "p.yaml"]).assert_ok();
+    let show = p.run(&["show", "p.yaml", "b", "--json"]).json();
+    let digest = show["outputs"]["o"]["digest"].as_str().unwrap().to_string();
+    let path = std::path::PathBuf::from(show["outputs"]["o"]["path"].as_str().unwrap());
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&path, "a\nX\n").unwrap(); // same size, different bytes
+    let v = p.run(&["verify"]);
+    assert_eq!(v.code, 1, "{}", v.stdout);
+    assert!(v.stdout.contains(&format!("CORRUPT  {digest}")), "{}", v.stdout);
+    let r = p.run(&["run", "p.yaml", "--json"]);
+    r.assert_ok();
+    assert_eq!(r.status_of("a"), "cached");
+    assert_eq!(r.status_of("b"), "ran", "b's output was corrupt, so b is recomputed");
+    assert_eq!(r.status_of("c"), "cached", "b reproduced the same bytes, so c stays cached");
+    p.run(&["export", "p.yaml", "b.o", "b.txt"]).assert_ok();
+    assert_eq!(p.read("b.txt"), "a\nb\n");
+    assert!(p.run(&["verify"]).stdout.contains("store OK"));
+}
+
+#[test]
+fn a_corrupt_object_is_never_handed_to_a_stage() {
+    let p = Project::new();
+    p.write("p.yaml", SLOW_TAIL.split("  slow:").next().unwrap());
+    p.run(&["run", "p.yaml"]).assert_ok();
+    let show = p.run(&["show", "p.yaml", "b", "--json"]).json();
+    let path = std::path::PathBuf::from(show["outputs"]["o"]["path"].as_str().unwrap());
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&path, "a\nX\n").unwrap();
+    // c must rerun (its command changed) and would read b's corrupt output.
+    let r = p.run(&["run", "p.yaml", "--set", "stages.c.cmd=cat ${inputs.i} > ${outputs.o}", "--json"]);
+    assert_eq!(r.code, 1);
+    assert_eq!(r.status_of("c"), "failed");
+    assert!(r.stderr.contains("is corrupt") && r.stderr.contains("quarantine"), "{}", r.stderr);
+    // The next run recomputes b, then c from good bytes.
+    let r = p.run(&["run", "p.yaml", "--set", "stages.c.cmd=cat ${inputs.i} > ${outputs.o}", "--json"]);
+    r.assert_ok();
+    assert_eq!(r.status_of("b"), "ran");
+    p.run(&["export", "p.yaml", "--set", "stages.c.cmd=cat ${inputs.i} > ${outputs.o}", "c.o", "c.txt"]).assert_ok();
+    assert_eq!(p.read("c.txt"), "a\nb\n");
+}
+
+#[test]
+fn deleted_index_is_rebuilt_by_verify_repair_with_nothing_lost() {
+    let p = Project::new();
+    p.write("p.yaml", SLOW_TAIL.split("  slow:").next().unwrap());
+    p.run(&["run", "p.yaml"]).assert_ok();
+    std::fs::remove_dir_all(p.store().join("index.sled")).unwrap();
+    let r = p.run(&["verify", "--repair"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("index rebuilt from objects/: 3 cache entries, 1 run records"), "{}", r.stdout);
+    let r = p.run(&["run", "p.yaml", "--json"]);
+    assert!(r.statuses().iter().all(|(_, s)| s == "cached"), "{}", r.stdout);
+    assert!(p.run(&["plan", "p.yaml"]).stdout.contains("0 of 3 stages will run"));
+}
+
+#[test]
+fn garbage_index_is_moved_aside_and_rebuilt() {
+    let p = Project::new();
+    p.write("p.yaml", SLOW_TAIL.split("  slow:").next().unwrap());
+    p.run(&["run", "p.yaml"]).assert_ok();
+    let idx = p.store().join("index.sled");
+    std::fs::remove_dir_all(&idx).unwrap();
+    std::fs::write(&idx, "not a database").unwrap();
+    let r = p.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("verify --repair"), "the error says what to do: {}", r.stderr);
+    let r = p.run(&["verify", "--repair"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let r = p.run(&["run", "p.yaml", "--json"]);
+    assert!(r.statuses().iter().all(|(_, s)| s == "cached"), "{}", r.stdout);
+}
+
+#[test]
+fn two_concurrent_runs_on_one_store() {
+    let p = Project::new();
+    let marker = p.path().join("slow-started");
+    p.write("p.yaml", &SLOW_TAIL.replace("MARKERPATH", &marker.display().to_string()).replace("sleep 30", "sleep 2"));
+    let mut first = p.cmd().args(["run", "p.yaml"]).stderr(Stdio::null()).spawn().unwrap();
+    wait_for(&marker, Duration::from_secs(30));
+    let second = p.run(&["run", "p.yaml"]);
+    assert_eq!(second.code, 3, "{}", second.stderr);
+    let store = std::fs::canonicalize(p.store()).unwrap();
+    assert!(second.stderr.contains(&format!("the store {} is in use", store.display())), "{}", second.stderr);
+    assert!(second.stderr.contains(&format!("(pid {})", first.id())), "names the holder's pid: {}", second.stderr);
+    assert!(second.stderr.contains("--wait"), "{}", second.stderr);
+    assert!(pid_alive(first.id() as i32));
+    // --wait queues behind the first run and then finds everything cached.
+    let waited = p.run(&["run", "p.yaml", "--wait", "--json"]);
+    waited.assert_ok();
+    assert!(waited.stderr.contains("waiting for the store"), "{}", waited.stderr);
+    assert!(first.wait().unwrap().success());
+    assert!(waited.statuses().iter().all(|(_, s)| s == "cached"), "{}", waited.stdout);
+}
+
+#[test]
+fn replay_proves_determinism_and_catches_a_liar() {
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        r#"stages:
+  det: {kind: command, cmd: "seq 1 1000 | sha256sum > ${outputs.o}", outputs: [o]}
+  liar: {kind: command, cmd: "date +%s%N > ${outputs.o}", outputs: [o]}
+  honest: {kind: command, cmd: "date +%s%N > ${outputs.o}", outputs: [o], deterministic: false, params: {x: 1}}
+"#,
+    );
+    p.run(&["run", "p.yaml"]).assert_ok();
+    let r = p.run(&["replay", "p.yaml", "--stage", "det", "--stage", "honest"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("identical"), "prints a table: {}", r.stdout);
+    let r = p.run(&["replay", "p.yaml"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    let liar = r.stdout.lines().find(|l| l.starts_with("liar")).unwrap();
+    assert!(liar.ends_with("NO"), "{}", r.stdout);
+    let det = r.stdout.lines().find(|l| l.starts_with("det")).unwrap();
+    assert!(det.ends_with("yes"), "{}", r.stdout);
+    let honest = r.stdout.lines().find(|l| l.starts_with("honest")).unwrap();
+    assert!(honest.contains("declared non-deterministic"), "{}", r.stdout);
+    let j = p.run(&["replay", "p.yaml", "--json"]).json();
+    assert_eq!(j["failed"], true);
+    // Replay never touches the cache: the run is still fully cached.
+    let again = p.run(&["run", "p.yaml", "--json"]);
+    assert!(again.statuses().iter().all(|(_, s)| s == "cached"));
+}
+
+#[test]
+fn an_input_edited_while_the_stage_runs_fails_the_stage() {
+    let p = Project::new();
+    p.write("data/in.txt", "one\n");
+    p.write(
+        "p.yaml",
+        "stages:\n  s: {kind: command, cmd: \"cp ${inputs.t} ${outputs.o}; echo two >> ${inputs.t}\", inputs: {t: file:data/in.txt}, outputs: [o]}\n",
+    );
+    let r = p.run(&["run", "p.yaml", "--json"]);
+    assert_eq!(r.code, 1);
+    assert_eq!(r.status_of("s"), "failed");
+    assert!(r.stderr.contains("changed while the stage ran"), "{}", r.stderr);
+    assert_eq!(p.run(&["plan", "p.yaml", "--json"]).json()[0]["status"], "run");
+}
+
+#[test]
+fn a_crashing_stage_is_reported_not_fatal() {
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        "stages:\n  crash: {kind: command, cmd: \"kill -SEGV $$\", outputs: [o]}\n  fine: {kind: command, cmd: \"echo ok > ${outputs.o}\", outputs: [o]}\n",
+    );
+    let r = p.run(&["run", "p.yaml", "--keep-going", "--json"]);
+    assert_eq!(r.code, 1);
+    assert_eq!(r.status_of("crash"), "failed");
+    assert_eq!(r.status_of("fine"), "ran");
+    assert!(r.stderr.contains("signal 11"), "{}", r.stderr);
+}
+
+#[test]
+fn gc_keeps_the_last_runs_and_removes_the_rest() {
+    let p = Project::new();
+    p.write("p.yaml", "params: {v: 1}\nstages:\n  s: {kind: command, cmd: \"echo ${params.v} > ${outputs.o}\", outputs: [o]}\n");
+    p.run(&["run", "p.yaml"]).assert_ok();
+    p.run(&["run", "p.yaml", "--set", "v=2"]).assert_ok();
+    let before = p.objects().len();
+    let dry = p.run(&["gc", "--keep-last", "1", "--dry-run"]);
+    dry.assert_ok();
+    assert!(dry.stdout.starts_with("would remove "), "{}", dry.stdout);
+    assert_eq!(p.objects().len(), before, "a dry run removes nothing");
+    p.run(&["gc", "--keep-last", "1"]).assert_ok();
+    assert!(p.objects().len() < before);
+    assert_eq!(p.run(&["run", "p.yaml", "--set", "v=2", "--json"]).status_of("s"), "cached");
+    assert_eq!(p.run(&["run", "p.yaml", "--json"]).status_of("s"), "ran", "v=1's result was collected");
+    assert!(p.run(&["verify"]).stdout.contains("store OK"));
+}
+
+#[test]
+fn store_location_flag_and_environment() {
+    let p = Project::new();
+    p.write("p.yaml", "stages:\n  s: {kind: command, cmd: \"echo > ${outputs.o}\", outputs: [o]}\n");
+    p.run(&["run", "p.yaml", "--store", "custom"]).assert_ok();
+    assert!(p.path().join("custom/objects").is_dir());
+    let r = p.cmd().args(["run", "p.yaml", "--json"]).env("ORCHESTRATE_STORE", p.path().join("custom")).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["stages"][0]["status"], "cached");
+    assert!(!p.store().exists(), "./artifacts is only the default");
+}
