@@ -75,18 +75,20 @@ fn resolve<'v>(expr: &str, scope: &'v Scope<'v>, pos: Pos) -> Result<Resolved<'v
                 )
             })
         }
-        which @ ("inputs" | "outputs") if parts.len() == 2 => {
+        which @ ("inputs" | "outputs") if parts.len() >= 2 => {
+            // Output names may hold dots (`stats.json`): the name is everything after the prefix.
+            let name = expr[which.len() + 1..].trim();
             let names = if which == "inputs" { scope.inputs } else { scope.outputs };
             let Some(names) = names else {
                 return Err(err(format!("`${{{expr}}}` cannot be used here; it is only for commands and params"), None));
             };
-            if names.iter().any(|n| n == parts[1]) {
+            if names.iter().any(|n| n == name) {
                 Ok(Resolved::Deferred)
             } else {
                 let refs: Vec<&str> = names.iter().map(String::as_str).collect();
                 Err(err(
-                    format!("`${{{expr}}}`: this stage has no {} named `{}`", &which[..which.len() - 1], parts[1]),
-                    Some(crate::diag::suggest(parts[1], &refs, which)),
+                    format!("`${{{expr}}}`: this stage has no {} named `{name}`", &which[..which.len() - 1]),
+                    Some(crate::diag::suggest(name, &refs, which)),
                 ))
             }
         }
@@ -194,8 +196,9 @@ mod tests {
     fn splices_text_and_defers_io() {
         let p = json!({"n": 3});
         let item = json!(500);
-        let ins = vec!["u".to_string()];
+        let ins = vec!["u".to_string(), "stats.json".to_string()];
         let s = scope(&p, Some(&item), &ins);
+        assert!(interpolate_str("${inputs.stats.json}", &s, Pos::default()).is_ok());
         let n = interpolate_str("head -c ${item} ${inputs.u} > x$${HOME}$n", &s, Pos::default()).unwrap();
         assert_eq!(n.as_str().unwrap(), "head -c 500 ${inputs.u} > x$${HOME}$n");
     }
