@@ -1,12 +1,14 @@
-//! Running one stage out of process: `orchestrate exec-stage SPEC RESULT`.
+//! Running one stage out of process.
 //!
-//! The child is the same binary. It gets its own process group so a timeout or cancel kills
-//! the stage and everything it started; it dies with the scheduler (PR_SET_PDEATHSIG), and it
-//! reports metrics, CPU time and peak memory (getrusage, including its children) in RESULT.
+//! A stage that is one external program (the `command` stage) is spawned directly; any other
+//! stage runs as `orchestrate exec-stage SPEC RESULT`, the same binary in a child process. Either
+//! way the child gets its own process group, so a timeout or cancel kills the stage and all it
+//! started; it dies with the scheduler (PR_SET_PDEATHSIG, relayed to the whole group); and its
+//! CPU time and peak memory come from the kernel (wait4's rusage).
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use stage_api::{RunSpec, StageContext};
+use stage_api::{External, RunSpec, StageContext};
 use tokio::sync::watch;
 
 use crate::registry::Registry;
@@ -36,16 +38,6 @@ pub enum Outcome {
     Cancelled,
 }
 
-fn rusage(who: libc::c_int) -> (f64, u64) {
-    // SAFETY: getrusage fills the zeroed struct we pass; no other memory is touched.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
-        return (0.0, 0);
-    }
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    (t(ru.ru_utime) + t(ru.ru_stime), (ru.ru_maxrss.max(0) as u64) * 1024)
-}
-
 extern "C" fn kill_own_group(_: libc::c_int) {
     // SAFETY: kill is async-signal-safe; 0 = our process group (the stage and its children).
     unsafe {
@@ -54,22 +46,28 @@ extern "C" fn kill_own_group(_: libc::c_int) {
 }
 
 /// Entry point of the hidden `exec-stage` subcommand. Returns the process exit code.
+/// The scheduler's pid, given to `exec-stage` children so they can tell it is still there.
+const PARENT_ENV: &str = "ORCHESTRATE_SCHEDULER_PID";
+
 pub fn exec_stage_main(spec_path: &Path, result_path: &Path) -> i32 {
     // When the scheduler dies (even by SIGKILL) the kernel sends us SIGTERM; take the whole
     // process group down so no orphaned stage keeps writing.
-    // SAFETY: installing a handler that only calls kill(2).
+    // SAFETY: installing a handler that only calls kill(2), and a prctl on ourselves.
     unsafe {
         libc::signal(libc::SIGTERM, kill_own_group as *const () as libc::sighandler_t);
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
     }
-    let result = run_in_child(spec_path);
-    let (self_cpu, self_rss) = rusage(libc::RUSAGE_SELF);
-    let (kids_cpu, kids_rss) = rusage(libc::RUSAGE_CHILDREN);
-    let mut r = match result {
+    // The scheduler may have died before the prctl took effect.
+    let parent = std::env::var(PARENT_ENV).ok().and_then(|p| p.parse::<libc::pid_t>().ok());
+    // SAFETY: getppid has no preconditions.
+    if parent.is_some_and(|p| p != unsafe { libc::getppid() }) {
+        eprintln!("exec-stage: the scheduler is gone; not running");
+        return 4;
+    }
+    let r = match run_in_child(spec_path) {
         Ok(metrics) => ChildResult { ok: true, error: None, metrics, ..Default::default() },
         Err(e) => ChildResult { ok: false, error: Some(e), ..Default::default() },
     };
-    r.cpu_s = self_cpu + kids_cpu;
-    r.peak_rss_bytes = self_rss.max(kids_rss);
     let ok = r.ok;
     let written = serde_json::to_vec(&r).ok().and_then(|b| std::fs::write(result_path, b).ok());
     if written.is_none() {
@@ -119,6 +117,82 @@ fn kill_group(pid: u32) {
     }
 }
 
+/// How a child ended, with what the kernel measured.
+struct Exit {
+    code: Option<i32>,
+    signal: Option<i32>,
+    cpu_s: f64,
+    peak_rss_bytes: u64,
+}
+
+impl Exit {
+    fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+    fn describe(&self) -> String {
+        match (self.code, self.signal) {
+            (_, Some(9)) => "was killed by SIGKILL (out of memory?)".to_string(),
+            (_, Some(6)) => "aborted (SIGABRT)".to_string(),
+            (_, Some(s)) => format!("was killed by signal {s}"),
+            (Some(c), _) => format!("exited with status {c}"),
+            _ => "ended abnormally".to_string(),
+        }
+    }
+}
+
+/// Block until `pid` ends; its rusage covers it and every descendant it waited for.
+fn wait4(pid: u32) -> std::io::Result<Exit> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: wait4 writes into the two locals we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        let rc = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut ru) };
+        if rc == pid as libc::pid_t {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    let (code, signal) = if libc::WIFEXITED(status) {
+        (Some(libc::WEXITSTATUS(status)), None)
+    } else if libc::WIFSIGNALED(status) {
+        (None, Some(libc::WTERMSIG(status)))
+    } else {
+        (None, None)
+    };
+    Ok(Exit {
+        code,
+        signal,
+        cpu_s: t(ru.ru_utime) + t(ru.ru_stime),
+        peak_rss_bytes: (ru.ru_maxrss.max(0) as u64) * 1024,
+    })
+}
+
+/// Run an external program under a `sh` guard. The guard's stdin is a pipe whose write end
+/// only the scheduler holds: a watcher job blocks reading it, and when the scheduler dies (even
+/// by SIGKILL) the read hits end-of-file and the watcher kills the whole process group. This
+/// needs no `pre_exec`, so the spawn stays a cheap `posix_spawn` instead of a `fork`.
+fn guarded(ext: &External) -> std::process::Command {
+    let mut c = std::process::Command::new("sh");
+    // Background jobs of a non-interactive sh get /dev/null as stdin unless redirected, so the
+    // watcher reads the pipe through fd 3.
+    let watch = "exec 3<&0; ( read _ <&3; kill -KILL 0 ) & exec 3<&-;";
+    if ext.program == "sh" && ext.args.len() == 2 && ext.args[0] == "-c" {
+        // A shell script: eval it in the guard's own background subshell (a fork, no exec).
+        c.arg("-c")
+            .arg(format!("{watch} s=$1; shift; eval \"$s\" </dev/null & wait $!"))
+            .arg("orchestrate-guard")
+            .arg(&ext.args[1]);
+    } else {
+        c.arg("-c").arg(format!("{watch} \"$@\" </dev/null & wait $!")).arg("orchestrate-guard").arg(&ext.program).args(&ext.args);
+    }
+    c.envs(ext.env.iter().cloned());
+    c
+}
+
 /// Run a stage in a child process and wait for it, a timeout, or a cancel.
 pub async fn run_child(
     spec: &RunSpec,
@@ -126,36 +200,54 @@ pub async fn run_child(
     timeout: Option<Duration>,
     mut cancel: watch::Receiver<bool>,
 ) -> std::io::Result<(Outcome, PathBuf)> {
-    let spec_path = scratch.join("spec.json");
-    let result_path = scratch.join("result.json");
     let log_path = scratch.join("log.txt");
-    std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).map_err(std::io::Error::other)?)?;
-    let _ = std::fs::remove_file(&result_path);
+    let result_path = scratch.join("result.json");
+    let failed = |message: String| Outcome::Failed { message, cpu_s: 0.0, peak_rss_bytes: 0 };
+    let registry = Registry::builtin();
+    let Some(stage) = registry.get(&spec.kind) else {
+        return Ok((failed(format!("unknown stage kind `{}`", spec.kind)), log_path));
+    };
+    // ORCHESTRATE_STAGE_PROTOCOL=process sends every stage through `exec-stage`, the path all
+    // non-command stages take (for diagnosing a stage, and so tests cover that path too).
+    let direct_allowed = std::env::var("ORCHESTRATE_STAGE_PROTOCOL").map(|v| v != "process").unwrap_or(true);
+    let external = match stage.external(spec) {
+        Ok(e) if direct_allowed => e,
+        Ok(_) => None,
+        Err(e) => return Ok((failed(e.to_string()), log_path)),
+    };
+    // Held until the child ends; dropping it (or dying) is what the guard watches for.
+    let mut lifeline = None;
+    let mut cmd = match &external {
+        Some(ext) => {
+            let (reader, writer) = std::io::pipe()?;
+            lifeline = Some(writer);
+            let mut c = guarded(ext);
+            c.stdin(reader);
+            c
+        }
+        None => {
+            let spec_path = scratch.join("spec.json");
+            std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).map_err(std::io::Error::other)?)?;
+            let _ = std::fs::remove_file(&result_path);
+            let mut c = std::process::Command::new(std::env::current_exe()?);
+            c.arg("exec-stage").arg(&spec_path).arg(&result_path).stdin(std::process::Stdio::null());
+            c.env(PARENT_ENV, std::process::id().to_string());
+            c
+        }
+    };
     let log = File::create(&log_path)?;
-    let exe = std::env::current_exe()?;
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("exec-stage")
-        .arg(&spec_path)
-        .arg(&result_path)
-        .current_dir(&spec.work_dir)
-        .stdin(std::process::Stdio::null())
+    cmd.current_dir(&spec.work_dir)
         .stdout(log.try_clone()?)
         .stderr(log)
-        .process_group(0)
-        .kill_on_drop(true);
-    // SAFETY: prctl in the forked child before exec; it touches no shared state.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
-            Ok(())
-        });
-    }
+        .process_group(0);
     if *cancel.borrow() {
         return Ok((Outcome::Cancelled, log_path));
     }
-    let mut child = cmd.spawn()?;
-    let pid = child.id().unwrap_or(0);
+    let child = cmd.spawn()?;
+    let pid = child.id();
+    drop(child); // reaped by wait4 below
     let started = Instant::now();
+    let mut waiter = tokio::task::spawn_blocking(move || wait4(pid));
     let deadline = async {
         match timeout {
             Some(t) => tokio::time::sleep(t).await,
@@ -163,42 +255,45 @@ pub async fn run_child(
         }
     };
     tokio::pin!(deadline);
-    let status = tokio::select! {
-        s = child.wait() => s?,
+    let exit = tokio::select! {
+        r = &mut waiter => r.map_err(std::io::Error::other)??,
         _ = &mut deadline => {
             kill_group(pid);
-            let _ = child.wait().await;
+            let _ = waiter.await;
             return Ok((Outcome::TimedOut(started.elapsed()), log_path));
         }
         _ = async { let _ = cancel.wait_for(|c| *c).await; } => {
             kill_group(pid);
-            let _ = child.wait().await;
+            let _ = waiter.await;
             return Ok((Outcome::Cancelled, log_path));
         }
     };
-    // Anything the stage left running in its group goes too.
+    // Anything the stage left running in its group goes too (the guard's watcher included).
     kill_group(pid);
-    let result: Option<ChildResult> =
-        std::fs::read(&result_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    Ok(match result {
-        Some(r) if r.ok && status.success() => (Outcome::Done(r), log_path),
-        Some(r) => (
-            Outcome::Failed {
-                message: r.error.unwrap_or_else(|| format!("stage process exited with {status}")),
-                cpu_s: r.cpu_s,
-                peak_rss_bytes: r.peak_rss_bytes,
-            },
-            log_path,
-        ),
+    drop(lifeline);
+    let (cpu_s, peak_rss_bytes) = (exit.cpu_s, exit.peak_rss_bytes);
+    let outcome = match &external {
+        Some(ext) if exit.success() => match ext.metrics_file.as_deref().map(stage_api::read_metrics_file).transpose() {
+            Ok(metrics) => Outcome::Done(ChildResult { ok: true, error: None, metrics: metrics.unwrap_or_default(), cpu_s, peak_rss_bytes }),
+            Err(e) => Outcome::Failed { message: e.to_string(), cpu_s, peak_rss_bytes },
+        },
+        Some(_) => Outcome::Failed { message: format!("command {}", exit.describe()), cpu_s, peak_rss_bytes },
         None => {
-            let message = match (status.code(), status.signal()) {
-                (_, Some(9)) => "the stage process was killed by SIGKILL (out of memory?)".to_string(),
-                (_, Some(6)) => "the stage process aborted (SIGABRT)".to_string(),
-                (_, Some(s)) => format!("the stage process was killed by signal {s}"),
-                (Some(c), _) => format!("the stage process exited with status {c} without a result"),
-                _ => "the stage process ended abnormally".to_string(),
-            };
-            (Outcome::Failed { message, cpu_s: 0.0, peak_rss_bytes: 0 }, log_path)
+            let result: Option<ChildResult> = std::fs::read(&result_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            match result {
+                Some(mut r) if r.ok && exit.success() => {
+                    r.cpu_s = cpu_s;
+                    r.peak_rss_bytes = peak_rss_bytes;
+                    Outcome::Done(r)
+                }
+                Some(r) => Outcome::Failed {
+                    message: r.error.unwrap_or_else(|| format!("the stage process {}", exit.describe())),
+                    cpu_s,
+                    peak_rss_bytes,
+                },
+                None => Outcome::Failed { message: format!("the stage process {} without a result", exit.describe()), cpu_s, peak_rss_bytes },
+            }
         }
-    })
+    };
+    Ok((outcome, log_path))
 }

@@ -149,7 +149,7 @@ impl ObjectStore {
     }
 
     /// Move a finished file into place (it must live on the same filesystem, under `tmp/`).
-    fn install(&self, staged: &Path, digest: &str) -> Result<()> {
+    fn install(&self, staged: &Path, digest: &str, sync: bool) -> Result<()> {
         let dest = self.path(digest);
         if dest.exists() {
             let _ = fs::remove_file(staged);
@@ -157,20 +157,24 @@ impl ObjectStore {
         }
         let dir = dest.parent().map(Path::to_path_buf).unwrap_or_else(|| self.objects.clone());
         io_ctx(fs::create_dir_all(&dir), || format!("creating {}", dir.display()))?;
-        let f = io_ctx(File::open(staged), || format!("opening {}", staged.display()))?;
-        io_ctx(f.sync_all(), || format!("fsync {}", staged.display()))?;
-        drop(f);
+        if sync {
+            let f = io_ctx(File::open(staged), || format!("opening {}", staged.display()))?;
+            io_ctx(f.sync_all(), || format!("fsync {}", staged.display()))?;
+        }
         let mut perm = io_ctx(fs::metadata(staged), || format!("stat {}", staged.display()))?.permissions();
         // Objects are read-only; keep the exec bit so restored programs still run.
         perm.set_mode(if perm.mode() & 0o111 != 0 { 0o555 } else { 0o444 });
         io_ctx(fs::set_permissions(staged, perm), || format!("chmod {}", staged.display()))?;
+        // No fsync of the folder: if a crash loses this rename, the index may name an object
+        // that is not there, and `Store::lookup` treats that as a miss and recomputes. The
+        // file's own fsync above is what guarantees an object never has the wrong bytes.
         io_ctx(fs::rename(staged, &dest), || format!("moving {} into the store", staged.display()))?;
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
-        }
         Ok(())
     }
 
+    /// Store a manifest, tree or run record. These are only ever read back hash-checked
+    /// (`read_verified`), so they skip the fsync: after a crash a torn one reads as missing,
+    /// which makes the stage that needs it a cache miss, never wrong data.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<String> {
         let digest = hash_bytes(bytes);
         if self.has(&digest) {
@@ -180,14 +184,14 @@ impl ObjectStore {
         let mut f = io_ctx(File::create(&staged), || format!("creating {}", staged.display()))?;
         io_ctx(f.write_all(bytes), || format!("writing {}", staged.display()))?;
         drop(f);
-        self.install(&staged, &digest)?;
+        self.install(&staged, &digest, false)?;
         Ok(digest)
     }
 
     /// Store a file that already sits under `tmp/` by moving it (no copy).
     pub fn put_file_move(&self, path: &Path) -> Result<Entry> {
         let (digest, size) = hash_file(path)?;
-        self.install(path, &digest)?;
+        self.install(path, &digest, true)?;
         Ok(Entry { digest, kind: ObjKind::File, size })
     }
 

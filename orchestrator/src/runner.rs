@@ -125,6 +125,7 @@ async fn run_in_scratch(
     scratch: &Path,
 ) -> Result<StageRun, StageFailure> {
     let io_fail = |what: &str, e: std::io::Error| StageFailure::msg(format!("{what}: {e}"));
+    tracing::debug!(stage = %st.name, "preparing");
     let in_dir = scratch.join("in");
     let out_dir = scratch.join("out");
     let work_dir = scratch.join("work");
@@ -139,11 +140,17 @@ async fn run_in_scratch(
             }
             InputSource::Object(entry) => {
                 let dest = in_dir.join(name);
-                let store = input_store.clone();
-                let (entry2, dest2, what) = (entry.clone(), dest.clone(), format!("input `{name}` of `{}`", st.name));
-                let r = tokio::task::spawn_blocking(move || store.materialize(&entry2, &dest2, &what))
-                    .await
-                    .map_err(|e| StageFailure::msg(format!("copying inputs: {e}")))?;
+                let what = format!("input `{name}` of `{}`", st.name);
+                // Small inputs are copied in place; a thread hand-off would cost more than the copy.
+                let r = if entry.size < (1 << 20) {
+                    input_store.materialize(entry, &dest, &what)
+                } else {
+                    let store = input_store.clone();
+                    let (entry2, dest2) = (entry.clone(), dest.clone());
+                    tokio::task::spawn_blocking(move || store.materialize(&entry2, &dest2, &what))
+                        .await
+                        .map_err(|e| StageFailure::msg(format!("copying inputs: {e}")))?
+                };
                 match r {
                     Ok(()) => {}
                     Err(ObjectError::Corrupt { digest, what, actual }) => {
@@ -170,6 +177,7 @@ async fn run_in_scratch(
         threads,
         seed: st.seed,
     };
+    tracing::debug!(stage = %st.name, "inputs ready");
     let started_at = crate::store::now_unix();
     let t0 = Instant::now();
     let mut attempts = 0;
@@ -202,6 +210,7 @@ async fn run_in_scratch(
         }
     };
     let duration_s = t0.elapsed().as_secs_f64();
+    tracing::debug!(stage = %st.name, duration_s, "stage process finished");
 
     // A `file:` input edited while the stage ran would make the result unattributable.
     for (name, src) in sources {
@@ -232,12 +241,14 @@ async fn run_in_scratch(
             let e = store.put_path_move(path).map_err(|e| format!("storing output `{name}`: {e}"))?;
             entries.insert(name.clone(), e);
         }
-        let log = store.put_file_move(&log_copy).ok().map(|e| e.digest);
+        let has_log = std::fs::metadata(&log_copy).map(|m| m.len() > 0).unwrap_or(false);
+        let log = if has_log { store.put_file_move(&log_copy).ok().map(|e| e.digest) } else { None };
         Ok((entries, log))
     })
     .await
     .map_err(|e| StageFailure::msg(format!("storing outputs: {e}")))?;
     let (outputs, log) = stored.map_err(StageFailure::msg)?;
+    tracing::debug!(stage = %st.name, "outputs stored");
     Ok(StageRun { outputs, result, log, started_at, duration_s, attempts })
 }
 

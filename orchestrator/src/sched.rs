@@ -188,6 +188,7 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
                     free -= threads;
                     state[i] = State::Running;
                     reporter.started(&st.name, threads);
+                    tracing::debug!(stage = %st.name, "admitted");
                     let (inputs_store, out_store) = (objects.clone(), objects.clone());
                     let st2 = st.clone();
                     let rx = cancel_rx.clone();
@@ -235,6 +236,7 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
                         };
                         match store.commit(&m) {
                             Ok(digest) => {
+                                tracing::debug!(stage = %st.name, "committed");
                                 reporter.done(&st.name, run.duration_s);
                                 let mut r = report(&st.name, Status::Ran, Some(key), Some(digest.clone()), run.duration_s, None);
                                 r.outputs = run.outputs.clone();

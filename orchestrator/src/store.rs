@@ -204,7 +204,8 @@ pub fn index_path(root: &Path) -> PathBuf {
 
 fn open_db(root: &Path) -> Result<sled::Db> {
     let path = index_path(root);
-    sled::Config::new().path(&path).open().map_err(|e| StoreError::Index { path, message: e.to_string() })
+    // We flush at every commit ourselves; sled's background flusher would only add a thread.
+    sled::Config::new().path(&path).flush_every_ms(None).open().map_err(|e| StoreError::Index { path, message: e.to_string() })
 }
 
 impl Store {

@@ -222,6 +222,17 @@ impl StageContext {
     }
 }
 
+/// An external program that does a stage's whole job. The scheduler runs it directly (one
+/// process, not two) in its own process group, with the spec's working folder as cwd.
+#[derive(Clone, Debug, PartialEq)]
+pub struct External {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// A file the program may write a JSON object of metrics to.
+    pub metrics_file: Option<PathBuf>,
+}
+
 /// One kind of pipeline stage. Implementations are registered by `kind` in the orchestrator.
 pub trait Stage: Send + Sync {
     /// The name used as `kind:` in pipeline files.
@@ -246,6 +257,31 @@ pub trait Stage: Send + Sync {
 
     /// Do the work: read inputs, write every declared output, record metrics.
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError>;
+
+    /// A stage whose work is one external program may return it; the scheduler then runs it
+    /// directly instead of calling [`Stage::run`] in a child process.
+    fn external(&self, _spec: &RunSpec) -> Result<Option<External>, StageError> {
+        Ok(None)
+    }
+}
+
+/// Metrics a program wrote as one JSON object to a file (absent or empty file: none).
+pub fn read_metrics_file(path: &Path) -> Result<BTreeMap<String, Value>, StageError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(StageError::io(format!("reading metrics file {}", path.display()), e)),
+    };
+    if text.trim().is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(map)) => Ok(map.into_iter().collect()),
+        Ok(_) | Err(_) => Err(StageError::failed(format!(
+            "the metrics file {} must hold one JSON object, e.g. {{\"accuracy\": 0.9}}",
+            path.display()
+        ))),
+    }
 }
 
 /// Read a non-negative integer param, with a clear error naming the key.

@@ -7,11 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use stage_api::{InputSpec, IoContext, ParamError, Params, Stage, StageContext, StageError, StagePlan};
+use stage_api::{External, InputSpec, IoContext, ParamError, Params, RunSpec, Stage, StageContext, StageError, StagePlan};
 
 pub struct CommandStage;
 
@@ -121,7 +121,7 @@ pub fn substitute_paths(
     Ok(out)
 }
 
-fn describe_exit(status: std::process::ExitStatus) -> String {
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
     if let Some(code) = status.code() {
         return format!("exited with status {code}");
     }
@@ -129,24 +129,6 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
         Some(9) => "was killed by SIGKILL (out of memory, a timeout, or cancelled)".to_string(),
         Some(sig) => format!("was killed by signal {sig}"),
         None => "ended abnormally".to_string(),
-    }
-}
-
-fn read_metrics(path: &Path) -> Result<BTreeMap<String, Value>, StageError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(e) => return Err(StageError::io(format!("reading metrics file {}", path.display()), e)),
-    };
-    if text.trim().is_empty() {
-        return Ok(BTreeMap::new());
-    }
-    match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Object(map)) => Ok(map.into_iter().collect()),
-        Ok(_) | Err(_) => Err(StageError::failed(format!(
-            "$ORCH_METRICS ({}) must hold one JSON object, e.g. {{\"accuracy\": 0.9}}",
-            path.display()
-        ))),
     }
 }
 
@@ -183,65 +165,63 @@ impl Stage for CommandStage {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let spec = ctx.spec().clone();
-        let invocation = Invocation::from_params(&spec.params)?;
-        let mut command = match &invocation {
+        let Some(ext) = self.external(ctx.spec())? else {
+            return Err(StageError::failed("the command stage always has a program"));
+        };
+        let mut command = Command::new(&ext.program);
+        command.args(&ext.args).current_dir(ctx.work_dir()).stdin(Stdio::null()).envs(ext.env.iter().cloned());
+        let status = command.status().ctx(|| format!("could not start `{}` (is it installed and on PATH?)", ext.program))?;
+        if !status.success() {
+            return Err(StageError::failed(format!("command {}", describe_exit(status))));
+        }
+        if let Some(path) = &ext.metrics_file {
+            for (k, v) in stage_api::read_metrics_file(path)? {
+                ctx.metric(k, v);
+            }
+        }
+        Ok(())
+    }
+
+    fn external(&self, spec: &RunSpec) -> Result<Option<External>, StageError> {
+        let (program, args) = match Invocation::from_params(&spec.params)? {
             Invocation::Shell(script) => {
-                let script = substitute_paths(script, &spec.inputs, &spec.outputs, true)?;
-                let mut c = Command::new("sh");
-                c.arg("-c").arg(script);
-                c
+                ("sh".to_string(), vec!["-c".to_string(), substitute_paths(&script, &spec.inputs, &spec.outputs, true)?])
             }
             Invocation::Argv(argv) => {
                 let mut resolved = Vec::with_capacity(argv.len());
-                for a in argv {
+                for a in &argv {
                     resolved.push(substitute_paths(a, &spec.inputs, &spec.outputs, false)?);
                 }
-                let mut c = Command::new(&resolved[0]);
-                c.args(&resolved[1..]);
-                c
+                let program = resolved.remove(0);
+                (program, resolved)
             }
         };
-        let metrics_path = spec.work_dir.join(".orch-metrics.json");
-        command
-            .current_dir(&spec.work_dir)
-            .stdin(Stdio::null())
-            .env("ORCH_STAGE", &spec.stage_name)
-            .env("ORCH_THREADS", spec.threads.to_string())
-            .env("ORCH_SEED", spec.seed.to_string())
-            .env("ORCH_METRICS", &metrics_path)
+        let metrics_file = spec.work_dir.join(".orch-metrics.json");
+        let mut env = vec![
+            ("ORCH_STAGE".to_string(), spec.stage_name.clone()),
+            ("ORCH_THREADS".to_string(), spec.threads.to_string()),
+            ("ORCH_SEED".to_string(), spec.seed.to_string()),
+            ("ORCH_METRICS".to_string(), metrics_file.display().to_string()),
             // Common thread knobs, so numeric programs respect the stage's CPU budget.
-            .env("OMP_NUM_THREADS", spec.threads.to_string())
-            .env("RAYON_NUM_THREADS", spec.threads.to_string());
+            ("OMP_NUM_THREADS".to_string(), spec.threads.to_string()),
+            ("RAYON_NUM_THREADS".to_string(), spec.threads.to_string()),
+        ];
         for (name, path) in &spec.inputs {
-            command.env(env_name("ORCH_IN", name), path);
+            env.push((env_name("ORCH_IN", name), path.display().to_string()));
         }
         for (name, path) in &spec.outputs {
-            command.env(env_name("ORCH_OUT", name), path);
+            env.push((env_name("ORCH_OUT", name), path.display().to_string()));
         }
-        if let Some(Value::Object(env)) = spec.params.field("env") {
-            for (k, v) in env {
+        if let Some(Value::Object(user)) = spec.params.field("env") {
+            for (k, v) in user {
                 let text = match v {
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
-                command.env(k, text);
+                env.push((k.clone(), text));
             }
         }
-        let program = match &invocation {
-            Invocation::Shell(_) => "sh".to_string(),
-            Invocation::Argv(argv) => argv[0].clone(),
-        };
-        let status = command.status().ctx(|| {
-            format!("could not start `{program}` (is it installed and on PATH?)")
-        })?;
-        if !status.success() {
-            return Err(StageError::failed(format!("command {}", describe_exit(status))));
-        }
-        for (k, v) in read_metrics(&metrics_path)? {
-            ctx.metric(k, v);
-        }
-        Ok(())
+        Ok(Some(External { program, args, env, metrics_file: Some(metrics_file) }))
     }
 }
 
