@@ -281,3 +281,36 @@ fn store_location_flag_and_environment() {
     assert_eq!(v["stages"][0]["status"], "cached");
     assert!(!p.store().exists(), "./artifacts is only the default");
 }
+
+/// The `exec-stage` child protocol (every non-command stage's path), forced for command stages.
+#[test]
+fn stage_process_protocol_runs_reports_and_dies_with_the_scheduler() {
+    let p = Project::new();
+    let marker = p.path().join("slow-started");
+    p.write("p.yaml", &SLOW_TAIL.replace("MARKERPATH", &marker.display().to_string()));
+    p.write(
+        "q.yaml",
+        "stages:\n  m: {kind: command, cmd: \"echo hi > ${outputs.o}; echo '{\\\"n\\\": 2}' > $ORCH_METRICS\", outputs: [o]}\n  bad: {kind: command, cmd: \"exit 5\", outputs: [o]}\n",
+    );
+    let run = |args: &[&str]| {
+        let o = p.cmd().args(args).env("ORCHESTRATE_STAGE_PROTOCOL", "process").output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (code, _, err) = run(&["run", "q.yaml", "--keep-going"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("FAILED     bad: command exited with status 5"), "{err}");
+    let (_, out, _) = run(&["show", "q.yaml", "m", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["metrics"]["n"], 2);
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+
+    let mut child = p.cmd().args(["run", "p.yaml"]).env("ORCHESTRATE_STAGE_PROTOCOL", "process").stderr(Stdio::null()).spawn().unwrap();
+    wait_for(&marker, Duration::from_secs(30));
+    assert!(!processes_mentioning(&marker.display().to_string()).is_empty());
+    // SAFETY: SIGKILL to the orchestrate process we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let orphans = processes_mentioning(&marker.display().to_string());
+    assert!(orphans.is_empty(), "stage processes survived the scheduler: {orphans:?}");
+}
