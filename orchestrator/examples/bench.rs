@@ -211,6 +211,10 @@ fn main() {
                 direct * 1e3
             );
             println!(
+                "  scheduler decision per stage (no-op chain / 200: key, cache lookup, bookkeeping, incl. process start): {:.3} ms",
+                noop.median / 200.0 * 1e3
+            );
+            println!(
                 "    of which durability, 2 fsyncs × {:.2} ms = {:.2} ms; scheduling and process handling {:.2} ms",
                 fsync * 1e3,
                 2.0 * fsync * 1e3,

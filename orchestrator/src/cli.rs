@@ -349,6 +349,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
                     "outputs": outputs, "metrics": m.metrics, "duration_s": m.duration_s, "cpu_s": m.cpu_s,
                     "peak_rss_bytes": m.peak_rss_bytes, "threads": m.threads, "started_at": iso8601(m.started_at),
                     "deterministic": m.deterministic, "params": m.key_input.params, "inputs": m.key_input.inputs,
+                    "log": m.log.as_ref().map(|l| store.objects.path(l)),
                 });
                 println!("{}", serde_json::to_string_pretty(&v).context("encoding")?);
             } else {
@@ -362,6 +363,9 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
                 for (k, e) in &m.outputs {
                     let kind = if e.kind == ObjKind::Tree { "dir " } else { "file" };
                     println!("  {k:<16} {kind} {:>10}  {}  {}", human_bytes(e.size), e.digest, store.objects.path(&e.digest).display());
+                }
+                if let Some(log) = &m.log {
+                    println!("log        {}", store.objects.path(log).display());
                 }
                 if !m.metrics.is_empty() {
                     println!("metrics");

@@ -129,7 +129,8 @@ async fn run_in_scratch(
     let in_dir = scratch.join("in");
     let out_dir = scratch.join("out");
     let work_dir = scratch.join("work");
-    for d in [&in_dir, &out_dir, &work_dir] {
+    let has_object_inputs = sources.values().any(|s| matches!(s, InputSource::Object(_)));
+    for d in [&work_dir, &out_dir].into_iter().chain(has_object_inputs.then_some(&in_dir)) {
         std::fs::create_dir_all(d).map_err(|e| io_fail(&format!("creating {}", d.display()), e))?;
     }
     let mut inputs = BTreeMap::new();
