@@ -1,0 +1,325 @@
+//! Itera-Lite: token + learned position embeddings, then per layer an SSM block followed by a
+//! mixture-of-experts layer (odd layers by default) or a dense FFN of one expert's shape;
+//! final LayerNorm; LM head tied to the embedding.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use crate::config::{AuxLoss, IteraConfig};
+use crate::nn::{apply, dropout, gelu, linear, silu, softplus, LayerNorm, Train};
+use crate::scan::diag_scan;
+
+/// The study's selective SSM block (pre-LN, residual).
+pub struct SsmBlock {
+    norm: LayerNorm,
+    in_proj: Linear,
+    conv_w: Tensor,
+    conv_b: Tensor,
+    a_log: Tensor,
+    b: Tensor,
+    c: Tensor,
+    d: Tensor,
+    delta_proj: Linear,
+    out_proj: Linear,
+    d_inner: usize,
+    k: usize,
+    p_drop: f64,
+}
+
+/// Per-layer recurrent state for generation: the last `k-1` conv inputs and the SSM state.
+#[derive(Clone, Debug)]
+pub struct SsmState {
+    pub conv: Tensor,
+    pub h: Tensor,
+}
+
+impl SsmBlock {
+    pub fn new(cfg: &IteraConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, di, n, k) = (cfg.d_model, cfg.d_inner(), cfg.d_state, cfg.d_conv);
+        Ok(SsmBlock {
+            norm: LayerNorm::new(d, cfg.ln_eps, vb.pp("norm"))?,
+            in_proj: linear(d, 2 * di, false, vb.pp("in_proj"))?,
+            conv_w: vb.get((di, k), "conv.weight")?,
+            conv_b: vb.get(di, "conv.bias")?,
+            a_log: vb.get(n, "A_log")?,
+            b: vb.get((n, di), "B")?,
+            c: vb.get((di, n), "C")?,
+            d: vb.get(di, "D")?,
+            delta_proj: linear(di, di, true, vb.pp("delta_proj"))?,
+            out_proj: linear(di, d, false, vb.pp("out_proj"))?,
+            d_inner: di,
+            k,
+            p_drop: cfg.dropout,
+        })
+    }
+
+    /// Everything after the convolution, for a (batch, time, d_inner) input; returns the gated
+    /// output before `out_proj`. `scan` runs the recurrence (full sequence or one step).
+    fn mix(&self, xc: &Tensor, z: &Tensor, scan: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let delta = softplus(&apply(&self.delta_proj, xc)?)?.mean_keepdim(D::Minus1)?; // (b, t, 1)
+        let a_neg = self.a_log.exp()?.neg()?; // A = -exp(A_log), (n)
+        let a = delta.broadcast_mul(&a_neg)?.exp()?; // exp(Δ·A), (b, t, n)
+        let bx = xc.broadcast_matmul(&self.b.t()?)?; // B x_t, (b, t, n)
+        let u = delta.broadcast_mul(&bx)?;
+        let h = scan(&a, &u)?; // (b, t, n)
+        let y = (h.broadcast_matmul(&self.c.t()?)? + xc.broadcast_mul(&self.d)?)?;
+        y * silu(z)?
+    }
+
+    pub fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
+        let is_train = train.is_some();
+        let (_, l, _) = x.dims3()?;
+        let xz = apply(&self.in_proj, &self.norm.forward(x, is_train)?)?;
+        let xs = xz.narrow(2, 0, self.d_inner)?;
+        let z = xz.narrow(2, self.d_inner, self.d_inner)?;
+        // Depthwise causal conv as k shifted multiply-adds (candle's grouped conv1d loops over
+        // groups, which is far slower for d_inner groups).
+        let xp = xs.pad_with_zeros(1, self.k - 1, 0)?;
+        let mut y = self.conv_b.unsqueeze(0)?.unsqueeze(0)?.broadcast_as(xs.shape())?.clone();
+        for j in 0..self.k {
+            let tap = self.conv_w.narrow(1, j, 1)?.squeeze(1)?;
+            y = (y + xp.narrow(1, j, l)?.broadcast_mul(&tap)?)?;
+        }
+        let xc = silu(&y)?;
+        let out = apply(&self.out_proj, &self.mix(&xc, &z, diag_scan)?)?;
+        x + dropout(&out, self.p_drop, train)?
+    }
+
+    pub fn zero_state(&self, batch: usize, dtype: DType, dev: &candle_core::Device) -> Result<SsmState> {
+        Ok(SsmState {
+            conv: Tensor::zeros((batch, self.k - 1, self.d_inner), dtype, dev)?,
+            h: Tensor::zeros((batch, self.a_log.dim(0)?), dtype, dev)?,
+        })
+    }
+
+    /// One token: x is (batch, 1, d). O(1) in the context length.
+    pub fn step(&self, x: &Tensor, state: &mut SsmState) -> Result<Tensor> {
+        let xz = apply(&self.in_proj, &self.norm.forward(x, false)?)?;
+        let xs = xz.narrow(2, 0, self.d_inner)?;
+        let z = xz.narrow(2, self.d_inner, self.d_inner)?;
+        let window = Tensor::cat(&[&state.conv, &xs], 1)?; // (b, k, d_inner)
+        let mut y = self.conv_b.unsqueeze(0)?.unsqueeze(0)?.broadcast_as(xs.shape())?.clone();
+        for j in 0..self.k {
+            let tap = self.conv_w.narrow(1, j, 1)?.squeeze(1)?;
+            y = (y + window.narrow(1, j, 1)?.broadcast_mul(&tap)?)?;
+        }
+        state.conv = window.narrow(1, 1, self.k - 1)?.contiguous()?;
+        let xc = silu(&y)?;
+        let h_prev = state.h.clone();
+        let mut new_h = None;
+        let mixed = self.mix(&xc, &z, |a, u| {
+            let h = ((a.squeeze(1)? * &h_prev)? + u.squeeze(1)?)?;
+            new_h = Some(h.clone());
+            h.unsqueeze(1)
+        })?;
+        if let Some(h) = new_h {
+            state.h = h;
+        }
+        x + apply(&self.out_proj, &mixed)?
+    }
+}
+
+fn expert(d: usize, e: usize, vb: VarBuilder) -> Result<(Linear, Linear)> {
+    Ok((linear(d, e, false, vb.pp("up"))?, linear(e, d, false, vb.pp("down"))?))
+}
+
+fn run_expert(ex: &(Linear, Linear), x: &Tensor) -> Result<Tensor> {
+    apply(&ex.1, &gelu(&apply(&ex.0, x)?)?)
+}
+
+/// Pre-LN dense FFN with one expert's shape (the study's fallback on non-MoE layers).
+pub struct Ffn {
+    norm: LayerNorm,
+    ff: (Linear, Linear),
+    p_drop: f64,
+}
+
+impl Ffn {
+    pub fn new(cfg: &IteraConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Ffn { norm: LayerNorm::new(cfg.d_model, cfg.ln_eps, vb.pp("norm"))?, ff: expert(cfg.d_model, cfg.expert_dim, vb)?, p_drop: cfg.dropout })
+    }
+    pub fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
+        let out = run_expert(&self.ff, &self.norm.forward(x, train.is_some())?)?;
+        x + dropout(&out, self.p_drop, train)?
+    }
+}
+
+/// What a MoE layer reports besides its output.
+pub struct MoeOut {
+    pub out: Tensor,
+    /// Auxiliary balance loss (scalar, unweighted).
+    pub aux: Tensor,
+    /// Tokens routed to each expert (each token counts once per selected expert).
+    pub load: Tensor,
+}
+
+pub struct Moe {
+    norm: LayerNorm,
+    router: Linear,
+    experts: Vec<(Linear, Linear)>,
+    top_k: usize,
+    aux_kind: AuxLoss,
+    p_drop: f64,
+}
+
+impl Moe {
+    pub fn new(cfg: &IteraConfig, vb: VarBuilder) -> Result<Self> {
+        let experts = (0..cfg.n_experts).map(|e| expert(cfg.d_model, cfg.expert_dim, vb.pp(format!("experts.{e}")))).collect::<Result<_>>()?;
+        Ok(Moe {
+            norm: LayerNorm::new(cfg.d_model, cfg.ln_eps, vb.pp("norm"))?,
+            router: linear(cfg.d_model, cfg.n_experts, false, vb.pp("router"))?,
+            experts,
+            top_k: cfg.top_k,
+            aux_kind: cfg.aux_loss,
+            p_drop: cfg.dropout,
+        })
+    }
+
+    /// Router → top-k → softmax over the k → weighted sum of the chosen experts; residual.
+    /// Training computes every expert densely (gates are zero off the top-k, so the result is
+    /// the same); inference runs each expert only on its own tokens.
+    pub fn forward(&self, x: &Tensor, train: &mut Train) -> Result<MoeOut> {
+        let (b, l, d) = x.dims3()?;
+        let flat = self.norm.forward(x, train.is_some())?.reshape((b * l, d))?;
+        let logits = apply(&self.router, &flat)?; // (T, E)
+        let e = self.experts.len();
+        let (sorted, _) = logits.detach().sort_last_dim(false)?;
+        let kth = sorted.narrow(1, self.top_k - 1, 1)?;
+        let mask = logits.detach().broadcast_ge(&kth)?.to_dtype(logits.dtype())?; // (T, E), k ones per row
+        let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?.detach())?;
+        let weights = (shifted.exp()? * &mask)?;
+        let gates = weights.broadcast_div(&weights.sum_keepdim(1)?)?; // softmax over the k
+        let out = if train.is_some() {
+            let mut acc = Tensor::zeros_like(&flat)?;
+            for (j, ex) in self.experts.iter().enumerate() {
+                acc = (acc + run_expert(ex, &flat)?.broadcast_mul(&gates.narrow(1, j, 1)?)?)?;
+            }
+            acc
+        } else {
+            let mask_rows = mask.to_vec2::<f32>()?;
+            let mut acc = Tensor::zeros_like(&flat)?;
+            for (j, ex) in self.experts.iter().enumerate() {
+                let idx: Vec<u32> = mask_rows.iter().enumerate().filter(|(_, r)| r[j] > 0.0).map(|(t, _)| t as u32).collect();
+                if idx.is_empty() {
+                    continue;
+                }
+                let idx = Tensor::from_vec(idx.clone(), idx.len(), flat.device())?;
+                let y = run_expert(ex, &flat.index_select(&idx, 0)?)?.broadcast_mul(&gates.index_select(&idx, 0)?.narrow(1, j, 1)?)?;
+                acc = acc.index_add(&idx, &y, 0)?;
+            }
+            acc
+        };
+        let probs = candle_nn::ops::softmax(&logits, 1)?;
+        let p_mean = probs.mean(0)?; // (E)
+        let aux = match self.aux_kind {
+            AuxLoss::Cv2 => {
+                // torch.var is unbiased; the study's loss is var(P) / mean(P)².
+                let m = p_mean.mean_all()?;
+                let var = (p_mean.broadcast_sub(&m)?.sqr()?.sum_all()? / ((e.max(2) - 1) as f64))?;
+                (var / m.sqr()?)?
+            }
+            AuxLoss::Switch => {
+                let f = (mask.sum(0)? / ((b * l * self.top_k) as f64))?;
+                ((f * &p_mean)?.sum_all()? * e as f64)?
+            }
+        };
+        let out = dropout(&out.reshape((b, l, d))?, self.p_drop, train)?;
+        Ok(MoeOut { out: (x + out)?, aux, load: mask.sum(0)? })
+    }
+}
+
+pub enum FeedForward {
+    Moe(Moe),
+    Dense(Ffn),
+}
+
+pub struct IteraLite {
+    pub cfg: IteraConfig,
+    embed: Embedding,
+    pos: Embedding,
+    pub(crate) layers: Vec<(SsmBlock, FeedForward)>,
+    norm_f: LayerNorm,
+}
+
+/// Output of a full-sequence forward.
+pub struct Forward {
+    pub logits: Tensor,
+    /// Weighted auxiliary loss (zero for models without one).
+    pub aux: Tensor,
+    /// Per MoE layer, tokens routed to each expert.
+    pub load: Vec<Vec<f32>>,
+}
+
+impl IteraLite {
+    pub fn new(cfg: &IteraConfig, vb: VarBuilder) -> Result<Self> {
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let lv = vb.pp(format!("layers.{i}"));
+            let ff = if cfg.moe_layers.contains(&i) { FeedForward::Moe(Moe::new(cfg, lv.pp("moe"))?) } else { FeedForward::Dense(Ffn::new(cfg, lv.pp("ffn"))?) };
+            layers.push((SsmBlock::new(cfg, lv.pp("ssm"))?, ff));
+        }
+        Ok(IteraLite {
+            cfg: cfg.clone(),
+            embed: candle_nn::embedding(cfg.vocab_size, cfg.d_model, vb.pp("embed"))?,
+            pos: candle_nn::embedding(cfg.max_seq_len, cfg.d_model, vb.pp("pos"))?,
+            layers,
+            norm_f: LayerNorm::new(cfg.d_model, cfg.ln_eps, vb.pp("norm_f"))?,
+        })
+    }
+
+    pub fn embed_weight(&self) -> &Tensor {
+        self.embed.embeddings()
+    }
+
+    fn embed_at(&self, ids: &Tensor, start: usize) -> Result<Tensor> {
+        let l = ids.dim(1)?;
+        if start + l > self.cfg.max_seq_len {
+            candle_core::bail!("sequence of {} tokens exceeds max_seq_len {}", start + l, self.cfg.max_seq_len);
+        }
+        let positions = Tensor::arange(start as u32, (start + l) as u32, ids.device())?;
+        self.embed.forward(ids)?.broadcast_add(&self.pos.forward(&positions)?)
+    }
+
+    fn head(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.norm_f.forward(x, train)?.broadcast_matmul(&self.embed.embeddings().t()?)
+    }
+
+    pub fn forward(&self, ids: &Tensor, mut train: Train) -> Result<Forward> {
+        let is_train = train.is_some();
+        let mut x = dropout(&self.embed_at(ids, 0)?, self.cfg.dropout, &mut train)?;
+        let mut aux = Tensor::zeros((), x.dtype(), x.device())?;
+        let mut load = Vec::new();
+        for (ssm, ff) in &self.layers {
+            x = ssm.forward(&x, &mut train)?;
+            x = match ff {
+                FeedForward::Dense(f) => f.forward(&x, &mut train)?,
+                FeedForward::Moe(m) => {
+                    let o = m.forward(&x, &mut train)?;
+                    aux = (aux + o.aux)?;
+                    load.push(o.load.to_vec1::<f32>()?);
+                    o.out
+                }
+            };
+        }
+        let aux = (aux * self.cfg.aux_weight)?;
+        Ok(Forward { logits: self.head(&x, is_train)?, aux, load })
+    }
+
+    pub fn zero_state(&self, batch: usize) -> Result<Vec<SsmState>> {
+        let w = self.embed.embeddings();
+        self.layers.iter().map(|(s, _)| s.zero_state(batch, w.dtype(), w.device())).collect()
+    }
+
+    /// Logits for one new token per sequence at position `pos`, updating `state`.
+    pub fn step(&self, ids: &Tensor, pos: usize, state: &mut [SsmState]) -> Result<Tensor> {
+        let mut x = self.embed_at(ids, pos)?;
+        for ((ssm, ff), st) in self.layers.iter().zip(state.iter_mut()) {
+            x = ssm.step(&x, st)?;
+            x = match ff {
+                FeedForward::Dense(f) => f.forward(&x, &mut None)?,
+                FeedForward::Moe(m) => m.forward(&x, &mut None)?.out,
+            };
+        }
+        self.head(&x, false)
+    }
+}

@@ -1,0 +1,21 @@
+//! itera-models: the study's models in candle.
+//!
+//! - [`itera::IteraLite`]: SSM blocks (the recurrence is one custom op, [`scan::diag_scan`])
+//!   with a mixture of experts on the odd layers; recurrent-state generation.
+//! - [`transformer::Transformer`]: the baseline; KV-cache generation.
+//! - [`model::Model`]: seeded construction, next-token loss, generation, safetensors checkpoints.
+//! - [`accounting`]: parameter counts and forward FLOPs per token from a config.
+
+pub mod accounting;
+pub mod config;
+pub mod itera;
+pub mod model;
+pub mod nn;
+pub mod scan;
+pub mod transformer;
+
+pub use config::{ConfigError, IteraConfig, ModelConfig, TransformerConfig};
+pub use model::{next_token_loss, CheckpointError, DecodeState, Model, Sampling};
+
+#[cfg(test)]
+mod tests;

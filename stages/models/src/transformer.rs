@@ -1,0 +1,134 @@
+//! The Transformer baseline: decoder-only, pre-LN, causal multi-head attention, GELU FFN,
+//! learned positions, tied head; linear layers without bias (as the study's baseline, whose
+//! parameter count this reproduces).
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use crate::config::TransformerConfig;
+use crate::itera::Forward;
+use crate::nn::{apply, dropout, gelu, linear, LayerNorm, Train};
+
+struct Block {
+    ln1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    ln2: LayerNorm,
+    up: Linear,
+    down: Linear,
+    heads: usize,
+    p_drop: f64,
+}
+
+/// Keys and values seen so far, per layer: (batch, heads, time, head_dim).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl Block {
+    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.d_model;
+        Ok(Block {
+            ln1: LayerNorm::new(d, cfg.ln_eps, vb.pp("ln1"))?,
+            qkv: linear(d, 3 * d, false, vb.pp("attn.qkv"))?,
+            proj: linear(d, d, false, vb.pp("attn.proj"))?,
+            ln2: LayerNorm::new(d, cfg.ln_eps, vb.pp("ln2"))?,
+            up: linear(d, cfg.d_ff, false, vb.pp("mlp.up"))?,
+            down: linear(cfg.d_ff, d, false, vb.pp("mlp.down"))?,
+            heads: cfg.n_heads,
+            p_drop: cfg.dropout,
+        })
+    }
+
+    /// `past`: cached keys/values for earlier positions (generation); updated in place.
+    fn forward(&self, x: &Tensor, train: &mut Train, past: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let is_train = train.is_some();
+        let (b, l, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let qkv = apply(&self.qkv, &self.ln1.forward(x, is_train)?)?.reshape((b, l, 3, self.heads, hd))?;
+        let q = qkv.narrow(2, 0, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous()?; // (b, h, l, hd)
+        let mut k = qkv.narrow(2, 1, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous()?;
+        let mut v = qkv.narrow(2, 2, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous()?;
+        let mut offset = 0;
+        if let Some(cache) = past {
+            if let Some((pk, pv)) = cache.as_ref() {
+                offset = pk.dim(2)?;
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        let total = offset + l;
+        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?; // (b, h, l, total)
+        let scores = if l > 1 {
+            // Query i (at absolute position offset+i) may see keys 0..=offset+i.
+            let mask: Vec<f32> = (0..l).flat_map(|i| (0..total).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+            let mask = Tensor::from_vec(mask, (l, total), x.device())?.to_dtype(scores.dtype())?;
+            scores.broadcast_add(&mask)?
+        } else {
+            scores
+        };
+        let att = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
+        let x = (x + dropout(&apply(&self.proj, &y)?, self.p_drop, train)?)?;
+        let h = apply(&self.down, &gelu(&apply(&self.up, &self.ln2.forward(&x, is_train)?)?)?)?;
+        &x + dropout(&h, self.p_drop, train)?
+    }
+}
+
+pub struct Transformer {
+    pub cfg: TransformerConfig,
+    embed: Embedding,
+    pos: Embedding,
+    blocks: Vec<Block>,
+    norm_f: LayerNorm,
+}
+
+impl Transformer {
+    pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Transformer {
+            cfg: cfg.clone(),
+            embed: candle_nn::embedding(cfg.vocab_size, cfg.d_model, vb.pp("embed"))?,
+            pos: candle_nn::embedding(cfg.max_seq_len, cfg.d_model, vb.pp("pos"))?,
+            blocks: (0..cfg.n_layers).map(|i| Block::new(cfg, vb.pp(format!("layers.{i}")))).collect::<Result<_>>()?,
+            norm_f: LayerNorm::new(cfg.d_model, cfg.ln_eps, vb.pp("norm_f"))?,
+        })
+    }
+
+    fn embed_at(&self, ids: &Tensor, start: usize) -> Result<Tensor> {
+        let l = ids.dim(1)?;
+        if start + l > self.cfg.max_seq_len {
+            candle_core::bail!("sequence of {} tokens exceeds max_seq_len {}", start + l, self.cfg.max_seq_len);
+        }
+        let positions = Tensor::arange(start as u32, (start + l) as u32, ids.device())?;
+        self.embed.forward(ids)?.broadcast_add(&self.pos.forward(&positions)?)
+    }
+
+    fn head(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.norm_f.forward(x, train)?.broadcast_matmul(&self.embed.embeddings().t()?)
+    }
+
+    pub fn forward(&self, ids: &Tensor, mut train: Train) -> Result<Forward> {
+        let is_train = train.is_some();
+        let mut x = dropout(&self.embed_at(ids, 0)?, self.cfg.dropout, &mut train)?;
+        for b in &self.blocks {
+            x = b.forward(&x, &mut train, None)?;
+        }
+        let logits = self.head(&x, is_train)?;
+        Ok(Forward { aux: Tensor::zeros((), DType::F32, logits.device())?, logits, load: Vec::new() })
+    }
+
+    pub fn empty_cache(&self) -> KvCache {
+        KvCache { layers: vec![None; self.blocks.len()] }
+    }
+
+    /// Logits for `ids` (batch, t) starting at position `pos`, using and extending the cache.
+    pub fn step(&self, ids: &Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let mut x = self.embed_at(ids, pos)?;
+        for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = b.forward(&x, &mut None, Some(c))?;
+        }
+        self.head(&x, false)
+    }
+}
