@@ -232,6 +232,8 @@ pub async fn run_child(
             let mut c = std::process::Command::new(std::env::current_exe()?);
             c.arg("exec-stage").arg(&spec_path).arg(&result_path).stdin(std::process::Stdio::null());
             c.env(PARENT_ENV, std::process::id().to_string());
+            // candle (rayon) and BLAS-style libraries size their pools from these at start-up.
+            c.env("RAYON_NUM_THREADS", spec.threads.to_string()).env("OMP_NUM_THREADS", spec.threads.to_string());
             c
         }
     };

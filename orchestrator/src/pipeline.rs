@@ -43,6 +43,10 @@ pub struct StageInstance {
     pub retries: u32,
     pub deterministic: bool,
     pub seed: u64,
+    /// Params whose value is `file:PATH`: (dotted path in params, absolute path). Each is also
+    /// an input (`params.<path>`), so its content is in the cache key; the stage is handed the
+    /// absolute path while the key keeps the text as written (moving the project keeps hits).
+    pub param_files: Vec<(String, PathBuf)>,
     /// Where the stage is declared, and its resolved node, for locating later errors.
     pub pos: Pos,
     pub node: Node,
@@ -318,6 +322,9 @@ pub fn load(file: &Path, sets: &[String], registry: &Registry) -> Result<Pipelin
         }
     }
 
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    let dir = std::path::absolute(&dir).unwrap_or(dir);
     struct Pending {
         inst: StageInstance,
         raw_inputs: Vec<(String, String, Pos)>,
@@ -480,6 +487,18 @@ pub fn load(file: &Path, sets: &[String], registry: &Registry) -> Result<Pipelin
                     }
                 }
             }
+            let mut param_files = Vec::new();
+            collect_param_files(&stage_params_json, "", &mut param_files);
+            let mut file_inputs = Vec::new();
+            for (path, rel) in &param_files {
+                let full = dir.join(rel);
+                if rel.is_empty() || !full.exists() {
+                    return Err(ctx
+                        .err("E-MISSING-FILE", format!("param `{path}` of stage `{name}`: file `{rel}` does not exist"), decl.locate(&format!("params.{path}")))
+                        .help(format!("paths are relative to the pipeline file's folder ({}); looked for {}", dir.display(), full.display())));
+                }
+                file_inputs.push((path.clone(), full));
+            }
             pending.push(Pending {
                 inst: StageInstance {
                     name,
@@ -493,6 +512,7 @@ pub fn load(file: &Path, sets: &[String], registry: &Registry) -> Result<Pipelin
                     retries,
                     deterministic,
                     seed,
+                    param_files: file_inputs,
                     pos: key.pos,
                     node,
                 },
@@ -514,11 +534,11 @@ pub fn load(file: &Path, sets: &[String], registry: &Registry) -> Result<Pipelin
         pending.iter().map(|p| (p.inst.name.clone(), p.inst.outputs.clone())).collect();
     let all_names_owned: Vec<String> = pending.iter().map(|p| p.inst.name.clone()).collect();
     let all_names: Vec<&str> = all_names_owned.iter().map(String::as_str).collect();
-    let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-    let dir = std::path::absolute(&dir).unwrap_or(dir);
     let mut stages = Vec::with_capacity(pending.len());
     for mut p in pending {
+        for (path, full) in &p.inst.param_files {
+            p.inst.inputs.insert(format!("params.{path}"), InputRef::File { path: full.clone(), written: full.display().to_string() });
+        }
         for (input, text, pos) in p.raw_inputs {
             let r = if let Some(path) = text.strip_prefix("file:") {
                 let path = path.trim();
@@ -537,6 +557,42 @@ pub fn load(file: &Path, sets: &[String], registry: &Registry) -> Result<Pipelin
         stages.push(p.inst);
     }
     Ok(Pipeline { name, file: file.to_path_buf(), dir, source, params, stages })
+}
+
+/// Every string `file:PATH` inside a params value, with its dotted path.
+fn collect_param_files(v: &Value, prefix: &str, out: &mut Vec<(String, String)>) {
+    let join = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+    match v {
+        Value::String(s) => {
+            if let Some(rel) = s.strip_prefix("file:") {
+                out.push((prefix.to_string(), rel.trim().to_string()));
+            }
+        }
+        Value::Array(items) => {
+            for (i, it) in items.iter().enumerate() {
+                collect_param_files(it, &join(&i.to_string()), out);
+            }
+        }
+        Value::Object(m) => {
+            for (k, it) in m {
+                collect_param_files(it, &join(k), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Params as a stage sees them: every `file:PATH` replaced by `file:<absolute path>`.
+pub fn params_for_run(st: &StageInstance) -> Params {
+    let mut p = st.params.clone();
+    for (path, full) in &st.param_files {
+        let (first, rest) = path.split_once('.').unwrap_or((path.as_str(), ""));
+        let pointer = if rest.is_empty() { String::new() } else { format!("/{}", rest.replace('.', "/")) };
+        if let Some(v) = p.params.get_mut(first).and_then(|v| v.pointer_mut(&pointer)) {
+            *v = Value::String(format!("file:{}", full.display()));
+        }
+    }
+    p
 }
 
 fn resolve_ref(

@@ -8,7 +8,14 @@ pub struct Registry {
 
 impl Registry {
     pub fn builtin() -> Registry {
-        Registry { stages: vec![Box::new(stage_command::CommandStage)] }
+        Registry {
+            stages: vec![
+                Box::new(stage_command::CommandStage),
+                Box::new(stage_corpus::CorpusStage),
+                Box::new(stage_vocab::VocabStage),
+                Box::new(stage_train::TrainStage),
+            ],
+        }
     }
 
     pub fn get(&self, kind: &str) -> Option<&dyn Stage> {

@@ -171,7 +171,7 @@ async fn run_in_scratch(
     let spec = RunSpec {
         stage_name: st.name.clone(),
         kind: st.kind.clone(),
-        params: st.params.clone(),
+        params: crate::pipeline::params_for_run(st),
         inputs,
         outputs: outputs.clone(),
         work_dir: work_dir.clone(),
