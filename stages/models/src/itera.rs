@@ -6,7 +6,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use crate::config::{AuxLoss, IteraConfig};
-use crate::nn::{apply, dropout, gelu, linear, silu, softplus, LayerNorm, Train};
+use crate::nn::{apply, dropout, gelu, linear, matmul_t, silu, softplus, LayerNorm, Train};
 use crate::scan::diag_scan;
 
 /// The study's selective SSM block (pre-LN, residual).
@@ -59,10 +59,10 @@ impl SsmBlock {
         let delta = softplus(&apply(&self.delta_proj, xc)?)?.mean_keepdim(D::Minus1)?; // (b, t, 1)
         let a_neg = self.a_log.exp()?.neg()?; // A = -exp(A_log), (n)
         let a = delta.broadcast_mul(&a_neg)?.exp()?; // exp(Δ·A), (b, t, n)
-        let bx = xc.broadcast_matmul(&self.b.t()?)?; // B x_t, (b, t, n)
+        let bx = matmul_t(xc, &self.b)?; // B x_t, (b, t, n)
         let u = delta.broadcast_mul(&bx)?;
         let h = scan(&a, &u)?; // (b, t, n)
-        let y = (h.broadcast_matmul(&self.c.t()?)? + xc.broadcast_mul(&self.d)?)?;
+        let y = (matmul_t(&h, &self.c)? + xc.broadcast_mul(&self.d)?)?;
         y * silu(z)?
     }
 
@@ -281,7 +281,7 @@ impl IteraLite {
     }
 
     fn head(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.norm_f.forward(x, train)?.broadcast_matmul(&self.embed.embeddings().t()?)
+        matmul_t(&self.norm_f.forward(x, train)?, self.embed.embeddings())
     }
 
     pub fn forward(&self, ids: &Tensor, mut train: Train) -> Result<Forward> {

@@ -1,7 +1,7 @@
 //! Building blocks shared by both models: a differentiable LayerNorm, seeded dropout,
 //! seeded initialisation, and activations.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -43,8 +43,27 @@ pub fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> 
     }
 }
 
+/// `x @ w^T (+ b)` with the leading dims flattened into one GEMM. candle-nn's Linear broadcasts
+/// the weight over the batch instead, which in backward builds a (batch, in, out) gradient and
+/// then sums it: several times slower for training.
 pub fn apply(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    l.forward(x)
+    let y = matmul_t(x, l.weight())?;
+    match l.bias() {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// `x @ w^T` for x of any rank ≥ 2 and a 2-D `w` (out, in), as one GEMM.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inner = dims[dims.len() - 1];
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let out = w.dim(0)?;
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut shape = dims[..dims.len() - 1].to_vec();
+    shape.push(out);
+    y.reshape(shape)
 }
 
 /// Inverted dropout with a mask drawn from the caller's seeded RNG.

@@ -7,7 +7,7 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 
 use crate::config::TransformerConfig;
 use crate::itera::Forward;
-use crate::nn::{apply, dropout, gelu, linear, LayerNorm, Train};
+use crate::nn::{apply, dropout, gelu, linear, matmul_t, LayerNorm, Train};
 
 struct Block {
     ln1: LayerNorm,
@@ -106,7 +106,7 @@ impl Transformer {
     }
 
     fn head(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.norm_f.forward(x, train)?.broadcast_matmul(&self.embed.embeddings().t()?)
+        matmul_t(&self.norm_f.forward(x, train)?, self.embed.embeddings())
     }
 
     pub fn forward(&self, ids: &Tensor, mut train: Train) -> Result<Forward> {

@@ -1,0 +1,109 @@
+//! Model throughput benchmark: `cargo run --release -p itera-models --example bench`.
+//!
+//! Itera-Lite tiny and Transformer tiny at vocab 256, max_seq_len 128, f32, as the peer figures
+//! (../shared/peer/README.md, the original PyTorch implementation on this machine kind):
+//! training tokens/s (forward + backward + AdamW, batch 16 × seq 128), full-sequence forward
+//! tokens/s (same shape), generation tokens/s at batch 1 (16-token prompt + 112 new tokens) with
+//! the recurrent state / KV cache, achieved GFLOP/s, and the scan kernel's share of a step.
+//!
+//! Threads: BENCH_THREADS (default 1, as the peers' 1-thread figures); BENCH_STEPS (default 10).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use itera_models::accounting::{forward_flops_per_token, param_counts};
+use itera_models::{Model, ModelConfig, Sampling};
+use rand::{Rng, SeedableRng};
+
+/// The original's upper figures (tokens/s): train, forward, generate.
+fn peer(model: &str) -> (f64, f64, f64) {
+    match model {
+        "itera_lite" => (1974.0, 10169.0, 23.0),
+        _ => (3877.0, 15654.0, 123.0),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn batch(rng: &mut rand_chacha::ChaCha8Rng, b: usize, l: usize) -> Tensor {
+    let v: Vec<u32> = (0..b * l).map(|_| rng.random_range(5..256)).collect();
+    Tensor::from_vec(v, (b, l), &Device::Cpu).expect("batch")
+}
+
+fn main() -> candle_core::Result<()> {
+    let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    // Before the first rayon use, so candle's pool has this size.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let steps: usize = std::env::var("BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let (b, l) = (16usize, 128usize);
+    let peak = 78.6 * threads as f64; // AVX2+FMA f32: 2 FMA units × 8 lanes × 2 FLOPs × ~2.45 GHz per core
+    println!("itera-models throughput — {threads} thread(s), f32, batch {b} × seq {l}, vocab 256, {steps} timed steps (medians)");
+    println!("peer = the original PyTorch implementation, 1 thread, upper figures; CPU peak ≈ {peak:.0} GFLOP/s for {threads} core(s)\n");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    for name in ["itera_lite", "transformer"] {
+        let cfg = ModelConfig::build(name, "tiny", 256, &Default::default()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let model = Model::new(&cfg, 1)?;
+        let mut opt = AdamW::new(model.varmap.all_vars(), ParamsAdamW { lr: 1e-3, ..Default::default() })?;
+        let mut drop_rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut train = Vec::new();
+        for i in 0..steps + 2 {
+            let x = batch(&mut rng, b, l);
+            let t = Instant::now();
+            let (ce, aux) = model.loss(&x, Some(&mut drop_rng))?;
+            opt.backward_step(&(ce + aux)?)?;
+            if i >= 2 {
+                train.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let train_step = median(train);
+        let train_tps = (b * l) as f64 / train_step;
+        let mut fwd = Vec::new();
+        for i in 0..steps + 2 {
+            let x = batch(&mut rng, b, l);
+            let t = Instant::now();
+            let f = model.forward(&x, None)?;
+            f.logits.sum_all()?.to_scalar::<f32>()?;
+            if i >= 2 {
+                fwd.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let fwd_tps = (b * l) as f64 / median(fwd);
+        let prompt: Vec<u32> = (0..16).map(|_| rng.random_range(5..256)).collect();
+        let mut gen = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            model.generate(&prompt, 112, Sampling::Greedy, 0)?;
+            gen.push(t.elapsed().as_secs_f64());
+        }
+        // generate() also consumes the 16 prompt tokens one step at a time for Itera-Lite.
+        let gen_tps = 112.0 / median(gen);
+        let flops = forward_flops_per_token(&cfg, (l + 1) / 2) as f64;
+        let (pt, pf, pg) = peer(name);
+        println!("{name} tiny ({} params, {:.2} MFLOP/token forward)", param_counts(&cfg).total, flops / 1e6);
+        println!("  train     {train_tps:>9.0} tok/s  ({:>5.2}× the original's {pt:.0})  ≈ {:.1} GFLOP/s (3 × forward)", train_tps / pt, 3.0 * flops * train_tps / 1e9);
+        println!("  forward   {fwd_tps:>9.0} tok/s  ({:>5.2}× the original's {pf:.0})  ≈ {:.1} GFLOP/s = {:.0}% of peak", fwd_tps / pf, flops * fwd_tps / 1e9, 100.0 * flops * fwd_tps / 1e9 / peak);
+        println!("  generate  {gen_tps:>9.1} tok/s  ({:>5.1}× the original's {pg:.0})", gen_tps / pg);
+        if name == "itera_lite" {
+            // The scan on a training step's shapes, forward + backward, every layer.
+            let n = 8;
+            let a = candle_core::Var::from_tensor(&Tensor::rand(0.5f32, 0.99, (b, l, n), &Device::Cpu)?)?;
+            let u = candle_core::Var::from_tensor(&Tensor::rand(-1f32, 1.0, (b, l, n), &Device::Cpu)?)?;
+            let mut scan = Vec::new();
+            for _ in 0..steps {
+                let t = Instant::now();
+                for _ in 0..4 {
+                    itera_models::scan::diag_scan(&a, &u)?.sum_all()?.backward()?;
+                }
+                scan.push(t.elapsed().as_secs_f64());
+            }
+            let s = median(scan);
+            println!("  scan kernel (4 layers, fwd + bwd): {:.2} ms of a {:.1} ms training step = {:.1}%", s * 1e3, train_step * 1e3, 100.0 * s / train_step);
+        }
+        println!();
+    }
+    Ok(())
+}
