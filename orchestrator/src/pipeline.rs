@@ -42,6 +42,8 @@ pub struct StageInstance {
     pub timeout: Option<Duration>,
     pub retries: u32,
     pub deterministic: bool,
+    /// Outputs exempt from replay's bit-identity check (they record timings).
+    pub volatile_outputs: Vec<String>,
     pub seed: u64,
     /// Params whose value is `file:PATH`: (dotted path in params, absolute path). Each is also
     /// an input (`params.<path>`), so its content is in the cache key; the stage is handed the
@@ -511,6 +513,7 @@ pub fn load(file: &Path, sets: &[String], registry: &Registry) -> Result<Pipelin
                     timeout,
                     retries,
                     deterministic,
+                    volatile_outputs: plan.volatile_outputs.clone(),
                     seed,
                     param_files: file_inputs,
                     pos: key.pos,

@@ -72,7 +72,9 @@ pub async fn replay(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize
                 for (name, cached_entry) in &m.outputs {
                     let replayed = run.outputs.get(name);
                     let identical = replayed.is_some_and(|r| r.digest == cached_entry.digest);
-                    if !identical && st.deterministic {
+                    let volatile = st.volatile_outputs.contains(name);
+                    let must_match = st.deterministic && !volatile;
+                    if !identical && must_match {
                         failed = true;
                     }
                     rows.push(ReplayRow {
@@ -81,8 +83,13 @@ pub async fn replay(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize
                         cached: Some(cached_entry.digest.clone()),
                         replayed: replayed.map(|r| r.digest.clone()),
                         identical,
-                        deterministic: st.deterministic,
-                        note: (!identical && !st.deterministic).then(|| "declared non-deterministic".to_string()),
+                        deterministic: must_match,
+                        note: match (identical, st.deterministic, volatile) {
+                            (true, _, _) => None,
+                            (false, false, _) => Some("declared non-deterministic".to_string()),
+                            (false, true, true) => Some("records timings; not compared".to_string()),
+                            (false, true, false) => None,
+                        },
                     });
                 }
             }
@@ -113,9 +120,10 @@ pub fn render_table(r: &ReplayReport) -> String {
     for row in &r.rows {
         let ident = match (row.identical, row.deterministic, &row.note) {
             (true, _, _) => "yes".to_string(),
-            (false, _, Some(n)) => format!("NO ({n})"),
+            (false, true, Some(n)) => format!("NO ({n})"),
             (false, true, None) => "NO".to_string(),
-            (false, false, None) => "no".to_string(),
+            (false, false, Some(n)) => format!("differs ({n})"),
+            (false, false, None) => "differs".to_string(),
         };
         out.push_str(&format!(
             "{:<24} {:<20} {:<13} {:<13} {}\n",

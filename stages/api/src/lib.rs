@@ -50,11 +50,15 @@ pub struct StagePlan {
     pub deterministic: bool,
     /// Outputs the stage always writes, in addition to those the pipeline file lists.
     pub required_outputs: Vec<String>,
+    /// Outputs whose bytes legitimately vary between identical runs (they record timings);
+    /// `replay` reports them but holds only the other outputs to bit-identity.
+    #[serde(default)]
+    pub volatile_outputs: Vec<String>,
 }
 
 impl Default for StagePlan {
     fn default() -> Self {
-        StagePlan { default_threads: 1, deterministic: true, required_outputs: Vec::new() }
+        StagePlan { default_threads: 1, deterministic: true, required_outputs: Vec::new(), volatile_outputs: Vec::new() }
     }
 }
 

@@ -161,7 +161,7 @@ impl Stage for CommandStage {
                 }
             }
         }
-        Ok(StagePlan { default_threads: 1, deterministic: true, required_outputs: Vec::new() })
+        Ok(StagePlan::default())
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {

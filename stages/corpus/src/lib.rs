@@ -177,6 +177,7 @@ impl Stage for CorpusStage {
             default_threads: 1,
             deterministic: true,
             required_outputs: vec!["train.txt".into(), "valid.txt".into(), "stats.json".into()],
+            volatile_outputs: Vec::new(),
         })
     }
 

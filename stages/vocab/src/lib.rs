@@ -156,7 +156,7 @@ impl Stage for VocabStage {
                     .with_help("e.g. inputs: {text: corpus.train.txt, valid: corpus.valid.txt}"));
             }
         }
-        Ok(StagePlan { default_threads: 1, deterministic: true, required_outputs: vec!["tokenizer.json".into(), "stats.json".into()] })
+        Ok(StagePlan { default_threads: 1, deterministic: true, required_outputs: vec!["tokenizer.json".into(), "stats.json".into()], volatile_outputs: Vec::new() })
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
