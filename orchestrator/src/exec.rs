@@ -193,12 +193,42 @@ fn guarded(ext: &External) -> std::process::Command {
     c
 }
 
+/// Aborts the progress watcher when the child is done, however `run_child` returns.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+fn scopeguard(h: Option<tokio::task::JoinHandle<()>>) -> AbortOnDrop {
+    AbortOnDrop(h)
+}
+
+/// Where a running stage's progress messages go: (stage name, message).
+pub type ProgressSink = tokio::sync::mpsc::UnboundedSender<(String, String)>;
+
+/// The last `[progress] ...` line a stage wrote to its log, if any.
+fn last_progress(log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut tail = String::new();
+    f.read_to_string(&mut tail).ok()?;
+    tail.lines().rev().find_map(|l| l.strip_prefix("[progress] ").map(str::to_string))
+}
+
 /// Run a stage in a child process and wait for it, a timeout, or a cancel.
 pub async fn run_child(
     spec: &RunSpec,
     scratch: &Path,
     timeout: Option<Duration>,
     mut cancel: watch::Receiver<bool>,
+    progress: Option<ProgressSink>,
 ) -> std::io::Result<(Outcome, PathBuf)> {
     let log_path = scratch.join("log.txt");
     let result_path = scratch.join("result.json");
@@ -250,6 +280,23 @@ pub async fn run_child(
     drop(child); // reaped by wait4 below
     let started = Instant::now();
     let mut waiter = tokio::task::spawn_blocking(move || wait4(pid));
+    let watcher = progress.map(|sink| {
+        let (log, name) = (log_path.clone(), spec.stage_name.clone());
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let now = last_progress(&log);
+                if now.is_some() && now != last {
+                    if sink.send((name.clone(), now.clone().unwrap_or_default())).is_err() {
+                        break;
+                    }
+                    last = now;
+                }
+            }
+        })
+    });
+    let _stop_watching = scopeguard(watcher);
     let deadline = async {
         match timeout {
             Some(t) => tokio::time::sleep(t).await,

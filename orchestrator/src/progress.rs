@@ -84,6 +84,18 @@ impl Reporter {
         }
     }
 
+    /// A running stage's latest progress message (e.g. step, loss, tokens/s).
+    pub fn progress(&mut self, name: &str, message: &str) {
+        match &self.live {
+            Some(l) => {
+                if let Some(pb) = l.running.get(name) {
+                    pb.set_message(message.to_string());
+                }
+            }
+            None => self.line(format!("  progress   {name}: {message}")),
+        }
+    }
+
     fn stop_spinner(&mut self, name: &str) {
         if let Some(l) = &mut self.live {
             if let Some(pb) = l.running.remove(name) {

@@ -66,7 +66,7 @@ pub async fn replay(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize
             continue;
         }
         let threads = st.threads.min(cores).max(1);
-        let result = runner::run_stage(store.objects.clone(), scratch.clone(), st, &sources, threads, rx.clone()).await;
+        let result = runner::run_stage(store.objects.clone(), scratch.clone(), st, &sources, threads, rx.clone(), None).await;
         match result {
             Ok(run) => {
                 for (name, cached_entry) in &m.outputs {

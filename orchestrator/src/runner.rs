@@ -107,9 +107,10 @@ pub async fn run_stage(
     sources: &BTreeMap<String, InputSource>,
     threads: u32,
     cancel: watch::Receiver<bool>,
+    progress: Option<crate::exec::ProgressSink>,
 ) -> Result<StageRun, StageFailure> {
     let scratch = output_store.tmp_path(&format!("stage-{}", st.name.replace(['@', '/'], "_")));
-    let result = run_in_scratch(&input_store, &output_store, st, sources, threads, cancel, &scratch).await;
+    let result = run_in_scratch(&input_store, &output_store, st, sources, threads, cancel, progress, &scratch).await;
     let _ = crate::store::remove_dir_all_writable(&scratch);
     result
 }
@@ -122,6 +123,7 @@ async fn run_in_scratch(
     sources: &BTreeMap<String, InputSource>,
     threads: u32,
     cancel: watch::Receiver<bool>,
+    progress: Option<crate::exec::ProgressSink>,
     scratch: &Path,
 ) -> Result<StageRun, StageFailure> {
     let io_fail = |what: &str, e: std::io::Error| StageFailure::msg(format!("{what}: {e}"));
@@ -189,7 +191,7 @@ async fn run_in_scratch(
                 std::fs::create_dir_all(parent).map_err(|e| io_fail("creating output folder", e))?;
             }
         }
-        let (outcome, log_path) = exec::run_child(&spec, scratch, st.timeout, cancel.clone())
+        let (outcome, log_path) = exec::run_child(&spec, scratch, st.timeout, cancel.clone(), progress.clone())
             .await
             .map_err(|e| io_fail("starting the stage process", e))?;
         let failure = match outcome {

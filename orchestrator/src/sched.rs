@@ -107,6 +107,7 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
 
     let signal = termination();
     tokio::pin!(signal);
+    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
 
     loop {
         // Settle every stage we can decide without running anything (cache hits, skips),
@@ -192,9 +193,10 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
                     let (inputs_store, out_store) = (objects.clone(), objects.clone());
                     let st2 = st.clone();
                     let rx = cancel_rx.clone();
+                    let sink = progress_tx.clone();
                     tasks.spawn(async move {
                         let t = Instant::now();
-                        let r = runner::run_stage(inputs_store, out_store, &st2, &sources, threads, rx).await;
+                        let r = runner::run_stage(inputs_store, out_store, &st2, &sources, threads, rx, Some(sink)).await;
                         (i, key, r, key_input, t.elapsed().as_secs_f64())
                     });
                 }
@@ -268,6 +270,9 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
                     stopping = true;
                     let _ = cancel_tx.send(true);
                 }
+            }
+            Some((stage, message)) = progress_rx.recv() => {
+                reporter.progress(&stage, &message);
             }
             _ = &mut signal, if !interrupted => {
                 interrupted = true;
