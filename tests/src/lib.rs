@@ -113,3 +113,10 @@ impl Project {
         self.objects().is_empty() && !self.store().join("index.sled").exists()
     }
 }
+
+/// The project venv's Python (.ci/venv creates it; the README's test command runs that first).
+pub fn venv_python() -> PathBuf {
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(py.exists(), "{} is missing: run .ci/venv first (the README's test command does)", py.display());
+    py
+}

@@ -27,7 +27,7 @@ fn write_inputs(dir: &Path) {
         vocab.insert(c.to_string(), json!(id));
     }
     let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(?s)."}, "behavior": "Isolated", "invert": false},
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": false},
         "post_processor": null, "decoder": {"type": "Fuse"},
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}});
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();

@@ -41,7 +41,9 @@ fn specials() -> Vec<AddedToken> {
     SPECIALS.iter().map(|s| AddedToken::from(s.to_string(), true)).collect()
 }
 
-/// A tokenizer.json for a character vocabulary (WordLevel over single characters).
+/// A tokenizer.json for a character vocabulary (WordLevel over single characters). The split
+/// pattern is `[\s\S]` rather than `(?s).`: Python's tokenizers uses Oniguruma, which rejects
+/// the inline flag.
 fn char_tokenizer(text: &str) -> Result<Tokenizer, StageError> {
     let mut counts: HashMap<char, u64> = HashMap::new();
     for c in text.replace(SPECIALS[4], "").chars() {
@@ -68,7 +70,7 @@ fn char_tokenizer(text: &str) -> Result<Tokenizer, StageError> {
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
-        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(?s)."}, "behavior": "Isolated", "invert": false},
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": false},
         "post_processor": null,
         "decoder": {"type": "Fuse"},
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
@@ -132,7 +134,8 @@ impl Stage for VocabStage {
         "vocab"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: portable char split pattern (readable by Python's tokenizers).
+        2
     }
     fn describe(&self) -> &'static str {
         "train a Hugging Face tokenizer (char, bpe or word) → tokenizer.json, stats.json"
