@@ -10,6 +10,7 @@ pub mod diag;
 pub mod exec;
 pub mod interp;
 pub mod objects;
+pub mod overrides;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;

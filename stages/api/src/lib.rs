@@ -288,6 +288,17 @@ pub fn read_metrics_file(path: &Path) -> Result<BTreeMap<String, Value>, StageEr
     }
 }
 
+/// Reject params a stage does not know, naming the key and listing the known ones.
+pub fn check_known_params(params: &Params, known: &[&str], kind: &str) -> Result<(), ParamError> {
+    for k in params.params.keys() {
+        if !known.contains(&k.as_str()) {
+            return Err(ParamError::new(format!("params.{k}"), format!("unknown {kind} param `{k}`"))
+                .with_help(format!("{kind} params: {}", known.join(", "))));
+        }
+    }
+    Ok(())
+}
+
 /// Read a non-negative integer param, with a clear error naming the key.
 pub fn param_u64(params: &Params, key: &str, default: u64) -> Result<u64, ParamError> {
     match params.param(key) {

@@ -159,11 +159,7 @@ impl Stage for CorpusStage {
     }
 
     fn check(&self, params: &Params, _io: &InputSpec) -> Result<StagePlan, ParamError> {
-        for k in params.params.keys() {
-            if !KNOWN.contains(&k.as_str()) {
-                return Err(ParamError::new(format!("params.{k}"), format!("unknown corpus param `{k}`")).with_help(format!("corpus params: {}", KNOWN.join(", "))));
-            }
-        }
+        stage_api::check_known_params(params, KNOWN, "corpus")?;
         source(params)?;
         fraction(params)?;
         if let Some(v) = params.param("valid") {

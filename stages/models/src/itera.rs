@@ -2,11 +2,11 @@
 //! mixture-of-experts layer (odd layers by default) or a dense FFN of one expert's shape;
 //! final LayerNorm; LM head tied to the embedding.
 
-use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
 
 use crate::config::{AuxLoss, IteraConfig};
-use crate::nn::{apply, dropout, gelu, linear, matmul_t, silu, softplus, LayerNorm, Train};
+use crate::nn::{apply, dropout, gelu, linear, matmul_t, silu, softplus, LayerNorm, TiedEmbeddings, Train};
 use crate::scan::diag_scan;
 
 /// The study's selective SSM block (pre-LN, residual).
@@ -235,10 +235,8 @@ pub enum FeedForward {
 
 pub struct IteraLite {
     pub cfg: IteraConfig,
-    embed: Embedding,
-    pos: Embedding,
+    emb: TiedEmbeddings,
     pub(crate) layers: Vec<(SsmBlock, FeedForward)>,
-    norm_f: LayerNorm,
 }
 
 /// Output of a full-sequence forward.
@@ -258,35 +256,16 @@ impl IteraLite {
             let ff = if cfg.moe_layers.contains(&i) { FeedForward::Moe(Moe::new(cfg, lv.pp("moe"))?) } else { FeedForward::Dense(Ffn::new(cfg, lv.pp("ffn"))?) };
             layers.push((SsmBlock::new(cfg, lv.pp("ssm"))?, ff));
         }
-        Ok(IteraLite {
-            cfg: cfg.clone(),
-            embed: candle_nn::embedding(cfg.vocab_size, cfg.d_model, vb.pp("embed"))?,
-            pos: candle_nn::embedding(cfg.max_seq_len, cfg.d_model, vb.pp("pos"))?,
-            layers,
-            norm_f: LayerNorm::new(cfg.d_model, cfg.ln_eps, vb.pp("norm_f"))?,
-        })
+        Ok(IteraLite { cfg: cfg.clone(), emb: TiedEmbeddings::new(cfg.vocab_size, cfg.d_model, cfg.max_seq_len, cfg.ln_eps, &vb)?, layers })
     }
 
     pub fn embed_weight(&self) -> &Tensor {
-        self.embed.embeddings()
-    }
-
-    fn embed_at(&self, ids: &Tensor, start: usize) -> Result<Tensor> {
-        let l = ids.dim(1)?;
-        if start + l > self.cfg.max_seq_len {
-            candle_core::bail!("sequence of {} tokens exceeds max_seq_len {}", start + l, self.cfg.max_seq_len);
-        }
-        let positions = Tensor::arange(start as u32, (start + l) as u32, ids.device())?;
-        self.embed.forward(ids)?.broadcast_add(&self.pos.forward(&positions)?)
-    }
-
-    fn head(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        matmul_t(&self.norm_f.forward(x, train)?, self.embed.embeddings())
+        self.emb.weight()
     }
 
     pub fn forward(&self, ids: &Tensor, mut train: Train) -> Result<Forward> {
         let is_train = train.is_some();
-        let mut x = dropout(&self.embed_at(ids, 0)?, self.cfg.dropout, &mut train)?;
+        let mut x = dropout(&self.emb.embed_at(ids, 0)?, self.cfg.dropout, &mut train)?;
         let mut aux = Tensor::zeros((), x.dtype(), x.device())?;
         let mut load = Vec::new();
         for (ssm, ff) in &self.layers {
@@ -302,17 +281,17 @@ impl IteraLite {
             };
         }
         let aux = (aux * self.cfg.aux_weight)?;
-        Ok(Forward { logits: self.head(&x, is_train)?, aux, load })
+        Ok(Forward { logits: self.emb.head(&x, is_train)?, aux, load })
     }
 
     pub fn zero_state(&self, batch: usize) -> Result<Vec<SsmState>> {
-        let w = self.embed.embeddings();
+        let w = self.emb.weight();
         self.layers.iter().map(|(s, _)| s.zero_state(batch, w.dtype(), w.device())).collect()
     }
 
     /// Logits for one new token per sequence at position `pos`, updating `state`.
     pub fn step(&self, ids: &Tensor, pos: usize, state: &mut [SsmState]) -> Result<Tensor> {
-        let mut x = self.embed_at(ids, pos)?;
+        let mut x = self.emb.embed_at(ids, pos)?;
         for ((ssm, ff), st) in self.layers.iter().zip(state.iter_mut()) {
             x = ssm.step(&x, st)?;
             x = match ff {
@@ -320,6 +299,6 @@ impl IteraLite {
                 FeedForward::Moe(m) => m.forward(&x, &mut None)?.out,
             };
         }
-        self.head(&x, false)
+        self.emb.head(&x, false)
     }
 }

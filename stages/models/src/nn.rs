@@ -145,3 +145,43 @@ pub fn fresh_builder() -> (VarMap, VarBuilder<'static>) {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     (varmap, vb)
 }
+
+/// Token + learned position embeddings, and the LM head tied to the token embedding, with the
+/// final LayerNorm before it: the parts both models share.
+pub struct TiedEmbeddings {
+    embed: candle_nn::Embedding,
+    pos: candle_nn::Embedding,
+    norm_f: LayerNorm,
+    max_seq_len: usize,
+}
+
+impl TiedEmbeddings {
+    pub fn new(vocab: usize, d_model: usize, max_seq_len: usize, ln_eps: f64, vb: &VarBuilder) -> Result<Self> {
+        Ok(TiedEmbeddings {
+            embed: candle_nn::embedding(vocab, d_model, vb.pp("embed"))?,
+            pos: candle_nn::embedding(max_seq_len, d_model, vb.pp("pos"))?,
+            norm_f: LayerNorm::new(d_model, ln_eps, vb.pp("norm_f"))?,
+            max_seq_len,
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.embed.embeddings()
+    }
+
+    /// Embeddings of `ids` (batch, t) placed at positions start..start+t.
+    pub fn embed_at(&self, ids: &Tensor, start: usize) -> Result<Tensor> {
+        use candle_core::Module;
+        let l = ids.dim(1)?;
+        if start + l > self.max_seq_len {
+            candle_core::bail!("sequence of {} tokens exceeds max_seq_len {}", start + l, self.max_seq_len);
+        }
+        let positions = Tensor::arange(start as u32, (start + l) as u32, ids.device())?;
+        self.embed.forward(ids)?.broadcast_add(&self.pos.forward(&positions)?)
+    }
+
+    /// Final LayerNorm, then logits through the tied embedding.
+    pub fn head(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        matmul_t(&self.norm_f.forward(x, train)?, self.embed.embeddings())
+    }
+}

@@ -2,12 +2,12 @@
 //! learned positions, tied head; linear layers without bias (as the study's baseline, whose
 //! parameter count this reproduces).
 
-use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
 
 use crate::config::TransformerConfig;
 use crate::itera::Forward;
-use crate::nn::{apply, dropout, gelu, linear, matmul_t, LayerNorm, Train};
+use crate::nn::{apply, dropout, gelu, linear, LayerNorm, TiedEmbeddings, Train};
 
 struct Block {
     ln1: LayerNorm,
@@ -79,43 +79,26 @@ impl Block {
 
 pub struct Transformer {
     pub cfg: TransformerConfig,
-    embed: Embedding,
-    pos: Embedding,
+    emb: TiedEmbeddings,
     blocks: Vec<Block>,
-    norm_f: LayerNorm,
 }
 
 impl Transformer {
     pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Transformer {
             cfg: cfg.clone(),
-            embed: candle_nn::embedding(cfg.vocab_size, cfg.d_model, vb.pp("embed"))?,
-            pos: candle_nn::embedding(cfg.max_seq_len, cfg.d_model, vb.pp("pos"))?,
+            emb: TiedEmbeddings::new(cfg.vocab_size, cfg.d_model, cfg.max_seq_len, cfg.ln_eps, &vb)?,
             blocks: (0..cfg.n_layers).map(|i| Block::new(cfg, vb.pp(format!("layers.{i}")))).collect::<Result<_>>()?,
-            norm_f: LayerNorm::new(cfg.d_model, cfg.ln_eps, vb.pp("norm_f"))?,
         })
-    }
-
-    fn embed_at(&self, ids: &Tensor, start: usize) -> Result<Tensor> {
-        let l = ids.dim(1)?;
-        if start + l > self.cfg.max_seq_len {
-            candle_core::bail!("sequence of {} tokens exceeds max_seq_len {}", start + l, self.cfg.max_seq_len);
-        }
-        let positions = Tensor::arange(start as u32, (start + l) as u32, ids.device())?;
-        self.embed.forward(ids)?.broadcast_add(&self.pos.forward(&positions)?)
-    }
-
-    fn head(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        matmul_t(&self.norm_f.forward(x, train)?, self.embed.embeddings())
     }
 
     pub fn forward(&self, ids: &Tensor, mut train: Train) -> Result<Forward> {
         let is_train = train.is_some();
-        let mut x = dropout(&self.embed_at(ids, 0)?, self.cfg.dropout, &mut train)?;
+        let mut x = dropout(&self.emb.embed_at(ids, 0)?, self.cfg.dropout, &mut train)?;
         for b in &self.blocks {
             x = b.forward(&x, &mut train, None)?;
         }
-        let logits = self.head(&x, is_train)?;
+        let logits = self.emb.head(&x, is_train)?;
         Ok(Forward { aux: Tensor::zeros((), DType::F32, logits.device())?, logits, load: Vec::new() })
     }
 
@@ -125,10 +108,10 @@ impl Transformer {
 
     /// Logits for `ids` (batch, t) starting at position `pos`, using and extending the cache.
     pub fn step(&self, ids: &Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let mut x = self.embed_at(ids, pos)?;
+        let mut x = self.emb.embed_at(ids, pos)?;
         for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             x = b.forward(&x, &mut None, Some(c))?;
         }
-        self.head(&x, false)
+        self.emb.head(&x, false)
     }
 }

@@ -60,11 +60,7 @@ fn f64_param(p: &Params, key: &str, default: f64, ok: impl Fn(f64) -> bool, what
 
 impl Hyper {
     pub fn from_params(p: &Params) -> Result<Hyper, ParamError> {
-        for k in p.params.keys() {
-            if !KNOWN.contains(&k.as_str()) {
-                return Err(ParamError::new(format!("params.{k}"), format!("unknown train param `{k}`")).with_help(format!("train params: {}", KNOWN.join(", "))));
-            }
-        }
+        stage_api::check_known_params(p, KNOWN, "train")?;
         let model = match p.param("model").and_then(Value::as_str) {
             Some(m @ ("itera_lite" | "transformer")) => m.to_string(),
             Some(other) => return Err(ParamError::new("params.model", format!("unknown model `{other}`; models: itera_lite, transformer"))),

@@ -142,11 +142,7 @@ impl Stage for VocabStage {
     }
 
     fn check(&self, params: &Params, io: &InputSpec) -> Result<StagePlan, ParamError> {
-        for k in params.params.keys() {
-            if !KNOWN.contains(&k.as_str()) {
-                return Err(ParamError::new(format!("params.{k}"), format!("unknown vocab param `{k}`")).with_help(format!("vocab params: {}", KNOWN.join(", "))));
-            }
-        }
+        stage_api::check_known_params(params, KNOWN, "vocab")?;
         let t = kind(params)?;
         let size = stage_api::param_u64(params, "size", 0)?;
         if t != "char" && size < 16 {
