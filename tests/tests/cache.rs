@@ -264,3 +264,14 @@ fn timeout_and_retries() {
     assert!(r.stderr.contains("timed out"), "{}", r.stderr);
     assert_eq!(r.status_of("flaky"), "ran", "{}", r.stderr);
 }
+
+#[test]
+fn logs_are_json_lines_on_request() {
+    let p = project();
+    let out = p.cmd().args(["--log-format", "json", "run", "p.yaml"]).env("RUST_LOG", "orchestrator=debug").output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let json_lines: Vec<serde_json::Value> = stderr.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(json_lines.iter().any(|v| v["fields"]["message"] == "admitted" && v["fields"]["stage"] == "up"), "{stderr}");
+    assert!(json_lines.iter().all(|v| v["level"].is_string() && v["timestamp"].is_string()));
+}
