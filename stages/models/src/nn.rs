@@ -27,11 +27,99 @@ impl LayerNorm {
         if !train && x.is_contiguous() {
             return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
         }
+        if x.dtype() == DType::F32 {
+            return x.contiguous()?.apply_op3(&self.weight, &self.bias, FusedLayerNorm { eps: self.eps });
+        }
+        self.forward_ops(x)
+    }
+
+    /// The op-by-op form (any dtype); the reference the fused op is tested against.
+    pub fn forward_ops(&self, x: &Tensor) -> Result<Tensor> {
         let n = x.dim(D::Minus1)? as f64;
         let mean = (x.sum_keepdim(D::Minus1)? / n)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n)?;
         xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// LayerNorm over the last dim as one autograd node (f32). The op-by-op form costs about ten
+/// graph nodes, each with its own gradient buffers, which dominated training time.
+struct FusedLayerNorm {
+    eps: f64,
+}
+
+fn f32_slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("fused layer norm: contiguous f32 tensors expected"),
+    }
+}
+
+/// Per row: mean and 1/sqrt(var + eps).
+fn row_stats(x: &[f32], d: usize, eps: f64) -> Vec<(f32, f32)> {
+    x.chunks(d)
+        .map(|r| {
+            let mean = r.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+        })
+        .collect()
+}
+
+impl candle_core::CustomOp3 for FusedLayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (x, w, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        for ((row, out), (mean, rstd)) in x.chunks(d).zip(y.chunks_mut(d)).zip(row_stats(x, d, self.eps)) {
+            for i in 0..d {
+                out[i] = (row[i] - mean) * rstd * w[i] + b[i];
+            }
+        }
+        Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let ws: Vec<f32> = w.to_vec1()?;
+        let gs: Vec<f32> = g.contiguous()?.flatten_all()?.to_vec1()?;
+        let d = ws.len();
+        let (mut dx, mut dw, mut db) = (vec![0f32; xs.len()], vec![0f64; d], vec![0f64; d]);
+        for (r, (mean, rstd)) in row_stats(&xs, d, self.eps).into_iter().enumerate() {
+            let (xr, gr) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
+            let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
+            for i in 0..d {
+                let xhat = (xr[i] - mean) * rstd;
+                let dxhat = gr[i] * ws[i];
+                sum_dxhat += dxhat as f64;
+                sum_dxhat_xhat += (dxhat * xhat) as f64;
+                dw[i] += (gr[i] * xhat) as f64;
+                db[i] += gr[i] as f64;
+            }
+            let (m1, m2) = ((sum_dxhat / d as f64) as f32, (sum_dxhat_xhat / d as f64) as f32);
+            for i in 0..d {
+                let xhat = (xr[i] - mean) * rstd;
+                dx[r * d + i] = rstd * (gr[i] * ws[i] - m1 - xhat * m2);
+            }
+        }
+        let dev = x.device();
+        let dx = Tensor::from_vec(dx, x.shape(), dev)?;
+        let dw = Tensor::from_vec(dw.into_iter().map(|v| v as f32).collect::<Vec<_>>(), d, dev)?;
+        let db = Tensor::from_vec(db.into_iter().map(|v| v as f32).collect::<Vec<_>>(), d, dev)?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
@@ -183,5 +271,31 @@ impl TiedEmbeddings {
     /// Final LayerNorm, then logits through the tied embedding.
     pub fn head(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         matmul_t(&self.norm_f.forward(x, train)?, self.embed.embeddings())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn fused_layer_norm_matches_the_op_by_op_form_and_its_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0.5f32, 2.0, (3, 5, 16), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 16, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 16, &dev).unwrap()).unwrap();
+        let ln = LayerNorm { weight: w.as_tensor().clone(), bias: b.as_tensor().clone(), eps: 1e-5 };
+        let probe = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
+        let fused = ln.forward(&x, true).unwrap();
+        let reference = ln.forward_ops(&x).unwrap();
+        let diff = (&fused - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "forward {diff}");
+        let g1 = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w, &b] {
+            let d = (g1.get(v).unwrap() - g2.get(v).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "gradient {d}");
+        }
     }
 }
