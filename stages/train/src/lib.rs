@@ -327,7 +327,7 @@ impl Stage for TrainStage {
     }
 }
 
-/// Seconds-free randomness check used by tests: the batch RNG draws in-range offsets.
+/// A window start in [0, n − len], drawn from the batch RNG.
 pub fn sample_offset(rng: &mut ChaCha8Rng, n: usize, len: usize) -> usize {
     rng.random_range(0..=n - len)
 }
