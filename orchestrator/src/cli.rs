@@ -223,12 +223,14 @@ fn load(args: &PipelineArgs, registry: &Registry) -> Result<(Pipeline, Dag), Dia
     Ok((p, dag))
 }
 
+fn unknown_stage(p: &Pipeline, name: &str) -> Diagnostic {
+    let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+    Diagnostic::new("E-NO-STAGE", format!("pipeline `{}` has no stage `{name}`", p.name))
+        .help(crate::diag::suggest(name, &names, "stages"))
+}
+
 fn stage_index(p: &Pipeline, name: &str) -> Result<usize, Diagnostic> {
-    p.index_of(name).ok_or_else(|| {
-        let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
-        Diagnostic::new("E-NO-STAGE", format!("pipeline `{}` has no stage `{name}`", p.name))
-            .help(crate::diag::suggest(name, &names, "stages"))
-    })
+    p.index_of(name).ok_or_else(|| unknown_stage(p, name))
 }
 
 fn cores_arg(cores: Option<u32>) -> Result<u32, Diagnostic> {
@@ -407,10 +409,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
                     let split = target.match_indices('.').map(|(i, _)| i).find(|&i| p.index_of(&target[..i]).is_some());
                     match split {
                         Some(i) => (target[..i].to_string(), Some(target[i + 1..].to_string())),
-                        None => {
-                            stage_index(&p, &target)?;
-                            unreachable!("stage_index errs for unknown names")
-                        }
+                        None => return Err(unknown_stage(&p, &target).into()),
                     }
                 }
             };

@@ -44,14 +44,13 @@ pub fn apply_set(root: &mut Node, arg: &str) -> Result<(), Diagnostic> {
     };
     let mut node = root;
     for (i, part) in path.iter().enumerate() {
-        if !matches!(node.kind, Kind::Map(_)) {
-            if node.kind == Kind::Null {
-                node.kind = Kind::Map(Vec::new());
-            } else {
-                return Err(bad(format!("`--set {arg}`: `{}` is {}, not a map", path[..i].join("."), node.type_name())));
-            }
+        if node.kind == Kind::Null {
+            node.kind = Kind::Map(Vec::new());
         }
-        let Kind::Map(map) = &mut node.kind else { unreachable!("made a map above") };
+        let what = node.type_name();
+        let Kind::Map(map) = &mut node.kind else {
+            return Err(bad(format!("`--set {arg}`: `{}` is {what}, not a map", path[..i].join("."))));
+        };
         let idx = match map.iter().position(|(k, _)| &k.name == part) {
             Some(idx) => idx,
             None => {
