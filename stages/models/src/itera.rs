@@ -3,10 +3,10 @@
 //! final LayerNorm; LM head tied to the embedding.
 
 use candle_core::{DType, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::{AuxLoss, IteraConfig};
-use crate::nn::{apply, dropout, gelu, linear, matmul_t, silu, softplus, LayerNorm, TiedEmbeddings, Train};
+use crate::nn::{apply, dropout, gelu, linear, matmul_t, silu, softplus, LayerNorm, Linear, TiedEmbeddings, Train};
 use crate::scan::diag_scan;
 
 /// The study's selective SSM block (pre-LN, residual).
@@ -235,7 +235,7 @@ pub enum FeedForward {
 
 pub struct IteraLite {
     pub cfg: IteraConfig,
-    emb: TiedEmbeddings,
+    pub(crate) emb: TiedEmbeddings,
     pub(crate) layers: Vec<(SsmBlock, FeedForward)>,
 }
 
@@ -261,6 +261,24 @@ impl IteraLite {
 
     pub fn embed_weight(&self) -> &Tensor {
         self.emb.weight()
+    }
+
+    /// Every linear layer in model order, and the embeddings (for quantization).
+    pub fn parts_mut(&mut self) -> (Vec<&mut Linear>, &mut TiedEmbeddings) {
+        let mut out = Vec::new();
+        for (ssm, ff) in &mut self.layers {
+            out.extend([&mut ssm.in_proj, &mut ssm.delta_proj, &mut ssm.out_proj]);
+            match ff {
+                FeedForward::Dense(f) => out.extend([&mut f.ff.0, &mut f.ff.1]),
+                FeedForward::Moe(m) => {
+                    out.push(&mut m.router);
+                    for e in &mut m.experts {
+                        out.extend([&mut e.0, &mut e.1]);
+                    }
+                }
+            }
+        }
+        (out, &mut self.emb)
     }
 
     pub fn forward(&self, ids: &Tensor, mut train: Train) -> Result<Forward> {

@@ -4,13 +4,17 @@
 //!   with a mixture of experts on the odd layers; recurrent-state generation.
 //! - [`transformer::Transformer`]: the baseline; KV-cache generation.
 //! - [`model::Model`]: seeded construction, next-token loss, generation, safetensors checkpoints.
+//! - [`quant`], [`qmodel`], [`gguf`]: INT8/INT4 weights with integer matmuls, GGUF checkpoints.
 //! - [`accounting`]: parameter counts and forward FLOPs per token from a config.
 
 pub mod accounting;
 pub mod config;
+pub mod gguf;
 pub mod itera;
 pub mod model;
 pub mod nn;
+pub mod qmodel;
+pub mod quant;
 pub mod scan;
 pub mod transformer;
 

@@ -2,7 +2,11 @@
 //! seeded initialisation, and activations.
 
 use candle_core::{DType, Device, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder, VarMap};
+use std::sync::Arc;
+
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::quant::{qmatmul_t, QWeight};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -123,20 +127,50 @@ impl candle_core::CustomOp3 for FusedLayerNorm {
     }
 }
 
-pub fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    if bias {
-        candle_nn::linear(i, o, vb)
-    } else {
-        candle_nn::linear_no_bias(i, o, vb)
+/// A linear layer `x @ Wᵀ (+ b)` whose weight may be replaced by a quantized copy for
+/// inference (see [`crate::quant`]); the f32 weight stays the trainable variable.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    name: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    quant: Option<Arc<QWeight>>,
+}
+
+impl Linear {
+    /// The variable prefix, e.g. `layers.1.moe.experts.0.up` (weight: `<name>.weight`).
+    pub fn name(&self) -> &str {
+        &self.name
     }
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    pub fn quantized(&self) -> Option<&QWeight> {
+        self.quant.as_deref()
+    }
+    pub fn set_quantized(&mut self, q: Option<Arc<QWeight>>) {
+        self.quant = q;
+    }
+}
+
+pub fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get((o, i), "weight")?;
+    let bias = if bias { Some(vb.get(o, "bias")?) } else { None };
+    Ok(Linear { name: vb.prefix(), weight, bias, quant: None })
 }
 
 /// `x @ w^T (+ b)` with the leading dims flattened into one GEMM. candle-nn's Linear broadcasts
 /// the weight over the batch instead, which in backward builds a (batch, in, out) gradient and
-/// then sums it: several times slower for training.
+/// then sums it: several times slower for training. A quantized weight runs the integer kernel.
 pub fn apply(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    let y = matmul_t(x, l.weight())?;
-    match l.bias() {
+    let y = match &l.quant {
+        Some(q) => qmatmul_t(x, q)?,
+        None => matmul_t(x, &l.weight)?,
+    };
+    match &l.bias {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
@@ -241,6 +275,8 @@ pub struct TiedEmbeddings {
     pos: candle_nn::Embedding,
     norm_f: LayerNorm,
     max_seq_len: usize,
+    /// Quantized copy of the token embedding for the LM head (lookups use the f32 rows).
+    head_quant: Option<Arc<QWeight>>,
 }
 
 impl TiedEmbeddings {
@@ -250,6 +286,7 @@ impl TiedEmbeddings {
             pos: candle_nn::embedding(max_seq_len, d_model, vb.pp("pos"))?,
             norm_f: LayerNorm::new(d_model, ln_eps, vb.pp("norm_f"))?,
             max_seq_len,
+            head_quant: None,
         })
     }
 
@@ -270,7 +307,19 @@ impl TiedEmbeddings {
 
     /// Final LayerNorm, then logits through the tied embedding.
     pub fn head(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        matmul_t(&self.norm_f.forward(x, train)?, self.embed.embeddings())
+        let x = self.norm_f.forward(x, train)?;
+        match &self.head_quant {
+            Some(q) => qmatmul_t(&x, q),
+            None => matmul_t(&x, self.embed.embeddings()),
+        }
+    }
+
+    pub fn head_quantized(&self) -> Option<&QWeight> {
+        self.head_quant.as_deref()
+    }
+
+    pub fn set_head_quantized(&mut self, q: Option<Arc<QWeight>>) {
+        self.head_quant = q;
     }
 }
 

@@ -162,3 +162,84 @@ fn generation_is_seeded_and_greedy_is_argmax() {
     assert_eq!(g1[0], best);
     assert!(model.generate(&prompt, 40, Sampling::Greedy, 0).is_err(), "past max_seq_len is an error");
 }
+
+mod quantized {
+    use super::*;
+    use crate::qmodel::QuantSpec;
+    use crate::quant::Scheme;
+    use crate::DecodeState;
+
+    fn spec(scheme: Scheme, embeddings: bool) -> QuantSpec {
+        QuantSpec { scheme, group_size: 32, embeddings, exclude: Vec::new() }
+    }
+
+    fn rel_rms(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let n = a.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        d / n
+    }
+
+    #[test]
+    fn quantized_forward_stays_close_to_f32_and_step_matches_full() {
+        for name in ["itera_lite", "transformer"] {
+            for (scheme, tol) in [(Scheme::Int8, 0.02), (Scheme::Int4, 0.2)] {
+                let f32_model = Model::new(&small(name), 11).unwrap();
+                let mut q = Model::new(&small(name), 11).unwrap();
+                let report = q.quantize(&spec(scheme, true)).unwrap();
+                assert!(report.quantized.iter().any(|t| t.name == "embed.weight"));
+                assert!(report.kept_f32.iter().any(|(n, _)| n == "pos.weight"));
+                let x = ids(2, 24, 3);
+                let exact = f32_model.forward(&x, None).unwrap().logits;
+                let got = q.forward(&x, None).unwrap().logits;
+                let e = rel_rms(&exact, &got);
+                assert!(e < tol && e > 0.0, "{name} {scheme:?}: relative RMS logit error {e}");
+                // Recurrent / KV-cache decoding with quantized weights equals the full forward.
+                let mut st = q.start(2).unwrap();
+                let steps: Vec<Tensor> = (0..24).map(|t| q.step(&x.narrow(1, t, 1).unwrap(), t, &mut st).unwrap()).collect();
+                let stepped = Tensor::cat(&steps, 1).unwrap();
+                assert!(max_abs(&stepped, &got) < 1e-4, "{name} {scheme:?}: step vs full {}", max_abs(&stepped, &got));
+                assert!(matches!(st, DecodeState::Recurrent(_)) == (name == "itera_lite"));
+            }
+        }
+    }
+
+    #[test]
+    fn gguf_round_trip_gives_identical_logits_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["itera_lite", "transformer"] {
+            for scheme in [Scheme::Int8, Scheme::Int4] {
+                let mut q = Model::new(&small(name), 5).unwrap();
+                let report = q.quantize(&spec(scheme, false)).unwrap();
+                let path = dir.path().join(format!("{name}-{scheme:?}.gguf"));
+                q.save_gguf(&path).unwrap();
+                let mut back = Model::load_gguf(&path).unwrap();
+                let x = ids(1, 16, 1);
+                let a = q.forward(&x, None).unwrap().logits;
+                let b = back.forward(&x, None).unwrap().logits;
+                assert_eq!(max_abs(&a, &b), 0.0, "{name} {scheme:?}");
+                assert_eq!(back.quant_scheme(), Some(scheme));
+                // Same model, same bytes (deterministic file).
+                let again = back.to_gguf().unwrap().to_bytes();
+                assert_eq!(again, std::fs::read(&path).unwrap());
+                let ratio = report.quantized_f32_bytes() as f64 / report.quantized_stored_bytes() as f64;
+                let want = if scheme == Scheme::Int8 { 3.5 } else { 6.0 };
+                assert!(ratio > want, "{name} {scheme:?}: {ratio}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_quantization_requests_are_errors() {
+        let mut q = Model::new(&small("itera_lite"), 5).unwrap();
+        let mut s = spec(Scheme::Int4, false);
+        s.group_size = 48;
+        assert!(q.quantize(&s).unwrap_err().to_string().contains("multiple of 32"));
+        let mut s = spec(Scheme::Int8, false);
+        s.exclude = vec!["layers.9".into()];
+        assert!(q.quantize(&s).unwrap_err().to_string().contains("layers.9"));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.gguf");
+        std::fs::write(&p, b"not a gguf file at all, just text").unwrap();
+        assert!(Model::load_gguf(&p).is_err());
+    }
+}

@@ -3,11 +3,11 @@
 //! parameter count this reproduces).
 
 use candle_core::{DType, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::TransformerConfig;
 use crate::itera::Forward;
-use crate::nn::{apply, dropout, gelu, linear, LayerNorm, TiedEmbeddings, Train};
+use crate::nn::{apply, dropout, gelu, linear, LayerNorm, Linear, TiedEmbeddings, Train};
 
 struct Block {
     ln1: LayerNorm,
@@ -79,7 +79,7 @@ impl Block {
 
 pub struct Transformer {
     pub cfg: TransformerConfig,
-    emb: TiedEmbeddings,
+    pub(crate) emb: TiedEmbeddings,
     blocks: Vec<Block>,
 }
 
@@ -100,6 +100,11 @@ impl Transformer {
         }
         let logits = self.emb.head(&x, is_train)?;
         Ok(Forward { aux: Tensor::zeros((), DType::F32, logits.device())?, logits, load: Vec::new() })
+    }
+
+    /// Every linear layer in model order, and the embeddings (for quantization).
+    pub fn parts_mut(&mut self) -> (Vec<&mut Linear>, &mut TiedEmbeddings) {
+        (self.blocks.iter_mut().flat_map(|b| [&mut b.qkv, &mut b.proj, &mut b.up, &mut b.down]).collect(), &mut self.emb)
     }
 
     pub fn empty_cache(&self) -> KvCache {
