@@ -138,6 +138,11 @@ pub struct RunSpec {
     pub seed: u64,
 }
 
+/// A UTF-8 text input, with the path in the error.
+pub fn read_text(path: &Path) -> Result<String, StageError> {
+    std::fs::read_to_string(path).map_err(|e| StageError::io(format!("reading {}", path.display()), e))
+}
+
 /// The live view of a [`RunSpec`] a stage runs against.
 pub struct StageContext {
     spec: RunSpec,
@@ -214,6 +219,11 @@ impl StageContext {
 
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// The cancellation flag, for long loops that cannot hold the context.
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
     }
 
     /// For long loops: `ctx.check_cancelled()?` at each step.

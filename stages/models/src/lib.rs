@@ -5,17 +5,20 @@
 //! - [`transformer::Transformer`]: the baseline; KV-cache generation.
 //! - [`model::Model`]: seeded construction, next-token loss, generation, safetensors checkpoints.
 //! - [`quant`], [`qmodel`], [`gguf`]: INT8/INT4 weights with integer matmuls, GGUF checkpoints.
+//! - [`training`]: hyper-parameters, data windows, the AdamW loop, evaluation, distillation loss.
 //! - [`accounting`]: parameter counts and forward FLOPs per token from a config.
 
 pub mod accounting;
 pub mod config;
 pub mod gguf;
 pub mod itera;
+pub mod measure;
 pub mod model;
 pub mod nn;
 pub mod qmodel;
 pub mod quant;
 pub mod scan;
+pub mod training;
 pub mod transformer;
 
 pub use config::{ConfigError, IteraConfig, ModelConfig, TransformerConfig};

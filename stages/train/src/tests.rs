@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use stage_api::{InputSpec, Params, RunSpec, Stage, StageContext};
 
-use super::{Hyper, TrainStage};
+use super::{hyper, TrainStage};
 
 fn params(v: Value) -> Params {
     Params { fields: BTreeMap::new(), params: v.as_object().unwrap().clone().into_iter().collect() }
@@ -99,7 +99,7 @@ fn same_seed_same_checkpoint_bytes() {
 
 #[test]
 fn early_stopping_and_schedule() {
-    let h = Hyper::from_params(&params(json!({"model": "transformer", "steps": 100, "warmup": 10, "lr": 0.01}))).unwrap();
+    let h = hyper(&params(json!({"model": "transformer", "steps": 100, "warmup": 10, "lr": 0.01}))).unwrap();
     assert!((h.lr_at(0, 100) - 0.001).abs() < 1e-12);
     assert!((h.lr_at(9, 100) - 0.01).abs() < 1e-12);
     assert!((h.lr_at(99, 100) - 0.001).abs() < 2e-5, "cosine ends at min_lr_ratio · lr");
@@ -119,10 +119,10 @@ fn early_stopping_and_schedule() {
 
 #[test]
 fn params_are_checked() {
-    let e = |v: Value| Hyper::from_params(&params(v)).unwrap_err();
-    assert_eq!(e(json!({"steps": 5})).key, "params");
+    let e = |v: Value| hyper(&params(v)).unwrap_err();
+    assert_eq!(e(json!({"steps": 5})).key, "params.model");
     assert_eq!(e(json!({"model": "rnn", "steps": 5})).key, "params.model");
-    assert_eq!(e(json!({"model": "transformer", "steps": 5, "epochs": 1})).key, "params");
+    assert_eq!(e(json!({"model": "transformer", "steps": 5, "epochs": 1})).key, "params.steps");
     assert_eq!(e(json!({"model": "transformer", "steps": 5, "lr": 2})).key, "params.lr");
     assert_eq!(e(json!({"model": "transformer", "steps": 5, "preset": "giant"})).key, "params.preset");
     assert_eq!(e(json!({"model": "transformer", "steps": 5, "overrides": {"d_modle": 3}})).key, "params.preset");
