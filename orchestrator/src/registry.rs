@@ -14,6 +14,8 @@ impl Registry {
                 Box::new(stage_corpus::CorpusStage),
                 Box::new(stage_vocab::VocabStage),
                 Box::new(stage_train::TrainStage),
+                Box::new(stage_quantize::QuantizeStage),
+                Box::new(stage_distill::DistillStage),
             ],
         }
     }

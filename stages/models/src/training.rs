@@ -474,3 +474,24 @@ mod tests {
         assert!(h.lr_at(60, 110) < h.lr && h.lr_at(60, 110) > h.lr * h.min_lr_ratio);
     }
 }
+
+#[cfg(test)]
+mod objective_tests {
+    use super::*;
+
+    #[test]
+    fn the_distillation_objective_trains_the_student_only() {
+        let o = serde_json::json!({"max_seq_len": 16});
+        let cfg = ModelConfig::build("itera_lite", "micro", 30, o.as_object().unwrap()).unwrap();
+        let teacher = Model::new(&cfg, 1).unwrap();
+        let student = Model::new(&cfg, 2).unwrap();
+        let x = Tensor::from_vec((0..32u32).map(|i| i % 30).collect::<Vec<_>>(), (2, 16), &Device::Cpu).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let obj = Objective::Distill { teacher: &teacher, temperature: 2.0, alpha: 1.0 };
+        let (loss, _) = obj.loss(&student, &x, &mut rng).unwrap();
+        let grads = loss.backward().unwrap();
+        let moved = student.varmap.all_vars().iter().filter(|v| grads.get(v.as_tensor()).is_some_and(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)).count();
+        assert!(moved > 10, "only {moved} student tensors get a gradient");
+        assert!(teacher.varmap.all_vars().iter().all(|v| grads.get(v.as_tensor()).is_none()), "no gradient may reach the teacher");
+    }
+}
