@@ -79,6 +79,21 @@ impl Model {
         }
     }
 
+    /// Quantized weights by variable name (`layers.0.ssm.in_proj.weight`, `embed.weight`).
+    pub fn quantized_weights(&mut self) -> BTreeMap<String, QWeight> {
+        let (linears, emb) = self.parts_mut();
+        let mut out: BTreeMap<String, QWeight> = linears.iter().filter_map(|l| l.quantized().map(|q| (format!("{}.weight", l.name()), q.clone()))).collect();
+        if let Some(q) = emb.head_quantized() {
+            out.insert(EMBED.to_string(), q.clone());
+        }
+        out
+    }
+
+    /// Every variable's shape and values (quantized weights hold their dequantized values).
+    pub fn named_values(&self) -> candle_core::Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+        vars(self)?.into_iter().map(|(k, v)| Ok((k, (v.dims().to_vec(), tensor_values(&v)?)))).collect()
+    }
+
     /// The scheme of the quantized weights, if any.
     pub fn quant_scheme(&mut self) -> Option<Scheme> {
         let (linears, emb) = self.parts_mut();

@@ -1,0 +1,170 @@
+//! Running an exported graph in tract or ONNX Runtime with the same inputs.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::session::Session;
+use tract_onnx::prelude::*;
+
+/// A named input: int64 ids or f32 states, row-major with a shape.
+#[derive(Clone, Debug)]
+pub enum Input {
+    I64(Vec<usize>, Vec<i64>),
+    F32(Vec<usize>, Vec<f32>),
+}
+
+/// A named f32 output with its shape.
+#[derive(Clone, Debug)]
+pub struct Output {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("tract: {0}")]
+    Tract(String),
+    #[error("ONNX Runtime: {0}")]
+    Ort(String),
+    #[error(
+        "the ONNX Runtime library was not found ({0}). Run `bash .ci/venv` in the project (it installs onnxruntime==1.31.1 into .venv), or set ORT_DYLIB_PATH to a libonnxruntime.so of version ≥ 1.31"
+    )]
+    OrtMissing(String),
+}
+
+fn tract_err(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Tract(format!("{e:#}"))
+}
+
+fn ort_err(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Ort(e.to_string())
+}
+
+pub enum Engine {
+    Tract { model: std::sync::Arc<TypedRunnableModel>, inputs: Vec<String>, outputs: Vec<String> },
+    Ort(Box<Session>),
+}
+
+impl Engine {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Engine::Tract { .. } => "tract",
+            Engine::Ort(_) => "onnxruntime",
+        }
+    }
+
+    pub fn tract(path: &Path) -> Result<Engine, RuntimeError> {
+        let proto = tract_onnx::onnx().proto_model_for_path(path).map_err(tract_err)?;
+        let graph = proto.graph.as_ref().ok_or_else(|| RuntimeError::Tract("the file has no graph".into()))?;
+        let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let inputs = graph.input.iter().filter(|i| !initializers.contains(i.name.as_str())).map(|i| i.name.clone()).collect();
+        let outputs = graph.output.iter().map(|o| o.name.clone()).collect();
+        let model = tract_onnx::onnx().model_for_proto_model(&proto).map_err(tract_err)?.into_optimized().map_err(tract_err)?.into_runnable().map_err(tract_err)?;
+        Ok(Engine::Tract { model, inputs, outputs })
+    }
+
+    pub fn ort(path: &Path, threads: usize) -> Result<Engine, RuntimeError> {
+        let env = ort_environment()?;
+        let session = Session::builder(env)
+            .map_err(ort_err)?
+            .with_intra_threads(threads.max(1))
+            .map_err(ort_err)?
+            .with_inter_threads(1)
+            .map_err(ort_err)?
+            .commit_from_file(path)
+            .map_err(ort_err)?;
+        Ok(Engine::Ort(Box::new(session)))
+    }
+
+    /// Run with named inputs; returns every graph output in declaration order.
+    pub fn run(&mut self, inputs: &[(&str, Input)]) -> Result<Vec<Output>, RuntimeError> {
+        match self {
+            Engine::Tract { model, inputs: names, outputs } => {
+                let mut values = TVec::new();
+                for name in names.iter() {
+                    let (_, input) = inputs.iter().find(|(n, _)| n == name).ok_or_else(|| RuntimeError::Tract(format!("no value for input `{name}`")))?;
+                    let t: Tensor = match input {
+                        Input::I64(shape, data) => tract_ndarray::ArrayD::from_shape_vec(shape.as_slice(), data.clone()).map_err(tract_err)?.into(),
+                        Input::F32(shape, data) => tract_ndarray::ArrayD::from_shape_vec(shape.as_slice(), data.clone()).map_err(tract_err)?.into(),
+                    };
+                    values.push(t.into_tvalue());
+                }
+                let result = model.run(values).map_err(tract_err)?;
+                result
+                    .iter()
+                    .zip(outputs.iter())
+                    .map(|(v, name)| {
+                        let a = v.to_plain_array_view::<f32>().map_err(tract_err)?;
+                        Ok(Output { name: name.clone(), shape: a.shape().to_vec(), data: a.iter().copied().collect() })
+                    })
+                    .collect()
+            }
+            Engine::Ort(session) => {
+                let mut values: Vec<(String, ort::value::DynValue)> = Vec::new();
+                for (name, input) in inputs {
+                    let v = match input {
+                        Input::I64(shape, data) => ort::value::Tensor::from_array((shape.clone(), data.clone())).map_err(ort_err)?.into_dyn(),
+                        Input::F32(shape, data) => ort::value::Tensor::from_array((shape.clone(), data.clone())).map_err(ort_err)?.into_dyn(),
+                    };
+                    values.push((name.to_string(), v));
+                }
+                let out = session.run(values).map_err(ort_err)?;
+                let mut result = Vec::new();
+                for (name, v) in out.iter() {
+                    let (shape, data) = v.try_extract_tensor::<f32>().map_err(ort_err)?;
+                    result.push(Output { name: name.to_string(), shape: shape.iter().map(|&d| d as usize).collect(), data: data.to_vec() });
+                }
+                Ok(result)
+            }
+        }
+    }
+}
+
+/// Where the ONNX Runtime shared library is: `ORT_DYLIB_PATH`, else the project venv's
+/// `onnxruntime` wheel, looked for above the running binary and the current folder.
+pub fn find_onnxruntime() -> Result<PathBuf, RuntimeError> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        let p = PathBuf::from(p);
+        return if p.exists() { Ok(p) } else { Err(RuntimeError::OrtMissing(format!("ORT_DYLIB_PATH={} does not exist", p.display()))) };
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    for root in roots {
+        let lib = root.join(".venv/lib");
+        let Ok(entries) = std::fs::read_dir(&lib) else { continue };
+        let mut pythons: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python"))).collect();
+        pythons.sort();
+        for py in pythons {
+            let capi = py.join("site-packages/onnxruntime/capi");
+            let Ok(files) = std::fs::read_dir(&capi) else { continue };
+            let mut libs: Vec<PathBuf> = files.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so"))).collect();
+            libs.sort();
+            if let Some(l) = libs.pop() {
+                return Ok(l);
+            }
+        }
+    }
+    Err(RuntimeError::OrtMissing("no ORT_DYLIB_PATH and no .venv with the onnxruntime wheel above the binary or the current folder".into()))
+}
+
+static ORT_ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+fn ort_environment() -> Result<&'static ort::environment::Environment, RuntimeError> {
+    let env = ORT_ENV.get_or_init(|| {
+        let path = find_onnxruntime().map_err(|e| e.to_string())?;
+        let builder = ort::init_from(&path).map_err(|e| format!("loading {}: {e}", path.display()))?;
+        builder.with_name("orchestrate").build().map_err(|e| e.to_string())
+    });
+    env.as_ref().map_err(|e| if e.contains("ORT_DYLIB_PATH") { RuntimeError::OrtMissing(e.clone()) } else { RuntimeError::Ort(e.clone()) })
+}
+
+/// The ONNX Runtime library in use, for the record.
+pub fn onnxruntime_path() -> Option<PathBuf> {
+    find_onnxruntime().ok()
+}
