@@ -16,6 +16,8 @@ impl Registry {
                 Box::new(stage_train::TrainStage),
                 Box::new(stage_quantize::QuantizeStage),
                 Box::new(stage_distill::DistillStage),
+                Box::new(stage_onnx::OnnxExportStage),
+                Box::new(stage_onnx::OnnxCheckStage),
             ],
         }
     }

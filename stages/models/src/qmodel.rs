@@ -94,6 +94,25 @@ impl Model {
         vars(self)?.into_iter().map(|(k, v)| Ok((k, (v.dims().to_vec(), tensor_values(&v)?)))).collect()
     }
 
+    /// Drop the integer kernels: the layers then compute in f32 with the dequantized weights
+    /// (what a runtime that dequantizes weights and keeps activations in f32 computes).
+    pub fn use_dequantized_weights(&mut self) {
+        let (linears, emb) = self.parts_mut();
+        for l in linears {
+            l.set_quantized(None);
+        }
+        emb.set_head_quantized(None);
+    }
+
+    /// A checkpoint folder (`config.json` + `model.safetensors`) or a quantized `.gguf` file.
+    pub fn load_any(path: &Path) -> Result<Model, CheckpointError> {
+        if path.is_file() {
+            Model::load_gguf(path)
+        } else {
+            Model::load(path)
+        }
+    }
+
     /// The scheme of the quantized weights, if any.
     pub fn quant_scheme(&mut self) -> Option<Scheme> {
         let (linears, emb) = self.parts_mut();

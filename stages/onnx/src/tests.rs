@@ -80,3 +80,133 @@ fn step_graph_matches_native_decoding() {
         }
     }
 }
+
+mod stages {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use itera_models::qmodel::QuantSpec;
+    use itera_models::quant::Scheme;
+    use itera_models::{Model, ModelConfig};
+    use prost::Message;
+    use serde_json::{json, Value};
+    use stage_api::{InputSpec, Params, RunSpec, Stage, StageContext, StageError};
+
+    use crate::{OnnxCheckStage, OnnxExportStage};
+
+    fn params(v: Value) -> Params {
+        Params { fields: BTreeMap::new(), params: v.as_object().unwrap().clone().into_iter().collect() }
+    }
+
+    fn write_text_inputs(dir: &Path) -> usize {
+        let mut vocab = serde_json::Map::new();
+        for (i, s) in ["<pad>", "<unk>", "<bos>", "<eos>", "<|endoftext|>"].iter().enumerate() {
+            vocab.insert(s.to_string(), json!(i));
+        }
+        for c in "abcdefghijklmnopqrstuvwxyz .!\n".chars() {
+            let id = vocab.len();
+            vocab.insert(c.to_string(), json!(id));
+        }
+        let n = vocab.len();
+        let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": false},
+            "post_processor": null, "decoder": {"type": "Fuse"},
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}});
+        std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+        std::fs::write(dir.join("valid.txt"), "the dog sat on the mat. a cat ran to the tree!\n".repeat(8)).unwrap();
+        n
+    }
+
+    fn run_stage(stage: &dyn Stage, dir: &Path, p: Value, inputs: &[(&str, PathBuf)], out: &str) -> Result<PathBuf, StageError> {
+        let p = params(p);
+        let io = InputSpec { inputs: inputs.iter().map(|(n, _)| n.to_string()).collect(), outputs: vec![] };
+        let plan = stage.check(&p, &io).unwrap();
+        let out_dir = dir.join(out);
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let outputs: BTreeMap<String, PathBuf> = plan.required_outputs.iter().map(|n| (n.clone(), out_dir.join(n))).collect();
+        let spec = RunSpec {
+            stage_name: out.into(),
+            kind: stage.kind().into(),
+            params: p,
+            inputs: inputs.iter().map(|(n, path)| (n.to_string(), path.clone())).collect(),
+            outputs,
+            work_dir: dir.into(),
+            threads: 1,
+            seed: 0,
+        };
+        let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+        stage.run(&mut ctx)?;
+        Ok(out_dir)
+    }
+
+    fn export_and_check(dir: &Path, model: PathBuf, corrupt: bool) -> Result<Value, StageError> {
+        let exported = run_stage(&OnnxExportStage, dir, json!({}), &[("model", model.clone())], "export")?;
+        let graphs = exported.join("graphs");
+        if corrupt {
+            // Flip one weight of the first layer's input projection.
+            let path = graphs.join("model.onnx");
+            let mut proto = tract_onnx::pb::ModelProto::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+            let init = proto.graph.as_mut().unwrap().initializer.iter_mut().find(|t| t.name.starts_with("layers.0.ssm.in_proj.weight_t")).unwrap();
+            let v = f32::from_le_bytes(init.raw_data[0..4].try_into().unwrap());
+            init.raw_data[0..4].copy_from_slice(&(v + 0.5).to_le_bytes());
+            std::fs::write(&path, proto.encode_to_vec()).unwrap();
+        }
+        let inputs = [("graphs", graphs), ("model", model), ("tokenizer", dir.join("tokenizer.json")), ("valid", dir.join("valid.txt"))];
+        let out = run_stage(&OnnxCheckStage, dir, json!({"seq_len": 32, "batch": 2, "batches": 2, "eval_tokens": 256, "generate": 12, "bench_runs": 1}), &inputs, "check")?;
+        Ok(serde_json::from_str(&std::fs::read_to_string(out.join("crosscheck.json")).unwrap()).unwrap())
+    }
+
+    fn small(dir: &Path, vocab: usize, model: &str) -> Model {
+        let o = json!({"max_seq_len": 32});
+        let cfg = ModelConfig::build(model, if model == "itera_lite" { "micro" } else { "tiny" }, vocab, o.as_object().unwrap()).unwrap();
+        let m = Model::new(&cfg, 2).unwrap();
+        m.save(&dir.join("model")).unwrap();
+        m
+    }
+
+    #[test]
+    fn f32_and_int8_exports_pass_the_cross_check_in_both_runtimes() {
+        for name in ["itera_lite", "transformer"] {
+            let dir = tempfile::tempdir().unwrap();
+            let vocab = write_text_inputs(dir.path());
+            small(dir.path(), vocab, name);
+            let r = export_and_check(dir.path(), dir.path().join("model"), false).unwrap();
+            assert_eq!(r["pass"], true, "{r}");
+            let graphs: Vec<(String, String)> = r["runtimes"].as_array().unwrap().iter().map(|e| (e["runtime"].as_str().unwrap().into(), e["graph"].as_str().unwrap().into())).collect();
+            assert!(graphs.contains(&("tract".into(), "full".into())) && graphs.contains(&("onnxruntime".into(), "full".into())), "{graphs:?}");
+            assert_eq!(graphs.contains(&("tract".into(), "step".into())), name == "itera_lite");
+            let export = dir.path().join("export/graphs/export.json");
+            assert!(std::fs::read_to_string(export).unwrap().contains("\"opset\": 17"));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let vocab = write_text_inputs(dir.path());
+        let mut m = small(dir.path(), vocab, "itera_lite");
+        m.quantize(&QuantSpec { scheme: Scheme::Int8, group_size: 32, embeddings: false, exclude: vec![] }).unwrap();
+        m.save_gguf(&dir.path().join("model.gguf")).unwrap();
+        let r = export_and_check(dir.path(), dir.path().join("model.gguf"), false).unwrap();
+        assert_eq!(r["pass"], true, "{r}");
+        assert_eq!(r["quantization"], "int8");
+        let onnx = std::fs::metadata(dir.path().join("export/graphs/model.onnx")).unwrap().len();
+        let f32_export = {
+            let d = tempfile::tempdir().unwrap();
+            write_text_inputs(d.path());
+            small(d.path(), vocab, "itera_lite");
+            run_stage(&OnnxExportStage, d.path(), json!({}), &[("model", d.path().join("model"))], "export").unwrap();
+            std::fs::metadata(d.path().join("export/graphs/model.onnx")).unwrap().len()
+        };
+        assert!(onnx * 2 < f32_export, "int8 initializers make the file smaller: {onnx} vs {f32_export}");
+    }
+
+    #[test]
+    fn a_corrupted_initializer_fails_the_check_naming_model_runtime_graph_and_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let vocab = write_text_inputs(dir.path());
+        small(dir.path(), vocab, "itera_lite");
+        let e = export_and_check(dir.path(), dir.path().join("model"), true).unwrap_err().to_string();
+        for want in ["Itera-Lite", "tract", "onnxruntime", "full graph", "max |Δlogit|", "position"] {
+            assert!(e.contains(want), "missing `{want}` in: {e}");
+        }
+    }
+}

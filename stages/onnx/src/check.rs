@@ -1,0 +1,413 @@
+//! The cross-check behind `onnx_check`.
+//!
+//! Tolerances (recorded in `crosscheck.json`), tiered as tract's own test ladder:
+//! - every graph against the native forward with the same arithmetic (for a quantized model:
+//!   its dequantized weights with f32 activations, which is what the exported graph computes):
+//!   max |Δlogit| ≤ 1e-4, identical argmax on ≥ 99.9 % of positions, validation loss equal
+//!   within 1e-4 relative, greedy generation identical;
+//! - a quantized graph's validation loss within 0.5 % of the native INT8/INT4 model (integer
+//!   kernels, int8 activations).
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use itera_models::measure::quantile;
+use itera_models::training::{encode, eval_windows, load_tokenizer, FitError};
+use itera_models::{Model, ModelConfig, Sampling};
+use serde_json::{json, Value};
+use stage_api::{ParamError, Params, StageContext, StageError};
+
+use crate::runtime::{onnxruntime_path, Engine, Input, Output};
+
+pub const MAX_ABS: f32 = 1e-4;
+pub const ARGMAX_AGREEMENT: f64 = 0.999;
+pub const LOSS_REL: f64 = 1e-4;
+pub const QUANT_LOSS_REL: f64 = 0.005;
+
+const KNOWN: &[&str] = &["seq_len", "batch", "batches", "eval_tokens", "generate", "bench_runs", "runtimes", "seed"];
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub seq_len: Option<usize>,
+    pub batch: usize,
+    pub batches: usize,
+    pub eval_tokens: usize,
+    pub generate: usize,
+    pub bench_runs: usize,
+    pub runtimes: Vec<String>,
+}
+
+pub fn settings(p: &Params) -> Result<Settings, ParamError> {
+    stage_api::check_known_params(p, KNOWN, "onnx_check")?;
+    let u = |k: &str, d: u64| stage_api::param_u64(p, k, d).map(|v| v as usize);
+    let runtimes = match p.param("runtimes") {
+        None => vec!["tract".to_string(), "onnxruntime".to_string()],
+        Some(Value::Array(a)) => {
+            let mut v = Vec::new();
+            for r in a {
+                match r.as_str() {
+                    Some(s @ ("tract" | "onnxruntime")) => v.push(s.to_string()),
+                    _ => return Err(ParamError::new("params.runtimes", format!("unknown runtime {r}; runtimes: tract, onnxruntime"))),
+                }
+            }
+            if v.is_empty() {
+                return Err(ParamError::new("params.runtimes", "list at least one runtime"));
+            }
+            v
+        }
+        Some(v) => return Err(ParamError::new("params.runtimes", format!("`runtimes` must be a list (tract, onnxruntime), got {v}"))),
+    };
+    let s = Settings {
+        seq_len: p.param("seq_len").map(|_| u("seq_len", 128)).transpose()?,
+        batch: u("batch", 4)?,
+        batches: u("batches", 4)?,
+        eval_tokens: u("eval_tokens", 16_384)?,
+        generate: u("generate", 64)?,
+        bench_runs: u("bench_runs", 3)?,
+        runtimes,
+    };
+    if s.seq_len.is_some_and(|l| l < 2) {
+        return Err(ParamError::new("params.seq_len", "`seq_len` must be at least 2"));
+    }
+    if s.batch == 0 || s.batches == 0 || s.bench_runs == 0 {
+        return Err(ParamError::new("params", "`batch`, `batches` and `bench_runs` must be at least 1"));
+    }
+    Ok(s)
+}
+
+fn err(e: impl std::fmt::Display) -> StageError {
+    StageError::failed(e.to_string())
+}
+
+fn fit_error(e: FitError) -> StageError {
+    match e {
+        FitError::Cancelled => StageError::Cancelled,
+        FitError::Failed(m) => StageError::failed(m),
+    }
+}
+
+/// One comparison input: (batch, seq) ids and a label.
+struct Case {
+    label: String,
+    batch: usize,
+    seq: usize,
+    ids: Vec<u32>,
+}
+
+fn native_logits(model: &Model, c: &Case) -> Result<Vec<f32>, StageError> {
+    let x = Tensor::from_vec(c.ids.clone(), (c.batch, c.seq), &Device::Cpu).map_err(err)?;
+    model.forward(&x, None).map_err(err)?.logits.flatten_all().map_err(err)?.to_vec1().map_err(err)
+}
+
+/// Summed next-token cross-entropy (nats) and the number of scored positions.
+fn cross_entropy(logits: &[f32], ids: &[u32], batch: usize, seq: usize, vocab: usize) -> (f64, usize) {
+    let mut total = 0.0;
+    for b in 0..batch {
+        for t in 0..seq - 1 {
+            let row = &logits[(b * seq + t) * vocab..(b * seq + t + 1) * vocab];
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+            let lse = row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+            total += lse - row[ids[b * seq + t + 1] as usize] as f64;
+        }
+    }
+    (total, batch * (seq - 1))
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0
+}
+
+#[derive(Default)]
+struct Agreement {
+    max_abs: f32,
+    sum_abs: f64,
+    count: usize,
+    max_rel: f32,
+    same_argmax: usize,
+    positions: usize,
+    worst: Option<(String, usize, usize, usize)>,
+}
+
+impl Agreement {
+    fn add(&mut self, c: &Case, reference: &[f32], got: &[f32], vocab: usize) {
+        for (i, (&r, &g)) in reference.iter().zip(got).enumerate() {
+            let d = (r - g).abs();
+            if d > self.max_abs || self.worst.is_none() {
+                self.max_abs = self.max_abs.max(d);
+                let pos = i / vocab;
+                self.worst = Some((c.label.clone(), pos / c.seq, pos % c.seq, i % vocab));
+            }
+            self.max_rel = self.max_rel.max(d / r.abs().max(1e-3));
+            self.sum_abs += d as f64;
+            self.count += 1;
+        }
+        for p in 0..c.batch * c.seq {
+            let (a, b) = (&reference[p * vocab..(p + 1) * vocab], &got[p * vocab..(p + 1) * vocab]);
+            self.same_argmax += usize::from(argmax(a) == argmax(b));
+            self.positions += 1;
+        }
+    }
+}
+
+fn logits_of(outputs: &[Output]) -> Result<&Output, StageError> {
+    outputs.iter().find(|o| o.name == "logits").ok_or_else(|| StageError::failed("the graph has no output named `logits`"))
+}
+
+fn ids_input(c: &Case) -> Input {
+    Input::I64(vec![c.batch, c.seq], c.ids.iter().map(|&v| v as i64).collect())
+}
+
+/// Greedy decoding through a runtime: the step graph when there is one (recurrent state),
+/// otherwise the full graph re-run on the growing prefix.
+fn generate(engine: &mut Engine, step: bool, config: &ModelConfig, prompt: &[u32], n: usize) -> Result<(Vec<u32>, Vec<f64>), StageError> {
+    let vocab = config.vocab_size();
+    let mut out = Vec::with_capacity(n);
+    let mut latencies = Vec::with_capacity(n);
+    if !step {
+        let mut seq = prompt.to_vec();
+        for _ in 0..n {
+            let c = Case { label: String::new(), batch: 1, seq: seq.len(), ids: seq.clone() };
+            let t = Instant::now();
+            let o = engine.run(&[("input_ids", ids_input(&c))]).map_err(err)?;
+            latencies.push(t.elapsed().as_secs_f64());
+            let l = logits_of(&o)?;
+            let next = argmax(&l.data[(seq.len() - 1) * vocab..seq.len() * vocab]) as u32;
+            out.push(next);
+            seq.push(next);
+        }
+        return Ok((out, latencies));
+    }
+    let ModelConfig::IteraLite(cfg) = config else { return Err(StageError::failed("a step graph exists only for Itera-Lite")) };
+    let mut states: Vec<(Vec<f32>, Vec<f32>)> = (0..cfg.n_layers).map(|_| (vec![0.0; (cfg.d_conv - 1) * cfg.d_inner()], vec![0.0; cfg.d_state])).collect();
+    let mut token = prompt[0];
+    let total = prompt.len() - 1 + n;
+    for t in 0..total {
+        let mut inputs: Vec<(String, Input)> = vec![("input_ids".into(), Input::I64(vec![1, 1], vec![token as i64])), ("position".into(), Input::I64(vec![1], vec![t as i64]))];
+        for (i, (c, h)) in states.iter().enumerate() {
+            inputs.push((format!("conv_state.{i}"), Input::F32(vec![1, cfg.d_conv - 1, cfg.d_inner()], c.clone())));
+            inputs.push((format!("ssm_state.{i}"), Input::F32(vec![1, cfg.d_state], h.clone())));
+        }
+        let named: Vec<(&str, Input)> = inputs.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
+        let clock = Instant::now();
+        let o = engine.run(&named).map_err(err)?;
+        let elapsed = clock.elapsed().as_secs_f64();
+        for (i, st) in states.iter_mut().enumerate() {
+            let find = |name: String| o.iter().find(|x| x.name == name).map(|x| x.data.clone()).ok_or_else(|| StageError::failed(format!("the step graph has no output `{name}`")));
+            st.0 = find(format!("conv_state_out.{i}"))?;
+            st.1 = find(format!("ssm_state_out.{i}"))?;
+        }
+        if t + 1 < prompt.len() {
+            token = prompt[t + 1];
+        } else {
+            token = argmax(&logits_of(&o)?.data) as u32;
+            out.push(token);
+            latencies.push(elapsed);
+        }
+    }
+    Ok((out, latencies))
+}
+
+struct Graphs {
+    full: std::path::PathBuf,
+    step: Option<std::path::PathBuf>,
+}
+
+fn graphs(dir: &Path) -> Result<Graphs, StageError> {
+    let full = dir.join("model.onnx");
+    if !full.exists() {
+        return Err(StageError::failed(format!("{} has no model.onnx; wire an onnx_export stage's `graphs` output here", dir.display())));
+    }
+    let step = Some(dir.join("step.onnx")).filter(|p| p.exists());
+    Ok(Graphs { full, step })
+}
+
+pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
+    let s = settings(ctx.params())?;
+    let threads = ctx.threads().max(1) as usize;
+    let g = graphs(ctx.input("graphs")?)?;
+    let model_path = ctx.input("model")?.to_path_buf();
+    let mut native = Model::load_any(&model_path).map_err(err)?;
+    let scheme = native.quant_scheme();
+    // The same arithmetic as the graph: for a quantized model, its dequantized weights in f32.
+    let reference = if scheme.is_some() {
+        let mut r = Model::load_any(&model_path).map_err(err)?;
+        r.use_dequantized_weights();
+        Some(r)
+    } else {
+        None
+    };
+    let reference_model = reference.as_ref().unwrap_or(&native);
+    let config = native.config.clone();
+    let vocab = config.vocab_size();
+    let max_seq = config.max_seq_len();
+    let seq_len = s.seq_len.unwrap_or(128).min(max_seq);
+
+    let tok = load_tokenizer(ctx.input("tokenizer")?).map_err(fit_error)?;
+    let valid_text = stage_api::read_text(ctx.input("valid")?)?;
+    let valid_ids = encode(&tok, &valid_text).map_err(fit_error)?;
+    let windows = eval_windows(&valid_ids, seq_len, s.eval_tokens.max(seq_len));
+    if windows.is_empty() || valid_ids.len() < seq_len {
+        return Err(StageError::failed(format!("the validation text has {} tokens, fewer than seq_len {seq_len}", valid_ids.len())));
+    }
+    let eval: Vec<Case> = windows
+        .chunks(s.batch)
+        .enumerate()
+        .map(|(i, c)| Case { label: format!("validation batch {i}"), batch: c.len(), seq: seq_len, ids: c.iter().flat_map(|w| w.iter().copied()).collect() })
+        .collect();
+    let mut cases: Vec<Case> = eval.iter().take(s.batches).map(|c| Case { label: c.label.clone(), batch: c.batch, seq: c.seq, ids: c.ids.clone() }).collect();
+    cases.push(Case { label: "edge: batch 1, seq 1".into(), batch: 1, seq: 1, ids: vec![valid_ids[0]] });
+    if valid_ids.len() >= max_seq {
+        cases.push(Case { label: format!("edge: batch 1, max seq {max_seq}"), batch: 1, seq: max_seq, ids: valid_ids[..max_seq].to_vec() });
+    }
+    let reference_logits: Vec<Vec<f32>> = cases.iter().map(|c| native_logits(reference_model, c)).collect::<Result<_, _>>()?;
+
+    // Native validation loss and speed, scored exactly as the runtimes are.
+    let score = |f: &mut dyn FnMut(&Case) -> Result<Vec<f32>, StageError>| -> Result<(f64, f64), StageError> {
+        let (mut total, mut n, mut secs) = (0.0, 0usize, 0.0);
+        for c in &eval {
+            let t = Instant::now();
+            let l = f(c)?;
+            secs += t.elapsed().as_secs_f64();
+            let (ce, k) = cross_entropy(&l, &c.ids, c.batch, c.seq, vocab);
+            total += ce;
+            n += k;
+        }
+        let tokens: usize = eval.iter().map(|c| c.batch * c.seq).sum();
+        Ok((total / n.max(1) as f64, tokens as f64 / secs.max(1e-9)))
+    };
+    let (native_loss, native_tps) = score(&mut |c| native_logits(&native, c))?;
+    let (reference_loss, reference_tps) = if reference.is_some() { score(&mut |c| native_logits(reference_model, c))? } else { (native_loss, native_tps) };
+    let n_gen = s.generate.min(max_seq.saturating_sub(16)).max(1);
+    let prompt: Vec<u32> = valid_ids[..16.min(valid_ids.len())].to_vec();
+    let native_generated = reference_model.generate(&prompt, n_gen.min(max_seq - prompt.len()), Sampling::Greedy, 0).map_err(err)?;
+    ctx.check_cancelled()?;
+
+    let mut entries = Vec::new();
+    let mut failures = Vec::new();
+    let model_label = format!("{}{}", model_name(&config), scheme.map(|s| format!(" ({})", s.name())).unwrap_or_default());
+    for runtime in &s.runtimes {
+        for (graph_kind, path) in [("full", Some(&g.full)), ("step", g.step.as_ref())] {
+            let Some(path) = path else { continue };
+            let mut engine = match runtime.as_str() {
+                "tract" => Engine::tract(path),
+                _ => Engine::ort(path, threads),
+            }
+            .map_err(|e| StageError::failed(format!("{model_label}: {runtime} could not load {}: {e}", path.display())))?;
+            if graph_kind == "step" {
+                let (generated, lat) = generate(&mut engine, true, &config, &prompt, native_generated.len())?;
+                let identical = generated == native_generated;
+                if !identical {
+                    let at = generated.iter().zip(&native_generated).position(|(a, b)| a != b).unwrap_or(0);
+                    failures.push(format!("{model_label}, {runtime}, step graph: greedy generation differs from native at new token {at} ({} vs {})", generated.get(at).copied().unwrap_or(0), native_generated.get(at).copied().unwrap_or(0)));
+                }
+                entries.push(json!({
+                    "runtime": runtime, "graph": "step",
+                    "generation": {"prompt_tokens": prompt.len(), "new_tokens": generated.len(), "identical_to_native": identical,
+                        "tokens_per_s": generated.len() as f64 / lat.iter().sum::<f64>().max(1e-9),
+                        "latency_ms_p50": 1e3 * quantile(&lat, 0.5), "latency_ms_p95": 1e3 * quantile(&lat, 0.95)},
+                    "pass": identical,
+                }));
+                continue;
+            }
+            let mut agree = Agreement::default();
+            for (c, r) in cases.iter().zip(&reference_logits) {
+                let o = engine.run(&[("input_ids", ids_input(c))]).map_err(|e| StageError::failed(format!("{model_label}: {runtime} failed on {}: {e}", c.label)))?;
+                let l = logits_of(&o)?;
+                if l.shape != [c.batch, c.seq, vocab] {
+                    return Err(StageError::failed(format!("{model_label}, {runtime}, full graph: logits have shape {:?}, expected [{}, {}, {vocab}]", l.shape, c.batch, c.seq)));
+                }
+                agree.add(c, r, &l.data, vocab);
+            }
+            ctx.check_cancelled()?;
+            let (loss, tps) = score(&mut |c| Ok(logits_of(&engine.run(&[("input_ids", ids_input(c))]).map_err(err)?)?.data.clone()))?;
+            let mut bench = Vec::new();
+            for _ in 0..s.bench_runs {
+                let c = &eval[0];
+                let t = Instant::now();
+                engine.run(&[("input_ids", ids_input(c))]).map_err(err)?;
+                bench.push((c.batch * c.seq) as f64 / t.elapsed().as_secs_f64().max(1e-9));
+            }
+            let (generated, lat) = if g.step.is_none() { generate(&mut engine, false, &config, &prompt, native_generated.len())? } else { (Vec::new(), Vec::new()) };
+            let agreement = agree.same_argmax as f64 / agree.positions.max(1) as f64;
+            let loss_rel = (loss - reference_loss).abs() / reference_loss.abs().max(1e-12);
+            let quant_rel = (loss - native_loss).abs() / native_loss.abs().max(1e-12);
+            let mut ok = true;
+            let worst = agree.worst.clone().unwrap_or_default();
+            let where_ = format!("{} (sequence {}, position {}, vocab {})", worst.0, worst.1, worst.2, worst.3);
+            if agree.max_abs > MAX_ABS || !agree.max_abs.is_finite() {
+                ok = false;
+                failures.push(format!("{model_label}, {runtime}, full graph: max |Δlogit| {:.3e} > {MAX_ABS:.0e} at {where_}", agree.max_abs));
+            }
+            if agreement < ARGMAX_AGREEMENT {
+                ok = false;
+                failures.push(format!("{model_label}, {runtime}, full graph: argmax agrees on {:.3} % of positions (< {:.1} %); worst logit at {where_}", 100.0 * agreement, 100.0 * ARGMAX_AGREEMENT));
+            }
+            if loss_rel > LOSS_REL || !loss.is_finite() {
+                ok = false;
+                failures.push(format!("{model_label}, {runtime}, full graph: validation loss {loss:.6} vs native {reference_loss:.6} (relative {loss_rel:.2e} > {LOSS_REL:.0e})"));
+            }
+            if scheme.is_some() && quant_rel > QUANT_LOSS_REL {
+                ok = false;
+                failures.push(format!("{model_label}, {runtime}, full graph: validation loss {loss:.6} vs native quantized {native_loss:.6} (relative {quant_rel:.2e} > {QUANT_LOSS_REL})"));
+            }
+            let mut entry = json!({
+                "runtime": runtime, "graph": "full",
+                "cases": cases.iter().map(|c| c.label.clone()).collect::<Vec<_>>(),
+                "max_abs_diff": agree.max_abs, "mean_abs_diff": agree.sum_abs / agree.count.max(1) as f64, "max_rel_diff": agree.max_rel,
+                "argmax_agreement": agreement, "worst": where_,
+                "val_loss": loss, "val_loss_native": reference_loss, "val_loss_rel_diff": loss_rel,
+                "tokens_per_s": tps,
+                "tokens_per_s_bench": {"median": quantile(&bench, 0.5), "min": quantile(&bench, 0.0), "max": quantile(&bench, 1.0), "shape": [eval[0].batch, eval[0].seq]},
+                "pass": ok,
+            });
+            if scheme.is_some() {
+                entry["val_loss_native_quantized"] = json!(native_loss);
+                entry["val_loss_rel_diff_vs_native_quantized"] = json!(quant_rel);
+            }
+            if !generated.is_empty() {
+                let identical = generated == native_generated;
+                if !identical {
+                    entry["pass"] = json!(false);
+                    failures.push(format!("{model_label}, {runtime}, full graph: greedy generation differs from native"));
+                }
+                entry["generation"] = json!({"prompt_tokens": prompt.len(), "new_tokens": generated.len(), "identical_to_native": identical,
+                    "tokens_per_s": generated.len() as f64 / lat.iter().sum::<f64>().max(1e-9), "method": "full graph re-run on the growing prefix (no step graph)"});
+            }
+            entries.push(entry);
+        }
+    }
+    let report = json!({
+        "model": model_label,
+        "config": config,
+        "quantization": scheme.map(|s| s.name()),
+        "seq_len": seq_len,
+        "eval_positions": eval.iter().map(|c| c.batch * (c.seq - 1)).sum::<usize>(),
+        "tolerances": {
+            "max_abs_diff": MAX_ABS, "argmax_agreement": ARGMAX_AGREEMENT, "val_loss_rel": LOSS_REL,
+            "quantized_val_loss_rel_vs_native_quantized": QUANT_LOSS_REL,
+            "reference": if scheme.is_some() { "native forward with the dequantized weights and f32 activations (what the graph computes); the validation loss is also held to the native quantized model (integer kernels)" } else { "native f32 forward" },
+        },
+        "native": {"val_loss": native_loss, "tokens_per_s": native_tps, "reference_val_loss": reference_loss, "reference_tokens_per_s": reference_tps,
+            "generated": native_generated.len(), "threads": threads},
+        "runtimes": entries,
+        "onnxruntime_library": onnxruntime_path().map(|p| p.display().to_string()),
+        "threads": {"native": threads, "onnxruntime": threads, "tract": 1},
+        "pass": failures.is_empty(),
+        "failures": failures,
+    });
+    crate::write_json(ctx.output("crosscheck.json")?, &report)?;
+    ctx.metric("pass", failures.is_empty());
+    ctx.metric("native_val_loss", native_loss);
+    if !failures.is_empty() {
+        return Err(StageError::failed(format!("the exported model disagrees with the native one:\n  {}", failures.join("\n  "))));
+    }
+    Ok(())
+}
+
+fn model_name(c: &ModelConfig) -> &'static str {
+    match c {
+        ModelConfig::IteraLite(_) => "Itera-Lite",
+        ModelConfig::Transformer(_) => "Transformer",
+    }
+}
