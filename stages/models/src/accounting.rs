@@ -71,6 +71,26 @@ pub fn forward_flops_per_token(cfg: &ModelConfig, context: usize) -> u64 {
     2 * macs
 }
 
+/// Multiply-accumulates per token of the matmuls with a weight matrix (no attention scores, no
+/// elementwise work): what an exported graph's constant-weight `MatMul`s add up to. `all_experts`
+/// counts every expert (a dense MoE export) instead of the top-k.
+pub fn weight_matmul_macs(cfg: &ModelConfig, all_experts: bool) -> u64 {
+    match cfg {
+        ModelConfig::IteraLite(c) => {
+            let (d, di, n, e, v) = (c.d_model as u64, c.d_inner() as u64, c.d_state as u64, c.expert_dim as u64, c.vocab_size as u64);
+            let ssm = d * 2 * di + di * di + di * n + n * di + di * d;
+            let experts = if all_experts { c.n_experts } else { c.top_k } as u64;
+            let moe = d * c.n_experts as u64 + experts * 2 * d * e;
+            let n_moe = c.moe_layers.len() as u64;
+            c.n_layers as u64 * ssm + n_moe * moe + (c.n_layers as u64 - n_moe) * 2 * d * e + d * v
+        }
+        ModelConfig::Transformer(c) => {
+            let (d, f, v) = (c.d_model as u64, c.d_ff as u64, c.vocab_size as u64);
+            c.n_layers as u64 * (4 * d * d + 2 * d * f) + d * v
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ use itera_models::{Model, ModelConfig, Sampling};
 use serde_json::{json, Value};
 use stage_api::{ParamError, Params, StageContext, StageError};
 
-use crate::runtime::{onnxruntime_path, Engine, Input, Output};
+use onnx_runtime::{greedy, onnxruntime_path, Engine, Input, Output, StepLayout};
 
 pub const MAX_ABS: f32 = 1e-4;
 pub const ARGMAX_AGREEMENT: f64 = 0.999;
@@ -114,7 +114,7 @@ fn cross_entropy(logits: &[f32], ids: &[u32], batch: usize, seq: usize, vocab: u
     (total, batch * (seq - 1))
 }
 
-fn argmax(row: &[f32]) -> usize {
+pub fn argmax(row: &[f32]) -> usize {
     row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0
 }
 
@@ -158,54 +158,17 @@ fn ids_input(c: &Case) -> Input {
     Input::I64(vec![c.batch, c.seq], c.ids.iter().map(|&v| v as i64).collect())
 }
 
-/// Greedy decoding through a runtime: the step graph when there is one (recurrent state),
-/// otherwise the full graph re-run on the growing prefix.
+/// The step-graph state layout of a model (Itera-Lite only).
+pub fn step_layout(config: &ModelConfig) -> Option<StepLayout> {
+    match config {
+        ModelConfig::IteraLite(c) => Some(StepLayout { layers: c.n_layers, conv: vec![c.d_conv - 1, c.d_inner()], ssm: vec![c.d_state] }),
+        ModelConfig::Transformer(_) => None,
+    }
+}
+
 fn generate(engine: &mut Engine, step: bool, config: &ModelConfig, prompt: &[u32], n: usize) -> Result<(Vec<u32>, Vec<f64>), StageError> {
-    let vocab = config.vocab_size();
-    let mut out = Vec::with_capacity(n);
-    let mut latencies = Vec::with_capacity(n);
-    if !step {
-        let mut seq = prompt.to_vec();
-        for _ in 0..n {
-            let c = Case { label: String::new(), batch: 1, seq: seq.len(), ids: seq.clone() };
-            let t = Instant::now();
-            let o = engine.run(&[("input_ids", ids_input(&c))]).map_err(err)?;
-            latencies.push(t.elapsed().as_secs_f64());
-            let l = logits_of(&o)?;
-            let next = argmax(&l.data[(seq.len() - 1) * vocab..seq.len() * vocab]) as u32;
-            out.push(next);
-            seq.push(next);
-        }
-        return Ok((out, latencies));
-    }
-    let ModelConfig::IteraLite(cfg) = config else { return Err(StageError::failed("a step graph exists only for Itera-Lite")) };
-    let mut states: Vec<(Vec<f32>, Vec<f32>)> = (0..cfg.n_layers).map(|_| (vec![0.0; (cfg.d_conv - 1) * cfg.d_inner()], vec![0.0; cfg.d_state])).collect();
-    let mut token = prompt[0];
-    let total = prompt.len() - 1 + n;
-    for t in 0..total {
-        let mut inputs: Vec<(String, Input)> = vec![("input_ids".into(), Input::I64(vec![1, 1], vec![token as i64])), ("position".into(), Input::I64(vec![1], vec![t as i64]))];
-        for (i, (c, h)) in states.iter().enumerate() {
-            inputs.push((format!("conv_state.{i}"), Input::F32(vec![1, cfg.d_conv - 1, cfg.d_inner()], c.clone())));
-            inputs.push((format!("ssm_state.{i}"), Input::F32(vec![1, cfg.d_state], h.clone())));
-        }
-        let named: Vec<(&str, Input)> = inputs.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
-        let clock = Instant::now();
-        let o = engine.run(&named).map_err(err)?;
-        let elapsed = clock.elapsed().as_secs_f64();
-        for (i, st) in states.iter_mut().enumerate() {
-            let find = |name: String| o.iter().find(|x| x.name == name).map(|x| x.data.clone()).ok_or_else(|| StageError::failed(format!("the step graph has no output `{name}`")));
-            st.0 = find(format!("conv_state_out.{i}"))?;
-            st.1 = find(format!("ssm_state_out.{i}"))?;
-        }
-        if t + 1 < prompt.len() {
-            token = prompt[t + 1];
-        } else {
-            token = argmax(&logits_of(&o)?.data) as u32;
-            out.push(token);
-            latencies.push(elapsed);
-        }
-    }
-    Ok((out, latencies))
+    let layout = if step { step_layout(config) } else { None };
+    greedy(engine, layout.as_ref(), config.vocab_size(), prompt, n).map_err(err)
 }
 
 struct Graphs {

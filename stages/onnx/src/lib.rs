@@ -11,7 +11,6 @@
 pub mod check;
 pub mod export;
 pub mod graph;
-pub mod runtime;
 
 use std::path::Path;
 

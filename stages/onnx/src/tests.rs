@@ -3,7 +3,7 @@ use itera_models::{Model, ModelConfig};
 use prost::Message;
 
 use crate::export::{full_graph, step_graph, Weights};
-use crate::runtime::{Engine, Input};
+use onnx_runtime::{Engine, Input};
 
 fn small(model: &str) -> ModelConfig {
     let o = serde_json::json!({"max_seq_len": 32});
@@ -207,6 +207,24 @@ mod stages {
         let e = export_and_check(dir.path(), dir.path().join("model"), true).unwrap_err().to_string();
         for want in ["Itera-Lite", "tract", "onnxruntime", "full graph", "max |Δlogit|", "position"] {
             assert!(e.contains(want), "missing `{want}` in: {e}");
+        }
+    }
+}
+
+#[test]
+fn matmul_work_counted_in_the_graph_equals_the_formula() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["itera_lite", "transformer"] {
+        for quantized in [false, true] {
+            let mut model = Model::new(&small(name), 3).unwrap();
+            if quantized {
+                model.quantize(&itera_models::qmodel::QuantSpec { scheme: itera_models::quant::Scheme::Int8, group_size: 32, embeddings: true, exclude: vec![] }).unwrap();
+            }
+            let w = Weights::of(&mut model).unwrap();
+            let path = dir.path().join(format!("{name}-{quantized}.onnx"));
+            std::fs::write(&path, full_graph(&model.config, &w).unwrap().encode_to_vec()).unwrap();
+            let counted = onnx_runtime::weight_matmul_macs(&path).unwrap();
+            assert_eq!(counted, itera_models::accounting::weight_matmul_macs(&model.config, true), "{name} quantized={quantized}");
         }
     }
 }

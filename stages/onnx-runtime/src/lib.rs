@@ -1,4 +1,5 @@
-//! Running an exported graph in tract or ONNX Runtime with the same inputs.
+//! Running an exported ONNX graph in tract or ONNX Runtime with the same named inputs, and
+//! finding the ONNX Runtime shared library (`ORT_DYLIB_PATH` or the project venv's wheel).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -167,4 +168,124 @@ fn ort_environment() -> Result<&'static ort::environment::Environment, RuntimeEr
 /// The ONNX Runtime library in use, for the record.
 pub fn onnxruntime_path() -> Option<PathBuf> {
     find_onnxruntime().ok()
+}
+
+/// The recurrent-state layout of a step graph: per layer `conv_state.<i>` and `ssm_state.<i>`.
+#[derive(Clone, Debug)]
+pub struct StepLayout {
+    pub layers: usize,
+    /// Shape of one conv state without the batch dimension: [d_conv − 1, d_inner].
+    pub conv: Vec<usize>,
+    /// Shape of one SSM state without the batch dimension: [d_state].
+    pub ssm: Vec<usize>,
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0
+}
+
+fn logits(outputs: &[Output]) -> Result<&Output, RuntimeError> {
+    outputs.iter().find(|o| o.name == "logits").ok_or_else(|| RuntimeError::Tract("the graph has no output named `logits`".into()))
+}
+
+/// Greedy decoding at batch 1 after `prompt`: through a step graph with its recurrent state
+/// when `step` is given, otherwise by re-running the full graph on the growing prefix. Returns
+/// the new tokens and each new token's latency in seconds.
+pub fn greedy(engine: &mut Engine, step: Option<&StepLayout>, vocab: usize, prompt: &[u32], n: usize) -> Result<(Vec<u32>, Vec<f64>), RuntimeError> {
+    let mut out = Vec::with_capacity(n);
+    let mut latencies = Vec::with_capacity(n);
+    let Some(layout) = step else {
+        let mut seq = prompt.to_vec();
+        for _ in 0..n {
+            let t = std::time::Instant::now();
+            let o = engine.run(&[("input_ids", Input::I64(vec![1, seq.len()], seq.iter().map(|&v| v as i64).collect()))])?;
+            latencies.push(t.elapsed().as_secs_f64());
+            let l = logits(&o)?;
+            let next = argmax(&l.data[(seq.len() - 1) * vocab..seq.len() * vocab]) as u32;
+            out.push(next);
+            seq.push(next);
+        }
+        return Ok((out, latencies));
+    };
+    let conv_len: usize = layout.conv.iter().product();
+    let ssm_len: usize = layout.ssm.iter().product();
+    let mut states: Vec<(Vec<f32>, Vec<f32>)> = (0..layout.layers).map(|_| (vec![0.0; conv_len], vec![0.0; ssm_len])).collect();
+    let Some(&first) = prompt.first() else { return Ok((out, latencies)) };
+    let mut token = first;
+    for t in 0..prompt.len() - 1 + n {
+        let mut inputs: Vec<(String, Input)> = vec![("input_ids".into(), Input::I64(vec![1, 1], vec![token as i64])), ("position".into(), Input::I64(vec![1], vec![t as i64]))];
+        for (i, (c, h)) in states.iter().enumerate() {
+            let mut cs = vec![1];
+            cs.extend(&layout.conv);
+            let mut hs = vec![1];
+            hs.extend(&layout.ssm);
+            inputs.push((format!("conv_state.{i}"), Input::F32(cs, c.clone())));
+            inputs.push((format!("ssm_state.{i}"), Input::F32(hs, h.clone())));
+        }
+        let named: Vec<(&str, Input)> = inputs.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
+        let clock = std::time::Instant::now();
+        let o = engine.run(&named)?;
+        let elapsed = clock.elapsed().as_secs_f64();
+        for (i, st) in states.iter_mut().enumerate() {
+            let find = |name: String| o.iter().find(|x| x.name == name).map(|x| x.data.clone()).ok_or_else(|| RuntimeError::Tract(format!("the step graph has no output `{name}`")));
+            st.0 = find(format!("conv_state_out.{i}"))?;
+            st.1 = find(format!("ssm_state_out.{i}"))?;
+        }
+        if t + 1 < prompt.len() {
+            token = prompt[t + 1];
+        } else {
+            token = argmax(&logits(&o)?.data) as u32;
+            out.push(token);
+            latencies.push(elapsed);
+        }
+    }
+    Ok((out, latencies))
+}
+
+/// Multiply-accumulates per token of every `MatMul` whose right operand is a constant weight
+/// (an initializer, possibly through the `Cast`/`Mul`/`Reshape` dequantization chain): Σ in·out.
+/// Products of two activations (attention scores) are not counted.
+pub fn weight_matmul_macs(path: &Path) -> Result<u64, RuntimeError> {
+    use std::collections::HashMap;
+    let proto = tract_onnx::onnx().proto_model_for_path(path).map_err(tract_err)?;
+    let graph = proto.graph.as_ref().ok_or_else(|| RuntimeError::Tract("the file has no graph".into()))?;
+    let mut shapes: HashMap<&str, Vec<i64>> = graph.initializer.iter().map(|t| (t.name.as_str(), t.dims.clone())).collect();
+    let ints: HashMap<&str, Vec<i64>> = graph
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == tract_onnx::pb::tensor_proto::DataType::Int64 as i32)
+        .map(|t| (t.name.as_str(), if t.int64_data.is_empty() { t.raw_data.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect() } else { t.int64_data.clone() }))
+        .collect();
+    let mut macs = 0u64;
+    for node in &graph.node {
+        let out = node.output.first().map(String::as_str).unwrap_or("");
+        match node.op_type.as_str() {
+            "Cast" => {
+                if let Some(s) = node.input.first().and_then(|i| shapes.get(i.as_str())).cloned() {
+                    shapes.insert(out, s);
+                }
+            }
+            "Mul" => {
+                if let (Some(a), Some(_)) = (node.input.first().and_then(|i| shapes.get(i.as_str())).cloned(), node.input.get(1).and_then(|i| shapes.get(i.as_str()))) {
+                    shapes.insert(out, a);
+                }
+            }
+            "Reshape" => {
+                if node.input.first().is_some_and(|i| shapes.contains_key(i.as_str())) {
+                    if let Some(s) = node.input.get(1).and_then(|i| ints.get(i.as_str())) {
+                        shapes.insert(out, s.clone());
+                    }
+                }
+            }
+            "MatMul" => {
+                if let Some(w) = node.input.get(1).and_then(|i| shapes.get(i.as_str())) {
+                    if w.len() == 2 {
+                        macs += (w[0] * w[1]) as u64;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(macs)
 }
