@@ -18,6 +18,7 @@ impl Registry {
                 Box::new(stage_distill::DistillStage),
                 Box::new(stage_onnx::OnnxExportStage),
                 Box::new(stage_onnx::OnnxCheckStage),
+                Box::new(stage_benchmark::BenchmarkStage),
             ],
         }
     }
