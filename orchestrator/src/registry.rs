@@ -19,6 +19,7 @@ impl Registry {
                 Box::new(stage_onnx::OnnxExportStage),
                 Box::new(stage_onnx::OnnxCheckStage),
                 Box::new(stage_benchmark::BenchmarkStage),
+                Box::new(stage_report::ReportStage),
             ],
         }
     }

@@ -1,0 +1,199 @@
+//! The `report` stage: a minijinja markdown template rendered with every upstream result, and
+//! PNG plots drawn with plotters (the font is embedded, so no system fonts are needed).
+//!
+//! Inputs: any number, each exposed to the template as `inputs.<name>`: a `.json` file parsed,
+//! a `.csv` file as a list of rows (numbers parsed), a folder as a map of its `.json`/`.csv`
+//! files (by file name, dots → underscores). Param `template: file:templates/X.md.j2`. Output
+//! `report/` with `report.md` and the PNGs the template asked for, linked by relative path.
+//!
+//! Template functions: `training_curves(png, {label: metrics_rows})`, `bars(png, title, labels,
+//! values, y_label)`, `scatter(png, title, points, x_label, y_label)` with points `[label, x, y]`,
+//! `progression(png, steps)` with steps `{label, params, bytes, perplexity}`. Filters: `bytes`,
+//! `ratio`, `fixed(n)`, `pct`, `signed_pct`, `int`.
+
+pub mod plots;
+
+use std::path::{Path, PathBuf};
+
+use minijinja::{Environment, Error, ErrorKind};
+use serde_json::{Map, Value};
+use stage_api::{InputSpec, ParamError, Params, Stage, StageContext, StageError, StagePlan};
+
+pub struct ReportStage;
+
+fn csv_rows(text: &str) -> Value {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().map(|h| h.split(',').collect()).unwrap_or_default();
+    Value::Array(
+        lines
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let mut row = Map::new();
+                for (k, v) in header.iter().zip(l.split(',')) {
+                    let parsed = v.parse::<f64>().ok().and_then(|f| serde_json::Number::from_f64(f).map(Value::Number)).unwrap_or_else(|| Value::String(v.to_string()));
+                    row.insert(k.to_string(), parsed);
+                }
+                Value::Object(row)
+            })
+            .collect(),
+    )
+}
+
+/// An input as template data.
+pub fn load_input(path: &Path) -> Result<Value, StageError> {
+    let io = |e: std::io::Error| StageError::io(format!("reading {}", path.display()), e);
+    if path.is_dir() {
+        let mut m = Map::new();
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path).map_err(io)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries {
+            let name = p.file_name().map(|n| n.to_string_lossy().replace('.', "_")).unwrap_or_default();
+            if p.extension().is_some_and(|e| e == "json" || e == "csv") {
+                m.insert(name, load_input(&p)?);
+            }
+        }
+        return Ok(Value::Object(m));
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => serde_json::from_str(&text).map_err(|e| StageError::failed(format!("{}: invalid JSON: {e}", path.display()))),
+        Some("csv") => Ok(csv_rows(&text)),
+        _ => Ok(Value::String(text)),
+    }
+}
+
+fn num(v: &minijinja::Value) -> Result<f64, Error> {
+    f64::try_from(v.clone()).map_err(|_| Error::new(ErrorKind::InvalidOperation, format!("expected a number, got {v}")))
+}
+
+pub fn format_bytes(b: f64) -> String {
+    let units = ["B", "KB", "MB", "GB"];
+    let mut v = b;
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < units.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.2} {}", units[i])
+    }
+}
+
+pub fn format_int(v: f64) -> String {
+    let s = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < 0.0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+/// The template environment: filters, and plot functions writing into `out_dir`.
+pub fn environment(out_dir: &Path) -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env.add_filter("bytes", |v: minijinja::Value| -> Result<String, Error> { Ok(format_bytes(num(&v)?)) });
+    env.add_filter("int", |v: minijinja::Value| -> Result<String, Error> { Ok(format_int(num(&v)?)) });
+    env.add_filter("ratio", |v: minijinja::Value| -> Result<String, Error> { Ok(format!("{:.2}×", num(&v)?)) });
+    env.add_filter("fixed", |v: minijinja::Value, n: Option<usize>| -> Result<String, Error> { Ok(format!("{:.*}", n.unwrap_or(2), num(&v)?)) });
+    env.add_filter("pct", |v: minijinja::Value| -> Result<String, Error> { Ok(format!("{:.2} %", 100.0 * num(&v)?)) });
+    env.add_filter("signed_pct", |v: minijinja::Value| -> Result<String, Error> { Ok(format!("{:+.3} %", 100.0 * num(&v)?)) });
+    let to_json = |v: &minijinja::Value| serde_json::to_value(v).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()));
+    let dir = out_dir.to_path_buf();
+    let plot_err = |e: plots::PlotError| Error::new(ErrorKind::InvalidOperation, e.to_string());
+    {
+        let dir = dir.clone();
+        env.add_function("training_curves", move |file: String, series: minijinja::Value| -> Result<String, Error> {
+            plots::training_curves(&dir.join(&file), &to_json(&series)?).map_err(plot_err)?;
+            Ok(file)
+        });
+    }
+    {
+        let dir = dir.clone();
+        env.add_function("bars", move |file: String, title: String, labels: Vec<String>, values: Vec<f64>, y: String| -> Result<String, Error> {
+            plots::bars(&dir.join(&file), &title, &labels, &values, &y).map_err(plot_err)?;
+            Ok(file)
+        });
+    }
+    {
+        let dir = dir.clone();
+        env.add_function("scatter", move |file: String, title: String, points: minijinja::Value, x: String, y: String| -> Result<String, Error> {
+            plots::scatter(&dir.join(&file), &title, &to_json(&points)?, &x, &y).map_err(plot_err)?;
+            Ok(file)
+        });
+    }
+    env.add_function("progression", move |file: String, steps: minijinja::Value| -> Result<String, Error> {
+        plots::progression(&dir.join(&file), &to_json(&steps)?).map_err(plot_err)?;
+        Ok(file)
+    });
+    env
+}
+
+/// Render `template` (its text and a name for errors) with `context` into `out_dir/report.md`.
+pub fn render(template_name: &str, template: &str, context: &Value, out_dir: &Path) -> Result<String, StageError> {
+    std::fs::create_dir_all(out_dir).map_err(|e| StageError::io(format!("creating {}", out_dir.display()), e))?;
+    let env = environment(out_dir);
+    let describe = |e: &Error| {
+        let at = e.line().map(|l| format!("{template_name}:{l}")).unwrap_or_else(|| template_name.to_string());
+        let mut msg = format!("{at}: {e}");
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        StageError::failed(msg)
+    };
+    let tmpl = env.template_from_named_str(template_name, template).map_err(|e| describe(&e))?;
+    let text = tmpl.render(context).map_err(|e| describe(&e))?;
+    std::fs::write(out_dir.join("report.md"), &text).map_err(|e| StageError::io("writing report.md", e))?;
+    Ok(text)
+}
+
+impl Stage for ReportStage {
+    fn kind(&self) -> &'static str {
+        "report"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn describe(&self) -> &'static str {
+        "render a minijinja markdown template with the upstream results and PNG plots → report/ (report.md + *.png)"
+    }
+
+    fn check(&self, params: &Params, _io: &InputSpec) -> Result<StagePlan, ParamError> {
+        stage_api::check_known_params(params, &["template", "title", "seed"], "report")?;
+        match params.param("template").and_then(Value::as_str) {
+            Some(_) => {}
+            None => return Err(ParamError::new("params", "the report stage needs `params.template`").with_help("template: file:templates/phase4.md.j2")),
+        }
+        Ok(StagePlan { default_threads: 1, deterministic: true, required_outputs: vec!["report".into()], volatile_outputs: vec![] })
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        let template_path = PathBuf::from(ctx.params().param("template").and_then(Value::as_str).unwrap_or_default().trim_start_matches("file:"));
+        let template = std::fs::read_to_string(&template_path).map_err(|e| StageError::io(format!("reading the template {}", template_path.display()), e))?;
+        let mut inputs = Map::new();
+        let names: Vec<String> = ctx.spec().inputs.keys().cloned().collect();
+        for name in names {
+            inputs.insert(name.clone(), load_input(ctx.input(&name)?)?);
+        }
+        let params: Map<String, Value> = ctx.params().params.clone().into_iter().collect();
+        let context = serde_json::json!({"inputs": inputs, "params": params, "stage": ctx.stage_name()});
+        let name = template_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "template".into());
+        let out = ctx.output("report")?.to_path_buf();
+        render(&name, &template, &context, &out)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,56 @@
+use serde_json::json;
+
+use super::{format_bytes, format_int, render};
+
+fn png_ok(path: &std::path::Path) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
+    assert!(b.len() > 5_000, "{} is suspiciously small ({} bytes): text or marks missing?", path.display(), b.len());
+}
+
+#[test]
+fn renders_filters_tables_and_every_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = |s: f64| json!([{"tokens": 1000, "train_loss": 3.0 * s, "val_loss": 2.9 * s}, {"tokens": 2000, "train_loss": 2.0 * s, "val_loss": 2.1 * s}]);
+    let ctx = json!({"inputs": {"a": rows(1.0), "b": rows(1.2), "bench": {"models": [{"label": "x", "bytes": 3500000, "ppl": 2.84}, {"label": "y", "bytes": 690000, "ppl": 3.17}]}}});
+    let tmpl = r#"# Report
+| model | bytes | perplexity |
+|---|---|---|
+{% for m in inputs.bench.models %}| {{ m.label }} | {{ m.bytes | bytes }} | {{ m.ppl | fixed(3) }} |
+{% endfor %}
+ratio {{ 3.9 | ratio }}, change {{ 0.00028 | signed_pct }}, share {{ 0.5 | pct }}, n {{ 874528 | int }}
+![curves]({{ training_curves("curves.png", {"Itera": inputs.a, "Transformer": inputs.b}) }})
+![bars]({{ bars("bars.png", "forward tokens/s", ["native", "tract", "ort"], [6000, 480, 16000], "tokens/s") }})
+![scatter]({{ scatter("scatter.png", "quality vs size", [["x", 3.5, 2.84], ["y", 0.69, 3.17]], "MB", "perplexity") }})
+![chain]({{ progression("chain.png", [{"label": "f32", "params": 874528, "bytes": 3505897, "perplexity": 2.84}, {"label": "int8", "params": 874528, "bytes": 1067328, "perplexity": 2.844}]) }})
+"#;
+    let text = render("t.md.j2", tmpl, &ctx, dir.path()).unwrap();
+    assert!(text.contains("| x | 3.50 MB | 2.840 |"), "{text}");
+    assert!(text.contains("ratio 3.90×, change +0.028 %, share 50.00 %, n 874,528"), "{text}");
+    for f in ["curves.png", "bars.png", "scatter.png", "chain.png"] {
+        assert!(text.contains(&format!("]({f})")));
+        png_ok(&dir.path().join(f));
+    }
+    assert_eq!(std::fs::read_to_string(dir.path().join("report.md")).unwrap(), text);
+    if let Some(keep) = std::env::var_os("REPORT_TEST_KEEP") {
+        for f in ["curves.png", "bars.png", "scatter.png", "chain.png"] {
+            std::fs::copy(dir.path().join(f), std::path::Path::new(&keep).join(f)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn template_errors_name_the_template_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = render("phase4.md.j2", "ok\nline two\n{{ inputs.missing.value }}\n", &json!({"inputs": {}}), dir.path()).unwrap_err().to_string();
+    assert!(e.contains("phase4.md.j2:3"), "{e}");
+    let e = render("x.md.j2", "{% for %}", &json!({}), dir.path()).unwrap_err().to_string();
+    assert!(e.contains("x.md.j2:1"), "{e}");
+}
+
+#[test]
+fn number_formats() {
+    assert_eq!(format_bytes(512.0), "512 B");
+    assert_eq!(format_bytes(1_067_328.0), "1.07 MB");
+    assert_eq!(format_int(-1234567.0), "-1,234,567");
+}
