@@ -6,9 +6,10 @@
 //! files (by file name, dots → underscores). Param `template: file:templates/X.md.j2`. Output
 //! `report/` with `report.md` and the PNGs the template asked for, linked by relative path.
 //!
-//! Template functions: `training_curves(png, {label: metrics_rows})`, `bars(png, title, labels,
-//! values, y_label)`, `scatter(png, title, points, x_label, y_label)` with points `[label, x, y]`,
-//! `progression(png, steps)` with steps `{label, params, bytes, perplexity}`. Filters: `bytes`,
+//! Template functions (each draws a PNG into the report folder and returns its file name):
+//! `training_curves(png, {label: metrics_rows})`; `bars(png, title, items, "dotted.key", y_label)`
+//! and `scatter(png, title, items, ["x.key", x_label], ["y.key", y_label])` over a list of objects
+//! with a `label`; `progression(png, steps)` with steps `{label, params, bytes, perplexity}`. Filters: `bytes`,
 //! `ratio`, `fixed(n)`, `pct`, `signed_pct`, `int`.
 
 pub mod plots;
@@ -48,17 +49,29 @@ pub fn load_input(path: &Path) -> Result<Value, StageError> {
         entries.sort();
         for p in entries {
             let name = p.file_name().map(|n| n.to_string_lossy().replace('.', "_")).unwrap_or_default();
-            if p.extension().is_some_and(|e| e == "json" || e == "csv") {
+            if p.is_file() && p.extension().is_some_and(|e| e == "json" || e == "csv") {
                 m.insert(name, load_input(&p)?);
             }
         }
         return Ok(Value::Object(m));
     }
     let text = std::fs::read_to_string(path).map_err(io)?;
+    // Inputs arrive under their input name, not the producer's file name: go by content.
     match path.extension().and_then(|e| e.to_str()) {
         Some("json") => serde_json::from_str(&text).map_err(|e| StageError::failed(format!("{}: invalid JSON: {e}", path.display()))),
         Some("csv") => Ok(csv_rows(&text)),
-        _ => Ok(Value::String(text)),
+        _ => {
+            let trimmed = text.trim_start();
+            if trimmed.starts_with('{') || trimmed.starts_with('[') {
+                if let Ok(v) = serde_json::from_str(&text) {
+                    return Ok(v);
+                }
+            }
+            if text.lines().next().is_some_and(|h| h.contains(',')) {
+                return Ok(csv_rows(&text));
+            }
+            Ok(Value::String(text))
+        }
     }
 }
 
@@ -97,6 +110,15 @@ pub fn format_int(v: f64) -> String {
     }
 }
 
+/// A number at a dotted path (`quality.val_loss`) of a JSON object.
+fn dotted(v: &Value, path: &str) -> Option<f64> {
+    path.split('.').try_fold(v, |acc, k| acc.get(k))?.as_f64()
+}
+
+fn label_of(v: &Value) -> String {
+    v.get("label").and_then(Value::as_str).unwrap_or("?").to_string()
+}
+
 /// The template environment: filters, and plot functions writing into `out_dir`.
 pub fn environment(out_dir: &Path) -> Environment<'static> {
     let mut env = Environment::new();
@@ -119,15 +141,37 @@ pub fn environment(out_dir: &Path) -> Environment<'static> {
     }
     {
         let dir = dir.clone();
-        env.add_function("bars", move |file: String, title: String, labels: Vec<String>, values: Vec<f64>, y: String| -> Result<String, Error> {
+        env.add_function("bars", move |file: String, title: String, items: minijinja::Value, key: String, y: String| -> Result<String, Error> {
+            let items = to_json(&items)?;
+            let rows = items.as_array().cloned().unwrap_or_default();
+            let labels: Vec<String> = rows.iter().map(|r| label_of(r)).collect();
+            let values: Vec<f64> = rows.iter().map(|r| dotted(r, &key).unwrap_or(f64::NAN)).collect();
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(Error::new(ErrorKind::InvalidOperation, format!("bars: item `{}` has no number at `{key}`", labels[i])));
+            }
             plots::bars(&dir.join(&file), &title, &labels, &values, &y).map_err(plot_err)?;
             Ok(file)
         });
     }
     {
         let dir = dir.clone();
-        env.add_function("scatter", move |file: String, title: String, points: minijinja::Value, x: String, y: String| -> Result<String, Error> {
-            plots::scatter(&dir.join(&file), &title, &to_json(&points)?, &x, &y).map_err(plot_err)?;
+        env.add_function("scatter", move |file: String, title: String, items: minijinja::Value, x_axis: Vec<String>, y_axis: Vec<String>| -> Result<String, Error> {
+            let axis = |a: &[String]| -> Result<(String, String), Error> {
+                match a {
+                    [key, label] => Ok((key.clone(), label.clone())),
+                    _ => Err(Error::new(ErrorKind::InvalidOperation, "scatter axes are [\"dotted.key\", \"axis label\"]")),
+                }
+            };
+            let ((x_key, x), (y_key, y)) = (axis(&x_axis)?, axis(&y_axis)?);
+            let items = to_json(&items)?;
+            let mut points = Vec::new();
+            for r in items.as_array().cloned().unwrap_or_default() {
+                match (dotted(&r, &x_key), dotted(&r, &y_key)) {
+                    (Some(px), Some(py)) => points.push(serde_json::json!([label_of(&r), px, py])),
+                    _ => return Err(Error::new(ErrorKind::InvalidOperation, format!("scatter: item `{}` lacks `{x_key}` or `{y_key}`", label_of(&r)))),
+                }
+            }
+            plots::scatter(&dir.join(&file), &title, &Value::Array(points), &x, &y).map_err(plot_err)?;
             Ok(file)
         });
     }
@@ -149,6 +193,11 @@ pub fn render(template_name: &str, template: &str, context: &Value, out_dir: &Pa
         while let Some(s) = src {
             msg.push_str(&format!(": {s}"));
             src = s.source();
+        }
+        if let Some(span) = e.range().and_then(|r| template.get(r)) {
+            msg.push_str(&format!("\n  in: {span}"));
+        } else if let Some(line) = e.line().and_then(|l| template.lines().nth(l.saturating_sub(1))) {
+            msg.push_str(&format!("\n  | {}", line.trim()));
         }
         StageError::failed(msg)
     };

@@ -20,8 +20,8 @@ fn renders_filters_tables_and_every_plot() {
 {% endfor %}
 ratio {{ 3.9 | ratio }}, change {{ 0.00028 | signed_pct }}, share {{ 0.5 | pct }}, n {{ 874528 | int }}
 ![curves]({{ training_curves("curves.png", {"Itera": inputs.a, "Transformer": inputs.b}) }})
-![bars]({{ bars("bars.png", "forward tokens/s", ["native", "tract", "ort"], [6000, 480, 16000], "tokens/s") }})
-![scatter]({{ scatter("scatter.png", "quality vs size", [["x", 3.5, 2.84], ["y", 0.69, 3.17]], "MB", "perplexity") }})
+![bars]({{ bars("bars.png", "forward tokens/s", [{"label": "native", "fwd": {"median": 6000}}, {"label": "tract", "fwd": {"median": 480}}, {"label": "ort", "fwd": {"median": 16000}}], "fwd.median", "tokens/s") }})
+![scatter]({{ scatter("scatter.png", "quality vs size", inputs.bench.models, ["bytes", "bytes"], ["ppl", "perplexity"]) }})
 ![chain]({{ progression("chain.png", [{"label": "f32", "params": 874528, "bytes": 3505897, "perplexity": 2.84}, {"label": "int8", "params": 874528, "bytes": 1067328, "perplexity": 2.844}]) }})
 "#;
     let text = render("t.md.j2", tmpl, &ctx, dir.path()).unwrap();

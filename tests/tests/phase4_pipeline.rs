@@ -1,0 +1,65 @@
+//! pipelines/phase4.yaml end to end with tiny budgets: it runs cold, reruns fully cached,
+//! replays every deterministic stage identically, and its report has every section and valid PNGs.
+
+use e2e_tests::Project;
+
+fn pipeline() -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/phase4.yaml").display().to_string()
+}
+
+const SMALL: &[&str] = &[
+    "--set", "steps=12", "--set", "batch=4", "--set", "seq_len=32", "--set", "corpus.documents=300",
+    "--set", "teacher.eval_interval=6", "--set", "transformer.eval_interval=6", "--set", "student.eval_interval=6",
+    "--set", "teacher.eval_tokens=512", "--set", "transformer.eval_tokens=512", "--set", "student.eval_tokens=512",
+    "--set", "int8.eval_tokens=1024", "--set", "int4.eval_tokens=1024", "--set", "int8.bench_runs=1", "--set", "int4.bench_runs=1",
+    "--set", "check_teacher.eval_tokens=512", "--set", "check_transformer.eval_tokens=512", "--set", "check_int8.eval_tokens=512",
+    "--set", "check_teacher.generate=8", "--set", "check_transformer.generate=8", "--set", "check_int8.generate=8",
+    "--set", "benchmark.runs=1", "--set", "benchmark.eval_tokens=256", "--set", "benchmark.generate=8",
+];
+
+#[test]
+fn reduced_phase4_runs_caches_replays_and_reports() {
+    let p = Project::new();
+    let store = p.store().display().to_string();
+    let file = pipeline();
+    let args = |verb: &str, extra: &[&str]| -> Vec<String> {
+        let mut v = vec![verb.to_string(), file.clone(), "--store".into(), store.clone()];
+        v.extend(SMALL.iter().map(|s| s.to_string()));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |a: Vec<String>| p.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let cold = run(args("run", &["--json"]));
+    cold.assert_ok();
+    let statuses = cold.statuses();
+    assert_eq!(statuses.len(), 16, "{}", cold.stdout);
+    assert!(statuses.iter().all(|(_, s)| s == "ran"), "{}", cold.stdout);
+
+    let warm = run(args("run", &["--json"]));
+    warm.assert_ok();
+    assert!(warm.statuses().iter().all(|(_, s)| s == "cached"), "{}", warm.stdout);
+
+    let replay = run(args("replay", &[]));
+    assert_eq!(replay.code, 0, "every deterministic stage must reproduce:\n{}{}", replay.stdout, replay.stderr);
+    for stage in ["corpus", "vocab@384", "vocab@1024", "teacher", "transformer", "int8", "int4", "student", "export_teacher", "export_int8", "report"] {
+        assert!(replay.stdout.lines().any(|l| l.starts_with(stage) && l.ends_with("yes")), "{stage}: {}", replay.stdout);
+    }
+
+    let dest = p.path().join("report");
+    run(args("export", &["report.report", dest.to_str().unwrap()])).assert_ok();
+    let md = std::fs::read_to_string(dest.join("report.md")).unwrap();
+    for section in ["## Headline", "## The original study's claims beside ours", "## Training", "## Quantization", "## Distillation, with its control", "## ONNX: tract and ONNX Runtime", "## Throughput and quality against size"] {
+        assert!(md.contains(section), "missing {section}:\n{md}");
+    }
+    for label in ["itera_f32", "itera_int8", "itera_int4", "student", "control", "transformer", "onnx_itera@tract", "onnx_itera@onnxruntime", "onnx_transformer@onnxruntime"] {
+        assert!(md.contains(&format!("| {label} |")), "headline row {label}:\n{md}");
+    }
+    assert!(!md.contains("| NO |") && !md.contains("DIFFERS") && !md.contains("DIFFERENT"), "{md}");
+    let pngs: Vec<&str> = md.match_indices("](").filter_map(|(i, _)| md[i + 2..].split(')').next()).filter(|l| l.ends_with(".png")).collect();
+    assert_eq!(pngs, ["training.png", "compression.png", "throughput.png", "quality_vs_size.png"]);
+    for png in pngs {
+        let bytes = std::fs::read(dest.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{png}");
+        assert!(bytes.len() > 10_000, "{png}: {} bytes", bytes.len());
+    }
+}
