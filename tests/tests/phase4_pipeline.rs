@@ -63,3 +63,27 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
         assert!(bytes.len() > 10_000, "{png}: {} bytes", bytes.len());
     }
 }
+
+#[test]
+fn reduced_phase3_runs_and_reports() {
+    let p = Project::new();
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/phase3.yaml").display().to_string();
+    let store = p.store().display().to_string();
+    let small = [
+        "--set", "steps=12", "--set", "batch=4", "--set", "seq_len=32", "--set", "corpus.documents=300",
+        "--set", "itera.eval_interval=6", "--set", "transformer.eval_interval=6", "--set", "itera.eval_tokens=512", "--set", "transformer.eval_tokens=512",
+        "--set", "benchmark.runs=1", "--set", "benchmark.eval_tokens=256", "--set", "benchmark.generate=8",
+    ];
+    let with = |verb: &str, extra: &[&str]| -> Vec<String> { [verb, file.as_str(), "--store", store.as_str()].iter().chain(small.iter()).chain(extra.iter()).map(|s| s.to_string()).collect() };
+    let run = |a: Vec<String>| p.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    run(with("run", &[])).assert_ok();
+    let dest = p.path().join("r3");
+    run(with("export", &["report.report", dest.to_str().unwrap()])).assert_ok();
+    let md = std::fs::read_to_string(dest.join("report.md")).unwrap();
+    for needle in ["## Headline", "| Itera-Lite tiny |", "| Transformer tiny |", "## Training", "](training.png)", "](throughput.png)"] {
+        assert!(md.contains(needle), "missing {needle}:\n{md}");
+    }
+    for png in ["training.png", "throughput.png"] {
+        assert_eq!(&std::fs::read(dest.join(png)).unwrap()[..4], b"\x89PNG");
+    }
+}
