@@ -110,6 +110,20 @@ enum Cmd {
         #[arg(long, value_name = "DEST", conflicts_with = "dest")]
         all: Option<PathBuf>,
     },
+    /// Render a report template against the cached results of a pipeline, running nothing.
+    Report {
+        /// The template (minijinja), e.g. templates/phase4.md.j2.
+        template: PathBuf,
+        /// The pipeline whose cached results fill the template.
+        #[arg(long)]
+        pipeline: PathBuf,
+        /// Override a value, as for `run` (selects which cached results).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Where to write the markdown; plots go beside it.
+        #[arg(short = 'o', long = "out", value_name = "OUT.md")]
+        out: PathBuf,
+    },
     /// Re-execute cached stages from their cached inputs and compare outputs bit for bit.
     Replay {
         #[command(flatten)]
@@ -256,6 +270,7 @@ fn command_label(cmd: &Cmd) -> String {
         Cmd::Show { p, .. } => format!("show {}", p.pipeline.display()),
         Cmd::Export { p, .. } => format!("export {}", p.pipeline.display()),
         Cmd::Replay { p, .. } => format!("replay {}", p.pipeline.display()),
+        Cmd::Report { pipeline, .. } => format!("report {}", pipeline.display()),
         Cmd::Verify { .. } => "verify".into(),
         Cmd::Gc { .. } => "gc".into(),
         _ => "orchestrate".into(),
@@ -378,6 +393,13 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
             }
             Ok(0)
         }
+        Cmd::Report { template, pipeline, sets, out } => {
+            let (p, dag) = load(&PipelineArgs { pipeline, sets }, &registry)?;
+            let store = open(&root)?;
+            crate::report::render_cached(&p, &dag, &store, &template, &out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(0)
+        }
         Cmd::Export { p, target, dest, all } => {
             let (p, dag) = load(&p, &registry)?;
             let store = open(&root)?;
@@ -494,7 +516,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
     }
 }
 
-fn export_entry(store: &Store, entry: &crate::objects::Entry, to: &Path, what: &str) -> anyhow::Result<()> {
+pub(crate) fn export_entry(store: &Store, entry: &crate::objects::Entry, to: &Path, what: &str) -> anyhow::Result<()> {
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }

@@ -16,6 +16,7 @@ pub mod plan;
 pub mod progress;
 pub mod registry;
 pub mod replay;
+pub mod report;
 pub mod runner;
 pub mod sched;
 pub mod store;

@@ -62,6 +62,25 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{png}");
         assert!(bytes.len() > 10_000, "{png}: {} bytes", bytes.len());
     }
+
+    // `orchestrate report` renders the same template from the cache, with provenance, running nothing.
+    let template = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/phase4.md.j2").display().to_string();
+    let out = p.path().join("cli/phase4.md");
+    let report_args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["report", template.as_str(), "--pipeline", file.as_str(), "--store", store.as_str(), "-o", out.to_str().unwrap()].iter().map(|s| s.to_string()).collect();
+        v.extend(SMALL.iter().map(|s| s.to_string()));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let objects_before = p.objects().len();
+    run(report_args(&[])).assert_ok();
+    let cli_md = std::fs::read_to_string(&out).unwrap();
+    assert!(cli_md.contains("## Headline") && cli_md.contains("## Provenance") && cli_md.contains("| teacher |"), "{cli_md}");
+    assert!(p.path().join("cli/training.png").exists());
+    assert_eq!(p.objects().len(), objects_before, "report must not run or store anything");
+    let missing = run(report_args(&["--set", "steps=13"]));
+    assert_ne!(missing.code, 0);
+    assert!(missing.stderr.contains("not cached"), "{}", missing.stderr);
 }
 
 #[test]

@@ -55,7 +55,12 @@ pub fn load_input(path: &Path) -> Result<Value, StageError> {
         }
         return Ok(Value::Object(m));
     }
-    let text = std::fs::read_to_string(path).map_err(io)?;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        // Binary outputs (weights, GGUF, ONNX) have no template value.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Ok(Value::Null),
+        Err(e) => return Err(io(e)),
+    };
     // Inputs arrive under their input name, not the producer's file name: go by content.
     match path.extension().and_then(|e| e.to_str()) {
         Some("json") => serde_json::from_str(&text).map_err(|e| StageError::failed(format!("{}: invalid JSON: {e}", path.display()))),
@@ -184,6 +189,11 @@ pub fn environment(out_dir: &Path) -> Environment<'static> {
 
 /// Render `template` (its text and a name for errors) with `context` into `out_dir/report.md`.
 pub fn render(template_name: &str, template: &str, context: &Value, out_dir: &Path) -> Result<String, StageError> {
+    render_to(template_name, template, context, out_dir, "report.md")
+}
+
+/// As [`render`], into `out_dir/file_name`; plots go beside it.
+pub fn render_to(template_name: &str, template: &str, context: &Value, out_dir: &Path, file_name: &str) -> Result<String, StageError> {
     std::fs::create_dir_all(out_dir).map_err(|e| StageError::io(format!("creating {}", out_dir.display()), e))?;
     let env = environment(out_dir);
     let describe = |e: &Error| {
@@ -203,7 +213,7 @@ pub fn render(template_name: &str, template: &str, context: &Value, out_dir: &Pa
     };
     let tmpl = env.template_from_named_str(template_name, template).map_err(|e| describe(&e))?;
     let text = tmpl.render(context).map_err(|e| describe(&e))?;
-    std::fs::write(out_dir.join("report.md"), &text).map_err(|e| StageError::io("writing report.md", e))?;
+    std::fs::write(out_dir.join(file_name), &text).map_err(|e| StageError::io(format!("writing {file_name}"), e))?;
     Ok(text)
 }
 
