@@ -138,7 +138,7 @@ impl Stage for DistillStage {
         let best_dir = ctx.output("best")?.to_path_buf();
         let objective = Objective::Distill { teacher: &teacher, temperature: s.temperature, alpha: s.alpha };
         let say = |prefix: &str, m: &str, ctx: &mut StageContext| ctx.progress(&format!("{prefix}: {m}"));
-        let report = fit(&student, h, seed, &train_ids, &valid_ids, &objective, &best_dir, FitHooks { progress: &mut |m| say("student", m, ctx), cancel: &cancel }).map_err(fit_error)?;
+        let report = fit(&student, h, seed, &train_ids, &valid_ids, &objective, &best_dir, FitHooks { progress: &mut |m| say("distilling", m, ctx), cancel: &cancel }).map_err(fit_error)?;
         student.save(ctx.output("model")?).map_err(err)?;
         std::fs::write(ctx.output("metrics.csv")?, &report.csv).map_err(|e| StageError::io("writing metrics.csv", e))?;
         let student_best = Model::load(&best_dir).map_err(err)?;
