@@ -259,7 +259,7 @@ pub async fn run_child(
             let spec_path = scratch.join("spec.json");
             std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).map_err(std::io::Error::other)?)?;
             let _ = std::fs::remove_file(&result_path);
-            let mut c = std::process::Command::new(std::env::current_exe()?);
+            let mut c = std::process::Command::new(self_exe()?);
             c.arg("exec-stage").arg(&spec_path).arg(&result_path).stdin(std::process::Stdio::null());
             c.env(PARENT_ENV, std::process::id().to_string());
             // candle (rayon) and BLAS-style libraries size their pools from these at start-up.
@@ -345,4 +345,15 @@ pub async fn run_child(
         }
     };
     Ok((outcome, log_path))
+}
+
+/// The running binary, for `exec-stage` children. On Linux `/proc/self/exe` still names the
+/// running program after its file was replaced or deleted (a `cargo build` during a long run),
+/// where the path `current_exe` returns would then point at a different or missing file.
+fn self_exe() -> std::io::Result<std::path::PathBuf> {
+    let proc_exe = std::path::Path::new("/proc/self/exe");
+    if proc_exe.exists() {
+        return Ok(proc_exe.to_path_buf());
+    }
+    std::env::current_exe()
 }

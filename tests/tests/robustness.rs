@@ -314,3 +314,27 @@ fn stage_process_protocol_runs_reports_and_dies_with_the_scheduler() {
     let orphans = processes_mentioning(&marker.display().to_string());
     assert!(orphans.is_empty(), "stage processes survived the scheduler: {orphans:?}");
 }
+
+#[test]
+fn replacing_the_binary_mid_run_does_not_break_later_stages() {
+    // A rebuild (`cargo build`) swaps the file under a running pipeline; built-in stages run as
+    // `exec-stage` children of the running binary and must still start.
+    let p = Project::new();
+    let bin = p.path().join("orchestrate-copy");
+    std::fs::copy(e2e_tests::binary(), &bin).unwrap();
+    let marker = p.path().join("started");
+    let file = p.write(
+        "swap.yaml",
+        &format!(
+            "name: swap\nstages:\n  wait: {{kind: command, cmd: \"touch {} && sleep 2 && echo ok > ${{outputs.o}}\", outputs: [o]}}\n  corpus: {{kind: corpus, inputs: {{after: wait.o}}, params: {{source: builtin, documents: 20}}}}\n",
+            marker.display()
+        ),
+    );
+    let child = std::process::Command::new(&bin).args(["run", file.to_str().unwrap(), "--store", p.store().to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for(&marker, Duration::from_secs(30));
+    std::fs::remove_file(&bin).unwrap();
+    std::fs::write(&bin, b"#!/bin/sh\nexit 99\n").unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}

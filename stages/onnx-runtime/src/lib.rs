@@ -289,3 +289,20 @@ pub fn weight_matmul_macs(path: &Path) -> Result<u64, RuntimeError> {
     }
     Ok(macs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_onnxruntime_library_says_what_to_run() {
+        // The only test in this crate that touches the environment, so no other test races it.
+        std::env::set_var("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so");
+        let e = find_onnxruntime().unwrap_err().to_string();
+        std::env::remove_var("ORT_DYLIB_PATH");
+        assert!(e.contains("bash .ci/venv") && e.contains("ORT_DYLIB_PATH") && e.contains("/nonexistent/libonnxruntime.so"), "{e}");
+        // Without the variable, the project venv (made by the README's commands) is found.
+        let found = find_onnxruntime().unwrap();
+        assert!(found.to_string_lossy().contains("libonnxruntime.so"), "{}", found.display());
+    }
+}
