@@ -17,6 +17,7 @@ pub mod progress;
 pub mod registry;
 pub mod replay;
 pub mod report;
+pub mod runmeta;
 pub mod runner;
 pub mod sched;
 pub mod store;

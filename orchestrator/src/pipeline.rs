@@ -44,6 +44,8 @@ pub struct StageInstance {
     pub deterministic: bool,
     /// Outputs exempt from replay's bit-identity check (they record timings).
     pub volatile_outputs: Vec<String>,
+    /// The stage is handed the run description (`RunSpec::run_metadata`).
+    pub wants_run_metadata: bool,
     pub seed: u64,
     /// Params whose value is `file:PATH`: (dotted path in params, absolute path). Each is also
     /// an input (`params.<path>`), so its content is in the cache key; the stage is handed the
@@ -453,6 +455,7 @@ pub fn load(file: &Path, sets: &[String], registry: &Registry) -> Result<Pipelin
                     retries,
                     deterministic,
                     volatile_outputs: plan.volatile_outputs.clone(),
+                    wants_run_metadata: stage.wants_run_metadata(),
                     seed,
                     param_files: file_inputs,
                     pos: key.pos,

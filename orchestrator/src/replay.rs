@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::dag::Dag;
-use crate::objects::{Entry, ObjectStore};
+use crate::objects::{Entry, ObjKind, ObjectStore};
 use crate::pipeline::Pipeline;
 use crate::runner::{self, key_for, short, StageFailure};
 use crate::store::Store;
@@ -66,7 +66,13 @@ pub async fn replay(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize
             continue;
         }
         let threads = st.threads.min(cores).max(1);
-        let result = runner::run_stage(store.objects.clone(), scratch.clone(), st, &sources, threads, rx.clone(), None).await;
+        // The run description the stage was first handed, so a report replays to the same bytes.
+        let run_metadata = m.run_metadata.as_ref().map(|d| Entry {
+            digest: d.clone(),
+            kind: ObjKind::File,
+            size: std::fs::metadata(store.objects.path(d)).map(|md| md.len()).unwrap_or(0),
+        });
+        let result = runner::run_stage(store.objects.clone(), scratch.clone(), st, &sources, run_metadata.as_ref(), threads, rx.clone(), None).await;
         match result {
             Ok(run) => {
                 for (name, cached_entry) in &m.outputs {

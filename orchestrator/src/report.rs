@@ -13,12 +13,7 @@ use serde_json::{json, Map, Value};
 
 use crate::dag::Dag;
 use crate::pipeline::{InputRef, Pipeline};
-use crate::store::{iso8601, Store};
-
-fn git_commit(dir: &Path) -> Option<String> {
-    let out = std::process::Command::new("git").arg("-C").arg(dir).args(["rev-parse", "HEAD"]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
+use crate::store::Store;
 
 fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
@@ -36,7 +31,7 @@ pub fn render_cached(p: &Pipeline, dag: &Dag, store: &Store, template: &Path, ou
     let mut run_stages = Vec::new();
     for e in &entries {
         let Some(digest) = &e.manifest else {
-            run_stages.push(json!({"stage": e.stage, "cached": false, "key": e.key}));
+            run_stages.push(crate::runmeta::missing_entry(&e.stage, e.key.as_deref()));
             continue;
         };
         let m = store.load_manifest(digest)?;
@@ -48,7 +43,7 @@ pub fn render_cached(p: &Pipeline, dag: &Dag, store: &Store, template: &Path, ou
             files.insert((e.stage.clone(), name.clone()), to);
         }
         stages.insert(e.stage.clone(), Value::Object(outs));
-        run_stages.push(json!({"stage": e.stage, "cached": true, "key": m.key, "computed_at": iso8601(m.started_at), "duration_s": m.duration_s, "cpu_s": m.cpu_s}));
+        run_stages.push(crate::runmeta::stage_entry(&e.stage, &m, true));
     }
     // The report stage that renders this template, if any: its wiring becomes `inputs`.
     let wiring = p.stages.iter().find(|s| s.kind == "report" && s.param_files.iter().any(|(k, path)| k == "template" && same_file(path, template)));
@@ -65,17 +60,7 @@ pub fn render_cached(p: &Pipeline, dag: &Dag, store: &Store, template: &Path, ou
             inputs.insert(name.clone(), value);
         }
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-    let run = json!({
-        "pipeline": p.name,
-        "pipeline_file": p.file.display().to_string(),
-        "pipeline_digest": blake3::hash(p.source.as_bytes()).to_hex().to_string(),
-        "git_commit": git_commit(&p.dir),
-        "date": iso8601(now),
-        "host": stage_benchmark::host(),
-        "stages": run_stages,
-        "rendered_from": "cache (orchestrate report)",
-    });
+    let run = crate::runmeta::describe(p, run_stages, "cache (orchestrate report)");
     let context = json!({"inputs": inputs, "stages": stages, "run": run, "params": p.params});
     let out_dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let file_name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "report.md".into());

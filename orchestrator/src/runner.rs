@@ -99,18 +99,21 @@ fn quarantine(input_store: &ObjectStore, digest: &str) {
     let _ = std::fs::rename(input_store.path(digest), q.join(format!("{digest}.{}", std::process::id())));
 }
 
-/// Run `st` once (with its retries) and store its outputs in `output_store`.
+/// Run `st` once (with its retries) and store its outputs in `output_store`. `run_metadata` is
+/// the stored run description handed to a stage that asks for one.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_stage(
     input_store: Arc<ObjectStore>,
     output_store: Arc<ObjectStore>,
     st: &StageInstance,
     sources: &BTreeMap<String, InputSource>,
+    run_metadata: Option<&Entry>,
     threads: u32,
     cancel: watch::Receiver<bool>,
     progress: Option<crate::exec::ProgressSink>,
 ) -> Result<StageRun, StageFailure> {
     let scratch = output_store.tmp_path(&format!("stage-{}", st.name.replace(['@', '/'], "_")));
-    let result = run_in_scratch(&input_store, &output_store, st, sources, threads, cancel, progress, &scratch).await;
+    let result = run_in_scratch(&input_store, &output_store, st, sources, run_metadata, threads, cancel, progress, &scratch).await;
     let _ = crate::store::remove_dir_all_writable(&scratch);
     result
 }
@@ -121,6 +124,7 @@ async fn run_in_scratch(
     output_store: &Arc<ObjectStore>,
     st: &StageInstance,
     sources: &BTreeMap<String, InputSource>,
+    run_metadata: Option<&Entry>,
     threads: u32,
     cancel: watch::Receiver<bool>,
     progress: Option<crate::exec::ProgressSink>,
@@ -169,6 +173,16 @@ async fn run_in_scratch(
             }
         }
     }
+    let run_metadata = match run_metadata {
+        Some(entry) => {
+            let dest = scratch.join("run.json");
+            input_store
+                .materialize(entry, &dest, &format!("the run description for `{}`", st.name))
+                .map_err(|e| StageFailure::msg(format!("preparing the run description: {e}")))?;
+            Some(dest)
+        }
+        None => None,
+    };
     let outputs: BTreeMap<String, PathBuf> = st.outputs.iter().map(|o| (o.clone(), out_dir.join(o))).collect();
     let spec = RunSpec {
         stage_name: st.name.clone(),
@@ -179,6 +193,7 @@ async fn run_in_scratch(
         work_dir: work_dir.clone(),
         threads,
         seed: st.seed,
+        run_metadata,
     };
     tracing::debug!(stage = %st.name, "inputs ready");
     let started_at = crate::store::now_unix();

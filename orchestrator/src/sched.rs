@@ -75,7 +75,7 @@ enum State {
     Cancelled,
 }
 
-type TaskResult = (usize, String, Result<runner::StageRun, StageFailure>, crate::store::KeyInput, f64);
+type TaskResult = (usize, String, Result<runner::StageRun, StageFailure>, crate::store::KeyInput, Option<String>, f64);
 
 /// Wait for Ctrl-C or SIGTERM.
 async fn termination() {
@@ -186,6 +186,26 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
                     if st.threads > opts.cores {
                         tracing::info!(stage = %st.name, "wants {} threads; running with the budget of {}", st.threads, opts.cores);
                     }
+                    let run_metadata = if st.wants_run_metadata {
+                        match describe_run(p, dag, &store, &state, i) {
+                            Ok(e) => Some(e),
+                            Err(msg) => {
+                                state[i] = State::Failed;
+                                failed_any = true;
+                                reporter.failed(&st.name, &msg, "");
+                                reports[i] = Some(report(&st.name, Status::Failed, Some(key), None, 0.0, Some(msg)));
+                                progressed = true;
+                                if !opts.keep_going {
+                                    stopping = true;
+                                    let _ = cancel_tx.send(true);
+                                    break;
+                                }
+                                continue;
+                            }
+                        }
+                    } else {
+                        None
+                    };
                     free -= threads;
                     state[i] = State::Running;
                     reporter.started(&st.name, threads);
@@ -196,8 +216,8 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
                     let sink = progress_tx.clone();
                     tasks.spawn(async move {
                         let t = Instant::now();
-                        let r = runner::run_stage(inputs_store, out_store, &st2, &sources, threads, rx, Some(sink)).await;
-                        (i, key, r, key_input, t.elapsed().as_secs_f64())
+                        let r = runner::run_stage(inputs_store, out_store, &st2, &sources, run_metadata.as_ref(), threads, rx, Some(sink)).await;
+                        (i, key, r, key_input, run_metadata.map(|e| e.digest), t.elapsed().as_secs_f64())
                     });
                 }
             }
@@ -208,7 +228,7 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
         tokio::select! {
             joined = tasks.join_next() => {
                 let Some(joined) = joined else { continue };
-                let (i, key, result, key_input, wall) = match joined {
+                let (i, key, result, key_input, run_metadata, wall) = match joined {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::error!("a stage task ended abnormally: {e}");
@@ -235,6 +255,7 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
                             cpu_s: run.result.cpu_s,
                             peak_rss_bytes: run.result.peak_rss_bytes,
                             log: run.log.clone(),
+                            run_metadata,
                         };
                         match store.commit(&m) {
                             Ok(digest) => {
@@ -328,6 +349,22 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
     };
     reporter.finish(&summary, cached);
     summary
+}
+
+/// Store the description of this run as stage `i` sees it: every stage it depends on, with
+/// whether this run computed it or reused it from the cache.
+fn describe_run(p: &Pipeline, dag: &Dag, store: &Store, state: &[State], i: usize) -> Result<Entry, String> {
+    let mut stages = Vec::new();
+    let upstream = dag.with_upstream(i);
+    for &j in dag.order.iter().filter(|&&j| j != i && upstream.contains(&j)) {
+        let State::Done { manifest, cached, .. } = &state[j] else { continue };
+        let m = store.load_manifest(manifest).map_err(|e| format!("reading the result of `{}` for the run description: {e}", p.stages[j].name))?;
+        stages.push(crate::runmeta::stage_entry(&p.stages[j].name, &m, *cached));
+    }
+    let run = crate::runmeta::describe(p, stages, "this run's report stage");
+    let bytes = serde_json::to_vec_pretty(&run).map_err(|e| format!("encoding the run description: {e}"))?;
+    let digest = store.objects.put_bytes(&bytes).map_err(|e| format!("storing the run description: {e}"))?;
+    Ok(Entry { digest, kind: crate::objects::ObjKind::File, size: bytes.len() as u64 })
 }
 
 fn report(name: &str, status: Status, key: Option<String>, manifest: Option<String>, d: f64, error: Option<String>) -> StageReport {

@@ -72,6 +72,10 @@ pub struct Manifest {
     pub peak_rss_bytes: u64,
     /// Digest of the stage's captured stdout+stderr.
     pub log: Option<String>,
+    /// Digest of the run description the stage was handed (`Stage::wants_run_metadata`); not
+    /// part of the key, kept so `replay` can hand the stage the same file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_metadata: Option<String>,
 }
 
 pub const MANIFEST_TAG: &str = "manifest";
@@ -432,9 +436,7 @@ impl Store {
                 for e in m.outputs.values() {
                     self.objects.reachable(e, &mut keep);
                 }
-                if let Some(l) = &m.log {
-                    keep.insert(l.clone());
-                }
+                keep.extend(m.log.iter().chain(&m.run_metadata).cloned());
             }
         }
         let mut report = GcReport { runs_kept: runs.len().min(keep_last), ..Default::default() };
@@ -549,6 +551,7 @@ mod tests {
             cpu_s: 0.0,
             peak_rss_bytes: 0,
             log: None,
+            run_metadata: None,
         }
     }
 

@@ -55,6 +55,9 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
         assert!(md.contains(&format!("| {label} |")), "headline row {label}:\n{md}");
     }
     assert!(!md.contains("| NO |") && !md.contains("DIFFERS") && !md.contains("DIFFERENT"), "{md}");
+    // The cold run computed everything, and the report says so, per section and per stage.
+    assert!(md.contains("## Provenance") && md.contains("*Source: `benchmark`, measured in this run.*"), "{md}");
+    assert!(md.contains("| teacher | ") && !md.contains("| from cache |") && !md.contains(", from cache (measured"), "{md}");
     let pngs: Vec<&str> = md.match_indices("](").filter_map(|(i, _)| md[i + 2..].split(')').next()).filter(|l| l.ends_with(".png")).collect();
     assert_eq!(pngs, ["training.png", "compression.png", "throughput.png", "quality_vs_size.png"]);
     for png in pngs {
@@ -78,9 +81,25 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
     assert!(cli_md.contains("## Headline") && cli_md.contains("## Provenance") && cli_md.contains("| teacher |"), "{cli_md}");
     assert!(p.path().join("cli/training.png").exists());
     assert_eq!(p.objects().len(), objects_before, "report must not run or store anything");
+    assert!(cli_md.contains("*Source: `teacher`, from cache (measured "), "{cli_md}");
     let missing = run(report_args(&["--set", "steps=13"]));
     assert_ne!(missing.code, 0);
     assert!(missing.stderr.contains("not cached"), "{}", missing.stderr);
+
+    // Only the benchmark changes: the report stage re-renders and marks what this run measured
+    // (the benchmark) apart from what it took from the cache (everything upstream).
+    let partial = run(args("run", &["--json", "--set", "benchmark.generate=9"]));
+    partial.assert_ok();
+    let ran: Vec<String> = partial.statuses().into_iter().filter(|(_, s)| s == "ran").map(|(n, _)| n).collect();
+    assert_eq!(ran, ["benchmark", "report"], "{}", partial.stdout);
+    let dest2 = p.path().join("report2");
+    run(args("export", &["report.report", dest2.to_str().unwrap(), "--set", "benchmark.generate=9"])).assert_ok();
+    let md2 = std::fs::read_to_string(dest2.join("report.md")).unwrap();
+    assert!(md2.contains("*Source: `benchmark`, measured in this run.*"), "{md2}");
+    assert!(md2.contains("*Source: `teacher`, from cache (measured "), "{md2}");
+    assert!(md2.contains("*Source: `int8`, from cache (measured "), "{md2}");
+    assert!(md2.lines().any(|l| l.starts_with("| benchmark | ") && l.contains("| computed |")), "{md2}");
+    assert!(md2.lines().any(|l| l.starts_with("| student | ") && l.contains("| from cache |")), "{md2}");
 }
 
 #[test]

@@ -136,6 +136,13 @@ pub struct RunSpec {
     pub work_dir: PathBuf,
     pub threads: u32,
     pub seed: u64,
+    /// For stages that ask for it ([`Stage::wants_run_metadata`]): a JSON file describing the
+    /// run that executes the stage — pipeline, date, host, and for every upstream stage its
+    /// cache key and whether this run computed it or took it from the cache. Not part of the
+    /// cache key (a fully cached rerun must not re-render); recorded with the result instead,
+    /// so `replay` hands the stage the same file.
+    #[serde(default)]
+    pub run_metadata: Option<PathBuf>,
 }
 
 /// A UTF-8 text input, with the path in the error.
@@ -183,6 +190,10 @@ impl StageContext {
     }
     pub fn work_dir(&self) -> &Path {
         &self.spec.work_dir
+    }
+    /// The run-metadata file, when the stage asked for one and the executor provides it.
+    pub fn run_metadata(&self) -> Option<&Path> {
+        self.spec.run_metadata.as_deref()
     }
 
     /// Path of a declared input. Errors (rather than panics) on a name the stage did not declare.
@@ -272,6 +283,12 @@ pub trait Stage: Send + Sync {
     /// Do the work: read inputs, write every declared output, record metrics.
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError>;
 
+    /// Whether the stage is handed a description of the run executing it (see
+    /// [`RunSpec::run_metadata`]); a report that says which results were computed in this run.
+    fn wants_run_metadata(&self) -> bool {
+        false
+    }
+
     /// A stage whose work is one external program may return it; the scheduler then runs it
     /// directly instead of calling [`Stage::run`] in a child process.
     fn external(&self, _spec: &RunSpec) -> Result<Option<External>, StageError> {
@@ -334,6 +351,7 @@ mod tests {
             work_dir: PathBuf::from("/x"),
             threads: 1,
             seed: 0,
+            run_metadata: None,
         };
         let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
         assert_eq!(ctx.input("a").unwrap(), Path::new("/x/a"));

@@ -61,7 +61,7 @@ fn measures_native_gguf_and_onnx_models_with_host_and_csv() {
     let plan = BenchmarkStage.check(&p, &io).unwrap();
     assert!(!plan.deterministic);
     let out: BTreeMap<String, PathBuf> = plan.required_outputs.iter().map(|n| (n.clone(), d.join(n))).collect();
-    let spec = RunSpec { stage_name: "bench".into(), kind: "benchmark".into(), params: p, inputs, outputs: out, work_dir: d.into(), threads: 1, seed: 0 };
+    let spec = RunSpec { stage_name: "bench".into(), kind: "benchmark".into(), params: p, inputs, outputs: out, work_dir: d.into(), threads: 1, seed: 0, run_metadata: None };
     let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
     BenchmarkStage.run(&mut ctx).unwrap();
     let r: Value = serde_json::from_str(&std::fs::read_to_string(d.join("benchmark.json")).unwrap()).unwrap();

@@ -280,6 +280,7 @@ mod tests {
             work_dir: dir.path().to_path_buf(),
             threads: 1,
             seed: 1,
+            run_metadata: None,
         };
         let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
         CommandStage.run(&mut ctx).unwrap();
@@ -299,6 +300,7 @@ mod tests {
             work_dir: dir.path().to_path_buf(),
             threads: 1,
             seed: 1,
+            run_metadata: None,
         };
         let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
         let err = CommandStage.run(&mut ctx).unwrap_err().to_string();

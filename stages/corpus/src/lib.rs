@@ -245,7 +245,7 @@ mod tests {
         let p = Params { fields: BTreeMap::new(), params: params.as_object().unwrap().clone().into_iter().collect() };
         CorpusStage.check(&p, &InputSpec::default()).map_err(StageError::Params)?;
         let outputs: BTreeMap<String, PathBuf> = ["train.txt", "valid.txt", "stats.json"].iter().map(|n| (n.to_string(), dir.join(n))).collect();
-        let spec = stage_api::RunSpec { stage_name: "corpus".into(), kind: "corpus".into(), params: p, inputs: BTreeMap::new(), outputs, work_dir: dir.to_path_buf(), threads: 1, seed: 5 };
+        let spec = stage_api::RunSpec { stage_name: "corpus".into(), kind: "corpus".into(), params: p, inputs: BTreeMap::new(), outputs, work_dir: dir.to_path_buf(), threads: 1, seed: 5, run_metadata: None };
         let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
         CorpusStage.run(&mut ctx)?;
         let r = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();

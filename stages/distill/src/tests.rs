@@ -61,7 +61,7 @@ fn run(dir: &Path, p: Value) -> Result<Value, stage_api::StageError> {
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let outputs: BTreeMap<String, PathBuf> = plan.required_outputs.iter().map(|n| (n.to_string(), out.join(n))).collect();
-    let spec = RunSpec { stage_name: "d".into(), kind: "distill".into(), params: p, inputs, outputs, work_dir: dir.into(), threads: 1, seed: 4 };
+    let spec = RunSpec { stage_name: "d".into(), kind: "distill".into(), params: p, inputs, outputs, work_dir: dir.into(), threads: 1, seed: 4, run_metadata: None };
     let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
     DistillStage.run(&mut ctx)?;
     Ok(serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap())

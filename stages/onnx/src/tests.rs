@@ -135,6 +135,7 @@ mod stages {
             work_dir: dir.into(),
             threads: 1,
             seed: 0,
+            run_metadata: None,
         };
         let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
         stage.run(&mut ctx)?;

@@ -184,7 +184,56 @@ pub fn environment(out_dir: &Path) -> Environment<'static> {
         plots::progression(&dir.join(&file), &to_json(&steps)?).map_err(plot_err)?;
         Ok(file)
     });
+    let run_of = move |state: &minijinja::State| -> Result<Option<Value>, Error> { state.lookup("run").map(|r| to_json(&r)).transpose() };
+    env.add_function("origin", move |state: &minijinja::State, stage: String| -> Result<String, Error> { Ok(origin(run_of(state)?.as_ref(), &stage)) });
+    env.add_function("provenance", move |state: &minijinja::State| -> Result<String, Error> { Ok(run_of(state)?.map(|r| provenance(&r)).unwrap_or_default()) });
     env
+}
+
+/// One line saying where a section's numbers came from: computed by the run that rendered the
+/// report, or reused from the cache (and when they were measured).
+pub fn origin(run: Option<&Value>, stage: &str) -> String {
+    match run.and_then(|r| r.get("by_stage")).and_then(|b| b.get(stage)) {
+        Some(e) if e.get("missing").and_then(Value::as_bool) == Some(true) => format!("*Source: `{stage}`, NOT CACHED.*"),
+        Some(e) if e.get("cached").and_then(Value::as_bool) == Some(true) => {
+            let when = e.get("computed_at").and_then(Value::as_str).unwrap_or("?");
+            format!("*Source: `{stage}`, from cache (measured {when}).*")
+        }
+        Some(_) => format!("*Source: `{stage}`, measured in this run.*"),
+        None => format!("*Source: `{stage}`.*"),
+    }
+}
+
+/// The provenance section: the pipeline and commit, and per stage its cache key, whether the
+/// rendering run computed it or reused it, when it was measured and how long it took.
+pub fn provenance(run: &Value) -> String {
+    let s = |k: &str| run.get(k).and_then(Value::as_str).unwrap_or("?");
+    let short = |v: &str, n: usize| v.chars().take(n).collect::<String>();
+    let commit = run.get("git_commit").and_then(Value::as_str).map(|c| format!(", git commit {}", short(c, 12))).unwrap_or_default();
+    let mut out = format!(
+        "## Provenance\n\nRendered {} from {}; pipeline `{}` ({}, blake3 {}…){commit}.\n\
+         Every figure above was measured by the stage that produced it, at the time listed; none was computed while rendering. \
+         \"computed\" means the run that rendered this report produced it; \"from cache\" means that run reused a result stored by an earlier run.\n\n\
+         | stage | cache key | this run | measured at | duration |\n|---|---|---|---|---|\n",
+        s("date"),
+        s("rendered_from"),
+        s("pipeline"),
+        s("pipeline_file"),
+        short(s("pipeline_digest"), 16),
+    );
+    for e in run.get("stages").and_then(Value::as_array).into_iter().flatten() {
+        let f = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("–").to_string();
+        let key = e.get("key").and_then(Value::as_str).map(|k| format!("{}…", short(k, 16))).unwrap_or_else(|| "–".into());
+        let missing = e.get("missing").and_then(Value::as_bool) == Some(true);
+        let (status, at, took) = if missing {
+            ("NOT CACHED", "–".to_string(), "–".to_string())
+        } else {
+            let status = if e.get("cached").and_then(Value::as_bool) == Some(true) { "from cache" } else { "computed" };
+            (status, f("computed_at"), format!("{:.1} s", e.get("duration_s").and_then(Value::as_f64).unwrap_or(f64::NAN)))
+        };
+        out.push_str(&format!("| {} | {key} | {status} | {at} | {took} |\n", f("stage")));
+    }
+    out
 }
 
 /// Render `template` (its text and a name for errors) with `context` into `out_dir/report.md`.
@@ -228,6 +277,10 @@ impl Stage for ReportStage {
         "render a minijinja markdown template with the upstream results and PNG plots → report/ (report.md + *.png)"
     }
 
+    fn wants_run_metadata(&self) -> bool {
+        true
+    }
+
     fn check(&self, params: &Params, _io: &InputSpec) -> Result<StagePlan, ParamError> {
         stage_api::check_known_params(params, &["template", "title", "seed"], "report")?;
         match params.param("template").and_then(Value::as_str) {
@@ -246,7 +299,13 @@ impl Stage for ReportStage {
             inputs.insert(name.clone(), load_input(ctx.input(&name)?)?);
         }
         let params: Map<String, Value> = ctx.params().params.clone().into_iter().collect();
-        let context = serde_json::json!({"inputs": inputs, "params": params, "stage": ctx.stage_name()});
+        let mut context = serde_json::json!({"inputs": inputs, "params": params, "stage": ctx.stage_name()});
+        // Run by hand (no orchestrator), there is no run to describe; templates test `run is defined`.
+        if let Some(path) = ctx.run_metadata() {
+            let run: Value = serde_json::from_str(&stage_api::read_text(path)?)
+                .map_err(|e| StageError::failed(format!("the run description {} is not JSON: {e}", path.display())))?;
+            context["run"] = run;
+        }
         let name = template_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "template".into());
         let out = ctx.output("report")?.to_path_buf();
         render(&name, &template, &context, &out)?;

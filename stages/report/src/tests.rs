@@ -54,3 +54,29 @@ fn number_formats() {
     assert_eq!(format_bytes(1_067_328.0), "1.07 MB");
     assert_eq!(format_int(-1234567.0), "-1,234,567");
 }
+
+#[test]
+fn sections_say_whether_this_run_measured_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = json!({
+        "date": "2026-11-27T09:00:00Z", "rendered_from": "this run's report stage", "pipeline": "p", "pipeline_file": "p.yaml",
+        "pipeline_digest": "0123456789abcdef0123", "git_commit": null,
+        "stages": [
+            {"stage": "train", "key": "aaaaaaaaaaaaaaaaaaaa", "cached": true, "computed_at": "2026-11-26T08:00:00Z", "duration_s": 61.0},
+            {"stage": "bench", "key": "bbbbbbbbbbbbbbbbbbbb", "cached": false, "computed_at": "2026-11-27T08:59:00Z", "duration_s": 2.5}
+        ],
+        "by_stage": {
+            "train": {"stage": "train", "cached": true, "computed_at": "2026-11-26T08:00:00Z"},
+            "bench": {"stage": "bench", "cached": false, "computed_at": "2026-11-27T08:59:00Z"}
+        }
+    });
+    let tmpl = "{{ origin(\"train\") }}\n{{ origin(\"bench\") }}\n{{ provenance() }}";
+    let text = render("t.md.j2", tmpl, &json!({"run": run}), dir.path()).unwrap();
+    assert!(text.contains("*Source: `train`, from cache (measured 2026-11-26T08:00:00Z).*"), "{text}");
+    assert!(text.contains("*Source: `bench`, measured in this run.*"), "{text}");
+    assert!(text.contains("| train | aaaaaaaaaaaaaaaa… | from cache | 2026-11-26T08:00:00Z | 61.0 s |"), "{text}");
+    assert!(text.contains("| bench | bbbbbbbbbbbbbbbb… | computed | 2026-11-27T08:59:00Z | 2.5 s |"), "{text}");
+    // Rendered without a run (a stage run by hand): sources named, no provenance section.
+    let bare = render("t.md.j2", tmpl, &json!({}), dir.path()).unwrap();
+    assert!(bare.contains("*Source: `train`.*") && !bare.contains("Provenance"), "{bare}");
+}

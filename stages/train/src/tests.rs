@@ -45,7 +45,7 @@ fn run(dir: &Path, p: Value) -> Result<Value, stage_api::StageError> {
     ]);
     let outputs: BTreeMap<String, PathBuf> = ["model", "best", "metrics.csv", "summary.json"].iter().map(|n| (n.to_string(), dir.join("out").join(n))).collect();
     std::fs::create_dir_all(dir.join("out")).unwrap();
-    let spec = RunSpec { stage_name: "t".into(), kind: "train".into(), params: p, inputs, outputs, work_dir: dir.into(), threads: 1, seed: 3 };
+    let spec = RunSpec { stage_name: "t".into(), kind: "train".into(), params: p, inputs, outputs, work_dir: dir.into(), threads: 1, seed: 3, run_metadata: None };
     let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
     TrainStage.run(&mut ctx)?;
     Ok(serde_json::from_str(&std::fs::read_to_string(dir.join("out/summary.json")).unwrap()).unwrap())

@@ -213,7 +213,7 @@ mod tests {
         VocabStage.check(&p, &io).unwrap();
         let inputs = BTreeMap::from([("text".to_string(), dir.path().join("train.txt")), ("valid".to_string(), dir.path().join("valid.txt"))]);
         let outputs: BTreeMap<String, PathBuf> = ["tokenizer.json", "stats.json"].iter().map(|n| (n.to_string(), dir.path().join(n))).collect();
-        let spec = stage_api::RunSpec { stage_name: "v".into(), kind: "vocab".into(), params: p, inputs, outputs, work_dir: dir.path().into(), threads: 1, seed: 0 };
+        let spec = stage_api::RunSpec { stage_name: "v".into(), kind: "vocab".into(), params: p, inputs, outputs, work_dir: dir.path().into(), threads: 1, seed: 0, run_metadata: None };
         let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
         VocabStage.run(&mut ctx).unwrap();
         let tok = Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
