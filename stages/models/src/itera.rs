@@ -11,18 +11,18 @@ use crate::scan::diag_scan;
 
 /// The study's selective SSM block (pre-LN, residual).
 pub struct SsmBlock {
-    norm: LayerNorm,
-    in_proj: Linear,
-    conv_w: Tensor,
-    conv_b: Tensor,
-    a_log: Tensor,
-    b: Tensor,
-    c: Tensor,
-    d: Tensor,
-    delta_proj: Linear,
-    out_proj: Linear,
-    d_inner: usize,
-    k: usize,
+    pub(crate) norm: LayerNorm,
+    pub(crate) in_proj: Linear,
+    pub(crate) conv_w: Tensor,
+    pub(crate) conv_b: Tensor,
+    pub(crate) a_log: Tensor,
+    pub(crate) b: Tensor,
+    pub(crate) c: Tensor,
+    pub(crate) d: Tensor,
+    pub(crate) delta_proj: Linear,
+    pub(crate) out_proj: Linear,
+    pub(crate) d_inner: usize,
+    pub(crate) k: usize,
     p_drop: f64,
 }
 
@@ -129,8 +129,8 @@ fn run_expert(ex: &(Linear, Linear), x: &Tensor) -> Result<Tensor> {
 
 /// Pre-LN dense FFN with one expert's shape (the study's fallback on non-MoE layers).
 pub struct Ffn {
-    norm: LayerNorm,
-    ff: (Linear, Linear),
+    pub(crate) norm: LayerNorm,
+    pub(crate) ff: (Linear, Linear),
     p_drop: f64,
 }
 
@@ -154,10 +154,10 @@ pub struct MoeOut {
 }
 
 pub struct Moe {
-    norm: LayerNorm,
-    router: Linear,
-    experts: Vec<(Linear, Linear)>,
-    top_k: usize,
+    pub(crate) norm: LayerNorm,
+    pub(crate) router: Linear,
+    pub(crate) experts: Vec<(Linear, Linear)>,
+    pub(crate) top_k: usize,
     aux_kind: AuxLoss,
     p_drop: f64,
 }

@@ -1,7 +1,8 @@
 //! itera-models: the study's models in candle.
 //!
 //! - [`itera::IteraLite`]: SSM blocks (the recurrence is one custom op, [`scan::diag_scan`])
-//!   with a mixture of experts on the odd layers; recurrent-state generation.
+//!   with a mixture of experts on the odd layers; recurrent-state generation ([`decode`]: the
+//!   batch-1 step on plain slices).
 //! - [`transformer::Transformer`]: the baseline; KV-cache generation.
 //! - [`model::Model`]: seeded construction, next-token loss, generation, safetensors checkpoints.
 //! - [`quant`], [`qmodel`], [`gguf`]: INT8/INT4 weights with integer matmuls, GGUF checkpoints.
@@ -10,6 +11,7 @@
 
 pub mod accounting;
 pub mod config;
+pub mod decode;
 pub mod gguf;
 pub mod itera;
 pub mod measure;
@@ -22,7 +24,7 @@ pub mod training;
 pub mod transformer;
 
 pub use config::{ConfigError, IteraConfig, ModelConfig, TransformerConfig};
-pub use model::{next_token_loss, CheckpointError, DecodeState, Model, Sampling};
+pub use model::{next_token_loss, CheckpointError, DecodeState, Decoder, Model, Sampling};
 
 #[cfg(test)]
 mod tests;

@@ -66,16 +66,13 @@ pub fn generate_rate(model: &Model, prompt: &[u32], new_tokens: usize, runs: usi
         model.generate(prompt, new_tokens, Sampling::Greedy, 0)?;
         v.push((prompt.len() + new_tokens) as f64 / t.elapsed().as_secs_f64().max(1e-9));
     }
-    let mut state = model.start(1)?;
+    let mut decoder = model.decoder()?;
     let mut lat = Vec::with_capacity(new_tokens);
-    let ids = Tensor::new(prompt, &candle_core::Device::Cpu)?.unsqueeze(0)?;
-    model.step(&ids, 0, &mut state)?;
-    let mut next = *prompt.last().unwrap_or(&0);
-    for i in 0..new_tokens {
+    let mut logits = decoder.feed(prompt)?;
+    for _ in 0..new_tokens {
         let t = Instant::now();
-        let ids = Tensor::new(&[next], &candle_core::Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.step(&ids, prompt.len() + i, &mut state)?;
-        next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        let next = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) }).0 as u32;
+        logits = decoder.feed(&[next])?;
         lat.push(t.elapsed().as_secs_f64());
     }
     Ok((Rate::from(v), lat))

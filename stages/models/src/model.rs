@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::ModelConfig;
+use crate::decode::{IteraDecodeState, IteraDecoder};
 use crate::itera::{Forward, IteraLite, SsmState};
 use crate::nn::{fresh_builder, init_deterministic, Train};
 use crate::transformer::{KvCache, Transformer};
@@ -21,6 +22,36 @@ pub struct Model {
     pub config: ModelConfig,
     pub varmap: VarMap,
     pub net: Net,
+}
+
+/// Batch-1 decoding one token at a time (see [`Model::decoder`]).
+pub enum Decoder<'a> {
+    Itera(Box<IteraDecoder>, Box<IteraDecodeState>),
+    Tensor { model: &'a Model, state: DecodeState, pos: usize },
+}
+
+impl Decoder<'_> {
+    /// Feed `tokens` after those fed so far; the next-token logits after the last of them.
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            candle_core::bail!("the decoder needs at least one token");
+        }
+        match self {
+            Decoder::Itera(d, st) => {
+                let mut last = Vec::new();
+                for &t in tokens {
+                    last = d.step(t, st)?;
+                }
+                Ok(last)
+            }
+            Decoder::Tensor { model, state, pos } => {
+                let ids = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+                let logits = model.step(&ids, *pos, state)?;
+                *pos += tokens.len();
+                logits.narrow(1, tokens.len() - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+            }
+        }
+    }
 }
 
 /// Decoding state: the Itera-Lite recurrent state or the Transformer's KV cache.
@@ -99,6 +130,19 @@ impl Model {
         }
     }
 
+    /// A batch-1 decoder: Itera-Lite on the slice decoder ([`crate::decode`]), the Transformer
+    /// with its KV cache.
+    pub fn decoder(&self) -> Result<Decoder<'_>> {
+        Ok(match &self.net {
+            Net::IteraLite(m) => {
+                let d = IteraDecoder::new(m)?;
+                let st = d.start();
+                Decoder::Itera(Box::new(d), Box::new(st))
+            }
+            Net::Transformer(_) => Decoder::Tensor { model: self, state: self.start(1)?, pos: 0 },
+        })
+    }
+
     /// Generate `new_tokens` after `prompt` (batch 1) with the recurrent state / KV cache.
     pub fn generate(&self, prompt: &[u32], new_tokens: usize, sampling: Sampling, seed: u64) -> Result<Vec<u32>> {
         if prompt.is_empty() {
@@ -109,19 +153,16 @@ impl Model {
             candle_core::bail!("prompt ({}) + new tokens ({new_tokens}) exceed max_seq_len {max}", prompt.len());
         }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut state = self.start(1)?;
-        let ids = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
-        let logits = self.step(&ids, 0, &mut state)?;
-        let mut last = logits.narrow(1, prompt.len() - 1, 1)?.flatten_all()?;
+        let mut decoder = self.decoder()?;
+        let mut last = decoder.feed(prompt)?;
         let mut out = Vec::with_capacity(new_tokens);
         for i in 0..new_tokens {
-            let next = sample(&last, sampling, &mut rng)?;
+            let next = sample(&last, sampling, &mut rng);
             out.push(next);
             if i + 1 == new_tokens {
                 break;
             }
-            let ids = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
-            last = self.step(&ids, prompt.len() + i, &mut state)?.flatten_all()?;
+            last = decoder.feed(&[next])?;
         }
         Ok(out)
     }
@@ -184,14 +225,13 @@ pub fn next_token_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     candle_nn::loss::cross_entropy(&pred, &target)
 }
 
-fn sample(logits: &Tensor, sampling: Sampling, rng: &mut ChaCha8Rng) -> Result<u32> {
-    let v: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+fn sample(v: &[f32], sampling: Sampling, rng: &mut ChaCha8Rng) -> u32 {
     let argmax = |v: &[f32]| v.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0 as u32;
     match sampling {
-        Sampling::Greedy => Ok(argmax(&v)),
+        Sampling::Greedy => argmax(v),
         Sampling::Sample { temperature, top_k } => {
             if temperature <= 0.0 {
-                return Ok(argmax(&v));
+                return argmax(v);
             }
             let mut idx: Vec<usize> = (0..v.len()).collect();
             idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
@@ -205,10 +245,10 @@ fn sample(logits: &Tensor, sampling: Sampling, rng: &mut ChaCha8Rng) -> Result<u
             for (j, &i) in idx.iter().enumerate() {
                 r -= w[j];
                 if r <= 0.0 {
-                    return Ok(i as u32);
+                    return i as u32;
                 }
             }
-            Ok(idx[idx.len() - 1] as u32)
+            idx[idx.len() - 1] as u32
         }
     }
 }

@@ -19,7 +19,7 @@ pub type Train<'a> = Option<&'a mut ChaCha8Rng>;
 pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
-    eps: f64,
+    pub(crate) eps: f64,
 }
 
 impl LayerNorm {
@@ -134,7 +134,7 @@ pub struct Linear {
     name: String,
     weight: Tensor,
     bias: Option<Tensor>,
-    quant: Option<Arc<QWeight>>,
+    pub(crate) quant: Option<Arc<QWeight>>,
 }
 
 impl Linear {
@@ -271,9 +271,9 @@ pub fn fresh_builder() -> (VarMap, VarBuilder<'static>) {
 /// Token + learned position embeddings, and the LM head tied to the token embedding, with the
 /// final LayerNorm before it: the parts both models share.
 pub struct TiedEmbeddings {
-    embed: candle_nn::Embedding,
-    pos: candle_nn::Embedding,
-    norm_f: LayerNorm,
+    pub(crate) embed: candle_nn::Embedding,
+    pub(crate) pos: candle_nn::Embedding,
+    pub(crate) norm_f: LayerNorm,
     max_seq_len: usize,
     /// Quantized copy of the token embedding for the LM head (lookups use the f32 rows).
     head_quant: Option<Arc<QWeight>>,
