@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::{AuxLoss, IteraConfig};
 use crate::nn::{apply, dropout, gelu, linear, matmul_t, silu, softplus, LayerNorm, Linear, TiedEmbeddings, Train};
+use crate::fused;
 use crate::scan::diag_scan;
 
 /// The study's selective SSM block (pre-LN, residual).
@@ -56,31 +57,37 @@ impl SsmBlock {
     /// Everything after the convolution, for a (batch, time, d_inner) input; returns the gated
     /// output before `out_proj`. `scan` runs the recurrence (full sequence or one step).
     fn mix(&self, xc: &Tensor, z: &Tensor, scan: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
-        let delta = softplus(&apply(&self.delta_proj, xc)?)?.mean_keepdim(D::Minus1)?; // (b, t, 1)
+        let f32 = xc.dtype() == DType::F32;
+        let dp = apply(&self.delta_proj, xc)?;
+        let delta = if f32 { fused::softplus_mean(&dp)? } else { softplus(&dp)?.mean_keepdim(D::Minus1)? }; // (b, t, 1)
         let a_neg = self.a_log.exp()?.neg()?; // A = -exp(A_log), (n)
         let a = delta.broadcast_mul(&a_neg)?.exp()?; // exp(Δ·A), (b, t, n)
         let bx = matmul_t(xc, &self.b)?; // B x_t, (b, t, n)
         let u = delta.broadcast_mul(&bx)?;
         let h = scan(&a, &u)?; // (b, t, n)
         let y = (matmul_t(&h, &self.c)? + xc.broadcast_mul(&self.d)?)?;
-        y * silu(z)?
+        if f32 {
+            fused::silu_gate(&y, z)
+        } else {
+            y * silu(z)?
+        }
+    }
+
+    /// silu(causal depthwise conv(x)), one fused node in f32.
+    fn conv(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.dtype() == DType::F32 {
+            fused::causal_conv_silu(xs, &self.conv_w, &self.conv_b)
+        } else {
+            fused::causal_conv_silu_ops(xs, &self.conv_w, &self.conv_b)
+        }
     }
 
     pub fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
         let is_train = train.is_some();
-        let (_, l, _) = x.dims3()?;
         let xz = apply(&self.in_proj, &self.norm.forward(x, is_train)?)?;
         let xs = xz.narrow(2, 0, self.d_inner)?;
         let z = xz.narrow(2, self.d_inner, self.d_inner)?;
-        // Depthwise causal conv as k shifted multiply-adds (candle's grouped conv1d loops over
-        // groups, which is far slower for d_inner groups).
-        let xp = xs.pad_with_zeros(1, self.k - 1, 0)?;
-        let mut y = self.conv_b.unsqueeze(0)?.unsqueeze(0)?.broadcast_as(xs.shape())?.clone();
-        for j in 0..self.k {
-            let tap = self.conv_w.narrow(1, j, 1)?.squeeze(1)?;
-            y = (y + xp.narrow(1, j, l)?.broadcast_mul(&tap)?)?;
-        }
-        let xc = silu(&y)?;
+        let xc = self.conv(&xs)?;
         let out = apply(&self.out_proj, &self.mix(&xc, &z, diag_scan)?)?;
         x + dropout(&out, self.p_drop, train)?
     }

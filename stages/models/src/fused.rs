@@ -1,0 +1,376 @@
+//! The SSM block's elementwise chains as single autograd nodes (f32, CPU).
+//!
+//! Op by op, the depthwise conv + SiLU is ~14 graph nodes on (batch, time, d_inner) tensors, the
+//! step size mean(softplus(·)) 8, the output gate 3; in backward each node allocates its
+//! gradient buffers and sums into them, and that bookkeeping — not arithmetic — dominated the
+//! training step. Each function here is one node with a hand-written backward (itself run as
+//! no-grad ops) and is tested against the op-by-op form and its autograd gradients.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: contiguous f32 tensors expected"),
+    }
+}
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+/// Rows of `len` values per parallel task: large enough to amortise the hand-off.
+fn rows_per_task(len: usize) -> usize {
+    (16_384 / len.max(1)).max(1)
+}
+
+// ---------------------------------------------------------------- depthwise causal conv + SiLU
+
+/// y[b,t,c] = bias[c] + Σ_j w[c,j] · x[b, t+j-(k-1), c] (zero before the start).
+fn conv_pre(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize, out: &mut [f32]) {
+    out.par_chunks_mut(l * c).zip(x.par_chunks(l * c)).for_each(|(o, xb)| {
+        for t in 0..l {
+            let row = &mut o[t * c..(t + 1) * c];
+            row.copy_from_slice(bias);
+            for j in 0..k {
+                let Some(src) = (t + j).checked_sub(k - 1) else { continue };
+                let xr = &xb[src * c..(src + 1) * c];
+                for ch in 0..c {
+                    row[ch] += w[ch * k + j] * xr[ch];
+                }
+            }
+        }
+    });
+}
+
+struct ConvSilu;
+
+impl CustomOp3 for ConvSilu {
+    fn name(&self) -> &'static str {
+        "causal-conv-silu"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w, bias) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let (_, l, c) = l1.shape().dims3()?;
+        let k = w.len() / c.max(1);
+        let mut y = vec![0f32; x.len()];
+        conv_pre(x, w, bias, l, c, k, &mut y);
+        y.par_chunks_mut(16_384).for_each(|ch| ch.iter_mut().for_each(|v| *v *= sigmoid(*v)));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        // Gradient at the pre-activation, recomputing it (cheaper than keeping it alive).
+        let gy = x.apply_op3_no_bwd(w, bias, &ConvSiluPreGrad { g: g.clone() })?;
+        let dx = gy.apply_op2_no_bwd(w, &ConvTranspose)?;
+        let (_, _, c) = x.dims3()?;
+        let k = w.dim(1)?;
+        let dwb = x.apply_op2_no_bwd(&gy, &ConvParamGrad { k })?; // (c, k + 1): taps, then bias
+        let dw = dwb.narrow(1, 0, k)?;
+        let db = dwb.narrow(1, k, 1)?.reshape(c)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// g ⊙ silu'(conv(x)): silu'(v) = s(v)·(1 + v·(1 − s(v))).
+struct ConvSiluPreGrad {
+    g: Tensor,
+}
+
+impl CustomOp3 for ConvSiluPreGrad {
+    fn name(&self) -> &'static str {
+        "causal-conv-silu-pre-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w, bias) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let (_, l, c) = l1.shape().dims3()?;
+        let k = w.len() / c.max(1);
+        let mut pre = vec![0f32; x.len()];
+        conv_pre(x, w, bias, l, c, k, &mut pre);
+        let (gs, gl) = self.g.storage_and_layout();
+        let candle_core::Storage::Cpu(gs) = &*gs else { candle_core::bail!("{}: CPU tensors expected", self.name()) };
+        let g = f32s(gs, gl, self.name())?;
+        pre.par_chunks_mut(16_384).zip(g.par_chunks(16_384)).for_each(|(p, g)| {
+            for (v, g) in p.iter_mut().zip(g) {
+                let s = sigmoid(*v);
+                *v = g * s * (1.0 + *v * (1.0 - s));
+            }
+        });
+        Ok((CpuStorage::F32(pre), l1.shape().clone()))
+    }
+}
+
+/// dx[b,s,c] = Σ_j gy[b, s+(k-1)-j, c] · w[c,j] (within the sequence).
+struct ConvTranspose;
+
+impl CustomOp2 for ConvTranspose {
+    fn name(&self) -> &'static str {
+        "causal-conv-transpose"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gy, w) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let (_, l, c) = l1.shape().dims3()?;
+        let k = w.len() / c.max(1);
+        let mut dx = vec![0f32; gy.len()];
+        dx.par_chunks_mut(l * c).zip(gy.par_chunks(l * c)).for_each(|(o, gb)| {
+            for s in 0..l {
+                let row = &mut o[s * c..(s + 1) * c];
+                for j in 0..k {
+                    let t = s + (k - 1) - j;
+                    if t >= l {
+                        continue;
+                    }
+                    let gr = &gb[t * c..(t + 1) * c];
+                    for ch in 0..c {
+                        row[ch] += w[ch * k + j] * gr[ch];
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// (c, k+1): dw[c,j] = Σ_{b,t} gy[b,t,c] · x[b, t+j-(k-1), c]; last column db[c] = Σ gy[b,t,c].
+struct ConvParamGrad {
+    k: usize,
+}
+
+impl CustomOp2 for ConvParamGrad {
+    fn name(&self) -> &'static str {
+        "causal-conv-param-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, gy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let (b, l, c) = l1.shape().dims3()?;
+        let k = self.k;
+        // Per batch row partial sums in f64 (summed over b·l terms), then reduced in order.
+        let partial: Vec<Vec<f64>> = (0..b)
+            .into_par_iter()
+            .map(|bi| {
+                let (xb, gb) = (&x[bi * l * c..(bi + 1) * l * c], &gy[bi * l * c..(bi + 1) * l * c]);
+                let mut acc = vec![0f64; c * (k + 1)];
+                for t in 0..l {
+                    let gr = &gb[t * c..(t + 1) * c];
+                    for j in 0..k {
+                        let Some(src) = (t + j).checked_sub(k - 1) else { continue };
+                        let xr = &xb[src * c..(src + 1) * c];
+                        for ch in 0..c {
+                            acc[ch * (k + 1) + j] += (gr[ch] * xr[ch]) as f64;
+                        }
+                    }
+                    for ch in 0..c {
+                        acc[ch * (k + 1) + k] += gr[ch] as f64;
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut out = vec![0f64; c * (k + 1)];
+        for p in &partial {
+            for (o, v) in out.iter_mut().zip(p) {
+                *o += v;
+            }
+        }
+        Ok((CpuStorage::F32(out.into_iter().map(|v| v as f32).collect()), Shape::from((c, k + 1))))
+    }
+}
+
+/// silu(depthwise causal conv1d(x) + bias) for x (batch, time, channels), taps w (channels, k).
+pub fn causal_conv_silu(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&w.contiguous()?, &bias.contiguous()?, ConvSilu)
+}
+
+/// The op-by-op form: the reference in tests, and the path for other dtypes.
+pub fn causal_conv_silu_ops(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (_, l, _) = x.dims3()?;
+    let k = w.dim(1)?;
+    let xp = x.pad_with_zeros(1, k - 1, 0)?;
+    let mut y = bias.unsqueeze(0)?.unsqueeze(0)?.broadcast_as(x.shape())?.clone();
+    for j in 0..k {
+        let tap = w.narrow(1, j, 1)?.squeeze(1)?;
+        y = (y + xp.narrow(1, j, l)?.broadcast_mul(&tap)?)?;
+    }
+    y.silu()
+}
+
+// ---------------------------------------------------------------- Δ = mean(softplus(x))
+
+/// softplus(v) = max(v, 0) + log(1 + e^{−|v|}).
+fn softplus(v: f32) -> f32 {
+    v.max(0.0) + (-v.abs()).exp().ln_1p()
+}
+
+struct SoftplusMean;
+
+impl CustomOp1 for SoftplusMean {
+    fn name(&self) -> &'static str {
+        "softplus-mean"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let mut dims = l.shape().dims().to_vec();
+        let c = dims.pop().unwrap_or(1);
+        let mut out = vec![0f32; x.len() / c.max(1)];
+        let per = rows_per_task(c);
+        out.par_chunks_mut(per).zip(x.par_chunks(per * c)).for_each(|(o, xr)| {
+            for (o, row) in o.iter_mut().zip(xr.chunks_exact(c)) {
+                *o = row.iter().map(|&v| softplus(v)).sum::<f32>() / c as f32;
+            }
+        });
+        dims.push(1);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &SoftplusMeanGrad)?))
+    }
+}
+
+/// dx = g[row] / c · sigmoid(x).
+struct SoftplusMeanGrad;
+
+impl CustomOp2 for SoftplusMeanGrad {
+    fn name(&self) -> &'static str {
+        "softplus-mean-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let c = l1.shape().dims().last().copied().unwrap_or(1);
+        let mut dx = vec![0f32; x.len()];
+        let per = rows_per_task(c);
+        dx.par_chunks_mut(per * c).zip(x.par_chunks(per * c)).zip(g.par_chunks(per)).for_each(|((d, xr), gr)| {
+            for ((d, xr), g) in d.chunks_exact_mut(c).zip(xr.chunks_exact(c)).zip(gr) {
+                let scale = g / c as f32;
+                for (d, &v) in d.iter_mut().zip(xr) {
+                    *d = scale * sigmoid(v);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// mean over the last dim of softplus(x), keeping it (size 1).
+pub fn softplus_mean(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SoftplusMean)
+}
+
+// ---------------------------------------------------------------- y ⊙ silu(z)
+
+struct Gate;
+
+impl CustomOp2 for Gate {
+    fn name(&self) -> &'static str {
+        "silu-gate"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, z) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        if y.len() != z.len() {
+            candle_core::bail!("silu-gate: shapes differ: {:?} vs {:?}", l1.shape(), l2.shape());
+        }
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(16_384).zip(y.par_chunks(16_384)).zip(z.par_chunks(16_384)).for_each(|((o, y), z)| {
+            for ((o, y), z) in o.iter_mut().zip(y).zip(z) {
+                *o = y * z * sigmoid(*z);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(&self, y: &Tensor, z: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = y.apply_op3_no_bwd(z, &g.contiguous()?, &GateGrad)?; // (2, …): dy then dz
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// Stacked [dy, dz]: dy = g·silu(z), dz = g·y·silu'(z).
+struct GateGrad;
+
+impl CustomOp3 for GateGrad {
+    fn name(&self) -> &'static str {
+        "silu-gate-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, z, g) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let n = y.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dy, dz) = out.split_at_mut(n);
+        dy.par_chunks_mut(16_384).zip(dz.par_chunks_mut(16_384)).zip(y.par_chunks(16_384).zip(z.par_chunks(16_384)).zip(g.par_chunks(16_384))).for_each(
+            |((dy, dz), ((y, z), g))| {
+                for i in 0..dy.len() {
+                    let s = sigmoid(z[i]);
+                    dy[i] = g[i] * z[i] * s;
+                    dz[i] = g[i] * y[i] * s * (1.0 + z[i] * (1.0 - s));
+                }
+            },
+        );
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.shape().dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// y ⊙ silu(z), one node.
+pub fn silu_gate(y: &Tensor, z: &Tensor) -> Result<Tensor> {
+    y.contiguous()?.apply_op2(&z.contiguous()?, Gate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Forward values and every input's gradient (against a random probe) of `fused` vs `ops`.
+    fn agree(inputs: &[Var], fused: impl Fn(&[&Tensor]) -> Tensor, ops: impl Fn(&[&Tensor]) -> Tensor, tol: f32, what: &str) {
+        let ts: Vec<&Tensor> = inputs.iter().map(|v| v.as_tensor()).collect();
+        let (a, b) = (fused(&ts), ops(&ts));
+        assert!(max_diff(&a, &b) < tol, "{what} forward: {}", max_diff(&a, &b));
+        let probe = Tensor::randn(0f32, 1.0, a.shape(), &Device::Cpu).unwrap();
+        let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in inputs.iter().enumerate() {
+            let (x, y) = (ga.get(v).expect("fused gradient"), gb.get(v).expect("reference gradient"));
+            assert_eq!(x.dims(), y.dims(), "{what} input {i}");
+            let scale = y.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            assert!(max_diff(x, y) / scale < tol, "{what} gradient of input {i}: {}", max_diff(x, y));
+        }
+    }
+
+    fn var(shape: &[usize], mean: f32, std: f32) -> Var {
+        Var::from_tensor(&Tensor::randn(mean, std, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn conv_silu_matches_the_op_by_op_form_and_its_gradients() {
+        for (b, l, c, k) in [(3, 17, 12, 4), (2, 3, 5, 4), (1, 9, 8, 2)] {
+            let vars = [var(&[b, l, c], 0.0, 1.0), var(&[c, k], 0.0, 0.5), var(&[c], 0.0, 0.3)];
+            agree(&vars, |t| causal_conv_silu(t[0], t[1], t[2]).unwrap(), |t| causal_conv_silu_ops(t[0], t[1], t[2]).unwrap(), 1e-5, "conv+silu");
+        }
+    }
+
+    #[test]
+    fn conv_silu_accepts_a_strided_view() {
+        // The block feeds a narrow of in_proj's output.
+        let xz = Tensor::randn(0f32, 1.0, (2, 7, 10), &Device::Cpu).unwrap();
+        let x = xz.narrow(2, 0, 5).unwrap();
+        let (w, bias) = (Tensor::randn(0f32, 0.5, (5, 4), &Device::Cpu).unwrap(), Tensor::zeros(5, candle_core::DType::F32, &Device::Cpu).unwrap());
+        assert!(max_diff(&causal_conv_silu(&x, &w, &bias).unwrap(), &causal_conv_silu_ops(&x, &w, &bias).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn softplus_mean_matches_the_op_by_op_form_and_its_gradients() {
+        let vars = [var(&[3, 11, 20], 0.0, 4.0)];
+        let ops = |t: &[&Tensor]| (t[0].relu().unwrap() + (t[0].abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap().log().unwrap()).unwrap().mean_keepdim(2).unwrap();
+        agree(&vars, |t| softplus_mean(t[0]).unwrap(), ops, 1e-5, "softplus-mean");
+    }
+
+    #[test]
+    fn silu_gate_matches_the_op_by_op_form_and_its_gradients() {
+        let vars = [var(&[2, 9, 33], 0.0, 1.0), var(&[2, 9, 33], 0.0, 3.0)];
+        agree(&vars, |t| silu_gate(t[0], t[1]).unwrap(), |t| (t[0] * t[1].silu().unwrap()).unwrap(), 1e-5, "silu-gate");
+    }
+}
