@@ -86,7 +86,8 @@ impl Stage for DistillStage {
         "distill"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: the fused SSM ops and the slice decoder round differently from the op-by-op forms.
+        2
     }
     fn describe(&self) -> &'static str {
         "distill a teacher into a smaller student (KL at temperature T + CE) and train a from-scratch control → model/, best/, control/, metrics.csv, summary.json"

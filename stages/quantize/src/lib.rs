@@ -111,7 +111,8 @@ impl Stage for QuantizeStage {
         "quantize"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: the fused SSM ops and the slice decoder round differently from the op-by-op forms.
+        2
     }
     fn describe(&self) -> &'static str {
         "INT8 (per channel) / INT4 (Q4_0 blocks) weights with integer matmuls → model.gguf, summary.json (size, perplexity, KL, speed vs f32)"

@@ -43,7 +43,8 @@ impl Stage for TrainStage {
         "train"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: the fused SSM ops and the slice decoder round differently from the op-by-op forms.
+        2
     }
     fn describe(&self) -> &'static str {
         "train itera_lite or transformer (AdamW, warmup + cosine) → model/, best/, metrics.csv, summary.json"
