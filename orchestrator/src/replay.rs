@@ -1,5 +1,5 @@
 //! `replay`: re-execute cached stages from their cached inputs in a scratch store and prove the
-//! outputs are bit-identical.
+//! outputs are bit-identical. Stages run side by side within the CPU budget.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use crate::dag::Dag;
 use crate::objects::{Entry, ObjKind, ObjectStore};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, StageInstance};
 use crate::runner::{self, key_for, short, StageFailure};
 use crate::store::Store;
 
@@ -31,12 +31,16 @@ pub struct ReplayReport {
     pub failed: bool,
 }
 
+/// Replay the selected stages. Each is handed its *cached* inputs, so the stages do not depend
+/// on each other here: they run side by side within the `cores` budget, as `run` would.
 pub async fn replay(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize]>, cores: u32) -> std::io::Result<ReplayReport> {
     let scratch_root = store.objects.tmp_path("replay");
     let scratch = Arc::new(ObjectStore::open(&scratch_root).map_err(std::io::Error::other)?);
     let (_tx, rx) = watch::channel(false);
     let mut known: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
-    let mut rows = Vec::new();
+    // Per stage in DAG order: its rows once known (a stage that is not cached has its row now).
+    let mut rows_of: Vec<Vec<ReplayRow>> = Vec::new();
+    let mut jobs = Vec::new();
     let mut failed = false;
     for &i in &dag.order {
         let st = &p.stages[i];
@@ -49,7 +53,7 @@ pub async fn replay(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize
         let Some((m, sources)) = cached else {
             if selected {
                 failed = true;
-                rows.push(ReplayRow {
+                rows_of.push(vec![ReplayRow {
                     stage: st.name.clone(),
                     output: "-".into(),
                     cached: None,
@@ -57,68 +61,98 @@ pub async fn replay(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize
                     identical: false,
                     deterministic: st.deterministic,
                     note: Some("not cached: run the pipeline first".into()),
-                });
+                }]);
             }
             continue;
         };
         known.insert(st.name.clone(), m.outputs.clone());
-        if !selected {
-            continue;
+        if selected {
+            jobs.push((rows_of.len(), i, m, sources));
+            rows_of.push(Vec::new());
         }
-        let threads = st.threads.min(cores).max(1);
-        // The run description the stage was first handed, so a report replays to the same bytes.
-        let run_metadata = m.run_metadata.as_ref().map(|d| Entry {
-            digest: d.clone(),
-            kind: ObjKind::File,
-            size: std::fs::metadata(store.objects.path(d)).map(|md| md.len()).unwrap_or(0),
-        });
-        let result = runner::run_stage(store.objects.clone(), scratch.clone(), st, &sources, run_metadata.as_ref(), threads, rx.clone(), None).await;
-        match result {
-            Ok(run) => {
-                for (name, cached_entry) in &m.outputs {
-                    let replayed = run.outputs.get(name);
-                    let identical = replayed.is_some_and(|r| r.digest == cached_entry.digest);
-                    let volatile = st.volatile_outputs.contains(name);
-                    let must_match = st.deterministic && !volatile;
-                    if !identical && must_match {
-                        failed = true;
-                    }
-                    rows.push(ReplayRow {
-                        stage: st.name.clone(),
-                        output: name.clone(),
-                        cached: Some(cached_entry.digest.clone()),
-                        replayed: replayed.map(|r| r.digest.clone()),
-                        identical,
-                        deterministic: must_match,
-                        note: match (identical, st.deterministic, volatile) {
-                            (true, _, _) => None,
-                            (false, false, _) => Some("declared non-deterministic".to_string()),
-                            (false, true, true) => Some("records timings; not compared".to_string()),
-                            (false, true, false) => None,
-                        },
-                    });
-                }
+    }
+
+    let mut free = cores.max(1);
+    let mut pending = jobs.into_iter().peekable();
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        while let Some((_, i, _, _)) = pending.peek() {
+            let threads = p.stages[*i].threads.min(cores).max(1);
+            if threads > free {
+                break;
             }
-            Err(e) => {
-                failed = true;
-                let note = match e {
-                    StageFailure::Cancelled => "cancelled".to_string(),
-                    StageFailure::Failed { message, .. } => format!("replay failed: {message}"),
-                };
+            let Some((slot, i, m, sources)) = pending.next() else { break };
+            free -= threads;
+            let (objects, scratch, rx, st) = (store.objects.clone(), scratch.clone(), rx.clone(), p.stages[i].clone());
+            running.spawn(async move {
+                // The run description the stage was first handed, so a report replays to the same bytes.
+                let run_metadata = m.run_metadata.as_ref().map(|d| Entry {
+                    digest: d.clone(),
+                    kind: ObjKind::File,
+                    size: std::fs::metadata(objects.path(d)).map(|md| md.len()).unwrap_or(0),
+                });
+                let result = runner::run_stage(objects, scratch, &st, &sources, run_metadata.as_ref(), threads, rx, None).await;
+                (slot, threads, compare(&st, &m.outputs, result))
+            });
+        }
+        let Some(done) = running.join_next().await else { break };
+        let (slot, threads, (rows, bad)) = done.map_err(std::io::Error::other)?;
+        free += threads;
+        failed |= bad;
+        rows_of[slot] = rows;
+    }
+    let _ = crate::store::remove_dir_all_writable(&scratch_root);
+    Ok(ReplayReport { rows: rows_of.into_iter().flatten().collect(), failed })
+}
+
+/// The rows for one replayed stage, and whether it failed the replay.
+fn compare(st: &StageInstance, cached: &BTreeMap<String, Entry>, result: Result<runner::StageRun, StageFailure>) -> (Vec<ReplayRow>, bool) {
+    let mut rows = Vec::new();
+    let mut failed = false;
+    match result {
+        Ok(run) => {
+            for (name, cached_entry) in cached {
+                let replayed = run.outputs.get(name);
+                let identical = replayed.is_some_and(|r| r.digest == cached_entry.digest);
+                let volatile = st.volatile_outputs.contains(name);
+                let must_match = st.deterministic && !volatile;
+                if !identical && must_match {
+                    failed = true;
+                }
                 rows.push(ReplayRow {
                     stage: st.name.clone(),
-                    output: "-".into(),
-                    cached: None,
-                    replayed: None,
-                    identical: false,
-                    deterministic: st.deterministic,
-                    note: Some(note),
+                    output: name.clone(),
+                    cached: Some(cached_entry.digest.clone()),
+                    replayed: replayed.map(|r| r.digest.clone()),
+                    identical,
+                    deterministic: must_match,
+                    note: match (identical, st.deterministic, volatile) {
+                        (true, _, _) => None,
+                        (false, false, _) => Some("declared non-deterministic".to_string()),
+                        (false, true, true) => Some("records timings; not compared".to_string()),
+                        (false, true, false) => None,
+                    },
                 });
             }
         }
+        Err(e) => {
+            failed = true;
+            let note = match e {
+                StageFailure::Cancelled => "cancelled".to_string(),
+                StageFailure::Failed { message, .. } => format!("replay failed: {message}"),
+            };
+            rows.push(ReplayRow {
+                stage: st.name.clone(),
+                output: "-".into(),
+                cached: None,
+                replayed: None,
+                identical: false,
+                deterministic: st.deterministic,
+                note: Some(note),
+            });
+        }
     }
-    let _ = crate::store::remove_dir_all_writable(&scratch_root);
-    Ok(ReplayReport { rows, failed })
+    (rows, failed)
 }
 
 pub fn render_table(r: &ReplayReport) -> String {

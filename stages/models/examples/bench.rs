@@ -6,7 +6,8 @@
 //! tokens/s (same shape), generation tokens/s at batch 1 (16-token prompt + 112 new tokens) with
 //! the recurrent state / KV cache, achieved GFLOP/s, and the scan kernel's share of a step.
 //!
-//! Threads: BENCH_THREADS (default 1, as the peers' 1-thread figures); BENCH_STEPS (default 10).
+//! Threads: BENCH_THREADS (default 1, as the peers' 1-thread figures); BENCH_STEPS (default 10);
+//! BENCH_MODELS (default `itera_lite,transformer`).
 
 use std::time::Instant;
 
@@ -34,8 +35,53 @@ fn batch(rng: &mut rand_chacha::ChaCha8Rng, b: usize, l: usize) -> Tensor {
     Tensor::from_vec(v, (b, l), &Device::Cpu).expect("batch")
 }
 
+/// Every weight matmul of an Itera-Lite training step as (K, N) for M = batch·seq rows, the MoE
+/// computing all experts densely as training does.
+fn itera_gemms(c: &itera_models::IteraConfig) -> Vec<(usize, usize)> {
+    let (d, di, n, e) = (c.d_model, c.d_inner(), c.d_state, c.expert_dim);
+    let mut v = Vec::new();
+    for layer in 0..c.n_layers {
+        v.extend([(d, 2 * di), (di, di), (di, n), (n, di), (di, d)]);
+        let experts = if c.moe_layers.contains(&layer) {
+            v.push((d, c.n_experts));
+            c.n_experts
+        } else {
+            1
+        };
+        for _ in 0..experts {
+            v.extend([(d, e), (e, d)]);
+        }
+    }
+    v.push((d, c.vocab_size));
+    v
+}
+
+/// Seconds for those matmuls as candle runs them in a step: forward x·Wᵀ, and backward G·W and
+/// Xᵀ·G — the floor of a step's time at this machine's GEMM speed, with nothing else in it.
+fn gemm_floor(shapes: &[(usize, usize)], m: usize, reps: usize) -> candle_core::Result<(f64, f64)> {
+    let mut total = 0.0;
+    let mut flops = 0.0;
+    for &(k, n) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        let g = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu)?;
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            x.matmul(&w.t()?)?;
+            g.matmul(&w)?;
+            x.t()?.matmul(&g)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        total += median(times);
+        flops += 3.0 * 2.0 * (m * k * n) as f64;
+    }
+    Ok((total, flops))
+}
+
 fn main() -> candle_core::Result<()> {
     let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    itera_models::measure::keep_freed_memory();
     // Before the first rayon use, so candle's pool has this size.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let steps: usize = std::env::var("BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
@@ -44,7 +90,8 @@ fn main() -> candle_core::Result<()> {
     println!("itera-models throughput — {threads} thread(s), f32, batch {b} × seq {l}, vocab 256, {steps} timed steps (medians)");
     println!("peer = the original PyTorch implementation, 1 thread, upper figures; CPU peak ≈ {peak:.0} GFLOP/s for {threads} core(s)\n");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    for name in ["itera_lite", "transformer"] {
+    let models = std::env::var("BENCH_MODELS").unwrap_or_else(|_| "itera_lite,transformer".into());
+    for name in models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
         let cfg = ModelConfig::build(name, "tiny", 256, &Default::default()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let model = Model::new(&cfg, 1)?;
         let mut opt = AdamW::new(model.varmap.all_vars(), ParamsAdamW { lr: 1e-3, ..Default::default() })?;
@@ -87,6 +134,17 @@ fn main() -> candle_core::Result<()> {
         println!("  train     {train_tps:>9.0} tok/s  ({:>5.2}× the original's {pt:.0})  ≈ {:.1} GFLOP/s (3 × forward)", train_tps / pt, 3.0 * flops * train_tps / 1e9);
         println!("  forward   {fwd_tps:>9.0} tok/s  ({:>5.2}× the original's {pf:.0})  ≈ {:.1} GFLOP/s = {:.0}% of peak", fwd_tps / pf, flops * fwd_tps / 1e9, 100.0 * flops * fwd_tps / 1e9 / peak);
         println!("  generate  {gen_tps:>9.1} tok/s  ({:>5.1}× the original's {pg:.0})", gen_tps / pg);
+        if let ModelConfig::IteraLite(c) = &cfg {
+            let (floor, gemm_flops) = gemm_floor(&itera_gemms(c), b * l, steps.max(3))?;
+            println!(
+                "  GEMM floor: the step's {:.2} GFLOP of weight matmuls alone take {:.1} ms here ({:.1} GFLOP/s) → at most {:.0} tok/s ({:.2}× the original) with every other op free",
+                gemm_flops / 1e9,
+                floor * 1e3,
+                gemm_flops / floor / 1e9,
+                (b * l) as f64 / floor,
+                (b * l) as f64 / floor / pt
+            );
+        }
         if name == "itera_lite" {
             // The scan on a training step's shapes, forward + backward, every layer.
             let n = 8;

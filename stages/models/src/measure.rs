@@ -88,3 +88,15 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
     let idx = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
     s[idx]
 }
+
+/// Training allocates and frees megabyte-sized tensors hundreds of times a step; glibc hands
+/// such blocks back to the kernel and the next step faults them in again page by page (~10 % of
+/// a step). Benchmarks call this first, as `orchestrate exec-stage` does for every stage.
+pub fn keep_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator thresholds.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
