@@ -1,12 +1,12 @@
 //! The SSM block's elementwise chains as single autograd nodes (f32, CPU).
 //!
 //! Op by op, the depthwise conv + SiLU is ~14 graph nodes on (batch, time, d_inner) tensors, the
-//! step size mean(softplus(·)) 8, the output gate 3; in backward each node allocates its
+//! step size mean(softplus(· + bias)) 9, the output gate 3; in backward each node allocates its
 //! gradient buffers and sums into them, and that bookkeeping — not arithmetic — dominated the
 //! training step. Each function here is one node with a hand-written backward (itself run as
 //! no-grad ops) and is tested against the op-by-op form and its autograd gradients.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -202,48 +202,55 @@ fn softplus(v: f32) -> f32 {
     v.max(0.0) + (-v.abs()).exp().ln_1p()
 }
 
+/// mean_c softplus(x[row, c] + bias[c]) per row.
 struct SoftplusMean;
 
-impl CustomOp1 for SoftplusMean {
+impl CustomOp2 for SoftplusMean {
     fn name(&self) -> &'static str {
         "softplus-mean"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s, l, self.name())?;
-        let mut dims = l.shape().dims().to_vec();
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, bias) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let mut dims = l1.shape().dims().to_vec();
         let c = dims.pop().unwrap_or(1);
+        if bias.len() != c {
+            candle_core::bail!("softplus-mean: bias of {} for rows of {c}", bias.len());
+        }
         let mut out = vec![0f32; x.len() / c.max(1)];
         let per = rows_per_task(c);
         out.par_chunks_mut(per).zip(x.par_chunks(per * c)).for_each(|(o, xr)| {
             for (o, row) in o.iter_mut().zip(xr.chunks_exact(c)) {
-                *o = row.iter().map(|&v| softplus(v)).sum::<f32>() / c as f32;
+                *o = row.iter().zip(bias).map(|(&v, b)| softplus(v + b)).sum::<f32>() / c as f32;
             }
         });
         dims.push(1);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
-    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &SoftplusMeanGrad)?))
+    fn bwd(&self, x: &Tensor, bias: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(bias, &g.contiguous()?, &SoftplusMeanGrad)?;
+        let c = bias.dim(0)?;
+        let dbias = dx.reshape(((), c))?.sum(0)?;
+        Ok((Some(dx), Some(dbias)))
     }
 }
 
-/// dx = g[row] / c · sigmoid(x).
+/// dx = g[row] / c · sigmoid(x + bias).
 struct SoftplusMeanGrad;
 
-impl CustomOp2 for SoftplusMeanGrad {
+impl CustomOp3 for SoftplusMeanGrad {
     fn name(&self) -> &'static str {
         "softplus-mean-grad"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, g) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let c = l1.shape().dims().last().copied().unwrap_or(1);
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, bias, g) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let c = bias.len();
         let mut dx = vec![0f32; x.len()];
         let per = rows_per_task(c);
         dx.par_chunks_mut(per * c).zip(x.par_chunks(per * c)).zip(g.par_chunks(per)).for_each(|((d, xr), gr)| {
             for ((d, xr), g) in d.chunks_exact_mut(c).zip(xr.chunks_exact(c)).zip(gr) {
                 let scale = g / c as f32;
-                for (d, &v) in d.iter_mut().zip(xr) {
-                    *d = scale * sigmoid(v);
+                for ((d, &v), b) in d.iter_mut().zip(xr).zip(bias) {
+                    *d = scale * sigmoid(v + b);
                 }
             }
         });
@@ -251,9 +258,9 @@ impl CustomOp2 for SoftplusMeanGrad {
     }
 }
 
-/// mean over the last dim of softplus(x), keeping it (size 1).
-pub fn softplus_mean(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(SoftplusMean)
+/// mean over the last dim of softplus(x + bias), keeping it (size 1); bias is per last-dim entry.
+pub fn softplus_mean(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&bias.contiguous()?, SoftplusMean)
 }
 
 // ---------------------------------------------------------------- y ⊙ silu(z)
@@ -363,9 +370,12 @@ mod tests {
 
     #[test]
     fn softplus_mean_matches_the_op_by_op_form_and_its_gradients() {
-        let vars = [var(&[3, 11, 20], 0.0, 4.0)];
-        let ops = |t: &[&Tensor]| (t[0].relu().unwrap() + (t[0].abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap().log().unwrap()).unwrap().mean_keepdim(2).unwrap();
-        agree(&vars, |t| softplus_mean(t[0]).unwrap(), ops, 1e-5, "softplus-mean");
+        let vars = [var(&[3, 11, 20], 0.0, 4.0), var(&[20], 0.0, 1.0)];
+        let ops = |t: &[&Tensor]| {
+            let x = t[0].broadcast_add(t[1]).unwrap();
+            (x.relu().unwrap() + (x.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap().log().unwrap()).unwrap().mean_keepdim(2).unwrap()
+        };
+        agree(&vars, |t| softplus_mean(t[0], t[1]).unwrap(), ops, 1e-5, "softplus-mean");
     }
 
     #[test]

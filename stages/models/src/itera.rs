@@ -58,8 +58,11 @@ impl SsmBlock {
     /// output before `out_proj`. `scan` runs the recurrence (full sequence or one step).
     fn mix(&self, xc: &Tensor, z: &Tensor, scan: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let f32 = xc.dtype() == DType::F32;
-        let dp = apply(&self.delta_proj, xc)?;
-        let delta = if f32 { fused::softplus_mean(&dp)? } else { softplus(&dp)?.mean_keepdim(D::Minus1)? }; // (b, t, 1)
+        let delta = match (f32, self.delta_proj.quantized(), self.delta_proj.bias()) {
+            // The bias add folded into the fused step-size op.
+            (true, None, Some(bias)) => fused::softplus_mean(&matmul_t(xc, self.delta_proj.weight())?, bias)?,
+            _ => softplus(&apply(&self.delta_proj, xc)?)?.mean_keepdim(D::Minus1)?,
+        }; // (b, t, 1)
         let a_neg = self.a_log.exp()?.neg()?; // A = -exp(A_log), (n)
         let a = delta.broadcast_mul(&a_neg)?.exp()?; // exp(Δ·A), (b, t, n)
         let bx = matmul_t(xc, &self.b)?; // B x_t, (b, t, n)
@@ -82,11 +85,22 @@ impl SsmBlock {
         }
     }
 
+    /// in_proj's two halves, x and the gate z. In f32 as two GEMMs on the weight's halves: the
+    /// backward of narrowing the (b, t, 2·d_inner) product instead costs a zeroed full-size
+    /// gradient per half.
+    fn project_in(&self, normed: &Tensor) -> Result<(Tensor, Tensor)> {
+        let di = self.d_inner;
+        if self.in_proj.quantized().is_some() {
+            let xz = apply(&self.in_proj, normed)?;
+            return Ok((xz.narrow(2, 0, di)?, xz.narrow(2, di, di)?));
+        }
+        let w = self.in_proj.weight();
+        Ok((matmul_t(normed, &w.narrow(0, 0, di)?)?, matmul_t(normed, &w.narrow(0, di, di)?)?))
+    }
+
     pub fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
         let is_train = train.is_some();
-        let xz = apply(&self.in_proj, &self.norm.forward(x, is_train)?)?;
-        let xs = xz.narrow(2, 0, self.d_inner)?;
-        let z = xz.narrow(2, self.d_inner, self.d_inner)?;
+        let (xs, z) = self.project_in(&self.norm.forward(x, is_train)?)?;
         let xc = self.conv(&xs)?;
         let out = apply(&self.out_proj, &self.mix(&xc, &z, diag_scan)?)?;
         x + dropout(&out, self.p_drop, train)?
@@ -197,11 +211,15 @@ impl Moe {
         let weights = (shifted.exp()? * &mask)?;
         let gates = weights.broadcast_div(&weights.sum_keepdim(1)?)?; // softmax over the k
         let out = if train.is_some() {
-            let mut acc = Tensor::zeros_like(&flat)?;
-            for (j, ex) in self.experts.iter().enumerate() {
-                acc = (acc + run_expert(ex, &flat)?.broadcast_mul(&gates.narrow(1, j, 1)?)?)?;
-            }
-            acc
+            // Σ_j g_j · down_j(gelu(up_j x)) = [down_1 … down_E] · (g ⊗ gelu([up_1; …; up_E] x)):
+            // every expert in two GEMMs and a handful of graph nodes instead of ~6 per expert.
+            let ups: Vec<&Tensor> = self.experts.iter().map(|ex| ex.0.weight()).collect();
+            let downs: Vec<&Tensor> = self.experts.iter().map(|ex| ex.1.weight()).collect();
+            let hidden = gelu(&matmul_t(&flat, &Tensor::cat(&ups, 0)?)?)?; // (T, E·e)
+            let t = hidden.dim(0)?;
+            let ed = ups.first().map(|w| w.dim(0)).transpose()?.unwrap_or(0);
+            let gated = hidden.reshape((t, e, ed))?.broadcast_mul(&gates.unsqueeze(2)?)?.reshape((t, e * ed))?;
+            matmul_t(&gated, &Tensor::cat(&downs, 1)?)?
         } else {
             let mask_rows = mask.to_vec2::<f32>()?;
             let mut acc = Tensor::zeros_like(&flat)?;
