@@ -44,7 +44,21 @@ fn conv_pre(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize, ou
     });
 }
 
-struct ConvSilu;
+/// Rows are (batch · seq_len) time steps of `c` channels; the conv runs along each sequence.
+struct ConvSilu {
+    l: usize,
+}
+
+/// (seq_len, channels) of a conv input laid out as rows of channels.
+fn seq_dims(layout: &Layout, l: usize, op: &str) -> Result<(usize, usize)> {
+    let dims = layout.shape().dims();
+    let c = dims.last().copied().unwrap_or(1);
+    let rows = layout.shape().elem_count() / c.max(1);
+    if l == 0 || rows % l != 0 {
+        candle_core::bail!("{op}: {rows} rows are not whole sequences of {l}");
+    }
+    Ok((l, c))
+}
 
 impl CustomOp3 for ConvSilu {
     fn name(&self) -> &'static str {
@@ -52,7 +66,7 @@ impl CustomOp3 for ConvSilu {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, w, bias) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
-        let (_, l, c) = l1.shape().dims3()?;
+        let (l, c) = seq_dims(l1, self.l, self.name())?;
         let k = w.len() / c.max(1);
         let mut y = vec![0f32; x.len()];
         conv_pre(x, w, bias, l, c, k, &mut y);
@@ -62,11 +76,11 @@ impl CustomOp3 for ConvSilu {
     fn bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         // Gradient at the pre-activation, recomputing it (cheaper than keeping it alive).
-        let gy = x.apply_op3_no_bwd(w, bias, &ConvSiluPreGrad { g: g.clone() })?;
-        let dx = gy.apply_op2_no_bwd(w, &ConvTranspose)?;
-        let (_, _, c) = x.dims3()?;
-        let k = w.dim(1)?;
-        let dwb = x.apply_op2_no_bwd(&gy, &ConvParamGrad { k })?; // (c, k + 1): taps, then bias
+        let l = self.l;
+        let gy = x.apply_op3_no_bwd(w, bias, &ConvSiluPreGrad { g: g.clone(), l })?;
+        let dx = gy.apply_op2_no_bwd(w, &ConvTranspose { l })?;
+        let (c, k) = w.dims2()?;
+        let dwb = x.apply_op2_no_bwd(&gy, &ConvParamGrad { k, l })?; // (c, k + 1): taps, then bias
         let dw = dwb.narrow(1, 0, k)?;
         let db = dwb.narrow(1, k, 1)?.reshape(c)?;
         Ok((Some(dx), Some(dw), Some(db)))
@@ -76,6 +90,7 @@ impl CustomOp3 for ConvSilu {
 /// g ⊙ silu'(conv(x)): silu'(v) = s(v)·(1 + v·(1 − s(v))).
 struct ConvSiluPreGrad {
     g: Tensor,
+    l: usize,
 }
 
 impl CustomOp3 for ConvSiluPreGrad {
@@ -84,7 +99,7 @@ impl CustomOp3 for ConvSiluPreGrad {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, w, bias) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
-        let (_, l, c) = l1.shape().dims3()?;
+        let (l, c) = seq_dims(l1, self.l, self.name())?;
         let k = w.len() / c.max(1);
         let mut pre = vec![0f32; x.len()];
         conv_pre(x, w, bias, l, c, k, &mut pre);
@@ -102,7 +117,9 @@ impl CustomOp3 for ConvSiluPreGrad {
 }
 
 /// dx[b,s,c] = Σ_j gy[b, s+(k-1)-j, c] · w[c,j] (within the sequence).
-struct ConvTranspose;
+struct ConvTranspose {
+    l: usize,
+}
 
 impl CustomOp2 for ConvTranspose {
     fn name(&self) -> &'static str {
@@ -110,7 +127,7 @@ impl CustomOp2 for ConvTranspose {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (gy, w) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let (_, l, c) = l1.shape().dims3()?;
+        let (l, c) = seq_dims(l1, self.l, self.name())?;
         let k = w.len() / c.max(1);
         let mut dx = vec![0f32; gy.len()];
         dx.par_chunks_mut(l * c).zip(gy.par_chunks(l * c)).for_each(|(o, gb)| {
@@ -135,6 +152,7 @@ impl CustomOp2 for ConvTranspose {
 /// (c, k+1): dw[c,j] = Σ_{b,t} gy[b,t,c] · x[b, t+j-(k-1), c]; last column db[c] = Σ gy[b,t,c].
 struct ConvParamGrad {
     k: usize,
+    l: usize,
 }
 
 impl CustomOp2 for ConvParamGrad {
@@ -143,7 +161,8 @@ impl CustomOp2 for ConvParamGrad {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, gy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let (b, l, c) = l1.shape().dims3()?;
+        let (l, c) = seq_dims(l1, self.l, self.name())?;
+        let b = x.len() / (l * c).max(1);
         let k = self.k;
         // Per batch row partial sums in f64 (summed over b·l terms), then reduced in order.
         let partial: Vec<Vec<f64>> = (0..b)
@@ -177,9 +196,10 @@ impl CustomOp2 for ConvParamGrad {
     }
 }
 
-/// silu(depthwise causal conv1d(x) + bias) for x (batch, time, channels), taps w (channels, k).
-pub fn causal_conv_silu(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&w.contiguous()?, &bias.contiguous()?, ConvSilu)
+/// silu(depthwise causal conv1d(x) + bias) for x (batch, time, channels) — or its rows flattened
+/// to (batch · time, channels) — over sequences of `seq_len`; taps w (channels, k).
+pub fn causal_conv_silu(x: &Tensor, seq_len: usize, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&w.contiguous()?, &bias.contiguous()?, ConvSilu { l: seq_len })
 }
 
 /// The op-by-op form: the reference in tests, and the path for other dtypes.
@@ -355,7 +375,10 @@ mod tests {
     fn conv_silu_matches_the_op_by_op_form_and_its_gradients() {
         for (b, l, c, k) in [(3, 17, 12, 4), (2, 3, 5, 4), (1, 9, 8, 2)] {
             let vars = [var(&[b, l, c], 0.0, 1.0), var(&[c, k], 0.0, 0.5), var(&[c], 0.0, 0.3)];
-            agree(&vars, |t| causal_conv_silu(t[0], t[1], t[2]).unwrap(), |t| causal_conv_silu_ops(t[0], t[1], t[2]).unwrap(), 1e-5, "conv+silu");
+            agree(&vars, |t| causal_conv_silu(t[0], l, t[1], t[2]).unwrap(), |t| causal_conv_silu_ops(t[0], t[1], t[2]).unwrap(), 1e-5, "conv+silu");
+            // The same rows flattened to 2-D.
+            let flat = |t: &[&Tensor]| causal_conv_silu(&t[0].reshape((b * l, c)).unwrap(), l, t[1], t[2]).unwrap().reshape((b, l, c)).unwrap();
+            agree(&vars, flat, |t| causal_conv_silu_ops(t[0], t[1], t[2]).unwrap(), 1e-5, "conv+silu (2-D)");
         }
     }
 
@@ -365,7 +388,8 @@ mod tests {
         let xz = Tensor::randn(0f32, 1.0, (2, 7, 10), &Device::Cpu).unwrap();
         let x = xz.narrow(2, 0, 5).unwrap();
         let (w, bias) = (Tensor::randn(0f32, 0.5, (5, 4), &Device::Cpu).unwrap(), Tensor::zeros(5, candle_core::DType::F32, &Device::Cpu).unwrap());
-        assert!(max_diff(&causal_conv_silu(&x, &w, &bias).unwrap(), &causal_conv_silu_ops(&x, &w, &bias).unwrap()) < 1e-6);
+        assert!(max_diff(&causal_conv_silu(&x, 7, &w, &bias).unwrap(), &causal_conv_silu_ops(&x, &w, &bias).unwrap()) < 1e-6);
+        assert!(causal_conv_silu(&x, 3, &w, &bias).unwrap_err().to_string().contains("not whole sequences"));
     }
 
     #[test]

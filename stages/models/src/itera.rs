@@ -76,12 +76,13 @@ impl SsmBlock {
         }
     }
 
-    /// silu(causal depthwise conv(x)), one fused node in f32.
-    fn conv(&self, xs: &Tensor) -> Result<Tensor> {
+    /// silu(causal depthwise conv(x)) for rows (batch · seq_len, d_inner); one fused node in f32.
+    fn conv(&self, xs: &Tensor, seq_len: usize) -> Result<Tensor> {
         if xs.dtype() == DType::F32 {
-            fused::causal_conv_silu(xs, &self.conv_w, &self.conv_b)
+            fused::causal_conv_silu(xs, seq_len, &self.conv_w, &self.conv_b)
         } else {
-            fused::causal_conv_silu_ops(xs, &self.conv_w, &self.conv_b)
+            let (rows, c) = xs.dims2()?;
+            fused::causal_conv_silu_ops(&xs.reshape((rows / seq_len, seq_len, c))?, &self.conv_w, &self.conv_b)?.reshape((rows, c))
         }
     }
 
@@ -92,17 +93,23 @@ impl SsmBlock {
         let di = self.d_inner;
         if self.in_proj.quantized().is_some() {
             let xz = apply(&self.in_proj, normed)?;
-            return Ok((xz.narrow(2, 0, di)?, xz.narrow(2, di, di)?));
+            return Ok((xz.narrow(D::Minus1, 0, di)?, xz.narrow(D::Minus1, di, di)?));
         }
         let w = self.in_proj.weight();
         Ok((matmul_t(normed, &w.narrow(0, 0, di)?)?, matmul_t(normed, &w.narrow(0, di, di)?)?))
     }
 
-    pub fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
+    /// x: rows (batch · seq_len, d_model), sequence after sequence.
+    pub fn forward(&self, x: &Tensor, seq_len: usize, train: &mut Train) -> Result<Tensor> {
         let is_train = train.is_some();
         let (xs, z) = self.project_in(&self.norm.forward(x, is_train)?)?;
-        let xc = self.conv(&xs)?;
-        let out = apply(&self.out_proj, &self.mix(&xc, &z, diag_scan)?)?;
+        let xc = self.conv(&xs, seq_len)?;
+        let scan = |a: &Tensor, u: &Tensor| -> Result<Tensor> {
+            let (rows, n) = a.dims2()?;
+            let seqs = (rows / seq_len, seq_len, n);
+            diag_scan(&a.reshape(seqs)?, &u.reshape(seqs)?)?.reshape((rows, n))
+        };
+        let out = apply(&self.out_proj, &self.mix(&xc, &z, scan)?)?;
         x + dropout(&out, self.p_drop, train)?
     }
 
@@ -199,9 +206,12 @@ impl Moe {
     /// Router → top-k → softmax over the k → weighted sum of the chosen experts; residual.
     /// Training computes every expert densely (gates are zero off the top-k, so the result is
     /// the same); inference runs each expert only on its own tokens.
+    /// x: (batch, time, d) or its rows (batch · time, d); the output has x's shape.
     pub fn forward(&self, x: &Tensor, train: &mut Train) -> Result<MoeOut> {
-        let (b, l, d) = x.dims3()?;
-        let flat = self.norm.forward(x, train.is_some())?.reshape((b * l, d))?;
+        let d = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / d.max(1);
+        let normed = self.norm.forward(x, train.is_some())?;
+        let flat = if x.rank() == 2 { normed } else { normed.reshape((rows, d))? };
         let logits = apply(&self.router, &flat)?; // (T, E)
         let e = self.experts.len();
         let (sorted, _) = logits.detach().sort_last_dim(false)?;
@@ -244,11 +254,12 @@ impl Moe {
                 (var / m.sqr()?)?
             }
             AuxLoss::Switch => {
-                let f = (mask.sum(0)? / ((b * l * self.top_k) as f64))?;
+                let f = (mask.sum(0)? / ((rows * self.top_k) as f64))?;
                 ((f * &p_mean)?.sum_all()? * e as f64)?
             }
         };
-        let out = dropout(&out.reshape((b, l, d))?, self.p_drop, train)?;
+        let out = if x.rank() == 2 { out } else { out.reshape(x.shape())? };
+        let out = dropout(&out, self.p_drop, train)?;
         Ok(MoeOut { out: (x + out)?, aux, load: mask.sum(0)? })
     }
 }
@@ -308,11 +319,13 @@ impl IteraLite {
 
     pub fn forward(&self, ids: &Tensor, mut train: Train) -> Result<Forward> {
         let is_train = train.is_some();
-        let mut x = dropout(&self.emb.embed_at(ids, 0)?, self.cfg.dropout, &mut train)?;
+        let (b, l) = ids.dims2()?;
+        // Carried as rows (batch · seq, d) from here to the head: see `matmul_t`.
+        let mut x = dropout(&self.emb.embed_at(ids, 0)?, self.cfg.dropout, &mut train)?.reshape((b * l, self.cfg.d_model))?;
         let mut aux = Tensor::zeros((), x.dtype(), x.device())?;
         let mut load = Vec::new();
         for (ssm, ff) in &self.layers {
-            x = ssm.forward(&x, &mut train)?;
+            x = ssm.forward(&x, l, &mut train)?;
             x = match ff {
                 FeedForward::Dense(f) => f.forward(&x, &mut train)?,
                 FeedForward::Moe(m) => {
@@ -324,7 +337,8 @@ impl IteraLite {
             };
         }
         let aux = (aux * self.cfg.aux_weight)?;
-        Ok(Forward { logits: self.emb.head(&x, is_train)?, aux, load })
+        let logits = self.emb.head(&x, is_train)?.reshape((b, l, self.cfg.vocab_size))?;
+        Ok(Forward { logits, aux, load })
     }
 
     pub fn zero_state(&self, batch: usize) -> Result<Vec<SsmState>> {

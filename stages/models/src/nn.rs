@@ -178,6 +178,11 @@ pub fn apply(l: &Linear, x: &Tensor) -> Result<Tensor> {
 
 /// `x @ w^T` for x of any rank ≥ 2 and a 2-D `w` (out, in), as one GEMM.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    // 2-D activations (what Itera-Lite's forward carries) need no reshape nodes: each one costs a
+    // zeroed full-size gradient buffer in backward.
+    if x.rank() == 2 {
+        return x.matmul(&w.t()?);
+    }
     let dims = x.dims().to_vec();
     let inner = dims[dims.len() - 1];
     let rows: usize = dims[..dims.len() - 1].iter().product();
