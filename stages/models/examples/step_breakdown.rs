@@ -1,4 +1,5 @@
-//! Where a training step's time goes: forward+loss, backward, AdamW update (1 thread).
+//! Where a training step's time goes: forward+loss, backward, AdamW update; MODE=forward times
+//! the inference forward alone. Threads: RAYON_NUM_THREADS.
 //! `cargo run --release -p itera-models --example step_breakdown` (MODEL=itera_lite|transformer).
 use std::time::Instant;
 
@@ -15,6 +16,22 @@ fn main() -> candle_core::Result<()> {
     let mut opt = AdamW::new(model.varmap.all_vars(), ParamsAdamW { lr: 1e-3, ..Default::default() })?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut drop_rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    if std::env::var("MODE").as_deref() == Ok("forward") {
+        // Inference forward only (what the bench's forward figure times).
+        let mut times = Vec::new();
+        for i in 0..20 {
+            let v: Vec<u32> = (0..16 * 128).map(|_| rng.random_range(5..256)).collect();
+            let x = Tensor::from_vec(v, (16, 128), &Device::Cpu)?;
+            let t = Instant::now();
+            model.forward(&x, None)?.logits.sum_all()?.to_scalar::<f32>()?;
+            if i >= 2 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        println!("{name}: inference forward {:.1} ms", times[times.len() / 2]);
+        return Ok(());
+    }
     let (mut f, mut b, mut u) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..12 {
         let v: Vec<u32> = (0..16 * 128).map(|_| rng.random_range(5..256)).collect();

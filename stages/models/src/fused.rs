@@ -42,6 +42,19 @@ fn ln_1p_unit(y: f32) -> f32 {
     2.0 * s * (1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0)))))))
 }
 
+/// Σ v in 8 interleaved partial sums (vectorizes; a fixed order, so still deterministic).
+fn sum_lanes(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for ch in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(ch) {
+            *a += x;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 #[inline(always)]
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + exp(-v))
@@ -54,8 +67,21 @@ fn rows_per_task(len: usize) -> usize {
 
 // ---------------------------------------------------------------- depthwise causal conv + SiLU
 
+/// Taps (c, k) as (k, c), so the per-channel loops below read both operands contiguously (and
+/// vectorize; the (c, k) order made them gathers).
+fn taps_by_offset(w: &[f32], c: usize, k: usize) -> Vec<f32> {
+    let mut t = vec![0f32; w.len()];
+    for ch in 0..c {
+        for j in 0..k {
+            t[j * c + ch] = w[ch * k + j];
+        }
+    }
+    t
+}
+
 /// y[b,t,c] = bias[c] + Σ_j w[c,j] · x[b, t+j-(k-1), c] (zero before the start).
 fn conv_pre(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize, out: &mut [f32]) {
+    let wt = taps_by_offset(w, c, k);
     out.par_chunks_mut(l * c).zip(x.par_chunks(l * c)).for_each(|(o, xb)| {
         for t in 0..l {
             let row = &mut o[t * c..(t + 1) * c];
@@ -63,8 +89,8 @@ fn conv_pre(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize, ou
             for j in 0..k {
                 let Some(src) = (t + j).checked_sub(k - 1) else { continue };
                 let xr = &xb[src * c..(src + 1) * c];
-                for ch in 0..c {
-                    row[ch] += w[ch * k + j] * xr[ch];
+                for ((r, &w), &x) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(xr) {
+                    *r += w * x;
                 }
             }
         }
@@ -156,6 +182,7 @@ impl CustomOp2 for ConvTranspose {
         let (gy, w) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
         let (l, c) = seq_dims(l1, self.l, self.name())?;
         let k = w.len() / c.max(1);
+        let wt = taps_by_offset(w, c, k);
         let mut dx = vec![0f32; gy.len()];
         dx.par_chunks_mut(l * c).zip(gy.par_chunks(l * c)).for_each(|(o, gb)| {
             for s in 0..l {
@@ -166,8 +193,8 @@ impl CustomOp2 for ConvTranspose {
                         continue;
                     }
                     let gr = &gb[t * c..(t + 1) * c];
-                    for ch in 0..c {
-                        row[ch] += w[ch * k + j] * gr[ch];
+                    for ((r, &w), &g) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(gr) {
+                        *r += w * g;
                     }
                 }
             }
@@ -196,30 +223,37 @@ impl CustomOp2 for ConvParamGrad {
             .into_par_iter()
             .map(|bi| {
                 let (xb, gb) = (&x[bi * l * c..(bi + 1) * l * c], &gy[bi * l * c..(bi + 1) * l * c]);
-                let mut acc = vec![0f64; c * (k + 1)];
+                // Rows of (k + 1) × c: one per tap offset, then the bias; transposed at the end.
+                let mut acc = vec![0f64; (k + 1) * c];
                 for t in 0..l {
                     let gr = &gb[t * c..(t + 1) * c];
                     for j in 0..k {
                         let Some(src) = (t + j).checked_sub(k - 1) else { continue };
                         let xr = &xb[src * c..(src + 1) * c];
-                        for ch in 0..c {
-                            acc[ch * (k + 1) + j] += (gr[ch] * xr[ch]) as f64;
+                        for ((a, &g), &x) in acc[j * c..(j + 1) * c].iter_mut().zip(gr).zip(xr) {
+                            *a += (g * x) as f64;
                         }
                     }
-                    for ch in 0..c {
-                        acc[ch * (k + 1) + k] += gr[ch] as f64;
+                    for (a, &g) in acc[k * c..].iter_mut().zip(gr) {
+                        *a += g as f64;
                     }
                 }
                 acc
             })
             .collect();
-        let mut out = vec![0f64; c * (k + 1)];
+        let mut sum = vec![0f64; (k + 1) * c];
         for p in &partial {
-            for (o, v) in out.iter_mut().zip(p) {
+            for (o, v) in sum.iter_mut().zip(p) {
                 *o += v;
             }
         }
-        Ok((CpuStorage::F32(out.into_iter().map(|v| v as f32).collect()), Shape::from((c, k + 1))))
+        let mut out = vec![0f32; c * (k + 1)];
+        for j in 0..=k {
+            for ch in 0..c {
+                out[ch * (k + 1) + j] = sum[j * c + ch] as f32;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((c, k + 1))))
     }
 }
 
@@ -267,8 +301,14 @@ impl CustomOp2 for SoftplusMean {
         let mut out = vec![0f32; x.len() / c.max(1)];
         let per = rows_per_task(c);
         out.par_chunks_mut(per).zip(x.par_chunks(per * c)).for_each(|(o, xr)| {
+            let mut tmp = vec![0f32; c];
             for (o, row) in o.iter_mut().zip(xr.chunks_exact(c)) {
-                *o = row.iter().zip(bias).map(|(&v, b)| softplus(v + b)).sum::<f32>() / c as f32;
+                // Evaluated into a buffer, then summed in 8 lanes: a running f32 sum cannot be
+                // reordered, so the softplus inside it would stay scalar.
+                for ((t, &v), b) in tmp.iter_mut().zip(row).zip(bias) {
+                    *t = softplus(v + b);
+                }
+                *o = sum_lanes(&tmp) / c as f32;
             }
         });
         dims.push(1);
