@@ -15,6 +15,7 @@ pub mod decode;
 pub mod fused;
 pub mod gguf;
 pub mod itera;
+pub mod linear_op;
 pub mod measure;
 pub mod model;
 pub mod nn;

@@ -181,6 +181,9 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     // 2-D activations (what Itera-Lite's forward carries) need no reshape nodes: each one costs a
     // zeroed full-size gradient buffer in backward.
     if x.rank() == 2 {
+        if x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+            return crate::linear_op::linear(x, w);
+        }
         return x.matmul(&w.t()?);
     }
     let dims = x.dims().to_vec();
