@@ -430,6 +430,102 @@ pub fn silu_gate(y: &Tensor, z: &Tensor) -> Result<Tensor> {
     y.contiguous()?.apply_op2(&z.contiguous()?, Gate)
 }
 
+// ---------------------------------------------------------------- next-token cross-entropy
+
+/// Mean over (b, t < l−1) of −log softmax(logits[b, t])[ids[b, t+1]]: position t predicts
+/// token t+1 (one shift). Op by op this was a narrow, a copy, a log-softmax of ~6 nodes and a
+/// gather over the (batch, seq, vocab) logits.
+struct NextTokenLoss {
+    /// ids (b, l), row-major.
+    ids: Vec<u32>,
+    l: usize,
+}
+
+impl NextTokenLoss {
+    /// (row of logits, its target) for every scored position.
+    fn pairs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let b = self.ids.len() / self.l;
+        (0..b).flat_map(move |bi| (0..self.l - 1).map(move |t| (bi * self.l + t, self.ids[bi * self.l + t + 1] as usize)))
+    }
+    fn count(&self) -> usize {
+        (self.ids.len() / self.l) * (self.l - 1)
+    }
+}
+
+/// max and ln Σ exp(v − max) of one row.
+fn log_sum_exp(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut tmp = vec![0f32; row.len()];
+    for (t, &v) in tmp.iter_mut().zip(row) {
+        *t = exp(v - max);
+    }
+    (max, sum_lanes(&tmp).ln())
+}
+
+impl candle_core::CustomOp1 for NextTokenLoss {
+    fn name(&self) -> &'static str {
+        "next-token-cross-entropy"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let v = l.shape().dims().last().copied().unwrap_or(1);
+        if x.len() != self.ids.len() * v {
+            candle_core::bail!("next-token loss: logits {:?} do not match {} ids", l.shape(), self.ids.len());
+        }
+        let mut total = 0f64;
+        for (row, target) in self.pairs() {
+            let r = &x[row * v..(row + 1) * v];
+            if target >= v {
+                candle_core::bail!("next-token loss: token id {target} is outside the vocabulary of {v}");
+            }
+            let (max, lse) = log_sum_exp(r);
+            total += (max + lse - r[target]) as f64;
+        }
+        Ok((CpuStorage::F32(vec![(total / self.count() as f64) as f32]), Shape::from(())))
+    }
+    fn bwd(&self, logits: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let scale = g.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? / self.count() as f32;
+        Ok(Some(logits.apply_op1_no_bwd(&NextTokenLossGrad { loss: self, scale })?))
+    }
+}
+
+/// (softmax − one-hot(target)) · scale on scored rows, 0 on each sequence's last position.
+struct NextTokenLossGrad<'a> {
+    loss: &'a NextTokenLoss,
+    scale: f32,
+}
+
+impl candle_core::CustomOp1 for NextTokenLossGrad<'_> {
+    fn name(&self) -> &'static str {
+        "next-token-cross-entropy-grad"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let v = l.shape().dims().last().copied().unwrap_or(1);
+        let mut dx = vec![0f32; x.len()];
+        for (row, target) in self.loss.pairs() {
+            let (r, d) = (&x[row * v..(row + 1) * v], &mut dx[row * v..(row + 1) * v]);
+            let (max, lse) = log_sum_exp(r);
+            for (d, &z) in d.iter_mut().zip(r) {
+                *d = exp(z - max - lse) * self.scale;
+            }
+            d[target] -= self.scale;
+        }
+        Ok((CpuStorage::F32(dx), l.shape().clone()))
+    }
+}
+
+/// Next-token cross-entropy of logits (batch, seq, vocab) against ids (batch, seq), as one node.
+pub fn next_token_cross_entropy(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, l) = ids.dims2()?;
+    if l < 2 {
+        candle_core::bail!("need at least 2 tokens per sequence for a next-token loss");
+    }
+    let ids: Vec<u32> = ids.to_dtype(candle_core::DType::U32)?.flatten_all()?.to_vec1()?;
+    debug_assert_eq!(ids.len(), b * l);
+    logits.contiguous()?.apply_op1(NextTokenLoss { ids, l })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,6 +601,20 @@ mod tests {
             (x.relu().unwrap() + (x.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap().log().unwrap()).unwrap().mean_keepdim(2).unwrap()
         };
         agree(&vars, |t| softplus_mean(t[0], t[1]).unwrap(), ops, 1e-5, "softplus-mean");
+    }
+
+    #[test]
+    fn next_token_loss_matches_candle_cross_entropy_and_its_gradient() {
+        let logits = var(&[3, 7, 11], 0.0, 3.0);
+        let ids = Tensor::from_vec((0..21u32).map(|i| (i * 5 + 3) % 11).collect::<Vec<_>>(), (3, 7), &Device::Cpu).unwrap();
+        let ops = |t: &[&Tensor]| {
+            let pred = t[0].narrow(1, 0, 6).unwrap().reshape((18, 11)).unwrap();
+            candle_nn::loss::cross_entropy(&pred, &ids.narrow(1, 1, 6).unwrap().reshape(18).unwrap()).unwrap()
+        };
+        agree(&[logits], |t| next_token_cross_entropy(t[0], &ids).unwrap(), ops, 1e-5, "next-token loss");
+        let bad = Tensor::from_vec(vec![0u32, 11], (1, 2), &Device::Cpu).unwrap();
+        let e = next_token_cross_entropy(&Tensor::zeros((1, 2, 11), candle_core::DType::F32, &Device::Cpu).unwrap(), &bad).unwrap_err();
+        assert!(e.to_string().contains("outside the vocabulary"), "{e}");
     }
 
     #[test]

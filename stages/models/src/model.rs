@@ -220,6 +220,9 @@ pub fn next_token_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     if l < 2 {
         candle_core::bail!("need at least 2 tokens per sequence for a next-token loss");
     }
+    if logits.dtype() == DType::F32 {
+        return crate::fused::next_token_cross_entropy(logits, ids);
+    }
     let pred = logits.narrow(1, 0, l - 1)?.reshape((b * (l - 1), v))?;
     let target = ids.narrow(1, 1, l - 1)?.reshape(b * (l - 1))?;
     candle_nn::loss::cross_entropy(&pred, &target)
