@@ -6,7 +6,7 @@
 //! training step. Each function here is one node with a hand-written backward (itself run as
 //! no-grad ops) and is tested against the op-by-op form and its autograd gradients.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -65,6 +65,22 @@ fn rows_per_task(len: usize) -> usize {
     (16_384 / len.max(1)).max(1)
 }
 
+/// Elements below which an op runs inline: handing a job to the rayon pool costs tens of µs,
+/// more than a generation step's worth of these ops (it halved KV-cache decoding).
+const PARALLEL_MIN: usize = 32_768;
+
+/// `f(i, chunk)` for the `size`-long chunks of `out`: on the rayon pool when there are several
+/// threads and enough work, inline otherwise. Chunks never share outputs, so the result is the
+/// same either way.
+pub(crate) fn for_chunks<T: Send>(out: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    let size = size.max(1);
+    if rayon::current_num_threads() > 1 && out.len() > size && out.len() >= PARALLEL_MIN {
+        out.par_chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        out.chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
 // ---------------------------------------------------------------- depthwise causal conv + SiLU
 
 /// Taps (c, k) as (k, c), so the per-channel loops below read both operands contiguously (and
@@ -82,7 +98,8 @@ fn taps_by_offset(w: &[f32], c: usize, k: usize) -> Vec<f32> {
 /// y[b,t,c] = bias[c] + Σ_j w[c,j] · x[b, t+j-(k-1), c] (zero before the start).
 fn conv_pre(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize, out: &mut [f32]) {
     let wt = taps_by_offset(w, c, k);
-    out.par_chunks_mut(l * c).zip(x.par_chunks(l * c)).for_each(|(o, xb)| {
+    for_chunks(out, l * c, |bi, o| {
+        let xb = &x[bi * l * c..(bi + 1) * l * c];
         for t in 0..l {
             let row = &mut o[t * c..(t + 1) * c];
             row.copy_from_slice(bias);
@@ -123,7 +140,7 @@ impl CustomOp3 for ConvSilu {
         let k = w.len() / c.max(1);
         let mut y = vec![0f32; x.len()];
         conv_pre(x, w, bias, l, c, k, &mut y);
-        y.par_chunks_mut(16_384).for_each(|ch| ch.iter_mut().for_each(|v| *v *= sigmoid(*v)));
+        for_chunks(&mut y, 16_384, |_, ch| ch.iter_mut().for_each(|v| *v *= sigmoid(*v)));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, bias: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -159,8 +176,8 @@ impl CustomOp3 for ConvSiluPreGrad {
         let (gs, gl) = self.g.storage_and_layout();
         let candle_core::Storage::Cpu(gs) = &*gs else { candle_core::bail!("{}: CPU tensors expected", self.name()) };
         let g = f32s(gs, gl, self.name())?;
-        pre.par_chunks_mut(16_384).zip(g.par_chunks(16_384)).for_each(|(p, g)| {
-            for (v, g) in p.iter_mut().zip(g) {
+        for_chunks(&mut pre, 16_384, |i, p| {
+            for (v, g) in p.iter_mut().zip(&g[i * 16_384..]) {
                 let s = sigmoid(*v);
                 *v = g * s * (1.0 + *v * (1.0 - s));
             }
@@ -184,7 +201,8 @@ impl CustomOp2 for ConvTranspose {
         let k = w.len() / c.max(1);
         let wt = taps_by_offset(w, c, k);
         let mut dx = vec![0f32; gy.len()];
-        dx.par_chunks_mut(l * c).zip(gy.par_chunks(l * c)).for_each(|(o, gb)| {
+        for_chunks(&mut dx, l * c, |bi, o| {
+            let gb = &gy[bi * l * c..(bi + 1) * l * c];
             for s in 0..l {
                 let row = &mut o[s * c..(s + 1) * c];
                 for j in 0..k {
@@ -218,13 +236,11 @@ impl CustomOp2 for ConvParamGrad {
         let (l, c) = seq_dims(l1, self.l, self.name())?;
         let b = x.len() / (l * c).max(1);
         let k = self.k;
-        // Per batch row partial sums in f64 (summed over b·l terms), then reduced in order.
-        let partial: Vec<Vec<f64>> = (0..b)
-            .into_par_iter()
-            .map(|bi| {
+        // Per sequence partial sums in f64 (summed over b·l terms), then reduced in order.
+        // Each holds (k + 1) rows of c: one per tap offset, then the bias; transposed at the end.
+        let mut partial = vec![0f64; b * (k + 1) * c];
+        for_chunks(&mut partial, (k + 1) * c, |bi, acc| {
                 let (xb, gb) = (&x[bi * l * c..(bi + 1) * l * c], &gy[bi * l * c..(bi + 1) * l * c]);
-                // Rows of (k + 1) × c: one per tap offset, then the bias; transposed at the end.
-                let mut acc = vec![0f64; (k + 1) * c];
                 for t in 0..l {
                     let gr = &gb[t * c..(t + 1) * c];
                     for j in 0..k {
@@ -238,11 +254,9 @@ impl CustomOp2 for ConvParamGrad {
                         *a += g as f64;
                     }
                 }
-                acc
-            })
-            .collect();
+        });
         let mut sum = vec![0f64; (k + 1) * c];
-        for p in &partial {
+        for p in partial.chunks_exact((k + 1) * c) {
             for (o, v) in sum.iter_mut().zip(p) {
                 *o += v;
             }
@@ -300,7 +314,8 @@ impl CustomOp2 for SoftplusMean {
         }
         let mut out = vec![0f32; x.len() / c.max(1)];
         let per = rows_per_task(c);
-        out.par_chunks_mut(per).zip(x.par_chunks(per * c)).for_each(|(o, xr)| {
+        for_chunks(&mut out, per, |i, o| {
+            let xr = &x[i * per * c..];
             let mut tmp = vec![0f32; c];
             for (o, row) in o.iter_mut().zip(xr.chunks_exact(c)) {
                 // Evaluated into a buffer, then summed in 8 lanes: a running f32 sum cannot be
@@ -333,7 +348,8 @@ impl CustomOp3 for SoftplusMeanGrad {
         let c = bias.len();
         let mut dx = vec![0f32; x.len()];
         let per = rows_per_task(c);
-        dx.par_chunks_mut(per * c).zip(x.par_chunks(per * c)).zip(g.par_chunks(per)).for_each(|((d, xr), gr)| {
+        for_chunks(&mut dx, per * c, |i, d| {
+            let (xr, gr) = (&x[i * per * c..], &g[i * per..]);
             for ((d, xr), g) in d.chunks_exact_mut(c).zip(xr.chunks_exact(c)).zip(gr) {
                 let scale = g / c as f32;
                 for ((d, &v), b) in d.iter_mut().zip(xr).zip(bias) {
@@ -349,7 +365,7 @@ impl CustomOp3 for SoftplusMeanGrad {
 /// cost more than the whole fused step-size op.
 struct ColumnSums;
 
-impl candle_core::CustomOp1 for ColumnSums {
+impl CustomOp1 for ColumnSums {
     fn name(&self) -> &'static str {
         "column-sums"
     }
@@ -385,8 +401,8 @@ impl CustomOp2 for Gate {
             candle_core::bail!("silu-gate: shapes differ: {:?} vs {:?}", l1.shape(), l2.shape());
         }
         let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(16_384).zip(y.par_chunks(16_384)).zip(z.par_chunks(16_384)).for_each(|((o, y), z)| {
-            for ((o, y), z) in o.iter_mut().zip(y).zip(z) {
+        for_chunks(&mut out, 16_384, |i, o| {
+            for ((o, y), z) in o.iter_mut().zip(&y[i * 16_384..]).zip(&z[i * 16_384..]) {
                 *o = y * z * sigmoid(*z);
             }
         });
@@ -410,15 +426,20 @@ impl CustomOp3 for GateGrad {
         let n = y.len();
         let mut out = vec![0f32; 2 * n];
         let (dy, dz) = out.split_at_mut(n);
-        dy.par_chunks_mut(16_384).zip(dz.par_chunks_mut(16_384)).zip(y.par_chunks(16_384).zip(z.par_chunks(16_384)).zip(g.par_chunks(16_384))).for_each(
-            |((dy, dz), ((y, z), g))| {
-                for i in 0..dy.len() {
-                    let s = sigmoid(z[i]);
-                    dy[i] = g[i] * z[i] * s;
-                    dz[i] = g[i] * y[i] * s * (1.0 + z[i] * (1.0 - s));
-                }
-            },
-        );
+        const CH: usize = 16_384;
+        for_chunks(dy, CH, |i, dy| {
+            for (j, d) in dy.iter_mut().enumerate() {
+                let (z, g) = (z[i * CH + j], g[i * CH + j]);
+                *d = g * z * sigmoid(z);
+            }
+        });
+        for_chunks(dz, CH, |i, dz| {
+            for (j, d) in dz.iter_mut().enumerate() {
+                let (y, z, g) = (y[i * CH + j], z[i * CH + j], g[i * CH + j]);
+                let s = sigmoid(z);
+                *d = g * y * s * (1.0 + z * (1.0 - s));
+            }
+        });
         let mut dims = vec![2];
         dims.extend_from_slice(l1.shape().dims());
         Ok((CpuStorage::F32(out), Shape::from(dims)))
@@ -428,6 +449,87 @@ impl CustomOp3 for GateGrad {
 /// y ⊙ silu(z), one node.
 pub fn silu_gate(y: &Tensor, z: &Tensor) -> Result<Tensor> {
     y.contiguous()?.apply_op2(&z.contiguous()?, Gate)
+}
+
+// ---------------------------------------------------------------- causal attention softmax
+
+/// softmax(scale · scores) over each row's visible keys: query i of a block of `l` (absolute
+/// position offset + i) sees keys 0..=offset+i; the rest get probability 0. Op by op: a scale,
+/// a mask add and a softmax of ~5 nodes on (batch, heads, l, keys) tensors.
+struct CausalSoftmax {
+    scale: f32,
+    offset: usize,
+    l: usize,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let keys = l.shape().dims().last().copied().unwrap_or(1);
+        if keys < self.offset + self.l {
+            candle_core::bail!("causal softmax: {keys} keys for queries up to position {}", self.offset + self.l - 1);
+        }
+        let mut y = vec![0f32; x.len()];
+        for_chunks(&mut y, keys * self.l, |bi, yb| {
+            let xb = &x[bi * keys * self.l..(bi + 1) * keys * self.l];
+            for i in 0..self.l {
+                let visible = self.offset + i + 1;
+                let (xr, yr) = (&xb[i * keys..i * keys + visible], &mut yb[i * keys..i * keys + visible]);
+                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = exp(self.scale * (v - max));
+                }
+                let inv = 1.0 / sum_lanes(yr);
+                yr.iter_mut().for_each(|o| *o *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &CausalSoftmaxGrad { scale: self.scale })?))
+    }
+}
+
+/// dx = scale · y ⊙ (g − Σ g ⊙ y) per row (masked entries have y = 0, so dx = 0).
+struct CausalSoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for CausalSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "causal-softmax-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, g) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let keys = l1.shape().dims().last().copied().unwrap_or(1);
+        let mut dx = vec![0f32; y.len()];
+        let per = rows_per_task(keys);
+        for_chunks(&mut dx, per * keys, |i, d| {
+            let (y, g) = (&y[i * per * keys..], &g[i * per * keys..]);
+            let mut tmp = vec![0f32; keys];
+            for ((d, y), g) in d.chunks_exact_mut(keys).zip(y.chunks_exact(keys)).zip(g.chunks_exact(keys)) {
+                for ((t, &y), &g) in tmp.iter_mut().zip(y).zip(g) {
+                    *t = y * g;
+                }
+                let dot = sum_lanes(&tmp);
+                for ((d, &y), &g) in d.iter_mut().zip(y).zip(g) {
+                    *d = self.scale * y * (g - dot);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Attention probabilities from raw scores (…, l queries, keys) with causal masking; the
+/// queries sit at absolute positions offset..offset+l.
+pub fn causal_softmax(scores: &Tensor, scale: f32, offset: usize) -> Result<Tensor> {
+    let dims = scores.dims();
+    let l = dims.get(dims.len().wrapping_sub(2)).copied().unwrap_or(1);
+    scores.contiguous()?.apply_op1(CausalSoftmax { scale, offset, l })
 }
 
 // ---------------------------------------------------------------- next-token cross-entropy
@@ -462,7 +564,7 @@ fn log_sum_exp(row: &[f32]) -> (f32, f32) {
     (max, sum_lanes(&tmp).ln())
 }
 
-impl candle_core::CustomOp1 for NextTokenLoss {
+impl CustomOp1 for NextTokenLoss {
     fn name(&self) -> &'static str {
         "next-token-cross-entropy"
     }
@@ -495,7 +597,7 @@ struct NextTokenLossGrad<'a> {
     scale: f32,
 }
 
-impl candle_core::CustomOp1 for NextTokenLossGrad<'_> {
+impl CustomOp1 for NextTokenLossGrad<'_> {
     fn name(&self) -> &'static str {
         "next-token-cross-entropy-grad"
     }
@@ -615,6 +717,20 @@ mod tests {
         let bad = Tensor::from_vec(vec![0u32, 11], (1, 2), &Device::Cpu).unwrap();
         let e = next_token_cross_entropy(&Tensor::zeros((1, 2, 11), candle_core::DType::F32, &Device::Cpu).unwrap(), &bad).unwrap_err();
         assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    }
+
+    #[test]
+    fn causal_softmax_matches_masked_softmax_and_its_gradient() {
+        for (l, keys, offset) in [(6, 6, 0), (1, 5, 4), (3, 7, 4)] {
+            let scores = var(&[2, 3, l, keys], 0.0, 2.0);
+            let scale = 0.35f32;
+            let ops = |t: &[&Tensor]| {
+                let mask: Vec<f32> = (0..l).flat_map(|i| (0..keys).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+                let mask = Tensor::from_vec(mask, (l, keys), &Device::Cpu).unwrap();
+                candle_nn::ops::softmax(&(t[0] * scale as f64).unwrap().broadcast_add(&mask).unwrap(), 3).unwrap()
+            };
+            agree(&[scores], |t| causal_softmax(t[0], scale, offset).unwrap(), ops, 1e-5, "causal softmax");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! `λ_t = g_t + a_{t+1} ⊙ λ_{t+1}`, giving `∂u_t = λ_t` and `∂a_t = λ_t ⊙ h_{t-1}`.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
-use rayon::prelude::*;
+use crate::fused::for_chunks;
 
 fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
     l.shape().dims3()
@@ -20,7 +20,7 @@ fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
 
 fn scan_fwd<T: WithDType + Send + Sync>(a: &[T], u: &[T], (b, l, n): (usize, usize, usize)) -> Vec<T> {
     let mut out = vec![T::zero(); b * l * n];
-    out.par_chunks_mut(l * n).enumerate().for_each(|(bi, o)| {
+    for_chunks(&mut out, l * n, |bi, o| {
         let base = bi * l * n;
         let mut h = vec![T::zero(); n];
         for t in 0..l {
@@ -37,7 +37,7 @@ fn scan_fwd<T: WithDType + Send + Sync>(a: &[T], u: &[T], (b, l, n): (usize, usi
 /// λ_t = g_t + a_{t+1} ⊙ λ_{t+1}, from the last step backwards.
 fn scan_rev<T: WithDType + Send + Sync>(a: &[T], g: &[T], (b, l, n): (usize, usize, usize)) -> Vec<T> {
     let mut out = vec![T::zero(); b * l * n];
-    out.par_chunks_mut(l * n).enumerate().for_each(|(bi, o)| {
+    for_chunks(&mut out, l * n, |bi, o| {
         let base = bi * l * n;
         let mut lam = vec![T::zero(); n];
         for t in (0..l).rev() {

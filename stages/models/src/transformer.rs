@@ -41,10 +41,11 @@ impl Block {
         })
     }
 
-    /// `past`: cached keys/values for earlier positions (generation); updated in place.
-    fn forward(&self, x: &Tensor, train: &mut Train, past: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    /// x: rows (batch · l, d), sequence after sequence. `past`: cached keys/values for earlier
+    /// positions (generation); updated in place.
+    fn forward(&self, x: &Tensor, (b, l): (usize, usize), train: &mut Train, past: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let is_train = train.is_some();
-        let (b, l, d) = x.dims3()?;
+        let d = x.dim(1)?;
         let hd = d / self.heads;
         let qkv = apply(&self.qkv, &self.ln1.forward(x, is_train)?)?.reshape((b, l, 3, self.heads, hd))?;
         let q = qkv.narrow(2, 0, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous()?; // (b, h, l, hd)
@@ -59,18 +60,18 @@ impl Block {
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        let total = offset + l;
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?; // (b, h, l, total)
-        let scores = if l > 1 {
+        let scores = q.matmul(&k.t()?)?; // (b, h, l, offset + l)
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = if scores.dtype() == DType::F32 {
+            crate::fused::causal_softmax(&scores, scale as f32, offset)?
+        } else {
             // Query i (at absolute position offset+i) may see keys 0..=offset+i.
+            let total = offset + l;
             let mask: Vec<f32> = (0..l).flat_map(|i| (0..total).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY })).collect();
             let mask = Tensor::from_vec(mask, (l, total), x.device())?.to_dtype(scores.dtype())?;
-            scores.broadcast_add(&mask)?
-        } else {
-            scores
+            candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)?
         };
-        let att = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b * l, d))?;
         let x = (x + dropout(&apply(&self.proj, &y)?, self.p_drop, train)?)?;
         let h = apply(&self.down, &gelu(&apply(&self.up, &self.ln2.forward(&x, is_train)?)?)?)?;
         &x + dropout(&h, self.p_drop, train)?
@@ -94,11 +95,13 @@ impl Transformer {
 
     pub fn forward(&self, ids: &Tensor, mut train: Train) -> Result<Forward> {
         let is_train = train.is_some();
-        let mut x = dropout(&self.emb.embed_at(ids, 0)?, self.cfg.dropout, &mut train)?;
-        for b in &self.blocks {
-            x = b.forward(&x, &mut train, None)?;
+        let (b, l) = ids.dims2()?;
+        // Rows (batch · seq, d) between the embedding and the head, as Itera-Lite's forward.
+        let mut x = dropout(&self.emb.embed_at(ids, 0)?, self.cfg.dropout, &mut train)?.reshape((b * l, self.cfg.d_model))?;
+        for block in &self.blocks {
+            x = block.forward(&x, (b, l), &mut train, None)?;
         }
-        let logits = self.emb.head(&x, is_train)?;
+        let logits = self.emb.head(&x, is_train)?.reshape((b, l, self.cfg.vocab_size))?;
         Ok(Forward { aux: Tensor::zeros((), DType::F32, logits.device())?, logits, load: Vec::new() })
     }
 
@@ -113,10 +116,11 @@ impl Transformer {
 
     /// Logits for `ids` (batch, t) starting at position `pos`, using and extending the cache.
     pub fn step(&self, ids: &Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let mut x = self.emb.embed_at(ids, pos)?;
-        for (b, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = b.forward(&x, &mut None, Some(c))?;
+        let (b, l) = ids.dims2()?;
+        let mut x = self.emb.embed_at(ids, pos)?.reshape((b * l, self.cfg.d_model))?;
+        for (block, c) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = block.forward(&x, (b, l), &mut None, Some(c))?;
         }
-        self.emb.head(&x, false)
+        self.emb.head(&x, false)?.reshape((b, l, self.cfg.vocab_size))
     }
 }
