@@ -1,4 +1,4 @@
-//! Orchestration overhead benchmark: `cargo run --release -p orchestrator --example bench`.
+//! Orchestration overhead benchmark: `cargo run --release -p orchestrator --example overhead`.
 //!
 //! Drives the release `orchestrate` binary exactly as a user would (one process per command)
 //! on three pipelines of small command stages: the 7-stage phase4-shaped example, a 200-stage

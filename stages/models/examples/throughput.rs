@@ -1,4 +1,4 @@
-//! Model throughput benchmark: `cargo run --release -p itera-models --example bench`.
+//! Model throughput benchmark: `cargo run --release -p itera-models --example throughput`.
 //!
 //! Itera-Lite tiny and Transformer tiny at vocab 256, max_seq_len 128, f32, as the peer figures
 //! (../shared/peer/README.md, the original PyTorch implementation on this machine kind):
