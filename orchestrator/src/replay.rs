@@ -24,6 +24,13 @@ pub struct ReplayRow {
     pub note: Option<String>,
 }
 
+impl ReplayRow {
+    /// The one row of a stage that produced nothing to compare.
+    fn unreplayed(st: &StageInstance, note: String) -> Self {
+        ReplayRow { stage: st.name.clone(), output: "-".into(), cached: None, replayed: None, identical: false, deterministic: st.deterministic, note: Some(note) }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct ReplayReport {
     pub rows: Vec<ReplayRow>,
@@ -53,15 +60,7 @@ pub async fn replay(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize
         let Some((m, sources)) = cached else {
             if selected {
                 failed = true;
-                rows_of.push(vec![ReplayRow {
-                    stage: st.name.clone(),
-                    output: "-".into(),
-                    cached: None,
-                    replayed: None,
-                    identical: false,
-                    deterministic: st.deterministic,
-                    note: Some("not cached: run the pipeline first".into()),
-                }]);
+                rows_of.push(vec![ReplayRow::unreplayed(st, "not cached: run the pipeline first".into())]);
             }
             continue;
         };
@@ -141,15 +140,7 @@ fn compare(st: &StageInstance, cached: &BTreeMap<String, Entry>, result: Result<
                 StageFailure::Cancelled => "cancelled".to_string(),
                 StageFailure::Failed { message, .. } => format!("replay failed: {message}"),
             };
-            rows.push(ReplayRow {
-                stage: st.name.clone(),
-                output: "-".into(),
-                cached: None,
-                replayed: None,
-                identical: false,
-                deterministic: st.deterministic,
-                note: Some(note),
-            });
+            rows.push(ReplayRow::unreplayed(st, note));
         }
     }
     (rows, failed)

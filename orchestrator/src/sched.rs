@@ -186,26 +186,9 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
                     if st.threads > opts.cores {
                         tracing::info!(stage = %st.name, "wants {} threads; running with the budget of {}", st.threads, opts.cores);
                     }
-                    let run_metadata = if st.wants_run_metadata {
-                        match describe_run(p, dag, &store, &state, i) {
-                            Ok(e) => Some(e),
-                            Err(msg) => {
-                                state[i] = State::Failed;
-                                failed_any = true;
-                                reporter.failed(&st.name, &msg, "");
-                                reports[i] = Some(report(&st.name, Status::Failed, Some(key), None, 0.0, Some(msg)));
-                                progressed = true;
-                                if !opts.keep_going {
-                                    stopping = true;
-                                    let _ = cancel_tx.send(true);
-                                    break;
-                                }
-                                continue;
-                            }
-                        }
-                    } else {
-                        None
-                    };
+                    // Which upstream results this run computed and which it reused, as the
+                    // stage will be told; stored (and any failure reported) by the task.
+                    let described = st.wants_run_metadata.then(|| (p.clone(), upstream_status(p, dag, &state, i)));
                     free -= threads;
                     state[i] = State::Running;
                     reporter.started(&st.name, threads);
@@ -214,8 +197,13 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
                     let st2 = st.clone();
                     let rx = cancel_rx.clone();
                     let sink = progress_tx.clone();
+                    let store2 = store.clone();
                     tasks.spawn(async move {
                         let t = Instant::now();
+                        let run_metadata = match described.map(|(p, ups)| describe_run(&p, &store2, &ups)).transpose() {
+                            Ok(m) => m,
+                            Err(message) => return (i, key, Err(StageFailure::Failed { message, log_tail: String::new() }), key_input, None, 0.0),
+                        };
                         let r = runner::run_stage(inputs_store, out_store, &st2, &sources, run_metadata.as_ref(), threads, rx, Some(sink)).await;
                         (i, key, r, key_input, run_metadata.map(|e| e.digest), t.elapsed().as_secs_f64())
                     });
@@ -351,15 +339,25 @@ pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, r
     summary
 }
 
-/// Store the description of this run as stage `i` sees it: every stage it depends on, with
-/// whether this run computed it or reused it from the cache.
-fn describe_run(p: &Pipeline, dag: &Dag, store: &Store, state: &[State], i: usize) -> Result<Entry, String> {
-    let mut stages = Vec::new();
+/// Every stage `i` depends on, in DAG order: (name, manifest digest, reused from the cache).
+fn upstream_status(p: &Pipeline, dag: &Dag, state: &[State], i: usize) -> Vec<(String, String, bool)> {
     let upstream = dag.with_upstream(i);
-    for &j in dag.order.iter().filter(|&&j| j != i && upstream.contains(&j)) {
-        let State::Done { manifest, cached, .. } = &state[j] else { continue };
-        let m = store.load_manifest(manifest).map_err(|e| format!("reading the result of `{}` for the run description: {e}", p.stages[j].name))?;
-        stages.push(crate::runmeta::stage_entry(&p.stages[j].name, &m, *cached));
+    dag.order
+        .iter()
+        .filter(|&&j| j != i && upstream.contains(&j))
+        .filter_map(|&j| match &state[j] {
+            State::Done { manifest, cached, .. } => Some((p.stages[j].name.clone(), manifest.clone(), *cached)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Store the run description a stage asked for (see `runmeta`).
+fn describe_run(p: &Pipeline, store: &Store, upstream: &[(String, String, bool)]) -> Result<Entry, String> {
+    let mut stages = Vec::new();
+    for (name, manifest, cached) in upstream {
+        let m = store.load_manifest(manifest).map_err(|e| format!("reading the result of `{name}` for the run description: {e}"))?;
+        stages.push(crate::runmeta::stage_entry(name, &m, *cached));
     }
     let run = crate::runmeta::describe(p, stages, "this run's report stage");
     let bytes = serde_json::to_vec_pretty(&run).map_err(|e| format!("encoding the run description: {e}"))?;

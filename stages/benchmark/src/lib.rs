@@ -35,17 +35,7 @@ pub struct Settings {
 pub fn settings(p: &Params) -> Result<Settings, ParamError> {
     stage_api::check_known_params(p, KNOWN, "benchmark")?;
     let u = |k: &str, d: u64| stage_api::param_u64(p, k, d).map(|v| v as usize);
-    let runtimes = match p.param("runtimes") {
-        None => vec!["tract".into(), "onnxruntime".into()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|r| match r.as_str() {
-                Some(s @ ("tract" | "onnxruntime")) => Ok(s.to_string()),
-                _ => Err(ParamError::new("params.runtimes", format!("unknown runtime {r}; runtimes: tract, onnxruntime"))),
-            })
-            .collect::<Result<_, _>>()?,
-        Some(v) => return Err(ParamError::new("params.runtimes", format!("`runtimes` must be a list, got {v}"))),
-    };
+    let runtimes = onnx_runtime::parse_runtimes(p.param("runtimes")).map_err(|m| ParamError::new("params.runtimes", m))?;
     let s = Settings { seq_len: u("seq_len", 128)?, batch: u("batch", 16)?, runs: u("runs", 5)?, generate: u("generate", 112)?, eval_tokens: u("eval_tokens", 65_536)?, runtimes };
     if s.seq_len < 2 || s.batch == 0 || s.runs == 0 {
         return Err(ParamError::new("params", "`seq_len` must be ≥ 2, `batch` and `runs` ≥ 1"));
@@ -117,19 +107,6 @@ fn bytes_on_disk(path: &Path) -> u64 {
     std::fs::read_dir(path).map(|d| d.filter_map(|e| e.ok()).filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()).unwrap_or(0)
 }
 
-fn cross_entropy(logits: &[f32], ids: &[u32], batch: usize, seq: usize, vocab: usize) -> (f64, usize) {
-    let mut total = 0.0;
-    for b in 0..batch {
-        for t in 0..seq - 1 {
-            let row = &logits[(b * seq + t) * vocab..(b * seq + t + 1) * vocab];
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
-            let lse = row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
-            total += lse - row[ids[b * seq + t + 1] as usize] as f64;
-        }
-    }
-    (total, batch * (seq - 1))
-}
-
 struct Data {
     windows: Vec<Vec<u32>>,
     bytes_per_token: f64,
@@ -142,7 +119,7 @@ fn loss_over(data: &Data, batch: usize, seq: usize, vocab: usize, f: &mut dyn Fn
     for chunk in data.windows.chunks(batch) {
         let ids: Vec<u32> = chunk.iter().flatten().copied().collect();
         let logits = f(&ids, chunk.len())?;
-        let (ce, k) = cross_entropy(&logits, &ids, chunk.len(), seq, vocab);
+        let (ce, k) = onnx_runtime::next_token_nll(&logits, &ids, chunk.len(), seq, vocab);
         total += ce;
         n += k;
     }

@@ -306,3 +306,51 @@ mod tests {
         assert!(found.to_string_lossy().contains("libonnxruntime.so"), "{}", found.display());
     }
 }
+
+/// The runtimes a stage can be asked for.
+pub const RUNTIMES: [&str; 2] = ["tract", "onnxruntime"];
+
+/// A stage's `runtimes` param: absent → both; otherwise a list of names from [`RUNTIMES`]
+/// (possibly empty). The error says what is wrong, for `params.runtimes`.
+pub fn parse_runtimes(v: Option<&serde_json::Value>) -> Result<Vec<String>, String> {
+    let Some(v) = v else { return Ok(RUNTIMES.iter().map(|r| r.to_string()).collect()) };
+    let list = v.as_array().ok_or_else(|| format!("`runtimes` must be a list ({}), got {v}", RUNTIMES.join(", ")))?;
+    list.iter()
+        .map(|r| match r.as_str() {
+            Some(s) if RUNTIMES.contains(&s) => Ok(s.to_string()),
+            _ => Err(format!("unknown runtime {r}; runtimes: {}", RUNTIMES.join(", "))),
+        })
+        .collect()
+}
+
+/// Summed next-token cross-entropy (nats, f64) over (batch, seq) ids and their logits
+/// (batch · seq · vocab, row-major), and the number of scored positions (batch · (seq − 1)).
+pub fn next_token_nll(logits: &[f32], ids: &[u32], batch: usize, seq: usize, vocab: usize) -> (f64, usize) {
+    let mut total = 0.0;
+    for b in 0..batch {
+        for t in 0..seq.saturating_sub(1) {
+            let row = &logits[(b * seq + t) * vocab..(b * seq + t + 1) * vocab];
+            let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+            let lse = row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+            total += lse - row[ids[b * seq + t + 1] as usize] as f64;
+        }
+    }
+    (total, batch * seq.saturating_sub(1))
+}
+
+#[cfg(test)]
+mod shared_tests {
+    use super::*;
+
+    #[test]
+    fn runtimes_param_and_next_token_nll() {
+        assert_eq!(parse_runtimes(None).unwrap(), ["tract", "onnxruntime"]);
+        assert_eq!(parse_runtimes(Some(&serde_json::json!(["onnxruntime"]))).unwrap(), ["onnxruntime"]);
+        assert!(parse_runtimes(Some(&serde_json::json!(["trt"]))).unwrap_err().contains("unknown runtime"));
+        assert!(parse_runtimes(Some(&serde_json::json!("tract"))).unwrap_err().contains("must be a list"));
+        // Uniform logits over 4 tokens: ln 4 per scored position; 2 sequences × 2 positions.
+        let (nll, n) = next_token_nll(&[0.0; 2 * 3 * 4], &[0, 1, 2, 3, 2, 1], 2, 3, 4);
+        assert_eq!(n, 4);
+        assert!((nll - 4.0 * 4f64.ln()).abs() < 1e-12);
+    }
+}

@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use itera_models::measure::quantile;
 use itera_models::training::{encode, eval_windows, load_tokenizer, FitError};
 use itera_models::{Model, ModelConfig, Sampling};
-use serde_json::{json, Value};
+use serde_json::json;
 use stage_api::{ParamError, Params, StageContext, StageError};
 
 use onnx_runtime::{greedy, onnxruntime_path, Engine, Input, Output, StepLayout};
@@ -41,23 +41,10 @@ pub struct Settings {
 pub fn settings(p: &Params) -> Result<Settings, ParamError> {
     stage_api::check_known_params(p, KNOWN, "onnx_check")?;
     let u = |k: &str, d: u64| stage_api::param_u64(p, k, d).map(|v| v as usize);
-    let runtimes = match p.param("runtimes") {
-        None => vec!["tract".to_string(), "onnxruntime".to_string()],
-        Some(Value::Array(a)) => {
-            let mut v = Vec::new();
-            for r in a {
-                match r.as_str() {
-                    Some(s @ ("tract" | "onnxruntime")) => v.push(s.to_string()),
-                    _ => return Err(ParamError::new("params.runtimes", format!("unknown runtime {r}; runtimes: tract, onnxruntime"))),
-                }
-            }
-            if v.is_empty() {
-                return Err(ParamError::new("params.runtimes", "list at least one runtime"));
-            }
-            v
-        }
-        Some(v) => return Err(ParamError::new("params.runtimes", format!("`runtimes` must be a list (tract, onnxruntime), got {v}"))),
-    };
+    let runtimes = onnx_runtime::parse_runtimes(p.param("runtimes")).map_err(|m| ParamError::new("params.runtimes", m))?;
+    if runtimes.is_empty() {
+        return Err(ParamError::new("params.runtimes", "list at least one runtime"));
+    }
     let s = Settings {
         seq_len: p.param("seq_len").map(|_| u("seq_len", 128)).transpose()?,
         batch: u("batch", 4)?,
@@ -98,20 +85,6 @@ struct Case {
 fn native_logits(model: &Model, c: &Case) -> Result<Vec<f32>, StageError> {
     let x = Tensor::from_vec(c.ids.clone(), (c.batch, c.seq), &Device::Cpu).map_err(err)?;
     model.forward(&x, None).map_err(err)?.logits.flatten_all().map_err(err)?.to_vec1().map_err(err)
-}
-
-/// Summed next-token cross-entropy (nats) and the number of scored positions.
-fn cross_entropy(logits: &[f32], ids: &[u32], batch: usize, seq: usize, vocab: usize) -> (f64, usize) {
-    let mut total = 0.0;
-    for b in 0..batch {
-        for t in 0..seq - 1 {
-            let row = &logits[(b * seq + t) * vocab..(b * seq + t + 1) * vocab];
-            let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
-            let lse = row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
-            total += lse - row[ids[b * seq + t + 1] as usize] as f64;
-        }
-    }
-    (total, batch * (seq - 1))
 }
 
 pub fn argmax(row: &[f32]) -> usize {
@@ -232,7 +205,7 @@ pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
             let t = Instant::now();
             let l = f(c)?;
             secs += t.elapsed().as_secs_f64();
-            let (ce, k) = cross_entropy(&l, &c.ids, c.batch, c.seq, vocab);
+            let (ce, k) = onnx_runtime::next_token_nll(&l, &c.ids, c.batch, c.seq, vocab);
             total += ce;
             n += k;
         }
