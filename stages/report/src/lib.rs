@@ -185,23 +185,27 @@ pub fn environment(out_dir: &Path) -> Environment<'static> {
         Ok(file)
     });
     let run_of = move |state: &minijinja::State| -> Result<Option<Value>, Error> { state.lookup("run").map(|r| to_json(&r)).transpose() };
-    env.add_function("origin", move |state: &minijinja::State, stage: String| -> Result<String, Error> { Ok(origin(run_of(state)?.as_ref(), &stage)) });
+    env.add_function("origin", move |state: &minijinja::State, stages: minijinja::value::Rest<String>| -> Result<String, Error> {
+        let names: Vec<&str> = stages.iter().map(String::as_str).collect();
+        Ok(origin(run_of(state)?.as_ref(), &names))
+    });
     env.add_function("provenance", move |state: &minijinja::State| -> Result<String, Error> { Ok(run_of(state)?.map(|r| provenance(&r)).unwrap_or_default()) });
     env
 }
 
-/// One line saying where a section's numbers came from: computed by the run that rendered the
-/// report, or reused from the cache (and when they were measured).
-pub fn origin(run: Option<&Value>, stage: &str) -> String {
-    match run.and_then(|r| r.get("by_stage")).and_then(|b| b.get(stage)) {
-        Some(e) if e.get("missing").and_then(Value::as_bool) == Some(true) => format!("*Source: `{stage}`, NOT CACHED.*"),
+/// One line saying where a section's numbers came from, stage by stage: computed by the run that
+/// rendered the report, or reused from the cache (and when they were measured).
+pub fn origin(run: Option<&Value>, stages: &[&str]) -> String {
+    let one = |stage: &str| match run.and_then(|r| r.get("by_stage")).and_then(|b| b.get(stage)) {
+        Some(e) if e.get("missing").and_then(Value::as_bool) == Some(true) => format!("`{stage}`, NOT CACHED"),
         Some(e) if e.get("cached").and_then(Value::as_bool) == Some(true) => {
             let when = e.get("computed_at").and_then(Value::as_str).unwrap_or("?");
-            format!("*Source: `{stage}`, from cache (measured {when}).*")
+            format!("`{stage}`, from cache (measured {when})")
         }
-        Some(_) => format!("*Source: `{stage}`, measured in this run.*"),
-        None => format!("*Source: `{stage}`.*"),
-    }
+        Some(_) => format!("`{stage}`, measured in this run"),
+        None => format!("`{stage}`"),
+    };
+    format!("*Source: {}.*", stages.iter().map(|s| one(s)).collect::<Vec<_>>().join("; "))
 }
 
 /// The provenance section: the pipeline and commit, and per stage its cache key, whether the

@@ -70,10 +70,11 @@ fn sections_say_whether_this_run_measured_them() {
             "bench": {"stage": "bench", "cached": false, "computed_at": "2026-11-27T08:59:00Z"}
         }
     });
-    let tmpl = "{{ origin(\"train\") }}\n{{ origin(\"bench\") }}\n{{ provenance() }}";
+    let tmpl = "{{ origin(\"train\") }}\n{{ origin(\"bench\") }}\n{{ origin(\"bench\", \"train\") }}\n{{ provenance() }}";
     let text = render("t.md.j2", tmpl, &json!({"run": run}), dir.path()).unwrap();
     assert!(text.contains("*Source: `train`, from cache (measured 2026-11-26T08:00:00Z).*"), "{text}");
     assert!(text.contains("*Source: `bench`, measured in this run.*"), "{text}");
+    assert!(text.contains("*Source: `bench`, measured in this run; `train`, from cache (measured 2026-11-26T08:00:00Z).*"), "{text}");
     assert!(text.contains("| train | aaaaaaaaaaaaaaaa… | from cache | 2026-11-26T08:00:00Z | 61.0 s |"), "{text}");
     assert!(text.contains("| bench | bbbbbbbbbbbbbbbb… | computed | 2026-11-27T08:59:00Z | 2.5 s |"), "{text}");
     // Rendered without a run (a stage run by hand): sources named, no provenance section.
