@@ -451,6 +451,65 @@ pub fn silu_gate(y: &Tensor, z: &Tensor) -> Result<Tensor> {
     y.contiguous()?.apply_op2(&z.contiguous()?, Gate)
 }
 
+// ---------------------------------------------------------------- exact (erf) GELU
+
+/// erf(x), Abramowitz & Stegun 7.1.26 (≤ 1.5e-7, ≤ 5e-7 after f32 rounding; tested), branch-free on |x| with the sign
+/// put back: libm's erff is a call per element, and candle's GELU backward is ~12 tensor ops.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    (1.0 - poly * exp(-a * a)).copysign(x)
+}
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        for_chunks(&mut y, 16_384, |i, y| {
+            for (y, &v) in y.iter_mut().zip(&x[i * 16_384..]) {
+                *y = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluGrad)?))
+    }
+}
+
+/// g · (Φ(x) + x·φ(x)) with Φ(x) = (1 + erf(x/√2))/2, φ(x) = e^{−x²/2}/√(2π).
+struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "gelu-erf-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let mut dx = vec![0f32; x.len()];
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for_chunks(&mut dx, 16_384, |i, d| {
+            for ((d, &v), &g) in d.iter_mut().zip(&x[i * 16_384..]).zip(&g[i * 16_384..]) {
+                let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                *d = g * (cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v));
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// x · Φ(x), the exact GELU (PyTorch's `nn.GELU()`), one node.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
 // ---------------------------------------------------------------- causal attention softmax
 
 /// softmax(scale · scores) over each row's visible keys: query i of a block of `l` (absolute
@@ -731,6 +790,18 @@ mod tests {
             };
             agree(&[scores], |t| causal_softmax(t[0], scale, offset).unwrap(), ops, 1e-5, "causal softmax");
         }
+    }
+
+    #[test]
+    fn gelu_matches_candle_gelu_erf_and_its_gradient() {
+        let vars = [var(&[5, 301], 0.0, 3.0)];
+        agree(&vars, |t| gelu_erf(t[0]).unwrap(), |t| t[0].gelu_erf().unwrap(), 1e-5, "gelu");
+        let worst = (0..=40_000).map(|i| -10.0 + 20.0 * i as f32 / 40_000.0).map(|x| ((erf(x) as f64) - libm_erf(x as f64)).abs()).fold(0.0, f64::max);
+        assert!(worst < 6e-7, "erf: {worst}");
+    }
+
+    fn libm_erf(x: f64) -> f64 {
+        candle_core::cpu::erf::erf_f64(x)
     }
 
     #[test]

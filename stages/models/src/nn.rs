@@ -219,6 +219,9 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// The exact (erf) GELU, as PyTorch's nn.GELU().
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return crate::fused::gelu_erf(x);
+    }
     x.gelu_erf()
 }
 
