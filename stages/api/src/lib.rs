@@ -25,6 +25,15 @@ pub struct Params {
 }
 
 impl Params {
+    /// Params with only a `params:` map, from a JSON object (anything else gives none); handy
+    /// for driving a stage without a pipeline file, as tests do.
+    pub fn from_json(params: Value) -> Params {
+        let params = match params {
+            Value::Object(m) => m.into_iter().collect(),
+            _ => BTreeMap::new(),
+        };
+        Params { fields: BTreeMap::new(), params }
+    }
     pub fn field(&self, name: &str) -> Option<&Value> {
         self.fields.get(name)
     }

@@ -12,24 +12,11 @@ use stage_api::{InputSpec, Params, RunSpec, Stage, StageContext};
 use super::{settings, BenchmarkStage};
 
 fn params(v: Value) -> Params {
-    Params { fields: BTreeMap::new(), params: v.as_object().unwrap().clone().into_iter().collect() }
+    Params::from_json(v)
 }
 
 fn write_inputs(dir: &Path) -> usize {
-    let mut vocab = serde_json::Map::new();
-    for (i, s) in ["<pad>", "<unk>", "<bos>", "<eos>", "<|endoftext|>"].iter().enumerate() {
-        vocab.insert(s.to_string(), json!(i));
-    }
-    for c in "abcdefghijklmnopqrstuvwxyz .!\n".chars() {
-        let id = vocab.len();
-        vocab.insert(c.to_string(), json!(id));
-    }
-    let n = vocab.len();
-    let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": false},
-        "post_processor": null, "decoder": {"type": "Fuse"},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}});
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let n = itera_models::testing::write_char_tokenizer(dir).unwrap();
     std::fs::write(dir.join("valid.txt"), "the dog sat on the mat. a cat ran to the tree!\n".repeat(8)).unwrap();
     n
 }

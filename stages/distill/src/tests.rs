@@ -11,25 +11,12 @@ use stage_api::{InputSpec, Params, RunSpec, Stage, StageContext};
 use super::{settings, DistillStage};
 
 fn params(v: Value) -> Params {
-    Params { fields: BTreeMap::new(), params: v.as_object().unwrap().clone().into_iter().collect() }
+    Params::from_json(v)
 }
 
 /// Tokenizer, text, and a teacher trained for a few steps.
 fn write_inputs(dir: &Path) {
-    let mut vocab = serde_json::Map::new();
-    for (i, s) in ["<pad>", "<unk>", "<bos>", "<eos>", "<|endoftext|>"].iter().enumerate() {
-        vocab.insert(s.to_string(), json!(i));
-    }
-    for c in "abcdefghijklmnopqrstuvwxyz .!\n".chars() {
-        let id = vocab.len();
-        vocab.insert(c.to_string(), json!(id));
-    }
-    let n = vocab.len();
-    let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": false},
-        "post_processor": null, "decoder": {"type": "Fuse"},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}});
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let n = itera_models::testing::write_char_tokenizer(dir).unwrap();
     let text = "the cat sat on the mat. the dog ran to the park! a bird sang in the tree.\n".repeat(30);
     std::fs::write(dir.join("train.txt"), &text).unwrap();
     std::fs::write(dir.join("valid.txt"), "the dog sat on the mat. a cat ran to the tree!\n".repeat(6)).unwrap();

@@ -22,6 +22,7 @@ pub mod nn;
 pub mod qmodel;
 pub mod quant;
 pub mod scan;
+pub mod testing;
 pub mod training;
 pub mod transformer;
 

@@ -1,0 +1,54 @@
+//! The exact (erf) GELU of the experts and the Transformer's FFN.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::*;
+
+// ---------------------------------------------------------------- exact (erf) GELU
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        for_chunks(&mut y, 16_384, |i, y| {
+            for (y, &v) in y.iter_mut().zip(&x[i * 16_384..]) {
+                *y = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluGrad)?))
+    }
+}
+
+/// g · (Φ(x) + x·φ(x)) with Φ(x) = (1 + erf(x/√2))/2, φ(x) = e^{−x²/2}/√(2π).
+struct GeluGrad;
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "gelu-erf-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let mut dx = vec![0f32; x.len()];
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for_chunks(&mut dx, 16_384, |i, d| {
+            for ((d, &v), &g) in d.iter_mut().zip(&x[i * 16_384..]).zip(&g[i * 16_384..]) {
+                let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                *d = g * (cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v));
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// x · Φ(x), the exact GELU (PyTorch's `nn.GELU()`), one node.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
