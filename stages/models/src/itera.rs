@@ -8,6 +8,7 @@ use candle_nn::VarBuilder;
 use crate::config::{AuxLoss, IteraConfig};
 use crate::nn::{apply, dropout, gelu, linear, matmul_t, silu, softplus, LayerNorm, Linear, TiedEmbeddings, Train};
 use crate::fused;
+use crate::quant::qmatmul_t;
 use crate::scan::diag_scan;
 
 /// The study's selective SSM block (pre-LN, residual).
@@ -58,9 +59,15 @@ impl SsmBlock {
     /// output before `out_proj`. `scan` runs the recurrence (full sequence or one step).
     fn mix(&self, xc: &Tensor, z: &Tensor, scan: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let f32 = xc.dtype() == DType::F32;
-        let delta = match (f32, self.delta_proj.quantized(), self.delta_proj.bias()) {
-            // The bias add folded into the fused step-size op.
-            (true, None, Some(bias)) => fused::softplus_mean(&matmul_t(xc, self.delta_proj.weight())?, bias)?,
+        let delta = match (f32, self.delta_proj.bias()) {
+            // The bias add folded into the fused step-size op (also for quantized weights).
+            (true, Some(bias)) => {
+                let product = match self.delta_proj.quantized() {
+                    Some(q) => qmatmul_t(xc, q)?,
+                    None => matmul_t(xc, self.delta_proj.weight())?,
+                };
+                fused::softplus_mean(&product, bias)?
+            }
             _ => softplus(&apply(&self.delta_proj, xc)?)?.mean_keepdim(D::Minus1)?,
         }; // (b, t, 1)
         let a_neg = self.a_log.exp()?.neg()?; // A = -exp(A_log), (n)
