@@ -120,3 +120,32 @@ pub fn venv_python() -> PathBuf {
     assert!(py.exists(), "{} is missing: run .ci/venv first (the README's test command does)", py.display());
     py
 }
+
+/// Verbs run on one pipeline file with one store and the same `--set` flags, as the pipeline
+/// tests do: `cli.run("run", &["--json"])` is `orchestrate run FILE --store STORE SETS… --json`.
+pub struct PipelineCli<'a> {
+    project: &'a Project,
+    file: String,
+    store: String,
+    sets: Vec<String>,
+}
+
+impl PipelineCli<'_> {
+    pub fn args(&self, verb: &str, extra: &[&str]) -> Vec<String> {
+        let mut v = vec![verb.to_string(), self.file.clone(), "--store".into(), self.store.clone()];
+        v.extend(self.sets.iter().cloned());
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+    pub fn run(&self, verb: &str, extra: &[&str]) -> Run {
+        let args = self.args(verb, extra);
+        self.project.run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+}
+
+impl Project {
+    /// A [`PipelineCli`] for `file` on this project's store.
+    pub fn pipeline(&self, file: &str, sets: &[&str]) -> PipelineCli<'_> {
+        PipelineCli { project: self, file: file.to_string(), store: self.store().display().to_string(), sets: sets.iter().map(|s| s.to_string()).collect() }
+    }
+}

@@ -65,21 +65,14 @@ print(f"ok {checked} {config['model']}")
 #[test]
 fn compress_pipeline_runs_caches_replays_and_its_gguf_reads_in_python() {
     let p = Project::new();
-    let store = p.store().display().to_string();
     let file = pipeline();
-    let args = |verb: &str, extra: &[&str]| -> Vec<String> {
-        let mut v = vec![verb.to_string(), file.clone(), "--store".into(), store.clone()];
-        v.extend(SMALL.iter().map(|s| s.to_string()));
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let run = |a: Vec<String>| p.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    let cold = run(args("run", &["--json"]));
+    let cli = p.pipeline(&file, SMALL);
+    let cold = cli.run("run", &["--json"]);
     cold.assert_ok();
     assert!(cold.statuses().iter().all(|(_, s)| s == "ran"), "{}", cold.stdout);
 
     let dest = p.path().join("out");
-    run(args("export", &["--all", dest.to_str().unwrap()])).assert_ok();
+    cli.run("export", &["--all", dest.to_str().unwrap()]).assert_ok();
     let read = |rel: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(dest.join(rel)).unwrap()).unwrap() };
     for (stage, ratio) in [("int8", 3.5), ("int4", 6.0)] {
         let s = read(&format!("{stage}/summary.json"));
@@ -105,10 +98,10 @@ fn compress_pipeline_runs_caches_replays_and_its_gguf_reads_in_python() {
     assert!(d["distillation_gain"]["val_loss_control_minus_student"].is_number());
     assert!(dest.join("student/control/model.safetensors").exists());
 
-    let warm = run(args("run", &["--json"]));
+    let warm = cli.run("run", &["--json"]);
     warm.assert_ok();
     assert!(warm.statuses().iter().all(|(_, s)| s == "cached"), "{}", warm.stdout);
-    let replay = run(args("replay", &[]));
+    let replay = cli.run("replay", &[]);
     assert_eq!(replay.code, 0, "quantize and distill are deterministic:\n{}{}", replay.stdout, replay.stderr);
     for stage in ["teacher", "int8", "int4", "student"] {
         assert!(replay.stdout.lines().any(|l| l.starts_with(stage) && l.ends_with("yes")), "{stage}: {}", replay.stdout);

@@ -57,19 +57,12 @@ print(json.dumps({"val_loss": total / count, "positions": count}))
 #[test]
 fn onnx_pipeline_exports_valid_onnx_that_both_runtimes_and_python_agree_on() {
     let p = Project::new();
-    let store = p.store().display().to_string();
     let file = pipeline();
-    let args = |verb: &str, extra: &[&str]| -> Vec<String> {
-        let mut v = vec![verb.to_string(), file.clone(), "--store".into(), store.clone()];
-        v.extend(SMALL.iter().map(|s| s.to_string()));
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let run = |a: Vec<String>| p.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    let cold = run(args("run", &["--json"]));
+    let cli = p.pipeline(&file, SMALL);
+    let cold = cli.run("run", &["--json"]);
     cold.assert_ok();
     let dest = p.path().join("out");
-    run(args("export", &["--all", dest.to_str().unwrap()])).assert_ok();
+    cli.run("export", &["--all", dest.to_str().unwrap()]).assert_ok();
 
     let mut graphs = Vec::new();
     for stage in ["export_itera", "export_transformer", "export_int8"] {
@@ -108,9 +101,9 @@ fn onnx_pipeline_exports_valid_onnx_that_both_runtimes_and_python_agree_on() {
         assert!((ours - theirs).abs() / ours < 1e-4, "{check}: project {ours} vs Python onnxruntime {theirs}");
     }
 
-    let warm = run(args("run", &["--json"]));
+    let warm = cli.run("run", &["--json"]);
     warm.assert_ok();
     assert!(warm.statuses().iter().all(|(_, s)| s == "cached"), "{}", warm.stdout);
-    let replay = run(args("replay", &[]));
+    let replay = cli.run("replay", &[]);
     assert_eq!(replay.code, 0, "{}{}", replay.stdout, replay.stderr);
 }

@@ -20,33 +20,28 @@ const SMALL: &[&str] = &[
 #[test]
 fn reduced_phase4_runs_caches_replays_and_reports() {
     let p = Project::new();
-    let store = p.store().display().to_string();
     let file = pipeline();
-    let args = |verb: &str, extra: &[&str]| -> Vec<String> {
-        let mut v = vec![verb.to_string(), file.clone(), "--store".into(), store.clone()];
-        v.extend(SMALL.iter().map(|s| s.to_string()));
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
+    let cli = p.pipeline(&file, SMALL);
+    let store = p.store().display().to_string();
     let run = |a: Vec<String>| p.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    let cold = run(args("run", &["--json"]));
+    let cold = cli.run("run", &["--json"]);
     cold.assert_ok();
     let statuses = cold.statuses();
     assert_eq!(statuses.len(), 16, "{}", cold.stdout);
     assert!(statuses.iter().all(|(_, s)| s == "ran"), "{}", cold.stdout);
 
-    let warm = run(args("run", &["--json"]));
+    let warm = cli.run("run", &["--json"]);
     warm.assert_ok();
     assert!(warm.statuses().iter().all(|(_, s)| s == "cached"), "{}", warm.stdout);
 
-    let replay = run(args("replay", &[]));
+    let replay = cli.run("replay", &[]);
     assert_eq!(replay.code, 0, "every deterministic stage must reproduce:\n{}{}", replay.stdout, replay.stderr);
     for stage in ["corpus", "vocab@384", "vocab@1024", "teacher", "transformer", "int8", "int4", "student", "export_teacher", "export_int8", "report"] {
         assert!(replay.stdout.lines().any(|l| l.starts_with(stage) && l.ends_with("yes")), "{stage}: {}", replay.stdout);
     }
 
     let dest = p.path().join("report");
-    run(args("export", &["report.report", dest.to_str().unwrap()])).assert_ok();
+    cli.run("export", &["report.report", dest.to_str().unwrap()]).assert_ok();
     let md = std::fs::read_to_string(dest.join("report.md")).unwrap();
     for section in ["## Headline", "## The original study's claims beside ours", "## Training", "## Quantization", "## Distillation, with its control", "## ONNX: tract and ONNX Runtime", "## Throughput and quality against size"] {
         assert!(md.contains(section), "missing {section}:\n{md}");
@@ -88,12 +83,12 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
 
     // Only the benchmark changes: the report stage re-renders and marks what this run measured
     // (the benchmark) apart from what it took from the cache (everything upstream).
-    let partial = run(args("run", &["--json", "--set", "benchmark.generate=9"]));
+    let partial = cli.run("run", &["--json", "--set", "benchmark.generate=9"]);
     partial.assert_ok();
     let ran: Vec<String> = partial.statuses().into_iter().filter(|(_, s)| s == "ran").map(|(n, _)| n).collect();
     assert_eq!(ran, ["benchmark", "report"], "{}", partial.stdout);
     let dest2 = p.path().join("report2");
-    run(args("export", &["report.report", dest2.to_str().unwrap(), "--set", "benchmark.generate=9"])).assert_ok();
+    cli.run("export", &["report.report", dest2.to_str().unwrap(), "--set", "benchmark.generate=9"]).assert_ok();
     let md2 = std::fs::read_to_string(dest2.join("report.md")).unwrap();
     assert!(md2.contains("*Source: `benchmark`, measured in this run.*"), "{md2}");
     assert!(md2.contains("*Source: `teacher`, from cache (measured "), "{md2}");
@@ -106,17 +101,15 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
 fn reduced_phase3_runs_and_reports() {
     let p = Project::new();
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/phase3.yaml").display().to_string();
-    let store = p.store().display().to_string();
     let small = [
         "--set", "steps=12", "--set", "batch=4", "--set", "seq_len=32", "--set", "corpus.documents=300",
         "--set", "itera.eval_interval=6", "--set", "transformer.eval_interval=6", "--set", "itera.eval_tokens=512", "--set", "transformer.eval_tokens=512",
         "--set", "benchmark.runs=1", "--set", "benchmark.eval_tokens=256", "--set", "benchmark.generate=8",
     ];
-    let with = |verb: &str, extra: &[&str]| -> Vec<String> { [verb, file.as_str(), "--store", store.as_str()].iter().chain(small.iter()).chain(extra.iter()).map(|s| s.to_string()).collect() };
-    let run = |a: Vec<String>| p.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    run(with("run", &[])).assert_ok();
+    let cli = p.pipeline(&file, &small);
+    cli.run("run", &[]).assert_ok();
     let dest = p.path().join("r3");
-    run(with("export", &["report.report", dest.to_str().unwrap()])).assert_ok();
+    cli.run("export", &["report.report", dest.to_str().unwrap()]).assert_ok();
     let md = std::fs::read_to_string(dest.join("report.md")).unwrap();
     for needle in ["## Headline", "| Itera-Lite tiny |", "| Transformer tiny |", "## Training", "](training.png)", "](throughput.png)"] {
         assert!(md.contains(needle), "missing {needle}:\n{md}");

@@ -16,20 +16,13 @@ const SMALL: &[&str] = &[
 #[test]
 fn train_pipeline_runs_caches_and_replays_identically() {
     let p = Project::new();
-    let store = p.store().display().to_string();
     let file = pipeline();
-    let args = |verb: &str, extra: &[&str]| -> Vec<String> {
-        let mut v = vec![verb.to_string(), file.clone(), "--store".into(), store.clone()];
-        v.extend(SMALL.iter().map(|s| s.to_string()));
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let run = |a: Vec<String>| p.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    let cold = run(args("run", &["--json"]));
+    let cli = p.pipeline(&file, SMALL);
+    let cold = cli.run("run", &["--json"]);
     cold.assert_ok();
     assert!(cold.statuses().iter().all(|(_, s)| s == "ran"), "{}", cold.stdout);
 
-    let show = run(args("show", &["itera", "--json"])).json();
+    let show = cli.run("show", &["itera", "--json"]).json();
     let summary_path = show["outputs"]["summary.json"]["path"].as_str().unwrap().to_string();
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(summary_path).unwrap()).unwrap();
     assert_eq!(summary["model"], "itera_lite");
@@ -39,23 +32,23 @@ fn train_pipeline_runs_caches_and_replays_identically() {
     assert!(summary["params"]["total"].as_u64().unwrap() > 800_000);
     assert_eq!(show["outputs"]["model"]["type"], "tree");
 
-    let vocab = run(args("show", &["vocab", "--json"])).json();
+    let vocab = cli.run("show", &["vocab", "--json"]).json();
     assert!(vocab["metrics"]["vocab_size"].as_u64().unwrap() > 30);
-    let corpus = run(args("show", &["corpus", "--json"])).json();
+    let corpus = cli.run("show", &["corpus", "--json"]).json();
     assert_eq!(corpus["metrics"]["synthetic"], true);
 
-    let warm = run(args("run", &["--json"]));
+    let warm = cli.run("run", &["--json"]);
     warm.assert_ok();
     assert!(warm.statuses().iter().all(|(_, s)| s == "cached"), "{}", warm.stdout);
 
-    let replay = run(args("replay", &[]));
+    let replay = cli.run("replay", &[]);
     assert_eq!(replay.code, 0, "training is deterministic, so replay must reproduce it:\n{}{}", replay.stdout, replay.stderr);
     for stage in ["corpus", "vocab", "itera", "transformer"] {
         assert!(replay.stdout.lines().any(|l| l.starts_with(stage) && l.ends_with("yes")), "{stage}: {}", replay.stdout);
     }
 
     let dest = p.path().join("exported");
-    let e = run(args("export", &["itera.best", dest.to_str().unwrap()]));
+    let e = cli.run("export", &["itera.best", dest.to_str().unwrap()]);
     e.assert_ok();
     assert!(dest.join("model.safetensors").exists() && dest.join("config.json").exists());
 }
