@@ -23,6 +23,7 @@ pub struct SsmBlock {
     pub(crate) d: Tensor,
     pub(crate) delta_proj: Linear,
     pub(crate) out_proj: Linear,
+    pub(crate) d_model: usize,
     pub(crate) d_inner: usize,
     pub(crate) k: usize,
     p_drop: f64,
@@ -49,6 +50,7 @@ impl SsmBlock {
             d: vb.get(di, "D")?,
             delta_proj: linear(di, di, true, vb.pp("delta_proj"))?,
             out_proj: linear(di, d, false, vb.pp("out_proj"))?,
+            d_model: d,
             d_inner: di,
             k,
             p_drop: cfg.dropout,
@@ -106,8 +108,49 @@ impl SsmBlock {
         Ok((matmul_t(normed, &w.narrow(0, 0, di)?)?, matmul_t(normed, &w.narrow(0, di, di)?)?))
     }
 
-    /// x: rows (batch · seq_len, d_model), sequence after sequence.
+    /// x: rows (batch · seq_len, d_model), sequence after sequence. f32 weights run the whole
+    /// block as one fused node; quantized weights and other dtypes go op by op.
     pub fn forward(&self, x: &Tensor, seq_len: usize, train: &mut Train) -> Result<Tensor> {
+        let quantized = [&self.in_proj, &self.delta_proj, &self.out_proj].iter().any(|l| l.quantized().is_some());
+        if x.dtype() == DType::F32 && x.rank() == 2 && !quantized {
+            let is_train = train.is_some();
+            let dropped = is_train && self.p_drop > 0.0;
+            let out = fused::ssm_block(x, &self.packed()?, self.dims(seq_len), !dropped, is_train)?;
+            return if dropped { x + dropout(&out, self.p_drop, train)? } else { Ok(out) };
+        }
+        self.forward_ops(x, seq_len, train)
+    }
+
+    fn dims(&self, seq_len: usize) -> fused::SsmBlockDims {
+        fused::SsmBlockDims { d: self.d_model, di: self.d_inner, n: self.a_log.elem_count(), k: self.k, seq_len, eps: self.norm.eps }
+    }
+
+    /// The block's parameters as the fused node takes them.
+    fn packed(&self) -> Result<Tensor> {
+        let no_bias = || candle_core::Error::Msg("ssm block: delta_proj has no bias".into());
+        let b_delta = self.delta_proj.bias().ok_or_else(no_bias)?;
+        fused::pack_ssm_block(
+            &self.dims(1),
+            [
+                &self.norm.weight,
+                &self.norm.bias,
+                self.in_proj.weight(),
+                &self.conv_w,
+                &self.conv_b,
+                self.delta_proj.weight(),
+                b_delta,
+                &self.a_log,
+                &self.b,
+                &self.c,
+                &self.d,
+                self.out_proj.weight(),
+            ],
+        )
+    }
+
+    /// The block op by op (any dtype, quantized weights): the reference the fused node is
+    /// tested against.
+    pub fn forward_ops(&self, x: &Tensor, seq_len: usize, train: &mut Train) -> Result<Tensor> {
         let is_train = train.is_some();
         let (xs, z) = self.project_in(&self.norm.forward(x, is_train)?)?;
         let xc = self.conv(&xs, seq_len)?;

@@ -11,7 +11,7 @@ use gemm::{gemm, Parallelism};
 
 /// Which product of two row-major matrices a and b.
 #[derive(Clone, Copy, Debug)]
-enum Product {
+pub(crate) enum Product {
     /// a (m, k) · b (n, k)ᵀ → (m, n)
     ABt,
     /// a (m, n) · b (n, k) → (m, k)
@@ -20,7 +20,10 @@ enum Product {
     AtB,
 }
 
-fn matrix<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize, usize)> {
+/// A row-major matrix: its values and (rows, columns).
+pub(crate) type Matrix<'a> = (&'a [f32], usize, usize);
+
+fn matrix<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Matrix<'a>> {
     let (r, c) = l.shape().dims2()?;
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok((&v[a..b], r, c)),
@@ -39,49 +42,75 @@ fn parallelism(flops: usize) -> Parallelism {
 }
 
 impl Product {
-    fn run(self, a: (&[f32], usize, usize), b: (&[f32], usize, usize)) -> Result<(Vec<f32>, Shape)> {
-        let ((a, ar, ac), (b, br, bc)) = (a, b);
-        // (m, n, k) of the GEMM dst (m×n) = lhs (m×k) · rhs (k×n), and each operand's
-        // (column stride, row stride) as the GEMM sees it.
-        let (m, n, k, lhs_s, rhs_s) = match self {
+    /// (m, n, k) of the GEMM dst (m×n) = lhs (m×k) · rhs (k×n), and each operand's
+    /// (column stride, row stride) as the GEMM sees it.
+    fn plan(self, (_, ar, ac): Matrix, (_, br, bc): Matrix) -> Result<(usize, usize, usize, (usize, usize), (usize, usize))> {
+        Ok(match self {
             Product::ABt if ac == bc => (ar, br, ac, (1, ac), (bc, 1)),
             Product::AB if ac == br => (ar, bc, ac, (1, ac), (1, bc)),
             Product::AtB if ar == br => (ac, bc, ar, (ac, 1), (1, bc)),
             _ => candle_core::bail!("linear: shapes ({ar}, {ac}) and ({br}, {bc}) do not fit {self:?}"),
-        };
+        })
+    }
+
+    /// The product into a fresh buffer, with its shape.
+    pub(crate) fn run(self, a: Matrix, b: Matrix) -> Result<(Vec<f32>, Shape)> {
+        let (m, n, ..) = self.plan(a, b)?;
         let mut dst: Vec<f32> = Vec::with_capacity(m * n);
-        if k == 0 {
-            dst.resize(m * n, 0.0);
-        } else {
-            // SAFETY: dst has capacity m·n; with read_dst = false the GEMM writes every element
-            // of the m×n destination (k > 0) and reads none; lhs and rhs are in-bounds slices
-            // whose extents match the strides given (checked shapes above).
-            unsafe {
-                gemm(
-                    m,
-                    n,
-                    k,
-                    dst.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    a.as_ptr(),
-                    lhs_s.0 as isize,
-                    lhs_s.1 as isize,
-                    b.as_ptr(),
-                    rhs_s.0 as isize,
-                    rhs_s.1 as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(2 * m * n * k),
-                );
-                dst.set_len(m * n);
-            }
+        // SAFETY: `write` without accumulation writes every element of the m×n destination (or
+        // zero-fills it when k = 0) before anything reads it; the capacity is m·n.
+        unsafe {
+            self.write(a, b, dst.as_mut_ptr(), false)?;
+            dst.set_len(m * n);
         }
         Ok((dst, Shape::from((m, n))))
+    }
+
+    /// `dst = a ∘ b` or, with `accumulate`, `dst += a ∘ b`; dst is row-major with the product's shape.
+    pub(crate) fn write_into(self, a: Matrix, b: Matrix, dst: &mut [f32], accumulate: bool) -> Result<()> {
+        let (m, n, ..) = self.plan(a, b)?;
+        if dst.len() != m * n {
+            candle_core::bail!("linear: destination of {} for a {m}×{n} product", dst.len());
+        }
+        // SAFETY: dst is an initialised m×n slice.
+        unsafe { self.write(a, b, dst.as_mut_ptr(), accumulate) }
+    }
+
+    /// # Safety
+    /// `dst` must be valid for m·n writes (and reads when `accumulate`).
+    unsafe fn write(self, a: Matrix, b: Matrix, dst: *mut f32, accumulate: bool) -> Result<()> {
+        let (m, n, k, lhs_s, rhs_s) = self.plan(a, b)?;
+        if k == 0 {
+            if !accumulate {
+                // SAFETY: the caller guarantees m·n writable elements.
+                unsafe { std::ptr::write_bytes(dst, 0, m * n) };
+            }
+            return Ok(());
+        }
+        // SAFETY: lhs and rhs are in-bounds slices whose extents match the strides given (checked
+        // shapes above); with read_dst = false the GEMM writes every element of dst and reads none.
+        unsafe { gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
+            accumulate,
+            a.0.as_ptr(),
+            lhs_s.0 as isize,
+            lhs_s.1 as isize,
+            b.0.as_ptr(),
+            rhs_s.0 as isize,
+            rhs_s.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(2 * m * n * k),
+        ) };
+        Ok(())
     }
 }
 

@@ -61,7 +61,7 @@ fn f32_slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Res
 }
 
 /// Per row: mean and 1/sqrt(var + eps).
-fn row_stats(x: &[f32], d: usize, eps: f64) -> Vec<(f32, f32)> {
+pub(crate) fn row_stats(x: &[f32], d: usize, eps: f64) -> Vec<(f32, f32)> {
     x.chunks(d)
         .map(|r| {
             let mean = r.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
@@ -69,6 +69,31 @@ fn row_stats(x: &[f32], d: usize, eps: f64) -> Vec<(f32, f32)> {
             (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
         })
         .collect()
+}
+
+/// LayerNorm's backward for rows of `w.len()`: adds the input gradient into `dx` and returns
+/// the weight and bias gradients (summed in f64).
+pub(crate) fn layer_norm_bwd(xs: &[f32], ws: &[f32], stats: &[(f32, f32)], gs: &[f32], dx: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
+    let d = ws.len();
+    let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+    for (r, &(mean, rstd)) in stats.iter().enumerate() {
+        let (xr, gr) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
+        let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
+        for i in 0..d {
+            let xhat = (xr[i] - mean) * rstd;
+            let dxhat = gr[i] * ws[i];
+            sum_dxhat += dxhat as f64;
+            sum_dxhat_xhat += (dxhat * xhat) as f64;
+            dw[i] += (gr[i] * xhat) as f64;
+            db[i] += gr[i] as f64;
+        }
+        let (m1, m2) = ((sum_dxhat / d as f64) as f32, (sum_dxhat_xhat / d as f64) as f32);
+        for i in 0..d {
+            let xhat = (xr[i] - mean) * rstd;
+            dx[r * d + i] += rstd * (gr[i] * ws[i] - m1 - xhat * m2);
+        }
+    }
+    (dw.into_iter().map(|v| v as f32).collect(), db.into_iter().map(|v| v as f32).collect())
 }
 
 impl candle_core::CustomOp3 for FusedLayerNorm {
@@ -101,28 +126,12 @@ impl candle_core::CustomOp3 for FusedLayerNorm {
         let ws: Vec<f32> = w.to_vec1()?;
         let gs: Vec<f32> = g.contiguous()?.flatten_all()?.to_vec1()?;
         let d = ws.len();
-        let (mut dx, mut dw, mut db) = (vec![0f32; xs.len()], vec![0f64; d], vec![0f64; d]);
-        for (r, (mean, rstd)) in row_stats(&xs, d, self.eps).into_iter().enumerate() {
-            let (xr, gr) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
-            let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
-            for i in 0..d {
-                let xhat = (xr[i] - mean) * rstd;
-                let dxhat = gr[i] * ws[i];
-                sum_dxhat += dxhat as f64;
-                sum_dxhat_xhat += (dxhat * xhat) as f64;
-                dw[i] += (gr[i] * xhat) as f64;
-                db[i] += gr[i] as f64;
-            }
-            let (m1, m2) = ((sum_dxhat / d as f64) as f32, (sum_dxhat_xhat / d as f64) as f32);
-            for i in 0..d {
-                let xhat = (xr[i] - mean) * rstd;
-                dx[r * d + i] = rstd * (gr[i] * ws[i] - m1 - xhat * m2);
-            }
-        }
+        let mut dx = vec![0f32; xs.len()];
+        let (dw, db) = layer_norm_bwd(&xs, &ws, &row_stats(&xs, d, self.eps), &gs, &mut dx);
         let dev = x.device();
         let dx = Tensor::from_vec(dx, x.shape(), dev)?;
-        let dw = Tensor::from_vec(dw.into_iter().map(|v| v as f32).collect::<Vec<_>>(), d, dev)?;
-        let db = Tensor::from_vec(db.into_iter().map(|v| v as f32).collect::<Vec<_>>(), d, dev)?;
+        let dw = Tensor::from_vec(dw, d, dev)?;
+        let db = Tensor::from_vec(db, d, dev)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }

@@ -18,7 +18,7 @@ fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     }
 }
 
-fn scan_fwd<T: WithDType + Send + Sync>(a: &[T], u: &[T], (b, l, n): (usize, usize, usize)) -> Vec<T> {
+pub(crate) fn scan_fwd<T: WithDType + Send + Sync>(a: &[T], u: &[T], (b, l, n): (usize, usize, usize)) -> Vec<T> {
     let mut out = vec![T::zero(); b * l * n];
     for_chunks(&mut out, l * n, |bi, o| {
         let base = bi * l * n;
@@ -35,7 +35,7 @@ fn scan_fwd<T: WithDType + Send + Sync>(a: &[T], u: &[T], (b, l, n): (usize, usi
 }
 
 /// λ_t = g_t + a_{t+1} ⊙ λ_{t+1}, from the last step backwards.
-fn scan_rev<T: WithDType + Send + Sync>(a: &[T], g: &[T], (b, l, n): (usize, usize, usize)) -> Vec<T> {
+pub(crate) fn scan_rev<T: WithDType + Send + Sync>(a: &[T], g: &[T], (b, l, n): (usize, usize, usize)) -> Vec<T> {
     let mut out = vec![T::zero(); b * l * n];
     for_chunks(&mut out, l * n, |bi, o| {
         let base = bi * l * n;

@@ -293,3 +293,53 @@ mod quantized {
         assert!(Model::load_gguf(&p).is_err());
     }
 }
+
+/// The fused SSM block node against the op-by-op block: output and the gradient of every
+/// parameter and of the input, with and without dropout between the block and its residual.
+#[test]
+fn fused_ssm_block_equals_the_op_by_op_block_and_its_gradients() {
+    use crate::config::IteraConfig;
+    use crate::itera::SsmBlock;
+    use candle_core::Var;
+
+    for p_drop in [0.0, 0.2] {
+        let mut cfg = IteraConfig::preset("micro", 40).unwrap();
+        cfg.dropout = p_drop;
+        let (varmap, vb) = crate::nn::fresh_builder();
+        let block = SsmBlock::new(&cfg, vb).unwrap();
+        crate::nn::init_deterministic(&varmap, 5).unwrap();
+        // Move every parameter off its initial value (D = 1, zero biases would hide terms).
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for var in varmap.all_vars() {
+            let noise: Vec<f32> = (0..var.elem_count()).map(|_| rand::Rng::random_range(&mut rng, -0.3f32..0.3)).collect();
+            let noise = Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap();
+            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
+        }
+        let (seq_len, rows) = (12, 36);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, cfg.d_model), &Device::Cpu).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (rows, cfg.d_model), &Device::Cpu).unwrap();
+        let run = |fused: bool| {
+            let mut drop_rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+            let mut train = Some(&mut drop_rng);
+            let out = if fused { block.forward(&x, seq_len, &mut train) } else { block.forward_ops(&x, seq_len, &mut train) }.unwrap();
+            let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            (out, grads)
+        };
+        let ((fo, fg), (ro, rg)) = (run(true), run(false));
+        let scale = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+        let d = max_abs(&fo, &ro);
+        assert!(d <= 1e-4 * scale(&ro), "p_drop {p_drop}: output differs by {d}");
+        let mut checked = vec![x.as_tensor().clone()];
+        checked.extend(varmap.all_vars().iter().map(|v| v.as_tensor().clone()));
+        for t in &checked {
+            let (a, b) = (fg.get(t).expect("fused gradient"), rg.get(t).expect("reference gradient"));
+            assert_eq!(a.dims(), b.dims());
+            let d = max_abs(a, b);
+            assert!(d <= 2e-4 * scale(b), "p_drop {p_drop}: gradient of a {:?} parameter differs by {d} (max {})", t.dims(), scale(b));
+        }
+        // Inference (no saved intermediates) gives the same output as training mode.
+        let inf = block.forward(&x, seq_len, &mut None).unwrap();
+        let reference = block.forward_ops(&x, seq_len, &mut None).unwrap();
+        assert!(max_abs(&inf, &reference) <= 1e-4 * scale(&reference));
+    }
+}

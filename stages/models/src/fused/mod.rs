@@ -105,10 +105,12 @@ fn erf(x: f32) -> f32 {
 mod gelu;
 mod softmax;
 mod ssm;
+mod ssm_block;
 
 pub use gelu::gelu_erf;
 pub use softmax::{causal_softmax, next_token_cross_entropy};
 pub use ssm::{causal_conv_silu, causal_conv_silu_ops, silu_gate, softplus_mean};
+pub use ssm_block::{pack as pack_ssm_block, ssm_block, SsmBlockDims};
 
 #[cfg(test)]
 mod tests;

@@ -19,7 +19,7 @@ fn taps_by_offset(w: &[f32], c: usize, k: usize) -> Vec<f32> {
 }
 
 /// y[b,t,c] = bias[c] + Σ_j w[c,j] · x[b, t+j-(k-1), c] (zero before the start).
-fn conv_pre(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize, out: &mut [f32]) {
+pub(super) fn conv_pre(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize, out: &mut [f32]) {
     let wt = taps_by_offset(w, c, k);
     for_chunks(out, l * c, |bi, o| {
         let xb = &x[bi * l * c..(bi + 1) * l * c];
@@ -35,6 +35,66 @@ fn conv_pre(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize, ou
             }
         }
     });
+}
+
+/// dx[b,s,c] = Σ_j gy[b, s+(k-1)-j, c] · w[c,j] (within each sequence of `l` rows).
+pub(super) fn conv_transpose(gy: &[f32], w: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
+    let wt = taps_by_offset(w, c, k);
+    let mut dx = vec![0f32; gy.len()];
+    for_chunks(&mut dx, l * c, |bi, o| {
+        let gb = &gy[bi * l * c..(bi + 1) * l * c];
+        for s in 0..l {
+            let row = &mut o[s * c..(s + 1) * c];
+            for j in 0..k {
+                let t = s + (k - 1) - j;
+                if t >= l {
+                    continue;
+                }
+                let gr = &gb[t * c..(t + 1) * c];
+                for ((r, &w), &g) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(gr) {
+                    *r += w * g;
+                }
+            }
+        }
+    });
+    dx
+}
+
+/// (c, k+1): dw[c,j] = Σ_{b,t} gy[b,t,c] · x[b, t+j-(k-1), c]; last column db[c] = Σ gy[b,t,c].
+pub(super) fn conv_param_grad(x: &[f32], gy: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
+    let b = x.len() / (l * c).max(1);
+    // Per sequence partial sums in f64 (summed over b·l terms), then reduced in order.
+    // Each holds (k + 1) rows of c: one per tap offset, then the bias; transposed at the end.
+    let mut partial = vec![0f64; b * (k + 1) * c];
+    for_chunks(&mut partial, (k + 1) * c, |bi, acc| {
+        let (xb, gb) = (&x[bi * l * c..(bi + 1) * l * c], &gy[bi * l * c..(bi + 1) * l * c]);
+        for t in 0..l {
+            let gr = &gb[t * c..(t + 1) * c];
+            for j in 0..k {
+                let Some(src) = (t + j).checked_sub(k - 1) else { continue };
+                let xr = &xb[src * c..(src + 1) * c];
+                for ((a, &g), &x) in acc[j * c..(j + 1) * c].iter_mut().zip(gr).zip(xr) {
+                    *a += (g * x) as f64;
+                }
+            }
+            for (a, &g) in acc[k * c..].iter_mut().zip(gr) {
+                *a += g as f64;
+            }
+        }
+    });
+    let mut sum = vec![0f64; (k + 1) * c];
+    for p in partial.chunks_exact((k + 1) * c) {
+        for (o, v) in sum.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    let mut out = vec![0f32; c * (k + 1)];
+    for j in 0..=k {
+        for ch in 0..c {
+            out[ch * (k + 1) + j] = sum[j * c + ch] as f32;
+        }
+    }
+    out
 }
 
 /// Rows are (batch · seq_len) time steps of `c` channels; the conv runs along each sequence.
@@ -122,24 +182,7 @@ impl CustomOp2 for ConvTranspose {
         let (gy, w) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
         let (l, c) = seq_dims(l1, self.l, self.name())?;
         let k = w.len() / c.max(1);
-        let wt = taps_by_offset(w, c, k);
-        let mut dx = vec![0f32; gy.len()];
-        for_chunks(&mut dx, l * c, |bi, o| {
-            let gb = &gy[bi * l * c..(bi + 1) * l * c];
-            for s in 0..l {
-                let row = &mut o[s * c..(s + 1) * c];
-                for j in 0..k {
-                    let t = s + (k - 1) - j;
-                    if t >= l {
-                        continue;
-                    }
-                    let gr = &gb[t * c..(t + 1) * c];
-                    for ((r, &w), &g) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(gr) {
-                        *r += w * g;
-                    }
-                }
-            }
-        });
+        let dx = conv_transpose(gy, w, l, c, k);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -157,39 +200,8 @@ impl CustomOp2 for ConvParamGrad {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, gy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
         let (l, c) = seq_dims(l1, self.l, self.name())?;
-        let b = x.len() / (l * c).max(1);
+        let out = conv_param_grad(x, gy, l, c, self.k);
         let k = self.k;
-        // Per sequence partial sums in f64 (summed over b·l terms), then reduced in order.
-        // Each holds (k + 1) rows of c: one per tap offset, then the bias; transposed at the end.
-        let mut partial = vec![0f64; b * (k + 1) * c];
-        for_chunks(&mut partial, (k + 1) * c, |bi, acc| {
-                let (xb, gb) = (&x[bi * l * c..(bi + 1) * l * c], &gy[bi * l * c..(bi + 1) * l * c]);
-                for t in 0..l {
-                    let gr = &gb[t * c..(t + 1) * c];
-                    for j in 0..k {
-                        let Some(src) = (t + j).checked_sub(k - 1) else { continue };
-                        let xr = &xb[src * c..(src + 1) * c];
-                        for ((a, &g), &x) in acc[j * c..(j + 1) * c].iter_mut().zip(gr).zip(xr) {
-                            *a += (g * x) as f64;
-                        }
-                    }
-                    for (a, &g) in acc[k * c..].iter_mut().zip(gr) {
-                        *a += g as f64;
-                    }
-                }
-        });
-        let mut sum = vec![0f64; (k + 1) * c];
-        for p in partial.chunks_exact((k + 1) * c) {
-            for (o, v) in sum.iter_mut().zip(p) {
-                *o += v;
-            }
-        }
-        let mut out = vec![0f32; c * (k + 1)];
-        for j in 0..=k {
-            for ch in 0..c {
-                out[ch * (k + 1) + j] = sum[j * c + ch] as f32;
-            }
-        }
         Ok((CpuStorage::F32(out), Shape::from((c, k + 1))))
     }
 }

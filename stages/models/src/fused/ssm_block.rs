@@ -1,0 +1,383 @@
+//! The whole SSM block — LayerNorm, in_proj, causal conv + SiLU, step size Δ, selective scan,
+//! C·h + D·x, SiLU gate, out_proj and the residual — as one autograd node over f32 rows.
+//!
+//! Op by op the block is ~20 graph nodes, and candle's backward adds every input gradient of
+//! every node into a freshly zeroed buffer: on the block's (rows, d_inner) activations that
+//! bookkeeping cost about as much as all the block's non-GEMM arithmetic. Here the forward keeps
+//! its intermediates in the node, and the backward is written out by hand from the same kernels
+//! the single fused ops use (conv, scan, GEMMs on the `gemm` crate), summing each activation's
+//! gradient contributions in place. Tested against the op-by-op block and its autograd gradients.
+//!
+//! candle ops take at most three inputs, so the block's twelve parameters travel as one packed
+//! vector ([`pack`]): the concatenation's backward hands each variable its slice of the packed
+//! gradient, so the optimizer still sees the ordinary per-parameter variables.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::ssm::{conv_param_grad, conv_pre, conv_transpose};
+use super::*;
+use crate::linear_op::Product;
+use crate::nn::{layer_norm_bwd, row_stats};
+use crate::scan::{scan_fwd, scan_rev};
+
+/// Shapes of one block: model width d, inner width di, state size n, conv taps k, and the
+/// sequence length its rows come in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SsmBlockDims {
+    pub d: usize,
+    pub di: usize,
+    pub n: usize,
+    pub k: usize,
+    pub seq_len: usize,
+    pub eps: f64,
+}
+
+// The packed vector's parts, in order.
+const LN_W: usize = 0;
+const LN_B: usize = 1;
+const W_IN: usize = 2;
+const CONV_W: usize = 3;
+const CONV_B: usize = 4;
+const W_DELTA: usize = 5;
+const B_DELTA: usize = 6;
+const A_LOG: usize = 7;
+const B: usize = 8;
+const C: usize = 9;
+const D_SKIP: usize = 10;
+const W_OUT: usize = 11;
+const PARTS: usize = 12;
+
+impl SsmBlockDims {
+    /// Element counts of the parts: LayerNorm weight and bias (d), in_proj (2·di, d), conv taps
+    /// (di, k) and bias (di), delta_proj (di, di) and bias (di), A_log (n), B (n, di), C (di, n),
+    /// D (di), out_proj (d, di).
+    fn sizes(&self) -> [usize; PARTS] {
+        let (d, di, n, k) = (self.d, self.di, self.n, self.k);
+        [d, d, 2 * di * d, di * k, di, di * di, di, n, n * di, di * n, di, d * di]
+    }
+
+    fn offsets(&self) -> [usize; PARTS + 1] {
+        let mut o = [0; PARTS + 1];
+        for (i, s) in self.sizes().iter().enumerate() {
+            o[i + 1] = o[i] + s;
+        }
+        o
+    }
+}
+
+/// The block's parameters as one vector, in the order of [`SsmBlockDims::sizes`]; each must have
+/// its part's element count.
+pub fn pack(dims: &SsmBlockDims, parts: [&Tensor; PARTS]) -> Result<Tensor> {
+    let flat = parts
+        .iter()
+        .zip(dims.sizes())
+        .map(|(t, size)| {
+            if t.elem_count() != size {
+                candle_core::bail!("ssm-block: a parameter of shape {:?} where {size} values were expected", t.dims());
+            }
+            t.flatten_all()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&flat, 0)
+}
+
+/// What the backward needs from the forward.
+struct Saved {
+    stats: Vec<(f32, f32)>,
+    normed: Vec<f32>,
+    xs: Vec<f32>,
+    z: Vec<f32>,
+    pre: Vec<f32>,
+    xc: Vec<f32>,
+    q: Vec<f32>,
+    delta: Vec<f32>,
+    a: Vec<f32>,
+    bx: Vec<f32>,
+    h: Vec<f32>,
+    y: Vec<f32>,
+    gated: Vec<f32>,
+}
+
+struct SsmBlockOp {
+    dims: SsmBlockDims,
+    /// Adds the block input to the output (off when dropout sits between them).
+    residual: bool,
+    /// Keep the intermediates for a backward pass (training).
+    keep: bool,
+    saved: Mutex<Option<Saved>>,
+}
+
+fn part<'a>(p: &'a [f32], o: &[usize; PARTS + 1], i: usize) -> &'a [f32] {
+    &p[o[i]..o[i + 1]]
+}
+
+/// `f(i, a_chunk, b_chunk)` over matching chunks of two outputs, in parallel like [`for_chunks`].
+fn for_chunks2(a: &mut [f32], size_a: usize, b: &mut [f32], size_b: usize, f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send) {
+    let (size_a, size_b) = (size_a.max(1), size_b.max(1));
+    if rayon::current_num_threads() > 1 && a.len() > size_a && a.len() >= PARALLEL_MIN {
+        a.par_chunks_mut(size_a).zip(b.par_chunks_mut(size_b)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+    } else {
+        a.chunks_mut(size_a).zip(b.chunks_mut(size_b)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+    }
+}
+
+/// Σ over rows of a (rows, c) matrix, in f64.
+fn column_sums(x: &[f32], c: usize) -> Vec<f32> {
+    let mut acc = vec![0f64; c];
+    for row in x.chunks_exact(c) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+    }
+    acc.into_iter().map(|v| v as f32).collect()
+}
+
+impl SsmBlockOp {
+    fn check(&self, x_len: usize, p_len: usize) -> Result<usize> {
+        let SsmBlockDims { d, seq_len, .. } = self.dims;
+        let rows = x_len / d.max(1);
+        if d == 0 || rows * d != x_len || seq_len == 0 || rows % seq_len != 0 {
+            candle_core::bail!("ssm-block: {x_len} values are not whole sequences of {seq_len} rows of {d}");
+        }
+        let want = self.dims.offsets()[PARTS];
+        if p_len != want {
+            candle_core::bail!("ssm-block: {p_len} packed parameters, expected {want}");
+        }
+        Ok(rows)
+    }
+
+    fn forward(&self, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+        let rows = self.check(x.len(), p.len())?;
+        let SsmBlockDims { d, di, n, k, seq_len: l, eps } = self.dims;
+        let o = self.dims.offsets();
+        let (ln_w, ln_b) = (part(p, &o, LN_W), part(p, &o, LN_B));
+
+        let stats = row_stats(x, d, eps);
+        let mut normed = vec![0f32; x.len()];
+        for ((out, row), &(mean, rstd)) in normed.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(&stats) {
+            for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(ln_w).zip(ln_b) {
+                *o = (v - mean) * rstd * w + b;
+            }
+        }
+
+        let w_in = part(p, &o, W_IN);
+        let (mut xs, mut z) = (vec![0f32; rows * di], vec![0f32; rows * di]);
+        Product::ABt.write_into((&normed, rows, d), (&w_in[..di * d], di, d), &mut xs, false)?;
+        Product::ABt.write_into((&normed, rows, d), (&w_in[di * d..], di, d), &mut z, false)?;
+
+        let mut pre = vec![0f32; rows * di];
+        conv_pre(&xs, part(p, &o, CONV_W), part(p, &o, CONV_B), l, di, k, &mut pre);
+        let mut xc = pre.clone();
+        for_chunks(&mut xc, 16_384, |_, ch| ch.iter_mut().for_each(|v| *v *= sigmoid(*v)));
+
+        // Δ per row: mean over channels of softplus(delta_proj(xc)); q is the product before the bias.
+        let mut q = vec![0f32; rows * di];
+        Product::ABt.write_into((&xc, rows, di), (part(p, &o, W_DELTA), di, di), &mut q, false)?;
+        let b_delta = part(p, &o, B_DELTA);
+        let mut delta = vec![0f32; rows];
+        let per = rows_per_task(di);
+        for_chunks(&mut delta, per, |i, out| {
+            let mut tmp = vec![0f32; di];
+            for (o, row) in out.iter_mut().zip(q[i * per * di..].chunks_exact(di)) {
+                for ((t, &v), b) in tmp.iter_mut().zip(row).zip(b_delta) {
+                    *t = softplus(v + b);
+                }
+                *o = sum_lanes(&tmp) / di as f32;
+            }
+        });
+
+        // a = exp(Δ·A), u = Δ·(B x), h = scan(a, u).
+        let a_neg: Vec<f32> = part(p, &o, A_LOG).iter().map(|v| -v.exp()).collect();
+        let mut bx = vec![0f32; rows * n];
+        Product::ABt.write_into((&xc, rows, di), (part(p, &o, B), n, di), &mut bx, false)?;
+        let (mut a, mut u) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+        for (r, &dt) in delta.iter().enumerate() {
+            for j in 0..n {
+                a[r * n + j] = (dt * a_neg[j]).exp();
+                u[r * n + j] = dt * bx[r * n + j];
+            }
+        }
+        let h = scan_fwd(&a, &u, (rows / l, l, n));
+
+        // y = C h + D ⊙ xc; gated = y ⊙ silu(z).
+        let mut y = vec![0f32; rows * di];
+        Product::ABt.write_into((&h, rows, n), (part(p, &o, C), di, n), &mut y, false)?;
+        let d_skip = part(p, &o, D_SKIP);
+        let mut gated = vec![0f32; rows * di];
+        let per = rows_per_task(di);
+        for_chunks2(&mut y, per * di, &mut gated, per * di, |i, ys, gs| {
+            let (xcs, zs) = (&xc[i * per * di..], &z[i * per * di..]);
+            for (((yr, gr), xr), zr) in ys.chunks_exact_mut(di).zip(gs.chunks_exact_mut(di)).zip(xcs.chunks_exact(di)).zip(zs.chunks_exact(di)) {
+                for ((((y, g), &x), &z), &dd) in yr.iter_mut().zip(gr.iter_mut()).zip(xr).zip(zr).zip(d_skip) {
+                    *y += dd * x;
+                    *g = *y * z * sigmoid(z);
+                }
+            }
+        });
+
+        let mut out = if self.residual { x.to_vec() } else { vec![0f32; x.len()] };
+        Product::ABt.write_into((&gated, rows, di), (part(p, &o, W_OUT), d, di), &mut out, self.residual)?;
+        Ok((out, Saved { stats, normed, xs, z, pre, xc, q, delta, a, bx, h, y, gated }))
+    }
+
+    /// Gradients of the input and of the packed parameters, given the output's gradient `g`.
+    fn backward(&self, x: &[f32], p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rows = self.check(x.len(), p.len())?;
+        let SsmBlockDims { d, di, n, k, seq_len: l, .. } = self.dims;
+        let o = self.dims.offsets();
+        let mut dp = vec![0f32; o[PARTS]];
+        let at = |i: usize| o[i]..o[i + 1];
+
+        // out_proj
+        Product::AtB.write_into((g, rows, d), (&s.gated, rows, di), &mut dp[at(W_OUT)], false)?;
+        let mut dy = vec![0f32; rows * di];
+        Product::AB.write_into((g, rows, d), (part(p, &o, W_OUT), d, di), &mut dy, false)?;
+
+        // gate: dy ← dgated ⊙ silu(z); dz = dgated ⊙ y ⊙ silu'(z)
+        let mut dz = vec![0f32; rows * di];
+        for_chunks2(&mut dy, 16_384, &mut dz, 16_384, |i, dys, dzs| {
+            let (ys, zs) = (&s.y[i * 16_384..], &s.z[i * 16_384..]);
+            for (((dy, dz), &y), &z) in dys.iter_mut().zip(dzs.iter_mut()).zip(ys).zip(zs) {
+                let sg = sigmoid(z);
+                let dg = *dy;
+                *dy = dg * z * sg;
+                *dz = dg * y * sg * (1.0 + z * (1.0 - sg));
+            }
+        });
+
+        // y = C h + D ⊙ xc
+        let d_skip = part(p, &o, D_SKIP);
+        {
+            let mut acc = vec![0f64; di];
+            for (dyr, xr) in dy.chunks_exact(di).zip(s.xc.chunks_exact(di)) {
+                for ((a, &g), &x) in acc.iter_mut().zip(dyr).zip(xr) {
+                    *a += (g * x) as f64;
+                }
+            }
+            for (t, a) in dp[at(D_SKIP)].iter_mut().zip(acc) {
+                *t = a as f32;
+            }
+        }
+        let mut dxc = vec![0f32; rows * di];
+        for_chunks(&mut dxc, di * rows_per_task(di), |i, out| {
+            for (or, gr) in out.chunks_exact_mut(di).zip(dy[i * di * rows_per_task(di)..].chunks_exact(di)) {
+                for ((o, &g), &dd) in or.iter_mut().zip(gr).zip(d_skip) {
+                    *o = g * dd;
+                }
+            }
+        });
+        let mut dh = vec![0f32; rows * n];
+        Product::AB.write_into((&dy, rows, di), (part(p, &o, C), di, n), &mut dh, false)?;
+        Product::AtB.write_into((&dy, rows, di), (&s.h, rows, n), &mut dp[at(C)], false)?;
+
+        // The scan's adjoint, then back through a = exp(Δ·A) and u = Δ·(B x).
+        let lam = scan_rev(&s.a, &dh, (rows / l, l, n));
+        let a_neg: Vec<f32> = part(p, &o, A_LOG).iter().map(|v| -v.exp()).collect();
+        let mut ddelta = vec![0f32; rows];
+        let mut dbx = vec![0f32; rows * n];
+        let mut da_neg = vec![0f64; n];
+        for r in 0..rows {
+            let first = r % l == 0;
+            let mut acc = 0f32;
+            for j in 0..n {
+                let i = r * n + j;
+                let h_prev = if first { 0.0 } else { s.h[i - n] };
+                let da = lam[i] * h_prev * s.a[i]; // ∂/∂(Δ·A)
+                acc += lam[i] * s.bx[i] + da * a_neg[j];
+                dbx[i] = lam[i] * s.delta[r];
+                da_neg[j] += (da * s.delta[r]) as f64;
+            }
+            ddelta[r] = acc;
+        }
+        // A = −exp(A_log) ⇒ ∂A/∂A_log = A.
+        for ((t, &g), &an) in dp[at(A_LOG)].iter_mut().zip(&da_neg).zip(&a_neg) {
+            *t = g as f32 * an;
+        }
+        Product::AtB.write_into((&dbx, rows, n), (&s.xc, rows, di), &mut dp[at(B)], false)?;
+        Product::AB.write_into((&dbx, rows, n), (part(p, &o, B), n, di), &mut dxc, true)?;
+
+        // Δ = mean softplus(q + bias): ∂q = ∂Δ / di · sigmoid(q + bias).
+        let b_delta = part(p, &o, B_DELTA);
+        let mut dq = vec![0f32; rows * di];
+        let per = rows_per_task(di);
+        for_chunks(&mut dq, per * di, |i, out| {
+            for ((or, qr), &gd) in out.chunks_exact_mut(di).zip(s.q[i * per * di..].chunks_exact(di)).zip(&ddelta[i * per..]) {
+                let scale = gd / di as f32;
+                for ((o, &v), &b) in or.iter_mut().zip(qr).zip(b_delta) {
+                    *o = scale * sigmoid(v + b);
+                }
+            }
+        });
+        dp[at(B_DELTA)].copy_from_slice(&column_sums(&dq, di));
+        Product::AtB.write_into((&dq, rows, di), (&s.xc, rows, di), &mut dp[at(W_DELTA)], false)?;
+        Product::AB.write_into((&dq, rows, di), (part(p, &o, W_DELTA), di, di), &mut dxc, true)?;
+
+        // xc = silu(pre), pre = conv(xs) + bias.
+        for_chunks(&mut dxc, 16_384, |i, ch| {
+            for (g, &v) in ch.iter_mut().zip(&s.pre[i * 16_384..]) {
+                let sg = sigmoid(v);
+                *g *= sg * (1.0 + v * (1.0 - sg));
+            }
+        });
+        let conv_w = part(p, &o, CONV_W);
+        let dxs = conv_transpose(&dxc, conv_w, l, di, k);
+        let taps = conv_param_grad(&s.xs, &dxc, l, di, k); // (di, k + 1): taps, then the bias
+        for (ch, row) in taps.chunks_exact(k + 1).enumerate() {
+            dp[o[CONV_W] + ch * k..o[CONV_W] + (ch + 1) * k].copy_from_slice(&row[..k]);
+            dp[o[CONV_B] + ch] = row[k];
+        }
+
+        // in_proj (x and z halves), then the LayerNorm.
+        let w_in = part(p, &o, W_IN);
+        let (dw_x, dw_z) = dp[at(W_IN)].split_at_mut(di * d);
+        Product::AtB.write_into((&dxs, rows, di), (&s.normed, rows, d), dw_x, false)?;
+        Product::AtB.write_into((&dz, rows, di), (&s.normed, rows, d), dw_z, false)?;
+        let mut dnormed = vec![0f32; rows * d];
+        Product::AB.write_into((&dxs, rows, di), (&w_in[..di * d], di, d), &mut dnormed, false)?;
+        Product::AB.write_into((&dz, rows, di), (&w_in[di * d..], di, d), &mut dnormed, true)?;
+        let mut dx = if self.residual { g.to_vec() } else { vec![0f32; x.len()] };
+        let (dw, db) = layer_norm_bwd(x, part(p, &o, LN_W), &s.stats, &dnormed, &mut dx);
+        dp[at(LN_W)].copy_from_slice(&dw);
+        dp[at(LN_B)].copy_from_slice(&db);
+        Ok((dx, dp))
+    }
+}
+
+fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+impl CustomOp2 for SsmBlockOp {
+    fn name(&self) -> &'static str {
+        "ssm-block"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, p) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let (out, saved) = self.forward(x, p)?;
+        if self.keep {
+            *self.saved.lock().map_err(|_| candle_core::Error::Msg("ssm-block: a backward pass panicked".into()))? = Some(saved);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, p: &Tensor, _out: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (xs, ps, gs) = (tensor_f32(x)?, tensor_f32(p)?, tensor_f32(g)?);
+        let kept = self.saved.lock().map_err(|_| candle_core::Error::Msg("ssm-block: a forward pass panicked".into()))?.take();
+        // A second backward through the same graph finds the intermediates gone: recompute them.
+        let saved = match kept {
+            Some(s) => s,
+            None => self.forward(&xs, &ps)?.1,
+        };
+        let (dx, dp) = self.backward(&xs, &ps, &saved, &gs)?;
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dp, p.shape(), p.device())?)))
+    }
+}
+
+/// The SSM block on f32 rows x (batch · seq_len, d) with packed parameters (see [`pack`]):
+/// `x + out_proj(…)` with `residual`, `out_proj(…)` alone without. `train` keeps what the
+/// backward pass needs.
+pub fn ssm_block(x: &Tensor, packed: &Tensor, dims: SsmBlockDims, residual: bool, train: bool) -> Result<Tensor> {
+    let op = SsmBlockOp { dims, residual, keep: train, saved: Mutex::new(None) };
+    x.contiguous()?.apply_op2(&packed.contiguous()?, op)
+}
