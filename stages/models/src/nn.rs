@@ -71,29 +71,31 @@ pub(crate) fn row_stats(x: &[f32], d: usize, eps: f64) -> Vec<(f32, f32)> {
         .collect()
 }
 
-/// LayerNorm's backward for rows of `w.len()`: adds the input gradient into `dx` and returns
-/// the weight and bias gradients (summed in f64).
-pub(crate) fn layer_norm_bwd(xs: &[f32], ws: &[f32], stats: &[(f32, f32)], gs: &[f32], dx: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
-    let d = ws.len();
-    let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
-    for (r, &(mean, rstd)) in stats.iter().enumerate() {
-        let (xr, gr) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
-        let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
-        for i in 0..d {
-            let xhat = (xr[i] - mean) * rstd;
-            let dxhat = gr[i] * ws[i];
-            sum_dxhat += dxhat as f64;
-            sum_dxhat_xhat += (dxhat * xhat) as f64;
-            dw[i] += (gr[i] * xhat) as f64;
-            db[i] += gr[i] as f64;
+crate::fused::simd_dispatch! {
+    /// LayerNorm's backward for rows of `w.len()`: adds the input gradient into `dx` and returns
+    /// the weight and bias gradients (summed in f64).
+    pub(crate) fn layer_norm_bwd(xs: &[f32], ws: &[f32], stats: &[(f32, f32)], gs: &[f32], dx: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
+        let d = ws.len();
+        let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+        for (r, &(mean, rstd)) in stats.iter().enumerate() {
+            let (xr, gr) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
+            let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
+            for i in 0..d {
+                let xhat = (xr[i] - mean) * rstd;
+                let dxhat = gr[i] * ws[i];
+                sum_dxhat += dxhat as f64;
+                sum_dxhat_xhat += (dxhat * xhat) as f64;
+                dw[i] += (gr[i] * xhat) as f64;
+                db[i] += gr[i] as f64;
+            }
+            let (m1, m2) = ((sum_dxhat / d as f64) as f32, (sum_dxhat_xhat / d as f64) as f32);
+            for i in 0..d {
+                let xhat = (xr[i] - mean) * rstd;
+                dx[r * d + i] += rstd * (gr[i] * ws[i] - m1 - xhat * m2);
+            }
         }
-        let (m1, m2) = ((sum_dxhat / d as f64) as f32, (sum_dxhat_xhat / d as f64) as f32);
-        for i in 0..d {
-            let xhat = (xr[i] - mean) * rstd;
-            dx[r * d + i] += rstd * (gr[i] * ws[i] - m1 - xhat * m2);
-        }
+        (dw.into_iter().map(|v| v as f32).collect(), db.into_iter().map(|v| v as f32).collect())
     }
-    (dw.into_iter().map(|v| v as f32).collect(), db.into_iter().map(|v| v as f32).collect())
 }
 
 impl candle_core::CustomOp3 for FusedLayerNorm {

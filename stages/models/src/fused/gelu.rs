@@ -13,14 +13,7 @@ impl CustomOp1 for Gelu {
         "gelu-erf"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s, l, self.name())?;
-        let mut y = vec![0f32; x.len()];
-        for_chunks(&mut y, 16_384, |i, y| {
-            for (y, &v) in y.iter_mut().zip(&x[i * 16_384..]) {
-                *y = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(gelu_values(f32s(s, l, self.name())?)), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(&g.contiguous()?, &GeluGrad)?))
@@ -36,15 +29,35 @@ impl CustomOp2 for GeluGrad {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let mut dx = vec![0f32; x.len()];
+        Ok((CpuStorage::F32(gelu_grad_values(x, g)), l1.shape().clone()))
+    }
+}
+
+simd_dispatch! {
+    /// x · Φ(x) elementwise.
+    fn gelu_values(x: &[f32]) -> Vec<f32> {
+        let mut y = vec![0f32; x.len()];
+        for_chunks(&mut y, 16_384, |i, y| {
+            for (y, &v) in y.iter_mut().zip(&x[i * 16_384..]) {
+                *y = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        });
+        y
+    }
+}
+
+simd_dispatch! {
+    /// g · (Φ(x) + x · φ(x)) elementwise.
+    fn gelu_grad_values(x: &[f32], g: &[f32]) -> Vec<f32> {
         const INV_SQRT_2PI: f32 = 0.398_942_3;
+        let mut dx = vec![0f32; x.len()];
         for_chunks(&mut dx, 16_384, |i, d| {
             for ((d, &v), &g) in d.iter_mut().zip(&x[i * 16_384..]).zip(&g[i * 16_384..]) {
                 let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
                 *d = g * (cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v));
             }
         });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        dx
     }
 }
 

@@ -19,6 +19,30 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// Defines a free function twice: as written (baseline x86-64 codegen, SSE2), and compiled for
+/// AVX2 + FMA, chosen at run time when the CPU has them. The elementwise loops here vectorize
+/// to 4 lanes without it and 8 with it; closures inside the body (the per-chunk loops handed to
+/// rayon) inherit the AVX2 copy's target features. A `-C target-cpu` build flag would do the
+/// same for the whole binary but make it crash on CPUs without AVX2.
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident : $t:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2_fma($($a: $t),*) -> $ret $body
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { avx2_fma($($a),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+pub(crate) use simd_dispatch;
+
 /// e^x, branch-free so the loops calling it vectorize (libm's expf is a call per element and was
 /// ~7 % of a training step). Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, then a degree-7
 /// Taylor polynomial (truncation < 1e-8 relative) and 2^n built in the exponent bits; within

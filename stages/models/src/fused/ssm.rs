@@ -18,83 +18,89 @@ fn taps_by_offset(w: &[f32], c: usize, k: usize) -> Vec<f32> {
     t
 }
 
-/// y[b,t,c] = bias[c] + Σ_j w[c,j] · x[b, t+j-(k-1), c] (zero before the start).
-pub(super) fn conv_pre(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize, out: &mut [f32]) {
-    let wt = taps_by_offset(w, c, k);
-    for_chunks(out, l * c, |bi, o| {
-        let xb = &x[bi * l * c..(bi + 1) * l * c];
-        for t in 0..l {
-            let row = &mut o[t * c..(t + 1) * c];
-            row.copy_from_slice(bias);
-            for j in 0..k {
-                let Some(src) = (t + j).checked_sub(k - 1) else { continue };
-                let xr = &xb[src * c..(src + 1) * c];
-                for ((r, &w), &x) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(xr) {
-                    *r += w * x;
+simd_dispatch! {
+    /// y[b,t,c] = bias[c] + Σ_j w[c,j] · x[b, t+j-(k-1), c] (zero before the start).
+    pub(super) fn conv_pre(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize, out: &mut [f32]) -> () {
+        let wt = taps_by_offset(w, c, k);
+        for_chunks(out, l * c, |bi, o| {
+            let xb = &x[bi * l * c..(bi + 1) * l * c];
+            for t in 0..l {
+                let row = &mut o[t * c..(t + 1) * c];
+                row.copy_from_slice(bias);
+                for j in 0..k {
+                    let Some(src) = (t + j).checked_sub(k - 1) else { continue };
+                    let xr = &xb[src * c..(src + 1) * c];
+                    for ((r, &w), &x) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(xr) {
+                        *r += w * x;
+                    }
                 }
             }
-        }
-    });
+        });
+    }
 }
 
-/// dx[b,s,c] = Σ_j gy[b, s+(k-1)-j, c] · w[c,j] (within each sequence of `l` rows).
-pub(super) fn conv_transpose(gy: &[f32], w: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
-    let wt = taps_by_offset(w, c, k);
-    let mut dx = vec![0f32; gy.len()];
-    for_chunks(&mut dx, l * c, |bi, o| {
-        let gb = &gy[bi * l * c..(bi + 1) * l * c];
-        for s in 0..l {
-            let row = &mut o[s * c..(s + 1) * c];
-            for j in 0..k {
-                let t = s + (k - 1) - j;
-                if t >= l {
-                    continue;
+simd_dispatch! {
+    /// dx[b,s,c] = Σ_j gy[b, s+(k-1)-j, c] · w[c,j] (within each sequence of `l` rows).
+    pub(super) fn conv_transpose(gy: &[f32], w: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
+        let wt = taps_by_offset(w, c, k);
+        let mut dx = vec![0f32; gy.len()];
+        for_chunks(&mut dx, l * c, |bi, o| {
+            let gb = &gy[bi * l * c..(bi + 1) * l * c];
+            for s in 0..l {
+                let row = &mut o[s * c..(s + 1) * c];
+                for j in 0..k {
+                    let t = s + (k - 1) - j;
+                    if t >= l {
+                        continue;
+                    }
+                    let gr = &gb[t * c..(t + 1) * c];
+                    for ((r, &w), &g) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(gr) {
+                        *r += w * g;
+                    }
                 }
+            }
+        });
+        dx
+    }
+}
+
+simd_dispatch! {
+    /// (c, k+1): dw[c,j] = Σ_{b,t} gy[b,t,c] · x[b, t+j-(k-1), c]; last column db[c] = Σ gy[b,t,c].
+    pub(super) fn conv_param_grad(x: &[f32], gy: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
+        let b = x.len() / (l * c).max(1);
+        // Per sequence partial sums in f64 (summed over b·l terms), then reduced in order.
+        // Each holds (k + 1) rows of c: one per tap offset, then the bias; transposed at the end.
+        let mut partial = vec![0f64; b * (k + 1) * c];
+        for_chunks(&mut partial, (k + 1) * c, |bi, acc| {
+            let (xb, gb) = (&x[bi * l * c..(bi + 1) * l * c], &gy[bi * l * c..(bi + 1) * l * c]);
+            for t in 0..l {
                 let gr = &gb[t * c..(t + 1) * c];
-                for ((r, &w), &g) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(gr) {
-                    *r += w * g;
+                for j in 0..k {
+                    let Some(src) = (t + j).checked_sub(k - 1) else { continue };
+                    let xr = &xb[src * c..(src + 1) * c];
+                    for ((a, &g), &x) in acc[j * c..(j + 1) * c].iter_mut().zip(gr).zip(xr) {
+                        *a += (g * x) as f64;
+                    }
+                }
+                for (a, &g) in acc[k * c..].iter_mut().zip(gr) {
+                    *a += g as f64;
                 }
             }
-        }
-    });
-    dx
-}
-
-/// (c, k+1): dw[c,j] = Σ_{b,t} gy[b,t,c] · x[b, t+j-(k-1), c]; last column db[c] = Σ gy[b,t,c].
-pub(super) fn conv_param_grad(x: &[f32], gy: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
-    let b = x.len() / (l * c).max(1);
-    // Per sequence partial sums in f64 (summed over b·l terms), then reduced in order.
-    // Each holds (k + 1) rows of c: one per tap offset, then the bias; transposed at the end.
-    let mut partial = vec![0f64; b * (k + 1) * c];
-    for_chunks(&mut partial, (k + 1) * c, |bi, acc| {
-        let (xb, gb) = (&x[bi * l * c..(bi + 1) * l * c], &gy[bi * l * c..(bi + 1) * l * c]);
-        for t in 0..l {
-            let gr = &gb[t * c..(t + 1) * c];
-            for j in 0..k {
-                let Some(src) = (t + j).checked_sub(k - 1) else { continue };
-                let xr = &xb[src * c..(src + 1) * c];
-                for ((a, &g), &x) in acc[j * c..(j + 1) * c].iter_mut().zip(gr).zip(xr) {
-                    *a += (g * x) as f64;
-                }
-            }
-            for (a, &g) in acc[k * c..].iter_mut().zip(gr) {
-                *a += g as f64;
+        });
+        let mut sum = vec![0f64; (k + 1) * c];
+        for p in partial.chunks_exact((k + 1) * c) {
+            for (o, v) in sum.iter_mut().zip(p) {
+                *o += v;
             }
         }
-    });
-    let mut sum = vec![0f64; (k + 1) * c];
-    for p in partial.chunks_exact((k + 1) * c) {
-        for (o, v) in sum.iter_mut().zip(p) {
-            *o += v;
+        let mut out = vec![0f32; c * (k + 1)];
+        for j in 0..=k {
+            for ch in 0..c {
+                out[ch * (k + 1) + j] = sum[j * c + ch] as f32;
+            }
         }
+        out
     }
-    let mut out = vec![0f32; c * (k + 1)];
-    for j in 0..=k {
-        for ch in 0..c {
-            out[ch * (k + 1) + j] = sum[j * c + ch] as f32;
-        }
-    }
-    out
 }
 
 /// Rows are (batch · seq_len) time steps of `c` channels; the conv runs along each sequence.

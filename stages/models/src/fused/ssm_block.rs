@@ -109,6 +109,11 @@ struct SsmBlockOp {
     saved: Mutex<Option<Saved>>,
 }
 
+/// A product into a fresh buffer (never zero-filled first).
+fn gemm(product: Product, a: crate::linear_op::Matrix, b: crate::linear_op::Matrix) -> Result<Vec<f32>> {
+    Ok(product.run(a, b)?.0)
+}
+
 fn part<'a>(p: &'a [f32], o: &[usize; PARTS + 1], i: usize) -> &'a [f32] {
     &p[o[i]..o[i + 1]]
 }
@@ -134,24 +139,26 @@ fn column_sums(x: &[f32], c: usize) -> Vec<f32> {
     acc.into_iter().map(|v| v as f32).collect()
 }
 
-impl SsmBlockOp {
-    fn check(&self, x_len: usize, p_len: usize) -> Result<usize> {
-        let SsmBlockDims { d, seq_len, .. } = self.dims;
+/// Rows of x, after checking x holds whole sequences and p the whole packed parameter vector.
+fn check(dims: &SsmBlockDims, x_len: usize, p_len: usize) -> Result<usize> {
+        let SsmBlockDims { d, seq_len, .. } = *dims;
         let rows = x_len / d.max(1);
         if d == 0 || rows * d != x_len || seq_len == 0 || rows % seq_len != 0 {
             candle_core::bail!("ssm-block: {x_len} values are not whole sequences of {seq_len} rows of {d}");
         }
-        let want = self.dims.offsets()[PARTS];
+        let want = dims.offsets()[PARTS];
         if p_len != want {
             candle_core::bail!("ssm-block: {p_len} packed parameters, expected {want}");
         }
         Ok(rows)
-    }
+}
 
-    fn forward(&self, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
-        let rows = self.check(x.len(), p.len())?;
-        let SsmBlockDims { d, di, n, k, seq_len: l, eps } = self.dims;
-        let o = self.dims.offsets();
+simd_dispatch! {
+    /// The block's output and what its backward needs.
+    fn block_forward(dims: &SsmBlockDims, residual: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+        let rows = check(dims, x.len(), p.len())?;
+        let SsmBlockDims { d, di, n, k, seq_len: l, eps } = *dims;
+        let o = dims.offsets();
         let (ln_w, ln_b) = (part(p, &o, LN_W), part(p, &o, LN_B));
 
         let stats = row_stats(x, d, eps);
@@ -163,18 +170,15 @@ impl SsmBlockOp {
         }
 
         let w_in = part(p, &o, W_IN);
-        let (mut xs, mut z) = (vec![0f32; rows * di], vec![0f32; rows * di]);
-        Product::ABt.write_into((&normed, rows, d), (&w_in[..di * d], di, d), &mut xs, false)?;
-        Product::ABt.write_into((&normed, rows, d), (&w_in[di * d..], di, d), &mut z, false)?;
+        let xs = gemm(Product::ABt, (&normed, rows, d), (&w_in[..di * d], di, d))?;
+        let z = gemm(Product::ABt, (&normed, rows, d), (&w_in[di * d..], di, d))?;
 
         let mut pre = vec![0f32; rows * di];
         conv_pre(&xs, part(p, &o, CONV_W), part(p, &o, CONV_B), l, di, k, &mut pre);
-        let mut xc = pre.clone();
-        for_chunks(&mut xc, 16_384, |_, ch| ch.iter_mut().for_each(|v| *v *= sigmoid(*v)));
+        let xc: Vec<f32> = pre.iter().map(|&v| v * sigmoid(v)).collect();
 
         // Δ per row: mean over channels of softplus(delta_proj(xc)); q is the product before the bias.
-        let mut q = vec![0f32; rows * di];
-        Product::ABt.write_into((&xc, rows, di), (part(p, &o, W_DELTA), di, di), &mut q, false)?;
+        let q = gemm(Product::ABt, (&xc, rows, di), (part(p, &o, W_DELTA), di, di))?;
         let b_delta = part(p, &o, B_DELTA);
         let mut delta = vec![0f32; rows];
         let per = rows_per_task(di);
@@ -190,8 +194,7 @@ impl SsmBlockOp {
 
         // a = exp(Δ·A), u = Δ·(B x), h = scan(a, u).
         let a_neg: Vec<f32> = part(p, &o, A_LOG).iter().map(|v| -v.exp()).collect();
-        let mut bx = vec![0f32; rows * n];
-        Product::ABt.write_into((&xc, rows, di), (part(p, &o, B), n, di), &mut bx, false)?;
+        let bx = gemm(Product::ABt, (&xc, rows, di), (part(p, &o, B), n, di))?;
         let (mut a, mut u) = (vec![0f32; rows * n], vec![0f32; rows * n]);
         for (r, &dt) in delta.iter().enumerate() {
             for j in 0..n {
@@ -202,8 +205,7 @@ impl SsmBlockOp {
         let h = scan_fwd(&a, &u, (rows / l, l, n));
 
         // y = C h + D ⊙ xc; gated = y ⊙ silu(z).
-        let mut y = vec![0f32; rows * di];
-        Product::ABt.write_into((&h, rows, n), (part(p, &o, C), di, n), &mut y, false)?;
+        let mut y = gemm(Product::ABt, (&h, rows, n), (part(p, &o, C), di, n))?;
         let d_skip = part(p, &o, D_SKIP);
         let mut gated = vec![0f32; rows * di];
         let per = rows_per_task(di);
@@ -217,23 +219,24 @@ impl SsmBlockOp {
             }
         });
 
-        let mut out = if self.residual { x.to_vec() } else { vec![0f32; x.len()] };
-        Product::ABt.write_into((&gated, rows, di), (part(p, &o, W_OUT), d, di), &mut out, self.residual)?;
+        let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
+        Product::ABt.write_into((&gated, rows, di), (part(p, &o, W_OUT), d, di), &mut out, residual)?;
         Ok((out, Saved { stats, normed, xs, z, pre, xc, q, delta, a, bx, h, y, gated }))
     }
+}
 
+simd_dispatch! {
     /// Gradients of the input and of the packed parameters, given the output's gradient `g`.
-    fn backward(&self, x: &[f32], p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
-        let rows = self.check(x.len(), p.len())?;
-        let SsmBlockDims { d, di, n, k, seq_len: l, .. } = self.dims;
-        let o = self.dims.offsets();
+    fn block_backward(dims: &SsmBlockDims, residual: bool, x: &[f32], p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rows = check(dims, x.len(), p.len())?;
+        let SsmBlockDims { d, di, n, k, seq_len: l, .. } = *dims;
+        let o = dims.offsets();
         let mut dp = vec![0f32; o[PARTS]];
         let at = |i: usize| o[i]..o[i + 1];
 
         // out_proj
         Product::AtB.write_into((g, rows, d), (&s.gated, rows, di), &mut dp[at(W_OUT)], false)?;
-        let mut dy = vec![0f32; rows * di];
-        Product::AB.write_into((g, rows, d), (part(p, &o, W_OUT), d, di), &mut dy, false)?;
+        let mut dy = gemm(Product::AB, (g, rows, d), (part(p, &o, W_OUT), d, di))?;
 
         // gate: dy ← dgated ⊙ silu(z); dz = dgated ⊙ y ⊙ silu'(z)
         let mut dz = vec![0f32; rows * di];
@@ -268,8 +271,7 @@ impl SsmBlockOp {
                 }
             }
         });
-        let mut dh = vec![0f32; rows * n];
-        Product::AB.write_into((&dy, rows, di), (part(p, &o, C), di, n), &mut dh, false)?;
+        let dh = gemm(Product::AB, (&dy, rows, di), (part(p, &o, C), di, n))?;
         Product::AtB.write_into((&dy, rows, di), (&s.h, rows, n), &mut dp[at(C)], false)?;
 
         // The scan's adjoint, then back through a = exp(Δ·A) and u = Δ·(B x).
@@ -334,10 +336,9 @@ impl SsmBlockOp {
         let (dw_x, dw_z) = dp[at(W_IN)].split_at_mut(di * d);
         Product::AtB.write_into((&dxs, rows, di), (&s.normed, rows, d), dw_x, false)?;
         Product::AtB.write_into((&dz, rows, di), (&s.normed, rows, d), dw_z, false)?;
-        let mut dnormed = vec![0f32; rows * d];
-        Product::AB.write_into((&dxs, rows, di), (&w_in[..di * d], di, d), &mut dnormed, false)?;
+        let mut dnormed = gemm(Product::AB, (&dxs, rows, di), (&w_in[..di * d], di, d))?;
         Product::AB.write_into((&dz, rows, di), (&w_in[di * d..], di, d), &mut dnormed, true)?;
-        let mut dx = if self.residual { g.to_vec() } else { vec![0f32; x.len()] };
+        let mut dx = if residual { g.to_vec() } else { vec![0f32; x.len()] };
         let (dw, db) = layer_norm_bwd(x, part(p, &o, LN_W), &s.stats, &dnormed, &mut dx);
         dp[at(LN_W)].copy_from_slice(&dw);
         dp[at(LN_B)].copy_from_slice(&db);
@@ -355,7 +356,7 @@ impl CustomOp2 for SsmBlockOp {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, p) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let (out, saved) = self.forward(x, p)?;
+        let (out, saved) = block_forward(&self.dims, self.residual, x, p)?;
         if self.keep {
             *self.saved.lock().map_err(|_| candle_core::Error::Msg("ssm-block: a backward pass panicked".into()))? = Some(saved);
         }
@@ -367,9 +368,9 @@ impl CustomOp2 for SsmBlockOp {
         // A second backward through the same graph finds the intermediates gone: recompute them.
         let saved = match kept {
             Some(s) => s,
-            None => self.forward(&xs, &ps)?.1,
+            None => block_forward(&self.dims, self.residual, &xs, &ps)?.1,
         };
-        let (dx, dp) = self.backward(&xs, &ps, &saved, &gs)?;
+        let (dx, dp) = block_backward(&self.dims, self.residual, &xs, &ps, &saved, &gs)?;
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dp, p.shape(), p.device())?)))
     }
 }
