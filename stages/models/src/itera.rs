@@ -216,7 +216,22 @@ impl Ffn {
     pub fn new(cfg: &IteraConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Ffn { norm: LayerNorm::new(cfg.d_model, cfg.ln_eps, vb.pp("norm"))?, ff: expert(cfg.d_model, cfg.expert_dim, vb)?, p_drop: cfg.dropout })
     }
+    /// f32 weights run the whole layer as one fused node; quantized ones go op by op.
     pub fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
+        let quantized = self.ff.0.quantized().is_some() || self.ff.1.quantized().is_some();
+        if x.dtype() == DType::F32 && x.rank() == 2 && !quantized {
+            let is_train = train.is_some();
+            let dropped = is_train && self.p_drop > 0.0;
+            let dims = fused::ExpertsDims { d: x.dim(1)?, experts: 1, hidden: self.ff.0.weight().dim(0)?, eps: self.norm.eps };
+            let packed = fused::pack_experts(&dims, &self.norm.weight, &self.norm.bias, &[self.ff.0.weight()], &[self.ff.1.weight()])?;
+            let out = fused::experts(x, None, &packed, dims, !dropped, is_train)?;
+            return if dropped { x + dropout(&out, self.p_drop, train)? } else { Ok(out) };
+        }
+        self.forward_ops(x, train)
+    }
+
+    /// The layer op by op: the reference the fused node is tested against.
+    pub fn forward_ops(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
         let out = run_expert(&self.ff, &self.norm.forward(x, train.is_some())?)?;
         x + dropout(&out, self.p_drop, train)?
     }
@@ -258,6 +273,15 @@ impl Moe {
     /// the same); inference runs each expert only on its own tokens.
     /// x: (batch, time, d) or its rows (batch · time, d); the output has x's shape.
     pub fn forward(&self, x: &Tensor, train: &mut Train) -> Result<MoeOut> {
+        self.forward_with(x, train, true)
+    }
+
+    /// Training op by op: the reference the fused node is tested against.
+    pub fn forward_ops(&self, x: &Tensor, train: &mut Train) -> Result<MoeOut> {
+        self.forward_with(x, train, false)
+    }
+
+    fn forward_with(&self, x: &Tensor, train: &mut Train, fuse: bool) -> Result<MoeOut> {
         let d = x.dim(D::Minus1)?;
         let rows = x.elem_count() / d.max(1);
         let normed = self.norm.forward(x, train.is_some())?;
@@ -270,7 +294,19 @@ impl Moe {
         let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?.detach())?;
         let weights = (shifted.exp()? * &mask)?;
         let gates = weights.broadcast_div(&weights.sum_keepdim(1)?)?; // softmax over the k
-        let out = if train.is_some() {
+        let quantized = self.experts.iter().any(|(u, dn)| u.quantized().is_some() || dn.quantized().is_some());
+        let fused_layer = fuse && train.is_some() && x.dtype() == DType::F32 && x.rank() == 2 && !quantized;
+        let dropped = train.is_some() && self.p_drop > 0.0;
+        let out = if fused_layer {
+            // The whole layer (its own LayerNorm, every expert, the gates, the residual) as one
+            // node; the LayerNorm above only feeds the router.
+            let ups: Vec<&Tensor> = self.experts.iter().map(|ex| ex.0.weight()).collect();
+            let downs: Vec<&Tensor> = self.experts.iter().map(|ex| ex.1.weight()).collect();
+            let hidden = ups.first().map(|w| w.dim(0)).transpose()?.unwrap_or(0);
+            let dims = fused::ExpertsDims { d, experts: e, hidden, eps: self.norm.eps };
+            let packed = fused::pack_experts(&dims, &self.norm.weight, &self.norm.bias, &ups, &downs)?;
+            fused::experts(x, Some(&gates), &packed, dims, !dropped, true)?
+        } else if train.is_some() {
             // Σ_j g_j · down_j(gelu(up_j x)) = [down_1 … down_E] · (g ⊗ gelu([up_1; …; up_E] x)):
             // every expert in two GEMMs and a handful of graph nodes instead of ~6 per expert.
             let ups: Vec<&Tensor> = self.experts.iter().map(|ex| ex.0.weight()).collect();
@@ -308,9 +344,13 @@ impl Moe {
                 ((f * &p_mean)?.sum_all()? * e as f64)?
             }
         };
-        let out = if x.rank() == 2 { out } else { out.reshape(x.shape())? };
-        let out = dropout(&out, self.p_drop, train)?;
-        Ok(MoeOut { out: (x + out)?, aux, load: mask.sum(0)? })
+        let out = if fused_layer && !dropped {
+            out // the residual is already in
+        } else {
+            let out = if x.rank() == 2 { out } else { out.reshape(x.shape())? };
+            (x + dropout(&out, self.p_drop, train)?)?
+        };
+        Ok(MoeOut { out, aux, load: mask.sum(0)? })
     }
 }
 

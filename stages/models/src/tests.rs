@@ -343,3 +343,48 @@ fn fused_ssm_block_equals_the_op_by_op_block_and_its_gradients() {
         assert!(max_abs(&inf, &reference) <= 1e-4 * scale(&reference));
     }
 }
+
+/// The fused feed-forward node against the op-by-op layers — the dense FFN and the MoE layer's
+/// training form — with and without dropout: outputs, the balance loss, and every gradient.
+#[test]
+fn fused_ffn_and_moe_layers_equal_the_op_by_op_layers_and_their_gradients() {
+    use crate::config::IteraConfig;
+    use crate::itera::{Ffn, Moe};
+    use candle_core::Var;
+
+    for p_drop in [0.0, 0.2] {
+        let mut cfg = IteraConfig::preset("micro", 40).unwrap();
+        cfg.dropout = p_drop;
+        let (varmap, vb) = crate::nn::fresh_builder();
+        let ffn = Ffn::new(&cfg, vb.pp("ffn")).unwrap();
+        let moe = Moe::new(&cfg, vb.pp("moe")).unwrap();
+        crate::nn::init_deterministic(&varmap, 5).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for var in varmap.all_vars() {
+            let noise: Vec<f32> = (0..var.elem_count()).map(|_| rand::Rng::random_range(&mut rng, -0.3f32..0.3)).collect();
+            var.set(&(var.as_tensor() + Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap()).unwrap()).unwrap();
+        }
+        let rows = 30;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, cfg.d_model), &Device::Cpu).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (rows, cfg.d_model), &Device::Cpu).unwrap();
+        let run = |fused: bool| {
+            let mut drop_rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+            let mut train = Some(&mut drop_rng);
+            let f = if fused { ffn.forward(&x, &mut train) } else { ffn.forward_ops(&x, &mut train) }.unwrap();
+            let m = if fused { moe.forward(&f, &mut train) } else { moe.forward_ops(&f, &mut train) }.unwrap();
+            let loss = ((&m.out * &probe).unwrap().sum_all().unwrap() + &m.aux).unwrap();
+            (m.out.clone(), m.aux.to_scalar::<f32>().unwrap(), loss.backward().unwrap())
+        };
+        let ((fo, fa, fg), (ro, ra, rg)) = (run(true), run(false));
+        let scale = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+        assert!(max_abs(&fo, &ro) <= 1e-4 * scale(&ro), "p_drop {p_drop}: output differs by {}", max_abs(&fo, &ro));
+        assert!((fa - ra).abs() <= 1e-5 * ra.abs().max(1.0));
+        let mut checked = vec![x.as_tensor().clone()];
+        checked.extend(varmap.all_vars().iter().map(|v| v.as_tensor().clone()));
+        for t in &checked {
+            let (a, b) = (fg.get(t).expect("fused gradient"), rg.get(t).expect("reference gradient"));
+            let d = max_abs(a, b);
+            assert!(d <= 2e-4 * scale(b), "p_drop {p_drop}: gradient of a {:?} parameter differs by {d} (max {})", t.dims(), scale(b));
+        }
+    }
+}

@@ -108,6 +108,16 @@ pub(crate) fn for_chunks<T: Send>(out: &mut [T], size: usize, f: impl Fn(usize, 
     }
 }
 
+/// `f(i, a_chunk, b_chunk)` over matching chunks of two outputs, in parallel like [`for_chunks`].
+pub(crate) fn for_chunks2(a: &mut [f32], size_a: usize, b: &mut [f32], size_b: usize, f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send) {
+    let (size_a, size_b) = (size_a.max(1), size_b.max(1));
+    if rayon::current_num_threads() > 1 && a.len() > size_a && a.len() >= PARALLEL_MIN {
+        a.par_chunks_mut(size_a).zip(b.par_chunks_mut(size_b)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+    } else {
+        a.chunks_mut(size_a).zip(b.chunks_mut(size_b)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+    }
+}
+
 /// softplus(v) = max(v, 0) + log(1 + e^{−|v|}).
 #[inline(always)]
 fn softplus(v: f32) -> f32 {
@@ -126,11 +136,13 @@ fn erf(x: f32) -> f32 {
     (1.0 - poly * exp(-a * a)).copysign(x)
 }
 
+mod experts;
 mod gelu;
 mod softmax;
 mod ssm;
 mod ssm_block;
 
+pub use experts::{experts, pack as pack_experts, ExpertsDims};
 pub use gelu::gelu_erf;
 pub use softmax::{causal_softmax, next_token_cross_entropy};
 pub use ssm::{causal_conv_silu, causal_conv_silu_ops, silu_gate, softplus_mean};

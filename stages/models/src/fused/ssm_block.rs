@@ -118,16 +118,6 @@ fn part<'a>(p: &'a [f32], o: &[usize; PARTS + 1], i: usize) -> &'a [f32] {
     &p[o[i]..o[i + 1]]
 }
 
-/// `f(i, a_chunk, b_chunk)` over matching chunks of two outputs, in parallel like [`for_chunks`].
-fn for_chunks2(a: &mut [f32], size_a: usize, b: &mut [f32], size_b: usize, f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send) {
-    let (size_a, size_b) = (size_a.max(1), size_b.max(1));
-    if rayon::current_num_threads() > 1 && a.len() > size_a && a.len() >= PARALLEL_MIN {
-        a.par_chunks_mut(size_a).zip(b.par_chunks_mut(size_b)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
-    } else {
-        a.chunks_mut(size_a).zip(b.chunks_mut(size_b)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
-    }
-}
-
 /// Σ over rows of a (rows, c) matrix, in f64.
 fn column_sums(x: &[f32], c: usize) -> Vec<f32> {
     let mut acc = vec![0f64; c];
