@@ -60,38 +60,73 @@ fn f32_slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> Res
     }
 }
 
-/// Per row: mean and 1/sqrt(var + eps).
-pub(crate) fn row_stats(x: &[f32], d: usize, eps: f64) -> Vec<(f32, f32)> {
-    x.chunks(d)
-        .map(|r| {
-            let mean = r.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-            let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-            (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
-        })
-        .collect()
+crate::fused::simd_dispatch! {
+    /// Per row: mean and 1/sqrt(var + eps), each a two-pass sum in 8 f32 lanes.
+    pub(crate) fn row_stats(x: &[f32], d: usize, eps: f64) -> Vec<(f32, f32)> {
+        let inv_d = 1.0 / d.max(1) as f32;
+        x.chunks(d.max(1))
+            .map(|r| {
+                let mean = sum_lanes_of(r, |v| v) * inv_d;
+                let var = sum_lanes_of(r, |v| (v - mean) * (v - mean)) * inv_d;
+                (mean, 1.0 / (var + eps as f32).sqrt())
+            })
+            .collect()
+    }
 }
+
+/// Σ f(v) in 8 interleaved f32 partial sums (vectorizes; a fixed order, so deterministic).
+#[inline(always)]
+fn sum_lanes_of(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for ch in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(ch) {
+            *a += f(x);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Rows whose weight and bias gradient terms are summed in f32 before joining the f64 totals.
+const LN_GRAD_BLOCK: usize = 64;
 
 crate::fused::simd_dispatch! {
     /// LayerNorm's backward for rows of `w.len()`: adds the input gradient into `dx` and returns
-    /// the weight and bias gradients (summed in f64).
+    /// the weight and bias gradients (f32 sums over blocks of rows, f64 across blocks).
     pub(crate) fn layer_norm_bwd(xs: &[f32], ws: &[f32], stats: &[(f32, f32)], gs: &[f32], dx: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
         let d = ws.len();
+        let inv_d = 1.0 / d.max(1) as f32;
         let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+        let (mut pw, mut pb) = (vec![0f32; d], vec![0f32; d]);
+        let (mut xhat, mut dxhat) = (vec![0f32; d], vec![0f32; d]);
         for (r, &(mean, rstd)) in stats.iter().enumerate() {
             let (xr, gr) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
-            let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
             for i in 0..d {
-                let xhat = (xr[i] - mean) * rstd;
-                let dxhat = gr[i] * ws[i];
-                sum_dxhat += dxhat as f64;
-                sum_dxhat_xhat += (dxhat * xhat) as f64;
-                dw[i] += (gr[i] * xhat) as f64;
-                db[i] += gr[i] as f64;
+                xhat[i] = (xr[i] - mean) * rstd;
+                dxhat[i] = gr[i] * ws[i];
+                pw[i] += gr[i] * xhat[i];
+                pb[i] += gr[i];
             }
-            let (m1, m2) = ((sum_dxhat / d as f64) as f32, (sum_dxhat_xhat / d as f64) as f32);
-            for i in 0..d {
-                let xhat = (xr[i] - mean) * rstd;
-                dx[r * d + i] += rstd * (gr[i] * ws[i] - m1 - xhat * m2);
+            let m1 = sum_lanes_of(&dxhat, |v| v) * inv_d;
+            let mut acc = [0f32; 8];
+            let mut k = 0;
+            while k + 8 <= d {
+                for j in 0..8 {
+                    acc[j] += dxhat[k + j] * xhat[k + j];
+                }
+                k += 8;
+            }
+            let m2 = (acc.iter().sum::<f32>() + (k..d).map(|i| dxhat[i] * xhat[i]).sum::<f32>()) * inv_d;
+            for (i, o) in dx[r * d..(r + 1) * d].iter_mut().enumerate() {
+                *o += rstd * (dxhat[i] - m1 - xhat[i] * m2);
+            }
+            if (r + 1) % LN_GRAD_BLOCK == 0 || r + 1 == stats.len() {
+                for i in 0..d {
+                    dw[i] += pw[i] as f64;
+                    db[i] += pb[i] as f64;
+                }
+                pw.iter_mut().chain(pb.iter_mut()).for_each(|v| *v = 0.0);
             }
         }
         (dw.into_iter().map(|v| v as f32).collect(), db.into_iter().map(|v| v as f32).collect())

@@ -186,10 +186,6 @@ simd_dispatch! {
     }
 }
 
-fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
-}
-
 impl ExpertsOp {
     fn fwd(&self, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<Vec<f32>> {
         let (out, saved) = experts_forward(&self.dims, self.residual, x, gates, p)?;
@@ -200,15 +196,21 @@ impl ExpertsOp {
     }
 
     fn bwd_values(&self, x: &Tensor, gates: Option<&Tensor>, p: &Tensor, g: &Tensor) -> Result<(Tensor, Option<Tensor>, Tensor)> {
-        let (xs, ps, gs) = (tensor_f32(x)?, tensor_f32(p)?, tensor_f32(g)?);
-        let gt = gates.map(tensor_f32).transpose()?;
         let kept = self.saved.lock().map_err(|_| candle_core::Error::Msg("experts: a forward pass panicked".into()))?.take();
-        // A second backward through the same graph finds the intermediates gone: recompute them.
-        let saved = match kept {
-            Some(s) => s,
-            None => experts_forward(&self.dims, self.residual, &xs, gt.as_deref(), &ps)?.1,
-        };
-        let (dx, dg, dp) = experts_backward(&self.dims, self.residual, &xs, gt.as_deref(), &ps, &saved, &gs)?;
+        let gate_values = gates.map(|t| t.contiguous()?.flatten_all()?.to_vec1::<f32>()).transpose()?;
+        let gt = gate_values.as_deref();
+        let (dx, dg, dp) = with_values(x, "experts", |xs| {
+            with_values(p, "experts", |ps| {
+                with_values(g, "experts", |gs| {
+                    // A second backward through the same graph finds the intermediates gone: recompute them.
+                    let saved = match kept {
+                        Some(s) => s,
+                        None => experts_forward(&self.dims, self.residual, xs, gt, ps)?.1,
+                    };
+                    experts_backward(&self.dims, self.residual, xs, gt, ps, &saved, gs)
+                })
+            })
+        })?;
         let dev = x.device();
         let dgates = gates.map(|t| Tensor::from_vec(dg, t.shape(), dev)).transpose()?;
         Ok((Tensor::from_vec(dx, x.shape(), dev)?, dgates, Tensor::from_vec(dp, p.shape(), dev)?))

@@ -43,6 +43,14 @@ macro_rules! simd_dispatch {
 }
 pub(crate) use simd_dispatch;
 
+/// `f` on a CPU f32 tensor's values, borrowed (made contiguous first if needed).
+pub(crate) fn with_values<R>(t: &candle_core::Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("{op}: CPU tensors expected") };
+    f(f32s(cpu, layout, op)?)
+}
+
 /// e^x, branch-free so the loops calling it vectorize (libm's expf is a call per element and was
 /// ~7 % of a training step). Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, then a degree-7
 /// Taylor polynomial (truncation < 1e-8 relative) and 2^n built in the exponent bits; within

@@ -68,9 +68,9 @@ simd_dispatch! {
     /// (c, k+1): dw[c,j] = Σ_{b,t} gy[b,t,c] · x[b, t+j-(k-1), c]; last column db[c] = Σ gy[b,t,c].
     pub(super) fn conv_param_grad(x: &[f32], gy: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
         let b = x.len() / (l * c).max(1);
-        // Per sequence partial sums in f64 (summed over b·l terms), then reduced in order.
+        // Per sequence partial sums in f32 (l terms each), then reduced in order in f64.
         // Each holds (k + 1) rows of c: one per tap offset, then the bias; transposed at the end.
-        let mut partial = vec![0f64; b * (k + 1) * c];
+        let mut partial = vec![0f32; b * (k + 1) * c];
         for_chunks(&mut partial, (k + 1) * c, |bi, acc| {
             let (xb, gb) = (&x[bi * l * c..(bi + 1) * l * c], &gy[bi * l * c..(bi + 1) * l * c]);
             for t in 0..l {
@@ -79,18 +79,18 @@ simd_dispatch! {
                     let Some(src) = (t + j).checked_sub(k - 1) else { continue };
                     let xr = &xb[src * c..(src + 1) * c];
                     for ((a, &g), &x) in acc[j * c..(j + 1) * c].iter_mut().zip(gr).zip(xr) {
-                        *a += (g * x) as f64;
+                        *a += g * x;
                     }
                 }
                 for (a, &g) in acc[k * c..].iter_mut().zip(gr) {
-                    *a += g as f64;
+                    *a += g;
                 }
             }
         });
         let mut sum = vec![0f64; (k + 1) * c];
         for p in partial.chunks_exact((k + 1) * c) {
-            for (o, v) in sum.iter_mut().zip(p) {
-                *o += v;
+            for (o, &v) in sum.iter_mut().zip(p) {
+                *o += v as f64;
             }
         }
         let mut out = vec![0f32; c * (k + 1)];

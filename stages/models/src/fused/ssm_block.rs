@@ -336,10 +336,6 @@ simd_dispatch! {
     }
 }
 
-fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
-}
-
 impl CustomOp2 for SsmBlockOp {
     fn name(&self) -> &'static str {
         "ssm-block"
@@ -353,14 +349,20 @@ impl CustomOp2 for SsmBlockOp {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, p: &Tensor, _out: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (xs, ps, gs) = (tensor_f32(x)?, tensor_f32(p)?, tensor_f32(g)?);
         let kept = self.saved.lock().map_err(|_| candle_core::Error::Msg("ssm-block: a forward pass panicked".into()))?.take();
-        // A second backward through the same graph finds the intermediates gone: recompute them.
-        let saved = match kept {
-            Some(s) => s,
-            None => block_forward(&self.dims, self.residual, &xs, &ps)?.1,
-        };
-        let (dx, dp) = block_backward(&self.dims, self.residual, &xs, &ps, &saved, &gs)?;
+        let name = self.name();
+        let (dx, dp) = with_values(x, name, |xs| {
+            with_values(p, name, |ps| {
+                with_values(g, name, |gs| {
+                    // A second backward through the same graph finds the intermediates gone: recompute them.
+                    let saved = match kept {
+                        Some(s) => s,
+                        None => block_forward(&self.dims, self.residual, xs, ps)?.1,
+                    };
+                    block_backward(&self.dims, self.residual, xs, ps, &saved, gs)
+                })
+            })
+        })?;
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dp, p.shape(), p.device())?)))
     }
 }
