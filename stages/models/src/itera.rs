@@ -295,17 +295,17 @@ impl Moe {
         let weights = (shifted.exp()? * &mask)?;
         let gates = weights.broadcast_div(&weights.sum_keepdim(1)?)?; // softmax over the k
         let quantized = self.experts.iter().any(|(u, dn)| u.quantized().is_some() || dn.quantized().is_some());
-        let fused_layer = fuse && train.is_some() && x.dtype() == DType::F32 && x.rank() == 2 && !quantized;
+        let fused_layer = fuse && x.dtype() == DType::F32 && x.rank() == 2 && !quantized;
         let dropped = train.is_some() && self.p_drop > 0.0;
         let out = if fused_layer {
-            // The whole layer (its own LayerNorm, every expert, the gates, the residual) as one
-            // node; the LayerNorm above only feeds the router.
+            // The whole layer (its own LayerNorm, each expert on its routed rows, the gates, the
+            // residual) as one node; the LayerNorm above only feeds the router.
             let ups: Vec<&Tensor> = self.experts.iter().map(|ex| ex.0.weight()).collect();
             let downs: Vec<&Tensor> = self.experts.iter().map(|ex| ex.1.weight()).collect();
             let hidden = ups.first().map(|w| w.dim(0)).transpose()?.unwrap_or(0);
             let dims = fused::ExpertsDims { d, experts: e, hidden, eps: self.norm.eps };
             let packed = fused::pack_experts(&dims, &self.norm.weight, &self.norm.bias, &ups, &downs)?;
-            fused::experts(x, Some(&gates), &packed, dims, !dropped, true)?
+            fused::experts(x, Some(&gates), &packed, dims, !dropped, train.is_some())?
         } else if train.is_some() {
             // Σ_j g_j · down_j(gelu(up_j x)) = [down_1 … down_E] · (g ⊗ gelu([up_1; …; up_E] x)):
             // every expert in two GEMMs and a handful of graph nodes instead of ~6 per expert.

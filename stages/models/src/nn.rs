@@ -126,7 +126,8 @@ crate::fused::simd_dispatch! {
                     dw[i] += pw[i] as f64;
                     db[i] += pb[i] as f64;
                 }
-                pw.iter_mut().chain(pb.iter_mut()).for_each(|v| *v = 0.0);
+                pw.fill(0.0);
+                pb.fill(0.0);
             }
         }
         (dw.into_iter().map(|v| v as f32).collect(), db.into_iter().map(|v| v as f32).collect())

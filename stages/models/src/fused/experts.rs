@@ -1,13 +1,16 @@
 //! A pre-LN feed-forward layer — LayerNorm, then E experts Linear(d→e)–GELU–Linear(e→d) weighted
 //! by per-row gates and summed, then the residual — as one autograd node over f32 rows. With one
-//! expert and no gates it is Itera-Lite's dense FFN; with the router's gates it is the MoE layer's
-//! dense training form (gates are zero off each row's top-k, so the sum is the sparse one).
+//! expert and no gates it is Itera-Lite's dense FFN; with the router's gates (zero off each row's
+//! top-k) it is the MoE layer, each expert run only on the rows routed to it: half the expert
+//! FLOPs of computing all four densely at top-2. A zero gate means "not routed": that expert's
+//! output and its gate gradient count as zero (the router's softmax over the top-k passes no
+//! gradient to unselected experts anyway).
 //!
 //! Why one node: as for the SSM block (see `ssm_block`), candle's backward sums every node's input
 //! gradients into freshly zeroed buffers, and the layer's (rows, E·e) activations made that
 //! bookkeeping a large share of a training step. Parameters travel packed ([`pack`]): LayerNorm
-//! weight and bias, the experts' up weights stacked (E·e, d), their down weights side by side
-//! (d, E·e). Tested against the op-by-op layers and their autograd gradients.
+//! weight and bias, the experts' up weights stacked (E·e, d), their down weights stacked (E·d, e).
+//! Tested against the op-by-op layers and their autograd gradients.
 
 use std::sync::Mutex;
 
@@ -30,7 +33,7 @@ impl ExpertsDims {
     fn width(&self) -> usize {
         self.experts * self.hidden
     }
-    /// LayerNorm weight, bias; up (E·e, d); down (d, E·e).
+    /// LayerNorm weight, bias; up (E·e, d); down (E·d, e).
     fn sizes(&self) -> [usize; 4] {
         [self.d, self.d, self.width() * self.d, self.d * self.width()]
     }
@@ -39,11 +42,11 @@ impl ExpertsDims {
     }
 }
 
-/// The layer's parameters as one vector: LayerNorm weight and bias, the up weights stacked
-/// (`Tensor::cat(ups, 0)`), the down weights side by side (`Tensor::cat(downs, 1)`).
+/// The layer's parameters as one vector: LayerNorm weight and bias, then the up weights and the
+/// down weights, each expert's contiguous.
 pub fn pack(dims: &ExpertsDims, ln_w: &Tensor, ln_b: &Tensor, ups: &[&Tensor], downs: &[&Tensor]) -> Result<Tensor> {
     let up = Tensor::cat(ups, 0)?;
-    let down = Tensor::cat(downs, 1)?;
+    let down = Tensor::cat(downs, 0)?;
     let parts = [ln_w, ln_b, &up, &down];
     let flat = parts
         .iter()
@@ -58,12 +61,20 @@ pub fn pack(dims: &ExpertsDims, ln_w: &Tensor, ln_b: &Tensor, ups: &[&Tensor], d
     Tensor::cat(&flat, 0)
 }
 
-struct Saved {
-    stats: Vec<(f32, f32)>,
-    normed: Vec<f32>,
+/// One expert's share of a forward pass: its rows (None: all of them, in order), its input rows
+/// gathered, and its activations.
+struct Routed {
+    rows: Option<Vec<usize>>,
+    x: Vec<f32>,
     pre: Vec<f32>,
     hidden: Vec<f32>,
     gated: Vec<f32>,
+}
+
+struct Saved {
+    stats: Vec<(f32, f32)>,
+    normed: Vec<f32>,
+    experts: Vec<Routed>,
 }
 
 struct ExpertsOp {
@@ -82,10 +93,12 @@ fn check(dims: &ExpertsDims, x_len: usize, gates: Option<&[f32]>, p_len: usize) 
     if dims.d == 0 || rows * dims.d != x_len {
         candle_core::bail!("experts: {x_len} values are not rows of {}", dims.d);
     }
-    if let Some(g) = gates {
-        if g.len() != rows * dims.experts {
-            candle_core::bail!("experts: {} gates for {rows} rows of {} experts", g.len(), dims.experts);
+    match gates {
+        Some(g) if g.len() != rows * dims.experts => {
+            candle_core::bail!("experts: {} gates for {rows} rows of {} experts", g.len(), dims.experts)
         }
+        None if dims.experts != 1 => candle_core::bail!("experts: {} experts need gates", dims.experts),
+        _ => {}
     }
     if p_len != dims.packed_len() {
         candle_core::bail!("experts: {p_len} packed parameters, expected {}", dims.packed_len());
@@ -93,13 +106,30 @@ fn check(dims: &ExpertsDims, x_len: usize, gates: Option<&[f32]>, p_len: usize) 
     Ok(rows)
 }
 
+/// `rows` of a (_, width) matrix, copied out in order.
+fn gather(m: &[f32], width: usize, rows: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        out.extend_from_slice(&m[r * width..(r + 1) * width]);
+    }
+    out
+}
+
+/// The gate of expert j for each of its rows (1 without gates).
+fn row_gates(gates: Option<&[f32]>, experts: usize, j: usize, rows: &Option<Vec<usize>>, n: usize) -> Vec<f32> {
+    match (gates, rows) {
+        (Some(g), Some(rs)) => rs.iter().map(|&r| g[r * experts + j]).collect(),
+        _ => vec![1.0; n],
+    }
+}
+
 simd_dispatch! {
     fn experts_forward(dims: &ExpertsDims, residual: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let rows = check(dims, x.len(), gates, p.len())?;
-        let (d, e, w) = (dims.d, dims.hidden, dims.width());
+        let (d, e, ne) = (dims.d, dims.hidden, dims.experts);
         let (ln_w, rest) = p.split_at(d);
         let (ln_b, rest) = rest.split_at(d);
-        let (up, down) = rest.split_at(w * d);
+        let (up, down) = rest.split_at(ne * e * d);
         let stats = row_stats(x, d, dims.eps);
         let mut normed = vec![0f32; x.len()];
         for ((out, row), &(mean, rstd)) in normed.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(&stats) {
@@ -107,28 +137,43 @@ simd_dispatch! {
                 *o = (v - mean) * rstd * lw + lb;
             }
         }
-        let pre = gemm(Product::ABt, (&normed, rows, d), (up, w, d))?;
-        let mut hidden = vec![0f32; rows * w];
-        let mut gated = vec![0f32; rows * w];
-        let per = rows_per_task(w);
-        for_chunks2(&mut hidden, per * w, &mut gated, per * w, |i, hs, gs| {
-            for (r, ((hr, gr), pr)) in hs.chunks_exact_mut(w).zip(gs.chunks_exact_mut(w)).zip(pre[i * per * w..].chunks_exact(w)).enumerate() {
-                let row = i * per + r;
-                for ((h, &v), g) in hr.iter_mut().zip(pr).zip(gr.iter_mut()) {
-                    *h = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                    *g = *h;
+        let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
+        let mut experts = Vec::with_capacity(ne);
+        for j in 0..ne {
+            let routed_rows = gates.map(|g| (0..rows).filter(|&r| g[r * ne + j] != 0.0).collect::<Vec<_>>());
+            let n = routed_rows.as_ref().map_or(rows, Vec::len);
+            let xg = routed_rows.as_ref().map(|rs| gather(&normed, d, rs)).unwrap_or_default();
+            let xj: &[f32] = if routed_rows.is_some() { &xg } else { &normed };
+            let pre = gemm(Product::ABt, (xj, n, d), (&up[j * e * d..(j + 1) * e * d], e, d))?;
+            // Plain loops, not iterator adapters with closures, throughout these bodies: a closure
+            // compiled for AVX2 cannot be inlined into std's baseline `map`/`for_each` drivers and
+            // would cost a call per element.
+            let mut hidden = vec![0f32; pre.len()];
+            for (h, &v) in hidden.iter_mut().zip(&pre) {
+                *h = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+            let scale = row_gates(gates, ne, j, &routed_rows, n);
+            let mut gated = hidden.clone();
+            for (gr, &s) in gated.chunks_exact_mut(e.max(1)).zip(&scale) {
+                for v in gr.iter_mut() {
+                    *v *= s;
                 }
-                if let Some(gt) = gates {
-                    for (j, ge) in gr.chunks_exact_mut(e).enumerate() {
-                        let s = gt[row * dims.experts + j];
-                        ge.iter_mut().for_each(|v| *v *= s);
+            }
+            let down_j = (&down[j * d * e..(j + 1) * d * e], d, e);
+            match &routed_rows {
+                None => Product::ABt.write_into((&gated, n, e), down_j, &mut out, true)?,
+                Some(rs) => {
+                    let y = gemm(Product::ABt, (&gated, n, e), down_j)?;
+                    for (yr, &r) in y.chunks_exact(d).zip(rs) {
+                        for (o, v) in out[r * d..(r + 1) * d].iter_mut().zip(yr) {
+                            *o += v;
+                        }
                     }
                 }
             }
-        });
-        let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
-        Product::ABt.write_into((&gated, rows, w), (down, d, w), &mut out, residual)?;
-        Ok((out, Saved { stats, normed, pre, hidden, gated }))
+            experts.push(Routed { rows: routed_rows, x: xg, pre, hidden, gated });
+        }
+        Ok((out, Saved { stats, normed, experts }))
     }
 }
 
@@ -136,48 +181,54 @@ simd_dispatch! {
     /// Gradients of x, of the gates (when given) and of the packed parameters.
     fn experts_backward(dims: &ExpertsDims, residual: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let rows = check(dims, x.len(), gates, p.len())?;
-        let (d, e, w, ne) = (dims.d, dims.hidden, dims.width(), dims.experts);
-        let (ln_w, rest) = p.split_at(d);
-        let (up, down) = rest[d..].split_at(w * d);
+        let (d, e, ne) = (dims.d, dims.hidden, dims.experts);
+        let ln_w = &p[..d];
+        let (up, down) = p[2 * d..].split_at(ne * e * d);
         let mut dp = vec![0f32; p.len()];
-        {
-            let (_, rest) = dp.split_at_mut(2 * d);
-            let (_, d_down) = rest.split_at_mut(w * d);
-            Product::AtB.write_into((g, rows, d), (&s.gated, rows, w), d_down, false)?;
-        }
-        // dgated → the gates' gradient and the GELU input's.
-        let mut dpre = gemm(Product::AB, (g, rows, d), (down, d, w))?;
         let mut dgates = vec![0f32; if gates.is_some() { rows * ne } else { 0 }];
-        if let Some(gt) = gates {
-            for (r, (dr, hr)) in dpre.chunks_exact(w).zip(s.hidden.chunks_exact(w)).enumerate() {
-                for (j, (dj, hj)) in dr.chunks_exact(e).zip(hr.chunks_exact(e)).enumerate() {
-                    dgates[r * ne + j] = dj.iter().zip(hj).map(|(a, b)| a * b).sum::<f32>();
+        let mut dnormed = vec![0f32; rows * d];
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for (j, r) in s.experts.iter().enumerate() {
+            let n = r.rows.as_ref().map_or(rows, Vec::len);
+            if n == 0 {
+                continue;
+            }
+            let gg = r.rows.as_ref().map(|rs| gather(g, d, rs)).unwrap_or_default();
+            let gj: &[f32] = if r.rows.is_some() { &gg } else { g };
+            let xj: &[f32] = if r.rows.is_some() { &r.x } else { &s.normed };
+            let (d_up, d_down) = dp[2 * d..].split_at_mut(ne * e * d);
+            Product::AtB.write_into((gj, n, d), (&r.gated, n, e), &mut d_down[j * d * e..(j + 1) * d * e], false)?;
+            let mut dpre = gemm(Product::AB, (gj, n, d), (&down[j * d * e..(j + 1) * d * e], d, e))?;
+            if let Some(rs) = &r.rows {
+                for ((dr, hr), &row) in dpre.chunks_exact(e).zip(r.hidden.chunks_exact(e)).zip(rs) {
+                    let mut dot = 0f32;
+                    for (a, b) in dr.iter().zip(hr) {
+                        dot += a * b;
+                    }
+                    dgates[row * ne + j] = dot;
                 }
             }
-            let per = rows_per_task(w);
-            for_chunks(&mut dpre, per * w, |i, ch| {
-                for (r, dr) in ch.chunks_exact_mut(w).enumerate() {
-                    let row = i * per + r;
-                    for (j, dj) in dr.chunks_exact_mut(e).enumerate() {
-                        let s = gt[row * ne + j];
-                        dj.iter_mut().for_each(|v| *v *= s);
+            let scale = row_gates(gates, ne, j, &r.rows, n);
+            for ((dr, pr), &sc) in dpre.chunks_exact_mut(e).zip(r.pre.chunks_exact(e)).zip(&scale) {
+                for (dv, &v) in dr.iter_mut().zip(pr) {
+                    let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                    *dv *= sc * (cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v));
+                }
+            }
+            Product::AtB.write_into((&dpre, n, e), (xj, n, d), &mut d_up[j * e * d..(j + 1) * e * d], false)?;
+            let up_j = (&up[j * e * d..(j + 1) * e * d], e, d);
+            match &r.rows {
+                None => Product::AB.write_into((&dpre, n, e), up_j, &mut dnormed, true)?,
+                Some(rs) => {
+                    let dx = gemm(Product::AB, (&dpre, n, e), up_j)?;
+                    for (dr, &row) in dx.chunks_exact(d).zip(rs) {
+                        for (o, v) in dnormed[row * d..(row + 1) * d].iter_mut().zip(dr) {
+                            *o += v;
+                        }
                     }
                 }
-            });
-        }
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
-        for_chunks(&mut dpre, 16_384, |i, ch| {
-            for (dv, &v) in ch.iter_mut().zip(&s.pre[i * 16_384..]) {
-                let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                *dv *= cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v);
             }
-        });
-        {
-            let (_, rest) = dp.split_at_mut(2 * d);
-            let (d_up, _) = rest.split_at_mut(w * d);
-            Product::AtB.write_into((&dpre, rows, w), (&s.normed, rows, d), d_up, false)?;
         }
-        let dnormed = gemm(Product::AB, (&dpre, rows, w), (up, w, d))?;
         let mut dx = if residual { g.to_vec() } else { vec![0f32; x.len()] };
         let (dw, db) = layer_norm_bwd(x, ln_w, &s.stats, &dnormed, &mut dx);
         dp[..d].copy_from_slice(&dw);

@@ -165,7 +165,12 @@ simd_dispatch! {
 
         let mut pre = vec![0f32; rows * di];
         conv_pre(&xs, part(p, &o, CONV_W), part(p, &o, CONV_B), l, di, k, &mut pre);
-        let xc: Vec<f32> = pre.iter().map(|&v| v * sigmoid(v)).collect();
+        let mut xc = vec![0f32; pre.len()];
+        for_chunks(&mut xc, 16_384, |i, ch| {
+            for (o, &v) in ch.iter_mut().zip(&pre[i * 16_384..]) {
+                *o = v * sigmoid(v);
+            }
+        });
 
         // Δ per row: mean over channels of softplus(delta_proj(xc)); q is the product before the bias.
         let q = gemm(Product::ABt, (&xc, rows, di), (part(p, &o, W_DELTA), di, di))?;
