@@ -35,8 +35,8 @@ fn batch(rng: &mut rand_chacha::ChaCha8Rng, b: usize, l: usize) -> Tensor {
     Tensor::from_vec(v, (b, l), &Device::Cpu).expect("batch")
 }
 
-/// Every weight matmul of an Itera-Lite training step as (K, N) for M = batch·seq rows, the MoE
-/// computing all experts densely as training does.
+/// Every weight matmul of an Itera-Lite training step as (K, N) for M = batch·seq rows; a MoE
+/// layer runs each row through its top-k experts, which costs k experts' GEMMs over all M rows.
 fn itera_gemms(c: &itera_models::IteraConfig) -> Vec<(usize, usize)> {
     let (d, di, n, e) = (c.d_model, c.d_inner(), c.d_state, c.expert_dim);
     let mut v = Vec::new();
@@ -44,7 +44,7 @@ fn itera_gemms(c: &itera_models::IteraConfig) -> Vec<(usize, usize)> {
         v.extend([(d, 2 * di), (di, di), (di, n), (n, di), (di, d)]);
         let experts = if c.moe_layers.contains(&layer) {
             v.push((d, c.n_experts));
-            c.n_experts
+            c.top_k
         } else {
             1
         };
