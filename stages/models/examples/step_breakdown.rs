@@ -1,5 +1,6 @@
 //! Where a training step's time goes: forward+loss, backward, AdamW update; MODE=forward times
-//! the inference forward alone. Threads: RAYON_NUM_THREADS.
+//! the inference forward alone, MODE=generate batch-1 generation (16-token prompt + 112 new, for
+//! profiling the slice decoders). Threads: RAYON_NUM_THREADS.
 //! `cargo run --release -p itera-models --example step_breakdown` (MODEL=itera_lite|transformer).
 use std::time::Instant;
 
@@ -16,6 +17,15 @@ fn main() -> candle_core::Result<()> {
     let mut opt = AdamW::new(model.varmap.all_vars(), ParamsAdamW { lr: 1e-3, ..Default::default() })?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut drop_rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    if std::env::var("MODE").as_deref() == Ok("generate") {
+        let prompt: Vec<u32> = (0..16).map(|_| rng.random_range(5..256)).collect();
+        let t = Instant::now();
+        for _ in 0..50 {
+            model.generate(&prompt, 112, itera_models::Sampling::Greedy, 0)?;
+        }
+        println!("{name}: generation {:.0} tok/s", 50.0 * 112.0 / t.elapsed().as_secs_f64());
+        return Ok(());
+    }
     if std::env::var("MODE").as_deref() == Ok("forward") {
         // Inference forward only (what the bench's forward figure times).
         let mut times = Vec::new();

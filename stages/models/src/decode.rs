@@ -14,7 +14,7 @@ use crate::itera::{FeedForward, IteraLite, Moe, SsmBlock};
 use crate::nn::{LayerNorm, Linear};
 use crate::quant::QWeight;
 
-fn values(t: &Tensor) -> Result<Vec<f32>> {
+pub(crate) fn values(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
@@ -24,7 +24,7 @@ enum Weights {
 }
 
 /// `y = W x (+ b)` for one vector.
-struct Dense {
+pub(crate) struct Dense {
     w: Weights,
     bias: Option<Vec<f32>>,
     rows: usize,
@@ -32,7 +32,7 @@ struct Dense {
 }
 
 impl Dense {
-    fn new(l: &Linear) -> Result<Self> {
+    pub(crate) fn new(l: &Linear) -> Result<Self> {
         let (rows, cols) = l.weight().dims2()?;
         let w = match &l.quant {
             Some(q) => Weights::Quant(q.clone()),
@@ -41,7 +41,7 @@ impl Dense {
         Ok(Dense { w, bias: l.bias().map(values).transpose()?, rows, cols })
     }
 
-    fn apply(&self, x: &[f32], out: &mut [f32]) {
+    pub(crate) fn apply(&self, x: &[f32], out: &mut [f32]) {
         match &self.w {
             Weights::F32(w) => matvec(w, self.cols, x, out),
             Weights::Quant(q) => out.copy_from_slice(&q.matmul_t(x, 1)),
@@ -54,18 +54,18 @@ impl Dense {
     }
 }
 
-struct Norm {
+pub(crate) struct Norm {
     w: Vec<f32>,
     b: Vec<f32>,
     eps: f32,
 }
 
 impl Norm {
-    fn new(n: &LayerNorm) -> Result<Self> {
+    pub(crate) fn new(n: &LayerNorm) -> Result<Self> {
         Ok(Norm { w: values(&n.weight)?, b: values(&n.bias)?, eps: n.eps as f32 })
     }
 
-    fn apply(&self, x: &[f32], out: &mut [f32]) {
+    pub(crate) fn apply(&self, x: &[f32], out: &mut [f32]) {
         let n = x.len() as f32;
         let mean = x.iter().sum::<f32>() / n;
         let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
@@ -84,7 +84,7 @@ fn softplus(v: f32) -> f32 {
     v.max(0.0) + (-v.abs()).exp().ln_1p()
 }
 
-fn gelu(v: f32) -> f32 {
+pub(crate) fn gelu(v: f32) -> f32 {
     (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v
 }
 
@@ -347,7 +347,7 @@ impl IteraDecoder {
 }
 
 /// out[r] = W[r] · x for a row-major W with `cols` columns.
-fn matvec(w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
+pub(crate) fn matvec(w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {

@@ -12,6 +12,7 @@
 pub mod accounting;
 pub mod config;
 pub mod decode;
+pub mod decode_transformer;
 pub mod fused;
 pub mod gguf;
 pub mod itera;

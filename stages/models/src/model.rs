@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::ModelConfig;
 use crate::decode::{IteraDecodeState, IteraDecoder};
+use crate::decode_transformer::{TransformerDecodeState, TransformerDecoder};
 use crate::itera::{Forward, IteraLite, SsmState};
 use crate::nn::{fresh_builder, init_deterministic, Train};
 use crate::transformer::{KvCache, Transformer};
@@ -24,13 +25,13 @@ pub struct Model {
     pub net: Net,
 }
 
-/// Batch-1 decoding one token at a time (see [`Model::decoder`]).
-pub enum Decoder<'a> {
+/// Batch-1 decoding one token at a time on the slice decoders (see [`Model::decoder`]).
+pub enum Decoder {
     Itera(Box<IteraDecoder>, Box<IteraDecodeState>),
-    Tensor { model: &'a Model, state: DecodeState, pos: usize },
+    Transformer(Box<TransformerDecoder>, Box<TransformerDecodeState>),
 }
 
-impl Decoder<'_> {
+impl Decoder {
     /// Feed `tokens` after those fed so far; the next-token logits after the last of them.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         if tokens.is_empty() {
@@ -44,11 +45,12 @@ impl Decoder<'_> {
                 }
                 Ok(last)
             }
-            Decoder::Tensor { model, state, pos } => {
-                let ids = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
-                let logits = model.step(&ids, *pos, state)?;
-                *pos += tokens.len();
-                logits.narrow(1, tokens.len() - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+            Decoder::Transformer(d, st) => {
+                let mut last = Vec::new();
+                for &t in tokens {
+                    last = d.step(t, st)?;
+                }
+                Ok(last)
             }
         }
     }
@@ -130,16 +132,20 @@ impl Model {
         }
     }
 
-    /// A batch-1 decoder: Itera-Lite on the slice decoder ([`crate::decode`]), the Transformer
-    /// with its KV cache.
-    pub fn decoder(&self) -> Result<Decoder<'_>> {
+    /// A batch-1 decoder on plain slices: Itera-Lite with its recurrent state
+    /// ([`crate::decode`]), the Transformer with its KV cache ([`crate::decode_transformer`]).
+    pub fn decoder(&self) -> Result<Decoder> {
         Ok(match &self.net {
             Net::IteraLite(m) => {
                 let d = IteraDecoder::new(m)?;
                 let st = d.start();
                 Decoder::Itera(Box::new(d), Box::new(st))
             }
-            Net::Transformer(_) => Decoder::Tensor { model: self, state: self.start(1)?, pos: 0 },
+            Net::Transformer(m) => {
+                let d = TransformerDecoder::new(m)?;
+                let st = d.start();
+                Decoder::Transformer(Box::new(d), Box::new(st))
+            }
         })
     }
 

@@ -208,7 +208,8 @@ mod quantized {
         let x = ids(1, len, 4);
         let full = model.forward(&x, None).unwrap().logits.squeeze(0).unwrap();
         let mut dec = model.decoder().unwrap();
-        assert!(matches!(dec, crate::Decoder::Itera(..)), "Itera-Lite decodes on slices");
+        let itera = matches!(model.config, ModelConfig::IteraLite(_));
+        assert_eq!(matches!(dec, crate::Decoder::Itera(..)), itera, "each model decodes on its own slice decoder");
         let tokens: Vec<u32> = x.flatten_all().unwrap().to_vec1().unwrap();
         let rows: Vec<Tensor> = tokens.iter().map(|&t| Tensor::new(dec.feed(&[t]).unwrap(), &Device::Cpu).unwrap()).collect();
         max_abs(&Tensor::stack(&rows, 0).unwrap(), &full)
@@ -220,22 +221,28 @@ mod quantized {
         // and dense layers; then quantized weights and head through the integer kernels.
         let odd = ModelConfig::build("itera_lite", "micro", 40, serde_json::json!({"d_model": 36, "expert_dim": 20, "max_seq_len": 32}).as_object().unwrap()).unwrap();
         let tiny = ModelConfig::build("itera_lite", "tiny", 40, serde_json::json!({"max_seq_len": 32}).as_object().unwrap()).unwrap();
-        for cfg in [small("itera_lite"), tiny, odd] {
+        // The Transformer: tiny (4 heads of 32) and an odd shape (3 heads of 12).
+        let t_tiny = ModelConfig::build("transformer", "tiny", 40, serde_json::json!({"max_seq_len": 32}).as_object().unwrap()).unwrap();
+        let t_odd = ModelConfig::build("transformer", "tiny", 40, serde_json::json!({"d_model": 36, "n_heads": 3, "n_layers": 2, "max_seq_len": 32}).as_object().unwrap()).unwrap();
+        for cfg in [small("itera_lite"), tiny, odd, t_tiny, t_odd] {
             let model = Model::new(&cfg, 9).unwrap();
             let d = decoder_vs_full(&model, 24);
             assert!(d <= 1e-5, "f32 {cfg:?}: max |decoder − full| = {d}");
         }
-        for scheme in [Scheme::Int8, Scheme::Int4] {
-            let mut q = Model::new(&small("itera_lite"), 9).unwrap();
-            q.quantize(&spec(scheme, true)).unwrap();
-            let d = decoder_vs_full(&q, 24);
-            assert!(d <= 1e-4, "{scheme:?}: max |decoder − full| = {d}");
+        for name in ["itera_lite", "transformer"] {
+            for scheme in [Scheme::Int8, Scheme::Int4] {
+                let mut q = Model::new(&small(name), 9).unwrap();
+                q.quantize(&spec(scheme, true)).unwrap();
+                let d = decoder_vs_full(&q, 24);
+                assert!(d <= 1e-4, "{name} {scheme:?}: max |decoder − full| = {d}");
+            }
         }
     }
 
     #[test]
     fn generation_on_the_slice_decoder_matches_the_tensor_step() {
-        let model = Model::new(&small("itera_lite"), 12).unwrap();
+        for name in ["itera_lite", "transformer"] {
+        let model = Model::new(&small(name), 12).unwrap();
         let prompt = [3u32, 1, 4, 1, 5];
         let fast = model.generate(&prompt, 20, Sampling::Greedy, 0).unwrap();
         // Reference: candle's recurrent step, greedy.
@@ -248,9 +255,10 @@ mod quantized {
             slow.push(next);
             last = model.step(&Tensor::new(&[[next]], &Device::Cpu).unwrap(), prompt.len() + i, &mut st).unwrap();
         }
-        assert_eq!(fast, slow);
+        assert_eq!(fast, slow, "{name}");
         let mut dec = model.decoder().unwrap();
         assert!(dec.feed(&[40]).unwrap_err().to_string().contains("outside the vocabulary"));
+        }
     }
 
     #[test]

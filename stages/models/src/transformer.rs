@@ -9,13 +9,13 @@ use crate::config::TransformerConfig;
 use crate::itera::Forward;
 use crate::nn::{apply, dropout, gelu, linear, LayerNorm, Linear, TiedEmbeddings, Train};
 
-struct Block {
-    ln1: LayerNorm,
-    qkv: Linear,
-    proj: Linear,
-    ln2: LayerNorm,
-    up: Linear,
-    down: Linear,
+pub(crate) struct Block {
+    pub(crate) ln1: LayerNorm,
+    pub(crate) qkv: Linear,
+    pub(crate) proj: Linear,
+    pub(crate) ln2: LayerNorm,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
     heads: usize,
     p_drop: f64,
 }
@@ -81,7 +81,7 @@ impl Block {
 pub struct Transformer {
     pub cfg: TransformerConfig,
     pub(crate) emb: TiedEmbeddings,
-    blocks: Vec<Block>,
+    pub(crate) blocks: Vec<Block>,
 }
 
 impl Transformer {
