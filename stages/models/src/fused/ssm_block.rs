@@ -40,10 +40,12 @@ const LN_B: usize = 1;
 const W_IN: usize = 2;
 const CONV_W: usize = 3;
 const CONV_B: usize = 4;
+// delta_proj's weight and B are adjacent: one (di + n, di) matrix, so Δ's projection and B·x
+// are one GEMM (and so are their backward products).
 const W_DELTA: usize = 5;
-const B_DELTA: usize = 6;
-const A_LOG: usize = 7;
-const B: usize = 8;
+const B: usize = 6;
+const B_DELTA: usize = 7;
+const A_LOG: usize = 8;
 const C: usize = 9;
 const D_SKIP: usize = 10;
 const W_OUT: usize = 11;
@@ -51,11 +53,11 @@ const PARTS: usize = 12;
 
 impl SsmBlockDims {
     /// Element counts of the parts: LayerNorm weight and bias (d), in_proj (2·di, d), conv taps
-    /// (di, k) and bias (di), delta_proj (di, di) and bias (di), A_log (n), B (n, di), C (di, n),
-    /// D (di), out_proj (d, di).
+    /// (di, k) and bias (di), delta_proj (di, di), B (n, di), delta_proj's bias (di), A_log (n),
+    /// C (di, n), D (di), out_proj (d, di).
     fn sizes(&self) -> [usize; PARTS] {
         let (d, di, n, k) = (self.d, self.di, self.n, self.k);
-        [d, d, 2 * di * d, di * k, di, di * di, di, n, n * di, di * n, di, d * di]
+        [d, d, 2 * di * d, di * k, di, di * di, n * di, di, n, di * n, di, d * di]
     }
 
     fn offsets(&self) -> [usize; PARTS + 1] {
@@ -91,10 +93,10 @@ struct Saved {
     z: Vec<f32>,
     pre: Vec<f32>,
     xc: Vec<f32>,
-    q: Vec<f32>,
+    /// delta_proj(xc) before its bias, then B·xc: rows of di + n.
+    qb: Vec<f32>,
     delta: Vec<f32>,
     a: Vec<f32>,
-    bx: Vec<f32>,
     h: Vec<f32>,
     y: Vec<f32>,
     gated: Vec<f32>,
@@ -172,14 +174,16 @@ simd_dispatch! {
             }
         });
 
-        // Δ per row: mean over channels of softplus(delta_proj(xc)); q is the product before the bias.
-        let q = gemm(Product::ABt, (&xc, rows, di), (part(p, &o, W_DELTA), di, di))?;
+        // Each row of qb: delta_proj(xc) before its bias (di values), then B·xc (n).
+        let wq = di + n;
+        let qb = gemm(Product::ABt, (&xc, rows, di), (&p[o[W_DELTA]..o[B + 1]], wq, di))?;
+        // Δ per row: mean over channels of softplus(delta_proj(xc)).
         let b_delta = part(p, &o, B_DELTA);
         let mut delta = vec![0f32; rows];
         let per = rows_per_task(di);
         for_chunks(&mut delta, per, |i, out| {
             let mut tmp = vec![0f32; di];
-            for (o, row) in out.iter_mut().zip(q[i * per * di..].chunks_exact(di)) {
+            for (o, row) in out.iter_mut().zip(qb[i * per * wq..].chunks_exact(wq)) {
                 for ((t, &v), b) in tmp.iter_mut().zip(row).zip(b_delta) {
                     *t = softplus(v + b);
                 }
@@ -189,12 +193,11 @@ simd_dispatch! {
 
         // a = exp(Δ·A), u = Δ·(B x), h = scan(a, u).
         let a_neg: Vec<f32> = part(p, &o, A_LOG).iter().map(|v| -v.exp()).collect();
-        let bx = gemm(Product::ABt, (&xc, rows, di), (part(p, &o, B), n, di))?;
         let (mut a, mut u) = (vec![0f32; rows * n], vec![0f32; rows * n]);
         for (r, &dt) in delta.iter().enumerate() {
             for j in 0..n {
                 a[r * n + j] = (dt * a_neg[j]).exp();
-                u[r * n + j] = dt * bx[r * n + j];
+                u[r * n + j] = dt * qb[r * wq + di + j];
             }
         }
         let h = scan_fwd(&a, &u, (rows / l, l, n));
@@ -216,7 +219,7 @@ simd_dispatch! {
 
         let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
         Product::ABt.write_into((&gated, rows, di), (part(p, &o, W_OUT), d, di), &mut out, residual)?;
-        Ok((out, Saved { stats, normed, xs, z, pre, xc, q, delta, a, bx, h, y, gated }))
+        Ok((out, Saved { stats, normed, xs, z, pre, xc, qb, delta, a, h, y, gated }))
     }
 }
 
@@ -273,7 +276,9 @@ simd_dispatch! {
         let lam = scan_rev(&s.a, &dh, (rows / l, l, n));
         let a_neg: Vec<f32> = part(p, &o, A_LOG).iter().map(|v| -v.exp()).collect();
         let mut ddelta = vec![0f32; rows];
-        let mut dbx = vec![0f32; rows * n];
+        // The gradient of qb: of delta_proj's product (filled below), then of B·xc.
+        let wq = di + n;
+        let mut dqb = vec![0f32; rows * wq];
         let mut da_neg = vec![0f64; n];
         for r in 0..rows {
             let first = r % l == 0;
@@ -282,8 +287,8 @@ simd_dispatch! {
                 let i = r * n + j;
                 let h_prev = if first { 0.0 } else { s.h[i - n] };
                 let da = lam[i] * h_prev * s.a[i]; // ∂/∂(Δ·A)
-                acc += lam[i] * s.bx[i] + da * a_neg[j];
-                dbx[i] = lam[i] * s.delta[r];
+                acc += lam[i] * s.qb[r * wq + di + j] + da * a_neg[j];
+                dqb[r * wq + di + j] = lam[i] * s.delta[r];
                 da_neg[j] += (da * s.delta[r]) as f64;
             }
             ddelta[r] = acc;
@@ -292,24 +297,22 @@ simd_dispatch! {
         for ((t, &g), &an) in dp[at(A_LOG)].iter_mut().zip(&da_neg).zip(&a_neg) {
             *t = g as f32 * an;
         }
-        Product::AtB.write_into((&dbx, rows, n), (&s.xc, rows, di), &mut dp[at(B)], false)?;
-        Product::AB.write_into((&dbx, rows, n), (part(p, &o, B), n, di), &mut dxc, true)?;
-
         // Δ = mean softplus(q + bias): ∂q = ∂Δ / di · sigmoid(q + bias).
         let b_delta = part(p, &o, B_DELTA);
-        let mut dq = vec![0f32; rows * di];
-        let per = rows_per_task(di);
-        for_chunks(&mut dq, per * di, |i, out| {
-            for ((or, qr), &gd) in out.chunks_exact_mut(di).zip(s.q[i * per * di..].chunks_exact(di)).zip(&ddelta[i * per..]) {
+        let per = rows_per_task(wq);
+        for_chunks(&mut dqb, per * wq, |i, out| {
+            for ((or, qr), &gd) in out.chunks_exact_mut(wq).zip(s.qb[i * per * wq..].chunks_exact(wq)).zip(&ddelta[i * per..]) {
                 let scale = gd / di as f32;
-                for ((o, &v), &b) in or.iter_mut().zip(qr).zip(b_delta) {
+                for ((o, &v), &b) in or[..di].iter_mut().zip(&qr[..di]).zip(b_delta) {
                     *o = scale * sigmoid(v + b);
                 }
             }
         });
-        dp[at(B_DELTA)].copy_from_slice(&column_sums(&dq, di));
-        Product::AtB.write_into((&dq, rows, di), (&s.xc, rows, di), &mut dp[at(W_DELTA)], false)?;
-        Product::AB.write_into((&dq, rows, di), (part(p, &o, W_DELTA), di, di), &mut dxc, true)?;
+        dp[at(B_DELTA)].copy_from_slice(&column_sums(&dqb, wq)[..di]);
+        // [delta_proj; B] together: their weight gradients and their share of ∂xc.
+        let wb = &p[o[W_DELTA]..o[B + 1]];
+        Product::AtB.write_into((&dqb, rows, wq), (&s.xc, rows, di), &mut dp[o[W_DELTA]..o[B + 1]], false)?;
+        Product::AB.write_into((&dqb, rows, wq), (wb, wq, di), &mut dxc, true)?;
 
         // xc = silu(pre), pre = conv(xs) + bias.
         for_chunks(&mut dxc, 16_384, |i, ch| {
