@@ -120,7 +120,7 @@ fn part<'a>(p: &'a [f32], o: &[usize; PARTS + 1], i: usize) -> &'a [f32] {
     &p[o[i]..o[i + 1]]
 }
 
-/// Σ over rows of a (rows, c) matrix, in f64.
+/// Σ over rows of a (rows, c) matrix, in f64 (the rows are partial sums over blocks of rows).
 fn column_sums(x: &[f32], c: usize) -> Vec<f32> {
     let mut acc = vec![0f64; c];
     for row in x.chunks_exact(c) {
@@ -248,27 +248,21 @@ simd_dispatch! {
             }
         });
 
-        // y = C h + D ⊙ xc
+        // y = C h + D ⊙ xc: ∂xc = dy ⊙ D, and ∂D summed per block of rows in f32, then in f64.
         let d_skip = part(p, &o, D_SKIP);
-        {
-            let mut acc = vec![0f64; di];
-            for (dyr, xr) in dy.chunks_exact(di).zip(s.xc.chunks_exact(di)) {
-                for ((a, &g), &x) in acc.iter_mut().zip(dyr).zip(xr) {
-                    *a += (g * x) as f64;
-                }
-            }
-            for (t, a) in dp[at(D_SKIP)].iter_mut().zip(acc) {
-                *t = a as f32;
-            }
-        }
+        let per = rows_per_task(di);
         let mut dxc = vec![0f32; rows * di];
-        for_chunks(&mut dxc, di * rows_per_task(di), |i, out| {
-            for (or, gr) in out.chunks_exact_mut(di).zip(dy[i * di * rows_per_task(di)..].chunks_exact(di)) {
-                for ((o, &g), &dd) in or.iter_mut().zip(gr).zip(d_skip) {
+        let mut d_partial = vec![0f32; rows.div_ceil(per) * di];
+        for_chunks2(&mut dxc, per * di, &mut d_partial, di, |i, out, acc| {
+            let base = i * per * di;
+            for ((or, gr), xr) in out.chunks_exact_mut(di).zip(dy[base..].chunks_exact(di)).zip(s.xc[base..].chunks_exact(di)) {
+                for (((o, &g), &dd), (a, &x)) in or.iter_mut().zip(gr).zip(d_skip).zip(acc.iter_mut().zip(xr)) {
                     *o = g * dd;
+                    *a += g * x;
                 }
             }
         });
+        dp[at(D_SKIP)].copy_from_slice(&column_sums(&d_partial, di));
         let dh = gemm(Product::AB, (&dy, rows, di), (part(p, &o, C), di, n))?;
         Product::AtB.write_into((&dy, rows, di), (&s.h, rows, n), &mut dp[at(C)], false)?;
 
@@ -300,15 +294,17 @@ simd_dispatch! {
         // Δ = mean softplus(q + bias): ∂q = ∂Δ / di · sigmoid(q + bias).
         let b_delta = part(p, &o, B_DELTA);
         let per = rows_per_task(wq);
-        for_chunks(&mut dqb, per * wq, |i, out| {
+        let mut bias_partial = vec![0f32; rows.div_ceil(per) * di];
+        for_chunks2(&mut dqb, per * wq, &mut bias_partial, di, |i, out, acc| {
             for ((or, qr), &gd) in out.chunks_exact_mut(wq).zip(s.qb[i * per * wq..].chunks_exact(wq)).zip(&ddelta[i * per..]) {
                 let scale = gd / di as f32;
-                for ((o, &v), &b) in or[..di].iter_mut().zip(&qr[..di]).zip(b_delta) {
+                for (((o, &v), &b), a) in or[..di].iter_mut().zip(&qr[..di]).zip(b_delta).zip(acc.iter_mut()) {
                     *o = scale * sigmoid(v + b);
+                    *a += *o;
                 }
             }
         });
-        dp[at(B_DELTA)].copy_from_slice(&column_sums(&dqb, wq)[..di]);
+        dp[at(B_DELTA)].copy_from_slice(&column_sums(&bias_partial, di));
         // [delta_proj; B] together: their weight gradients and their share of ∂xc.
         let wb = &p[o[W_DELTA]..o[B + 1]];
         Product::AtB.write_into((&dqb, rows, wq), (&s.xc, rows, di), &mut dp[o[W_DELTA]..o[B + 1]], false)?;
