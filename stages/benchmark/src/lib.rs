@@ -288,7 +288,8 @@ impl Stage for BenchmarkStage {
         "benchmark"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: the models' fused training/forward nodes, and Transformer generation on the slice decoder.
+        2
     }
     fn describe(&self) -> &'static str {
         "size, FLOPs, forward/generation speed, latency, memory, CPU use and quality of every model input (native, GGUF, ONNX in tract and ORT) → benchmark.json, benchmark.csv"

@@ -87,7 +87,8 @@ impl Stage for DistillStage {
     }
     fn version(&self) -> u32 {
         // 2: the fused SSM ops and the slice decoder round differently from the op-by-op forms.
-        2
+        // 3: whole SSM blocks / FFN / MoE layers as fused nodes, f32 LayerNorm sums, sparse MoE.
+        3
     }
     fn describe(&self) -> &'static str {
         "distill a teacher into a smaller student (KL at temperature T + CE) and train a from-scratch control → model/, best/, control/, metrics.csv, summary.json"

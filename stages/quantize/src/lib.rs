@@ -112,7 +112,8 @@ impl Stage for QuantizeStage {
     }
     fn version(&self) -> u32 {
         // 2: the fused SSM ops and the slice decoder round differently from the op-by-op forms.
-        2
+        // 3: whole SSM blocks / FFN / MoE layers as fused nodes, f32 LayerNorm sums, sparse MoE.
+        3
     }
     fn describe(&self) -> &'static str {
         "INT8 (per channel) / INT4 (Q4_0 blocks) weights with integer matmuls → model.gguf, summary.json (size, perplexity, KL, speed vs f32)"

@@ -44,7 +44,8 @@ impl Stage for TrainStage {
     }
     fn version(&self) -> u32 {
         // 2: the fused SSM ops and the slice decoder round differently from the op-by-op forms.
-        2
+        // 3: whole SSM blocks / FFN / MoE layers as fused nodes, f32 LayerNorm sums, sparse MoE.
+        3
     }
     fn describe(&self) -> &'static str {
         "train itera_lite or transformer (AdamW, warmup + cosine) → model/, best/, metrics.csv, summary.json"
