@@ -114,6 +114,67 @@ impl Product {
     }
 }
 
+/// A matrix inside a slice: element (i, j) at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View<'_> {
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst (m×n, row stride dst_rs) = a (m×k) · b (k×n)`, or `+=` with `accumulate`, for views of
+/// any strides (attention heads inside a (rows, 3·d) projection); single-threaded, as the
+/// callers run many of these side by side.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn strided_product(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: View, b: View, accumulate: bool) -> Result<()> {
+    if !a.fits(m, k) || !b.fits(k, n) || n > dst_rs || (m > 0 && n > 0 && (m - 1) * dst_rs + n > dst.len()) {
+        candle_core::bail!("strided product: a {m}×{k} · {k}×{n} product does not fit its views");
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return Ok(());
+    }
+    // SAFETY: every index the GEMM touches was checked to lie inside its slice above, and the
+    // destination rows (n ≤ dst_rs) do not overlap.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    };
+    Ok(())
+}
+
 struct NoGrad(Product);
 
 impl CustomOp2 for NoGrad {

@@ -396,3 +396,44 @@ fn fused_ffn_and_moe_layers_equal_the_op_by_op_layers_and_their_gradients() {
         }
     }
 }
+
+/// A Transformer block on its fused nodes (attention sub-block, MLP) against the op-by-op block:
+/// output and every gradient, with and without dropout, at two head widths.
+#[test]
+fn fused_transformer_block_equals_the_op_by_op_block_and_its_gradients() {
+    use crate::config::TransformerConfig;
+    use crate::transformer::Block;
+    use candle_core::Var;
+
+    for (p_drop, d, heads) in [(0.0, 32, 4), (0.2, 36, 3)] {
+        let cfg = TransformerConfig { vocab_size: 40, d_model: d, n_layers: 1, n_heads: heads, d_ff: 4 * d, max_seq_len: 32, dropout: p_drop, ln_eps: 1e-5 };
+        let (varmap, vb) = crate::nn::fresh_builder();
+        let block = Block::new(&cfg, vb).unwrap();
+        crate::nn::init_deterministic(&varmap, 5).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for var in varmap.all_vars() {
+            let noise: Vec<f32> = (0..var.elem_count()).map(|_| rand::Rng::random_range(&mut rng, -0.3f32..0.3)).collect();
+            var.set(&(var.as_tensor() + Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap()).unwrap()).unwrap();
+        }
+        let (b, l) = (3, 10);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b * l, d), &Device::Cpu).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (b * l, d), &Device::Cpu).unwrap();
+        let run = |fused: bool| {
+            let mut drop_rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+            let mut train = Some(&mut drop_rng);
+            let out = if fused { block.forward(&x, (b, l), &mut train, None) } else { block.forward_ops(&x, (b, l), &mut train) }.unwrap();
+            let grads = (&out * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            (out, grads)
+        };
+        let ((fo, fg), (ro, rg)) = (run(true), run(false));
+        let scale = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+        assert!(max_abs(&fo, &ro) <= 1e-4 * scale(&ro), "p_drop {p_drop}: output differs by {}", max_abs(&fo, &ro));
+        let mut checked = vec![x.as_tensor().clone()];
+        checked.extend(varmap.all_vars().iter().map(|v| v.as_tensor().clone()));
+        for t in &checked {
+            let (a, r) = (fg.get(t).expect("fused gradient"), rg.get(t).expect("reference gradient"));
+            let diff = max_abs(a, r);
+            assert!(diff <= 2e-4 * scale(r), "p_drop {p_drop}: gradient of a {:?} tensor differs by {diff} (max {})", t.dims(), scale(r));
+        }
+    }
+}

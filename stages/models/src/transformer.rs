@@ -27,7 +27,7 @@ pub struct KvCache {
 }
 
 impl Block {
-    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.d_model;
         Ok(Block {
             ln1: LayerNorm::new(d, cfg.ln_eps, vb.pp("ln1"))?,
@@ -43,8 +43,28 @@ impl Block {
 
     /// x: rows (batch · l, d), sequence after sequence. `past`: cached keys/values for earlier
     /// positions (generation); updated in place.
-    fn forward(&self, x: &Tensor, (b, l): (usize, usize), train: &mut Train, past: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, shape: (usize, usize), train: &mut Train, past: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        self.forward_with(x, shape, train, past, true)
+    }
+
+    /// The block op by op: the reference the fused nodes are tested against.
+    #[cfg(test)]
+    pub(crate) fn forward_ops(&self, x: &Tensor, shape: (usize, usize), train: &mut Train) -> Result<Tensor> {
+        self.forward_with(x, shape, train, None, false)
+    }
+
+    fn forward_with(&self, x: &Tensor, (b, l): (usize, usize), train: &mut Train, past: Option<&mut Option<(Tensor, Tensor)>>, fuse: bool) -> Result<Tensor> {
         let is_train = train.is_some();
+        let quantized = self.qkv.quantized().is_some() || self.proj.quantized().is_some();
+        if fuse && past.is_none() && x.dtype() == DType::F32 && !quantized {
+            // Full sequences: attention and MLP each one fused node.
+            let dims = crate::fused::AttentionDims { d: x.dim(1)?, heads: self.heads, seq_len: l, eps: self.ln1.eps };
+            let packed = crate::fused::pack_attention(&dims, &self.ln1.weight, &self.ln1.bias, self.qkv.weight(), self.proj.weight())?;
+            let dropped = is_train && self.p_drop > 0.0;
+            let a = crate::fused::attention_block(x, &packed, dims, !dropped, is_train)?;
+            let x = if dropped { (x + dropout(&a, self.p_drop, train)?)? } else { a };
+            return self.mlp(&x, train, true);
+        }
         let d = x.dim(1)?;
         let hd = d / self.heads;
         let qkv = apply(&self.qkv, &self.ln1.forward(x, is_train)?)?.reshape((b, l, 3, self.heads, hd))?;
@@ -73,8 +93,23 @@ impl Block {
         };
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b * l, d))?;
         let x = (x + dropout(&apply(&self.proj, &y)?, self.p_drop, train)?)?;
-        let h = apply(&self.down, &gelu(&apply(&self.up, &self.ln2.forward(&x, is_train)?)?)?)?;
-        &x + dropout(&h, self.p_drop, train)?
+        self.mlp(&x, train, fuse)
+    }
+
+    /// x + MLP(LN2(x)): in f32 with unquantized weights one fused node (the experts op with a
+    /// single expert of width d_ff), else op by op.
+    fn mlp(&self, x: &Tensor, train: &mut Train, fuse: bool) -> Result<Tensor> {
+        let is_train = train.is_some();
+        let quantized = self.up.quantized().is_some() || self.down.quantized().is_some();
+        if fuse && x.dtype() == DType::F32 && !quantized {
+            let dropped = is_train && self.p_drop > 0.0;
+            let dims = crate::fused::ExpertsDims { d: x.dim(1)?, experts: 1, hidden: self.up.weight().dim(0)?, eps: self.ln2.eps };
+            let packed = crate::fused::pack_experts(&dims, &self.ln2.weight, &self.ln2.bias, &[self.up.weight()], &[self.down.weight()])?;
+            let out = crate::fused::experts(x, None, &packed, dims, !dropped, is_train)?;
+            return if dropped { x + dropout(&out, self.p_drop, train)? } else { Ok(out) };
+        }
+        let h = apply(&self.down, &gelu(&apply(&self.up, &self.ln2.forward(x, is_train)?)?)?)?;
+        x + dropout(&h, self.p_drop, train)?
     }
 }
 

@@ -144,12 +144,14 @@ fn erf(x: f32) -> f32 {
     (1.0 - poly * exp(-a * a)).copysign(x)
 }
 
+mod attention;
 mod experts;
 mod gelu;
 mod softmax;
 mod ssm;
 mod ssm_block;
 
+pub use attention::{attention_block, pack as pack_attention, AttentionDims};
 pub use experts::{experts, pack as pack_experts, ExpertsDims};
 pub use gelu::gelu_erf;
 pub use softmax::{causal_softmax, next_token_cross_entropy};
