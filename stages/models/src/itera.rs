@@ -108,14 +108,16 @@ impl SsmBlock {
         Ok((matmul_t(normed, &w.narrow(0, 0, di)?)?, matmul_t(normed, &w.narrow(0, di, di)?)?))
     }
 
-    /// x: rows (batch · seq_len, d_model), sequence after sequence. f32 weights run the whole
-    /// block as one fused node; quantized weights and other dtypes go op by op.
+    /// x: rows (batch · seq_len, d_model), sequence after sequence. In f32 the whole block is one
+    /// fused node (quantized projections on their integer kernels at inference); training with
+    /// quantized weights and other dtypes go op by op.
     pub fn forward(&self, x: &Tensor, seq_len: usize, train: &mut Train) -> Result<Tensor> {
-        let quantized = [&self.in_proj, &self.delta_proj, &self.out_proj].iter().any(|l| l.quantized().is_some());
-        if x.dtype() == DType::F32 && x.rank() == 2 && !quantized {
-            let is_train = train.is_some();
+        let quant = fused::SsmBlockQuant { in_proj: self.in_proj.quant.clone(), delta_proj: self.delta_proj.quant.clone(), out_proj: self.out_proj.quant.clone() };
+        let quantized = quant.in_proj.is_some() || quant.delta_proj.is_some() || quant.out_proj.is_some();
+        let is_train = train.is_some();
+        if x.dtype() == DType::F32 && x.rank() == 2 && !(quantized && is_train) {
             let dropped = is_train && self.p_drop > 0.0;
-            let out = fused::ssm_block(x, &self.packed()?, self.dims(seq_len), !dropped, is_train)?;
+            let out = fused::ssm_block(x, &self.packed()?, self.dims(seq_len), quant, !dropped, is_train)?;
             return if dropped { x + dropout(&out, self.p_drop, train)? } else { Ok(out) };
         }
         self.forward_ops(x, seq_len, train)
@@ -216,15 +218,17 @@ impl Ffn {
     pub fn new(cfg: &IteraConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Ffn { norm: LayerNorm::new(cfg.d_model, cfg.ln_eps, vb.pp("norm"))?, ff: expert(cfg.d_model, cfg.expert_dim, vb)?, p_drop: cfg.dropout })
     }
-    /// f32 weights run the whole layer as one fused node; quantized ones go op by op.
+    /// In f32 the whole layer is one fused node (quantized weights on their integer kernels at
+    /// inference); training with quantized weights goes op by op.
     pub fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
+        let quant = fused::ExpertsQuant { up: vec![self.ff.0.quant.clone()], down: vec![self.ff.1.quant.clone()] };
         let quantized = self.ff.0.quantized().is_some() || self.ff.1.quantized().is_some();
-        if x.dtype() == DType::F32 && x.rank() == 2 && !quantized {
-            let is_train = train.is_some();
+        let is_train = train.is_some();
+        if x.dtype() == DType::F32 && x.rank() == 2 && !(quantized && is_train) {
             let dropped = is_train && self.p_drop > 0.0;
             let dims = fused::ExpertsDims { d: x.dim(1)?, experts: 1, hidden: self.ff.0.weight().dim(0)?, eps: self.norm.eps };
             let packed = fused::pack_experts(&dims, &self.norm.weight, &self.norm.bias, &[self.ff.0.weight()], &[self.ff.1.weight()])?;
-            let out = fused::experts(x, None, &packed, dims, !dropped, is_train)?;
+            let out = fused::experts(x, None, &packed, dims, quant, !dropped, is_train)?;
             return if dropped { x + dropout(&out, self.p_drop, train)? } else { Ok(out) };
         }
         self.forward_ops(x, train)
@@ -295,7 +299,7 @@ impl Moe {
         let weights = (shifted.exp()? * &mask)?;
         let gates = weights.broadcast_div(&weights.sum_keepdim(1)?)?; // softmax over the k
         let quantized = self.experts.iter().any(|(u, dn)| u.quantized().is_some() || dn.quantized().is_some());
-        let fused_layer = fuse && x.dtype() == DType::F32 && x.rank() == 2 && !quantized;
+        let fused_layer = fuse && x.dtype() == DType::F32 && x.rank() == 2 && !(quantized && train.is_some());
         let dropped = train.is_some() && self.p_drop > 0.0;
         let out = if fused_layer {
             // The whole layer (its own LayerNorm, each expert on its routed rows, the gates, the
@@ -305,7 +309,11 @@ impl Moe {
             let hidden = ups.first().map(|w| w.dim(0)).transpose()?.unwrap_or(0);
             let dims = fused::ExpertsDims { d, experts: e, hidden, eps: self.norm.eps };
             let packed = fused::pack_experts(&dims, &self.norm.weight, &self.norm.bias, &ups, &downs)?;
-            fused::experts(x, Some(&gates), &packed, dims, !dropped, train.is_some())?
+            let quant = fused::ExpertsQuant {
+                up: self.experts.iter().map(|ex| ex.0.quant.clone()).collect(),
+                down: self.experts.iter().map(|ex| ex.1.quant.clone()).collect(),
+            };
+            fused::experts(x, Some(&gates), &packed, dims, quant, !dropped, train.is_some())?
         } else if train.is_some() {
             // Σ_j g_j · down_j(gelu(up_j x)) = [down_1 … down_E] · (g ⊗ gelu([up_1; …; up_E] x)):
             // every expert in two GEMMs and a handful of graph nodes instead of ~6 per expert.

@@ -131,6 +131,28 @@ impl QWeight {
         let mut out = vec![0f32; m * n];
         let threads = rayon::current_num_threads();
         let row = |((xr, s), or): ((&[i8], &f32), &mut [f32])| self.rows_times(kernel, xr, *s, 0, or);
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Vnni && m >= 4 {
+            // Four activation rows per pass: each weight chunk loaded once feeds four rows.
+            let quad = |((xr, s), or): ((&[i8], &[f32]), &mut [f32])| {
+                if s.len() == 4 {
+                    // SAFETY: the CPU features were detected in `Kernel::detect`; xr holds 4·k
+                    // bytes, s four scales, or 4·n outputs.
+                    let done = unsafe { self.rows4_times_vnni(xr, s, or) };
+                    for ((x1, &s1), o1) in xr.chunks_exact(k).zip(s).zip(or.chunks_exact_mut(n)) {
+                        self.rows_times(kernel, x1, s1, done, &mut o1[done..]);
+                    }
+                } else {
+                    xr.chunks_exact(k).zip(s).zip(or.chunks_exact_mut(n)).for_each(row);
+                }
+            };
+            if threads == 1 || m * n * k < 1 << 18 {
+                xq.chunks(4 * k).zip(sx.chunks(4)).zip(out.chunks_mut(4 * n)).for_each(quad);
+            } else {
+                xq.par_chunks(4 * k).zip(sx.par_chunks(4)).zip(out.par_chunks_mut(4 * n)).for_each(quad);
+            }
+            return out;
+        }
         if threads == 1 || m * n * k < 1 << 18 {
             xq.chunks_exact(k).zip(&sx).zip(out.chunks_exact_mut(n)).for_each(row);
         } else if m >= 2 * threads {
@@ -255,6 +277,55 @@ impl QWeight {
             }
             // SAFETY: as in the AVX2 kernel.
             unsafe { store4(facc, sx, &mut out[4 * blk..4 * blk + 4]) };
+        }
+        4 * blocks
+    }
+}
+
+impl QWeight {
+    /// [`QWeight::rows_times_vnni`] for four activation rows at once (`xq`: 4 × cols, `sx`: their
+    /// scales, `out`: 4 × rows): 16 accumulators, each weight chunk loaded once for all four.
+    /// Returns how many leading outputs of each row it filled (a multiple of 4).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    unsafe fn rows4_times_vnni(&self, xq: &[i8], sx: &[f32], out: &mut [f32]) -> usize {
+        use std::arch::x86_64::*;
+        let (k, n) = (self.cols, self.rows);
+        let groups = k / self.group;
+        let per_group = self.group / 32;
+        let blocks = n / 4;
+        assert!(xq.len() >= 4 * k && sx.len() >= 4 && out.len() >= 4 * n && 4 * blocks * k <= self.q.len() && 4 * blocks * groups <= self.wsum.len());
+        let xp = [0, 1, 2, 3].map(|a| xq[a * k..].as_ptr());
+        let offset = _mm256_set1_epi8(-128);
+        for blk in 0..blocks {
+            let r = 4 * blk;
+            let wp = [0, 1, 2, 3].map(|t| self.q[(r + t) * k..].as_ptr());
+            let mut facc = [[_mm256_setzero_ps(); 4]; 4];
+            for g in 0..groups {
+                let bias = [0, 1, 2, 3].map(|t| _mm256_setr_epi32(-128 * self.wsum[(r + t) * groups + g], 0, 0, 0, 0, 0, 0, 0));
+                let mut iacc = [bias; 4];
+                for c in 0..per_group {
+                    let off = (g * per_group + c) * 32;
+                    // SAFETY: off + 32 ≤ k, inside every activation row and weight row.
+                    let vx = [0, 1, 2, 3].map(|a| _mm256_xor_si256(unsafe { _mm256_loadu_si256(xp[a].add(off) as *const __m256i) }, offset));
+                    for t in 0..4 {
+                        let vw = unsafe { _mm256_loadu_si256(wp[t].add(off) as *const __m256i) };
+                        for a in 0..4 {
+                            iacc[a][t] = _mm256_dpbusd_epi32(iacc[a][t], vx[a], vw);
+                        }
+                    }
+                }
+                for t in 0..4 {
+                    let sw = _mm256_set1_ps(self.scales[(r + t) * groups + g]);
+                    for a in 0..4 {
+                        facc[a][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[a][t]), sw, facc[a][t]);
+                    }
+                }
+            }
+            for a in 0..4 {
+                // SAFETY: AVX is implied by AVX2; four f32 into a 4-element slice.
+                unsafe { store4(facc[a], sx[a], &mut out[a * n + r..a * n + r + 4]) };
+            }
         }
         4 * blocks
     }

@@ -56,12 +56,13 @@ impl Block {
     fn forward_with(&self, x: &Tensor, (b, l): (usize, usize), train: &mut Train, past: Option<&mut Option<(Tensor, Tensor)>>, fuse: bool) -> Result<Tensor> {
         let is_train = train.is_some();
         let quantized = self.qkv.quantized().is_some() || self.proj.quantized().is_some();
-        if fuse && past.is_none() && x.dtype() == DType::F32 && !quantized {
+        if fuse && past.is_none() && x.dtype() == DType::F32 && !(quantized && is_train) {
+            let quant = crate::fused::AttentionQuant { qkv: self.qkv.quant.clone(), out: self.proj.quant.clone() };
             // Full sequences: attention and MLP each one fused node.
             let dims = crate::fused::AttentionDims { d: x.dim(1)?, heads: self.heads, seq_len: l, eps: self.ln1.eps };
             let packed = crate::fused::pack_attention(&dims, &self.ln1.weight, &self.ln1.bias, self.qkv.weight(), self.proj.weight())?;
             let dropped = is_train && self.p_drop > 0.0;
-            let a = crate::fused::attention_block(x, &packed, dims, !dropped, is_train)?;
+            let a = crate::fused::attention_block(x, &packed, dims, quant, !dropped, is_train)?;
             let x = if dropped { (x + dropout(&a, self.p_drop, train)?)? } else { a };
             return self.mlp(&x, train, true);
         }
@@ -96,16 +97,17 @@ impl Block {
         self.mlp(&x, train, fuse)
     }
 
-    /// x + MLP(LN2(x)): in f32 with unquantized weights one fused node (the experts op with a
-    /// single expert of width d_ff), else op by op.
+    /// x + MLP(LN2(x)): in f32 one fused node (the experts op with a single expert of width
+    /// d_ff; quantized weights on their integer kernels at inference), else op by op.
     fn mlp(&self, x: &Tensor, train: &mut Train, fuse: bool) -> Result<Tensor> {
         let is_train = train.is_some();
         let quantized = self.up.quantized().is_some() || self.down.quantized().is_some();
-        if fuse && x.dtype() == DType::F32 && !quantized {
+        if fuse && x.dtype() == DType::F32 && !(quantized && is_train) {
+            let quant = crate::fused::ExpertsQuant { up: vec![self.up.quant.clone()], down: vec![self.down.quant.clone()] };
             let dropped = is_train && self.p_drop > 0.0;
             let dims = crate::fused::ExpertsDims { d: x.dim(1)?, experts: 1, hidden: self.up.weight().dim(0)?, eps: self.ln2.eps };
             let packed = crate::fused::pack_experts(&dims, &self.ln2.weight, &self.ln2.bias, &[self.up.weight()], &[self.down.weight()])?;
-            let out = crate::fused::experts(x, None, &packed, dims, !dropped, is_train)?;
+            let out = crate::fused::experts(x, None, &packed, dims, quant, !dropped, is_train)?;
             return if dropped { x + dropout(&out, self.p_drop, train)? } else { Ok(out) };
         }
         let h = apply(&self.down, &gelu(&apply(&self.up, &self.ln2.forward(x, is_train)?)?)?)?;

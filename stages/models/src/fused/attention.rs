@@ -9,13 +9,14 @@
 //! weight and bias, the q/k/v weight (3·d, d), the output weight (d, d). Tested against the
 //! op-by-op block and its autograd gradients.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::*;
 use crate::linear_op::{strided_product, Product, View};
 use crate::nn::{layer_norm_bwd, row_stats};
+use crate::quant::QWeight;
 
 /// Model width d, heads, sequence length of the rows, LayerNorm epsilon.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -48,6 +49,13 @@ pub fn pack(dims: &AttentionDims, ln_w: &Tensor, ln_b: &Tensor, w_qkv: &Tensor, 
     Tensor::cat(&flat, 0)
 }
 
+/// Integer copies of the q/k/v and output projections for quantized inference (None: f32).
+#[derive(Clone, Debug, Default)]
+pub struct AttentionQuant {
+    pub qkv: Option<Arc<QWeight>>,
+    pub out: Option<Arc<QWeight>>,
+}
+
 struct Saved {
     stats: Vec<(f32, f32)>,
     normed: Vec<f32>,
@@ -60,6 +68,7 @@ struct Saved {
 
 struct AttentionOp {
     dims: AttentionDims,
+    quant: AttentionQuant,
     residual: bool,
     keep: bool,
     saved: Mutex<Option<Saved>>,
@@ -78,7 +87,7 @@ fn check(dims: &AttentionDims, x_len: usize, p_len: usize) -> Result<(usize, usi
 }
 
 simd_dispatch! {
-    fn attention_forward(dims: &AttentionDims, residual: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+    fn attention_forward(dims: &AttentionDims, quant: &AttentionQuant, residual: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let (rows, hd) = check(dims, x.len(), p.len())?;
         let AttentionDims { d, heads, seq_len: l, eps } = *dims;
         let (ln_w, rest) = p.split_at(d);
@@ -91,7 +100,10 @@ simd_dispatch! {
                 *o = (v - mean) * rstd * lw + lb;
             }
         }
-        let qkv = Product::ABt.run((&normed, rows, d), (w_qkv, 3 * d, d))?.0;
+        let qkv = match &quant.qkv {
+            Some(q) => q.matmul_t(&normed, rows),
+            None => Product::ABt.run((&normed, rows, d), (w_qkv, 3 * d, d))?.0,
+        };
         let scale = 1.0 / (hd as f32).sqrt();
         let w3 = 3 * d;
         let mut probs = vec![0f32; rows / l * heads * l * l];
@@ -143,7 +155,14 @@ simd_dispatch! {
             }
         }
         let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
-        Product::ABt.write_into((&merged, rows, d), (w_out, d, d), &mut out, residual)?;
+        match &quant.out {
+            Some(q) => {
+                for (o, v) in out.iter_mut().zip(q.matmul_t(&merged, rows)) {
+                    *o += v;
+                }
+            }
+            None => Product::ABt.write_into((&merged, rows, d), (w_out, d, d), &mut out, residual)?,
+        }
         Ok((out, Saved { stats, normed, qkv, probs, merged }))
     }
 }
@@ -223,7 +242,7 @@ impl CustomOp2 for AttentionOp {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, p) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let (out, saved) = attention_forward(&self.dims, self.residual, x, p)?;
+        let (out, saved) = attention_forward(&self.dims, &self.quant, self.residual, x, p)?;
         if self.keep {
             *self.saved.lock().map_err(|_| candle_core::Error::Msg("attention: a backward pass panicked".into()))? = Some(saved);
         }
@@ -238,7 +257,7 @@ impl CustomOp2 for AttentionOp {
                     // A second backward through the same graph finds the intermediates gone: recompute them.
                     let saved = match kept {
                         Some(s) => s,
-                        None => attention_forward(&self.dims, self.residual, xs, ps)?.1,
+                        None => attention_forward(&self.dims, &self.quant, self.residual, xs, ps)?.1,
                     };
                     attention_backward(&self.dims, self.residual, xs, ps, &saved, gs)
                 })
@@ -250,8 +269,12 @@ impl CustomOp2 for AttentionOp {
 
 /// The attention sub-block on f32 rows x (batch · seq_len, d) with packed parameters (see
 /// [`pack`]): `x + proj(attention(LN(x)))` with `residual`, the projection alone without. Full
-/// sequences only (no KV cache). `train` keeps what the backward pass needs.
-pub fn attention_block(x: &Tensor, packed: &Tensor, dims: AttentionDims, residual: bool, train: bool) -> Result<Tensor> {
-    let op = AttentionOp { dims, residual, keep: train, saved: Mutex::new(None) };
+/// sequences only (no KV cache). `train` keeps what the backward pass needs; `quant` (inference
+/// only) runs the projections on their integer kernels.
+pub fn attention_block(x: &Tensor, packed: &Tensor, dims: AttentionDims, quant: AttentionQuant, residual: bool, train: bool) -> Result<Tensor> {
+    if train && (quant.qkv.is_some() || quant.out.is_some()) {
+        candle_core::bail!("attention: quantized weights are for inference; train the f32 model");
+    }
+    let op = AttentionOp { dims, quant, residual, keep: train, saved: Mutex::new(None) };
     x.contiguous()?.apply_op2(&packed.contiguous()?, op)
 }

@@ -12,13 +12,14 @@
 //! weight and bias, the experts' up weights stacked (E·e, d), their down weights stacked (E·d, e).
 //! Tested against the op-by-op layers and their autograd gradients.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::*;
 use crate::linear_op::{Matrix, Product};
 use crate::nn::{layer_norm_bwd, row_stats};
+use crate::quant::QWeight;
 
 /// Model width d, experts, each expert's hidden width, LayerNorm epsilon.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -71,6 +72,19 @@ struct Routed {
     gated: Vec<f32>,
 }
 
+/// Integer copies of each expert's up and down weights for quantized inference (None: f32).
+#[derive(Clone, Debug, Default)]
+pub struct ExpertsQuant {
+    pub up: Vec<Option<Arc<QWeight>>>,
+    pub down: Vec<Option<Arc<QWeight>>>,
+}
+
+impl ExpertsQuant {
+    fn any(&self) -> bool {
+        self.up.iter().chain(&self.down).any(Option::is_some)
+    }
+}
+
 struct Saved {
     stats: Vec<(f32, f32)>,
     normed: Vec<f32>,
@@ -79,6 +93,7 @@ struct Saved {
 
 struct ExpertsOp {
     dims: ExpertsDims,
+    quant: ExpertsQuant,
     residual: bool,
     keep: bool,
     saved: Mutex<Option<Saved>>,
@@ -124,7 +139,7 @@ fn row_gates(gates: Option<&[f32]>, experts: usize, j: usize, rows: &Option<Vec<
 }
 
 simd_dispatch! {
-    fn experts_forward(dims: &ExpertsDims, residual: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+    fn experts_forward(dims: &ExpertsDims, quant: &ExpertsQuant, residual: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let rows = check(dims, x.len(), gates, p.len())?;
         let (d, e, ne) = (dims.d, dims.hidden, dims.experts);
         let (ln_w, rest) = p.split_at(d);
@@ -144,7 +159,10 @@ simd_dispatch! {
             let n = routed_rows.as_ref().map_or(rows, Vec::len);
             let xg = routed_rows.as_ref().map(|rs| gather(&normed, d, rs)).unwrap_or_default();
             let xj: &[f32] = if routed_rows.is_some() { &xg } else { &normed };
-            let pre = gemm(Product::ABt, (xj, n, d), (&up[j * e * d..(j + 1) * e * d], e, d))?;
+            let pre = match quant.up.get(j).and_then(Option::as_ref) {
+                Some(q) => q.matmul_t(xj, n),
+                None => gemm(Product::ABt, (xj, n, d), (&up[j * e * d..(j + 1) * e * d], e, d))?,
+            };
             // Plain loops, not iterator adapters with closures, throughout these bodies: a closure
             // compiled for AVX2 cannot be inlined into std's baseline `map`/`for_each` drivers and
             // would cost a call per element.
@@ -160,10 +178,19 @@ simd_dispatch! {
                 }
             }
             let down_j = (&down[j * d * e..(j + 1) * d * e], d, e);
-            match &routed_rows {
-                None => Product::ABt.write_into((&gated, n, e), down_j, &mut out, true)?,
-                Some(rs) => {
-                    let y = gemm(Product::ABt, (&gated, n, e), down_j)?;
+            let down_q = quant.down.get(j).and_then(Option::as_ref);
+            match (&routed_rows, down_q) {
+                (None, None) => Product::ABt.write_into((&gated, n, e), down_j, &mut out, true)?,
+                (None, Some(q)) => {
+                    for (o, v) in out.iter_mut().zip(q.matmul_t(&gated, n)) {
+                        *o += v;
+                    }
+                }
+                (Some(rs), _) => {
+                    let y = match down_q {
+                        Some(q) => q.matmul_t(&gated, n),
+                        None => gemm(Product::ABt, (&gated, n, e), down_j)?,
+                    };
                     for (yr, &r) in y.chunks_exact(d).zip(rs) {
                         for (o, v) in out[r * d..(r + 1) * d].iter_mut().zip(yr) {
                             *o += v;
@@ -239,7 +266,7 @@ simd_dispatch! {
 
 impl ExpertsOp {
     fn fwd(&self, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<Vec<f32>> {
-        let (out, saved) = experts_forward(&self.dims, self.residual, x, gates, p)?;
+        let (out, saved) = experts_forward(&self.dims, &self.quant, self.residual, x, gates, p)?;
         if self.keep {
             *self.saved.lock().map_err(|_| candle_core::Error::Msg("experts: a backward pass panicked".into()))? = Some(saved);
         }
@@ -256,7 +283,7 @@ impl ExpertsOp {
                     // A second backward through the same graph finds the intermediates gone: recompute them.
                     let saved = match kept {
                         Some(s) => s,
-                        None => experts_forward(&self.dims, self.residual, xs, gt, ps)?.1,
+                        None => experts_forward(&self.dims, &self.quant, self.residual, xs, gt, ps)?.1,
                     };
                     experts_backward(&self.dims, self.residual, xs, gt, ps, &saved, gs)
                 })
@@ -300,9 +327,13 @@ impl CustomOp3 for ExpertsOp {
 
 /// The layer on f32 rows x (rows, d) with packed parameters: `x + Σ_j gate_j · expert_j(LN(x))`
 /// (`residual`) or the sum alone; without gates there must be one expert, weighted 1. `train`
-/// keeps what the backward pass needs.
-pub fn experts(x: &Tensor, gates: Option<&Tensor>, packed: &Tensor, dims: ExpertsDims, residual: bool, train: bool) -> Result<Tensor> {
-    let op = ExpertsOp { dims, residual, keep: train, saved: Mutex::new(None) };
+/// keeps what the backward pass needs; `quant` (inference only) runs the experts' weights on their
+/// integer kernels.
+pub fn experts(x: &Tensor, gates: Option<&Tensor>, packed: &Tensor, dims: ExpertsDims, quant: ExpertsQuant, residual: bool, train: bool) -> Result<Tensor> {
+    if train && quant.any() {
+        candle_core::bail!("experts: quantized weights are for inference; train the f32 model");
+    }
+    let op = ExpertsOp { dims, quant, residual, keep: train, saved: Mutex::new(None) };
     match gates {
         Some(g) => x.contiguous()?.apply_op3(&g.contiguous()?, &packed.contiguous()?, op),
         None if dims.experts == 1 => x.contiguous()?.apply_op2(&packed.contiguous()?, op),

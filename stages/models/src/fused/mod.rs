@@ -151,12 +151,12 @@ mod softmax;
 mod ssm;
 mod ssm_block;
 
-pub use attention::{attention_block, pack as pack_attention, AttentionDims};
-pub use experts::{experts, pack as pack_experts, ExpertsDims};
+pub use attention::{attention_block, pack as pack_attention, AttentionDims, AttentionQuant};
+pub use experts::{experts, pack as pack_experts, ExpertsDims, ExpertsQuant};
 pub use gelu::gelu_erf;
 pub use softmax::{causal_softmax, next_token_cross_entropy};
 pub use ssm::{causal_conv_silu, causal_conv_silu_ops, silu_gate, softplus_mean};
-pub use ssm_block::{pack as pack_ssm_block, ssm_block, SsmBlockDims};
+pub use ssm_block::{pack as pack_ssm_block, ssm_block, SsmBlockDims, SsmBlockQuant};
 
 #[cfg(test)]
 mod tests;

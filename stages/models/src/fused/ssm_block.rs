@@ -12,7 +12,7 @@
 //! vector ([`pack`]): the concatenation's backward hands each variable its slice of the packed
 //! gradient, so the optimizer still sees the ordinary per-parameter variables.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -20,6 +20,7 @@ use super::ssm::{conv_param_grad, conv_pre, conv_transpose};
 use super::*;
 use crate::linear_op::Product;
 use crate::nn::{layer_norm_bwd, row_stats};
+use crate::quant::QWeight;
 use crate::scan::{scan_fwd, scan_rev};
 
 /// Shapes of one block: model width d, inner width di, state size n, conv taps k, and the
@@ -85,6 +86,21 @@ pub fn pack(dims: &SsmBlockDims, parts: [&Tensor; PARTS]) -> Result<Tensor> {
     Tensor::cat(&flat, 0)
 }
 
+/// Integer copies of the block's projections for quantized inference (None: the f32 weight in
+/// the packed vector). B, C and the biases stay f32.
+#[derive(Clone, Debug, Default)]
+pub struct SsmBlockQuant {
+    pub in_proj: Option<Arc<QWeight>>,
+    pub delta_proj: Option<Arc<QWeight>>,
+    pub out_proj: Option<Arc<QWeight>>,
+}
+
+impl SsmBlockQuant {
+    fn any(&self) -> bool {
+        self.in_proj.is_some() || self.delta_proj.is_some() || self.out_proj.is_some()
+    }
+}
+
 /// What the backward needs from the forward.
 struct Saved {
     stats: Vec<(f32, f32)>,
@@ -104,6 +120,7 @@ struct Saved {
 
 struct SsmBlockOp {
     dims: SsmBlockDims,
+    quant: SsmBlockQuant,
     /// Adds the block input to the output (off when dropout sits between them).
     residual: bool,
     /// Keep the intermediates for a backward pass (training).
@@ -147,7 +164,7 @@ fn check(dims: &SsmBlockDims, x_len: usize, p_len: usize) -> Result<usize> {
 
 simd_dispatch! {
     /// The block's output and what its backward needs.
-    fn block_forward(dims: &SsmBlockDims, residual: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+    fn block_forward(dims: &SsmBlockDims, quant: &SsmBlockQuant, residual: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let rows = check(dims, x.len(), p.len())?;
         let SsmBlockDims { d, di, n, k, seq_len: l, eps } = *dims;
         let o = dims.offsets();
@@ -162,8 +179,21 @@ simd_dispatch! {
         }
 
         let w_in = part(p, &o, W_IN);
-        let xs = gemm(Product::ABt, (&normed, rows, d), (&w_in[..di * d], di, d))?;
-        let z = gemm(Product::ABt, (&normed, rows, d), (&w_in[di * d..], di, d))?;
+        let (xs, z) = match &quant.in_proj {
+            Some(q) => {
+                let xz = q.matmul_t(&normed, rows);
+                let (mut xs, mut z) = (Vec::with_capacity(rows * di), Vec::with_capacity(rows * di));
+                for row in xz.chunks_exact(2 * di) {
+                    xs.extend_from_slice(&row[..di]);
+                    z.extend_from_slice(&row[di..]);
+                }
+                (xs, z)
+            }
+            None => (
+                gemm(Product::ABt, (&normed, rows, d), (&w_in[..di * d], di, d))?,
+                gemm(Product::ABt, (&normed, rows, d), (&w_in[di * d..], di, d))?,
+            ),
+        };
 
         let mut pre = vec![0f32; rows * di];
         conv_pre(&xs, part(p, &o, CONV_W), part(p, &o, CONV_B), l, di, k, &mut pre);
@@ -176,7 +206,18 @@ simd_dispatch! {
 
         // Each row of qb: delta_proj(xc) before its bias (di values), then B·xc (n).
         let wq = di + n;
-        let qb = gemm(Product::ABt, (&xc, rows, di), (&p[o[W_DELTA]..o[B + 1]], wq, di))?;
+        let qb = match &quant.delta_proj {
+            Some(q) => {
+                let (qd, bx) = (q.matmul_t(&xc, rows), gemm(Product::ABt, (&xc, rows, di), (part(p, &o, B), n, di))?);
+                let mut qb = Vec::with_capacity(rows * wq);
+                for (qr, br) in qd.chunks_exact(di).zip(bx.chunks_exact(n.max(1))) {
+                    qb.extend_from_slice(qr);
+                    qb.extend_from_slice(&br[..n]);
+                }
+                qb
+            }
+            None => gemm(Product::ABt, (&xc, rows, di), (&p[o[W_DELTA]..o[B + 1]], wq, di))?,
+        };
         // Δ per row: mean over channels of softplus(delta_proj(xc)).
         let b_delta = part(p, &o, B_DELTA);
         let mut delta = vec![0f32; rows];
@@ -218,7 +259,14 @@ simd_dispatch! {
         });
 
         let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
-        Product::ABt.write_into((&gated, rows, di), (part(p, &o, W_OUT), d, di), &mut out, residual)?;
+        match &quant.out_proj {
+            Some(q) => {
+                for (o, v) in out.iter_mut().zip(q.matmul_t(&gated, rows)) {
+                    *o += v;
+                }
+            }
+            None => Product::ABt.write_into((&gated, rows, di), (part(p, &o, W_OUT), d, di), &mut out, residual)?,
+        }
         Ok((out, Saved { stats, normed, xs, z, pre, xc, qb, delta, a, h, y, gated }))
     }
 }
@@ -346,7 +394,7 @@ impl CustomOp2 for SsmBlockOp {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, p) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let (out, saved) = block_forward(&self.dims, self.residual, x, p)?;
+        let (out, saved) = block_forward(&self.dims, &self.quant, self.residual, x, p)?;
         if self.keep {
             *self.saved.lock().map_err(|_| candle_core::Error::Msg("ssm-block: a backward pass panicked".into()))? = Some(saved);
         }
@@ -361,7 +409,7 @@ impl CustomOp2 for SsmBlockOp {
                     // A second backward through the same graph finds the intermediates gone: recompute them.
                     let saved = match kept {
                         Some(s) => s,
-                        None => block_forward(&self.dims, self.residual, xs, ps)?.1,
+                        None => block_forward(&self.dims, &self.quant, self.residual, xs, ps)?.1,
                     };
                     block_backward(&self.dims, self.residual, xs, ps, &saved, gs)
                 })
@@ -373,8 +421,11 @@ impl CustomOp2 for SsmBlockOp {
 
 /// The SSM block on f32 rows x (batch · seq_len, d) with packed parameters (see [`pack`]):
 /// `x + out_proj(…)` with `residual`, `out_proj(…)` alone without. `train` keeps what the
-/// backward pass needs.
-pub fn ssm_block(x: &Tensor, packed: &Tensor, dims: SsmBlockDims, residual: bool, train: bool) -> Result<Tensor> {
-    let op = SsmBlockOp { dims, residual, keep: train, saved: Mutex::new(None) };
+/// backward pass needs; `quant` (inference only) runs those projections on their integer kernels.
+pub fn ssm_block(x: &Tensor, packed: &Tensor, dims: SsmBlockDims, quant: SsmBlockQuant, residual: bool, train: bool) -> Result<Tensor> {
+    if train && quant.any() {
+        candle_core::bail!("ssm-block: quantized weights are for inference; train the f32 model");
+    }
+    let op = SsmBlockOp { dims, quant, residual, keep: train, saved: Mutex::new(None) };
     x.contiguous()?.apply_op2(&packed.contiguous()?, op)
 }
