@@ -317,17 +317,8 @@ impl IteraDecoder {
 
     /// Feed `token` at the state's position; returns the next-token logits (vocab).
     pub fn step(&self, token: u32, st: &mut IteraDecodeState) -> Result<Vec<f32>> {
-        let (d, t) = (self.d_model, token as usize);
-        if t >= self.vocab {
-            candle_core::bail!("token id {token} is outside the vocabulary of {}", self.vocab);
-        }
-        if st.pos >= self.max_seq_len {
-            candle_core::bail!("sequence of {} tokens exceeds max_seq_len {}", st.pos + 1, self.max_seq_len);
-        }
-        let (emb, pos) = (&self.embed[t * d..(t + 1) * d], &self.pos[st.pos * d..(st.pos + 1) * d]);
-        for ((x, e), p) in st.x.iter_mut().zip(emb).zip(pos) {
-            *x = e + p;
-        }
+        let d = self.d_model;
+        embed_token(&self.embed, &self.pos, (self.vocab, self.max_seq_len), token, st.pos, &mut st.x)?;
         for ((ssm, ff), ls) in self.layers.iter().zip(st.layers.iter_mut()) {
             ssm.step(&mut st.x, ls, &mut st.scratch);
             ff.step(&mut st.x, &mut st.scratch);
@@ -344,6 +335,21 @@ impl IteraDecoder {
             }
         })
     }
+}
+
+/// x = token embedding + position embedding at `pos`, after checking both are in range.
+pub(crate) fn embed_token(embed: &[f32], pos_emb: &[f32], (vocab, max_seq_len): (usize, usize), token: u32, pos: usize, x: &mut [f32]) -> Result<()> {
+    let (d, t) = (x.len(), token as usize);
+    if t >= vocab {
+        candle_core::bail!("token id {token} is outside the vocabulary of {vocab}");
+    }
+    if pos >= max_seq_len {
+        candle_core::bail!("sequence of {} tokens exceeds max_seq_len {max_seq_len}", pos + 1);
+    }
+    for ((x, e), p) in x.iter_mut().zip(&embed[t * d..(t + 1) * d]).zip(&pos_emb[pos * d..(pos + 1) * d]) {
+        *x = e + p;
+    }
+    Ok(())
 }
 
 /// out[r] = W[r] · x for a row-major W with `cols` columns.

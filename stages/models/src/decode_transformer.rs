@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::Result;
 
-use crate::decode::{gelu, matvec, values, Dense, Norm};
+use crate::decode::{embed_token, gelu, matvec, values, Dense, Norm};
 use crate::quant::QWeight;
 use crate::transformer::Transformer;
 
@@ -107,17 +107,8 @@ impl TransformerDecoder {
 
     /// Feed `token` at the state's position; returns the next-token logits (vocab).
     pub fn step(&self, token: u32, st: &mut TransformerDecodeState) -> Result<Vec<f32>> {
-        let (d, t) = (self.d_model, token as usize);
-        if t >= self.vocab {
-            candle_core::bail!("token id {token} is outside the vocabulary of {}", self.vocab);
-        }
-        if st.pos >= self.max_seq_len {
-            candle_core::bail!("sequence of {} tokens exceeds max_seq_len {}", st.pos + 1, self.max_seq_len);
-        }
-        let (emb, pos) = (&self.embed[t * d..(t + 1) * d], &self.pos[st.pos * d..(st.pos + 1) * d]);
-        for ((x, e), p) in st.x.iter_mut().zip(emb).zip(pos) {
-            *x = e + p;
-        }
+        let d = self.d_model;
+        embed_token(&self.embed, &self.pos, (self.vocab, self.max_seq_len), token, st.pos, &mut st.x)?;
         let hd = d / self.heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let seen = st.pos + 1;

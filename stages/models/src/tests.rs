@@ -302,6 +302,16 @@ mod quantized {
     }
 }
 
+/// Moves every variable off its initial value (D = 1 and zero biases would hide terms in a
+/// gradient comparison), by up to ±0.3, seeded.
+fn perturb(varmap: &candle_nn::VarMap) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    for var in varmap.all_vars() {
+        let noise: Vec<f32> = (0..var.elem_count()).map(|_| rand::Rng::random_range(&mut rng, -0.3f32..0.3)).collect();
+        var.set(&(var.as_tensor() + Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap()).unwrap()).unwrap();
+    }
+}
+
 /// The fused SSM block node against the op-by-op block: output and the gradient of every
 /// parameter and of the input, with and without dropout between the block and its residual.
 #[test]
@@ -316,13 +326,7 @@ fn fused_ssm_block_equals_the_op_by_op_block_and_its_gradients() {
         let (varmap, vb) = crate::nn::fresh_builder();
         let block = SsmBlock::new(&cfg, vb).unwrap();
         crate::nn::init_deterministic(&varmap, 5).unwrap();
-        // Move every parameter off its initial value (D = 1, zero biases would hide terms).
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        for var in varmap.all_vars() {
-            let noise: Vec<f32> = (0..var.elem_count()).map(|_| rand::Rng::random_range(&mut rng, -0.3f32..0.3)).collect();
-            let noise = Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap();
-            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
-        }
+        perturb(&varmap);
         let (seq_len, rows) = (12, 36);
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, cfg.d_model), &Device::Cpu).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (rows, cfg.d_model), &Device::Cpu).unwrap();
@@ -367,11 +371,7 @@ fn fused_ffn_and_moe_layers_equal_the_op_by_op_layers_and_their_gradients() {
         let ffn = Ffn::new(&cfg, vb.pp("ffn")).unwrap();
         let moe = Moe::new(&cfg, vb.pp("moe")).unwrap();
         crate::nn::init_deterministic(&varmap, 5).unwrap();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        for var in varmap.all_vars() {
-            let noise: Vec<f32> = (0..var.elem_count()).map(|_| rand::Rng::random_range(&mut rng, -0.3f32..0.3)).collect();
-            var.set(&(var.as_tensor() + Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap()).unwrap()).unwrap();
-        }
+        perturb(&varmap);
         let rows = 30;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, cfg.d_model), &Device::Cpu).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (rows, cfg.d_model), &Device::Cpu).unwrap();
@@ -410,11 +410,7 @@ fn fused_transformer_block_equals_the_op_by_op_block_and_its_gradients() {
         let (varmap, vb) = crate::nn::fresh_builder();
         let block = Block::new(&cfg, vb).unwrap();
         crate::nn::init_deterministic(&varmap, 5).unwrap();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        for var in varmap.all_vars() {
-            let noise: Vec<f32> = (0..var.elem_count()).map(|_| rand::Rng::random_range(&mut rng, -0.3f32..0.3)).collect();
-            var.set(&(var.as_tensor() + Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap()).unwrap()).unwrap();
-        }
+        perturb(&varmap);
         let (b, l) = (3, 10);
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b * l, d), &Device::Cpu).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (b * l, d), &Device::Cpu).unwrap();

@@ -9,9 +9,9 @@
 //! weight and bias, the q/k/v weight (3·d, d), the output weight (d, d). Tested against the
 //! op-by-op block and its autograd gradients.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 
 use super::*;
 use crate::linear_op::{strided_product, Product, View};
@@ -70,8 +70,6 @@ struct AttentionOp {
     dims: AttentionDims,
     quant: AttentionQuant,
     residual: bool,
-    keep: bool,
-    saved: Mutex<Option<Saved>>,
 }
 
 fn check(dims: &AttentionDims, x_len: usize, p_len: usize) -> Result<(usize, usize)> {
@@ -236,34 +234,14 @@ simd_dispatch! {
     }
 }
 
-impl CustomOp2 for AttentionOp {
-    fn name(&self) -> &'static str {
-        "attention-block"
+impl KeptBlock for AttentionOp {
+    type Saved = Saved;
+    const NAME: &'static str = "attention-block";
+    fn forward(&self, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+        attention_forward(&self.dims, &self.quant, self.residual, x, p)
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, p) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let (out, saved) = attention_forward(&self.dims, &self.quant, self.residual, x, p)?;
-        if self.keep {
-            *self.saved.lock().map_err(|_| candle_core::Error::Msg("attention: a backward pass panicked".into()))? = Some(saved);
-        }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-    fn bwd(&self, x: &Tensor, p: &Tensor, _out: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let kept = self.saved.lock().map_err(|_| candle_core::Error::Msg("attention: a forward pass panicked".into()))?.take();
-        let name = self.name();
-        let (dx, dp) = with_values(x, name, |xs| {
-            with_values(p, name, |ps| {
-                with_values(g, name, |gs| {
-                    // A second backward through the same graph finds the intermediates gone: recompute them.
-                    let saved = match kept {
-                        Some(s) => s,
-                        None => attention_forward(&self.dims, &self.quant, self.residual, xs, ps)?.1,
-                    };
-                    attention_backward(&self.dims, self.residual, xs, ps, &saved, gs)
-                })
-            })
-        })?;
-        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dp, p.shape(), p.device())?)))
+    fn backward(&self, x: &[f32], p: &[f32], saved: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        attention_backward(&self.dims, self.residual, x, p, saved, g)
     }
 }
 
@@ -275,6 +253,5 @@ pub fn attention_block(x: &Tensor, packed: &Tensor, dims: AttentionDims, quant: 
     if train && (quant.qkv.is_some() || quant.out.is_some()) {
         candle_core::bail!("attention: quantized weights are for inference; train the f32 model");
     }
-    let op = AttentionOp { dims, quant, residual, keep: train, saved: Mutex::new(None) };
-    x.contiguous()?.apply_op2(&packed.contiguous()?, op)
+    Kept::apply(AttentionOp { dims, quant, residual }, x, packed, train)
 }

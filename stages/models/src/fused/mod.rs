@@ -51,6 +51,61 @@ pub(crate) fn with_values<R>(t: &candle_core::Tensor, op: &str, f: impl FnOnce(&
     f(f32s(cpu, layout, op)?)
 }
 
+/// A fused block on f32 rows with packed parameters whose forward keeps its intermediates for a
+/// hand-written backward (see `ssm_block`, `attention`).
+pub(crate) trait KeptBlock: Send + Sync + 'static {
+    type Saved: Send + Sync + 'static;
+    const NAME: &'static str;
+    fn forward(&self, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Self::Saved)>;
+    /// Gradients of x and of the packed parameters, given the output's gradient `g`.
+    fn backward(&self, x: &[f32], p: &[f32], saved: &Self::Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)>;
+}
+
+/// The autograd node of a [`KeptBlock`]: keeps the forward's intermediates when training.
+pub(crate) struct Kept<B: KeptBlock> {
+    block: B,
+    keep: bool,
+    saved: std::sync::Mutex<Option<B::Saved>>,
+}
+
+impl<B: KeptBlock> Kept<B> {
+    /// `block` on x (rows) with its packed parameters; `train` keeps what the backward needs.
+    pub(crate) fn apply(block: B, x: &candle_core::Tensor, packed: &candle_core::Tensor, train: bool) -> Result<candle_core::Tensor> {
+        let node = Kept { block, keep: train, saved: std::sync::Mutex::new(None) };
+        x.contiguous()?.apply_op2(&packed.contiguous()?, node)
+    }
+}
+
+impl<B: KeptBlock> candle_core::CustomOp2 for Kept<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
+        let (x, p) = (f32s(s1, l1, B::NAME)?, f32s(s2, l2, B::NAME)?);
+        let (out, saved) = self.block.forward(x, p)?;
+        if self.keep {
+            *self.saved.lock().map_err(|_| candle_core::Error::Msg(format!("{}: a backward pass panicked", B::NAME)))? = Some(saved);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(&self, x: &candle_core::Tensor, p: &candle_core::Tensor, _out: &candle_core::Tensor, g: &candle_core::Tensor) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
+        let kept = self.saved.lock().map_err(|_| candle_core::Error::Msg(format!("{}: a forward pass panicked", B::NAME)))?.take();
+        let (dx, dp) = with_values(x, B::NAME, |xs| {
+            with_values(p, B::NAME, |ps| {
+                with_values(g, B::NAME, |gs| {
+                    // A second backward through the same graph finds the intermediates gone: recompute them.
+                    let saved = match kept {
+                        Some(s) => s,
+                        None => self.block.forward(xs, ps)?.1,
+                    };
+                    self.block.backward(xs, ps, &saved, gs)
+                })
+            })
+        })?;
+        Ok((Some(candle_core::Tensor::from_vec(dx, x.shape(), x.device())?), Some(candle_core::Tensor::from_vec(dp, p.shape(), p.device())?)))
+    }
+}
+
 /// e^x, branch-free so the loops calling it vectorize (libm's expf is a call per element and was
 /// ~7 % of a training step). Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, then a degree-7
 /// Taylor polynomial (truncation < 1e-8 relative) and 2^n built in the exponent bits; within

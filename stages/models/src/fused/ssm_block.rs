@@ -12,9 +12,9 @@
 //! vector ([`pack`]): the concatenation's backward hands each variable its slice of the packed
 //! gradient, so the optimizer still sees the ordinary per-parameter variables.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 
 use super::ssm::{conv_param_grad, conv_pre, conv_transpose};
 use super::*;
@@ -123,9 +123,6 @@ struct SsmBlockOp {
     quant: SsmBlockQuant,
     /// Adds the block input to the output (off when dropout sits between them).
     residual: bool,
-    /// Keep the intermediates for a backward pass (training).
-    keep: bool,
-    saved: Mutex<Option<Saved>>,
 }
 
 /// A product into a fresh buffer (never zero-filled first).
@@ -388,34 +385,14 @@ simd_dispatch! {
     }
 }
 
-impl CustomOp2 for SsmBlockOp {
-    fn name(&self) -> &'static str {
-        "ssm-block"
+impl KeptBlock for SsmBlockOp {
+    type Saved = Saved;
+    const NAME: &'static str = "ssm-block";
+    fn forward(&self, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+        block_forward(&self.dims, &self.quant, self.residual, x, p)
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, p) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
-        let (out, saved) = block_forward(&self.dims, &self.quant, self.residual, x, p)?;
-        if self.keep {
-            *self.saved.lock().map_err(|_| candle_core::Error::Msg("ssm-block: a backward pass panicked".into()))? = Some(saved);
-        }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-    fn bwd(&self, x: &Tensor, p: &Tensor, _out: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let kept = self.saved.lock().map_err(|_| candle_core::Error::Msg("ssm-block: a forward pass panicked".into()))?.take();
-        let name = self.name();
-        let (dx, dp) = with_values(x, name, |xs| {
-            with_values(p, name, |ps| {
-                with_values(g, name, |gs| {
-                    // A second backward through the same graph finds the intermediates gone: recompute them.
-                    let saved = match kept {
-                        Some(s) => s,
-                        None => block_forward(&self.dims, &self.quant, self.residual, xs, ps)?.1,
-                    };
-                    block_backward(&self.dims, self.residual, xs, ps, &saved, gs)
-                })
-            })
-        })?;
-        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dp, p.shape(), p.device())?)))
+    fn backward(&self, x: &[f32], p: &[f32], saved: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        block_backward(&self.dims, self.residual, x, p, saved, g)
     }
 }
 
@@ -426,6 +403,5 @@ pub fn ssm_block(x: &Tensor, packed: &Tensor, dims: SsmBlockDims, quant: SsmBloc
     if train && quant.any() {
         candle_core::bail!("ssm-block: quantized weights are for inference; train the f32 model");
     }
-    let op = SsmBlockOp { dims, quant, residual, keep: train, saved: Mutex::new(None) };
-    x.contiguous()?.apply_op2(&packed.contiguous()?, op)
+    Kept::apply(SsmBlockOp { dims, quant, residual }, x, packed, train)
 }
