@@ -41,10 +41,12 @@ fn parallelism(flops: usize) -> Parallelism {
     }
 }
 
+/// (m, n, k) of a GEMM dst (m×n) = lhs (m×k) · rhs (k×n), and each operand's (column stride,
+/// row stride) as the GEMM sees it.
+type Plan = (usize, usize, usize, (usize, usize), (usize, usize));
+
 impl Product {
-    /// (m, n, k) of the GEMM dst (m×n) = lhs (m×k) · rhs (k×n), and each operand's
-    /// (column stride, row stride) as the GEMM sees it.
-    fn plan(self, (_, ar, ac): Matrix, (_, br, bc): Matrix) -> Result<(usize, usize, usize, (usize, usize), (usize, usize))> {
+    fn plan(self, (_, ar, ac): Matrix, (_, br, bc): Matrix) -> Result<Plan> {
         Ok(match self {
             Product::ABt if ac == bc => (ar, br, ac, (1, ac), (bc, 1)),
             Product::AB if ac == br => (ar, bc, ac, (1, ac), (1, bc)),

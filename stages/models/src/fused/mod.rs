@@ -187,8 +187,6 @@ fn softplus(v: f32) -> f32 {
     v.max(0.0) + ln_1p_unit(exp(-v.abs()))
 }
 
-/// mean_c softplus(x[row, c] + bias[c]) per row.
-
 /// erf(x), Abramowitz & Stegun 7.1.26 (≤ 1.5e-7, ≤ 5e-7 after f32 rounding; tested), branch-free on |x| with the sign
 /// put back: libm's erff is a call per element, and candle's GELU backward is ~12 tensor ops.
 #[inline(always)]
