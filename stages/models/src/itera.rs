@@ -273,8 +273,9 @@ impl Moe {
     }
 
     /// Router → top-k → softmax over the k → weighted sum of the chosen experts; residual.
-    /// Training computes every expert densely (gates are zero off the top-k, so the result is
-    /// the same); inference runs each expert only on its own tokens.
+    /// In f32 one fused node runs each expert on its routed rows (training and inference); the
+    /// op-by-op form computes training densely (gates are zero off the top-k, so the result is
+    /// the same) and inference per expert.
     /// x: (batch, time, d) or its rows (batch · time, d); the output has x's shape.
     pub fn forward(&self, x: &Tensor, train: &mut Train) -> Result<MoeOut> {
         self.forward_with(x, train, true)
