@@ -36,17 +36,7 @@ impl AttentionDims {
 /// LayerNorm weight and bias, the q/k/v weight (3·d, d) and the output weight (d, d), as one vector.
 pub fn pack(dims: &AttentionDims, ln_w: &Tensor, ln_b: &Tensor, w_qkv: &Tensor, w_out: &Tensor) -> Result<Tensor> {
     let d = dims.d;
-    let parts = [(ln_w, d), (ln_b, d), (w_qkv, 3 * d * d), (w_out, d * d)];
-    let flat = parts
-        .iter()
-        .map(|(t, size)| {
-            if t.elem_count() != *size {
-                candle_core::bail!("attention: a parameter of shape {:?} where {size} values were expected", t.dims());
-            }
-            t.flatten_all()
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&flat, 0)
+    pack_parts("attention", &[(ln_w, d), (ln_b, d), (w_qkv, 3 * d * d), (w_out, d * d)])
 }
 
 /// Integer copies of the q/k/v and output projections for quantized inference (None: f32).

@@ -51,6 +51,21 @@ pub(crate) fn with_values<R>(t: &candle_core::Tensor, op: &str, f: impl FnOnce(&
     f(f32s(cpu, layout, op)?)
 }
 
+/// Parameters as one vector for a fused node: each part must hold its expected number of values
+/// (`op` names the node in the error); the concatenation's backward hands each its slice.
+pub(crate) fn pack_parts(op: &str, parts: &[(&candle_core::Tensor, usize)]) -> Result<candle_core::Tensor> {
+    let flat = parts
+        .iter()
+        .map(|&(t, size)| {
+            if t.elem_count() != size {
+                candle_core::bail!("{op}: a parameter of shape {:?} where {size} values were expected", t.dims());
+            }
+            t.flatten_all()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    candle_core::Tensor::cat(&flat, 0)
+}
+
 /// A fused block on f32 rows with packed parameters whose forward keeps its intermediates for a
 /// hand-written backward (see `ssm_block`, `attention`).
 pub(crate) trait KeptBlock: Send + Sync + 'static {

@@ -73,17 +73,8 @@ impl SsmBlockDims {
 /// The block's parameters as one vector, in the order of [`SsmBlockDims::sizes`]; each must have
 /// its part's element count.
 pub fn pack(dims: &SsmBlockDims, parts: [&Tensor; PARTS]) -> Result<Tensor> {
-    let flat = parts
-        .iter()
-        .zip(dims.sizes())
-        .map(|(t, size)| {
-            if t.elem_count() != size {
-                candle_core::bail!("ssm-block: a parameter of shape {:?} where {size} values were expected", t.dims());
-            }
-            t.flatten_all()
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&flat, 0)
+    let sized: Vec<(&Tensor, usize)> = parts.into_iter().zip(dims.sizes()).collect();
+    pack_parts("ssm-block", &sized)
 }
 
 /// Integer copies of the block's projections for quantized inference (None: the f32 weight in
