@@ -48,8 +48,8 @@ impl ExpertsDims {
 pub fn pack(dims: &ExpertsDims, ln_w: &Tensor, ln_b: &Tensor, ups: &[&Tensor], downs: &[&Tensor]) -> Result<Tensor> {
     let up = Tensor::cat(ups, 0)?;
     let down = Tensor::cat(downs, 0)?;
-    let [ln, up_n, down_n] = [dims.d, dims.width() * dims.d, dims.d * dims.width()];
-    pack_parts("experts", &[(ln_w, ln), (ln_b, ln), (&up, up_n), (&down, down_n)])
+    let [w_n, b_n, up_n, down_n] = dims.sizes();
+    pack_parts("experts", &[(ln_w, w_n), (ln_b, b_n), (&up, up_n), (&down, down_n)])
 }
 
 /// One expert's share of a forward pass: its rows (None: all of them, in order), its input rows
