@@ -50,11 +50,7 @@ fn time_cmd(bin: &Path, dir: &Path, args: &[&str]) -> f64 {
     let t = Instant::now();
     let out = Command::new(bin).current_dir(dir).args(args).output().expect("run orchestrate");
     let secs = t.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "orchestrate {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "orchestrate {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     secs
 }
 
@@ -115,7 +111,8 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let ex = work.path().join("examples");
     std::fs::create_dir_all(ex.join("data")).expect("mkdir");
-    std::fs::copy(root.join("pipelines/examples/phase4-shape.yaml"), ex.join("phase4-shape.yaml")).expect("copy example");
+    std::fs::copy(root.join("pipelines/examples/phase4-shape.yaml"), ex.join("phase4-shape.yaml"))
+        .expect("copy example");
     std::fs::copy(root.join("pipelines/examples/data/essay.txt"), ex.join("data/essay.txt")).expect("copy data");
     std::fs::write(work.path().join("wide.yaml"), wide_pipeline(200)).expect("write");
     std::fs::write(work.path().join("chain.yaml"), chain_pipeline(200)).expect("write");
@@ -252,8 +249,13 @@ fn main() {
         let gbs = (1u64 << 30) as f64 / h.median / 1e9;
         println!("hashing a 1 GiB file (blake3, warm page cache, 1 thread)");
         println!(
-            "  {:.3} s [{:.3}–{:.3}] = {:.2} GB/s   (b3sum 1 thread 0.39 s, 2 threads 0.19 s; md5sum 1.96 s; dvc add 4.93 s → {:.0}× faster than dvc add)",
-            h.median, h.min, h.max, gbs, 4.93 / h.median
+            "  {:.3} s [{:.3}–{:.3}] = {:.2} GB/s   (b3sum 1 thread 0.39 s, 2 threads 0.19 s; md5sum \
+                1.96 s; dvc add 4.93 s → {:.0}× faster than dvc add)",
+            h.median,
+            h.min,
+            h.max,
+            gbs,
+            4.93 / h.median
         );
         println!("  target ≥ 1.5 GB/s: {}", if gbs >= 1.5 { "met" } else { "MISSED" });
     }

@@ -33,7 +33,8 @@ impl Dag {
             return Err(cycle_error(p, &graph, cycle.node_id()));
         }
         // Kahn's algorithm, always taking the ready stage that comes first in the file.
-        let mut indeg: Vec<usize> = nodes.iter().map(|n| graph.edges_directed(*n, Direction::Incoming).count()).collect();
+        let mut indeg: Vec<usize> =
+            nodes.iter().map(|n| graph.edges_directed(*n, Direction::Incoming).count()).collect();
         let mut ready: std::collections::BTreeSet<usize> = (0..nodes.len()).filter(|&i| indeg[i] == 0).collect();
         let mut order = Vec::with_capacity(nodes.len());
         while let Some(i) = ready.pop_first() {
@@ -119,7 +120,12 @@ impl Dag {
             s.push_str(&format!("  {}[\"{} ({})\"]\n", id(i), st.name, st.kind));
         }
         for e in self.graph.edge_references() {
-            s.push_str(&format!("  {} -->|{}| {}\n", id(self.graph[e.source()]), e.weight(), id(self.graph[e.target()])));
+            s.push_str(&format!(
+                "  {} -->|{}| {}\n",
+                id(self.graph[e.source()]),
+                e.weight(),
+                id(self.graph[e.target()])
+            ));
         }
         s
     }

@@ -96,7 +96,8 @@ pub fn exec_stage_main(spec_path: &Path, result_path: &Path) -> i32 {
 
 fn run_in_child(spec_path: &Path) -> Result<BTreeMap<String, Value>, String> {
     let text = std::fs::read(spec_path).map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
-    let spec: RunSpec = serde_json::from_slice(&text).map_err(|e| format!("bad stage spec {}: {e}", spec_path.display()))?;
+    let spec: RunSpec =
+        serde_json::from_slice(&text).map_err(|e| format!("bad stage spec {}: {e}", spec_path.display()))?;
     let registry = Registry::builtin();
     let stage = registry.get(&spec.kind).ok_or_else(|| format!("unknown stage kind `{}`", spec.kind))?;
     let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
@@ -200,7 +201,11 @@ fn guarded(ext: &External) -> std::process::Command {
             .arg("orchestrate-guard")
             .arg(&ext.args[1]);
     } else {
-        c.arg("-c").arg(format!("{watch} \"$@\" </dev/null & wait $!")).arg("orchestrate-guard").arg(&ext.program).args(&ext.args);
+        c.arg("-c")
+            .arg(format!("{watch} \"$@\" </dev/null & wait $!"))
+            .arg("orchestrate-guard")
+            .arg(&ext.program)
+            .args(&ext.args);
     }
     c.envs(ext.env.iter().cloned());
     c
@@ -217,10 +222,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn scopeguard(h: Option<tokio::task::JoinHandle<()>>) -> AbortOnDrop {
-    AbortOnDrop(h)
-}
-
 /// Where a running stage's progress messages go: (stage name, message).
 pub type ProgressSink = tokio::sync::mpsc::UnboundedSender<(String, String)>;
 
@@ -235,6 +236,63 @@ fn last_progress(log: &Path) -> Option<String> {
     tail.lines().rev().find_map(|l| l.strip_prefix("[progress] ").map(str::to_string))
 }
 
+/// How a stage's child is started: directly as its external program under the `sh` guard, or
+/// as `orchestrate exec-stage SPEC RESULT`.
+struct Launch {
+    cmd: std::process::Command,
+    external: Option<External>,
+    /// Held until the child ends; dropping it (or dying) is what the guard watches for.
+    lifeline: Option<std::io::PipeWriter>,
+}
+
+/// The command for `spec`, or the reason it cannot run (an unknown kind, a bad external spec).
+fn launch(spec: &RunSpec, scratch: &Path, result_path: &Path) -> std::io::Result<Result<Launch, String>> {
+    let registry = Registry::builtin();
+    let Some(stage) = registry.get(&spec.kind) else {
+        return Ok(Err(format!("unknown stage kind `{}`", spec.kind)));
+    };
+    // ORCHESTRATE_STAGE_PROTOCOL=process sends every stage through `exec-stage`, the path all
+    // non-command stages take (for diagnosing a stage, and so tests cover that path too).
+    let direct_allowed = std::env::var("ORCHESTRATE_STAGE_PROTOCOL").map(|v| v != "process").unwrap_or(true);
+    let external = match stage.external(spec) {
+        Ok(e) if direct_allowed => e,
+        Ok(_) => None,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    if let Some(ext) = external {
+        let (reader, writer) = std::io::pipe()?;
+        let mut cmd = guarded(&ext);
+        cmd.stdin(reader);
+        return Ok(Ok(Launch { cmd, external: Some(ext), lifeline: Some(writer) }));
+    }
+    let spec_path = scratch.join("spec.json");
+    std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).map_err(std::io::Error::other)?)?;
+    let _ = std::fs::remove_file(result_path);
+    let mut cmd = std::process::Command::new(self_exe()?);
+    cmd.arg("exec-stage").arg(&spec_path).arg(result_path).stdin(std::process::Stdio::null());
+    cmd.env(PARENT_ENV, std::process::id().to_string());
+    // candle (rayon) and BLAS-style libraries size their pools from these at start-up.
+    cmd.env("RAYON_NUM_THREADS", spec.threads.to_string()).env("OMP_NUM_THREADS", spec.threads.to_string());
+    Ok(Ok(Launch { cmd, external: None, lifeline: None }))
+}
+
+/// Forward the newest `[progress] …` line of the stage's log to `sink`, twice a second.
+fn watch_progress(sink: ProgressSink, log: PathBuf, name: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = last_progress(&log);
+            if now.is_some() && now != last {
+                if sink.send((name.clone(), now.clone().unwrap_or_default())).is_err() {
+                    break;
+                }
+                last = now;
+            }
+        }
+    })
+}
+
 /// Run a stage in a child process and wait for it, a timeout, or a cancel.
 pub async fn run_child(
     spec: &RunSpec,
@@ -245,46 +303,12 @@ pub async fn run_child(
 ) -> std::io::Result<(Outcome, PathBuf)> {
     let log_path = scratch.join("log.txt");
     let result_path = scratch.join("result.json");
-    let failed = |message: String| Outcome::Failed { message, cpu_s: 0.0, peak_rss_bytes: 0 };
-    let registry = Registry::builtin();
-    let Some(stage) = registry.get(&spec.kind) else {
-        return Ok((failed(format!("unknown stage kind `{}`", spec.kind)), log_path));
-    };
-    // ORCHESTRATE_STAGE_PROTOCOL=process sends every stage through `exec-stage`, the path all
-    // non-command stages take (for diagnosing a stage, and so tests cover that path too).
-    let direct_allowed = std::env::var("ORCHESTRATE_STAGE_PROTOCOL").map(|v| v != "process").unwrap_or(true);
-    let external = match stage.external(spec) {
-        Ok(e) if direct_allowed => e,
-        Ok(_) => None,
-        Err(e) => return Ok((failed(e.to_string()), log_path)),
-    };
-    // Held until the child ends; dropping it (or dying) is what the guard watches for.
-    let mut lifeline = None;
-    let mut cmd = match &external {
-        Some(ext) => {
-            let (reader, writer) = std::io::pipe()?;
-            lifeline = Some(writer);
-            let mut c = guarded(ext);
-            c.stdin(reader);
-            c
-        }
-        None => {
-            let spec_path = scratch.join("spec.json");
-            std::fs::write(&spec_path, serde_json::to_vec_pretty(spec).map_err(std::io::Error::other)?)?;
-            let _ = std::fs::remove_file(&result_path);
-            let mut c = std::process::Command::new(self_exe()?);
-            c.arg("exec-stage").arg(&spec_path).arg(&result_path).stdin(std::process::Stdio::null());
-            c.env(PARENT_ENV, std::process::id().to_string());
-            // candle (rayon) and BLAS-style libraries size their pools from these at start-up.
-            c.env("RAYON_NUM_THREADS", spec.threads.to_string()).env("OMP_NUM_THREADS", spec.threads.to_string());
-            c
-        }
+    let Launch { mut cmd, external, lifeline } = match launch(spec, scratch, &result_path)? {
+        Ok(l) => l,
+        Err(message) => return Ok((Outcome::Failed { message, cpu_s: 0.0, peak_rss_bytes: 0 }, log_path)),
     };
     let log = File::create(&log_path)?;
-    cmd.current_dir(&spec.work_dir)
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0);
+    cmd.current_dir(&spec.work_dir).stdout(log.try_clone()?).stderr(log).process_group(0);
     if *cancel.borrow() {
         return Ok((Outcome::Cancelled, log_path));
     }
@@ -293,23 +317,8 @@ pub async fn run_child(
     drop(child); // reaped by wait4 below
     let started = Instant::now();
     let mut waiter = tokio::task::spawn_blocking(move || wait4(pid));
-    let watcher = progress.map(|sink| {
-        let (log, name) = (log_path.clone(), spec.stage_name.clone());
-        tokio::spawn(async move {
-            let mut last = None;
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let now = last_progress(&log);
-                if now.is_some() && now != last {
-                    if sink.send((name.clone(), now.clone().unwrap_or_default())).is_err() {
-                        break;
-                    }
-                    last = now;
-                }
-            }
-        })
-    });
-    let _stop_watching = scopeguard(watcher);
+    let watcher = progress.map(|sink| watch_progress(sink, log_path.clone(), spec.stage_name.clone()));
+    let _stop_watching = AbortOnDrop(watcher);
     let deadline = async {
         match timeout {
             Some(t) => tokio::time::sleep(t).await,
@@ -333,31 +342,37 @@ pub async fn run_child(
     // Anything the stage left running in its group goes too (the guard's watcher included).
     kill_group(pid);
     drop(lifeline);
+    Ok((outcome(&exit, external.as_ref(), &result_path), log_path))
+}
+
+/// What the child's exit means: for an external program its exit status and metrics file, for
+/// `exec-stage` the result file it wrote.
+fn outcome(exit: &Exit, external: Option<&External>, result_path: &Path) -> Outcome {
     let (cpu_s, peak_rss_bytes) = (exit.cpu_s, exit.peak_rss_bytes);
-    let outcome = match &external {
-        Some(ext) if exit.success() => match ext.metrics_file.as_deref().map(stage_api::read_metrics_file).transpose() {
-            Ok(metrics) => Outcome::Done(ChildResult { ok: true, error: None, metrics: metrics.unwrap_or_default(), cpu_s, peak_rss_bytes }),
-            Err(e) => Outcome::Failed { message: e.to_string(), cpu_s, peak_rss_bytes },
-        },
-        Some(_) => Outcome::Failed { message: format!("command {}", exit.describe()), cpu_s, peak_rss_bytes },
+    let failed = |message: String| Outcome::Failed { message, cpu_s, peak_rss_bytes };
+    let done = |metrics| Outcome::Done(ChildResult { ok: true, error: None, metrics, cpu_s, peak_rss_bytes });
+    match external {
+        Some(ext) if exit.success() => {
+            match ext.metrics_file.as_deref().map(stage_api::read_metrics_file).transpose() {
+                Ok(metrics) => done(metrics.unwrap_or_default()),
+                Err(e) => failed(e.to_string()),
+            }
+        }
+        Some(_) => failed(format!("command {}", exit.describe())),
         None => {
-            let result: Option<ChildResult> = std::fs::read(&result_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let result: Option<ChildResult> =
+                std::fs::read(result_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
             match result {
                 Some(mut r) if r.ok && exit.success() => {
                     r.cpu_s = cpu_s;
                     r.peak_rss_bytes = peak_rss_bytes;
                     Outcome::Done(r)
                 }
-                Some(r) => Outcome::Failed {
-                    message: r.error.unwrap_or_else(|| format!("the stage process {}", exit.describe())),
-                    cpu_s,
-                    peak_rss_bytes,
-                },
-                None => Outcome::Failed { message: format!("the stage process {} without a result", exit.describe()), cpu_s, peak_rss_bytes },
+                Some(r) => failed(r.error.unwrap_or_else(|| format!("the stage process {}", exit.describe()))),
+                None => failed(format!("the stage process {} without a result", exit.describe())),
             }
         }
-    };
-    Ok((outcome, log_path))
+    }
 }
 
 /// The running binary, for `exec-stage` children. On Linux `/proc/self/exe` still names the

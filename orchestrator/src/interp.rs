@@ -107,7 +107,10 @@ fn value_as_text(v: &Value, expr: &str, pos: Pos) -> Result<String, InterpError>
         Value::Null => Ok(String::new()),
         Value::Array(_) | Value::Object(_) => Err(InterpError {
             message: format!("`${{{expr}}}` is a list or map and cannot be spliced into text"),
-            help: Some("use it as the whole value (e.g. `foreach: ${params.sizes}`) or index into it: `${params.sizes.0}`".into()),
+            help: Some(
+                "use it as the whole value (e.g. `foreach: ${params.sizes}`) or index into it: `${params.sizes.0}`"
+                    .into(),
+            ),
             pos,
         }),
     }
@@ -128,9 +131,9 @@ pub fn interpolate_str(s: &str, scope: &Scope, pos: Pos) -> Result<Node, InterpE
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let after = &rest[i..];
-        if after.starts_with("$${") {
+        if let Some(tail) = after.strip_prefix("$${") {
             out.push_str("$${");
-            rest = &after[3..];
+            rest = tail;
         } else if after.starts_with("${") {
             let Some(end) = after.find('}') else {
                 return Err(InterpError {
@@ -158,15 +161,12 @@ pub fn interpolate_str(s: &str, scope: &Scope, pos: Pos) -> Result<Node, InterpE
 pub fn interpolate(node: &Node, scope: &Scope) -> Result<Node, InterpError> {
     Ok(match &node.kind {
         Kind::Str(s) if s.contains('$') => interpolate_str(s, scope, node.pos)?,
-        Kind::Seq(items) => Node::new(
-            Kind::Seq(items.iter().map(|n| interpolate(n, scope)).collect::<Result<_, _>>()?),
-            node.pos,
-        ),
+        Kind::Seq(items) => {
+            Node::new(Kind::Seq(items.iter().map(|n| interpolate(n, scope)).collect::<Result<_, _>>()?), node.pos)
+        }
         Kind::Map(m) => Node::new(
             Kind::Map(
-                m.iter()
-                    .map(|(k, v)| Ok((k.clone(), interpolate(v, scope)?)))
-                    .collect::<Result<_, InterpError>>()?,
+                m.iter().map(|(k, v)| Ok((k.clone(), interpolate(v, scope)?))).collect::<Result<_, InterpError>>()?,
             ),
             node.pos,
         ),

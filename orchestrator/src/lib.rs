@@ -1,12 +1,18 @@
 //! orchestrate: YAML pipelines → a DAG → a tokio scheduler → a content-addressed store.
 //!
-//! Layers, bottom up: `yaml` (positioned tree) → `pipeline` (validated, resolved stages) →
-//! `dag` (petgraph) → `objects`/`store` (blake3 objects + sled index) → `exec`/`runner` (one
-//! stage in a child process) → `sched` (the run loop) → `plan`/`replay` → `cli`.
+//! Modules, bottom up (each uses only modules above it in this list; `docs/architecture.md`
+//! has the map): `yaml` (positioned tree) → `diag` (errors with snippets) → `interp`
+//! (`${...}`) → `overrides` (`--set`) → `registry` (the stage kinds) → `pipeline` (validated,
+//! resolved stages) → `dag` (petgraph) → `objects` (blake3 blobs and trees) → `cache_key` →
+//! `store` (sled index, manifests, lock) → `exec` (one child process) → `runner` (one stage:
+//! inputs in, outputs stored) → `events` → `run_description` → `sched` (the run loop) →
+//! `progress` → `plan`, `replay` → `cli` (one module per verb).
 
+pub mod cache_key;
 pub mod cli;
 pub mod dag;
 pub mod diag;
+pub mod events;
 pub mod exec;
 pub mod interp;
 pub mod objects;
@@ -16,8 +22,7 @@ pub mod plan;
 pub mod progress;
 pub mod registry;
 pub mod replay;
-pub mod report;
-pub mod runmeta;
+pub mod run_description;
 pub mod runner;
 pub mod sched;
 pub mod store;

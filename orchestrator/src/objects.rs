@@ -213,9 +213,10 @@ impl ObjectStore {
         let mut names: Vec<(String, PathBuf)> = Vec::new();
         for e in io_ctx(fs::read_dir(path), || format!("listing {}", path.display()))? {
             let e = io_ctx(e, || format!("listing {}", path.display()))?;
-            let name = e.file_name().into_string().map_err(|n| {
-                ObjectError::Invalid(format!("file name {n:?} in {} is not UTF-8", path.display()))
-            })?;
+            let name = e
+                .file_name()
+                .into_string()
+                .map_err(|n| ObjectError::Invalid(format!("file name {n:?} in {} is not UTF-8", path.display())))?;
             names.push((name, e.path()));
         }
         names.sort();
@@ -265,9 +266,10 @@ impl ObjectStore {
         match entry.kind {
             ObjKind::File => fs::metadata(self.path(&entry.digest)).map(|m| m.len() == entry.size).unwrap_or(false),
             ObjKind::Tree => match self.read_tree(&entry.digest, "tree") {
-                Ok(t) => t.entries.iter().all(|e| {
-                    self.present(&Entry { digest: e.digest.clone(), kind: e.kind, size: e.size })
-                }),
+                Ok(t) => t
+                    .entries
+                    .iter()
+                    .all(|e| self.present(&Entry { digest: e.digest.clone(), kind: e.kind, size: e.size })),
                 Err(_) => false,
             },
         }
@@ -304,7 +306,10 @@ impl ObjectStore {
                     return Err(ObjectError::Corrupt { digest: entry.digest.clone(), what: what.into(), actual });
                 }
                 let mode = fs::metadata(&src).map(|m| m.permissions().mode()).unwrap_or(0o444);
-                let _ = fs::set_permissions(dest, fs::Permissions::from_mode(if mode & 0o111 != 0 { 0o755 } else { 0o644 }));
+                let _ = fs::set_permissions(
+                    dest,
+                    fs::Permissions::from_mode(if mode & 0o111 != 0 { 0o755 } else { 0o644 }),
+                );
                 Ok(())
             }
             ObjKind::Tree => {

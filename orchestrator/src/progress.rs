@@ -1,4 +1,5 @@
 //! What the user sees while a run goes: a live display on a terminal, plain lines otherwise.
+//! [`Progress`] is the terminal's [`RunEvents`].
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -6,9 +7,9 @@ use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::sched::{RunSummary, Status};
+use crate::events::{RunEvents, RunSummary, Status};
 
-pub struct Reporter {
+pub struct Progress {
     live: Option<Live>,
     quiet: bool,
     total: usize,
@@ -21,9 +22,9 @@ struct Live {
     running: HashMap<String, ProgressBar>,
 }
 
-impl Reporter {
+impl Progress {
     /// `quiet`: nothing but failures (for `--json`, where stdout is the summary).
-    pub fn new(quiet: bool) -> Reporter {
+    pub fn new(quiet: bool) -> Progress {
         let live = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
             let overall = multi.add(ProgressBar::new(0));
@@ -35,7 +36,7 @@ impl Reporter {
             overall.set_prefix("pipeline");
             Live { multi, overall, running: HashMap::new() }
         });
-        Reporter { live, quiet, total: 0, finished: 0 }
+        Progress { live, quiet, total: 0, finished: 0 }
     }
 
     fn line(&self, text: String) {
@@ -55,19 +56,30 @@ impl Reporter {
         }
     }
 
-    pub fn begin(&mut self, total: usize) {
+    fn stop_spinner(&mut self, name: &str) {
+        if let Some(l) = &mut self.live {
+            if let Some(pb) = l.running.remove(name) {
+                pb.finish_and_clear();
+                l.multi.remove(&pb);
+            }
+        }
+    }
+}
+
+impl RunEvents for Progress {
+    fn begin(&mut self, total: usize) {
         self.total = total;
         if let Some(l) = &self.live {
             l.overall.set_length(total as u64);
         }
     }
 
-    pub fn cached(&mut self, name: &str) {
+    fn cached(&mut self, name: &str) {
         self.line(format!("  cached     {name}"));
         self.tick();
     }
 
-    pub fn started(&mut self, name: &str, threads: u32) {
+    fn started(&mut self, name: &str, threads: u32) {
         match &mut self.live {
             Some(l) => {
                 let pb = l.multi.insert_before(&l.overall, ProgressBar::new_spinner());
@@ -85,7 +97,7 @@ impl Reporter {
     }
 
     /// A running stage's latest progress message (e.g. step, loss, tokens/s).
-    pub fn progress(&mut self, name: &str, message: &str) {
+    fn progress(&mut self, name: &str, message: &str) {
         match &self.live {
             Some(l) => {
                 if let Some(pb) = l.running.get(name) {
@@ -96,22 +108,13 @@ impl Reporter {
         }
     }
 
-    fn stop_spinner(&mut self, name: &str) {
-        if let Some(l) = &mut self.live {
-            if let Some(pb) = l.running.remove(name) {
-                pb.finish_and_clear();
-                l.multi.remove(&pb);
-            }
-        }
-    }
-
-    pub fn done(&mut self, name: &str, secs: f64) {
+    fn done(&mut self, name: &str, secs: f64) {
         self.stop_spinner(name);
         self.line(format!("  done       {name} in {secs:.2}s"));
         self.tick();
     }
 
-    pub fn failed(&mut self, name: &str, message: &str, log_tail: &str) {
+    fn failed(&mut self, name: &str, message: &str, log_tail: &str) {
         self.stop_spinner(name);
         let mut text = format!("  FAILED     {name}: {message}");
         if !log_tail.trim().is_empty() {
@@ -131,34 +134,33 @@ impl Reporter {
         self.tick();
     }
 
-    pub fn skipped(&mut self, name: &str, why: &str) {
+    fn skipped(&mut self, name: &str, why: &str) {
         self.line(format!("  skipped    {name}: {why}"));
         self.tick();
     }
 
-    pub fn cancelled(&mut self, name: &str) {
+    fn cancelled(&mut self, name: &str) {
         self.stop_spinner(name);
         self.line(format!("  cancelled  {name}"));
         self.tick();
     }
 
-    pub fn note(&mut self, text: &str) {
+    fn note(&mut self, text: &str) {
         self.line(format!("  {text}"));
     }
 
-    pub fn finish(&mut self, s: &RunSummary, cached: usize) {
+    fn finish(&mut self, s: &RunSummary) {
         if let Some(l) = &self.live {
             l.overall.finish_and_clear();
         }
-        let count = |st: Status| s.stages.iter().filter(|r| r.status == st).count();
         self.line(format!(
             "{}: {} — {} ran, {} cached, {} failed, {} skipped in {:.2}s ({} cores)",
             s.pipeline,
             s.status,
-            count(Status::Ran),
-            cached,
-            count(Status::Failed),
-            count(Status::Skipped) + count(Status::Cancelled),
+            s.count(Status::Ran),
+            s.count(Status::Cached),
+            s.count(Status::Failed),
+            s.count(Status::Skipped) + s.count(Status::Cancelled),
             s.wall_s,
             s.cores
         ));

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::cache_key::{short, stage_key, InputSource};
 use crate::dag::Dag;
 use crate::objects::{Entry, ObjKind, ObjectStore};
 use crate::pipeline::{Pipeline, StageInstance};
-use crate::runner::{self, key_for, short, StageFailure};
-use crate::store::Store;
+use crate::runner::{self, StageFailure, StageJob};
+use crate::store::{Manifest, Store};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplayRow {
@@ -27,7 +28,15 @@ pub struct ReplayRow {
 impl ReplayRow {
     /// The one row of a stage that produced nothing to compare.
     fn unreplayed(st: &StageInstance, note: String) -> Self {
-        ReplayRow { stage: st.name.clone(), output: "-".into(), cached: None, replayed: None, identical: false, deterministic: st.deterministic, note: Some(note) }
+        ReplayRow {
+            stage: st.name.clone(),
+            output: "-".into(),
+            cached: None,
+            replayed: None,
+            identical: false,
+            deterministic: st.deterministic,
+            note: Some(note),
+        }
     }
 }
 
@@ -38,39 +47,23 @@ pub struct ReplayReport {
     pub failed: bool,
 }
 
+/// A cached stage to replay: its row slot, index, cached manifest and cached inputs.
+type Job = (usize, usize, Manifest, BTreeMap<String, InputSource>);
+
 /// Replay the selected stages. Each is handed its *cached* inputs, so the stages do not depend
 /// on each other here: they run side by side within the `cores` budget, as `run` would.
-pub async fn replay(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize]>, cores: u32) -> std::io::Result<ReplayReport> {
+pub async fn replay(
+    p: &Pipeline,
+    dag: &Dag,
+    store: &Store,
+    only: Option<&[usize]>,
+    cores: u32,
+) -> std::io::Result<ReplayReport> {
     let scratch_root = store.objects.tmp_path("replay");
     let scratch = Arc::new(ObjectStore::open(&scratch_root).map_err(std::io::Error::other)?);
+    let (mut rows_of, jobs) = cached_jobs(p, dag, store, only);
+    let mut failed = rows_of.iter().any(|r| !r.is_empty());
     let (_tx, rx) = watch::channel(false);
-    let mut known: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
-    // Per stage in DAG order: its rows once known (a stage that is not cached has its row now).
-    let mut rows_of: Vec<Vec<ReplayRow>> = Vec::new();
-    let mut jobs = Vec::new();
-    let mut failed = false;
-    for &i in &dag.order {
-        let st = &p.stages[i];
-        let selected = only.is_none_or(|o| o.contains(&i));
-        let upstream = |stage: &str, output: &str| known.get(stage).and_then(|o| o.get(output)).cloned();
-        let cached = match key_for(store, st, &upstream) {
-            Ok((ki, sources)) => store.lookup(&ki.key()).ok().flatten().map(|(_, m)| (m, sources)),
-            Err(_) => None,
-        };
-        let Some((m, sources)) = cached else {
-            if selected {
-                failed = true;
-                rows_of.push(vec![ReplayRow::unreplayed(st, "not cached: run the pipeline first".into())]);
-            }
-            continue;
-        };
-        known.insert(st.name.clone(), m.outputs.clone());
-        if selected {
-            jobs.push((rows_of.len(), i, m, sources));
-            rows_of.push(Vec::new());
-        }
-    }
-
     let mut free = cores.max(1);
     let mut pending = jobs.into_iter().peekable();
     let mut running = tokio::task::JoinSet::new();
@@ -84,14 +77,8 @@ pub async fn replay(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize
             free -= threads;
             let (objects, scratch, rx, st) = (store.objects.clone(), scratch.clone(), rx.clone(), p.stages[i].clone());
             running.spawn(async move {
-                // The run description the stage was first handed, so a report replays to the same bytes.
-                let run_metadata = m.run_metadata.as_ref().map(|d| Entry {
-                    digest: d.clone(),
-                    kind: ObjKind::File,
-                    size: std::fs::metadata(objects.path(d)).map(|md| md.len()).unwrap_or(0),
-                });
-                let result = runner::run_stage(objects, scratch, &st, &sources, run_metadata.as_ref(), threads, rx, None).await;
-                (slot, threads, compare(&st, &m.outputs, result))
+                let rows = replay_one(objects, scratch, &st, &m, &sources, threads, rx).await;
+                (slot, threads, rows)
             });
         }
         let Some(done) = running.join_next().await else { break };
@@ -104,8 +91,70 @@ pub async fn replay(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize
     Ok(ReplayReport { rows: rows_of.into_iter().flatten().collect(), failed })
 }
 
+/// Per stage in DAG order, its row slot (filled now for a selected stage that is not cached),
+/// and the jobs of the selected cached ones.
+fn cached_jobs(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize]>) -> (Vec<Vec<ReplayRow>>, Vec<Job>) {
+    let mut known: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
+    let mut rows_of: Vec<Vec<ReplayRow>> = Vec::new();
+    let mut jobs = Vec::new();
+    for &i in &dag.order {
+        let st = &p.stages[i];
+        let selected = only.is_none_or(|o| o.contains(&i));
+        let upstream = |stage: &str, output: &str| known.get(stage).and_then(|o| o.get(output)).cloned();
+        let cached = match stage_key(store, st, &upstream) {
+            Ok((ki, sources)) => store.lookup(&ki.key()).ok().flatten().map(|(_, m)| (m, sources)),
+            Err(_) => None,
+        };
+        let Some((m, sources)) = cached else {
+            if selected {
+                rows_of.push(vec![ReplayRow::unreplayed(st, "not cached: run the pipeline first".into())]);
+            }
+            continue;
+        };
+        known.insert(st.name.clone(), m.outputs.clone());
+        if selected {
+            jobs.push((rows_of.len(), i, m, sources));
+            rows_of.push(Vec::new());
+        }
+    }
+    (rows_of, jobs)
+}
+
+/// Run one stage again from its cached inputs into `scratch`, and compare with the cache.
+async fn replay_one(
+    objects: Arc<ObjectStore>,
+    scratch: Arc<ObjectStore>,
+    st: &StageInstance,
+    m: &Manifest,
+    sources: &BTreeMap<String, InputSource>,
+    threads: u32,
+    cancel: watch::Receiver<bool>,
+) -> (Vec<ReplayRow>, bool) {
+    // The run description the stage was first handed, so a report replays to the same bytes.
+    let run_description = m.run_description.as_ref().map(|d| Entry {
+        digest: d.clone(),
+        kind: ObjKind::File,
+        size: std::fs::metadata(objects.path(d)).map(|md| md.len()).unwrap_or(0),
+    });
+    let job = StageJob {
+        input_store: objects,
+        output_store: scratch,
+        stage: st,
+        sources,
+        run_description: run_description.as_ref(),
+        threads,
+        cancel,
+        progress: None,
+    };
+    compare(st, &m.outputs, runner::run_stage(job).await)
+}
+
 /// The rows for one replayed stage, and whether it failed the replay.
-fn compare(st: &StageInstance, cached: &BTreeMap<String, Entry>, result: Result<runner::StageRun, StageFailure>) -> (Vec<ReplayRow>, bool) {
+fn compare(
+    st: &StageInstance,
+    cached: &BTreeMap<String, Entry>,
+    result: Result<runner::StageRun, StageFailure>,
+) -> (Vec<ReplayRow>, bool) {
     let mut rows = Vec::new();
     let mut failed = false;
     match result {

@@ -1,62 +1,26 @@
 //! The scheduler: a tokio loop over the DAG that admits ready stages while their threads fit
 //! the CPU budget, short-circuits cache hits, and stops cleanly on failure or a signal.
+//!
+//! [`run`] is the loop; [`RunLoop`] holds the state of every stage and has one method per
+//! thing that can happen: settle what needs no running ([`RunLoop::admit_ready`]), a stage
+//! task ends ([`RunLoop::complete`]), a signal arrives ([`RunLoop::interrupt`]), the run ends
+//! ([`RunLoop::finish`]). Everything the user sees goes out through [`RunEvents`].
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::cache_key::{stage_key, InputSource, KeyError, KeyInput};
 use crate::dag::Dag;
-use crate::objects::Entry;
-use crate::pipeline::Pipeline;
-use crate::progress::Reporter;
-use crate::runner::{self, key_for, KeyError, StageFailure};
+use crate::events::{RunEvents, RunSummary, StageOutcome, Status};
+use crate::exec::ProgressSink;
+use crate::objects::{Entry, ObjKind};
+use crate::pipeline::{Pipeline, StageInstance};
+use crate::runner::{self, StageFailure, StageJob, StageRun};
 use crate::store::{now_unix, Manifest, RunRecord, Store, MANIFEST_TAG, RUN_TAG};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Cached,
-    Ran,
-    Failed,
-    /// Not run because something it needs failed (or the run stopped first).
-    Skipped,
-    Cancelled,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct StageReport {
-    pub stage: String,
-    pub status: Status,
-    pub key: Option<String>,
-    pub manifest: Option<String>,
-    pub duration_s: f64,
-    pub error: Option<String>,
-    #[serde(skip)]
-    pub outputs: BTreeMap<String, Entry>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct RunSummary {
-    pub pipeline: String,
-    pub status: String,
-    pub wall_s: f64,
-    pub cores: u32,
-    pub stages: Vec<StageReport>,
-}
-
-impl RunSummary {
-    pub fn exit_code(&self) -> i32 {
-        match self.status.as_str() {
-            "ok" => 0,
-            "cancelled" => 130,
-            _ => 1,
-        }
-    }
-}
 
 pub struct RunOptions {
     pub cores: u32,
@@ -75,7 +39,34 @@ enum State {
     Cancelled,
 }
 
-type TaskResult = (usize, String, Result<runner::StageRun, StageFailure>, crate::store::KeyInput, Option<String>, f64);
+/// What a stage task hands back to the loop.
+struct TaskDone {
+    index: usize,
+    key: String,
+    key_input: KeyInput,
+    result: Result<StageRun, StageFailure>,
+    /// Digest of the run description the stage was handed, if it asked for one.
+    run_description: Option<String>,
+    wall_s: f64,
+}
+
+/// What can be decided about a waiting stage without running anything.
+enum Decision {
+    /// Its upstream is not done yet.
+    NotReady,
+    Skip(String),
+    /// A `file:` input cannot be read.
+    BadInput(String),
+    Hit {
+        key: String,
+        digest: String,
+        manifest: Box<Manifest>,
+    },
+    Run {
+        key_input: KeyInput,
+        sources: BTreeMap<String, InputSource>,
+    },
+}
 
 /// Wait for Ctrl-C or SIGTERM.
 async fn termination() {
@@ -89,282 +80,405 @@ async fn termination() {
     }
 }
 
-pub async fn run(p: &Pipeline, dag: &Dag, store: Arc<Store>, opts: RunOptions, reporter: &mut Reporter) -> RunSummary {
-    let t0 = Instant::now();
-    let started_at = now_unix();
-    let n = p.stages.len();
-    let mut state: Vec<State> = vec![State::Waiting; n];
-    let mut reports: Vec<Option<StageReport>> = vec![None; n];
-    let considered = |i: usize| opts.only.as_ref().is_none_or(|s| s.contains(&i));
-    let (cancel_tx, cancel_rx) = watch::channel(false);
-    let mut tasks: JoinSet<TaskResult> = JoinSet::new();
-    let mut free = opts.cores;
-    let mut stopping = false;
-    let mut interrupted = false;
-    let mut failed_any = false;
-    let objects = store.objects.clone();
-    reporter.begin(opts.only.as_ref().map_or(n, HashSet::len));
-
+/// Run the pipeline: every considered stage ends cached, ran, failed, skipped or cancelled.
+pub async fn run(
+    p: &Pipeline,
+    dag: &Dag,
+    store: Arc<Store>,
+    opts: RunOptions,
+    events: &mut dyn RunEvents,
+) -> RunSummary {
+    let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<(String, String)>();
+    let mut r = RunLoop::new(p, dag, store, opts, progress_tx);
+    events.begin(r.considered_count());
     let signal = termination();
     tokio::pin!(signal);
-    let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
-
     loop {
-        // Settle every stage we can decide without running anything (cache hits, skips),
-        // and admit runnable ones while their threads fit.
-        if !stopping {
-            let mut progressed = true;
-            while progressed {
-                progressed = false;
-                for &i in &dag.order {
-                    if !matches!(state[i], State::Waiting) || !considered(i) {
-                        continue;
-                    }
-                    let ups = dag.upstream(i);
-                    if let Some(&bad) = ups.iter().find(|&&u| matches!(state[u], State::Failed | State::Skipped | State::Cancelled)) {
-                        state[i] = State::Skipped;
-                        let why = format!("`{}` did not finish", p.stages[bad].name);
-                        reporter.skipped(&p.stages[i].name, &why);
-                        reports[i] = Some(report(&p.stages[i].name, Status::Skipped, None, None, 0.0, Some(why)));
-                        progressed = true;
-                        continue;
-                    }
-                    if !ups.iter().all(|&u| matches!(state[u], State::Done { .. })) {
-                        continue;
-                    }
-                    let st = &p.stages[i];
-                    let upstream = |stage: &str, output: &str| -> Option<Entry> {
-                        let j = p.index_of(stage)?;
-                        match &state[j] {
-                            State::Done { outputs, .. } => outputs.get(output).cloned(),
-                            _ => None,
-                        }
-                    };
-                    let (key_input, sources) = match key_for(&store, st, &upstream) {
-                        Ok(x) => x,
-                        Err(KeyError::Pending(_)) => continue,
-                        Err(KeyError::Input(msg)) => {
-                            state[i] = State::Failed;
-                            failed_any = true;
-                            reporter.failed(&st.name, &msg, "");
-                            reports[i] = Some(report(&st.name, Status::Failed, None, None, 0.0, Some(msg)));
-                            progressed = true;
-                            if !opts.keep_going {
-                                stopping = true;
-                                let _ = cancel_tx.send(true);
-                                break;
-                            }
-                            continue;
-                        }
-                    };
-                    let key = key_input.key();
-                    match store.lookup(&key) {
-                        Ok(Some((digest, m))) => {
-                            // Record it under this pipeline/stage name too, so `plan` and `show`
-                            // find it even when another pipeline produced it.
-                            if m.pipeline != p.name || m.stage != st.name {
-                                let mut mine = m.clone();
-                                mine.pipeline = p.name.clone();
-                                mine.stage = st.name.clone();
-                                let _ = store.commit(&mine);
-                            }
-                            reporter.cached(&st.name);
-                            let mut r = report(&st.name, Status::Cached, Some(key), Some(digest.clone()), m.duration_s, None);
-                            r.outputs = m.outputs.clone();
-                            reports[i] = Some(r);
-                            state[i] = State::Done { manifest: digest, outputs: m.outputs, cached: true };
-                            progressed = true;
-                            continue;
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!("index lookup failed for {}: {e}; running the stage", st.name),
-                    }
-                    let threads = st.threads.min(opts.cores).max(1);
-                    if threads > free {
-                        continue;
-                    }
-                    if st.threads > opts.cores {
-                        tracing::info!(stage = %st.name, "wants {} threads; running with the budget of {}", st.threads, opts.cores);
-                    }
-                    // Which upstream results this run computed and which it reused, as the
-                    // stage will be told; stored (and any failure reported) by the task.
-                    let described = st.wants_run_metadata.then(|| (p.clone(), upstream_status(p, dag, &state, i)));
-                    free -= threads;
-                    state[i] = State::Running;
-                    reporter.started(&st.name, threads);
-                    tracing::debug!(stage = %st.name, "admitted");
-                    let (inputs_store, out_store) = (objects.clone(), objects.clone());
-                    let st2 = st.clone();
-                    let rx = cancel_rx.clone();
-                    let sink = progress_tx.clone();
-                    let store2 = store.clone();
-                    tasks.spawn(async move {
-                        let t = Instant::now();
-                        let run_metadata = match described.map(|(p, ups)| describe_run(&p, &store2, &ups)).transpose() {
-                            Ok(m) => m,
-                            Err(message) => return (i, key, Err(StageFailure::Failed { message, log_tail: String::new() }), key_input, None, 0.0),
-                        };
-                        let r = runner::run_stage(inputs_store, out_store, &st2, &sources, run_metadata.as_ref(), threads, rx, Some(sink)).await;
-                        (i, key, r, key_input, run_metadata.map(|e| e.digest), t.elapsed().as_secs_f64())
-                    });
-                }
-            }
+        if !r.stopping {
+            r.admit_ready(events);
         }
-        if tasks.is_empty() {
+        if r.tasks.is_empty() {
             break;
         }
         tokio::select! {
-            joined = tasks.join_next() => {
-                let Some(joined) = joined else { continue };
-                let (i, key, result, key_input, run_metadata, wall) = match joined {
-                    Ok(x) => x,
+            joined = r.tasks.join_next() => match joined {
+                Some(Ok(done)) => r.complete(done, events),
+                Some(Err(e)) => tracing::error!("a stage task ended abnormally: {e}"),
+                None => {}
+            },
+            Some((stage, message)) = progress_rx.recv() => events.progress(&stage, &message),
+            _ = &mut signal, if !r.interrupted => r.interrupt(events),
+        }
+    }
+    r.finish(events)
+}
+
+struct RunLoop<'a> {
+    p: &'a Pipeline,
+    dag: &'a Dag,
+    store: Arc<Store>,
+    opts: RunOptions,
+    t0: Instant,
+    started_at: f64,
+    state: Vec<State>,
+    outcomes: Vec<Option<StageOutcome>>,
+    tasks: JoinSet<TaskDone>,
+    cancel_tx: watch::Sender<bool>,
+    progress_tx: ProgressSink,
+    free: u32,
+    stopping: bool,
+    interrupted: bool,
+    failed_any: bool,
+}
+
+impl<'a> RunLoop<'a> {
+    fn new(p: &'a Pipeline, dag: &'a Dag, store: Arc<Store>, opts: RunOptions, progress_tx: ProgressSink) -> Self {
+        let n = p.stages.len();
+        let free = opts.cores;
+        RunLoop {
+            p,
+            dag,
+            store,
+            opts,
+            t0: Instant::now(),
+            started_at: now_unix(),
+            state: vec![State::Waiting; n],
+            outcomes: vec![None; n],
+            tasks: JoinSet::new(),
+            cancel_tx: watch::channel(false).0,
+            progress_tx,
+            free,
+            stopping: false,
+            interrupted: false,
+            failed_any: false,
+        }
+    }
+
+    fn considered(&self, i: usize) -> bool {
+        self.opts.only.as_ref().is_none_or(|s| s.contains(&i))
+    }
+
+    fn considered_count(&self) -> usize {
+        self.opts.only.as_ref().map_or(self.p.stages.len(), HashSet::len)
+    }
+
+    /// Threads a stage gets: what it asks for, within the budget.
+    fn threads_of(&self, st: &StageInstance) -> u32 {
+        st.threads.min(self.opts.cores).max(1)
+    }
+
+    fn stop(&mut self) {
+        self.stopping = true;
+        let _ = self.cancel_tx.send(true);
+    }
+
+    /// Settle every stage that can be decided without running anything (cache hits, skips,
+    /// unreadable inputs), and start runnable ones while their threads fit. Repeats until a
+    /// pass changes nothing, since one hit can make its dependents ready.
+    fn admit_ready(&mut self, events: &mut dyn RunEvents) {
+        let mut progressed = true;
+        while progressed && !self.stopping {
+            progressed = false;
+            for idx in 0..self.dag.order.len() {
+                let i = self.dag.order[idx];
+                if !matches!(self.state[i], State::Waiting) || !self.considered(i) {
+                    continue;
+                }
+                progressed |= self.settle(i, events);
+                if self.stopping {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Act on what can be decided about waiting stage `i`; true when its state changed.
+    fn settle(&mut self, i: usize, events: &mut dyn RunEvents) -> bool {
+        let name = self.p.stages[i].name.clone();
+        match self.decide(i) {
+            Decision::NotReady => false,
+            Decision::Skip(why) => {
+                events.skipped(&name, &why);
+                self.set(i, State::Skipped, StageOutcome::new(&name, Status::Skipped).error(Some(why)));
+                true
+            }
+            Decision::BadInput(msg) => {
+                events.failed(&name, &msg, "");
+                self.set(i, State::Failed, StageOutcome::new(&name, Status::Failed).error(Some(msg)));
+                self.failed_any = true;
+                if !self.opts.keep_going {
+                    self.stop();
+                }
+                true
+            }
+            Decision::Hit { key, digest, manifest } => {
+                self.record_hit(i, &manifest);
+                events.cached(&name);
+                let outcome = StageOutcome::new(&name, Status::Cached)
+                    .key(Some(key))
+                    .manifest(Some(digest.clone()))
+                    .duration(manifest.duration_s)
+                    .outputs(manifest.outputs.clone());
+                self.set(i, State::Done { manifest: digest, outputs: manifest.outputs, cached: true }, outcome);
+                true
+            }
+            Decision::Run { key_input, sources } => self.start(i, key_input, sources, events),
+        }
+    }
+
+    fn set(&mut self, i: usize, state: State, outcome: StageOutcome) {
+        self.state[i] = state;
+        self.outcomes[i] = Some(outcome);
+    }
+
+    fn decide(&self, i: usize) -> Decision {
+        let ups = self.dag.upstream(i);
+        let not_finished = |u: &usize| matches!(self.state[*u], State::Failed | State::Skipped | State::Cancelled);
+        if let Some(&bad) = ups.iter().find(|u| not_finished(u)) {
+            return Decision::Skip(format!("`{}` did not finish", self.p.stages[bad].name));
+        }
+        if !ups.iter().all(|&u| matches!(self.state[u], State::Done { .. })) {
+            return Decision::NotReady;
+        }
+        let st = &self.p.stages[i];
+        let upstream = |stage: &str, output: &str| -> Option<Entry> {
+            match &self.state[self.p.index_of(stage)?] {
+                State::Done { outputs, .. } => outputs.get(output).cloned(),
+                _ => None,
+            }
+        };
+        let (key_input, sources) = match stage_key(self.store.as_ref(), st, &upstream) {
+            Ok(x) => x,
+            Err(KeyError::Pending(_)) => return Decision::NotReady,
+            Err(KeyError::Input(msg)) => return Decision::BadInput(msg),
+        };
+        let key = key_input.key();
+        match self.store.lookup(&key) {
+            Ok(Some((digest, m))) => return Decision::Hit { key, digest, manifest: Box::new(m) },
+            Ok(None) => {}
+            Err(e) => tracing::warn!("index lookup failed for {}: {e}; running the stage", st.name),
+        }
+        Decision::Run { key_input, sources }
+    }
+
+    /// A hit produced under another pipeline or stage name is recorded under this one too, so
+    /// `plan` and `show` find it.
+    fn record_hit(&self, i: usize, m: &Manifest) {
+        let st = &self.p.stages[i];
+        if m.pipeline != self.p.name || m.stage != st.name {
+            let mut mine = m.clone();
+            mine.pipeline = self.p.name.clone();
+            mine.stage = st.name.clone();
+            let _ = self.store.commit(&mine);
+        }
+    }
+
+    /// Start stage `i` if its threads fit the free budget; true when it started.
+    fn start(
+        &mut self,
+        i: usize,
+        key_input: KeyInput,
+        sources: BTreeMap<String, InputSource>,
+        events: &mut dyn RunEvents,
+    ) -> bool {
+        let st = &self.p.stages[i];
+        let threads = self.threads_of(st);
+        if threads > self.free {
+            return false;
+        }
+        if st.threads > self.opts.cores {
+            tracing::info!(stage = %st.name, "wants {} threads; running with the budget of {}", st.threads, self.opts.cores);
+        }
+        // Which upstream results this run computed and which it reused, as the stage will be
+        // told; stored (and any failure reported) by the task.
+        let described = st.wants_run_description.then(|| (self.p.clone(), self.upstream_status(i)));
+        self.free -= threads;
+        self.state[i] = State::Running;
+        events.started(&st.name, threads);
+        tracing::debug!(stage = %st.name, "admitted");
+        let (store, st, rx, sink) =
+            (self.store.clone(), st.clone(), self.cancel_tx.subscribe(), self.progress_tx.clone());
+        self.tasks.spawn(async move {
+            let t = Instant::now();
+            let key = key_input.key();
+            let done = |result, run_description| TaskDone {
+                index: i,
+                key: key.clone(),
+                key_input: key_input.clone(),
+                result,
+                run_description,
+                wall_s: t.elapsed().as_secs_f64(),
+            };
+            let description = match described.map(|(p, ups)| describe_run(&p, &store, &ups)).transpose() {
+                Ok(d) => d,
+                Err(message) => return done(Err(StageFailure::Failed { message, log_tail: String::new() }), None),
+            };
+            let job = StageJob {
+                input_store: store.objects.clone(),
+                output_store: store.objects.clone(),
+                stage: &st,
+                sources: &sources,
+                run_description: description.as_ref(),
+                threads,
+                cancel: rx,
+                progress: Some(sink),
+            };
+            let r = runner::run_stage(job).await;
+            done(r, description.map(|e| e.digest))
+        });
+        true
+    }
+
+    /// Every stage `i` depends on, in DAG order: (name, manifest digest, reused from the cache).
+    fn upstream_status(&self, i: usize) -> Vec<(String, String, bool)> {
+        let upstream = self.dag.with_upstream(i);
+        self.dag
+            .order
+            .iter()
+            .filter(|&&j| j != i && upstream.contains(&j))
+            .filter_map(|&j| match &self.state[j] {
+                State::Done { manifest, cached, .. } => {
+                    Some((self.p.stages[j].name.clone(), manifest.clone(), *cached))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A stage task ended: store its result, or record how it failed.
+    fn complete(&mut self, done: TaskDone, events: &mut dyn RunEvents) {
+        let i = done.index;
+        let name = self.p.stages[i].name.clone();
+        self.free += self.threads_of(&self.p.stages[i]);
+        let failed =
+            |msg: String| StageOutcome::new(&name, Status::Failed).key(Some(done.key.clone())).error(Some(msg));
+        match done.result {
+            Ok(run) => {
+                let m = self.manifest(i, &done.key, done.key_input, &run, done.run_description);
+                match self.store.commit(&m) {
+                    Ok(digest) => {
+                        tracing::debug!(stage = %name, "committed");
+                        events.done(&name, run.duration_s);
+                        let outcome = StageOutcome::new(&name, Status::Ran)
+                            .key(Some(done.key.clone()))
+                            .manifest(Some(digest.clone()))
+                            .duration(run.duration_s)
+                            .outputs(run.outputs.clone());
+                        self.set(i, State::Done { manifest: digest, outputs: run.outputs, cached: false }, outcome);
+                    }
                     Err(e) => {
-                        tracing::error!("a stage task ended abnormally: {e}");
-                        continue;
-                    }
-                };
-                let st = &p.stages[i];
-                free += st.threads.min(opts.cores).max(1);
-                match result {
-                    Ok(run) => {
-                        let m = Manifest {
-                            orchestrate: MANIFEST_TAG.into(),
-                            format: 1,
-                            pipeline: p.name.clone(),
-                            stage: st.name.clone(),
-                            key: key.clone(),
-                            key_input,
-                            outputs: run.outputs.clone(),
-                            metrics: run.result.metrics.clone(),
-                            deterministic: st.deterministic,
-                            threads: st.threads.min(opts.cores).max(1),
-                            started_at: run.started_at,
-                            duration_s: run.duration_s,
-                            cpu_s: run.result.cpu_s,
-                            peak_rss_bytes: run.result.peak_rss_bytes,
-                            log: run.log.clone(),
-                            run_metadata,
-                        };
-                        match store.commit(&m) {
-                            Ok(digest) => {
-                                tracing::debug!(stage = %st.name, "committed");
-                                reporter.done(&st.name, run.duration_s);
-                                let mut r = report(&st.name, Status::Ran, Some(key), Some(digest.clone()), run.duration_s, None);
-                                r.outputs = run.outputs.clone();
-                                reports[i] = Some(r);
-                                state[i] = State::Done { manifest: digest, outputs: run.outputs, cached: false };
-                            }
-                            Err(e) => {
-                                let msg = format!("storing the result failed: {e}");
-                                reporter.failed(&st.name, &msg, "");
-                                reports[i] = Some(report(&st.name, Status::Failed, Some(key), None, wall, Some(msg)));
-                                state[i] = State::Failed;
-                                failed_any = true;
-                            }
-                        }
-                    }
-                    Err(StageFailure::Cancelled) => {
-                        reporter.cancelled(&st.name);
-                        reports[i] = Some(report(&st.name, Status::Cancelled, Some(key), None, wall, None));
-                        state[i] = State::Cancelled;
-                    }
-                    Err(StageFailure::Failed { message, log_tail }) => {
-                        reporter.failed(&st.name, &message, &log_tail);
-                        reports[i] = Some(report(&st.name, Status::Failed, Some(key), None, wall, Some(message)));
-                        state[i] = State::Failed;
-                        failed_any = true;
+                        let msg = format!("storing the result failed: {e}");
+                        events.failed(&name, &msg, "");
+                        self.set(i, State::Failed, failed(msg).duration(done.wall_s));
+                        self.failed_any = true;
                     }
                 }
-                if failed_any && !opts.keep_going && !stopping {
-                    stopping = true;
-                    let _ = cancel_tx.send(true);
-                }
             }
-            Some((stage, message)) = progress_rx.recv() => {
-                reporter.progress(&stage, &message);
+            Err(StageFailure::Cancelled) => {
+                events.cancelled(&name);
+                let outcome = StageOutcome::new(&name, Status::Cancelled).key(Some(done.key.clone()));
+                self.set(i, State::Cancelled, outcome.duration(done.wall_s));
             }
-            _ = &mut signal, if !interrupted => {
-                interrupted = true;
-                stopping = true;
-                reporter.note("interrupted: stopping running stages; nothing partial is stored");
-                let _ = cancel_tx.send(true);
+            Err(StageFailure::Failed { message, log_tail }) => {
+                events.failed(&name, &message, &log_tail);
+                self.set(i, State::Failed, failed(message).duration(done.wall_s));
+                self.failed_any = true;
             }
+        }
+        if self.failed_any && !self.opts.keep_going && !self.stopping {
+            self.stop();
         }
     }
 
-    for (i, s) in state.iter().enumerate() {
-        if reports[i].is_none() && considered(i) {
-            let status = if interrupted { Status::Cancelled } else { Status::Skipped };
-            let why = if matches!(s, State::Waiting) { Some("the run stopped before it started".to_string()) } else { None };
-            reports[i] = Some(report(&p.stages[i].name, status, None, None, 0.0, why));
+    fn manifest(&self, i: usize, key: &str, key_input: KeyInput, run: &StageRun, desc: Option<String>) -> Manifest {
+        let st = &self.p.stages[i];
+        Manifest {
+            orchestrate: MANIFEST_TAG.into(),
+            format: 1,
+            pipeline: self.p.name.clone(),
+            stage: st.name.clone(),
+            key: key.to_string(),
+            key_input,
+            outputs: run.outputs.clone(),
+            metrics: run.result.metrics.clone(),
+            deterministic: st.deterministic,
+            threads: self.threads_of(st),
+            started_at: run.started_at,
+            duration_s: run.duration_s,
+            cpu_s: run.result.cpu_s,
+            peak_rss_bytes: run.result.peak_rss_bytes,
+            log: run.log.clone(),
+            run_description: desc,
         }
     }
-    let status = if interrupted {
-        "cancelled"
-    } else if failed_any {
-        "failed"
-    } else {
-        "ok"
-    };
-    let manifests: BTreeMap<String, String> = state
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| match s {
-            State::Done { manifest, .. } => Some((p.stages[i].name.clone(), manifest.clone())),
-            _ => None,
-        })
-        .collect();
-    let record = RunRecord {
-        orchestrate: RUN_TAG.into(),
-        format: 1,
-        pipeline: p.name.clone(),
-        pipeline_file: p.file.display().to_string(),
-        started_at,
-        finished_at: now_unix(),
-        status: status.into(),
-        manifests,
-    };
-    if let Err(e) = store.record_run(&record) {
-        tracing::warn!("could not record the run: {e}");
+
+    fn interrupt(&mut self, events: &mut dyn RunEvents) {
+        self.interrupted = true;
+        events.note("interrupted: stopping running stages; nothing partial is stored");
+        self.stop();
     }
-    let cached = state.iter().filter(|s| matches!(s, State::Done { cached: true, .. })).count();
-    let summary = RunSummary {
-        pipeline: p.name.clone(),
-        status: status.into(),
-        wall_s: t0.elapsed().as_secs_f64(),
-        cores: opts.cores,
-        stages: dag.order.iter().filter_map(|&i| reports[i].clone()).collect(),
-    };
-    reporter.finish(&summary, cached);
-    summary
+
+    /// Give every stage that never ended an outcome, record the run, and summarize it.
+    fn finish(mut self, events: &mut dyn RunEvents) -> RunSummary {
+        for i in 0..self.state.len() {
+            if self.outcomes[i].is_none() && self.considered(i) {
+                let status = if self.interrupted { Status::Cancelled } else { Status::Skipped };
+                let why = matches!(self.state[i], State::Waiting).then(|| "the run stopped before it started".into());
+                self.outcomes[i] = Some(StageOutcome::new(&self.p.stages[i].name, status).error(why));
+            }
+        }
+        let status = match (self.interrupted, self.failed_any) {
+            (true, _) => "cancelled",
+            (false, true) => "failed",
+            (false, false) => "ok",
+        };
+        self.record(status);
+        let summary = RunSummary {
+            pipeline: self.p.name.clone(),
+            status: status.into(),
+            wall_s: self.t0.elapsed().as_secs_f64(),
+            cores: self.opts.cores,
+            stages: self.dag.order.iter().filter_map(|&i| self.outcomes[i].clone()).collect(),
+        };
+        events.finish(&summary);
+        summary
+    }
+
+    /// Store the run record: every stage that is done, by name, with its manifest.
+    fn record(&self, status: &str) {
+        let manifests: BTreeMap<String, String> = (self.state.iter().enumerate())
+            .filter_map(|(i, s)| match s {
+                State::Done { manifest, .. } => Some((self.p.stages[i].name.clone(), manifest.clone())),
+                _ => None,
+            })
+            .collect();
+        let record = RunRecord {
+            orchestrate: RUN_TAG.into(),
+            format: 1,
+            pipeline: self.p.name.clone(),
+            pipeline_file: self.p.file.display().to_string(),
+            started_at: self.started_at,
+            finished_at: now_unix(),
+            status: status.into(),
+            manifests,
+        };
+        if let Err(e) = self.store.record_run(&record) {
+            tracing::warn!("could not record the run: {e}");
+        }
+    }
 }
 
-/// Every stage `i` depends on, in DAG order: (name, manifest digest, reused from the cache).
-fn upstream_status(p: &Pipeline, dag: &Dag, state: &[State], i: usize) -> Vec<(String, String, bool)> {
-    let upstream = dag.with_upstream(i);
-    dag.order
-        .iter()
-        .filter(|&&j| j != i && upstream.contains(&j))
-        .filter_map(|&j| match &state[j] {
-            State::Done { manifest, cached, .. } => Some((p.stages[j].name.clone(), manifest.clone(), *cached)),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Store the run description a stage asked for (see `runmeta`).
+/// Store the run description a stage asked for (see `run_description`).
 fn describe_run(p: &Pipeline, store: &Store, upstream: &[(String, String, bool)]) -> Result<Entry, String> {
     let mut stages = Vec::new();
     for (name, manifest, cached) in upstream {
-        let m = store.load_manifest(manifest).map_err(|e| format!("reading the result of `{name}` for the run description: {e}"))?;
-        stages.push(crate::runmeta::stage_entry(name, &m, *cached));
+        let m = store
+            .load_manifest(manifest)
+            .map_err(|e| format!("reading the result of `{name}` for the run description: {e}"))?;
+        stages.push(crate::run_description::stage_entry(name, &m, *cached));
     }
-    let run = crate::runmeta::describe(p, stages, "this run's report stage");
+    let run = crate::run_description::describe(p, stages, "this run's report stage");
     let bytes = serde_json::to_vec_pretty(&run).map_err(|e| format!("encoding the run description: {e}"))?;
     let digest = store.objects.put_bytes(&bytes).map_err(|e| format!("storing the run description: {e}"))?;
-    Ok(Entry { digest, kind: crate::objects::ObjKind::File, size: bytes.len() as u64 })
-}
-
-fn report(name: &str, status: Status, key: Option<String>, manifest: Option<String>, d: f64, error: Option<String>) -> StageReport {
-    StageReport { stage: name.into(), status, key, manifest, duration_s: d, error, outputs: BTreeMap::new() }
+    Ok(Entry { digest, kind: ObjKind::File, size: bytes.len() as u64 })
 }

@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::cache_key::{FileDigests, KeyInput};
 use crate::objects::{self, tagged, Entry, ObjKind, ObjectError, ObjectStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,28 +31,6 @@ pub enum StoreError {
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
-
-/// What the cache key is computed from. Versioned: bump `format` to invalidate everything.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct KeyInput {
-    pub format: u32,
-    pub kind: String,
-    pub version: u32,
-    pub fields: BTreeMap<String, Value>,
-    pub params: BTreeMap<String, Value>,
-    /// Input name → content digest, in name order.
-    pub inputs: BTreeMap<String, String>,
-    pub outputs: Vec<String>,
-}
-
-pub const KEY_FORMAT: u32 = 1;
-
-impl KeyInput {
-    pub fn key(&self) -> String {
-        // serde_json maps are BTreeMaps here (no preserve_order), so this is canonical.
-        objects::hash_bytes(&serde_json::to_vec(self).unwrap_or_default())
-    }
-}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -72,10 +51,10 @@ pub struct Manifest {
     pub peak_rss_bytes: u64,
     /// Digest of the stage's captured stdout+stderr.
     pub log: Option<String>,
-    /// Digest of the run description the stage was handed (`Stage::wants_run_metadata`); not
+    /// Digest of the run description the stage was handed (`Stage::wants_run_description`); not
     /// part of the key, kept so `replay` can hand the stage the same file.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub run_metadata: Option<String>,
+    #[serde(default, alias = "run_metadata", skip_serializing_if = "Option::is_none")]
+    pub run_description: Option<String>,
 }
 
 pub const MANIFEST_TAG: &str = "manifest";
@@ -209,7 +188,11 @@ pub fn index_path(root: &Path) -> PathBuf {
 fn open_db(root: &Path) -> Result<sled::Db> {
     let path = index_path(root);
     // We flush at every commit ourselves; sled's background flusher would only add a thread.
-    sled::Config::new().path(&path).flush_every_ms(None).open().map_err(|e| StoreError::Index { path, message: e.to_string() })
+    sled::Config::new()
+        .path(&path)
+        .flush_every_ms(None)
+        .open()
+        .map_err(|e| StoreError::Index { path, message: e.to_string() })
 }
 
 impl Store {
@@ -329,6 +312,18 @@ impl Store {
         Ok(Entry { digest, kind: ObjKind::File, size })
     }
 
+    /// Copy a stored output to `to` (a new path; its parent folders are created). `what`
+    /// names the output in errors, e.g. `train.best`.
+    pub fn export(&self, entry: &Entry, to: &Path, what: &str) -> std::result::Result<(), String> {
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        if to.exists() {
+            return Err(format!("{} already exists; remove it or pick another destination", to.display()));
+        }
+        self.objects.materialize(entry, to, what).map_err(|e| format!("exporting {what}: {e}"))
+    }
+
     /// Run records, newest first.
     pub fn runs(&self) -> Vec<(String, RunRecord)> {
         let mut out = Vec::new();
@@ -350,10 +345,7 @@ impl Store {
         let quarantine = self.root.join("quarantine");
         for (name, path) in self.objects.list()? {
             report.objects_checked += 1;
-            let (actual, size) = match objects::hash_file(&path) {
-                Ok(x) => x,
-                Err(_) => (String::new(), 0),
-            };
+            let (actual, size) = objects::hash_file(&path).unwrap_or_default();
             report.bytes_checked += size;
             if actual != name {
                 objects::io_ctx(fs::create_dir_all(&quarantine), || format!("creating {}", quarantine.display()))?;
@@ -369,7 +361,10 @@ impl Store {
             let (k, v) = kv?;
             let key = String::from_utf8_lossy(&k).into_owned();
             let digest = String::from_utf8_lossy(&v).into_owned();
-            let ok = self.load_manifest(&digest).map(|m| m.outputs.values().all(|e| self.objects.present(e))).unwrap_or(false);
+            let ok = self
+                .load_manifest(&digest)
+                .map(|m| m.outputs.values().all(|e| self.objects.present(e)))
+                .unwrap_or(false);
             if !ok {
                 report.dangling.push(key.clone());
                 if repair {
@@ -436,7 +431,7 @@ impl Store {
                 for e in m.outputs.values() {
                     self.objects.reachable(e, &mut keep);
                 }
-                keep.extend(m.log.iter().chain(&m.run_metadata).cloned());
+                keep.extend(m.log.iter().chain(&m.run_description).cloned());
             }
         }
         let mut report = GcReport { runs_kept: runs.len().min(keep_last), ..Default::default() };
@@ -482,6 +477,12 @@ pub struct GcReport {
 }
 
 /// `remove_dir_all` that first makes read-only folders writable (stage outputs may be 0555).
+impl FileDigests for Store {
+    fn file_digest(&self, path: &Path) -> std::result::Result<Entry, String> {
+        self.input_digest(path).map_err(|e| e.to_string())
+    }
+}
+
 pub fn remove_dir_all_writable(p: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if fs::remove_dir_all(p).is_ok() {
@@ -519,6 +520,7 @@ pub fn open_for_repair(root: &Path, wait: bool) -> Result<(Store, Option<PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache_key::KEY_FORMAT;
 
     #[test]
     fn iso_dates() {
@@ -551,7 +553,7 @@ mod tests {
             cpu_s: 0.0,
             peak_rss_bytes: 0,
             log: None,
-            run_metadata: None,
+            run_description: None,
         }
     }
 

@@ -128,9 +128,9 @@ impl Node {
             },
             Value::String(s) => Kind::Str(s.clone()),
             Value::Array(a) => Kind::Seq(a.iter().map(|x| Node::from_json(x, pos)).collect()),
-            Value::Object(o) => Kind::Map(
-                o.iter().map(|(k, v)| (Key { name: k.clone(), pos }, Node::from_json(v, pos))).collect(),
-            ),
+            Value::Object(o) => {
+                Kind::Map(o.iter().map(|(k, v)| (Key { name: k.clone(), pos }, Node::from_json(v, pos))).collect())
+            }
         };
         Node { kind, pos }
     }

@@ -39,7 +39,8 @@ impl Run {
         }
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
     }
     /// Stage name → status from a `run --json` summary.
     pub fn statuses(&self) -> Vec<(String, String)> {
@@ -51,7 +52,11 @@ impl Run {
             .collect()
     }
     pub fn status_of(&self, stage: &str) -> String {
-        self.statuses().into_iter().find(|(n, _)| n == stage).map(|(_, s)| s).unwrap_or_else(|| panic!("no stage {stage} in {}", self.stdout))
+        self.statuses()
+            .into_iter()
+            .find(|(n, _)| n == stage)
+            .map(|(_, s)| s)
+            .unwrap_or_else(|| panic!("no stage {stage} in {}", self.stdout))
     }
     pub fn assert_ok(&self) -> &Run {
         assert_eq!(self.code, 0, "expected success\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
@@ -143,9 +148,26 @@ impl PipelineCli<'_> {
     }
 }
 
+impl PipelineCli<'_> {
+    /// The `--set KEY=VALUE` flags every verb gets.
+    pub fn set_flags(&self) -> &[String] {
+        &self.sets
+    }
+}
+
+/// A pipeline file shipped in the repository's `pipelines/`, by name: `shipped_pipeline("phase4")`.
+pub fn shipped_pipeline(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../pipelines/{name}.yaml")).display().to_string()
+}
+
 impl Project {
-    /// A [`PipelineCli`] for `file` on this project's store.
+    /// A [`PipelineCli`] for `file` on this project's store; `sets` are `KEY=VALUE` overrides.
     pub fn pipeline(&self, file: &str, sets: &[&str]) -> PipelineCli<'_> {
-        PipelineCli { project: self, file: file.to_string(), store: self.store().display().to_string(), sets: sets.iter().map(|s| s.to_string()).collect() }
+        PipelineCli {
+            project: self,
+            file: file.to_string(),
+            store: self.store().display().to_string(),
+            sets: sets.iter().flat_map(|s| ["--set".to_string(), s.to_string()]).collect(),
+        }
     }
 }

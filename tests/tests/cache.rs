@@ -66,7 +66,11 @@ fn a_param_change_reruns_exactly_its_downstream() {
     let plan = p.run(&["plan", "p.yaml", "--set", "suffix=+"]);
     plan.assert_ok();
     let tag = plan.stdout.lines().find(|l| l.starts_with("tag ")).unwrap_or_default();
-    assert!(tag.contains("will run  (cmd changed: ") && tag.contains("printf '!'") && tag.contains("printf '+'"), "{}", plan.stdout);
+    assert!(
+        tag.contains("will run  (cmd changed: ") && tag.contains("printf '!'") && tag.contains("printf '+'"),
+        "{}",
+        plan.stdout
+    );
     assert!(plan.stdout.contains("1 of 5 stages will run"), "{}", plan.stdout);
     let r = p.run(&["run", "p.yaml", "--set", "suffix=+", "--json"]);
     r.assert_ok();
@@ -118,7 +122,8 @@ fn set_changes_foreach_items() {
     r.assert_ok();
     let names: Vec<String> = r.statuses().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["up", "cut@3", "tag", "other"]);
-    p.run(&["export", "p.yaml", "--set", "sizes=[3]", "--set", "stages.tag.inputs.x=cut@3.out", "tag.t", "t.txt"]).assert_ok();
+    p.run(&["export", "p.yaml", "--set", "sizes=[3]", "--set", "stages.tag.inputs.x=cut@3.out", "tag.t", "t.txt"])
+        .assert_ok();
     assert_eq!(p.read("t.txt"), "HEL!");
 }
 
@@ -268,10 +273,15 @@ fn timeout_and_retries() {
 #[test]
 fn logs_are_json_lines_on_request() {
     let p = project();
-    let out = p.cmd().args(["--log-format", "json", "run", "p.yaml"]).env("RUST_LOG", "orchestrator=debug").output().unwrap();
+    let out =
+        p.cmd().args(["--log-format", "json", "run", "p.yaml"]).env("RUST_LOG", "orchestrator=debug").output().unwrap();
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let json_lines: Vec<serde_json::Value> = stderr.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert!(json_lines.iter().any(|v| v["fields"]["message"] == "admitted" && v["fields"]["stage"] == "up"), "{stderr}");
+    let json_lines: Vec<serde_json::Value> =
+        stderr.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        json_lines.iter().any(|v| v["fields"]["message"] == "admitted" && v["fields"]["stage"] == "up"),
+        "{stderr}"
+    );
     assert!(json_lines.iter().all(|v| v["level"].is_string() && v["timestamp"].is_string()));
 }

@@ -1,19 +1,22 @@
 //! pipelines/compress.yaml end to end with tiny budgets: teacher → int8 ∥ int4 ∥ distill (+control);
 //! the GGUF files are read back by the `gguf` Python package and checked against the teacher.
 
-use e2e_tests::{venv_python, Project};
+use e2e_tests::{shipped_pipeline, venv_python, Project};
 
-fn pipeline() -> String {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/compress.yaml").display().to_string()
-}
-
+/// Tiny budgets: `--set` overrides every verb gets.
 const SMALL: &[&str] = &[
-    "--set", "steps=16", "--set", "batch=4", "--set", "seq_len=32",
-    "--set", "corpus.documents=300",
-    "--set", "teacher.eval_interval=8", "--set", "student.eval_interval=8",
-    "--set", "teacher.eval_tokens=512", "--set", "student.eval_tokens=512",
-    "--set", "int8.eval_tokens=2048", "--set", "int4.eval_tokens=2048",
-    "--set", "int8.bench_runs=2", "--set", "int4.bench_runs=2",
+    "steps=16",
+    "batch=4",
+    "seq_len=32",
+    "corpus.documents=300",
+    "teacher.eval_interval=8",
+    "student.eval_interval=8",
+    "teacher.eval_tokens=512",
+    "student.eval_tokens=512",
+    "int8.eval_tokens=2048",
+    "int4.eval_tokens=2048",
+    "int8.bench_runs=2",
+    "int4.bench_runs=2",
 ];
 
 /// Reads a GGUF with the reference reader and compares every quantized matrix with the
@@ -65,7 +68,7 @@ print(f"ok {checked} {config['model']}")
 #[test]
 fn compress_pipeline_runs_caches_replays_and_its_gguf_reads_in_python() {
     let p = Project::new();
-    let file = pipeline();
+    let file = shipped_pipeline("compress");
     let cli = p.pipeline(&file, SMALL);
     let cold = cli.run("run", &["--json"]);
     cold.assert_ok();
@@ -73,7 +76,9 @@ fn compress_pipeline_runs_caches_replays_and_its_gguf_reads_in_python() {
 
     let dest = p.path().join("out");
     cli.run("export", &["--all", dest.to_str().unwrap()]).assert_ok();
-    let read = |rel: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(dest.join(rel)).unwrap()).unwrap() };
+    let read = |rel: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dest.join(rel)).unwrap()).unwrap()
+    };
     for (stage, ratio) in [("int8", 3.5), ("int4", 6.0)] {
         let s = read(&format!("{stage}/summary.json"));
         assert_eq!(s["scheme"], stage);
@@ -88,7 +93,11 @@ fn compress_pipeline_runs_caches_replays_and_its_gguf_reads_in_python() {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.starts_with("ok "), "{stage}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success() && text.starts_with("ok "),
+            "{stage}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let d = read("student/summary.json");
     for k in ["teacher", "student", "control"] {
@@ -104,6 +113,10 @@ fn compress_pipeline_runs_caches_replays_and_its_gguf_reads_in_python() {
     let replay = cli.run("replay", &[]);
     assert_eq!(replay.code, 0, "quantize and distill are deterministic:\n{}{}", replay.stdout, replay.stderr);
     for stage in ["teacher", "int8", "int4", "student"] {
-        assert!(replay.stdout.lines().any(|l| l.starts_with(stage) && l.ends_with("yes")), "{stage}: {}", replay.stdout);
+        assert!(
+            replay.stdout.lines().any(|l| l.starts_with(stage) && l.ends_with("yes")),
+            "{stage}: {}",
+            replay.stdout
+        );
     }
 }

@@ -133,7 +133,12 @@ fn bad_values() {
     invalid(&GOOD.replace("outputs: [upper]", "outputs: [upper]\n    threads: zero"), &[], "E-TYPE", Some("9:14"));
     invalid(&GOOD.replace("outputs: [upper]", "outputs: [upper]\n    timeout: soon"), &[], "E-TYPE", Some("9:14"));
     invalid(&GOOD.replace("foreach: ${params.sizes}", "foreach: 3"), &[], "E-FOREACH", None);
-    let e = invalid(&GOOD.replace("cmd: [\"sh\", \"-c\", \"tr a-z A-Z < ${inputs.text} > ${outputs.upper}\"]", "cmd: []"), &[], "E-PARAM", Some("6:"));
+    let e = invalid(
+        &GOOD.replace("cmd: [\"sh\", \"-c\", \"tr a-z A-Z < ${inputs.text} > ${outputs.upper}\"]", "cmd: []"),
+        &[],
+        "E-PARAM",
+        Some("6:"),
+    );
     assert!(e.contains("empty list"), "{e}");
 }
 

@@ -28,7 +28,13 @@ fn python_tokenizers_reads_our_tokenizer_json_and_agrees() {
         let ours = tokenizers::Tokenizer::from_file(p.path().join(&file)).unwrap();
         let ours: Vec<u32> = ours.encode(sample.as_str(), false).unwrap().get_ids().to_vec();
         let script = "import json, sys\nfrom tokenizers import Tokenizer\nt = Tokenizer.from_file(sys.argv[1])\ntext = open(sys.argv[2], encoding='utf-8').read()\nenc = t.encode(text, add_special_tokens=False)\nprint(json.dumps({'ids': enc.ids, 'vocab': t.get_vocab_size(), 'round': t.decode(enc.ids, skip_special_tokens=False) == text}))\n";
-        let out = std::process::Command::new(venv_python()).arg("-c").arg(script).arg(p.path().join(&file)).arg(p.path().join("sample.txt")).output().unwrap();
+        let out = std::process::Command::new(venv_python())
+            .arg("-c")
+            .arg(script)
+            .arg(p.path().join(&file))
+            .arg(p.path().join("sample.txt"))
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{kind}: python failed: {}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let theirs: Vec<u32> = v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();

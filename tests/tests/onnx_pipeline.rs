@@ -3,20 +3,26 @@
 //! and the Python `onnxruntime` package, given an exported graph and the project's
 //! `tokenizer.json`, computes the validation loss the project reports.
 
-use e2e_tests::{venv_python, Project};
+use e2e_tests::{shipped_pipeline, venv_python, Project};
 
-fn pipeline() -> String {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/onnx.yaml").display().to_string()
-}
-
+/// Tiny budgets: `--set` overrides every verb gets.
 const SMALL: &[&str] = &[
-    "--set", "steps=12", "--set", "batch=4", "--set", "seq_len=32",
-    "--set", "corpus.documents=300",
-    "--set", "itera.eval_interval=6", "--set", "transformer.eval_interval=6",
-    "--set", "itera.eval_tokens=512", "--set", "transformer.eval_tokens=512",
-    "--set", "int8.eval_tokens=1024", "--set", "int8.bench_runs=1",
-    "--set", "check_itera.eval_tokens=1024", "--set", "check_transformer.eval_tokens=1024", "--set", "check_int8.eval_tokens=1024",
-    "--set", "check_itera.generate=16", "--set", "check_transformer.generate=16", "--set", "check_int8.generate=16",
+    "steps=12",
+    "batch=4",
+    "seq_len=32",
+    "corpus.documents=300",
+    "itera.eval_interval=6",
+    "transformer.eval_interval=6",
+    "itera.eval_tokens=512",
+    "transformer.eval_tokens=512",
+    "int8.eval_tokens=1024",
+    "int8.bench_runs=1",
+    "check_itera.eval_tokens=1024",
+    "check_transformer.eval_tokens=1024",
+    "check_int8.eval_tokens=1024",
+    "check_itera.generate=16",
+    "check_transformer.generate=16",
+    "check_int8.generate=16",
 ];
 
 const CHECKER: &str = r#"
@@ -57,7 +63,7 @@ print(json.dumps({"val_loss": total / count, "positions": count}))
 #[test]
 fn onnx_pipeline_exports_valid_onnx_that_both_runtimes_and_python_agree_on() {
     let p = Project::new();
-    let file = pipeline();
+    let file = shipped_pipeline("onnx");
     let cli = p.pipeline(&file, SMALL);
     let cold = cli.run("run", &["--json"]);
     cold.assert_ok();
@@ -75,12 +81,21 @@ fn onnx_pipeline_exports_valid_onnx_that_both_runtimes_and_python_agree_on() {
     }
     assert_eq!(graphs.len(), 5, "full graphs for all three, step graphs for the two Itera-Lite: {graphs:?}");
     let out = std::process::Command::new(venv_python()).arg("-c").arg(CHECKER).args(&graphs).output().unwrap();
-    assert!(out.status.success(), "onnx.checker: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "onnx.checker: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    for (check, export) in [("check_itera", "export_itera"), ("check_transformer", "export_transformer"), ("check_int8", "export_int8")] {
-        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dest.join(check).join("crosscheck.json")).unwrap()).unwrap();
+    for (check, export) in
+        [("check_itera", "export_itera"), ("check_transformer", "export_transformer"), ("check_int8", "export_int8")]
+    {
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dest.join(check).join("crosscheck.json")).unwrap()).unwrap();
         assert_eq!(report["pass"], true, "{check}: {report}");
-        let runtimes: Vec<&str> = report["runtimes"].as_array().unwrap().iter().map(|e| e["runtime"].as_str().unwrap()).collect();
+        let runtimes: Vec<&str> =
+            report["runtimes"].as_array().unwrap().iter().map(|e| e["runtime"].as_str().unwrap()).collect();
         assert!(runtimes.contains(&"tract") && runtimes.contains(&"onnxruntime"), "{runtimes:?}");
         // Python onnxruntime computes the same validation loss from the file and tokenizer.json.
         let out = std::process::Command::new(venv_python())
@@ -97,7 +112,11 @@ fn onnx_pipeline_exports_valid_onnx_that_both_runtimes_and_python_agree_on() {
         let py: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let ours = report["native"]["reference_val_loss"].as_f64().unwrap();
         let theirs = py["val_loss"].as_f64().unwrap();
-        assert_eq!(py["positions"].as_u64().unwrap(), report["eval_positions"].as_u64().unwrap(), "{check}: same windows");
+        assert_eq!(
+            py["positions"].as_u64().unwrap(),
+            report["eval_positions"].as_u64().unwrap(),
+            "{check}: same windows"
+        );
         assert!((ours - theirs).abs() / ours < 1e-4, "{check}: project {ours} vs Python onnxruntime {theirs}");
     }
 

@@ -1,26 +1,39 @@
 //! pipelines/phase4.yaml end to end with tiny budgets: it runs cold, reruns fully cached,
 //! replays every deterministic stage identically, and its report has every section and valid PNGs.
 
-use e2e_tests::Project;
+use e2e_tests::{shipped_pipeline, Project};
 
-fn pipeline() -> String {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/phase4.yaml").display().to_string()
-}
-
+/// Tiny budgets: `--set` overrides every verb gets.
 const SMALL: &[&str] = &[
-    "--set", "steps=12", "--set", "batch=4", "--set", "seq_len=32", "--set", "corpus.documents=300",
-    "--set", "teacher.eval_interval=6", "--set", "transformer.eval_interval=6", "--set", "student.eval_interval=6",
-    "--set", "teacher.eval_tokens=512", "--set", "transformer.eval_tokens=512", "--set", "student.eval_tokens=512",
-    "--set", "int8.eval_tokens=1024", "--set", "int4.eval_tokens=1024", "--set", "int8.bench_runs=1", "--set", "int4.bench_runs=1",
-    "--set", "check_teacher.eval_tokens=512", "--set", "check_transformer.eval_tokens=512", "--set", "check_int8.eval_tokens=512",
-    "--set", "check_teacher.generate=8", "--set", "check_transformer.generate=8", "--set", "check_int8.generate=8",
-    "--set", "benchmark.runs=1", "--set", "benchmark.eval_tokens=256", "--set", "benchmark.generate=8",
+    "steps=12",
+    "batch=4",
+    "seq_len=32",
+    "corpus.documents=300",
+    "teacher.eval_interval=6",
+    "transformer.eval_interval=6",
+    "student.eval_interval=6",
+    "teacher.eval_tokens=512",
+    "transformer.eval_tokens=512",
+    "student.eval_tokens=512",
+    "int8.eval_tokens=1024",
+    "int4.eval_tokens=1024",
+    "int8.bench_runs=1",
+    "int4.bench_runs=1",
+    "check_teacher.eval_tokens=512",
+    "check_transformer.eval_tokens=512",
+    "check_int8.eval_tokens=512",
+    "check_teacher.generate=8",
+    "check_transformer.generate=8",
+    "check_int8.generate=8",
+    "benchmark.runs=1",
+    "benchmark.eval_tokens=256",
+    "benchmark.generate=8",
 ];
 
 #[test]
 fn reduced_phase4_runs_caches_replays_and_reports() {
     let p = Project::new();
-    let file = pipeline();
+    let file = shipped_pipeline("phase4");
     let cli = p.pipeline(&file, SMALL);
     let store = p.store().display().to_string();
     let run = |a: Vec<String>| p.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
@@ -36,24 +49,65 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
 
     let replay = cli.run("replay", &[]);
     assert_eq!(replay.code, 0, "every deterministic stage must reproduce:\n{}{}", replay.stdout, replay.stderr);
-    for stage in ["corpus", "vocab@384", "vocab@1024", "teacher", "transformer", "int8", "int4", "student", "export_teacher", "export_int8", "report"] {
-        assert!(replay.stdout.lines().any(|l| l.starts_with(stage) && l.ends_with("yes")), "{stage}: {}", replay.stdout);
+    for stage in [
+        "corpus",
+        "vocab@384",
+        "vocab@1024",
+        "teacher",
+        "transformer",
+        "int8",
+        "int4",
+        "student",
+        "export_teacher",
+        "export_int8",
+        "report",
+    ] {
+        assert!(
+            replay.stdout.lines().any(|l| l.starts_with(stage) && l.ends_with("yes")),
+            "{stage}: {}",
+            replay.stdout
+        );
     }
 
     let dest = p.path().join("report");
     cli.run("export", &["report.report", dest.to_str().unwrap()]).assert_ok();
     let md = std::fs::read_to_string(dest.join("report.md")).unwrap();
-    for section in ["## Headline", "## The original study's claims beside ours", "## Training", "## Quantization", "## Distillation, with its control", "## ONNX: tract and ONNX Runtime", "## Throughput and quality against size"] {
+    for section in [
+        "## Headline",
+        "## The original study's claims beside ours",
+        "## Training",
+        "## Quantization",
+        "## Distillation, with its control",
+        "## ONNX: tract and ONNX Runtime",
+        "## Throughput and quality against size",
+    ] {
         assert!(md.contains(section), "missing {section}:\n{md}");
     }
-    for label in ["itera_f32", "itera_int8", "itera_int4", "student", "control", "transformer", "onnx_itera@tract", "onnx_itera@onnxruntime", "onnx_transformer@onnxruntime"] {
+    for label in [
+        "itera_f32",
+        "itera_int8",
+        "itera_int4",
+        "student",
+        "control",
+        "transformer",
+        "onnx_itera@tract",
+        "onnx_itera@onnxruntime",
+        "onnx_transformer@onnxruntime",
+    ] {
         assert!(md.contains(&format!("| {label} |")), "headline row {label}:\n{md}");
     }
     assert!(!md.contains("| NO |") && !md.contains("DIFFERS") && !md.contains("DIFFERENT"), "{md}");
     // The cold run computed everything, and the report says so, per section and per stage.
     assert!(md.contains("## Provenance") && md.contains("*Source: `benchmark`, measured in this run.*"), "{md}");
-    assert!(md.contains("| teacher | ") && !md.contains("| from cache |") && !md.contains(", from cache (measured"), "{md}");
-    let pngs: Vec<&str> = md.match_indices("](").filter_map(|(i, _)| md[i + 2..].split(')').next()).filter(|l| l.ends_with(".png")).collect();
+    assert!(
+        md.contains("| teacher | ") && !md.contains("| from cache |") && !md.contains(", from cache (measured"),
+        "{md}"
+    );
+    let pngs: Vec<&str> = md
+        .match_indices("](")
+        .filter_map(|(i, _)| md[i + 2..].split(')').next())
+        .filter(|l| l.ends_with(".png"))
+        .collect();
     assert_eq!(pngs, ["training.png", "compression.png", "throughput.png", "quality_vs_size.png"]);
     for png in pngs {
         let bytes = std::fs::read(dest.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
@@ -62,18 +116,34 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
     }
 
     // `orchestrate report` renders the same template from the cache, with provenance, running nothing.
-    let template = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/phase4.md.j2").display().to_string();
+    let template =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/phase4.md.j2").display().to_string();
     let out = p.path().join("cli/phase4.md");
     let report_args = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["report", template.as_str(), "--pipeline", file.as_str(), "--store", store.as_str(), "-o", out.to_str().unwrap()].iter().map(|s| s.to_string()).collect();
-        v.extend(SMALL.iter().map(|s| s.to_string()));
+        let mut v: Vec<String> = [
+            "report",
+            template.as_str(),
+            "--pipeline",
+            file.as_str(),
+            "--store",
+            store.as_str(),
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(cli.set_flags().iter().cloned());
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
     let objects_before = p.objects().len();
     run(report_args(&[])).assert_ok();
     let cli_md = std::fs::read_to_string(&out).unwrap();
-    assert!(cli_md.contains("## Headline") && cli_md.contains("## Provenance") && cli_md.contains("| teacher |"), "{cli_md}");
+    assert!(
+        cli_md.contains("## Headline") && cli_md.contains("## Provenance") && cli_md.contains("| teacher |"),
+        "{cli_md}"
+    );
     assert!(p.path().join("cli/training.png").exists());
     assert_eq!(p.objects().len(), objects_before, "report must not run or store anything");
     assert!(cli_md.contains("*Source: `teacher`, from cache (measured "), "{cli_md}");
@@ -100,18 +170,33 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
 #[test]
 fn reduced_phase3_runs_and_reports() {
     let p = Project::new();
-    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/phase3.yaml").display().to_string();
+    let file = shipped_pipeline("phase3");
     let small = [
-        "--set", "steps=12", "--set", "batch=4", "--set", "seq_len=32", "--set", "corpus.documents=300",
-        "--set", "itera.eval_interval=6", "--set", "transformer.eval_interval=6", "--set", "itera.eval_tokens=512", "--set", "transformer.eval_tokens=512",
-        "--set", "benchmark.runs=1", "--set", "benchmark.eval_tokens=256", "--set", "benchmark.generate=8",
+        "steps=12",
+        "batch=4",
+        "seq_len=32",
+        "corpus.documents=300",
+        "itera.eval_interval=6",
+        "transformer.eval_interval=6",
+        "itera.eval_tokens=512",
+        "transformer.eval_tokens=512",
+        "benchmark.runs=1",
+        "benchmark.eval_tokens=256",
+        "benchmark.generate=8",
     ];
     let cli = p.pipeline(&file, &small);
     cli.run("run", &[]).assert_ok();
     let dest = p.path().join("r3");
     cli.run("export", &["report.report", dest.to_str().unwrap()]).assert_ok();
     let md = std::fs::read_to_string(dest.join("report.md")).unwrap();
-    for needle in ["## Headline", "| Itera-Lite tiny |", "| Transformer tiny |", "## Training", "](training.png)", "](throughput.png)"] {
+    for needle in [
+        "## Headline",
+        "| Itera-Lite tiny |",
+        "| Transformer tiny |",
+        "## Training",
+        "](training.png)",
+        "](throughput.png)",
+    ] {
         assert!(md.contains(needle), "missing {needle}:\n{md}");
     }
     for png in ["training.png", "throughput.png"] {

@@ -50,7 +50,10 @@ fn kill_9_mid_run_then_rerun_keeps_finished_stages() {
     p.write("p.yaml", &SLOW_TAIL.replace("MARKERPATH", &marker.display().to_string()));
     let mut child = p.cmd().args(["run", "p.yaml"]).stderr(Stdio::null()).spawn().unwrap();
     wait_for(&marker, Duration::from_secs(30));
-    assert!(!processes_mentioning(&marker.display().to_string()).is_empty(), "the slow stage is running before the kill");
+    assert!(
+        !processes_mentioning(&marker.display().to_string()).is_empty(),
+        "the slow stage is running before the kill"
+    );
     // SAFETY: SIGKILL to the orchestrate process we started.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().unwrap();
@@ -77,7 +80,8 @@ fn sigterm_stops_running_stages_and_commits_nothing_partial() {
     let p = Project::new();
     let marker = p.path().join("slow-started");
     p.write("p.yaml", &SLOW_TAIL.replace("MARKERPATH", &marker.display().to_string()));
-    let child = p.cmd().args(["run", "p.yaml", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child =
+        p.cmd().args(["run", "p.yaml", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_for(&marker, Duration::from_secs(30));
     let t = Instant::now();
     // SAFETY: SIGTERM to the orchestrate process we started.
@@ -255,7 +259,10 @@ fn a_crashing_stage_is_reported_not_fatal() {
 #[test]
 fn gc_keeps_the_last_runs_and_removes_the_rest() {
     let p = Project::new();
-    p.write("p.yaml", "params: {v: 1}\nstages:\n  s: {kind: command, cmd: \"echo ${params.v} > ${outputs.o}\", outputs: [o]}\n");
+    p.write(
+        "p.yaml",
+        "params: {v: 1}\nstages:\n  s: {kind: command, cmd: \"echo ${params.v} > ${outputs.o}\", outputs: [o]}\n",
+    );
     p.run(&["run", "p.yaml"]).assert_ok();
     p.run(&["run", "p.yaml", "--set", "v=2"]).assert_ok();
     let before = p.objects().len();
@@ -276,7 +283,8 @@ fn store_location_flag_and_environment() {
     p.write("p.yaml", "stages:\n  s: {kind: command, cmd: \"echo > ${outputs.o}\", outputs: [o]}\n");
     p.run(&["run", "p.yaml", "--store", "custom"]).assert_ok();
     assert!(p.path().join("custom/objects").is_dir());
-    let r = p.cmd().args(["run", "p.yaml", "--json"]).env("ORCHESTRATE_STORE", p.path().join("custom")).output().unwrap();
+    let r =
+        p.cmd().args(["run", "p.yaml", "--json"]).env("ORCHESTRATE_STORE", p.path().join("custom")).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(v["stages"][0]["status"], "cached");
     assert!(!p.store().exists(), "./artifacts is only the default");
@@ -294,7 +302,11 @@ fn stage_process_protocol_runs_reports_and_dies_with_the_scheduler() {
     );
     let run = |args: &[&str]| {
         let o = p.cmd().args(args).env("ORCHESTRATE_STAGE_PROTOCOL", "process").output().unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     let (code, _, err) = run(&["run", "q.yaml", "--keep-going"]);
     assert_eq!(code, Some(1), "{err}");
@@ -304,7 +316,13 @@ fn stage_process_protocol_runs_reports_and_dies_with_the_scheduler() {
     assert_eq!(v["metrics"]["n"], 2);
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
 
-    let mut child = p.cmd().args(["run", "p.yaml"]).env("ORCHESTRATE_STAGE_PROTOCOL", "process").stderr(Stdio::null()).spawn().unwrap();
+    let mut child = p
+        .cmd()
+        .args(["run", "p.yaml"])
+        .env("ORCHESTRATE_STAGE_PROTOCOL", "process")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     wait_for(&marker, Duration::from_secs(30));
     assert!(!processes_mentioning(&marker.display().to_string()).is_empty());
     // SAFETY: SIGKILL to the orchestrate process we started.
@@ -330,7 +348,12 @@ fn replacing_the_binary_mid_run_does_not_break_later_stages() {
             marker.display()
         ),
     );
-    let child = std::process::Command::new(&bin).args(["run", file.to_str().unwrap(), "--store", p.store().to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = std::process::Command::new(&bin)
+        .args(["run", file.to_str().unwrap(), "--store", p.store().to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     wait_for(&marker, Duration::from_secs(30));
     std::fs::remove_file(&bin).unwrap();
     std::fs::write(&bin, b"#!/bin/sh\nexit 99\n").unwrap();

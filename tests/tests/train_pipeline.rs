@@ -1,22 +1,23 @@
 //! pipelines/train.yaml end to end with tiny budgets: corpus → vocab → two models in parallel.
 
-use e2e_tests::Project;
+use e2e_tests::{shipped_pipeline, Project};
 
-fn pipeline() -> String {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/train.yaml").display().to_string()
-}
-
+/// Tiny budgets: `--set` overrides every verb gets.
 const SMALL: &[&str] = &[
-    "--set", "steps=12", "--set", "batch=4", "--set", "seq_len=32",
-    "--set", "corpus.documents=300",
-    "--set", "itera.eval_interval=6", "--set", "transformer.eval_interval=6",
-    "--set", "itera.eval_tokens=512", "--set", "transformer.eval_tokens=512",
+    "steps=12",
+    "batch=4",
+    "seq_len=32",
+    "corpus.documents=300",
+    "itera.eval_interval=6",
+    "transformer.eval_interval=6",
+    "itera.eval_tokens=512",
+    "transformer.eval_tokens=512",
 ];
 
 #[test]
 fn train_pipeline_runs_caches_and_replays_identically() {
     let p = Project::new();
-    let file = pipeline();
+    let file = shipped_pipeline("train");
     let cli = p.pipeline(&file, SMALL);
     let cold = cli.run("run", &["--json"]);
     cold.assert_ok();
@@ -42,9 +43,17 @@ fn train_pipeline_runs_caches_and_replays_identically() {
     assert!(warm.statuses().iter().all(|(_, s)| s == "cached"), "{}", warm.stdout);
 
     let replay = cli.run("replay", &[]);
-    assert_eq!(replay.code, 0, "training is deterministic, so replay must reproduce it:\n{}{}", replay.stdout, replay.stderr);
+    assert_eq!(
+        replay.code, 0,
+        "training is deterministic, so replay must reproduce it:\n{}{}",
+        replay.stdout, replay.stderr
+    );
     for stage in ["corpus", "vocab", "itera", "transformer"] {
-        assert!(replay.stdout.lines().any(|l| l.starts_with(stage) && l.ends_with("yes")), "{stage}: {}", replay.stdout);
+        assert!(
+            replay.stdout.lines().any(|l| l.starts_with(stage) && l.ends_with("yes")),
+            "{stage}: {}",
+            replay.stdout
+        );
     }
 
     let dest = p.path().join("exported");
@@ -56,7 +65,7 @@ fn train_pipeline_runs_caches_and_replays_identically() {
 #[test]
 fn train_params_are_checked_before_anything_runs() {
     let p = Project::new();
-    let r = p.run(&["run", &pipeline(), "--store", p.store().to_str().unwrap(), "--set", "itera.lr=7"]);
+    let r = p.run(&["run", &shipped_pipeline("train"), "--store", p.store().to_str().unwrap(), "--set", "itera.lr=7"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("error[E-PARAM]") && r.stderr.contains("`lr` must be in (0, 1)"), "{}", r.stderr);
     assert!(r.stderr.contains("train.yaml:"), "points into the pipeline file: {}", r.stderr);

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod host;
+
 /// A stage's configuration as resolved from the pipeline file: every `${...}` interpolation of
 /// pipeline params and `foreach` items already applied.
 ///
@@ -51,7 +53,7 @@ pub struct InputSpec {
 
 /// What [`Stage::check`] promises about a stage instance.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StagePlan {
+pub struct StageProfile {
     /// Threads the stage wants when the pipeline file does not say.
     pub default_threads: u32,
     /// Whether the same inputs and params give the same output bytes. `replay` holds a stage
@@ -65,9 +67,14 @@ pub struct StagePlan {
     pub volatile_outputs: Vec<String>,
 }
 
-impl Default for StagePlan {
+impl Default for StageProfile {
     fn default() -> Self {
-        StagePlan { default_threads: 1, deterministic: true, required_outputs: Vec::new(), volatile_outputs: Vec::new() }
+        StageProfile {
+            default_threads: 1,
+            deterministic: true,
+            required_outputs: Vec::new(),
+            volatile_outputs: Vec::new(),
+        }
     }
 }
 
@@ -107,6 +114,14 @@ pub enum StageError {
     Cancelled,
     #[error("invalid params: {0}")]
     Params(#[from] ParamError),
+    /// A library the stage called failed; `context` says what the stage was doing (which
+    /// file, which model), `source` keeps the library's own error.
+    #[error("{context}: {source}")]
+    Library {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl StageError {
@@ -116,6 +131,26 @@ impl StageError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         StageError::Io { context: context.into(), source }
     }
+}
+
+/// Attach what the stage was doing to a library's error, for `?` inside stages:
+/// `Model::load(dir).context(|| format!("loading the teacher from {}", dir.display()))?`.
+pub trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, StageError>;
+}
+
+/// Any error that boxes into `Box<dyn Error + Send + Sync>`: concrete error types and the
+/// already-boxed errors some libraries return (tokenizers).
+impl<T, E: Into<Box<dyn std::error::Error + Send + Sync>>> Context<T> for Result<T, E> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T, StageError> {
+        self.map_err(|e| StageError::Library { context: what(), source: e.into() })
+    }
+}
+
+/// Write a JSON value pretty-printed with a final newline (the stages' `*.json` outputs).
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), StageError> {
+    let text = serde_json::to_string_pretty(value).context(|| format!("encoding {}", path.display()))?;
+    std::fs::write(path, text + "\n").map_err(|e| StageError::io(format!("writing {}", path.display()), e))
 }
 
 /// Attach a context message to an I/O result, for `?` inside stages.
@@ -145,13 +180,13 @@ pub struct RunSpec {
     pub work_dir: PathBuf,
     pub threads: u32,
     pub seed: u64,
-    /// For stages that ask for it ([`Stage::wants_run_metadata`]): a JSON file describing the
+    /// For stages that ask for it ([`Stage::wants_run_description`]): a JSON file describing the
     /// run that executes the stage — pipeline, date, host, and for every upstream stage its
     /// cache key and whether this run computed it or took it from the cache. Not part of the
     /// cache key (a fully cached rerun must not re-render); recorded with the result instead,
     /// so `replay` hands the stage the same file.
     #[serde(default)]
-    pub run_metadata: Option<PathBuf>,
+    pub run_description: Option<PathBuf>,
 }
 
 /// A UTF-8 text input, with the path in the error.
@@ -169,12 +204,7 @@ pub struct StageContext {
 
 impl StageContext {
     pub fn new(spec: RunSpec, cancel: Arc<AtomicBool>) -> Self {
-        StageContext {
-            spec,
-            metrics: BTreeMap::new(),
-            cancel,
-            progress: Box::new(|_| {}),
-        }
+        StageContext { spec, metrics: BTreeMap::new(), cancel, progress: Box::new(|_| {}) }
     }
 
     /// Route progress messages somewhere (the executor prints them for the scheduler).
@@ -201,8 +231,8 @@ impl StageContext {
         &self.spec.work_dir
     }
     /// The run-metadata file, when the stage asked for one and the executor provides it.
-    pub fn run_metadata(&self) -> Option<&Path> {
-        self.spec.run_metadata.as_deref()
+    pub fn run_description(&self) -> Option<&Path> {
+        self.spec.run_description.as_deref()
     }
 
     /// Path of a declared input. Errors (rather than panics) on a name the stage did not declare.
@@ -272,7 +302,9 @@ pub trait Stage: Send + Sync {
     /// The name used as `kind:` in pipeline files.
     fn kind(&self) -> &'static str;
 
-    /// Bump to invalidate every cached result of this stage kind.
+    /// Part of every cache key of this kind: bump it when the stage's output bytes change for
+    /// the same inputs and params, so results computed by the older code are not served.
+    /// Why each bump happened belongs in the commit message.
     fn version(&self) -> u32;
 
     /// One line for `orchestrate` help and error messages listing kinds.
@@ -287,14 +319,14 @@ pub trait Stage: Send + Sync {
     }
 
     /// Validate the configuration before anything runs and say what the stage will need.
-    fn check(&self, params: &Params, io: &InputSpec) -> Result<StagePlan, ParamError>;
+    fn check(&self, params: &Params, io: &InputSpec) -> Result<StageProfile, ParamError>;
 
     /// Do the work: read inputs, write every declared output, record metrics.
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError>;
 
     /// Whether the stage is handed a description of the run executing it (see
-    /// [`RunSpec::run_metadata`]); a report that says which results were computed in this run.
-    fn wants_run_metadata(&self) -> bool {
+    /// [`RunSpec::run_description`]); a report that says which results were computed in this run.
+    fn wants_run_description(&self) -> bool {
         false
     }
 
@@ -360,7 +392,7 @@ mod tests {
             work_dir: PathBuf::from("/x"),
             threads: 1,
             seed: 0,
-            run_metadata: None,
+            run_description: None,
         };
         let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
         assert_eq!(ctx.input("a").unwrap(), Path::new("/x/a"));

@@ -12,11 +12,11 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use itera_models::accounting::{forward_flops_per_token, param_counts, weight_matmul_macs};
 use itera_models::measure::{forward_rate, generate_rate, quantile, Rate};
-use itera_models::training::{encode, eval_windows, load_tokenizer, FitError};
+use itera_models::training::{encode, eval_windows, load_tokenizer};
 use itera_models::{Model, ModelConfig};
 use onnx_runtime::{greedy, Engine, Input, StepLayout};
 use serde_json::{json, Value};
-use stage_api::{InputSpec, ParamError, Params, Stage, StageContext, StageError, StagePlan};
+use stage_api::{Context, InputSpec, ParamError, Params, Stage, StageContext, StageError, StageProfile};
 
 const KNOWN: &[&str] = &["seq_len", "batch", "runs", "generate", "eval_tokens", "runtimes", "seed"];
 
@@ -35,23 +35,20 @@ pub struct Settings {
 pub fn settings(p: &Params) -> Result<Settings, ParamError> {
     stage_api::check_known_params(p, KNOWN, "benchmark")?;
     let u = |k: &str, d: u64| stage_api::param_u64(p, k, d).map(|v| v as usize);
-    let runtimes = onnx_runtime::parse_runtimes(p.param("runtimes")).map_err(|m| ParamError::new("params.runtimes", m))?;
-    let s = Settings { seq_len: u("seq_len", 128)?, batch: u("batch", 16)?, runs: u("runs", 5)?, generate: u("generate", 112)?, eval_tokens: u("eval_tokens", 65_536)?, runtimes };
+    let runtimes =
+        onnx_runtime::parse_runtimes(p.param("runtimes")).map_err(|m| ParamError::new("params.runtimes", m))?;
+    let s = Settings {
+        seq_len: u("seq_len", 128)?,
+        batch: u("batch", 16)?,
+        runs: u("runs", 5)?,
+        generate: u("generate", 112)?,
+        eval_tokens: u("eval_tokens", 65_536)?,
+        runtimes,
+    };
     if s.seq_len < 2 || s.batch == 0 || s.runs == 0 {
         return Err(ParamError::new("params", "`seq_len` must be ≥ 2, `batch` and `runs` ≥ 1"));
     }
     Ok(s)
-}
-
-fn err(e: impl std::fmt::Display) -> StageError {
-    StageError::failed(e.to_string())
-}
-
-fn fit_error(e: FitError) -> StageError {
-    match e {
-        FitError::Cancelled => StageError::Cancelled,
-        FitError::Failed(m) => StageError::failed(m),
-    }
 }
 
 /// Resets the kernel's peak-RSS mark for this process (Linux `clear_refs` 5), so each model's
@@ -74,28 +71,6 @@ fn cpu_seconds() -> f64 {
     t(ru.ru_utime) + t(ru.ru_stime)
 }
 
-/// CPU model, cores, SIMD flags, memory, OS and compiler of this machine.
-pub fn host() -> Value {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| cpuinfo.lines().find(|l| l.starts_with(name)).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string());
-    let flags = field("flags").unwrap_or_default();
-    let simd: Vec<&str> = ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile"].into_iter().filter(|f| flags.split_whitespace().any(|x| x == *f)).collect();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kb = meminfo.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let os = std::fs::read_to_string("/etc/os-release").ok().and_then(|s| s.lines().find(|l| l.starts_with("PRETTY_NAME=")).map(|l| l.trim_start_matches("PRETTY_NAME=").trim_matches('"').to_string()));
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).ok();
-    json!({
-        "cpu": field("model name"),
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "simd": simd,
-        "memory_bytes": mem_kb * 1024,
-        "os": os,
-        "kernel": kernel,
-        "rustc": env!("BENCH_RUSTC_VERSION"),
-        "load_average": std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
-    })
-}
-
 fn rate(r: &Rate) -> Value {
     json!({"median": r.median, "min": r.min, "max": r.max, "runs": r.runs})
 }
@@ -104,7 +79,11 @@ fn bytes_on_disk(path: &Path) -> u64 {
     if path.is_file() {
         return std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     }
-    std::fs::read_dir(path).map(|d| d.filter_map(|e| e.ok()).filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()).unwrap_or(0)
+    std::fs::read_dir(path)
+        .map(|d| {
+            d.filter_map(|e| e.ok()).filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
+        })
+        .unwrap_or(0)
 }
 
 struct Data {
@@ -113,8 +92,11 @@ struct Data {
     prompt: Vec<u32>,
 }
 
+/// Logits of a batch of windows: (token ids, batch size) → flat logits.
+type LogitsFn<'a> = dyn FnMut(&[u32], usize) -> Result<Vec<f32>, StageError> + 'a;
+
 /// Loss over the windows (batches of `batch`), from a function giving logits for (batch, seq) ids.
-fn loss_over(data: &Data, batch: usize, seq: usize, vocab: usize, f: &mut dyn FnMut(&[u32], usize) -> Result<Vec<f32>, StageError>) -> Result<f64, StageError> {
+fn loss_over(data: &Data, batch: usize, seq: usize, vocab: usize, f: &mut LogitsFn) -> Result<f64, StageError> {
     let (mut total, mut n) = (0.0, 0usize);
     for chunk in data.windows.chunks(batch) {
         let ids: Vec<u32> = chunk.iter().flatten().copied().collect();
@@ -130,22 +112,33 @@ fn quality(loss: f64, data: &Data) -> Value {
     json!({"val_loss": loss, "val_perplexity": loss.exp(), "bits_per_byte": loss / data.bytes_per_token / std::f64::consts::LN_2})
 }
 
-fn native_record(label: &str, path: &Path, s: &Settings, data: &Data, threads: usize) -> Result<(Value, ModelConfig), StageError> {
+fn native_record(
+    label: &str,
+    path: &Path,
+    s: &Settings,
+    data: &Data,
+    threads: usize,
+) -> Result<(Value, ModelConfig), StageError> {
     reset_peak_rss();
     let (cpu0, wall0) = (cpu_seconds(), Instant::now());
-    let mut model = Model::load_any(path).map_err(err)?;
+    let mut model = Model::load_any(path).context(|| format!("loading the model {}", path.display()))?;
     let scheme = model.quant_scheme();
     let config = model.config.clone();
     let seq = s.seq_len.min(config.max_seq_len());
     let vocab = config.vocab_size();
     let x: Vec<u32> = data.windows.iter().flatten().copied().cycle().take(s.batch * seq).collect();
-    let x = Tensor::from_vec(x, (s.batch, seq), &Device::Cpu).map_err(err)?;
-    let fwd = forward_rate(&model, &x, s.runs).map_err(err)?;
+    let fwd = Tensor::from_vec(x, (s.batch, seq), &Device::Cpu)
+        .and_then(|x| forward_rate(&model, &x, s.runs))
+        .context(|| "timing the forward".into())?;
     let new_tokens = s.generate.min(config.max_seq_len().saturating_sub(data.prompt.len())).max(1);
-    let (gen, lat) = generate_rate(&model, &data.prompt, new_tokens, s.runs.min(3)).map_err(err)?;
+    let (gen, lat) =
+        generate_rate(&model, &data.prompt, new_tokens, s.runs.min(3)).context(|| "timing generation".into())?;
     let loss = loss_over(data, s.batch, seq, vocab, &mut |ids, b| {
-        let t = Tensor::from_vec(ids.to_vec(), (b, seq), &Device::Cpu).map_err(err)?;
-        model.forward(&t, None).map_err(err)?.logits.flatten_all().map_err(err)?.to_vec1().map_err(err)
+        let logits = Tensor::from_vec(ids.to_vec(), (b, seq), &Device::Cpu)
+            .and_then(|t| model.forward(&t, None))
+            .and_then(|o| o.logits.flatten_all())
+            .and_then(|l| l.to_vec1());
+        logits.context(|| "forward for the validation loss".into())
     })?;
     let wall = wall0.elapsed().as_secs_f64();
     let counts = param_counts(&config);
@@ -181,18 +174,24 @@ fn model_kind(c: &ModelConfig) -> &'static str {
 }
 
 fn onnx_records(label: &str, dir: &Path, s: &Settings, data: &Data, threads: usize) -> Result<Vec<Value>, StageError> {
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("export.json")).map_err(|e| StageError::io(format!("reading {}/export.json", dir.display()), e))?)
-        .map_err(|e| StageError::failed(format!("{}/export.json: {e}", dir.display())))?;
-    let config: ModelConfig = serde_json::from_value(manifest["model"].clone()).map_err(|e| StageError::failed(format!("{}/export.json: model config: {e}", dir.display())))?;
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("export.json"))
+            .map_err(|e| StageError::io(format!("reading {}/export.json", dir.display()), e))?,
+    )
+    .map_err(|e| StageError::failed(format!("{}/export.json: {e}", dir.display())))?;
+    let config: ModelConfig = serde_json::from_value(manifest["model"].clone())
+        .map_err(|e| StageError::failed(format!("{}/export.json: model config: {e}", dir.display())))?;
     let full = dir.join("model.onnx");
     let step = Some(dir.join("step.onnx")).filter(|p| p.exists());
     let layout = match (&config, &step) {
-        (ModelConfig::IteraLite(c), Some(_)) => Some(StepLayout { layers: c.n_layers, conv: vec![c.d_conv - 1, c.d_inner()], ssm: vec![c.d_state] }),
+        (ModelConfig::IteraLite(c), Some(_)) => {
+            Some(StepLayout { layers: c.n_layers, conv: vec![c.d_conv - 1, c.d_inner()], ssm: vec![c.d_state] })
+        }
         _ => None,
     };
     let seq = s.seq_len.min(config.max_seq_len());
     let vocab = config.vocab_size();
-    let graph_macs = onnx_runtime::weight_matmul_macs(&full).map_err(err)?;
+    let graph_macs = onnx_runtime::weight_matmul_macs(&full).context(|| format!("reading {}", full.display()))?;
     let formula_macs = weight_matmul_macs(&config, true);
     let mut out = Vec::new();
     for runtime in &s.runtimes {
@@ -200,26 +199,34 @@ fn onnx_records(label: &str, dir: &Path, s: &Settings, data: &Data, threads: usi
         let (cpu0, wall0) = (cpu_seconds(), Instant::now());
         let open = |p: &Path| if runtime == "tract" { Engine::tract(p) } else { Engine::ort(p, threads) };
         let mut engine = open(&full).map_err(|e| StageError::failed(format!("{label}: {runtime}: {e}")))?;
-        let ids: Vec<i64> = data.windows.iter().flatten().copied().cycle().take(s.batch * seq).map(|v| v as i64).collect();
+        let ids: Vec<i64> =
+            data.windows.iter().flatten().copied().cycle().take(s.batch * seq).map(|v| v as i64).collect();
         let input = [("input_ids", Input::I64(vec![s.batch, seq], ids))];
-        engine.run(&input).map_err(err)?;
+        engine.run(&input).context(|| format!("warm-up run in {runtime}"))?;
         let mut v = Vec::new();
         for _ in 0..s.runs {
             let t = Instant::now();
-            engine.run(&input).map_err(err)?;
+            engine.run(&input).context(|| format!("timed run in {runtime}"))?;
             v.push((s.batch * seq) as f64 / t.elapsed().as_secs_f64().max(1e-9));
         }
         let loss = loss_over(data, s.batch, seq, vocab, &mut |ids, b| {
-            let o = engine.run(&[("input_ids", Input::I64(vec![b, seq], ids.iter().map(|&v| v as i64).collect()))]).map_err(err)?;
-            o.into_iter().find(|o| o.name == "logits").map(|o| o.data).ok_or_else(|| StageError::failed("no logits output"))
+            let o = engine
+                .run(&[("input_ids", Input::I64(vec![b, seq], ids.iter().map(|&v| v as i64).collect()))])
+                .context(|| format!("validation loss in {runtime}"))?;
+            o.into_iter()
+                .find(|o| o.name == "logits")
+                .map(|o| o.data)
+                .ok_or_else(|| StageError::failed("no logits output"))
         })?;
         let new_tokens = s.generate.min(config.max_seq_len().saturating_sub(data.prompt.len())).max(1);
         let (gen_engine_tokens, lat) = match (&step, &layout) {
             (Some(p), Some(l)) => {
-                let mut e = open(p).map_err(err)?;
-                greedy(&mut e, Some(l), vocab, &data.prompt, new_tokens).map_err(err)?
+                let mut e = open(p).context(|| format!("opening {} in {runtime}", p.display()))?;
+                greedy(&mut e, Some(l), vocab, &data.prompt, new_tokens)
+                    .context(|| format!("generation in {runtime}"))?
             }
-            _ => greedy(&mut engine, None, vocab, &data.prompt, new_tokens).map_err(err)?,
+            _ => greedy(&mut engine, None, vocab, &data.prompt, new_tokens)
+                .context(|| format!("generation in {runtime}"))?,
         };
         let wall = wall0.elapsed().as_secs_f64();
         let fwd = Rate { median: quantile(&v, 0.5), min: quantile(&v, 0.0), max: quantile(&v, 1.0), runs: v.len() };
@@ -281,45 +288,69 @@ fn csv_row(r: &Value) -> String {
     .join(",")
 }
 
-const CSV_HEADER: &str = "label,model,runtime,weights,params,embedding_params,non_embedding_params,bytes_on_disk,flops_per_token,forward_tok_s_median,forward_tok_s_min,forward_tok_s_max,generate_tok_s,latency_ms_p50,latency_ms_p95,peak_rss_bytes,cpu_utilisation,val_loss,val_perplexity,bits_per_byte";
+const CSV_HEADER: &str = concat!(
+    "label,model,runtime,weights,params,",
+    "embedding_params,non_embedding_params,bytes_on_disk,flops_per_token,forward_tok_s_median,",
+    "forward_tok_s_min,forward_tok_s_max,generate_tok_s,latency_ms_p50,latency_ms_p95,",
+    "peak_rss_bytes,cpu_utilisation,val_loss,val_perplexity,bits_per_byte",
+);
 
 impl Stage for BenchmarkStage {
     fn kind(&self) -> &'static str {
         "benchmark"
     }
     fn version(&self) -> u32 {
-        // 2: the models' fused training/forward nodes, and Transformer generation on the slice decoder.
         2
     }
     fn describe(&self) -> &'static str {
-        "size, FLOPs, forward/generation speed, latency, memory, CPU use and quality of every model input (native, GGUF, ONNX in tract and ORT) → benchmark.json, benchmark.csv"
+        "size, FLOPs, forward/generation speed, latency, memory, CPU use and quality of every model \
+            input (native, GGUF, ONNX in tract and ORT) → benchmark.json, benchmark.csv"
     }
 
-    fn check(&self, params: &Params, io: &InputSpec) -> Result<StagePlan, ParamError> {
+    fn check(&self, params: &Params, io: &InputSpec) -> Result<StageProfile, ParamError> {
         settings(params)?;
         for n in ["tokenizer", "valid"] {
             if !io.inputs.iter().any(|i| i == n) {
-                return Err(ParamError::new("inputs", format!("the benchmark stage needs an input named `{n}`")).with_help("inputs: {tokenizer: vocab.tokenizer.json, valid: corpus.valid.txt, itera: itera.best, int8: int8.model.gguf, onnx: export.graphs}"));
+                return Err(ParamError::new("inputs", format!("the benchmark stage needs an input named `{n}`"))
+                    .with_help(
+                        "inputs: {tokenizer: \
+                    vocab.tokenizer.json, valid: corpus.valid.txt, itera: itera.best, int8: \
+                    int8.model.gguf, onnx: export.graphs}",
+                    ));
             }
         }
         if io.inputs.len() < 3 {
-            return Err(ParamError::new("inputs", "give the benchmark stage at least one model input besides `tokenizer` and `valid`"));
+            return Err(ParamError::new(
+                "inputs",
+                "give the benchmark stage at least one model input besides `tokenizer` and `valid`",
+            ));
         }
-        Ok(StagePlan { default_threads: 1, deterministic: false, required_outputs: vec!["benchmark.json".into(), "benchmark.csv".into()], volatile_outputs: vec![] })
+        Ok(StageProfile {
+            default_threads: 1,
+            deterministic: false,
+            required_outputs: vec!["benchmark.json".into(), "benchmark.csv".into()],
+            volatile_outputs: vec![],
+        })
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let s = settings(ctx.params())?;
         let threads = ctx.threads().max(1) as usize;
-        let tok = load_tokenizer(ctx.input("tokenizer")?).map_err(fit_error)?;
+        let tok = load_tokenizer(ctx.input("tokenizer")?)?;
         let text = stage_api::read_text(ctx.input("valid")?)?;
-        let ids = encode(&tok, &text).map_err(fit_error)?;
+        let ids = encode(&tok, &text)?;
         if ids.len() < s.seq_len + 16 {
-            return Err(StageError::failed(format!("the validation text has {} tokens; the benchmark needs at least seq_len + 16 = {}", ids.len(), s.seq_len + 16)));
+            return Err(StageError::failed(format!(
+                "the validation text has {} tokens; the benchmark needs at least seq_len + 16 = {}",
+                ids.len(),
+                s.seq_len + 16
+            )));
         }
-        let windows: Vec<Vec<u32>> = eval_windows(&ids, s.seq_len, s.eval_tokens.max(s.seq_len)).into_iter().map(<[u32]>::to_vec).collect();
+        let windows: Vec<Vec<u32>> =
+            eval_windows(&ids, s.seq_len, s.eval_tokens.max(s.seq_len)).into_iter().map(<[u32]>::to_vec).collect();
         let data = Data { windows, bytes_per_token: text.len() as f64 / ids.len() as f64, prompt: ids[..16].to_vec() };
-        let mut names: Vec<String> = ctx.spec().inputs.keys().filter(|k| *k != "tokenizer" && *k != "valid").cloned().collect();
+        let mut names: Vec<String> =
+            ctx.spec().inputs.keys().filter(|k| *k != "tokenizer" && *k != "valid").cloned().collect();
         names.sort();
         let mut records = Vec::new();
         for name in &names {
@@ -334,12 +365,16 @@ impl Stage for BenchmarkStage {
             }
         }
         let report = json!({
-            "host": host(),
+            "host": stage_api::host::describe(),
             "settings": {"seq_len": s.seq_len, "batch": s.batch, "runs": s.runs, "generate": s.generate, "eval_tokens": data.windows.len() * s.seq_len, "threads": threads},
-            "method": "forward: median (min, max) of `runs` timed full-sequence forwards at batch × seq_len after one warm-up; generation: batch 1, greedy, 16-token prompt; latency per new token p50/p95; peak RSS: VmHWM after resetting it per model; CPU utilisation: process CPU seconds / wall / threads over the model's whole measurement; quality: next-token loss over non-overlapping seq_len validation windows",
+            "method": "forward: median (min, max) of `runs` timed full-sequence forwards at batch × \
+                seq_len after one warm-up; generation: batch 1, greedy, 16-token prompt; latency per \
+                new token p50/p95; peak RSS: VmHWM after resetting it per model; CPU utilisation: \
+                process CPU seconds / wall / threads over the model's whole measurement; quality: \
+                next-token loss over non-overlapping seq_len validation windows",
             "models": records,
         });
-        std::fs::write(ctx.output("benchmark.json")?, serde_json::to_string_pretty(&report).map_err(err)? + "\n").map_err(|e| StageError::io("writing benchmark.json", e))?;
+        stage_api::write_json(ctx.output("benchmark.json")?, &report)?;
         let mut csv = String::from(CSV_HEADER);
         csv.push('\n');
         for r in report["models"].as_array().into_iter().flatten() {

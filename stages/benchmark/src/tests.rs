@@ -32,7 +32,9 @@ fn measures_native_gguf_and_onnx_models_with_host_and_csv() {
     m.save(&d.join("f32")).unwrap();
     let w = stage_onnx::export::Weights::of(&mut m).unwrap();
     std::fs::create_dir_all(d.join("graphs")).unwrap();
-    let export = |name: &str, proto: tract_onnx::pb::ModelProto| std::fs::write(d.join("graphs").join(name), prost::Message::encode_to_vec(&proto)).unwrap();
+    let export = |name: &str, proto: tract_onnx::pb::ModelProto| {
+        std::fs::write(d.join("graphs").join(name), prost::Message::encode_to_vec(&proto)).unwrap()
+    };
     export("model.onnx", stage_onnx::export::full_graph(&cfg, &w).unwrap());
     export("step.onnx", stage_onnx::export::step_graph(&cfg, &w).unwrap().unwrap());
     std::fs::write(d.join("graphs/export.json"), json!({"model": cfg, "quantization": null}).to_string()).unwrap();
@@ -40,15 +42,31 @@ fn measures_native_gguf_and_onnx_models_with_host_and_csv() {
     m.save_gguf(&d.join("int8.gguf")).unwrap();
 
     let p = params(json!({"seq_len": 32, "batch": 2, "runs": 2, "generate": 8, "eval_tokens": 128}));
-    let inputs: BTreeMap<String, PathBuf> = [("tokenizer", d.join("tokenizer.json")), ("valid", d.join("valid.txt")), ("itera", d.join("f32")), ("int8", d.join("int8.gguf")), ("onnx", d.join("graphs"))]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+    let inputs: BTreeMap<String, PathBuf> = [
+        ("tokenizer", d.join("tokenizer.json")),
+        ("valid", d.join("valid.txt")),
+        ("itera", d.join("f32")),
+        ("int8", d.join("int8.gguf")),
+        ("onnx", d.join("graphs")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
     let io = InputSpec { inputs: inputs.keys().cloned().collect(), outputs: vec![] };
     let plan = BenchmarkStage.check(&p, &io).unwrap();
     assert!(!plan.deterministic);
     let out: BTreeMap<String, PathBuf> = plan.required_outputs.iter().map(|n| (n.clone(), d.join(n))).collect();
-    let spec = RunSpec { stage_name: "bench".into(), kind: "benchmark".into(), params: p, inputs, outputs: out, work_dir: d.into(), threads: 1, seed: 0, run_metadata: None };
+    let spec = RunSpec {
+        stage_name: "bench".into(),
+        kind: "benchmark".into(),
+        params: p,
+        inputs,
+        outputs: out,
+        work_dir: d.into(),
+        threads: 1,
+        seed: 0,
+        run_description: None,
+    };
     let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
     BenchmarkStage.run(&mut ctx).unwrap();
     let r: Value = serde_json::from_str(&std::fs::read_to_string(d.join("benchmark.json")).unwrap()).unwrap();

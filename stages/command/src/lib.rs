@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use stage_api::{External, InputSpec, IoContext, ParamError, Params, RunSpec, Stage, StageContext, StageError, StagePlan};
+use stage_api::{
+    External, InputSpec, IoContext, ParamError, Params, RunSpec, Stage, StageContext, StageError, StageProfile,
+};
 
 pub struct CommandStage;
 
@@ -51,7 +53,9 @@ impl Invocation {
                 }
                 Ok(Invocation::Argv(argv))
             }
-            Some(other) => Err(ParamError::new("cmd", format!("`cmd` must be a string or a list of strings, got {other}"))),
+            Some(other) => {
+                Err(ParamError::new("cmd", format!("`cmd` must be a string or a list of strings, got {other}")))
+            }
         }
     }
 }
@@ -89,9 +93,9 @@ pub fn substitute_paths(
     while let Some(pos) = rest.find('$') {
         out.push_str(&rest[..pos]);
         let after = &rest[pos..];
-        if after.starts_with("$${") {
+        if let Some(tail) = after.strip_prefix("$${") {
             out.push_str("${");
-            rest = &after[3..];
+            rest = tail;
             continue;
         }
         if !after.starts_with("${") {
@@ -146,7 +150,7 @@ impl Stage for CommandStage {
         &["cmd", "env"]
     }
 
-    fn check(&self, params: &Params, _io: &InputSpec) -> Result<StagePlan, ParamError> {
+    fn check(&self, params: &Params, _io: &InputSpec) -> Result<StageProfile, ParamError> {
         Invocation::from_params(params)?;
         if let Some(env) = params.field("env") {
             let Value::Object(map) = env else {
@@ -154,14 +158,17 @@ impl Stage for CommandStage {
             };
             for (k, v) in map {
                 if k.is_empty() || k.contains('=') || k.contains('\0') {
-                    return Err(ParamError::new(format!("env.{k}"), format!("`{k}` is not a valid environment variable name")));
+                    return Err(ParamError::new(
+                        format!("env.{k}"),
+                        format!("`{k}` is not a valid environment variable name"),
+                    ));
                 }
                 if v.is_object() || v.is_array() || v.is_null() {
                     return Err(ParamError::new(format!("env.{k}"), format!("env `{k}` must be a string or number")));
                 }
             }
         }
-        Ok(StagePlan::default())
+        Ok(StageProfile::default())
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
@@ -170,7 +177,8 @@ impl Stage for CommandStage {
         };
         let mut command = Command::new(&ext.program);
         command.args(&ext.args).current_dir(ctx.work_dir()).stdin(Stdio::null()).envs(ext.env.iter().cloned());
-        let status = command.status().ctx(|| format!("could not start `{}` (is it installed and on PATH?)", ext.program))?;
+        let status =
+            command.status().ctx(|| format!("could not start `{}` (is it installed and on PATH?)", ext.program))?;
         if !status.success() {
             return Err(StageError::failed(format!("command {}", describe_exit(status))));
         }
@@ -184,9 +192,10 @@ impl Stage for CommandStage {
 
     fn external(&self, spec: &RunSpec) -> Result<Option<External>, StageError> {
         let (program, args) = match Invocation::from_params(&spec.params)? {
-            Invocation::Shell(script) => {
-                ("sh".to_string(), vec!["-c".to_string(), substitute_paths(&script, &spec.inputs, &spec.outputs, true)?])
-            }
+            Invocation::Shell(script) => (
+                "sh".to_string(),
+                vec!["-c".to_string(), substitute_paths(&script, &spec.inputs, &spec.outputs, true)?],
+            ),
             Invocation::Argv(argv) => {
                 let mut resolved = Vec::with_capacity(argv.len());
                 for a in &argv {
@@ -247,7 +256,10 @@ mod tests {
     fn substitution_quotes_only_for_shell() {
         let ins = BTreeMap::from([("t".to_string(), PathBuf::from("/a b/t.txt"))]);
         let outs = BTreeMap::from([("u".to_string(), PathBuf::from("/o/u"))]);
-        assert_eq!(substitute_paths("cat ${inputs.t} > ${outputs.u}", &ins, &outs, true).unwrap(), "cat '/a b/t.txt' > /o/u");
+        assert_eq!(
+            substitute_paths("cat ${inputs.t} > ${outputs.u}", &ins, &outs, true).unwrap(),
+            "cat '/a b/t.txt' > /o/u"
+        );
         assert_eq!(substitute_paths("${inputs.t}", &ins, &outs, false).unwrap(), "/a b/t.txt");
         assert_eq!(substitute_paths("echo $${HOME} $HOME", &ins, &outs, true).unwrap(), "echo ${HOME} $HOME");
         assert!(substitute_paths("${inputs.nope}", &ins, &outs, true).is_err());
@@ -272,15 +284,13 @@ mod tests {
         let spec = stage_api::RunSpec {
             stage_name: "t".into(),
             kind: "command".into(),
-            params: params(serde_json::json!(
-                "printf hello > ${outputs.o} && echo '{\"n\": 3}' > \"$ORCH_METRICS\""
-            )),
+            params: params(serde_json::json!("printf hello > ${outputs.o} && echo '{\"n\": 3}' > \"$ORCH_METRICS\"")),
             inputs: BTreeMap::new(),
             outputs: BTreeMap::from([("o".to_string(), out.clone())]),
             work_dir: dir.path().to_path_buf(),
             threads: 1,
             seed: 1,
-            run_metadata: None,
+            run_description: None,
         };
         let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
         CommandStage.run(&mut ctx).unwrap();
@@ -300,7 +310,7 @@ mod tests {
             work_dir: dir.path().to_path_buf(),
             threads: 1,
             seed: 1,
-            run_metadata: None,
+            run_description: None,
         };
         let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
         let err = CommandStage.run(&mut ctx).unwrap_err().to_string();

@@ -11,7 +11,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
-use stage_api::{InputSpec, IoContext, ParamError, Params, Stage, StageContext, StageError, StagePlan};
+use stage_api::{InputSpec, IoContext, ParamError, Params, Stage, StageContext, StageError, StageProfile};
 
 pub mod stories;
 
@@ -33,7 +33,10 @@ fn file_list(v: &Value, key: &str) -> Result<Vec<String>, ParamError> {
     let one = |s: &Value| -> Result<String, ParamError> {
         match s.as_str().and_then(|s| s.strip_prefix("file:")) {
             Some(p) => Ok(p.to_string()),
-            None => Err(ParamError::new(format!("params.{key}"), format!("`{key}` must be `builtin` or `file:PATH` (or a list of `file:PATH`), got {s}"))),
+            None => Err(ParamError::new(
+                format!("params.{key}"),
+                format!("`{key}` must be `builtin` or `file:PATH` (or a list of `file:PATH`), got {s}"),
+            )),
         }
     };
     match v {
@@ -57,7 +60,10 @@ fn fraction(p: &Params) -> Result<f64, ParamError> {
         None => Ok(0.1),
         Some(v) => match v.as_f64() {
             Some(f) if f > 0.0 && f < 1.0 => Ok(f),
-            _ => Err(ParamError::new("params.valid_fraction", format!("`valid_fraction` must be between 0 and 1 (exclusive), got {v}"))),
+            _ => Err(ParamError::new(
+                "params.valid_fraction",
+                format!("`valid_fraction` must be between 0 and 1 (exclusive), got {v}"),
+            )),
         },
     }
 }
@@ -158,7 +164,7 @@ impl Stage for CorpusStage {
         "builtin synthetic stories or UTF-8 files → train.txt, valid.txt, stats.json"
     }
 
-    fn check(&self, params: &Params, _io: &InputSpec) -> Result<StagePlan, ParamError> {
+    fn check(&self, params: &Params, _io: &InputSpec) -> Result<StageProfile, ParamError> {
         stage_api::check_known_params(params, KNOWN, "corpus")?;
         source(params)?;
         fraction(params)?;
@@ -167,9 +173,14 @@ impl Stage for CorpusStage {
         }
         match params.param("format").and_then(Value::as_str).unwrap_or("auto") {
             "auto" | "plain" | "tinystories" => {}
-            other => return Err(ParamError::new("params.format", format!("`format` must be auto, plain or tinystories, got `{other}`"))),
+            other => {
+                return Err(ParamError::new(
+                    "params.format",
+                    format!("`format` must be auto, plain or tinystories, got `{other}`"),
+                ))
+            }
         }
-        Ok(StagePlan {
+        Ok(StageProfile {
             default_threads: 1,
             deterministic: true,
             required_outputs: vec!["train.txt".into(), "valid.txt".into(), "stats.json".into()],
@@ -219,7 +230,8 @@ impl Stage for CorpusStage {
         let s = json!({
             "source": described,
             "synthetic": synthetic,
-            "note": if synthetic { "SYNTHETIC text from a seeded template generator (stories.rs); not TinyStories" } else { "text read from the source files" },
+            "note": if synthetic { "SYNTHETIC text from a seeded template generator (stories.rs); not \
+                TinyStories" } else { "text read from the source files" },
             "seed": seed,
             "train": stats(&train),
             "valid": stats(&valid),
@@ -244,8 +256,19 @@ mod tests {
     fn run(params: Value, dir: &Path) -> Result<(String, String, Value), StageError> {
         let p = Params { fields: BTreeMap::new(), params: params.as_object().unwrap().clone().into_iter().collect() };
         CorpusStage.check(&p, &InputSpec::default()).map_err(StageError::Params)?;
-        let outputs: BTreeMap<String, PathBuf> = ["train.txt", "valid.txt", "stats.json"].iter().map(|n| (n.to_string(), dir.join(n))).collect();
-        let spec = stage_api::RunSpec { stage_name: "corpus".into(), kind: "corpus".into(), params: p, inputs: BTreeMap::new(), outputs, work_dir: dir.to_path_buf(), threads: 1, seed: 5, run_metadata: None };
+        let outputs: BTreeMap<String, PathBuf> =
+            ["train.txt", "valid.txt", "stats.json"].iter().map(|n| (n.to_string(), dir.join(n))).collect();
+        let spec = stage_api::RunSpec {
+            stage_name: "corpus".into(),
+            kind: "corpus".into(),
+            params: p,
+            inputs: BTreeMap::new(),
+            outputs,
+            work_dir: dir.to_path_buf(),
+            threads: 1,
+            seed: 5,
+            run_description: None,
+        };
         let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
         CorpusStage.run(&mut ctx)?;
         let r = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
@@ -275,7 +298,11 @@ mod tests {
         std::fs::write(&f, "One.\n<|endoftext|>\nTwo.\n<|endoftext|>\nThree\n<|endoftext|>\nFour is cut mid").unwrap();
         let v = dir.path().join("v.txt");
         std::fs::write(&v, "A valid story.\n\nAnother paragraph.\n").unwrap();
-        let (t, va, s) = run(json!({"source": format!("file:{}", f.display()), "valid": format!("file:{}", v.display())}), dir.path()).unwrap();
+        let (t, va, s) = run(
+            json!({"source": format!("file:{}", f.display()), "valid": format!("file:{}", v.display())}),
+            dir.path(),
+        )
+        .unwrap();
         assert_eq!(t, "One.\n<|endoftext|>\nTwo.\n<|endoftext|>\nThree\n<|endoftext|>\n");
         assert_eq!(s["valid"]["documents"], 2, "plain text splits on blank lines");
         assert!(va.starts_with("A valid story."));

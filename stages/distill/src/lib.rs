@@ -11,10 +11,12 @@ use std::path::Path;
 use candle_core::Tensor;
 use itera_models::accounting::{forward_flops_per_token, param_counts};
 use itera_models::measure::forward_rates;
-use itera_models::training::{encode, fit, load_tokenizer, quality, FitError, FitHooks, FitReport, Hyper, Objective, Quality, HYPER_KEYS};
+use itera_models::training::{
+    encode, fit, load_tokenizer, quality, FitHooks, FitReport, Hyper, Objective, Quality, TokenSplits, HYPER_KEYS,
+};
 use itera_models::{Model, ModelConfig};
 use serde_json::{json, Value};
-use stage_api::{InputSpec, ParamError, Params, Stage, StageContext, StageError, StagePlan};
+use stage_api::{Context, InputSpec, ParamError, Params, Stage, StageContext, StageError, StageProfile};
 
 pub struct DistillStage;
 
@@ -30,11 +32,15 @@ pub fn settings(p: &Params) -> Result<Settings, ParamError> {
     let mut known: Vec<&str> = HYPER_KEYS.to_vec();
     known.extend(["temperature", "alpha", "control", "seed"]);
     stage_api::check_known_params(p, &known, "distill")?;
-    let hyper = Hyper::from_params(&p.params.clone().into_iter().collect(), Some("itera_lite"), "micro").map_err(|e| ParamError::new(format!("params.{}", e.key), e.message))?;
+    let hyper = Hyper::from_params(&p.params.clone().into_iter().collect(), Some("itera_lite"), "micro")
+        .map_err(|e| ParamError::new(format!("params.{}", e.key), e.message))?;
     let num = |key: &str, default: f64, ok: fn(f64) -> bool, what: &str| -> Result<f64, ParamError> {
         match p.param(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().filter(|x| ok(*x)).ok_or_else(|| ParamError::new(format!("params.{key}"), format!("`{key}` must be {what}, got {v}"))),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| ok(*x))
+                .ok_or_else(|| ParamError::new(format!("params.{key}"), format!("`{key}` must be {what}, got {v}"))),
         }
     };
     let temperature = num("temperature", 2.0, |x| x > 0.0 && x.is_finite(), "a positive number")?;
@@ -47,19 +53,10 @@ pub fn settings(p: &Params) -> Result<Settings, ParamError> {
     Ok(Settings { hyper, temperature, alpha, control })
 }
 
-fn err(e: impl std::fmt::Display) -> StageError {
-    StageError::failed(e.to_string())
-}
-
-fn fit_error(e: FitError) -> StageError {
-    match e {
-        FitError::Cancelled => StageError::Cancelled,
-        FitError::Failed(m) => StageError::failed(m),
-    }
-}
-
 fn checkpoint_bytes(dir: &Path) -> Result<u64, StageError> {
-    std::fs::metadata(dir.join("model.safetensors")).map(|m| m.len()).map_err(|e| StageError::io(format!("reading {}", dir.display()), e))
+    std::fs::metadata(dir.join("model.safetensors"))
+        .map(|m| m.len())
+        .map_err(|e| StageError::io(format!("reading {}", dir.display()), e))
 }
 
 fn describe(model: &Model, config: &ModelConfig, q: &Quality, bytes: u64, seq_len: usize, tokens_per_s: f64) -> Value {
@@ -86,20 +83,21 @@ impl Stage for DistillStage {
         "distill"
     }
     fn version(&self) -> u32 {
-        // 2: the fused SSM ops and the slice decoder round differently from the op-by-op forms.
-        // 3: whole SSM blocks / FFN / MoE layers as fused nodes, f32 LayerNorm sums, sparse MoE.
         3
     }
     fn describe(&self) -> &'static str {
         "distill a teacher into a smaller student (KL at temperature T + CE) and train a from-scratch control → model/, best/, control/, metrics.csv, summary.json"
     }
 
-    fn check(&self, params: &Params, io: &InputSpec) -> Result<StagePlan, ParamError> {
+    fn check(&self, params: &Params, io: &InputSpec) -> Result<StageProfile, ParamError> {
         let s = settings(params)?;
         for needed in ["teacher", "train", "valid", "tokenizer"] {
             if !io.inputs.iter().any(|i| i == needed) {
                 return Err(ParamError::new("inputs", format!("the distill stage needs an input named `{needed}`"))
-                    .with_help("inputs: {teacher: teacher.best, train: corpus.train.txt, valid: corpus.valid.txt, tokenizer: vocab.tokenizer.json}"));
+                    .with_help(
+                        "inputs: {teacher: teacher.best, train: corpus.train.txt, valid: \
+                        corpus.valid.txt, tokenizer: vocab.tokenizer.json}",
+                    ));
             }
         }
         let mut required: Vec<String> = ["model", "best", "metrics.csv", "summary.json"].map(String::from).to_vec();
@@ -108,7 +106,12 @@ impl Stage for DistillStage {
             required.extend(["control".to_string(), "control.csv".to_string()]);
             volatile.push("control.csv".into());
         }
-        Ok(StagePlan { default_threads: 1, deterministic: true, required_outputs: required, volatile_outputs: volatile })
+        Ok(StageProfile {
+            default_threads: 1,
+            deterministic: true,
+            required_outputs: required,
+            volatile_outputs: volatile,
+        })
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
@@ -116,8 +119,8 @@ impl Stage for DistillStage {
         let h = &s.hyper;
         let seed = ctx.seed();
         let teacher_dir = ctx.input("teacher")?.to_path_buf();
-        let teacher = Model::load(&teacher_dir).map_err(err)?;
-        let tok = load_tokenizer(ctx.input("tokenizer")?).map_err(fit_error)?;
+        let teacher = Model::load(&teacher_dir).context(|| format!("loading the teacher {}", teacher_dir.display()))?;
+        let tok = load_tokenizer(ctx.input("tokenizer")?)?;
         let vocab = tok.get_vocab_size(true);
         if teacher.config.vocab_size() != vocab {
             return Err(StageError::failed(format!(
@@ -127,48 +130,80 @@ impl Stage for DistillStage {
         }
         let train_text = stage_api::read_text(ctx.input("train")?)?;
         let valid_text = stage_api::read_text(ctx.input("valid")?)?;
-        let train_ids = encode(&tok, &train_text).map_err(fit_error)?;
-        let valid_ids = encode(&tok, &valid_text).map_err(fit_error)?;
-        let config = h.config(vocab).map_err(fit_error)?;
+        let train_ids = encode(&tok, &train_text)?;
+        let valid_ids = encode(&tok, &valid_text)?;
+        let config = h.config(vocab)?;
         if h.seq_len > teacher.config.max_seq_len() {
-            return Err(StageError::failed(format!("seq_len {} exceeds the teacher's max_seq_len {}", h.seq_len, teacher.config.max_seq_len())));
+            return Err(StageError::failed(format!(
+                "seq_len {} exceeds the teacher's max_seq_len {}",
+                h.seq_len,
+                teacher.config.max_seq_len()
+            )));
         }
         let tokens_per_step = h.batch * h.seq_len;
         let cancel = ctx.cancel_flag();
 
-        let student = Model::new(&config, seed).map_err(err)?;
+        let student = Model::new(&config, seed).context(|| "initializing the student".into())?;
         let best_dir = ctx.output("best")?.to_path_buf();
         let objective = Objective::Distill { teacher: &teacher, temperature: s.temperature, alpha: s.alpha };
         let say = |prefix: &str, m: &str, ctx: &mut StageContext| ctx.progress(&format!("{prefix}: {m}"));
-        let report = fit(&student, h, seed, &train_ids, &valid_ids, &objective, &best_dir, FitHooks { progress: &mut |m| say("distilling", m, ctx), cancel: &cancel }).map_err(fit_error)?;
-        student.save(ctx.output("model")?).map_err(err)?;
-        std::fs::write(ctx.output("metrics.csv")?, &report.csv).map_err(|e| StageError::io("writing metrics.csv", e))?;
-        let student_best = Model::load(&best_dir).map_err(err)?;
+        let report = fit(
+            &student,
+            h,
+            seed,
+            TokenSplits { train: &train_ids, valid: &valid_ids },
+            &objective,
+            &best_dir,
+            FitHooks { progress: &mut |m| say("distilling", m, ctx), cancel: &cancel },
+        )?;
+        student.save(ctx.output("model")?).context(|| "saving the student".into())?;
+        std::fs::write(ctx.output("metrics.csv")?, &report.csv)
+            .map_err(|e| StageError::io("writing metrics.csv", e))?;
+        let student_best =
+            Model::load(&best_dir).context(|| format!("loading the best student {}", best_dir.display()))?;
 
         // The control: same architecture, seed, batches and steps; cross-entropy only.
         let control = if s.control {
             let control_dir = ctx.output("control")?.to_path_buf();
-            let scratch = Model::new(&config, seed).map_err(err)?;
-            let r = fit(&scratch, h, seed, &train_ids, &valid_ids, &Objective::CrossEntropy, &control_dir, FitHooks { progress: &mut |m| say("control", m, ctx), cancel: &cancel })
-                .map_err(fit_error)?;
+            let scratch = Model::new(&config, seed).context(|| "initializing the control".into())?;
+            let r = fit(
+                &scratch,
+                h,
+                seed,
+                TokenSplits { train: &train_ids, valid: &valid_ids },
+                &Objective::CrossEntropy,
+                &control_dir,
+                FitHooks { progress: &mut |m| say("control", m, ctx), cancel: &cancel },
+            )?;
             std::fs::write(ctx.output("control.csv")?, &r.csv).map_err(|e| StageError::io("writing control.csv", e))?;
-            Some((Model::load(&control_dir).map_err(err)?, r, control_dir))
+            let best =
+                Model::load(&control_dir).context(|| format!("loading the control {}", control_dir.display()))?;
+            Some((best, r, control_dir))
         } else {
             None
         };
         ctx.check_cancelled()?;
 
-        let q_teacher = quality(&teacher, &valid_ids, valid_text.len(), h.seq_len, h.batch).map_err(fit_error)?;
-        let q_student = quality(&student_best, &valid_ids, valid_text.len(), h.seq_len, h.batch).map_err(fit_error)?;
+        let q_teacher = quality(&teacher, &valid_ids, valid_text.len(), h.seq_len, h.batch)?;
+        let q_student = quality(&student_best, &valid_ids, valid_text.len(), h.seq_len, h.batch)?;
         let bench_ids: Vec<u32> = valid_ids.iter().copied().cycle().take(h.batch * h.seq_len).collect();
-        let bench = Tensor::from_vec(bench_ids, (h.batch, h.seq_len), &candle_core::Device::Cpu).map_err(err)?;
+        let bench = Tensor::from_vec(bench_ids, (h.batch, h.seq_len), &candle_core::Device::Cpu)
+            .context(|| "building the timing batch".into())?;
         let mut models: Vec<&Model> = vec![&teacher, &student_best];
         if let Some((m, _, _)) = &control {
             models.push(m);
         }
-        let rates = forward_rates(&models, &bench, 5).map_err(err)?;
-        let teacher_json = describe(&teacher, &teacher.config, &q_teacher, checkpoint_bytes(&teacher_dir)?, h.seq_len, rates[0].median);
-        let student_json = describe(&student_best, &config, &q_student, checkpoint_bytes(&best_dir)?, h.seq_len, rates[1].median);
+        let rates = forward_rates(&models, &bench, 5).context(|| "timing the forwards".into())?;
+        let teacher_json = describe(
+            &teacher,
+            &teacher.config,
+            &q_teacher,
+            checkpoint_bytes(&teacher_dir)?,
+            h.seq_len,
+            rates[0].median,
+        );
+        let student_json =
+            describe(&student_best, &config, &q_student, checkpoint_bytes(&best_dir)?, h.seq_len, rates[1].median);
         let tp = param_counts(&teacher.config).total as f64;
         let sp = param_counts(&config).total as f64;
         let mut summary = json!({
@@ -188,7 +223,7 @@ impl Stage for DistillStage {
         ctx.metric("student_val_loss", q_student.val_loss);
         ctx.metric("teacher_val_loss", q_teacher.val_loss);
         if let Some((m, r, dir)) = &control {
-            let q_control = quality(m, &valid_ids, valid_text.len(), h.seq_len, h.batch).map_err(fit_error)?;
+            let q_control = quality(m, &valid_ids, valid_text.len(), h.seq_len, h.batch)?;
             summary["control"] = describe(m, &config, &q_control, checkpoint_bytes(dir)?, h.seq_len, rates[2].median);
             summary["control_run"] = run_summary(r, tokens_per_step);
             summary["distillation_gain"] = json!({
@@ -198,7 +233,7 @@ impl Stage for DistillStage {
             });
             ctx.metric("control_val_loss", q_control.val_loss);
         }
-        std::fs::write(ctx.output("summary.json")?, serde_json::to_string_pretty(&summary).map_err(err)? + "\n").map_err(|e| StageError::io("writing summary.json", e))?;
+        stage_api::write_json(ctx.output("summary.json")?, &summary)?;
         Ok(())
     }
 }

@@ -3,7 +3,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use itera_models::training::{encode, eval_batches, fit, kl_divergence, load_tokenizer, FitHooks, Hyper, Objective};
+use itera_models::training::{
+    encode, eval_batches, fit, kl_divergence, load_tokenizer, FitHooks, Hyper, Objective, TokenSplits,
+};
 use itera_models::{Model, ModelConfig};
 use serde_json::{json, Value};
 use stage_api::{InputSpec, Params, RunSpec, Stage, StageContext};
@@ -28,16 +30,33 @@ fn write_inputs(dir: &Path) {
     let teacher = Model::new(&cfg, 9).unwrap();
     let tokz = load_tokenizer(&dir.join("tokenizer.json")).unwrap();
     let ids = encode(&tokz, &text).unwrap();
-    let h = Hyper::from_params(json!({"steps": 40, "seq_len": 32, "batch": 4, "lr": 0.01, "warmup": 5, "eval_interval": 40}).as_object().unwrap(), Some("itera_lite"), "micro").unwrap();
+    let h = Hyper::from_params(
+        json!({"steps": 40, "seq_len": 32, "batch": 4, "lr": 0.01, "warmup": 5, "eval_interval": 40})
+            .as_object()
+            .unwrap(),
+        Some("itera_lite"),
+        "micro",
+    )
+    .unwrap();
     let cancel = AtomicBool::new(false);
-    fit(&teacher, &h, 1, &ids, &ids, &Objective::CrossEntropy, &dir.join("tbest"), FitHooks { progress: &mut |_| {}, cancel: &cancel }).unwrap();
+    fit(
+        &teacher,
+        &h,
+        1,
+        TokenSplits { train: &ids, valid: &ids },
+        &Objective::CrossEntropy,
+        &dir.join("tbest"),
+        FitHooks { progress: &mut |_| {}, cancel: &cancel },
+    )
+    .unwrap();
     teacher.save(&dir.join("teacher")).unwrap();
 }
 
 fn run(dir: &Path, p: Value) -> Result<Value, stage_api::StageError> {
     write_inputs(dir);
     let p = params(p);
-    let io = InputSpec { inputs: ["teacher", "train", "valid", "tokenizer"].map(String::from).to_vec(), outputs: vec![] };
+    let io =
+        InputSpec { inputs: ["teacher", "train", "valid", "tokenizer"].map(String::from).to_vec(), outputs: vec![] };
     let plan = DistillStage.check(&p, &io).unwrap();
     let inputs = BTreeMap::from([
         ("teacher".to_string(), dir.join("teacher")),
@@ -47,8 +66,19 @@ fn run(dir: &Path, p: Value) -> Result<Value, stage_api::StageError> {
     ]);
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
-    let outputs: BTreeMap<String, PathBuf> = plan.required_outputs.iter().map(|n| (n.to_string(), out.join(n))).collect();
-    let spec = RunSpec { stage_name: "d".into(), kind: "distill".into(), params: p, inputs, outputs, work_dir: dir.into(), threads: 1, seed: 4, run_metadata: None };
+    let outputs: BTreeMap<String, PathBuf> =
+        plan.required_outputs.iter().map(|n| (n.to_string(), out.join(n))).collect();
+    let spec = RunSpec {
+        stage_name: "d".into(),
+        kind: "distill".into(),
+        params: p,
+        inputs,
+        outputs,
+        work_dir: dir.into(),
+        threads: 1,
+        seed: 4,
+        run_description: None,
+    };
     let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
     DistillStage.run(&mut ctx)?;
     Ok(serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap())
@@ -82,8 +112,13 @@ fn distilled_student_is_closer_to_the_teacher_than_its_control() {
     assert!(s["control"]["val_loss"].as_f64().unwrap().is_finite());
     assert!(s["distillation_gain"]["val_loss_control_minus_student"].is_number());
     let (ks, kc) = (kl_to_teacher(dir.path(), "model"), kl_to_teacher(dir.path(), "control"));
-    assert!(ks < kc, "pure distillation (α = 1) should imitate the teacher better than CE from scratch: KL {ks} vs {kc}");
-    for f in ["model/model.safetensors", "best/model.safetensors", "control/model.safetensors", "metrics.csv", "control.csv"] {
+    assert!(
+        ks < kc,
+        "pure distillation (α = 1) should imitate the teacher better than CE from scratch: KL {ks} vs {kc}"
+    );
+    for f in
+        ["model/model.safetensors", "best/model.safetensors", "control/model.safetensors", "metrics.csv", "control.csv"]
+    {
         assert!(dir.path().join("out").join(f).exists(), "{f}");
     }
 }

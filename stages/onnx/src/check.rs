@@ -13,10 +13,10 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use itera_models::measure::quantile;
-use itera_models::training::{encode, eval_windows, load_tokenizer, FitError};
+use itera_models::training::{encode, eval_windows, load_tokenizer};
 use itera_models::{Model, ModelConfig, Sampling};
 use serde_json::json;
-use stage_api::{ParamError, Params, StageContext, StageError};
+use stage_api::{Context, ParamError, Params, StageContext, StageError};
 
 use onnx_runtime::{greedy, onnxruntime_path, Engine, Input, Output, StepLayout};
 
@@ -41,7 +41,8 @@ pub struct Settings {
 pub fn settings(p: &Params) -> Result<Settings, ParamError> {
     stage_api::check_known_params(p, KNOWN, "onnx_check")?;
     let u = |k: &str, d: u64| stage_api::param_u64(p, k, d).map(|v| v as usize);
-    let runtimes = onnx_runtime::parse_runtimes(p.param("runtimes")).map_err(|m| ParamError::new("params.runtimes", m))?;
+    let runtimes =
+        onnx_runtime::parse_runtimes(p.param("runtimes")).map_err(|m| ParamError::new("params.runtimes", m))?;
     if runtimes.is_empty() {
         return Err(ParamError::new("params.runtimes", "list at least one runtime"));
     }
@@ -63,17 +64,6 @@ pub fn settings(p: &Params) -> Result<Settings, ParamError> {
     Ok(s)
 }
 
-fn err(e: impl std::fmt::Display) -> StageError {
-    StageError::failed(e.to_string())
-}
-
-fn fit_error(e: FitError) -> StageError {
-    match e {
-        FitError::Cancelled => StageError::Cancelled,
-        FitError::Failed(m) => StageError::failed(m),
-    }
-}
-
 /// One comparison input: (batch, seq) ids and a label.
 struct Case {
     label: String,
@@ -83,8 +73,11 @@ struct Case {
 }
 
 fn native_logits(model: &Model, c: &Case) -> Result<Vec<f32>, StageError> {
-    let x = Tensor::from_vec(c.ids.clone(), (c.batch, c.seq), &Device::Cpu).map_err(err)?;
-    model.forward(&x, None).map_err(err)?.logits.flatten_all().map_err(err)?.to_vec1().map_err(err)
+    let logits = Tensor::from_vec(c.ids.clone(), (c.batch, c.seq), &Device::Cpu)
+        .and_then(|x| model.forward(&x, None))
+        .and_then(|o| o.logits.flatten_all())
+        .and_then(|l| l.to_vec1());
+    logits.context(|| format!("native forward on {}", c.label))
 }
 
 pub fn argmax(row: &[f32]) -> usize {
@@ -124,7 +117,10 @@ impl Agreement {
 }
 
 fn logits_of(outputs: &[Output]) -> Result<&Output, StageError> {
-    outputs.iter().find(|o| o.name == "logits").ok_or_else(|| StageError::failed("the graph has no output named `logits`"))
+    outputs
+        .iter()
+        .find(|o| o.name == "logits")
+        .ok_or_else(|| StageError::failed("the graph has no output named `logits`"))
 }
 
 fn ids_input(c: &Case) -> Input {
@@ -134,14 +130,22 @@ fn ids_input(c: &Case) -> Input {
 /// The step-graph state layout of a model (Itera-Lite only).
 pub fn step_layout(config: &ModelConfig) -> Option<StepLayout> {
     match config {
-        ModelConfig::IteraLite(c) => Some(StepLayout { layers: c.n_layers, conv: vec![c.d_conv - 1, c.d_inner()], ssm: vec![c.d_state] }),
+        ModelConfig::IteraLite(c) => {
+            Some(StepLayout { layers: c.n_layers, conv: vec![c.d_conv - 1, c.d_inner()], ssm: vec![c.d_state] })
+        }
         ModelConfig::Transformer(_) => None,
     }
 }
 
-fn generate(engine: &mut Engine, step: bool, config: &ModelConfig, prompt: &[u32], n: usize) -> Result<(Vec<u32>, Vec<f64>), StageError> {
+fn generate(
+    engine: &mut Engine,
+    step: bool,
+    config: &ModelConfig,
+    prompt: &[u32],
+    n: usize,
+) -> Result<(Vec<u32>, Vec<f64>), StageError> {
     let layout = if step { step_layout(config) } else { None };
-    greedy(engine, layout.as_ref(), config.vocab_size(), prompt, n).map_err(err)
+    greedy(engine, layout.as_ref(), config.vocab_size(), prompt, n).context(|| "greedy generation in the graph".into())
 }
 
 struct Graphs {
@@ -152,7 +156,10 @@ struct Graphs {
 fn graphs(dir: &Path) -> Result<Graphs, StageError> {
     let full = dir.join("model.onnx");
     if !full.exists() {
-        return Err(StageError::failed(format!("{} has no model.onnx; wire an onnx_export stage's `graphs` output here", dir.display())));
+        return Err(StageError::failed(format!(
+            "{} has no model.onnx; wire an onnx_export stage's `graphs` output here",
+            dir.display()
+        )));
     }
     let step = Some(dir.join("step.onnx")).filter(|p| p.exists());
     Ok(Graphs { full, step })
@@ -163,11 +170,12 @@ pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
     let threads = ctx.threads().max(1) as usize;
     let g = graphs(ctx.input("graphs")?)?;
     let model_path = ctx.input("model")?.to_path_buf();
-    let mut native = Model::load_any(&model_path).map_err(err)?;
+    let loading = || format!("loading the model {}", model_path.display());
+    let mut native = Model::load_any(&model_path).context(loading)?;
     let scheme = native.quant_scheme();
     // The same arithmetic as the graph: for a quantized model, its dequantized weights in f32.
     let reference = if scheme.is_some() {
-        let mut r = Model::load_any(&model_path).map_err(err)?;
+        let mut r = Model::load_any(&model_path).context(loading)?;
         r.use_dequantized_weights();
         Some(r)
     } else {
@@ -179,24 +187,42 @@ pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
     let max_seq = config.max_seq_len();
     let seq_len = s.seq_len.unwrap_or(128).min(max_seq);
 
-    let tok = load_tokenizer(ctx.input("tokenizer")?).map_err(fit_error)?;
+    let tok = load_tokenizer(ctx.input("tokenizer")?)?;
     let valid_text = stage_api::read_text(ctx.input("valid")?)?;
-    let valid_ids = encode(&tok, &valid_text).map_err(fit_error)?;
+    let valid_ids = encode(&tok, &valid_text)?;
     let windows = eval_windows(&valid_ids, seq_len, s.eval_tokens.max(seq_len));
     if windows.is_empty() || valid_ids.len() < seq_len {
-        return Err(StageError::failed(format!("the validation text has {} tokens, fewer than seq_len {seq_len}", valid_ids.len())));
+        return Err(StageError::failed(format!(
+            "the validation text has {} tokens, fewer than seq_len {seq_len}",
+            valid_ids.len()
+        )));
     }
     let eval: Vec<Case> = windows
         .chunks(s.batch)
         .enumerate()
-        .map(|(i, c)| Case { label: format!("validation batch {i}"), batch: c.len(), seq: seq_len, ids: c.iter().flat_map(|w| w.iter().copied()).collect() })
+        .map(|(i, c)| Case {
+            label: format!("validation batch {i}"),
+            batch: c.len(),
+            seq: seq_len,
+            ids: c.iter().flat_map(|w| w.iter().copied()).collect(),
+        })
         .collect();
-    let mut cases: Vec<Case> = eval.iter().take(s.batches).map(|c| Case { label: c.label.clone(), batch: c.batch, seq: c.seq, ids: c.ids.clone() }).collect();
+    let mut cases: Vec<Case> = eval
+        .iter()
+        .take(s.batches)
+        .map(|c| Case { label: c.label.clone(), batch: c.batch, seq: c.seq, ids: c.ids.clone() })
+        .collect();
     cases.push(Case { label: "edge: batch 1, seq 1".into(), batch: 1, seq: 1, ids: vec![valid_ids[0]] });
     if valid_ids.len() >= max_seq {
-        cases.push(Case { label: format!("edge: batch 1, max seq {max_seq}"), batch: 1, seq: max_seq, ids: valid_ids[..max_seq].to_vec() });
+        cases.push(Case {
+            label: format!("edge: batch 1, max seq {max_seq}"),
+            batch: 1,
+            seq: max_seq,
+            ids: valid_ids[..max_seq].to_vec(),
+        });
     }
-    let reference_logits: Vec<Vec<f32>> = cases.iter().map(|c| native_logits(reference_model, c)).collect::<Result<_, _>>()?;
+    let reference_logits: Vec<Vec<f32>> =
+        cases.iter().map(|c| native_logits(reference_model, c)).collect::<Result<_, _>>()?;
 
     // Native validation loss and speed, scored exactly as the runtimes are.
     let score = |f: &mut dyn FnMut(&Case) -> Result<Vec<f32>, StageError>| -> Result<(f64, f64), StageError> {
@@ -213,15 +239,22 @@ pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
         Ok((total / n.max(1) as f64, tokens as f64 / secs.max(1e-9)))
     };
     let (native_loss, native_tps) = score(&mut |c| native_logits(&native, c))?;
-    let (reference_loss, reference_tps) = if reference.is_some() { score(&mut |c| native_logits(reference_model, c))? } else { (native_loss, native_tps) };
+    let (reference_loss, reference_tps) = if reference.is_some() {
+        score(&mut |c| native_logits(reference_model, c))?
+    } else {
+        (native_loss, native_tps)
+    };
     let n_gen = s.generate.min(max_seq.saturating_sub(16)).max(1);
     let prompt: Vec<u32> = valid_ids[..16.min(valid_ids.len())].to_vec();
-    let native_generated = reference_model.generate(&prompt, n_gen.min(max_seq - prompt.len()), Sampling::Greedy, 0).map_err(err)?;
+    let native_generated = reference_model
+        .generate(&prompt, n_gen.min(max_seq - prompt.len()), Sampling::Greedy, 0)
+        .context(|| "native greedy generation".into())?;
     ctx.check_cancelled()?;
 
     let mut entries = Vec::new();
     let mut failures = Vec::new();
-    let model_label = format!("{}{}", model_name(&config), scheme.map(|s| format!(" ({})", s.name())).unwrap_or_default());
+    let model_label =
+        format!("{}{}", model_name(&config), scheme.map(|s| format!(" ({})", s.name())).unwrap_or_default());
     for runtime in &s.runtimes {
         for (graph_kind, path) in [("full", Some(&g.full)), ("step", g.step.as_ref())] {
             let Some(path) = path else { continue };
@@ -229,7 +262,9 @@ pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
                 "tract" => Engine::tract(path),
                 _ => Engine::ort(path, threads),
             }
-            .map_err(|e| StageError::failed(format!("{model_label}: {runtime} could not load {}: {e}", path.display())))?;
+            .map_err(|e| {
+                StageError::failed(format!("{model_label}: {runtime} could not load {}: {e}", path.display()))
+            })?;
             if graph_kind == "step" {
                 let (generated, lat) = generate(&mut engine, true, &config, &prompt, native_generated.len())?;
                 let identical = generated == native_generated;
@@ -248,23 +283,35 @@ pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
             }
             let mut agree = Agreement::default();
             for (c, r) in cases.iter().zip(&reference_logits) {
-                let o = engine.run(&[("input_ids", ids_input(c))]).map_err(|e| StageError::failed(format!("{model_label}: {runtime} failed on {}: {e}", c.label)))?;
+                let o = engine
+                    .run(&[("input_ids", ids_input(c))])
+                    .map_err(|e| StageError::failed(format!("{model_label}: {runtime} failed on {}: {e}", c.label)))?;
                 let l = logits_of(&o)?;
                 if l.shape != [c.batch, c.seq, vocab] {
-                    return Err(StageError::failed(format!("{model_label}, {runtime}, full graph: logits have shape {:?}, expected [{}, {}, {vocab}]", l.shape, c.batch, c.seq)));
+                    return Err(StageError::failed(format!(
+                        "{model_label}, {runtime}, full graph: logits have shape {:?}, expected [{}, {}, {vocab}]",
+                        l.shape, c.batch, c.seq
+                    )));
                 }
                 agree.add(c, r, &l.data, vocab);
             }
             ctx.check_cancelled()?;
-            let (loss, tps) = score(&mut |c| Ok(logits_of(&engine.run(&[("input_ids", ids_input(c))]).map_err(err)?)?.data.clone()))?;
+            let (loss, tps) = score(&mut |c| {
+                let o = engine.run(&[("input_ids", ids_input(c))]).context(|| format!("{runtime} on {}", c.label))?;
+                Ok(logits_of(&o)?.data.clone())
+            })?;
             let mut bench = Vec::new();
             for _ in 0..s.bench_runs {
                 let c = &eval[0];
                 let t = Instant::now();
-                engine.run(&[("input_ids", ids_input(c))]).map_err(err)?;
+                engine.run(&[("input_ids", ids_input(c))]).context(|| format!("{runtime} on {}", c.label))?;
                 bench.push((c.batch * c.seq) as f64 / t.elapsed().as_secs_f64().max(1e-9));
             }
-            let (generated, lat) = if g.step.is_none() { generate(&mut engine, false, &config, &prompt, native_generated.len())? } else { (Vec::new(), Vec::new()) };
+            let (generated, lat) = if g.step.is_none() {
+                generate(&mut engine, false, &config, &prompt, native_generated.len())?
+            } else {
+                (Vec::new(), Vec::new())
+            };
             let agreement = agree.same_argmax as f64 / agree.positions.max(1) as f64;
             let loss_rel = (loss - reference_loss).abs() / reference_loss.abs().max(1e-12);
             let quant_rel = (loss - native_loss).abs() / native_loss.abs().max(1e-12);
@@ -273,7 +320,10 @@ pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
             let where_ = format!("{} (sequence {}, position {}, vocab {})", worst.0, worst.1, worst.2, worst.3);
             if agree.max_abs > MAX_ABS || !agree.max_abs.is_finite() {
                 ok = false;
-                failures.push(format!("{model_label}, {runtime}, full graph: max |Δlogit| {:.3e} > {MAX_ABS:.0e} at {where_}", agree.max_abs));
+                failures.push(format!(
+                    "{model_label}, {runtime}, full graph: max |Δlogit| {:.3e} > {MAX_ABS:.0e} at {where_}",
+                    agree.max_abs
+                ));
             }
             if agreement < ARGMAX_AGREEMENT {
                 ok = false;
@@ -305,7 +355,8 @@ pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
                 let identical = generated == native_generated;
                 if !identical {
                     entry["pass"] = json!(false);
-                    failures.push(format!("{model_label}, {runtime}, full graph: greedy generation differs from native"));
+                    failures
+                        .push(format!("{model_label}, {runtime}, full graph: greedy generation differs from native"));
                 }
                 entry["generation"] = json!({"prompt_tokens": prompt.len(), "new_tokens": generated.len(), "identical_to_native": identical,
                     "tokens_per_s": generated.len() as f64 / lat.iter().sum::<f64>().max(1e-9), "method": "full graph re-run on the growing prefix (no step graph)"});
@@ -322,7 +373,9 @@ pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
         "tolerances": {
             "max_abs_diff": MAX_ABS, "argmax_agreement": ARGMAX_AGREEMENT, "val_loss_rel": LOSS_REL,
             "quantized_val_loss_rel_vs_native_quantized": QUANT_LOSS_REL,
-            "reference": if scheme.is_some() { "native forward with the dequantized weights and f32 activations (what the graph computes); the validation loss is also held to the native quantized model (integer kernels)" } else { "native f32 forward" },
+            "reference": if scheme.is_some() { "native forward with the dequantized weights and f32 \
+                activations (what the graph computes); the validation loss is also held to the \
+                native quantized model (integer kernels)" } else { "native f32 forward" },
         },
         "native": {"val_loss": native_loss, "tokens_per_s": native_tps, "reference_val_loss": reference_loss, "reference_tokens_per_s": reference_tps,
             "generated": native_generated.len(), "threads": threads},
@@ -332,11 +385,14 @@ pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
         "pass": failures.is_empty(),
         "failures": failures,
     });
-    crate::write_json(ctx.output("crosscheck.json")?, &report)?;
+    stage_api::write_json(ctx.output("crosscheck.json")?, &report)?;
     ctx.metric("pass", failures.is_empty());
     ctx.metric("native_val_loss", native_loss);
     if !failures.is_empty() {
-        return Err(StageError::failed(format!("the exported model disagrees with the native one:\n  {}", failures.join("\n  "))));
+        return Err(StageError::failed(format!(
+            "the exported model disagrees with the native one:\n  {}",
+            failures.join("\n  ")
+        )));
     }
     Ok(())
 }

@@ -152,7 +152,11 @@ impl Builder<'_> {
         let h = self.norm(&format!("{p}.norm"), x, cfg.ln_eps)?;
         let logits = self.linear(&format!("{p}.router"), &h, false)?;
         let k = self.g.i64s("k", &[cfg.top_k as i64]);
-        let (vals, _) = self.g.op2("TopK", &[&logits, &k], vec![("axis", Attr::Int(-1)), ("largest", Attr::Int(1)), ("sorted", Attr::Int(1))]);
+        let (vals, _) = self.g.op2(
+            "TopK",
+            &[&logits, &k],
+            vec![("axis", Attr::Int(-1)), ("largest", Attr::Int(1)), ("sorted", Attr::Int(1))],
+        );
         let kth = self.g.slice(&vals, &[cfg.top_k as i64 - 1], &[cfg.top_k as i64], &[-1]);
         let ge = self.g.binary("GreaterOrEqual", &logits, &kth);
         let mask = self.g.op("Cast", &[&ge], vec![("to", Attr::Int(DataType::Float as i64))]);
@@ -256,7 +260,11 @@ fn itera_full(cfg: &IteraConfig, w: &Weights) -> Result<ModelProto, ExportError>
         let conv = b.g.op(
             "Conv",
             &[&xt, &cw, &cb],
-            vec![("group", Attr::Int(di as i64)), ("kernel_shape", Attr::Ints(vec![k as i64])), ("pads", Attr::Ints(vec![k as i64 - 1, 0]))],
+            vec![
+                ("group", Attr::Int(di as i64)),
+                ("kernel_shape", Attr::Ints(vec![k as i64])),
+                ("pads", Attr::Ints(vec![k as i64 - 1, 0])),
+            ],
         );
         let conv = b.g.op("Transpose", &[&conv], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
         let (xc, a, u) = b.ssm_inputs(&p, &conv)?;
@@ -281,8 +289,16 @@ fn itera_full(cfg: &IteraConfig, w: &Weights) -> Result<ModelProto, ExportError>
         x = b.feed_forward(cfg, i, &x)?;
     }
     let logits = b.head(&x, cfg.ln_eps)?;
-    b.g.output(&logits, "logits", DataType::Float, &[Dim::Named("batch"), Dim::Named("seq"), Dim::Fixed(cfg.vocab_size)]);
-    Ok(model(b.g.into_proto("itera_lite"), "Itera-Lite, full sequence: input_ids [batch, seq] → logits [batch, seq, vocab]"))
+    b.g.output(
+        &logits,
+        "logits",
+        DataType::Float,
+        &[Dim::Named("batch"), Dim::Named("seq"), Dim::Fixed(cfg.vocab_size)],
+    );
+    Ok(model(
+        b.g.into_proto("itera_lite"),
+        "Itera-Lite, full sequence: input_ids [batch, seq] → logits [batch, seq, vocab]",
+    ))
 }
 
 fn itera_step(cfg: &IteraConfig, w: &Weights) -> Result<ModelProto, ExportError> {
@@ -292,7 +308,11 @@ fn itera_step(cfg: &IteraConfig, w: &Weights) -> Result<ModelProto, ExportError>
     let (di, k, n) = (cfg.d_inner(), cfg.d_conv, cfg.d_state);
     let mut states = Vec::new();
     for i in 0..cfg.n_layers {
-        let c = b.g.input(&format!("conv_state.{i}"), DataType::Float, &[Dim::Named("batch"), Dim::Fixed(k - 1), Dim::Fixed(di)]);
+        let c = b.g.input(
+            &format!("conv_state.{i}"),
+            DataType::Float,
+            &[Dim::Named("batch"), Dim::Fixed(k - 1), Dim::Fixed(di)],
+        );
         let h = b.g.input(&format!("ssm_state.{i}"), DataType::Float, &[Dim::Named("batch"), Dim::Fixed(n)]);
         states.push((c, h));
     }
@@ -304,13 +324,19 @@ fn itera_step(cfg: &IteraConfig, w: &Weights) -> Result<ModelProto, ExportError>
         let (xs, z) = b.split_xz(&p, &x, cfg)?;
         let window = b.g.op("Concat", &[conv_state, &xs], vec![("axis", Attr::Int(1))]); // (b, k, di)
         let (cw_dims, cw) = b.w.get(&format!("{p}.conv.weight"))?.clone();
-        let taps = b.g.f32(&format!("{p}.conv.weight_kd"), &[cw_dims[1], cw_dims[0]], &transpose(&cw, cw_dims[0], cw_dims[1]));
+        let taps =
+            b.g.f32(&format!("{p}.conv.weight_kd"), &[cw_dims[1], cw_dims[0]], &transpose(&cw, cw_dims[0], cw_dims[1]));
         let prod = b.g.binary("Mul", &window, &taps);
         let summed = b.g.reduce("ReduceSum", &prod, 1); // (b, 1, di)
         let cb = b.param(&format!("{p}.conv.bias"))?;
         let conv = b.g.binary("Add", &summed, &cb);
         let next_conv = b.g.slice(&window, &[1], &[k as i64], &[1]);
-        b.g.output(&next_conv, &format!("conv_state_out.{i}"), DataType::Float, &[Dim::Named("batch"), Dim::Fixed(k - 1), Dim::Fixed(di)]);
+        b.g.output(
+            &next_conv,
+            &format!("conv_state_out.{i}"),
+            DataType::Float,
+            &[Dim::Named("batch"), Dim::Fixed(k - 1), Dim::Fixed(di)],
+        );
         let (xc, a, u) = b.ssm_inputs(&p, &conv)?;
         let axis1 = b.g.i64s("axes", &[1]);
         let hp = b.g.op("Unsqueeze", &[ssm_state, &axis1], vec![]);
@@ -331,7 +357,8 @@ fn itera_step(cfg: &IteraConfig, w: &Weights) -> Result<ModelProto, ExportError>
     }
     Ok(model(
         g.into_proto("itera_lite_step"),
-        "Itera-Lite, one token: input_ids [batch, 1], position [1], conv_state.<i>, ssm_state.<i> → logits [batch, 1, vocab], conv_state_out.<i>, ssm_state_out.<i>",
+        "Itera-Lite, one token: input_ids [batch, 1], position [1], conv_state.<i>, ssm_state.<i> → \
+            logits [batch, 1, vocab], conv_state_out.<i>, ssm_state_out.<i>",
     ))
 }
 
@@ -344,7 +371,8 @@ fn transformer_full(cfg: &TransformerConfig, w: &Weights) -> Result<ModelProto, 
     let hd = d / h;
     // Causal mask for the longest sequence, sliced to (seq, seq).
     let m = cfg.max_seq_len;
-    let mask: Vec<f32> = (0..m).flat_map(|i| (0..m).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask: Vec<f32> =
+        (0..m).flat_map(|i| (0..m).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
     let mask = b.g.f32("causal_mask", &[m, m], &mask);
     let seq = b.g.op("Shape", &[&ids], vec![("start", Attr::Int(1)), ("end", Attr::Int(2))]);
     let ends = b.g.op("Concat", &[&seq, &seq], vec![("axis", Attr::Int(0))]);
@@ -384,8 +412,16 @@ fn transformer_full(cfg: &TransformerConfig, w: &Weights) -> Result<ModelProto, 
         x = b.g.binary("Add", &x, &down);
     }
     let logits = b.head(&x, cfg.ln_eps)?;
-    b.g.output(&logits, "logits", DataType::Float, &[Dim::Named("batch"), Dim::Named("seq"), Dim::Fixed(cfg.vocab_size)]);
-    Ok(model(b.g.into_proto("transformer"), "Transformer baseline, full sequence: input_ids [batch, seq] → logits [batch, seq, vocab]"))
+    b.g.output(
+        &logits,
+        "logits",
+        DataType::Float,
+        &[Dim::Named("batch"), Dim::Named("seq"), Dim::Fixed(cfg.vocab_size)],
+    );
+    Ok(model(
+        b.g.into_proto("transformer"),
+        "Transformer baseline, full sequence: input_ids [batch, seq] → logits [batch, seq, vocab]",
+    ))
 }
 
 /// The full-sequence graph of any model.

@@ -4,7 +4,10 @@ use tract_onnx::pb::attribute_proto::AttributeType;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::tensor_shape_proto::{dimension, Dimension};
 use tract_onnx::pb::type_proto::{self, Tensor as TensorType};
-use tract_onnx::pb::{AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto};
+use tract_onnx::pb::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
+};
 
 pub const OPSET: i64 = 17;
 /// ONNX IR version 8 goes with opset 17.
@@ -47,7 +50,13 @@ pub fn value_info(name: &str, elem: DataType, dims: &[Dim]) -> ValueInfoProto {
         .collect();
     ValueInfoProto {
         name: name.to_string(),
-        r#type: Some(TypeProto { denotation: String::new(), value: Some(type_proto::Value::TensorType(TensorType { elem_type: elem as i32, shape: Some(TensorShapeProto { dim }) })) }),
+        r#type: Some(TypeProto {
+            denotation: String::new(),
+            value: Some(type_proto::Value::TensorType(TensorType {
+                elem_type: elem as i32,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+        }),
         doc_string: String::new(),
     }
 }
@@ -56,7 +65,10 @@ pub fn value_info(name: &str, elem: DataType, dims: &[Dim]) -> ValueInfoProto {
 pub fn value_info_any(name: &str, elem: DataType) -> ValueInfoProto {
     ValueInfoProto {
         name: name.to_string(),
-        r#type: Some(TypeProto { denotation: String::new(), value: Some(type_proto::Value::TensorType(TensorType { elem_type: elem as i32, shape: None })) }),
+        r#type: Some(TypeProto {
+            denotation: String::new(),
+            value: Some(type_proto::Value::TensorType(TensorType { elem_type: elem as i32, shape: None })),
+        }),
         doc_string: String::new(),
     }
 }
@@ -120,7 +132,13 @@ impl Graph {
     /// An f32 scalar constant.
     pub fn scalar(&mut self, hint: &str, v: f32) -> String {
         let name = self.fresh(hint);
-        self.initializers.push(TensorProto { name: name.clone(), dims: vec![], data_type: DataType::Float as i32, raw_data: v.to_le_bytes().to_vec(), ..Default::default() });
+        self.initializers.push(TensorProto {
+            name: name.clone(),
+            dims: vec![],
+            data_type: DataType::Float as i32,
+            raw_data: v.to_le_bytes().to_vec(),
+            ..Default::default()
+        });
         name
     }
 

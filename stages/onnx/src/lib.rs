@@ -12,30 +12,21 @@ pub mod check;
 pub mod export;
 pub mod graph;
 
-use std::path::Path;
-
 use itera_models::Model;
 use prost::Message;
-use serde_json::{json, Value};
-use stage_api::{InputSpec, ParamError, Params, Stage, StageContext, StageError, StagePlan};
+use serde_json::json;
+use stage_api::{Context, InputSpec, ParamError, Params, Stage, StageContext, StageError, StageProfile};
 
 use crate::export::{full_graph, step_graph, Weights};
-
-fn err(e: impl std::fmt::Display) -> StageError {
-    StageError::failed(e.to_string())
-}
 
 fn need_inputs(io: &InputSpec, kind: &str, needed: &[&str], help: &str) -> Result<(), ParamError> {
     for n in needed {
         if !io.inputs.iter().any(|i| i == n) {
-            return Err(ParamError::new("inputs", format!("the {kind} stage needs an input named `{n}`")).with_help(help.to_string()));
+            return Err(ParamError::new("inputs", format!("the {kind} stage needs an input named `{n}`"))
+                .with_help(help.to_string()));
         }
     }
     Ok(())
-}
-
-fn write_json(path: &Path, v: &Value) -> Result<(), StageError> {
-    std::fs::write(path, serde_json::to_string_pretty(v).map_err(err)? + "\n").map_err(|e| StageError::io(format!("writing {}", path.display()), e))
 }
 
 pub struct OnnxExportStage;
@@ -48,27 +39,33 @@ impl Stage for OnnxExportStage {
         1
     }
     fn describe(&self) -> &'static str {
-        "a checkpoint or quantized model.gguf → ONNX (opset 17): graphs/model.onnx (full sequence), graphs/step.onnx (Itera-Lite), graphs/export.json"
+        "a checkpoint or quantized model.gguf → ONNX (opset 17): graphs/model.onnx (full sequence), \
+            graphs/step.onnx (Itera-Lite), graphs/export.json"
     }
 
-    fn check(&self, params: &Params, io: &InputSpec) -> Result<StagePlan, ParamError> {
+    fn check(&self, params: &Params, io: &InputSpec) -> Result<StageProfile, ParamError> {
         stage_api::check_known_params(params, &["seed"], "onnx_export")?;
         need_inputs(io, "onnx_export", &["model"], "inputs: {model: train.best}  (or a quantize stage's model.gguf)")?;
-        Ok(StagePlan { default_threads: 1, deterministic: true, required_outputs: vec!["graphs".into()], volatile_outputs: vec![] })
+        Ok(StageProfile {
+            default_threads: 1,
+            deterministic: true,
+            required_outputs: vec!["graphs".into()],
+            volatile_outputs: vec![],
+        })
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let src = ctx.input("model")?.to_path_buf();
-        let mut model = Model::load_any(&src).map_err(err)?;
+        let mut model = Model::load_any(&src).context(|| format!("loading the model {}", src.display()))?;
         let scheme = model.quant_scheme();
-        let w = Weights::of(&mut model).map_err(err)?;
+        let w = Weights::of(&mut model).context(|| "reading the weights to export".into())?;
         let dir = ctx.output("graphs")?.to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| StageError::io(format!("creating {}", dir.display()), e))?;
-        let full = full_graph(&model.config, &w).map_err(err)?.encode_to_vec();
+        let full = full_graph(&model.config, &w).context(|| "building the full-sequence graph".into())?.encode_to_vec();
         std::fs::write(dir.join("model.onnx"), &full).map_err(|e| StageError::io("writing model.onnx", e))?;
         let mut graphs = vec![json!({"file": "model.onnx", "kind": "full", "bytes": full.len(),
             "inputs": {"input_ids": "int64 [batch, seq]"}, "outputs": {"logits": "float32 [batch, seq, vocab]"}})];
-        if let Some(step) = step_graph(&model.config, &w).map_err(err)? {
+        if let Some(step) = step_graph(&model.config, &w).context(|| "building the step graph".into())? {
             let bytes = step.encode_to_vec();
             std::fs::write(dir.join("step.onnx"), &bytes).map_err(|e| StageError::io("writing step.onnx", e))?;
             graphs.push(json!({"file": "step.onnx", "kind": "step", "bytes": bytes.len(),
@@ -86,7 +83,7 @@ impl Stage for OnnxExportStage {
             "quantization": scheme.map(|s| s.name()),
             "graphs": graphs,
         });
-        write_json(&dir.join("export.json"), &manifest)?;
+        stage_api::write_json(&dir.join("export.json"), &manifest)?;
         ctx.metric("model_onnx_bytes", full.len());
         Ok(())
     }
@@ -99,18 +96,23 @@ impl Stage for OnnxCheckStage {
         "onnx_check"
     }
     fn version(&self) -> u32 {
-        // 2: the fused SSM ops and the slice decoder round differently from the op-by-op forms.
-        // 3: whole SSM blocks / FFN / MoE layers as fused nodes, f32 LayerNorm sums, sparse MoE.
         3
     }
     fn describe(&self) -> &'static str {
-        "run exported graphs in tract and ONNX Runtime, compare with the native forward (logits, argmax, validation loss, generation, tokens/s) → crosscheck.json; fails on disagreement"
+        "run exported graphs in tract and ONNX Runtime, compare with the native forward (logits, \
+            argmax, validation loss, generation, tokens/s) → crosscheck.json; fails on disagreement"
     }
 
-    fn check(&self, params: &Params, io: &InputSpec) -> Result<StagePlan, ParamError> {
+    fn check(&self, params: &Params, io: &InputSpec) -> Result<StageProfile, ParamError> {
         check::settings(params)?;
-        need_inputs(io, "onnx_check", &["graphs", "model", "tokenizer", "valid"], "inputs: {graphs: export.graphs, model: train.best, tokenizer: vocab.tokenizer.json, valid: corpus.valid.txt}")?;
-        Ok(StagePlan {
+        need_inputs(
+            io,
+            "onnx_check",
+            &["graphs", "model", "tokenizer", "valid"],
+            "inputs: {graphs: export.graphs, model: \
+            train.best, tokenizer: vocab.tokenizer.json, valid: corpus.valid.txt}",
+        )?;
+        Ok(StageProfile {
             default_threads: 1,
             deterministic: true,
             required_outputs: vec!["crosscheck.json".into()],

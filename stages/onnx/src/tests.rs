@@ -37,7 +37,9 @@ fn full_graphs_match_native_in_tract_and_onnxruntime() {
             for (b, l) in [(2, 17), (1, 1), (1, 32)] {
                 let x = ids(b, l);
                 let want = native(&model, &x, b, l);
-                let out = engine.run(&[("input_ids", Input::I64(vec![b, l], x.iter().map(|&v| v as i64).collect()))]).unwrap();
+                let out = engine
+                    .run(&[("input_ids", Input::I64(vec![b, l], x.iter().map(|&v| v as i64).collect()))])
+                    .unwrap();
                 assert_eq!(out[0].shape, vec![b, l, 40]);
                 let d = max_diff(&want, &out[0].data);
                 assert!(d < 1e-4, "{name} in {} at ({b}, {l}): max abs diff {d}", engine.name());
@@ -61,9 +63,13 @@ fn step_graph_matches_native_decoding() {
     let x = ids(1, 12);
     let full = native(&model, &x, 1, 12);
     for mut engine in [Engine::tract(&path).unwrap(), Engine::ort(&path, 1).unwrap()] {
-        let mut states: Vec<(Vec<f32>, Vec<f32>)> = (0..cfg.n_layers).map(|_| (vec![0.0; (cfg.d_conv - 1) * cfg.d_inner()], vec![0.0; cfg.d_state])).collect();
+        let mut states: Vec<(Vec<f32>, Vec<f32>)> =
+            (0..cfg.n_layers).map(|_| (vec![0.0; (cfg.d_conv - 1) * cfg.d_inner()], vec![0.0; cfg.d_state])).collect();
         for (t, &tok) in x.iter().enumerate() {
-            let mut inputs: Vec<(String, Input)> = vec![("input_ids".into(), Input::I64(vec![1, 1], vec![tok as i64])), ("position".into(), Input::I64(vec![1], vec![t as i64]))];
+            let mut inputs: Vec<(String, Input)> = vec![
+                ("input_ids".into(), Input::I64(vec![1, 1], vec![tok as i64])),
+                ("position".into(), Input::I64(vec![1], vec![t as i64])),
+            ];
             for (i, (c, h)) in states.iter().enumerate() {
                 inputs.push((format!("conv_state.{i}"), Input::F32(vec![1, cfg.d_conv - 1, cfg.d_inner()], c.clone())));
                 inputs.push((format!("ssm_state.{i}"), Input::F32(vec![1, cfg.d_state], h.clone())));
@@ -106,13 +112,20 @@ mod stages {
         n
     }
 
-    fn run_stage(stage: &dyn Stage, dir: &Path, p: Value, inputs: &[(&str, PathBuf)], out: &str) -> Result<PathBuf, StageError> {
+    fn run_stage(
+        stage: &dyn Stage,
+        dir: &Path,
+        p: Value,
+        inputs: &[(&str, PathBuf)],
+        out: &str,
+    ) -> Result<PathBuf, StageError> {
         let p = params(p);
         let io = InputSpec { inputs: inputs.iter().map(|(n, _)| n.to_string()).collect(), outputs: vec![] };
         let plan = stage.check(&p, &io).unwrap();
         let out_dir = dir.join(out);
         std::fs::create_dir_all(&out_dir).unwrap();
-        let outputs: BTreeMap<String, PathBuf> = plan.required_outputs.iter().map(|n| (n.clone(), out_dir.join(n))).collect();
+        let outputs: BTreeMap<String, PathBuf> =
+            plan.required_outputs.iter().map(|n| (n.clone(), out_dir.join(n))).collect();
         let spec = RunSpec {
             stage_name: out.into(),
             kind: stage.kind().into(),
@@ -122,7 +135,7 @@ mod stages {
             work_dir: dir.into(),
             threads: 1,
             seed: 0,
-            run_metadata: None,
+            run_description: None,
         };
         let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
         stage.run(&mut ctx)?;
@@ -136,19 +149,43 @@ mod stages {
             // Flip one weight of the first layer's input projection.
             let path = graphs.join("model.onnx");
             let mut proto = tract_onnx::pb::ModelProto::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
-            let init = proto.graph.as_mut().unwrap().initializer.iter_mut().find(|t| t.name.starts_with("layers.0.ssm.in_proj.weight_t")).unwrap();
+            let init = proto
+                .graph
+                .as_mut()
+                .unwrap()
+                .initializer
+                .iter_mut()
+                .find(|t| t.name.starts_with("layers.0.ssm.in_proj.weight_t"))
+                .unwrap();
             let v = f32::from_le_bytes(init.raw_data[0..4].try_into().unwrap());
             init.raw_data[0..4].copy_from_slice(&(v + 0.5).to_le_bytes());
             std::fs::write(&path, proto.encode_to_vec()).unwrap();
         }
-        let inputs = [("graphs", graphs), ("model", model), ("tokenizer", dir.join("tokenizer.json")), ("valid", dir.join("valid.txt"))];
-        let out = run_stage(&OnnxCheckStage, dir, json!({"seq_len": 32, "batch": 2, "batches": 2, "eval_tokens": 256, "generate": 12, "bench_runs": 1}), &inputs, "check")?;
+        let inputs = [
+            ("graphs", graphs),
+            ("model", model),
+            ("tokenizer", dir.join("tokenizer.json")),
+            ("valid", dir.join("valid.txt")),
+        ];
+        let out = run_stage(
+            &OnnxCheckStage,
+            dir,
+            json!({"seq_len": 32, "batch": 2, "batches": 2, "eval_tokens": 256, "generate": 12, "bench_runs": 1}),
+            &inputs,
+            "check",
+        )?;
         Ok(serde_json::from_str(&std::fs::read_to_string(out.join("crosscheck.json")).unwrap()).unwrap())
     }
 
     fn small(dir: &Path, vocab: usize, model: &str) -> Model {
         let o = json!({"max_seq_len": 32});
-        let cfg = ModelConfig::build(model, if model == "itera_lite" { "micro" } else { "tiny" }, vocab, o.as_object().unwrap()).unwrap();
+        let cfg = ModelConfig::build(
+            model,
+            if model == "itera_lite" { "micro" } else { "tiny" },
+            vocab,
+            o.as_object().unwrap(),
+        )
+        .unwrap();
         let m = Model::new(&cfg, 2).unwrap();
         m.save(&dir.join("model")).unwrap();
         m
@@ -162,8 +199,17 @@ mod stages {
             small(dir.path(), vocab, name);
             let r = export_and_check(dir.path(), dir.path().join("model"), false).unwrap();
             assert_eq!(r["pass"], true, "{r}");
-            let graphs: Vec<(String, String)> = r["runtimes"].as_array().unwrap().iter().map(|e| (e["runtime"].as_str().unwrap().into(), e["graph"].as_str().unwrap().into())).collect();
-            assert!(graphs.contains(&("tract".into(), "full".into())) && graphs.contains(&("onnxruntime".into(), "full".into())), "{graphs:?}");
+            let graphs: Vec<(String, String)> = r["runtimes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e["runtime"].as_str().unwrap().into(), e["graph"].as_str().unwrap().into()))
+                .collect();
+            assert!(
+                graphs.contains(&("tract".into(), "full".into()))
+                    && graphs.contains(&("onnxruntime".into(), "full".into())),
+                "{graphs:?}"
+            );
             assert_eq!(graphs.contains(&("tract".into(), "step".into())), name == "itera_lite");
             let export = dir.path().join("export/graphs/export.json");
             assert!(std::fs::read_to_string(export).unwrap().contains("\"opset\": 17"));
@@ -206,13 +252,24 @@ fn matmul_work_counted_in_the_graph_equals_the_formula() {
         for quantized in [false, true] {
             let mut model = Model::new(&small(name), 3).unwrap();
             if quantized {
-                model.quantize(&itera_models::qmodel::QuantSpec { scheme: itera_models::quant::Scheme::Int8, group_size: 32, embeddings: true, exclude: vec![] }).unwrap();
+                model
+                    .quantize(&itera_models::qmodel::QuantSpec {
+                        scheme: itera_models::quant::Scheme::Int8,
+                        group_size: 32,
+                        embeddings: true,
+                        exclude: vec![],
+                    })
+                    .unwrap();
             }
             let w = Weights::of(&mut model).unwrap();
             let path = dir.path().join(format!("{name}-{quantized}.onnx"));
             std::fs::write(&path, full_graph(&model.config, &w).unwrap().encode_to_vec()).unwrap();
             let counted = onnx_runtime::weight_matmul_macs(&path).unwrap();
-            assert_eq!(counted, itera_models::accounting::weight_matmul_macs(&model.config, true), "{name} quantized={quantized}");
+            assert_eq!(
+                counted,
+                itera_models::accounting::weight_matmul_macs(&model.config, true),
+                "{name} quantized={quantized}"
+            );
         }
     }
 }

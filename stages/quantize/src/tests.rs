@@ -34,8 +34,19 @@ fn run(dir: &Path, p: Value) -> Result<Value, stage_api::StageError> {
     ]);
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
-    let outputs: BTreeMap<String, PathBuf> = ["model.gguf", "summary.json"].iter().map(|n| (n.to_string(), out.join(n))).collect();
-    let spec = RunSpec { stage_name: "q".into(), kind: "quantize".into(), params: p, inputs, outputs, work_dir: dir.into(), threads: 1, seed: 1, run_metadata: None };
+    let outputs: BTreeMap<String, PathBuf> =
+        ["model.gguf", "summary.json"].iter().map(|n| (n.to_string(), out.join(n))).collect();
+    let spec = RunSpec {
+        stage_name: "q".into(),
+        kind: "quantize".into(),
+        params: p,
+        inputs,
+        outputs,
+        work_dir: dir.into(),
+        threads: 1,
+        seed: 1,
+        run_description: None,
+    };
     let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
     QuantizeStage.run(&mut ctx)?;
     Ok(serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap())
@@ -55,7 +66,11 @@ fn int8_and_int4_write_a_smaller_gguf_and_report_quality_and_speed() {
             assert!(s[k]["val_loss"].as_f64().unwrap().is_finite());
         }
         assert!(s["forward_tokens_per_s"]["quantized"]["median"].as_f64().unwrap() > 0.0);
-        assert_eq!(s["kept_f32"].as_array().unwrap().iter().filter(|t| t["name"] == "embed.weight").count(), 1, "embeddings stay f32 by default");
+        assert_eq!(
+            s["kept_f32"].as_array().unwrap().iter().filter(|t| t["name"] == "embed.weight").count(),
+            1,
+            "embeddings stay f32 by default"
+        );
         // The file loads on its own and is deterministic.
         let a = std::fs::read(dir.path().join("out/model.gguf")).unwrap();
         let mut m = Model::load_gguf(&dir.path().join("out/model.gguf")).unwrap();
@@ -72,7 +87,12 @@ fn params_are_checked() {
     assert_eq!(e(json!({"scheme": "int8", "embeddings": "yes"})).key, "params.embeddings");
     assert_eq!(e(json!({"scheme": "int8", "exclude": "layers.0"})).key, "params.exclude");
     assert_eq!(e(json!({"scheme": "int8", "grup_size": 32})).key, "params.grup_size");
-    assert!(settings(&params(json!({"scheme": "int8", "embeddings": "quantize", "exclude": ["layers.0.moe.router"]}))).unwrap().spec.embeddings);
+    assert!(
+        settings(&params(json!({"scheme": "int8", "embeddings": "quantize", "exclude": ["layers.0.moe.router"]})))
+            .unwrap()
+            .spec
+            .embeddings
+    );
 }
 
 #[test]

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use minijinja::{Environment, Error, ErrorKind};
 use serde_json::{Map, Value};
-use stage_api::{InputSpec, ParamError, Params, Stage, StageContext, StageError, StagePlan};
+use stage_api::{InputSpec, ParamError, Params, Stage, StageContext, StageError, StageProfile};
 
 pub struct ReportStage;
 
@@ -31,7 +31,11 @@ fn csv_rows(text: &str) -> Value {
             .map(|l| {
                 let mut row = Map::new();
                 for (k, v) in header.iter().zip(l.split(',')) {
-                    let parsed = v.parse::<f64>().ok().and_then(|f| serde_json::Number::from_f64(f).map(Value::Number)).unwrap_or_else(|| Value::String(v.to_string()));
+                    let parsed = v
+                        .parse::<f64>()
+                        .ok()
+                        .and_then(|f| serde_json::Number::from_f64(f).map(Value::Number))
+                        .unwrap_or_else(|| Value::String(v.to_string()));
                     row.insert(k.to_string(), parsed);
                 }
                 Value::Object(row)
@@ -45,7 +49,8 @@ pub fn load_input(path: &Path) -> Result<Value, StageError> {
     let io = |e: std::io::Error| StageError::io(format!("reading {}", path.display()), e);
     if path.is_dir() {
         let mut m = Map::new();
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path).map_err(io)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(path).map_err(io)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
         entries.sort();
         for p in entries {
             let name = p.file_name().map(|n| n.to_string_lossy().replace('.', "_")).unwrap_or_default();
@@ -63,7 +68,8 @@ pub fn load_input(path: &Path) -> Result<Value, StageError> {
     };
     // Inputs arrive under their input name, not the producer's file name: go by content.
     match path.extension().and_then(|e| e.to_str()) {
-        Some("json") => serde_json::from_str(&text).map_err(|e| StageError::failed(format!("{}: invalid JSON: {e}", path.display()))),
+        Some("json") => serde_json::from_str(&text)
+            .map_err(|e| StageError::failed(format!("{}: invalid JSON: {e}", path.display()))),
         Some("csv") => Ok(csv_rows(&text)),
         _ => {
             let trimmed = text.trim_start();
@@ -131,10 +137,16 @@ pub fn environment(out_dir: &Path) -> Environment<'static> {
     env.add_filter("bytes", |v: minijinja::Value| -> Result<String, Error> { Ok(format_bytes(num(&v)?)) });
     env.add_filter("int", |v: minijinja::Value| -> Result<String, Error> { Ok(format_int(num(&v)?)) });
     env.add_filter("ratio", |v: minijinja::Value| -> Result<String, Error> { Ok(format!("{:.2}×", num(&v)?)) });
-    env.add_filter("fixed", |v: minijinja::Value, n: Option<usize>| -> Result<String, Error> { Ok(format!("{:.*}", n.unwrap_or(2), num(&v)?)) });
+    env.add_filter("fixed", |v: minijinja::Value, n: Option<usize>| -> Result<String, Error> {
+        Ok(format!("{:.*}", n.unwrap_or(2), num(&v)?))
+    });
     env.add_filter("pct", |v: minijinja::Value| -> Result<String, Error> { Ok(format!("{:.2} %", 100.0 * num(&v)?)) });
-    env.add_filter("signed_pct", |v: minijinja::Value| -> Result<String, Error> { Ok(format!("{:+.3} %", 100.0 * num(&v)?)) });
-    let to_json = |v: &minijinja::Value| serde_json::to_value(v).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()));
+    env.add_filter("signed_pct", |v: minijinja::Value| -> Result<String, Error> {
+        Ok(format!("{:+.3} %", 100.0 * num(&v)?))
+    });
+    let to_json = |v: &minijinja::Value| {
+        serde_json::to_value(v).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
+    };
     let dir = out_dir.to_path_buf();
     let plot_err = |e: plots::PlotError| Error::new(ErrorKind::InvalidOperation, e.to_string());
     {
@@ -146,50 +158,84 @@ pub fn environment(out_dir: &Path) -> Environment<'static> {
     }
     {
         let dir = dir.clone();
-        env.add_function("bars", move |file: String, title: String, items: minijinja::Value, key: String, y: String| -> Result<String, Error> {
-            let items = to_json(&items)?;
-            let rows = items.as_array().cloned().unwrap_or_default();
-            let labels: Vec<String> = rows.iter().map(|r| label_of(r)).collect();
-            let values: Vec<f64> = rows.iter().map(|r| dotted(r, &key).unwrap_or(f64::NAN)).collect();
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(Error::new(ErrorKind::InvalidOperation, format!("bars: item `{}` has no number at `{key}`", labels[i])));
-            }
-            plots::bars(&dir.join(&file), &title, &labels, &values, &y).map_err(plot_err)?;
-            Ok(file)
-        });
+        env.add_function(
+            "bars",
+            move |file: String,
+                  title: String,
+                  items: minijinja::Value,
+                  key: String,
+                  y: String|
+                  -> Result<String, Error> {
+                let items = to_json(&items)?;
+                let rows = items.as_array().cloned().unwrap_or_default();
+                let labels: Vec<String> = rows.iter().map(label_of).collect();
+                let values: Vec<f64> = rows.iter().map(|r| dotted(r, &key).unwrap_or(f64::NAN)).collect();
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("bars: item `{}` has no number at `{key}`", labels[i]),
+                    ));
+                }
+                plots::bars(&dir.join(&file), &title, &labels, &values, &y).map_err(plot_err)?;
+                Ok(file)
+            },
+        );
     }
     {
         let dir = dir.clone();
-        env.add_function("scatter", move |file: String, title: String, items: minijinja::Value, x_axis: Vec<String>, y_axis: Vec<String>| -> Result<String, Error> {
-            let axis = |a: &[String]| -> Result<(String, String), Error> {
-                match a {
-                    [key, label] => Ok((key.clone(), label.clone())),
-                    _ => Err(Error::new(ErrorKind::InvalidOperation, "scatter axes are [\"dotted.key\", \"axis label\"]")),
+        env.add_function(
+            "scatter",
+            move |file: String,
+                  title: String,
+                  items: minijinja::Value,
+                  x_axis: Vec<String>,
+                  y_axis: Vec<String>|
+                  -> Result<String, Error> {
+                let axis = |a: &[String]| -> Result<(String, String), Error> {
+                    match a {
+                        [key, label] => Ok((key.clone(), label.clone())),
+                        _ => Err(Error::new(
+                            ErrorKind::InvalidOperation,
+                            "scatter axes are [\"dotted.key\", \"axis label\"]",
+                        )),
+                    }
+                };
+                let ((x_key, x), (y_key, y)) = (axis(&x_axis)?, axis(&y_axis)?);
+                let items = to_json(&items)?;
+                let mut points = Vec::new();
+                for r in items.as_array().cloned().unwrap_or_default() {
+                    match (dotted(&r, &x_key), dotted(&r, &y_key)) {
+                        (Some(px), Some(py)) => points.push(serde_json::json!([label_of(&r), px, py])),
+                        _ => {
+                            return Err(Error::new(
+                                ErrorKind::InvalidOperation,
+                                format!("scatter: item `{}` lacks `{x_key}` or `{y_key}`", label_of(&r)),
+                            ))
+                        }
+                    }
                 }
-            };
-            let ((x_key, x), (y_key, y)) = (axis(&x_axis)?, axis(&y_axis)?);
-            let items = to_json(&items)?;
-            let mut points = Vec::new();
-            for r in items.as_array().cloned().unwrap_or_default() {
-                match (dotted(&r, &x_key), dotted(&r, &y_key)) {
-                    (Some(px), Some(py)) => points.push(serde_json::json!([label_of(&r), px, py])),
-                    _ => return Err(Error::new(ErrorKind::InvalidOperation, format!("scatter: item `{}` lacks `{x_key}` or `{y_key}`", label_of(&r)))),
-                }
-            }
-            plots::scatter(&dir.join(&file), &title, &Value::Array(points), &x, &y).map_err(plot_err)?;
-            Ok(file)
-        });
+                plots::scatter(&dir.join(&file), &title, &Value::Array(points), &x, &y).map_err(plot_err)?;
+                Ok(file)
+            },
+        );
     }
     env.add_function("progression", move |file: String, steps: minijinja::Value| -> Result<String, Error> {
         plots::progression(&dir.join(&file), &to_json(&steps)?).map_err(plot_err)?;
         Ok(file)
     });
-    let run_of = move |state: &minijinja::State| -> Result<Option<Value>, Error> { state.lookup("run").map(|r| to_json(&r)).transpose() };
-    env.add_function("origin", move |state: &minijinja::State, stages: minijinja::value::Rest<String>| -> Result<String, Error> {
-        let names: Vec<&str> = stages.iter().map(String::as_str).collect();
-        Ok(origin(run_of(state)?.as_ref(), &names))
+    let run_of = move |state: &minijinja::State| -> Result<Option<Value>, Error> {
+        state.lookup("run").map(|r| to_json(&r)).transpose()
+    };
+    env.add_function(
+        "origin",
+        move |state: &minijinja::State, stages: minijinja::value::Rest<String>| -> Result<String, Error> {
+            let names: Vec<&str> = stages.iter().map(String::as_str).collect();
+            Ok(origin(run_of(state)?.as_ref(), &names))
+        },
+    );
+    env.add_function("provenance", move |state: &minijinja::State| -> Result<String, Error> {
+        Ok(run_of(state)?.map(|r| provenance(&r)).unwrap_or_default())
     });
-    env.add_function("provenance", move |state: &minijinja::State| -> Result<String, Error> { Ok(run_of(state)?.map(|r| provenance(&r)).unwrap_or_default()) });
     env
 }
 
@@ -213,7 +259,11 @@ pub fn origin(run: Option<&Value>, stages: &[&str]) -> String {
 pub fn provenance(run: &Value) -> String {
     let s = |k: &str| run.get(k).and_then(Value::as_str).unwrap_or("?");
     let short = |v: &str, n: usize| v.chars().take(n).collect::<String>();
-    let commit = run.get("git_commit").and_then(Value::as_str).map(|c| format!(", git commit {}", short(c, 12))).unwrap_or_default();
+    let commit = run
+        .get("git_commit")
+        .and_then(Value::as_str)
+        .map(|c| format!(", git commit {}", short(c, 12)))
+        .unwrap_or_default();
     let mut out = format!(
         "## Provenance\n\nRendered {} from {}; pipeline `{}` ({}, blake3 {}…){commit}.\n\
          Every figure above was measured by the stage that produced it, at the time listed; none was computed while rendering. \
@@ -227,13 +277,18 @@ pub fn provenance(run: &Value) -> String {
     );
     for e in run.get("stages").and_then(Value::as_array).into_iter().flatten() {
         let f = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("–").to_string();
-        let key = e.get("key").and_then(Value::as_str).map(|k| format!("{}…", short(k, 16))).unwrap_or_else(|| "–".into());
+        let key =
+            e.get("key").and_then(Value::as_str).map(|k| format!("{}…", short(k, 16))).unwrap_or_else(|| "–".into());
         let missing = e.get("missing").and_then(Value::as_bool) == Some(true);
         let (status, at, took) = if missing {
             ("NOT CACHED", "–".to_string(), "–".to_string())
         } else {
             let status = if e.get("cached").and_then(Value::as_bool) == Some(true) { "from cache" } else { "computed" };
-            (status, f("computed_at"), format!("{:.1} s", e.get("duration_s").and_then(Value::as_f64).unwrap_or(f64::NAN)))
+            (
+                status,
+                f("computed_at"),
+                format!("{:.1} s", e.get("duration_s").and_then(Value::as_f64).unwrap_or(f64::NAN)),
+            )
         };
         out.push_str(&format!("| {} | {key} | {status} | {at} | {took} |\n", f("stage")));
     }
@@ -246,7 +301,13 @@ pub fn render(template_name: &str, template: &str, context: &Value, out_dir: &Pa
 }
 
 /// As [`render`], into `out_dir/file_name`; plots go beside it.
-pub fn render_to(template_name: &str, template: &str, context: &Value, out_dir: &Path, file_name: &str) -> Result<String, StageError> {
+pub fn render_to(
+    template_name: &str,
+    template: &str,
+    context: &Value,
+    out_dir: &Path,
+    file_name: &str,
+) -> Result<String, StageError> {
     std::fs::create_dir_all(out_dir).map_err(|e| StageError::io(format!("creating {}", out_dir.display()), e))?;
     let env = environment(out_dir);
     let describe = |e: &Error| {
@@ -281,22 +342,33 @@ impl Stage for ReportStage {
         "render a minijinja markdown template with the upstream results and PNG plots → report/ (report.md + *.png)"
     }
 
-    fn wants_run_metadata(&self) -> bool {
+    fn wants_run_description(&self) -> bool {
         true
     }
 
-    fn check(&self, params: &Params, _io: &InputSpec) -> Result<StagePlan, ParamError> {
+    fn check(&self, params: &Params, _io: &InputSpec) -> Result<StageProfile, ParamError> {
         stage_api::check_known_params(params, &["template", "title", "seed"], "report")?;
         match params.param("template").and_then(Value::as_str) {
             Some(_) => {}
-            None => return Err(ParamError::new("params", "the report stage needs `params.template`").with_help("template: file:templates/phase4.md.j2")),
+            None => {
+                return Err(ParamError::new("params", "the report stage needs `params.template`")
+                    .with_help("template: file:templates/phase4.md.j2"))
+            }
         }
-        Ok(StagePlan { default_threads: 1, deterministic: true, required_outputs: vec!["report".into()], volatile_outputs: vec![] })
+        Ok(StageProfile {
+            default_threads: 1,
+            deterministic: true,
+            required_outputs: vec!["report".into()],
+            volatile_outputs: vec![],
+        })
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
-        let template_path = PathBuf::from(ctx.params().param("template").and_then(Value::as_str).unwrap_or_default().trim_start_matches("file:"));
-        let template = std::fs::read_to_string(&template_path).map_err(|e| StageError::io(format!("reading the template {}", template_path.display()), e))?;
+        let template_path = PathBuf::from(
+            ctx.params().param("template").and_then(Value::as_str).unwrap_or_default().trim_start_matches("file:"),
+        );
+        let template = std::fs::read_to_string(&template_path)
+            .map_err(|e| StageError::io(format!("reading the template {}", template_path.display()), e))?;
         let mut inputs = Map::new();
         let names: Vec<String> = ctx.spec().inputs.keys().cloned().collect();
         for name in names {
@@ -305,12 +377,13 @@ impl Stage for ReportStage {
         let params: Map<String, Value> = ctx.params().params.clone().into_iter().collect();
         let mut context = serde_json::json!({"inputs": inputs, "params": params, "stage": ctx.stage_name()});
         // Run by hand (no orchestrator), there is no run to describe; templates test `run is defined`.
-        if let Some(path) = ctx.run_metadata() {
+        if let Some(path) = ctx.run_description() {
             let run: Value = serde_json::from_str(&stage_api::read_text(path)?)
                 .map_err(|e| StageError::failed(format!("the run description {} is not JSON: {e}", path.display())))?;
             context["run"] = run;
         }
-        let name = template_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "template".into());
+        let name =
+            template_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "template".into());
         let out = ctx.output("report")?.to_path_buf();
         render(&name, &template, &context, &out)?;
         Ok(())

@@ -64,8 +64,11 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 pub fn training_curves(file: &Path, series: &Value) -> Result<(), PlotError> {
     ensure_font();
     let e = draw_err(file);
-    let map = series.as_object().ok_or_else(|| data_err(file, "training_curves needs a map of label → metrics rows"))?;
-    let mut lines: Vec<(String, Vec<(f64, f64)>, Vec<(f64, f64)>)> = Vec::new();
+    let map =
+        series.as_object().ok_or_else(|| data_err(file, "training_curves needs a map of label → metrics rows"))?;
+    // (label, train points, validation points)
+    type Curves = (String, Vec<(f64, f64)>, Vec<(f64, f64)>);
+    let mut lines: Vec<Curves> = Vec::new();
     for (label, rows) in map {
         let rows = rows.as_array().ok_or_else(|| data_err(file, format!("`{label}`: expected metrics rows")))?;
         let get = |r: &Value, k: &str| r.get(k).and_then(Value::as_f64);
@@ -84,7 +87,13 @@ pub fn training_curves(file: &Path, series: &Value) -> Result<(), PlotError> {
         .y_label_area_size(60)
         .build_cartesian_2d(x0.max(0.0)..x1, y0.max(0.0)..y1)
         .map_err(|x| e(&x))?;
-    chart.configure_mesh().x_desc("tokens seen").y_desc("loss (nats/token)").label_style((FAMILY, 14)).draw().map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc("tokens seen")
+        .y_desc("loss (nats/token)")
+        .label_style((FAMILY, 14))
+        .draw()
+        .map_err(|x| e(&x))?;
     for (i, (label, train, val)) in lines.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         chart.draw_series(DashedLineSeries::new(train.iter().copied(), 6, 4, c.stroke_width(1))).map_err(|x| e(&x))?;
@@ -94,7 +103,13 @@ pub fn training_curves(file: &Path, series: &Value) -> Result<(), PlotError> {
             .label(label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font((FAMILY, 14)).draw().map_err(|x| e(&x))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font((FAMILY, 14))
+        .draw()
+        .map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
     Ok(())
 }
@@ -104,43 +119,70 @@ pub fn bars(file: &Path, title: &str, labels: &[String], values: &[f64], y_label
     ensure_font();
     let e = draw_err(file);
     if labels.len() != values.len() || labels.is_empty() {
-        return Err(data_err(file, format!("bars needs as many values as labels ({} vs {})", values.len(), labels.len())));
+        let msg = format!("bars needs as many values as labels ({} vs {})", values.len(), labels.len());
+        return Err(data_err(file, msg));
     }
-    let top = values.iter().cloned().fold(0.0, f64::max) * 1.15 + 1e-12;
     let root = BitMapBackend::new(file, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
-    let n = labels.len();
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FAMILY, 22))
-        .margin(15)
-        .x_label_area_size(90)
-        .y_label_area_size(70)
-        .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)
-        .map_err(|x| e(&x))?;
+    let look = BarLook { caption: 22, text: 13, margin: 15, x_area: 90, y_area: 70, headroom: 1.15 };
+    bar_panel(&root, title, labels, values, Some(y_label), &look).map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}
+
+/// Sizes of one bar panel: font sizes, margins, label areas, and the room above the tallest bar.
+struct BarLook {
+    caption: u32,
+    text: u32,
+    margin: u32,
+    x_area: u32,
+    y_area: u32,
+    headroom: f64,
+}
+
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+type DrawResult = Result<(), DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>>;
+
+/// Labelled bars with their values written above them, on `area`.
+fn bar_panel(
+    area: &Area,
+    title: &str,
+    labels: &[String],
+    values: &[f64],
+    y_label: Option<&str>,
+    look: &BarLook,
+) -> DrawResult {
+    let top = values.iter().cloned().fold(0.0, f64::max) * look.headroom + 1e-12;
+    let n = labels.len().max(1);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FAMILY, look.caption))
+        .margin(look.margin)
+        .x_label_area_size(look.x_area)
+        .y_label_area_size(look.y_area)
+        .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)?;
     let names = labels.to_vec();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .y_desc(y_label)
-        .y_label_formatter(&|v| format_value(*v))
-        .label_style((FAMILY, 13))
+    let x_label = move |v: &SegmentValue<usize>| match v {
+        SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+        _ => String::new(),
+    };
+    let y_value = |v: &f64| format_value(*v);
+    let mut mesh = chart.configure_mesh();
+    mesh.disable_x_mesh()
+        .y_label_formatter(&y_value)
+        .label_style((FAMILY, look.text))
         .x_labels(n)
-        .x_label_formatter(&move |v| match v {
-            SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
-            _ => String::new(),
-        })
-        .draw()
-        .map_err(|x| e(&x))?;
+        .x_label_formatter(&x_label);
+    if let Some(y) = y_label {
+        mesh.y_desc(y);
+    }
+    mesh.draw()?;
     for (i, &v) in values.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(std::iter::once(Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), v)], c.mix(0.8).filled())))
-            .map_err(|x| e(&x))?;
-        chart
-            .draw_series(std::iter::once(Text::new(format_value(v), (SegmentValue::CenterOf(i), v + top * 0.02), (FAMILY, 13).into_font())))
-            .map_err(|x| e(&x))?;
+        let bar = [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), v)];
+        chart.draw_series(std::iter::once(Rectangle::new(bar, c.mix(0.8).filled())))?;
+        let at = (SegmentValue::CenterOf(i), v + top * 0.02);
+        chart.draw_series(std::iter::once(Text::new(format_value(v), at, (FAMILY, look.text).into_font())))?;
     }
-    root.present().map_err(|x| e(&x))?;
     Ok(())
 }
 
@@ -182,7 +224,9 @@ pub fn scatter(file: &Path, title: &str, points: &Value, x_label: &str, y_label:
     for (i, (label, x, y)) in pts.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         chart.draw_series(std::iter::once(Circle::new((*x, *y), 6, c.filled()))).map_err(|x| e(&x))?;
-        chart.draw_series(std::iter::once(Text::new(format!("  {label}"), (*x, *y), (FAMILY, 14).into_font()))).map_err(|x| e(&x))?;
+        chart
+            .draw_series(std::iter::once(Text::new(format!("  {label}"), (*x, *y), (FAMILY, 14).into_font())))
+            .map_err(|x| e(&x))?;
     }
     root.present().map_err(|x| e(&x))?;
     Ok(())
@@ -194,44 +238,19 @@ pub fn progression(file: &Path, steps: &Value) -> Result<(), PlotError> {
     ensure_font();
     let e = draw_err(file);
     let steps = steps.as_array().ok_or_else(|| data_err(file, "progression needs a list of steps"))?;
-    let labels: Vec<String> = steps.iter().map(|s| s.get("label").and_then(Value::as_str).unwrap_or("?").to_string()).collect();
+    let labels: Vec<String> =
+        steps.iter().map(|s| s.get("label").and_then(Value::as_str).unwrap_or("?").to_string()).collect();
     let col = |k: &str| -> Vec<f64> { steps.iter().map(|s| s.get(k).and_then(Value::as_f64).unwrap_or(0.0)).collect() };
     let root = BitMapBackend::new(file, (1200, 450)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let panels = root.split_evenly((1, 3));
-    for (panel, (key, title)) in panels.iter().zip([("params", "parameters"), ("bytes", "bytes on disk"), ("perplexity", "validation perplexity")]) {
-        let values = col(key);
-        let top = values.iter().cloned().fold(0.0, f64::max) * 1.2 + 1e-12;
-        let n = labels.len().max(1);
-        let mut chart = ChartBuilder::on(panel)
-            .caption(title, (FAMILY, 18))
-            .margin(10)
-            .x_label_area_size(70)
-            .y_label_area_size(60)
-            .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)
-            .map_err(|x| e(&x))?;
-        let names = labels.clone();
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .y_label_formatter(&|v| format_value(*v))
-            .label_style((FAMILY, 11))
-            .x_labels(n)
-            .x_label_formatter(&move |v| match v {
-                SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
-                _ => String::new(),
-            })
-            .draw()
-            .map_err(|x| e(&x))?;
-        for (i, &v) in values.iter().enumerate() {
-            let c = COLORS[i % COLORS.len()];
-            chart
-                .draw_series(std::iter::once(Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), v)], c.mix(0.8).filled())))
-                .map_err(|x| e(&x))?;
-            chart
-                .draw_series(std::iter::once(Text::new(format_value(v), (SegmentValue::CenterOf(i), v + top * 0.02), (FAMILY, 11).into_font())))
-                .map_err(|x| e(&x))?;
-        }
+    let look = BarLook { caption: 18, text: 11, margin: 10, x_area: 70, y_area: 60, headroom: 1.2 };
+    for (panel, (key, title)) in panels.iter().zip([
+        ("params", "parameters"),
+        ("bytes", "bytes on disk"),
+        ("perplexity", "validation perplexity"),
+    ]) {
+        bar_panel(panel, title, &labels, &col(key), None, &look).map_err(|x| e(&x))?;
     }
     root.present().map_err(|x| e(&x))?;
     Ok(())

@@ -42,7 +42,9 @@ ratio {{ 3.9 | ratio }}, change {{ 0.00028 | signed_pct }}, share {{ 0.5 | pct }
 #[test]
 fn template_errors_name_the_template_and_line() {
     let dir = tempfile::tempdir().unwrap();
-    let e = render("phase4.md.j2", "ok\nline two\n{{ inputs.missing.value }}\n", &json!({"inputs": {}}), dir.path()).unwrap_err().to_string();
+    let e = render("phase4.md.j2", "ok\nline two\n{{ inputs.missing.value }}\n", &json!({"inputs": {}}), dir.path())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("phase4.md.j2:3"), "{e}");
     let e = render("x.md.j2", "{% for %}", &json!({}), dir.path()).unwrap_err().to_string();
     assert!(e.contains("x.md.j2:1"), "{e}");
@@ -70,11 +72,15 @@ fn sections_say_whether_this_run_measured_them() {
             "bench": {"stage": "bench", "cached": false, "computed_at": "2026-11-27T08:59:00Z"}
         }
     });
-    let tmpl = "{{ origin(\"train\") }}\n{{ origin(\"bench\") }}\n{{ origin(\"bench\", \"train\") }}\n{{ provenance() }}";
+    let tmpl =
+        "{{ origin(\"train\") }}\n{{ origin(\"bench\") }}\n{{ origin(\"bench\", \"train\") }}\n{{ provenance() }}";
     let text = render("t.md.j2", tmpl, &json!({"run": run}), dir.path()).unwrap();
     assert!(text.contains("*Source: `train`, from cache (measured 2026-11-26T08:00:00Z).*"), "{text}");
     assert!(text.contains("*Source: `bench`, measured in this run.*"), "{text}");
-    assert!(text.contains("*Source: `bench`, measured in this run; `train`, from cache (measured 2026-11-26T08:00:00Z).*"), "{text}");
+    assert!(
+        text.contains("*Source: `bench`, measured in this run; `train`, from cache (measured 2026-11-26T08:00:00Z).*"),
+        "{text}"
+    );
     assert!(text.contains("| train | aaaaaaaaaaaaaaaa… | from cache | 2026-11-26T08:00:00Z | 61.0 s |"), "{text}");
     assert!(text.contains("| bench | bbbbbbbbbbbbbbbb… | computed | 2026-11-27T08:59:00Z | 2.5 s |"), "{text}");
     // Rendered without a run (a stage run by hand): sources named, no provenance section.

@@ -7,10 +7,12 @@
 //! `itera_models::training`, shared with the `distill` stage.
 
 use itera_models::accounting::{forward_flops_per_token, param_counts};
-use itera_models::training::{encode, fit, load_tokenizer, quality, FitError, FitHooks, Hyper, HyperError, Objective, HYPER_KEYS};
+use itera_models::training::{
+    encode, fit, load_tokenizer, quality, FitHooks, Hyper, HyperError, Objective, TokenSplits, HYPER_KEYS,
+};
 use itera_models::Model;
 use serde_json::json;
-use stage_api::{InputSpec, ParamError, Params, Stage, StageContext, StageError, StagePlan};
+use stage_api::{Context, InputSpec, ParamError, Params, Stage, StageContext, StageError, StageProfile};
 
 pub struct TrainStage;
 
@@ -27,39 +29,28 @@ pub fn hyper(p: &Params) -> Result<Hyper, ParamError> {
     Hyper::from_params(&p.params.clone().into_iter().collect(), None, "tiny").map_err(param_error)
 }
 
-pub fn fit_error(e: FitError) -> StageError {
-    match e {
-        FitError::Cancelled => StageError::Cancelled,
-        FitError::Failed(m) => StageError::failed(m),
-    }
-}
-
-fn err(e: impl std::fmt::Display) -> StageError {
-    StageError::failed(e.to_string())
-}
-
 impl Stage for TrainStage {
     fn kind(&self) -> &'static str {
         "train"
     }
     fn version(&self) -> u32 {
-        // 2: the fused SSM ops and the slice decoder round differently from the op-by-op forms.
-        // 3: whole SSM blocks / FFN / MoE layers as fused nodes, f32 LayerNorm sums, sparse MoE.
         3
     }
     fn describe(&self) -> &'static str {
         "train itera_lite or transformer (AdamW, warmup + cosine) → model/, best/, metrics.csv, summary.json"
     }
 
-    fn check(&self, params: &Params, io: &InputSpec) -> Result<StagePlan, ParamError> {
+    fn check(&self, params: &Params, io: &InputSpec) -> Result<StageProfile, ParamError> {
         hyper(params)?;
         for needed in ["train", "valid", "tokenizer"] {
             if !io.inputs.iter().any(|i| i == needed) {
                 return Err(ParamError::new("inputs", format!("the train stage needs an input named `{needed}`"))
-                    .with_help("inputs: {train: corpus.train.txt, valid: corpus.valid.txt, tokenizer: vocab.tokenizer.json}"));
+                    .with_help(
+                        "inputs: {train: corpus.train.txt, valid: corpus.valid.txt, tokenizer: vocab.tokenizer.json}",
+                    ));
             }
         }
-        Ok(StagePlan {
+        Ok(StageProfile {
             default_threads: 1,
             deterministic: true,
             required_outputs: vec!["model".into(), "best".into(), "metrics.csv".into(), "summary.json".into()],
@@ -71,25 +62,35 @@ impl Stage for TrainStage {
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
         let h = hyper(ctx.params())?;
         let seed = ctx.seed();
-        let tok = load_tokenizer(ctx.input("tokenizer")?).map_err(fit_error)?;
+        let tok = load_tokenizer(ctx.input("tokenizer")?)?;
         let train_text = stage_api::read_text(ctx.input("train")?)?;
         let valid_text = stage_api::read_text(ctx.input("valid")?)?;
-        let train_ids = encode(&tok, &train_text).map_err(fit_error)?;
-        let valid_ids = encode(&tok, &valid_text).map_err(fit_error)?;
+        let train_ids = encode(&tok, &train_text)?;
+        let valid_ids = encode(&tok, &valid_text)?;
         let vocab = tok.get_vocab_size(true);
-        let config = h.config(vocab).map_err(fit_error)?;
-        let model = Model::new(&config, seed).map_err(err)?;
+        let config = h.config(vocab)?;
+        let model = Model::new(&config, seed).context(|| format!("initializing a {} model", h.model))?;
         let counts = param_counts(&config);
         let model_dir = ctx.output("model")?.to_path_buf();
         let best_dir = ctx.output("best")?.to_path_buf();
         let cancel = ctx.cancel_flag();
-        let report = fit(&model, &h, seed, &train_ids, &valid_ids, &Objective::CrossEntropy, &best_dir, FitHooks { progress: &mut |m| ctx.progress(m), cancel: &cancel }).map_err(fit_error)?;
-        model.save(&model_dir).map_err(err)?;
+        let report = fit(
+            &model,
+            &h,
+            seed,
+            TokenSplits { train: &train_ids, valid: &valid_ids },
+            &Objective::CrossEntropy,
+            &best_dir,
+            FitHooks { progress: &mut |m| ctx.progress(m), cancel: &cancel },
+        )?;
+        model.save(&model_dir).context(|| format!("saving the model to {}", model_dir.display()))?;
 
         // The reported figure: the best checkpoint on the whole validation text.
-        let best_model = Model::load(&best_dir).map_err(err)?;
-        let q = quality(&best_model, &valid_ids, valid_text.len(), h.seq_len, h.batch).map_err(fit_error)?;
-        std::fs::write(ctx.output("metrics.csv")?, &report.csv).map_err(|e| StageError::io("writing metrics.csv", e))?;
+        let best_model =
+            Model::load(&best_dir).context(|| format!("loading the best checkpoint {}", best_dir.display()))?;
+        let q = quality(&best_model, &valid_ids, valid_text.len(), h.seq_len, h.batch)?;
+        std::fs::write(ctx.output("metrics.csv")?, &report.csv)
+            .map_err(|e| StageError::io("writing metrics.csv", e))?;
         let tokens_seen = report.steps * h.batch * h.seq_len;
         let summary = json!({
             "model": h.model,
@@ -118,9 +119,11 @@ impl Stage for TrainStage {
             "train_tokens_per_s": tokens_seen as f64 / report.wall_time_s.max(1e-9),
             "threads": ctx.threads(),
             "seed": seed,
-            "note": "val_loss: mean next-token cross-entropy (nats) of best/ over the whole validation text, in non-overlapping seq_len windows (the first token of each window is context only); bits_per_byte = val_loss × tokens/byte ÷ ln 2",
+            "note": "val_loss: mean next-token cross-entropy (nats) of best/ over the whole \
+                validation text, in non-overlapping seq_len windows (the first token of each window \
+                is context only); bits_per_byte = val_loss × tokens/byte ÷ ln 2",
         });
-        std::fs::write(ctx.output("summary.json")?, serde_json::to_string_pretty(&summary).map_err(err)? + "\n").map_err(|e| StageError::io("writing summary.json", e))?;
+        stage_api::write_json(ctx.output("summary.json")?, &summary)?;
         ctx.metric("val_loss", q.val_loss);
         ctx.metric("val_perplexity", q.val_perplexity);
         ctx.metric("bits_per_byte", q.bits_per_byte);

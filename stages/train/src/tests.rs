@@ -31,9 +31,22 @@ fn run(dir: &Path, p: Value) -> Result<Value, stage_api::StageError> {
         ("valid".to_string(), dir.join("valid.txt")),
         ("tokenizer".to_string(), dir.join("tokenizer.json")),
     ]);
-    let outputs: BTreeMap<String, PathBuf> = ["model", "best", "metrics.csv", "summary.json"].iter().map(|n| (n.to_string(), dir.join("out").join(n))).collect();
+    let outputs: BTreeMap<String, PathBuf> = ["model", "best", "metrics.csv", "summary.json"]
+        .iter()
+        .map(|n| (n.to_string(), dir.join("out").join(n)))
+        .collect();
     std::fs::create_dir_all(dir.join("out")).unwrap();
-    let spec = RunSpec { stage_name: "t".into(), kind: "train".into(), params: p, inputs, outputs, work_dir: dir.into(), threads: 1, seed: 3, run_metadata: None };
+    let spec = RunSpec {
+        stage_name: "t".into(),
+        kind: "train".into(),
+        params: p,
+        inputs,
+        outputs,
+        work_dir: dir.into(),
+        threads: 1,
+        seed: 3,
+        run_description: None,
+    };
     let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
     TrainStage.run(&mut ctx)?;
     Ok(serde_json::from_str(&std::fs::read_to_string(dir.join("out/summary.json")).unwrap()).unwrap())
@@ -51,7 +64,8 @@ fn trains_both_models_and_the_loss_falls() {
         let dir = tempfile::tempdir().unwrap();
         let s = run(dir.path(), tiny(m)).unwrap();
         let csv = std::fs::read_to_string(dir.path().join("out/metrics.csv")).unwrap();
-        let rows: Vec<Vec<f64>> = csv.lines().skip(1).map(|l| l.split(',').map(|x| x.parse().unwrap()).collect()).collect();
+        let rows: Vec<Vec<f64>> =
+            csv.lines().skip(1).map(|l| l.split(',').map(|x| x.parse().unwrap()).collect()).collect();
         assert_eq!(rows.len(), 3, "{csv}");
         assert!(rows[2][2] < rows[0][2], "{m}: train loss falls: {csv}");
         assert!(s["val_loss"].as_f64().unwrap() < (35f64).ln(), "{m}: better than uniform over the vocabulary");
@@ -59,7 +73,10 @@ fn trains_both_models_and_the_loss_falls() {
         assert!(dir.path().join("out/model/model.safetensors").exists());
         assert!(dir.path().join("out/best/config.json").exists());
         let bpb = s["bits_per_byte"].as_f64().unwrap();
-        assert!((bpb - s["val_loss"].as_f64().unwrap() / std::f64::consts::LN_2).abs() < 1e-9, "char-level: one token per byte");
+        assert!(
+            (bpb - s["val_loss"].as_f64().unwrap() / std::f64::consts::LN_2).abs() < 1e-9,
+            "char-level: one token per byte"
+        );
     }
 }
 
@@ -77,7 +94,12 @@ fn same_seed_same_checkpoint_bytes() {
         let y = std::fs::read(b.path().join("out").join(f)).unwrap();
         if f.ends_with(".csv") {
             // tokens/s differs between runs; the losses must not.
-            let strip = |s: &[u8]| String::from_utf8_lossy(s).lines().map(|l| l.split(',').take(4).collect::<Vec<_>>().join(",")).collect::<Vec<_>>();
+            let strip = |s: &[u8]| {
+                String::from_utf8_lossy(s)
+                    .lines()
+                    .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
+                    .collect::<Vec<_>>()
+            };
             assert_eq!(strip(&x), strip(&y));
         } else {
             assert!(x == y, "{f} differs between two runs with the same seed");

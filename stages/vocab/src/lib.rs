@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::{json, Value};
-use stage_api::{InputSpec, ParamError, Params, Stage, StageContext, StageError, StagePlan};
+use stage_api::{Context, InputSpec, ParamError, Params, Stage, StageContext, StageError, StageProfile};
 use tokenizers::models::bpe::{BpeTrainer, BPE};
 use tokenizers::models::wordlevel::WordLevelTrainer;
 use tokenizers::models::TrainerWrapper;
@@ -25,15 +25,17 @@ const KNOWN: &[&str] = &["type", "size", "min_frequency"];
 
 pub struct VocabStage;
 
-fn err(e: impl std::fmt::Display) -> StageError {
-    StageError::failed(e.to_string())
-}
-
 fn kind(p: &Params) -> Result<&str, ParamError> {
     match p.param("type").map(|v| v.as_str()) {
         None => Ok("char"),
         Some(Some(t @ ("char" | "bpe" | "word"))) => Ok(t),
-        Some(other) => Err(ParamError::new("params.type", format!("`type` must be char, bpe or word, got {}", other.map_or("a non-string".to_string(), |s| format!("`{s}`"))))),
+        Some(other) => Err(ParamError::new(
+            "params.type",
+            format!(
+                "`type` must be char, bpe or word, got {}",
+                other.map_or("a non-string".to_string(), |s| format!("`{s}`"))
+            ),
+        )),
     }
 }
 
@@ -75,7 +77,7 @@ fn char_tokenizer(text: &str) -> Result<Tokenizer, StageError> {
         "decoder": {"type": "Fuse"},
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
     });
-    spec.to_string().parse::<Tokenizer>().map_err(err)
+    spec.to_string().parse::<Tokenizer>().context(|| "building the character tokenizer".into())
 }
 
 fn trained_tokenizer(kind: &str, size: usize, min_frequency: u64, train_file: &Path) -> Result<Tokenizer, StageError> {
@@ -93,7 +95,8 @@ fn trained_tokenizer(kind: &str, size: usize, min_frequency: u64, train_file: &P
                 .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
                 .build();
             let mut t: TrainerWrapper = trainer.into();
-            tok.train_from_files(&mut t, files).map_err(err)?;
+            tok.train_from_files(&mut t, files)
+                .context(|| format!("training a BPE tokenizer on {}", train_file.display()))?;
             Ok(tok)
         }
         _ => {
@@ -104,16 +107,17 @@ fn trained_tokenizer(kind: &str, size: usize, min_frequency: u64, train_file: &P
                 "post_processor": null, "decoder": {"type": "Fuse"},
                 "model": {"type": "WordLevel", "vocab": {"<unk>": 0}, "unk_token": "<unk>"},
             });
-            let mut tok: Tokenizer = spec.to_string().parse().map_err(err)?;
+            let mut tok: Tokenizer = spec.to_string().parse().context(|| "building the word tokenizer".into())?;
             let trainer = WordLevelTrainer::builder()
                 .vocab_size(size)
                 .min_frequency(min_frequency)
                 .show_progress(false)
                 .special_tokens(specials())
                 .build()
-                .map_err(err)?;
+                .context(|| format!("configuring the word-level trainer (size {size})"))?;
             let mut t: TrainerWrapper = trainer.into();
-            tok.train_from_files(&mut t, files).map_err(err)?;
+            tok.train_from_files(&mut t, files)
+                .context(|| format!("training a word tokenizer on {}", train_file.display()))?;
             Ok(tok)
         }
     }
@@ -121,7 +125,7 @@ fn trained_tokenizer(kind: &str, size: usize, min_frequency: u64, train_file: &P
 
 /// Tokens per byte and the `<unk>` rate of `text` under `tok`.
 pub fn measure(tok: &Tokenizer, text: &str) -> Result<(usize, f64, f64), StageError> {
-    let enc = tok.encode(text, false).map_err(err)?;
+    let enc = tok.encode(text, false).context(|| "encoding the validation text".into())?;
     let ids = enc.get_ids();
     let unk = tok.token_to_id("<unk>");
     let unks = ids.iter().filter(|&&i| Some(i) == unk).count();
@@ -134,28 +138,38 @@ impl Stage for VocabStage {
         "vocab"
     }
     fn version(&self) -> u32 {
-        // 2: portable char split pattern (readable by Python's tokenizers).
         2
     }
     fn describe(&self) -> &'static str {
         "train a Hugging Face tokenizer (char, bpe or word) → tokenizer.json, stats.json"
     }
 
-    fn check(&self, params: &Params, io: &InputSpec) -> Result<StagePlan, ParamError> {
+    fn check(&self, params: &Params, io: &InputSpec) -> Result<StageProfile, ParamError> {
         stage_api::check_known_params(params, KNOWN, "vocab")?;
         let t = kind(params)?;
         let size = stage_api::param_u64(params, "size", 0)?;
         if t != "char" && size < 16 {
-            return Err(ParamError::new("params.size", format!("`{t}` needs `size`, the target vocabulary size (at least 16)")));
+            return Err(ParamError::new(
+                "params.size",
+                format!("`{t}` needs `size`, the target vocabulary size (at least 16)"),
+            ));
         }
         stage_api::param_u64(params, "min_frequency", 0)?;
         for needed in ["text", "valid"] {
             if !io.inputs.iter().any(|i| i == needed) {
-                return Err(ParamError::new("inputs", format!("the vocab stage needs an input named `{needed}` (training and validation text)"))
-                    .with_help("e.g. inputs: {text: corpus.train.txt, valid: corpus.valid.txt}"));
+                return Err(ParamError::new(
+                    "inputs",
+                    format!("the vocab stage needs an input named `{needed}` (training and validation text)"),
+                )
+                .with_help("e.g. inputs: {text: corpus.train.txt, valid: corpus.valid.txt}"));
             }
         }
-        Ok(StagePlan { default_threads: 1, deterministic: true, required_outputs: vec!["tokenizer.json".into(), "stats.json".into()], volatile_outputs: Vec::new() })
+        Ok(StageProfile {
+            default_threads: 1,
+            deterministic: true,
+            required_outputs: vec!["tokenizer.json".into(), "stats.json".into()],
+            volatile_outputs: Vec::new(),
+        })
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
@@ -164,15 +178,21 @@ impl Stage for VocabStage {
         let size = stage_api::param_u64(&p, "size", 0)? as usize;
         let min_frequency = stage_api::param_u64(&p, "min_frequency", 0)?;
         let train_path = ctx.input("text")?.to_path_buf();
-        let train = std::fs::read_to_string(&train_path).map_err(|e| StageError::io(format!("reading {}", train_path.display()), e))?;
+        let train = std::fs::read_to_string(&train_path)
+            .map_err(|e| StageError::io(format!("reading {}", train_path.display()), e))?;
         let valid_path = ctx.input("valid")?.to_path_buf();
-        let valid = std::fs::read_to_string(&valid_path).map_err(|e| StageError::io(format!("reading {}", valid_path.display()), e))?;
+        let valid = std::fs::read_to_string(&valid_path)
+            .map_err(|e| StageError::io(format!("reading {}", valid_path.display()), e))?;
         ctx.progress(&format!("training a {t} tokenizer"));
-        let tok = if t == "char" { char_tokenizer(&train)? } else { trained_tokenizer(&t, size, min_frequency, &train_path)? };
+        let tok = if t == "char" {
+            char_tokenizer(&train)?
+        } else {
+            trained_tokenizer(&t, size, min_frequency, &train_path)?
+        };
         let out = ctx.output("tokenizer.json")?.to_path_buf();
-        tok.save(&out, true).map_err(err)?;
+        tok.save(&out, true).context(|| format!("writing {}", out.display()))?;
         // Reload what we wrote, so the statistics describe the file users get.
-        let tok = Tokenizer::from_file(&out).map_err(err)?;
+        let tok = Tokenizer::from_file(&out).context(|| format!("reading back {}", out.display()))?;
         let (valid_tokens, tokens_per_byte, unk_rate) = measure(&tok, &valid)?;
         let vocab_size = tok.get_vocab_size(true);
         let stats = json!({
@@ -185,7 +205,7 @@ impl Stage for VocabStage {
             "tokens_per_byte": tokens_per_byte,
             "unk_rate": unk_rate,
         });
-        std::fs::write(ctx.output("stats.json")?, serde_json::to_string_pretty(&stats).map_err(err)? + "\n").map_err(|e| StageError::io("writing stats.json", e))?;
+        stage_api::write_json(ctx.output("stats.json")?, &stats)?;
         ctx.metric("vocab_size", vocab_size);
         ctx.metric("tokens_per_byte", tokens_per_byte);
         ctx.metric("unk_rate", unk_rate);
@@ -201,7 +221,8 @@ mod tests {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
-    const TRAIN: &str = "Once upon a time, a cat sat.\n<|endoftext|>\nThe cat ran to the park. The dog ran too!\n<|endoftext|>\n";
+    const TRAIN: &str =
+        "Once upon a time, a cat sat.\n<|endoftext|>\nThe cat ran to the park. The dog ran too!\n<|endoftext|>\n";
     const VALID: &str = "A cat ran. Zebra!\n<|endoftext|>\n";
 
     fn run(params: Value) -> (Tokenizer, Value) {
@@ -211,9 +232,23 @@ mod tests {
         let p = Params { fields: BTreeMap::new(), params: params.as_object().unwrap().clone().into_iter().collect() };
         let io = InputSpec { inputs: vec!["text".into(), "valid".into()], outputs: vec![] };
         VocabStage.check(&p, &io).unwrap();
-        let inputs = BTreeMap::from([("text".to_string(), dir.path().join("train.txt")), ("valid".to_string(), dir.path().join("valid.txt"))]);
-        let outputs: BTreeMap<String, PathBuf> = ["tokenizer.json", "stats.json"].iter().map(|n| (n.to_string(), dir.path().join(n))).collect();
-        let spec = stage_api::RunSpec { stage_name: "v".into(), kind: "vocab".into(), params: p, inputs, outputs, work_dir: dir.path().into(), threads: 1, seed: 0, run_metadata: None };
+        let inputs = BTreeMap::from([
+            ("text".to_string(), dir.path().join("train.txt")),
+            ("valid".to_string(), dir.path().join("valid.txt")),
+        ]);
+        let outputs: BTreeMap<String, PathBuf> =
+            ["tokenizer.json", "stats.json"].iter().map(|n| (n.to_string(), dir.path().join(n))).collect();
+        let spec = stage_api::RunSpec {
+            stage_name: "v".into(),
+            kind: "vocab".into(),
+            params: p,
+            inputs,
+            outputs,
+            work_dir: dir.path().into(),
+            threads: 1,
+            seed: 0,
+            run_description: None,
+        };
         let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
         VocabStage.run(&mut ctx).unwrap();
         let tok = Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
@@ -259,7 +294,8 @@ mod tests {
     #[test]
     fn params_are_checked() {
         let io = InputSpec { inputs: vec!["text".into(), "valid".into()], outputs: vec![] };
-        let p = |v: Value| Params { fields: BTreeMap::new(), params: v.as_object().unwrap().clone().into_iter().collect() };
+        let p =
+            |v: Value| Params { fields: BTreeMap::new(), params: v.as_object().unwrap().clone().into_iter().collect() };
         assert_eq!(VocabStage.check(&p(json!({"type": "bpe"})), &io).unwrap_err().key, "params.size");
         assert_eq!(VocabStage.check(&p(json!({"type": "sentencepiece"})), &io).unwrap_err().key, "params.type");
         assert_eq!(VocabStage.check(&p(json!({})), &InputSpec::default()).unwrap_err().key, "inputs");

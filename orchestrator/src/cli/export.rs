@@ -1,0 +1,86 @@
+//! `orchestrate export`: copy a stage's outputs (or one, or every stage's) out of the store.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context};
+
+use super::{unknown_stage, Env, Failure, PipelineArgs};
+use crate::diag::Diagnostic;
+use crate::pipeline::Pipeline;
+use crate::plan::PlanEntry;
+use crate::store::{Manifest, Store};
+
+#[derive(clap::Args, Debug)]
+pub(super) struct Args {
+    #[command(flatten)]
+    pub(super) p: PipelineArgs,
+    /// STAGE or STAGE.OUTPUT (omit with --all).
+    target: Option<String>,
+    /// Destination folder (or file, for a single file output).
+    dest: Option<PathBuf>,
+    /// Export every stage's outputs to DEST/<stage>/<output>.
+    #[arg(long, value_name = "DEST", conflicts_with = "dest")]
+    all: Option<PathBuf>,
+}
+
+/// The manifest of `stage` for the pipeline as it is now.
+fn manifest_of(store: &Store, entries: &[PlanEntry], stage: &str) -> anyhow::Result<Manifest> {
+    let e = entries.iter().find(|e| e.stage == stage).context("no such stage")?;
+    match &e.manifest {
+        Some(d) => Ok(store.load_manifest(d)?),
+        None => bail!("stage `{stage}` is not cached for the pipeline as it is now; run it first (`orchestrate run`)"),
+    }
+}
+
+fn export_one(store: &Store, entry: &crate::objects::Entry, to: &std::path::Path, what: &str) -> anyhow::Result<()> {
+    store.export(entry, to, what).map_err(|e| anyhow!(e))
+}
+
+/// `STAGE` or `STAGE.OUTPUT`; stage names may hold `.` (foreach items), so try each split.
+fn split_target(p: &Pipeline, target: &str) -> Result<(String, Option<String>), Diagnostic> {
+    if p.index_of(target).is_some() {
+        return Ok((target.to_string(), None));
+    }
+    let split = target.match_indices('.').map(|(i, _)| i).find(|&i| p.index_of(&target[..i]).is_some());
+    match split {
+        Some(i) => Ok((target[..i].to_string(), Some(target[i + 1..].to_string()))),
+        None => Err(unknown_stage(p, target)),
+    }
+}
+
+pub(super) fn export(env: &Env, a: Args) -> Result<i32, Failure> {
+    let (p, dag) = env.load(&a.p)?;
+    let store = env.open_store()?;
+    let entries = crate::plan::plan(&p, &dag, &store);
+    if let Some(dest) = a.all {
+        for e in &entries {
+            let m = manifest_of(&store, &entries, &e.stage)?;
+            for (name, entry) in &m.outputs {
+                export_one(&store, entry, &dest.join(&e.stage).join(name), &format!("{}.{name}", e.stage))?;
+            }
+        }
+        eprintln!("exported {} stages to {}", entries.len(), dest.display());
+        return Ok(0);
+    }
+    let (Some(target), Some(dest)) = (a.target, a.dest) else {
+        return Err(Diagnostic::new("E-CLI", "export needs STAGE[.OUTPUT] and DEST, or --all DEST").into());
+    };
+    let (stage, output) = split_target(&p, &target)?;
+    let m = manifest_of(&store, &entries, &stage)?;
+    match output {
+        Some(o) => {
+            let entry = m.outputs.get(&o).with_context(|| {
+                let names = m.outputs.keys().cloned().collect::<Vec<_>>().join(", ");
+                format!("stage `{stage}` has no output `{o}` (it has: {names})")
+            })?;
+            export_one(&store, entry, &dest, &target)?;
+        }
+        None => {
+            for (name, entry) in &m.outputs {
+                export_one(&store, entry, &dest.join(name), &format!("{stage}.{name}"))?;
+            }
+        }
+    }
+    eprintln!("exported {target} to {}", dest.display());
+    Ok(0)
+}

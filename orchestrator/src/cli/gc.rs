@@ -1,0 +1,26 @@
+//! `orchestrate gc`: delete objects no recent run uses.
+
+use super::{human_bytes, Env, Failure};
+
+#[derive(clap::Args, Debug)]
+pub(super) struct Args {
+    #[arg(long, default_value_t = 1)]
+    keep_last: usize,
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub(super) fn gc(env: &Env, a: Args) -> Result<i32, Failure> {
+    let store = env.open_store()?;
+    let r = store.gc(a.keep_last, a.dry_run)?;
+    println!(
+        "{}{} objects ({}) {}; kept {} objects used by the last {} run(s)",
+        if a.dry_run { "would remove " } else { "removed " },
+        r.objects_removed,
+        human_bytes(r.bytes_freed),
+        if a.dry_run { "(dry run)" } else { "" },
+        r.objects_kept,
+        r.runs_kept
+    );
+    Ok(0)
+}

@@ -1,0 +1,271 @@
+//! The `orchestrate` command line: one module per verb, each with its arguments (`Args`) and
+//! one entry function; this module parses, dispatches and turns failures into exit codes.
+//!
+//! Exit codes: 0 ok; 1 a stage failed (or verify/replay found a problem); 2 the pipeline or the
+//! command line is invalid (nothing ran, nothing was written); 3 the store is busy or unusable;
+//! 130 interrupted.
+
+mod dag;
+mod export;
+mod gc;
+mod plan;
+mod replay;
+mod report;
+mod run;
+mod show;
+mod stages;
+mod verify;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::dag::Dag;
+use crate::diag::Diagnostic;
+use crate::pipeline::{self, Pipeline};
+use crate::registry::Registry;
+use crate::store::{Store, StoreError};
+
+#[derive(Parser, Debug)]
+#[command(name = "orchestrate", version, about = "Run YAML pipelines of stages with a content-addressed cache")]
+struct Cli {
+    /// Store folder (default: $ORCHESTRATE_STORE, else ./artifacts).
+    #[arg(long, global = true, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// If another orchestrate holds the store, wait for it instead of failing.
+    #[arg(long, global = true)]
+    wait: bool,
+    /// Log format on stderr (RUST_LOG sets the level; default warn).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A pipeline file and `--set` overrides: what most verbs start from.
+#[derive(clap::Args, Debug, Clone)]
+struct PipelineArgs {
+    /// The pipeline file.
+    pipeline: PathBuf,
+    /// Override a value: PARAM=V, params.PATH=V, STAGE.PARAM=V or stages.STAGE.KEY=V.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a pipeline (only what is not cached).
+    Run(run::Args),
+    /// Dry run: what is cached and what will run, and why.
+    Plan(plan::Args),
+    /// Print the stage graph.
+    Dag(dag::Args),
+    /// Show a stage's stored result: outputs, metrics, duration, peak memory.
+    Show(show::Args),
+    /// Copy a stage's outputs (or one output, STAGE.OUTPUT) out of the store.
+    Export(export::Args),
+    /// Render a report template against the cached results of a pipeline, running nothing.
+    Report(report::Args),
+    /// Re-execute cached stages from their cached inputs and compare outputs bit for bit.
+    Replay(replay::Args),
+    /// Re-hash every object; name and quarantine corrupt ones; --repair rebuilds the index.
+    Verify(verify::Args),
+    /// Delete objects not used by the last N runs.
+    Gc(gc::Args),
+    /// List the stage kinds this binary knows.
+    Stages,
+    /// Internal: run one stage in this process (used by the scheduler).
+    #[command(hide = true)]
+    ExecStage { spec: PathBuf, result: PathBuf },
+}
+
+/// Errors at the edge, each with its exit code.
+enum Failure {
+    Invalid(Diagnostic),
+    Store(StoreError),
+    Other(anyhow::Error, i32),
+}
+
+impl From<Diagnostic> for Failure {
+    fn from(d: Diagnostic) -> Self {
+        Failure::Invalid(d)
+    }
+}
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e, 1)
+    }
+}
+
+/// What every verb may need besides its own arguments.
+struct Env {
+    registry: Registry,
+    /// The store folder.
+    root: PathBuf,
+    /// The command line in short, recorded in the store's lock for whoever waits on it.
+    label: String,
+    wait: bool,
+}
+
+impl Env {
+    fn open_store(&self) -> Result<Store, StoreError> {
+        Store::open(&self.root, &self.label, self.wait)
+    }
+
+    /// Load, check and resolve a pipeline, and build its graph.
+    fn load(&self, args: &PipelineArgs) -> Result<(Pipeline, Dag), Diagnostic> {
+        let p = pipeline::load(&args.pipeline, &args.sets, &self.registry)?;
+        let dag = Dag::build(&p)?;
+        Ok((p, dag))
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    if let Cmd::ExecStage { spec, result } = &cli.command {
+        return crate::exec::exec_stage_main(spec, result);
+    }
+    init_logging(cli.log_format);
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(Failure::Invalid(d)) => {
+            eprint!("{d}");
+            2
+        }
+        Err(Failure::Store(e)) => {
+            let help = match &e {
+                StoreError::Locked { .. } => "\n  = help: wait for it to finish, or pass --wait to queue behind it",
+                StoreError::Index { .. } => {
+                    "\n  = help: run `orchestrate verify --repair` to rebuild the index from objects/"
+                }
+                _ => "",
+            };
+            eprintln!("error: {e}{help}");
+            3
+        }
+        Err(Failure::Other(e, code)) => {
+            eprintln!("error: {e:#}");
+            code
+        }
+    }
+}
+
+fn store_root(cli_store: &Option<PathBuf>) -> PathBuf {
+    cli_store
+        .clone()
+        .or_else(|| std::env::var_os("ORCHESTRATE_STORE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("artifacts"))
+}
+
+fn command_label(cmd: &Cmd) -> String {
+    let with = |verb: &str, file: &Path| format!("{verb} {}", file.display());
+    match cmd {
+        Cmd::Run(a) => with("run", &a.p.pipeline),
+        Cmd::Plan(a) => with("plan", &a.p.pipeline),
+        Cmd::Show(a) => with("show", &a.p.pipeline),
+        Cmd::Export(a) => with("export", &a.p.pipeline),
+        Cmd::Replay(a) => with("replay", &a.p.pipeline),
+        Cmd::Report(a) => with("report", &a.pipeline),
+        Cmd::Verify(_) => "verify".into(),
+        Cmd::Gc(_) => "gc".into(),
+        _ => "orchestrate".into(),
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<i32, Failure> {
+    let env = Env {
+        registry: Registry::builtin(),
+        root: store_root(&cli.store),
+        label: command_label(&cli.command),
+        wait: cli.wait,
+    };
+    match cli.command {
+        Cmd::ExecStage { .. } => Ok(0),
+        Cmd::Stages => stages::stages(&env),
+        Cmd::Dag(a) => dag::dag(&env, a),
+        Cmd::Run(a) => run::run(&env, a),
+        Cmd::Plan(a) => plan::plan(&env, a),
+        Cmd::Show(a) => show::show(&env, a),
+        Cmd::Report(a) => report::report(&env, a),
+        Cmd::Export(a) => export::export(&env, a),
+        Cmd::Replay(a) => replay::replay(&env, a),
+        Cmd::Verify(a) => verify::verify(&env, a),
+        Cmd::Gc(a) => gc::gc(&env, a),
+    }
+}
+
+fn unknown_stage(p: &Pipeline, name: &str) -> Diagnostic {
+    let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+    Diagnostic::new("E-NO-STAGE", format!("pipeline `{}` has no stage `{name}`", p.name))
+        .help(crate::diag::suggest(name, &names, "stages"))
+}
+
+fn stage_index(p: &Pipeline, name: &str) -> Result<usize, Diagnostic> {
+    p.index_of(name).ok_or_else(|| unknown_stage(p, name))
+}
+
+/// `--cores`: at least 1; all cores when not given.
+fn cores_arg(cores: Option<u32>) -> Result<u32, Diagnostic> {
+    match cores {
+        Some(0) => Err(Diagnostic::new("E-CLI", "--cores must be at least 1")),
+        Some(n) => Ok(n),
+        None => Ok(std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
+    println!("{}", serde_json::to_string_pretty(value).context("encoding JSON")?);
+    Ok(())
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

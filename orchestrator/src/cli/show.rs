@@ -1,0 +1,85 @@
+//! `orchestrate show`: a stage's stored result — outputs, metrics, duration, peak memory.
+
+use super::{human_bytes, print_json, stage_index, Env, Failure, PipelineArgs};
+use crate::objects::ObjKind;
+use crate::store::{iso8601, Manifest, Store};
+
+#[derive(clap::Args, Debug)]
+pub(super) struct Args {
+    #[command(flatten)]
+    pub(super) p: PipelineArgs,
+    stage: String,
+    #[arg(long)]
+    json: bool,
+}
+
+pub(super) fn show(env: &Env, a: Args) -> Result<i32, Failure> {
+    let (p, dag) = env.load(&a.p)?;
+    stage_index(&p, &a.stage)?;
+    let store = env.open_store()?;
+    let stage = &a.stage;
+    let (digest, m, current) = match crate::plan::current_manifest(&p, &dag, &store, stage) {
+        Some((d, m)) => (d, m, true),
+        None => match store.last_manifest(&p.name, stage) {
+            Some(m) => ("(last run)".to_string(), m, false),
+            None => {
+                let msg = anyhow::anyhow!("stage `{stage}` has never run in this store ({})", env.root.display());
+                return Err(Failure::Other(msg, 1));
+            }
+        },
+    };
+    if a.json {
+        print_json(&as_json(&store, stage, &digest, &m, current))?;
+    } else {
+        print_text(&store, stage, &m, current);
+    }
+    Ok(0)
+}
+
+fn as_json(store: &Store, stage: &str, digest: &str, m: &Manifest, current: bool) -> serde_json::Value {
+    let outputs: serde_json::Map<String, serde_json::Value> = m
+        .outputs
+        .iter()
+        .map(|(k, e)| {
+            let path = store.objects.path(&e.digest);
+            (k.clone(), serde_json::json!({"digest": e.digest, "type": e.kind, "size": e.size, "path": path}))
+        })
+        .collect();
+    serde_json::json!({
+        "stage": stage, "current": current, "manifest": digest, "key": m.key,
+        "outputs": outputs, "metrics": m.metrics, "duration_s": m.duration_s, "cpu_s": m.cpu_s,
+        "peak_rss_bytes": m.peak_rss_bytes, "threads": m.threads, "started_at": iso8601(m.started_at),
+        "deterministic": m.deterministic, "params": m.key_input.params, "inputs": m.key_input.inputs,
+        "log": m.log.as_ref().map(|l| store.objects.path(l)),
+    })
+}
+
+fn print_text(store: &Store, stage: &str, m: &Manifest, current: bool) {
+    println!("stage      {stage} ({})", m.key_input.kind);
+    if !current {
+        println!("note       not cached for the pipeline as it is now; showing its last run");
+    }
+    println!("key        {}", m.key);
+    println!(
+        "ran        {} for {:.3}s, {:.3} CPU-s, peak memory {}",
+        iso8601(m.started_at),
+        m.duration_s,
+        m.cpu_s,
+        human_bytes(m.peak_rss_bytes)
+    );
+    println!("outputs");
+    for (k, e) in &m.outputs {
+        let kind = if e.kind == ObjKind::Tree { "dir " } else { "file" };
+        let path = store.objects.path(&e.digest);
+        println!("  {k:<16} {kind} {:>10}  {}  {}", human_bytes(e.size), e.digest, path.display());
+    }
+    if let Some(log) = &m.log {
+        println!("log        {}", store.objects.path(log).display());
+    }
+    if !m.metrics.is_empty() {
+        println!("metrics");
+        for (k, v) in &m.metrics {
+            println!("  {k:<16} {v}");
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! `orchestrate verify`: re-hash every object; `--repair` rebuilds the index from objects/.
+
+use super::{human_bytes, print_json, Env, Failure};
+use crate::store::{self, VerifyReport};
+
+#[derive(clap::Args, Debug)]
+pub(super) struct Args {
+    #[arg(long)]
+    repair: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+pub(super) fn verify(env: &Env, a: Args) -> Result<i32, Failure> {
+    let (store, moved) =
+        if a.repair { store::open_for_repair(&env.root, env.wait)? } else { (env.open_store()?, None) };
+    if let Some(m) = &moved {
+        eprintln!("the index could not be opened; moved it to {} and rebuilt it", m.display());
+    }
+    let r = store.verify(a.repair)?;
+    if a.json {
+        print_json(&r)?;
+    } else {
+        print_report(&r, a.repair);
+    }
+    let problems = !r.corrupt.is_empty() || (!a.repair && !r.dangling.is_empty());
+    Ok(if problems { 1 } else { 0 })
+}
+
+fn print_report(r: &VerifyReport, repair: bool) {
+    println!("checked {} objects ({})", r.objects_checked, human_bytes(r.bytes_checked));
+    for (d, to) in &r.corrupt {
+        println!("CORRUPT  {d}  (moved to {to}; the next run recomputes what needs it)");
+    }
+    for k in &r.dangling {
+        let what = if repair { "REMOVED " } else { "DANGLING" };
+        println!("{what}  index entry {k}: its manifest or outputs are missing");
+    }
+    if r.index_rebuilt {
+        println!("index rebuilt from objects/: {} cache entries, {} run records", r.manifests_indexed, r.runs_indexed);
+    }
+    if r.corrupt.is_empty() && r.dangling.is_empty() {
+        println!("store OK");
+    }
+}

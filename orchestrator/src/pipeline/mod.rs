@@ -1,0 +1,240 @@
+//! Pipeline files: raw YAML → a validated, fully resolved list of stage instances.
+//!
+//! [`load`] runs three steps, each in its own module: `parse` (the file, `--set`, and the top
+//! level: name, params, stage names), `expand` (each declaration into instances — `foreach`,
+//! `${...}`, outputs, inputs as written, the kind's own `Stage::check`), and `wire` (unique
+//! instance names, every input resolved to a file or another instance's output). Every error
+//! carries file:line:column.
+
+mod expand;
+mod parse;
+mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use stage_api::Params;
+
+use crate::diag::{suggest, Diagnostic};
+use crate::interp::InterpError;
+use crate::registry::Registry;
+use crate::yaml::{Key, Kind, Node, Pos};
+
+const TOP_KEYS: &[&str] = &["name", "description", "params", "stages"];
+const STAGE_KEYS: &[&str] = &[
+    "kind",
+    "description",
+    "inputs",
+    "outputs",
+    "params",
+    "threads",
+    "timeout",
+    "retries",
+    "foreach",
+    "deterministic",
+];
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum InputRef {
+    /// `file:PATH`, resolved against the pipeline file's folder.
+    File { path: PathBuf, written: String },
+    /// `STAGE.OUTPUT`.
+    Stage { stage: String, output: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct StageInstance {
+    /// Unique name: the stage name, or `name@item` for a `foreach` expansion.
+    pub name: String,
+    pub kind: String,
+    pub version: u32,
+    pub params: Params,
+    pub inputs: BTreeMap<String, InputRef>,
+    pub outputs: Vec<String>,
+    pub threads: u32,
+    pub timeout: Option<Duration>,
+    pub retries: u32,
+    pub deterministic: bool,
+    /// Outputs exempt from replay's bit-identity check (they record timings).
+    pub volatile_outputs: Vec<String>,
+    /// The stage is handed the run description (`RunSpec::run_description`).
+    pub wants_run_description: bool,
+    pub seed: u64,
+    /// Params whose value is `file:PATH`: (dotted path in params, absolute path). Each is also
+    /// an input (`params.<path>`), so its content is in the cache key; the stage is handed the
+    /// absolute path while the key keeps the text as written (moving the project keeps hits).
+    pub param_files: Vec<(String, PathBuf)>,
+    /// Where the stage is declared, and its resolved node, for locating later errors.
+    pub pos: Pos,
+    pub node: Node,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    pub name: String,
+    pub file: PathBuf,
+    pub dir: PathBuf,
+    pub source: Arc<str>,
+    pub params: Value,
+    /// In file order; `foreach` expansions stay together in item order.
+    pub stages: Vec<StageInstance>,
+}
+
+impl Pipeline {
+    pub fn stage(&self, name: &str) -> Option<&StageInstance> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == name)
+    }
+    pub fn diag(&self, d: Diagnostic) -> Diagnostic {
+        d.in_file(&self.file, self.source.clone())
+    }
+}
+
+/// The file being loaded, for placing errors in it.
+struct Ctx {
+    file: PathBuf,
+    source: Arc<str>,
+}
+
+impl Ctx {
+    fn err(&self, code: &'static str, msg: impl Into<String>, pos: Pos) -> Diagnostic {
+        Diagnostic::new(code, msg).at(pos).in_file(&self.file, self.source.clone())
+    }
+    fn interp(&self, e: InterpError) -> Diagnostic {
+        let mut d = self.err("E-INTERPOLATE", e.message, e.pos);
+        d.help = e.help;
+        d
+    }
+}
+
+/// Parse a duration: `90`, `90s`, `10m`, `2h`, `1h30m`, `500ms`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let t = text.trim();
+    if t.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = t.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let mut total = 0.0f64;
+    let mut num = String::new();
+    let mut chars = t.chars().peekable();
+    let mut saw_unit = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let mut unit = c.to_string();
+        while let Some(&n) = chars.peek() {
+            if n.is_ascii_alphabetic() {
+                unit.push(n);
+                chars.next();
+            } else {
+                break;
+            }
+        }
+        let v: f64 = num.parse().ok()?;
+        num.clear();
+        total += v * match unit.as_str() {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            "d" => 86400.0,
+            _ => return None,
+        };
+        saw_unit = true;
+    }
+    (num.is_empty() && saw_unit).then(|| Duration::from_secs_f64(total))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// An output name is a relative path that stays inside the stage's output folder.
+pub fn output_escapes(name: &str) -> bool {
+    let p = Path::new(name);
+    name.is_empty()
+        || p.is_absolute()
+        || p.components().any(|c| !matches!(c, Component::Normal(_)))
+        || name.ends_with('/')
+        || name.contains('\0')
+}
+
+fn map_or_err<'n>(ctx: &Ctx, node: &'n Node, what: &str) -> Result<&'n [(Key, Node)], Diagnostic> {
+    node.as_map().ok_or_else(|| ctx.err("E-TYPE", format!("{what} must be a map, got {}", node.type_name()), node.pos))
+}
+
+fn check_keys(ctx: &Ctx, map: &[(Key, Node)], allowed: &[&str], what: &str) -> Result<(), Diagnostic> {
+    let mut seen: HashMap<&str, Pos> = HashMap::new();
+    for (k, _) in map {
+        if let Some(first) = seen.insert(&k.name, k.pos) {
+            return Err(ctx
+                .err("E-DUPLICATE", format!("`{}` is given twice in {what}", k.name), k.pos)
+                .help(format!("first given at line {} column {}; keep one", first.line, first.col)));
+        }
+        if !allowed.contains(&k.name.as_str()) {
+            return Err(ctx
+                .err("E-UNKNOWN-KEY", format!("unknown key `{}` in {what}", k.name), k.pos)
+                .help(suggest(&k.name, allowed, "keys")));
+        }
+    }
+    Ok(())
+}
+
+fn as_u32(ctx: &Ctx, node: &Node, what: &str, min: u32) -> Result<u32, Diagnostic> {
+    match node.kind {
+        Kind::Int(i) if i >= i64::from(min) && i <= i64::from(u32::MAX) => Ok(i as u32),
+        _ => Err(ctx.err(
+            "E-TYPE",
+            format!("`{what}` must be an integer ≥ {min}, got {}", node.type_name_value()),
+            node.pos,
+        )),
+    }
+}
+
+impl Node {
+    fn type_name_value(&self) -> String {
+        match &self.kind {
+            Kind::Int(i) => i.to_string(),
+            Kind::Float(f) => f.to_string(),
+            Kind::Str(s) => format!("\"{s}\""),
+            _ => self.type_name().to_string(),
+        }
+    }
+}
+
+/// Load, check and resolve a pipeline file with `--set` overrides.
+pub fn load(file: &Path, sets: &[String], registry: &Registry) -> Result<Pipeline, Diagnostic> {
+    let doc = parse::parse(file, sets)?;
+    let mut pending = Vec::new();
+    for (key, decl) in doc.stage_decls() {
+        pending.extend(expand::expand(&doc.ctx, registry, &doc.params, &doc.dir, key, decl)?);
+    }
+    let stages = wire::wire(&doc.ctx, &doc.dir, pending)?;
+    let parse::Document { ctx, name, params, dir, .. } = doc;
+    Ok(Pipeline { name, file: ctx.file, dir, source: ctx.source, params, stages })
+}
+
+/// Params as a stage sees them: every `file:PATH` replaced by `file:<absolute path>`.
+pub fn params_for_run(st: &StageInstance) -> Params {
+    let mut p = st.params.clone();
+    for (path, full) in &st.param_files {
+        let (first, rest) = path.split_once('.').unwrap_or((path.as_str(), ""));
+        let pointer = if rest.is_empty() { String::new() } else { format!("/{}", rest.replace('.', "/")) };
+        if let Some(v) = p.params.get_mut(first).and_then(|v| v.pointer_mut(&pointer)) {
+            *v = Value::String(format!("file:{}", full.display()));
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests;

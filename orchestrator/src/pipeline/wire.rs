@@ -1,0 +1,112 @@
+//! Step 3 of loading: instance names checked unique after expansion, and every input wired —
+//! `file:PATH` to an existing file, `STAGE.OUTPUT` to a declared output of a real instance.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::expand::Pending;
+use super::{Ctx, InputRef, StageInstance};
+use crate::diag::{suggest, Diagnostic};
+use crate::yaml::Pos;
+
+/// Every instance with its inputs resolved.
+pub(super) fn wire(ctx: &Ctx, dir: &Path, pending: Vec<Pending>) -> Result<Vec<StageInstance>, Diagnostic> {
+    check_unique(ctx, &pending)?;
+    let outputs_of: HashMap<String, Vec<String>> =
+        pending.iter().map(|p| (p.inst.name.clone(), p.inst.outputs.clone())).collect();
+    let names_owned: Vec<String> = pending.iter().map(|p| p.inst.name.clone()).collect();
+    let refs = Refs { outputs_of, names: names_owned.iter().map(String::as_str).collect() };
+    let mut stages = Vec::with_capacity(pending.len());
+    for mut p in pending {
+        for (path, full) in &p.inst.param_files {
+            let file = InputRef::File { path: full.clone(), written: full.display().to_string() };
+            p.inst.inputs.insert(format!("params.{path}"), file);
+        }
+        for (input, text, pos) in p.raw_inputs {
+            let r = match text.strip_prefix("file:") {
+                Some(path) => file_input(ctx, dir, path.trim(), &input, &p.inst.name, pos)?,
+                None => refs.resolve(ctx, &text, pos, &input, &p.inst.name)?,
+            };
+            p.inst.inputs.insert(input, r);
+        }
+        stages.push(p.inst);
+    }
+    Ok(stages)
+}
+
+/// Instance names must stay unique after expansion (`b` with item `x` vs a stage `b@x` cannot
+/// clash since `@` is not allowed in names, but two items can share a label).
+fn check_unique(ctx: &Ctx, pending: &[Pending]) -> Result<(), Diagnostic> {
+    let mut seen: HashMap<&str, Pos> = HashMap::new();
+    for p in pending {
+        if seen.insert(&p.inst.name, p.inst.pos).is_some() {
+            return Err(ctx
+                .err("E-DUPLICATE", format!("foreach expands to `{}` twice", p.inst.name), p.inst.pos)
+                .help("foreach items must be distinct"));
+        }
+    }
+    Ok(())
+}
+
+fn file_input(
+    ctx: &Ctx,
+    dir: &Path,
+    path: &str,
+    input: &str,
+    consumer: &str,
+    pos: Pos,
+) -> Result<InputRef, Diagnostic> {
+    let full = dir.join(path);
+    if path.is_empty() || !full.exists() {
+        let msg = format!("input `{input}` of stage `{consumer}`: file `{path}` does not exist");
+        return Err(ctx.err("E-MISSING-FILE", msg, pos).help(format!(
+            "paths are relative to the pipeline file's folder ({}); looked for {}",
+            dir.display(),
+            full.display()
+        )));
+    }
+    Ok(InputRef::File { path: full, written: path.to_string() })
+}
+
+/// What `STAGE.OUTPUT` references can name.
+struct Refs<'a> {
+    outputs_of: HashMap<String, Vec<String>>,
+    names: Vec<&'a str>,
+}
+
+impl Refs<'_> {
+    fn resolve(&self, ctx: &Ctx, text: &str, pos: Pos, input: &str, consumer: &str) -> Result<InputRef, Diagnostic> {
+        // Stage instance names may contain `.` (foreach items like 0.5) and output names may
+        // too (`stats.json`), so try every split point and keep the one naming a real stage.
+        for (i, _) in text.match_indices('.') {
+            let (stage, output) = (&text[..i], &text[i + 1..]);
+            if let Some(outs) = self.outputs_of.get(stage) {
+                if outs.iter().any(|o| o == output) {
+                    return Ok(InputRef::Stage { stage: stage.to_string(), output: output.to_string() });
+                }
+                let known: Vec<&str> = outs.iter().map(String::as_str).collect();
+                let msg = format!("input `{input}` of stage `{consumer}`: stage `{stage}` has no output `{output}`");
+                return Err(ctx.err("E-MISSING-REF", msg, pos).help(suggest(
+                    output,
+                    &known,
+                    &format!("outputs of `{stage}`"),
+                )));
+            }
+        }
+        let msg = format!("input `{input}` of stage `{consumer}`: `{text}` names no stage output");
+        Err(ctx.err("E-MISSING-REF", msg, pos).help(self.help(text)))
+    }
+
+    fn help(&self, text: &str) -> String {
+        let stage_part = text.split('.').next().unwrap_or(text);
+        let prefix = format!("{stage_part}@");
+        let expanded: Vec<&str> = self.names.iter().copied().filter(|n| n.starts_with(&prefix)).collect();
+        if !text.contains('.') {
+            "write `STAGE.OUTPUT` for another stage's output, or `file:PATH` for a file".to_string()
+        } else if !expanded.is_empty() {
+            format!("`{stage_part}` is a foreach stage; name one instance: {}", expanded.join(", "))
+        } else {
+            suggest(stage_part, &self.names, "stages")
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Model throughput benchmark: `cargo run --release -p itera-models --example throughput`.
+//!
+//! Itera-Lite tiny and Transformer tiny at vocab 256, max_seq_len 128, f32, as the peer figures
+//! (../shared/peer/README.md, the original PyTorch implementation on this machine kind):
+//! training tokens/s (forward + backward + AdamW, batch 16 × seq 128), full-sequence forward
+//! tokens/s (same shape), generation tokens/s at batch 1 (16-token prompt + 112 new tokens) with
+//! the recurrent state / KV cache, achieved GFLOP/s, and the scan kernel's share of a step.
+//!
+//! Threads: BENCH_THREADS (default 1, as the peers' 1-thread figures); BENCH_STEPS (default 10);
+//! BENCH_MODELS (default `itera_lite,transformer`).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use itera_models::accounting::{forward_flops_per_token, param_counts};
+use itera_models::{Model, ModelConfig, Sampling};
+use rand::{Rng, SeedableRng};
+
+/// The original's upper figures (tokens/s): train, forward, generate.
+fn peer(model: &str) -> (f64, f64, f64) {
+    match model {
+        "itera_lite" => (1974.0, 10169.0, 23.0),
+        _ => (3877.0, 15654.0, 123.0),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn batch(rng: &mut rand_chacha::ChaCha8Rng, b: usize, l: usize) -> Tensor {
+    let v: Vec<u32> = (0..b * l).map(|_| rng.random_range(5..256)).collect();
+    Tensor::from_vec(v, (b, l), &Device::Cpu).expect("batch")
+}
+
+/// Every weight matmul of an Itera-Lite training step as (K, N) for M = batch·seq rows; a MoE
+/// layer runs each row through its top-k experts, which costs k experts' GEMMs over all M rows.
+fn itera_gemms(c: &itera_models::IteraConfig) -> Vec<(usize, usize)> {
+    let (d, di, n, e) = (c.d_model, c.d_inner(), c.d_state, c.expert_dim);
+    let mut v = Vec::new();
+    for layer in 0..c.n_layers {
+        v.extend([(d, 2 * di), (di, di), (di, n), (n, di), (di, d)]);
+        let experts = if c.moe_layers.contains(&layer) {
+            v.push((d, c.n_experts));
+            c.top_k
+        } else {
+            1
+        };
+        for _ in 0..experts {
+            v.extend([(d, e), (e, d)]);
+        }
+    }
+    v.push((d, c.vocab_size));
+    v
+}
+
+/// Seconds for those matmuls as candle runs them in a step: forward x·Wᵀ, and backward G·W and
+/// Xᵀ·G — the floor of a step's time at this machine's GEMM speed, with nothing else in it.
+fn gemm_floor(shapes: &[(usize, usize)], m: usize, reps: usize) -> candle_core::Result<(f64, f64)> {
+    let mut total = 0.0;
+    let mut flops = 0.0;
+    for &(k, n) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        let g = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu)?;
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            x.matmul(&w.t()?)?;
+            g.matmul(&w)?;
+            x.t()?.matmul(&g)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        total += median(times);
+        flops += 3.0 * 2.0 * (m * k * n) as f64;
+    }
+    Ok((total, flops))
+}
+
+fn main() -> candle_core::Result<()> {
+    let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    itera_models::measure::keep_freed_memory();
+    // Before the first rayon use, so candle's pool has this size.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let steps: usize = std::env::var("BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let (b, l) = (16usize, 128usize);
+    let peak = 78.6 * threads as f64; // AVX2+FMA f32: 2 FMA units × 8 lanes × 2 FLOPs × ~2.45 GHz per core
+    println!("itera-models throughput — {threads} thread(s), f32, batch {b} × seq {l}, vocab 256, {steps} timed steps (medians)");
+    println!("peer = the original PyTorch implementation, 1 thread, upper figures; CPU peak ≈ {peak:.0} GFLOP/s for {threads} core(s)\n");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let models = std::env::var("BENCH_MODELS").unwrap_or_else(|_| "itera_lite,transformer".into());
+    for name in models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        let cfg = ModelConfig::build(name, "tiny", 256, &Default::default())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let model = Model::new(&cfg, 1)?;
+        let mut opt = AdamW::new(model.varmap.all_vars(), ParamsAdamW { lr: 1e-3, ..Default::default() })?;
+        let mut drop_rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut train = Vec::new();
+        for i in 0..steps + 2 {
+            let x = batch(&mut rng, b, l);
+            let t = Instant::now();
+            let (ce, aux) = model.loss(&x, Some(&mut drop_rng))?;
+            opt.backward_step(&(ce + aux)?)?;
+            if i >= 2 {
+                train.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let train_step = median(train);
+        let train_tps = (b * l) as f64 / train_step;
+        let mut fwd = Vec::new();
+        for i in 0..steps + 2 {
+            let x = batch(&mut rng, b, l);
+            let t = Instant::now();
+            let f = model.forward(&x, None)?;
+            f.logits.sum_all()?.to_scalar::<f32>()?;
+            if i >= 2 {
+                fwd.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let fwd_tps = (b * l) as f64 / median(fwd);
+        let prompt: Vec<u32> = (0..16).map(|_| rng.random_range(5..256)).collect();
+        let mut gen = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            model.generate(&prompt, 112, Sampling::Greedy, 0)?;
+            gen.push(t.elapsed().as_secs_f64());
+        }
+        // generate() also consumes the 16 prompt tokens one step at a time for Itera-Lite.
+        let gen_tps = 112.0 / median(gen);
+        let flops = forward_flops_per_token(&cfg, l.div_ceil(2)) as f64;
+        let (pt, pf, pg) = peer(name);
+        println!("{name} tiny ({} params, {:.2} MFLOP/token forward)", param_counts(&cfg).total, flops / 1e6);
+        println!(
+            "  train     {train_tps:>9.0} tok/s  ({:>5.2}× the original's {pt:.0})  ≈ {:.1} GFLOP/s (3 × forward)",
+            train_tps / pt,
+            3.0 * flops * train_tps / 1e9
+        );
+        println!(
+            "  forward   {fwd_tps:>9.0} tok/s  ({:>5.2}× the original's {pf:.0})  ≈ {:.1} GFLOP/s = {:.0}% of peak",
+            fwd_tps / pf,
+            flops * fwd_tps / 1e9,
+            100.0 * flops * fwd_tps / 1e9 / peak
+        );
+        println!("  generate  {gen_tps:>9.1} tok/s  ({:>5.1}× the original's {pg:.0})", gen_tps / pg);
+        if let ModelConfig::IteraLite(c) = &cfg {
+            let (floor, gemm_flops) = gemm_floor(&itera_gemms(c), b * l, steps.max(3))?;
+            println!(
+                "  GEMM floor: the step's {:.2} GFLOP of weight matmuls alone take {:.1} ms here ({:.1} \
+                    GFLOP/s) → at most {:.0} tok/s ({:.2}× the original) with every other op free",
+                gemm_flops / 1e9,
+                floor * 1e3,
+                gemm_flops / floor / 1e9,
+                (b * l) as f64 / floor,
+                (b * l) as f64 / floor / pt
+            );
+        }
+        if name == "itera_lite" {
+            // The scan on a training step's shapes, forward + backward, every layer.
+            let n = 8;
+            let a = candle_core::Var::from_tensor(&Tensor::rand(0.5f32, 0.99, (b, l, n), &Device::Cpu)?)?;
+            let u = candle_core::Var::from_tensor(&Tensor::rand(-1f32, 1.0, (b, l, n), &Device::Cpu)?)?;
+            let mut scan = Vec::new();
+            for _ in 0..steps {
+                let t = Instant::now();
+                for _ in 0..4 {
+                    itera_models::scan::diag_scan(&a, &u)?.sum_all()?.backward()?;
+                }
+                scan.push(t.elapsed().as_secs_f64());
+            }
+            let s = median(scan);
+            println!(
+                "  scan kernel (4 layers, fwd + bwd): {:.2} ms of a {:.1} ms training step = {:.1}%",
+                s * 1e3,
+                train_step * 1e3,
+                100.0 * s / train_step
+            );
+        }
+        println!();
+    }
+    Ok(())
+}

@@ -1,0 +1,363 @@
+//! A pre-LN feed-forward layer — LayerNorm, then E experts Linear(d→e)–GELU–Linear(e→d) weighted
+//! by per-row gates and summed, then the residual — as one autograd node over f32 rows. With one
+//! expert and no gates it is Itera-Lite's dense FFN; with the router's gates (zero off each row's
+//! top-k) it is the MoE layer, each expert run only on the rows routed to it: half the expert
+//! FLOPs of computing all four densely at top-2. A zero gate means "not routed": that expert's
+//! output and its gate gradient count as zero (the router's softmax over the top-k passes no
+//! gradient to unselected experts anyway).
+//!
+//! Why one node: as for the SSM block (see `ssm_block`), candle's backward sums every node's input
+//! gradients into freshly zeroed buffers, and the layer's (rows, E·e) activations made that
+//! bookkeeping a large share of a training step. Parameters travel packed ([`pack`]): LayerNorm
+//! weight and bias, the experts' up weights stacked (E·e, d), their down weights stacked (E·d, e).
+//! Tested against the op-by-op layers and their autograd gradients.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::*;
+use crate::linear_op::{Matrix, Product};
+use crate::nn::{layer_norm_bwd, row_stats};
+use crate::quant::QWeight;
+
+/// Model width d, experts, each expert's hidden width, LayerNorm epsilon.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ExpertsDims {
+    pub d: usize,
+    pub experts: usize,
+    pub hidden: usize,
+    pub eps: f64,
+}
+
+impl ExpertsDims {
+    fn width(&self) -> usize {
+        self.experts * self.hidden
+    }
+    /// LayerNorm weight, bias; up (E·e, d); down (E·d, e).
+    fn sizes(&self) -> [usize; 4] {
+        [self.d, self.d, self.width() * self.d, self.d * self.width()]
+    }
+    fn packed_len(&self) -> usize {
+        self.sizes().iter().sum()
+    }
+}
+
+/// The layer's parameters as one vector: LayerNorm weight and bias, then the up weights and the
+/// down weights, each expert's contiguous.
+pub fn pack(dims: &ExpertsDims, ln_w: &Tensor, ln_b: &Tensor, ups: &[&Tensor], downs: &[&Tensor]) -> Result<Tensor> {
+    let up = Tensor::cat(ups, 0)?;
+    let down = Tensor::cat(downs, 0)?;
+    let [w_n, b_n, up_n, down_n] = dims.sizes();
+    pack_parts("experts", &[(ln_w, w_n), (ln_b, b_n), (&up, up_n), (&down, down_n)])
+}
+
+/// One expert's share of a forward pass: its rows (None: all of them, in order), its input rows
+/// gathered, and its activations.
+struct Routed {
+    rows: Option<Vec<usize>>,
+    x: Vec<f32>,
+    pre: Vec<f32>,
+    hidden: Vec<f32>,
+    gated: Vec<f32>,
+}
+
+/// Integer copies of each expert's up and down weights for quantized inference (None: f32).
+#[derive(Clone, Debug, Default)]
+pub struct ExpertsQuant {
+    pub up: Vec<Option<Arc<QWeight>>>,
+    pub down: Vec<Option<Arc<QWeight>>>,
+}
+
+impl ExpertsQuant {
+    fn any(&self) -> bool {
+        self.up.iter().chain(&self.down).any(Option::is_some)
+    }
+}
+
+struct Saved {
+    stats: Vec<(f32, f32)>,
+    normed: Vec<f32>,
+    experts: Vec<Routed>,
+}
+
+struct ExpertsOp {
+    dims: ExpertsDims,
+    quant: ExpertsQuant,
+    residual: bool,
+    keep: bool,
+    saved: Mutex<Option<Saved>>,
+}
+
+fn gemm(product: Product, a: Matrix, b: Matrix) -> Result<Vec<f32>> {
+    Ok(product.run(a, b)?.0)
+}
+
+fn check(dims: &ExpertsDims, x_len: usize, gates: Option<&[f32]>, p_len: usize) -> Result<usize> {
+    let rows = x_len / dims.d.max(1);
+    if dims.d == 0 || rows * dims.d != x_len {
+        candle_core::bail!("experts: {x_len} values are not rows of {}", dims.d);
+    }
+    match gates {
+        Some(g) if g.len() != rows * dims.experts => {
+            candle_core::bail!("experts: {} gates for {rows} rows of {} experts", g.len(), dims.experts)
+        }
+        None if dims.experts != 1 => candle_core::bail!("experts: {} experts need gates", dims.experts),
+        _ => {}
+    }
+    if p_len != dims.packed_len() {
+        candle_core::bail!("experts: {p_len} packed parameters, expected {}", dims.packed_len());
+    }
+    Ok(rows)
+}
+
+/// `rows` of a (_, width) matrix, copied out in order.
+fn gather(m: &[f32], width: usize, rows: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        out.extend_from_slice(&m[r * width..(r + 1) * width]);
+    }
+    out
+}
+
+/// The gate of expert j for each of its rows (1 without gates).
+fn row_gates(gates: Option<&[f32]>, experts: usize, j: usize, rows: &Option<Vec<usize>>, n: usize) -> Vec<f32> {
+    match (gates, rows) {
+        (Some(g), Some(rs)) => rs.iter().map(|&r| g[r * experts + j]).collect(),
+        _ => vec![1.0; n],
+    }
+}
+
+simd_dispatch! {
+    fn experts_forward(dims: &ExpertsDims, quant: &ExpertsQuant, residual: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+        let rows = check(dims, x.len(), gates, p.len())?;
+        let (d, e, ne) = (dims.d, dims.hidden, dims.experts);
+        let (ln_w, rest) = p.split_at(d);
+        let (ln_b, rest) = rest.split_at(d);
+        let (up, down) = rest.split_at(ne * e * d);
+        let stats = row_stats(x, d, dims.eps);
+        let mut normed = vec![0f32; x.len()];
+        for ((out, row), &(mean, rstd)) in normed.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(&stats) {
+            for (((o, &v), &lw), &lb) in out.iter_mut().zip(row).zip(ln_w).zip(ln_b) {
+                *o = (v - mean) * rstd * lw + lb;
+            }
+        }
+        let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
+        let mut experts = Vec::with_capacity(ne);
+        for j in 0..ne {
+            let routed_rows = gates.map(|g| (0..rows).filter(|&r| g[r * ne + j] != 0.0).collect::<Vec<_>>());
+            let n = routed_rows.as_ref().map_or(rows, Vec::len);
+            let xg = routed_rows.as_ref().map(|rs| gather(&normed, d, rs)).unwrap_or_default();
+            let xj: &[f32] = if routed_rows.is_some() { &xg } else { &normed };
+            let pre = match quant.up.get(j).and_then(Option::as_ref) {
+                Some(q) => q.matmul_t(xj, n),
+                None => gemm(Product::ABt, (xj, n, d), (&up[j * e * d..(j + 1) * e * d], e, d))?,
+            };
+            // Plain loops, not iterator adapters with closures, throughout these bodies: a closure
+            // compiled for AVX2 cannot be inlined into std's baseline `map`/`for_each` drivers and
+            // would cost a call per element.
+            let mut hidden = vec![0f32; pre.len()];
+            for (h, &v) in hidden.iter_mut().zip(&pre) {
+                *h = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+            let scale = row_gates(gates, ne, j, &routed_rows, n);
+            let mut gated = hidden.clone();
+            for (gr, &s) in gated.chunks_exact_mut(e.max(1)).zip(&scale) {
+                for v in gr.iter_mut() {
+                    *v *= s;
+                }
+            }
+            let down_j = (&down[j * d * e..(j + 1) * d * e], d, e);
+            let down_q = quant.down.get(j).and_then(Option::as_ref);
+            match (&routed_rows, down_q) {
+                (None, None) => Product::ABt.write_into((&gated, n, e), down_j, &mut out, true)?,
+                (None, Some(q)) => {
+                    for (o, v) in out.iter_mut().zip(q.matmul_t(&gated, n)) {
+                        *o += v;
+                    }
+                }
+                (Some(rs), _) => {
+                    let y = match down_q {
+                        Some(q) => q.matmul_t(&gated, n),
+                        None => gemm(Product::ABt, (&gated, n, e), down_j)?,
+                    };
+                    for (yr, &r) in y.chunks_exact(d).zip(rs) {
+                        for (o, v) in out[r * d..(r + 1) * d].iter_mut().zip(yr) {
+                            *o += v;
+                        }
+                    }
+                }
+            }
+            experts.push(Routed { rows: routed_rows, x: xg, pre, hidden, gated });
+        }
+        Ok((out, Saved { stats, normed, experts }))
+    }
+}
+
+simd_dispatch! {
+    /// Gradients of x, of the gates (when given) and of the packed parameters.
+    fn experts_backward(dims: &ExpertsDims, residual: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let rows = check(dims, x.len(), gates, p.len())?;
+        let (d, e, ne) = (dims.d, dims.hidden, dims.experts);
+        let ln_w = &p[..d];
+        let (up, down) = p[2 * d..].split_at(ne * e * d);
+        let mut dp = vec![0f32; p.len()];
+        let mut dgates = vec![0f32; if gates.is_some() { rows * ne } else { 0 }];
+        let mut dnormed = vec![0f32; rows * d];
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for (j, r) in s.experts.iter().enumerate() {
+            let n = r.rows.as_ref().map_or(rows, Vec::len);
+            if n == 0 {
+                continue;
+            }
+            let gg = r.rows.as_ref().map(|rs| gather(g, d, rs)).unwrap_or_default();
+            let gj: &[f32] = if r.rows.is_some() { &gg } else { g };
+            let xj: &[f32] = if r.rows.is_some() { &r.x } else { &s.normed };
+            let (d_up, d_down) = dp[2 * d..].split_at_mut(ne * e * d);
+            Product::AtB.write_into((gj, n, d), (&r.gated, n, e), &mut d_down[j * d * e..(j + 1) * d * e], false)?;
+            let mut dpre = gemm(Product::AB, (gj, n, d), (&down[j * d * e..(j + 1) * d * e], d, e))?;
+            if let Some(rs) = &r.rows {
+                for ((dr, hr), &row) in dpre.chunks_exact(e).zip(r.hidden.chunks_exact(e)).zip(rs) {
+                    let mut dot = 0f32;
+                    for (a, b) in dr.iter().zip(hr) {
+                        dot += a * b;
+                    }
+                    dgates[row * ne + j] = dot;
+                }
+            }
+            let scale = row_gates(gates, ne, j, &r.rows, n);
+            for ((dr, pr), &sc) in dpre.chunks_exact_mut(e).zip(r.pre.chunks_exact(e)).zip(&scale) {
+                for (dv, &v) in dr.iter_mut().zip(pr) {
+                    let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                    *dv *= sc * (cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v));
+                }
+            }
+            Product::AtB.write_into((&dpre, n, e), (xj, n, d), &mut d_up[j * e * d..(j + 1) * e * d], false)?;
+            let up_j = (&up[j * e * d..(j + 1) * e * d], e, d);
+            match &r.rows {
+                None => Product::AB.write_into((&dpre, n, e), up_j, &mut dnormed, true)?,
+                Some(rs) => {
+                    let dx = gemm(Product::AB, (&dpre, n, e), up_j)?;
+                    for (dr, &row) in dx.chunks_exact(d).zip(rs) {
+                        for (o, v) in dnormed[row * d..(row + 1) * d].iter_mut().zip(dr) {
+                            *o += v;
+                        }
+                    }
+                }
+            }
+        }
+        let mut dx = if residual { g.to_vec() } else { vec![0f32; x.len()] };
+        let (dw, db) = layer_norm_bwd(x, ln_w, &s.stats, &dnormed, &mut dx);
+        dp[..d].copy_from_slice(&dw);
+        dp[d..2 * d].copy_from_slice(&db);
+        Ok((dx, dgates, dp))
+    }
+}
+
+impl ExpertsOp {
+    fn fwd(&self, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<Vec<f32>> {
+        let (out, saved) = experts_forward(&self.dims, &self.quant, self.residual, x, gates, p)?;
+        if self.keep {
+            *self.saved.lock().map_err(|_| candle_core::Error::Msg("experts: a backward pass panicked".into()))? =
+                Some(saved);
+        }
+        Ok(out)
+    }
+
+    fn bwd_values(
+        &self,
+        x: &Tensor,
+        gates: Option<&Tensor>,
+        p: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>, Tensor)> {
+        let kept =
+            self.saved.lock().map_err(|_| candle_core::Error::Msg("experts: a forward pass panicked".into()))?.take();
+        let gate_values = gates.map(|t| t.contiguous()?.flatten_all()?.to_vec1::<f32>()).transpose()?;
+        let gt = gate_values.as_deref();
+        let (dx, dg, dp) = with_values(x, "experts", |xs| {
+            with_values(p, "experts", |ps| {
+                with_values(g, "experts", |gs| {
+                    // A second backward through the same graph finds the intermediates gone: recompute them.
+                    let saved = match kept {
+                        Some(s) => s,
+                        None => experts_forward(&self.dims, &self.quant, self.residual, xs, gt, ps)?.1,
+                    };
+                    experts_backward(&self.dims, self.residual, xs, gt, ps, &saved, gs)
+                })
+            })
+        })?;
+        let dev = x.device();
+        let dgates = gates.map(|t| Tensor::from_vec(dg, t.shape(), dev)).transpose()?;
+        Ok((Tensor::from_vec(dx, x.shape(), dev)?, dgates, Tensor::from_vec(dp, p.shape(), dev)?))
+    }
+}
+
+impl CustomOp2 for ExpertsOp {
+    fn name(&self) -> &'static str {
+        "ffn"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = CustomOp2::name(self);
+        let out = self.fwd(f32s(s1, l1, name)?, None, f32s(s2, l2, name)?)?;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, p: &Tensor, _out: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, _, dp) = self.bwd_values(x, None, p, g)?;
+        Ok((Some(dx), Some(dp)))
+    }
+}
+
+impl CustomOp3 for ExpertsOp {
+    fn name(&self) -> &'static str {
+        "gated-experts"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = CustomOp3::name(self);
+        let out = self.fwd(f32s(s1, l1, name)?, Some(f32s(s2, l2, name)?), f32s(s3, l3, name)?)?;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gates: &Tensor,
+        p: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dg, dp) = self.bwd_values(x, Some(gates), p, g)?;
+        Ok((Some(dx), dg, Some(dp)))
+    }
+}
+
+/// The layer on f32 rows x (rows, d) with packed parameters: `x + Σ_j gate_j · expert_j(LN(x))`
+/// (`residual`) or the sum alone; without gates there must be one expert, weighted 1. `train`
+/// keeps what the backward pass needs; `quant` (inference only) runs the experts' weights on their
+/// integer kernels.
+pub fn experts(
+    x: &Tensor,
+    gates: Option<&Tensor>,
+    packed: &Tensor,
+    dims: ExpertsDims,
+    quant: ExpertsQuant,
+    residual: bool,
+    train: bool,
+) -> Result<Tensor> {
+    if train && quant.any() {
+        candle_core::bail!("experts: quantized weights are for inference; train the f32 model");
+    }
+    let op = ExpertsOp { dims, quant, residual, keep: train, saved: Mutex::new(None) };
+    match gates {
+        Some(g) => x.contiguous()?.apply_op3(&g.contiguous()?, &packed.contiguous()?, op),
+        None if dims.experts == 1 => x.contiguous()?.apply_op2(&packed.contiguous()?, op),
+        None => candle_core::bail!("experts: {} experts need gates", dims.experts),
+    }
+}

@@ -1,0 +1,269 @@
+//! The models' hot elementwise chains as single autograd nodes (f32, CPU): the SSM block's conv +
+//! SiLU, step size and output gate (`ssm`), the exact GELU (`gelu`), the Transformer's causal
+//! attention softmax and the next-token cross-entropy (`softmax`).
+//!
+//! Op by op, the depthwise conv + SiLU is ~14 graph nodes on (batch, time, d_inner) tensors, the
+//! step size mean(softplus(· + bias)) 9, the output gate 3, GELU's backward ~12; in backward each
+//! node allocates its gradient buffers and sums into them, and that bookkeeping — not arithmetic —
+//! dominated the training step. Each function here is one node with a hand-written backward
+//! (itself run as no-grad ops) and is tested against the op-by-op form and its autograd gradients.
+//! This module holds what they share: vectorizable math and the inline-or-parallel loop.
+
+use candle_core::{CpuStorage, Layout, Result};
+use rayon::prelude::*;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: contiguous f32 tensors expected"),
+    }
+}
+
+/// Defines a free function twice: as written (baseline x86-64 codegen, SSE2), and compiled for
+/// AVX2 + FMA, chosen at run time when the CPU has them. The elementwise loops here vectorize
+/// to 4 lanes without it and 8 with it; closures inside the body (the per-chunk loops handed to
+/// rayon) inherit the AVX2 copy's target features. A `-C target-cpu` build flag would do the
+/// same for the whole binary but make it crash on CPUs without AVX2.
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident : $t:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2_fma($($a: $t),*) -> $ret $body
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { avx2_fma($($a),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+pub(crate) use simd_dispatch;
+
+/// `f` on a CPU f32 tensor's values, borrowed (made contiguous first if needed).
+pub(crate) fn with_values<R>(t: &candle_core::Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("{op}: CPU tensors expected") };
+    f(f32s(cpu, layout, op)?)
+}
+
+/// Parameters as one vector for a fused node: each part must hold its expected number of values
+/// (`op` names the node in the error); the concatenation's backward hands each its slice.
+pub(crate) fn pack_parts(op: &str, parts: &[(&candle_core::Tensor, usize)]) -> Result<candle_core::Tensor> {
+    let flat = parts
+        .iter()
+        .map(|&(t, size)| {
+            if t.elem_count() != size {
+                candle_core::bail!("{op}: a parameter of shape {:?} where {size} values were expected", t.dims());
+            }
+            t.flatten_all()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    candle_core::Tensor::cat(&flat, 0)
+}
+
+/// A fused block on f32 rows with packed parameters whose forward keeps its intermediates for a
+/// hand-written backward (see `ssm_block`, `attention`).
+pub(crate) trait KeptBlock: Send + Sync + 'static {
+    type Saved: Send + Sync + 'static;
+    const NAME: &'static str;
+    fn forward(&self, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Self::Saved)>;
+    /// Gradients of x and of the packed parameters, given the output's gradient `g`.
+    fn backward(&self, x: &[f32], p: &[f32], saved: &Self::Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)>;
+}
+
+/// The autograd node of a [`KeptBlock`]: keeps the forward's intermediates when training.
+pub(crate) struct Kept<B: KeptBlock> {
+    block: B,
+    keep: bool,
+    saved: std::sync::Mutex<Option<B::Saved>>,
+}
+
+impl<B: KeptBlock> Kept<B> {
+    /// `block` on x (rows) with its packed parameters; `train` keeps what the backward needs.
+    pub(crate) fn apply(
+        block: B,
+        x: &candle_core::Tensor,
+        packed: &candle_core::Tensor,
+        train: bool,
+    ) -> Result<candle_core::Tensor> {
+        let node = Kept { block, keep: train, saved: std::sync::Mutex::new(None) };
+        x.contiguous()?.apply_op2(&packed.contiguous()?, node)
+    }
+}
+
+impl<B: KeptBlock> candle_core::CustomOp2 for Kept<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        let (x, p) = (f32s(s1, l1, B::NAME)?, f32s(s2, l2, B::NAME)?);
+        let (out, saved) = self.block.forward(x, p)?;
+        if self.keep {
+            *self
+                .saved
+                .lock()
+                .map_err(|_| candle_core::Error::Msg(format!("{}: a backward pass panicked", B::NAME)))? = Some(saved);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &candle_core::Tensor,
+        p: &candle_core::Tensor,
+        _out: &candle_core::Tensor,
+        g: &candle_core::Tensor,
+    ) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
+        let kept = self
+            .saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{}: a forward pass panicked", B::NAME)))?
+            .take();
+        let (dx, dp) = with_values(x, B::NAME, |xs| {
+            with_values(p, B::NAME, |ps| {
+                with_values(g, B::NAME, |gs| {
+                    // A second backward through the same graph finds the intermediates gone: recompute them.
+                    let saved = match kept {
+                        Some(s) => s,
+                        None => self.block.forward(xs, ps)?.1,
+                    };
+                    self.block.backward(xs, ps, &saved, gs)
+                })
+            })
+        })?;
+        Ok((
+            Some(candle_core::Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(candle_core::Tensor::from_vec(dp, p.shape(), p.device())?),
+        ))
+    }
+}
+
+/// e^x, branch-free so the loops calling it vectorize (libm's expf is a call per element and was
+/// ~7 % of a training step). Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, then a degree-7
+/// Taylor polynomial (truncation < 1e-8 relative) and 2^n built in the exponent bits; within
+/// 2 ulp of the exact value on [−87, 88] (tested), saturating outside.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    // 1.5·2^23: adding it leaves round(x·log2 e) in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let two_n = f32::from_bits(((t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32 + 127) as u32) << 23);
+    p * two_n
+}
+
+/// ln(1 + y) for y in [0, 1] as 2·atanh(y / (2 + y)) (series to s^13, s ≤ 1/3): accurate for
+/// tiny y too, and branch-free.
+#[inline(always)]
+fn ln_1p_unit(y: f32) -> f32 {
+    let s = y / (2.0 + y);
+    let s2 = s * s;
+    2.0 * s
+        * (1.0
+            + s2 * (1.0 / 3.0
+                + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0)))))))
+}
+
+/// Σ v in 8 interleaved partial sums (vectorizes; a fixed order, so still deterministic).
+fn sum_lanes(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for ch in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(ch) {
+            *a += x;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + exp(-v))
+}
+
+/// Rows of `len` values per parallel task: large enough to amortise the hand-off.
+fn rows_per_task(len: usize) -> usize {
+    (16_384 / len.max(1)).max(1)
+}
+
+/// Elements below which an op runs inline: handing a job to the rayon pool costs tens of µs,
+/// more than a generation step's worth of these ops (it halved KV-cache decoding).
+const PARALLEL_MIN: usize = 32_768;
+
+/// `f(i, chunk)` for the `size`-long chunks of `out`: on the rayon pool when there are several
+/// threads and enough work, inline otherwise. Chunks never share outputs, so the result is the
+/// same either way.
+pub(crate) fn for_chunks<T: Send>(out: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    let size = size.max(1);
+    if rayon::current_num_threads() > 1 && out.len() > size && out.len() >= PARALLEL_MIN {
+        out.par_chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        out.chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// `f(i, a_chunk, b_chunk)` over matching chunks of two outputs, in parallel like [`for_chunks`].
+pub(crate) fn for_chunks2(
+    a: &mut [f32],
+    size_a: usize,
+    b: &mut [f32],
+    size_b: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+) {
+    let (size_a, size_b) = (size_a.max(1), size_b.max(1));
+    if rayon::current_num_threads() > 1 && a.len() > size_a && a.len() >= PARALLEL_MIN {
+        a.par_chunks_mut(size_a).zip(b.par_chunks_mut(size_b)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+    } else {
+        a.chunks_mut(size_a).zip(b.chunks_mut(size_b)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+    }
+}
+
+/// softplus(v) = max(v, 0) + log(1 + e^{−|v|}).
+#[inline(always)]
+fn softplus(v: f32) -> f32 {
+    v.max(0.0) + ln_1p_unit(exp(-v.abs()))
+}
+
+/// erf(x), Abramowitz & Stegun 7.1.26 (≤ 1.5e-7, ≤ 5e-7 after f32 rounding; tested), branch-free on |x| with the sign
+/// put back: libm's erff is a call per element, and candle's GELU backward is ~12 tensor ops.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    (1.0 - poly * exp(-a * a)).copysign(x)
+}
+
+mod attention;
+mod experts;
+mod gelu;
+mod softmax;
+mod ssm;
+mod ssm_block;
+
+pub use attention::{attention_block, pack as pack_attention, AttentionDims, AttentionQuant};
+pub use experts::{experts, pack as pack_experts, ExpertsDims, ExpertsQuant};
+pub use gelu::gelu_erf;
+pub use softmax::{causal_softmax, next_token_cross_entropy};
+pub use ssm::{causal_conv_silu, causal_conv_silu_ops, silu_gate, softplus_mean};
+pub use ssm_block::{pack as pack_ssm_block, ssm_block, SsmBlockDims, SsmBlockQuant};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,425 @@
+//! The SSM block's chains: depthwise causal conv + SiLU, the step size Δ, the output gate.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::*;
+
+// ---------------------------------------------------------------- depthwise causal conv + SiLU
+
+/// Taps (c, k) as (k, c), so the per-channel loops below read both operands contiguously (and
+/// vectorize; the (c, k) order made them gathers).
+fn taps_by_offset(w: &[f32], c: usize, k: usize) -> Vec<f32> {
+    let mut t = vec![0f32; w.len()];
+    for ch in 0..c {
+        for j in 0..k {
+            t[j * c + ch] = w[ch * k + j];
+        }
+    }
+    t
+}
+
+simd_dispatch! {
+    /// y[b,t,c] = bias[c] + Σ_j w[c,j] · x[b, t+j-(k-1), c] (zero before the start).
+    pub(super) fn conv_pre(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize, out: &mut [f32]) -> () {
+        let wt = taps_by_offset(w, c, k);
+        for_chunks(out, l * c, |bi, o| {
+            let xb = &x[bi * l * c..(bi + 1) * l * c];
+            for t in 0..l {
+                let row = &mut o[t * c..(t + 1) * c];
+                row.copy_from_slice(bias);
+                for j in 0..k {
+                    let Some(src) = (t + j).checked_sub(k - 1) else { continue };
+                    let xr = &xb[src * c..(src + 1) * c];
+                    for ((r, &w), &x) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(xr) {
+                        *r += w * x;
+                    }
+                }
+            }
+        });
+    }
+}
+
+simd_dispatch! {
+    /// dx[b,s,c] = Σ_j gy[b, s+(k-1)-j, c] · w[c,j] (within each sequence of `l` rows).
+    pub(super) fn conv_transpose(gy: &[f32], w: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
+        let wt = taps_by_offset(w, c, k);
+        let mut dx = vec![0f32; gy.len()];
+        for_chunks(&mut dx, l * c, |bi, o| {
+            let gb = &gy[bi * l * c..(bi + 1) * l * c];
+            for s in 0..l {
+                let row = &mut o[s * c..(s + 1) * c];
+                for j in 0..k {
+                    let t = s + (k - 1) - j;
+                    if t >= l {
+                        continue;
+                    }
+                    let gr = &gb[t * c..(t + 1) * c];
+                    for ((r, &w), &g) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(gr) {
+                        *r += w * g;
+                    }
+                }
+            }
+        });
+        dx
+    }
+}
+
+simd_dispatch! {
+    /// (c, k+1): dw[c,j] = Σ_{b,t} gy[b,t,c] · x[b, t+j-(k-1), c]; last column db[c] = Σ gy[b,t,c].
+    pub(super) fn conv_param_grad(x: &[f32], gy: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
+        let b = x.len() / (l * c).max(1);
+        // Per sequence partial sums in f32 (l terms each), then reduced in order in f64.
+        // Each holds (k + 1) rows of c: one per tap offset, then the bias; transposed at the end.
+        let mut partial = vec![0f32; b * (k + 1) * c];
+        for_chunks(&mut partial, (k + 1) * c, |bi, acc| {
+            let (xb, gb) = (&x[bi * l * c..(bi + 1) * l * c], &gy[bi * l * c..(bi + 1) * l * c]);
+            for t in 0..l {
+                let gr = &gb[t * c..(t + 1) * c];
+                for j in 0..k {
+                    let Some(src) = (t + j).checked_sub(k - 1) else { continue };
+                    let xr = &xb[src * c..(src + 1) * c];
+                    for ((a, &g), &x) in acc[j * c..(j + 1) * c].iter_mut().zip(gr).zip(xr) {
+                        *a += g * x;
+                    }
+                }
+                for (a, &g) in acc[k * c..].iter_mut().zip(gr) {
+                    *a += g;
+                }
+            }
+        });
+        let mut sum = vec![0f64; (k + 1) * c];
+        for p in partial.chunks_exact((k + 1) * c) {
+            for (o, &v) in sum.iter_mut().zip(p) {
+                *o += v as f64;
+            }
+        }
+        let mut out = vec![0f32; c * (k + 1)];
+        for j in 0..=k {
+            for ch in 0..c {
+                out[ch * (k + 1) + j] = sum[j * c + ch] as f32;
+            }
+        }
+        out
+    }
+}
+
+/// Rows are (batch · seq_len) time steps of `c` channels; the conv runs along each sequence.
+struct ConvSilu {
+    l: usize,
+}
+
+/// (seq_len, channels) of a conv input laid out as rows of channels.
+fn seq_dims(layout: &Layout, l: usize, op: &str) -> Result<(usize, usize)> {
+    let dims = layout.shape().dims();
+    let c = dims.last().copied().unwrap_or(1);
+    let rows = layout.shape().elem_count() / c.max(1);
+    if l == 0 || !rows.is_multiple_of(l) {
+        candle_core::bail!("{op}: {rows} rows are not whole sequences of {l}");
+    }
+    Ok((l, c))
+}
+
+impl CustomOp3 for ConvSilu {
+    fn name(&self) -> &'static str {
+        "causal-conv-silu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, bias) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let (l, c) = seq_dims(l1, self.l, self.name())?;
+        let k = w.len() / c.max(1);
+        let mut y = vec![0f32; x.len()];
+        conv_pre(x, w, bias, l, c, k, &mut y);
+        for_chunks(&mut y, 16_384, |_, ch| ch.iter_mut().for_each(|v| *v *= sigmoid(*v)));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        // Gradient at the pre-activation, recomputing it (cheaper than keeping it alive).
+        let l = self.l;
+        let gy = x.apply_op3_no_bwd(w, bias, &ConvSiluPreGrad { g: g.clone(), l })?;
+        let dx = gy.apply_op2_no_bwd(w, &ConvTranspose { l })?;
+        let (c, k) = w.dims2()?;
+        let dwb = x.apply_op2_no_bwd(&gy, &ConvParamGrad { k, l })?; // (c, k + 1): taps, then bias
+        let dw = dwb.narrow(1, 0, k)?;
+        let db = dwb.narrow(1, k, 1)?.reshape(c)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// g ⊙ silu'(conv(x)): silu'(v) = s(v)·(1 + v·(1 − s(v))).
+struct ConvSiluPreGrad {
+    g: Tensor,
+    l: usize,
+}
+
+impl CustomOp3 for ConvSiluPreGrad {
+    fn name(&self) -> &'static str {
+        "causal-conv-silu-pre-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, bias) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let (l, c) = seq_dims(l1, self.l, self.name())?;
+        let k = w.len() / c.max(1);
+        let mut pre = vec![0f32; x.len()];
+        conv_pre(x, w, bias, l, c, k, &mut pre);
+        let (gs, gl) = self.g.storage_and_layout();
+        let candle_core::Storage::Cpu(gs) = &*gs else { candle_core::bail!("{}: CPU tensors expected", self.name()) };
+        let g = f32s(gs, gl, self.name())?;
+        for_chunks(&mut pre, 16_384, |i, p| {
+            for (v, g) in p.iter_mut().zip(&g[i * 16_384..]) {
+                let s = sigmoid(*v);
+                *v = g * s * (1.0 + *v * (1.0 - s));
+            }
+        });
+        Ok((CpuStorage::F32(pre), l1.shape().clone()))
+    }
+}
+
+/// dx[b,s,c] = Σ_j gy[b, s+(k-1)-j, c] · w[c,j] (within the sequence).
+struct ConvTranspose {
+    l: usize,
+}
+
+impl CustomOp2 for ConvTranspose {
+    fn name(&self) -> &'static str {
+        "causal-conv-transpose"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gy, w) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let (l, c) = seq_dims(l1, self.l, self.name())?;
+        let k = w.len() / c.max(1);
+        let dx = conv_transpose(gy, w, l, c, k);
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// (c, k+1): dw[c,j] = Σ_{b,t} gy[b,t,c] · x[b, t+j-(k-1), c]; last column db[c] = Σ gy[b,t,c].
+struct ConvParamGrad {
+    k: usize,
+    l: usize,
+}
+
+impl CustomOp2 for ConvParamGrad {
+    fn name(&self) -> &'static str {
+        "causal-conv-param-grad"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, gy) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let (l, c) = seq_dims(l1, self.l, self.name())?;
+        let out = conv_param_grad(x, gy, l, c, self.k);
+        let k = self.k;
+        Ok((CpuStorage::F32(out), Shape::from((c, k + 1))))
+    }
+}
+
+/// silu(depthwise causal conv1d(x) + bias) for x (batch, time, channels) — or its rows flattened
+/// to (batch · time, channels) — over sequences of `seq_len`; taps w (channels, k).
+pub fn causal_conv_silu(x: &Tensor, seq_len: usize, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&w.contiguous()?, &bias.contiguous()?, ConvSilu { l: seq_len })
+}
+
+/// The op-by-op form: the reference in tests, and the path for other dtypes.
+pub fn causal_conv_silu_ops(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (_, l, _) = x.dims3()?;
+    let k = w.dim(1)?;
+    let xp = x.pad_with_zeros(1, k - 1, 0)?;
+    let mut y = bias.unsqueeze(0)?.unsqueeze(0)?.broadcast_as(x.shape())?.clone();
+    for j in 0..k {
+        let tap = w.narrow(1, j, 1)?.squeeze(1)?;
+        y = (y + xp.narrow(1, j, l)?.broadcast_mul(&tap)?)?;
+    }
+    y.silu()
+}
+
+// ---------------------------------------------------------------- Δ = mean(softplus(x))
+
+struct SoftplusMean;
+
+impl CustomOp2 for SoftplusMean {
+    fn name(&self) -> &'static str {
+        "softplus-mean"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, bias) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        let mut dims = l1.shape().dims().to_vec();
+        let c = dims.pop().unwrap_or(1);
+        if bias.len() != c {
+            candle_core::bail!("softplus-mean: bias of {} for rows of {c}", bias.len());
+        }
+        let mut out = vec![0f32; x.len() / c.max(1)];
+        let per = rows_per_task(c);
+        for_chunks(&mut out, per, |i, o| {
+            let xr = &x[i * per * c..];
+            let mut tmp = vec![0f32; c];
+            for (o, row) in o.iter_mut().zip(xr.chunks_exact(c)) {
+                // Evaluated into a buffer, then summed in 8 lanes: a running f32 sum cannot be
+                // reordered, so the softplus inside it would stay scalar.
+                for ((t, &v), b) in tmp.iter_mut().zip(row).zip(bias) {
+                    *t = softplus(v + b);
+                }
+                *o = sum_lanes(&tmp) / c as f32;
+            }
+        });
+        dims.push(1);
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+    fn bwd(&self, x: &Tensor, bias: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(bias, &g.contiguous()?, &SoftplusMeanGrad)?;
+        let dbias = dx.apply_op1_no_bwd(&ColumnSums)?;
+        Ok((Some(dx), Some(dbias)))
+    }
+}
+
+/// dx = g[row] / c · sigmoid(x + bias).
+struct SoftplusMeanGrad;
+
+impl CustomOp3 for SoftplusMeanGrad {
+    fn name(&self) -> &'static str {
+        "softplus-mean-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, bias, g) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let c = bias.len();
+        let mut dx = vec![0f32; x.len()];
+        let per = rows_per_task(c);
+        for_chunks(&mut dx, per * c, |i, d| {
+            let (xr, gr) = (&x[i * per * c..], &g[i * per..]);
+            for ((d, xr), g) in d.chunks_exact_mut(c).zip(xr.chunks_exact(c)).zip(gr) {
+                let scale = g / c as f32;
+                for ((d, &v), b) in d.iter_mut().zip(xr).zip(bias) {
+                    *d = scale * sigmoid(v + b);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Σ over rows of a (rows, c) tensor → (c). candle's `sum(0)` strides down the columns, which
+/// cost more than the whole fused step-size op.
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "column-sums"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, self.name())?;
+        let c = l.shape().dims().last().copied().unwrap_or(1);
+        let mut acc = vec![0f64; c];
+        for row in x.chunks_exact(c) {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v as f64;
+            }
+        }
+        Ok((CpuStorage::F32(acc.into_iter().map(|v| v as f32).collect()), Shape::from(c)))
+    }
+}
+
+/// mean over the last dim of softplus(x + bias), keeping it (size 1); bias is per last-dim entry.
+pub fn softplus_mean(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&bias.contiguous()?, SoftplusMean)
+}
+
+// ---------------------------------------------------------------- y ⊙ silu(z)
+
+struct Gate;
+
+impl CustomOp2 for Gate {
+    fn name(&self) -> &'static str {
+        "silu-gate"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, z) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
+        if y.len() != z.len() {
+            candle_core::bail!("silu-gate: shapes differ: {:?} vs {:?}", l1.shape(), l2.shape());
+        }
+        let mut out = vec![0f32; y.len()];
+        for_chunks(&mut out, 16_384, |i, o| {
+            for ((o, y), z) in o.iter_mut().zip(&y[i * 16_384..]).zip(&z[i * 16_384..]) {
+                *o = y * z * sigmoid(*z);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(&self, y: &Tensor, z: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = y.apply_op3_no_bwd(z, &g.contiguous()?, &GateGrad)?; // (2, …): dy then dz
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// Stacked [dy, dz]: dy = g·silu(z), dz = g·y·silu'(z).
+struct GateGrad;
+
+impl CustomOp3 for GateGrad {
+    fn name(&self) -> &'static str {
+        "silu-gate-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, z, g) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?, f32s(s3, l3, self.name())?);
+        let n = y.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dy, dz) = out.split_at_mut(n);
+        const CH: usize = 16_384;
+        for_chunks(dy, CH, |i, dy| {
+            for (j, d) in dy.iter_mut().enumerate() {
+                let (z, g) = (z[i * CH + j], g[i * CH + j]);
+                *d = g * z * sigmoid(z);
+            }
+        });
+        for_chunks(dz, CH, |i, dz| {
+            for (j, d) in dz.iter_mut().enumerate() {
+                let (y, z, g) = (y[i * CH + j], z[i * CH + j], g[i * CH + j]);
+                let s = sigmoid(z);
+                *d = g * y * s * (1.0 + z * (1.0 - s));
+            }
+        });
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.shape().dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// y ⊙ silu(z), one node.
+pub fn silu_gate(y: &Tensor, z: &Tensor) -> Result<Tensor> {
+    y.contiguous()?.apply_op2(&z.contiguous()?, Gate)
+}

@@ -1,0 +1,405 @@
+//! The whole SSM block — LayerNorm, in_proj, causal conv + SiLU, step size Δ, selective scan,
+//! C·h + D·x, SiLU gate, out_proj and the residual — as one autograd node over f32 rows.
+//!
+//! Op by op the block is ~20 graph nodes, and candle's backward adds every input gradient of
+//! every node into a freshly zeroed buffer: on the block's (rows, d_inner) activations that
+//! bookkeeping cost about as much as all the block's non-GEMM arithmetic. Here the forward keeps
+//! its intermediates in the node, and the backward is written out by hand from the same kernels
+//! the single fused ops use (conv, scan, GEMMs on the `gemm` crate), summing each activation's
+//! gradient contributions in place. Tested against the op-by-op block and its autograd gradients.
+//!
+//! candle ops take at most three inputs, so the block's twelve parameters travel as one packed
+//! vector ([`pack`]): the concatenation's backward hands each variable its slice of the packed
+//! gradient, so the optimizer still sees the ordinary per-parameter variables.
+
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
+
+use super::ssm::{conv_param_grad, conv_pre, conv_transpose};
+use super::*;
+use crate::linear_op::Product;
+use crate::nn::{layer_norm_bwd, row_stats};
+use crate::quant::QWeight;
+use crate::scan::{scan_fwd, scan_rev};
+
+/// Shapes of one block: model width d, inner width di, state size n, conv taps k, and the
+/// sequence length its rows come in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SsmBlockDims {
+    pub d: usize,
+    pub di: usize,
+    pub n: usize,
+    pub k: usize,
+    pub seq_len: usize,
+    pub eps: f64,
+}
+
+// The packed vector's parts, in order.
+const LN_W: usize = 0;
+const LN_B: usize = 1;
+const W_IN: usize = 2;
+const CONV_W: usize = 3;
+const CONV_B: usize = 4;
+// delta_proj's weight and B are adjacent: one (di + n, di) matrix, so Δ's projection and B·x
+// are one GEMM (and so are their backward products).
+const W_DELTA: usize = 5;
+const B: usize = 6;
+const B_DELTA: usize = 7;
+const A_LOG: usize = 8;
+const C: usize = 9;
+const D_SKIP: usize = 10;
+const W_OUT: usize = 11;
+const PARTS: usize = 12;
+
+impl SsmBlockDims {
+    /// Element counts of the parts: LayerNorm weight and bias (d), in_proj (2·di, d), conv taps
+    /// (di, k) and bias (di), delta_proj (di, di), B (n, di), delta_proj's bias (di), A_log (n),
+    /// C (di, n), D (di), out_proj (d, di).
+    fn sizes(&self) -> [usize; PARTS] {
+        let (d, di, n, k) = (self.d, self.di, self.n, self.k);
+        [d, d, 2 * di * d, di * k, di, di * di, n * di, di, n, di * n, di, d * di]
+    }
+
+    fn offsets(&self) -> [usize; PARTS + 1] {
+        let mut o = [0; PARTS + 1];
+        for (i, s) in self.sizes().iter().enumerate() {
+            o[i + 1] = o[i] + s;
+        }
+        o
+    }
+}
+
+/// The block's parameters as one vector, in the order of [`SsmBlockDims::sizes`]; each must have
+/// its part's element count.
+pub fn pack(dims: &SsmBlockDims, parts: [&Tensor; PARTS]) -> Result<Tensor> {
+    let sized: Vec<(&Tensor, usize)> = parts.into_iter().zip(dims.sizes()).collect();
+    pack_parts("ssm-block", &sized)
+}
+
+/// Integer copies of the block's projections for quantized inference (None: the f32 weight in
+/// the packed vector). B, C and the biases stay f32.
+#[derive(Clone, Debug, Default)]
+pub struct SsmBlockQuant {
+    pub in_proj: Option<Arc<QWeight>>,
+    pub delta_proj: Option<Arc<QWeight>>,
+    pub out_proj: Option<Arc<QWeight>>,
+}
+
+impl SsmBlockQuant {
+    fn any(&self) -> bool {
+        self.in_proj.is_some() || self.delta_proj.is_some() || self.out_proj.is_some()
+    }
+}
+
+/// What the backward needs from the forward.
+struct Saved {
+    stats: Vec<(f32, f32)>,
+    normed: Vec<f32>,
+    xs: Vec<f32>,
+    z: Vec<f32>,
+    pre: Vec<f32>,
+    xc: Vec<f32>,
+    /// delta_proj(xc) before its bias, then B·xc: rows of di + n.
+    qb: Vec<f32>,
+    delta: Vec<f32>,
+    a: Vec<f32>,
+    h: Vec<f32>,
+    y: Vec<f32>,
+    gated: Vec<f32>,
+}
+
+struct SsmBlockOp {
+    dims: SsmBlockDims,
+    quant: SsmBlockQuant,
+    /// Adds the block input to the output (off when dropout sits between them).
+    residual: bool,
+}
+
+/// A product into a fresh buffer (never zero-filled first).
+fn gemm(product: Product, a: crate::linear_op::Matrix, b: crate::linear_op::Matrix) -> Result<Vec<f32>> {
+    Ok(product.run(a, b)?.0)
+}
+
+fn part<'a>(p: &'a [f32], o: &[usize; PARTS + 1], i: usize) -> &'a [f32] {
+    &p[o[i]..o[i + 1]]
+}
+
+/// Σ over rows of a (rows, c) matrix, in f64 (the rows are partial sums over blocks of rows).
+fn column_sums(x: &[f32], c: usize) -> Vec<f32> {
+    let mut acc = vec![0f64; c];
+    for row in x.chunks_exact(c) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+    }
+    acc.into_iter().map(|v| v as f32).collect()
+}
+
+/// Rows of x, after checking x holds whole sequences and p the whole packed parameter vector.
+fn check(dims: &SsmBlockDims, x_len: usize, p_len: usize) -> Result<usize> {
+    let SsmBlockDims { d, seq_len, .. } = *dims;
+    let rows = x_len / d.max(1);
+    if d == 0 || rows * d != x_len || seq_len == 0 || !rows.is_multiple_of(seq_len) {
+        candle_core::bail!("ssm-block: {x_len} values are not whole sequences of {seq_len} rows of {d}");
+    }
+    let want = dims.offsets()[PARTS];
+    if p_len != want {
+        candle_core::bail!("ssm-block: {p_len} packed parameters, expected {want}");
+    }
+    Ok(rows)
+}
+
+simd_dispatch! {
+    /// The block's output and what its backward needs.
+    fn block_forward(dims: &SsmBlockDims, quant: &SsmBlockQuant, residual: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+        let rows = check(dims, x.len(), p.len())?;
+        let SsmBlockDims { d, di, n, k, seq_len: l, eps } = *dims;
+        let o = dims.offsets();
+        let (ln_w, ln_b) = (part(p, &o, LN_W), part(p, &o, LN_B));
+
+        let stats = row_stats(x, d, eps);
+        let mut normed = vec![0f32; x.len()];
+        for ((out, row), &(mean, rstd)) in normed.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(&stats) {
+            for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(ln_w).zip(ln_b) {
+                *o = (v - mean) * rstd * w + b;
+            }
+        }
+
+        let w_in = part(p, &o, W_IN);
+        let (xs, z) = match &quant.in_proj {
+            Some(q) => {
+                let xz = q.matmul_t(&normed, rows);
+                let (mut xs, mut z) = (Vec::with_capacity(rows * di), Vec::with_capacity(rows * di));
+                for row in xz.chunks_exact(2 * di) {
+                    xs.extend_from_slice(&row[..di]);
+                    z.extend_from_slice(&row[di..]);
+                }
+                (xs, z)
+            }
+            None => (
+                gemm(Product::ABt, (&normed, rows, d), (&w_in[..di * d], di, d))?,
+                gemm(Product::ABt, (&normed, rows, d), (&w_in[di * d..], di, d))?,
+            ),
+        };
+
+        let mut pre = vec![0f32; rows * di];
+        conv_pre(&xs, part(p, &o, CONV_W), part(p, &o, CONV_B), l, di, k, &mut pre);
+        let mut xc = vec![0f32; pre.len()];
+        for_chunks(&mut xc, 16_384, |i, ch| {
+            for (o, &v) in ch.iter_mut().zip(&pre[i * 16_384..]) {
+                *o = v * sigmoid(v);
+            }
+        });
+
+        // Each row of qb: delta_proj(xc) before its bias (di values), then B·xc (n).
+        let wq = di + n;
+        let qb = match &quant.delta_proj {
+            Some(q) => {
+                let (qd, bx) = (q.matmul_t(&xc, rows), gemm(Product::ABt, (&xc, rows, di), (part(p, &o, B), n, di))?);
+                let mut qb = Vec::with_capacity(rows * wq);
+                for (qr, br) in qd.chunks_exact(di).zip(bx.chunks_exact(n.max(1))) {
+                    qb.extend_from_slice(qr);
+                    qb.extend_from_slice(&br[..n]);
+                }
+                qb
+            }
+            None => gemm(Product::ABt, (&xc, rows, di), (&p[o[W_DELTA]..o[B + 1]], wq, di))?,
+        };
+        // Δ per row: mean over channels of softplus(delta_proj(xc)).
+        let b_delta = part(p, &o, B_DELTA);
+        let mut delta = vec![0f32; rows];
+        let per = rows_per_task(di);
+        for_chunks(&mut delta, per, |i, out| {
+            let mut tmp = vec![0f32; di];
+            for (o, row) in out.iter_mut().zip(qb[i * per * wq..].chunks_exact(wq)) {
+                for ((t, &v), b) in tmp.iter_mut().zip(row).zip(b_delta) {
+                    *t = softplus(v + b);
+                }
+                *o = sum_lanes(&tmp) / di as f32;
+            }
+        });
+
+        // a = exp(Δ·A), u = Δ·(B x), h = scan(a, u).
+        let a_neg: Vec<f32> = part(p, &o, A_LOG).iter().map(|v| -v.exp()).collect();
+        let (mut a, mut u) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+        for (r, &dt) in delta.iter().enumerate() {
+            for j in 0..n {
+                a[r * n + j] = (dt * a_neg[j]).exp();
+                u[r * n + j] = dt * qb[r * wq + di + j];
+            }
+        }
+        let h = scan_fwd(&a, &u, (rows / l, l, n));
+
+        // y = C h + D ⊙ xc; gated = y ⊙ silu(z).
+        let mut y = gemm(Product::ABt, (&h, rows, n), (part(p, &o, C), di, n))?;
+        let d_skip = part(p, &o, D_SKIP);
+        let mut gated = vec![0f32; rows * di];
+        let per = rows_per_task(di);
+        for_chunks2(&mut y, per * di, &mut gated, per * di, |i, ys, gs| {
+            let (xcs, zs) = (&xc[i * per * di..], &z[i * per * di..]);
+            for (((yr, gr), xr), zr) in ys.chunks_exact_mut(di).zip(gs.chunks_exact_mut(di)).zip(xcs.chunks_exact(di)).zip(zs.chunks_exact(di)) {
+                for ((((y, g), &x), &z), &dd) in yr.iter_mut().zip(gr.iter_mut()).zip(xr).zip(zr).zip(d_skip) {
+                    *y += dd * x;
+                    *g = *y * z * sigmoid(z);
+                }
+            }
+        });
+
+        let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
+        match &quant.out_proj {
+            Some(q) => {
+                for (o, v) in out.iter_mut().zip(q.matmul_t(&gated, rows)) {
+                    *o += v;
+                }
+            }
+            None => Product::ABt.write_into((&gated, rows, di), (part(p, &o, W_OUT), d, di), &mut out, residual)?,
+        }
+        Ok((out, Saved { stats, normed, xs, z, pre, xc, qb, delta, a, h, y, gated }))
+    }
+}
+
+simd_dispatch! {
+    /// Gradients of the input and of the packed parameters, given the output's gradient `g`.
+    fn block_backward(dims: &SsmBlockDims, residual: bool, x: &[f32], p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rows = check(dims, x.len(), p.len())?;
+        let SsmBlockDims { d, di, n, k, seq_len: l, .. } = *dims;
+        let o = dims.offsets();
+        let mut dp = vec![0f32; o[PARTS]];
+        let at = |i: usize| o[i]..o[i + 1];
+
+        // out_proj
+        Product::AtB.write_into((g, rows, d), (&s.gated, rows, di), &mut dp[at(W_OUT)], false)?;
+        let mut dy = gemm(Product::AB, (g, rows, d), (part(p, &o, W_OUT), d, di))?;
+
+        // gate: dy ← dgated ⊙ silu(z); dz = dgated ⊙ y ⊙ silu'(z)
+        let mut dz = vec![0f32; rows * di];
+        for_chunks2(&mut dy, 16_384, &mut dz, 16_384, |i, dys, dzs| {
+            let (ys, zs) = (&s.y[i * 16_384..], &s.z[i * 16_384..]);
+            for (((dy, dz), &y), &z) in dys.iter_mut().zip(dzs.iter_mut()).zip(ys).zip(zs) {
+                let sg = sigmoid(z);
+                let dg = *dy;
+                *dy = dg * z * sg;
+                *dz = dg * y * sg * (1.0 + z * (1.0 - sg));
+            }
+        });
+
+        // y = C h + D ⊙ xc: ∂xc = dy ⊙ D, and ∂D summed per block of rows in f32, then in f64.
+        let d_skip = part(p, &o, D_SKIP);
+        let per = rows_per_task(di);
+        let mut dxc = vec![0f32; rows * di];
+        let mut d_partial = vec![0f32; rows.div_ceil(per) * di];
+        for_chunks2(&mut dxc, per * di, &mut d_partial, di, |i, out, acc| {
+            let base = i * per * di;
+            for ((or, gr), xr) in out.chunks_exact_mut(di).zip(dy[base..].chunks_exact(di)).zip(s.xc[base..].chunks_exact(di)) {
+                for (((o, &g), &dd), (a, &x)) in or.iter_mut().zip(gr).zip(d_skip).zip(acc.iter_mut().zip(xr)) {
+                    *o = g * dd;
+                    *a += g * x;
+                }
+            }
+        });
+        dp[at(D_SKIP)].copy_from_slice(&column_sums(&d_partial, di));
+        let dh = gemm(Product::AB, (&dy, rows, di), (part(p, &o, C), di, n))?;
+        Product::AtB.write_into((&dy, rows, di), (&s.h, rows, n), &mut dp[at(C)], false)?;
+
+        // The scan's adjoint, then back through a = exp(Δ·A) and u = Δ·(B x).
+        let lam = scan_rev(&s.a, &dh, (rows / l, l, n));
+        let a_neg: Vec<f32> = part(p, &o, A_LOG).iter().map(|v| -v.exp()).collect();
+        let mut ddelta = vec![0f32; rows];
+        // The gradient of qb: of delta_proj's product (filled below), then of B·xc.
+        let wq = di + n;
+        let mut dqb = vec![0f32; rows * wq];
+        let mut da_neg = vec![0f64; n];
+        for r in 0..rows {
+            let first = r % l == 0;
+            let mut acc = 0f32;
+            for j in 0..n {
+                let i = r * n + j;
+                let h_prev = if first { 0.0 } else { s.h[i - n] };
+                let da = lam[i] * h_prev * s.a[i]; // ∂/∂(Δ·A)
+                acc += lam[i] * s.qb[r * wq + di + j] + da * a_neg[j];
+                dqb[r * wq + di + j] = lam[i] * s.delta[r];
+                da_neg[j] += (da * s.delta[r]) as f64;
+            }
+            ddelta[r] = acc;
+        }
+        // A = −exp(A_log) ⇒ ∂A/∂A_log = A.
+        for ((t, &g), &an) in dp[at(A_LOG)].iter_mut().zip(&da_neg).zip(&a_neg) {
+            *t = g as f32 * an;
+        }
+        // Δ = mean softplus(q + bias): ∂q = ∂Δ / di · sigmoid(q + bias).
+        let b_delta = part(p, &o, B_DELTA);
+        let per = rows_per_task(wq);
+        let mut bias_partial = vec![0f32; rows.div_ceil(per) * di];
+        for_chunks2(&mut dqb, per * wq, &mut bias_partial, di, |i, out, acc| {
+            for ((or, qr), &gd) in out.chunks_exact_mut(wq).zip(s.qb[i * per * wq..].chunks_exact(wq)).zip(&ddelta[i * per..]) {
+                let scale = gd / di as f32;
+                for (((o, &v), &b), a) in or[..di].iter_mut().zip(&qr[..di]).zip(b_delta).zip(acc.iter_mut()) {
+                    *o = scale * sigmoid(v + b);
+                    *a += *o;
+                }
+            }
+        });
+        dp[at(B_DELTA)].copy_from_slice(&column_sums(&bias_partial, di));
+        // [delta_proj; B] together: their weight gradients and their share of ∂xc.
+        let wb = &p[o[W_DELTA]..o[B + 1]];
+        Product::AtB.write_into((&dqb, rows, wq), (&s.xc, rows, di), &mut dp[o[W_DELTA]..o[B + 1]], false)?;
+        Product::AB.write_into((&dqb, rows, wq), (wb, wq, di), &mut dxc, true)?;
+
+        // xc = silu(pre), pre = conv(xs) + bias.
+        for_chunks(&mut dxc, 16_384, |i, ch| {
+            for (g, &v) in ch.iter_mut().zip(&s.pre[i * 16_384..]) {
+                let sg = sigmoid(v);
+                *g *= sg * (1.0 + v * (1.0 - sg));
+            }
+        });
+        let conv_w = part(p, &o, CONV_W);
+        let dxs = conv_transpose(&dxc, conv_w, l, di, k);
+        let taps = conv_param_grad(&s.xs, &dxc, l, di, k); // (di, k + 1): taps, then the bias
+        for (ch, row) in taps.chunks_exact(k + 1).enumerate() {
+            dp[o[CONV_W] + ch * k..o[CONV_W] + (ch + 1) * k].copy_from_slice(&row[..k]);
+            dp[o[CONV_B] + ch] = row[k];
+        }
+
+        // in_proj (x and z halves), then the LayerNorm.
+        let w_in = part(p, &o, W_IN);
+        let (dw_x, dw_z) = dp[at(W_IN)].split_at_mut(di * d);
+        Product::AtB.write_into((&dxs, rows, di), (&s.normed, rows, d), dw_x, false)?;
+        Product::AtB.write_into((&dz, rows, di), (&s.normed, rows, d), dw_z, false)?;
+        let mut dnormed = gemm(Product::AB, (&dxs, rows, di), (&w_in[..di * d], di, d))?;
+        Product::AB.write_into((&dz, rows, di), (&w_in[di * d..], di, d), &mut dnormed, true)?;
+        let mut dx = if residual { g.to_vec() } else { vec![0f32; x.len()] };
+        let (dw, db) = layer_norm_bwd(x, part(p, &o, LN_W), &s.stats, &dnormed, &mut dx);
+        dp[at(LN_W)].copy_from_slice(&dw);
+        dp[at(LN_B)].copy_from_slice(&db);
+        Ok((dx, dp))
+    }
+}
+
+impl KeptBlock for SsmBlockOp {
+    type Saved = Saved;
+    const NAME: &'static str = "ssm-block";
+    fn forward(&self, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+        block_forward(&self.dims, &self.quant, self.residual, x, p)
+    }
+    fn backward(&self, x: &[f32], p: &[f32], saved: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        block_backward(&self.dims, self.residual, x, p, saved, g)
+    }
+}
+
+/// The SSM block on f32 rows x (batch · seq_len, d) with packed parameters (see [`pack`]):
+/// `x + out_proj(…)` with `residual`, `out_proj(…)` alone without. `train` keeps what the
+/// backward pass needs; `quant` (inference only) runs those projections on their integer kernels.
+pub fn ssm_block(
+    x: &Tensor,
+    packed: &Tensor,
+    dims: SsmBlockDims,
+    quant: SsmBlockQuant,
+    residual: bool,
+    train: bool,
+) -> Result<Tensor> {
+    if train && quant.any() {
+        candle_core::bail!("ssm-block: quantized weights are for inference; train the f32 model");
+    }
+    Kept::apply(SsmBlockOp { dims, quant, residual }, x, packed, train)
+}

@@ -1,0 +1,148 @@
+use super::*;
+use candle_core::{Device, Tensor, Var};
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Forward values and every input's gradient (against a random probe) of `fused` vs `ops`.
+fn agree(
+    inputs: &[Var],
+    fused: impl Fn(&[&Tensor]) -> Tensor,
+    ops: impl Fn(&[&Tensor]) -> Tensor,
+    tol: f32,
+    what: &str,
+) {
+    let ts: Vec<&Tensor> = inputs.iter().map(|v| v.as_tensor()).collect();
+    let (a, b) = (fused(&ts), ops(&ts));
+    assert!(max_diff(&a, &b) < tol, "{what} forward: {}", max_diff(&a, &b));
+    let probe = Tensor::randn(0f32, 1.0, a.shape(), &Device::Cpu).unwrap();
+    let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, v) in inputs.iter().enumerate() {
+        let (x, y) = (ga.get(v).expect("fused gradient"), gb.get(v).expect("reference gradient"));
+        assert_eq!(x.dims(), y.dims(), "{what} input {i}");
+        let scale = y.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        assert!(max_diff(x, y) / scale < tol, "{what} gradient of input {i}: {}", max_diff(x, y));
+    }
+}
+
+fn var(shape: &[usize], mean: f32, std: f32) -> Var {
+    Var::from_tensor(&Tensor::randn(mean, std, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+#[test]
+fn fast_exp_sigmoid_and_softplus_are_within_a_few_ulp() {
+    let mut worst = (0f64, 0f64, 0f64);
+    for i in 0..=200_000 {
+        let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+        let e = (x as f64).exp();
+        worst.0 = worst.0.max(((exp(x) as f64) - e).abs() / e);
+        let sig = 1.0 / (1.0 + (-(x as f64)).exp());
+        worst.1 = worst.1.max(((sigmoid(x) as f64) - sig).abs() / sig.max(1e-30));
+        let sp = (x as f64).max(0.0) + (-(x as f64).abs()).exp().ln_1p();
+        worst.2 = worst.2.max(((softplus(x) as f64) - sp).abs() / sp.max(1e-30));
+    }
+    assert!(worst.0 < 2.5e-7 && worst.1 < 5e-7 && worst.2 < 5e-7, "relative errors exp/sigmoid/softplus: {worst:?}");
+    assert_eq!(exp(-1000.0), exp(-87.0));
+    assert!(exp(1000.0).is_finite() && sigmoid(-1000.0) >= 0.0 && sigmoid(1000.0) == 1.0);
+}
+
+#[test]
+fn conv_silu_matches_the_op_by_op_form_and_its_gradients() {
+    for (b, l, c, k) in [(3, 17, 12, 4), (2, 3, 5, 4), (1, 9, 8, 2)] {
+        let vars = [var(&[b, l, c], 0.0, 1.0), var(&[c, k], 0.0, 0.5), var(&[c], 0.0, 0.3)];
+        agree(
+            &vars,
+            |t| causal_conv_silu(t[0], l, t[1], t[2]).unwrap(),
+            |t| causal_conv_silu_ops(t[0], t[1], t[2]).unwrap(),
+            1e-5,
+            "conv+silu",
+        );
+        // The same rows flattened to 2-D.
+        let flat = |t: &[&Tensor]| {
+            causal_conv_silu(&t[0].reshape((b * l, c)).unwrap(), l, t[1], t[2]).unwrap().reshape((b, l, c)).unwrap()
+        };
+        agree(&vars, flat, |t| causal_conv_silu_ops(t[0], t[1], t[2]).unwrap(), 1e-5, "conv+silu (2-D)");
+    }
+}
+
+#[test]
+fn conv_silu_accepts_a_strided_view() {
+    // The block feeds a narrow of in_proj's output.
+    let xz = Tensor::randn(0f32, 1.0, (2, 7, 10), &Device::Cpu).unwrap();
+    let x = xz.narrow(2, 0, 5).unwrap();
+    let (w, bias) = (
+        Tensor::randn(0f32, 0.5, (5, 4), &Device::Cpu).unwrap(),
+        Tensor::zeros(5, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    assert!(
+        max_diff(&causal_conv_silu(&x, 7, &w, &bias).unwrap(), &causal_conv_silu_ops(&x, &w, &bias).unwrap()) < 1e-6
+    );
+    assert!(causal_conv_silu(&x, 3, &w, &bias).unwrap_err().to_string().contains("not whole sequences"));
+}
+
+#[test]
+fn softplus_mean_matches_the_op_by_op_form_and_its_gradients() {
+    let vars = [var(&[3, 11, 20], 0.0, 4.0), var(&[20], 0.0, 1.0)];
+    let ops = |t: &[&Tensor]| {
+        let x = t[0].broadcast_add(t[1]).unwrap();
+        (x.relu().unwrap() + (x.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap().log().unwrap())
+            .unwrap()
+            .mean_keepdim(2)
+            .unwrap()
+    };
+    agree(&vars, |t| softplus_mean(t[0], t[1]).unwrap(), ops, 1e-5, "softplus-mean");
+}
+
+#[test]
+fn next_token_loss_matches_candle_cross_entropy_and_its_gradient() {
+    let logits = var(&[3, 7, 11], 0.0, 3.0);
+    let ids = Tensor::from_vec((0..21u32).map(|i| (i * 5 + 3) % 11).collect::<Vec<_>>(), (3, 7), &Device::Cpu).unwrap();
+    let ops = |t: &[&Tensor]| {
+        let pred = t[0].narrow(1, 0, 6).unwrap().reshape((18, 11)).unwrap();
+        candle_nn::loss::cross_entropy(&pred, &ids.narrow(1, 1, 6).unwrap().reshape(18).unwrap()).unwrap()
+    };
+    agree(&[logits], |t| next_token_cross_entropy(t[0], &ids).unwrap(), ops, 1e-5, "next-token loss");
+    let bad = Tensor::from_vec(vec![0u32, 11], (1, 2), &Device::Cpu).unwrap();
+    let e = next_token_cross_entropy(&Tensor::zeros((1, 2, 11), candle_core::DType::F32, &Device::Cpu).unwrap(), &bad)
+        .unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+}
+
+#[test]
+fn causal_softmax_matches_masked_softmax_and_its_gradient() {
+    for (l, keys, offset) in [(6, 6, 0), (1, 5, 4), (3, 7, 4)] {
+        let scores = var(&[2, 3, l, keys], 0.0, 2.0);
+        let scale = 0.35f32;
+        let ops = |t: &[&Tensor]| {
+            let mask: Vec<f32> = (0..l)
+                .flat_map(|i| (0..keys).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (l, keys), &Device::Cpu).unwrap();
+            candle_nn::ops::softmax(&(t[0] * scale as f64).unwrap().broadcast_add(&mask).unwrap(), 3).unwrap()
+        };
+        agree(&[scores], |t| causal_softmax(t[0], scale, offset).unwrap(), ops, 1e-5, "causal softmax");
+    }
+}
+
+#[test]
+fn gelu_matches_candle_gelu_erf_and_its_gradient() {
+    let vars = [var(&[5, 301], 0.0, 3.0)];
+    agree(&vars, |t| gelu_erf(t[0]).unwrap(), |t| t[0].gelu_erf().unwrap(), 1e-5, "gelu");
+    let worst = (0..=40_000)
+        .map(|i| -10.0 + 20.0 * i as f32 / 40_000.0)
+        .map(|x| ((erf(x) as f64) - libm_erf(x as f64)).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 6e-7, "erf: {worst}");
+}
+
+fn libm_erf(x: f64) -> f64 {
+    candle_core::cpu::erf::erf_f64(x)
+}
+
+#[test]
+fn silu_gate_matches_the_op_by_op_form_and_its_gradients() {
+    let vars = [var(&[2, 9, 33], 0.0, 1.0), var(&[2, 9, 33], 0.0, 3.0)];
+    agree(&vars, |t| silu_gate(t[0], t[1]).unwrap(), |t| (t[0] * t[1].silu().unwrap()).unwrap(), 1e-5, "silu-gate");
+}
