@@ -54,8 +54,26 @@ pub mod report_templates {
         stage_report::load_input(path).map_err(|e| e.to_string())
     }
 
-    /// Render `text` with `context` into `out_dir/file_name`; plots go beside it.
-    pub fn render_to(name: &str, text: &str, context: &Value, out_dir: &Path, file_name: &str) -> Result<(), String> {
-        stage_report::render_to(name, text, context, out_dir, file_name).map(|_| ()).map_err(|e| e.to_string())
+    /// Render `text` with `context` into `out_dir/file_name`; plots go beside it. With
+    /// `append_provenance`, a template that does not call `provenance()` gets it appended.
+    pub fn render_to(
+        name: &str,
+        text: &str,
+        context: &Value,
+        out_dir: &Path,
+        file_name: &str,
+        append_provenance: bool,
+    ) -> Result<(), String> {
+        stage_report::render_to(name, text, context, out_dir, file_name, append_provenance)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
+
+    /// Every dotted name of `context` with a one-line sample of its value.
+    pub fn names(context: &Value) -> Vec<(String, String)> {
+        stage_report::names::paths(context).into_iter().map(|(p, v)| (p, stage_report::names::sample(v, 70))).collect()
+    }
+
+    /// The template functions and filters, for `--vars`.
+    pub const FUNCTIONS_AND_FILTERS: &str = stage_report::FUNCTIONS_AND_FILTERS;
 }

@@ -14,14 +14,15 @@ use serde_json::{json, Map, Value};
 
 use super::{Env, Failure, PipelineArgs};
 use crate::dag::Dag;
+use crate::diag::Diagnostic;
 use crate::pipeline::{InputRef, Pipeline};
 use crate::registry::report_templates;
 use crate::store::Store;
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
-    /// The template (minijinja), e.g. templates/phase4.md.j2.
-    template: PathBuf,
+    /// The template (minijinja), e.g. templates/phase4.md.j2 (not needed with --vars).
+    template: Option<PathBuf>,
     /// The pipeline whose cached results fill the template.
     #[arg(long)]
     pub(super) pipeline: PathBuf,
@@ -30,15 +31,44 @@ pub(super) struct Args {
     sets: Vec<String>,
     /// Where to write the markdown; plots go beside it.
     #[arg(short = 'o', long = "out", value_name = "OUT.md")]
-    out: PathBuf,
+    out: Option<PathBuf>,
+    /// Print every name the template can use, with a sample of its value, and render nothing.
+    #[arg(long, conflicts_with = "out")]
+    vars: bool,
+    /// Do not append the provenance section (it is appended unless the template calls
+    /// `provenance()` itself).
+    #[arg(long)]
+    no_provenance: bool,
 }
 
 pub(super) fn report(env: &Env, a: Args) -> Result<i32, Failure> {
     let (p, dag) = env.load(&PipelineArgs { pipeline: a.pipeline, sets: a.sets })?;
     let store = env.open_store()?;
-    render_cached(&p, &dag, &store, &a.template, &a.out)?;
-    eprintln!("wrote {}", a.out.display());
+    if a.vars {
+        print_vars(&p, &dag, &store, a.template.as_deref())?;
+        return Ok(0);
+    }
+    let (Some(template), Some(out)) = (a.template, a.out) else {
+        let msg = "report needs TEMPLATE and -o OUT.md (or --vars to list what a template can use)";
+        return Err(Diagnostic::new("E-CLI", msg).into());
+    };
+    render_cached(&p, &dag, &store, &template, &out, !a.no_provenance)?;
+    eprintln!("wrote {}", out.display());
     Ok(0)
+}
+
+/// `--vars`: every name of the context with a sample, then the functions and filters.
+fn print_vars(p: &Pipeline, dag: &Dag, store: &Store, template: Option<&Path>) -> anyhow::Result<()> {
+    let scratch = scratch()?;
+    let context = context(p, dag, store, template, scratch.path())?;
+    let names = report_templates::names(&context);
+    let width = names.iter().map(|(n, _)| n.len()).max().unwrap_or(0).min(48);
+    println!("Names a template rendered against `{}` can use (from the cache):", p.name);
+    for (name, sample) in &names {
+        println!("  {name:<width$}  {sample}");
+    }
+    println!("\n{}", report_templates::FUNCTIONS_AND_FILTERS);
+    Ok(())
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -107,17 +137,38 @@ fn wired_inputs(p: &Pipeline, template: &Path, files: &BTreeMap<(String, String)
     Ok(Value::Object(inputs))
 }
 
-pub fn render_cached(p: &Pipeline, dag: &Dag, store: &Store, template: &Path, out: &Path) -> anyhow::Result<()> {
+fn scratch() -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix("orchestrate-report-").tempdir().context("creating a scratch folder")
+}
+
+/// What a template sees: `inputs` (as the report stage rendering `template` wires them),
+/// `stages`, `run` and `params`.
+fn context(p: &Pipeline, dag: &Dag, store: &Store, template: Option<&Path>, scratch: &Path) -> anyhow::Result<Value> {
+    let cached = export_cached(p, dag, store, scratch)?;
+    let inputs = match template {
+        Some(t) => wired_inputs(p, t, &cached.files)?,
+        None => Value::Object(Map::new()),
+    };
+    let run = crate::run_description::describe(p, cached.run_stages, "cache (orchestrate report)");
+    Ok(json!({"inputs": inputs, "stages": cached.stages, "run": run, "params": p.params}))
+}
+
+/// Render `template` into `out`; with `provenance`, append the provenance section unless the
+/// template renders it itself.
+pub fn render_cached(
+    p: &Pipeline,
+    dag: &Dag,
+    store: &Store,
+    template: &Path,
+    out: &Path,
+    provenance: bool,
+) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(template).with_context(|| format!("reading the template {}", template.display()))?;
-    let scratch =
-        tempfile::Builder::new().prefix("orchestrate-report-").tempdir().context("creating a scratch folder")?;
-    let cached = export_cached(p, dag, store, scratch.path())?;
-    let inputs = wired_inputs(p, template, &cached.files)?;
-    let run = crate::run_description::describe(p, cached.run_stages, "cache (orchestrate report)");
-    let context = json!({"inputs": inputs, "stages": cached.stages, "run": run, "params": p.params});
+    let scratch = scratch()?;
+    let context = context(p, dag, store, Some(template), scratch.path())?;
     let out_dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let file_name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "report.md".into());
     let name = template.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "template".into());
-    report_templates::render_to(&name, &text, &context, out_dir, &file_name).map_err(|e| anyhow!(e))
+    report_templates::render_to(&name, &text, &context, out_dir, &file_name, provenance).map_err(|e| anyhow!(e))
 }

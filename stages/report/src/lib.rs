@@ -12,9 +12,12 @@
 //! with a `label`; `progression(png, steps)` with steps `{label, params, bytes, perplexity}`. Filters: `bytes`,
 //! `ratio`, `fixed(n)`, `pct`, `signed_pct`, `int`.
 
+pub mod names;
 pub mod plots;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use minijinja::{Environment, Error, ErrorKind};
 use serde_json::{Map, Value};
@@ -31,11 +34,15 @@ fn csv_rows(text: &str) -> Value {
             .map(|l| {
                 let mut row = Map::new();
                 for (k, v) in header.iter().zip(l.split(',')) {
-                    let parsed = v
-                        .parse::<f64>()
-                        .ok()
-                        .and_then(|f| serde_json::Number::from_f64(f).map(Value::Number))
-                        .unwrap_or_else(|| Value::String(v.to_string()));
+                    // Integers stay integers (`{{ row.step }}` renders `12`, not `12.0`).
+                    let parsed = match v.parse::<i64>() {
+                        Ok(i) => Value::from(i),
+                        Err(_) => v
+                            .parse::<f64>()
+                            .ok()
+                            .and_then(|f| serde_json::Number::from_f64(f).map(Value::Number))
+                            .unwrap_or_else(|| Value::String(v.to_string())),
+                    };
                     row.insert(k.to_string(), parsed);
                 }
                 Value::Object(row)
@@ -132,8 +139,15 @@ fn label_of(v: &Value) -> String {
 
 /// The template environment: filters, and plot functions writing into `out_dir`.
 pub fn environment(out_dir: &Path) -> Environment<'static> {
+    environment_noting_provenance(out_dir, Arc::new(AtomicBool::new(false)))
+}
+
+/// As [`environment`]; `provenance_called` is set when the template calls `provenance()`.
+fn environment_noting_provenance(out_dir: &Path, provenance_called: Arc<AtomicBool>) -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    // A rendered file ends with a newline, as text files do.
+    env.set_keep_trailing_newline(true);
     env.add_filter("bytes", |v: minijinja::Value| -> Result<String, Error> { Ok(format_bytes(num(&v)?)) });
     env.add_filter("int", |v: minijinja::Value| -> Result<String, Error> { Ok(format_int(num(&v)?)) });
     env.add_filter("ratio", |v: minijinja::Value| -> Result<String, Error> { Ok(format!("{:.2}×", num(&v)?)) });
@@ -234,10 +248,19 @@ pub fn environment(out_dir: &Path) -> Environment<'static> {
         },
     );
     env.add_function("provenance", move |state: &minijinja::State| -> Result<String, Error> {
+        provenance_called.store(true, Ordering::Relaxed);
         Ok(run_of(state)?.map(|r| provenance(&r)).unwrap_or_default())
     });
     env
 }
+
+/// The functions and filters every template has, one per line (`orchestrate report --vars`
+/// prints them; docs/reports.md explains each).
+pub const FUNCTIONS_AND_FILTERS: &str = "\
+functions: training_curves(png, {label: metrics_rows}) · bars(png, title, items, \"dotted.key\", y_label) · \
+scatter(png, title, items, [\"x.key\", x_label], [\"y.key\", y_label]) · progression(png, steps) · \
+origin(\"stage\", …) · provenance()
+filters: bytes · int · ratio · fixed(n) · pct · signed_pct";
 
 /// One line saying where a section's numbers came from, stage by stage: computed by the run that
 /// rendered the report, or reused from the cache (and when they were measured).
@@ -297,38 +320,68 @@ pub fn provenance(run: &Value) -> String {
 
 /// Render `template` (its text and a name for errors) with `context` into `out_dir/report.md`.
 pub fn render(template_name: &str, template: &str, context: &Value, out_dir: &Path) -> Result<String, StageError> {
-    render_to(template_name, template, context, out_dir, "report.md")
+    render_to(template_name, template, context, out_dir, "report.md", false)
 }
 
-/// As [`render`], into `out_dir/file_name`; plots go beside it.
+/// As [`render`], into `out_dir/file_name`; plots go beside it. With `append_provenance`, a
+/// template that did not call `provenance()` gets the provenance section of `context.run`
+/// appended. The file always ends with a newline.
 pub fn render_to(
     template_name: &str,
     template: &str,
     context: &Value,
     out_dir: &Path,
     file_name: &str,
+    append_provenance: bool,
 ) -> Result<String, StageError> {
     std::fs::create_dir_all(out_dir).map_err(|e| StageError::io(format!("creating {}", out_dir.display()), e))?;
-    let env = environment(out_dir);
-    let describe = |e: &Error| {
-        let at = e.line().map(|l| format!("{template_name}:{l}")).unwrap_or_else(|| template_name.to_string());
-        let mut msg = format!("{at}: {e}");
-        let mut src = std::error::Error::source(e);
-        while let Some(s) = src {
-            msg.push_str(&format!(": {s}"));
-            src = s.source();
-        }
-        if let Some(span) = e.range().and_then(|r| template.get(r)) {
-            msg.push_str(&format!("\n  in: {span}"));
-        } else if let Some(line) = e.line().and_then(|l| template.lines().nth(l.saturating_sub(1))) {
-            msg.push_str(&format!("\n  | {}", line.trim()));
-        }
-        StageError::failed(msg)
-    };
+    let called = Arc::new(AtomicBool::new(false));
+    let env = environment_noting_provenance(out_dir, called.clone());
+    let describe = |e: &Error| StageError::failed(describe_error(e, template_name, template, context));
     let tmpl = env.template_from_named_str(template_name, template).map_err(|e| describe(&e))?;
-    let text = tmpl.render(context).map_err(|e| describe(&e))?;
+    let mut text = tmpl.render(context).map_err(|e| describe(&e))?;
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    if let Some(run) = context.get("run").filter(|_| append_provenance && !called.load(Ordering::Relaxed)) {
+        text.push('\n');
+        text.push_str(&provenance(run));
+    }
     std::fs::write(out_dir.join(file_name), &text).map_err(|e| StageError::io(format!("writing {file_name}"), e))?;
     Ok(text)
+}
+
+/// A template error as `name:line: message`, its causes, the offending text, and for an
+/// undefined name the closest names the context has.
+fn describe_error(e: &Error, template_name: &str, template: &str, context: &Value) -> String {
+    let at = e.line().map(|l| format!("{template_name}:{l}")).unwrap_or_else(|| template_name.to_string());
+    let mut msg = format!("{at}: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    if let Some(span) = e.range().and_then(|r| template.get(r)) {
+        msg.push_str(&format!("\n  in: {span}"));
+    } else if let Some(line) = e.line().and_then(|l| template.lines().nth(l.saturating_sub(1))) {
+        msg.push_str(&format!("\n  | {}", line.trim()));
+    }
+    if e.kind() == ErrorKind::UndefinedError {
+        if let Some(name) = e.range().and_then(|r| names::name_at(template, r.start)) {
+            let paths: Vec<String> = names::paths(context).into_iter().map(|(p, _)| p).collect();
+            let near = names::closest(&name, &paths);
+            let help = match near.as_slice() {
+                [] => "`orchestrate report --vars --pipeline P` lists every name a template can use".to_string(),
+                [one] => format!("did you mean `{one}`?"),
+                many => format!(
+                    "did you mean one of: {}?",
+                    many.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
+                ),
+            };
+            msg.push_str(&format!("\n  = help: `{name}` is not defined; {help}"));
+        }
+    }
+    msg
 }
 
 impl Stage for ReportStage {
@@ -336,7 +389,7 @@ impl Stage for ReportStage {
         "report"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn describe(&self) -> &'static str {
         "render a minijinja markdown template with the upstream results and PNG plots → report/ (report.md + *.png)"
