@@ -66,6 +66,17 @@ impl StageOutcome {
     }
 }
 
+/// A final output copied where a person can open it (see `deliver`).
+#[derive(Clone, Debug, Serialize)]
+pub struct DeliveredOutput {
+    pub stage: String,
+    pub output: String,
+    /// The copy: under the store's `outputs/`, or the pipeline's `publish:` destination.
+    pub path: String,
+    /// Whether the pipeline's `publish:` put it there.
+    pub published: bool,
+}
+
 /// The result of `run`, printed as JSON by `run --json`.
 #[derive(Debug, Serialize)]
 pub struct RunSummary {
@@ -74,6 +85,9 @@ pub struct RunSummary {
     pub wall_s: f64,
     pub cores: u32,
     pub stages: Vec<StageOutcome>,
+    /// The final outputs, once delivered after a successful run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<DeliveredOutput>,
 }
 
 impl RunSummary {

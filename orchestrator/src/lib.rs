@@ -6,11 +6,13 @@
 //! resolved stages) → `dag` (petgraph) → `objects` (blake3 blobs and trees) → `cache_key` →
 //! `store` (sled index, manifests, lock) → `exec` (one child process) → `runner` (one stage:
 //! inputs in, outputs stored) → `events` → `run_description` → `sched` (the run loop) →
-//! `progress` → `plan`, `replay` → `cli` (one module per verb).
+//! `progress` → `deliver` (final outputs copied out) → `plan`, `replay` → `cli` (one module
+//! per verb).
 
 pub mod cache_key;
 pub mod cli;
 pub mod dag;
+pub mod deliver;
 pub mod diag;
 pub mod events;
 pub mod exec;

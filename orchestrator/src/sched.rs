@@ -439,6 +439,7 @@ impl<'a> RunLoop<'a> {
             wall_s: self.t0.elapsed().as_secs_f64(),
             cores: self.opts.cores,
             stages: self.dag.order.iter().filter_map(|&i| self.outcomes[i].clone()).collect(),
+            outputs: Vec::new(),
         };
         events.finish(&summary);
         summary

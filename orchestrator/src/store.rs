@@ -155,6 +155,8 @@ pub struct Store {
     last: sled::Tree,
     runs: sled::Tree,
     stat: sled::Tree,
+    /// Copies of outputs placed outside `objects/` (`deliver`): destination → digest.
+    delivered: sled::Tree,
     _lock: StoreLock,
 }
 
@@ -213,6 +215,7 @@ impl Store {
             last: db.open_tree("last")?,
             runs: db.open_tree("runs")?,
             stat: db.open_tree("stat")?,
+            delivered: db.open_tree("delivered")?,
             db,
             objects: std::sync::Arc::new(objects),
             root: root.to_path_buf(),
@@ -322,6 +325,18 @@ impl Store {
             return Err(format!("{} already exists; remove it or pick another destination", to.display()));
         }
         self.objects.materialize(entry, to, what).map_err(|e| format!("exporting {what}: {e}"))
+    }
+
+    /// The digest last copied to `dest` by `deliver`, if orchestrate put something there.
+    pub fn delivered(&self, dest: &Path) -> Option<String> {
+        let v = self.delivered.get(dest.as_os_str().as_encoded_bytes()).ok()??;
+        Some(String::from_utf8_lossy(&v).into_owned())
+    }
+
+    /// Record that `dest` now holds a copy of `digest`.
+    pub fn record_delivered(&self, dest: &Path, digest: &str) -> Result<()> {
+        self.delivered.insert(dest.as_os_str().as_encoded_bytes(), digest.as_bytes())?;
+        self.flush()
     }
 
     /// Run records, newest first.

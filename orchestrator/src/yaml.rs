@@ -205,24 +205,12 @@ impl<'de> Visitor<'de> for KindVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Kind, A::Error> {
         let mut entries = Vec::new();
-        while let Some(k) = map.next_key::<Spanned<SpannedKind>>()? {
+        // A key is the text written (`n`, `010`, `1.50`), never a boolean or a number.
+        while let Some(k) = map.next_key::<Spanned<String>>()? {
             let kpos = pos_of(&k);
-            let name = match k.value.0 {
-                Kind::Str(s) => s,
-                Kind::Int(i) => i.to_string(),
-                Kind::Float(f) => f.to_string(),
-                Kind::Bool(b) => b.to_string(),
-                Kind::Null => "null".to_string(),
-                Kind::Seq(_) | Kind::Map(_) => {
-                    return Err(de::Error::custom(format!(
-                        "line {} column {}: a mapping key must be a plain value, not a list or map",
-                        kpos.line, kpos.col
-                    )))
-                }
-            };
             let v = map.next_value::<Spanned<SpannedKind>>()?;
             let vpos = pos_of(&v);
-            entries.push((Key { name, pos: kpos }, Node { kind: v.value.0, pos: vpos }));
+            entries.push((Key { name: k.value, pos: kpos }, Node { kind: v.value.0, pos: vpos }));
         }
         Ok(Kind::Map(entries))
     }
@@ -246,9 +234,13 @@ pub struct YamlError {
 
 fn options() -> serde_saphyr::Options {
     // Duplicate keys reach our visitor so we can name both places (a duplicate stage name is
-    // a pipeline error with its own message); the budget bounds alias bombs.
+    // a pipeline error with its own message); the budget bounds alias bombs. The YAML 1.2
+    // Core schema: only `true`/`false` (any case) are booleans, so `n`, `y`, `on`, `off`,
+    // `yes`, `no` stay the words written; a null-looking key (`~`) is its text.
     serde_saphyr::options! {
         duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::PassThrough,
+        strict_booleans: true,
+        null_as_string: true,
     }
 }
 
@@ -257,12 +249,38 @@ pub fn parse(source: &str) -> Result<Node, YamlError> {
     match serde_saphyr::from_str_with_options::<Spanned<SpannedKind>>(source, options()) {
         Ok(root) => {
             let pos = pos_of(&root);
-            Ok(Node { kind: root.value.0, pos })
+            let mut node = Node { kind: root.value.0, pos };
+            integers_as_written(&mut node, source);
+            Ok(node)
         }
         Err(e) => {
             let pos = e.location().map(|l| Pos { line: l.line() as u32, col: l.column() as u32 });
             Err(YamlError { message: first_line_message(&e.to_string()), pos })
         }
+    }
+}
+
+/// YAML 1.2 Core reads a plain `010` or `-007` as an integer; serde-saphyr infers a float for
+/// decimals with leading zeros. Only plain scalars become floats, so a float whose text in the
+/// file is a decimal integer is turned back into that integer.
+fn integers_as_written(node: &mut Node, source: &str) {
+    match &mut node.kind {
+        Kind::Float(_) => {
+            let token = source
+                .lines()
+                .nth(node.pos.line.saturating_sub(1) as usize)
+                .and_then(|l| l.get(node.pos.col.saturating_sub(1) as usize..))
+                .map(|rest| rest.split(|c: char| c.is_whitespace() || ",]}#".contains(c)).next().unwrap_or(""));
+            let digits = token.map(|t| t.trim_start_matches(['-', '+']));
+            if digits.is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) {
+                if let Some(i) = token.and_then(|t| t.trim_start_matches('+').parse::<i64>().ok()) {
+                    node.kind = Kind::Int(i);
+                }
+            }
+        }
+        Kind::Seq(items) => items.iter_mut().for_each(|n| integers_as_written(n, source)),
+        Kind::Map(m) => m.iter_mut().for_each(|(_, n)| integers_as_written(n, source)),
+        _ => {}
     }
 }
 
@@ -309,6 +327,32 @@ mod tests {
         let e = parse("a: [1, 2\nb: 3\n").unwrap_err();
         assert!(e.pos.is_some(), "{e:?}");
         assert!(!e.message.is_empty());
+    }
+
+    #[test]
+    fn yaml_1_2_core_schema() {
+        let root = parse("n: no\ny: off\non: yes\nNO: n\n010: 010\n1.50: 1.50\nt: True\nf: false\nx: 0x1F\n").unwrap();
+        let map: Vec<(String, Kind)> =
+            root.as_map().unwrap().iter().map(|(k, v)| (k.name.clone(), v.kind.clone())).collect();
+        let s = |v: &str| Kind::Str(v.into());
+        assert_eq!(
+            map,
+            vec![
+                ("n".into(), s("no")),
+                ("y".into(), s("off")),
+                ("on".into(), s("yes")),
+                ("NO".into(), s("n")),
+                ("010".into(), Kind::Int(10)),
+                ("1.50".into(), Kind::Float(1.5)),
+                ("t".into(), Kind::Bool(true)),
+                ("f".into(), Kind::Bool(false)),
+                ("x".into(), Kind::Int(31)),
+            ]
+        );
+        assert!(parse("[1, 2]: x\n").is_err(), "a key must be a plain value");
+        let flow = parse("a: [007, -010, '010', 1.0, 2e3]\n").unwrap();
+        assert_eq!(flow.get("a").unwrap().to_json(), serde_json::json!([7, -10, "010", 1.0, 2000.0]));
+        assert_eq!(parse_value("010").unwrap().kind, Kind::Int(10));
     }
 
     #[test]

@@ -161,6 +161,20 @@ pub fn shipped_pipeline(name: &str) -> String {
 }
 
 impl Project {
+    /// A copy of a shipped pipeline with the templates beside it, as the repository lays them
+    /// out (`pipelines/NAME.yaml`, `templates/`), so its `publish:` destinations land in this
+    /// project and not in the repository.
+    pub fn shipped_copy(&self, name: &str) -> String {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let text = std::fs::read_to_string(repo.join(format!("pipelines/{name}.yaml"))).expect("shipped pipeline");
+        let file = self.write(&format!("pipelines/{name}.yaml"), &text);
+        for t in std::fs::read_dir(repo.join("templates")).expect("templates/").flatten() {
+            let body = std::fs::read_to_string(t.path()).expect("template");
+            self.write(&format!("templates/{}", t.file_name().to_string_lossy()), &body);
+        }
+        file.display().to_string()
+    }
+
     /// A [`PipelineCli`] for `file` on this project's store; `sets` are `KEY=VALUE` overrides.
     pub fn pipeline(&self, file: &str, sets: &[&str]) -> PipelineCli<'_> {
         PipelineCli {

@@ -1,7 +1,7 @@
 //! pipelines/phase4.yaml end to end with tiny budgets: it runs cold, reruns fully cached,
 //! replays every deterministic stage identically, and its report has every section and valid PNGs.
 
-use e2e_tests::{shipped_pipeline, Project};
+use e2e_tests::Project;
 
 /// Tiny budgets: `--set` overrides every verb gets.
 const SMALL: &[&str] = &[
@@ -33,7 +33,7 @@ const SMALL: &[&str] = &[
 #[test]
 fn reduced_phase4_runs_caches_replays_and_reports() {
     let p = Project::new();
-    let file = shipped_pipeline("phase4");
+    let file = p.shipped_copy("phase4");
     let cli = p.pipeline(&file, SMALL);
     let store = p.store().display().to_string();
     let run = |a: Vec<String>| p.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
@@ -42,9 +42,21 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
     let statuses = cold.statuses();
     assert_eq!(statuses.len(), 16, "{}", cold.stdout);
     assert!(statuses.iter().all(|(_, s)| s == "ran"), "{}", cold.stdout);
+    // `publish:` put the report where the run says, with its plots.
+    let published = p.path().join("reports/phase4");
+    let outputs = &cold.json()["outputs"];
+    assert_eq!(outputs[0]["path"], published.display().to_string(), "{outputs}");
+    let md = std::fs::read_to_string(published.join("report.md")).unwrap();
+    for png in md.split("](").skip(1).filter_map(|s| s.split(')').next()).filter(|s| s.ends_with(".png")) {
+        assert!(published.join(png).is_file(), "{png} is linked from the published report but missing");
+    }
 
-    let warm = cli.run("run", &["--json"]);
+    let warm = cli.run("run", &[]);
     warm.assert_ok();
+    assert!(warm.stderr.contains("cached     report"), "{}", warm.stderr);
+    let named = "report.report  reports/phase4  (folder of";
+    assert!(warm.stderr.contains(named), "the run names the report's path:\n{}", warm.stderr);
+    let warm = cli.run("run", &["--json"]);
     assert!(warm.statuses().iter().all(|(_, s)| s == "cached"), "{}", warm.stdout);
 
     let replay = cli.run("replay", &[]);
@@ -116,8 +128,7 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
     }
 
     // `orchestrate report` renders the same template from the cache, with provenance, running nothing.
-    let template =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/phase4.md.j2").display().to_string();
+    let template = p.path().join("templates/phase4.md.j2").display().to_string();
     let out = p.path().join("cli/phase4.md");
     let report_args = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = [
@@ -170,7 +181,7 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
 #[test]
 fn reduced_phase3_runs_and_reports() {
     let p = Project::new();
-    let file = shipped_pipeline("phase3");
+    let file = p.shipped_copy("phase3");
     let small = [
         "steps=12",
         "batch=4",

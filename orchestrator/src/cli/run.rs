@@ -4,6 +4,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::{cores_arg, print_json, runtime, stage_index, Env, Failure, PipelineArgs};
+use crate::deliver;
+use crate::events::RunSummary;
 use crate::progress::Progress;
 use crate::sched::{self, RunOptions};
 
@@ -41,9 +43,37 @@ pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
     store.clean_tmp();
     let mut progress = Progress::new(a.json);
     let opts = RunOptions { cores, keep_going: a.keep_going, only };
-    let summary = runtime()?.block_on(sched::run(&p, &dag, store, opts, &mut progress));
+    let mut summary = runtime()?.block_on(sched::run(&p, &dag, store.clone(), opts, &mut progress));
+    // Every result is stored by now; only copying the final ones out can still fail.
+    let delivered = if summary.status == "ok" { deliver::deliver(&p, &dag, &store, &summary) } else { Ok(vec![]) };
+    if let Ok(outputs) = &delivered {
+        summary.outputs = outputs.clone();
+    }
     if a.json {
         print_json(&summary)?;
+    } else {
+        print_outputs(&summary, &a.p);
     }
-    Ok(summary.exit_code())
+    match delivered {
+        Ok(_) => Ok(summary.exit_code()),
+        Err(e) => {
+            eprintln!("error: every stage finished and is stored, but copying the final outputs failed: {e}");
+            Ok(1)
+        }
+    }
+}
+
+/// Where the final outputs are, and how to copy any output elsewhere.
+fn print_outputs(summary: &RunSummary, p: &PipelineArgs) {
+    if summary.outputs.is_empty() {
+        return;
+    }
+    let published = summary.outputs.iter().all(|o| o.published);
+    eprintln!("{}", if published { "published (read-only copies):" } else { "outputs (read-only copies):" });
+    let width = summary.outputs.iter().map(|o| o.stage.len() + o.output.len() + 1).max().unwrap_or(0);
+    for o in &summary.outputs {
+        let name = format!("{}.{}", o.stage, o.output);
+        eprintln!("  {name:<width$}  {}  ({})", deliver::shown(&o.path), deliver::describe(&o.path));
+    }
+    eprintln!("copy any output elsewhere with `orchestrate export {} STAGE.OUTPUT DEST`", p.pipeline.display());
 }

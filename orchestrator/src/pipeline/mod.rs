@@ -23,7 +23,7 @@ use crate::interp::InterpError;
 use crate::registry::Registry;
 use crate::yaml::{Key, Kind, Node, Pos};
 
-const TOP_KEYS: &[&str] = &["name", "description", "params", "stages"];
+const TOP_KEYS: &[&str] = &["name", "description", "params", "stages", "publish"];
 const STAGE_KEYS: &[&str] = &[
     "kind",
     "description",
@@ -72,6 +72,15 @@ pub struct StageInstance {
     pub node: Node,
 }
 
+/// `publish:` — a stage output copied into the working tree after a successful run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Publish {
+    pub stage: String,
+    pub output: String,
+    /// Where the copy goes: the path as written, resolved against the pipeline file's folder.
+    pub dest: PathBuf,
+}
+
 #[derive(Clone, Debug)]
 pub struct Pipeline {
     pub name: String,
@@ -81,6 +90,8 @@ pub struct Pipeline {
     pub params: Value,
     /// In file order; `foreach` expansions stay together in item order.
     pub stages: Vec<StageInstance>,
+    /// `publish:` entries, in file order.
+    pub publish: Vec<Publish>,
 }
 
 impl Pipeline {
@@ -219,8 +230,9 @@ pub fn load(file: &Path, sets: &[String], registry: &Registry) -> Result<Pipelin
         pending.extend(expand::expand(&doc.ctx, registry, &doc.params, &doc.dir, key, decl)?);
     }
     let stages = wire::wire(&doc.ctx, &doc.dir, pending)?;
+    let publish = wire::publish(&doc.ctx, &doc.dir, doc.root.get("publish"), &stages)?;
     let parse::Document { ctx, name, params, dir, .. } = doc;
-    Ok(Pipeline { name, file: ctx.file, dir, source: ctx.source, params, stages })
+    Ok(Pipeline { name, file: ctx.file, dir, source: ctx.source, params, stages, publish })
 }
 
 /// Params as a stage sees them: every `file:PATH` replaced by `file:<absolute path>`.

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::expand::Pending;
-use super::{Ctx, InputRef, StageInstance};
+use super::{map_or_err, Ctx, InputRef, Publish, StageInstance};
 use crate::diag::{suggest, Diagnostic};
-use crate::yaml::Pos;
+use crate::yaml::{Node, Pos};
 
 /// Every instance with its inputs resolved.
 pub(super) fn wire(ctx: &Ctx, dir: &Path, pending: Vec<Pending>) -> Result<Vec<StageInstance>, Diagnostic> {
@@ -25,13 +25,47 @@ pub(super) fn wire(ctx: &Ctx, dir: &Path, pending: Vec<Pending>) -> Result<Vec<S
         for (input, text, pos) in p.raw_inputs {
             let r = match text.strip_prefix("file:") {
                 Some(path) => file_input(ctx, dir, path.trim(), &input, &p.inst.name, pos)?,
-                None => refs.resolve(ctx, &text, pos, &input, &p.inst.name)?,
+                None => refs.resolve(ctx, &text, pos, &format!("input `{input}` of stage `{}`", p.inst.name))?,
             };
             p.inst.inputs.insert(input, r);
         }
         stages.push(p.inst);
     }
     Ok(stages)
+}
+
+/// `publish: {STAGE.OUTPUT: PATH, …}`: each key a real output, each path a folder or file
+/// name (not `.`, `..` or `/`), resolved against the pipeline file's folder.
+pub(super) fn publish(
+    ctx: &Ctx,
+    dir: &Path,
+    node: Option<&Node>,
+    stages: &[StageInstance],
+) -> Result<Vec<Publish>, Diagnostic> {
+    let Some(node) = node else { return Ok(Vec::new()) };
+    let map = map_or_err(ctx, node, "`publish`")?;
+    let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+    let refs = Refs { outputs_of: stages.iter().map(|s| (s.name.clone(), s.outputs.clone())).collect(), names };
+    let mut out: Vec<Publish> = Vec::new();
+    for (k, v) in map {
+        let what = format!("`publish` entry `{}`", k.name);
+        let InputRef::Stage { stage, output } = refs.resolve(ctx, &k.name, k.pos, &what)? else {
+            return Err(ctx.err("E-PUBLISH", "publish keys are `STAGE.OUTPUT`", k.pos));
+        };
+        let Some(written) = v.as_str().filter(|w| Path::new(w).file_name().is_some()) else {
+            return Err(ctx
+                .err("E-PUBLISH", format!("`publish` of `{}` needs a destination path", k.name), v.pos)
+                .help("a folder or file name relative to the pipeline file's folder, e.g. `../reports/phase4`"));
+        };
+        let dest = dir.join(written);
+        if let Some(other) = out.iter().find(|p| p.dest == dest) {
+            let msg =
+                format!("`{written}` is the destination of both `{}.{}` and `{}`", other.stage, other.output, k.name);
+            return Err(ctx.err("E-PUBLISH", msg, v.pos));
+        }
+        out.push(Publish { stage, output, dest });
+    }
+    Ok(out)
 }
 
 /// Instance names must stay unique after expansion (`b` with item `x` vs a stage `b@x` cannot
@@ -75,7 +109,8 @@ struct Refs<'a> {
 }
 
 impl Refs<'_> {
-    fn resolve(&self, ctx: &Ctx, text: &str, pos: Pos, input: &str, consumer: &str) -> Result<InputRef, Diagnostic> {
+    /// `text` as `STAGE.OUTPUT`; `what` names the reference in errors (`input `x` of stage `y``).
+    fn resolve(&self, ctx: &Ctx, text: &str, pos: Pos, what: &str) -> Result<InputRef, Diagnostic> {
         // Stage instance names may contain `.` (foreach items like 0.5) and output names may
         // too (`stats.json`), so try every split point and keep the one naming a real stage.
         for (i, _) in text.match_indices('.') {
@@ -85,7 +120,7 @@ impl Refs<'_> {
                     return Ok(InputRef::Stage { stage: stage.to_string(), output: output.to_string() });
                 }
                 let known: Vec<&str> = outs.iter().map(String::as_str).collect();
-                let msg = format!("input `{input}` of stage `{consumer}`: stage `{stage}` has no output `{output}`");
+                let msg = format!("{what}: stage `{stage}` has no output `{output}`");
                 return Err(ctx.err("E-MISSING-REF", msg, pos).help(suggest(
                     output,
                     &known,
@@ -93,7 +128,7 @@ impl Refs<'_> {
                 )));
             }
         }
-        let msg = format!("input `{input}` of stage `{consumer}`: `{text}` names no stage output");
+        let msg = format!("{what}: `{text}` names no stage output");
         Err(ctx.err("E-MISSING-REF", msg, pos).help(self.help(text)))
     }
 

@@ -7,7 +7,7 @@
 //! `report/` with `report.md` and the PNGs the template asked for, linked by relative path.
 //!
 //! Template functions (each draws a PNG into the report folder and returns its file name):
-//! `training_curves(png, {label: metrics_rows})`; `bars(png, title, items, "dotted.key", y_label)`
+//! `training_curves(png, {label: metrics_rows})`; `bars(png, title, items, "dotted.key", value_label or [value_label, name_label])`
 //! and `scatter(png, title, items, ["x.key", x_label], ["y.key", y_label])` over a list of objects
 //! with a `label`; `progression(png, steps)` with steps `{label, params, bytes, perplexity}`. Filters: `bytes`,
 //! `ratio`, `fixed(n)`, `pct`, `signed_pct`, `int`.
@@ -178,8 +178,19 @@ fn environment_noting_provenance(out_dir: &Path, provenance_called: Arc<AtomicBo
                   title: String,
                   items: minijinja::Value,
                   key: String,
-                  y: String|
+                  axes: minijinja::Value|
                   -> Result<String, Error> {
+                // `"value label"`, or `["value label", "name label"]`.
+                let (y, names) = match to_json(&axes)? {
+                    Value::String(y) => (y, "model".to_string()),
+                    Value::Array(a) if a.len() == 2 && a.iter().all(Value::is_string) => {
+                        (a[0].as_str().unwrap_or_default().into(), a[1].as_str().unwrap_or_default().into())
+                    }
+                    other => {
+                        let msg = format!("bars: the last argument is \"value label\" or [\"value label\", \"name label\"], got {other}");
+                        return Err(Error::new(ErrorKind::InvalidOperation, msg));
+                    }
+                };
                 let items = to_json(&items)?;
                 let rows = items.as_array().cloned().unwrap_or_default();
                 let labels: Vec<String> = rows.iter().map(label_of).collect();
@@ -190,7 +201,7 @@ fn environment_noting_provenance(out_dir: &Path, provenance_called: Arc<AtomicBo
                         format!("bars: item `{}` has no number at `{key}`", labels[i]),
                     ));
                 }
-                plots::bars(&dir.join(&file), &title, &labels, &values, &y).map_err(plot_err)?;
+                plots::bars(&dir.join(&file), &title, &labels, &values, &y, &names).map_err(plot_err)?;
                 Ok(file)
             },
         );
@@ -257,7 +268,7 @@ fn environment_noting_provenance(out_dir: &Path, provenance_called: Arc<AtomicBo
 /// The functions and filters every template has, one per line (`orchestrate report --vars`
 /// prints them; docs/reports.md explains each).
 pub const FUNCTIONS_AND_FILTERS: &str = "\
-functions: training_curves(png, {label: metrics_rows}) · bars(png, title, items, \"dotted.key\", y_label) · \
+functions: training_curves(png, {label: metrics_rows}) · bars(png, title, items, \"dotted.key\", value_label or [value_label, name_label]) · \
 scatter(png, title, items, [\"x.key\", x_label], [\"y.key\", y_label]) · progression(png, steps) · \
 origin(\"stage\", …) · provenance()
 filters: bytes · int · ratio · fixed(n) · pct · signed_pct";

@@ -1,10 +1,18 @@
 //! The report's PNG plots. Text is drawn with the DejaVu Sans font compiled into the binary
 //! (`assets/`, with its licence), so rendering needs no system fonts.
+//!
+//! Every axis has a title and ticks in readable units (`100k`, `1.2 MB`, `2.5`), never raw
+//! floats. Bars are horizontal, so long model names never collide; scatter points are named in
+//! a legend, not beside the points. Each function returns the [`Axes`] it drew (titles and the
+//! tick texts), which the tests check.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::Once;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle};
 use serde_json::Value;
 
@@ -28,6 +36,94 @@ pub enum PlotError {
     Draw { file: String, message: String },
     #[error("plot {file}: {message}")]
     Data { file: String, message: String },
+}
+
+/// What one panel's axes show: their titles and the tick texts drawn, in order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Axes {
+    pub x_desc: String,
+    pub y_desc: String,
+    pub x_ticks: Vec<String>,
+    pub y_ticks: Vec<String>,
+    /// Series or point names shown in a legend.
+    pub legend: Vec<String>,
+}
+
+/// How an axis's numbers read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// Counts: `950`, `100k`, `1.5M`, `2G`.
+    Count,
+    /// Bytes, decimal: `512 B`, `800 kB`, `1.2 MB`.
+    Bytes,
+    /// Plain numbers with at most three decimals, trailing zeros dropped: `2.5`, `20`.
+    Plain,
+}
+
+impl Unit {
+    /// The unit an axis titled `title` over values up to `max` reads best in.
+    pub fn for_axis(title: &str, max: f64) -> Unit {
+        if title.to_lowercase().contains("bytes") {
+            Unit::Bytes
+        } else if max.abs() >= 10_000.0 {
+            Unit::Count
+        } else {
+            Unit::Plain
+        }
+    }
+}
+
+/// `v` written in `unit`.
+pub fn tick(v: f64, unit: Unit) -> String {
+    let trim = |s: String| {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
+    };
+    let scaled = |steps: &[(f64, &str)], sep: &str| {
+        let (div, suffix) = steps.iter().find(|(d, _)| v.abs() >= *d).copied().unwrap_or((1.0, ""));
+        let x = v / div;
+        let digits = if x.abs() >= 100.0 {
+            0
+        } else if x.abs() >= 10.0 {
+            1
+        } else {
+            2
+        };
+        format!("{}{sep}{suffix}", trim(format!("{x:.digits$}")))
+    };
+    match unit {
+        Unit::Count => scaled(&[(1e9, "G"), (1e6, "M"), (1e3, "k")], ""),
+        Unit::Bytes if v.abs() < 1e3 => format!("{} B", trim(format!("{v:.0}"))),
+        Unit::Bytes => scaled(&[(1e9, "GB"), (1e6, "MB"), (1e3, "kB")], " "),
+        Unit::Plain => {
+            let s = trim(format!("{v:.3}"));
+            if s == "-0" {
+                "0".into()
+            } else {
+                s
+            }
+        }
+    }
+}
+
+/// Tick texts as plotters asks for them, each kept once, in order.
+#[derive(Default)]
+struct Recorder(RefCell<Vec<String>>);
+
+impl Recorder {
+    fn note(&self, s: String) -> String {
+        let mut seen = self.0.borrow_mut();
+        if !seen.contains(&s) {
+            seen.push(s.clone());
+        }
+        s
+    }
+    fn take(&self) -> Vec<String> {
+        self.0.take()
+    }
 }
 
 static FONT_ONCE: Once = Once::new();
@@ -61,7 +157,7 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 
 /// Train (dashed) and validation (solid) loss against tokens seen, one colour per model.
 /// `series`: {label: [{tokens, train_loss, val_loss}, …]} (a train stage's metrics.csv rows).
-pub fn training_curves(file: &Path, series: &Value) -> Result<(), PlotError> {
+pub fn training_curves(file: &Path, series: &Value) -> Result<Axes, PlotError> {
     ensure_font();
     let e = draw_err(file);
     let map =
@@ -87,10 +183,14 @@ pub fn training_curves(file: &Path, series: &Value) -> Result<(), PlotError> {
         .y_label_area_size(60)
         .build_cartesian_2d(x0.max(0.0)..x1, y0.max(0.0)..y1)
         .map_err(|x| e(&x))?;
+    let (xs, ys) = (Recorder::default(), Recorder::default());
+    let mut axes = Axes { x_desc: "tokens seen".into(), y_desc: "loss (nats/token)".into(), ..Axes::default() };
     chart
         .configure_mesh()
-        .x_desc("tokens seen")
-        .y_desc("loss (nats/token)")
+        .x_desc(&axes.x_desc)
+        .y_desc(&axes.y_desc)
+        .x_label_formatter(&|v| xs.note(tick(*v, Unit::Count)))
+        .y_label_formatter(&|v| ys.note(tick(*v, Unit::Plain)))
         .label_style((FAMILY, 14))
         .draw()
         .map_err(|x| e(&x))?;
@@ -102,6 +202,7 @@ pub fn training_curves(file: &Path, series: &Value) -> Result<(), PlotError> {
             .map_err(|x| e(&x))?
             .label(label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        axes.legend.push(label.clone());
     }
     chart
         .configure_series_labels()
@@ -111,11 +212,20 @@ pub fn training_curves(file: &Path, series: &Value) -> Result<(), PlotError> {
         .draw()
         .map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
-    Ok(())
+    (axes.x_ticks, axes.y_ticks) = (xs.take(), ys.take());
+    Ok(axes)
 }
 
-/// One bar per label.
-pub fn bars(file: &Path, title: &str, labels: &[String], values: &[f64], y_label: &str) -> Result<(), PlotError> {
+/// One horizontal bar per label, its value written at its end. `value_desc` titles the value
+/// axis (and picks its unit: bytes when it says so), `label_desc` the axis of names.
+pub fn bars(
+    file: &Path,
+    title: &str,
+    labels: &[String],
+    values: &[f64],
+    value_desc: &str,
+    label_desc: &str,
+) -> Result<Axes, PlotError> {
     ensure_font();
     let e = draw_err(file);
     if labels.len() != values.len() || labels.is_empty() {
@@ -124,82 +234,98 @@ pub fn bars(file: &Path, title: &str, labels: &[String], values: &[f64], y_label
     }
     let root = BitMapBackend::new(file, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
-    let look = BarLook { caption: 22, text: 13, margin: 15, x_area: 90, y_area: 70, headroom: 1.15 };
-    bar_panel(&root, title, labels, values, Some(y_label), &look).map_err(|x| e(&x))?;
+    let look = BarLook { caption: 22, text: 13, margin: 15 };
+    let axes = bar_panel(&root, title, labels, values, (value_desc, label_desc), &look).map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
-    Ok(())
+    Ok(axes)
 }
 
-/// Sizes of one bar panel: font sizes, margins, label areas, and the room above the tallest bar.
+/// Sizes of one bar panel: font sizes and margin.
 struct BarLook {
     caption: u32,
     text: u32,
     margin: u32,
-    x_area: u32,
-    y_area: u32,
-    headroom: f64,
 }
 
-type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
-type DrawResult = Result<(), DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>>;
+type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+type DrawResult<T> = Result<T, DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>>;
 
-/// Labelled bars with their values written above them, on `area`.
+/// Horizontal labelled bars with their values written at their ends, on `area`; `descs` are
+/// the (value axis, label axis) titles.
 fn bar_panel(
     area: &Area,
     title: &str,
     labels: &[String],
     values: &[f64],
-    y_label: Option<&str>,
+    descs: (&str, &str),
     look: &BarLook,
-) -> DrawResult {
-    let top = values.iter().cloned().fold(0.0, f64::max) * look.headroom + 1e-12;
+) -> DrawResult<Axes> {
+    let top = values.iter().cloned().fold(0.0, f64::max) * 1.2 + 1e-12;
+    let unit = Unit::for_axis(descs.0, top);
     let n = labels.len().max(1);
+    // Room for the longest name at about 0.6 em a character.
+    let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(1) as u32;
+    let label_area = (longest * look.text * 6 / 10 + 24).clamp(40, area.dim_in_pixel().0 / 3);
     let mut chart = ChartBuilder::on(area)
         .caption(title, (FAMILY, look.caption))
         .margin(look.margin)
-        .x_label_area_size(look.x_area)
-        .y_label_area_size(look.y_area)
-        .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)?;
+        .x_label_area_size(45)
+        .y_label_area_size(label_area)
+        .build_cartesian_2d(0.0..top, (0..n - 1).into_segmented())?;
+    let (xs, ys) = (Recorder::default(), Recorder::default());
+    // The first item on the top row, as in a table.
+    let row = |i: usize| n - 1 - i;
     let names = labels.to_vec();
-    let x_label = move |v: &SegmentValue<usize>| match v {
-        SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+    let name_of = |v: &SegmentValue<usize>| match v {
+        SegmentValue::CenterOf(r) if *r < n => ys.note(names[row(*r)].clone()),
         _ => String::new(),
     };
-    let y_value = |v: &f64| format_value(*v);
-    let mut mesh = chart.configure_mesh();
-    mesh.disable_x_mesh()
-        .y_label_formatter(&y_value)
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .x_desc(descs.0)
+        .y_desc(descs.1)
+        .x_label_formatter(&|v| xs.note(tick(*v, unit)))
+        .y_labels(n)
+        .y_label_formatter(&name_of)
         .label_style((FAMILY, look.text))
-        .x_labels(n)
-        .x_label_formatter(&x_label);
-    if let Some(y) = y_label {
-        mesh.y_desc(y);
-    }
-    mesh.draw()?;
+        .draw()?;
+    let value_style = TextStyle::from((FAMILY, look.text).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
     for (i, &v) in values.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
-        let bar = [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), v)];
-        chart.draw_series(std::iter::once(Rectangle::new(bar, c.mix(0.8).filled())))?;
-        let at = (SegmentValue::CenterOf(i), v + top * 0.02);
-        chart.draw_series(std::iter::once(Text::new(format_value(v), at, (FAMILY, look.text).into_font())))?;
+        let bar = [(0.0, SegmentValue::Exact(row(i))), (v, SegmentValue::Exact(row(i) + 1))];
+        let mut rect = Rectangle::new(bar, c.mix(0.8).filled());
+        rect.set_margin(4, 4, 0, 0);
+        chart.draw_series(std::iter::once(rect))?;
+        let at = (v + top * 0.01, SegmentValue::CenterOf(row(i)));
+        chart.draw_series(std::iter::once(Text::new(tick(v, unit), at, value_style.clone())))?;
     }
-    Ok(())
+    Ok(Axes {
+        x_desc: descs.0.into(),
+        y_desc: descs.1.into(),
+        x_ticks: xs.take(),
+        y_ticks: ys.take(),
+        legend: Vec::new(),
+    })
 }
 
-fn format_value(v: f64) -> String {
-    if v.abs() >= 1e6 {
-        format!("{:.2}M", v / 1e6)
-    } else if v.abs() >= 1e4 {
-        format!("{:.1}k", v / 1e3)
-    } else if v.abs() >= 100.0 {
-        format!("{v:.0}")
+/// Points 0–7 are circles in the eight colours, 8–15 triangles, and so on alternating.
+fn round_marker(i: usize) -> bool {
+    (i / COLORS.len()).is_multiple_of(2)
+}
+
+/// A marker for the `i`-th point: eight colours, then the same colours as triangles.
+fn marker<DB: DrawingBackend>(i: usize, at: (f64, f64)) -> DynElement<'static, DB, (f64, f64)> {
+    let c = COLORS[i % COLORS.len()];
+    if round_marker(i) {
+        Circle::new(at, 6, c.filled()).into_dyn()
     } else {
-        format!("{v:.3}")
+        TriangleMarker::new(at, 8, c.filled()).into_dyn()
     }
 }
 
-/// Labelled points: `[[label, x, y], …]`.
-pub fn scatter(file: &Path, title: &str, points: &Value, x_label: &str, y_label: &str) -> Result<(), PlotError> {
+/// Labelled points: `[[label, x, y], …]`, named in a legend so labels never overlap.
+pub fn scatter(file: &Path, title: &str, points: &Value, x_label: &str, y_label: &str) -> Result<Axes, PlotError> {
     ensure_font();
     let e = draw_err(file);
     let pts: Vec<(String, f64, f64)> = points
@@ -211,30 +337,60 @@ pub fn scatter(file: &Path, title: &str, points: &Value, x_label: &str, y_label:
         .ok_or_else(|| data_err(file, "each scatter point must be [label, x, y]"))?;
     let (x0, x1) = range(pts.iter().map(|p| p.1));
     let (y0, y1) = range(pts.iter().map(|p| p.2));
+    let (xu, yu) = (Unit::for_axis(x_label, x1), Unit::for_axis(y_label, y1));
     let root = BitMapBackend::new(file, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
+    // The right third is left free of points for the legend.
     let mut chart = ChartBuilder::on(&root)
         .caption(title, (FAMILY, 22))
         .margin(20)
         .x_label_area_size(45)
         .y_label_area_size(70)
-        .build_cartesian_2d(x0..x1 + (x1 - x0) * 0.25, y0..y1)
+        .build_cartesian_2d(x0..x1 + (x1 - x0) * 0.5, y0..y1)
         .map_err(|x| e(&x))?;
-    chart.configure_mesh().x_desc(x_label).y_desc(y_label).label_style((FAMILY, 14)).draw().map_err(|x| e(&x))?;
+    let (xs, ys) = (Recorder::default(), Recorder::default());
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .x_label_formatter(&|v| xs.note(tick(*v, xu)))
+        .y_label_formatter(&|v| ys.note(tick(*v, yu)))
+        .label_style((FAMILY, 14))
+        .draw()
+        .map_err(|x| e(&x))?;
     for (i, (label, x, y)) in pts.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        chart.draw_series(std::iter::once(Circle::new((*x, *y), 6, c.filled()))).map_err(|x| e(&x))?;
         chart
-            .draw_series(std::iter::once(Text::new(format!("  {label}"), (*x, *y), (FAMILY, 14).into_font())))
-            .map_err(|x| e(&x))?;
+            .draw_series(std::iter::once(marker(i, (*x, *y))))
+            .map_err(|x| e(&x))?
+            .label(label.clone())
+            .legend(move |(lx, ly)| EmptyElement::at((lx + 8, ly)) + marker_in_pixels(i));
     }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font((FAMILY, 13))
+        .draw()
+        .map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
-    Ok(())
+    let legend = pts.iter().map(|p| p.0.clone()).collect();
+    Ok(Axes { x_desc: x_label.into(), y_desc: y_label.into(), x_ticks: xs.take(), y_ticks: ys.take(), legend })
+}
+
+/// The legend's copy of [`marker`], in pixel coordinates.
+fn marker_in_pixels<DB: DrawingBackend>(i: usize) -> DynElement<'static, DB, (i32, i32)> {
+    let c = COLORS[i % COLORS.len()];
+    if round_marker(i) {
+        Circle::new((0, 0), 5, c.filled()).into_dyn()
+    } else {
+        TriangleMarker::new((0, 0), 7, c.filled()).into_dyn()
+    }
 }
 
 /// Three panels along a compression chain: parameters, bytes on disk, perplexity per step.
 /// `steps`: [{label, params, bytes, perplexity}, …].
-pub fn progression(file: &Path, steps: &Value) -> Result<(), PlotError> {
+pub fn progression(file: &Path, steps: &Value) -> Result<Vec<Axes>, PlotError> {
     ensure_font();
     let e = draw_err(file);
     let steps = steps.as_array().ok_or_else(|| data_err(file, "progression needs a list of steps"))?;
@@ -244,14 +400,15 @@ pub fn progression(file: &Path, steps: &Value) -> Result<(), PlotError> {
     let root = BitMapBackend::new(file, (1200, 450)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let panels = root.split_evenly((1, 3));
-    let look = BarLook { caption: 18, text: 11, margin: 10, x_area: 70, y_area: 60, headroom: 1.2 };
-    for (panel, (key, title)) in panels.iter().zip([
-        ("params", "parameters"),
-        ("bytes", "bytes on disk"),
-        ("perplexity", "validation perplexity"),
+    let look = BarLook { caption: 18, text: 12, margin: 10 };
+    let mut axes = Vec::new();
+    for (panel, (key, title, desc)) in panels.iter().zip([
+        ("params", "parameters", "parameters"),
+        ("bytes", "bytes on disk", "bytes"),
+        ("perplexity", "validation perplexity", "perplexity"),
     ]) {
-        bar_panel(panel, title, &labels, &col(key), None, &look).map_err(|x| e(&x))?;
+        axes.push(bar_panel(panel, title, &labels, &col(key), (desc, "step"), &look).map_err(|x| e(&x))?);
     }
     root.present().map_err(|x| e(&x))?;
-    Ok(())
+    Ok(axes)
 }

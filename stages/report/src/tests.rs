@@ -87,3 +87,84 @@ fn sections_say_whether_this_run_measured_them() {
     let bare = render("t.md.j2", tmpl, &json!({}), dir.path()).unwrap();
     assert!(bare.contains("*Source: `train`.*") && !bare.contains("Provenance"), "{bare}");
 }
+
+#[test]
+fn tick_units_read_as_people_write_them() {
+    use super::plots::{tick, Unit};
+    assert_eq!(tick(100_000.0, Unit::Count), "100k");
+    assert_eq!(tick(150_000.0, Unit::Count), "150k");
+    assert_eq!(tick(1_500_000.0, Unit::Count), "1.5M");
+    assert_eq!(tick(950.0, Unit::Count), "950");
+    assert_eq!(tick(0.0, Unit::Count), "0");
+    assert_eq!(tick(1_200_000.0, Unit::Bytes), "1.2 MB");
+    assert_eq!(tick(766_440.0, Unit::Bytes), "766 kB");
+    assert_eq!(tick(512.0, Unit::Bytes), "512 B");
+    assert_eq!(tick(2.5, Unit::Plain), "2.5");
+    assert_eq!(tick(20.0, Unit::Plain), "20");
+    assert_eq!(tick(0.125, Unit::Plain), "0.125");
+    assert_eq!(Unit::for_axis("bytes on disk", 10.0), Unit::Bytes);
+    assert_eq!(Unit::for_axis("tokens/s", 130_000.0), Unit::Count);
+    assert_eq!(Unit::for_axis("perplexity", 20.0), Unit::Plain);
+}
+
+/// No tick is a raw float like `1000000.0` or `0.000`: at most 4 significant characters before
+/// a unit, and no trailing `.0`.
+fn readable(ticks: &[String]) -> bool {
+    !ticks.is_empty()
+        && ticks.iter().all(|t| {
+            let number: String = t.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == '-').collect();
+            number.len() <= 5 && !number.ends_with(".0") && !number.ends_with('.')
+        })
+}
+
+#[test]
+fn every_plot_kind_has_titled_axes_and_readable_ticks() {
+    use super::plots;
+    let dir = tempfile::tempdir().unwrap();
+    let rows = |s: f64| {
+        json!([{"tokens": 102_400, "train_loss": 5.1 * s, "val_loss": 4.7 * s},
+               {"tokens": 307_200, "train_loss": 3.0 * s, "val_loss": 3.2 * s},
+               {"tokens": 614_400, "train_loss": 2.0 * s, "val_loss": 2.1 * s}])
+    };
+    let curves = plots::training_curves(&dir.path().join("c.png"), &json!({"a": rows(1.0), "b": rows(1.2)})).unwrap();
+    assert_eq!((curves.x_desc.as_str(), curves.y_desc.as_str()), ("tokens seen", "loss (nats/token)"));
+    assert!(readable(&curves.x_ticks) && curves.x_ticks.iter().any(|t| t.ends_with('k')), "{:?}", curves.x_ticks);
+    assert!(readable(&curves.y_ticks), "{:?}", curves.y_ticks);
+    assert_eq!(curves.legend, ["a", "b"]);
+
+    let labels: Vec<String> =
+        ["control", "itera_f32", "onnx_transformer@onnxruntime", "onnx_itera@tract"].map(String::from).to_vec();
+    let bars = plots::bars(
+        &dir.path().join("b.png"),
+        "t",
+        &labels,
+        &[130_927.0, 34_376.0, 41_968.0, 1_035.0],
+        "tokens/s",
+        "model",
+    )
+    .unwrap();
+    assert_eq!((bars.x_desc.as_str(), bars.y_desc.as_str()), ("tokens/s", "model"));
+    assert!(readable(&bars.x_ticks) && bars.x_ticks.iter().any(|t| t.ends_with('k')), "{:?}", bars.x_ticks);
+    let mut named = bars.y_ticks.clone();
+    named.reverse();
+    assert_eq!(named, labels, "every model named once, on its own row, the first on top");
+
+    let pts =
+        json!([["control", 766_440.0, 10.1], ["itera_f32", 3_650_000.0, 7.03], ["itera_int8", 1_220_000.0, 7.04]]);
+    let sc = plots::scatter(&dir.path().join("s.png"), "t", &pts, "bytes on disk", "validation perplexity").unwrap();
+    assert!(readable(&sc.x_ticks) && sc.x_ticks.iter().all(|t| t.ends_with("B")), "{:?}", sc.x_ticks);
+    assert!(readable(&sc.y_ticks), "{:?}", sc.y_ticks);
+    assert_eq!(sc.legend, ["control", "itera_f32", "itera_int8"], "points are named in a legend");
+
+    let steps = json!([{"label": "f32", "params": 911_648, "bytes": 3_650_000, "perplexity": 7.03},
+                       {"label": "int8", "params": 911_648, "bytes": 1_220_000, "perplexity": 7.04},
+                       {"label": "student", "params": 190_232, "bytes": 766_440, "perplexity": 10.98}]);
+    let panels = plots::progression(&dir.path().join("p.png"), &steps).unwrap();
+    assert_eq!(panels.len(), 3);
+    assert!(panels.iter().all(|a| !a.x_desc.is_empty() && a.y_desc == "step"));
+    assert!(panels[1].x_ticks.iter().all(|t| t.ends_with("B")), "{:?}", panels[1].x_ticks);
+    assert!(panels.iter().all(|a| readable(&a.x_ticks)), "{panels:?}");
+    for f in ["c.png", "b.png", "s.png", "p.png"] {
+        png_ok(&dir.path().join(f));
+    }
+}
