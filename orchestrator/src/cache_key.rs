@@ -2,7 +2,8 @@
 //! built ([`stage_key`]) and hashed ([`KeyInput::key`]), and how two keys' inputs differ
 //! ([`explain`], which `plan` prints as the reason a stage will run).
 //!
-//! A key is blake3 of the canonical JSON of a `KeyInput`: the stage's kind and version, its
+//! A key is blake3 of the canonical JSON of a `KeyInput`: the stage's kind and implementation
+//! fingerprint (a digest of the code it runs, computed at build time), its
 //! kind-specific fields and `params:` exactly as resolved from the pipeline file (paths of
 //! `file:` params as written, so moving the project keeps hits), every input's content digest
 //! by name, and the declared output names. Anything that can change a stage's output bytes
@@ -19,14 +20,16 @@ use crate::objects::{self, Entry};
 use crate::pipeline::{InputRef, StageInstance};
 
 /// Bump to invalidate every key of every stage kind (e.g. when `KeyInput` changes shape).
-pub const KEY_FORMAT: u32 = 1;
+pub const KEY_FORMAT: u32 = 2;
 
 /// What the cache key is computed from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KeyInput {
     pub format: u32,
     pub kind: String,
-    pub version: u32,
+    /// The kind's implementation fingerprint: workspace crate → digest of its sources, and
+    /// `external crates` → digest of the locked external dependencies (`registry`).
+    pub implementation: BTreeMap<String, String>,
     pub fields: BTreeMap<String, Value>,
     pub params: BTreeMap<String, Value>,
     /// Input name → content digest, in name order.
@@ -97,7 +100,7 @@ pub fn stage_key(
     let key_input = KeyInput {
         format: KEY_FORMAT,
         kind: st.kind.clone(),
-        version: st.version,
+        implementation: st.implementation.clone(),
         fields: st.params.fields.clone(),
         params: st.params.params.clone(),
         inputs: sources.iter().map(|(k, v)| (k.clone(), v.entry().digest.clone())).collect(),
@@ -182,8 +185,13 @@ pub fn explain(old: &KeyInput, new: &KeyInput) -> Vec<String> {
     }
     if old.kind != new.kind {
         out.push(format!("kind changed: {} → {}", old.kind, new.kind));
-    } else if old.version != new.version {
-        out.push(format!("stage `{}` version {} → {}", new.kind, old.version, new.version));
+    } else if old.implementation != new.implementation {
+        let parts: BTreeSet<&String> = old.implementation.keys().chain(new.implementation.keys()).collect();
+        let changed: Vec<&str> = (parts.into_iter())
+            .filter(|p| old.implementation.get(*p) != new.implementation.get(*p))
+            .map(String::as_str)
+            .collect();
+        out.push(format!("implementation of `{}` changed ({})", new.kind, changed.join(", ")));
     }
     diff_maps("", &old.fields, &new.fields, &mut out);
     diff_maps("params.", &old.params, &new.params, &mut out);

@@ -1,42 +1,56 @@
 //! The stage kinds this binary knows. Adding a stage = a new crate + one line here. This is the
 //! only module of the orchestrator that names stage crates.
 
+use std::collections::BTreeMap;
+
 use stage_api::Stage;
 
+include!(concat!(env!("OUT_DIR"), "/fingerprints.rs"));
+
 pub struct Registry {
-    stages: Vec<Box<dyn Stage>>,
+    /// Each stage kind with the crate that implements it.
+    stages: Vec<(Box<dyn Stage>, &'static str)>,
 }
 
 impl Registry {
     pub fn builtin() -> Registry {
         Registry {
             stages: vec![
-                Box::new(stage_command::CommandStage),
-                Box::new(stage_corpus::CorpusStage),
-                Box::new(stage_vocab::VocabStage),
-                Box::new(stage_train::TrainStage),
-                Box::new(stage_quantize::QuantizeStage),
-                Box::new(stage_distill::DistillStage),
-                Box::new(stage_onnx::OnnxExportStage),
-                Box::new(stage_onnx::OnnxCheckStage),
-                Box::new(stage_benchmark::BenchmarkStage),
-                Box::new(stage_report::ReportStage),
+                (Box::new(stage_command::CommandStage), "stage-command"),
+                (Box::new(stage_corpus::CorpusStage), "stage-corpus"),
+                (Box::new(stage_vocab::VocabStage), "stage-vocab"),
+                (Box::new(stage_train::TrainStage), "stage-train"),
+                (Box::new(stage_quantize::QuantizeStage), "stage-quantize"),
+                (Box::new(stage_distill::DistillStage), "stage-distill"),
+                (Box::new(stage_onnx::OnnxExportStage), "stage-onnx"),
+                (Box::new(stage_onnx::OnnxCheckStage), "stage-onnx"),
+                (Box::new(stage_benchmark::BenchmarkStage), "stage-benchmark"),
+                (Box::new(stage_report::ReportStage), "stage-report"),
             ],
         }
     }
 
     pub fn get(&self, kind: &str) -> Option<&dyn Stage> {
-        self.stages.iter().find(|s| s.kind() == kind).map(|s| s.as_ref())
+        self.stages.iter().find(|(s, _)| s.kind() == kind).map(|(s, _)| s.as_ref())
     }
 
     pub fn kinds(&self) -> Vec<&'static str> {
-        let mut k: Vec<&'static str> = self.stages.iter().map(|s| s.kind()).collect();
+        let mut k: Vec<&'static str> = self.stages.iter().map(|(s, _)| s.kind()).collect();
         k.sort_unstable();
         k
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &dyn Stage> {
-        self.stages.iter().map(|s| s.as_ref())
+        self.stages.iter().map(|(s, _)| s.as_ref())
+    }
+
+    /// The implementation fingerprint of `kind`, computed when this binary was built: one
+    /// digest per workspace crate the kind builds from, and one for its locked external crates.
+    /// Part of every cache key, so editing a stage's code (or a library it uses) reruns it.
+    pub fn implementation(&self, kind: &str) -> BTreeMap<String, String> {
+        let krate = self.stages.iter().find(|(s, _)| s.kind() == kind).map(|(_, c)| *c);
+        let parts = FINGERPRINTS.iter().find(|(c, _)| Some(*c) == krate).map(|(_, p)| *p).unwrap_or(&[]);
+        parts.iter().map(|(p, d)| (p.to_string(), d.to_string())).collect()
     }
 }
 

@@ -12,7 +12,7 @@ use crate::dag::Dag;
 use crate::objects::{Entry, ObjKind, ObjectStore};
 use crate::pipeline::{Pipeline, StageInstance};
 use crate::runner::{self, StageFailure, StageJob};
-use crate::store::{Manifest, Store};
+use crate::store::{Manifest, Provenance, Store};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplayRow {
@@ -146,25 +146,36 @@ async fn replay_one(
         cancel,
         progress: None,
     };
-    compare(st, &m.outputs, runner::run_stage(job).await)
+    compare(st, m, runner::run_stage(job).await)
 }
 
 /// The rows for one replayed stage, and whether it failed the replay.
-fn compare(
-    st: &StageInstance,
-    cached: &BTreeMap<String, Entry>,
-    result: Result<runner::StageRun, StageFailure>,
-) -> (Vec<ReplayRow>, bool) {
+/// When the cached result was computed on other hardware or SIMD code than this replay runs
+/// on: "recorded on X; replayed on Y". Floating-point results may then legitimately differ.
+fn other_host(recorded: Option<&Provenance>, replayed: &Provenance) -> Option<String> {
+    let r = recorded?;
+    let same = r.cpu == replayed.cpu && r.cpu_flags == replayed.cpu_flags && r.simd_path == replayed.simd_path;
+    let side = |p: &Provenance| {
+        format!("{}{}", p.machine(), p.simd_path.as_ref().map(|s| format!(", {s}")).unwrap_or_default())
+    };
+    (!same).then(|| format!("recorded on {}; replayed on {}", side(r), side(replayed)))
+}
+
+fn compare(st: &StageInstance, m: &Manifest, result: Result<runner::StageRun, StageFailure>) -> (Vec<ReplayRow>, bool) {
+    let cached = &m.outputs;
     let mut rows = Vec::new();
     let mut failed = false;
     match result {
         Ok(run) => {
+            let here = Provenance::here(run.result.metrics.get("simd_path").and_then(|v| v.as_str()).map(String::from));
+            let elsewhere = other_host(m.provenance.as_ref(), &here);
             for (name, cached_entry) in cached {
                 let replayed = run.outputs.get(name);
                 let identical = replayed.is_some_and(|r| r.digest == cached_entry.digest);
                 let volatile = st.volatile_outputs.contains(name);
                 let must_match = st.deterministic && !volatile;
-                if !identical && must_match {
+                // A difference on other hardware is reported as such, not as nondeterminism.
+                if !identical && must_match && elsewhere.is_none() {
                     failed = true;
                 }
                 rows.push(ReplayRow {
@@ -178,7 +189,7 @@ fn compare(
                         (true, _, _) => None,
                         (false, false, _) => Some("declared non-deterministic".to_string()),
                         (false, true, true) => Some("records timings; not compared".to_string()),
-                        (false, true, false) => None,
+                        (false, true, false) => elsewhere.clone(),
                     },
                 });
             }
@@ -215,4 +226,24 @@ pub fn render_table(r: &ReplayReport) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_from_other_hardware_is_named_as_such() {
+        let here = Provenance::here(Some("f32 avx2+fma; int8/int4 vnni".into()));
+        assert_eq!(other_host(Some(&here), &here), None);
+        assert_eq!(other_host(None, &here), None, "no record: nothing to compare against");
+        let mut zen = here.clone();
+        zen.cpu = Some("AMD EPYC 9R14".into());
+        zen.simd_path = Some("f32 avx2+fma; int8/int4 avx2".into());
+        let note = other_host(Some(&zen), &here).unwrap();
+        assert!(
+            note.starts_with("recorded on AMD EPYC 9R14") && note.contains("int8/int4 avx2; replayed on"),
+            "{note}"
+        );
+    }
 }

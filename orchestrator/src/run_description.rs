@@ -27,6 +27,11 @@ pub fn stage_entry(stage: &str, m: &Manifest, cached: bool) -> Value {
         "computed_at": iso8601(m.started_at),
         "duration_s": m.duration_s,
         "cpu_s": m.cpu_s,
+        "commit": m.provenance.as_ref().and_then(|p| p.commit.clone()),
+        "dirty": m.provenance.as_ref().map(|p| p.dirty),
+        "machine": m.provenance.as_ref().map(|p| p.machine()),
+        "cpu": m.provenance.as_ref().and_then(|p| p.cpu.clone()),
+        "simd_path": m.provenance.as_ref().and_then(|p| p.simd_path.clone()),
     })
 }
 

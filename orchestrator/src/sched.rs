@@ -20,7 +20,7 @@ use crate::exec::ProgressSink;
 use crate::objects::{Entry, ObjKind};
 use crate::pipeline::{Pipeline, StageInstance};
 use crate::runner::{self, StageFailure, StageJob, StageRun};
-use crate::store::{now_unix, Manifest, RunRecord, Store, MANIFEST_TAG, RUN_TAG};
+use crate::store::{now_unix, Manifest, Provenance, RunRecord, Store, MANIFEST_TAG, RUN_TAG};
 
 pub struct RunOptions {
     pub cores: u32,
@@ -409,6 +409,9 @@ impl<'a> RunLoop<'a> {
             peak_rss_bytes: run.result.peak_rss_bytes,
             log: run.log.clone(),
             run_description: desc,
+            provenance: Some(Provenance::here(
+                run.result.metrics.get("simd_path").and_then(|v| v.as_str()).map(str::to_string),
+            )),
         }
     }
 

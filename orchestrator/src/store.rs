@@ -55,6 +55,67 @@ pub struct Manifest {
     /// part of the key, kept so `replay` can hand the stage the same file.
     #[serde(default, alias = "run_metadata", skip_serializing_if = "Option::is_none")]
     pub run_description: Option<String>,
+    /// Absent in manifests written before provenance was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
+}
+
+/// Where and by what a result was computed, recorded with it (`show` prints it, reports cite it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// orchestrate's version.
+    pub orchestrate: String,
+    /// The git commit the binary was built from, and whether the tree had uncommitted changes.
+    pub commit: Option<String>,
+    pub dirty: bool,
+    pub rustc: String,
+    /// The CPU model, core count and SIMD flags of the machine that ran the stage.
+    pub cpu: Option<String>,
+    pub cores: u64,
+    pub cpu_flags: Vec<String>,
+    /// The SIMD code the stage's kernels ran (the stage's `simd_path` metric), if it says.
+    pub simd_path: Option<String>,
+}
+
+impl Provenance {
+    /// This binary on this machine; `simd_path` as the stage reported it.
+    pub fn here(simd_path: Option<String>) -> Provenance {
+        static HOST: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+        let host = HOST.get_or_init(stage_api::host::describe);
+        let commit = env!("ORCHESTRATE_GIT_COMMIT");
+        Provenance {
+            orchestrate: env!("CARGO_PKG_VERSION").into(),
+            commit: (!commit.is_empty()).then(|| commit.to_string()),
+            dirty: env!("ORCHESTRATE_GIT_DIRTY") == "true",
+            rustc: env!("ORCHESTRATE_RUSTC").into(),
+            cpu: host["cpu"].as_str().map(str::to_string),
+            cores: host["cores"].as_u64().unwrap_or(0),
+            cpu_flags: host["simd"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .map(str::to_string)
+                .collect(),
+            simd_path,
+        }
+    }
+
+    /// The machine in a few words: `Intel Xeon … (2 cores; avx2 fma avx512_vnni)`.
+    pub fn machine(&self) -> String {
+        format!("{} ({} cores; {})", self.cpu.as_deref().unwrap_or("unknown CPU"), self.cores, self.cpu_flags.join(" "))
+    }
+
+    /// The build in a few words: `orchestrate 0.1.0, commit 0041932abcde (dirty), rustc 1.95.0`.
+    pub fn build(&self) -> String {
+        let commit = match &self.commit {
+            Some(c) => {
+                format!(", commit {}{}", &c[..c.len().min(12)], if self.dirty { " (uncommitted changes)" } else { "" })
+            }
+            None => String::new(),
+        };
+        format!("orchestrate {}{commit}, {}", self.orchestrate, self.rustc)
+    }
 }
 
 pub const MANIFEST_TAG: &str = "manifest";
@@ -553,7 +614,7 @@ mod tests {
             key_input: KeyInput {
                 format: KEY_FORMAT,
                 kind: "command".into(),
-                version: 1,
+                implementation: BTreeMap::new(),
                 fields: BTreeMap::new(),
                 params: BTreeMap::new(),
                 inputs: BTreeMap::new(),
@@ -569,6 +630,7 @@ mod tests {
             peak_rss_bytes: 0,
             log: None,
             run_description: None,
+            provenance: None,
         }
     }
 

@@ -285,3 +285,20 @@ fn logs_are_json_lines_on_request() {
     );
     assert!(json_lines.iter().all(|v| v["level"].is_string() && v["timestamp"].is_string()));
 }
+
+#[test]
+fn show_prints_what_produced_a_result() {
+    let p = Project::new();
+    p.write("p.yaml", "stages:\n  a: {kind: command, cmd: \"echo hi > ${outputs.o}\", outputs: [o]}\n");
+    p.run(&["run", "p.yaml"]).assert_ok();
+    let r = p.run(&["show", "p.yaml", "a"]);
+    r.assert_ok();
+    let line = |prefix: &str| r.stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_default().to_string();
+    assert!(line("built by").contains(&format!("orchestrate {}", env!("CARGO_PKG_VERSION"))), "{}", r.stdout);
+    assert!(line("built by").contains("rustc 1."), "{}", r.stdout);
+    assert!(line("host").contains(" cores; "), "{}", r.stdout);
+    assert!(line("code").contains("stage-command ") && line("code").contains("external crates "), "{}", r.stdout);
+    let json = p.run(&["show", "p.yaml", "a", "--json"]).json();
+    assert!(json["provenance"]["cpu_flags"].is_array(), "{json}");
+    assert!(json["implementation"]["stage-api"].as_str().is_some_and(|d| d.len() == 64), "{json}");
+}

@@ -1,9 +1,13 @@
-//! Golden keys: one pinned key per stage kind for fixed params and input digests. A change to
-//! what goes into a key (a field, its serialization, a stage's `version()`) fails here, so an
-//! accidental change is caught and an intended one shows up as a visible diff of these lines.
+//! Golden keys: one pinned key per stage kind for fixed params, input digests and a fixed
+//! implementation fingerprint. A change to what goes into a key (a field, its serialization)
+//! fails here, so an accidental change is caught and an intended one shows up as a visible diff
+//! of these lines. The real fingerprints follow the code; the tests below check they reach the key.
 
 use super::*;
 use crate::pipeline;
+
+/// The part of a fingerprint that covers locked external crates (see the `fingerprint` crate).
+const EXTERNAL_PART: &str = "external crates";
 use crate::registry::Registry;
 
 /// Every built-in kind once, with the params and input names its `check` asks for.
@@ -71,7 +75,14 @@ fn keys() -> BTreeMap<String, String> {
         let digest = objects::hash_bytes(format!("{stage}.{output}").as_bytes());
         Some(Entry { digest, kind: objects::ObjKind::File, size: 1 })
     };
-    p.stages.iter().map(|st| (st.kind.clone(), stage_key(&ByName, st, &upstream).unwrap().0.key())).collect()
+    p.stages
+        .iter()
+        .map(|st| {
+            let mut st = st.clone();
+            st.implementation = BTreeMap::from([(st.kind.clone(), "fixed".to_string())]);
+            (st.kind.clone(), stage_key(&ByName, &st, &upstream).unwrap().0.key())
+        })
+        .collect()
 }
 
 #[test]
@@ -97,8 +108,59 @@ fn key_ignores_threads_timeout_and_retries() {
         .replace("    outputs: [upper]\n", "    outputs: [upper]\n    threads: 2\n    timeout: 5m\n    retries: 3\n");
     std::fs::write(&file, text).unwrap();
     let pl = pipeline::load(&file, &[], &Registry::builtin()).unwrap();
-    let key = stage_key(&ByName, pl.stage("cmd").unwrap(), &|_: &str, _: &str| None).unwrap().0.key();
+    let mut st = pl.stage("cmd").unwrap().clone();
+    st.implementation = BTreeMap::from([("command".to_string(), "fixed".to_string())]);
+    let key = stage_key(&ByName, &st, &|_: &str, _: &str| None).unwrap().0.key();
     assert_eq!(key, golden("command"));
+}
+
+#[test]
+fn every_kind_has_a_real_fingerprint_in_its_key() {
+    let registry = Registry::builtin();
+    for kind in registry.kinds() {
+        let parts = registry.implementation(kind);
+        assert!(parts.contains_key("stage-api") && parts.contains_key(EXTERNAL_PART), "{kind}: {parts:?}");
+        assert!(parts.values().all(|d| d.len() == 64), "{kind}: {parts:?}");
+    }
+    for kind in ["train", "quantize", "distill", "onnx_export", "onnx_check", "benchmark"] {
+        assert!(registry.implementation(kind).contains_key("itera-models"), "{kind}");
+    }
+    for kind in ["command", "corpus", "vocab", "report"] {
+        assert!(!registry.implementation(kind).contains_key("itera-models"), "{kind}");
+    }
+    // The loaded pipeline's stages carry them, and so do their keys.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.txt"), "hello").unwrap();
+    std::fs::write(dir.path().join("t.md.j2"), "{{ 1 }}").unwrap();
+    let file = dir.path().join("golden.yaml");
+    std::fs::write(&file, PIPELINE).unwrap();
+    let p = pipeline::load(&file, &[], &registry).unwrap();
+    let train = p.stage("train").unwrap();
+    assert_eq!(train.implementation, registry.implementation("train"));
+    let upstream = |_: &str, _: &str| Some(Entry { digest: "d".into(), kind: objects::ObjKind::File, size: 1 });
+    let (ki, _) = stage_key(&ByName, train, &upstream).unwrap();
+    assert_eq!(ki.implementation, registry.implementation("train"));
+}
+
+/// A build with different models-library code: `plan` says which crates changed.
+#[test]
+fn explains_an_implementation_change_by_crate() {
+    let base = |models: &str| KeyInput {
+        format: KEY_FORMAT,
+        kind: "train".into(),
+        implementation: BTreeMap::from([
+            ("itera-models".to_string(), models.to_string()),
+            ("stage-api".to_string(), "s".to_string()),
+            ("stage-train".to_string(), "t".to_string()),
+        ]),
+        fields: BTreeMap::new(),
+        params: BTreeMap::new(),
+        inputs: BTreeMap::new(),
+        outputs: vec![],
+    };
+    let (old, new) = (base("m1"), base("m2"));
+    assert_ne!(old.key(), new.key());
+    assert_eq!(explain(&old, &new), vec!["implementation of `train` changed (itera-models)".to_string()]);
 }
 
 #[test]
@@ -106,7 +168,7 @@ fn explains_param_and_input_changes() {
     let ki = |params: Value, input: &str| KeyInput {
         format: 1,
         kind: "command".into(),
-        version: 1,
+        implementation: BTreeMap::from([("stage-command".to_string(), "a".to_string())]),
         fields: BTreeMap::from([("cmd".to_string(), Value::from("x"))]),
         params: params.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         inputs: BTreeMap::from([("i".to_string(), input.to_string())]),
@@ -127,16 +189,16 @@ fn explains_param_and_input_changes() {
 
 /// (kind, key) for the stages of `PIPELINE`.
 const GOLDEN: &[(&str, &str)] = &[
-    ("benchmark", "be0d0346ca72a54960bdf6b9eeae5debc92de5e2c075b73c1a75c76be19bf684"),
-    ("command", "67756b2a9b06f7302370b2ceb5695c505a084c251c4b6232e81d4d7b9fdd03c3"),
-    ("corpus", "fa14f7c611bcd124f5eeed366dbe44c14d8ea1331240c8a7660b5edd5f091c22"),
-    ("distill", "19817f86ba3c1769bcb6c0f9335336f24f51e1ef9b5e17dd96481720b1c90247"),
-    ("onnx_check", "1e5906e2d522c22a8d7cf3253b9cbb8ee426678cbf247569b094d0ffdf559b96"),
-    ("onnx_export", "927e56e43ae061930bb34c521f71a8888225bc83d6364c42b5117166e7c3fa35"),
-    ("quantize", "8f8f202f76de8b0794e1474ef8568c4340f804b88ef315bd2f2d926fd38c44a4"),
-    ("report", "da14d1dc55e69957e2da80815c5be4c4846f50b9d1376a1bdcfd89d150c07676"),
-    ("train", "a4debf0d5b7a36d42abe9ed3984477810b6688d56b0d3e2e8fdf8e47e1739a79"),
-    ("vocab", "74db4f58c25e9dbd3fe292b0e922613605720195b9dec32324683595cd448a02"),
+    ("benchmark", "01f3911d13424a9e8d0378ce3a03dd8c5173a8e69a18fc4b972b2a2ef11b3244"),
+    ("command", "4a24ddb5e0086b27129302f0c6e809cf7dc2113269350552222d0091cc9b8ed7"),
+    ("corpus", "2a0d85fd3d7295d96d42dfe38a09792489602a5791a80fb09381ed0ca5cb5915"),
+    ("distill", "e572a200947b51c6f6a14b308af4dbabdb1b2e5c9f907e3192a5f25dda2a0206"),
+    ("onnx_check", "60d33e04bd8fcff2345826365f583ad4ed79c50bc9091e86f6c25ee7defc6462"),
+    ("onnx_export", "f609378ee3cccfe4147d7251b56d4a65d72c06df0bbcc4691ad885273c5170ce"),
+    ("quantize", "fcff627b3acb004fff46f4d21724b60283139f0b5e4d91e05dc433590387a17b"),
+    ("report", "3419066d7bfac4db81c42fddbd8ee18136a4cc3ad9cf2bb34874017e8d8e669c"),
+    ("train", "2c5326e6e68e6f54ecdc9e6dedeafff66c8655381c72ef6397d8b1361e69edc9"),
+    ("vocab", "02ca81c2068c16a4bd72864d64ad0926fcfb74ac37ddb192675a173574a7e7c6"),
 ];
 
 fn golden(kind: &str) -> &'static str {

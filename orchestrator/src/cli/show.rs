@@ -51,6 +51,7 @@ fn as_json(store: &Store, stage: &str, digest: &str, m: &Manifest, current: bool
         "peak_rss_bytes": m.peak_rss_bytes, "threads": m.threads, "started_at": iso8601(m.started_at),
         "deterministic": m.deterministic, "params": m.key_input.params, "inputs": m.key_input.inputs,
         "log": m.log.as_ref().map(|l| store.objects.path(l)),
+        "implementation": m.key_input.implementation, "provenance": m.provenance,
     })
 }
 
@@ -67,6 +68,21 @@ fn print_text(store: &Store, stage: &str, m: &Manifest, current: bool) {
         m.cpu_s,
         human_bytes(m.peak_rss_bytes)
     );
+    match &m.provenance {
+        Some(p) => {
+            println!("built by   {}", p.build());
+            println!("host       {}", p.machine());
+            if let Some(simd) = &p.simd_path {
+                println!("kernels    {simd}");
+            }
+        }
+        None => println!("built by   (not recorded: computed by an orchestrate older than provenance records)"),
+    }
+    let parts: Vec<String> =
+        m.key_input.implementation.iter().map(|(k, v)| format!("{k} {}", &v[..v.len().min(12)])).collect();
+    if !parts.is_empty() {
+        println!("code       {}", parts.join(", "));
+    }
     println!("outputs");
     for (k, e) in &m.outputs {
         let kind = if e.kind == ObjKind::Tree { "dir " } else { "file" };

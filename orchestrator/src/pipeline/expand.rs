@@ -28,6 +28,7 @@ struct Decl<'a> {
     node: &'a Node,
     kind: &'a str,
     stage: &'a dyn Stage,
+    implementation: BTreeMap<String, String>,
 }
 
 /// Every instance of the stage declared as `key: decl`.
@@ -64,7 +65,7 @@ fn declaration<'a>(ctx: &Ctx, registry: &'a Registry, key: &'a Key, decl: &'a No
     let mut allowed: Vec<&str> = STAGE_KEYS.to_vec();
     allowed.extend_from_slice(stage.fields());
     check_keys(ctx, decl_map, &allowed, &what)?;
-    Ok(Decl { key, node: decl, kind, stage })
+    Ok(Decl { key, node: decl, kind, stage, implementation: registry.implementation(kind) })
 }
 
 /// `[None]` without `foreach`, else one `Some(item)` per item of a non-empty list.
@@ -126,7 +127,7 @@ fn instance(ctx: &Ctx, d: &Decl, params: &Value, dir: &Path, item: Option<&Value
     let inst = StageInstance {
         name,
         kind: d.kind.to_string(),
-        version: d.stage.version(),
+        implementation: d.implementation.clone(),
         params: p,
         inputs: BTreeMap::new(),
         outputs,

@@ -50,7 +50,8 @@ pub struct StageInstance {
     /// Unique name: the stage name, or `name@item` for a `foreach` expansion.
     pub name: String,
     pub kind: String,
-    pub version: u32,
+    /// The kind's implementation fingerprint (`Registry::implementation`), part of the key.
+    pub implementation: BTreeMap<String, String>,
     pub params: Params,
     pub inputs: BTreeMap<String, InputRef>,
     pub outputs: Vec<String>,

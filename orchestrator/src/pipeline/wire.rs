@@ -57,7 +57,7 @@ pub(super) fn publish(
                 .err("E-PUBLISH", format!("`publish` of `{}` needs a destination path", k.name), v.pos)
                 .help("a folder or file name relative to the pipeline file's folder, e.g. `../reports/phase4`"));
         };
-        let dest = dir.join(written);
+        let dest = lexically_normal(&dir.join(written));
         if let Some(other) = out.iter().find(|p| p.dest == dest) {
             let msg =
                 format!("`{written}` is the destination of both `{}.{}` and `{}`", other.stage, other.output, k.name);
@@ -66,6 +66,22 @@ pub(super) fn publish(
         out.push(Publish { stage, output, dest });
     }
     Ok(out)
+}
+
+/// `a/b/../c` as `a/c`, without looking at the filesystem (a destination need not exist yet).
+fn lexically_normal(path: &Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Instance names must stay unique after expansion (`b` with item `x` vs a stage `b@x` cannot

@@ -302,11 +302,6 @@ pub trait Stage: Send + Sync {
     /// The name used as `kind:` in pipeline files.
     fn kind(&self) -> &'static str;
 
-    /// Part of every cache key of this kind: bump it when the stage's output bytes change for
-    /// the same inputs and params, so results computed by the older code are not served.
-    /// Why each bump happened belongs in the commit message.
-    fn version(&self) -> u32;
-
     /// One line for `orchestrate` help and error messages listing kinds.
     fn describe(&self) -> &'static str {
         ""

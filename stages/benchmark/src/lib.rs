@@ -299,9 +299,6 @@ impl Stage for BenchmarkStage {
     fn kind(&self) -> &'static str {
         "benchmark"
     }
-    fn version(&self) -> u32 {
-        2
-    }
     fn describe(&self) -> &'static str {
         "size, FLOPs, forward/generation speed, latency, memory, CPU use and quality of every model \
             input (native, GGUF, ONNX in tract and ORT) → benchmark.json, benchmark.csv"
@@ -334,6 +331,7 @@ impl Stage for BenchmarkStage {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        ctx.metric("simd_path", itera_models::simd_path());
         let s = settings(ctx.params())?;
         let threads = ctx.threads().max(1) as usize;
         let tok = load_tokenizer(ctx.input("tokenizer")?)?;

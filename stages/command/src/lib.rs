@@ -140,9 +140,6 @@ impl Stage for CommandStage {
     fn kind(&self) -> &'static str {
         "command"
     }
-    fn version(&self) -> u32 {
-        1
-    }
     fn describe(&self) -> &'static str {
         "run an external program (argv list or `sh -c` string) with declared inputs and outputs"
     }

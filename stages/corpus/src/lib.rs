@@ -157,9 +157,6 @@ impl Stage for CorpusStage {
     fn kind(&self) -> &'static str {
         "corpus"
     }
-    fn version(&self) -> u32 {
-        1
-    }
     fn describe(&self) -> &'static str {
         "builtin synthetic stories or UTF-8 files → train.txt, valid.txt, stats.json"
     }

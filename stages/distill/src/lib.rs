@@ -82,9 +82,6 @@ impl Stage for DistillStage {
     fn kind(&self) -> &'static str {
         "distill"
     }
-    fn version(&self) -> u32 {
-        3
-    }
     fn describe(&self) -> &'static str {
         "distill a teacher into a smaller student (KL at temperature T + CE) and train a from-scratch control → model/, best/, control/, metrics.csv, summary.json"
     }
@@ -115,6 +112,7 @@ impl Stage for DistillStage {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        ctx.metric("simd_path", itera_models::simd_path());
         let s = settings(ctx.params())?;
         let h = &s.hyper;
         let seed = ctx.seed();

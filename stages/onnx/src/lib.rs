@@ -35,9 +35,6 @@ impl Stage for OnnxExportStage {
     fn kind(&self) -> &'static str {
         "onnx_export"
     }
-    fn version(&self) -> u32 {
-        1
-    }
     fn describe(&self) -> &'static str {
         "a checkpoint or quantized model.gguf → ONNX (opset 17): graphs/model.onnx (full sequence), \
             graphs/step.onnx (Itera-Lite), graphs/export.json"
@@ -55,6 +52,7 @@ impl Stage for OnnxExportStage {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        ctx.metric("simd_path", itera_models::simd_path());
         let src = ctx.input("model")?.to_path_buf();
         let mut model = Model::load_any(&src).context(|| format!("loading the model {}", src.display()))?;
         let scheme = model.quant_scheme();
@@ -95,9 +93,6 @@ impl Stage for OnnxCheckStage {
     fn kind(&self) -> &'static str {
         "onnx_check"
     }
-    fn version(&self) -> u32 {
-        3
-    }
     fn describe(&self) -> &'static str {
         "run exported graphs in tract and ONNX Runtime, compare with the native forward (logits, \
             argmax, validation loss, generation, tokens/s) → crosscheck.json; fails on disagreement"
@@ -122,6 +117,7 @@ impl Stage for OnnxCheckStage {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        ctx.metric("simd_path", itera_models::simd_path());
         check::run(ctx)
     }
 }

@@ -126,9 +126,6 @@ impl Stage for QuantizeStage {
     fn kind(&self) -> &'static str {
         "quantize"
     }
-    fn version(&self) -> u32 {
-        3
-    }
     fn describe(&self) -> &'static str {
         "INT8 (per channel) / INT4 (Q4_0 blocks) weights with integer matmuls → model.gguf, summary.json (size, perplexity, KL, speed vs f32)"
     }
@@ -152,6 +149,7 @@ impl Stage for QuantizeStage {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        ctx.metric("simd_path", itera_models::simd_path());
         let s = settings(ctx.params())?;
         let model_dir = ctx.input("model")?.to_path_buf();
         let loading = || format!("loading the model {}", model_dir.display());

@@ -280,12 +280,21 @@ pub fn origin(run: Option<&Value>, stages: &[&str]) -> String {
         Some(e) if e.get("missing").and_then(Value::as_bool) == Some(true) => format!("`{stage}`, NOT CACHED"),
         Some(e) if e.get("cached").and_then(Value::as_bool) == Some(true) => {
             let when = e.get("computed_at").and_then(Value::as_str).unwrap_or("?");
-            format!("`{stage}`, from cache (measured {when})")
+            format!("`{stage}`, from cache (measured {when}{})", produced_by(e))
         }
-        Some(_) => format!("`{stage}`, measured in this run"),
+        Some(e) => format!("`{stage}`, measured in this run{}", produced_by(e)),
         None => format!("`{stage}`"),
     };
     format!("*Source: {}.*", stages.iter().map(|s| one(s)).collect::<Vec<_>>().join("; "))
+}
+
+/// ` by commit abc123def456 on Intel Xeon`: what produced a stage's numbers, as its result
+/// records it (empty for results recorded before provenance was).
+fn produced_by(e: &Value) -> String {
+    let commit = e.get("commit").and_then(Value::as_str).map(|c| format!(" by commit {}", &c[..c.len().min(12)]));
+    let dirty = if e.get("dirty").and_then(Value::as_bool) == Some(true) { " (uncommitted changes)" } else { "" };
+    let cpu = e.get("cpu").and_then(Value::as_str).map(|c| format!(" on {c}"));
+    format!("{}{}", commit.map(|c| c + dirty).unwrap_or_default(), cpu.unwrap_or_default())
 }
 
 /// The provenance section: the pipeline and commit, and per stage its cache key, whether the
@@ -302,7 +311,10 @@ pub fn provenance(run: &Value) -> String {
         "## Provenance\n\nRendered {} from {}; pipeline `{}` ({}, blake3 {}…){commit}.\n\
          Every figure above was measured by the stage that produced it, at the time listed; none was computed while rendering. \
          \"computed\" means the run that rendered this report produced it; \"from cache\" means that run reused a result stored by an earlier run.\n\n\
-         | stage | cache key | this run | measured at | duration |\n|---|---|---|---|---|\n",
+         Each stage's numbers come from the commit and machine its result records, which need not be \
+         the commit this report was rendered at.\n\n\
+         | stage | cache key | this run | measured at | duration | commit | machine | kernels |\n\
+         |---|---|---|---|---|---|---|---|\n",
         s("date"),
         s("rendered_from"),
         s("pipeline"),
@@ -324,7 +336,13 @@ pub fn provenance(run: &Value) -> String {
                 format!("{:.1} s", e.get("duration_s").and_then(Value::as_f64).unwrap_or(f64::NAN)),
             )
         };
-        out.push_str(&format!("| {} | {key} | {status} | {at} | {took} |\n", f("stage")));
+        let commit = e.get("commit").and_then(Value::as_str).map(|c| short(c, 12)).unwrap_or_else(|| "–".into());
+        let dirty = if e.get("dirty").and_then(Value::as_bool) == Some(true) { "+" } else { "" };
+        let (machine, kernels) = (f("machine"), f("simd_path"));
+        out.push_str(&format!(
+            "| {} | {key} | {status} | {at} | {took} | {commit}{dirty} | {machine} | {kernels} |\n",
+            f("stage")
+        ));
     }
     out
 }
@@ -398,9 +416,6 @@ fn describe_error(e: &Error, template_name: &str, template: &str, context: &Valu
 impl Stage for ReportStage {
     fn kind(&self) -> &'static str {
         "report"
-    }
-    fn version(&self) -> u32 {
-        2
     }
     fn describe(&self) -> &'static str {
         "render a minijinja markdown template with the upstream results and PNG plots → report/ (report.md + *.png)"

@@ -33,9 +33,6 @@ impl Stage for TrainStage {
     fn kind(&self) -> &'static str {
         "train"
     }
-    fn version(&self) -> u32 {
-        3
-    }
     fn describe(&self) -> &'static str {
         "train itera_lite or transformer (AdamW, warmup + cosine) → model/, best/, metrics.csv, summary.json"
     }
@@ -60,6 +57,7 @@ impl Stage for TrainStage {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<(), StageError> {
+        ctx.metric("simd_path", itera_models::simd_path());
         let h = hyper(ctx.params())?;
         let seed = ctx.seed();
         let tok = load_tokenizer(ctx.input("tokenizer")?)?;

@@ -137,9 +137,6 @@ impl Stage for VocabStage {
     fn kind(&self) -> &'static str {
         "vocab"
     }
-    fn version(&self) -> u32 {
-        2
-    }
     fn describe(&self) -> &'static str {
         "train a Hugging Face tokenizer (char, bpe or word) → tokenizer.json, stats.json"
     }
