@@ -1,11 +1,14 @@
 //! Orchestration overhead benchmark: `cargo run --release -p orchestrator --example overhead`.
 //!
 //! Drives the release `orchestrate` binary exactly as a user would (one process per command)
-//! on three pipelines of small command stages: the 7-stage phase4-shaped example, a 200-stage
-//! wide DAG (+ a join) and a 200-stage chain. For each: cold run, no-op rerun, `plan`, and a
-//! rerun after one mid-pipeline param changes; then blake3 hashing throughput of a 1 GiB file.
-//! Prints medians with min–max and the ratio to the peers' figures (../shared/peer/README.md,
-//! DVC 3.67 and Snakemake 9.27 measured on this machine kind).
+//! on three pipelines of small command stages: the 8-stage phase4-shaped pipeline the peers'
+//! benchmark runs (`../shared/peer/orch/make_pipelines.py --shape phase4`: vocab → two
+//! trainings, one writing 100 MB → quantize ∥ distill → export → benchmark → report), a
+//! 200-stage wide DAG (+ a join) and a 200-stage chain. For each: cold run, no-op rerun, `plan`,
+//! and a rerun after one mid-pipeline param changes; then blake3 hashing throughput of a 1 GiB
+//! file. Prints our medians with min–max only: a ratio to DVC or Snakemake counts only when they
+//! run in the same session on the same machine, which `../shared/peer/orch/bench.py` does
+//! (`--tools dvc,smk,orch`, with `ORCH` pointing at this binary).
 //!
 //! Options (env): BENCH_REPEATS (default 7), BENCH_SKIP_HASH=1.
 
@@ -60,8 +63,70 @@ struct Case {
     /// `--set` that changes one param mid-pipeline; `{}` is replaced by a fresh value each time.
     change: &'static str,
     stages: usize,
-    /// Peer seconds: (DVC, Snakemake) for cold, no-op, plan, change; None where not measured.
-    peers: [Option<(f64, f64)>; 4],
+}
+
+/// The peers' phase4 shape (make_pipelines.py): the same commands, stage names and params.
+fn phase4_pipeline() -> String {
+    let big = 100 * 1000 * 1000;
+    let stage = |name: &str, cmd: &str, inputs: &[(&str, &str)], params: &str| {
+        let ins: Vec<String> = inputs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        format!(
+            "  {name}:\n    kind: command\n    params: {{{params}}}\n    cmd: \"{cmd}\"\n    inputs: {{{}}}\n    outputs: [o]\n",
+            ins.join(", ")
+        )
+    };
+    let mut s = String::from("name: phase4\nstages:\n");
+    s += &stage(
+        "vocab",
+        "(cat ${inputs.raw}; echo vocab size=${params.size}) > ${outputs.o}",
+        &[("raw", "file:raw.txt")],
+        "size: 1000",
+    );
+    s += &stage(
+        "train_teacher",
+        &format!(
+            "(cat ${{inputs.v}}; echo teacher epochs=${{params.epochs}}; head -c {big} /dev/zero) > ${{outputs.o}}"
+        ),
+        &[("v", "vocab.o")],
+        "epochs: 3",
+    );
+    s += &stage(
+        "train_baseline",
+        "(cat ${inputs.v}; echo baseline epochs=${params.epochs}) > ${outputs.o}",
+        &[("v", "vocab.o")],
+        "epochs: 2",
+    );
+    s += &stage(
+        "quantize",
+        "(cat ${inputs.b}; echo quant bits=${params.bits}; : note=${params.calib_note}) > ${outputs.o}",
+        &[("b", "train_baseline.o")],
+        "bits: 8, calib_note: 0",
+    );
+    s += &stage(
+        "distill",
+        "(cksum < ${inputs.t}; cat ${inputs.b}; echo distill alpha=${params.alpha}) > ${outputs.o}",
+        &[("t", "train_teacher.o"), ("b", "train_baseline.o")],
+        "alpha: 0.5",
+    );
+    s += &stage(
+        "onnx_export",
+        "(cat ${inputs.q} ${inputs.s}; echo opset=${params.opset}) > ${outputs.o}",
+        &[("q", "quantize.o"), ("s", "distill.o")],
+        "opset: 17",
+    );
+    s += &stage(
+        "benchmark",
+        "(cksum < ${inputs.m}; echo iters=${params.iters}) > ${outputs.o}",
+        &[("m", "onnx_export.o")],
+        "iters: 10",
+    );
+    s += &stage(
+        "report",
+        "(cat ${inputs.b}; echo fmt=${params.fmt}) > ${outputs.o}",
+        &[("b", "benchmark.o")],
+        "fmt: md",
+    );
+    s
 }
 
 fn wide_pipeline(n: usize) -> String {
@@ -97,52 +162,29 @@ fn fmt(s: &Stats) -> String {
     format!("{:>8.1} ms [{:.1}–{:.1}]", s.median * 1e3, s.min * 1e3, s.max * 1e3)
 }
 
-fn ratio(peer: Option<(f64, f64)>, ours: f64) -> String {
-    match peer {
-        Some((d, s)) => format!("DVC {d:>5.2} s ({:>5.0}×)  Snakemake {s:>5.2} s ({:>5.0}×)", d / ours, s / ours),
-        None => "—".into(),
-    }
-}
-
 fn main() {
     let repeats: usize = std::env::var("BENCH_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(7).max(1);
     let bin = binary();
     let work = tempfile::tempdir().expect("temp dir");
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let ex = work.path().join("examples");
-    std::fs::create_dir_all(ex.join("data")).expect("mkdir");
-    std::fs::copy(root.join("pipelines/examples/phase4-shape.yaml"), ex.join("phase4-shape.yaml"))
-        .expect("copy example");
-    std::fs::copy(root.join("pipelines/examples/data/essay.txt"), ex.join("data/essay.txt")).expect("copy data");
+    std::fs::copy(root.join("pipelines/examples/data/essay.txt"), work.path().join("raw.txt")).expect("copy data");
+    std::fs::write(work.path().join("phase4.yaml"), phase4_pipeline()).expect("write");
     std::fs::write(work.path().join("wide.yaml"), wide_pipeline(200)).expect("write");
     std::fs::write(work.path().join("chain.yaml"), chain_pipeline(200)).expect("write");
 
     let cases = [
         Case {
-            name: "phase4-shape (7 stages)",
-            file: ex.join("phase4-shape.yaml"),
-            change: "train.steps={}",
-            stages: 7,
-            peers: [Some((3.40, 3.53)), Some((1.66, 2.03)), Some((1.46, 1.86)), Some((2.36, 3.09))],
+            name: "phase4 shape (8 stages, one writes 100 MB; the peers' pipeline)",
+            file: work.path().join("phase4.yaml"),
+            change: "quantize.bits={}",
+            stages: 8,
         },
-        Case {
-            name: "wide (200 + join)",
-            file: work.path().join("wide.yaml"),
-            change: "salt={}",
-            stages: 201,
-            peers: [Some((22.3, 4.7)), Some((4.2, 2.2)), None, None],
-        },
-        Case {
-            name: "chain (200)",
-            file: work.path().join("chain.yaml"),
-            change: "salt={}",
-            stages: 200,
-            peers: [None, Some((3.7, 2.3)), None, Some((17.1, 3.8))],
-        },
+        Case { name: "wide (200 + join)", file: work.path().join("wide.yaml"), change: "salt={}", stages: 201 },
+        Case { name: "chain (200)", file: work.path().join("chain.yaml"), change: "salt={}", stages: 200 },
     ];
 
     println!("orchestrate overhead benchmark — {} repeats, binary {}", repeats, bin.display());
-    println!("(medians [min–max]; ratio = peer time / ours, peers from ../shared/peer/README.md)\n");
+    println!("(medians [min–max]; peers side by side: ../shared/peer/orch/bench.py)\n");
     let mut per_stage_overhead = None;
     for case in &cases {
         let file = case.file.to_str().expect("utf-8");
@@ -167,10 +209,10 @@ fn main() {
         }
         let (cold, noop, plan, change) = (stats(cold), stats(noop), stats(plan), stats(change));
         println!("{}", case.name);
-        println!("  cold run          {}   {}", fmt(&cold), ratio(case.peers[0], cold.median));
-        println!("  no-op rerun       {}   {}", fmt(&noop), ratio(case.peers[1], noop.median));
-        println!("  plan (dry run)    {}   {}", fmt(&plan), ratio(case.peers[2], plan.median));
-        println!("  one param changed {}   {}", fmt(&change), ratio(case.peers[3], change.median));
+        println!("  cold run          {}", fmt(&cold));
+        println!("  no-op rerun       {}", fmt(&noop));
+        println!("  plan (dry run)    {}", fmt(&plan));
+        println!("  one param changed {}", fmt(&change));
         if case.name.starts_with("chain") {
             // What the same 200 commands cost run back to back by hand, without orchestration.
             let t = Instant::now();
@@ -248,15 +290,7 @@ fn main() {
         let h = stats(times);
         let gbs = (1u64 << 30) as f64 / h.median / 1e9;
         println!("hashing a 1 GiB file (blake3, warm page cache, 1 thread)");
-        println!(
-            "  {:.3} s [{:.3}–{:.3}] = {:.2} GB/s   (b3sum 1 thread 0.39 s, 2 threads 0.19 s; md5sum \
-                1.96 s; dvc add 4.93 s → {:.0}× faster than dvc add)",
-            h.median,
-            h.min,
-            h.max,
-            gbs,
-            4.93 / h.median
-        );
+        println!("  {:.3} s [{:.3}–{:.3}] = {:.2} GB/s", h.median, h.min, h.max, gbs);
         println!("  target ≥ 1.5 GB/s: {}", if gbs >= 1.5 { "met" } else { "MISSED" });
     }
     if let Some((total, scheduling)) = per_stage_overhead {

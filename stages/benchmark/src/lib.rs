@@ -51,9 +51,16 @@ pub fn settings(p: &Params) -> Result<Settings, ParamError> {
     Ok(s)
 }
 
-/// Resets the kernel's peak-RSS mark for this process (Linux `clear_refs` 5), so each model's
-/// peak can be read from `VmHWM` afterwards.
+/// Start a model's memory measurement from what is live now: freed memory is handed back to
+/// the kernel first (the stage keeps freed blocks for speed, `M_TRIM_THRESHOLD`, so without
+/// this a small model measured after a large one would report the large one's peak), then the
+/// kernel's peak-RSS mark is reset (Linux `clear_refs` 5) for `VmHWM` to be read afterwards.
 fn reset_peak_rss() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; no live memory moves.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
@@ -219,6 +226,7 @@ fn onnx_records(label: &str, dir: &Path, s: &Settings, data: &Data, threads: usi
                 .ok_or_else(|| StageError::failed("no logits output"))
         })?;
         let new_tokens = s.generate.min(config.max_seq_len().saturating_sub(data.prompt.len())).max(1);
+        let gen_t0 = Instant::now();
         let (gen_engine_tokens, lat) = match (&step, &layout) {
             (Some(p), Some(l)) => {
                 let mut e = open(p).context(|| format!("opening {} in {runtime}", p.display()))?;
@@ -228,6 +236,7 @@ fn onnx_records(label: &str, dir: &Path, s: &Settings, data: &Data, threads: usi
             _ => greedy(&mut engine, None, vocab, &data.prompt, new_tokens)
                 .context(|| format!("generation in {runtime}"))?,
         };
+        let gen_wall = gen_t0.elapsed().as_secs_f64();
         let wall = wall0.elapsed().as_secs_f64();
         let fwd = Rate { median: quantile(&v, 0.5), min: quantile(&v, 0.0), max: quantile(&v, 1.0), runs: v.len() };
         out.push(json!({
@@ -243,7 +252,8 @@ fn onnx_records(label: &str, dir: &Path, s: &Settings, data: &Data, threads: usi
                 "note": "the graph computes every expert (dense MoE export); the native model and flops_per_token count the top-k"},
             "forward_tokens_per_s": rate(&fwd),
             "forward_shape": [s.batch, seq],
-            "generate_tokens_per_s": {"median": gen_engine_tokens.len() as f64 / lat.iter().sum::<f64>().max(1e-9)},
+            // New tokens ÷ wall time including the prompt's prefill, as for native models.
+            "generate_tokens_per_s": {"median": gen_engine_tokens.len() as f64 / gen_wall.max(1e-9)},
             "generate_method": if layout.is_some() { "step graph with recurrent state" } else { "full graph re-run on the growing prefix" },
             "latency_ms_p50": 1e3 * quantile(&lat, 0.5),
             "latency_ms_p95": 1e3 * quantile(&lat, 0.95),
@@ -366,8 +376,10 @@ impl Stage for BenchmarkStage {
             "host": stage_api::host::describe(),
             "settings": {"seq_len": s.seq_len, "batch": s.batch, "runs": s.runs, "generate": s.generate, "eval_tokens": data.windows.len() * s.seq_len, "threads": threads},
             "method": "forward: median (min, max) of `runs` timed full-sequence forwards at batch × \
-                seq_len after one warm-up; generation: batch 1, greedy, 16-token prompt; latency per \
-                new token p50/p95; peak RSS: VmHWM after resetting it per model; CPU utilisation: \
+                seq_len after one warm-up; generation: batch 1, greedy, 16-token prompt, tokens/s = new \
+                tokens ÷ wall time including the prompt's prefill; latency per new token p50/p95; peak \
+                RSS: VmHWM from the memory live when the model's measurement starts (freed memory \
+                returned to the kernel and the mark reset before each model); CPU utilisation: \
                 process CPU seconds / wall / threads over the model's whole measurement; quality: \
                 next-token loss over non-overlapping seq_len validation windows",
             "models": records,
