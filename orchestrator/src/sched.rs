@@ -5,8 +5,13 @@
 //! thing that can happen: settle what needs no running ([`RunLoop::admit_ready`]), a stage
 //! task ends ([`RunLoop::complete`]), a signal arrives ([`RunLoop::interrupt`]), the run ends
 //! ([`RunLoop::finish`]). Everything the user sees goes out through [`RunEvents`].
+//!
+//! The work per stage does not grow with the pipeline: a stage is looked at when its last
+//! upstream stage settles (a count per stage), decided once (skip, cache hit, or run), and a
+//! stage that must run but finds no free threads waits, with its key already built, in a queue
+//! taken in DAG order as threads free up.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -113,6 +118,9 @@ pub async fn run(
     r.finish(events)
 }
 
+/// A stage decided to run, waiting for threads: its key input and inputs.
+type Blocked = (KeyInput, BTreeMap<String, InputSource>);
+
 struct RunLoop<'a> {
     p: &'a Pipeline,
     dag: &'a Dag,
@@ -122,6 +130,14 @@ struct RunLoop<'a> {
     started_at: f64,
     state: Vec<State>,
     outcomes: Vec<Option<StageOutcome>>,
+    /// Stage index → its position in `dag.order`, the order stages are taken in.
+    pos: Vec<usize>,
+    /// Per stage, how many of its upstream stages have not settled yet.
+    unsettled_ups: Vec<usize>,
+    /// Positions of stages whose upstream has all settled and that are not decided yet.
+    fresh: BTreeSet<usize>,
+    /// Positions of stages decided to run, waiting for free threads.
+    blocked: BTreeMap<usize, Blocked>,
     tasks: JoinSet<TaskDone>,
     cancel_tx: watch::Sender<bool>,
     progress_tx: ProgressSink,
@@ -135,6 +151,13 @@ impl<'a> RunLoop<'a> {
     fn new(p: &'a Pipeline, dag: &'a Dag, store: Arc<Store>, opts: RunOptions, progress_tx: ProgressSink) -> Self {
         let n = p.stages.len();
         let free = opts.cores;
+        let mut pos = vec![0; n];
+        for (k, &i) in dag.order.iter().enumerate() {
+            pos[i] = k;
+        }
+        let unsettled_ups: Vec<usize> = (0..n).map(|i| dag.upstream(i).len()).collect();
+        let considered = |i: usize| opts.only.as_ref().is_none_or(|s| s.contains(&i));
+        let fresh = (0..n).filter(|&i| unsettled_ups[i] == 0 && considered(i)).map(|i| pos[i]).collect();
         RunLoop {
             p,
             dag,
@@ -144,6 +167,10 @@ impl<'a> RunLoop<'a> {
             started_at: now_unix(),
             state: vec![State::Waiting; n],
             outcomes: vec![None; n],
+            pos,
+            unsettled_ups,
+            fresh,
+            blocked: BTreeMap::new(),
             tasks: JoinSet::new(),
             cancel_tx: watch::channel(false).0,
             progress_tx,
@@ -172,35 +199,46 @@ impl<'a> RunLoop<'a> {
         let _ = self.cancel_tx.send(true);
     }
 
-    /// Settle every stage that can be decided without running anything (cache hits, skips,
-    /// unreadable inputs), and start runnable ones while their threads fit. Repeats until a
-    /// pass changes nothing, since one hit can make its dependents ready.
+    /// Decide every stage whose upstream has settled (cache hits and skips settle at once and
+    /// can make their dependents ready in turn), then start waiting stages, in DAG order, while
+    /// their threads fit.
     fn admit_ready(&mut self, events: &mut dyn RunEvents) {
-        let mut progressed = true;
-        while progressed && !self.stopping {
-            progressed = false;
-            for idx in 0..self.dag.order.len() {
-                let i = self.dag.order[idx];
-                if !matches!(self.state[i], State::Waiting) || !self.considered(i) {
-                    continue;
-                }
-                progressed |= self.settle(i, events);
-                if self.stopping {
-                    break;
-                }
+        while let Some(p) = self.fresh.pop_first() {
+            let i = self.dag.order[p];
+            if matches!(self.state[i], State::Waiting) {
+                self.settle(i, events);
+            }
+            if self.stopping {
+                return;
+            }
+        }
+        let mut free = self.free;
+        let mut fits = Vec::new();
+        for &p in self.blocked.keys() {
+            if free == 0 {
+                break;
+            }
+            let threads = self.threads_of(&self.p.stages[self.dag.order[p]]);
+            if threads <= free {
+                fits.push(p);
+                free -= threads;
+            }
+        }
+        for p in fits {
+            if let Some((key_input, sources)) = self.blocked.remove(&p) {
+                self.start(self.dag.order[p], key_input, sources, events);
             }
         }
     }
 
-    /// Act on what can be decided about waiting stage `i`; true when its state changed.
-    fn settle(&mut self, i: usize, events: &mut dyn RunEvents) -> bool {
+    /// Act on what can be decided about waiting stage `i`.
+    fn settle(&mut self, i: usize, events: &mut dyn RunEvents) {
         let name = self.p.stages[i].name.clone();
         match self.decide(i) {
-            Decision::NotReady => false,
+            Decision::NotReady => {}
             Decision::Skip(why) => {
                 events.skipped(&name, &why);
                 self.set(i, State::Skipped, StageOutcome::new(&name, Status::Skipped).error(Some(why)));
-                true
             }
             Decision::BadInput(msg) => {
                 events.failed(&name, &msg, "");
@@ -209,7 +247,6 @@ impl<'a> RunLoop<'a> {
                 if !self.opts.keep_going {
                     self.stop();
                 }
-                true
             }
             Decision::Hit { key, digest, manifest } => {
                 self.record_hit(i, &manifest);
@@ -220,15 +257,24 @@ impl<'a> RunLoop<'a> {
                     .duration(manifest.duration_s)
                     .outputs(manifest.outputs.clone());
                 self.set(i, State::Done { manifest: digest, outputs: manifest.outputs, cached: true }, outcome);
-                true
             }
-            Decision::Run { key_input, sources } => self.start(i, key_input, sources, events),
+            Decision::Run { key_input, sources } => {
+                self.blocked.insert(self.pos[i], (key_input, sources));
+            }
         }
     }
 
+    /// Stage `i` has settled (done, failed, skipped or cancelled): record it, and make each
+    /// dependent whose last upstream this was ready to be decided.
     fn set(&mut self, i: usize, state: State, outcome: StageOutcome) {
         self.state[i] = state;
         self.outcomes[i] = Some(outcome);
+        for j in self.dag.downstream(i) {
+            self.unsettled_ups[j] = self.unsettled_ups[j].saturating_sub(1);
+            if self.unsettled_ups[j] == 0 && self.considered(j) && matches!(self.state[j], State::Waiting) {
+                self.fresh.insert(self.pos[j]);
+            }
+        }
     }
 
     fn decide(&self, i: usize) -> Decision {
@@ -273,19 +319,16 @@ impl<'a> RunLoop<'a> {
         }
     }
 
-    /// Start stage `i` if its threads fit the free budget; true when it started.
+    /// Start stage `i` (its threads fit the free budget).
     fn start(
         &mut self,
         i: usize,
         key_input: KeyInput,
         sources: BTreeMap<String, InputSource>,
         events: &mut dyn RunEvents,
-    ) -> bool {
+    ) {
         let st = &self.p.stages[i];
         let threads = self.threads_of(st);
-        if threads > self.free {
-            return false;
-        }
         if st.threads > self.opts.cores {
             tracing::info!(stage = %st.name, "wants {} threads; running with the budget of {}", st.threads, self.opts.cores);
         }
@@ -326,7 +369,6 @@ impl<'a> RunLoop<'a> {
             let r = runner::run_stage(job).await;
             done(r, description.map(|e| e.digest))
         });
-        true
     }
 
     /// Every stage `i` depends on, in DAG order: (name, manifest digest, reused from the cache).

@@ -110,7 +110,13 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
     }
     assert!(!md.contains("| NO |") && !md.contains("DIFFERS") && !md.contains("DIFFERENT"), "{md}");
     // The cold run computed everything, and the report says so, per section and per stage.
-    assert!(md.contains("## Provenance") && md.contains("*Source: `benchmark`, measured in this run.*"), "{md}");
+    let commit = std::process::Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short=12", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let source = format!("*Source: `benchmark`, measured in this run — by commit {commit}");
+    assert!(md.contains("## Provenance") && md.contains(&source), "{source}\n{md}");
     assert!(
         md.contains("| teacher | ") && !md.contains("| from cache |") && !md.contains(", from cache (measured"),
         "{md}"
@@ -171,7 +177,7 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
     let dest2 = p.path().join("report2");
     cli.run("export", &["report.report", dest2.to_str().unwrap(), "--set", "benchmark.generate=9"]).assert_ok();
     let md2 = std::fs::read_to_string(dest2.join("report.md")).unwrap();
-    assert!(md2.contains("*Source: `benchmark`, measured in this run.*"), "{md2}");
+    assert!(md2.contains("*Source: `benchmark`, measured in this run — by commit "), "{md2}");
     assert!(md2.contains("*Source: `teacher`, from cache (measured "), "{md2}");
     assert!(md2.contains("*Source: `int8`, from cache (measured "), "{md2}");
     assert!(md2.lines().any(|l| l.starts_with("| benchmark | ") && l.contains("| computed |")), "{md2}");

@@ -93,14 +93,16 @@ pub struct Pipeline {
     pub stages: Vec<StageInstance>,
     /// `publish:` entries, in file order.
     pub publish: Vec<Publish>,
+    /// Stage name → index in `stages`, so lookups stay O(1) in pipelines of thousands of stages.
+    index: HashMap<String, usize>,
 }
 
 impl Pipeline {
     pub fn stage(&self, name: &str) -> Option<&StageInstance> {
-        self.stages.iter().find(|s| s.name == name)
+        self.index_of(name).map(|i| &self.stages[i])
     }
     pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.stages.iter().position(|s| s.name == name)
+        self.index.get(name).copied()
     }
     pub fn diag(&self, d: Diagnostic) -> Diagnostic {
         d.in_file(&self.file, self.source.clone())
@@ -233,7 +235,8 @@ pub fn load(file: &Path, sets: &[String], registry: &Registry) -> Result<Pipelin
     let stages = wire::wire(&doc.ctx, &doc.dir, pending)?;
     let publish = wire::publish(&doc.ctx, &doc.dir, doc.root.get("publish"), &stages)?;
     let parse::Document { ctx, name, params, dir, .. } = doc;
-    Ok(Pipeline { name, file: ctx.file, dir, source: ctx.source, params, stages, publish })
+    let index = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+    Ok(Pipeline { name, file: ctx.file, dir, source: ctx.source, params, stages, publish, index })
 }
 
 /// Params as a stage sees them: every `file:PATH` replaced by `file:<absolute path>`.

@@ -276,16 +276,25 @@ filters: bytes · int · ratio · fixed(n) · pct · signed_pct";
 /// One line saying where a section's numbers came from, stage by stage: computed by the run that
 /// rendered the report, or reused from the cache (and when they were measured).
 pub fn origin(run: Option<&Value>, stages: &[&str]) -> String {
-    let one = |stage: &str| match run.and_then(|r| r.get("by_stage")).and_then(|b| b.get(stage)) {
+    let entry = |stage: &str| run.and_then(|r| r.get("by_stage")).and_then(|b| b.get(stage));
+    let one = |stage: &str| match entry(stage) {
         Some(e) if e.get("missing").and_then(Value::as_bool) == Some(true) => format!("`{stage}`, NOT CACHED"),
         Some(e) if e.get("cached").and_then(Value::as_bool) == Some(true) => {
             let when = e.get("computed_at").and_then(Value::as_str).unwrap_or("?");
-            format!("`{stage}`, from cache (measured {when}{})", produced_by(e))
+            format!("`{stage}`, from cache (measured {when})")
         }
-        Some(e) => format!("`{stage}`, measured in this run{}", produced_by(e)),
+        Some(_) => format!("`{stage}`, measured in this run"),
         None => format!("`{stage}`"),
     };
-    format!("*Source: {}.*", stages.iter().map(|s| one(s)).collect::<Vec<_>>().join("; "))
+    // What produced the numbers, said once when every stage of the section shares it.
+    let mut by: Vec<String> = stages.iter().filter_map(|s| entry(s)).map(produced_by).collect();
+    by.dedup();
+    let parts: Vec<String> = match by.as_slice() {
+        [_, _, ..] => stages.iter().map(|s| one(s) + &entry(s).map(produced_by).unwrap_or_default()).collect(),
+        _ => stages.iter().map(|s| one(s)).collect(),
+    };
+    let common = if by.len() == 1 && !by[0].is_empty() { format!(" —{}", by[0]) } else { String::new() };
+    format!("*Source: {}{common}.*", parts.join("; "))
 }
 
 /// ` by commit abc123def456 on Intel Xeon`: what produced a stage's numbers, as its result
