@@ -82,7 +82,8 @@ fn resolve<'v>(expr: &str, scope: &'v Scope<'v>, pos: Pos) -> Result<Resolved<'v
             let Some(names) = names else {
                 return Err(err(format!("`${{{expr}}}` cannot be used here; it is only for commands and params"), None));
             };
-            if names.iter().any(|n| n == name) {
+            // `${inputs.@list}`: the file listing every input (the command stage writes it).
+            if names.iter().any(|n| n == name) || (which == "inputs" && name == "@list") {
                 Ok(Resolved::Deferred)
             } else {
                 let refs: Vec<&str> = names.iter().map(String::as_str).collect();

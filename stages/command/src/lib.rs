@@ -1,13 +1,17 @@
 //! The `command` stage: run any external program with declared inputs and outputs.
 //!
 //! `cmd` is either a list (an argv, no shell involved) or a string (run with `sh -c`).
-//! `${inputs.NAME}` and `${outputs.NAME}` inside it are replaced with paths; every path is also
-//! in the environment as `ORCH_IN_NAME` / `ORCH_OUT_NAME`. A command may write a JSON object of
-//! metrics to `$ORCH_METRICS`.
+//! `${inputs.NAME}` and `${outputs.NAME}` inside it are replaced with paths relative to the
+//! stage's working folder (its current folder) where they are inside the stage's scratch area
+//! (`../in/NAME`, `../out/NAME`), so a command's length does not depend on where the store
+//! lives; every path is also in the environment, absolute, as `ORCH_IN_NAME` / `ORCH_OUT_NAME`.
+//! `${inputs.@list}` is a file naming every input, one relative path a line, for commands over
+//! more inputs than fit on a command line (`xargs cat < ${inputs.@list}`). A command may write
+//! a JSON object of metrics to `$ORCH_METRICS`.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
@@ -77,6 +81,22 @@ fn shell_quote(s: &str) -> String {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// The name `${inputs.@list}` refers to: a file listing every input path, one a line.
+pub const INPUT_LIST: &str = "@list";
+
+/// Linux caps one argument at 32 pages (`MAX_ARG_STRLEN`); the `sh` guard adds a little to a
+/// shell script, so scripts are held to a bit less.
+const MAX_ARG: usize = 32 * 4096 - 4096;
+
+/// `path` as seen from `work_dir`: relative when both are in the same scratch folder (the
+/// stage's `in/`, `out/` and `work/` are siblings), else as it is.
+fn from_work_dir(path: &Path, work_dir: &Path) -> PathBuf {
+    match (work_dir.parent(), path.parent().and_then(Path::parent)) {
+        (Some(scratch), Some(p)) if p == scratch => Path::new("..").join(path.strip_prefix(scratch).unwrap_or(path)),
+        _ => path.to_path_buf(),
     }
 }
 
@@ -188,20 +208,32 @@ impl Stage for CommandStage {
     }
 
     fn external(&self, spec: &RunSpec) -> Result<Option<External>, StageError> {
-        let (program, args) = match Invocation::from_params(&spec.params)? {
-            Invocation::Shell(script) => (
-                "sh".to_string(),
-                vec!["-c".to_string(), substitute_paths(&script, &spec.inputs, &spec.outputs, true)?],
-            ),
+        let invocation = Invocation::from_params(&spec.params)?;
+        let mut inputs: BTreeMap<String, PathBuf> =
+            spec.inputs.iter().map(|(k, p)| (k.clone(), from_work_dir(p, &spec.work_dir))).collect();
+        let outputs: BTreeMap<String, PathBuf> =
+            spec.outputs.iter().map(|(k, p)| (k.clone(), from_work_dir(p, &spec.work_dir))).collect();
+        let uses_list = match &invocation {
+            Invocation::Shell(s) => s.contains("inputs.@list"),
+            Invocation::Argv(a) => a.iter().any(|s| s.contains("inputs.@list")),
+        };
+        if uses_list {
+            inputs.insert(INPUT_LIST.to_string(), write_input_list(spec, &inputs)?);
+        }
+        let (program, args) = match invocation {
+            Invocation::Shell(script) => {
+                ("sh".to_string(), vec!["-c".to_string(), substitute_paths(&script, &inputs, &outputs, true)?])
+            }
             Invocation::Argv(argv) => {
                 let mut resolved = Vec::with_capacity(argv.len());
                 for a in &argv {
-                    resolved.push(substitute_paths(a, &spec.inputs, &spec.outputs, false)?);
+                    resolved.push(substitute_paths(a, &inputs, &outputs, false)?);
                 }
                 let program = resolved.remove(0);
                 (program, resolved)
             }
         };
+        check_size(spec, &args)?;
         let metrics_file = spec.work_dir.join(".orch-metrics.json");
         let mut env = vec![
             ("ORCH_STAGE".to_string(), spec.stage_name.clone()),
@@ -229,6 +261,35 @@ impl Stage for CommandStage {
         }
         Ok(Some(External { program, args, env, metrics_file: Some(metrics_file) }))
     }
+}
+
+/// Write `${inputs.@list}`: every input path (relative to the working folder where it can be),
+/// one a line, in input-name order. Returns its path as the command sees it.
+fn write_input_list(spec: &RunSpec, inputs: &BTreeMap<String, PathBuf>) -> Result<PathBuf, StageError> {
+    let mut text = String::new();
+    for path in inputs.values() {
+        text.push_str(&path.to_string_lossy());
+        text.push('\n');
+    }
+    let file = spec.work_dir.join(".orch-inputs.txt");
+    std::fs::write(&file, text).ctx(|| format!("writing {}", file.display()))?;
+    Ok(PathBuf::from(".orch-inputs.txt"))
+}
+
+/// Refuse, before spawning, a command line the kernel would refuse (E2BIG): name the stage, the
+/// limit, and the way around it.
+fn check_size(spec: &RunSpec, args: &[String]) -> Result<(), StageError> {
+    let Some(longest) = args.iter().map(String::len).max() else { return Ok(()) };
+    if longest > MAX_ARG {
+        return Err(StageError::failed(format!(
+            "stage `{}`: its command is {longest} bytes, over the {MAX_ARG}-byte limit Linux puts on one \
+             argument; with {} inputs, read their paths from a file instead: `${{inputs.@list}}` names a file \
+             listing every input, one a line (e.g. `xargs cat < ${{inputs.@list}}`)",
+            spec.stage_name,
+            spec.inputs.len()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
