@@ -10,7 +10,9 @@
 //! run in the same session on the same machine, which `../shared/peer/orch/bench.py` does
 //! (`--tools dvc,smk,orch`, with `ORCH` pointing at this binary).
 //!
-//! Options (env): BENCH_REPEATS (default 7), BENCH_SKIP_HASH=1.
+//! Options (env): BENCH_REPEATS (default 7), BENCH_SKIP_HASH=1. `BENCH_LARGE=200,1000,10000`
+//! instead measures wide and chain pipelines of those sizes once each: cold run (and per stage),
+//! no-op rerun (and per stage), `plan`, and the peak memory of `plan`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -162,7 +164,62 @@ fn fmt(s: &Stats) -> String {
     format!("{:>8.1} ms [{:.1}–{:.1}]", s.median * 1e3, s.min * 1e3, s.max * 1e3)
 }
 
+/// Run `bin` with `args` in `dir`; (seconds, peak RSS of the process in bytes). The child is
+/// reaped by `wait4`, which also returns its own rusage (std's `wait` does not).
+#[allow(clippy::zombie_processes)]
+fn time_and_rss(bin: &Path, dir: &Path, args: &[&str]) -> (f64, u64) {
+    let t = Instant::now();
+    let child = Command::new(bin)
+        .current_dir(dir)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run orchestrate");
+    let mut status = 0;
+    // SAFETY: waiting for our own child; rusage is written by the kernel.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut ru) };
+    let secs = t.elapsed().as_secs_f64();
+    assert!(rc > 0 && status == 0, "orchestrate {args:?} failed (status {status})");
+    (secs, ru.ru_maxrss as u64 * 1024)
+}
+
+/// `BENCH_LARGE`: wide and chain pipelines of each size, one run of each measure.
+fn large(bin: &Path, work: &Path, sizes: &[usize]) {
+    println!("large DAGs (one run each; per stage = total ÷ stages)");
+    println!("| shape | N | cold | per stage | no-op | per stage | plan | plan peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for &n in sizes {
+        for (shape, text) in [("wide", wide_pipeline(n)), ("chain", chain_pipeline(n))] {
+            let file = work.join(format!("{shape}-{n}.yaml"));
+            std::fs::write(&file, text).expect("write");
+            let store = work.join(format!("store-{shape}-{n}"));
+            let (f, s) = (file.to_str().expect("utf-8"), store.to_str().expect("utf-8"));
+            let stages = if shape == "wide" { n + 1 } else { n } as f64;
+            let (cold, _) = time_and_rss(bin, work, &["run", f, "--store", s]);
+            let (noop, _) = time_and_rss(bin, work, &["run", f, "--store", s]);
+            let (plan, rss) = time_and_rss(bin, work, &["plan", f, "--store", s]);
+            println!(
+                "| {shape} | {n} | {cold:.2} s | {:.2} ms | {:.0} ms | {:.3} ms | {:.0} ms | {:.1} MB |",
+                cold / stages * 1e3,
+                noop * 1e3,
+                noop / stages * 1e3,
+                plan * 1e3,
+                rss as f64 / 1e6
+            );
+            let _ = std::fs::remove_dir_all(&store);
+        }
+    }
+}
+
 fn main() {
+    if let Ok(sizes) = std::env::var("BENCH_LARGE") {
+        let sizes: Vec<usize> = sizes.split(',').filter_map(|s| s.trim().parse().ok()).collect();
+        let work = tempfile::tempdir().expect("temp dir");
+        large(&binary(), work.path(), &sizes);
+        return;
+    }
     let repeats: usize = std::env::var("BENCH_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(7).max(1);
     let bin = binary();
     let work = tempfile::tempdir().expect("temp dir");
