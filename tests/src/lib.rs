@@ -155,6 +155,19 @@ impl PipelineCli<'_> {
     }
 }
 
+/// The tiny budget the shipped pipelines run with in tests, for a pipeline whose two trained
+/// models are `itera` and `transformer` (`train.yaml`, `onnx.yaml`, `phase3.yaml`).
+pub const TINY_TWO_MODELS: &[&str] = &[
+    "steps=12",
+    "batch=4",
+    "seq_len=32",
+    "corpus.documents=300",
+    "itera.eval_interval=6",
+    "transformer.eval_interval=6",
+    "itera.eval_tokens=512",
+    "transformer.eval_tokens=512",
+];
+
 /// A pipeline file shipped in the repository's `pipelines/`, by name: `shipped_pipeline("phase4")`.
 pub fn shipped_pipeline(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../pipelines/{name}.yaml")).display().to_string()

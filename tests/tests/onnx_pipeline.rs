@@ -3,18 +3,10 @@
 //! and the Python `onnxruntime` package, given an exported graph and the project's
 //! `tokenizer.json`, computes the validation loss the project reports.
 
-use e2e_tests::{shipped_pipeline, venv_python, Project};
+use e2e_tests::{shipped_pipeline, venv_python, Project, TINY_TWO_MODELS};
 
-/// Tiny budgets: `--set` overrides every verb gets.
-const SMALL: &[&str] = &[
-    "steps=12",
-    "batch=4",
-    "seq_len=32",
-    "corpus.documents=300",
-    "itera.eval_interval=6",
-    "transformer.eval_interval=6",
-    "itera.eval_tokens=512",
-    "transformer.eval_tokens=512",
+/// Tiny budgets beyond the two models' (`TINY_TWO_MODELS`): `--set` overrides every verb gets.
+const MORE: &[&str] = &[
     "int8.eval_tokens=1024",
     "int8.bench_runs=1",
     "check_itera.eval_tokens=1024",
@@ -64,7 +56,7 @@ print(json.dumps({"val_loss": total / count, "positions": count}))
 fn onnx_pipeline_exports_valid_onnx_that_both_runtimes_and_python_agree_on() {
     let p = Project::new();
     let file = shipped_pipeline("onnx");
-    let cli = p.pipeline(&file, SMALL);
+    let cli = p.pipeline(&file, &[TINY_TWO_MODELS, MORE].concat());
     let cold = cli.run("run", &["--json"]);
     cold.assert_ok();
     let dest = p.path().join("out");

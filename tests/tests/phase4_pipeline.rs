@@ -1,7 +1,7 @@
 //! pipelines/phase4.yaml end to end with tiny budgets: it runs cold, reruns fully cached,
 //! replays every deterministic stage identically, and its report has every section and valid PNGs.
 
-use e2e_tests::Project;
+use e2e_tests::{Project, TINY_TWO_MODELS};
 
 /// Tiny budgets: `--set` overrides every verb gets.
 const SMALL: &[&str] = &[
@@ -188,19 +188,7 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
 fn reduced_phase3_runs_and_reports() {
     let p = Project::new();
     let file = p.shipped_copy("phase3");
-    let small = [
-        "steps=12",
-        "batch=4",
-        "seq_len=32",
-        "corpus.documents=300",
-        "itera.eval_interval=6",
-        "transformer.eval_interval=6",
-        "itera.eval_tokens=512",
-        "transformer.eval_tokens=512",
-        "benchmark.runs=1",
-        "benchmark.eval_tokens=256",
-        "benchmark.generate=8",
-    ];
+    let small = [TINY_TWO_MODELS, &["benchmark.runs=1", "benchmark.eval_tokens=256", "benchmark.generate=8"]].concat();
     let cli = p.pipeline(&file, &small);
     cli.run("run", &[]).assert_ok();
     let dest = p.path().join("r3");

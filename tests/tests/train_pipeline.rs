@@ -1,18 +1,6 @@
 //! pipelines/train.yaml end to end with tiny budgets: corpus → vocab → two models in parallel.
 
-use e2e_tests::{shipped_pipeline, Project};
-
-/// Tiny budgets: `--set` overrides every verb gets.
-const SMALL: &[&str] = &[
-    "steps=12",
-    "batch=4",
-    "seq_len=32",
-    "corpus.documents=300",
-    "itera.eval_interval=6",
-    "transformer.eval_interval=6",
-    "itera.eval_tokens=512",
-    "transformer.eval_tokens=512",
-];
+use e2e_tests::{shipped_pipeline, Project, TINY_TWO_MODELS as SMALL};
 
 #[test]
 fn train_pipeline_runs_caches_and_replays_identically() {
