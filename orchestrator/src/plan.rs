@@ -86,3 +86,87 @@ pub fn current_manifest(p: &Pipeline, dag: &Dag, store: &Store, stage: &str) -> 
     let d = e.manifest.clone()?;
     store.load_manifest(&d).ok().map(|m| (d, m))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::cache_key::{stage_key, InputSource};
+    use crate::objects::ObjKind;
+    use crate::registry::Registry;
+    use crate::store::MANIFEST_TAG;
+
+    const PIPELINE: &str = r#"name: study
+stages:
+  cmd: {kind: command, cmd: "echo hi > ${outputs.o}", outputs: [o]}
+  corpus: {kind: corpus, params: {source: builtin, documents: 40}}
+  vocab: {kind: vocab, inputs: {text: corpus.train.txt, valid: corpus.valid.txt}, params: {type: char}}
+  train:
+    kind: train
+    inputs: {train: corpus.train.txt, valid: corpus.valid.txt, tokenizer: vocab.tokenizer.json}
+    params: {model: itera_lite, preset: micro, steps: 2}
+"#;
+
+    /// A stored result for `st` with `ki`, its outputs small objects of the store.
+    fn stored(store: &Store, p: &Pipeline, st: &crate::pipeline::StageInstance, ki: KeyInput) -> Manifest {
+        let outputs = (st.outputs.iter())
+            .map(|o| {
+                let bytes = format!("{}.{o}", st.name);
+                let digest = store.objects.put_bytes(bytes.as_bytes()).unwrap();
+                (o.clone(), Entry { digest, kind: ObjKind::File, size: bytes.len() as u64 })
+            })
+            .collect();
+        let m = Manifest {
+            orchestrate: MANIFEST_TAG.into(),
+            format: 1,
+            pipeline: p.name.clone(),
+            stage: st.name.clone(),
+            key: ki.key(),
+            key_input: ki,
+            outputs,
+            metrics: BTreeMap::new(),
+            deterministic: true,
+            threads: 1,
+            started_at: 1.0,
+            duration_s: 0.1,
+            cpu_s: 0.0,
+            peak_rss_bytes: 0,
+            log: None,
+            run_description: None,
+            provenance: None,
+        };
+        store.commit(&m).unwrap();
+        m
+    }
+
+    /// Every stage ran once under a build whose models library differed: `plan` reruns the
+    /// stages that build from it and says why, and keeps `command`, `corpus` and `vocab` cached.
+    #[test]
+    fn plan_names_an_implementation_change_and_keeps_other_stages_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("study.yaml");
+        std::fs::write(&file, PIPELINE).unwrap();
+        let p = crate::pipeline::load(&file, &[], &Registry::builtin()).unwrap();
+        let dag = Dag::build(&p).unwrap();
+        let store = Store::open(&dir.path().join("store"), "test", false).unwrap();
+        let mut known: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
+        for &i in &dag.order {
+            let st = &p.stages[i];
+            let upstream = |s: &str, o: &str| known.get(s).and_then(|m| m.get(o)).cloned();
+            let (mut ki, _): (KeyInput, BTreeMap<String, InputSource>) = stage_key(&store, st, &upstream).unwrap();
+            if let Some(models) = ki.implementation.get_mut("itera-models") {
+                *models = "an older build of itera-models".into();
+            }
+            let m = stored(&store, &p, st, ki);
+            known.insert(st.name.clone(), m.outputs);
+        }
+        let entries = plan(&p, &dag, &store);
+        let of = |s: &str| entries.iter().find(|e| e.stage == s).unwrap();
+        for s in ["cmd", "corpus", "vocab"] {
+            assert_eq!(of(s).status, "cached", "{s}: {:?}", of(s).reasons);
+        }
+        assert_eq!(of("train").status, "run");
+        assert_eq!(of("train").reasons, vec!["implementation of `train` changed (itera-models)".to_string()]);
+    }
+}
