@@ -507,6 +507,7 @@ impl<'a> RunLoop<'a> {
             finished_at: now_unix(),
             status: status.into(),
             manifests,
+            provenance: Some(Provenance::here(None)),
         };
         if let Err(e) = self.store.record_run(&record) {
             tracing::warn!("could not record the run: {e}");

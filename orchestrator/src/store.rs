@@ -132,6 +132,10 @@ pub struct RunRecord {
     pub status: String,
     /// Stage → manifest digest, for every stage that is done (ran or cached).
     pub manifests: BTreeMap<String, String>,
+    /// The binary and machine that ran the run (each stage's own is in its manifest).
+    /// Absent in run records written before provenance was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
 }
 
 pub fn now_unix() -> f64 {
