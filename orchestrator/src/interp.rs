@@ -14,7 +14,9 @@ pub struct Scope<'a> {
     /// The stage's own `params:`; `${params.x}` looks here first (outside the `params:` block).
     pub stage_params: Option<&'a Value>,
     pub item: Option<&'a Value>,
-    /// `None` where `${inputs.*}`/`${outputs.*}` are not allowed (e.g. inside `inputs:` itself).
+    /// The stage's input and output names, **sorted** (names are looked up by binary search: a
+    /// join can reference thousands of inputs). `None` where `${inputs.*}`/`${outputs.*}` are
+    /// not allowed (e.g. inside `inputs:` itself).
     pub inputs: Option<&'a [String]>,
     pub outputs: Option<&'a [String]>,
 }
@@ -83,7 +85,8 @@ fn resolve<'v>(expr: &str, scope: &'v Scope<'v>, pos: Pos) -> Result<Resolved<'v
                 return Err(err(format!("`${{{expr}}}` cannot be used here; it is only for commands and params"), None));
             };
             // `${inputs.@list}`: the file listing every input (the command stage writes it).
-            if names.iter().any(|n| n == name) || (which == "inputs" && name == "@list") {
+            let known = names.binary_search_by(|n| n.as_str().cmp(name)).is_ok();
+            if known || (which == "inputs" && name == "@list") {
                 Ok(Resolved::Deferred)
             } else {
                 let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -197,7 +200,7 @@ mod tests {
     fn splices_text_and_defers_io() {
         let p = json!({"n": 3});
         let item = json!(500);
-        let ins = vec!["u".to_string(), "stats.json".to_string()];
+        let ins = vec!["stats.json".to_string(), "u".to_string()];
         let s = scope(&p, Some(&item), &ins);
         assert!(interpolate_str("${inputs.stats.json}", &s, Pos::default()).is_ok());
         let n = interpolate_str("head -c ${item} ${inputs.u} > x$${HOME}$n", &s, Pos::default()).unwrap();

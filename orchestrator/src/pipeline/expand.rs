@@ -9,7 +9,8 @@ use serde_json::Value;
 use stage_api::{InputSpec, Params, Stage, StageProfile};
 
 use super::{
-    as_u32, check_keys, map_or_err, output_escapes, parse_duration, valid_name, Ctx, StageInstance, STAGE_KEYS,
+    as_u32, check_keys, check_unique, map_or_err, output_escapes, parse_duration, valid_name, Ctx, StageInstance,
+    STAGE_KEYS,
 };
 use crate::diag::{suggest, Diagnostic};
 use crate::interp::{interpolate, Scope};
@@ -113,8 +114,10 @@ fn instance(ctx: &Ctx, d: &Decl, params: &Value, dir: &Path, item: Option<&Value
     let mut outputs = declared_outputs(ctx, d, &scope)?;
     let raw_inputs = declared_inputs(ctx, d, &scope)?;
     let input_names: Vec<String> = raw_inputs.iter().map(|(n, _, _)| n.clone()).collect();
-    let declared = outputs.clone();
-    let scope = Scope { inputs: Some(&input_names), outputs: Some(&declared), ..scope };
+    let (mut sorted_inputs, mut declared) = (input_names.clone(), outputs.clone());
+    sorted_inputs.sort_unstable();
+    declared.sort_unstable();
+    let scope = Scope { inputs: Some(&sorted_inputs), outputs: Some(&declared), ..scope };
     let p = Params { fields: fields(ctx, d, &scope)?, params: as_btree(&params_json) };
     let profile = check(ctx, d, &name, &p, InputSpec { inputs: input_names.clone(), outputs: outputs.clone() })?;
     for req in &profile.required_outputs {
@@ -190,7 +193,7 @@ fn declared_inputs(ctx: &Ctx, d: &Decl, scope: &Scope) -> Result<Vec<(String, St
     let Some(i) = d.node.get("inputs") else { return Ok(Vec::new()) };
     let i = interpolate(i, scope).map_err(|e| ctx.interp(e))?;
     let imap = map_or_err(ctx, &i, "`inputs`")?;
-    check_keys(ctx, imap, &imap.iter().map(|(k, _)| k.name.as_str()).collect::<Vec<_>>(), "`inputs`")?;
+    check_unique(ctx, imap, "`inputs`")?;
     let mut raw = Vec::new();
     for (k, v) in imap {
         if !valid_name(&k.name) {

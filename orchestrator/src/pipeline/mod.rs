@@ -186,18 +186,28 @@ fn map_or_err<'n>(ctx: &Ctx, node: &'n Node, what: &str) -> Result<&'n [(Key, No
     node.as_map().ok_or_else(|| ctx.err("E-TYPE", format!("{what} must be a map, got {}", node.type_name()), node.pos))
 }
 
+/// Every key of `map` is given once and is one of `allowed`.
 fn check_keys(ctx: &Ctx, map: &[(Key, Node)], allowed: &[&str], what: &str) -> Result<(), Diagnostic> {
-    let mut seen: HashMap<&str, Pos> = HashMap::new();
+    check_unique(ctx, map, what)?;
+    for (k, _) in map {
+        if !allowed.contains(&k.name.as_str()) {
+            return Err(ctx
+                .err("E-UNKNOWN-KEY", format!("unknown key `{}` in {what}", k.name), k.pos)
+                .help(suggest(&k.name, allowed, "keys")));
+        }
+    }
+    Ok(())
+}
+
+/// Every key of a free-form map (params, inputs) is given once — in one pass, since such a map
+/// can hold thousands of keys (a join's inputs).
+fn check_unique(ctx: &Ctx, map: &[(Key, Node)], what: &str) -> Result<(), Diagnostic> {
+    let mut seen: HashMap<&str, Pos> = HashMap::with_capacity(map.len());
     for (k, _) in map {
         if let Some(first) = seen.insert(&k.name, k.pos) {
             return Err(ctx
                 .err("E-DUPLICATE", format!("`{}` is given twice in {what}", k.name), k.pos)
                 .help(format!("first given at line {} column {}; keep one", first.line, first.col)));
-        }
-        if !allowed.contains(&k.name.as_str()) {
-            return Err(ctx
-                .err("E-UNKNOWN-KEY", format!("unknown key `{}` in {what}", k.name), k.pos)
-                .help(suggest(&k.name, allowed, "keys")));
         }
     }
     Ok(())

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{check_keys, map_or_err, valid_name, Ctx, TOP_KEYS};
+use super::{check_keys, check_unique, map_or_err, valid_name, Ctx, TOP_KEYS};
 use crate::diag::Diagnostic;
 use crate::yaml::{self, Key, Node, Pos};
 
@@ -69,9 +69,7 @@ fn pipeline_name(ctx: &Ctx, root: &Node, file: &Path) -> Result<String, Diagnost
 /// Pipeline params may refer to each other only by value, not by `${}`: kept simple.
 fn pipeline_params(ctx: &Ctx, root: &Node) -> Result<Value, Diagnostic> {
     let Some(p) = root.get("params") else { return Ok(Value::Object(Default::default())) };
-    let map = map_or_err(ctx, p, "`params`")?;
-    let names: Vec<&str> = map.iter().map(|(k, _)| k.name.as_str()).collect();
-    check_keys(ctx, map, &names, "`params`")?;
+    check_unique(ctx, map_or_err(ctx, p, "`params`")?, "`params`")?;
     Ok(p.to_json())
 }
 
