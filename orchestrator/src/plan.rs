@@ -95,7 +95,6 @@ mod tests {
     use crate::cache_key::{stage_key, InputSource};
     use crate::objects::ObjKind;
     use crate::registry::Registry;
-    use crate::store::MANIFEST_TAG;
 
     const PIPELINE: &str = r#"name: study
 stages:
@@ -117,25 +116,7 @@ stages:
                 (o.clone(), Entry { digest, kind: ObjKind::File, size: bytes.len() as u64 })
             })
             .collect();
-        let m = Manifest {
-            orchestrate: MANIFEST_TAG.into(),
-            format: 1,
-            pipeline: p.name.clone(),
-            stage: st.name.clone(),
-            key: ki.key(),
-            key_input: ki,
-            outputs,
-            metrics: BTreeMap::new(),
-            deterministic: true,
-            threads: 1,
-            started_at: 1.0,
-            duration_s: 0.1,
-            cpu_s: 0.0,
-            peak_rss_bytes: 0,
-            log: None,
-            run_description: None,
-            provenance: None,
-        };
+        let m = Manifest::for_test(&p.name, &st.name, ki, outputs);
         store.commit(&m).unwrap();
         m
     }

@@ -119,6 +119,32 @@ impl Provenance {
 }
 
 pub const MANIFEST_TAG: &str = "manifest";
+
+#[cfg(test)]
+impl Manifest {
+    /// A stored result for tests: `key_input`'s key, these outputs, no metrics or provenance.
+    pub(crate) fn for_test(pipeline: &str, stage: &str, key_input: KeyInput, outputs: BTreeMap<String, Entry>) -> Self {
+        Manifest {
+            orchestrate: MANIFEST_TAG.into(),
+            format: 1,
+            pipeline: pipeline.into(),
+            stage: stage.into(),
+            key: key_input.key(),
+            key_input,
+            outputs,
+            metrics: BTreeMap::new(),
+            deterministic: true,
+            threads: 1,
+            started_at: 1.0,
+            duration_s: 0.1,
+            cpu_s: 0.0,
+            peak_rss_bytes: 0,
+            log: None,
+            run_description: None,
+            provenance: None,
+        }
+    }
+}
 pub const RUN_TAG: &str = "run";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -609,33 +635,18 @@ mod tests {
     }
 
     fn manifest(key: &str, out: Entry) -> Manifest {
-        Manifest {
-            orchestrate: MANIFEST_TAG.into(),
-            format: 1,
-            pipeline: "p".into(),
-            stage: "s".into(),
-            key: key.into(),
-            key_input: KeyInput {
-                format: KEY_FORMAT,
-                kind: "command".into(),
-                implementation: BTreeMap::new(),
-                fields: BTreeMap::new(),
-                params: BTreeMap::new(),
-                inputs: BTreeMap::new(),
-                outputs: vec!["o".into()],
-            },
-            outputs: BTreeMap::from([("o".to_string(), out)]),
-            metrics: BTreeMap::new(),
-            deterministic: true,
-            threads: 1,
-            started_at: 1.0,
-            duration_s: 0.1,
-            cpu_s: 0.0,
-            peak_rss_bytes: 0,
-            log: None,
-            run_description: None,
-            provenance: None,
-        }
+        let ki = KeyInput {
+            format: KEY_FORMAT,
+            kind: "command".into(),
+            implementation: BTreeMap::new(),
+            fields: BTreeMap::new(),
+            params: BTreeMap::new(),
+            inputs: BTreeMap::new(),
+            outputs: vec!["o".into()],
+        };
+        let mut m = Manifest::for_test("p", "s", ki, BTreeMap::from([("o".to_string(), out)]));
+        m.key = key.into();
+        m
     }
 
     #[test]
