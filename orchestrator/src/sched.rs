@@ -68,6 +68,7 @@ enum Decision {
         manifest: Box<Manifest>,
     },
     Run {
+        key: String,
         key_input: KeyInput,
         sources: BTreeMap<String, InputSource>,
     },
@@ -118,8 +119,8 @@ pub async fn run(
     r.finish(events)
 }
 
-/// A stage decided to run, waiting for threads: its key input and inputs.
-type Blocked = (KeyInput, BTreeMap<String, InputSource>);
+/// A stage decided to run, waiting for threads: its key, key input and inputs.
+type Blocked = (String, KeyInput, BTreeMap<String, InputSource>);
 
 struct RunLoop<'a> {
     p: &'a Pipeline,
@@ -225,8 +226,8 @@ impl<'a> RunLoop<'a> {
             }
         }
         for p in fits {
-            if let Some((key_input, sources)) = self.blocked.remove(&p) {
-                self.start(self.dag.order[p], key_input, sources, events);
+            if let Some((key, key_input, sources)) = self.blocked.remove(&p) {
+                self.start(self.dag.order[p], key, key_input, sources, events);
             }
         }
     }
@@ -258,8 +259,8 @@ impl<'a> RunLoop<'a> {
                     .outputs(manifest.outputs.clone());
                 self.set(i, State::Done { manifest: digest, outputs: manifest.outputs, cached: true }, outcome);
             }
-            Decision::Run { key_input, sources } => {
-                self.blocked.insert(self.pos[i], (key_input, sources));
+            Decision::Run { key, key_input, sources } => {
+                self.blocked.insert(self.pos[i], (key, key_input, sources));
             }
         }
     }
@@ -304,7 +305,7 @@ impl<'a> RunLoop<'a> {
             Ok(None) => {}
             Err(e) => tracing::warn!("index lookup failed for {}: {e}; running the stage", st.name),
         }
-        Decision::Run { key_input, sources }
+        Decision::Run { key, key_input, sources }
     }
 
     /// A hit produced under another pipeline or stage name is recorded under this one too, so
@@ -323,6 +324,7 @@ impl<'a> RunLoop<'a> {
     fn start(
         &mut self,
         i: usize,
+        key: String,
         key_input: KeyInput,
         sources: BTreeMap<String, InputSource>,
         events: &mut dyn RunEvents,
@@ -343,7 +345,6 @@ impl<'a> RunLoop<'a> {
             (self.store.clone(), st.clone(), self.cancel_tx.subscribe(), self.progress_tx.clone());
         self.tasks.spawn(async move {
             let t = Instant::now();
-            let key = key_input.key();
             let done = |result, run_description| TaskDone {
                 index: i,
                 key: key.clone(),

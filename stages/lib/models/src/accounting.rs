@@ -19,15 +19,13 @@ pub struct ParamCounts {
     pub non_embedding: u64,
 }
 
+/// (d_model, d_inner, d_state, d_conv, expert_dim, vocab) as u64, for the counting formulas.
+fn itera_dims(c: &IteraConfig) -> (u64, u64, u64, u64, u64, u64) {
+    (c.d_model as u64, c.d_inner() as u64, c.d_state as u64, c.d_conv as u64, c.expert_dim as u64, c.vocab_size as u64)
+}
+
 fn itera_params(c: &IteraConfig) -> ParamCounts {
-    let (d, di, n, k, e, v) = (
-        c.d_model as u64,
-        c.d_inner() as u64,
-        c.d_state as u64,
-        c.d_conv as u64,
-        c.expert_dim as u64,
-        c.vocab_size as u64,
-    );
+    let (d, di, n, k, e, v) = itera_dims(c);
     let ln = 2 * d;
     let ssm = ln + d * 2 * di + (k * di + di) + n + n * di + di * n + di + (di * di + di) + di * d;
     let expert = 2 * d * e;
@@ -61,14 +59,7 @@ pub fn param_counts(cfg: &ModelConfig) -> ParamCounts {
 pub fn forward_flops_per_token(cfg: &ModelConfig, context: usize) -> u64 {
     let macs = match cfg {
         ModelConfig::IteraLite(c) => {
-            let (d, di, n, k, e, v) = (
-                c.d_model as u64,
-                c.d_inner() as u64,
-                c.d_state as u64,
-                c.d_conv as u64,
-                c.expert_dim as u64,
-                c.vocab_size as u64,
-            );
+            let (d, di, n, k, e, v) = itera_dims(c);
             // in_proj, conv taps, Δ projection, A (exp(Δ·A)), B x, recurrence, C h, D ⊙ x, out_proj
             let ssm = d * 2 * di + k * di + di * di + n + di * n + n + n * di + di + di * d;
             let moe = d * c.n_experts as u64 + c.top_k as u64 * 2 * d * e;
