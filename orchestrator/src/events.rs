@@ -12,6 +12,8 @@ use crate::objects::Entry;
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Cached,
+    /// Not in the local store but in the remote cache (`run --remote`): downloaded, not run.
+    Pulled,
     Ran,
     Failed,
     /// Not run because something it needs failed (or the run stopped first).
@@ -109,6 +111,8 @@ pub trait RunEvents {
     /// The run starts with `total` stages to settle.
     fn begin(&mut self, total: usize);
     fn cached(&mut self, stage: &str);
+    /// Downloaded from the remote cache instead of running: `bytes` moved.
+    fn pulled(&mut self, stage: &str, bytes: u64);
     fn started(&mut self, stage: &str, threads: u32);
     /// A running stage's latest progress message (e.g. step, loss, tokens/s).
     fn progress(&mut self, stage: &str, message: &str);
@@ -118,5 +122,7 @@ pub trait RunEvents {
     fn cancelled(&mut self, stage: &str);
     /// Something about the run as a whole (e.g. an interrupt).
     fn note(&mut self, text: &str);
+    /// Something the user must see even when only the summary is printed (`--json`).
+    fn warning(&mut self, text: &str);
     fn finish(&mut self, summary: &RunSummary);
 }

@@ -4,7 +4,7 @@
 //! has the map): `yaml` (positioned tree) → `diag` (errors with snippets) → `interp`
 //! (`${...}`) → `overrides` (`--set`) → `registry` (the stage kinds) → `pipeline` (validated,
 //! resolved stages) → `dag` (petgraph) → `objects` (blake3 blobs and trees) → `cache_key` →
-//! `store` (sled index, manifests, lock) → `exec` (one child process) → `runner` (one stage:
+//! `store` (sled index, manifests, lock) → `remote` (the shared cache) → `exec` (one child process) → `runner` (one stage:
 //! inputs in, outputs stored) → `events` → `run_description` → `sched` (the run loop) →
 //! `progress` → `deliver` (final outputs copied out) → `plan`, `replay` → `cli` (one module
 //! per verb).
@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod progress;
 pub mod registry;
+pub mod remote;
 pub mod replay;
 pub mod run_description;
 pub mod runner;

@@ -95,7 +95,7 @@ pub fn hash_bytes(b: &[u8]) -> String {
     blake3::hash(b).to_hex().to_string()
 }
 
-fn is_digest(s: &str) -> bool {
+pub fn is_digest(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
@@ -170,6 +170,11 @@ impl ObjectStore {
         // file's own fsync above is what guarantees an object never has the wrong bytes.
         io_ctx(fs::rename(staged, &dest), || format!("moving {} into the store", staged.display()))?;
         Ok(())
+    }
+
+    /// Install a file staged under `tmp/` whose content the caller has hashed to `digest`.
+    pub fn install_verified(&self, staged: &Path, digest: &str) -> Result<()> {
+        self.install(staged, digest, true)
     }
 
     /// Store a manifest, tree or run record. These are only ever read back hash-checked
@@ -390,6 +395,22 @@ pub fn tagged<T: for<'de> Deserialize<'de>>(bytes: &[u8], tag: &str) -> Option<T
         return None;
     }
     serde_json::from_slice(bytes).ok()
+}
+
+/// `1.5 MiB`, `12 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 pub type Metrics = BTreeMap<String, serde_json::Value>;

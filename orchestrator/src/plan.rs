@@ -13,7 +13,8 @@ use crate::store::{Manifest, Store};
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanEntry {
     pub stage: String,
-    /// `cached`, `run`, or `error` (an input cannot be read).
+    /// `cached`, `remote` (in the remote cache, not here), `run`, or `error` (an input
+    /// cannot be read).
     pub status: String,
     pub key: Option<String>,
     /// Digest of the cached manifest, when cached.
@@ -43,8 +44,28 @@ fn reasons_to_run(store: &Store, p: &Pipeline, stage: &str, key: &str, ki: &KeyI
     }
 }
 
+/// What a remote cache holds under a key (for `plan --remote` and `pull`).
+pub enum RemoteAnswer {
+    /// The manifest's digest and the manifest.
+    Has(String, Box<Manifest>),
+    Absent,
+    /// The remote could not answer, or what it holds cannot be used.
+    Error(String),
+}
+
 /// Plan every stage against the store without running anything.
 pub fn plan(p: &Pipeline, dag: &Dag, store: &Store) -> Vec<PlanEntry> {
+    plan_with_remote(p, dag, store, &mut |_| RemoteAnswer::Absent)
+}
+
+/// Plan every stage against the store and, for keys the store lacks, a remote cache: a stage
+/// the remote has is `remote`, and its outputs there make its dependents' keys known.
+pub fn plan_with_remote(
+    p: &Pipeline,
+    dag: &Dag,
+    store: &Store,
+    remote: &mut dyn FnMut(&str) -> RemoteAnswer,
+) -> Vec<PlanEntry> {
     let mut known: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
     let mut will_run: BTreeSet<String> = BTreeSet::new();
     let mut out = Vec::new();
@@ -64,10 +85,21 @@ pub fn plan(p: &Pipeline, dag: &Dag, store: &Store) -> Vec<PlanEntry> {
                         known.insert(st.name.clone(), m.outputs);
                         PlanEntry::new(&st.name, "cached", Some(key), Some(digest), vec![])
                     }
-                    _ => {
-                        let reasons = reasons_to_run(store, p, &st.name, &key, &ki);
-                        PlanEntry::new(&st.name, "run", Some(key), None, reasons)
-                    }
+                    _ => match remote(&key) {
+                        RemoteAnswer::Has(digest, m) => {
+                            let m = *m;
+                            known.insert(st.name.clone(), m.outputs);
+                            let why = vec!["in the remote cache".to_string()];
+                            PlanEntry::new(&st.name, "remote", Some(key), Some(digest), why)
+                        }
+                        answer => {
+                            let mut reasons = reasons_to_run(store, p, &st.name, &key, &ki);
+                            if let RemoteAnswer::Error(e) = answer {
+                                reasons.push(format!("the remote cache could not supply it: {e}"));
+                            }
+                            PlanEntry::new(&st.name, "run", Some(key), None, reasons)
+                        }
+                    },
                 }
             }
         };

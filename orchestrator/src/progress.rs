@@ -79,6 +79,11 @@ impl RunEvents for Progress {
         self.tick();
     }
 
+    fn pulled(&mut self, name: &str, bytes: u64) {
+        self.line(format!("  pulled     {name} ({} downloaded)", crate::objects::human_bytes(bytes)));
+        self.tick();
+    }
+
     fn started(&mut self, name: &str, threads: u32) {
         match &mut self.live {
             Some(l) => {
@@ -149,16 +154,30 @@ impl RunEvents for Progress {
         self.line(format!("  {text}"));
     }
 
+    fn warning(&mut self, text: &str) {
+        let text = format!("  warning: {text}");
+        match &self.live {
+            Some(l) => {
+                let _ = l.multi.println(text);
+            }
+            None => eprintln!("{text}"),
+        }
+    }
+
     fn finish(&mut self, s: &RunSummary) {
         if let Some(l) = &self.live {
             l.overall.finish_and_clear();
         }
         self.line(format!(
-            "{}: {} — {} ran, {} cached, {} failed, {} skipped in {:.2}s ({} cores)",
+            "{}: {} — {} ran, {} cached{}, {} failed, {} skipped in {:.2}s ({} cores)",
             s.pipeline,
             s.status,
             s.count(Status::Ran),
             s.count(Status::Cached),
+            match s.count(Status::Pulled) {
+                0 => String::new(),
+                n => format!(", {n} pulled"),
+            },
             s.count(Status::Failed),
             s.count(Status::Skipped) + s.count(Status::Cancelled),
             s.wall_s,

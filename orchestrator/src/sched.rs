@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::cache_key::{stage_key, InputSource, KeyError, KeyInput};
@@ -24,6 +24,7 @@ use crate::events::{RunEvents, RunSummary, StageOutcome, Status};
 use crate::exec::ProgressSink;
 use crate::objects::{Entry, ObjKind};
 use crate::pipeline::{Pipeline, StageInstance};
+use crate::remote::{Remote, RemoteError, Transfer};
 use crate::runner::{self, StageFailure, StageJob, StageRun};
 use crate::store::{now_unix, Manifest, Provenance, RunRecord, Store, MANIFEST_TAG, RUN_TAG};
 
@@ -32,7 +33,12 @@ pub struct RunOptions {
     pub keep_going: bool,
     /// Only these stage indices (and nothing else) are considered; `None` = all.
     pub only: Option<HashSet<usize>>,
+    /// A remote cache to look a stage up in when the local store misses (`run --remote`).
+    pub remote: Option<Arc<Remote>>,
 }
+
+/// Stages fetched from the remote at once (each moves several blobs concurrently itself).
+const FETCHES_IN_FLIGHT: usize = 8;
 
 #[derive(Clone)]
 enum State {
@@ -53,6 +59,33 @@ struct TaskDone {
     /// Digest of the run description the stage was handed, if it asked for one.
     run_description: Option<String>,
     wall_s: f64,
+}
+
+/// How looking a stage up in the remote cache ended.
+enum Fetched {
+    Hit(String, Box<Manifest>),
+    Miss,
+    /// The remote could not supply it (a blob missing or corrupt): run it here. `unreachable`:
+    /// requests failed even after retries, so the rest of the run does not ask it again.
+    Failed {
+        why: String,
+        unreachable: bool,
+    },
+    Cancelled,
+}
+
+/// What a remote lookup task hands back to the loop.
+struct FetchDone {
+    index: usize,
+    blocked: Blocked,
+    fetched: Fetched,
+    bytes: u64,
+}
+
+/// Every task the loop waits on.
+enum Finished {
+    Stage(TaskDone),
+    Fetch(FetchDone),
 }
 
 /// What can be decided about a waiting stage without running anything.
@@ -108,7 +141,8 @@ pub async fn run(
         }
         tokio::select! {
             joined = r.tasks.join_next() => match joined {
-                Some(Ok(done)) => r.complete(done, events),
+                Some(Ok(Finished::Stage(done))) => r.complete(done, events),
+                Some(Ok(Finished::Fetch(done))) => r.fetched(done, events),
                 Some(Err(e)) => tracing::error!("a stage task ended abnormally: {e}"),
                 None => {}
             },
@@ -139,7 +173,8 @@ struct RunLoop<'a> {
     fresh: BTreeSet<usize>,
     /// Positions of stages decided to run, waiting for free threads.
     blocked: BTreeMap<usize, Blocked>,
-    tasks: JoinSet<TaskDone>,
+    tasks: JoinSet<Finished>,
+    fetch_slots: Arc<Semaphore>,
     cancel_tx: watch::Sender<bool>,
     progress_tx: ProgressSink,
     free: u32,
@@ -173,6 +208,7 @@ impl<'a> RunLoop<'a> {
             fresh,
             blocked: BTreeMap::new(),
             tasks: JoinSet::new(),
+            fetch_slots: Arc::new(Semaphore::new(FETCHES_IN_FLIGHT)),
             cancel_tx: watch::channel(false).0,
             progress_tx,
             free,
@@ -250,17 +286,79 @@ impl<'a> RunLoop<'a> {
                 }
             }
             Decision::Hit { key, digest, manifest } => {
-                self.record_hit(i, &manifest);
                 events.cached(&name);
-                let outcome = StageOutcome::new(&name, Status::Cached)
-                    .key(Some(key))
-                    .manifest(Some(digest.clone()))
-                    .duration(manifest.duration_s)
-                    .outputs(manifest.outputs.clone());
-                self.set(i, State::Done { manifest: digest, outputs: manifest.outputs, cached: true }, outcome);
+                self.reuse(i, key, digest, *manifest, Status::Cached);
             }
-            Decision::Run { key, key_input, sources } => {
-                self.blocked.insert(self.pos[i], (key, key_input, sources));
+            Decision::Run { key, key_input, sources } => match self.opts.remote.clone() {
+                Some(remote) => self.fetch(i, remote, (key, key_input, sources)),
+                None => {
+                    self.blocked.insert(self.pos[i], (key, key_input, sources));
+                }
+            },
+        }
+    }
+
+    /// Stage `i` is done without running: its result (under `key`) was found.
+    fn reuse(&mut self, i: usize, key: String, digest: String, manifest: Manifest, status: Status) {
+        self.record_hit(i, &manifest);
+        let outcome = StageOutcome::new(&self.p.stages[i].name, status)
+            .key(Some(key))
+            .manifest(Some(digest.clone()))
+            .duration(manifest.duration_s)
+            .outputs(manifest.outputs.clone());
+        self.set(i, State::Done { manifest: digest, outputs: manifest.outputs, cached: true }, outcome);
+    }
+
+    /// Look stage `i` up in the remote cache in a task; it runs here if the remote misses.
+    fn fetch(&mut self, i: usize, remote: Arc<Remote>, blocked: Blocked) {
+        self.state[i] = State::Running;
+        let (store, slots, mut cancel) = (self.store.clone(), self.fetch_slots.clone(), self.cancel_tx.subscribe());
+        self.tasks.spawn(async move {
+            let t = Transfer::new("pull", false);
+            let fetched = tokio::select! {
+                r = async {
+                    let _slot = slots.acquire_owned().await;
+                    remote.fetch(&store, &blocked.0, &t).await
+                } => match r {
+                    Ok(Some((digest, m))) => Fetched::Hit(digest, Box::new(m)),
+                    Ok(None) => Fetched::Miss,
+                    Err(e) => Fetched::Failed {
+                        unreachable: matches!(e, RemoteError::Transfer { .. }),
+                        why: e.to_string(),
+                    },
+                },
+                _ = cancel.wait_for(|stop| *stop) => Fetched::Cancelled,
+            };
+            Finished::Fetch(FetchDone { index: i, blocked, fetched, bytes: t.totals().0 })
+        });
+    }
+
+    /// A remote lookup ended: the stage is done (pulled), or waits to run here.
+    fn fetched(&mut self, done: FetchDone, events: &mut dyn RunEvents) {
+        let i = done.index;
+        let name = self.p.stages[i].name.clone();
+        match done.fetched {
+            Fetched::Hit(digest, manifest) => {
+                events.pulled(&name, done.bytes);
+                self.reuse(i, done.blocked.0, digest, *manifest, Status::Pulled);
+            }
+            Fetched::Cancelled => {
+                events.cancelled(&name);
+                self.set(i, State::Cancelled, StageOutcome::new(&name, Status::Cancelled).key(Some(done.blocked.0)));
+            }
+            Fetched::Miss | Fetched::Failed { .. } => {
+                match &done.fetched {
+                    Fetched::Failed { why, unreachable: true } if self.opts.remote.is_some() => {
+                        events.warning(&format!("the remote cache failed ({why}); running without it"));
+                        self.opts.remote = None;
+                    }
+                    Fetched::Failed { why, unreachable: false } => {
+                        events.warning(&format!("`{name}` could not be pulled ({why}); running it here"));
+                    }
+                    _ => {}
+                }
+                self.state[i] = State::Waiting;
+                self.blocked.insert(self.pos[i], done.blocked);
             }
         }
     }
@@ -355,7 +453,9 @@ impl<'a> RunLoop<'a> {
             };
             let description = match described.map(|(p, ups)| describe_run(&p, &store, &ups)).transpose() {
                 Ok(d) => d,
-                Err(message) => return done(Err(StageFailure::Failed { message, log_tail: String::new() }), None),
+                Err(message) => {
+                    return Finished::Stage(done(Err(StageFailure::Failed { message, log_tail: String::new() }), None))
+                }
             };
             let job = StageJob {
                 input_store: store.objects.clone(),
@@ -368,7 +468,7 @@ impl<'a> RunLoop<'a> {
                 progress: Some(sink),
             };
             let r = runner::run_stage(job).await;
-            done(r, description.map(|e| e.digest))
+            Finished::Stage(done(r, description.map(|e| e.digest)))
         });
     }
 

@@ -369,6 +369,23 @@ impl Store {
         Ok(digest)
     }
 
+    /// Index a manifest that is already an object (fetched from a remote, its outputs present).
+    pub fn adopt(&self, digest: &str, m: &Manifest) -> Result<()> {
+        self.cache.insert(m.key.as_bytes(), digest.as_bytes())?;
+        self.last.insert(Self::last_key(&m.pipeline, &m.stage), digest.as_bytes())?;
+        self.flush()
+    }
+
+    /// Every cached result in the index: (cache key, manifest digest), by key.
+    pub fn results(&self) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for kv in self.cache.iter() {
+            let (k, v) = kv?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()));
+        }
+        Ok(out)
+    }
+
     pub fn record_run(&self, r: &RunRecord) -> Result<String> {
         let bytes = serde_json::to_vec(r).map_err(|e| ObjectError::Invalid(e.to_string()))?;
         let digest = self.objects.put_bytes(&bytes)?;

@@ -99,6 +99,17 @@ impl Project {
     pub fn run(&self, args: &[&str]) -> Run {
         Run::from(self.cmd().args(args).output().expect("running orchestrate"))
     }
+    /// `run` with these environment variables set and every other `AWS_*` variable removed.
+    pub fn run_env<S: AsRef<str>>(&self, args: &[S], env: &[(&str, String)]) -> Run {
+        let mut c = self.cmd();
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AWS_") {
+                c.env_remove(k);
+            }
+        }
+        c.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        Run::from(c.args(args.iter().map(AsRef::as_ref)).output().expect("running orchestrate"))
+    }
     /// Every object file in the store.
     pub fn objects(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
@@ -197,4 +208,102 @@ impl Project {
             sets: sets.iter().flat_map(|s| ["--set".to_string(), s.to_string()]).collect(),
         }
     }
+}
+
+/// An S3-compatible server (moto, from the project venv) on a free loopback port, stopped by
+/// pid when dropped.
+pub struct S3Server {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+/// Credentials the test server accepts (moto checks none); the secret is distinctive so tests
+/// can show it is never printed or stored.
+pub const TEST_SECRET: &str = "test-secret-5f1b2c9e-never-printed";
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let bin = venv_python().with_file_name("moto_server");
+        assert!(bin.exists(), "{} is missing: .ci/venv installs moto[server] (.ci/requirements.txt)", bin.display());
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting moto_server");
+        let server = S3Server { child, port };
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t0.elapsed().as_secs() < 60, "moto_server did not listen on port {port} within 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The AWS variables that point orchestrate at this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test-key".into()),
+            ("AWS_SECRET_ACCESS_KEY", TEST_SECRET.into()),
+        ]
+    }
+
+    /// One plain HTTP/1.1 request (moto does not check signatures): (status, body).
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connecting to moto");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.port,
+            body.len()
+        );
+        s.write_all(head.as_bytes()).and_then(|_| s.write_all(body)).expect("sending to moto");
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("reading from moto");
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").map_or(raw.len(), |i| i + 4);
+        let status = String::from_utf8_lossy(&raw[..split]).split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (status, raw[split..].to_vec())
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        let (status, body) = self.request("PUT", &format!("/{bucket}"), b"");
+        assert_eq!(status, 200, "creating bucket {bucket}: {}", String::from_utf8_lossy(&body));
+    }
+
+    /// Keys under `prefix` in `bucket` (one listing page is plenty for tests).
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let (_, body) = self.request("GET", &format!("/{bucket}?list-type=2&prefix={prefix}"), b"");
+        let text = String::from_utf8_lossy(&body);
+        text.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_string).collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every file under `dir`, recursively, whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_containing(&p, needle));
+        } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -9,6 +9,8 @@ mod dag;
 mod export;
 mod gc;
 mod plan;
+mod pull;
+mod push;
 mod replay;
 mod report;
 mod run;
@@ -23,6 +25,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::dag::Dag;
 use crate::diag::Diagnostic;
+pub use crate::objects::human_bytes;
 use crate::pipeline::{self, Pipeline};
 use crate::registry::Registry;
 use crate::store::{Store, StoreError};
@@ -79,6 +82,10 @@ enum Cmd {
     Verify(verify::Args),
     /// Delete objects not used by the last N runs.
     Gc(gc::Args),
+    /// Upload cached results to a remote cache (S3 or a shared directory).
+    Push(push::Args),
+    /// Download results from a remote cache into the store, running nothing.
+    Pull(pull::Args),
     /// List the stage kinds this binary knows.
     Stages,
     /// Internal: run one stage in this process (used by the scheduler).
@@ -196,6 +203,8 @@ fn command_label(cmd: &Cmd) -> String {
         Cmd::Replay(a) => with("replay", &a.p.pipeline),
         Cmd::Report(a) => with("report", &a.pipeline),
         Cmd::Verify(_) => "verify".into(),
+        Cmd::Push(_) => "push".into(),
+        Cmd::Pull(_) => "pull".into(),
         Cmd::Gc(_) => "gc".into(),
         _ => "orchestrate".into(),
     }
@@ -220,6 +229,47 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Cmd::Replay(a) => replay::replay(&env, a),
         Cmd::Verify(a) => verify::verify(&env, a),
         Cmd::Gc(a) => gc::gc(&env, a),
+        Cmd::Push(a) => push::push(&env, a),
+        Cmd::Pull(a) => pull::pull(&env, a),
+    }
+}
+
+/// `--remote`, for the verbs that can use a remote cache.
+#[derive(clap::Args, Debug, Clone)]
+struct RemoteArgs {
+    /// Remote cache: a name from orchestrate.toml, s3://BUCKET/PREFIX, or a directory.
+    #[arg(long, value_name = "REMOTE")]
+    remote: Option<String>,
+}
+
+impl RemoteArgs {
+    /// The remote given, or the `default_remote` of orchestrate.toml when `use_default`.
+    /// `near` is where orchestrate.toml is looked for (the pipeline's folder).
+    fn open(&self, near: &Path, use_default: bool) -> Result<Option<crate::remote::Remote>, Failure> {
+        let invalid = |msg: String| Failure::Invalid(Diagnostic::new("E-REMOTE", msg));
+        let spec = match (&self.remote, use_default) {
+            (Some(s), _) => s.clone(),
+            (None, true) => match crate::remote::config::default_spec(near).map_err(invalid)? {
+                Some(s) => s,
+                None => {
+                    return Err(invalid(format!(
+                        "no remote given: pass --remote NAME|s3://BUCKET/PREFIX|DIR, or set default_remote in {}",
+                        crate::remote::config::CONFIG_FILE
+                    )))
+                }
+            },
+            (None, false) => return Ok(None),
+        };
+        let loc = crate::remote::config::resolve(&spec, near).map_err(invalid)?;
+        crate::remote::Remote::open(&loc).map(Some).map_err(|e| invalid(e.to_string()))
+    }
+}
+
+/// The folder a pipeline file is in (where orchestrate.toml is looked for).
+fn folder_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
     }
 }
 
@@ -253,19 +303,4 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
     println!("{}", serde_json::to_string_pretty(value).context("encoding JSON")?);
     Ok(())
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

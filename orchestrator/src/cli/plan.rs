@@ -1,11 +1,15 @@
 //! `orchestrate plan`: what is cached, what will run, and why — running nothing.
 
-use super::{print_json, Env, Failure, PipelineArgs};
+use super::{folder_of, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs};
+use crate::plan::RemoteAnswer;
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
     #[command(flatten)]
     pub(super) p: PipelineArgs,
+    /// Also look up what the local store lacks in this remote cache (nothing is downloaded).
+    #[command(flatten)]
+    remote: RemoteArgs,
     #[arg(long)]
     json: bool,
 }
@@ -13,7 +17,17 @@ pub(super) struct Args {
 pub(super) fn plan(env: &Env, a: Args) -> Result<i32, Failure> {
     let (p, dag) = env.load(&a.p)?;
     let store = env.open_store()?;
-    let entries = crate::plan::plan(&p, &dag, &store);
+    let entries = match a.remote.open(&folder_of(&a.p.pipeline), false)? {
+        None => crate::plan::plan(&p, &dag, &store),
+        Some(remote) => {
+            let rt = runtime()?;
+            crate::plan::plan_with_remote(&p, &dag, &store, &mut |key| match rt.block_on(remote.manifest(key)) {
+                Ok(Some((d, m, _))) => RemoteAnswer::Has(d, Box::new(m)),
+                Ok(None) => RemoteAnswer::Absent,
+                Err(e) => RemoteAnswer::Error(e.to_string()),
+            })
+        }
+    };
     if a.json {
         print_json(&entries)?;
         return Ok(0);
@@ -22,13 +36,18 @@ pub(super) fn plan(env: &Env, a: Args) -> Result<i32, Failure> {
     for e in &entries {
         let status = match e.status.as_str() {
             "cached" => "cached",
+            "remote" => "will pull",
             "run" => "will run",
             _ => "error",
         };
         let why = if e.reasons.is_empty() { String::new() } else { format!("  ({})", e.reasons.join("; ")) };
         println!("{:<width$}  {status}{why}", e.stage);
     }
-    let runs = entries.iter().filter(|e| e.status != "cached").count();
-    println!("{} of {} stages will run", runs, entries.len());
+    let count = |s: &str| entries.iter().filter(|e| e.status == s).count();
+    let pulls = match count("remote") {
+        0 => String::new(),
+        n => format!(", {n} will be pulled from the remote"),
+    };
+    println!("{} of {} stages will run{pulls}", entries.len() - count("cached") - count("remote"), entries.len());
     Ok(0)
 }

@@ -1,0 +1,115 @@
+//! `orchestrate pull`: download results from a remote cache into the store, running nothing.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::{folder_of, human_bytes, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs};
+use crate::plan::{plan_with_remote, RemoteAnswer};
+use crate::remote::{PullReport, Remote, Transfer};
+use crate::store::Store;
+
+#[derive(clap::Args, Debug)]
+pub(super) struct Args {
+    /// The pipeline whose results to download (default: every result on the remote).
+    pipeline: Option<PathBuf>,
+    /// Override a value of the pipeline, as for `run`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    #[command(flatten)]
+    remote: RemoteArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Pull the pipeline's stages in DAG order: a stage pulled makes its dependents' keys known.
+fn pull_pipeline(
+    env: &Env,
+    a: &Args,
+    file: &Path,
+    store: &Store,
+    remote: &Remote,
+    t: &Transfer,
+) -> Result<PullReport, Failure> {
+    let (p, dag) = env.load(&PipelineArgs { pipeline: file.to_path_buf(), sets: a.sets.clone() })?;
+    let rt = runtime()?;
+    let mut report = PullReport::default();
+    let entries = plan_with_remote(&p, &dag, store, &mut |key| match rt.block_on(remote.fetch(store, key, t)) {
+        Ok(Some((d, m))) => RemoteAnswer::Has(d, Box::new(m)),
+        Ok(None) => RemoteAnswer::Absent,
+        Err(e) => RemoteAnswer::Error(e.to_string()),
+    });
+    for e in entries {
+        let status = match e.status.as_str() {
+            "cached" => "local",
+            "remote" => "pulled",
+            _ => "absent",
+        };
+        if let Some(why) = e.reasons.iter().find(|r| r.starts_with("the remote cache could not supply it")) {
+            report.errors.push(format!("{}: {why}", e.stage));
+        }
+        report.results.insert(e.stage, status.to_string());
+    }
+    Ok(report)
+}
+
+/// Pull every result the remote has.
+fn pull_all(store: &Store, remote: &Remote, t: &Transfer) -> Result<PullReport, Failure> {
+    let rt = runtime()?;
+    let mut report = PullReport::default();
+    let keys = rt.block_on(remote.keys()).map_err(|e| anyhow::anyhow!("listing {}: {e}", remote.shown))?;
+    for key in keys {
+        if store.lookup(&key)?.is_some() {
+            report.results.insert(key, "local".into());
+            continue;
+        }
+        match rt.block_on(remote.fetch(store, &key, t)) {
+            Ok(_) => report.results.insert(key, "pulled".into()),
+            Err(e) => {
+                report.errors.push(format!("{key}: {e}"));
+                report.results.insert(key, "failed".into())
+            }
+        };
+    }
+    Ok(report)
+}
+
+pub(super) fn pull(env: &Env, a: Args) -> Result<i32, Failure> {
+    let near = a.pipeline.as_deref().map(folder_of).unwrap_or_else(|| PathBuf::from("."));
+    let Some(remote) = a.remote.open(&near, true)? else { return Ok(2) };
+    let store = env.open_store()?;
+    store.clean_tmp();
+    let t0 = Instant::now();
+    let transfer = Transfer::new("pull", !a.json && std::io::stderr().is_terminal());
+    // Interrupting is safe at any point: blobs land in tmp/ and move in whole once their hash
+    // matches, and a result is indexed only after all its blobs are in.
+    let work = match &a.pipeline {
+        Some(file) => pull_pipeline(env, &a, file, &store, &remote, &transfer),
+        None => pull_all(&store, &remote, &transfer),
+    };
+    transfer.finish();
+    let mut report = work?;
+    (report.bytes_downloaded, report.blobs_downloaded) = transfer.totals();
+    if a.json {
+        print_json(&report)?;
+    } else {
+        print_report(&remote, &report, t0.elapsed().as_secs_f64());
+    }
+    Ok(if report.errors.is_empty() { 0 } else { 1 })
+}
+
+fn print_report(remote: &Remote, r: &PullReport, secs: f64) {
+    for e in &r.errors {
+        eprintln!("error: {e}");
+    }
+    let count = |s: &str| r.results.values().filter(|v| *v == s).count();
+    eprintln!(
+        "pulled from {}: {} results downloaded, {} already here, {} not on the remote; {} blobs ({}) in {secs:.2}s",
+        remote.shown,
+        count("pulled"),
+        count("local"),
+        count("absent"),
+        r.blobs_downloaded,
+        human_bytes(r.bytes_downloaded)
+    );
+}

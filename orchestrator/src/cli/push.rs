@@ -1,0 +1,89 @@
+//! `orchestrate push`: upload cached results to a remote cache.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::{folder_of, human_bytes, print_json, runtime, stage_index, Env, Failure, PipelineArgs, RemoteArgs};
+use crate::remote::{PushReport, Remote, Transfer};
+use crate::store::Store;
+
+#[derive(clap::Args, Debug)]
+pub(super) struct Args {
+    /// The pipeline whose current results to push (default: every result in the store).
+    pipeline: Option<PathBuf>,
+    /// Override a value of the pipeline, as for `run`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Only these stages' results.
+    #[arg(long = "stage", value_name = "STAGE")]
+    stages: Vec<String>,
+    #[command(flatten)]
+    remote: RemoteArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+/// (cache key, manifest digest) of what to push: the pipeline's cached stages, or everything.
+fn results(env: &Env, a: &Args, store: &Store) -> Result<Vec<(String, String)>, Failure> {
+    let Some(file) = &a.pipeline else {
+        if !a.stages.is_empty() {
+            return Err(Failure::Invalid(crate::diag::Diagnostic::new("E-CLI", "--stage needs a pipeline file")));
+        }
+        return Ok(store.results()?);
+    };
+    let (p, dag) = env.load(&PipelineArgs { pipeline: file.clone(), sets: a.sets.clone() })?;
+    for s in &a.stages {
+        stage_index(&p, s)?;
+    }
+    let entries = crate::plan::plan(&p, &dag, store);
+    Ok(entries
+        .into_iter()
+        .filter(|e| a.stages.is_empty() || a.stages.contains(&e.stage))
+        .filter_map(|e| Some((e.key?, e.manifest?)))
+        .collect())
+}
+
+pub(super) fn push(env: &Env, a: Args) -> Result<i32, Failure> {
+    let near = a.pipeline.as_deref().map(folder_of).unwrap_or_else(|| PathBuf::from("."));
+    let Some(remote) = a.remote.open(&near, true)? else { return Ok(2) };
+    let store = env.open_store()?;
+    let results = results(env, &a, &store)?;
+    let t0 = Instant::now();
+    let transfer = Transfer::new("push", !a.json && std::io::stderr().is_terminal());
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        tokio::select! {
+            r = remote.push(&store, &results, &transfer) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    transfer.finish();
+    let Some(report) = report else {
+        eprintln!("interrupted: entries are written only after their blobs, so the remote shows no partial result");
+        return Ok(130);
+    };
+    let report = report.map_err(|e| anyhow::anyhow!("pushing to {}: {e}", remote.shown))?;
+    print_report(&remote, &report, t0.elapsed().as_secs_f64(), a.json)?;
+    Ok(if report.errors.is_empty() { 0 } else { 1 })
+}
+
+pub(super) fn print_report(remote: &Remote, r: &PushReport, secs: f64, json: bool) -> Result<(), Failure> {
+    if json {
+        return print_json(r);
+    }
+    for e in &r.errors {
+        eprintln!("error: {e}");
+    }
+    eprintln!(
+        "pushed to {}: {} results ({} new, {} already there); {} blobs checked, {} uploaded ({}) in {secs:.2}s",
+        remote.shown,
+        r.results,
+        r.published,
+        r.already,
+        r.blobs_checked,
+        r.blobs_uploaded,
+        human_bytes(r.bytes_uploaded)
+    );
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! The remote cache end to end: two stores standing for two machines share results through a
+//! real S3-compatible server (moto) and through a directory; corrupt, missing and half-pushed
+//! blobs never reach a store; credentials are asked for by name and never printed or stored.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use e2e_tests::{files_containing, Project, Run, S3Server, TEST_SECRET};
+
+/// Tiny budgets for pipelines/phase4.yaml (as in phase4_pipeline.rs).
+const SMALL: &[&str] = &[
+    "steps=12",
+    "batch=4",
+    "seq_len=32",
+    "corpus.documents=300",
+    "teacher.eval_interval=6",
+    "transformer.eval_interval=6",
+    "student.eval_interval=6",
+    "teacher.eval_tokens=512",
+    "transformer.eval_tokens=512",
+    "student.eval_tokens=512",
+    "int8.eval_tokens=1024",
+    "int4.eval_tokens=1024",
+    "int8.bench_runs=1",
+    "int4.bench_runs=1",
+    "check_teacher.eval_tokens=512",
+    "check_transformer.eval_tokens=512",
+    "check_int8.eval_tokens=512",
+    "check_teacher.generate=8",
+    "check_transformer.generate=8",
+    "check_int8.generate=8",
+    "benchmark.runs=1",
+    "benchmark.eval_tokens=256",
+    "benchmark.generate=8",
+];
+
+/// `VERB FILE --store STORE --set … EXTRA…` against the S3 server.
+fn s3(p: &Project, server: &S3Server, verb: &str, file: &str, sets: &[&str], extra: &[&str]) -> Run {
+    let store = p.store().display().to_string();
+    let mut args = vec![verb, file, "--store", &store];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    args.extend(extra);
+    p.run_env(&args, &server.env())
+}
+
+/// Stage → manifest digest from a `run --json` summary.
+fn manifests(r: &Run) -> Vec<(String, String)> {
+    let j = r.json();
+    let stages = j["stages"].as_array().expect("stages").clone();
+    stages.iter().map(|s| (s["stage"].as_str().unwrap().to_string(), s["manifest"].to_string())).collect()
+}
+
+/// "N new" from a push report line.
+fn published(stderr: &str) -> usize {
+    let line = stderr.lines().find(|l| l.starts_with("pushed to")).unwrap_or_else(|| panic!("no push line:\n{stderr}"));
+    let n = line.split(" results (").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok());
+    n.unwrap_or_else(|| panic!("{line}"))
+}
+
+#[test]
+fn two_machines_share_a_reduced_phase4_through_s3() {
+    let server = S3Server::start();
+    server.create_bucket("team-cache");
+    let remote = "s3://team-cache/phase4";
+    let a = Project::new();
+    let fa = a.shipped_copy("phase4");
+    let cold = s3(&a, &server, "run", &fa, SMALL, &["--json"]);
+    cold.assert_ok();
+    let push = s3(&a, &server, "push", &fa, SMALL, &["--remote", remote]);
+    push.assert_ok();
+    assert_eq!(published(&push.stderr), 16, "{}", push.stderr);
+    let again = s3(&a, &server, "push", &fa, SMALL, &["--remote", remote]);
+    again.assert_ok();
+    assert!(again.stderr.contains("(0 new, 16 already there); 0 blobs checked, 0 uploaded"), "{}", again.stderr);
+
+    // B starts empty: the plan names the remote, and the run downloads everything, runs nothing.
+    let b = Project::new();
+    let fb = b.shipped_copy("phase4");
+    let plan = s3(&b, &server, "plan", &fb, SMALL, &["--remote", remote]);
+    plan.assert_ok();
+    assert!(plan.stdout.contains("0 of 16 stages will run, 16 will be pulled from the remote"), "{}", plan.stdout);
+    let pulled = s3(&b, &server, "run", &fb, SMALL, &["--remote", remote, "--json"]);
+    pulled.assert_ok();
+    assert!(pulled.statuses().iter().all(|(_, s)| s == "pulled"), "{}", pulled.stdout);
+    assert_eq!(manifests(&pulled), manifests(&cold), "B holds A's very results");
+    let report = |p: &Project| std::fs::read(p.path().join("reports/phase4/report.md")).expect("published report");
+    assert_eq!(report(&b), report(&a), "the published report is byte for byte A's");
+    let out = b.path().join("cli.md").display().to_string();
+    let store = b.store().display().to_string();
+    let template = b.path().join("templates/phase4.md.j2").display().to_string();
+    let mut args = vec!["report", &template, "--pipeline", &fb, "--store", &store, "-o", &out];
+    for s in SMALL {
+        args.extend(["--set", s]);
+    }
+    b.run(&args).assert_ok();
+    assert!(std::fs::read_to_string(&out).unwrap().contains("## Headline"));
+    b.run(&["verify", "--store", &store]).assert_ok();
+
+    // B changes one parameter: only what depends on it runs, and only that is pushed.
+    let mut edited = SMALL.to_vec();
+    edited.push("int4.group_size=64");
+    let rerun = s3(&b, &server, "run", &fb, &edited, &["--remote", remote, "--push", "--json"]);
+    rerun.assert_ok();
+    let ran: Vec<String> = rerun.statuses().into_iter().filter(|(_, s)| s == "ran").map(|(n, _)| n).collect();
+    assert!(ran.contains(&"int4".to_string()) && ran.len() < 16, "{ran:?}");
+    assert!(rerun.statuses().iter().all(|(_, s)| s == "ran" || s == "cached"), "{}", rerun.stdout);
+    assert_eq!(published(&rerun.stderr), ran.len(), "only the stages that ran are new on the remote");
+
+    // The secret went to the server and nowhere else.
+    for p in [&a, &b] {
+        assert!(files_containing(p.path(), TEST_SECRET.as_bytes()).is_empty(), "the secret was written to disk");
+    }
+    for r in [&cold, &push, &pulled, &rerun] {
+        assert!(!r.stdout.contains(TEST_SECRET) && !r.stderr.contains(TEST_SECRET));
+    }
+}
+
+const SMALL_PIPELINE: &str = r#"name: shared
+stages:
+  a: {kind: command, cmd: "echo hello > ${outputs.o}; mkdir ${outputs.d}; echo deep > ${outputs.d}/f", outputs: [o, d]}
+  b: {kind: command, cmd: "cat ${inputs.x} ${inputs.y}/f > ${outputs.o}", inputs: {x: a.o, y: a.d}, outputs: [o]}
+"#;
+
+/// The file in the directory remote's `cas/` whose content is `content`.
+fn remote_blob(remote: &Path, content: &[u8]) -> PathBuf {
+    let cas = remote.join("cas");
+    let found =
+        std::fs::read_dir(&cas).unwrap().flatten().map(|e| e.path()).find(|p| std::fs::read(p).unwrap() == content);
+    found.unwrap_or_else(|| panic!("no blob with {content:?} in {}", cas.display()))
+}
+
+fn run_in(p: &Project, args: &[&str]) -> Run {
+    p.run_env(args, &[])
+}
+
+#[test]
+fn a_directory_remote_refuses_corrupt_and_missing_blobs_and_repairs_on_push() {
+    let base = Project::new();
+    let remote = base.path().join("remote");
+    let remote_s = remote.display().to_string();
+    let a = Project::new();
+    a.write("p.yaml", SMALL_PIPELINE);
+    run_in(&a, &["run", "p.yaml"]).assert_ok();
+    run_in(&a, &["push", "p.yaml", "--remote", &remote_s]).assert_ok();
+
+    // A blob of `a` rots on the remote (same size, other bytes): B refuses it and recomputes.
+    let blob = remote_blob(&remote, b"hello\n");
+    std::fs::write(&blob, "jello\n").unwrap();
+    let b = Project::new();
+    b.write("p.yaml", SMALL_PIPELINE);
+    let r = run_in(&b, &["run", "p.yaml", "--remote", &remote_s, "--push", "--json"]);
+    r.assert_ok();
+    assert_eq!(r.status_of("a"), "ran", "{}", r.stderr);
+    assert!(
+        r.stderr.contains("is corrupt") && r.stderr.contains(&blob.file_name().unwrap().to_string_lossy().to_string()),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(b.read("artifacts/outputs/shared/b/o"), "hello\ndeep\n");
+    run_in(&b, &["verify"]).assert_ok();
+    assert_eq!(std::fs::read(&blob).unwrap(), b"hello\n", "B's push replaced the corrupt blob");
+
+    // A blob the remote lost: C pulls what it can and runs the rest, with a warning.
+    std::fs::remove_file(remote_blob(&remote, b"hello\ndeep\n")).unwrap();
+    let c = Project::new();
+    c.write("p.yaml", SMALL_PIPELINE);
+    let r = run_in(&c, &["run", "p.yaml", "--remote", &remote_s, "--json"]);
+    r.assert_ok();
+    assert_eq!((r.status_of("a"), r.status_of("b")), ("pulled".into(), "ran".into()), "{}", r.stderr);
+    assert!(r.stderr.contains("warning: `b` could not be pulled") && r.stderr.contains("is missing"), "{}", r.stderr);
+    run_in(&c, &["verify"]).assert_ok();
+}
+
+fn holds_a_file(dir: &Path) -> bool {
+    let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    entries.map(|e| e.path()).any(|p| if p.is_dir() { holds_a_file(&p) } else { true })
+}
+
+/// Wait until `dir` (recursively) holds a file, or panic after a minute.
+fn wait_for_file(dir: &Path) {
+    let t0 = Instant::now();
+    while !holds_a_file(dir) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "nothing appeared under {}", dir.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_killed_push_or_pull_leaves_both_stores_consistent() {
+    let base = Project::new();
+    let remote = base.path().join("remote");
+    let remote_s = remote.display().to_string();
+    let a = Project::new();
+    // Large enough that the transfer is still going when it is killed.
+    a.write("p.yaml", "name: big\nstages:\n  big: {kind: command, cmd: \"head -c 400000000 /dev/zero > ${outputs.o}\", outputs: [o]}\n");
+    run_in(&a, &["run", "p.yaml"]).assert_ok();
+    let mut push = a.cmd().args(["push", "p.yaml", "--remote", &remote_s]).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_file(&remote.join("cas"));
+    // SAFETY: signalling a child we spawned.
+    unsafe { libc::kill(push.id() as i32, libc::SIGKILL) };
+    let _ = push.wait();
+    let entries = std::fs::read_dir(remote.join("ac")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(entries, 0, "a killed push must not publish a result");
+    let b = Project::new();
+    b.write("p.yaml", "name: big\nstages:\n  big: {kind: command, cmd: \"head -c 400000000 /dev/zero > ${outputs.o}\", outputs: [o]}\n");
+    let plan = run_in(&b, &["plan", "p.yaml", "--remote", &remote_s]);
+    assert!(plan.stdout.contains("1 of 1 stages will run"), "{}", plan.stdout);
+    run_in(&a, &["verify"]).assert_ok();
+    let again = run_in(&a, &["push", "p.yaml", "--remote", &remote_s]);
+    again.assert_ok();
+    assert_eq!(published(&again.stderr), 1, "{}", again.stderr);
+
+    // Ctrl-C in the middle of a pull: B's store stays valid and the next pull finishes the job.
+    let mut pull = b.cmd().args(["pull", "p.yaml", "--remote", &remote_s]).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_file(&b.store().join("tmp"));
+    // SAFETY: as above.
+    unsafe { libc::kill(pull.id() as i32, libc::SIGINT) };
+    let _ = pull.wait();
+    run_in(&b, &["verify"]).assert_ok();
+    let r = run_in(&b, &["run", "p.yaml", "--remote", &remote_s, "--json"]);
+    r.assert_ok();
+    assert_eq!(r.status_of("big"), "pulled", "{}", r.stderr);
+    let size = std::fs::metadata(b.store().join("outputs/big/big/o")).unwrap().len();
+    assert_eq!(size, 400_000_000);
+    run_in(&b, &["verify"]).assert_ok();
+}
+
+#[test]
+fn remote_errors_are_clear() {
+    let p = Project::new();
+    p.write("p.yaml", SMALL_PIPELINE);
+    let no_creds = run_in(&p, &["push", "p.yaml", "--remote", "s3://team-cache/x"]);
+    assert_eq!(no_creds.code, 2, "{}", no_creds.stderr);
+    for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"] {
+        assert!(no_creds.stderr.contains(var), "{}", no_creds.stderr);
+    }
+    let unknown = run_in(&p, &["run", "p.yaml", "--remote", "team"]);
+    assert_eq!(unknown.code, 2, "{}", unknown.stderr);
+    assert!(
+        unknown.stderr.contains("no orchestrate.toml") || unknown.stderr.contains("orchestrate.toml was found"),
+        "{}",
+        unknown.stderr
+    );
+    p.write(
+        "orchestrate.toml",
+        "default_remote = \"team\"\n[remote.team]\nurl = \"shared-cache\"\n[remote.s3]\nurl = \"s3://b/p\"\n",
+    );
+    let misnamed = run_in(&p, &["run", "p.yaml", "--remote", "teem"]);
+    assert_eq!(misnamed.code, 2);
+    assert!(misnamed.stderr.contains("has no remote `teem` (it has s3, team)"), "{}", misnamed.stderr);
+    let push_alone = run_in(&p, &["run", "p.yaml", "--push"]);
+    assert_eq!(push_alone.code, 2);
+    assert!(push_alone.stderr.contains("--push needs --remote"), "{}", push_alone.stderr);
+    p.write("bad/orchestrate.toml", "[remote.team]\nurl = \"s3://b\"\naws_secret_access_key = \"x\"\n");
+    p.write("bad/p.yaml", SMALL_PIPELINE);
+    let secret = run_in(&p, &["run", "bad/p.yaml", "--remote", "team"]);
+    assert_eq!(secret.code, 2);
+    assert!(secret.stderr.contains("credentials do not belong in orchestrate.toml"), "{}", secret.stderr);
+
+    // The default remote is the config's; it is a directory beside the config file.
+    run_in(&p, &["run", "p.yaml"]).assert_ok();
+    let pushed = run_in(&p, &["push"]);
+    pushed.assert_ok();
+    assert!(
+        pushed.stderr.contains(&format!("pushed to {}", p.path().join("shared-cache").display())),
+        "{}",
+        pushed.stderr
+    );
+
+    // A server that does not answer: the run warns once and computes everything here.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let q = Project::new();
+    q.write("p.yaml", SMALL_PIPELINE);
+    let env = [
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "k".into()),
+        ("AWS_SECRET_ACCESS_KEY", TEST_SECRET.into()),
+    ];
+    let r = q.run_env(&["run", "p.yaml", "--remote", "s3://team-cache/x", "--json"], &env);
+    r.assert_ok();
+    assert!(r.statuses().iter().all(|(_, s)| s == "ran"), "{}", r.stdout);
+    assert_eq!(r.stderr.matches("the remote cache failed").count(), 1, "{}", r.stderr);
+    assert!(!r.stderr.contains(TEST_SECRET));
+}
