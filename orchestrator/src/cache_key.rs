@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::objects::{self, Entry};
+use crate::pipeline::metrics::Better;
 use crate::pipeline::{InputRef, StageInstance};
 
 /// Bump to invalidate every key of every stage kind (e.g. when `KeyInput` changes shape).
@@ -35,6 +36,10 @@ pub struct KeyInput {
     /// Input name → content digest, in name order.
     pub inputs: BTreeMap<String, String>,
     pub outputs: Vec<String>,
+    /// For each `best_of` input, the instance that won (absent when there is none, so keys of
+    /// stages without one are unchanged).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selected: BTreeMap<String, String>,
 }
 
 impl KeyInput {
@@ -75,14 +80,42 @@ pub trait FileDigests {
     fn file_digest(&self, path: &Path) -> Result<Entry, String>;
 }
 
-/// Resolve a stage's inputs and build its key input. `upstream(stage, output)` gives the
-/// stored entry of another stage's output, when known.
+/// What the key builder may ask about other stages' results, when known: an output's stored
+/// entry, and a recorded metric (for `best_of` inputs).
+pub struct Upstream<'a> {
+    pub output: &'a dyn Fn(&str, &str) -> Option<Entry>,
+    pub metric: &'a dyn Fn(&str, &str) -> Option<f64>,
+}
+
+/// The winner among `variants` by `metric` (ties: the first); every variant must have
+/// recorded it. `input` names the input in errors.
+pub fn best_variant(
+    metric_of: &dyn Fn(&str, &str) -> Option<f64>,
+    input: &str,
+    variants: &[String],
+    metric: &str,
+    better: Better,
+) -> Result<String, KeyError> {
+    let mut best: Option<(&String, f64)> = None;
+    for v in variants {
+        let Some(x) = metric_of(v, metric) else {
+            return Err(KeyError::Input(format!("input `{input}`: `{v}` did not record the metric `{metric}`")));
+        };
+        if best.is_none_or(|(_, b)| better.judge(b, x) == Some(true)) {
+            best = Some((v, x));
+        }
+    }
+    best.map(|(v, _)| v.clone()).ok_or_else(|| KeyError::Input(format!("input `{input}`: no variants")))
+}
+
+/// Resolve a stage's inputs and build its key input from what is known upstream.
 pub fn stage_key(
     files: &dyn FileDigests,
     st: &StageInstance,
-    upstream: &dyn Fn(&str, &str) -> Option<Entry>,
+    up: &Upstream,
 ) -> Result<(KeyInput, BTreeMap<String, InputSource>), KeyError> {
     let mut sources = BTreeMap::new();
+    let mut selected = BTreeMap::new();
     for (name, r) in &st.inputs {
         let src = match r {
             InputRef::File { path, written } => {
@@ -92,7 +125,16 @@ pub fn stage_key(
                 InputSource::File { path: path.clone(), entry }
             }
             InputRef::Stage { stage, output } => {
-                InputSource::Object(upstream(stage, output).ok_or_else(|| KeyError::Pending(stage.clone()))?)
+                InputSource::Object((up.output)(stage, output).ok_or_else(|| KeyError::Pending(stage.clone()))?)
+            }
+            InputRef::Best { variants, metric, better, output, .. } => {
+                if let Some(v) = variants.iter().find(|v| (up.output)(v, output).is_none()) {
+                    return Err(KeyError::Pending(v.clone()));
+                }
+                let winner = best_variant(up.metric, name, variants, metric, *better)?;
+                let entry = (up.output)(&winner, output).ok_or_else(|| KeyError::Pending(winner.clone()))?;
+                selected.insert(name.clone(), winner);
+                InputSource::Object(entry)
             }
         };
         sources.insert(name.clone(), src);
@@ -105,6 +147,7 @@ pub fn stage_key(
         params: st.params.params.clone(),
         inputs: sources.iter().map(|(k, v)| (k.clone(), v.entry().digest.clone())).collect(),
         outputs: st.outputs.clone(),
+        selected,
     };
     Ok((key_input, sources))
 }
@@ -195,6 +238,12 @@ pub fn explain(old: &KeyInput, new: &KeyInput) -> Vec<String> {
     }
     diff_maps("", &old.fields, &new.fields, &mut out);
     diff_maps("params.", &old.params, &new.params, &mut out);
+    for (input, winner) in &new.selected {
+        match old.selected.get(input) {
+            Some(was) if was != winner => out.push(format!("input `{input}` now from `{winner}` (was `{was}`)")),
+            _ => {}
+        }
+    }
     diff_inputs(&old.inputs, &new.inputs, &mut out);
     if old.outputs != new.outputs {
         out.push(format!("outputs changed: [{}] → [{}]", old.outputs.join(", "), new.outputs.join(", ")));

@@ -6,7 +6,7 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 
 use crate::diag::Diagnostic;
-use crate::pipeline::{InputRef, Pipeline};
+use crate::pipeline::Pipeline;
 
 pub struct Dag {
     pub graph: DiGraph<usize, String>,
@@ -21,8 +21,8 @@ impl Dag {
         let nodes: Vec<NodeIndex> = (0..p.stages.len()).map(|i| graph.add_node(i)).collect();
         for (i, s) in p.stages.iter().enumerate() {
             for (input, r) in &s.inputs {
-                if let InputRef::Stage { stage, .. } = r {
-                    // Names were checked by the resolver; a miss here would be a bug, not bad input.
+                // Names were checked by the resolver; a miss here would be a bug, not bad input.
+                for stage in r.stages() {
                     if let Some(j) = p.index_of(stage) {
                         graph.add_edge(nodes[j], nodes[i], input.clone());
                     }
@@ -176,7 +176,7 @@ fn cycle_error(p: &Pipeline, graph: &DiGraph<usize, String>, start: NodeIndex) -
     let input = consumer
         .inputs
         .iter()
-        .find(|(_, r)| matches!(r, InputRef::Stage { stage, .. } if stage == producer))
+        .find(|(_, r)| r.stages().any(|s| s == producer))
         .map(|(n, _)| n.clone())
         .unwrap_or_default();
     let pos = consumer.node.locate(&format!("inputs.{input}"));

@@ -4,7 +4,7 @@
 //! has the map): `yaml` (positioned tree) → `diag` (errors with snippets) → `interp`
 //! (`${...}`) → `overrides` (`--set`) → `registry` (the stage kinds) → `pipeline` (validated,
 //! resolved stages) → `dag` (petgraph) → `objects` (blake3 blobs and trees) → `cache_key` →
-//! `store` (sled index, manifests, lock) → `remote` (the shared cache) → `exec` (one child process) → `runner` (one stage:
+//! `store` (sled index, manifests, lock) → `remote` (the shared cache) → `history` (runs, compare) → `exec` (one child process) → `runner` (one stage:
 //! inputs in, outputs stored) → `events` → `run_description` → `sched` (the run loop) →
 //! `progress` → `deliver` (final outputs copied out) → `plan`, `replay` → `cli` (one module
 //! per verb).
@@ -16,6 +16,7 @@ pub mod deliver;
 pub mod diag;
 pub mod events;
 pub mod exec;
+pub mod history;
 pub mod interp;
 pub mod objects;
 pub mod overrides;

@@ -4,9 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::cache_key::{explain, stage_key, KeyError, KeyInput};
+use crate::cache_key::{explain, stage_key, KeyError, KeyInput, Upstream};
 use crate::dag::Dag;
-use crate::objects::Entry;
 use crate::pipeline::Pipeline;
 use crate::store::{Manifest, Store};
 
@@ -66,13 +65,15 @@ pub fn plan_with_remote(
     store: &Store,
     remote: &mut dyn FnMut(&str) -> RemoteAnswer,
 ) -> Vec<PlanEntry> {
-    let mut known: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
+    let mut known: BTreeMap<String, Manifest> = BTreeMap::new();
     let mut will_run: BTreeSet<String> = BTreeSet::new();
     let mut out = Vec::new();
     for &i in &dag.order {
         let st = &p.stages[i];
-        let upstream = |stage: &str, output: &str| known.get(stage).and_then(|o| o.get(output)).cloned();
-        let entry = match stage_key(store, st, &upstream) {
+        let upstream = |stage: &str, output: &str| known.get(stage).and_then(|m| m.outputs.get(output)).cloned();
+        let metric = |stage: &str, name: &str| known.get(stage).and_then(|m| m.metrics.get(name)?.as_f64());
+        let up = Upstream { output: &upstream, metric: &metric };
+        let entry = match stage_key(store, st, &up) {
             Err(KeyError::Pending(up)) => {
                 let verb = if will_run.contains(&up) { "will" } else { "cannot" };
                 PlanEntry::new(&st.name, "run", None, None, vec![format!("upstream `{up}` {verb} run")])
@@ -82,13 +83,12 @@ pub fn plan_with_remote(
                 let key = ki.key();
                 match store.lookup(&key) {
                     Ok(Some((digest, m))) => {
-                        known.insert(st.name.clone(), m.outputs);
+                        known.insert(st.name.clone(), m);
                         PlanEntry::new(&st.name, "cached", Some(key), Some(digest), vec![])
                     }
                     _ => match remote(&key) {
                         RemoteAnswer::Has(digest, m) => {
-                            let m = *m;
-                            known.insert(st.name.clone(), m.outputs);
+                            known.insert(st.name.clone(), *m);
                             let why = vec!["in the remote cache".to_string()];
                             PlanEntry::new(&st.name, "remote", Some(key), Some(digest), why)
                         }
@@ -124,8 +124,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::cache_key::{stage_key, InputSource};
-    use crate::objects::ObjKind;
+    use crate::cache_key::{stage_key, InputSource, Upstream};
+    use crate::objects::{Entry, ObjKind};
     use crate::registry::Registry;
 
     const PIPELINE: &str = r#"name: study
@@ -167,7 +167,8 @@ stages:
         for &i in &dag.order {
             let st = &p.stages[i];
             let upstream = |s: &str, o: &str| known.get(s).and_then(|m| m.get(o)).cloned();
-            let (mut ki, _): (KeyInput, BTreeMap<String, InputSource>) = stage_key(&store, st, &upstream).unwrap();
+            let up = Upstream { output: &upstream, metric: &|_, _| None };
+            let (mut ki, _): (KeyInput, BTreeMap<String, InputSource>) = stage_key(&store, st, &up).unwrap();
             if let Some(models) = ki.implementation.get_mut("itera-models") {
                 *models = "an older build of itera-models".into();
             }

@@ -63,6 +63,19 @@ pub mod report_templates {
 
     use serde_json::Value;
 
+    /// One horizontal bar per label, with its value (the report stage's bar plot): a metric
+    /// across runs or sweep variants.
+    pub fn bars(
+        file: &Path,
+        title: &str,
+        labels: &[String],
+        values: &[f64],
+        value: &str,
+        label: &str,
+    ) -> Result<(), String> {
+        stage_report::plots::bars(file, title, labels, values, value, label).map(|_| ()).map_err(|e| e.to_string())
+    }
+
     /// A stage output or file as the template sees it: JSON parsed, CSV as rows, text as text.
     pub fn load_input(path: &Path) -> Result<Value, String> {
         stage_report::load_input(path).map_err(|e| e.to_string())

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::cache_key::{short, stage_key, InputSource};
+use crate::cache_key::{short, stage_key, InputSource, Upstream};
 use crate::dag::Dag;
 use crate::objects::{Entry, ObjKind, ObjectStore};
 use crate::pipeline::{Pipeline, StageInstance};
@@ -94,14 +94,16 @@ pub async fn replay(
 /// Per stage in DAG order, its row slot (filled now for a selected stage that is not cached),
 /// and the jobs of the selected cached ones.
 fn cached_jobs(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize]>) -> (Vec<Vec<ReplayRow>>, Vec<Job>) {
-    let mut known: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
+    let mut known: BTreeMap<String, Manifest> = BTreeMap::new();
     let mut rows_of: Vec<Vec<ReplayRow>> = Vec::new();
     let mut jobs = Vec::new();
     for &i in &dag.order {
         let st = &p.stages[i];
         let selected = only.is_none_or(|o| o.contains(&i));
-        let upstream = |stage: &str, output: &str| known.get(stage).and_then(|o| o.get(output)).cloned();
-        let cached = match stage_key(store, st, &upstream) {
+        let upstream = |stage: &str, output: &str| known.get(stage).and_then(|m| m.outputs.get(output)).cloned();
+        let metric = |stage: &str, name: &str| known.get(stage).and_then(|m| m.metrics.get(name)?.as_f64());
+        let up = Upstream { output: &upstream, metric: &metric };
+        let cached = match stage_key(store, st, &up) {
             Ok((ki, sources)) => store.lookup(&ki.key()).ok().flatten().map(|(_, m)| (m, sources)),
             Err(_) => None,
         };
@@ -111,7 +113,7 @@ fn cached_jobs(p: &Pipeline, dag: &Dag, store: &Store, only: Option<&[usize]>) -
             }
             continue;
         };
-        known.insert(st.name.clone(), m.outputs.clone());
+        known.insert(st.name.clone(), m.clone());
         if selected {
             jobs.push((rows_of.len(), i, m, sources));
             rows_of.push(Vec::new());

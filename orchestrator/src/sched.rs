@@ -18,7 +18,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::cache_key::{stage_key, InputSource, KeyError, KeyInput};
+use crate::cache_key::{stage_key, InputSource, KeyError, KeyInput, Upstream};
 use crate::dag::Dag;
 use crate::events::{RunEvents, RunSummary, StageOutcome, Status};
 use crate::exec::ProgressSink;
@@ -392,7 +392,14 @@ impl<'a> RunLoop<'a> {
                 _ => None,
             }
         };
-        let (key_input, sources) = match stage_key(self.store.as_ref(), st, &upstream) {
+        let metric = |stage: &str, metric: &str| -> Option<f64> {
+            match &self.state[self.p.index_of(stage)?] {
+                State::Done { manifest, .. } => self.store.load_manifest(manifest).ok()?.metrics.get(metric)?.as_f64(),
+                _ => None,
+            }
+        };
+        let up = Upstream { output: &upstream, metric: &metric };
+        let (key_input, sources) = match stage_key(self.store.as_ref(), st, &up) {
             Ok(x) => x,
             Err(KeyError::Pending(_)) => return Decision::NotReady,
             Err(KeyError::Input(msg)) => return Decision::BadInput(msg),
@@ -591,6 +598,12 @@ impl<'a> RunLoop<'a> {
         summary
     }
 
+    /// The stages that ended with `status`, in DAG order.
+    fn with_status(&self, status: Status) -> Vec<String> {
+        let of = |i: usize| self.outcomes[i].as_ref().filter(|o| o.status == status).map(|o| o.stage.clone());
+        self.dag.order.iter().filter_map(|&i| of(i)).collect()
+    }
+
     /// Store the run record: every stage that is done, by name, with its manifest.
     fn record(&self, status: &str) {
         let manifests: BTreeMap<String, String> = (self.state.iter().enumerate())
@@ -608,6 +621,10 @@ impl<'a> RunLoop<'a> {
             finished_at: now_unix(),
             status: status.into(),
             manifests,
+            sets: self.p.sets.clone(),
+            ran: Some(self.with_status(Status::Ran)),
+            pulled: self.with_status(Status::Pulled),
+            metrics: self.p.metrics.clone(),
             provenance: Some(Provenance::here(None)),
         };
         if let Err(e) = self.store.record_run(&record) {

@@ -158,6 +158,18 @@ pub struct RunRecord {
     pub status: String,
     /// Stage → manifest digest, for every stage that is done (ran or cached).
     pub manifests: BTreeMap<String, String>,
+    /// The `--set` overrides the run was given. Absent in records older than run history.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sets: Vec<String>,
+    /// The stages that executed in this run (the rest of `manifests` were reused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran: Option<Vec<String>>,
+    /// The stages downloaded from a remote cache in this run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pulled: Vec<String>,
+    /// The pipeline's `metrics:` declarations when it ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<crate::pipeline::metrics::MetricDecl>,
     /// The binary and machine that ran the run (each stage's own is in its manifest).
     /// Absent in run records written before provenance was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -660,6 +672,7 @@ mod tests {
             params: BTreeMap::new(),
             inputs: BTreeMap::new(),
             outputs: vec!["o".into()],
+            selected: BTreeMap::new(),
         };
         let mut m = Manifest::for_test("p", "s", ki, BTreeMap::from([("o".to_string(), out)]));
         m.key = key.into();

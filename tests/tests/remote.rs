@@ -144,6 +144,9 @@ fn a_directory_remote_refuses_corrupt_and_missing_blobs_and_repairs_on_push() {
     let a = Project::new();
     a.write("p.yaml", SMALL_PIPELINE);
     run_in(&a, &["run", "p.yaml"]).assert_ok();
+    let only_b = base.path().join("only-b").display().to_string();
+    let one = run_in(&a, &["push", "p.yaml", "--stage", "b", "--remote", &only_b]);
+    assert_eq!(published(&one.stderr), 1, "{}", one.stderr);
     run_in(&a, &["push", "p.yaml", "--remote", &remote_s]).assert_ok();
 
     // A blob of `a` rots on the remote (same size, other bytes): B refuses it and recomputes.
@@ -220,9 +223,12 @@ fn a_killed_push_or_pull_leaves_both_stores_consistent() {
     unsafe { libc::kill(pull.id() as i32, libc::SIGINT) };
     let _ = pull.wait();
     run_in(&b, &["verify"]).assert_ok();
-    let r = run_in(&b, &["run", "p.yaml", "--remote", &remote_s, "--json"]);
+    let pulled = run_in(&b, &["pull", "p.yaml", "--remote", &remote_s]);
+    pulled.assert_ok();
+    assert!(pulled.stderr.contains("1 results downloaded, 0 already here"), "{}", pulled.stderr);
+    let r = run_in(&b, &["run", "p.yaml", "--json"]);
     r.assert_ok();
-    assert_eq!(r.status_of("big"), "pulled", "{}", r.stderr);
+    assert_eq!(r.status_of("big"), "cached", "{}", r.stderr);
     let size = std::fs::metadata(b.store().join("outputs/big/big/o")).unwrap().len();
     assert_eq!(size, 400_000_000);
     run_in(&b, &["verify"]).assert_ok();

@@ -80,7 +80,10 @@ fn keys() -> BTreeMap<String, String> {
         .map(|st| {
             let mut st = st.clone();
             st.implementation = BTreeMap::from([(st.kind.clone(), "fixed".to_string())]);
-            (st.kind.clone(), stage_key(&ByName, &st, &upstream).unwrap().0.key())
+            (
+                st.kind.clone(),
+                stage_key(&ByName, &st, &Upstream { output: &upstream, metric: &|_, _| None }).unwrap().0.key(),
+            )
         })
         .collect()
 }
@@ -110,7 +113,8 @@ fn key_ignores_threads_timeout_and_retries() {
     let pl = pipeline::load(&file, &[], &Registry::builtin()).unwrap();
     let mut st = pl.stage("cmd").unwrap().clone();
     st.implementation = BTreeMap::from([("command".to_string(), "fixed".to_string())]);
-    let key = stage_key(&ByName, &st, &|_: &str, _: &str| None).unwrap().0.key();
+    let key =
+        stage_key(&ByName, &st, &Upstream { output: &|_: &str, _: &str| None, metric: &|_, _| None }).unwrap().0.key();
     assert_eq!(key, golden("command"));
 }
 
@@ -138,7 +142,7 @@ fn every_kind_has_a_real_fingerprint_in_its_key() {
     let train = p.stage("train").unwrap();
     assert_eq!(train.implementation, registry.implementation("train"));
     let upstream = |_: &str, _: &str| Some(Entry { digest: "d".into(), kind: objects::ObjKind::File, size: 1 });
-    let (ki, _) = stage_key(&ByName, train, &upstream).unwrap();
+    let (ki, _) = stage_key(&ByName, train, &Upstream { output: &upstream, metric: &|_, _| None }).unwrap();
     assert_eq!(ki.implementation, registry.implementation("train"));
 }
 
@@ -157,6 +161,7 @@ fn explains_an_implementation_change_by_crate() {
         params: BTreeMap::new(),
         inputs: BTreeMap::new(),
         outputs: vec![],
+        selected: BTreeMap::new(),
     };
     let (old, new) = (base("m1"), base("m2"));
     assert_ne!(old.key(), new.key());
@@ -173,6 +178,7 @@ fn explains_param_and_input_changes() {
         params: params.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         inputs: BTreeMap::from([("i".to_string(), input.to_string())]),
         outputs: vec!["o".into()],
+        selected: BTreeMap::new(),
     };
     let a = ki(serde_json::json!({"x": 3}), "aaaaaaaaaaaaaaaa");
     let b = ki(serde_json::json!({"x": 4, "y": 1}), "bbbbbbbbbbbbbbbb");

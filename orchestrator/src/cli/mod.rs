@@ -5,6 +5,7 @@
 //! command line is invalid (nothing ran, nothing was written); 3 the store is busy or unusable;
 //! 130 interrupted.
 
+mod compare;
 mod dag;
 mod export;
 mod gc;
@@ -14,6 +15,7 @@ mod push;
 mod replay;
 mod report;
 mod run;
+mod runs;
 mod show;
 mod stages;
 mod verify;
@@ -80,6 +82,10 @@ enum Cmd {
     Replay(replay::Args),
     /// Re-hash every object; name and quarantine corrupt ones; --repair rebuilds the index.
     Verify(verify::Args),
+    /// The run history, newest first.
+    Runs(runs::Args),
+    /// Compare two runs: params, metrics (better/worse), reruns and why, changed artifacts.
+    Compare(compare::Args),
     /// Delete objects not used by the last N runs.
     Gc(gc::Args),
     /// Upload cached results to a remote cache (S3 or a shared directory).
@@ -204,6 +210,8 @@ fn command_label(cmd: &Cmd) -> String {
         Cmd::Report(a) => with("report", &a.pipeline),
         Cmd::Verify(_) => "verify".into(),
         Cmd::Push(_) => "push".into(),
+        Cmd::Runs(_) => "runs".into(),
+        Cmd::Compare(_) => "compare".into(),
         Cmd::Pull(_) => "pull".into(),
         Cmd::Gc(_) => "gc".into(),
         _ => "orchestrate".into(),
@@ -230,6 +238,8 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Cmd::Verify(a) => verify::verify(&env, a),
         Cmd::Gc(a) => gc::gc(&env, a),
         Cmd::Push(a) => push::push(&env, a),
+        Cmd::Runs(a) => runs::runs(&env, a),
+        Cmd::Compare(a) => compare::compare(&env, a),
         Cmd::Pull(a) => pull::pull(&env, a),
     }
 }

@@ -87,12 +87,14 @@ fn load_input(path: &Path) -> anyhow::Result<Value> {
 /// each stage's line of the run description.
 struct Cached {
     stages: Map<String, Value>,
+    /// Each cached stage's recorded metrics (to pick `best_of` winners).
+    metrics: BTreeMap<String, BTreeMap<String, Value>>,
     files: BTreeMap<(String, String), PathBuf>,
     run_stages: Vec<Value>,
 }
 
 fn export_cached(p: &Pipeline, dag: &Dag, store: &Store, scratch: &Path) -> anyhow::Result<Cached> {
-    let mut c = Cached { stages: Map::new(), files: BTreeMap::new(), run_stages: Vec::new() };
+    let mut c = Cached { stages: Map::new(), metrics: BTreeMap::new(), files: BTreeMap::new(), run_stages: Vec::new() };
     for e in &crate::plan::plan(p, dag, store) {
         let Some(digest) = &e.manifest else {
             c.run_stages.push(crate::run_description::missing_entry(&e.stage, e.key.as_deref()));
@@ -107,6 +109,7 @@ fn export_cached(p: &Pipeline, dag: &Dag, store: &Store, scratch: &Path) -> anyh
             c.files.insert((e.stage.clone(), name.clone()), to);
         }
         c.stages.insert(e.stage.clone(), Value::Object(outs));
+        c.metrics.insert(e.stage.clone(), m.metrics.clone());
         c.run_stages.push(crate::run_description::stage_entry(&e.stage, &m, true));
     }
     Ok(c)
@@ -114,7 +117,8 @@ fn export_cached(p: &Pipeline, dag: &Dag, store: &Store, scratch: &Path) -> anyh
 
 /// `inputs` as the pipeline's report stage that renders this template wires them (empty when
 /// no report stage names the template).
-fn wired_inputs(p: &Pipeline, template: &Path, files: &BTreeMap<(String, String), PathBuf>) -> anyhow::Result<Value> {
+fn wired_inputs(p: &Pipeline, template: &Path, cached: &Cached) -> anyhow::Result<Value> {
+    let files = &cached.files;
     let renders = |s: &&crate::pipeline::StageInstance| {
         s.kind == "report" && s.param_files.iter().any(|(k, path)| k == "template" && same_file(path, template))
     };
@@ -131,6 +135,19 @@ fn wired_inputs(p: &Pipeline, template: &Path, files: &BTreeMap<(String, String)
                 ),
             },
             InputRef::File { path, .. } => load_input(path)?,
+            InputRef::Best { of, variants, metric, better, output } => {
+                let metric_of = |v: &str, m: &str| cached.metrics.get(v)?.get(m)?.as_f64();
+                let winner =
+                    crate::cache_key::best_variant(&metric_of, name, variants, metric, *better).map_err(|_| {
+                        anyhow!(
+                            "`{name}` takes the best variant of `{of}`, but not every variant is cached; run it first"
+                        )
+                    })?;
+                match files.get(&(winner.clone(), output.clone())) {
+                    Some(path) => load_input(path)?,
+                    None => bail!("`{winner}` (the best variant of `{of}`) has no cached `{output}`"),
+                }
+            }
         };
         inputs.insert(name.clone(), value);
     }
@@ -146,7 +163,7 @@ fn scratch() -> anyhow::Result<tempfile::TempDir> {
 fn context(p: &Pipeline, dag: &Dag, store: &Store, template: Option<&Path>, scratch: &Path) -> anyhow::Result<Value> {
     let cached = export_cached(p, dag, store, scratch)?;
     let inputs = match template {
-        Some(t) => wired_inputs(p, t, &cached.files)?,
+        Some(t) => wired_inputs(p, t, &cached)?,
         None => Value::Object(Map::new()),
     };
     let run = crate::run_description::describe(p, cached.run_stages, "cache (orchestrate report)");

@@ -17,10 +17,18 @@ use crate::interp::{interpolate, Scope};
 use crate::registry::Registry;
 use crate::yaml::{Key, Kind, Node, Pos};
 
-/// An instance whose inputs are still as written: (input name, `file:…` or `STAGE.OUTPUT`, position).
+/// An input as written.
+pub(super) enum RawRef {
+    /// `file:…` or `STAGE.OUTPUT`.
+    Text(String),
+    /// `{best_of: STAGE, by: METRIC, output: OUTPUT}`.
+    Best { of: String, by: String, output: String },
+}
+
+/// An instance whose inputs are still as written: (input name, reference, position).
 pub(super) struct Pending {
     pub inst: StageInstance,
-    pub raw_inputs: Vec<(String, String, Pos)>,
+    pub raw_inputs: Vec<(String, RawRef, Pos)>,
 }
 
 /// One stage declaration in the file.
@@ -69,19 +77,110 @@ fn declaration<'a>(ctx: &Ctx, registry: &'a Registry, key: &'a Key, decl: &'a No
     Ok(Decl { key, node: decl, kind, stage, implementation: registry.implementation(kind) })
 }
 
-/// `[None]` without `foreach`, else one `Some(item)` per item of a non-empty list.
+/// The most variants one `foreach` may expand to; past it a typo (a list pasted twice) is likelier
+/// than intent.
+const MAX_VARIANTS: usize = 1000;
+
+/// `[None]` without `foreach`; else one `Some(item)` per item of a non-empty list, or per
+/// combination of a grid (`foreach: {lr: [...], model: [...]}`: each item a map).
 fn foreach_items(ctx: &Ctx, d: &Decl, params: &Value) -> Result<Vec<Option<Value>>, Diagnostic> {
     let Some(f) = d.node.get("foreach") else { return Ok(vec![None]) };
     let scope = Scope { pipeline_params: params, stage_params: None, item: None, inputs: None, outputs: None };
     let f = interpolate(f, &scope).map_err(|e| ctx.interp(e))?;
-    match f.to_json() {
-        Value::Array(items) if !items.is_empty() => Ok(items.into_iter().map(Some).collect()),
-        Value::Array(_) => Err(ctx.err("E-FOREACH", "`foreach` is an empty list", f.pos)),
-        other => Err(ctx.err("E-FOREACH", format!("`foreach` must be a list, got {other}"), f.pos)),
+    let items = match f.to_json() {
+        Value::Array(items) if !items.is_empty() => {
+            same_types(ctx, &items, "`foreach`", f.pos)?;
+            items
+        }
+        Value::Array(_) => return Err(ctx.err("E-FOREACH", "`foreach` is an empty list", f.pos)),
+        Value::Object(axes) => grid(ctx, d, &axes, f.pos)?,
+        other => {
+            let msg = format!("`foreach` must be a list, or a map of lists (a grid), got {other}");
+            return Err(ctx.err("E-FOREACH", msg, f.pos));
+        }
+    };
+    if items.len() > MAX_VARIANTS {
+        let msg = format!(
+            "`foreach` of stage `{}` expands to {} variants, more than {MAX_VARIANTS}",
+            d.key.name,
+            items.len()
+        );
+        return Err(ctx.err("E-FOREACH", msg, f.pos));
     }
+    Ok(items.into_iter().map(Some).collect())
 }
 
+/// Every item of a `foreach` list or grid axis has one type (numbers count as one).
+fn same_types(ctx: &Ctx, items: &[Value], what: &str, pos: Pos) -> Result<(), Diagnostic> {
+    let kind = |v: &Value| match v {
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Bool(_) => "boolean",
+        _ => "other",
+    };
+    if let Some(odd) = items.iter().find(|v| kind(v) != kind(&items[0])) {
+        let msg = format!("{what} mixes types: {} is a {}, {} a {}", items[0], kind(&items[0]), odd, kind(odd));
+        return Err(ctx.err("E-FOREACH", msg, pos).help("give every value of one list the same type"));
+    }
+    Ok(())
+}
+
+/// The cartesian product of a grid's axes, in the order written (the last axis varies fastest).
+fn grid(ctx: &Ctx, d: &Decl, axes: &serde_json::Map<String, Value>, pos: Pos) -> Result<Vec<Value>, Diagnostic> {
+    if axes.is_empty() {
+        return Err(ctx.err("E-FOREACH", "`foreach` is an empty map", pos));
+    }
+    let mut sizes = Vec::new();
+    let mut total: usize = 1;
+    for (k, v) in axes {
+        let list = match v {
+            Value::Array(l) if !l.is_empty() => l.clone(),
+            Value::Array(_) => return Err(ctx.err("E-FOREACH", format!("grid axis `{k}` is an empty list"), pos)),
+            other => vec![other.clone()],
+        };
+        same_types(ctx, &list, &format!("grid axis `{k}`"), pos)?;
+        total = total.saturating_mul(list.len());
+        sizes.push(format!("{k}: {}", list.len()));
+        if total > MAX_VARIANTS {
+            let msg = format!(
+                "the grid of stage `{}` expands to more than {MAX_VARIANTS} variants ({})",
+                d.key.name,
+                sizes.join(" × ")
+            );
+            return Err(ctx.err("E-FOREACH", msg, pos).help("sweep fewer values, or split the sweep into stages"));
+        }
+    }
+    let mut items: Vec<serde_json::Map<String, Value>> = vec![serde_json::Map::new()];
+    for (k, v) in axes {
+        let values = match v {
+            Value::Array(l) => l.clone(),
+            other => vec![other.clone()],
+        };
+        items = items
+            .into_iter()
+            .flat_map(|m| {
+                values.iter().map(move |x| {
+                    let mut m = m.clone();
+                    m.insert(k.clone(), x.clone());
+                    m
+                })
+            })
+            .collect();
+    }
+    Ok(items.into_iter().map(Value::Object).collect())
+}
+
+/// A `foreach` item as it appears in an instance name: the value, or `k=v+k2=v2` for a grid item.
 fn item_label(item: &Value, ctx: &Ctx, pos: Pos) -> Result<String, Diagnostic> {
+    if let Value::Object(m) = item {
+        let parts: Result<Vec<String>, Diagnostic> =
+            m.iter().map(|(k, v)| Ok(format!("{k}={}", scalar_label(v, ctx, pos)?))).collect();
+        return Ok(parts?.join("+"));
+    }
+    scalar_label(item, ctx, pos)
+}
+
+fn scalar_label(item: &Value, ctx: &Ctx, pos: Pos) -> Result<String, Diagnostic> {
     let s = match item {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
@@ -188,8 +287,22 @@ fn declared_outputs(ctx: &Ctx, d: &Decl, scope: &Scope) -> Result<Vec<String>, D
     Ok(outputs)
 }
 
+/// `{best_of: STAGE, by: METRIC, output: OUTPUT}`, each a string.
+fn best_of(ctx: &Ctx, name: &str, v: &Node) -> Result<RawRef, Diagnostic> {
+    let what = format!("input `{name}`");
+    let map = map_or_err(ctx, v, &what)?;
+    super::check_keys(ctx, map, &["best_of", "by", "output"], &what)?;
+    let field = |k: &str| -> Result<String, Diagnostic> {
+        v.get(k).and_then(Node::as_str).map(str::to_string).ok_or_else(|| {
+            ctx.err("E-TYPE", format!("input `{name}`: `{k}` is required and must be a string"), v.pos)
+                .help("write {best_of: STAGE, by: METRIC, output: OUTPUT}")
+        })
+    };
+    Ok(RawRef::Best { of: field("best_of")?, by: field("by")?, output: field("output")? })
+}
+
 /// `inputs:` as (name, reference as written, position).
-fn declared_inputs(ctx: &Ctx, d: &Decl, scope: &Scope) -> Result<Vec<(String, String, Pos)>, Diagnostic> {
+fn declared_inputs(ctx: &Ctx, d: &Decl, scope: &Scope) -> Result<Vec<(String, RawRef, Pos)>, Diagnostic> {
     let Some(i) = d.node.get("inputs") else { return Ok(Vec::new()) };
     let i = interpolate(i, scope).map_err(|e| ctx.interp(e))?;
     let imap = map_or_err(ctx, &i, "`inputs`")?;
@@ -200,11 +313,19 @@ fn declared_inputs(ctx: &Ctx, d: &Decl, scope: &Scope) -> Result<Vec<(String, St
             let msg = format!("input name `{}` may only hold letters, digits, `_` and `-`", k.name);
             return Err(ctx.err("E-NAME", msg, k.pos));
         }
+        if v.as_map().is_some() {
+            raw.push((k.name.clone(), best_of(ctx, &k.name, v)?, v.pos));
+            continue;
+        }
         let Some(s) = v.as_str() else {
-            let msg = format!("input `{}` must be `file:PATH` or `STAGE.OUTPUT`, got {}", k.name, v.type_name());
+            let msg = format!(
+                "input `{}` must be `file:PATH`, `STAGE.OUTPUT` or {{best_of: STAGE, by: METRIC, output: OUTPUT}}, got {}",
+                k.name,
+                v.type_name()
+            );
             return Err(ctx.err("E-TYPE", msg, v.pos));
         };
-        raw.push((k.name.clone(), s.to_string(), v.pos));
+        raw.push((k.name.clone(), RawRef::Text(s.to_string()), v.pos));
     }
     Ok(raw)
 }

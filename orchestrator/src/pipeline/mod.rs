@@ -7,6 +7,7 @@
 //! carries file:line:column.
 
 mod expand;
+pub mod metrics;
 mod parse;
 mod wire;
 
@@ -23,7 +24,7 @@ use crate::interp::InterpError;
 use crate::registry::Registry;
 use crate::yaml::{Key, Kind, Node, Pos};
 
-const TOP_KEYS: &[&str] = &["name", "description", "params", "stages", "publish"];
+const TOP_KEYS: &[&str] = &["name", "description", "params", "stages", "publish", "metrics"];
 const STAGE_KEYS: &[&str] = &[
     "kind",
     "description",
@@ -43,6 +44,22 @@ pub enum InputRef {
     File { path: PathBuf, written: String },
     /// `STAGE.OUTPUT`.
     Stage { stage: String, output: String },
+    /// `{best_of: STAGE, by: METRIC, output: OUTPUT}`: that output of whichever instance of the
+    /// `foreach` stage STAGE did best by METRIC (declared under `metrics:` with its direction).
+    /// Ties go to the first instance in file order.
+    Best { of: String, variants: Vec<String>, metric: String, better: metrics::Better, output: String },
+}
+
+impl InputRef {
+    /// The stages this input reads from (none for a file; every variant for `best_of`).
+    pub fn stages(&self) -> impl Iterator<Item = &str> {
+        let names: &[String] = match self {
+            InputRef::File { .. } => &[],
+            InputRef::Stage { stage, .. } => std::slice::from_ref(stage),
+            InputRef::Best { variants, .. } => variants,
+        };
+        names.iter().map(String::as_str)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -93,6 +110,10 @@ pub struct Pipeline {
     pub stages: Vec<StageInstance>,
     /// `publish:` entries, in file order.
     pub publish: Vec<Publish>,
+    /// `metrics:` — what the pipeline is judged by, and which way is better.
+    pub metrics: Vec<metrics::MetricDecl>,
+    /// The `--set` overrides it was loaded with, as given.
+    pub sets: Vec<String>,
     /// Stage name → index in `stages`, so lookups stay O(1) in pipelines of thousands of stages.
     index: HashMap<String, usize>,
 }
@@ -242,11 +263,14 @@ pub fn load(file: &Path, sets: &[String], registry: &Registry) -> Result<Pipelin
     for (key, decl) in doc.stage_decls() {
         pending.extend(expand::expand(&doc.ctx, registry, &doc.params, &doc.dir, key, decl)?);
     }
-    let stages = wire::wire(&doc.ctx, &doc.dir, pending)?;
+    let names: Vec<&str> = pending.iter().map(|p| p.inst.name.as_str()).collect();
+    let metrics = metrics::metrics(&doc.ctx, doc.root.get("metrics"), &names)?;
+    let stages = wire::wire(&doc.ctx, &doc.dir, pending, &metrics)?;
     let publish = wire::publish(&doc.ctx, &doc.dir, doc.root.get("publish"), &stages)?;
     let parse::Document { ctx, name, params, dir, .. } = doc;
     let index = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-    Ok(Pipeline { name, file: ctx.file, dir, source: ctx.source, params, stages, publish, index })
+    let sets = sets.to_vec();
+    Ok(Pipeline { name, file: ctx.file, dir, source: ctx.source, params, stages, publish, metrics, sets, index })
 }
 
 /// Params as a stage sees them: every `file:PATH` replaced by `file:<absolute path>`.

@@ -4,13 +4,19 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::expand::Pending;
+use super::expand::{Pending, RawRef};
+use super::metrics::{declared, MetricDecl};
 use super::{map_or_err, Ctx, InputRef, Publish, StageInstance};
 use crate::diag::{suggest, Diagnostic};
 use crate::yaml::{Node, Pos};
 
 /// Every instance with its inputs resolved.
-pub(super) fn wire(ctx: &Ctx, dir: &Path, pending: Vec<Pending>) -> Result<Vec<StageInstance>, Diagnostic> {
+pub(super) fn wire(
+    ctx: &Ctx,
+    dir: &Path,
+    pending: Vec<Pending>,
+    metrics: &[MetricDecl],
+) -> Result<Vec<StageInstance>, Diagnostic> {
     check_unique(ctx, &pending)?;
     let outputs_of: HashMap<String, Vec<String>> =
         pending.iter().map(|p| (p.inst.name.clone(), p.inst.outputs.clone())).collect();
@@ -22,10 +28,14 @@ pub(super) fn wire(ctx: &Ctx, dir: &Path, pending: Vec<Pending>) -> Result<Vec<S
             let file = InputRef::File { path: full.clone(), written: full.display().to_string() };
             p.inst.inputs.insert(format!("params.{path}"), file);
         }
-        for (input, text, pos) in p.raw_inputs {
-            let r = match text.strip_prefix("file:") {
-                Some(path) => file_input(ctx, dir, path.trim(), &input, &p.inst.name, pos)?,
-                None => refs.resolve(ctx, &text, pos, &format!("input `{input}` of stage `{}`", p.inst.name))?,
+        for (input, raw, pos) in p.raw_inputs {
+            let what = format!("input `{input}` of stage `{}`", p.inst.name);
+            let r = match raw {
+                RawRef::Text(text) => match text.strip_prefix("file:") {
+                    Some(path) => file_input(ctx, dir, path.trim(), &input, &p.inst.name, pos)?,
+                    None => refs.resolve(ctx, &text, pos, &what)?,
+                },
+                RawRef::Best { of, by, output } => refs.best(ctx, metrics, (of, by, output), pos, &what)?,
             };
             p.inst.inputs.insert(input, r);
         }
@@ -146,6 +156,38 @@ impl Refs<'_> {
         }
         let msg = format!("{what}: `{text}` names no stage output");
         Err(ctx.err("E-MISSING-REF", msg, pos).help(self.help(text)))
+    }
+
+    /// `{best_of: STAGE, by: METRIC, output: OUTPUT}`: STAGE a `foreach` stage whose instances
+    /// all have OUTPUT, METRIC declared for it under `metrics:`.
+    fn best(
+        &self,
+        ctx: &Ctx,
+        metrics: &[MetricDecl],
+        (of, by, output): (String, String, String),
+        pos: Pos,
+        what: &str,
+    ) -> Result<InputRef, Diagnostic> {
+        let prefix = format!("{of}@");
+        let variants: Vec<String> =
+            self.names.iter().filter(|n| n.starts_with(&prefix)).map(|n| n.to_string()).collect();
+        if variants.is_empty() {
+            let stages: Vec<&str> = self.names.iter().map(|n| n.split('@').next().unwrap_or(n)).collect();
+            let msg = format!("{what}: `best_of: {of}` needs a stage with `foreach` named `{of}`");
+            return Err(ctx.err("E-MISSING-REF", msg, pos).help(suggest(&of, &stages, "stages")));
+        }
+        for v in &variants {
+            if !self.outputs_of.get(v).is_some_and(|o| o.contains(&output)) {
+                return Err(ctx.err("E-MISSING-REF", format!("{what}: stage `{v}` has no output `{output}`"), pos));
+            }
+        }
+        let Some(decl) = declared(metrics, &variants[0], &by) else {
+            let msg = format!("{what}: `by: {by}` is not a declared metric of `{of}`");
+            return Err(ctx
+                .err("E-METRIC", msg, pos)
+                .help(format!("declare which way is better, e.g. `metrics: {{{of}.{by}: min}}`")));
+        };
+        Ok(InputRef::Best { of, variants, metric: by, better: decl.better, output })
     }
 
     fn help(&self, text: &str) -> String {

@@ -1,0 +1,125 @@
+//! `orchestrate runs`: the run history, newest first.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::{print_json, Env, Failure, PipelineArgs};
+use crate::history::short;
+use crate::store::iso8601;
+
+#[derive(clap::Args, Debug)]
+pub(super) struct Args {
+    /// Only runs of this pipeline.
+    pipeline: Option<PathBuf>,
+    /// At most this many runs.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Add this metric of each run (STAGE.METRIC) as a column.
+    #[arg(long, value_name = "STAGE.METRIC")]
+    metric: Option<String>,
+    /// Draw the metric across the listed runs as a PNG bar chart (needs --metric).
+    #[arg(long, value_name = "OUT.png", requires = "metric")]
+    plot: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    id: String,
+    started_at: String,
+    pipeline: String,
+    commit: Option<String>,
+    sets: Vec<String>,
+    status: String,
+    duration_s: f64,
+    /// Unknown (`null`) for runs recorded before run history kept it.
+    ran: Option<usize>,
+    reused: Option<usize>,
+    pulled: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metric: Option<f64>,
+}
+
+/// `STAGE.METRIC` of a run, if that stage is in it and recorded the metric.
+fn metric_of(store: &crate::store::Store, r: &crate::store::RunRecord, spec: &str) -> Option<f64> {
+    let (stage, digest) =
+        (r.manifests.iter()).filter(|(s, _)| spec.starts_with(&format!("{s}."))).max_by_key(|(s, _)| s.len())?;
+    let m = store.load_manifest(digest).ok()?;
+    m.metrics.get(&spec[stage.len() + 1..])?.as_f64()
+}
+
+pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
+    let name = match &a.pipeline {
+        Some(file) => Some(env.load(&PipelineArgs { pipeline: file.clone(), sets: vec![] })?.0.name),
+        None => None,
+    };
+    let store = env.open_store()?;
+    let rows: Vec<Row> = (store.runs().into_iter())
+        .filter(|(_, r)| name.as_ref().is_none_or(|n| *n == r.pipeline))
+        .take(a.limit)
+        .map(|(id, r)| {
+            let ran = r.ran.as_ref().map(Vec::len);
+            Row {
+                id: short(&id).to_string(),
+                started_at: iso8601(r.started_at),
+                pipeline: r.pipeline.clone(),
+                commit: r.provenance.as_ref().and_then(|p| p.commit.clone()).map(|c| c[..c.len().min(12)].to_string()),
+                sets: r.sets.clone(),
+                status: r.status.clone(),
+                duration_s: r.finished_at - r.started_at,
+                reused: ran.map(|n| r.manifests.len().saturating_sub(n + r.pulled.len())),
+                ran,
+                pulled: r.pulled.len(),
+                metric: a.metric.as_deref().and_then(|m| metric_of(&store, &r, m)),
+            }
+        })
+        .collect();
+    if let (Some(metric), Some(png)) = (&a.metric, &a.plot) {
+        // Oldest first, left to right in time: bars top to bottom.
+        let with: Vec<&Row> = rows.iter().rev().filter(|r| r.metric.is_some()).collect();
+        if with.is_empty() {
+            let msg = format!("no listed run recorded `{metric}`; `orchestrate show` lists a stage's metrics");
+            return Err(Failure::Invalid(crate::diag::Diagnostic::new("E-RUNS", msg)));
+        }
+        let labels: Vec<String> = with.iter().map(|r| format!("{} {}", r.id, r.sets.join(" "))).collect();
+        let values: Vec<f64> = with.iter().filter_map(|r| r.metric).collect();
+        crate::registry::report_templates::bars(png, &format!("{metric} across runs"), &labels, &values, metric, "run")
+            .map_err(|e| anyhow::anyhow!("drawing {}: {e}", png.display()))?;
+        eprintln!("plot: {}", png.display());
+    }
+    if a.json {
+        print_json(&rows)?;
+        return Ok(0);
+    }
+    if rows.is_empty() {
+        println!("no runs recorded{}", name.map(|n| format!(" for pipeline `{n}`")).unwrap_or_default());
+        return Ok(0);
+    }
+    let count = |n: Option<usize>| n.map_or("?".to_string(), |n| n.to_string());
+    let metric_head = a.metric.as_deref().map(|m| format!("  {m:>12}")).unwrap_or_default();
+    println!(
+        "{:<12}  {:<20}  {:<12}  {:<12}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
+        "id", "when", "pipeline", "commit", "status", "duration", "ran", "reused"
+    );
+    for r in &rows {
+        let metric = match (&a.metric, r.metric) {
+            (None, _) => String::new(),
+            (Some(m), v) => format!("  {:>w$}", v.map_or("—".to_string(), |x| format!("{x:.6}")), w = m.len().max(12)),
+        };
+        println!(
+            "{:<12}  {:<20}  {:<12}  {:<12}  {:<9}  {:>8.1}s  {:>4}  {:>6}{metric}  {}",
+            r.id,
+            r.started_at,
+            r.pipeline,
+            r.commit.as_deref().unwrap_or("-"),
+            r.status,
+            r.duration_s,
+            count(r.ran),
+            count(r.reused),
+            r.sets.join(" ")
+        );
+    }
+    Ok(0)
+}

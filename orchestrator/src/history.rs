@@ -1,0 +1,424 @@
+//! Run history: runs found by id (`latest`, `latest~N`, or a digest prefix) and two runs
+//! compared — params, metrics (judged by the pipeline's `metrics:` directions), which stages
+//! reran and why, which artifacts changed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::cache_key::explain;
+use crate::pipeline::metrics::{Better, MetricDecl};
+use crate::store::{Manifest, RunRecord, Store};
+
+/// A run: the digest of its record (its id) and the record.
+pub type Run = (String, RunRecord);
+
+/// The id people type: the first 12 characters of the record's digest.
+pub fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// `latest`, `latest~N`, or a unique prefix (4+ characters) of a run id, among `runs` (newest first).
+pub fn resolve<'r>(runs: &'r [Run], spec: &str) -> Result<&'r Run, String> {
+    let back = match spec.strip_prefix("latest") {
+        Some("") => Some(0),
+        Some(rest) => match rest.strip_prefix('~').and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => Some(n),
+            None => return Err(format!("`{spec}`: write `latest` or `latest~N` (N runs before the latest)")),
+        },
+        None => None,
+    };
+    if let Some(n) = back {
+        return runs.get(n).ok_or_else(|| format!("`{spec}`: the store has only {} runs", runs.len()));
+    }
+    if spec.len() < 4 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("`{spec}` is not a run id: give `latest`, `latest~N`, or 4+ hex characters of an id"));
+    }
+    let found: Vec<&Run> = runs.iter().filter(|(id, _)| id.starts_with(&spec.to_ascii_lowercase())).collect();
+    match found.as_slice() {
+        [one] => Ok(one),
+        [] => Err(format!("no run `{spec}` in the store; `orchestrate runs` lists them")),
+        many => Err(format!(
+            "`{spec}` matches {} runs ({}); give more characters",
+            many.len(),
+            many.iter().map(|(id, _)| short(id)).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+/// One side of a comparison, in short.
+#[derive(Debug, Serialize)]
+pub struct Side {
+    pub id: String,
+    pub pipeline: String,
+    pub started_at: f64,
+    pub commit: Option<String>,
+    pub sets: Vec<String>,
+    pub status: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ParamRow {
+    pub name: String,
+    pub a: Option<Value>,
+    pub b: Option<Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MetricRow {
+    pub name: String,
+    pub a: Option<f64>,
+    pub b: Option<f64>,
+    pub delta: Option<f64>,
+    pub delta_pct: Option<f64>,
+    /// The declared direction, if the pipeline declares this metric.
+    pub better: Option<Better>,
+    /// `better`, `worse` or `same`, when declared and present in both runs.
+    pub verdict: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StageRow {
+    pub stage: String,
+    /// `reran`, `added`, `removed` or `same`.
+    pub change: String,
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ArtifactRow {
+    pub name: String,
+    pub a: Option<(String, u64)>,
+    pub b: Option<(String, u64)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Comparison {
+    pub a: Side,
+    pub b: Side,
+    pub params: Vec<ParamRow>,
+    pub metrics: Vec<MetricRow>,
+    pub stages: Vec<StageRow>,
+    pub artifacts: Vec<ArtifactRow>,
+}
+
+fn side(run: &Run) -> Side {
+    let (id, r) = run;
+    Side {
+        id: id.clone(),
+        pipeline: r.pipeline.clone(),
+        started_at: r.started_at,
+        commit: r.provenance.as_ref().and_then(|p| p.commit.clone()),
+        sets: r.sets.clone(),
+        status: r.status.clone(),
+    }
+}
+
+/// Every stage's manifest of a run.
+fn manifests(store: &Store, run: &Run) -> Result<BTreeMap<String, Manifest>, String> {
+    let mut out = BTreeMap::new();
+    for (stage, digest) in &run.1.manifests {
+        let m = store.load_manifest(digest).map_err(|e| format!("run {}: stage `{stage}`: {e}", short(&run.0)))?;
+        out.insert(stage.clone(), m);
+    }
+    Ok(out)
+}
+
+/// `prefix.key.sub` → scalar, for every leaf of a params map.
+fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                flatten(&format!("{prefix}.{k}"), x, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.clone());
+        }
+    }
+}
+
+fn params_of(ms: &BTreeMap<String, Manifest>) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for (stage, m) in ms {
+        for (k, v) in m.key_input.params.iter().chain(&m.key_input.fields) {
+            flatten(&format!("{stage}.{k}"), v, &mut out);
+        }
+    }
+    out
+}
+
+/// The declarations of both runs, B's winning where both declare one.
+fn declarations(a: &RunRecord, b: &RunRecord) -> Vec<MetricDecl> {
+    let mut out: Vec<MetricDecl> = b.metrics.clone();
+    out.extend(a.metrics.iter().filter(|d| !b.metrics.iter().any(|x| x.name() == d.name())).cloned());
+    out
+}
+
+fn number(m: Option<&Manifest>, metric: &str) -> Option<f64> {
+    m?.metrics.get(metric)?.as_f64()
+}
+
+/// The metric rows: declared metrics of every stage they cover, plus (with `all`) every other
+/// numeric metric. A declared metric that a stage present in a run did not record is an error.
+fn metric_rows(
+    decls: &[MetricDecl],
+    ma: &BTreeMap<String, Manifest>,
+    mb: &BTreeMap<String, Manifest>,
+    all: bool,
+) -> Result<Vec<MetricRow>, String> {
+    let stages: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
+    let mut names: BTreeMap<String, (String, String, Option<Better>)> = BTreeMap::new();
+    for d in decls {
+        for s in stages.iter().filter(|s| d.covers(s)) {
+            for m in [ma.get(*s), mb.get(*s)].into_iter().flatten() {
+                if number(Some(m), &d.metric).is_none() {
+                    let recorded: Vec<&str> = m.metrics.keys().map(String::as_str).collect();
+                    return Err(format!(
+                        "metric `{}` is declared, but stage `{s}` did not record `{}` (it records: {})",
+                        d.name(),
+                        d.metric,
+                        recorded.join(", ")
+                    ));
+                }
+            }
+            names.insert(format!("{s}.{}", d.metric), ((*s).clone(), d.metric.clone(), Some(d.better)));
+        }
+    }
+    if all {
+        for s in &stages {
+            for m in [ma.get(*s), mb.get(*s)].into_iter().flatten() {
+                for (k, v) in &m.metrics {
+                    if v.is_number() {
+                        names.entry(format!("{s}.{k}")).or_insert(((*s).clone(), k.clone(), None));
+                    }
+                }
+            }
+        }
+    }
+    Ok(names
+        .into_iter()
+        .map(|(name, (stage, metric, better))| {
+            let (a, b) = (number(ma.get(&stage), &metric), number(mb.get(&stage), &metric));
+            let delta = a.zip(b).map(|(a, b)| b - a);
+            let delta_pct = a.zip(delta).filter(|(a, _)| *a != 0.0).map(|(a, d)| d / a.abs() * 100.0);
+            let verdict = better.zip(a.zip(b)).map(|(dir, (a, b))| match dir.judge(a, b) {
+                Some(true) => "better".to_string(),
+                Some(false) => "worse".to_string(),
+                None => "same".to_string(),
+            });
+            MetricRow { name, a, b, delta, delta_pct, better, verdict }
+        })
+        .collect())
+}
+
+fn stage_rows(run_b: &RunRecord, ma: &BTreeMap<String, Manifest>, mb: &BTreeMap<String, Manifest>) -> Vec<StageRow> {
+    let stages: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
+    let ran_in_b = |s: &str| run_b.ran.as_ref().is_some_and(|r| r.iter().any(|x| x == s));
+    stages
+        .into_iter()
+        .map(|s| {
+            let (change, reasons) = match (ma.get(s), mb.get(s)) {
+                (Some(a), Some(b)) if a == b && !ran_in_b(s) => ("same", vec![]),
+                (Some(a), Some(b)) if a.key != b.key => ("reran", explain(&a.key_input, &b.key_input)),
+                (Some(_), Some(_)) => ("reran", vec!["same inputs, computed again".to_string()]),
+                (None, Some(_)) => ("added", vec![]),
+                (Some(_), None) => ("removed", vec![]),
+                (None, None) => ("same", vec![]),
+            };
+            StageRow { stage: s.clone(), change: change.into(), reasons }
+        })
+        .collect()
+}
+
+fn artifact_rows(ma: &BTreeMap<String, Manifest>, mb: &BTreeMap<String, Manifest>) -> Vec<ArtifactRow> {
+    let mut names: BTreeMap<String, ArtifactRow> = BTreeMap::new();
+    for (side, ms) in [(0, ma), (1, mb)] {
+        for (stage, m) in ms {
+            for (o, e) in &m.outputs {
+                let name = format!("{stage}.{o}");
+                let row = names.entry(name.clone()).or_insert(ArtifactRow { name, a: None, b: None });
+                let v = Some((e.digest.clone(), e.size));
+                if side == 0 {
+                    row.a = v;
+                } else {
+                    row.b = v;
+                }
+            }
+        }
+    }
+    names.into_values().collect()
+}
+
+/// Compare run `a` (the base) with run `b`. Without `all`, only what differs.
+pub fn compare(store: &Store, a: &Run, b: &Run, all: bool) -> Result<Comparison, String> {
+    let (ma, mb) = (manifests(store, a)?, manifests(store, b)?);
+    let (pa, pb) = (params_of(&ma), params_of(&mb));
+    let names: BTreeSet<&String> = pa.keys().chain(pb.keys()).collect();
+    let params = (names.into_iter())
+        .map(|n| ParamRow { name: n.clone(), a: pa.get(n).cloned(), b: pb.get(n).cloned() })
+        .filter(|r| all || r.a != r.b)
+        .collect();
+    let metrics =
+        metric_rows(&declarations(&a.1, &b.1), &ma, &mb, all)?.into_iter().filter(|r| all || r.a != r.b).collect();
+    let stages = stage_rows(&b.1, &ma, &mb).into_iter().filter(|r| all || r.change != "same").collect();
+    let artifacts = artifact_rows(&ma, &mb).into_iter().filter(|r| all || r.a != r.b).collect();
+    Ok(Comparison { a: side(a), b: side(b), params, metrics, stages, artifacts })
+}
+
+/// `--fail-on-regress METRIC[:TOL]`: TOL absolute (`0.01`) or relative (`2%`); none = any worsening.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gate {
+    pub metric: String,
+    pub tolerance: f64,
+    pub relative: bool,
+}
+
+impl std::str::FromStr for Gate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Gate, String> {
+        let (metric, tol) = match s.rsplit_once(':') {
+            Some((m, t)) => (m, Some(t)),
+            None => (s, None),
+        };
+        let (tolerance, relative) = match tol {
+            None => (0.0, false),
+            Some(t) => {
+                let (num, relative) = t.strip_suffix('%').map_or((t, false), |n| (n, true));
+                let v: f64 =
+                    num.parse().map_err(|_| format!("`{s}`: the tolerance `{t}` is not a number like 0.01 or 2%"))?;
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(format!("`{s}`: the tolerance must be a number ≥ 0"));
+                }
+                (v, relative)
+            }
+        };
+        if !metric.contains('.') {
+            return Err(format!("`{s}`: name the metric as STAGE.METRIC"));
+        }
+        Ok(Gate { metric: metric.to_string(), tolerance, relative })
+    }
+}
+
+impl Gate {
+    /// A message if `row` got worse beyond the tolerance; an error if the metric has no direction.
+    pub fn check(&self, c: &Comparison) -> Result<Option<String>, String> {
+        let Some(row) = c.metrics.iter().find(|r| r.name == self.metric) else {
+            return Err(format!(
+                "--fail-on-regress {}: no such metric in these runs (declared and recorded metrics: {})",
+                self.metric,
+                c.metrics.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+        };
+        if row.better.is_none() {
+            return Err(format!(
+                "--fail-on-regress {}: the pipeline does not declare which way is better (add it under `metrics:`)",
+                self.metric
+            ));
+        }
+        let (Some(a), Some(d)) = (row.a, row.delta) else { return Ok(None) };
+        let allowed = if self.relative { a.abs() * self.tolerance / 100.0 } else { self.tolerance };
+        let worse = row.verdict.as_deref() == Some("worse") && d.abs() > allowed;
+        Ok(worse.then(|| {
+            let pct = row.delta_pct.map(|p| format!(" ({p:+.2}%)")).unwrap_or_default();
+            let tol = if self.relative { format!("{}%", self.tolerance) } else { self.tolerance.to_string() };
+            format!("{} regressed: {a} → {}{pct}, beyond the tolerance {tol}", self.metric, a + d)
+        }))
+    }
+}
+
+/// Every variant of a `foreach` stage in one run, with the params that vary and the metrics.
+#[derive(Debug, Serialize)]
+pub struct Sweep {
+    pub stage: String,
+    pub run: String,
+    /// The metric the rows are sorted by (best first), and which way is better.
+    pub by: String,
+    pub better: Better,
+    /// The swept values: a grid's keys, or `item` for a plain `foreach` list.
+    pub params: Vec<String>,
+    /// Declared metrics covering the variants.
+    pub metrics: Vec<String>,
+    pub rows: Vec<SweepRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SweepRow {
+    pub variant: String,
+    pub params: BTreeMap<String, Value>,
+    pub metrics: BTreeMap<String, Option<f64>>,
+}
+
+/// The sweep of `stage` in `run`, sorted by `by` (else the first declared metric covering it).
+pub fn sweep(store: &Store, run: &Run, stage: &str, by: Option<&str>) -> Result<Sweep, String> {
+    let all = manifests(store, run)?;
+    let prefix = format!("{stage}@");
+    let variants: BTreeMap<&String, &Manifest> = all.iter().filter(|(n, _)| n.starts_with(&prefix)).collect();
+    if variants.is_empty() {
+        let stages: BTreeSet<&str> = all.keys().filter_map(|n| n.split_once('@').map(|(s, _)| s)).collect();
+        let known =
+            if stages.is_empty() { "none".to_string() } else { stages.into_iter().collect::<Vec<_>>().join(", ") };
+        return Err(format!("run {} has no variants of `{stage}` (stages with foreach in it: {known})", short(&run.0)));
+    }
+    let decls: Vec<&MetricDecl> = run.1.metrics.iter().filter(|d| variants.keys().any(|v| d.covers(v))).collect();
+    let chosen = match by {
+        Some(m) => decls.iter().find(|d| d.metric == m).ok_or_else(|| {
+            format!("`--by {m}`: `{m}` is not a declared metric of `{stage}` in that run (declare it under `metrics:`)")
+        })?,
+        None => decls.first().ok_or_else(|| {
+            format!("no metric of `{stage}` is declared, so the variants cannot be ranked; add e.g. `metrics: {{{stage}.val_loss: min}}`")
+        })?,
+    };
+    // The sweep's own values, read back from the instance names (`fit@lr=0.1+model=a`, or
+    // `vocab@384` for a plain list).
+    let item = |v: &str| -> BTreeMap<String, Value> {
+        let label = &v[prefix.len()..];
+        let parse = |x: &str| serde_json::from_str::<Value>(x).unwrap_or_else(|_| Value::String(x.to_string()));
+        if label.contains('=') {
+            label.split('+').filter_map(|kv| kv.split_once('=')).map(|(k, x)| (k.to_string(), parse(x))).collect()
+        } else {
+            BTreeMap::from([("item".to_string(), parse(label))])
+        }
+    };
+    let mut varying: Vec<String> = Vec::new();
+    for v in variants.keys() {
+        for k in item(v).into_keys() {
+            if !varying.contains(&k) {
+                varying.push(k);
+            }
+        }
+    }
+    let metrics: Vec<String> = decls.iter().map(|d| d.metric.clone()).collect();
+    let mut rows: Vec<SweepRow> = (variants.iter())
+        .map(|(v, m)| SweepRow {
+            variant: (*v).clone(),
+            params: item(v),
+            metrics: metrics.iter().map(|name| (name.clone(), number(Some(m), name))).collect(),
+        })
+        .collect();
+    let key = |r: &SweepRow| r.metrics.get(&chosen.metric).copied().flatten();
+    for r in &rows {
+        if key(r).is_none() {
+            return Err(format!("stage `{}` did not record the metric `{}`", r.variant, chosen.metric));
+        }
+    }
+    rows.sort_by(|a, b| {
+        let (x, y) = (key(a).unwrap_or(f64::NAN), key(b).unwrap_or(f64::NAN));
+        let order = x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);
+        if chosen.better == Better::Max {
+            order.reverse()
+        } else {
+            order
+        }
+    });
+    Ok(Sweep {
+        stage: stage.into(),
+        run: run.0.clone(),
+        by: chosen.metric.clone(),
+        better: chosen.better,
+        params: varying,
+        metrics,
+        rows,
+    })
+}

@@ -1,0 +1,236 @@
+//! Experiments end to end: the run history (`runs`), two runs compared (`compare`: diff-only
+//! and `--all`, text, markdown, JSON, CSV, `--fail-on-regress`), grid sweeps and their names,
+//! a downstream stage taking the best variant (and that choice in its cache key), sweep tables
+//! and plots, and the errors of each.
+
+use e2e_tests::{Project, Run};
+
+/// `score` counts the lines `gen` wrote and records it as `value`, plus a constant `loss`.
+const SCORED: &str = r#"name: q
+params: {n: 3}
+metrics: {score.value: max, score.loss: min}
+stages:
+  gen: {kind: command, cmd: "seq ${params.n} > ${outputs.o}", outputs: [o]}
+  score:
+    kind: command
+    cmd: "wc -l < ${inputs.x} > ${outputs.o}; echo '{\"value\": '$(cat ${outputs.o})', \"loss\": 1}' > $ORCH_METRICS"
+    inputs: {x: gen.o}
+    outputs: [o]
+"#;
+
+fn two_runs() -> Project {
+    let p = Project::new();
+    p.write("q.yaml", SCORED);
+    p.run(&["run", "q.yaml"]).assert_ok();
+    p.run(&["run", "q.yaml", "--set", "n=5"]).assert_ok();
+    p
+}
+
+fn failed_with(r: &Run, code: i32, text: &str) {
+    assert_eq!(r.code, code, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains(text), "expected `{text}` in:\n{}", r.stderr);
+}
+
+#[test]
+fn runs_lists_the_history_newest_first() {
+    let p = two_runs();
+    let runs = p.run(&["runs", "--json"]);
+    runs.assert_ok();
+    let j = runs.json();
+    let list = j.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["sets"], serde_json::json!(["n=5"]), "newest first: {j}");
+    assert_eq!(list[1]["sets"], serde_json::json!([]));
+    assert_eq!((list[0]["ran"].as_u64(), list[0]["reused"].as_u64()), (Some(2), Some(0)));
+    assert_eq!(list[0]["status"], "ok");
+    assert_eq!(list[0]["commit"].as_str().map(str::len), Some(12), "{j}");
+    let text = p.run(&["runs", "q.yaml", "--metric", "score.value"]);
+    text.assert_ok();
+    let lines: Vec<&str> = text.stdout.lines().collect();
+    assert!(lines[0].starts_with("id ") && lines[0].contains("score.value"), "{}", text.stdout);
+    assert!(lines[1].contains("n=5") && lines[1].contains("5.000000"), "{}", text.stdout);
+    let png = p.path().join("runs.png");
+    p.run(&["runs", "--metric", "score.value", "--plot", png.to_str().unwrap()]).assert_ok();
+    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+#[test]
+fn compare_shows_what_differs_in_every_format() {
+    let p = two_runs();
+    let diff = p.run(&["compare"]);
+    diff.assert_ok();
+    let out = &diff.stdout;
+    assert!(out.contains("--set n=5"), "{out}");
+    assert!(out.contains("gen.cmd  seq 3 > ${outputs.o}  seq 5 > ${outputs.o}"), "{out}");
+    assert!(!out.contains("score.cmd"), "unchanged params are left out by default:\n{out}");
+    assert!(out.contains("score.value  3  5  2  +66.67%  better"), "{out}");
+    assert!(!out.contains("score.loss"), "unchanged metrics are left out by default:\n{out}");
+    assert!(out.contains("score  reran  input `x` changed"), "{out}");
+    assert!(out.contains("gen.o ") && out.contains("(6 B)") && out.contains("(10 B)"), "{out}");
+
+    let all = p.run(&["compare", "latest~1", "latest", "--all"]);
+    assert!(
+        all.stdout.contains("score.cmd") && all.stdout.contains("score.loss   1  1  0  +0.00%   same"),
+        "{}",
+        all.stdout
+    );
+
+    let md = p.run(&["compare", "--md"]);
+    assert!(
+        md.stdout.contains("### metrics") && md.stdout.contains("| score.value | 3 | 5 | 2 | +66.67% | better |"),
+        "{}",
+        md.stdout
+    );
+
+    let j = p.run(&["compare", "--json"]).json();
+    assert_eq!(j["metrics"][0]["name"], "score.value");
+    assert_eq!((j["metrics"][0]["a"].as_f64(), j["metrics"][0]["b"].as_f64()), (Some(3.0), Some(5.0)));
+    assert_eq!(j["metrics"][0]["verdict"], "better");
+    assert_eq!(j["stages"][0]["change"], "reran");
+    assert_eq!(j["b"]["sets"], serde_json::json!(["n=5"]));
+
+    let csv = p.run(&["compare", "--csv"]);
+    let lines: Vec<&str> = csv.stdout.lines().collect();
+    assert_eq!(lines[0], "section,name,a,b,delta,delta_pct,verdict");
+    assert!(lines.contains(&"metric,score.value,3,5,2,66.66666666666666,better"), "{}", csv.stdout);
+    assert!(lines.iter().any(|l| l.starts_with("stage,gen,,reran,,,\"cmd changed: \"\"seq 3")), "{}", csv.stdout);
+}
+
+#[test]
+fn fail_on_regress_gates_on_declared_metrics() {
+    let p = two_runs();
+    let (older, newer) = ("latest", "latest~1"); // comparing backwards: value 5 → 3 is worse
+    failed_with(
+        &p.run(&["compare", older, newer, "--fail-on-regress", "score.value"]),
+        1,
+        "score.value regressed: 5 → 3",
+    );
+    p.run(&["compare", older, newer, "--fail-on-regress", "score.value:50%"]).assert_ok();
+    failed_with(&p.run(&["compare", older, newer, "--fail-on-regress", "score.value:1"]), 1, "beyond the tolerance 1");
+    p.run(&["compare", "--fail-on-regress", "score.value"]).assert_ok();
+    p.run(&["compare", "--fail-on-regress", "score.loss"]).assert_ok();
+    failed_with(&p.run(&["compare", "--fail-on-regress", "score.nope"]), 2, "no such metric");
+    failed_with(&p.run(&["compare", "--fail-on-regress", "score.value:fast"]), 2, "not a number");
+}
+
+#[test]
+fn compare_errors_are_clear() {
+    let p = two_runs();
+    failed_with(
+        &p.run(&["compare", "latest", "abcdef12"]),
+        2,
+        "no run `abcdef12` in the store; `orchestrate runs` lists them",
+    );
+    failed_with(&p.run(&["compare", "latest~5", "latest"]), 2, "the store has only 2 runs");
+    failed_with(&p.run(&["compare", "latest", "latest~x"]), 2, "write `latest` or `latest~N`");
+    p.write("q.yaml", &SCORED.replace("score.loss: min", "score.accuracy: max"));
+    p.run(&["run", "q.yaml", "--set", "n=7"]).assert_ok();
+    failed_with(
+        &p.run(&["compare"]),
+        2,
+        "metric `score.accuracy` is declared, but stage `score` did not record `accuracy` (it records: loss, value)",
+    );
+    let fresh = Project::new();
+    failed_with(&fresh.run(&["compare"]), 2, "the store has only 0 runs");
+}
+
+/// A grid sweep whose `loss` is smallest at lr=0.2 with model b, and a stage taking the best.
+fn sweep_pipeline(lrs: &str) -> String {
+    format!(
+        r#"name: sweep
+metrics: {{fit.loss: min}}
+stages:
+  fit:
+    kind: command
+    foreach: {{lr: {lrs}, model: [a, b]}}
+    cmd: "echo ${{item.model}}-${{item.lr}} > ${{outputs.model}}; python3 -c 'import json,sys; print(json.dumps({{\"loss\": abs(${{item.lr}} - 0.2) + (0 if \"${{item.model}}\" == \"b\" else 1)}}))' > $ORCH_METRICS"
+    outputs: [model]
+  pick:
+    kind: command
+    cmd: "cp ${{inputs.m}} ${{outputs.chosen}}"
+    inputs: {{m: {{best_of: fit, by: loss, output: model}}}}
+    outputs: [chosen]
+"#
+    )
+}
+
+#[test]
+fn grid_sweeps_are_named_ranked_and_the_best_variant_is_in_the_key() {
+    let p = Project::new();
+    p.write("s.yaml", &sweep_pipeline("[0.1, 0.2, 0.4]"));
+    let dag = p.run(&["plan", "s.yaml", "--json"]);
+    dag.assert_ok();
+    let names: Vec<String> =
+        dag.json().as_array().unwrap().iter().map(|e| e["stage"].as_str().unwrap().to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "fit@lr=0.1+model=a",
+            "fit@lr=0.1+model=b",
+            "fit@lr=0.2+model=a",
+            "fit@lr=0.2+model=b",
+            "fit@lr=0.4+model=a",
+            "fit@lr=0.4+model=b",
+            "pick"
+        ]
+    );
+    p.run(&["run", "s.yaml"]).assert_ok();
+    assert_eq!(p.read("artifacts/outputs/sweep/pick/chosen"), "b-0.2\n");
+
+    let sweep = p.run(&["compare", "--sweep", "fit"]);
+    sweep.assert_ok();
+    let rows: Vec<&str> = sweep.stdout.lines().skip(2).collect();
+    assert!(rows[0].starts_with("  fit@lr=0.2+model=b") && rows[0].trim_end().ends_with(" 0"), "{}", sweep.stdout);
+    assert!(rows[5].starts_with("  fit@lr=0.4+model=a"), "worst last:\n{}", sweep.stdout);
+    let png = p.path().join("sweep.png");
+    p.run(&["compare", "--sweep", "fit", "--plot", png.to_str().unwrap()]).assert_ok();
+    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    let csv = p.run(&["compare", "--sweep", "fit", "--csv"]);
+    assert!(csv.stdout.starts_with("variant,lr,model,loss\nfit@lr=0.2+model=b,0.2,b,0\n"), "{}", csv.stdout);
+
+    // Another sweep where lr=0.25 wins: `pick` reruns, and the plan says which variant it now takes.
+    p.write("s.yaml", &sweep_pipeline("[0.1, 0.25, 0.4]"));
+    let plan = p.run(&["plan", "s.yaml"]);
+    assert!(plan.stdout.contains("pick"), "{}", plan.stdout);
+    p.run(&["run", "s.yaml"]).assert_ok();
+    assert_eq!(p.read("artifacts/outputs/sweep/pick/chosen"), "b-0.25\n");
+    let diff = p.run(&["compare"]);
+    assert!(
+        diff.stdout.contains("input `m` now from `fit@lr=0.25+model=b` (was `fit@lr=0.2+model=b`)"),
+        "{}",
+        diff.stdout
+    );
+}
+
+#[test]
+fn sweep_errors_are_clear() {
+    let p = Project::new();
+    let big = "name: g\nstages:\n  s:\n    kind: command\n    foreach: {a: [1,2,3,4,5,6,7,8,9,10,11], b: [1,2,3,4,5,6,7,8,9,10,11], c: [1,2,3,4,5,6,7,8,9,10,11]}\n    cmd: \"true\"\n";
+    p.write("g.yaml", big);
+    let r = p.run(&["plan", "g.yaml"]);
+    failed_with(&r, 2, "expands to more than 1000 variants (a: 11 × b: 11 × c: 11)");
+    assert!(r.stderr.contains("g.yaml:5:"), "{}", r.stderr);
+    p.write("m.yaml", "name: m\nstages:\n  s: {kind: command, foreach: {lr: [0.1, fast]}, cmd: \"true\"}\n");
+    failed_with(&p.run(&["plan", "m.yaml"]), 2, "grid axis `lr` mixes types: 0.1 is a number, \"fast\" a string");
+    p.write(
+        "b.yaml",
+        "name: b\nstages:\n  a: {kind: command, cmd: \"echo > ${outputs.o}\", outputs: [o]}\n  c: {kind: command, cmd: \"true\", inputs: {m: {best_of: a, by: loss, output: o}}}\n",
+    );
+    failed_with(&p.run(&["plan", "b.yaml"]), 2, "`best_of: a` needs a stage with `foreach` named `a`");
+    p.write("u.yaml", &sweep_pipeline("[0.1]").replace("metrics: {fit.loss: min}", "metrics: {fit.other: min}"));
+    failed_with(&p.run(&["plan", "u.yaml"]), 2, "`by: loss` is not a declared metric of `fit`");
+    p.write("d.yaml", &sweep_pipeline("[0.1]").replace("fit.loss: min", "fit.loss: lowest"));
+    failed_with(&p.run(&["plan", "d.yaml"]), 2, "must be `min` or `max`");
+    p.write("s.yaml", &sweep_pipeline("[0.1, 0.2]"));
+    p.run(&["run", "s.yaml"]).assert_ok();
+    failed_with(
+        &p.run(&["compare", "--sweep", "pick"]),
+        2,
+        "has no variants of `pick` (stages with foreach in it: fit)",
+    );
+    failed_with(
+        &p.run(&["compare", "--sweep", "fit", "--by", "speed"]),
+        2,
+        "`speed` is not a declared metric of `fit`",
+    );
+}
