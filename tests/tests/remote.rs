@@ -234,6 +234,10 @@ fn a_killed_push_or_pull_leaves_both_stores_consistent() {
     run_in(&b, &["verify"]).assert_ok();
 }
 
+fn q_run(p: &Project, server: &S3Server, args: &[&str]) -> Run {
+    p.run_env(args, &server.env())
+}
+
 #[test]
 fn remote_errors_are_clear() {
     let p = Project::new();
@@ -275,6 +279,13 @@ fn remote_errors_are_clear() {
         "{}",
         pushed.stderr
     );
+
+    // A bucket that does not exist: named, with what to do.
+    let server = S3Server::start();
+    let missing = q_run(&p, &server, &["push", "p.yaml", "--remote", "s3://no-such-bucket/x"]);
+    assert_eq!(missing.code, 1, "{}", missing.stderr);
+    assert!(missing.stderr.contains("the bucket does not exist: create it"), "{}", missing.stderr);
+    drop(server);
 
     // A server that does not answer: the run warns once and computes everything here.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

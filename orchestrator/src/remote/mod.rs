@@ -31,13 +31,15 @@ pub enum RemoteError {
     /// The remote cannot be used as given (bad location, missing credentials).
     #[error("{0}")]
     Setup(String),
-    #[error("{op} {path} on {remote}: {source}")]
+    #[error("{op} {path} on {remote}: {source}{hint}")]
     Transfer {
         op: &'static str,
         path: String,
         remote: String,
         #[source]
         source: Box<object_store::Error>,
+        /// What to do about it, when the server says (` — …`), else empty.
+        hint: &'static str,
     },
     #[error("remote blob {path} ({what}) is corrupt: its content hashes to {actual}; it was not used")]
     Corrupt { path: String, what: String, actual: String },
@@ -150,7 +152,15 @@ impl Remote {
     }
 
     fn transfer_error(&self, op: &'static str, path: &ObjPath, source: object_store::Error) -> RemoteError {
-        RemoteError::Transfer { op, path: path.to_string(), remote: self.shown.clone(), source: Box::new(source) }
+        let text = source.to_string();
+        let hint = if text.contains("NoSuchBucket") {
+            " — the bucket does not exist: create it, or fix the remote's URL"
+        } else if text.contains("AccessDenied") || text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") {
+            " — the server refused the credentials: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        } else {
+            ""
+        };
+        RemoteError::Transfer { op, path: path.to_string(), remote: self.shown.clone(), source: Box::new(source), hint }
     }
 
     fn mark_corrupt(&self, digest: &str) {
