@@ -32,6 +32,7 @@ pub fn stage_entry(stage: &str, m: &Manifest, cached: bool) -> Value {
         "machine": m.provenance.as_ref().map(|p| p.machine()),
         "cpu": m.provenance.as_ref().and_then(|p| p.cpu.clone()),
         "simd_path": m.provenance.as_ref().and_then(|p| p.simd_path.clone()),
+        "metrics": m.metrics,
     })
 }
 

@@ -1,7 +1,7 @@
 //! pipelines/phase4.yaml end to end with tiny budgets: it runs cold, reruns fully cached,
 //! replays every deterministic stage identically, and its report has every section and valid PNGs.
 
-use e2e_tests::{Project, TINY_TWO_MODELS};
+use e2e_tests::Project;
 
 /// Tiny budgets: `--set` overrides every verb gets.
 const SMALL: &[&str] = &[
@@ -188,14 +188,31 @@ fn reduced_phase4_runs_caches_replays_and_reports() {
 fn reduced_phase3_runs_and_reports() {
     let p = Project::new();
     let file = p.shipped_copy("phase3");
-    let small = [TINY_TWO_MODELS, &["benchmark.runs=1", "benchmark.eval_tokens=256", "benchmark.generate=8"]].concat();
+    let small = [
+        "lrs=[0.001, 0.003, 0.01]",
+        "short=8",
+        "long=12",
+        "batch=4",
+        "seq_len=32",
+        "eval_interval=4",
+        "eval_tokens=512",
+        "corpus.documents=300",
+        "benchmark.runs=1",
+        "benchmark.eval_tokens=256",
+        "benchmark.generate=8",
+    ];
     let cli = p.pipeline(&file, &small);
     cli.run("run", &[]).assert_ok();
     let dest = p.path().join("r3");
     cli.run("export", &["report.report", dest.to_str().unwrap()]).assert_ok();
     let md = std::fs::read_to_string(dest.join("report.md")).unwrap();
     for needle in [
-        "## Headline",
+        "## Who wins, at which budget",
+        "| 8 steps | 1,024 |",
+        "| 12 steps | 1,536 |",
+        "## The learning-rate sweeps",
+        "| model | budget | lr=0.001 | lr=0.003 | lr=0.01 |",
+        "| Transformer tiny | long | ",
         "| Itera-Lite tiny |",
         "| Transformer tiny |",
         "## Training",
@@ -204,6 +221,23 @@ fn reduced_phase3_runs_and_reports() {
     ] {
         assert!(md.contains(needle), "missing {needle}:\n{md}");
     }
+    // Each budget names its winner, and each sweep row marks exactly one best value.
+    assert_eq!(md.matches(" wins**").count() + md.matches("tie at").count(), 2, "{md}");
+    let sweep_rows: Vec<&str> = md
+        .lines()
+        .filter(|l| {
+            l.starts_with("| Itera-Lite tiny | short")
+                || l.starts_with("| Itera-Lite tiny | long")
+                || l.starts_with("| Transformer tiny | short")
+                || l.starts_with("| Transformer tiny | long")
+        })
+        .collect();
+    assert_eq!(sweep_rows.len(), 4, "{md}");
+    assert!(sweep_rows.iter().all(|r| r.matches("**").count() >= 2), "{md}");
+    // The sweep's best variant is what the benchmark got, and `compare --sweep` ranks the same way.
+    let table = p.run(&["compare", "--sweep", "itera_long", "--store", p.store().to_str().unwrap()]);
+    table.assert_ok();
+    assert!(table.stdout.contains("sweep of `itera_long`") && table.stdout.contains("lr=0.001"), "{}", table.stdout);
     for png in ["training.png", "throughput.png"] {
         assert_eq!(&std::fs::read(dest.join(png)).unwrap()[..4], b"\x89PNG");
     }

@@ -155,7 +155,10 @@ impl Remote {
         let text = source.to_string();
         let hint = if text.contains("NoSuchBucket") {
             " — the bucket does not exist: create it, or fix the remote's URL"
-        } else if text.contains("AccessDenied") || text.contains("InvalidAccessKeyId") || text.contains("SignatureDoesNotMatch") {
+        } else if text.contains("AccessDenied")
+            || text.contains("InvalidAccessKeyId")
+            || text.contains("SignatureDoesNotMatch")
+        {
             " — the server refused the credentials: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
         } else {
             ""
