@@ -350,6 +350,34 @@ pub struct SweepRow {
     pub metrics: BTreeMap<String, Option<f64>>,
 }
 
+/// The sweep's own values, read back from an instance's label: `lr=0.1+model=a` (a grid), or
+/// `384` (a plain list, as `item`).
+fn swept_values(label: &str) -> BTreeMap<String, Value> {
+    let parse = |x: &str| serde_json::from_str::<Value>(x).unwrap_or_else(|_| Value::String(x.to_string()));
+    if label.contains('=') {
+        label.split('+').filter_map(|kv| kv.split_once('=')).map(|(k, x)| (k.to_string(), parse(x))).collect()
+    } else {
+        BTreeMap::from([("item".to_string(), parse(label))])
+    }
+}
+
+/// Best first by `metric` (stable: ties keep name order); every row must have it.
+fn rank(rows: &mut [SweepRow], metric: &str, better: Better) -> Result<(), String> {
+    let key = |r: &SweepRow| r.metrics.get(metric).copied().flatten();
+    if let Some(r) = rows.iter().find(|r| key(r).is_none()) {
+        return Err(format!("stage `{}` did not record the metric `{metric}`", r.variant));
+    }
+    rows.sort_by(|a, b| {
+        let order = key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal);
+        if better == Better::Max {
+            order.reverse()
+        } else {
+            order
+        }
+    });
+    Ok(())
+}
+
 /// The sweep of `stage` in `run`, sorted by `by` (else the first declared metric covering it).
 pub fn sweep(store: &Store, run: &Run, stage: &str, by: Option<&str>) -> Result<Sweep, String> {
     let all = manifests(store, run)?;
@@ -370,20 +398,9 @@ pub fn sweep(store: &Store, run: &Run, stage: &str, by: Option<&str>) -> Result<
             format!("no metric of `{stage}` is declared, so the variants cannot be ranked; add e.g. `metrics: {{{stage}.val_loss: min}}`")
         })?,
     };
-    // The sweep's own values, read back from the instance names (`fit@lr=0.1+model=a`, or
-    // `vocab@384` for a plain list).
-    let item = |v: &str| -> BTreeMap<String, Value> {
-        let label = &v[prefix.len()..];
-        let parse = |x: &str| serde_json::from_str::<Value>(x).unwrap_or_else(|_| Value::String(x.to_string()));
-        if label.contains('=') {
-            label.split('+').filter_map(|kv| kv.split_once('=')).map(|(k, x)| (k.to_string(), parse(x))).collect()
-        } else {
-            BTreeMap::from([("item".to_string(), parse(label))])
-        }
-    };
     let mut varying: Vec<String> = Vec::new();
     for v in variants.keys() {
-        for k in item(v).into_keys() {
+        for k in swept_values(&v[prefix.len()..]).into_keys() {
             if !varying.contains(&k) {
                 varying.push(k);
             }
@@ -393,25 +410,11 @@ pub fn sweep(store: &Store, run: &Run, stage: &str, by: Option<&str>) -> Result<
     let mut rows: Vec<SweepRow> = (variants.iter())
         .map(|(v, m)| SweepRow {
             variant: (*v).clone(),
-            params: item(v),
+            params: swept_values(&v[prefix.len()..]),
             metrics: metrics.iter().map(|name| (name.clone(), number(Some(m), name))).collect(),
         })
         .collect();
-    let key = |r: &SweepRow| r.metrics.get(&chosen.metric).copied().flatten();
-    for r in &rows {
-        if key(r).is_none() {
-            return Err(format!("stage `{}` did not record the metric `{}`", r.variant, chosen.metric));
-        }
-    }
-    rows.sort_by(|a, b| {
-        let (x, y) = (key(a).unwrap_or(f64::NAN), key(b).unwrap_or(f64::NAN));
-        let order = x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);
-        if chosen.better == Better::Max {
-            order.reverse()
-        } else {
-            order
-        }
-    });
+    rank(&mut rows, &chosen.metric, chosen.better)?;
     Ok(Sweep {
         stage: stage.into(),
         run: run.0.clone(),

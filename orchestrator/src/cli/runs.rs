@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::{print_json, Env, Failure, PipelineArgs};
 use crate::history::short;
-use crate::store::iso8601;
+use crate::store::{iso8601, RunRecord, Store};
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
@@ -43,11 +43,30 @@ struct Row {
 }
 
 /// `STAGE.METRIC` of a run, if that stage is in it and recorded the metric.
-fn metric_of(store: &crate::store::Store, r: &crate::store::RunRecord, spec: &str) -> Option<f64> {
+fn metric_of(store: &Store, r: &RunRecord, spec: &str) -> Option<f64> {
     let (stage, digest) =
         (r.manifests.iter()).filter(|(s, _)| spec.starts_with(&format!("{s}."))).max_by_key(|(s, _)| s.len())?;
     let m = store.load_manifest(digest).ok()?;
     m.metrics.get(&spec[stage.len() + 1..])?.as_f64()
+}
+
+impl Row {
+    fn of(store: &Store, id: &str, r: &RunRecord, metric: Option<&str>) -> Row {
+        let ran = r.ran.as_ref().map(Vec::len);
+        Row {
+            id: short(id).to_string(),
+            started_at: iso8601(r.started_at),
+            pipeline: r.pipeline.clone(),
+            commit: r.provenance.as_ref().and_then(|p| p.commit.clone()).map(|c| c[..c.len().min(12)].to_string()),
+            sets: r.sets.clone(),
+            status: r.status.clone(),
+            duration_s: r.finished_at - r.started_at,
+            reused: ran.map(|n| r.manifests.len().saturating_sub(n + r.pulled.len())),
+            ran,
+            pulled: r.pulled.len(),
+            metric: metric.and_then(|m| metric_of(store, r, m)),
+        }
+    }
 }
 
 pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
@@ -56,60 +75,54 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
         None => None,
     };
     let store = env.open_store()?;
-    let rows: Vec<Row> = (store.runs().into_iter())
+    let rows: Vec<Row> = (store.runs().iter())
         .filter(|(_, r)| name.as_ref().is_none_or(|n| *n == r.pipeline))
         .take(a.limit)
-        .map(|(id, r)| {
-            let ran = r.ran.as_ref().map(Vec::len);
-            Row {
-                id: short(&id).to_string(),
-                started_at: iso8601(r.started_at),
-                pipeline: r.pipeline.clone(),
-                commit: r.provenance.as_ref().and_then(|p| p.commit.clone()).map(|c| c[..c.len().min(12)].to_string()),
-                sets: r.sets.clone(),
-                status: r.status.clone(),
-                duration_s: r.finished_at - r.started_at,
-                reused: ran.map(|n| r.manifests.len().saturating_sub(n + r.pulled.len())),
-                ran,
-                pulled: r.pulled.len(),
-                metric: a.metric.as_deref().and_then(|m| metric_of(&store, &r, m)),
-            }
-        })
+        .map(|(id, r)| Row::of(&store, id, r, a.metric.as_deref()))
         .collect();
     if let (Some(metric), Some(png)) = (&a.metric, &a.plot) {
-        // Oldest first, left to right in time: bars top to bottom.
-        let with: Vec<&Row> = rows.iter().rev().filter(|r| r.metric.is_some()).collect();
-        if with.is_empty() {
-            let msg = format!("no listed run recorded `{metric}`; `orchestrate show` lists a stage's metrics");
-            return Err(Failure::Invalid(crate::diag::Diagnostic::new("E-RUNS", msg)));
-        }
-        let labels: Vec<String> = with.iter().map(|r| format!("{} {}", r.id, r.sets.join(" "))).collect();
-        let values: Vec<f64> = with.iter().filter_map(|r| r.metric).collect();
-        crate::registry::report_templates::bars(png, &format!("{metric} across runs"), &labels, &values, metric, "run")
-            .map_err(|e| anyhow::anyhow!("drawing {}: {e}", png.display()))?;
-        eprintln!("plot: {}", png.display());
+        plot(&rows, metric, png)?;
     }
     if a.json {
         print_json(&rows)?;
-        return Ok(0);
-    }
-    if rows.is_empty() {
+    } else if rows.is_empty() {
         println!("no runs recorded{}", name.map(|n| format!(" for pipeline `{n}`")).unwrap_or_default());
-        return Ok(0);
+    } else {
+        print_table(&rows, a.metric.as_deref());
     }
+    Ok(0)
+}
+
+/// The metric across the listed runs, oldest at the top.
+fn plot(rows: &[Row], metric: &str, png: &std::path::Path) -> Result<(), Failure> {
+    let with: Vec<&Row> = rows.iter().rev().filter(|r| r.metric.is_some()).collect();
+    if with.is_empty() {
+        let msg = format!("no listed run recorded `{metric}`; `orchestrate show` lists a stage's metrics");
+        return Err(Failure::Invalid(crate::diag::Diagnostic::new("E-RUNS", msg)));
+    }
+    let labels: Vec<String> = with.iter().map(|r| format!("{} {}", r.id, r.sets.join(" "))).collect();
+    let values: Vec<f64> = with.iter().filter_map(|r| r.metric).collect();
+    crate::registry::report_templates::bars(png, &format!("{metric} across runs"), &labels, &values, metric, "run")
+        .map_err(|e| anyhow::anyhow!("drawing {}: {e}", png.display()))?;
+    eprintln!("plot: {}", png.display());
+    Ok(())
+}
+
+fn print_table(rows: &[Row], metric: Option<&str>) {
     let count = |n: Option<usize>| n.map_or("?".to_string(), |n| n.to_string());
-    let metric_head = a.metric.as_deref().map(|m| format!("  {m:>12}")).unwrap_or_default();
+    let width = metric.map_or(0, |m| m.len().max(12));
+    let metric_head = metric.map(|m| format!("  {m:>width$}")).unwrap_or_default();
     println!(
         "{:<12}  {:<20}  {:<12}  {:<12}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
         "id", "when", "pipeline", "commit", "status", "duration", "ran", "reused"
     );
-    for r in &rows {
-        let metric = match (&a.metric, r.metric) {
+    for r in rows {
+        let value = match (metric, r.metric) {
             (None, _) => String::new(),
-            (Some(m), v) => format!("  {:>w$}", v.map_or("—".to_string(), |x| format!("{x:.6}")), w = m.len().max(12)),
+            (Some(_), v) => format!("  {:>width$}", v.map_or("—".to_string(), |x| format!("{x:.6}"))),
         };
         println!(
-            "{:<12}  {:<20}  {:<12}  {:<12}  {:<9}  {:>8.1}s  {:>4}  {:>6}{metric}  {}",
+            "{:<12}  {:<20}  {:<12}  {:<12}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
             r.id,
             r.started_at,
             r.pipeline,
@@ -121,5 +134,4 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
             r.sets.join(" ")
         );
     }
-    Ok(0)
 }

@@ -390,18 +390,19 @@ impl Remote {
         Ok(out)
     }
 
-    /// Upload what the local results `(key, manifest digest)` need, then their `ac/` entries.
-    /// Blobs already on the remote are not sent again; an entry is written only once every blob
-    /// of its result is there.
-    pub async fn push(&self, local: &Store, results: &[(String, String)], t: &Transfer) -> Result<PushReport> {
-        let mut report = PushReport { results: results.len(), ..Default::default() };
+    /// The results whose `ac/` entry does not already name their manifest, with their blobs.
+    async fn not_yet_pushed<'r>(
+        &self,
+        local: &Store,
+        results: &'r [(String, String)],
+        report: &mut PushReport,
+    ) -> Result<Vec<(&'r String, &'r String, Blobs)>> {
         let current: Vec<_> = stream::iter(results)
             .map(|(key, digest)| async move { (key, digest, self.lookup(key).await) })
             .buffer_unordered(CHECKS_IN_FLIGHT)
             .collect()
             .await;
-        // (key, manifest digest, every blob of the result) for results the remote lacks.
-        let mut todo: Vec<(&String, &String, Blobs)> = Vec::new();
+        let mut todo = Vec::new();
         for (key, digest, on_remote) in current {
             match on_remote {
                 Ok(Some(d)) if d == *digest && !self.known_corrupt(&d) => report.already += 1,
@@ -409,6 +410,15 @@ impl Remote {
                 Err(e) => report.errors.push(e.to_string()),
             }
         }
+        Ok(todo)
+    }
+
+    /// Upload what the local results `(key, manifest digest)` need, then their `ac/` entries.
+    /// Blobs already on the remote are not sent again; an entry is written only once every blob
+    /// of its result is there.
+    pub async fn push(&self, local: &Store, results: &[(String, String)], t: &Transfer) -> Result<PushReport> {
+        let mut report = PushReport { results: results.len(), ..Default::default() };
+        let todo = self.not_yet_pushed(local, results, &mut report).await?;
         let mut wanted: Vec<(String, u64)> = todo.iter().flat_map(|(_, _, b)| b.iter().cloned()).collect();
         wanted.sort();
         wanted.dedup();
