@@ -179,6 +179,33 @@ pub const TINY_TWO_MODELS: &[&str] = &[
     "transformer.eval_tokens=512",
 ];
 
+/// Tiny budgets for pipelines/phase4.yaml: the `--set` overrides every verb gets in tests.
+pub const PHASE4_SMALL: &[&str] = &[
+    "steps=12",
+    "batch=4",
+    "seq_len=32",
+    "corpus.documents=300",
+    "teacher.eval_interval=6",
+    "transformer.eval_interval=6",
+    "student.eval_interval=6",
+    "teacher.eval_tokens=512",
+    "transformer.eval_tokens=512",
+    "student.eval_tokens=512",
+    "int8.eval_tokens=1024",
+    "int4.eval_tokens=1024",
+    "int8.bench_runs=1",
+    "int4.bench_runs=1",
+    "check_teacher.eval_tokens=512",
+    "check_transformer.eval_tokens=512",
+    "check_int8.eval_tokens=512",
+    "check_teacher.generate=8",
+    "check_transformer.generate=8",
+    "check_int8.generate=8",
+    "benchmark.runs=1",
+    "benchmark.eval_tokens=256",
+    "benchmark.generate=8",
+];
+
 /// A pipeline file shipped in the repository's `pipelines/`, by name: `shipped_pipeline("phase4")`.
 pub fn shipped_pipeline(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../pipelines/{name}.yaml")).display().to_string()

@@ -1,34 +1,7 @@
 //! pipelines/phase4.yaml end to end with tiny budgets: it runs cold, reruns fully cached,
 //! replays every deterministic stage identically, and its report has every section and valid PNGs.
 
-use e2e_tests::Project;
-
-/// Tiny budgets: `--set` overrides every verb gets.
-const SMALL: &[&str] = &[
-    "steps=12",
-    "batch=4",
-    "seq_len=32",
-    "corpus.documents=300",
-    "teacher.eval_interval=6",
-    "transformer.eval_interval=6",
-    "student.eval_interval=6",
-    "teacher.eval_tokens=512",
-    "transformer.eval_tokens=512",
-    "student.eval_tokens=512",
-    "int8.eval_tokens=1024",
-    "int4.eval_tokens=1024",
-    "int8.bench_runs=1",
-    "int4.bench_runs=1",
-    "check_teacher.eval_tokens=512",
-    "check_transformer.eval_tokens=512",
-    "check_int8.eval_tokens=512",
-    "check_teacher.generate=8",
-    "check_transformer.generate=8",
-    "check_int8.generate=8",
-    "benchmark.runs=1",
-    "benchmark.eval_tokens=256",
-    "benchmark.generate=8",
-];
+use e2e_tests::{Project, PHASE4_SMALL as SMALL};
 
 #[test]
 fn reduced_phase4_runs_caches_replays_and_reports() {

@@ -6,34 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{files_containing, Project, Run, S3Server, TEST_SECRET};
-
-/// Tiny budgets for pipelines/phase4.yaml (as in phase4_pipeline.rs).
-const SMALL: &[&str] = &[
-    "steps=12",
-    "batch=4",
-    "seq_len=32",
-    "corpus.documents=300",
-    "teacher.eval_interval=6",
-    "transformer.eval_interval=6",
-    "student.eval_interval=6",
-    "teacher.eval_tokens=512",
-    "transformer.eval_tokens=512",
-    "student.eval_tokens=512",
-    "int8.eval_tokens=1024",
-    "int4.eval_tokens=1024",
-    "int8.bench_runs=1",
-    "int4.bench_runs=1",
-    "check_teacher.eval_tokens=512",
-    "check_transformer.eval_tokens=512",
-    "check_int8.eval_tokens=512",
-    "check_teacher.generate=8",
-    "check_transformer.generate=8",
-    "check_int8.generate=8",
-    "benchmark.runs=1",
-    "benchmark.eval_tokens=256",
-    "benchmark.generate=8",
-];
+use e2e_tests::{files_containing, Project, Run, S3Server, PHASE4_SMALL as SMALL, TEST_SECRET};
 
 /// `VERB FILE --store STORE --set … EXTRA…` against the S3 server.
 fn s3(p: &Project, server: &S3Server, verb: &str, file: &str, sets: &[&str], extra: &[&str]) -> Run {

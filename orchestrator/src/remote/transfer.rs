@@ -139,16 +139,19 @@ impl Remote {
         Ok(Some(digest))
     }
 
+    /// Start reading blob `digest`; a missing one is `Missing`, naming `what` it is.
+    async fn get_blob(&self, digest: &str, what: &str) -> Result<(ObjPath, object_store::GetResult)> {
+        let path = Self::cas(digest);
+        match self.store.get(&path).await {
+            Ok(g) => Ok((path, g)),
+            Err(e) if Self::not_found(&e) => Err(RemoteError::Missing { path: path.to_string(), what: what.into() }),
+            Err(e) => Err(self.transfer_error("reading", &path, e)),
+        }
+    }
+
     /// A manifest or tree, read whole and hash-checked.
     async fn get_small(&self, digest: &str, what: &str) -> Result<Vec<u8>> {
-        let path = Self::cas(digest);
-        let got = match self.store.get(&path).await {
-            Ok(g) => g,
-            Err(e) if Self::not_found(&e) => {
-                return Err(RemoteError::Missing { path: path.to_string(), what: what.into() })
-            }
-            Err(e) => return Err(self.transfer_error("reading", &path, e)),
-        };
+        let (path, got) = self.get_blob(digest, what).await?;
         if got.meta.size > SMALL_LIMIT {
             return Err(RemoteError::Invalid { path: path.to_string(), why: format!("{what} is too large") });
         }
@@ -231,14 +234,7 @@ impl Remote {
 
     /// Stream a file blob into `tmp/`, hashing as it comes; install it only if the hash matches.
     async fn download_file(&self, local: &ObjectStore, digest: &str, what: &str, t: &Transfer) -> Result<()> {
-        let path = Self::cas(digest);
-        let got = match self.store.get(&path).await {
-            Ok(g) => g,
-            Err(e) if Self::not_found(&e) => {
-                return Err(RemoteError::Missing { path: path.to_string(), what: what.into() })
-            }
-            Err(e) => return Err(self.transfer_error("reading", &path, e)),
-        };
+        let (path, got) = self.get_blob(digest, what).await?;
         let staged = local.tmp_path("pull");
         let written = self.stream_to(got.into_stream(), &staged, &path, t).await;
         let outcome = match written {
