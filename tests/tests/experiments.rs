@@ -176,6 +176,8 @@ fn grid_sweeps_are_named_ranked_and_the_best_variant_is_in_the_key() {
     );
     p.run(&["run", "s.yaml"]).assert_ok();
     assert_eq!(p.read("artifacts/outputs/sweep/pick/chosen"), "b-0.2\n");
+    let show = p.run(&["show", "s.yaml", "pick", "--json"]).json();
+    assert_eq!(show["selected"]["m"], "fit@lr=0.2+model=b", "the winner is recorded with the result");
 
     let sweep = p.run(&["compare", "--sweep", "fit"]);
     sweep.assert_ok();

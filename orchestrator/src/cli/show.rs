@@ -50,6 +50,7 @@ fn as_json(store: &Store, stage: &str, digest: &str, m: &Manifest, current: bool
         "outputs": outputs, "metrics": m.metrics, "duration_s": m.duration_s, "cpu_s": m.cpu_s,
         "peak_rss_bytes": m.peak_rss_bytes, "threads": m.threads, "started_at": iso8601(m.started_at),
         "deterministic": m.deterministic, "params": m.key_input.params, "inputs": m.key_input.inputs,
+        "selected": m.key_input.selected,
         "log": m.log.as_ref().map(|l| store.objects.path(l)),
         "implementation": m.key_input.implementation, "provenance": m.provenance,
     })
@@ -82,6 +83,9 @@ fn print_text(store: &Store, stage: &str, m: &Manifest, current: bool) {
         m.key_input.implementation.iter().map(|(k, v)| format!("{k} {}", &v[..v.len().min(12)])).collect();
     if !parts.is_empty() {
         println!("code       {}", parts.join(", "));
+    }
+    for (input, winner) in &m.key_input.selected {
+        println!("best_of    input `{input}` took `{winner}`, the best variant");
     }
     println!("outputs");
     for (k, e) in &m.outputs {

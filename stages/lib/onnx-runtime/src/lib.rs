@@ -200,7 +200,11 @@ static ORT_ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLo
 
 fn ort_environment() -> Result<&'static ort::environment::Environment, RuntimeError> {
     let env = ORT_ENV.get_or_init(|| {
-        let path = find_onnxruntime().map_err(|e| e.to_string())?;
+        // Keep only the cause: the error below states it once, with what to do.
+        let path = find_onnxruntime().map_err(|e| match e {
+            RuntimeError::OrtMissing(why) => why,
+            other => other.to_string(),
+        })?;
         let builder = ort::init_from(&path).map_err(|e| format!("loading {}: {e}", path.display()))?;
         builder.with_name("orchestrate").build().map_err(|e| e.to_string())
     });
