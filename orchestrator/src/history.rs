@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::cache_key::explain;
 use crate::pipeline::metrics::{Better, MetricDecl};
+use crate::pipeline::{is_variant_of, split_instance};
 use crate::store::{Manifest, RunRecord, Store};
 
 /// A run: the digest of its record (its id) and the record.
@@ -381,10 +382,14 @@ fn rank(rows: &mut [SweepRow], metric: &str, better: Better) -> Result<(), Strin
 /// The sweep of `stage` in `run`, sorted by `by` (else the first declared metric covering it).
 pub fn sweep(store: &Store, run: &Run, stage: &str, by: Option<&str>) -> Result<Sweep, String> {
     let all = manifests(store, run)?;
-    let prefix = format!("{stage}@");
-    let variants: BTreeMap<&String, &Manifest> = all.iter().filter(|(n, _)| n.starts_with(&prefix)).collect();
+    let variants: BTreeMap<&String, &Manifest> = all.iter().filter(|(n, _)| is_variant_of(n, stage)).collect();
     if variants.is_empty() {
-        let stages: BTreeSet<&str> = all.keys().filter_map(|n| n.split_once('@').map(|(s, _)| s)).collect();
+        let stages: BTreeSet<&str> = (all.keys())
+            .filter_map(|n| match split_instance(n) {
+                (decl, Some(_)) => Some(decl),
+                _ => None,
+            })
+            .collect();
         let known =
             if stages.is_empty() { "none".to_string() } else { stages.into_iter().collect::<Vec<_>>().join(", ") };
         return Err(format!("run {} has no variants of `{stage}` (stages with foreach in it: {known})", short(&run.0)));
@@ -400,7 +405,7 @@ pub fn sweep(store: &Store, run: &Run, stage: &str, by: Option<&str>) -> Result<
     };
     let mut varying: Vec<String> = Vec::new();
     for v in variants.keys() {
-        for k in swept_values(&v[prefix.len()..]).into_keys() {
+        for k in swept_values(split_instance(v).1.unwrap_or_default()).into_keys() {
             if !varying.contains(&k) {
                 varying.push(k);
             }
@@ -410,7 +415,7 @@ pub fn sweep(store: &Store, run: &Run, stage: &str, by: Option<&str>) -> Result<
     let mut rows: Vec<SweepRow> = (variants.iter())
         .map(|(v, m)| SweepRow {
             variant: (*v).clone(),
-            params: swept_values(&v[prefix.len()..]),
+            params: swept_values(split_instance(v).1.unwrap_or_default()),
             metrics: metrics.iter().map(|name| (name.clone(), number(Some(m), name))).collect(),
         })
         .collect();

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{map_or_err, Ctx};
+use super::{is_variant_of, map_or_err, split_instance, Ctx};
 use crate::diag::{suggest, Diagnostic};
 use crate::yaml::Node;
 
@@ -46,7 +46,7 @@ impl MetricDecl {
 
     /// Whether it covers the stage instance `name` (itself, or an instance `stage@…`).
     pub fn covers(&self, name: &str) -> bool {
-        name == self.stage || name.strip_prefix(&self.stage).is_some_and(|rest| rest.starts_with('@'))
+        name == self.stage || is_variant_of(name, &self.stage)
     }
 }
 
@@ -67,10 +67,10 @@ pub(super) fn metrics(ctx: &Ctx, node: Option<&Node>, stages: &[&str]) -> Result
         // The stage part is the longest prefix naming a stage: instance names may hold `.`.
         let split = k.name.match_indices('.').map(|(i, _)| i).rev().find(|&i| {
             let stage = &k.name[..i];
-            stages.iter().any(|s| *s == stage || s.strip_prefix(stage).is_some_and(|r| r.starts_with('@')))
+            stages.iter().any(|s| *s == stage || is_variant_of(s, stage))
         });
         let Some(i) = split else {
-            let names: Vec<&str> = stages.iter().map(|s| s.split('@').next().unwrap_or(s)).collect();
+            let names: Vec<&str> = stages.iter().map(|s| split_instance(s).0).collect();
             let stage = k.name.split('.').next().unwrap_or(&k.name);
             let msg = format!("metric `{}` names no stage (write `STAGE.METRIC`)", k.name);
             return Err(ctx.err("E-METRIC", msg, k.pos).help(suggest(stage, &names, "stages")));

@@ -189,6 +189,20 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     (num.is_empty() && saw_unit).then(|| Duration::from_secs_f64(total))
 }
 
+/// A stage instance's name split into its declaration and, for a `foreach` instance, the item's
+/// label: `train@lr=0.1` → (`train`, `Some("lr=0.1")`), `corpus` → (`corpus`, `None`).
+pub fn split_instance(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('@') {
+        Some((decl, label)) => (decl, Some(label)),
+        None => (name, None),
+    }
+}
+
+/// Whether `name` is an instance of the `foreach` declaration `decl` (`train@…` of `train`).
+pub fn is_variant_of(name: &str, decl: &str) -> bool {
+    matches!(split_instance(name), (d, Some(_)) if d == decl)
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::expand::{Pending, RawRef};
 use super::metrics::{declared, MetricDecl};
-use super::{map_or_err, Ctx, InputRef, Publish, StageInstance};
+use super::{is_variant_of, map_or_err, split_instance, Ctx, InputRef, Publish, StageInstance};
 use crate::diag::{suggest, Diagnostic};
 use crate::yaml::{Node, Pos};
 
@@ -168,11 +168,10 @@ impl Refs<'_> {
         pos: Pos,
         what: &str,
     ) -> Result<InputRef, Diagnostic> {
-        let prefix = format!("{of}@");
         let variants: Vec<String> =
-            self.names.iter().filter(|n| n.starts_with(&prefix)).map(|n| n.to_string()).collect();
+            self.names.iter().filter(|n| is_variant_of(n, &of)).map(|n| n.to_string()).collect();
         if variants.is_empty() {
-            let stages: Vec<&str> = self.names.iter().map(|n| n.split('@').next().unwrap_or(n)).collect();
+            let stages: Vec<&str> = self.names.iter().map(|n| split_instance(n).0).collect();
             let msg = format!("{what}: `best_of: {of}` needs a stage with `foreach` named `{of}`");
             return Err(ctx.err("E-MISSING-REF", msg, pos).help(suggest(&of, &stages, "stages")));
         }
@@ -192,8 +191,7 @@ impl Refs<'_> {
 
     fn help(&self, text: &str) -> String {
         let stage_part = text.split('.').next().unwrap_or(text);
-        let prefix = format!("{stage_part}@");
-        let expanded: Vec<&str> = self.names.iter().copied().filter(|n| n.starts_with(&prefix)).collect();
+        let expanded: Vec<&str> = self.names.iter().copied().filter(|n| is_variant_of(n, stage_part)).collect();
         if !text.contains('.') {
             "write `STAGE.OUTPUT` for another stage's output, or `file:PATH` for a file".to_string()
         } else if !expanded.is_empty() {
