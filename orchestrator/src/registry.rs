@@ -25,6 +25,7 @@ impl Registry {
                 (Box::new(stage_onnx::OnnxExportStage), "stage-onnx"),
                 (Box::new(stage_onnx::OnnxCheckStage), "stage-onnx"),
                 (Box::new(stage_benchmark::BenchmarkStage), "stage-benchmark"),
+                (Box::new(stage_evaluate::EvaluateStage), "stage-evaluate"),
                 (Box::new(stage_report::ReportStage), "stage-report"),
             ],
         }
