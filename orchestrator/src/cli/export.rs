@@ -24,7 +24,7 @@ pub(super) struct Args {
 }
 
 /// The manifest of `stage` for the pipeline as it is now.
-fn manifest_of(store: &Store, entries: &[PlanEntry], stage: &str) -> anyhow::Result<Manifest> {
+pub(super) fn manifest_of(store: &Store, entries: &[PlanEntry], stage: &str) -> anyhow::Result<Manifest> {
     let e = entries.iter().find(|e| e.stage == stage).context("no such stage")?;
     match &e.manifest {
         Some(d) => Ok(store.load_manifest(d)?),
@@ -37,7 +37,7 @@ fn export_one(store: &Store, entry: &crate::objects::Entry, to: &std::path::Path
 }
 
 /// `STAGE` or `STAGE.OUTPUT`; stage names may hold `.` (foreach items), so try each split.
-fn split_target(p: &Pipeline, target: &str) -> Result<(String, Option<String>), Diagnostic> {
+pub(super) fn split_target(p: &Pipeline, target: &str) -> Result<(String, Option<String>), Diagnostic> {
     if p.index_of(target).is_some() {
         return Ok((target.to_string(), None));
     }

@@ -16,6 +16,7 @@ mod replay;
 mod report;
 mod run;
 mod runs;
+mod serve;
 mod show;
 mod stages;
 mod verify;
@@ -92,6 +93,8 @@ enum Cmd {
     Push(push::Args),
     /// Download results from a remote cache into the store, running nothing.
     Pull(pull::Args),
+    /// Serve a trained model over the OpenAI HTTP API (completions, chat, streaming).
+    Serve(serve::Args),
     /// List the stage kinds this binary knows.
     Stages,
     /// Internal: run one stage in this process (used by the scheduler).
@@ -214,6 +217,7 @@ fn command_label(cmd: &Cmd) -> String {
         Cmd::Compare(_) => "compare".into(),
         Cmd::Pull(_) => "pull".into(),
         Cmd::Gc(_) => "gc".into(),
+        Cmd::Serve(_) => "serve".into(),
         _ => "orchestrate".into(),
     }
 }
@@ -241,6 +245,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Cmd::Runs(a) => runs::runs(&env, a),
         Cmd::Compare(a) => compare::compare(&env, a),
         Cmd::Pull(a) => pull::pull(&env, a),
+        Cmd::Serve(a) => serve::serve(&env, a),
     }
 }
 

@@ -14,6 +14,8 @@ use crate::itera::{FeedForward, IteraLite, Moe, SsmBlock};
 use crate::nn::{LayerNorm, Linear};
 use crate::quant::QWeight;
 
+mod many;
+
 pub(crate) fn values(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
@@ -357,6 +359,14 @@ pub(crate) fn embed_token(
         *x = e + p;
     }
     Ok(())
+}
+
+/// a · b over the shorter of the two.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut out = [0.0];
+    let n = a.len().min(b.len());
+    matvec(&a[..n], n, &b[..n], &mut out);
+    out[0]
 }
 
 /// out[r] = W[r] · x for a row-major W with `cols` columns.

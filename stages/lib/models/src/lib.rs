@@ -23,6 +23,7 @@ pub mod nn;
 pub mod qmodel;
 pub mod quant;
 pub mod scan;
+pub mod shared_decoder;
 pub mod testing;
 pub mod training;
 pub mod transformer;

@@ -1,0 +1,270 @@
+//! The decoding loop: one thread owns the model and every sequence in flight. Each step it
+//! samples one token for every active sequence, sends each its new text, and feeds all the
+//! sampled tokens back in one batched step ([`SharedDecoder::step_many`]). New requests join
+//! between steps, up to `max_batch` at once; the rest wait in the bounded queue in front.
+
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Instant;
+
+use itera_models::shared_decoder::{SeqState, SharedDecoder};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::metrics::Metrics;
+
+/// How to pick each next token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0: greedy.
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches p (1: all).
+    pub top_p: f32,
+}
+
+/// One request for the engine.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    pub seed: u64,
+    pub stop: Vec<String>,
+    pub events: UnboundedSender<Event>,
+    pub queued_at: Instant,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// `max_tokens` or the model's context was reached.
+    Length,
+    /// A stop string or the end-of-text token.
+    Stop,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Length => "length",
+            Finish::Stop => "stop",
+        }
+    }
+}
+
+/// What the engine tells a request, in order: text pieces, then `Done` (or `Failed`).
+#[derive(Debug, PartialEq)]
+pub enum Event {
+    Text(String),
+    Done { finish: Finish, prompt_tokens: usize, completion_tokens: usize },
+    Failed(String),
+}
+
+/// The model as the engine uses it.
+pub struct Loaded {
+    pub decoder: SharedDecoder,
+    pub tokenizer: Tokenizer,
+    /// The end-of-text token, when the vocabulary has one.
+    pub eot: Option<u32>,
+    pub max_seq_len: usize,
+}
+
+struct Seq {
+    job: Job,
+    state: SeqState,
+    logits: Vec<f32>,
+    rng: ChaCha8Rng,
+    ids: Vec<u32>,
+    /// Bytes of the generated text already sent.
+    sent: usize,
+}
+
+/// The next token from `logits` under `s`, drawing from `rng` unless greedy.
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
+    let argmax =
+        || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+    if s.temperature <= 0.0 {
+        return argmax() as u32;
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if s.top_k > 0 {
+        order.truncate(s.top_k);
+    }
+    let max = logits[order[0]] as f64;
+    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / s.temperature as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if s.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|p| {
+            acc += p;
+            acc >= s.top_p as f64
+        });
+        probs.truncate(keep.map_or(probs.len(), |k| k + 1));
+    }
+    let mut u = rng.random::<f64>() * probs.iter().sum::<f64>();
+    for (p, &i) in probs.iter().zip(&order) {
+        if u < *p {
+            return i as u32;
+        }
+        u -= p;
+    }
+    order[probs.len() - 1] as u32
+}
+
+/// Bytes at the end of `text` that must wait: an unfinished UTF-8 character (decoded as
+/// U+FFFD) or the start of a stop string.
+fn held_back(text: &str, stop: &[String]) -> usize {
+    let partial = text.len() - text.trim_end_matches('\u{FFFD}').len();
+    let stop_prefix = stop
+        .iter()
+        .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+        .filter(|p| text.ends_with(p))
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    partial.max(stop_prefix)
+}
+
+impl Seq {
+    fn send(&self, e: Event) -> bool {
+        self.job.events.send(e).is_ok()
+    }
+
+    /// Take the sampled token `t`: send the text it completes; `Some(finish)` when this
+    /// sequence is done (or its client went away: `Some(Stop)` without a `Done`).
+    fn take(&mut self, t: u32, m: &Loaded) -> Option<Finish> {
+        let finish = if Some(t) == m.eot {
+            Some(Finish::Stop)
+        } else {
+            self.ids.push(t);
+            None
+        };
+        let text = m.tokenizer.decode(&self.ids, true).unwrap_or_default();
+        let stop_at = self.job.stop.iter().filter_map(|s| text[self.sent.min(text.len())..].find(s.as_str())).min();
+        // Another token needs this one fed first, at position pos, which must be inside the context.
+        let full = self.ids.len() >= self.job.max_tokens || self.state.pos() >= m.max_seq_len;
+        let (end, finish) = match (stop_at, finish) {
+            (Some(i), _) => (self.sent + i, Some(Finish::Stop)),
+            (None, Some(f)) => (text.len(), Some(f)),
+            (None, None) if full => (text.len(), Some(Finish::Length)),
+            (None, None) => (text.len() - held_back(&text, &self.job.stop), None),
+        };
+        if end > self.sent {
+            let piece = text.get(self.sent..end).unwrap_or_default().to_string();
+            self.sent = end;
+            if !piece.is_empty() && !self.send(Event::Text(piece)) {
+                return Some(Finish::Stop);
+            }
+        }
+        if let Some(f) = finish {
+            self.send(Event::Done {
+                finish: f,
+                prompt_tokens: self.job.prompt.len(),
+                completion_tokens: self.ids.len(),
+            });
+        }
+        finish
+    }
+}
+
+/// Run until every sender of `jobs` is gone and nothing is in flight (graceful shutdown).
+pub fn run(model: Arc<Loaded>, jobs: Receiver<Job>, metrics: Arc<Metrics>, max_batch: usize) {
+    let mut active: Vec<Seq> = Vec::new();
+    loop {
+        if active.is_empty() {
+            match jobs.recv() {
+                Ok(j) => admit(j, &model, &metrics, &mut active),
+                Err(_) => return,
+            }
+        }
+        while active.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(j) => admit(j, &model, &metrics, &mut active),
+                Err(_) => break,
+            }
+        }
+        let mut next = Vec::with_capacity(active.len());
+        active.retain_mut(|s| {
+            let t = sample(&s.logits, &s.job.sampling, &mut s.rng);
+            let done = s.take(t, &model).is_some();
+            if done {
+                metrics.finished(s.ids.len(), s.job.queued_at);
+            } else {
+                next.push(t);
+            }
+            !done
+        });
+        metrics.set_active(active.len());
+        if active.is_empty() {
+            continue;
+        }
+        metrics.step(active.len());
+        let mut states: Vec<&mut SeqState> = active.iter_mut().map(|s| &mut s.state).collect();
+        match model.decoder.step_many(&next, &mut states) {
+            Ok(logits) => active.iter_mut().zip(logits).for_each(|(s, l)| s.logits = l),
+            Err(e) => {
+                for s in active.drain(..) {
+                    s.send(Event::Failed(format!("decoding failed: {e}")));
+                }
+            }
+        }
+    }
+}
+
+fn admit(job: Job, model: &Loaded, metrics: &Metrics, active: &mut Vec<Seq>) {
+    metrics.dequeued(job.queued_at);
+    let mut state = model.decoder.start();
+    match model.decoder.feed(&mut state, &job.prompt) {
+        Ok(logits) => {
+            let rng = ChaCha8Rng::seed_from_u64(job.seed);
+            active.push(Seq { job, state, logits, rng, ids: Vec::new(), sent: 0 });
+        }
+        Err(e) => {
+            let _ = job.events.send(Event::Failed(format!("reading the prompt failed: {e}")));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_top_k_and_top_p() {
+        let logits = [0.0, 3.0, 1.0, 2.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 };
+        assert_eq!(sample(&logits, &greedy, &mut rng), 1);
+        // top_k 1 or a tiny top_p leave only the most likely token, whatever the draw.
+        for s in
+            [Sampling { temperature: 1.0, top_k: 1, top_p: 1.0 }, Sampling { temperature: 1.0, top_k: 0, top_p: 0.01 }]
+        {
+            assert!((0..50).all(|_| sample(&logits, &s, &mut rng) == 1), "{s:?}");
+        }
+        // top_k 2 draws only from the two most likely, and both occur.
+        let s = Sampling { temperature: 1.0, top_k: 2, top_p: 1.0 };
+        let drawn: std::collections::BTreeSet<u32> = (0..200).map(|_| sample(&logits, &s, &mut rng)).collect();
+        assert_eq!(drawn.into_iter().collect::<Vec<_>>(), [1, 3]);
+        // The same seed draws the same sequence.
+        let full = Sampling { temperature: 1.0, top_k: 0, top_p: 1.0 };
+        let draw = |seed| {
+            let mut r = ChaCha8Rng::seed_from_u64(seed);
+            (0..20).map(|_| sample(&logits, &full, &mut r)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn partial_characters_and_stop_prefixes_wait() {
+        let stop = vec!["END".to_string()];
+        assert_eq!(held_back("hello", &stop), 0);
+        assert_eq!(held_back("hello E", &stop), 1);
+        assert_eq!(held_back("hello EN", &stop), 2);
+        assert_eq!(held_back("caf\u{FFFD}", &stop), 3);
+    }
+}

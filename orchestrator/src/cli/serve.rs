@@ -1,0 +1,180 @@
+//! `orchestrate serve`: an OpenAI-compatible server for a model in the store (or a folder),
+//! with the `orchestrate-serve` crate. The model and its tokenizer are copied out of the store
+//! into a private temporary folder first, so the store is not held while serving.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+
+use super::export::{manifest_of, split_target};
+use super::{Env, Failure, PipelineArgs};
+use crate::diag::Diagnostic;
+use crate::pipeline::{InputRef, Pipeline};
+use crate::store::Store;
+
+#[derive(clap::Args, Debug)]
+pub(super) struct Args {
+    /// The pipeline file (omit with --model).
+    pipeline: Option<PathBuf>,
+    /// STAGE or STAGE.OUTPUT holding the model (train/distill: `best`; quantize: `model.gguf`).
+    target: Option<String>,
+    /// Override a value: PARAM=V, params.PATH=V, STAGE.PARAM=V or stages.STAGE.KEY=V.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Serve this checkpoint folder or .gguf file instead of a stage's output.
+    #[arg(long, conflicts_with_all = ["pipeline", "target"])]
+    model: Option<PathBuf>,
+    /// The tokenizer.json (default: the stage's `tokenizer` input, or MODEL/tokenizer.json).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// The model's name in the API (default: the stage name, or the model file's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Address to bind (127.0.0.1: this machine only).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free port; the one chosen is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// Requests that may wait beyond the batch before new ones get 503.
+    #[arg(long, default_value_t = 256)]
+    queue: usize,
+}
+
+/// The output a stage kind's model is in.
+fn default_output(kind: &str) -> Option<&'static str> {
+    match kind {
+        "train" | "distill" => Some("best"),
+        "quantize" => Some("model.gguf"),
+        _ => None,
+    }
+}
+
+/// Copy STAGE[.OUTPUT] and the stage's tokenizer out of the store into `dir`.
+fn from_store(env: &Env, pa: &PipelineArgs, target: &str, dir: &Path) -> Result<(PathBuf, PathBuf), Failure> {
+    let (p, dag) = env.load(pa)?;
+    let store = env.open_store()?;
+    let entries = crate::plan::plan(&p, &dag, &store);
+    let (stage, output) = split_target(&p, target)?;
+    let st = p.stage(&stage).ok_or_else(|| anyhow!("no stage `{stage}`"))?;
+    let output = match output.or_else(|| default_output(&st.kind).map(String::from)) {
+        Some(o) => o,
+        None => {
+            return Err(Diagnostic::new("E-CLI", format!("stage `{stage}` ({}) holds no model to serve", st.kind))
+                .help("name the output: STAGE.OUTPUT (a checkpoint folder or a .gguf file), or use --model")
+                .into())
+        }
+    };
+    let m = manifest_of(&store, &entries, &stage)?;
+    let entry = m.outputs.get(&output).with_context(|| {
+        let names = m.outputs.keys().cloned().collect::<Vec<_>>().join(", ");
+        format!("stage `{stage}` has no output `{output}` (it has: {names})")
+    })?;
+    let model = dir.join(if output.ends_with(".gguf") { "model.gguf" } else { "model" });
+    store.export(entry, &model, &format!("{stage}.{output}")).map_err(|e| anyhow!(e))?;
+    let tokenizer = tokenizer_of(&p, &store, &entries, &stage, dir)?;
+    Ok((model, tokenizer))
+}
+
+/// The stage's `tokenizer` input, copied out of the store (or in place for a `file:` input).
+fn tokenizer_of(
+    p: &Pipeline,
+    store: &Store,
+    entries: &[crate::plan::PlanEntry],
+    stage: &str,
+    dir: &Path,
+) -> anyhow::Result<PathBuf> {
+    let st = p.stage(stage).context("no such stage")?;
+    match st.inputs.get("tokenizer") {
+        Some(InputRef::File { path, .. }) => Ok(path.clone()),
+        Some(InputRef::Stage { stage: from, output }) => {
+            let m = manifest_of(store, entries, from)?;
+            let entry = m.outputs.get(output).with_context(|| format!("stage `{from}` has no output `{output}`"))?;
+            let to = dir.join("tokenizer.json");
+            store.export(entry, &to, &format!("{from}.{output}")).map_err(|e| anyhow!(e))?;
+            Ok(to)
+        }
+        _ => bail!("stage `{stage}` has no plain `tokenizer` input to take the tokenizer from; pass --tokenizer FILE"),
+    }
+}
+
+pub(super) fn serve(env: &Env, a: Args) -> Result<i32, Failure> {
+    let scratch =
+        tempfile::Builder::new().prefix("orchestrate-serve-").tempdir().context("creating a temporary folder")?;
+    let (model, tokenizer, default_name) = match (&a.model, &a.pipeline, &a.target) {
+        (Some(m), _, _) => {
+            let tok = a.tokenizer.clone().unwrap_or_else(|| m.with_file_name("tokenizer.json"));
+            let tok = if tok.exists() || a.tokenizer.is_some() { tok } else { m.join("tokenizer.json") };
+            let name = m.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+            (m.clone(), tok, name)
+        }
+        (None, Some(pipeline), Some(target)) => {
+            let pa = PipelineArgs { pipeline: pipeline.clone(), sets: a.sets.clone() };
+            let (m, t) = from_store(env, &pa, target, scratch.path())?;
+            (m, a.tokenizer.clone().unwrap_or(t), target.clone())
+        }
+        _ => {
+            return Err(Diagnostic::new("E-CLI", "serve needs PIPELINE STAGE[.OUTPUT], or --model PATH")
+                .help("orchestrate serve pipelines/phase4.yaml teacher   |   orchestrate serve --model ckpt/ --tokenizer tokenizer.json")
+                .into())
+        }
+    };
+    let loaded = orchestrate_serve::load(&model, &tokenizer).map_err(|e| anyhow!(e))?;
+    let kind = if loaded.decoder.batches() { "Itera-Lite, batched decoding" } else { "Transformer" };
+    let name = a.name.clone().unwrap_or(default_name);
+    let limits = orchestrate_serve::Limits {
+        max_tokens: a.max_tokens,
+        max_batch: a.max_batch.max(1),
+        queue: a.queue,
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let addr: SocketAddr = format!("{}:{}", a.host, a.port)
+            .parse()
+            .or_else(|_| format!("[{}]:{}", a.host, a.port).parse())
+            .map_err(|_| anyhow!("`{}` is not an IP address to bind (e.g. 127.0.0.1 or 0.0.0.0)", a.host))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr} (another server on that port? try --port 0 for a free one)"))?;
+        let bound = listener.local_addr()?;
+        // One write, flushed: whoever reads the address may close the pipe after this line, and
+        // nothing more goes to stdout.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stdout(),
+            "serving `{name}` ({kind}, context {} tokens) on http://{bound}/v1\n\
+             endpoints: /v1/models /v1/completions /v1/chat/completions /health /metrics — Ctrl-C or SIGTERM stops",
+            loaded.max_seq_len
+        );
+        let _ = std::io::stdout().flush();
+        orchestrate_serve::serve(listener, loaded, name, limits, shutdown_signal()).await.map_err(|e| anyhow!(e))?;
+        eprintln!("stopped: requests in flight finished");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    drop(scratch);
+    Ok(0)
+}
+
+/// The first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
