@@ -164,24 +164,37 @@ fn wait_for_file(dir: &Path) {
     }
 }
 
+/// Start `args` in `p`, wait until `dir` holds a file, then send `signal`. True when the signal
+/// ended the process; false when it had already finished (then the interruption was not
+/// exercised and the caller tries again: on a loaded machine the transfer can win the race).
+fn interrupted(p: &Project, args: &[&str], dir: &Path, signal: i32) -> bool {
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut child = p.cmd().args(args).stderr(Stdio::null()).spawn().unwrap();
+    wait_for_file(dir);
+    // SAFETY: signalling a child we spawned.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    child.wait().unwrap().signal() == Some(signal)
+}
+
+const BIG: &str = "name: big\nstages:\n  big: {kind: command, cmd: \"head -c 400000000 /dev/zero > ${outputs.o}\", outputs: [o]}\n";
+
 #[test]
 fn a_killed_push_or_pull_leaves_both_stores_consistent() {
     let base = Project::new();
-    let remote = base.path().join("remote");
-    let remote_s = remote.display().to_string();
     let a = Project::new();
-    // Large enough that the transfer is still going when it is killed.
-    a.write("p.yaml", "name: big\nstages:\n  big: {kind: command, cmd: \"head -c 400000000 /dev/zero > ${outputs.o}\", outputs: [o]}\n");
+    // Large enough that the transfer is usually still going when it is killed.
+    a.write("p.yaml", BIG);
     run_in(&a, &["run", "p.yaml"]).assert_ok();
-    let mut push = a.cmd().args(["push", "p.yaml", "--remote", &remote_s]).stderr(Stdio::piped()).spawn().unwrap();
-    wait_for_file(&remote.join("cas"));
-    // SAFETY: signalling a child we spawned.
-    unsafe { libc::kill(push.id() as i32, libc::SIGKILL) };
-    let _ = push.wait();
+    // kill -9 in the middle of a push (a fresh remote per try, until the kill lands mid-push).
+    let remote = (0..5)
+        .map(|i| base.path().join(format!("remote{i}")))
+        .find(|r| interrupted(&a, &["push", "p.yaml", "--remote", &r.display().to_string()], &r.join("cas"), libc::SIGKILL))
+        .expect("five pushes all finished before the kill landed");
+    let remote_s = remote.display().to_string();
     let entries = std::fs::read_dir(remote.join("ac")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(entries, 0, "a killed push must not publish a result");
     let b = Project::new();
-    b.write("p.yaml", "name: big\nstages:\n  big: {kind: command, cmd: \"head -c 400000000 /dev/zero > ${outputs.o}\", outputs: [o]}\n");
+    b.write("p.yaml", BIG);
     let plan = run_in(&b, &["plan", "p.yaml", "--remote", &remote_s]);
     assert!(plan.stdout.contains("1 of 1 stages will run"), "{}", plan.stdout);
     run_in(&a, &["verify"]).assert_ok();
@@ -190,11 +203,14 @@ fn a_killed_push_or_pull_leaves_both_stores_consistent() {
     assert_eq!(published(&again.stderr), 1, "{}", again.stderr);
 
     // Ctrl-C in the middle of a pull: B's store stays valid and the next pull finishes the job.
-    let mut pull = b.cmd().args(["pull", "p.yaml", "--remote", &remote_s]).stderr(Stdio::piped()).spawn().unwrap();
-    wait_for_file(&b.store().join("tmp"));
-    // SAFETY: as above.
-    unsafe { libc::kill(pull.id() as i32, libc::SIGINT) };
-    let _ = pull.wait();
+    let b = (0..5)
+        .map(|_| {
+            let b = Project::new();
+            b.write("p.yaml", BIG);
+            b
+        })
+        .find(|b| interrupted(b, &["pull", "p.yaml", "--remote", &remote_s], &b.store().join("tmp"), libc::SIGINT))
+        .expect("five pulls all finished before Ctrl-C landed");
     run_in(&b, &["verify"]).assert_ok();
     let pulled = run_in(&b, &["pull", "p.yaml", "--remote", &remote_s]);
     pulled.assert_ok();
