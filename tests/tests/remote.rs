@@ -176,7 +176,8 @@ fn interrupted(p: &Project, args: &[&str], dir: &Path, signal: i32) -> bool {
     child.wait().unwrap().signal() == Some(signal)
 }
 
-const BIG: &str = "name: big\nstages:\n  big: {kind: command, cmd: \"head -c 400000000 /dev/zero > ${outputs.o}\", outputs: [o]}\n";
+const BIG: &str =
+    "name: big\nstages:\n  big: {kind: command, cmd: \"head -c 400000000 /dev/zero > ${outputs.o}\", outputs: [o]}\n";
 
 #[test]
 fn a_killed_push_or_pull_leaves_both_stores_consistent() {
@@ -188,7 +189,9 @@ fn a_killed_push_or_pull_leaves_both_stores_consistent() {
     // kill -9 in the middle of a push (a fresh remote per try, until the kill lands mid-push).
     let remote = (0..5)
         .map(|i| base.path().join(format!("remote{i}")))
-        .find(|r| interrupted(&a, &["push", "p.yaml", "--remote", &r.display().to_string()], &r.join("cas"), libc::SIGKILL))
+        .find(|r| {
+            interrupted(&a, &["push", "p.yaml", "--remote", &r.display().to_string()], &r.join("cas"), libc::SIGKILL)
+        })
         .expect("five pushes all finished before the kill landed");
     let remote_s = remote.display().to_string();
     let entries = std::fs::read_dir(remote.join("ac")).map(|d| d.count()).unwrap_or(0);

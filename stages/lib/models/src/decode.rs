@@ -361,14 +361,6 @@ pub(crate) fn embed_token(
     Ok(())
 }
 
-/// a · b over the shorter of the two.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut out = [0.0];
-    let n = a.len().min(b.len());
-    matvec(&a[..n], n, &b[..n], &mut out);
-    out[0]
-}
-
 /// out[r] = W[r] · x for a row-major W with `cols` columns.
 pub(crate) fn matvec(w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -384,33 +376,64 @@ pub(crate) fn matvec(w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// out[b · rows + r] = W[r] · xs[b] for `n` vectors xs (n × cols) and a row-major W: each
+/// weight row is read once for all n vectors. Every dot product is the one [`matvec`]
+/// computes, so the results are bit-identical to n separate matrix-vector products.
+pub(crate) fn matmul_rows(w: &[f32], cols: usize, xs: &[f32], n: usize, out: &mut [f32]) {
+    let rows = w.len() / cols.max(1);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            for (r, row) in w.chunks_exact(cols).enumerate() {
+                for (b, x) in xs.chunks_exact(cols).take(n).enumerate() {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    out[b * rows + r] = unsafe { dot_avx2(row, x) };
+                }
+            }
+            return;
+        }
+    }
+    for (r, row) in w.chunks_exact(cols).enumerate() {
+        for (b, x) in xs.chunks_exact(cols).take(n).enumerate() {
+            out[b * rows + r] = row.iter().zip(x).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn matvec_avx2(w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let x = &x[..cols];
     for (o, row) in out.iter_mut().zip(w.chunks_exact(cols)) {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= cols {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let (p, q) = (row.as_ptr().add(i + 8 * j), x.as_ptr().add(i + 8 * j));
-                *a = _mm256_fmadd_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(q), *a);
-            }
-            i += 32;
-        }
-        while i + 8 <= cols {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(row.as_ptr().add(i)), _mm256_loadu_ps(x.as_ptr().add(i)), acc[0]);
-            i += 8;
-        }
-        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        let mut sum = _mm_cvtss_f32(s);
-        for j in i..cols {
-            sum += row[j] * x[j];
-        }
-        *o = sum;
+        *o = dot_avx2(row, &x[..cols]);
     }
+}
+
+/// row · x with AVX2 + FMA (4 accumulators of 8, then the tail); `x` at least as long as `row`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(row: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let cols = row.len();
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= cols {
+        for (j, a) in acc.iter_mut().enumerate() {
+            let (p, q) = (row.as_ptr().add(i + 8 * j), x.as_ptr().add(i + 8 * j));
+            *a = _mm256_fmadd_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(q), *a);
+        }
+        i += 32;
+    }
+    while i + 8 <= cols {
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(row.as_ptr().add(i)), _mm256_loadu_ps(x.as_ptr().add(i)), acc[0]);
+        i += 8;
+    }
+    let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    let mut sum = _mm_cvtss_f32(s);
+    for j in i..cols {
+        sum += row[j] * x[j];
+    }
+    sum
 }

@@ -29,14 +29,8 @@ impl Dense {
     /// `out` (n × rows) = `xs` (n × cols) · Wᵀ (+ b).
     fn apply_many(&self, xs: &[f32], n: usize, out: &mut [f32]) {
         match &self.w {
-            Weights::F32(w) => {
-                // Weight row outer: a row (≤ a few KB) stays in L1 while every sequence uses it.
-                for (r, row) in w.chunks_exact(self.cols).enumerate() {
-                    for (b, x) in xs.chunks_exact(self.cols).enumerate().take(n) {
-                        out[b * self.rows + r] = super::dot(row, x);
-                    }
-                }
-            }
+            // Weight row outer: a row (≤ a few KB) stays in L1 while every sequence uses it.
+            Weights::F32(w) => super::matmul_rows(w, self.cols, xs, n, out),
             Weights::Quant(q) => out[..n * self.rows].copy_from_slice(&q.matmul_t(&xs[..n * self.cols], n)),
         }
         if let Some(bias) = &self.bias {
@@ -213,11 +207,7 @@ impl IteraDecoder {
             Some(q) => q.matmul_t(&bt.normed.v, n),
             None => {
                 let mut out = vec![0.0; n * self.vocab];
-                for (r, row) in self.embed.chunks_exact(d).enumerate() {
-                    for b in 0..n {
-                        out[b * self.vocab + r] = super::dot(row, bt.normed.row(b));
-                    }
-                }
+                super::matmul_rows(&self.embed, d, &bt.normed.v, n, &mut out);
                 out
             }
         };
