@@ -169,11 +169,18 @@ fn wait_for_file(dir: &Path) {
 /// exercised and the caller tries again: on a loaded machine the transfer can win the race).
 fn interrupted(p: &Project, args: &[&str], dir: &Path, signal: i32) -> bool {
     use std::os::unix::process::ExitStatusExt as _;
-    let mut child = p.cmd().args(args).stderr(Stdio::null()).spawn().unwrap();
+    let child = p.cmd().args(args).stderr(Stdio::piped()).spawn().unwrap();
     wait_for_file(dir);
     // SAFETY: signalling a child we spawned.
     unsafe { libc::kill(child.id() as i32, signal) };
-    child.wait().unwrap().signal() == Some(signal)
+    let out = child.wait_with_output().unwrap();
+    match (out.status.signal(), out.status.code()) {
+        (Some(s), _) if s == signal => true,
+        // Interrupted, and said so (exit code 130).
+        (_, Some(130)) => true,
+        (_, Some(0)) => false,
+        _ => panic!("{args:?} failed on its own ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr)),
+    }
 }
 
 const BIG: &str =

@@ -144,7 +144,8 @@ impl Seq {
             None
         };
         let text = m.tokenizer.decode(&self.ids, true).unwrap_or_default();
-        let stop_at = self.job.stop.iter().filter_map(|s| text[self.sent.min(text.len())..].find(s.as_str())).min();
+        let rest = text.get(self.sent.min(text.len())..).unwrap_or("");
+        let stop_at = self.job.stop.iter().filter_map(|s| rest.find(s.as_str())).min();
         // Another token needs this one fed first, at position pos, which must be inside the context.
         let full = self.ids.len() >= self.job.max_tokens || self.state.pos() >= m.max_seq_len;
         let (end, finish) = match (stop_at, finish) {
@@ -153,10 +154,11 @@ impl Seq {
             (None, None) if full => (text.len(), Some(Finish::Length)),
             (None, None) => (text.len() - held_back(&text, &self.job.stop), None),
         };
-        if end > self.sent {
-            let piece = text.get(self.sent..end).unwrap_or_default().to_string();
+        // Only whole characters go out; a piece that does not end on one waits for the next token.
+        if let Some(piece) = text.get(self.sent..end).filter(|p| !p.is_empty()) {
+            let piece = piece.to_string();
             self.sent = end;
-            if !piece.is_empty() && !self.send(Event::Text(piece)) {
+            if !self.send(Event::Text(piece)) {
                 return Some(Finish::Stop);
             }
         }

@@ -219,17 +219,17 @@ mod quantized {
         max_abs(&Tensor::stack(&rows, 0).unwrap(), &full)
     }
 
+    /// Itera-Lite micro at widths that are no multiple of the vector length (the kernels' tails).
+    fn odd_itera() -> ModelConfig {
+        let o = serde_json::json!({"d_model": 36, "expert_dim": 20, "max_seq_len": 32});
+        ModelConfig::build("itera_lite", "micro", 40, o.as_object().unwrap()).unwrap()
+    }
+
     /// Sequences at different positions decoded together give each exactly (bit for bit) the
     /// logits it gets alone, so what a request generates never depends on what it is batched with.
     #[test]
     fn batched_decoding_equals_one_sequence_at_a_time() {
-        let odd = ModelConfig::build(
-            "itera_lite",
-            "micro",
-            40,
-            serde_json::json!({"d_model": 36, "expert_dim": 20, "max_seq_len": 32}).as_object().unwrap(),
-        )
-        .unwrap();
+        let odd = odd_itera();
         let mut models: Vec<(String, Model)> =
             [small("itera_lite"), odd].into_iter().map(|c| ("f32".into(), Model::new(&c, 9).unwrap())).collect();
         for scheme in [Scheme::Int8, Scheme::Int4] {
@@ -267,13 +267,7 @@ mod quantized {
     fn slice_decoder_equals_the_full_forward_in_f32_int8_and_int4() {
         // micro (d 64), tiny (d 128, AVX2 main loop) and odd widths (vector tails), all with MoE
         // and dense layers; then quantized weights and head through the integer kernels.
-        let odd = ModelConfig::build(
-            "itera_lite",
-            "micro",
-            40,
-            serde_json::json!({"d_model": 36, "expert_dim": 20, "max_seq_len": 32}).as_object().unwrap(),
-        )
-        .unwrap();
+        let odd = odd_itera();
         let tiny =
             ModelConfig::build("itera_lite", "tiny", 40, serde_json::json!({"max_seq_len": 32}).as_object().unwrap())
                 .unwrap();
