@@ -221,7 +221,14 @@ fn a_killed_push_or_pull_leaves_both_stores_consistent() {
     run_in(&b, &["verify"]).assert_ok();
     let pulled = run_in(&b, &["pull", "p.yaml", "--remote", &remote_s]);
     pulled.assert_ok();
-    assert!(pulled.stderr.contains("1 results downloaded, 0 already here"), "{}", pulled.stderr);
+    // Where the signal landed depends on timing (on CI machines the pull often finished first):
+    // either way the store verifies and, after this pull, holds the whole result.
+    assert!(
+        pulled.stderr.contains("1 results downloaded, 0 already here")
+            || pulled.stderr.contains("0 results downloaded, 1 already here"),
+        "{}",
+        pulled.stderr
+    );
     let r = run_in(&b, &["run", "p.yaml", "--json"]);
     r.assert_ok();
     assert_eq!(r.status_of("big"), "cached", "{}", r.stderr);

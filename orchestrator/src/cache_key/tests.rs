@@ -47,6 +47,9 @@ stages:
   benchmark:
     kind: benchmark
     inputs: {tokenizer: vocab.tokenizer.json, valid: corpus.valid.txt, itera: train.best}
+  evaluate:
+    kind: evaluate
+    inputs: {tokenizer: vocab.tokenizer.json, text: corpus.valid.txt, itera: train.best}
   report:
     kind: report
     inputs: {train: train.summary.json}
@@ -199,6 +202,7 @@ const GOLDEN: &[(&str, &str)] = &[
     ("command", "4a24ddb5e0086b27129302f0c6e809cf7dc2113269350552222d0091cc9b8ed7"),
     ("corpus", "2a0d85fd3d7295d96d42dfe38a09792489602a5791a80fb09381ed0ca5cb5915"),
     ("distill", "e572a200947b51c6f6a14b308af4dbabdb1b2e5c9f907e3192a5f25dda2a0206"),
+    ("evaluate", "11f6988ad017d95ef40eb1e938bb0d86f2679438f983fc89404d58875b6f7bb0"),
     ("onnx_check", "60d33e04bd8fcff2345826365f583ad4ed79c50bc9091e86f6c25ee7defc6462"),
     ("onnx_export", "f609378ee3cccfe4147d7251b56d4a65d72c06df0bbcc4691ad885273c5170ce"),
     ("quantize", "fcff627b3acb004fff46f4d21724b60283139f0b5e4d91e05dc433590387a17b"),
