@@ -53,6 +53,9 @@ impl ApiError {
             code: None,
         }
     }
+    fn server(status: StatusCode, message: impl Into<String>, code: Option<&'static str>) -> ApiError {
+        ApiError { status, message: message.into(), kind: "server_error", param: None, code }
+    }
     fn with_code(mut self, status: StatusCode, code: &'static str) -> ApiError {
         self.status = status;
         self.code = Some(code);
@@ -233,13 +236,7 @@ fn enqueue(st: &AppState, job: Job) -> Result<(), ApiError> {
                 TrySendError::Full(_) => "the server is at capacity (queue full); retry shortly",
                 TrySendError::Disconnected(_) => "the server is shutting down",
             };
-            Err(ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: why.into(),
-                kind: "server_error",
-                param: None,
-                code: Some("overloaded"),
-            })
+            Err(ApiError::server(StatusCode::SERVICE_UNAVAILABLE, why, Some("overloaded")))
         }
     }
 }
@@ -276,20 +273,10 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<(String, &'static s
             Event::Done { finish, prompt_tokens, completion_tokens } => {
                 return Ok((text, finish.as_str(), prompt_tokens, completion_tokens))
             }
-            Event::Failed(m) => break_with(m)?,
+            Event::Failed(m) => return Err(ApiError::server(StatusCode::SERVICE_UNAVAILABLE, m, None)),
         }
     }
-    Err(ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        message: "the engine stopped".into(),
-        kind: "server_error",
-        param: None,
-        code: None,
-    })
-}
-
-fn break_with(m: String) -> Result<(), ApiError> {
-    Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: m, kind: "server_error", param: None, code: None })
+    Err(ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped", None))
 }
 
 async fn respond(st: Arc<AppState>, kind: Kind, p: Prepared) -> Result<Response, ApiError> {

@@ -110,8 +110,9 @@ pub(super) fn serve(env: &Env, a: Args) -> Result<i32, Failure> {
         tempfile::Builder::new().prefix("orchestrate-serve-").tempdir().context("creating a temporary folder")?;
     let (model, tokenizer, default_name) = match (&a.model, &a.pipeline, &a.target) {
         (Some(m), _, _) => {
-            let tok = a.tokenizer.clone().unwrap_or_else(|| m.with_file_name("tokenizer.json"));
-            let tok = if tok.exists() || a.tokenizer.is_some() { tok } else { m.join("tokenizer.json") };
+            // Given, else beside the model (a .gguf file), else inside it (a checkpoint folder).
+            let beside = m.with_file_name("tokenizer.json");
+            let tok = a.tokenizer.clone().unwrap_or(if beside.exists() { beside } else { m.join("tokenizer.json") });
             let name = m.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
             (m.clone(), tok, name)
         }

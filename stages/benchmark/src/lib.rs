@@ -146,7 +146,7 @@ fn native_record(
         "label": label,
         "runtime": "native",
         "weights": scheme.map(|s| s.name()).unwrap_or("f32"),
-        "model": model_kind(&config),
+        "model": config.name(),
         "params": counts,
         "bytes_on_disk": bytes_on_disk(path),
         "flops_per_token": forward_flops_per_token(&config, seq.div_ceil(2)),
@@ -164,13 +164,6 @@ fn native_record(
     });
     drop(model);
     Ok((record, config))
-}
-
-fn model_kind(c: &ModelConfig) -> &'static str {
-    match c {
-        ModelConfig::IteraLite(_) => "itera_lite",
-        ModelConfig::Transformer(_) => "transformer",
-    }
 }
 
 fn onnx_records(label: &str, dir: &Path, s: &Settings, data: &Data, threads: usize) -> Result<Vec<Value>, StageError> {
@@ -236,7 +229,7 @@ fn onnx_records(label: &str, dir: &Path, s: &Settings, data: &Data, threads: usi
             "label": format!("{label}@{runtime}"),
             "runtime": runtime,
             "weights": manifest["quantization"].as_str().unwrap_or("f32"),
-            "model": model_kind(&config),
+            "model": config.name(),
             "params": param_counts(&config),
             "bytes_on_disk": bytes_on_disk(&full),
             "flops_per_token": forward_flops_per_token(&config, seq.div_ceil(2)),

@@ -17,7 +17,7 @@ use candle_core::{Device, Tensor};
 use energy_meter::{Cost, Meter};
 use itera_models::accounting::param_counts;
 use itera_models::training::{encode, load_tokenizer};
-use itera_models::{Model, ModelConfig, Sampling};
+use itera_models::{Model, Sampling};
 use serde_json::{json, Value};
 use stage_api::{Context, InputSpec, ParamError, Params, Stage, StageContext, StageError, StageProfile};
 use tokenizers::Tokenizer;
@@ -179,7 +179,7 @@ fn measure(
     let per_token = nats / tokens.max(1) as f64;
     let scores = json!({
         "label": label,
-        "model": model_kind(&config),
+        "model": config.name(),
         "weights": weights,
         "params": param_counts(&config),
         "context": len,
@@ -192,13 +192,6 @@ fn measure(
         "continuation": tok.decode(&sample, false).unwrap_or_default(),
     });
     Ok(Measured { scores, scoring, generation })
-}
-
-fn model_kind(c: &ModelConfig) -> &'static str {
-    match c {
-        ModelConfig::IteraLite(_) => "itera_lite",
-        ModelConfig::Transformer(_) => "transformer",
-    }
 }
 
 const CSV_HEADER: &str =
