@@ -26,8 +26,20 @@ pub struct ChildResult {
     pub ok: bool,
     pub error: Option<String>,
     pub metrics: BTreeMap<String, Value>,
+    /// CPU time and peak memory: measured by the scheduler (wait4) for a local child; for a
+    /// cluster job, by `exec-stage` itself (its own and its children's rusage).
     pub cpu_s: f64,
     pub peak_rss_bytes: u64,
+    /// Digest of each output as `exec-stage` left it, so a coordinator that finds the result
+    /// later (a cluster job adopted after a crash) can tell the outputs are whole and unchanged.
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
+    /// The machine `exec-stage` ran on (`stage_api::host::describe`), for provenance.
+    #[serde(default)]
+    pub host: Option<Value>,
+    /// Where it ran, when not here: `slurm job 42 on node03`.
+    #[serde(default)]
+    pub ran_on: Option<String>,
 }
 
 #[derive(Debug)]
@@ -77,10 +89,16 @@ pub fn exec_stage_main(spec_path: &Path, result_path: &Path) -> i32 {
         eprintln!("exec-stage: the scheduler is gone; not running");
         return 4;
     }
-    let r = match run_in_child(spec_path) {
-        Ok(metrics) => ChildResult { ok: true, error: None, metrics, ..Default::default() },
+    let mut r = match run_in_child(spec_path) {
+        Ok((metrics, outputs)) => ChildResult { ok: true, metrics, outputs, ..Default::default() },
         Err(e) => ChildResult { ok: false, error: Some(e), ..Default::default() },
     };
+    (r.cpu_s, r.peak_rss_bytes) = own_usage();
+    let mut host = stage_api::host::describe();
+    if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        host["hostname"] = Value::String(name.trim().to_string());
+    }
+    r.host = Some(host);
     let ok = r.ok;
     let written = serde_json::to_vec(&r).ok().and_then(|b| std::fs::write(result_path, b).ok());
     if written.is_none() {
@@ -94,7 +112,24 @@ pub fn exec_stage_main(spec_path: &Path, result_path: &Path) -> i32 {
     }
 }
 
-fn run_in_child(spec_path: &Path) -> Result<BTreeMap<String, Value>, String> {
+/// CPU-seconds and peak RSS of this process and every child it waited for.
+fn own_usage() -> (f64, u64) {
+    let usage = |who| {
+        // SAFETY: getrusage writes into the zeroed struct we pass.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut ru) };
+        ru
+    };
+    let (me, kids) = (usage(libc::RUSAGE_SELF), usage(libc::RUSAGE_CHILDREN));
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    let cpu = t(me.ru_utime) + t(me.ru_stime) + t(kids.ru_utime) + t(kids.ru_stime);
+    (cpu, (me.ru_maxrss.max(kids.ru_maxrss).max(0) as u64) * 1024)
+}
+
+type Produced = (BTreeMap<String, Value>, BTreeMap<String, String>);
+
+/// Run the stage; its metrics and the digest of each output it wrote.
+fn run_in_child(spec_path: &Path) -> Result<Produced, String> {
     let text = std::fs::read(spec_path).map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
     let spec: RunSpec =
         serde_json::from_slice(&text).map_err(|e| format!("bad stage spec {}: {e}", spec_path.display()))?;
@@ -103,8 +138,18 @@ fn run_in_child(spec_path: &Path) -> Result<BTreeMap<String, Value>, String> {
     let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
     ctx.on_progress(|m| eprintln!("[progress] {m}"));
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stage.run(&mut ctx)));
+    let outputs = ctx.spec().outputs.clone();
     match outcome {
-        Ok(Ok(())) => Ok(ctx.into_metrics()),
+        Ok(Ok(())) => {
+            let mut digests = BTreeMap::new();
+            for (name, path) in outputs {
+                // A missing output is the coordinator's to report (it names the stage's duty).
+                if let Ok(e) = crate::objects::digest_path(&path) {
+                    digests.insert(name, e.digest);
+                }
+            }
+            Ok((ctx.into_metrics(), digests))
+        }
         Ok(Err(e)) => Err(e.to_string()),
         Err(panic) => {
             let msg = panic
@@ -212,7 +257,7 @@ fn guarded(ext: &External) -> std::process::Command {
 }
 
 /// Aborts the progress watcher when the child is done, however `run_child` returns.
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+pub(crate) struct AbortOnDrop(pub(crate) Option<tokio::task::JoinHandle<()>>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -277,7 +322,7 @@ fn launch(spec: &RunSpec, scratch: &Path, result_path: &Path) -> std::io::Result
 }
 
 /// Forward the newest `[progress] …` line of the stage's log to `sink`, twice a second.
-fn watch_progress(sink: ProgressSink, log: PathBuf, name: String) -> tokio::task::JoinHandle<()> {
+pub(crate) fn watch_progress(sink: ProgressSink, log: PathBuf, name: String) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last = None;
         loop {
@@ -350,7 +395,7 @@ pub async fn run_child(
 fn outcome(exit: &Exit, external: Option<&External>, result_path: &Path) -> Outcome {
     let (cpu_s, peak_rss_bytes) = (exit.cpu_s, exit.peak_rss_bytes);
     let failed = |message: String| Outcome::Failed { message, cpu_s, peak_rss_bytes };
-    let done = |metrics| Outcome::Done(ChildResult { ok: true, error: None, metrics, cpu_s, peak_rss_bytes });
+    let done = |metrics| Outcome::Done(ChildResult { ok: true, metrics, cpu_s, peak_rss_bytes, ..Default::default() });
     match external {
         Some(ext) if exit.success() => {
             match ext.metrics_file.as_deref().map(stage_api::read_metrics_file).transpose() {

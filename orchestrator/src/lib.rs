@@ -16,6 +16,7 @@ pub mod deliver;
 pub mod diag;
 pub mod events;
 pub mod exec;
+pub mod executor;
 pub mod history;
 pub mod interp;
 pub mod objects;

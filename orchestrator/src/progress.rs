@@ -169,7 +169,7 @@ impl RunEvents for Progress {
             l.overall.finish_and_clear();
         }
         self.line(format!(
-            "{}: {} — {} ran, {} cached{}, {} failed, {} skipped in {:.2}s ({} cores)",
+            "{}: {} — {} ran, {} cached{}, {} failed, {} skipped in {:.2}s ({})",
             s.pipeline,
             s.status,
             s.count(Status::Ran),
@@ -181,7 +181,11 @@ impl RunEvents for Progress {
             s.count(Status::Failed),
             s.count(Status::Skipped) + s.count(Status::Cancelled),
             s.wall_s,
-            s.cores
+            if s.cores >= crate::sched::CLUSTER_BUDGET {
+                "on the cluster".to_string()
+            } else {
+                format!("{} cores", s.cores)
+            }
         ));
     }
 }

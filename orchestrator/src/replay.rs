@@ -147,6 +147,8 @@ async fn replay_one(
         threads,
         cancel,
         progress: None,
+        executor: crate::executor::Executor::Local,
+        key: &m.key,
     };
     compare(st, m, runner::run_stage(job).await)
 }

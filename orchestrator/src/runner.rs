@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::cache_key::{short, InputSource};
 use crate::exec::{self, ChildResult, Outcome, ProgressSink};
+use crate::executor::Executor;
 use crate::objects::{self, Entry, ObjectError, ObjectStore};
 use crate::pipeline::StageInstance;
 
@@ -52,14 +53,51 @@ pub struct StageJob<'a> {
     pub threads: u32,
     pub cancel: watch::Receiver<bool>,
     pub progress: Option<ProgressSink>,
+    pub executor: Executor,
+    /// The stage's cache key (a cluster job's scratch folder is named by it).
+    pub key: &'a str,
 }
 
 /// Run the job's stage once (with its retries) and store its outputs in `output_store`.
 pub async fn run_stage(job: StageJob<'_>) -> Result<StageRun, StageFailure> {
-    let scratch = job.output_store.tmp_path(&format!("stage-{}", job.stage.name.replace(['@', '/'], "_")));
+    let hint = format!("stage-{}", job.stage.name.replace(['@', '/'], "_"));
+    let scratch = job.executor.scratch(|| job.output_store.tmp_path(&hint), job.key, &job.stage.name);
+    if let Some(adopted) = job.executor.adopt(&scratch, &job.stage.outputs) {
+        let result = adopt(&job, &scratch, adopted).await;
+        let _ = crate::store::remove_dir_all_writable(&scratch);
+        return result;
+    }
+    // What a job that never finished left behind is not reused.
+    let _ = crate::store::remove_dir_all_writable(&scratch);
     let result = run_in_scratch(&job, &scratch).await;
     let _ = crate::store::remove_dir_all_writable(&scratch);
     result
+}
+
+/// Store what a previous cluster job of this stage finished (its digests already checked).
+async fn adopt(job: &StageJob<'_>, scratch: &Path, result: ChildResult) -> Result<StageRun, StageFailure> {
+    tracing::info!(stage = %job.stage.name, "adopting the result a previous run's job finished");
+    let outputs: BTreeMap<String, PathBuf> =
+        job.stage.outputs.iter().map(|o| (o.clone(), scratch.join("out").join(o))).collect();
+    let started_at = crate::store::now_unix();
+    let (outputs, log) = store_outputs(job.output_store.clone(), outputs, scratch.join("log.txt")).await?;
+    check_digests(&result, &outputs)?;
+    Ok(StageRun { outputs, result, log, started_at, duration_s: 0.0, attempts: 1 })
+}
+
+/// The stored outputs are what `exec-stage` hashed when it finished (a cluster job's outputs
+/// cross a shared filesystem before the coordinator reads them).
+fn check_digests(result: &ChildResult, stored: &BTreeMap<String, Entry>) -> Result<(), StageFailure> {
+    for (name, digest) in &result.outputs {
+        if let Some(e) = stored.get(name).filter(|e| &e.digest != digest) {
+            return Err(StageFailure::msg(format!(
+                "output `{name}` changed after the stage wrote it (digest {} when written, {} when stored); not committed",
+                short(digest),
+                short(&e.digest)
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn io_fail(what: &str, e: std::io::Error) -> StageFailure {
@@ -104,6 +142,7 @@ async fn run_in_scratch(job: &StageJob<'_>, scratch: &Path) -> Result<StageRun, 
     tracing::debug!(stage = %st.name, duration_s, "stage process finished");
     check_file_inputs_unchanged(job.sources)?;
     let (outputs, log) = store_outputs(job.output_store.clone(), outputs, log_path).await?;
+    check_digests(&result, &outputs)?;
     tracing::debug!(stage = %st.name, "outputs stored");
     Ok(StageRun { outputs, result, log, started_at, duration_s, attempts })
 }
@@ -167,7 +206,8 @@ async fn run_attempts(
                 std::fs::create_dir_all(parent).map_err(|e| io_fail("creating output folder", e))?;
             }
         }
-        let (outcome, log_path) = exec::run_child(spec, scratch, st.timeout, job.cancel.clone(), job.progress.clone())
+        let (outcome, log_path) = (job.executor)
+            .run(spec, scratch, st, job.cancel.clone(), job.progress.clone())
             .await
             .map_err(|e| io_fail("starting the stage process", e))?;
         let failure = match outcome {

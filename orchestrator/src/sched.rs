@@ -22,6 +22,7 @@ use crate::cache_key::{stage_key, InputSource, KeyError, KeyInput, Upstream};
 use crate::dag::Dag;
 use crate::events::{RunEvents, RunSummary, StageOutcome, Status};
 use crate::exec::ProgressSink;
+use crate::executor::Executor;
 use crate::objects::{Entry, ObjKind};
 use crate::pipeline::{Pipeline, StageInstance};
 use crate::remote::{Remote, RemoteError, Transfer};
@@ -35,7 +36,13 @@ pub struct RunOptions {
     pub only: Option<HashSet<usize>>,
     /// A remote cache to look a stage up in when the local store misses (`run --remote`).
     pub remote: Option<Arc<Remote>>,
+    /// Where stages run: here, or as cluster jobs.
+    pub executor: Executor,
 }
+
+/// The budget a cluster run gets without `--cores`: what may be queued at once (the cluster
+/// fits jobs to nodes itself).
+pub const CLUSTER_BUDGET: u32 = 100_000;
 
 /// Stages fetched from the remote at once (each moves several blobs concurrently itself).
 const FETCHES_IN_FLIGHT: usize = 8;
@@ -448,6 +455,7 @@ impl<'a> RunLoop<'a> {
         tracing::debug!(stage = %st.name, "admitted");
         let (store, st, rx, sink) =
             (self.store.clone(), st.clone(), self.cancel_tx.subscribe(), self.progress_tx.clone());
+        let executor = self.opts.executor.clone();
         self.tasks.spawn(async move {
             let t = Instant::now();
             let done = |result, run_description| TaskDone {
@@ -473,6 +481,8 @@ impl<'a> RunLoop<'a> {
                 threads,
                 cancel: rx,
                 progress: Some(sink),
+                executor,
+                key: &key,
             };
             let r = runner::run_stage(job).await;
             Finished::Stage(done(r, description.map(|e| e.digest)))
@@ -559,9 +569,7 @@ impl<'a> RunLoop<'a> {
             peak_rss_bytes: run.result.peak_rss_bytes,
             log: run.log.clone(),
             run_description: desc,
-            provenance: Some(Provenance::here(
-                run.result.metrics.get("simd_path").and_then(|v| v.as_str()).map(str::to_string),
-            )),
+            provenance: Some(provenance(&run.result)),
         }
     }
 
@@ -630,6 +638,15 @@ impl<'a> RunLoop<'a> {
         if let Err(e) = self.store.record_run(&record) {
             tracing::warn!("could not record the run: {e}");
         }
+    }
+}
+
+/// Where and by what the result was computed: this machine, or the node a cluster job ran on.
+fn provenance(r: &crate::exec::ChildResult) -> Provenance {
+    let simd = r.metrics.get("simd_path").and_then(|v| v.as_str()).map(str::to_string);
+    match (&r.ran_on, &r.host) {
+        (Some(ran_on), Some(host)) => Provenance { ran_on: Some(ran_on.clone()), ..Provenance::on(host, simd) },
+        _ => Provenance::here(simd),
     }
 }
 

@@ -75,13 +75,21 @@ pub struct Provenance {
     pub cpu_flags: Vec<String>,
     /// The SIMD code the stage's kernels ran (the stage's `simd_path` metric), if it says.
     pub simd_path: Option<String>,
+    /// Where the stage ran when not on the coordinator's machine: `slurm job 42 on node03`
+    /// (the CPU fields above then describe that node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran_on: Option<String>,
 }
 
 impl Provenance {
     /// This binary on this machine; `simd_path` as the stage reported it.
     pub fn here(simd_path: Option<String>) -> Provenance {
         static HOST: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
-        let host = HOST.get_or_init(stage_api::host::describe);
+        Provenance::on(HOST.get_or_init(stage_api::host::describe), simd_path)
+    }
+
+    /// This binary on the machine `host` describes (`stage_api::host::describe`).
+    pub fn on(host: &Value, simd_path: Option<String>) -> Provenance {
         let commit = env!("ORCHESTRATE_GIT_COMMIT");
         Provenance {
             orchestrate: env!("CARGO_PKG_VERSION").into(),
@@ -98,6 +106,7 @@ impl Provenance {
                 .map(str::to_string)
                 .collect(),
             simd_path,
+            ran_on: None,
         }
     }
 

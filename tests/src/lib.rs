@@ -334,3 +334,117 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A one-node Slurm cluster on localhost (`.ci/slurm start`), stopped by pid when dropped
+/// (`.ci/slurm stop`: every job cancelled first). One at a time per test binary: Slurm's
+/// daemons use fixed ports, so the cluster holds a process-wide lock while it lives.
+pub struct SlurmCluster {
+    dir: tempfile::TempDir,
+    /// Where the wrappers of the Slurm commands log each call (`slurm-calls.log`).
+    pub calls: PathBuf,
+    wrappers: PathBuf,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
+
+static SLURM_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn ci_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci").join(name)
+}
+
+impl SlurmCluster {
+    /// Start the cluster; fails loudly (never skips) when Slurm is not installed.
+    pub fn start() -> SlurmCluster {
+        let guard = SLURM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        for program in ["slurmctld", "slurmd", "sbatch", "munged"] {
+            let found = Command::new("sh").args(["-c", &format!("command -v {program}")]).output();
+            assert!(
+                found.is_ok_and(|o| o.status.success()),
+                "`{program}` is not installed: `bash .ci/slurm install` (run by .ci/setup) installs Debian's Slurm and munge"
+            );
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = Command::new("bash")
+            .arg(ci_script("slurm"))
+            .arg("start")
+            .arg(dir.path())
+            .output()
+            .expect("running .ci/slurm");
+        assert!(
+            out.status.success(),
+            ".ci/slurm start failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Wrappers that log every Slurm command call with its time, then run the real one.
+        let wrappers = dir.path().join("bin");
+        std::fs::create_dir_all(&wrappers).expect("mkdir");
+        let calls = dir.path().join("slurm-calls.log");
+        for program in ["sbatch", "squeue", "sacct", "scancel", "sinfo"] {
+            let real = Command::new("sh").args(["-c", &format!("command -v {program}")]).output().expect("sh");
+            let real = String::from_utf8_lossy(&real.stdout).trim().to_string();
+            let script = format!(
+                "#!/bin/sh\necho \"{program} $(date +%s.%N)\" >> '{}'\nexec '{real}' \"$@\"\n",
+                calls.display()
+            );
+            let p = wrappers.join(program);
+            std::fs::write(&p, script).expect("write wrapper");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        SlurmCluster { dir, calls, wrappers, _one_at_a_time: guard }
+    }
+
+    pub fn conf(&self) -> PathBuf {
+        self.dir.path().join("slurm.conf")
+    }
+
+    /// SLURM_CONF for this cluster, and PATH with the logging wrappers first.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let path = std::env::var("PATH").unwrap_or_default();
+        vec![("SLURM_CONF", self.conf().display().to_string()), ("PATH", format!("{}:{path}", self.wrappers.display()))]
+    }
+
+    /// The calls of the Slurm command `program` logged so far: their times in seconds.
+    pub fn calls_of(&self, program: &str) -> Vec<f64> {
+        let text = std::fs::read_to_string(&self.calls).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(p, _)| *p == program)
+            .filter_map(|(_, t)| t.trim().parse().ok())
+            .collect()
+    }
+
+    /// Forget the calls logged so far.
+    pub fn reset_calls(&self) {
+        let _ = std::fs::remove_file(&self.calls);
+    }
+
+    /// Jobs the cluster has that are not finished: `(id, name, state)`.
+    pub fn active_jobs(&self) -> Vec<(String, String, String)> {
+        let out = Command::new("squeue")
+            .env("SLURM_CONF", self.conf())
+            .args(["--noheader", "--format=%i|%j|%T"])
+            .output()
+            .expect("squeue");
+        assert!(out.status.success(), "squeue failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.splitn(3, '|').collect();
+                (f.len() == 3).then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
+            })
+            .collect()
+    }
+
+    /// Stop the daemons now (as if slurmctld went down); dropping does it too.
+    pub fn stop(&self) {
+        let _ = Command::new("bash").arg(ci_script("slurm")).arg("stop").arg(self.dir.path()).output();
+    }
+}
+
+impl Drop for SlurmCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

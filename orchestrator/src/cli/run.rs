@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use super::{cores_arg, folder_of, print_json, runtime, stage_index, Env, Failure, PipelineArgs, RemoteArgs};
 use crate::deliver;
+use crate::diag::Diagnostic;
 use crate::events::{RunSummary, Status};
+use crate::executor::{Executor, Slurm};
+use crate::pipeline::Pipeline;
 use crate::progress::Progress;
 use crate::remote::{Remote, Transfer};
 use crate::sched::{self, RunOptions};
@@ -33,11 +36,25 @@ pub(super) struct Args {
     /// Print a machine-readable summary on stdout.
     #[arg(long)]
     json: bool,
+    /// Where stages run: `local` (child processes on this machine) or `slurm` (one `sbatch`
+    /// job per stage; the store must be on a filesystem the cluster's nodes share).
+    #[arg(long, value_enum, default_value_t = ExecutorArg::Local)]
+    executor: ExecutorArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ExecutorArg {
+    Local,
+    Slurm,
 }
 
 pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
     let (p, dag) = env.load(&a.p)?;
-    let cores = cores_arg(a.cores)?;
+    // On a cluster the budget is what may be queued at once; Slurm itself fits jobs to nodes.
+    let cores = match (a.executor, a.cores) {
+        (ExecutorArg::Slurm, None) => sched::CLUSTER_BUDGET,
+        _ => cores_arg(a.cores)?,
+    };
     let only = if a.targets.is_empty() {
         None
     } else {
@@ -53,10 +70,17 @@ pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
     let remote = a.remote.open(&folder_of(&a.p.pipeline), false)?.map(Arc::new);
     let store = Arc::new(env.open_store()?);
     store.clean_tmp();
-    let mut progress = Progress::new(a.json);
-    let opts = RunOptions { cores, keep_going: a.keep_going, only, remote: remote.clone() };
     let rt = runtime()?;
+    let executor = match a.executor {
+        ExecutorArg::Local => Executor::Local,
+        ExecutorArg::Slurm => Executor::Slurm(Arc::new(open_slurm(&rt, &p, &store)?)),
+    };
+    let mut progress = Progress::new(a.json);
+    let opts = RunOptions { cores, keep_going: a.keep_going, only, remote: remote.clone(), executor: executor.clone() };
     let mut summary = rt.block_on(sched::run(&p, &dag, store.clone(), opts, &mut progress));
+    if let Executor::Slurm(s) = &executor {
+        eprintln!("slurm: {} status queries", s.status_queries());
+    }
     // Every result is stored by now; only copying the final ones out can still fail.
     let delivered = if summary.status == "ok" { deliver::deliver(&p, &dag, &store, &summary) } else { Ok(vec![]) };
     if let Ok(outputs) = &delivered {
@@ -79,6 +103,49 @@ pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
             Ok(1)
         }
     }
+}
+
+/// Connect to the cluster the `executor:` block describes, before anything is submitted: its
+/// commands, slurmctld and every partition the pipeline names are checked (exit 2 if not).
+fn open_slurm(rt: &tokio::runtime::Runtime, p: &Pipeline, store: &Store) -> Result<Slurm, Failure> {
+    let e = &p.executor;
+    let defaults = orchestrate_slurm::Config::default();
+    let cfg = orchestrate_slurm::Config {
+        partition: e.partition.clone(),
+        account: e.account.clone(),
+        qos: e.qos.clone(),
+        sbatch_args: e.sbatch_args.clone(),
+        poll: e.poll.unwrap_or(defaults.poll),
+        max_poll: e.max_poll.unwrap_or(defaults.max_poll.max(e.poll.unwrap_or_default())),
+    };
+    let slurm_error = |msg: String| {
+        Failure::Invalid(
+            Diagnostic::new("E-SLURM", format!("cannot use the Slurm cluster: {msg}"))
+                .help("check `sinfo` works on this machine (SLURM_CONF, munge, slurmctld); nothing was submitted"),
+        )
+    };
+    let (slurm, stale) = rt.block_on(Slurm::open(cfg, &store.root, &[])).map_err(slurm_error)?;
+    let known = slurm.partitions();
+    let mut named: Vec<(&str, String, crate::yaml::Pos)> = Vec::new();
+    if let Some(part) = &e.partition {
+        named.push((part, "the `executor:` block".into(), e.partition_pos));
+    }
+    for st in &p.stages {
+        if let Some(part) = &st.resources.partition {
+            named.push((part, format!("stage `{}`", st.name), st.resources.partition_pos));
+        }
+    }
+    if let Some((part, who, pos)) = named.into_iter().find(|(part, _, _)| !known.iter().any(|k| k == part)) {
+        let msg = format!("{who} names partition `{part}`, which the cluster does not have");
+        return Err(p
+            .diag(Diagnostic::new("E-SLURM", msg).at(pos))
+            .help(format!("its partitions: {}", known.join(", ")))
+            .into());
+    }
+    if stale > 0 {
+        eprintln!("slurm: cancelled {stale} job(s) a previous run on this store left queued or running (its coordinator is gone)");
+    }
+    Ok(slurm)
 }
 
 /// Upload what this run ran or found cached (the remote skips what it has); false on failure.

@@ -73,6 +73,9 @@ fn print_text(store: &Store, stage: &str, m: &Manifest, current: bool) {
         Some(p) => {
             println!("built by   {}", p.build());
             println!("host       {}", p.machine());
+            if let Some(ran_on) = &p.ran_on {
+                println!("ran on     {ran_on}");
+            }
             if let Some(simd) = &p.simd_path {
                 println!("kernels    {simd}");
             }

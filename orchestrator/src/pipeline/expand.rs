@@ -236,6 +236,7 @@ fn instance(ctx: &Ctx, d: &Decl, params: &Value, dir: &Path, item: Option<&Value
         threads: settings.threads,
         timeout: settings.timeout,
         retries: settings.retries,
+        resources: settings.resources,
         deterministic: settings.deterministic,
         volatile_outputs: profile.volatile_outputs.clone(),
         wants_run_description: d.stage.wants_run_description(),
@@ -357,6 +358,7 @@ struct Settings {
     threads: u32,
     retries: u32,
     timeout: Option<std::time::Duration>,
+    resources: super::Resources,
     deterministic: bool,
     seed: u64,
 }
@@ -386,7 +388,8 @@ fn settings(ctx: &Ctx, d: &Decl, scope: &Scope, profile: &StageProfile, p: &Para
             ctx.err("E-TYPE", msg, d.node.locate("params.seed"))
         })?,
     };
-    Ok(Settings { threads, retries, timeout, deterministic, seed })
+    let resources = super::resources::resources(ctx, scalar("resources")?.as_ref())?;
+    Ok(Settings { threads, retries, timeout, resources, deterministic, seed })
 }
 
 fn timeout(ctx: &Ctx, n: &Node) -> Result<std::time::Duration, Diagnostic> {

@@ -8,6 +8,9 @@
 
 mod expand;
 pub mod metrics;
+mod resources;
+
+pub use resources::{ExecutorDecl, Resources};
 mod parse;
 mod wire;
 
@@ -24,7 +27,7 @@ use crate::interp::InterpError;
 use crate::registry::Registry;
 use crate::yaml::{Key, Kind, Node, Pos};
 
-const TOP_KEYS: &[&str] = &["name", "description", "params", "stages", "publish", "metrics"];
+const TOP_KEYS: &[&str] = &["name", "description", "params", "stages", "publish", "metrics", "executor"];
 const STAGE_KEYS: &[&str] = &[
     "kind",
     "description",
@@ -36,6 +39,7 @@ const STAGE_KEYS: &[&str] = &[
     "retries",
     "foreach",
     "deterministic",
+    "resources",
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -75,6 +79,8 @@ pub struct StageInstance {
     pub threads: u32,
     pub timeout: Option<Duration>,
     pub retries: u32,
+    /// `resources:` — what a cluster job asks for (the local executor ignores it).
+    pub resources: Resources,
     pub deterministic: bool,
     /// Outputs exempt from replay's bit-identity check (they record timings).
     pub volatile_outputs: Vec<String>,
@@ -114,6 +120,8 @@ pub struct Pipeline {
     pub metrics: Vec<metrics::MetricDecl>,
     /// The `--set` overrides it was loaded with, as given.
     pub sets: Vec<String>,
+    /// `executor:` — how a cluster executor submits (`run --executor slurm`).
+    pub executor: ExecutorDecl,
     /// Stage name → index in `stages`, so lookups stay O(1) in pipelines of thousands of stages.
     index: HashMap<String, usize>,
 }
@@ -281,10 +289,12 @@ pub fn load(file: &Path, sets: &[String], registry: &Registry) -> Result<Pipelin
     let metrics = metrics::metrics(&doc.ctx, doc.root.get("metrics"), &names)?;
     let stages = wire::wire(&doc.ctx, &doc.dir, pending, &metrics)?;
     let publish = wire::publish(&doc.ctx, &doc.dir, doc.root.get("publish"), &stages)?;
+    let executor = resources::executor(&doc.ctx, doc.root.get("executor"))?;
     let parse::Document { ctx, name, params, dir, .. } = doc;
     let index = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
     let sets = sets.to_vec();
-    Ok(Pipeline { name, file: ctx.file, dir, source: ctx.source, params, stages, publish, metrics, sets, index })
+    let (file, source) = (ctx.file, ctx.source);
+    Ok(Pipeline { name, file, dir, source, params, stages, publish, metrics, sets, executor, index })
 }
 
 /// Params as a stage sees them: every `file:PATH` replaced by `file:<absolute path>`.
