@@ -89,3 +89,45 @@ fn output_paths() {
     assert!(output_escapes("./x"));
     assert!(!output_escapes("model/weights.bin"));
 }
+
+#[test]
+fn resources_and_the_executor_block_parse_and_stay_out_of_the_key() {
+    let src = "name: r\nexecutor: {partition: cpu, account: lab, qos: hi, sbatch_args: [\"--exclusive\"], poll: 2s, max_poll: 20s}\n\
+               stages:\n  a:\n    kind: command\n    cmd: \"true\"\n    resources: {mem: 4GiB, time: 1h30m, partition: \"${params.p}\"}\n\
+               params: {p: bigmem}\n";
+    let p = load_str(src, &[]).unwrap();
+    let r = &p.stage("a").unwrap().resources;
+    assert_eq!(r.mem.as_deref(), Some("4G"));
+    assert_eq!(r.time, Some(Duration::from_secs(5400)));
+    assert_eq!(r.partition.as_deref(), Some("bigmem"));
+    let e = &p.executor;
+    assert_eq!((e.partition.as_deref(), e.account.as_deref(), e.qos.as_deref()), (Some("cpu"), Some("lab"), Some("hi")));
+    assert_eq!(e.sbatch_args, ["--exclusive"]);
+    assert_eq!((e.poll, e.max_poll), (Some(Duration::from_secs(2)), Some(Duration::from_secs(20))));
+    let plain = load_str("name: r\nstages:\n  a:\n    kind: command\n    cmd: \"true\"\n", &[]).unwrap();
+    let key = |p: &Pipeline| {
+        let st = p.stage("a").unwrap();
+        (st.params.clone(), st.outputs.clone(), st.implementation.clone())
+    };
+    assert_eq!(key(&p), key(&plain), "resources are not part of what the key is made of");
+}
+
+#[test]
+fn bad_resources_are_located() {
+    let base = "name: r\nstages:\n  a:\n    kind: command\n    cmd: \"true\"\n";
+    for (extra, needle) in [
+        ("    resources: {mem: lots}\n", "size like 500M"),
+        ("    resources: {mem: 0G}\n", "size like 500M"),
+        ("    resources: {time: soon}\n", "duration"),
+        ("    resources: {cpus: 4}\n", "unknown key `cpus`"),
+        ("    resources: 4G\n", "must be a map"),
+    ] {
+        let e = load_str(&format!("{base}{extra}"), &[]).unwrap_err();
+        assert!(e.message.contains(needle), "{extra}: {}", e.message);
+        assert_eq!(e.pos.map(|p| p.line), Some(6), "{extra}");
+    }
+    let e = load_str(&format!("{base}executor: {{poll: 10s, max_poll: 1s}}\n"), &[]).unwrap_err();
+    assert!(e.message.contains("max_poll"), "{}", e.message);
+    let e = load_str(&format!("{base}executor: {{sbatch_args: --exclusive}}\n"), &[]).unwrap_err();
+    assert!(e.message.contains("list of strings"), "{}", e.message);
+}
