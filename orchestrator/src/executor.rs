@@ -31,6 +31,19 @@ pub enum Executor {
     Slurm(Arc<Slurm>),
 }
 
+/// How often a running job's `exit` file is looked for (a `stat` on the shared store).
+const EXIT_FILE_CHECK: Duration = Duration::from_millis(200);
+
+/// How long a completed job's `exit` file may take to become visible here.
+const SHARED_FS_LATENCY: Duration = Duration::from_secs(10);
+
+/// Wait until `path` exists.
+async fn appears(path: &Path, every: Duration) {
+    while !path.exists() {
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// The exit code the job script gives when it cannot see the store.
 const STORE_NOT_SHARED: i32 = 97;
 
@@ -183,6 +196,9 @@ impl Slurm {
         };
         let end = tokio::select! {
             end = self.monitor.wait(&id) => end,
+            // The job's own record that it finished, read from the shared store: no request to
+            // slurmctld, and no poll interval between a stage ending and the next starting.
+            _ = appears(&exit_path, EXIT_FILE_CHECK) => JobEnd { state: None, reason: "it wrote its exit file".into() },
             _ = backstop => {
                 self.monitor.cancel(&id);
                 let _ = tokio::time::timeout(Duration::from_secs(60), self.monitor.wait(&id)).await;
@@ -195,6 +211,11 @@ impl Slurm {
                 return Ok((Outcome::Cancelled, log_path));
             }
         };
+        if end.state == Some(JobState::Completed) {
+            // A shared filesystem may show the job's last writes a little after Slurm says it
+            // completed (NFS attribute caching).
+            let _ = tokio::time::timeout(SHARED_FS_LATENCY, appears(&exit_path, EXIT_FILE_CHECK)).await;
+        }
         Ok((judge(&id, &end, scratch, &log_path, st), log_path))
     }
 
@@ -282,8 +303,8 @@ fn judge(id: &JobId, end: &JobEnd, scratch: &Path, log: &Path, st: &StageInstanc
     let state = end.state.as_ref();
     let host = result.as_ref().and_then(|r| r.host.as_ref()).and_then(|h| h["hostname"].as_str().map(str::to_string));
     let ran_on = format!("slurm job {id}{}", host.map(|h| format!(" on {h}")).unwrap_or_default());
-    let oom = matches!(state, Some(JobState::OutOfMemory))
-        || (matches!(state, Some(JobState::Failed | JobState::Cancelled)) && memory_kill_in_log(log));
+    let succeeded = exit == Some(0) && result.as_ref().is_some_and(|r| r.ok);
+    let oom = matches!(state, Some(JobState::OutOfMemory)) || (!succeeded && memory_kill_in_log(log));
     match (state, exit, result) {
         (Some(JobState::Completed) | None, Some(0), Some(mut r)) if r.ok => {
             r.ran_on = Some(ran_on);

@@ -260,21 +260,30 @@ fn ctrl_c_cancels_every_job_of_the_run() {
 fn a_killed_coordinator_s_finished_jobs_are_adopted_and_the_rest_cancelled() {
     let cluster = SlurmCluster::start();
     let p = Project::new();
+    // `quick` finishes only when the test says so, after the coordinator is frozen.
+    let go = p.path().join("go");
     let file = p
         .write(
             "mixed.yaml",
-            "name: mixed\nstages:\n  quick:\n    kind: command\n    cmd: \"echo done > ${outputs.out}\"\n    outputs: [out]\n  \
-             slow:\n    kind: command\n    cmd: \"sleep 300; touch ${outputs.out}\"\n    outputs: [out]\n  \
-             after:\n    kind: command\n    inputs: {q: quick.out, s: slow.out}\n    cmd: \"cat ${inputs.q} > ${outputs.out}\"\n    outputs: [out]\n",
+            &format!(
+                "name: mixed\nstages:\n  quick:\n    kind: command\n    \
+                 cmd: \"while [ ! -f {go} ]; do sleep 0.1; done; echo done > ${{outputs.out}}\"\n    outputs: [out]\n  \
+                 slow:\n    kind: command\n    cmd: \"sleep 300; touch ${{outputs.out}}\"\n    outputs: [out]\n  \
+                 after:\n    kind: command\n    inputs: {{q: quick.out, s: slow.out}}\n    \
+                 cmd: \"cat ${{inputs.q}} > ${{outputs.out}}\"\n    outputs: [out]\n",
+                go = go.display()
+            ),
         )
         .display()
         .to_string();
-    // A long poll interval: the coordinator will not have seen `quick` finish when it dies.
-    let slow_poll = p.path().join("slow-poll.yaml");
-    let text = std::fs::read_to_string(&file).unwrap().replace("name: mixed\n", "name: mixed\nexecutor: {poll: 60s}\n");
-    std::fs::write(&slow_poll, text).unwrap();
-    let slow_poll = slow_poll.display().to_string();
-    let mut child = spawn_run(&p, &cluster, &slow_poll, &[]);
+    let mut child = spawn_run(&p, &cluster, &file, &[]);
+    wait_for("both jobs running", Duration::from_secs(60), || {
+        cluster.active_jobs().iter().filter(|(_, _, s)| s == "RUNNING").count() == 2
+    });
+    // Frozen, the coordinator cannot see `quick` finish; then it dies as if by an OOM kill.
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+    std::fs::write(&go, "").expect("go");
     let quick_done = || {
         std::fs::read_dir(p.store().join("slurm"))
             .map(|rd| {

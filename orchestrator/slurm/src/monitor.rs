@@ -3,8 +3,9 @@
 //! A [`Monitor`] owns a task that holds every job a run is waiting on. Each tick it makes one
 //! `squeue` for all of them (filtered by the run's job-name tag) and hands each ended job its
 //! state; jobs slurmctld has already forgotten are asked of `sacct` in one query, when the
-//! cluster keeps accounting. The interval starts at `poll` and grows by half each tick in which
-//! no watched job changed state, up to `max_poll`; any change brings it back to `poll`.
+//! cluster keeps accounting. The interval is `poll` while jobs keep changing state; after
+//! [`CALM_TICKS`] ticks without a change it grows by half each tick, up to `max_poll`; any
+//! change brings it back to `poll`.
 //! Cancels that arrive together are sent as one `scancel`.
 
 use std::collections::HashMap;
@@ -29,6 +30,10 @@ enum Msg {
     Watch(JobId, oneshot::Sender<JobEnd>),
     Cancel(JobId),
 }
+
+/// Unchanged ticks before the interval starts to grow: short jobs keep it at `poll`, long ones
+/// let it relax.
+pub const CALM_TICKS: u32 = 5;
 
 /// Status queries in a row that may fail (slurmctld restarting) before every waiting job is
 /// reported as lost.
@@ -73,6 +78,8 @@ struct Watch {
     to_cancel: Vec<JobId>,
     interval: Duration,
     failures: u32,
+    /// Ticks since a watched job last changed state.
+    calm: u32,
 }
 
 async fn watch_loop(cluster: Arc<Cluster>, tag: String, mut rx: mpsc::UnboundedReceiver<Msg>) {
@@ -85,6 +92,7 @@ async fn watch_loop(cluster: Arc<Cluster>, tag: String, mut rx: mpsc::UnboundedR
         to_cancel: Vec::new(),
         interval,
         failures: 0,
+        calm: 0,
     };
     let mut open = true;
     loop {
@@ -186,8 +194,12 @@ impl Watch {
         for job in hopeless {
             self.end(&job.id, JobEnd { state: Some(job.state), reason: job.reason });
         }
-        let grown = self.interval.mul_f64(1.5).min(self.cluster.cfg.max_poll);
-        self.interval = if changed { self.cluster.cfg.poll } else { grown };
+        self.calm = if changed { 0 } else { self.calm + 1 };
+        self.interval = if self.calm <= CALM_TICKS {
+            self.cluster.cfg.poll
+        } else {
+            self.interval.mul_f64(1.5).min(self.cluster.cfg.max_poll)
+        };
     }
 
     /// Jobs the queue no longer lists: their end from accounting, if the cluster keeps it.

@@ -101,7 +101,10 @@ fn resources_and_the_executor_block_parse_and_stay_out_of_the_key() {
     assert_eq!(r.time, Some(Duration::from_secs(5400)));
     assert_eq!(r.partition.as_deref(), Some("bigmem"));
     let e = &p.executor;
-    assert_eq!((e.partition.as_deref(), e.account.as_deref(), e.qos.as_deref()), (Some("cpu"), Some("lab"), Some("hi")));
+    assert_eq!(
+        (e.partition.as_deref(), e.account.as_deref(), e.qos.as_deref()),
+        (Some("cpu"), Some("lab"), Some("hi"))
+    );
     assert_eq!(e.sbatch_args, ["--exclusive"]);
     assert_eq!((e.poll, e.max_poll), (Some(Duration::from_secs(2)), Some(Duration::from_secs(20))));
     let plain = load_str("name: r\nstages:\n  a:\n    kind: command\n    cmd: \"true\"\n", &[]).unwrap();
