@@ -559,6 +559,24 @@ impl Store {
     }
 
     /// Keep what the last `keep_last` runs used; delete every other object and index entry.
+    /// Cluster jobs' scratch folders (`slurm/`). Only a run holding this store's lock has live
+    /// jobs, and gc holds it, so every folder there is what a run that is gone left: a result
+    /// a later cluster run could have adopted, or a job's partial work. A job still running
+    /// there is cancelled by the next cluster run, not by gc.
+    fn gc_cluster_scratch(&self, report: &mut GcReport, dry_run: bool) -> Result<()> {
+        let dir = self.root.join("slurm");
+        let Ok(entries) = fs::read_dir(&dir) else { return Ok(()) };
+        for e in entries.flatten() {
+            let path = e.path();
+            report.scratch_removed += 1;
+            report.bytes_freed += tree_bytes(&path);
+            if !dry_run {
+                objects::io_ctx(remove_dir_all_writable(&path), || format!("removing {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn gc(&self, keep_last: usize, dry_run: bool) -> Result<GcReport> {
         let runs = self.runs();
         let mut keep: HashSet<String> = HashSet::new();
@@ -591,6 +609,7 @@ impl Store {
                 objects::io_ctx(fs::remove_file(&path), || format!("removing {}", path.display()))?;
             }
         }
+        self.gc_cluster_scratch(&mut report, dry_run)?;
         if !dry_run {
             for tree in [&self.cache, &self.last] {
                 for kv in tree.iter() {
@@ -617,16 +636,27 @@ pub struct GcReport {
     pub runs_kept: usize,
     pub objects_kept: usize,
     pub objects_removed: usize,
+    /// Cluster jobs' scratch folders removed (`slurm/`: results no run committed).
+    pub scratch_removed: usize,
     pub bytes_freed: u64,
 }
 
-/// `remove_dir_all` that first makes read-only folders writable (stage outputs may be 0555).
+/// Bytes of the files under `path` (symbolic links not followed).
+fn tree_bytes(path: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(path) else { return 0 };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    fs::read_dir(path).into_iter().flatten().flatten().map(|e| tree_bytes(&e.path())).sum()
+}
+
 impl FileDigests for Store {
     fn file_digest(&self, path: &Path) -> std::result::Result<Entry, String> {
         self.input_digest(path).map_err(|e| e.to_string())
     }
 }
 
+/// `remove_dir_all` that first makes read-only folders writable (stage outputs may be 0555).
 pub fn remove_dir_all_writable(p: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if fs::remove_dir_all(p).is_ok() {

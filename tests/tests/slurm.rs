@@ -311,6 +311,18 @@ fn a_killed_coordinator_s_finished_jobs_are_adopted_and_the_rest_cancelled() {
     out.assert_ok();
     assert_eq!(p.read("quick.txt"), "done\n");
     p.run(&["verify"]).assert_ok();
+
+    // The cancelled `slow` job's scratch folder is left; gc removes it (and keeps the result).
+    let leftovers = || std::fs::read_dir(p.store().join("slurm")).map(|rd| rd.count()).unwrap_or(0);
+    assert_eq!(leftovers(), 1, "the cancelled job's folder");
+    let dry = p.run(&["gc", "--dry-run"]);
+    assert!(dry.stdout.contains("would remove 1 cluster job scratch folder"), "{}", dry.stdout);
+    assert_eq!(leftovers(), 1);
+    let gc = p.run(&["gc"]);
+    assert!(gc.stdout.contains("removed 1 cluster job scratch folder"), "{}", gc.stdout);
+    assert_eq!(leftovers(), 0);
+    let again = run_in(&p, &cluster, &["run", &file, "--executor", "slurm", "--target", "quick", "--json"]);
+    assert_eq!(again.status_of("quick"), "cached");
 }
 
 #[test]

@@ -22,5 +22,9 @@ pub(super) fn gc(env: &Env, a: Args) -> Result<i32, Failure> {
         r.objects_kept,
         r.runs_kept
     );
+    if r.scratch_removed > 0 {
+        let verb = if a.dry_run { "would remove" } else { "removed" };
+        println!("{verb} {} cluster job scratch folder(s) that no run committed (artifacts/slurm/)", r.scratch_removed);
+    }
     Ok(0)
 }
