@@ -89,7 +89,10 @@ pub fn exec_stage_main(spec_path: &Path, result_path: &Path) -> i32 {
         eprintln!("exec-stage: the scheduler is gone; not running");
         return 4;
     }
-    let mut r = match run_in_child(spec_path) {
+    // A local child's outputs are hashed once, by the scheduler that stores them; a cluster
+    // job (no scheduler parent) records their digests for the coordinator to check.
+    let record_digests = parent.is_none();
+    let mut r = match run_in_child(spec_path, record_digests) {
         Ok((metrics, outputs)) => ChildResult { ok: true, metrics, outputs, ..Default::default() },
         Err(e) => ChildResult { ok: false, error: Some(e), ..Default::default() },
     };
@@ -128,8 +131,8 @@ fn own_usage() -> (f64, u64) {
 
 type Produced = (BTreeMap<String, Value>, BTreeMap<String, String>);
 
-/// Run the stage; its metrics and the digest of each output it wrote.
-fn run_in_child(spec_path: &Path) -> Result<Produced, String> {
+/// Run the stage; its metrics and, if asked, the digest of each output it wrote.
+fn run_in_child(spec_path: &Path, record_digests: bool) -> Result<Produced, String> {
     let text = std::fs::read(spec_path).map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
     let spec: RunSpec =
         serde_json::from_slice(&text).map_err(|e| format!("bad stage spec {}: {e}", spec_path.display()))?;
@@ -142,7 +145,7 @@ fn run_in_child(spec_path: &Path) -> Result<Produced, String> {
     match outcome {
         Ok(Ok(())) => {
             let mut digests = BTreeMap::new();
-            for (name, path) in outputs {
+            for (name, path) in outputs.into_iter().filter(|_| record_digests) {
                 // A missing output is the coordinator's to report (it names the stage's duty).
                 if let Ok(e) = crate::objects::digest_path(&path) {
                     digests.insert(name, e.digest);

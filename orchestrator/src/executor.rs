@@ -96,8 +96,6 @@ fn safe(name: &str) -> String {
 pub struct Slurm {
     cluster: Arc<Cluster>,
     monitor: Monitor,
-    /// `orc-<store tag>-`: every job this store's runs submit.
-    store_tag: String,
     /// `orc-<store tag>-<run tag>-`: this run's jobs.
     run_tag: String,
     store_root: PathBuf,
@@ -106,16 +104,12 @@ pub struct Slurm {
 }
 
 impl Slurm {
-    /// Check the cluster (its commands, slurmctld, the partitions named), cancel jobs a dead
+    /// Check the cluster (its commands, slurmctld), cancel jobs a dead
     /// coordinator of this store left queued or running, and start watching. Returns the
     /// executor and how many such jobs were cancelled.
-    pub async fn open(
-        cfg: orchestrate_slurm::Config,
-        store_root: &Path,
-        partitions: &[&str],
-    ) -> Result<(Slurm, usize), String> {
+    pub async fn open(cfg: orchestrate_slurm::Config, store_root: &Path) -> Result<(Slurm, usize), String> {
         let cluster = Arc::new(Cluster::new(cfg));
-        let known = cluster.preflight(partitions).await.map_err(|e| e.to_string())?;
+        let known = cluster.preflight().await.map_err(|e| e.to_string())?;
         let root = store_root.canonicalize().unwrap_or_else(|_| store_root.to_path_buf());
         let hash = blake3::hash(root.to_string_lossy().as_bytes()).to_hex();
         let store_tag = format!("orc-{}-", &hash[..8]);
@@ -131,7 +125,7 @@ impl Slurm {
             .and_then(|p| p.canonicalize())
             .map_err(|e| format!("locating this program: {e}"))?;
         let monitor = Monitor::start(cluster.clone(), run_tag.clone());
-        Ok((Slurm { cluster, monitor, store_tag, run_tag, store_root: root, binary, partitions: known }, stale.len()))
+        Ok((Slurm { cluster, monitor, run_tag, store_root: root, binary, partitions: known }, stale.len()))
     }
 
     /// The cluster's partitions, as `sinfo` listed them.
@@ -142,11 +136,6 @@ impl Slurm {
     /// Status queries (`squeue`, `sacct`) this run made.
     pub fn status_queries(&self) -> u64 {
         self.cluster.status_queries()
-    }
-
-    /// The job-name prefix of every job this store's runs submit.
-    pub fn store_tag(&self) -> &str {
-        &self.store_tag
     }
 
     async fn run(

@@ -124,7 +124,7 @@ fn open_slurm(rt: &tokio::runtime::Runtime, p: &Pipeline, store: &Store) -> Resu
                 .help("check `sinfo` works on this machine (SLURM_CONF, munge, slurmctld); nothing was submitted"),
         )
     };
-    let (slurm, stale) = rt.block_on(Slurm::open(cfg, &store.root, &[])).map_err(slurm_error)?;
+    let (slurm, stale) = rt.block_on(Slurm::open(cfg, &store.root)).map_err(slurm_error)?;
     let known = slurm.partitions();
     let mut named: Vec<(&str, String, crate::yaml::Pos)> = Vec::new();
     if let Some(part) = &e.partition {
