@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use itera_models::measure::{forward_rates, generate_rate, Rate};
 use itera_models::qmodel::QuantSpec;
-use itera_models::quant::{Kernel, Scheme};
+use itera_models::quant::Scheme;
 use itera_models::training::{encode, eval_batches, kl_divergence, load_tokenizer, quality};
 use itera_models::Model;
 use serde_json::{json, Value};
@@ -203,7 +203,7 @@ impl Stage for QuantizeStage {
             "group_size": if s.spec.scheme == Scheme::Int4 { json!(s.spec.group_size) } else { json!("per output channel") },
             "embeddings": if s.spec.embeddings { "quantized (LM head runs the integer kernel; lookups read dequantized rows)" } else { "kept f32" },
             "activations": "int8, symmetric per row, quantized on the fly",
-            "kernel": format!("{:?}", Kernel::detect(if s.spec.scheme == Scheme::Int4 { s.spec.group_size } else { 32 })),
+            "kernel": itera_models::simd::active().name(),
             "quantized_tensors": report.quantized,
             "kept_f32": report.kept_f32.iter().map(|(n, c)| json!({"name": n, "elements": c})).collect::<Vec<_>>(),
             "bytes": {

@@ -3,6 +3,8 @@
 //! Itera-Lite tiny and Transformer tiny (vocab 256): full-sequence forward tokens/s at batch 16 ×
 //! seq 128 and generation tokens/s at batch 1, f32 vs INT8 vs INT4, same process, same threads
 //! (BENCH_THREADS, default 1), medians of BENCH_STEPS (default 10) timed runs after warm-up.
+//! `ITERA_SIMD=avx2` (or `portable`) runs the kernels a lesser CPU would; the header says which
+//! ran. Freed memory stays in the process, as in `orchestrate exec-stage`.
 
 use std::time::Instant;
 
@@ -21,8 +23,10 @@ fn main() -> candle_core::Result<()> {
     let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let steps: usize = std::env::var("BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    itera_models::measure::keep_freed_memory();
     let (b, l) = (16usize, 128usize);
-    println!("quantized inference — {threads} thread(s), batch {b} × seq {l} forward, batch 1 generation (16 + 112 tokens), medians of {steps}\n");
+    println!("quantized inference — {threads} thread(s), batch {b} × seq {l} forward, batch 1 generation (16 + 112 tokens), medians of {steps}");
+    println!("CPU: {}; kernels: {}\n", itera_models::measure::cpu_model(), itera_models::simd_path());
     println!("| model | weights | forward tok/s | × f32 | generate tok/s | × f32 |");
     println!("|---|---|---|---|---|---|");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);

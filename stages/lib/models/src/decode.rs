@@ -365,8 +365,8 @@ pub(crate) fn embed_token(
 pub(crate) fn matvec(w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        if crate::simd::avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (`simd::avx2` checks it).
             unsafe { matvec_avx2(w, cols, x, out) };
             return;
         }
@@ -383,10 +383,10 @@ pub(crate) fn matmul_rows(w: &[f32], cols: usize, xs: &[f32], n: usize, out: &mu
     let rows = w.len() / cols.max(1);
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if crate::simd::avx2() {
             for (r, row) in w.chunks_exact(cols).enumerate() {
                 for (b, x) in xs.chunks_exact(cols).take(n).enumerate() {
-                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    // SAFETY: the CPU has AVX2 and FMA (`simd::avx2` checks it).
                     out[b * rows + r] = unsafe { dot_avx2(row, x) };
                 }
             }

@@ -24,6 +24,7 @@ pub mod qmodel;
 pub mod quant;
 pub mod scan;
 pub mod shared_decoder;
+pub mod simd;
 pub mod testing;
 pub mod training;
 pub mod transformer;
@@ -31,26 +32,12 @@ pub mod transformer;
 pub use config::{ConfigError, IteraConfig, ModelConfig, TransformerConfig};
 pub use model::{next_token_loss, CheckpointError, DecodeState, Decoder, Model, Sampling};
 
-/// Which SIMD code the kernels run on this CPU, as they choose it at run time: the f32 fused
+/// Which SIMD code the kernels run, as they choose it at run time (see [`simd`]): the f32 fused
 /// kernels (`avx2+fma` or the `baseline` build) and the INT8/INT4 matmuls (`vnni`, `avx2` or
-/// `portable`, see [`quant::Kernel`]). Stages record it with their results, so a figure says
-/// which code produced it.
+/// `portable`). Stages record it with their results, so a figure says which code produced it.
 pub fn simd_path() -> String {
-    #[cfg(target_arch = "x86_64")]
-    let f32_path = if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        "avx2+fma"
-    } else {
-        "baseline"
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let f32_path = "baseline";
-    let int = match quant::Kernel::detect(32) {
-        quant::Kernel::Vnni => "vnni",
-        quant::Kernel::Avx2 => "avx2",
-        quant::Kernel::Portable => "portable",
-    };
-    format!("f32 {f32_path}; int8/int4 {int}")
+    let f32_path = if simd::avx2() { "avx2+fma" } else { "baseline" };
+    format!("f32 {f32_path}; int8/int4 {}", simd::active().name())
 }
-
 #[cfg(test)]
 mod tests;

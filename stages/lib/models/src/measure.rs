@@ -116,3 +116,11 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+/// The CPU's model name (`/proc/cpuinfo`), for benchmarks to print beside their figures.
+pub fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1)))
+        .map_or_else(|| "unknown CPU".to_string(), |m| m.trim().to_string())
+}

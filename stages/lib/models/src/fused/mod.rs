@@ -20,7 +20,7 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
 }
 
 /// Defines a free function twice: as written (baseline x86-64 codegen, SSE2), and compiled for
-/// AVX2 + FMA, chosen at run time when the CPU has them. The elementwise loops here vectorize
+/// AVX2 + FMA, chosen at run time when the CPU has them and `ITERA_SIMD` allows them. The elementwise loops here vectorize
 /// to 4 lanes without it and 8 with it; closures inside the body (the per-chunk loops handed to
 /// rayon) inherit the AVX2 copy's target features. A `-C target-cpu` build flag would do the
 /// same for the whole binary but make it crash on CPUs without AVX2.
@@ -32,8 +32,8 @@ macro_rules! simd_dispatch {
             {
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2_fma($($a: $t),*) -> $ret $body
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                if $crate::simd::avx2() {
+                    // SAFETY: the CPU has AVX2 and FMA (`simd::avx2` checks it).
                     return unsafe { avx2_fma($($a),*) };
                 }
             }

@@ -1,0 +1,385 @@
+//! Weight-only integer quantization with integer matmuls.
+//!
+//! - INT8: symmetric, one f32 scale per output channel (row), values in [-127, 127].
+//! - INT4: symmetric blocks of `group` weights along the input dimension (a multiple of 32), one
+//!   scale per block, values in [-7, 7]. Scales are rounded to f16 because the on-disk format is
+//!   GGUF `Q4_0` (f16 scale + 32 nibbles per block), so memory and file give the same numbers.
+//!
+//! The matmul quantizes each activation row on the fly to int8 (symmetric, per row) and
+//! accumulates int8·int8 products in i32, so inference never dequantizes a weight matrix to f32:
+//! AVX-512 VNNI or AVX2 kernels on the weights re-laid out in 16-row panels ([`panels`]), or a
+//! portable loop on the row-major weights whose results they are tested against.
+
+use std::mem::MaybeUninit;
+
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+mod panels;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use panels::Panels;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    Int8,
+    Int4,
+}
+
+impl Scheme {
+    pub fn max_level(self) -> i32 {
+        match self {
+            Scheme::Int8 => 127,
+            Scheme::Int4 => 7,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::Int8 => "int8",
+            Scheme::Int4 => "int4",
+        }
+    }
+}
+
+/// A quantized (rows × cols) weight matrix, row-major, used as `x @ Wᵀ`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QWeight {
+    pub scheme: Scheme,
+    pub rows: usize,
+    pub cols: usize,
+    /// Weights per scale along a row: `cols` for INT8 (per channel), the block size for INT4.
+    pub group: usize,
+    /// One value per weight, in [-max_level, max_level].
+    pub q: Vec<i8>,
+    /// rows × (cols / group) scales.
+    pub scales: Vec<f32>,
+    /// `q` and `scales` re-laid out for the SIMD kernels (see [`panels`]). Derived from them.
+    panels: Panels,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    #[error("INT4 group size must be a positive multiple of 32 (the GGUF Q4_0 block), got {0}")]
+    BadGroup(usize),
+    #[error("tensor `{name}` has {cols} input columns, not a multiple of the INT4 group size {group}")]
+    Indivisible { name: String, cols: usize, group: usize },
+}
+
+impl QWeight {
+    /// Quantize a row-major (rows × cols) f32 matrix.
+    pub fn quantize(
+        name: &str,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        scheme: Scheme,
+        group_size: usize,
+    ) -> std::result::Result<QWeight, QuantError> {
+        let group = match scheme {
+            Scheme::Int8 => cols,
+            Scheme::Int4 => {
+                if group_size == 0 || !group_size.is_multiple_of(32) {
+                    return Err(QuantError::BadGroup(group_size));
+                }
+                if !cols.is_multiple_of(group_size) {
+                    return Err(QuantError::Indivisible { name: name.to_string(), cols, group: group_size });
+                }
+                group_size
+            }
+        };
+        let max = scheme.max_level() as f32;
+        let mut q = vec![0i8; rows * cols];
+        let mut scales = Vec::with_capacity(rows * cols / group);
+        for (r, row) in w.chunks_exact(cols).enumerate() {
+            for (g, block) in row.chunks_exact(group).enumerate() {
+                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let mut scale = amax / max;
+                if scheme == Scheme::Int4 {
+                    scale = half::f16::from_f32(scale).to_f32();
+                }
+                scales.push(scale);
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                for (i, v) in block.iter().enumerate() {
+                    q[r * cols + g * group + i] = (v * inv).round().clamp(-max, max) as i8;
+                }
+            }
+        }
+        Ok(QWeight::new(scheme, rows, cols, group, q, scales))
+    }
+
+    /// From stored parts (`q.len() == rows·cols`, one scale per row and group).
+    pub fn new(scheme: Scheme, rows: usize, cols: usize, group: usize, q: Vec<i8>, scales: Vec<f32>) -> QWeight {
+        let panels = Panels::pack(&q, &scales, rows, cols, group);
+        QWeight { scheme, rows, cols, group, q, scales, panels }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        let groups = self.cols / self.group;
+        self.q
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v as f32 * self.scales[(i / self.cols) * groups + (i % self.cols) / self.group])
+            .collect()
+    }
+
+    /// Bytes this matrix takes on disk: INT8 = 1 byte per weight + an f32 scale per row;
+    /// INT4 = GGUF Q4_0, 18 bytes per 32 weights.
+    pub fn stored_bytes(&self) -> usize {
+        match self.scheme {
+            Scheme::Int8 => self.q.len() + 4 * self.rows,
+            Scheme::Int4 => self.q.len() / 32 * 18,
+        }
+    }
+
+    /// `x @ Wᵀ` for `m` rows of `x` (m × cols, row-major) → m × rows.
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_t_with(crate::simd::active(), x, m)
+    }
+
+    /// [`QWeight::matmul_t`] with a chosen kernel.
+    ///
+    /// # Panics
+    /// If this CPU cannot run `kernel` (see [`Kernel::supported`]) or `x` holds fewer than
+    /// `m` rows.
+    pub fn matmul_t_with(&self, kernel: Kernel, x: &[f32], m: usize) -> Vec<f32> {
+        assert!(kernel <= crate::simd::cpu(), "the {} kernel needs a CPU that has it", kernel.name());
+        assert!(x.len() >= m * self.cols, "qmatmul: {} activations for {m} rows of {}", x.len(), self.cols);
+        let (k, n) = (self.cols, self.rows);
+        // Rows padded with zeros to whole 4-byte steps of the panel layout.
+        let stride = 4 * self.panels.quads;
+        // Zeroed a row at a time, just before it is written, while it is in cache.
+        let mut xq = Vec::with_capacity(m * stride);
+        let mut sx = Vec::with_capacity(m);
+        for xr in x.chunks_exact(k).take(m) {
+            let start = xq.len();
+            xq.resize(start + stride, 0i8);
+            sx.push(quantize_row(xr, &mut xq[start..start + k]));
+        }
+        // Every one of the m·n outputs is written exactly once by either path (the tiles cover
+        // all rows and all panels' real columns), so the buffer is not zeroed first.
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        let spare = &mut out.spare_capacity_mut()[..m * n];
+        if kernel == Kernel::Portable {
+            self.matmul_portable(&xq, stride, &sx, spare);
+        } else {
+            self.panels.matmul(kernel, &xq, stride, &sx, n, spare);
+        }
+        // SAFETY: all m·n values were initialized just above (tested against the portable loop
+        // on partial tiles and both threaded splits).
+        unsafe { out.set_len(m * n) };
+        out
+    }
+
+    fn matmul_portable(&self, xq: &[i8], stride: usize, sx: &[f32], out: &mut [MaybeUninit<f32>]) {
+        let (k, n) = (self.cols, self.rows);
+        let row = |((xr, s), or): ((&[i8], &f32), &mut [MaybeUninit<f32>])| self.rows_times_portable(&xr[..k], *s, or);
+        if rayon::current_num_threads() == 1 || sx.len() * n * k < 1 << 18 {
+            xq.chunks_exact(stride).zip(sx).zip(out.chunks_exact_mut(n)).for_each(row);
+        } else {
+            xq.par_chunks_exact(stride).zip(sx).zip(out.par_chunks_exact_mut(n)).for_each(row);
+        }
+    }
+
+    /// out[r] = (x · W[r]) · sx, one scale group at a time, in the same order of float
+    /// operations as the SIMD kernels (so INT8, one group per row, agrees with them exactly).
+    fn rows_times_portable(&self, xq: &[i8], sx: f32, out: &mut [MaybeUninit<f32>]) {
+        let k = self.cols;
+        let groups = k / self.group;
+        for (r, o) in out.iter_mut().enumerate() {
+            let w = &self.q[r * k..(r + 1) * k];
+            let s = &self.scales[r * groups..(r + 1) * groups];
+            let mut acc = 0f32;
+            for (g, &sw) in s.iter().enumerate() {
+                let span = g * self.group..(g + 1) * self.group;
+                acc = (dot_i8_portable(&xq[span.clone()], &w[span]) as f32).mul_add(sw, acc);
+            }
+            o.write(acc * sx);
+        }
+    }
+}
+
+/// Which integer kernel runs: the SIMD level (see [`crate::simd`]).
+pub use crate::simd::Level as Kernel;
+
+/// Symmetric per-row int8 quantization of activations (round half to even); returns the scale.
+pub fn quantize_row(x: &[f32], out: &mut [i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let n = x.len();
+        if out.len() >= n && n.is_multiple_of(16) && crate::simd::active() >= Kernel::Vnni {
+            // SAFETY: the CPU has AVX-512 F/BW/VL (part of the VNNI level); the lengths are
+            // checked just above.
+            return unsafe { x86::quantize_row_avx512(x, out) };
+        }
+        if out.len() >= n && n.is_multiple_of(8) && crate::simd::avx2() {
+            // SAFETY: the CPU has AVX2; the lengths are checked just above.
+            return unsafe { x86::quantize_row_avx2(x, out) };
+        }
+    }
+    quantize_row_portable(x, out)
+}
+
+pub fn quantize_row_portable(x: &[f32], out: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    scale
+}
+
+/// Σ a·b over int8 vectors in i32.
+pub fn dot_i8_portable(a: &[i8], b: &[i8]) -> i32 {
+    a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum()
+}
+
+/// candle op: `x @ Wᵀ` with a quantized W (inference only, no gradient).
+pub struct QMatMul<'a>(pub &'a QWeight);
+
+impl candle_core::CustomOp1 for QMatMul<'_> {
+    fn name(&self) -> &'static str {
+        "qmatmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("qmatmul: expected f32 activations") };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("qmatmul: activations must be contiguous")
+        };
+        let dims = layout.dims();
+        let k = dims[dims.len() - 1];
+        if k != self.0.cols {
+            candle_core::bail!("qmatmul: activations have {k} features, the weight expects {}", self.0.cols);
+        }
+        let m = (end - start) / k;
+        let out = self.0.matmul_t(&data[start..end], m);
+        let mut shape = dims[..dims.len() - 1].to_vec();
+        shape.push(self.0.rows);
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+pub fn qmatmul_t(x: &Tensor, w: &QWeight) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&QMatMul(w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    #[test]
+    fn round_trip_error_is_within_half_a_step_per_block() {
+        let (rows, cols) = (24, 128);
+        let w = random(rows * cols, 1);
+        for (scheme, group) in [(Scheme::Int8, 0), (Scheme::Int4, 32), (Scheme::Int4, 64)] {
+            let q = QWeight::quantize("w", &w, rows, cols, scheme, group).unwrap();
+            let back = q.dequantize();
+            for (i, (a, b)) in w.iter().zip(&back).enumerate() {
+                let s = q.scales[(i / cols) * (cols / q.group) + (i % cols) / q.group];
+                // Half a quantization step, plus f16 rounding of the INT4 scale (≤ 2^-11 relative
+                // on each level, at most 7 levels).
+                let bound = 0.5 * s * 1.0001 + if scheme == Scheme::Int4 { 7.0 * s / 2048.0 } else { 0.0 };
+                assert!((a - b).abs() <= bound, "{scheme:?} g{group} at {i}: {a} vs {b} (bound {bound})");
+            }
+            assert!(q.q.iter().all(|&v| (v as i32).abs() <= scheme.max_level()));
+        }
+    }
+
+    #[test]
+    fn int4_group_must_divide_and_be_a_multiple_of_32() {
+        let w = random(4 * 96, 2);
+        assert!(matches!(QWeight::quantize("w", &w, 4, 96, Scheme::Int4, 16), Err(QuantError::BadGroup(16))));
+        assert!(matches!(QWeight::quantize("w", &w, 4, 96, Scheme::Int4, 64), Err(QuantError::Indivisible { .. })));
+    }
+
+    /// Every kernel this CPU supports gives the portable loop's results bit for bit: the integer
+    /// sums are exact and the scales are applied in the same order. The shapes cover partial
+    /// tiles (rows not a multiple of 4, outputs not of 16), columns not a multiple of 4 (INT8),
+    /// several scale groups (INT4), extreme activations (±127 everywhere), and the threaded
+    /// splits by rows (forward) and by panels (generation).
+    #[test]
+    fn every_kernel_this_cpu_has_agrees_with_the_portable_one() {
+        let simd: Vec<Kernel> = Kernel::supported().into_iter().filter(|&k| k != Kernel::Portable).collect();
+        eprintln!("kernels compared with the portable one on this CPU: {simd:?}");
+        let shapes = [(7, 37, 128), (1, 300, 96), (13, 64, 130), (64, 160, 512), (2, 512, 256)];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for (case, &(m, n, k)) in shapes.iter().enumerate() {
+            let x = random(m * k, 6 + case as u64);
+            let w = random(n * k, 20 + case as u64);
+            let mut x_extreme = x.clone();
+            x_extreme[..k].iter_mut().for_each(|v| *v = if *v > 0.0 { 1.0 } else { -1.0 });
+            for (scheme, group) in [(Scheme::Int8, 0), (Scheme::Int4, 32), (Scheme::Int4, 64)] {
+                let Ok(q) = QWeight::quantize("w", &w, n, k, scheme, group) else { continue };
+                for xs in [&x, &x_extreme] {
+                    let reference = q.matmul_t_with(Kernel::Portable, xs, m);
+                    for &kernel in &simd {
+                        let one = q.matmul_t_with(kernel, xs, m);
+                        let three = pool.install(|| q.matmul_t_with(kernel, xs, m));
+                        for (got, threads) in [(one, 1), (three, 3)] {
+                            let first = reference.iter().zip(&got).position(|(a, b)| a.to_bits() != b.to_bits());
+                            assert!(
+                                first.is_none(),
+                                "{kernel:?} {scheme:?} g{group} {m}x{n}x{k} {threads} threads: at {first:?} {:?} vs {:?}",
+                                first.map(|i| reference[i]),
+                                first.map(|i| got[i])
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for len in [8, 40, 48, 64, 520, 528] {
+            let (mut xq, mut xp) = (vec![0i8; len], vec![0i8; len]);
+            let mut v = random(len, 8 + len as u64);
+            v[len / 2] = -2.0; // the row's extreme: exactly −127
+            v[1] = 2.0 * 126.5 / 127.0; // a tie that rounds to even (126)
+            assert_eq!(quantize_row(&v, &mut xq), quantize_row_portable(&v, &mut xp), "length {len}");
+            assert_eq!(xq, xp, "length {len}");
+        }
+    }
+
+    #[test]
+    fn quantized_matmul_is_close_to_f32() {
+        let (m, n, k) = (33, 40, 256);
+        let x = random(m * k, 4);
+        let w = random(n * k, 5);
+        let exact: Vec<f32> = (0..m)
+            .flat_map(|i| (0..n).map(|j| (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum::<f32>()).collect::<Vec<_>>())
+            .collect();
+        // Expected relative RMS error: INT8 ≈ 0.5 %, INT4 (steps of amax/7) ≈ 7 %.
+        for (scheme, tol) in [(Scheme::Int8, 0.01), (Scheme::Int4, 0.1)] {
+            let q = QWeight::quantize("w", &w, n, k, scheme, 32).unwrap();
+            let got = q.matmul_t(&x, m);
+            let rms = |v: &mut dyn Iterator<Item = f32>| {
+                let (s, n) = v.fold((0f32, 0usize), |(s, n), x| (s + x * x, n + 1));
+                (s / n as f32).sqrt()
+            };
+            let scale = rms(&mut exact.iter().copied());
+            let err = rms(&mut exact.iter().zip(&got).map(|(a, b)| a - b));
+            assert!(err / scale < tol, "{scheme:?}: rms error {err}, rms {scale}");
+            // The same as multiplying the dequantized weight by the quantized activations.
+            let deq = q.dequantize();
+            for i in 0..m {
+                let mut xq = vec![0i8; k];
+                let sx = quantize_row(&x[i * k..(i + 1) * k], &mut xq);
+                for j in 0..n {
+                    let r: f32 = (0..k).map(|t| xq[t] as f32 * sx * deq[j * k + t]).sum();
+                    assert!(
+                        (r - got[i * n + j]).abs() <= 1e-3 * (1.0 + r.abs()),
+                        "{scheme:?} ({i},{j}): {r} vs {}",
+                        got[i * n + j]
+                    );
+                }
+            }
+        }
+    }
+}

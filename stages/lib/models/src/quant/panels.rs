@@ -1,0 +1,169 @@
+//! Quantized weights in the layout the SIMD kernels read: 16 output rows side by side, four input
+//! columns at a time.
+//!
+//! On row-major weights a SIMD kernel computes one dot product per output and must sum each
+//! vector across its lanes at the end; on these 128–512-wide matrices those sums cost as much as
+//! the multiplies. In a panel, 64 consecutive bytes hold columns 4s..4s+4 of 16 rows, so one
+//! multiply-accumulate of the panel's bytes with four activation bytes broadcast advances 16
+//! outputs and nothing is summed across lanes. A tile keeps `MR` activation rows × `nr` panels of
+//! accumulators in registers: each weight vector loaded feeds `MR` rows, each broadcast `nr` panels.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::Kernel;
+
+/// Output rows per panel.
+pub(crate) const PANEL: usize = 16;
+/// Activation rows per tile.
+pub(crate) const MR: usize = 4;
+
+/// Panels per tile: AVX-512 has 32 registers, so 4 rows × 4 panels of accumulators fit with the
+/// weights; AVX2 has 16, so 4 rows × one panel (two 8-lane halves).
+fn panels_per_tile(kernel: Kernel) -> usize {
+    match kernel {
+        Kernel::Vnni => 4,
+        _ => 1,
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Panels {
+    /// 4-column steps per row: ⌈cols / 4⌉, the last one zero-padded.
+    pub(crate) quads: usize,
+    /// Steps per scale group, and groups per row.
+    pub(crate) group_quads: usize,
+    pub(crate) groups: usize,
+    /// ⌈rows / 16⌉, the last panel zero-padded.
+    pub(crate) count: usize,
+    /// count × quads × 64: row 16p + r, column 4s + j at byte 64·(p·quads + s) + 4r + j.
+    pub(crate) bytes: Vec<i8>,
+    /// count × groups × 16: −128 · Σ w over the group, per row (see the VNNI kernel).
+    pub(crate) bias: Vec<i32>,
+    /// count × groups × 16 scales.
+    pub(crate) scales: Vec<f32>,
+}
+
+/// One tile's operands: activation rows of `x`, `stride` bytes apart, with scales `sx` (one per
+/// row of the tile); panels from `panel`; output (row a, column col + c) at `out[a·ldo + col + c]`
+/// for c < `valid` (the panels' rows past the matrix's last are computed and not written).
+pub(crate) struct Tile<'a> {
+    pub(crate) x: &'a [i8],
+    pub(crate) stride: usize,
+    pub(crate) sx: &'a [f32],
+    pub(crate) panel: usize,
+    pub(crate) out: &'a mut [MaybeUninit<f32>],
+    pub(crate) ldo: usize,
+    pub(crate) col: usize,
+    pub(crate) valid: usize,
+}
+
+impl Panels {
+    /// From row-major `q` (rows × cols) and its scales (rows × groups) in blocks of `group`.
+    pub(crate) fn pack(q: &[i8], scales: &[f32], rows: usize, cols: usize, group: usize) -> Panels {
+        let quads = cols.div_ceil(4);
+        let groups = (cols / group.max(1)).max(1);
+        let group_quads = if groups == 1 { quads } else { group / 4 };
+        let count = rows.div_ceil(PANEL);
+        let mut bytes = vec![0i8; count * quads * 64];
+        let mut bias = vec![0i32; count * groups * PANEL];
+        let mut packed_scales = vec![0f32; count * groups * PANEL];
+        for (r, row) in q.chunks_exact(cols.max(1)).take(rows).enumerate() {
+            let (p, lane) = (r / PANEL, r % PANEL);
+            for (c, &v) in row.iter().enumerate() {
+                bytes[64 * (p * quads + c / 4) + 4 * lane + c % 4] = v;
+                bias[(p * groups + (c / 4) / group_quads) * PANEL + lane] -= 128 * v as i32;
+            }
+            for g in 0..groups {
+                packed_scales[(p * groups + g) * PANEL + lane] = scales[r * groups + g];
+            }
+        }
+        Panels { quads, group_quads, groups, count, bytes, bias, scales: packed_scales }
+    }
+
+    /// `out` (m × n) = the m rows of `xq` (zero-padded int8, `stride` apart, scales `sx`) times
+    /// the panels' matrix (n rows).
+    pub(crate) fn matmul(
+        &self,
+        kernel: Kernel,
+        xq: &[i8],
+        stride: usize,
+        sx: &[f32],
+        n: usize,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let m = sx.len();
+        let threads = rayon::current_num_threads();
+        if threads == 1 || m * n * stride < 1 << 18 {
+            self.block(kernel, xq, stride, sx, 0..self.count, n, out, n);
+        } else if m >= 2 * MR * threads {
+            // Many rows (a forward pass): whole rows per task, in multiples of the tile height.
+            let rows = m.div_ceil(2 * threads).next_multiple_of(MR);
+            out.par_chunks_mut(rows * n)
+                .zip(xq.par_chunks(rows * stride))
+                .zip(sx.par_chunks(rows))
+                .for_each(|((o, x), s)| self.block(kernel, x, stride, s, 0..self.count, n, o, n));
+        } else {
+            // Few rows (generation): each task takes a run of panels and fills their columns.
+            let per = self.count.div_ceil(threads);
+            let starts: Vec<usize> = (0..self.count).step_by(per).collect();
+            let parts: Vec<(usize, usize, Vec<MaybeUninit<f32>>)> = starts
+                .into_par_iter()
+                .map(|p0| {
+                    let width = (PANEL * per).min(n - PANEL * p0);
+                    let mut o = vec![MaybeUninit::new(0f32); m * width];
+                    self.block(kernel, xq, stride, sx, p0..(p0 + per).min(self.count), width, &mut o, width);
+                    (PANEL * p0, width, o)
+                })
+                .collect();
+            for (c0, width, o) in parts {
+                for (dst, src) in out.chunks_exact_mut(n).zip(o.chunks_exact(width)) {
+                    dst[c0..c0 + width].copy_from_slice(src);
+                }
+            }
+        }
+    }
+
+    /// Every row of `xq` times panels `panels`, into `out` (rows × `ldo`), whose column 0 is the
+    /// first row of panel `panels.start`; its first `width` columns are real outputs.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        kernel: Kernel,
+        xq: &[i8],
+        stride: usize,
+        sx: &[f32],
+        panels: Range<usize>,
+        width: usize,
+        out: &mut [MaybeUninit<f32>],
+        ldo: usize,
+    ) {
+        let per_tile = panels_per_tile(kernel);
+        for (i, s) in sx.chunks(MR).enumerate() {
+            let (x, o) = (&xq[i * MR * stride..], &mut out[i * MR * ldo..]);
+            let mut p = panels.start;
+            while p < panels.end {
+                let np = per_tile.min(panels.end - p);
+                let col = PANEL * (p - panels.start);
+                let valid = width.saturating_sub(col).min(PANEL * np);
+                let tile = Tile { x, stride, sx: s, panel: p, out: &mut *o, ldo, col, valid };
+                self.tile(kernel, np, tile);
+                p += np;
+            }
+        }
+    }
+
+    fn tile(&self, kernel: Kernel, np: usize, tile: Tile) {
+        match kernel {
+            // SAFETY (both): `matmul_t_with` checked that this CPU has the kernel's features; the
+            // kernels check their bounds.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => unsafe { super::x86::vnni(self, np, tile) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { super::x86::avx2(self, tile) },
+            _ => unreachable!("the portable kernel does not use panels"),
+        }
+    }
+}
