@@ -2,7 +2,8 @@
 //!
 //! Itera-Lite tiny and Transformer tiny (vocab 256): full-sequence forward tokens/s at batch 16 ×
 //! seq 128 and generation tokens/s at batch 1, f32 vs INT8 vs INT4, same process, same threads
-//! (BENCH_THREADS, default 1), medians of BENCH_STEPS (default 10) timed runs after warm-up.
+//! (BENCH_THREADS, default 1), medians of BENCH_STEPS (default 10) timed runs after warm-up, the
+//! three variants interleaved run by run.
 //! `ITERA_SIMD=avx2` (or `portable`) runs the kernels a lesser CPU would; the header says which
 //! ran. Freed memory stays in the process, as in `orchestrate exec-stage`.
 
@@ -36,37 +37,43 @@ fn main() -> candle_core::Result<()> {
     for name in ["itera_lite", "transformer"] {
         let cfg = ModelConfig::build(name, "tiny", 256, &Default::default())
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let mut base = (0.0, 0.0);
-        for scheme in [None, Some(Scheme::Int8), Some(Scheme::Int4)] {
+        let schemes = [None, Some(Scheme::Int8), Some(Scheme::Int4)];
+        let mut models = Vec::new();
+        for scheme in schemes {
             let mut model = Model::new(&cfg, 1)?;
             if let Some(s) = scheme {
                 model
                     .quantize(&QuantSpec { scheme: s, group_size: 32, embeddings: true, exclude: vec![] })
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             }
-            let mut fwd = Vec::new();
-            for i in 0..steps + 2 {
+            models.push(model);
+        }
+        // Interleaved: each round times every variant once, so a change in the machine's speed
+        // during the run touches all of them alike.
+        let (mut fwd, mut gen) = (vec![Vec::new(); 3], vec![Vec::new(); 3]);
+        for i in 0..steps + 2 {
+            for (model, rates) in models.iter().zip(fwd.iter_mut()) {
                 let t = Instant::now();
                 model.forward(&x, None)?;
                 if i >= 2 {
-                    fwd.push((b * l) as f64 / t.elapsed().as_secs_f64());
+                    rates.push((b * l) as f64 / t.elapsed().as_secs_f64());
                 }
             }
-            let mut gen = Vec::new();
-            for i in 0..(steps / 2).max(1) + 1 {
+        }
+        for i in 0..(steps / 2).max(1) + 1 {
+            for (model, rates) in models.iter().zip(gen.iter_mut()) {
                 let t = Instant::now();
                 model.generate(&prompt, 112, Sampling::Greedy, 0)?;
                 if i >= 1 {
                     // New tokens ÷ wall time including the prompt's prefill (the one definition).
-                    gen.push(112.0 / t.elapsed().as_secs_f64());
+                    rates.push(112.0 / t.elapsed().as_secs_f64());
                 }
             }
-            let (f, g) = (median(fwd), median(gen));
-            if scheme.is_none() {
-                base = (f, g);
-            }
+        }
+        let (f, g): (Vec<f64>, Vec<f64>) = fwd.into_iter().map(median).zip(gen.into_iter().map(median)).unzip();
+        for (i, scheme) in schemes.iter().enumerate() {
             let label = scheme.map(|s| s.name()).unwrap_or("f32");
-            println!("| {name} tiny | {label} | {f:.0} | {:.2} | {g:.0} | {:.2} |", f / base.0, g / base.1);
+            println!("| {name} tiny | {label} | {:.0} | {:.2} | {:.0} | {:.2} |", f[i], f[i] / f[0], g[i], g[i] / g[0]);
         }
     }
     Ok(())

@@ -144,11 +144,7 @@ simd_dispatch! {
         }
         let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
         match &quant.out {
-            Some(q) => {
-                for (o, v) in out.iter_mut().zip(q.matmul_t(&merged, rows)) {
-                    *o += v;
-                }
-            }
+            Some(q) => q.matmul_t_add(&merged, rows, &mut out),
             None => Product::ABt.write_into((&merged, rows, d), (w_out, d, d), &mut out, residual)?,
         }
         Ok((out, Saved { stats, normed, qkv, probs, merged }))

@@ -59,6 +59,7 @@ struct Routed {
     x: Vec<f32>,
     pre: Vec<f32>,
     hidden: Vec<f32>,
+    /// `hidden` times each row's gate; empty without gates (then `hidden` is it).
     gated: Vec<f32>,
 }
 
@@ -160,26 +161,27 @@ simd_dispatch! {
             for (h, &v) in hidden.iter_mut().zip(&pre) {
                 *h = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
             }
-            let scale = row_gates(gates, ne, j, &routed_rows, n);
-            let mut gated = hidden.clone();
-            for (gr, &s) in gated.chunks_exact_mut(e.max(1)).zip(&scale) {
-                for v in gr.iter_mut() {
-                    *v *= s;
+            // Without gates every row's gate is 1: `gated` stays empty and `hidden` stands in.
+            let mut gated = Vec::new();
+            if gates.is_some() {
+                let scale = row_gates(gates, ne, j, &routed_rows, n);
+                gated = hidden.clone();
+                for (gr, &s) in gated.chunks_exact_mut(e.max(1)).zip(&scale) {
+                    for v in gr.iter_mut() {
+                        *v *= s;
+                    }
                 }
             }
+            let gated_or_hidden: &[f32] = if gates.is_some() { &gated } else { &hidden };
             let down_j = (&down[j * d * e..(j + 1) * d * e], d, e);
             let down_q = quant.down.get(j).and_then(Option::as_ref);
             match (&routed_rows, down_q) {
-                (None, None) => Product::ABt.write_into((&gated, n, e), down_j, &mut out, true)?,
-                (None, Some(q)) => {
-                    for (o, v) in out.iter_mut().zip(q.matmul_t(&gated, n)) {
-                        *o += v;
-                    }
-                }
+                (None, None) => Product::ABt.write_into((gated_or_hidden, n, e), down_j, &mut out, true)?,
+                (None, Some(q)) => q.matmul_t_add(gated_or_hidden, n, &mut out),
                 (Some(rs), _) => {
                     let y = match down_q {
-                        Some(q) => q.matmul_t(&gated, n),
-                        None => gemm(Product::ABt, (&gated, n, e), down_j)?,
+                        Some(q) => q.matmul_t(gated_or_hidden, n),
+                        None => gemm(Product::ABt, (gated_or_hidden, n, e), down_j)?,
                     };
                     for (yr, &r) in y.chunks_exact(d).zip(rs) {
                         for (o, v) in out[r * d..(r + 1) * d].iter_mut().zip(yr) {
@@ -214,7 +216,8 @@ simd_dispatch! {
             let gj: &[f32] = if r.rows.is_some() { &gg } else { g };
             let xj: &[f32] = if r.rows.is_some() { &r.x } else { &s.normed };
             let (d_up, d_down) = dp[2 * d..].split_at_mut(ne * e * d);
-            Product::AtB.write_into((gj, n, d), (&r.gated, n, e), &mut d_down[j * d * e..(j + 1) * d * e], false)?;
+            let gated: &[f32] = if r.gated.is_empty() { &r.hidden } else { &r.gated };
+            Product::AtB.write_into((gj, n, d), (gated, n, e), &mut d_down[j * d * e..(j + 1) * d * e], false)?;
             let mut dpre = gemm(Product::AB, (gj, n, d), (&down[j * d * e..(j + 1) * d * e], d, e))?;
             if let Some(rs) = &r.rows {
                 for ((dr, hr), &row) in dpre.chunks_exact(e).zip(r.hidden.chunks_exact(e)).zip(rs) {

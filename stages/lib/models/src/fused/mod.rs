@@ -19,22 +19,28 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// Defines a free function twice: as written (baseline x86-64 codegen, SSE2), and compiled for
-/// AVX2 + FMA, chosen at run time when the CPU has them and `ITERA_SIMD` allows them. The elementwise loops here vectorize
-/// to 4 lanes without it and 8 with it; closures inside the body (the per-chunk loops handed to
-/// rayon) inherit the AVX2 copy's target features. A `-C target-cpu` build flag would do the
-/// same for the whole binary but make it crash on CPUs without AVX2.
+/// Defines a free function three times: as written (baseline x86-64 codegen, SSE2), compiled
+/// for AVX2 + FMA, and compiled for AVX-512, chosen at run time by the CPU's features and the
+/// `ITERA_SIMD` cap ([`crate::simd`]). The elementwise loops here vectorize to 4 lanes, 8 and 16;
+/// closures inside the body (the per-chunk loops handed to rayon) inherit the copy's target
+/// features. A `-C target-cpu` build flag would do the same for the whole binary but make it
+/// crash on CPUs without those features.
 macro_rules! simd_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident : $t:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$m])*
         $vis fn $name($($a: $t),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+                unsafe fn avx512($($a: $t),*) -> $ret $body
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2_fma($($a: $t),*) -> $ret $body
-                if $crate::simd::avx2() {
-                    // SAFETY: the CPU has AVX2 and FMA (`simd::avx2` checks it).
-                    return unsafe { avx2_fma($($a),*) };
+                match $crate::simd::active() {
+                    // SAFETY: the CPU has AVX-512 F/BW/VL (the VNNI level includes them).
+                    $crate::simd::Level::Vnni => return unsafe { avx512($($a),*) },
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    $crate::simd::Level::Avx2 => return unsafe { avx2_fma($($a),*) },
+                    $crate::simd::Level::Portable => {}
                 }
             }
             $body

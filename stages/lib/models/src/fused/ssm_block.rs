@@ -168,15 +168,7 @@ simd_dispatch! {
 
         let w_in = part(p, &o, W_IN);
         let (xs, z) = match &quant.in_proj {
-            Some(q) => {
-                let xz = q.matmul_t(&normed, rows);
-                let (mut xs, mut z) = (Vec::with_capacity(rows * di), Vec::with_capacity(rows * di));
-                for row in xz.chunks_exact(2 * di) {
-                    xs.extend_from_slice(&row[..di]);
-                    z.extend_from_slice(&row[di..]);
-                }
-                (xs, z)
-            }
+            Some(q) => q.matmul_t_split(&normed, rows, di),
             None => (
                 gemm(Product::ABt, (&normed, rows, d), (&w_in[..di * d], di, d))?,
                 gemm(Product::ABt, (&normed, rows, d), (&w_in[di * d..], di, d))?,
@@ -248,11 +240,7 @@ simd_dispatch! {
 
         let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
         match &quant.out_proj {
-            Some(q) => {
-                for (o, v) in out.iter_mut().zip(q.matmul_t(&gated, rows)) {
-                    *o += v;
-                }
-            }
+            Some(q) => q.matmul_t_add(&gated, rows, &mut out),
             None => Product::ABt.write_into((&gated, rows, di), (part(p, &o, W_OUT), d, di), &mut out, residual)?,
         }
         Ok((out, Saved { stats, normed, xs, z, pre, xc, qb, delta, a, h, y, gated }))

@@ -19,7 +19,7 @@ mod panels;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use panels::Panels;
+use panels::{Panels, PANEL};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -144,50 +144,132 @@ impl QWeight {
     /// If this CPU cannot run `kernel` (see [`Kernel::supported`]) or `x` holds fewer than
     /// `m` rows.
     pub fn matmul_t_with(&self, kernel: Kernel, x: &[f32], m: usize) -> Vec<f32> {
+        self.product(kernel, x, m, &[0, self.rows]).pop().unwrap_or_default()
+    }
+
+    /// [`QWeight::matmul_t`] with its outputs in two matrices, columns `..at` and `at..` (what
+    /// a projection to two concatenated halves needs), written in place, not copied apart.
+    pub fn matmul_t_split(&self, x: &[f32], m: usize, at: usize) -> (Vec<f32>, Vec<f32>) {
+        let at = at.min(self.rows);
+        let mut parts = if at.is_multiple_of(PANEL) {
+            self.product(crate::simd::active(), x, m, &[0, at, self.rows])
+        } else {
+            // The panel kernels write whole panels: split a full product instead.
+            let full = self.matmul_t(x, m);
+            let n = self.rows.max(1);
+            let half =
+                |r: std::ops::Range<usize>| full.chunks_exact(n).flat_map(|row| &row[r.clone()]).copied().collect();
+            vec![half(0..at), half(at..self.rows)]
+        };
+        let second = parts.pop().unwrap_or_default();
+        (parts.pop().unwrap_or_default(), second)
+    }
+
+    /// The product's columns in parts: part i is m × (cuts[i+1] − cuts[i]). For the panel
+    /// kernels every cut but the last is a multiple of 16.
+    fn product(&self, kernel: Kernel, x: &[f32], m: usize, cuts: &[usize]) -> Vec<Vec<f32>> {
         assert!(kernel <= crate::simd::cpu(), "the {} kernel needs a CPU that has it", kernel.name());
         assert!(x.len() >= m * self.cols, "qmatmul: {} activations for {m} rows of {}", x.len(), self.cols);
-        let (k, n) = (self.cols, self.rows);
-        // Rows padded with zeros to whole 4-byte steps of the panel layout.
-        let stride = 4 * self.panels.quads;
-        // Zeroed a row at a time, just before it is written, while it is in cache.
+        let (xq, stride, sx) = self.quantize_activations(kernel, x, m);
+        cuts.windows(2)
+            .map(|w| {
+                let width = w[1] - w[0];
+                // Every one of the m·width outputs is written exactly once by either path (the
+                // tiles cover all rows and all the panels' real columns): no zeroing first.
+                let mut out: Vec<f32> = Vec::with_capacity(m * width);
+                let spare = &mut out.spare_capacity_mut()[..m * width];
+                self.product_into(kernel, (&xq, stride, &sx), w[0]..w[1], false, spare);
+                // SAFETY: all m·width values were initialized just above (tested against the
+                // portable loop on partial tiles, split outputs and both threaded splits).
+                unsafe { out.set_len(m * width) };
+                out
+            })
+            .collect()
+    }
+
+    /// `out` (m × rows) += `x @ Wᵀ`: what a residual projection needs, without a product
+    /// matrix to allocate and add.
+    pub fn matmul_t_add(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.matmul_t_add_with(crate::simd::active(), x, m, out)
+    }
+
+    fn matmul_t_add_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
+        assert!(kernel <= crate::simd::cpu(), "the {} kernel needs a CPU that has it", kernel.name());
+        assert!(x.len() >= m * self.cols && out.len() >= m * self.rows, "qmatmul: fewer than {m} rows given");
+        let (xq, stride, sx) = self.quantize_activations(kernel, x, m);
+        let out = &mut out[..m * self.rows];
+        // SAFETY: MaybeUninit<f32> has f32's layout, and only initialized values are written.
+        let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        self.product_into(kernel, (&xq, stride, &sx), 0..self.rows, true, out);
+    }
+
+    /// Columns `cols` of the product of quantized activations (rows, stride, scales) into
+    /// `out` (m × cols.len()), or added to it (`add`, when `out` holds values).
+    fn product_into(
+        &self,
+        kernel: Kernel,
+        (xq, stride, sx): (&[i8], usize, &[f32]),
+        cols: std::ops::Range<usize>,
+        add: bool,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        if kernel == Kernel::Portable {
+            self.matmul_portable(xq, stride, sx, cols.start, add, out);
+        } else {
+            let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
+            self.panels.matmul(kernel, xq, stride, sx, panels, cols.len(), add, out);
+        }
+    }
+
+    /// The rows of `x` as int8 with their scales, each row padded with zeros to whole 4-byte
+    /// steps of the panel layout (`stride` bytes apart). The VNNI kernel takes its activations
+    /// as unsigned bytes x + 128: the top bit flipped, the padding becoming 128, which meets zero
+    /// weights. Rows are zeroed one at a time, just before they are written, while in cache.
+    fn quantize_activations(&self, kernel: Kernel, x: &[f32], m: usize) -> (Vec<i8>, usize, Vec<f32>) {
+        let (k, stride) = (self.cols, 4 * self.panels.quads);
         let mut xq = Vec::with_capacity(m * stride);
         let mut sx = Vec::with_capacity(m);
         for xr in x.chunks_exact(k).take(m) {
             let start = xq.len();
             xq.resize(start + stride, 0i8);
             sx.push(quantize_row(xr, &mut xq[start..start + k]));
+            if kernel == Kernel::Vnni {
+                xq[start..].iter_mut().for_each(|v| *v ^= i8::MIN);
+            }
         }
-        // Every one of the m·n outputs is written exactly once by either path (the tiles cover
-        // all rows and all panels' real columns), so the buffer is not zeroed first.
-        let mut out: Vec<f32> = Vec::with_capacity(m * n);
-        let spare = &mut out.spare_capacity_mut()[..m * n];
-        if kernel == Kernel::Portable {
-            self.matmul_portable(&xq, stride, &sx, spare);
-        } else {
-            self.panels.matmul(kernel, &xq, stride, &sx, n, spare);
-        }
-        // SAFETY: all m·n values were initialized just above (tested against the portable loop
-        // on partial tiles and both threaded splits).
-        unsafe { out.set_len(m * n) };
-        out
+        (xq, stride, sx)
     }
 
-    fn matmul_portable(&self, xq: &[i8], stride: usize, sx: &[f32], out: &mut [MaybeUninit<f32>]) {
-        let (k, n) = (self.cols, self.rows);
-        let row = |((xr, s), or): ((&[i8], &f32), &mut [MaybeUninit<f32>])| self.rows_times_portable(&xr[..k], *s, or);
-        if rayon::current_num_threads() == 1 || sx.len() * n * k < 1 << 18 {
-            xq.chunks_exact(stride).zip(sx).zip(out.chunks_exact_mut(n)).for_each(row);
+    /// Columns `first..first + width` of the product (`out`: m × width).
+    fn matmul_portable(
+        &self,
+        xq: &[i8],
+        stride: usize,
+        sx: &[f32],
+        first: usize,
+        add: bool,
+        out: &mut [MaybeUninit<f32>],
+    ) {
+        let (k, width) = (self.cols, out.len() / sx.len().max(1));
+        if width == 0 {
+            return;
+        }
+        let row = |((xr, s), or): ((&[i8], &f32), &mut [MaybeUninit<f32>])| {
+            self.rows_times_portable(&xr[..k], *s, first, add, or)
+        };
+        if rayon::current_num_threads() == 1 || sx.len() * width * k < 1 << 18 {
+            xq.chunks_exact(stride).zip(sx).zip(out.chunks_exact_mut(width)).for_each(row);
         } else {
-            xq.par_chunks_exact(stride).zip(sx).zip(out.par_chunks_exact_mut(n)).for_each(row);
+            xq.par_chunks_exact(stride).zip(sx).zip(out.par_chunks_exact_mut(width)).for_each(row);
         }
     }
 
-    /// out[r] = (x · W[r]) · sx, one scale group at a time, in the same order of float
-    /// operations as the SIMD kernels (so INT8, one group per row, agrees with them exactly).
-    fn rows_times_portable(&self, xq: &[i8], sx: f32, out: &mut [MaybeUninit<f32>]) {
+    /// out[j] = (x · W[first + j]) · sx (with `add`: out[j] += …), one scale group at a time, in
+    /// the same order of float operations as the SIMD kernels, which it therefore matches.
+    fn rows_times_portable(&self, xq: &[i8], sx: f32, first: usize, add: bool, out: &mut [MaybeUninit<f32>]) {
         let k = self.cols;
         let groups = k / self.group;
-        for (r, o) in out.iter_mut().enumerate() {
+        for (r, o) in (first..).zip(out.iter_mut()) {
             let w = &self.q[r * k..(r + 1) * k];
             let s = &self.scales[r * groups..(r + 1) * groups];
             let mut acc = 0f32;
@@ -195,7 +277,9 @@ impl QWeight {
                 let span = g * self.group..(g + 1) * self.group;
                 acc = (dot_i8_portable(&xq[span.clone()], &w[span]) as f32).mul_add(sw, acc);
             }
-            o.write(acc * sx);
+            // SAFETY: with `add`, `out` holds values (the caller's promise).
+            let prev = if add { unsafe { o.assume_init() } } else { 0.0 };
+            o.write(if add { prev + acc * sx } else { acc * sx });
         }
     }
 }
@@ -321,6 +405,31 @@ mod tests {
                 let Ok(q) = QWeight::quantize("w", &w, n, k, scheme, group) else { continue };
                 for xs in [&x, &x_extreme] {
                     let reference = q.matmul_t_with(Kernel::Portable, xs, m);
+                    // Split outputs (two parts written in place) are the same columns.
+                    let cut = (n / 2) / PANEL * PANEL;
+                    for kernel in std::iter::once(Kernel::Portable).chain(simd.iter().copied()) {
+                        let parts = q.product(kernel, xs, m, &[0, cut, n]);
+                        let joined: Vec<f32> = parts[0]
+                            .chunks(cut.max(1))
+                            .zip(parts[1].chunks(n - cut))
+                            .flat_map(|(a, b)| a.iter().chain(b))
+                            .copied()
+                            .collect();
+                        assert_eq!(joined, reference, "{kernel:?} {scheme:?} {m}x{n}x{k} split at {cut}");
+                    }
+                    // Added into existing outputs: the same values plus what was there.
+                    let base = random(m * n, 99);
+                    let want: Vec<f32> = base.iter().zip(&reference).map(|(a, b)| a + b).collect();
+                    for kernel in std::iter::once(Kernel::Portable).chain(simd.iter().copied()) {
+                        let mut got = base.clone();
+                        q.matmul_t_add_with(kernel, xs, m, &mut got);
+                        assert_eq!(got, want, "{kernel:?} {scheme:?} {m}x{n}x{k} added");
+                        let mut got = base.clone();
+                        pool.install(|| q.matmul_t_add_with(kernel, xs, m, &mut got));
+                        assert_eq!(got, want, "{kernel:?} {scheme:?} {m}x{n}x{k} added, 3 threads");
+                    }
+                    let (a, b) = q.matmul_t_split(xs, m, 20);
+                    assert_eq!((a.len(), b.len()), (20 * m, (n - 20) * m), "an unaligned split");
                     for &kernel in &simd {
                         let one = q.matmul_t_with(kernel, xs, m);
                         let three = pool.install(|| q.matmul_t_with(kernel, xs, m));

@@ -48,7 +48,8 @@ pub(crate) struct Panels {
 
 /// One tile's operands: activation rows of `x`, `stride` bytes apart, with scales `sx` (one per
 /// row of the tile); panels from `panel`; output (row a, column col + c) at `out[a·ldo + col + c]`
-/// for c < `valid` (the panels' rows past the matrix's last are computed and not written).
+/// for c < `valid` (the panels' rows past the matrix's last are computed and not written); with
+/// `add` the outputs hold values and the products are added to them.
 pub(crate) struct Tile<'a> {
     pub(crate) x: &'a [i8],
     pub(crate) stride: usize,
@@ -58,6 +59,7 @@ pub(crate) struct Tile<'a> {
     pub(crate) ldo: usize,
     pub(crate) col: usize,
     pub(crate) valid: usize,
+    pub(crate) add: bool,
 }
 
 impl Panels {
@@ -83,44 +85,54 @@ impl Panels {
         Panels { quads, group_quads, groups, count, bytes, bias, scales: packed_scales }
     }
 
-    /// `out` (m × n) = the m rows of `xq` (zero-padded int8, `stride` apart, scales `sx`) times
-    /// the panels' matrix (n rows).
+    /// `out` (m × width) = the m rows of `xq` (zero-padded int8, `stride` apart, scales `sx`)
+    /// times the matrix rows of `panels` (the first `width` of them); with `add`, `out` holds
+    /// values and the product is added to them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn matmul(
         &self,
         kernel: Kernel,
         xq: &[i8],
         stride: usize,
         sx: &[f32],
-        n: usize,
+        panels: Range<usize>,
+        width: usize,
+        add: bool,
         out: &mut [MaybeUninit<f32>],
     ) {
         let m = sx.len();
         let threads = rayon::current_num_threads();
-        if threads == 1 || m * n * stride < 1 << 18 {
-            self.block(kernel, xq, stride, sx, 0..self.count, n, out, n);
+        if threads == 1 || m * width * stride < 1 << 18 {
+            self.block(kernel, xq, stride, sx, panels, width, add, out, width);
         } else if m >= 2 * MR * threads {
             // Many rows (a forward pass): whole rows per task, in multiples of the tile height.
             let rows = m.div_ceil(2 * threads).next_multiple_of(MR);
-            out.par_chunks_mut(rows * n)
+            out.par_chunks_mut(rows * width)
                 .zip(xq.par_chunks(rows * stride))
                 .zip(sx.par_chunks(rows))
-                .for_each(|((o, x), s)| self.block(kernel, x, stride, s, 0..self.count, n, o, n));
+                .for_each(|((o, x), s)| self.block(kernel, x, stride, s, panels.clone(), width, add, o, width));
         } else {
             // Few rows (generation): each task takes a run of panels and fills their columns.
-            let per = self.count.div_ceil(threads);
-            let starts: Vec<usize> = (0..self.count).step_by(per).collect();
+            let per = panels.len().div_ceil(threads);
+            let starts: Vec<usize> = panels.clone().step_by(per).collect();
             let parts: Vec<(usize, usize, Vec<MaybeUninit<f32>>)> = starts
                 .into_par_iter()
                 .map(|p0| {
-                    let width = (PANEL * per).min(n - PANEL * p0);
-                    let mut o = vec![MaybeUninit::new(0f32); m * width];
-                    self.block(kernel, xq, stride, sx, p0..(p0 + per).min(self.count), width, &mut o, width);
-                    (PANEL * p0, width, o)
+                    let c0 = PANEL * (p0 - panels.start);
+                    let w = (PANEL * per).min(width - c0);
+                    let mut o = vec![MaybeUninit::new(0f32); m * w];
+                    self.block(kernel, xq, stride, sx, p0..(p0 + per).min(panels.end), w, false, &mut o, w);
+                    (c0, w, o)
                 })
                 .collect();
-            for (c0, width, o) in parts {
-                for (dst, src) in out.chunks_exact_mut(n).zip(o.chunks_exact(width)) {
-                    dst[c0..c0 + width].copy_from_slice(src);
+            for (c0, w, o) in parts {
+                for (dst, src) in out.chunks_exact_mut(width).zip(o.chunks_exact(w)) {
+                    for (d, s) in dst[c0..c0 + w].iter_mut().zip(src) {
+                        // SAFETY: `o` was filled by `block`; with `add`, `out` holds values.
+                        let v = unsafe { s.assume_init() };
+                        let prev = if add { unsafe { d.assume_init() } } else { 0.0 };
+                        d.write(if add { prev + v } else { v });
+                    }
                 }
             }
         }
@@ -137,21 +149,23 @@ impl Panels {
         sx: &[f32],
         panels: Range<usize>,
         width: usize,
+        add: bool,
         out: &mut [MaybeUninit<f32>],
         ldo: usize,
     ) {
         let per_tile = panels_per_tile(kernel);
-        for (i, s) in sx.chunks(MR).enumerate() {
-            let (x, o) = (&xq[i * MR * stride..], &mut out[i * MR * ldo..]);
-            let mut p = panels.start;
-            while p < panels.end {
-                let np = per_tile.min(panels.end - p);
-                let col = PANEL * (p - panels.start);
-                let valid = width.saturating_sub(col).min(PANEL * np);
-                let tile = Tile { x, stride, sx: s, panel: p, out: &mut *o, ldo, col, valid };
-                self.tile(kernel, np, tile);
-                p += np;
+        // Panels outside, rows inside: a tile's panels (4 × 64 bytes per step, 8–32 KB for
+        // these widths) stay in L1 while every row streams past them.
+        let mut p = panels.start;
+        while p < panels.end {
+            let np = per_tile.min(panels.end - p);
+            let col = PANEL * (p - panels.start);
+            let valid = width.saturating_sub(col).min(PANEL * np);
+            for (i, s) in sx.chunks(MR).enumerate() {
+                let (x, o) = (&xq[i * MR * stride..], &mut out[i * MR * ldo..]);
+                self.tile(kernel, np, Tile { x, stride, sx: s, panel: p, out: o, ldo, col, valid, add });
             }
+            p += np;
         }
     }
 

@@ -58,8 +58,8 @@ pub(super) unsafe fn vnni(p: &Panels, np: usize, mut tile: Tile) {
 }
 
 /// `vpdpbusd` multiplies unsigned by signed bytes and adds four products into each i32 lane
-/// without saturating: activations go in offset by +128 (their top bit flipped) and the panel's
-/// bias, −128·Σw per group, starts each accumulator so the offset cancels exactly.
+/// without saturating: activations come offset by +128 (their top bit flipped by the caller)
+/// and the panel's bias, −128·Σw per group, starts each accumulator so the offset cancels.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn vnni_tile<const R: usize, const N: usize>(p: &Panels, t: &mut Tile) {
     let (quads, gq, groups) = (p.quads, p.group_quads, p.groups);
@@ -83,7 +83,7 @@ unsafe fn vnni_tile<const R: usize, const N: usize>(p: &Panels, t: &mut Tile) {
             }
             for (a, row) in acc.iter_mut().enumerate() {
                 // SAFETY: a < R rows and s < quads (checked).
-                let xb = _mm512_set1_epi32(unsafe { x4(t, a, s) } ^ 0x8080_8080u32 as i32);
+                let xb = _mm512_set1_epi32(unsafe { x4(t, a, s) });
                 for (c, v) in row.iter_mut().zip(&wv) {
                     *c = _mm512_dpbusd_epi32(*c, xb, *v);
                 }
@@ -105,9 +105,14 @@ unsafe fn vnni_tile<const R: usize, const N: usize>(p: &Panels, t: &mut Tile) {
             if left > 0 {
                 let mask = ((1u32 << left) - 1) as u16;
                 // SAFETY: (a, col + 16j + c) for c < left is inside `out` (checked).
+                // With `add`, those outputs hold values already (the caller's promise).
                 unsafe {
                     let at = t.out.as_mut_ptr().add(a * t.ldo + t.col + PANEL * j) as *mut f32;
-                    _mm512_mask_storeu_ps(at, mask, _mm512_mul_ps(*v, sx));
+                    let mut y = _mm512_mul_ps(*v, sx);
+                    if t.add {
+                        y = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), y);
+                    }
+                    _mm512_mask_storeu_ps(at, mask, y);
                 }
             }
         }
@@ -174,9 +179,14 @@ unsafe fn avx2_tile<const R: usize>(p: &Panels, t: &mut Tile) {
                 let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(left as i32), lane);
                 // SAFETY: (a, col + 8h + c) for c < left is inside `out` (checked); the mask
                 // keeps the store to those lanes.
+                // With `add`, those outputs hold values already (the caller's promise).
                 unsafe {
                     let at = t.out.as_mut_ptr().add(a * t.ldo + t.col + 8 * h) as *mut f32;
-                    _mm256_maskstore_ps(at, mask, _mm256_mul_ps(*v, sx));
+                    let mut y = _mm256_mul_ps(*v, sx);
+                    if t.add {
+                        y = _mm256_add_ps(_mm256_maskload_ps(at, mask), y);
+                    }
+                    _mm256_maskstore_ps(at, mask, y);
                 }
             }
         }
