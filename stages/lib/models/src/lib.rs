@@ -32,12 +32,18 @@ pub mod transformer;
 pub use config::{ConfigError, IteraConfig, ModelConfig, TransformerConfig};
 pub use model::{next_token_loss, CheckpointError, DecodeState, Decoder, Model, Sampling};
 
-/// Which SIMD code the kernels run, as they choose it at run time (see [`simd`]): the f32 fused
-/// kernels (`avx2+fma` or the `baseline` build) and the INT8/INT4 matmuls (`vnni`, `avx2` or
-/// `portable`). Stages record it with their results, so a figure says which code produced it.
+/// Which SIMD code the kernels run, as they choose it at run time (see [`simd`]): the fused f32
+/// kernels (`baseline`, `avx2+fma` or `avx512`), candle's f32 GEMM ([`simd::gemm_path`]) and the
+/// INT8/INT4 matmuls (`portable`, `avx2` or `vnni`). Stages record it with their results, so a
+/// figure says which code produced it.
 pub fn simd_path() -> String {
-    let f32_path = if simd::avx2() { "avx2+fma" } else { "baseline" };
-    format!("f32 {f32_path}; int8/int4 {}", simd::active().name())
+    let fused = match simd::active() {
+        simd::Level::Portable => "baseline",
+        simd::Level::Avx2 => "avx2+fma",
+        simd::Level::Vnni => "avx512",
+    };
+    format!("f32 {fused}, gemm {}; int8/int4 {}", simd::gemm_path(), simd::active().name())
 }
+
 #[cfg(test)]
 mod tests;

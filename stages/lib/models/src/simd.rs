@@ -1,7 +1,7 @@
 //! Which SIMD code the hand-written kernels run: the best level this CPU has, capped by the
 //! `ITERA_SIMD` environment variable (`portable`, `avx2` or `vnni`), so tests — and anyone
 //! checking what a lesser CPU would compute — can run every path a CPU supports. The f32 GEMMs
-//! inside candle choose their own instructions and ignore the cap.
+//! inside candle choose their own instructions and ignore the cap ([`gemm_path`]).
 
 use std::sync::OnceLock;
 
@@ -77,6 +77,23 @@ pub fn active() -> Level {
             },
         }
     })
+}
+
+/// The kernels candle's f32 GEMM (the gemm crate) runs on this CPU: `avx512f` (when built with
+/// the `avx512-gemm` feature), `fma` or `scalar`.
+pub fn gemm_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cfg!(feature = "avx512-gemm") && std::is_x86_feature_detected!("avx512f") {
+            return "avx512f";
+        }
+        if std::is_x86_feature_detected!("fma") {
+            return "fma";
+        }
+        "scalar"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    "native"
 }
 
 /// True when the AVX2 + FMA kernels may run (the CPU has them and the cap allows them).
