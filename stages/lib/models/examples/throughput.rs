@@ -99,6 +99,7 @@ fn main() -> candle_core::Result<()> {
     // A measured bound, not a clock-speed guess (a guess was below what the GEMMs reached).
     let peak = measured_gemm_rate(steps)?;
     println!("itera-models throughput — {threads} thread(s), f32, batch {b} × seq {l}, vocab 256, {steps} timed steps (medians)");
+    println!("CPU: {}; kernels: {}", itera_models::measure::cpu_model(), itera_models::simd_path());
     println!("f32 GEMM rate measured here (768³ products): {peak:.1} GFLOP/s for {threads} thread(s)\n");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let models = std::env::var("BENCH_MODELS").unwrap_or_else(|_| "itera_lite,transformer".into());
