@@ -19,7 +19,7 @@ mod panels;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use panels::{Panels, PANEL};
+use panels::{Panels, Rows, PANEL};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -178,7 +178,7 @@ impl QWeight {
                 // tiles cover all rows and all the panels' real columns): no zeroing first.
                 let mut out: Vec<f32> = Vec::with_capacity(m * width);
                 let spare = &mut out.spare_capacity_mut()[..m * width];
-                self.product_into(kernel, (&xq, stride, &sx), w[0]..w[1], false, spare);
+                self.product_into(kernel, Rows { q: &xq, stride, scales: &sx }, w[0]..w[1], false, spare);
                 // SAFETY: all m·width values were initialized just above (tested against the
                 // portable loop on partial tiles, split outputs and both threaded splits).
                 unsafe { out.set_len(m * width) };
@@ -200,24 +200,24 @@ impl QWeight {
         let out = &mut out[..m * self.rows];
         // SAFETY: MaybeUninit<f32> has f32's layout, and only initialized values are written.
         let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-        self.product_into(kernel, (&xq, stride, &sx), 0..self.rows, true, out);
+        self.product_into(kernel, Rows { q: &xq, stride, scales: &sx }, 0..self.rows, true, out);
     }
 
-    /// Columns `cols` of the product of quantized activations (rows, stride, scales) into
-    /// `out` (m × cols.len()), or added to it (`add`, when `out` holds values).
+    /// Columns `cols` of the product of the quantized activation rows `x` into `out`
+    /// (m × cols.len()), or added to it (`add`, when `out` holds values).
     fn product_into(
         &self,
         kernel: Kernel,
-        (xq, stride, sx): (&[i8], usize, &[f32]),
+        x: Rows,
         cols: std::ops::Range<usize>,
         add: bool,
         out: &mut [MaybeUninit<f32>],
     ) {
         if kernel == Kernel::Portable {
-            self.matmul_portable(xq, stride, sx, cols.start, add, out);
+            self.matmul_portable(x, cols.start, add, out);
         } else {
             let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
-            self.panels.matmul(kernel, xq, stride, sx, panels, cols.len(), add, out);
+            self.panels.matmul(kernel, x, (panels, cols.len()), add, out);
         }
     }
 
@@ -241,15 +241,8 @@ impl QWeight {
     }
 
     /// Columns `first..first + width` of the product (`out`: m × width).
-    fn matmul_portable(
-        &self,
-        xq: &[i8],
-        stride: usize,
-        sx: &[f32],
-        first: usize,
-        add: bool,
-        out: &mut [MaybeUninit<f32>],
-    ) {
+    fn matmul_portable(&self, x: Rows, first: usize, add: bool, out: &mut [MaybeUninit<f32>]) {
+        let Rows { q: xq, stride, scales: sx } = x;
         let (k, width) = (self.cols, out.len() / sx.len().max(1));
         if width == 0 {
             return;

@@ -46,6 +46,23 @@ pub(crate) struct Panels {
     pub(crate) scales: Vec<f32>,
 }
 
+/// Quantized activation rows: `q` holds them `stride` bytes apart (zero-padded), `scales` one
+/// per row.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'a> {
+    pub(crate) q: &'a [i8],
+    pub(crate) stride: usize,
+    pub(crate) scales: &'a [f32],
+}
+
+impl<'a> Rows<'a> {
+    /// Rows `first..first + count` (fewer at the end).
+    fn slice(self, first: usize, count: usize) -> Rows<'a> {
+        let end = (first + count).min(self.scales.len());
+        Rows { q: &self.q[first * self.stride..], stride: self.stride, scales: &self.scales[first..end] }
+    }
+}
+
 /// One tile's operands: activation rows of `x`, `stride` bytes apart, with scales `sx` (one per
 /// row of the tile); panels from `panel`; output (row a, column col + c) at `out[a·ldo + col + c]`
 /// for c < `valid` (the panels' rows past the matrix's last are computed and not written); with
@@ -85,32 +102,26 @@ impl Panels {
         Panels { quads, group_quads, groups, count, bytes, bias, scales: packed_scales }
     }
 
-    /// `out` (m × width) = the m rows of `xq` (zero-padded int8, `stride` apart, scales `sx`)
-    /// times the matrix rows of `panels` (the first `width` of them); with `add`, `out` holds
-    /// values and the product is added to them.
-    #[allow(clippy::too_many_arguments)]
+    /// `out` (m × width) = the m activation rows times the matrix rows of `panels` (the first
+    /// `width` of them); with `add`, `out` holds values and the product is added to them.
     pub(crate) fn matmul(
         &self,
         kernel: Kernel,
-        xq: &[i8],
-        stride: usize,
-        sx: &[f32],
-        panels: Range<usize>,
-        width: usize,
+        x: Rows,
+        (panels, width): (Range<usize>, usize),
         add: bool,
         out: &mut [MaybeUninit<f32>],
     ) {
-        let m = sx.len();
+        let m = x.scales.len();
         let threads = rayon::current_num_threads();
-        if threads == 1 || m * width * stride < 1 << 18 {
-            self.block(kernel, xq, stride, sx, panels, width, add, out, width);
+        if threads == 1 || m * width * x.stride < 1 << 18 {
+            self.block(kernel, x, (panels, width), add, out, width);
         } else if m >= 2 * MR * threads {
             // Many rows (a forward pass): whole rows per task, in multiples of the tile height.
             let rows = m.div_ceil(2 * threads).next_multiple_of(MR);
             out.par_chunks_mut(rows * width)
-                .zip(xq.par_chunks(rows * stride))
-                .zip(sx.par_chunks(rows))
-                .for_each(|((o, x), s)| self.block(kernel, x, stride, s, panels.clone(), width, add, o, width));
+                .enumerate()
+                .for_each(|(i, o)| self.block(kernel, x.slice(i * rows, rows), (panels.clone(), width), add, o, width));
         } else {
             // Few rows (generation): each task takes a run of panels and fills their columns.
             let per = panels.len().div_ceil(threads);
@@ -121,7 +132,7 @@ impl Panels {
                     let c0 = PANEL * (p0 - panels.start);
                     let w = (PANEL * per).min(width - c0);
                     let mut o = vec![MaybeUninit::new(0f32); m * w];
-                    self.block(kernel, xq, stride, sx, p0..(p0 + per).min(panels.end), w, false, &mut o, w);
+                    self.block(kernel, x, (p0..(p0 + per).min(panels.end), w), false, &mut o, w);
                     (c0, w, o)
                 })
                 .collect();
@@ -138,17 +149,13 @@ impl Panels {
         }
     }
 
-    /// Every row of `xq` times panels `panels`, into `out` (rows × `ldo`), whose column 0 is the
-    /// first row of panel `panels.start`; its first `width` columns are real outputs.
-    #[allow(clippy::too_many_arguments)]
+    /// Every activation row times panels `panels`, into `out` (rows × `ldo`), whose column 0 is
+    /// the first row of panel `panels.start`; its first `width` columns are real outputs.
     fn block(
         &self,
         kernel: Kernel,
-        xq: &[i8],
-        stride: usize,
-        sx: &[f32],
-        panels: Range<usize>,
-        width: usize,
+        x: Rows,
+        (panels, width): (Range<usize>, usize),
         add: bool,
         out: &mut [MaybeUninit<f32>],
         ldo: usize,
@@ -161,9 +168,11 @@ impl Panels {
             let np = per_tile.min(panels.end - p);
             let col = PANEL * (p - panels.start);
             let valid = width.saturating_sub(col).min(PANEL * np);
-            for (i, s) in sx.chunks(MR).enumerate() {
-                let (x, o) = (&xq[i * MR * stride..], &mut out[i * MR * ldo..]);
-                self.tile(kernel, np, Tile { x, stride, sx: s, panel: p, out: o, ldo, col, valid, add });
+            for i in 0..x.scales.len().div_ceil(MR) {
+                let (rows, o) = (x.slice(i * MR, MR), &mut out[i * MR * ldo..]);
+                let tile =
+                    Tile { x: rows.q, stride: x.stride, sx: rows.scales, panel: p, out: o, ldo, col, valid, add };
+                self.tile(kernel, np, tile);
             }
             p += np;
         }
