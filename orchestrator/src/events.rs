@@ -30,6 +30,9 @@ pub struct StageOutcome {
     pub manifest: Option<String>,
     pub duration_s: f64,
     pub error: Option<String>,
+    /// The last lines of a failed stage's log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_tail: Option<String>,
     #[serde(skip)]
     pub outputs: BTreeMap<String, Entry>,
 }
@@ -43,6 +46,7 @@ impl StageOutcome {
             manifest: None,
             duration_s: 0.0,
             error: None,
+            log_tail: None,
             outputs: BTreeMap::new(),
         }
     }
@@ -60,6 +64,10 @@ impl StageOutcome {
     }
     pub fn error(mut self, error: Option<String>) -> Self {
         self.error = error;
+        self
+    }
+    pub fn log_tail(mut self, tail: &str) -> Self {
+        self.log_tail = (!tail.is_empty()).then(|| tail.to_string());
         self
     }
     pub fn outputs(mut self, outputs: BTreeMap<String, Entry>) -> Self {
@@ -82,6 +90,9 @@ pub struct DeliveredOutput {
 /// The result of `run`, printed as JSON by `run --json`.
 #[derive(Debug, Serialize)]
 pub struct RunSummary {
+    /// The run record's id (`orchestrate runs`, `compare`), once recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
     pub pipeline: String,
     pub status: String,
     pub wall_s: f64,

@@ -8,9 +8,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::cache_key::explain;
+use crate::objects::ObjectStore;
 use crate::pipeline::metrics::{Better, MetricDecl};
 use crate::pipeline::{is_variant_of, split_instance};
-use crate::store::{Manifest, RunRecord, Store};
+use crate::store::{load_manifest, Manifest, RunRecord};
 
 /// A run: the digest of its record (its id) and the record.
 pub type Run = (String, RunRecord);
@@ -117,10 +118,10 @@ fn side(run: &Run) -> Side {
 }
 
 /// Every stage's manifest of a run.
-fn manifests(store: &Store, run: &Run) -> Result<BTreeMap<String, Manifest>, String> {
+pub fn manifests(objects: &ObjectStore, run: &Run) -> Result<BTreeMap<String, Manifest>, String> {
     let mut out = BTreeMap::new();
     for (stage, digest) in &run.1.manifests {
-        let m = store.load_manifest(digest).map_err(|e| format!("run {}: stage `{stage}`: {e}", short(&run.0)))?;
+        let m = load_manifest(objects, digest).map_err(|e| format!("run {}: stage `{stage}`: {e}", short(&run.0)))?;
         out.insert(stage.clone(), m);
     }
     Ok(out)
@@ -253,8 +254,8 @@ fn artifact_rows(ma: &BTreeMap<String, Manifest>, mb: &BTreeMap<String, Manifest
 }
 
 /// Compare run `a` (the base) with run `b`. Without `all`, only what differs.
-pub fn compare(store: &Store, a: &Run, b: &Run, all: bool) -> Result<Comparison, String> {
-    let (ma, mb) = (manifests(store, a)?, manifests(store, b)?);
+pub fn compare(objects: &ObjectStore, a: &Run, b: &Run, all: bool) -> Result<Comparison, String> {
+    let (ma, mb) = (manifests(objects, a)?, manifests(objects, b)?);
     let (pa, pb) = (params_of(&ma), params_of(&mb));
     let names: BTreeSet<&String> = pa.keys().chain(pb.keys()).collect();
     let params = (names.into_iter())
@@ -380,8 +381,8 @@ fn rank(rows: &mut [SweepRow], metric: &str, better: Better) -> Result<(), Strin
 }
 
 /// The sweep of `stage` in `run`, sorted by `by` (else the first declared metric covering it).
-pub fn sweep(store: &Store, run: &Run, stage: &str, by: Option<&str>) -> Result<Sweep, String> {
-    let all = manifests(store, run)?;
+pub fn sweep(objects: &ObjectStore, run: &Run, stage: &str, by: Option<&str>) -> Result<Sweep, String> {
+    let all = manifests(objects, run)?;
     let variants: BTreeMap<&String, &Manifest> = all.iter().filter(|(n, _)| is_variant_of(n, stage)).collect();
     if variants.is_empty() {
         let stages: BTreeSet<&str> = (all.keys())

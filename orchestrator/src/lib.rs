@@ -5,8 +5,8 @@
 //! (`${...}`) → `overrides` (`--set`) → `registry` (the stage kinds) → `pipeline` (validated,
 //! resolved stages) → `dag` (petgraph) → `objects` (blake3 blobs and trees) → `cache_key` →
 //! `store` (sled index, manifests, lock) → `remote` (the shared cache) → `history` (runs, compare) → `exec` (one child process) → `runner` (one stage:
-//! inputs in, outputs stored) → `events` → `run_description` → `sched` (the run loop) →
-//! `progress` → `deliver` (final outputs copied out) → `plan`, `replay` → `cli` (one module
+//! inputs in, outputs stored) → `events` → `live` (the run in progress, as a file) → `run_description` → `sched` (the run loop) →
+//! `progress` → `deliver` (final outputs copied out) → `plan`, `replay` → `ui` (the web view) → `cli` (one module
 //! per verb).
 
 pub mod cache_key;
@@ -19,6 +19,7 @@ pub mod exec;
 pub mod executor;
 pub mod history;
 pub mod interp;
+pub mod live;
 pub mod objects;
 pub mod overrides;
 pub mod pipeline;
@@ -31,4 +32,5 @@ pub mod run_description;
 pub mod runner;
 pub mod sched;
 pub mod store;
+pub mod ui;
 pub mod yaml;

@@ -127,6 +127,17 @@ impl ObjectStore {
         Ok(ObjectStore { root: root.to_path_buf(), objects, tmp, counter: AtomicU64::new(0) })
     }
 
+    /// An existing store's objects, for reading only: nothing is created.
+    pub fn open_existing(root: &Path) -> Option<ObjectStore> {
+        let objects = root.join("objects");
+        objects.is_dir().then(|| ObjectStore {
+            root: root.to_path_buf(),
+            objects,
+            tmp: root.join("tmp"),
+            counter: AtomicU64::new(0),
+        })
+    }
+
     pub fn tmp_dir(&self) -> &Path {
         &self.tmp
     }

@@ -27,7 +27,7 @@ use crate::objects::{Entry, ObjKind};
 use crate::pipeline::{Pipeline, StageInstance};
 use crate::remote::{Remote, RemoteError, Transfer};
 use crate::runner::{self, StageFailure, StageJob, StageRun};
-use crate::store::{now_unix, Manifest, Provenance, RunRecord, Store, MANIFEST_TAG, RUN_TAG};
+use crate::store::{now_unix, Manifest, Provenance, RunRecord, RunStage, Store, MANIFEST_TAG, RUN_TAG};
 
 pub struct RunOptions {
     pub cores: u32,
@@ -541,7 +541,7 @@ impl<'a> RunLoop<'a> {
             }
             Err(StageFailure::Failed { message, log_tail }) => {
                 events.failed(&name, &message, &log_tail);
-                self.set(i, State::Failed, failed(message).duration(done.wall_s));
+                self.set(i, State::Failed, failed(message).log_tail(&log_tail).duration(done.wall_s));
                 self.failed_any = true;
             }
         }
@@ -593,8 +593,9 @@ impl<'a> RunLoop<'a> {
             (false, true) => "failed",
             (false, false) => "ok",
         };
-        self.record(status);
+        let run = self.record(status);
         let summary = RunSummary {
+            run,
             pipeline: self.p.name.clone(),
             status: status.into(),
             wall_s: self.t0.elapsed().as_secs_f64(),
@@ -612,8 +613,25 @@ impl<'a> RunLoop<'a> {
         self.dag.order.iter().filter_map(|&i| of(i)).collect()
     }
 
-    /// Store the run record: every stage that is done, by name, with its manifest.
-    fn record(&self, status: &str) {
+    /// Every considered stage's ending and upstream stages, in DAG order.
+    fn recorded_stages(&self) -> Vec<RunStage> {
+        let status = |s: Status| serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_string));
+        (self.dag.order.iter())
+            .filter_map(|&i| {
+                let o = self.outcomes[i].as_ref()?;
+                Some(RunStage {
+                    name: o.stage.clone(),
+                    status: status(o.status).unwrap_or_default(),
+                    needs: self.dag.upstream(i).into_iter().map(|j| self.p.stages[j].name.clone()).collect(),
+                    error: o.error.clone(),
+                    log_tail: o.log_tail.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Store the run record: every stage that is done, by name, with its manifest. Its id.
+    fn record(&self, status: &str) -> Option<String> {
         let manifests: BTreeMap<String, String> = (self.state.iter().enumerate())
             .filter_map(|(i, s)| match s {
                 State::Done { manifest, .. } => Some((self.p.stages[i].name.clone(), manifest.clone())),
@@ -634,9 +652,14 @@ impl<'a> RunLoop<'a> {
             pulled: self.with_status(Status::Pulled),
             metrics: self.p.metrics.clone(),
             provenance: Some(Provenance::here(None)),
+            stages: self.recorded_stages(),
         };
-        if let Err(e) = self.store.record_run(&record) {
-            tracing::warn!("could not record the run: {e}");
+        match self.store.record_run(&record) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!("could not record the run: {e}");
+                None
+            }
         }
     }
 }

@@ -187,6 +187,40 @@ pub struct RunRecord {
     /// Absent in run records written before provenance was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provenance: Option<Provenance>,
+    /// Every stage the run considered, in the order it took them: how it ended and which
+    /// stages it reads from (the graph `dag` prints), so a view can draw the run as it was.
+    /// Absent in run records written before runs kept it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<RunStage>,
+}
+
+/// One stage in a [`RunRecord`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunStage {
+    pub name: String,
+    /// `ran`, `cached`, `pulled`, `failed`, `skipped` or `cancelled`.
+    pub status: String,
+    /// The stages whose outputs it reads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The last lines of a failed stage's log (a failed stage stores no manifest or log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_tail: Option<String>,
+}
+
+/// The manifest stored as object `digest`. Objects never change once written, so this needs
+/// neither the index nor the lock (`orchestrate ui` reads a store a run is writing).
+pub fn load_manifest(objects: &ObjectStore, digest: &str) -> Result<Manifest> {
+    let bytes = objects.read_verified(digest, "manifest")?;
+    tagged::<Manifest>(&bytes, MANIFEST_TAG)
+        .ok_or_else(|| StoreError::Object(ObjectError::Invalid(format!("object {digest} is not a manifest"))))
+}
+
+/// The run record stored as object `digest`, if it is one.
+pub fn load_run(objects: &ObjectStore, digest: &str) -> Option<RunRecord> {
+    tagged::<RunRecord>(&objects.read_verified(digest, "run record").ok()?, RUN_TAG)
 }
 
 pub fn now_unix() -> f64 {
@@ -359,9 +393,7 @@ impl Store {
     }
 
     pub fn load_manifest(&self, digest: &str) -> Result<Manifest> {
-        let bytes = self.objects.read_verified(digest, "manifest")?;
-        tagged::<Manifest>(&bytes, MANIFEST_TAG)
-            .ok_or_else(|| StoreError::Object(ObjectError::Invalid(format!("object {digest} is not a manifest"))))
+        load_manifest(&self.objects, digest)
     }
 
     /// The manifest cached under `key`, if it and every output are present.
@@ -477,10 +509,8 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.runs.iter().rev().flatten() {
             let d = String::from_utf8_lossy(&kv.1).into_owned();
-            if let Ok(bytes) = self.objects.read_verified(&d, "run record") {
-                if let Some(r) = tagged::<RunRecord>(&bytes, RUN_TAG) {
-                    out.push((d, r));
-                }
+            if let Some(r) = load_run(&self.objects, &d) {
+                out.push((d, r));
             }
         }
         out

@@ -19,6 +19,7 @@ mod runs;
 mod serve;
 mod show;
 mod stages;
+mod ui;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -95,6 +96,8 @@ enum Cmd {
     Pull(pull::Args),
     /// Serve a trained model over the OpenAI HTTP API (completions, chat, streaming).
     Serve(serve::Args),
+    /// A read-only web view of the store: runs, stage graphs, stages, compare, sweeps, reports, the live run.
+    Ui(ui::Args),
     /// List the stage kinds this binary knows.
     Stages,
     /// Internal: run one stage in this process (used by the scheduler).
@@ -218,6 +221,7 @@ fn command_label(cmd: &Cmd) -> String {
         Cmd::Pull(_) => "pull".into(),
         Cmd::Gc(_) => "gc".into(),
         Cmd::Serve(_) => "serve".into(),
+        Cmd::Ui(_) => "ui".into(),
         _ => "orchestrate".into(),
     }
 }
@@ -246,6 +250,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Cmd::Compare(a) => compare::compare(&env, a),
         Cmd::Pull(a) => pull::pull(&env, a),
         Cmd::Serve(a) => serve::serve(&env, a),
+        Cmd::Ui(a) => ui::ui(&env, a),
     }
 }
 

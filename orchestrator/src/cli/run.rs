@@ -8,6 +8,7 @@ use crate::deliver;
 use crate::diag::Diagnostic;
 use crate::events::{RunSummary, Status};
 use crate::executor::{Executor, Slurm};
+use crate::live::{Both, LiveFile};
 use crate::pipeline::Pipeline;
 use crate::progress::Progress;
 use crate::remote::{Remote, Transfer};
@@ -76,8 +77,10 @@ pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
         ExecutorArg::Slurm => Executor::Slurm(Arc::new(open_slurm(&rt, &p, &store)?)),
     };
     let mut progress = Progress::new(a.json);
+    let mut live = LiveFile::new(&store.root, &p, &dag);
+    let mut events = Both(&mut progress, &mut live);
     let opts = RunOptions { cores, keep_going: a.keep_going, only, remote: remote.clone(), executor: executor.clone() };
-    let mut summary = rt.block_on(sched::run(&p, &dag, store.clone(), opts, &mut progress));
+    let mut summary = rt.block_on(sched::run(&p, &dag, store.clone(), opts, &mut events));
     if let Executor::Slurm(s) = &executor {
         eprintln!("slurm: {} status queries", s.status_queries());
     }

@@ -169,7 +169,7 @@ pub(super) fn serve(env: &Env, a: Args) -> Result<i32, Failure> {
 }
 
 /// The first SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(super) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return std::future::pending().await;

@@ -1,0 +1,49 @@
+//! `orchestrate ui`: serve the read-only web view of the store (the `ui` module) until Ctrl-C.
+
+use std::net::SocketAddr;
+
+use anyhow::{anyhow, Context};
+
+use super::{Env, Failure};
+use crate::diag::Diagnostic;
+use crate::ui::Ui;
+
+#[derive(clap::Args, Debug)]
+pub(super) struct Args {
+    /// Address to bind (127.0.0.1: this machine only; the view has no login).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free port; the one chosen is printed).
+    #[arg(long, default_value_t = 8765)]
+    port: u16,
+}
+
+pub(super) fn ui(env: &Env, a: Args) -> Result<i32, Failure> {
+    let Some(ui) = Ui::open(&env.root) else {
+        let msg = format!("no store at {} (it has no objects/ folder)", env.root.display());
+        return Err(Diagnostic::new("E-UI", msg)
+            .help("run a pipeline first, or point at a store with --store DIR (or ORCHESTRATE_STORE)")
+            .into());
+    };
+    let addr: SocketAddr = format!("{}:{}", a.host, a.port)
+        .parse()
+        .or_else(|_| format!("[{}]:{}", a.host, a.port).parse())
+        .map_err(|_| Diagnostic::new("E-UI", format!("`{}` is not an IP address to bind (e.g. 127.0.0.1)", a.host)))?;
+    let rt = super::runtime()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr} (another server on that port? try --port 0 for a free one)"))?;
+        let bound = listener.local_addr()?;
+        // One line, flushed: a script reads the address from it.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stdout(),
+            "orchestrate ui on http://{bound}/ — store {} (read-only); Ctrl-C or SIGTERM stops",
+            env.root.display()
+        );
+        let _ = std::io::stdout().flush();
+        crate::ui::serve(listener, ui, super::serve::shutdown_signal()).await.map_err(|e| anyhow!(e))
+    })?;
+    Ok(0)
+}

@@ -1,0 +1,47 @@
+//! The run history read from `objects/` alone. The index (sled) is opened by one process at a
+//! time and a run holds it for as long as it goes, so the view cannot use it; run records are
+//! objects too, and objects never change once written, so each is peeked at once and remembered.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+
+use crate::history::Run;
+use crate::objects::{is_digest, ObjectStore};
+use crate::store::{load_run, RUN_TAG};
+
+#[derive(Default)]
+pub struct Catalog {
+    /// Every object seen: its run record if it is one.
+    seen: HashMap<String, Option<crate::store::RunRecord>>,
+}
+
+/// Whether the object at `path` starts like one of our tagged JSON objects (a run record, a
+/// tree): only its first bytes are read, so a large model file costs one small read.
+pub fn tagged_as(path: &std::path::Path, tag: &str) -> bool {
+    let prefix = format!("{{\"orchestrate\":\"{tag}\"");
+    let mut head = vec![0u8; prefix.len()];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && head == prefix.as_bytes()
+}
+
+impl Catalog {
+    /// The runs in the store now, newest first. Objects `gc` deleted drop out.
+    pub fn runs(&mut self, objects: &ObjectStore) -> Result<Vec<Run>, String> {
+        let listed = objects.list().map_err(|e| e.to_string())?;
+        let mut present = HashSet::with_capacity(listed.len());
+        for (digest, path) in listed {
+            if !is_digest(&digest) {
+                continue;
+            }
+            if !self.seen.contains_key(&digest) {
+                let run = if tagged_as(&path, RUN_TAG) { load_run(objects, &digest) } else { None };
+                self.seen.insert(digest.clone(), run);
+            }
+            present.insert(digest);
+        }
+        self.seen.retain(|d, _| present.contains(d));
+        let mut runs: Vec<Run> =
+            self.seen.iter().filter_map(|(d, r)| r.as_ref().map(|r| (d.clone(), r.clone()))).collect();
+        runs.sort_by(|a, b| b.1.started_at.total_cmp(&a.1.started_at).then_with(|| a.0.cmp(&b.0)));
+        Ok(runs)
+    }
+}
