@@ -159,7 +159,7 @@ fn serve_says_what_is_wrong_with_its_arguments() {
     fails(&["serve", "serve.yaml", "itera.metrics.csv"], 1, "loading the model");
     fails(&["serve"], 2, "serve needs PIPELINE STAGE[.OUTPUT], or --model PATH");
     fails(&["serve", "--model", "missing/ckpt", "--tokenizer", "t.json"], 1, "loading the model from missing/ckpt");
-    fails(&["serve", "serve.yaml", "itera", "--host", "localhost:1"], 1, "is not an IP address");
+    fails(&["serve", "serve.yaml", "itera", "--host", "localhost:1"], 2, "is not an IP address");
     // A port already taken is named, with what to do.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port().to_string();

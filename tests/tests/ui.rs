@@ -205,6 +205,17 @@ fn every_page_over_http_and_nothing_written() {
     assert_eq!(png.header("content-type").as_deref(), Some("image/png"));
     assert!(png.body.starts_with(b"\x89PNG"), "not a PNG");
 
+    // A stored folder (the report's output) lists its files, each a link to its bytes.
+    let report_stage = ui.page(&format!("/runs/{b}/stages/report"));
+    let folder = (report_stage.split("<a href=\"/objects/").nth(2))
+        .and_then(|s| s.split('"').next())
+        .expect("the report folder's link");
+    let listing = ui.page(&format!("/objects/{}", folder.replace("&amp;", "&")));
+    assert!(listing.contains(">speed.png</a>") && listing.contains(">report.md</a>"), "{listing}");
+    for (path, kind) in [("/static/ui.css", "text/css"), ("/static/ui.js", "text/javascript")] {
+        assert_eq!(ui.get(path).header("content-type").as_deref(), Some(kind), "{path}");
+    }
+
     // A live view of the last run, which has ended.
     let live: serde_json::Value = serde_json::from_slice(&ui.get("/live/state").body).expect("live JSON");
     assert_eq!((live["pipeline"].as_str(), live["status"].as_str()), (Some("view"), Some("failed")), "{live}");
@@ -238,6 +249,17 @@ fn every_page_over_http_and_nothing_written() {
     }
     assert_eq!(ui.get("/").status, 200, "still serving after bad requests");
     assert_eq!(snapshot(&p.store()), before, "the view changed files in the store");
+}
+
+#[test]
+fn no_store_is_a_clear_error() {
+    let p = Project::new();
+    let r = p.run(&["ui", "--store", "nowhere", "--port", "0"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("no store at nowhere") && r.stderr.contains("run a pipeline first"), "{}", r.stderr);
+    let r = p.run(&["ui", "--host", "not-an-ip"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("`not-an-ip` is not an IP address"), "{}", r.stderr);
 }
 
 /// Read server-sent events until one satisfies `want`; panics with what came if none does.

@@ -320,6 +320,21 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// `--host` and `--port` of a server verb as an address (IPv4 or IPv6): a bad host is an
+/// invalid command line, found before anything is loaded.
+fn socket_addr(host: &str, port: u16) -> Result<std::net::SocketAddr, Diagnostic> {
+    format!("{host}:{port}").parse().or_else(|_| format!("[{host}]:{port}").parse()).map_err(|_| {
+        Diagnostic::new("E-CLI", format!("`{host}` is not an IP address to bind (e.g. 127.0.0.1 or 0.0.0.0)"))
+    })
+}
+
+/// Listen on `addr`, saying what to do when the port is taken.
+async fn listen(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr} (another server on that port? try --port 0 for a free one)"))
+}
+
 fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
     println!("{}", serde_json::to_string_pretty(value).context("encoding JSON")?);
     Ok(())

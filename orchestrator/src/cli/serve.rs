@@ -2,7 +2,6 @@
 //! with the `orchestrate-serve` crate. The model and its tokenizer are copied out of the store
 //! into a private temporary folder first, so the store is not held while serving.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
@@ -106,6 +105,7 @@ fn tokenizer_of(
 }
 
 pub(super) fn serve(env: &Env, a: Args) -> Result<i32, Failure> {
+    let addr = super::socket_addr(&a.host, a.port)?;
     let scratch =
         tempfile::Builder::new().prefix("orchestrate-serve-").tempdir().context("creating a temporary folder")?;
     let (model, tokenizer, default_name) = match (&a.model, &a.pipeline, &a.target) {
@@ -142,13 +142,7 @@ pub(super) fn serve(env: &Env, a: Args) -> Result<i32, Failure> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
-        let addr: SocketAddr = format!("{}:{}", a.host, a.port)
-            .parse()
-            .or_else(|_| format!("[{}]:{}", a.host, a.port).parse())
-            .map_err(|_| anyhow!("`{}` is not an IP address to bind (e.g. 127.0.0.1 or 0.0.0.0)", a.host))?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr} (another server on that port? try --port 0 for a free one)"))?;
+        let listener = super::listen(addr).await?;
         let bound = listener.local_addr()?;
         // One write, flushed: whoever reads the address may close the pipe after this line, and
         // nothing more goes to stdout.

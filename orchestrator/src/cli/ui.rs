@@ -1,8 +1,6 @@
 //! `orchestrate ui`: serve the read-only web view of the store (the `ui` module) until Ctrl-C.
 
-use std::net::SocketAddr;
-
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 
 use super::{Env, Failure};
 use crate::diag::Diagnostic;
@@ -19,21 +17,16 @@ pub(super) struct Args {
 }
 
 pub(super) fn ui(env: &Env, a: Args) -> Result<i32, Failure> {
+    let addr = super::socket_addr(&a.host, a.port)?;
     let Some(ui) = Ui::open(&env.root) else {
         let msg = format!("no store at {} (it has no objects/ folder)", env.root.display());
         return Err(Diagnostic::new("E-UI", msg)
             .help("run a pipeline first, or point at a store with --store DIR (or ORCHESTRATE_STORE)")
             .into());
     };
-    let addr: SocketAddr = format!("{}:{}", a.host, a.port)
-        .parse()
-        .or_else(|_| format!("[{}]:{}", a.host, a.port).parse())
-        .map_err(|_| Diagnostic::new("E-UI", format!("`{}` is not an IP address to bind (e.g. 127.0.0.1)", a.host)))?;
     let rt = super::runtime()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr} (another server on that port? try --port 0 for a free one)"))?;
+        let listener = super::listen(addr).await?;
         let bound = listener.local_addr()?;
         // One line, flushed: a script reads the address from it.
         use std::io::Write as _;
