@@ -32,7 +32,7 @@ pub struct LiveState {
     total: usize,
 }
 
-fn state_of(root: &Path) -> Option<LiveState> {
+pub fn state_of(root: &Path) -> Option<LiveState> {
     let mut run = live::read(root)?;
     let alive = live::process_alive(run.pid);
     if run.status == "running" && !alive {
@@ -41,11 +41,6 @@ fn state_of(root: &Path) -> Option<LiveState> {
     let total = run.stages.iter().filter(|s| s.status != "not run").count();
     let done = (run.stages.iter()).filter(|s| !matches!(s.status.as_str(), "waiting" | "running" | "not run")).count();
     Some(LiveState { run, alive, done, total })
-}
-
-/// For the run list's banner.
-pub fn summary(root: &Path) -> Option<LiveState> {
-    state_of(root)
 }
 
 pub async fn page(State(ui): State<Shared>) -> PageResult {

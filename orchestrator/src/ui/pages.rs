@@ -29,9 +29,8 @@ pub fn seg(s: &str) -> String {
     out
 }
 
-fn find_run(ui: &Ui, id: &str) -> Result<Run, PageError> {
-    let runs = ui.runs()?;
-    resolve(&runs, id).cloned().map_err(PageError::NotFound)
+fn find_run(runs: &[Run], id: &str) -> Result<Run, PageError> {
+    resolve(runs, id).cloned().map_err(PageError::NotFound)
 }
 
 /// The stages of a run as recorded; for records older than that, the stages with a manifest.
@@ -84,7 +83,7 @@ fn run_row((id, r): &Run) -> RunRow {
 pub async fn runs(State(ui): State<Shared>) -> PageResult {
     let runs = ui.runs()?;
     let rows: Vec<RunRow> = runs.iter().map(run_row).collect();
-    let live = super::live_view::summary(&ui.root);
+    let live = super::live_view::state_of(&ui.root);
     ui.render("runs.html", context! { runs => rows, live => live, store => ui.root.display().to_string() })
 }
 
@@ -127,7 +126,8 @@ fn reports(ui: &Ui, manifests: &BTreeMap<String, Manifest>) -> Vec<String> {
 }
 
 pub async fn run(State(ui): State<Shared>, Path(id): Path<String>) -> PageResult {
-    let run = find_run(&ui, &id)?;
+    let runs = ui.runs()?;
+    let run = find_run(&runs, &id)?;
     let manifests = history::manifests(&ui.objects, &run).map_err(PageError::Internal)?;
     let stages = stages_of(&run);
     let base = format!("/runs/{}", short(&run.0));
@@ -150,7 +150,6 @@ pub async fn run(State(ui): State<Shared>, Path(id): Path<String>) -> PageResult
             _ => None,
         })
         .collect();
-    let runs = ui.runs()?;
     let previous = (runs.iter())
         .filter(|(_, r)| r.pipeline == run.1.pipeline && r.started_at < run.1.started_at)
         .map(|(id, _)| short(id).to_string())
@@ -190,7 +189,7 @@ fn pretty(v: &BTreeMap<String, serde_json::Value>) -> Vec<(String, String)> {
 }
 
 pub async fn stage(State(ui): State<Shared>, Path((id, stage)): Path<(String, String)>) -> PageResult {
-    let run = find_run(&ui, &id)?;
+    let run = find_run(&ui.runs()?, &id)?;
     let recorded = stages_of(&run).into_iter().find(|s| s.name == stage);
     let manifest = match run.1.manifests.get(&stage) {
         Some(d) => Some(load_manifest(&ui.objects, d).map_err(|e| PageError::Internal(e.to_string()))?),
@@ -267,7 +266,7 @@ pub async fn sweep(
     Path((id, stage)): Path<(String, String)>,
     Query(q): Query<SweepQuery>,
 ) -> PageResult {
-    let run = find_run(&ui, &id)?;
+    let run = find_run(&ui.runs()?, &id)?;
     let sw = history::sweep(&ui.objects, &run, &stage, q.by.as_deref()).map_err(PageError::NotFound)?;
     let base = format!("/runs/{}", short(&run.0));
     ui.render("sweep.html", context! { run => run_row(&run), sweep => sw, base => base })
