@@ -160,6 +160,7 @@ fn every_page_over_http_and_nothing_written() {
     let runs = ui.page("/");
     assert!(runs.contains(a) && runs.contains(b), "{runs}");
     assert!(runs.contains("st-failed") && runs.contains("st-ok"), "{runs}");
+    assert!(ui.page("/?pipeline=view").contains(a) && !ui.page("/?pipeline=other").contains(a));
 
     let run = ui.page(&format!("/runs/{b}"));
     for (stage, status) in [("data", "cached"), ("flaky", "failed"), ("after", "skipped"), ("fit@lr=0.1", "ran")] {

@@ -80,11 +80,18 @@ fn run_row((id, r): &Run) -> RunRow {
     }
 }
 
-pub async fn runs(State(ui): State<Shared>) -> PageResult {
+#[derive(Deserialize)]
+pub struct RunsQuery {
+    pipeline: Option<String>,
+}
+
+pub async fn runs(State(ui): State<Shared>, Query(q): Query<RunsQuery>) -> PageResult {
     let runs = ui.runs()?;
-    let rows: Vec<RunRow> = runs.iter().map(run_row).collect();
+    let rows: Vec<RunRow> =
+        (runs.iter()).filter(|(_, r)| q.pipeline.as_ref().is_none_or(|p| *p == r.pipeline)).map(run_row).collect();
     let live = super::live_view::state_of(&ui.root);
-    ui.render("runs.html", context! { runs => rows, live => live, store => ui.root.display().to_string() })
+    let store = ui.root.display().to_string();
+    ui.render("runs.html", context! { runs => rows, live => live, store => store, pipeline => q.pipeline })
 }
 
 #[derive(Serialize)]
