@@ -12,13 +12,13 @@ pub struct GraphNode<'a> {
     pub needs: &'a [String],
 }
 
-const BOX_W: f64 = 168.0;
+const BOX_W: f64 = 150.0;
 const BOX_H: f64 = 40.0;
-const COL_GAP: f64 = 56.0;
+const COL_GAP: f64 = 44.0;
 const ROW_GAP: f64 = 14.0;
 const MARGIN: f64 = 8.0;
 /// Longer names are cut (the full name is the node's tooltip).
-const MAX_CHARS: usize = 22;
+const MAX_CHARS: usize = 20;
 
 pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
@@ -143,6 +143,6 @@ mod tests {
         let nodes = [node("<script>&a_very_long_stage_name_indeed", &none)];
         let svg = svg(&nodes, |_| "/".into());
         assert!(!svg.contains("<script>"), "{svg}");
-        assert!(svg.contains("&lt;script&gt;&amp;a_very_long_…"), "{svg}");
+        assert!(svg.contains("&lt;script&gt;&amp;a_very_lon…"), "{svg}");
     }
 }

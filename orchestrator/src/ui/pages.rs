@@ -151,12 +151,15 @@ pub async fn run(State(ui): State<Shared>, Path(id): Path<String>) -> PageResult
             error: s.error.clone(),
         })
         .collect();
-    let sweeps: BTreeSet<&str> = (stages.iter())
+    let swept: BTreeSet<&str> = (stages.iter())
         .filter_map(|s| match split_instance(&s.name) {
             (decl, Some(_)) => Some(decl),
             _ => None,
         })
         .collect();
+    // Each sweep with its table, or why there is none (no declared metric to rank by).
+    let sweeps: Vec<(&str, Option<String>)> =
+        (swept.into_iter()).map(|decl| (decl, history::sweep(&ui.objects, &run, decl, None).err())).collect();
     let previous = (runs.iter())
         .filter(|(_, r)| r.pipeline == run.1.pipeline && r.started_at < run.1.started_at)
         .map(|(id, _)| short(id).to_string())
