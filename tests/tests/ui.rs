@@ -321,6 +321,22 @@ fn a_run_goes_while_the_view_is_open_and_the_live_view_follows_it() {
     assert!(out.0, "the run failed while the view was open: {}", out.1);
     let runs = ui.page("/");
     assert!(runs.contains("gated"), "the finished run is listed: {runs}");
+
+    // SIGTERM with a live page open: the event stream ends and the server exits cleanly.
+    let mut ui = ui;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(ui.child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = ui.child.try_wait().expect("waiting for the ui") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the ui did not stop on SIGTERM with an event stream open");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let mut rest = String::new();
+    let _ = events.read_to_string(&mut rest);
 }
 
 trait WaitOutput {

@@ -58,17 +58,25 @@ pub async fn state(State(ui): State<Shared>) -> impl IntoResponse {
     Json(state_of(&ui.root))
 }
 
-/// One event now, then one each time `live.json` changes (or appears or goes).
+/// One event now, then one each time `live.json` changes (or appears or goes), until the
+/// server stops.
 pub async fn events(State(ui): State<Shared>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let root: PathBuf = ui.root.clone();
-    let stream = futures::stream::unfold((root, None::<String>), |(root, last)| async move {
+    let stopping = ui.stop.subscribe();
+    let stream = futures::stream::unfold((root, None::<String>, stopping), |(root, last, mut stopping)| async move {
         loop {
+            if *stopping.borrow() {
+                return None;
+            }
             let now = serde_json::to_string(&state_of(&root)).unwrap_or_else(|_| "null".into());
             if last.as_deref() != Some(now.as_str()) {
                 let event = Event::default().event("state").data(now.clone());
-                return Some((Ok(event), (root, Some(now))));
+                return Some((Ok(event), (root, Some(now), stopping)));
             }
-            tokio::time::sleep(POLL).await;
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = stopping.changed() => {}
+            }
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::default())

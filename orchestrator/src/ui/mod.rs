@@ -32,6 +32,9 @@ pub struct Ui {
     objects: ObjectStore,
     catalog: Mutex<catalog::Catalog>,
     env: Environment<'static>,
+    /// Set when the server stops: event streams end then, or a graceful shutdown would wait
+    /// for every open live page.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 type Shared = Arc<Ui>;
@@ -99,7 +102,8 @@ impl Ui {
         });
         env.add_filter("seg", |s: String| pages::seg(&s));
         env.add_filter("pct", |p: Option<f64>| p.map_or_else(|| "—".to_string(), |p| format!("{p:+.2}%")));
-        Some(Ui { root: root.to_path_buf(), objects, catalog: Mutex::default(), env })
+        let stop = tokio::sync::watch::Sender::new(false);
+        Some(Ui { root: root.to_path_buf(), objects, catalog: Mutex::default(), env, stop })
     }
 
     fn render(&self, template: &str, ctx: minijinja::Value) -> PageResult {
@@ -123,7 +127,7 @@ pub fn format_secs(s: f64) -> String {
     }
 }
 
-pub fn router(ui: Ui) -> Router {
+pub fn router(ui: Shared) -> Router {
     Router::new()
         .route("/", get(pages::runs))
         .route("/runs/{id}", get(pages::run))
@@ -147,7 +151,7 @@ pub fn router(ui: Ui) -> Router {
         .fallback(|uri: axum::http::Uri| async move {
             PageError::NotFound(format!("nothing at {uri}: the view has runs (/), live (/live) and compare (/compare)"))
         })
-        .with_state(Arc::new(ui))
+        .with_state(ui)
 }
 
 /// Serve `ui` on `listener` until `shutdown` resolves.
@@ -156,7 +160,13 @@ pub async fn serve(
     ui: Ui,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(ui)).with_graceful_shutdown(shutdown).await
+    let ui = Arc::new(ui);
+    let stopping = ui.clone();
+    let signal = async move {
+        shutdown.await;
+        stopping.stop.send_replace(true);
+    };
+    axum::serve(listener, router(ui)).with_graceful_shutdown(signal).await
 }
 
 #[cfg(test)]
