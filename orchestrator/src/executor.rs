@@ -44,6 +44,10 @@ async fn appears(path: &Path, every: Duration) {
     }
 }
 
+/// How long a job whose exit file reports a failure waits for Slurm to say how it ended: a
+/// job Slurm ended (time limit, memory) can write its exit file before `squeue` shows why.
+const FAILED_STATE_WAIT: Duration = Duration::from_secs(30);
+
 /// The exit code the job script gives when it cannot see the store.
 const STORE_NOT_SHARED: i32 = 97;
 
@@ -199,6 +203,14 @@ impl Slurm {
                 let _ = tokio::time::timeout(Duration::from_secs(60), self.monitor.wait(&id)).await;
                 return Ok((Outcome::Cancelled, log_path));
             }
+        };
+        // A failure the job reported itself may be Slurm's doing (the time limit's SIGTERM lets
+        // `exec-stage` write its result): the cluster's state says which, so ask for it.
+        let end = match (&end.state, read_exit(scratch)) {
+            (None, Some(code)) if code != 0 => {
+                tokio::time::timeout(FAILED_STATE_WAIT, self.monitor.wait(&id)).await.unwrap_or(end)
+            }
+            _ => end,
         };
         if end.state == Some(JobState::Completed) {
             // A shared filesystem may show the job's last writes a little after Slurm says it
