@@ -21,6 +21,20 @@ pub enum Status {
     Cancelled,
 }
 
+impl Status {
+    /// The word `run --json`, run records and the live file use (the serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Cached => "cached",
+            Status::Pulled => "pulled",
+            Status::Ran => "ran",
+            Status::Failed => "failed",
+            Status::Skipped => "skipped",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// How one stage ended in a run.
 #[derive(Clone, Debug, Serialize)]
 pub struct StageOutcome {
@@ -136,4 +150,16 @@ pub trait RunEvents {
     /// Something the user must see even when only the summary is printed (`--json`).
     fn warning(&mut self, text: &str);
     fn finish(&mut self, summary: &RunSummary);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Status;
+
+    #[test]
+    fn status_words_are_the_serde_names() {
+        for s in [Status::Cached, Status::Pulled, Status::Ran, Status::Failed, Status::Skipped, Status::Cancelled] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
 }

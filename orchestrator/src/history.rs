@@ -11,7 +11,7 @@ use crate::cache_key::explain;
 use crate::objects::ObjectStore;
 use crate::pipeline::metrics::{Better, MetricDecl};
 use crate::pipeline::{is_variant_of, split_instance};
-use crate::store::{load_manifest, Manifest, RunRecord};
+use crate::store::{iso8601, load_manifest, Manifest, RunRecord};
 
 /// A run: the digest of its record (its id) and the record.
 pub type Run = (String, RunRecord);
@@ -19,6 +19,41 @@ pub type Run = (String, RunRecord);
 /// The id people type: the first 12 characters of the record's digest.
 pub fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
+}
+
+/// A run in one line: what `orchestrate runs` lists and the web view's run list shows.
+#[derive(Debug, Serialize)]
+pub struct RunLine {
+    /// The short id.
+    pub id: String,
+    pub started_at: String,
+    pub pipeline: String,
+    pub commit: Option<String>,
+    pub sets: Vec<String>,
+    pub status: String,
+    pub duration_s: f64,
+    /// Unknown (`null`) for runs recorded before run history kept it.
+    pub ran: Option<usize>,
+    pub reused: Option<usize>,
+    pub pulled: usize,
+}
+
+impl RunLine {
+    pub fn of((id, r): &Run) -> RunLine {
+        let ran = r.ran.as_ref().map(Vec::len);
+        RunLine {
+            id: short(id).to_string(),
+            started_at: iso8601(r.started_at),
+            pipeline: r.pipeline.clone(),
+            commit: r.provenance.as_ref().and_then(|p| p.commit.clone()).map(|c| c[..c.len().min(12)].to_string()),
+            sets: r.sets.clone(),
+            status: r.status.clone(),
+            duration_s: r.finished_at - r.started_at,
+            reused: ran.map(|n| r.manifests.len().saturating_sub(n + r.pulled.len())),
+            ran,
+            pulled: r.pulled.len(),
+        }
+    }
 }
 
 /// `latest`, `latest~N`, or a unique prefix (4+ characters) of a run id, among `runs` (newest first).

@@ -158,10 +158,7 @@ impl RunEvents for LiveFile {
         for s in &mut self.run.stages {
             match summary.stages.iter().find(|o| o.stage == s.name) {
                 Some(o) => {
-                    s.status = serde_json::to_value(o.status)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default();
+                    s.status = o.status.as_str().to_string();
                     s.duration_s = s.duration_s.or(Some(o.duration_s));
                 }
                 None if s.status == "waiting" => s.status = "not run".into(),

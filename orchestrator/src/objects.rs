@@ -399,10 +399,14 @@ pub fn digest_path(path: &Path) -> Result<Entry> {
     Ok(Entry { digest: hash_bytes(&bytes), kind: ObjKind::Tree, size: total })
 }
 
+/// How our tagged JSON objects start: `{"orchestrate":"<tag>"`.
+pub fn tag_prefix(tag: &str) -> String {
+    format!("{{\"orchestrate\":\"{tag}\"")
+}
+
 /// Parse a JSON object only if it carries our tag (`{"orchestrate":"<tag>",...}`).
 pub fn tagged<T: for<'de> Deserialize<'de>>(bytes: &[u8], tag: &str) -> Option<T> {
-    let prefix = format!("{{\"orchestrate\":\"{tag}\"");
-    if !bytes.starts_with(prefix.as_bytes()) {
+    if !bytes.starts_with(tag_prefix(tag).as_bytes()) {
         return None;
     }
     serde_json::from_slice(bytes).ok()

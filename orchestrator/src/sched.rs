@@ -615,13 +615,12 @@ impl<'a> RunLoop<'a> {
 
     /// Every considered stage's ending and upstream stages, in DAG order.
     fn recorded_stages(&self) -> Vec<RunStage> {
-        let status = |s: Status| serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_string));
         (self.dag.order.iter())
             .filter_map(|&i| {
                 let o = self.outcomes[i].as_ref()?;
                 Some(RunStage {
                     name: o.stage.clone(),
-                    status: status(o.status).unwrap_or_default(),
+                    status: o.status.as_str().to_string(),
                     needs: self.dag.upstream(i).into_iter().map(|j| self.p.stages[j].name.clone()).collect(),
                     error: o.error.clone(),
                     log_tail: o.log_tail.clone(),

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::{print_json, Env, Failure, PipelineArgs};
-use crate::history::short;
-use crate::store::{iso8601, RunRecord, Store};
+use crate::history::{Run, RunLine};
+use crate::store::{RunRecord, Store};
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
@@ -25,19 +25,11 @@ pub(super) struct Args {
     json: bool,
 }
 
+/// A listed run, and the asked metric of it.
 #[derive(Serialize)]
 struct Row {
-    id: String,
-    started_at: String,
-    pipeline: String,
-    commit: Option<String>,
-    sets: Vec<String>,
-    status: String,
-    duration_s: f64,
-    /// Unknown (`null`) for runs recorded before run history kept it.
-    ran: Option<usize>,
-    reused: Option<usize>,
-    pulled: usize,
+    #[serde(flatten)]
+    line: RunLine,
     #[serde(skip_serializing_if = "Option::is_none")]
     metric: Option<f64>,
 }
@@ -51,21 +43,8 @@ fn metric_of(store: &Store, r: &RunRecord, spec: &str) -> Option<f64> {
 }
 
 impl Row {
-    fn of(store: &Store, id: &str, r: &RunRecord, metric: Option<&str>) -> Row {
-        let ran = r.ran.as_ref().map(Vec::len);
-        Row {
-            id: short(id).to_string(),
-            started_at: iso8601(r.started_at),
-            pipeline: r.pipeline.clone(),
-            commit: r.provenance.as_ref().and_then(|p| p.commit.clone()).map(|c| c[..c.len().min(12)].to_string()),
-            sets: r.sets.clone(),
-            status: r.status.clone(),
-            duration_s: r.finished_at - r.started_at,
-            reused: ran.map(|n| r.manifests.len().saturating_sub(n + r.pulled.len())),
-            ran,
-            pulled: r.pulled.len(),
-            metric: metric.and_then(|m| metric_of(store, r, m)),
-        }
+    fn of(store: &Store, run: &Run, metric: Option<&str>) -> Row {
+        Row { line: RunLine::of(run), metric: metric.and_then(|m| metric_of(store, &run.1, m)) }
     }
 }
 
@@ -78,7 +57,7 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
     let rows: Vec<Row> = (store.runs().iter())
         .filter(|(_, r)| name.as_ref().is_none_or(|n| *n == r.pipeline))
         .take(a.limit)
-        .map(|(id, r)| Row::of(&store, id, r, a.metric.as_deref()))
+        .map(|run| Row::of(&store, run, a.metric.as_deref()))
         .collect();
     if let (Some(metric), Some(png)) = (&a.metric, &a.plot) {
         plot(&rows, metric, png)?;
@@ -100,7 +79,7 @@ fn plot(rows: &[Row], metric: &str, png: &std::path::Path) -> Result<(), Failure
         let msg = format!("no listed run recorded `{metric}`; `orchestrate show` lists a stage's metrics");
         return Err(Failure::Invalid(crate::diag::Diagnostic::new("E-RUNS", msg)));
     }
-    let labels: Vec<String> = with.iter().map(|r| format!("{} {}", r.id, r.sets.join(" "))).collect();
+    let labels: Vec<String> = with.iter().map(|r| format!("{} {}", r.line.id, r.line.sets.join(" "))).collect();
     let values: Vec<f64> = with.iter().filter_map(|r| r.metric).collect();
     crate::registry::report_templates::bars(png, &format!("{metric} across runs"), &labels, &values, metric, "run")
         .map_err(|e| anyhow::anyhow!("drawing {}: {e}", png.display()))?;
@@ -121,6 +100,7 @@ fn print_table(rows: &[Row], metric: Option<&str>) {
             (None, _) => String::new(),
             (Some(_), v) => format!("  {:>width$}", v.map_or("—".to_string(), |x| format!("{x:.6}"))),
         };
+        let r = &r.line;
         println!(
             "{:<12}  {:<20}  {:<12}  {:<12}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
             r.id,

@@ -18,7 +18,7 @@ pub struct Catalog {
 /// Whether the object at `path` starts like one of our tagged JSON objects (a run record, a
 /// tree): only its first bytes are read, so a large model file costs one small read.
 pub fn tagged_as(path: &std::path::Path, tag: &str) -> bool {
-    let prefix = format!("{{\"orchestrate\":\"{tag}\"");
+    let prefix = crate::objects::tag_prefix(tag);
     let mut head = vec![0u8; prefix.len()];
     std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && head == prefix.as_bytes()
 }

@@ -11,22 +11,18 @@ use serde::{Deserialize, Serialize};
 
 use super::graph::{svg, GraphNode};
 use super::{PageError, PageResult, Shared, Ui};
-use crate::history::{self, resolve, short, Run};
+use crate::history::{self, resolve, short, Run, RunLine};
 use crate::objects::{is_digest, ObjKind};
 use crate::pipeline::split_instance;
 use crate::store::{load_manifest, Manifest, RunStage};
 
-/// A path segment for a URL (stage names carry `@`, `=`, `+`).
+/// Everything but unreserved characters and `@` (kept readable in stage names like `vocab@384`).
+const SEGMENT: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'@');
+
+/// A path segment or query value for a URL (stage names carry `@`, `=`, `+`).
 pub fn seg(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~@".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 fn find_run(runs: &[Run], id: &str) -> Result<Run, PageError> {
@@ -50,36 +46,6 @@ fn stages_of(run: &Run) -> Vec<RunStage> {
         .collect()
 }
 
-#[derive(Serialize)]
-struct RunRow {
-    id: String,
-    short: String,
-    started_at: f64,
-    pipeline: String,
-    commit: Option<String>,
-    status: String,
-    duration_s: f64,
-    ran: Option<usize>,
-    reused: Option<usize>,
-    sets: Vec<String>,
-}
-
-fn run_row((id, r): &Run) -> RunRow {
-    let ran = r.ran.as_ref().map(Vec::len);
-    RunRow {
-        id: id.clone(),
-        short: short(id).to_string(),
-        started_at: r.started_at,
-        pipeline: r.pipeline.clone(),
-        commit: r.provenance.as_ref().and_then(|p| p.commit.clone()).map(|c| c[..c.len().min(12)].to_string()),
-        status: r.status.clone(),
-        duration_s: r.finished_at - r.started_at,
-        reused: ran.map(|n| r.manifests.len().saturating_sub(n + r.pulled.len())),
-        ran,
-        sets: r.sets.clone(),
-    }
-}
-
 #[derive(Deserialize)]
 pub struct RunsQuery {
     pipeline: Option<String>,
@@ -87,8 +53,8 @@ pub struct RunsQuery {
 
 pub async fn runs(State(ui): State<Shared>, Query(q): Query<RunsQuery>) -> PageResult {
     let runs = ui.runs()?;
-    let rows: Vec<RunRow> =
-        (runs.iter()).filter(|(_, r)| q.pipeline.as_ref().is_none_or(|p| *p == r.pipeline)).map(run_row).collect();
+    let rows: Vec<RunLine> =
+        (runs.iter()).filter(|(_, r)| q.pipeline.as_ref().is_none_or(|p| *p == r.pipeline)).map(RunLine::of).collect();
     let live = super::live_view::state_of(&ui.root);
     let store = ui.root.display().to_string();
     ui.render("runs.html", context! { runs => rows, live => live, store => store, pipeline => q.pipeline })
@@ -108,7 +74,7 @@ struct StageRow {
 struct MetricCell {
     name: String,
     value: Option<f64>,
-    better: String,
+    better: crate::pipeline::metrics::Better,
 }
 
 /// The declared metrics' values in this run, stage by stage.
@@ -116,11 +82,10 @@ fn declared_metrics(run: &Run, manifests: &BTreeMap<String, Manifest>) -> Vec<Me
     let mut out = Vec::new();
     for d in &run.1.metrics {
         for (stage, m) in manifests.iter().filter(|(s, _)| d.covers(s)) {
-            let better = serde_json::to_value(d.better).ok().and_then(|v| v.as_str().map(str::to_string));
             out.push(MetricCell {
                 name: format!("{stage}.{}", d.metric),
                 value: m.metrics.get(&d.metric).and_then(|v| v.as_f64()),
-                better: better.unwrap_or_default(),
+                better: d.better,
             });
         }
     }
@@ -168,7 +133,7 @@ pub async fn run(State(ui): State<Shared>, Path(id): Path<String>) -> PageResult
     ui.render(
         "run.html",
         context! {
-            run => run_row(&run), record => &run.1, graph => graph, stages => rows,
+            run => RunLine::of(&run), full_id => &run.0, record => &run.1, graph => graph, stages => rows,
             metrics => declared_metrics(&run, &manifests), sweeps => sweeps,
             reports => reports(&ui, &manifests), previous => previous, provenance => provenance,
             base => base,
@@ -239,7 +204,7 @@ pub async fn stage(State(ui): State<Shared>, Path((id, stage)): Path<(String, St
         }
         None => context! {},
     };
-    ui.render("stage.html", context! { run => run_row(&run), stage => recorded, base => base, ..ctx })
+    ui.render("stage.html", context! { run => RunLine::of(&run), stage => recorded, base => base, ..ctx })
 }
 
 #[derive(Deserialize)]
@@ -251,7 +216,7 @@ pub struct CompareQuery {
 
 pub async fn compare(State(ui): State<Shared>, Query(q): Query<CompareQuery>) -> PageResult {
     let runs = ui.runs()?;
-    let rows: Vec<RunRow> = runs.iter().map(run_row).collect();
+    let rows: Vec<RunLine> = runs.iter().map(RunLine::of).collect();
     if runs.len() < 2 && q.a.is_none() && q.b.is_none() {
         return ui.render("compare.html", context! { runs => rows, comparison => (), a => "", b => "" });
     }
@@ -279,7 +244,7 @@ pub async fn sweep(
     let run = find_run(&ui.runs()?, &id)?;
     let sw = history::sweep(&ui.objects, &run, &stage, q.by.as_deref()).map_err(PageError::NotFound)?;
     let base = format!("/runs/{}", short(&run.0));
-    ui.render("sweep.html", context! { run => run_row(&run), sweep => sw, base => base })
+    ui.render("sweep.html", context! { run => RunLine::of(&run), sweep => sw, base => base })
 }
 
 #[derive(Deserialize)]
