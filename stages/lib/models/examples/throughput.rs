@@ -14,8 +14,9 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{Optimizer, ParamsAdamW};
 use itera_models::accounting::{forward_flops_per_token, param_counts};
+use itera_models::adamw::FusedAdamW;
 use itera_models::{Model, ModelConfig, Sampling};
 use rand::{Rng, SeedableRng};
 
@@ -107,7 +108,7 @@ fn main() -> candle_core::Result<()> {
         let cfg = ModelConfig::build(name, "tiny", 256, &Default::default())
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let model = Model::new(&cfg, 1)?;
-        let mut opt = AdamW::new(model.varmap.all_vars(), ParamsAdamW { lr: 1e-3, ..Default::default() })?;
+        let mut opt = FusedAdamW::new(model.varmap.all_vars(), ParamsAdamW { lr: 1e-3, ..Default::default() })?;
         let mut drop_rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let mut train = Vec::new();
         for i in 0..steps + 2 {

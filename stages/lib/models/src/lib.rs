@@ -6,10 +6,12 @@
 //! - [`transformer::Transformer`]: the baseline; KV-cache generation.
 //! - [`model::Model`]: seeded construction, next-token loss, generation, safetensors checkpoints.
 //! - [`quant`], [`qmodel`], [`gguf`]: INT8/INT4 weights with integer matmuls, GGUF checkpoints.
-//! - [`training`]: hyper-parameters, data windows, the AdamW loop, evaluation, distillation loss.
+//! - [`training`]: hyper-parameters, data windows, the AdamW loop, evaluation, distillation loss;
+//!   [`adamw`]: the optimizer, candle's AdamW in one pass per parameter.
 //! - [`accounting`]: parameter counts and forward FLOPs per token from a config.
 
 pub mod accounting;
+pub mod adamw;
 pub mod config;
 pub mod decode;
 pub mod decode_transformer;

@@ -102,24 +102,27 @@ crate::fused::simd_dispatch! {
         let (mut xhat, mut dxhat) = (vec![0f32; d], vec![0f32; d]);
         for (r, &(mean, rstd)) in stats.iter().enumerate() {
             let (xr, gr) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
-            for i in 0..d {
-                xhat[i] = (xr[i] - mean) * rstd;
-                dxhat[i] = gr[i] * ws[i];
-                pw[i] += gr[i] * xhat[i];
-                pb[i] += gr[i];
+            // Zipped slices of one length, not indices: no bounds checks, so the loops vectorize.
+            for (((((xh, dxh), p_w), p_b), (&x, &g)), &w) in
+                xhat.iter_mut().zip(dxhat.iter_mut()).zip(pw.iter_mut()).zip(pb.iter_mut()).zip(xr.iter().zip(gr)).zip(ws)
+            {
+                *xh = (x - mean) * rstd;
+                *dxh = g * w;
+                *p_w += g * *xh;
+                *p_b += g;
             }
             let m1 = sum_lanes_of(&dxhat, |v| v) * inv_d;
             let mut acc = [0f32; 8];
-            let mut k = 0;
-            while k + 8 <= d {
-                for j in 0..8 {
-                    acc[j] += dxhat[k + j] * xhat[k + j];
+            let (mut dh8, mut xh8) = (dxhat.chunks_exact(8), xhat.chunks_exact(8));
+            for (a8, b8) in (&mut dh8).zip(&mut xh8) {
+                for ((s, &a), &b) in acc.iter_mut().zip(a8).zip(b8) {
+                    *s += a * b;
                 }
-                k += 8;
             }
-            let m2 = (acc.iter().sum::<f32>() + (k..d).map(|i| dxhat[i] * xhat[i]).sum::<f32>()) * inv_d;
-            for (i, o) in dx[r * d..(r + 1) * d].iter_mut().enumerate() {
-                *o += rstd * (dxhat[i] - m1 - xhat[i] * m2);
+            let tail: f32 = dh8.remainder().iter().zip(xh8.remainder()).map(|(&a, &b)| a * b).sum();
+            let m2 = (acc.iter().sum::<f32>() + tail) * inv_d;
+            for ((o, &dxh), &xh) in dx[r * d..(r + 1) * d].iter_mut().zip(&dxhat).zip(&xhat) {
+                *o += rstd * (dxh - m1 - xh * m2);
             }
             if (r + 1) % LN_GRAD_BLOCK == 0 || r + 1 == stats.len() {
                 for i in 0..d {

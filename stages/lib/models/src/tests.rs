@@ -475,14 +475,15 @@ fn fused_transformer_block_equals_the_op_by_op_block_and_its_gradients() {
     use crate::transformer::Block;
     use candle_core::Var;
 
-    for (p_drop, d, heads) in [(0.0, 32, 4), (0.2, 36, 3)] {
+    // Sequences of 10 (one causal block) and of 70 (three, the last partial).
+    for (p_drop, d, heads, l) in [(0.0, 32, 4, 10), (0.2, 36, 3, 10), (0.0, 32, 4, 70), (0.2, 36, 3, 70)] {
         let cfg = TransformerConfig {
             vocab_size: 40,
             d_model: d,
             n_layers: 1,
             n_heads: heads,
             d_ff: 4 * d,
-            max_seq_len: 32,
+            max_seq_len: 80,
             dropout: p_drop,
             ln_eps: 1e-5,
         };
@@ -490,7 +491,7 @@ fn fused_transformer_block_equals_the_op_by_op_block_and_its_gradients() {
         let block = Block::new(&cfg, vb).unwrap();
         crate::nn::init_deterministic(&varmap, 5).unwrap();
         perturb(&varmap);
-        let (b, l) = (3, 10);
+        let b = 3;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b * l, d), &Device::Cpu).unwrap()).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (b * l, d), &Device::Cpu).unwrap();
         let run = |fused: bool| {
@@ -508,6 +509,10 @@ fn fused_transformer_block_equals_the_op_by_op_block_and_its_gradients() {
         let ((fo, fg), (ro, rg)) = (run(true), run(false));
         let scale = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-3);
         assert!(max_abs(&fo, &ro) <= 1e-4 * scale(&ro), "p_drop {p_drop}: output differs by {}", max_abs(&fo, &ro));
+        // Inference keeps no probabilities (one scratch per sequence): the same outputs.
+        let fi = block.forward(&x, (b, l), &mut None, None).unwrap();
+        let ri = block.forward_ops(&x, (b, l), &mut None).unwrap();
+        assert!(max_abs(&fi, &ri) <= 1e-4 * scale(&ri), "l {l}: inference output differs by {}", max_abs(&fi, &ri));
         let mut checked = vec![x.as_tensor().clone()];
         checked.extend(varmap.all_vars().iter().map(|v| v.as_tensor().clone()));
         for t in &checked {

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::{Optimizer, ParamsAdamW};
+
+use crate::adamw::FusedAdamW;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value};
@@ -420,7 +422,7 @@ pub fn fit(
     // Weight decay on matrices only; norms, biases and the SSM's A_log / D are exempt.
     let (decay, no_decay): (Vec<Var>, Vec<Var>) = vars.iter().cloned().partition(|v| v.rank() >= 2);
     let adam = |wd: f64, vs: Vec<Var>| {
-        AdamW::new(vs, ParamsAdamW { lr: h.lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: wd })
+        FusedAdamW::new(vs, ParamsAdamW { lr: h.lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: wd })
     };
     let mut opt_decay = adam(h.weight_decay, decay)?;
     let mut opt_plain = adam(0.0, no_decay)?;

@@ -46,11 +46,15 @@ pub struct AttentionQuant {
     pub out: Option<Arc<QWeight>>,
 }
 
+/// Query rows per block of the causal products.
+const QUERY_BLOCK: usize = 32;
+
 struct Saved {
     stats: Vec<(f32, f32)>,
     normed: Vec<f32>,
     qkv: Vec<f32>,
-    /// Per (sequence, head): the (l, l) attention probabilities, zero above the diagonal.
+    /// Per (sequence, head): the (l, l) attention probabilities, zero above the diagonal (empty
+    /// when the forward was not kept for a backward).
     probs: Vec<f32>,
     /// The heads' outputs merged back into rows of d.
     merged: Vec<f32>,
@@ -75,7 +79,7 @@ fn check(dims: &AttentionDims, x_len: usize, p_len: usize) -> Result<(usize, usi
 }
 
 simd_dispatch! {
-    fn attention_forward(dims: &AttentionDims, quant: &AttentionQuant, residual: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+    fn attention_forward(dims: &AttentionDims, quant: &AttentionQuant, residual: bool, keep: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let (rows, hd) = check(dims, x.len(), p.len())?;
         let AttentionDims { d, heads, seq_len: l, eps } = *dims;
         let (ln_w, rest) = p.split_at(d);
@@ -94,53 +98,55 @@ simd_dispatch! {
         };
         let scale = 1.0 / (hd as f32).sqrt();
         let w3 = 3 * d;
-        let mut probs = vec![0f32; rows / l * heads * l * l];
-        let mut heads_out = vec![0f32; rows * d];
+        // One sequence per task, its heads' outputs written straight into their columns of the
+        // merged rows. Training keeps every head's probabilities (zero above the diagonal, which
+        // the backward relies on); inference reuses one (l, l) scratch per sequence.
+        let mut merged = vec![0f32; rows * d];
+        let mut probs = vec![0f32; if keep { rows / l * heads * l * l } else { 0 }];
         let failed = std::sync::atomic::AtomicBool::new(false);
-        for_chunks2(&mut probs, l * l, &mut heads_out, l * hd, |idx, pr, out| {
-            let (seq, h) = (idx / heads, idx % heads);
-            let base = seq * l * w3 + h * hd;
-            let q = View { data: &qkv[base..], rs: w3, cs: 1 };
-            let kt = View { data: &qkv[base + d..], rs: 1, cs: w3 };
-            let v = View { data: &qkv[base + 2 * d..], rs: w3, cs: 1 };
-            let ok = strided_product(l, l, hd, pr, l, q, kt, false).is_ok();
-            // Query i sees keys 0..=i: softmax(scale · scores) there, zero beyond.
-            for i in 0..l {
-                let row = &mut pr[i * l..(i + 1) * l];
-                // Lane-wise max and sum: a running f32 reduction cannot be reordered, and would
-                // keep the exp loop scalar.
-                let mut lanes = [f32::NEG_INFINITY; 8];
-                for ch in row[..=i].chunks(8) {
-                    for (m, &s) in lanes.iter_mut().zip(ch) {
-                        *m = m.max(s);
+        let sequence = |seq: usize, pr: &mut [f32], per_head: usize, m: &mut [f32]| {
+            let mut ok = true;
+            for h in 0..heads {
+                let base = seq * l * w3 + h * hd;
+                let pr = &mut pr[h * per_head..h * per_head + l * l];
+                // Causal blocks: queries i0..i1 see keys 0..i1 at most, so the products skip
+                // the blocks above the diagonal (5/8 of the full products' work at l = 128).
+                for i0 in (0..l).step_by(QUERY_BLOCK) {
+                    let i1 = (i0 + QUERY_BLOCK).min(l);
+                    let q = View { data: &qkv[base + i0 * w3..], rs: w3, cs: 1 };
+                    let kt = View { data: &qkv[base + d..], rs: 1, cs: w3 };
+                    ok &= strided_product(i1 - i0, i1, hd, &mut pr[i0 * l..], l, q, kt, false).is_ok();
+                    // Query i sees keys 0..=i: softmax(scale · scores) there, zero beyond.
+                    for i in i0..i1 {
+                        let row = &mut pr[i * l..i * l + i1];
+                        // Lane-wise max and sum: a running f32 reduction cannot be reordered,
+                        // and would keep the exp loop scalar.
+                        let max = max_lanes(&row[..=i]);
+                        for s in row[..=i].iter_mut() {
+                            *s = exp(scale * (*s - max));
+                        }
+                        let inv = 1.0 / sum_lanes(&row[..=i]);
+                        for s in row[..=i].iter_mut() {
+                            *s *= inv;
+                        }
+                        row[i + 1..].fill(0.0);
                     }
+                    let p_block = View { data: &pr[i0 * l..], rs: l, cs: 1 };
+                    let v = View { data: &qkv[base + 2 * d..], rs: w3, cs: 1 };
+                    ok &= strided_product(i1 - i0, hd, i1, &mut m[i0 * d + h * hd..], d, p_block, v, false).is_ok();
                 }
-                let max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for s in row[..=i].iter_mut() {
-                    *s = exp(scale * (*s - max));
-                }
-                let inv = 1.0 / sum_lanes(&row[..=i]);
-                for s in row[..=i].iter_mut() {
-                    *s *= inv;
-                }
-                row[i + 1..].fill(0.0);
             }
-            let ok = ok && strided_product(l, hd, l, out, hd, View { data: pr, rs: l, cs: 1 }, v, false).is_ok();
             if !ok {
                 failed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-        });
+        };
+        if keep {
+            for_chunks2(&mut probs, heads * l * l, &mut merged, l * d, |seq, pr, m| sequence(seq, pr, l * l, m));
+        } else {
+            for_chunks(&mut merged, l * d, |seq, m| sequence(seq, &mut vec![0f32; l * l], 0, m));
+        }
         if failed.into_inner() {
             candle_core::bail!("attention: a head's product did not fit its views");
-        }
-        // (sequence, head, l, hd) → rows of d.
-        let mut merged = vec![0f32; rows * d];
-        for (idx, block) in heads_out.chunks_exact(l * hd).enumerate() {
-            let (seq, h) = (idx / heads, idx % heads);
-            for (i, src) in block.chunks_exact(hd).enumerate() {
-                let at = (seq * l + i) * d + h * hd;
-                merged[at..at + hd].copy_from_slice(src);
-            }
         }
         let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
         match &quant.out {
@@ -162,53 +168,60 @@ simd_dispatch! {
         let dmerged = Product::AB.run((g, rows, d), (w_out, d, d))?.0;
         let scale = 1.0 / (hd as f32).sqrt();
         let w3 = 3 * d;
-        // Per (sequence, head): dq, dk, dv, each (l, hd).
-        let mut dheads = vec![0f32; rows / l * heads * 3 * l * hd];
+        // One sequence per task, dq, dk and dv written straight into their columns of the
+        // projection's (rows, 3·d) gradient. The products run in causal blocks like the
+        // forward's: P and dS are zero above the diagonal, so no block there is computed.
+        let mut dqkv = vec![0f32; rows * w3];
         let failed = std::sync::atomic::AtomicBool::new(false);
-        for_chunks(&mut dheads, 3 * l * hd, |idx, buf| {
-            let (seq, h) = (idx / heads, idx % heads);
-            let base = seq * l * w3 + h * hd;
-            let pr = &s.probs[idx * l * l..(idx + 1) * l * l];
-            let d_o = View { data: &dmerged[seq * l * d + h * hd..], rs: d, cs: 1 };
-            let (dq, rest) = buf.split_at_mut(l * hd);
-            let (dk, dv) = rest.split_at_mut(l * hd);
-            let mut ok = strided_product(l, hd, l, dv, hd, View { data: pr, rs: 1, cs: l }, d_o, false).is_ok();
+        for_chunks(&mut dqkv, l * w3, |seq, dst| {
+            let mut ok = true;
             let mut ds = vec![0f32; l * l];
-            ok &= strided_product(l, l, hd, &mut ds, l, d_o, View { data: &s.qkv[base + 2 * d..], rs: 1, cs: w3 }, false).is_ok();
-            // dS = scale · P ⊙ (dP − Σ_j dP ⊙ P) on the visible part; P is zero beyond it.
-            for i in 0..l {
-                let (dr, prow) = (&mut ds[i * l..(i + 1) * l], &pr[i * l..(i + 1) * l]);
-                let mut lanes = [0f32; 8];
-                for (ca, cb) in dr[..=i].chunks(8).zip(prow[..=i].chunks(8)) {
-                    for ((acc, a), b) in lanes.iter_mut().zip(ca).zip(cb) {
-                        *acc += a * b;
+            for h in 0..heads {
+                let base = seq * l * w3 + h * hd;
+                let pr = &s.probs[(seq * heads + h) * l * l..][..l * l];
+                let d_o = |i0: usize| View { data: &dmerged[(seq * l + i0) * d + h * hd..], rs: d, cs: 1 };
+                for i0 in (0..l).step_by(QUERY_BLOCK) {
+                    let i1 = (i0 + QUERY_BLOCK).min(l);
+                    // dP = dO · Vᵀ for queries i0..i1 over the keys they see.
+                    let vt = View { data: &s.qkv[base + 2 * d..], rs: 1, cs: w3 };
+                    ok &= strided_product(i1 - i0, i1, hd, &mut ds[i0 * l..], l, d_o(i0), vt, false).is_ok();
+                    // dS = scale · P ⊙ (dP − Σ_j dP ⊙ P) on the visible part, zero beyond.
+                    for i in i0..i1 {
+                        let (dr, prow) = (&mut ds[i * l..i * l + i1], &pr[i * l..i * l + i1]);
+                        let mut lanes = [0f32; 8];
+                        for (ca, cb) in dr[..=i].chunks(8).zip(prow[..=i].chunks(8)) {
+                            for ((acc, a), b) in lanes.iter_mut().zip(ca).zip(cb) {
+                                *acc += a * b;
+                            }
+                        }
+                        let dot: f32 = lanes.iter().sum();
+                        for (a, &b) in dr[..=i].iter_mut().zip(&prow[..=i]) {
+                            *a = scale * b * (*a - dot);
+                        }
+                        dr[i + 1..].fill(0.0);
                     }
+                    // dQ = dS · K.
+                    let k = View { data: &s.qkv[base + d..], rs: w3, cs: 1 };
+                    let ds_rows = View { data: &ds[i0 * l..], rs: l, cs: 1 };
+                    ok &= strided_product(i1 - i0, hd, i1, &mut dst[i0 * w3 + h * hd..], w3, ds_rows, k, false).is_ok();
                 }
-                let dot: f32 = lanes.iter().sum();
-                for (a, &b) in dr[..=i].iter_mut().zip(&prow[..=i]) {
-                    *a = scale * b * (*a - dot);
+                // Keys j0..j1 are seen by queries j0..l: dV = Pᵀ · dO and dK = dSᵀ · Q there.
+                for j0 in (0..l).step_by(QUERY_BLOCK) {
+                    let j1 = (j0 + QUERY_BLOCK).min(l);
+                    let pt = View { data: &pr[j0 * l + j0..], rs: 1, cs: l };
+                    let dv = &mut dst[j0 * w3 + 2 * d + h * hd..];
+                    ok &= strided_product(j1 - j0, hd, l - j0, dv, w3, pt, d_o(j0), false).is_ok();
+                    let dst_t = View { data: &ds[j0 * l + j0..], rs: 1, cs: l };
+                    let q = View { data: &s.qkv[base + j0 * w3..], rs: w3, cs: 1 };
+                    ok &= strided_product(j1 - j0, hd, l - j0, &mut dst[j0 * w3 + d + h * hd..], w3, dst_t, q, false).is_ok();
                 }
-                dr[i + 1..].fill(0.0);
             }
-            ok &= strided_product(l, hd, l, dq, hd, View { data: &ds, rs: l, cs: 1 }, View { data: &s.qkv[base + d..], rs: w3, cs: 1 }, false).is_ok();
-            ok &= strided_product(l, hd, l, dk, hd, View { data: &ds, rs: 1, cs: l }, View { data: &s.qkv[base..], rs: w3, cs: 1 }, false).is_ok();
             if !ok {
                 failed.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         });
         if failed.into_inner() {
             candle_core::bail!("attention: a head's product did not fit its views");
-        }
-        // (sequence, head, {q,k,v}, l, hd) → rows of 3·d laid out as the projection's output.
-        let mut dqkv = vec![0f32; rows * w3];
-        for (idx, block) in dheads.chunks_exact(3 * l * hd).enumerate() {
-            let (seq, h) = (idx / heads, idx % heads);
-            for (part, m) in block.chunks_exact(l * hd).enumerate() {
-                for (i, src) in m.chunks_exact(hd).enumerate() {
-                    let at = (seq * l + i) * w3 + part * d + h * hd;
-                    dqkv[at..at + hd].copy_from_slice(src);
-                }
-            }
         }
         Product::AtB.write_into((&dqkv, rows, w3), (&s.normed, rows, d), &mut dp[o_qkv..o_out], false)?;
         let dnormed = Product::AB.run((&dqkv, rows, w3), (w_qkv, w3, d))?.0;
@@ -223,8 +236,8 @@ simd_dispatch! {
 impl KeptBlock for AttentionOp {
     type Saved = Saved;
     const NAME: &'static str = "attention-block";
-    fn forward(&self, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
-        attention_forward(&self.dims, &self.quant, self.residual, x, p)
+    fn forward(&self, x: &[f32], p: &[f32], keep: bool) -> Result<(Vec<f32>, Saved)> {
+        attention_forward(&self.dims, &self.quant, self.residual, keep, x, p)
     }
     fn backward(&self, x: &[f32], p: &[f32], saved: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
         attention_backward(&self.dims, self.residual, x, p, saved, g)

@@ -57,6 +57,7 @@ pub fn pack(dims: &ExpertsDims, ln_w: &Tensor, ln_b: &Tensor, ups: &[&Tensor], d
 struct Routed {
     rows: Option<Vec<usize>>,
     x: Vec<f32>,
+    /// Before GELU; empty when the forward was not kept for a backward (GELU ran in place).
     pre: Vec<f32>,
     hidden: Vec<f32>,
     /// `hidden` times each row's gate; empty without gates (then `hidden` is it).
@@ -130,7 +131,7 @@ fn row_gates(gates: Option<&[f32]>, experts: usize, j: usize, rows: &Option<Vec<
 }
 
 simd_dispatch! {
-    fn experts_forward(dims: &ExpertsDims, quant: &ExpertsQuant, residual: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+    fn experts_forward(dims: &ExpertsDims, quant: &ExpertsQuant, residual: bool, keep: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let rows = check(dims, x.len(), gates, p.len())?;
         let (d, e, ne) = (dims.d, dims.hidden, dims.experts);
         let (ln_w, rest) = p.split_at(d);
@@ -150,17 +151,28 @@ simd_dispatch! {
             let n = routed_rows.as_ref().map_or(rows, Vec::len);
             let xg = routed_rows.as_ref().map(|rs| gather(&normed, d, rs)).unwrap_or_default();
             let xj: &[f32] = if routed_rows.is_some() { &xg } else { &normed };
-            let pre = match quant.up.get(j).and_then(Option::as_ref) {
+            let mut pre = match quant.up.get(j).and_then(Option::as_ref) {
                 Some(q) => q.matmul_t(xj, n),
                 None => gemm(Product::ABt, (xj, n, d), (&up[j * e * d..(j + 1) * e * d], e, d))?,
             };
             // Plain loops, not iterator adapters with closures, throughout these bodies: a closure
             // compiled for AVX2 cannot be inlined into std's baseline `map`/`for_each` drivers and
             // would cost a call per element.
-            let mut hidden = vec![0f32; pre.len()];
-            for (h, &v) in hidden.iter_mut().zip(&pre) {
-                *h = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-            }
+            let hidden = if keep {
+                // The backward needs both: GELU into a fresh buffer, written once, not zeroed first.
+                let mut hidden = Vec::with_capacity(pre.len());
+                for (h, &v) in hidden.spare_capacity_mut().iter_mut().zip(&pre) {
+                    h.write(0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)));
+                }
+                // SAFETY: the loop wrote all pre.len() values of the capacity.
+                unsafe { hidden.set_len(pre.len()) };
+                hidden
+            } else {
+                for v in pre.iter_mut() {
+                    *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+                }
+                std::mem::take(&mut pre)
+            };
             // Without gates every row's gate is 1: `gated` stays empty and `hidden` stands in.
             let mut gated = Vec::new();
             if gates.is_some() {
@@ -259,7 +271,7 @@ simd_dispatch! {
 
 impl ExpertsOp {
     fn fwd(&self, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<Vec<f32>> {
-        let (out, saved) = experts_forward(&self.dims, &self.quant, self.residual, x, gates, p)?;
+        let (out, saved) = experts_forward(&self.dims, &self.quant, self.residual, self.keep, x, gates, p)?;
         if self.keep {
             *self.saved.lock().map_err(|_| candle_core::Error::Msg("experts: a backward pass panicked".into()))? =
                 Some(saved);
@@ -284,7 +296,7 @@ impl ExpertsOp {
                     // A second backward through the same graph finds the intermediates gone: recompute them.
                     let saved = match kept {
                         Some(s) => s,
-                        None => experts_forward(&self.dims, &self.quant, self.residual, xs, gt, ps)?.1,
+                        None => experts_forward(&self.dims, &self.quant, self.residual, true, xs, gt, ps)?.1,
                     };
                     experts_backward(&self.dims, self.residual, xs, gt, ps, &saved, gs)
                 })

@@ -77,7 +77,9 @@ pub(crate) fn pack_parts(op: &str, parts: &[(&candle_core::Tensor, usize)]) -> R
 pub(crate) trait KeptBlock: Send + Sync + 'static {
     type Saved: Send + Sync + 'static;
     const NAME: &'static str;
-    fn forward(&self, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Self::Saved)>;
+    /// The output and the intermediates; without `keep` (inference) the intermediates the
+    /// backward alone needs may be left out.
+    fn forward(&self, x: &[f32], p: &[f32], keep: bool) -> Result<(Vec<f32>, Self::Saved)>;
     /// Gradients of x and of the packed parameters, given the output's gradient `g`.
     fn backward(&self, x: &[f32], p: &[f32], saved: &Self::Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)>;
 }
@@ -114,7 +116,7 @@ impl<B: KeptBlock> candle_core::CustomOp2 for Kept<B> {
         l2: &Layout,
     ) -> Result<(CpuStorage, candle_core::Shape)> {
         let (x, p) = (f32s(s1, l1, B::NAME)?, f32s(s2, l2, B::NAME)?);
-        let (out, saved) = self.block.forward(x, p)?;
+        let (out, saved) = self.block.forward(x, p, self.keep)?;
         if self.keep {
             *self
                 .saved
@@ -141,7 +143,7 @@ impl<B: KeptBlock> candle_core::CustomOp2 for Kept<B> {
                     // A second backward through the same graph finds the intermediates gone: recompute them.
                     let saved = match kept {
                         Some(s) => s,
-                        None => self.block.forward(xs, ps)?.1,
+                        None => self.block.forward(xs, ps, true)?.1,
                     };
                     self.block.backward(xs, ps, &saved, gs)
                 })
@@ -186,7 +188,23 @@ fn ln_1p_unit(y: f32) -> f32 {
                 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0)))))))
 }
 
+/// max v (−∞ for none) in 16 interleaved partial maxima, which vectorize: `f32::max`'s NaN rule
+/// and a fold's running order keep the compiler to one lane. The maximum is exact in any order.
+#[inline(always)]
+fn max_lanes(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = v.chunks_exact(16);
+    for ch in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(ch) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+    acc.iter().fold(tail, |a, &x| if x > a { x } else { a })
+}
+
 /// Σ v in 8 interleaved partial sums (vectorizes; a fixed order, so still deterministic).
+#[inline(always)]
 fn sum_lanes(v: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let mut chunks = v.chunks_exact(8);

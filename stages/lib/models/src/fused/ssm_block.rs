@@ -367,7 +367,7 @@ simd_dispatch! {
 impl KeptBlock for SsmBlockOp {
     type Saved = Saved;
     const NAME: &'static str = "ssm-block";
-    fn forward(&self, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+    fn forward(&self, x: &[f32], p: &[f32], _keep: bool) -> Result<(Vec<f32>, Saved)> {
         block_forward(&self.dims, &self.quant, self.residual, x, p)
     }
     fn backward(&self, x: &[f32], p: &[f32], saved: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
