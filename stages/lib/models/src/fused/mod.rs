@@ -231,6 +231,27 @@ fn rows_per_task(len: usize) -> usize {
 /// more than a generation step's worth of these ops (it halved KV-cache decoding).
 const PARALLEL_MIN: usize = 32_768;
 
+/// `len` fresh slots for a loop that writes every one: zero-filling a buffer first is a pass over
+/// memory the loop then repeats (it was ~1 % of a training step per fused block). [`written`]
+/// turns the slots into values.
+pub(crate) fn slots(len: usize) -> Vec<std::mem::MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation, and the capacity holds `len`.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The values of [`slots`] once a loop has written them all.
+///
+/// # Safety
+/// Every element of `v` has been written.
+pub(crate) unsafe fn written(v: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: MaybeUninit<f32> has f32's layout, the allocation is handed over whole (pointer,
+    // length, capacity), and the caller guarantees every element is initialised.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
 /// `f(i, chunk)` for the `size`-long chunks of `out`: on the rayon pool when there are several
 /// threads and enough work, inline otherwise. Chunks never share outputs, so the result is the
 /// same either way.
@@ -244,12 +265,12 @@ pub(crate) fn for_chunks<T: Send>(out: &mut [T], size: usize, f: impl Fn(usize, 
 }
 
 /// `f(i, a_chunk, b_chunk)` over matching chunks of two outputs, in parallel like [`for_chunks`].
-pub(crate) fn for_chunks2(
-    a: &mut [f32],
+pub(crate) fn for_chunks2<A: Send, B: Send>(
+    a: &mut [A],
     size_a: usize,
-    b: &mut [f32],
+    b: &mut [B],
     size_b: usize,
-    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
 ) {
     let (size_a, size_b) = (size_a.max(1), size_b.max(1));
     if rayon::current_num_threads() > 1 && a.len() > size_a && a.len() >= PARALLEL_MIN {

@@ -97,25 +97,51 @@ struct NextTokenLoss {
 }
 
 impl NextTokenLoss {
-    /// (row of logits, its target) for every scored position.
-    fn pairs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let b = self.ids.len() / self.l;
-        (0..b)
-            .flat_map(move |bi| (0..self.l - 1).map(move |t| (bi * self.l + t, self.ids[bi * self.l + t + 1] as usize)))
-    }
     fn count(&self) -> usize {
         (self.ids.len() / self.l) * (self.l - 1)
     }
 }
 
-/// max and ln Σ exp(v − max) of one row.
-fn log_sum_exp(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut tmp = vec![0f32; row.len()];
-    for (t, &v) in tmp.iter_mut().zip(row) {
+/// (row of logits, its target) for every scored position of ids (b, l): position t predicts t+1.
+fn scored(ids: &[u32], l: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    (0..ids.len() / l).flat_map(move |bi| (0..l - 1).map(move |t| (bi * l + t, ids[bi * l + t + 1] as usize)))
+}
+
+/// exp(v − max) of one row into `out`; returns (max, Σ out).
+#[inline(always)]
+fn exp_shifted(row: &[f32], out: &mut [f32]) -> (f32, f32) {
+    let max = max_lanes(row);
+    for (t, &v) in out.iter_mut().zip(row) {
         *t = exp(v - max);
     }
-    (max, sum_lanes(&tmp).ln())
+    (max, sum_lanes(out))
+}
+
+simd_dispatch! {
+    /// Σ over the scored rows of −log softmax(row)[target], in f64 (targets checked by the caller).
+    fn nll_sum(x: &[f32], v: usize, ids: &[u32], l: usize) -> f64 {
+        let mut tmp = vec![0f32; v];
+        let mut total = 0f64;
+        for (row, target) in scored(ids, l) {
+            let r = &x[row * v..(row + 1) * v];
+            let (max, sum) = exp_shifted(r, &mut tmp);
+            total += (max + sum.ln() - r[target]) as f64;
+        }
+        total
+    }
+}
+
+simd_dispatch! {
+    /// dx = (softmax(row) − one-hot(target)) · scale on the scored rows; other rows untouched.
+    fn nll_grad(x: &[f32], v: usize, ids: &[u32], l: usize, scale: f32, dx: &mut [f32]) -> () {
+        for (row, target) in scored(ids, l) {
+            let (r, d) = (&x[row * v..(row + 1) * v], &mut dx[row * v..(row + 1) * v]);
+            let (_, sum) = exp_shifted(r, d);
+            let k = scale / sum;
+            d.iter_mut().for_each(|d| *d *= k);
+            d[target] -= scale;
+        }
+    }
 }
 
 impl CustomOp1 for NextTokenLoss {
@@ -128,15 +154,10 @@ impl CustomOp1 for NextTokenLoss {
         if x.len() != self.ids.len() * v {
             candle_core::bail!("next-token loss: logits {:?} do not match {} ids", l.shape(), self.ids.len());
         }
-        let mut total = 0f64;
-        for (row, target) in self.pairs() {
-            let r = &x[row * v..(row + 1) * v];
-            if target >= v {
-                candle_core::bail!("next-token loss: token id {target} is outside the vocabulary of {v}");
-            }
-            let (max, lse) = log_sum_exp(r);
-            total += (max + lse - r[target]) as f64;
+        if let Some((_, target)) = scored(&self.ids, self.l).find(|&(_, t)| t >= v) {
+            candle_core::bail!("next-token loss: token id {target} is outside the vocabulary of {v}");
         }
+        let total = nll_sum(x, v, &self.ids, self.l);
         Ok((CpuStorage::F32(vec![(total / self.count() as f64) as f32]), Shape::from(())))
     }
     fn bwd(&self, logits: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -158,15 +179,11 @@ impl CustomOp1 for NextTokenLossGrad<'_> {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
         let v = l.shape().dims().last().copied().unwrap_or(1);
-        let mut dx = vec![0f32; x.len()];
-        for (row, target) in self.loss.pairs() {
-            let (r, d) = (&x[row * v..(row + 1) * v], &mut dx[row * v..(row + 1) * v]);
-            let (max, lse) = log_sum_exp(r);
-            for (d, &z) in d.iter_mut().zip(r) {
-                *d = exp(z - max - lse) * self.scale;
-            }
-            d[target] -= self.scale;
+        if x.len() != self.loss.ids.len() * v {
+            candle_core::bail!("next-token loss: logits {:?} do not match {} ids", l.shape(), self.loss.ids.len());
         }
+        let mut dx = vec![0f32; x.len()];
+        nll_grad(x, v, &self.loss.ids, self.loss.l, self.scale, &mut dx);
         Ok((CpuStorage::F32(dx), l.shape().clone()))
     }
 }

@@ -1,5 +1,7 @@
 //! The SSM block's chains: depthwise causal conv + SiLU, the step size Δ, the output gate.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::*;
@@ -18,24 +20,67 @@ fn taps_by_offset(w: &[f32], c: usize, k: usize) -> Vec<f32> {
     t
 }
 
+/// Row t of one sequence's conv output: bias[c] + Σ_j wt[j,c] · xb[t+j-(k-1), c].
+#[inline(always)]
+fn conv_row(xb: &[f32], wt: &[f32], bias: &[f32], t: usize, k: usize, row: &mut [f32]) {
+    let c = row.len();
+    row.copy_from_slice(bias);
+    for j in 0..k {
+        let Some(src) = (t + j).checked_sub(k - 1) else { continue };
+        let xr = &xb[src * c..(src + 1) * c];
+        for ((r, &w), &x) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(xr) {
+            *r += w * x;
+        }
+    }
+}
+
 simd_dispatch! {
     /// y[b,t,c] = bias[c] + Σ_j w[c,j] · x[b, t+j-(k-1), c] (zero before the start).
     pub(super) fn conv_pre(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize, out: &mut [f32]) -> () {
         let wt = taps_by_offset(w, c, k);
         for_chunks(out, l * c, |bi, o| {
             let xb = &x[bi * l * c..(bi + 1) * l * c];
-            for t in 0..l {
-                let row = &mut o[t * c..(t + 1) * c];
-                row.copy_from_slice(bias);
-                for j in 0..k {
-                    let Some(src) = (t + j).checked_sub(k - 1) else { continue };
-                    let xr = &xb[src * c..(src + 1) * c];
-                    for ((r, &w), &x) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(xr) {
-                        *r += w * x;
-                    }
+            for (t, row) in o.chunks_exact_mut(c).enumerate() {
+                conv_row(xb, &wt, bias, t, k, row);
+            }
+        });
+    }
+}
+
+simd_dispatch! {
+    /// The SSM block's conv and SiLU in one pass, row by row while the conv output is in L1:
+    /// xc = silu(conv_pre(x)) and dsilu = silu′ there (what the backward multiplies by); `lck`:
+    /// sequence length, channels, taps.
+    pub(super) fn conv_silu(x: &[f32], w: &[f32], bias: &[f32], lck: (usize, usize, usize), xc: &mut [MaybeUninit<f32>], dsilu: &mut [f32]) -> () {
+        let (l, c, k) = lck;
+        let wt = taps_by_offset(w, c, k);
+        for_chunks2(dsilu, l * c, xc, l * c, |bi, ds, xo| {
+            let xb = &x[bi * l * c..(bi + 1) * l * c];
+            for (t, (row, xr)) in ds.chunks_exact_mut(c).zip(xo.chunks_exact_mut(c)).enumerate() {
+                conv_row(xb, &wt, bias, t, k, row);
+                for (o, v) in xr.iter_mut().zip(row.iter_mut()) {
+                    let s = sigmoid(*v);
+                    o.write(*v * s);
+                    *v = s * (1.0 + *v * (1.0 - s));
                 }
             }
         });
+    }
+}
+
+/// Row s of one sequence's conv input gradient, added into `row`: Σ_j gy[s+(k-1)-j] · wt[j].
+#[inline(always)]
+fn conv_t_row(gb: &[f32], wt: &[f32], s: usize, l: usize, k: usize, row: &mut [f32]) {
+    let c = row.len();
+    for j in 0..k {
+        let t = s + (k - 1) - j;
+        if t >= l {
+            continue;
+        }
+        let gr = &gb[t * c..(t + 1) * c];
+        for ((r, &w), &g) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(gr) {
+            *r += w * g;
+        }
     }
 }
 
@@ -46,21 +91,37 @@ simd_dispatch! {
         let mut dx = vec![0f32; gy.len()];
         for_chunks(&mut dx, l * c, |bi, o| {
             let gb = &gy[bi * l * c..(bi + 1) * l * c];
-            for s in 0..l {
-                let row = &mut o[s * c..(s + 1) * c];
-                for j in 0..k {
-                    let t = s + (k - 1) - j;
-                    if t >= l {
-                        continue;
-                    }
-                    let gr = &gb[t * c..(t + 1) * c];
-                    for ((r, &w), &g) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(gr) {
-                        *r += w * g;
-                    }
-                }
+            for (s, row) in o.chunks_exact_mut(c).enumerate() {
+                conv_t_row(gb, &wt, s, l, k, row);
             }
         });
         dx
+    }
+}
+
+simd_dispatch! {
+    /// The SSM block's conv backward from ∂xc, a sequence at a time while it is in cache: scales
+    /// `g` in place by silu′ (g becomes ∂ of the conv output, which conv_param_grad then reads)
+    /// and returns conv_transpose of it.
+    pub(super) fn silu_conv_transpose(g: &mut [f32], dsilu: &[f32], w: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
+        let wt = taps_by_offset(w, c, k);
+        let mut dx = slots(g.len());
+        for_chunks2(g, l * c, &mut dx, l * c, |bi, gb, o| {
+            for (g, &ds) in gb.iter_mut().zip(&dsilu[bi * l * c..]) {
+                *g *= ds;
+            }
+            let mut row = vec![0f32; c];
+            for (s, out) in o.chunks_exact_mut(c).enumerate() {
+                row.fill(0.0);
+                conv_t_row(gb, &wt, s, l, k, &mut row);
+                for (o, &v) in out.iter_mut().zip(&row) {
+                    o.write(v);
+                }
+            }
+        });
+        // SAFETY: g and dx have one length, cut alike into sequences of l rows of c; every row
+        // of every sequence is written whole from `row` (c values).
+        unsafe { written(dx) }
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
 
-use super::ssm::{conv_param_grad, conv_pre, conv_transpose};
+use super::ssm::{conv_param_grad, conv_silu, silu_conv_transpose};
 use super::*;
 use crate::linear_op::Product;
 use crate::nn::{layer_norm_bwd, row_stats};
@@ -98,9 +98,12 @@ struct Saved {
     normed: Vec<f32>,
     xs: Vec<f32>,
     z: Vec<f32>,
-    pre: Vec<f32>,
+    /// silu′ at the conv output: what the backward multiplies ∂xc by (the conv output itself
+    /// is not needed again, and this spares the backward its exponentials).
+    dsilu: Vec<f32>,
     xc: Vec<f32>,
-    /// delta_proj(xc) before its bias, then B·xc: rows of di + n.
+    /// Rows of di + n: σ(delta_proj(xc) + bias), softplus′ there, then B·xc. (Without `keep`,
+    /// the first di hold delta_proj(xc) before its bias.)
     qb: Vec<f32>,
     delta: Vec<f32>,
     a: Vec<f32>,
@@ -152,19 +155,22 @@ fn check(dims: &SsmBlockDims, x_len: usize, p_len: usize) -> Result<usize> {
 
 simd_dispatch! {
     /// The block's output and what its backward needs.
-    fn block_forward(dims: &SsmBlockDims, quant: &SsmBlockQuant, residual: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+    fn block_forward(dims: &SsmBlockDims, quant: &SsmBlockQuant, residual: bool, keep: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let rows = check(dims, x.len(), p.len())?;
         let SsmBlockDims { d, di, n, k, seq_len: l, eps } = *dims;
         let o = dims.offsets();
         let (ln_w, ln_b) = (part(p, &o, LN_W), part(p, &o, LN_B));
 
         let stats = row_stats(x, d, eps);
-        let mut normed = vec![0f32; x.len()];
+        let mut normed = slots(x.len());
         for ((out, row), &(mean, rstd)) in normed.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(&stats) {
             for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(ln_w).zip(ln_b) {
-                *o = (v - mean) * rstd * w + b;
+                o.write((v - mean) * rstd * w + b);
             }
         }
+        // SAFETY: rows × d values, one row per stats entry (row_stats gives one per row of d),
+        // and each row zipped with the d LayerNorm weights and biases.
+        let normed = unsafe { written(normed) };
 
         let w_in = part(p, &o, W_IN);
         let (xs, z) = match &quant.in_proj {
@@ -175,18 +181,15 @@ simd_dispatch! {
             ),
         };
 
-        let mut pre = vec![0f32; rows * di];
-        conv_pre(&xs, part(p, &o, CONV_W), part(p, &o, CONV_B), l, di, k, &mut pre);
-        let mut xc = vec![0f32; pre.len()];
-        for_chunks(&mut xc, 16_384, |i, ch| {
-            for (o, &v) in ch.iter_mut().zip(&pre[i * 16_384..]) {
-                *o = v * sigmoid(v);
-            }
-        });
+        let (mut xc, mut dsilu) = (slots(rows * di), vec![0f32; rows * di]);
+        conv_silu(&xs, part(p, &o, CONV_W), part(p, &o, CONV_B), (l, di, k), &mut xc, &mut dsilu);
+        // SAFETY: conv_silu writes every row of c values of every sequence of xc (xc and dsilu
+        // have one length and are cut alike).
+        let xc = unsafe { written(xc) };
 
         // Each row of qb: delta_proj(xc) before its bias (di values), then B·xc (n).
         let wq = di + n;
-        let qb = match &quant.delta_proj {
+        let mut qb = match &quant.delta_proj {
             Some(q) => {
                 let (qd, bx) = (q.matmul_t(&xc, rows), gemm(Product::ABt, (&xc, rows, di), (part(p, &o, B), n, di))?);
                 let mut qb = Vec::with_capacity(rows * wq);
@@ -198,15 +201,26 @@ simd_dispatch! {
             }
             None => gemm(Product::ABt, (&xc, rows, di), (&p[o[W_DELTA]..o[B + 1]], wq, di))?,
         };
-        // Δ per row: mean over channels of softplus(delta_proj(xc)).
+        // Δ per row: mean over channels of softplus(delta_proj(xc) + bias); when training, the
+        // same exponential gives softplus′ = σ, kept in place of the product.
         let b_delta = part(p, &o, B_DELTA);
         let mut delta = vec![0f32; rows];
-        let per = rows_per_task(di);
-        for_chunks(&mut delta, per, |i, out| {
+        let per = rows_per_task(wq);
+        for_chunks2(&mut qb, per * wq, &mut delta, per, |_, qrows, out| {
             let mut tmp = vec![0f32; di];
-            for (o, row) in out.iter_mut().zip(qb[i * per * wq..].chunks_exact(wq)) {
-                for ((t, &v), b) in tmp.iter_mut().zip(row).zip(b_delta) {
-                    *t = softplus(v + b);
+            for (o, row) in out.iter_mut().zip(qrows.chunks_exact_mut(wq)) {
+                if keep {
+                    for ((t, q), b) in tmp.iter_mut().zip(&mut row[..di]).zip(b_delta) {
+                        let v = *q + b;
+                        let e = exp(-v.abs());
+                        *t = v.max(0.0) + ln_1p_unit(e);
+                        let r = 1.0 / (1.0 + e);
+                        *q = if v >= 0.0 { r } else { e * r };
+                    }
+                } else {
+                    for ((t, &q), b) in tmp.iter_mut().zip(&row[..di]).zip(b_delta) {
+                        *t = softplus(q + b);
+                    }
                 }
                 *o = sum_lanes(&tmp) / di as f32;
             }
@@ -226,24 +240,27 @@ simd_dispatch! {
         // y = C h + D ⊙ xc; gated = y ⊙ silu(z).
         let mut y = gemm(Product::ABt, (&h, rows, n), (part(p, &o, C), di, n))?;
         let d_skip = part(p, &o, D_SKIP);
-        let mut gated = vec![0f32; rows * di];
+        let mut gated = slots(rows * di);
         let per = rows_per_task(di);
         for_chunks2(&mut y, per * di, &mut gated, per * di, |i, ys, gs| {
             let (xcs, zs) = (&xc[i * per * di..], &z[i * per * di..]);
             for (((yr, gr), xr), zr) in ys.chunks_exact_mut(di).zip(gs.chunks_exact_mut(di)).zip(xcs.chunks_exact(di)).zip(zs.chunks_exact(di)) {
                 for ((((y, g), &x), &z), &dd) in yr.iter_mut().zip(gr.iter_mut()).zip(xr).zip(zr).zip(d_skip) {
                     *y += dd * x;
-                    *g = *y * z * sigmoid(z);
+                    g.write(*y * z * sigmoid(z));
                 }
             }
         });
+        // SAFETY: y, gated, xc and z all hold rows × di values, cut alike into rows of di, and
+        // each row zipped with the di values of D.
+        let gated = unsafe { written(gated) };
 
         let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
         match &quant.out_proj {
             Some(q) => q.matmul_t_add(&gated, rows, &mut out),
             None => Product::ABt.write_into((&gated, rows, di), (part(p, &o, W_OUT), d, di), &mut out, residual)?,
         }
-        Ok((out, Saved { stats, normed, xs, z, pre, xc, qb, delta, a, h, y, gated }))
+        Ok((out, Saved { stats, normed, xs, z, dsilu, xc, qb, delta, a, h, y, gated }))
     }
 }
 
@@ -261,31 +278,36 @@ simd_dispatch! {
         let mut dy = gemm(Product::AB, (g, rows, d), (part(p, &o, W_OUT), d, di))?;
 
         // gate: dy ← dgated ⊙ silu(z); dz = dgated ⊙ y ⊙ silu'(z)
-        let mut dz = vec![0f32; rows * di];
+        let mut dz = slots(rows * di);
         for_chunks2(&mut dy, 16_384, &mut dz, 16_384, |i, dys, dzs| {
             let (ys, zs) = (&s.y[i * 16_384..], &s.z[i * 16_384..]);
             for (((dy, dz), &y), &z) in dys.iter_mut().zip(dzs.iter_mut()).zip(ys).zip(zs) {
                 let sg = sigmoid(z);
                 let dg = *dy;
                 *dy = dg * z * sg;
-                *dz = dg * y * sg * (1.0 + z * (1.0 - sg));
+                dz.write(dg * y * sg * (1.0 + z * (1.0 - sg)));
             }
         });
+        // SAFETY: dy, dz, y and z all hold rows × di values, cut alike and zipped whole.
+        let dz = unsafe { written(dz) };
 
         // y = C h + D ⊙ xc: ∂xc = dy ⊙ D, and ∂D summed per block of rows in f32, then in f64.
         let d_skip = part(p, &o, D_SKIP);
         let per = rows_per_task(di);
-        let mut dxc = vec![0f32; rows * di];
+        let mut dxc = slots(rows * di);
         let mut d_partial = vec![0f32; rows.div_ceil(per) * di];
         for_chunks2(&mut dxc, per * di, &mut d_partial, di, |i, out, acc| {
             let base = i * per * di;
             for ((or, gr), xr) in out.chunks_exact_mut(di).zip(dy[base..].chunks_exact(di)).zip(s.xc[base..].chunks_exact(di)) {
                 for (((o, &g), &dd), (a, &x)) in or.iter_mut().zip(gr).zip(d_skip).zip(acc.iter_mut().zip(xr)) {
-                    *o = g * dd;
+                    o.write(g * dd);
                     *a += g * x;
                 }
             }
         });
+        // SAFETY: dxc, dy and xc hold rows × di values; every row of dxc is zipped with a row of
+        // dy and of xc and with the di values of D and of its partial sums.
+        let mut dxc = unsafe { written(dxc) };
         dp[at(D_SKIP)].copy_from_slice(&column_sums(&d_partial, di));
         let dh = gemm(Product::AB, (&dy, rows, di), (part(p, &o, C), di, n))?;
         Product::AtB.write_into((&dy, rows, di), (&s.h, rows, n), &mut dp[at(C)], false)?;
@@ -315,15 +337,14 @@ simd_dispatch! {
         for ((t, &g), &an) in dp[at(A_LOG)].iter_mut().zip(&da_neg).zip(&a_neg) {
             *t = g as f32 * an;
         }
-        // Δ = mean softplus(q + bias): ∂q = ∂Δ / di · sigmoid(q + bias).
-        let b_delta = part(p, &o, B_DELTA);
+        // Δ = mean softplus(q + bias): ∂q = ∂Δ / di · σ(q + bias), which the forward kept in qb.
         let per = rows_per_task(wq);
         let mut bias_partial = vec![0f32; rows.div_ceil(per) * di];
         for_chunks2(&mut dqb, per * wq, &mut bias_partial, di, |i, out, acc| {
             for ((or, qr), &gd) in out.chunks_exact_mut(wq).zip(s.qb[i * per * wq..].chunks_exact(wq)).zip(&ddelta[i * per..]) {
                 let scale = gd / di as f32;
-                for (((o, &v), &b), a) in or[..di].iter_mut().zip(&qr[..di]).zip(b_delta).zip(acc.iter_mut()) {
-                    *o = scale * sigmoid(v + b);
+                for ((o, &sg), a) in or[..di].iter_mut().zip(&qr[..di]).zip(acc.iter_mut()) {
+                    *o = scale * sg;
                     *a += *o;
                 }
             }
@@ -334,15 +355,8 @@ simd_dispatch! {
         Product::AtB.write_into((&dqb, rows, wq), (&s.xc, rows, di), &mut dp[o[W_DELTA]..o[B + 1]], false)?;
         Product::AB.write_into((&dqb, rows, wq), (wb, wq, di), &mut dxc, true)?;
 
-        // xc = silu(pre), pre = conv(xs) + bias.
-        for_chunks(&mut dxc, 16_384, |i, ch| {
-            for (g, &v) in ch.iter_mut().zip(&s.pre[i * 16_384..]) {
-                let sg = sigmoid(v);
-                *g *= sg * (1.0 + v * (1.0 - sg));
-            }
-        });
-        let conv_w = part(p, &o, CONV_W);
-        let dxs = conv_transpose(&dxc, conv_w, l, di, k);
+        // xc = silu(conv(xs) + bias): dxc becomes the conv output's gradient.
+        let dxs = silu_conv_transpose(&mut dxc, &s.dsilu, part(p, &o, CONV_W), l, di, k);
         let taps = conv_param_grad(&s.xs, &dxc, l, di, k); // (di, k + 1): taps, then the bias
         for (ch, row) in taps.chunks_exact(k + 1).enumerate() {
             dp[o[CONV_W] + ch * k..o[CONV_W] + (ch + 1) * k].copy_from_slice(&row[..k]);
@@ -367,8 +381,8 @@ simd_dispatch! {
 impl KeptBlock for SsmBlockOp {
     type Saved = Saved;
     const NAME: &'static str = "ssm-block";
-    fn forward(&self, x: &[f32], p: &[f32], _keep: bool) -> Result<(Vec<f32>, Saved)> {
-        block_forward(&self.dims, &self.quant, self.residual, x, p)
+    fn forward(&self, x: &[f32], p: &[f32], keep: bool) -> Result<(Vec<f32>, Saved)> {
+        block_forward(&self.dims, &self.quant, self.residual, keep, x, p)
     }
     fn backward(&self, x: &[f32], p: &[f32], saved: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
         block_backward(&self.dims, self.residual, x, p, saved, g)
