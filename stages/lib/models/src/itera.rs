@@ -472,7 +472,7 @@ impl IteraLite {
             };
         }
         let aux = (aux * self.cfg.aux_weight)?;
-        let logits = self.emb.head(&x, is_train)?.reshape((b, l, self.cfg.vocab_size))?;
+        let logits = self.emb.head_seq(&x, is_train, (b, l))?;
         Ok(Forward { logits, aux, load })
     }
 

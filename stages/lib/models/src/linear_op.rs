@@ -200,17 +200,27 @@ impl CustomOp2 for NoGrad {
     }
 }
 
-struct Linear;
+/// The product's rows, optionally given another shape of the same values (a reshape node after
+/// it would cost its backward a zeroed full-size gradient buffer and an add).
+struct Linear(Option<Shape>);
 
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
         "linear"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        NoGrad(Product::ABt).cpu_fwd(s1, l1, s2, l2)
+        let (v, shape) = NoGrad(Product::ABt).cpu_fwd(s1, l1, s2, l2)?;
+        match &self.0 {
+            Some(s) if s.elem_count() != shape.elem_count() => {
+                candle_core::bail!("linear: a {shape:?} product cannot be shaped {s:?}")
+            }
+            Some(s) => Ok((v, s.clone())),
+            None => Ok((v, shape)),
+        }
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
+        let g = if g.rank() == 2 { g } else { g.reshape((x.dim(0)?, w.dim(0)?))? };
         let dx = g.apply_op2_no_bwd(w, &NoGrad(Product::AB))?;
         let dw = g.apply_op2_no_bwd(x, &NoGrad(Product::AtB))?;
         Ok((Some(dx), Some(dw)))
@@ -219,7 +229,12 @@ impl CustomOp2 for Linear {
 
 /// x (rows, in) · w (out, in)ᵀ → (rows, out); f32, differentiable in both.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
+    x.contiguous()?.apply_op2(&w.contiguous()?, Linear(None))
+}
+
+/// [`linear`] with its (rows, out) values given `shape` (e.g. (batch, seq, out)).
+pub fn linear_shaped(x: &Tensor, w: &Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, Linear(Some(shape.into())))
 }
 
 #[cfg(test)]
@@ -257,5 +272,22 @@ mod tests {
         let half = w.narrow(0, 3, 3).unwrap();
         assert!(max_diff(&linear(&x, &half).unwrap(), &x.matmul(&half.t().unwrap()).unwrap()) < 1e-5);
         assert!(linear(&x, &Tensor::zeros((2, 5), candle_core::DType::F32, &Device::Cpu).unwrap()).is_err());
+        assert!(linear_shaped(&x, &w, (2, 5)).is_err());
+    }
+
+    #[test]
+    fn a_shaped_product_has_the_gradients_of_a_reshaped_one() {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 5), &Device::Cpu).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 5), &Device::Cpu).unwrap()).unwrap();
+        let ours = linear_shaped(&x, &w, (2, 3, 7)).unwrap();
+        let theirs = linear(&x, &w).unwrap().reshape((2, 3, 7)).unwrap();
+        assert_eq!(ours.dims(), &[2, 3, 7]);
+        assert!(max_diff(&ours, &theirs) < 1e-6);
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 7), &Device::Cpu).unwrap();
+        let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            assert!(max_diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-6);
+        }
     }
 }

@@ -112,15 +112,7 @@ crate::fused::simd_dispatch! {
                 *p_b += g;
             }
             let m1 = sum_lanes_of(&dxhat, |v| v) * inv_d;
-            let mut acc = [0f32; 8];
-            let (mut dh8, mut xh8) = (dxhat.chunks_exact(8), xhat.chunks_exact(8));
-            for (a8, b8) in (&mut dh8).zip(&mut xh8) {
-                for ((s, &a), &b) in acc.iter_mut().zip(a8).zip(b8) {
-                    *s += a * b;
-                }
-            }
-            let tail: f32 = dh8.remainder().iter().zip(xh8.remainder()).map(|(&a, &b)| a * b).sum();
-            let m2 = (acc.iter().sum::<f32>() + tail) * inv_d;
+            let m2 = crate::fused::dot_lanes(&dxhat, &xhat) * inv_d;
             for ((o, &dxh), &xh) in dx[r * d..(r + 1) * d].iter_mut().zip(&dxhat).zip(&xhat) {
                 *o += rstd * (dxh - m1 - xh * m2);
             }
@@ -384,6 +376,17 @@ impl TiedEmbeddings {
             Some(q) => qmatmul_t(&x, q),
             None => matmul_t(&x, self.embed.embeddings()),
         }
+    }
+
+    /// [`Self::head`] on rows (batch · seq, d), as logits (batch, seq, vocab).
+    pub fn head_seq(&self, x: &Tensor, train: bool, (b, l): (usize, usize)) -> Result<Tensor> {
+        let w = self.embed.embeddings();
+        let vocab = w.dim(0)?;
+        if self.head_quant.is_none() && x.rank() == 2 && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+            // Shaped by the product itself: no reshape node for the backward to pass through.
+            return crate::linear_op::linear_shaped(&self.norm_f.forward(x, train)?, w, (b, l, vocab));
+        }
+        self.head(x, train)?.reshape((b, l, vocab))
     }
 
     pub fn head_quantized(&self) -> Option<&QWeight> {

@@ -172,7 +172,7 @@ impl Transformer {
         for block in &self.blocks {
             x = block.forward(&x, (b, l), &mut train, None)?;
         }
-        let logits = self.emb.head(&x, is_train)?.reshape((b, l, self.cfg.vocab_size))?;
+        let logits = self.emb.head_seq(&x, is_train, (b, l))?;
         Ok(Forward { aux: Tensor::zeros((), DType::F32, logits.device())?, logits, load: Vec::new() })
     }
 

@@ -188,13 +188,7 @@ simd_dispatch! {
                     // dS = scale · P ⊙ (dP − Σ_j dP ⊙ P) on the visible part, zero beyond.
                     for i in i0..i1 {
                         let (dr, prow) = (&mut ds[i * l..i * l + i1], &pr[i * l..i * l + i1]);
-                        let mut lanes = [0f32; 8];
-                        for (ca, cb) in dr[..=i].chunks(8).zip(prow[..=i].chunks(8)) {
-                            for ((acc, a), b) in lanes.iter_mut().zip(ca).zip(cb) {
-                                *acc += a * b;
-                            }
-                        }
-                        let dot: f32 = lanes.iter().sum();
+                        let dot = dot_lanes(&dr[..=i], &prow[..=i]);
                         for (a, &b) in dr[..=i].iter_mut().zip(&prow[..=i]) {
                             *a = scale * b * (*a - dot);
                         }

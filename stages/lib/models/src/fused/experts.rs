@@ -177,12 +177,14 @@ simd_dispatch! {
             let mut gated = Vec::new();
             if gates.is_some() {
                 let scale = row_gates(gates, ne, j, &routed_rows, n);
-                gated = hidden.clone();
-                for (gr, &s) in gated.chunks_exact_mut(e.max(1)).zip(&scale) {
-                    for v in gr.iter_mut() {
-                        *v *= s;
+                let mut g = slots(hidden.len());
+                for ((gr, hr), &s) in g.chunks_exact_mut(e.max(1)).zip(hidden.chunks_exact(e.max(1))).zip(&scale) {
+                    for (o, &v) in gr.iter_mut().zip(hr) {
+                        o.write(v * s);
                     }
                 }
+                // SAFETY: hidden holds n rows of e, one gate per row (row_gates gives n).
+                gated = unsafe { written(g) };
             }
             let gated_or_hidden: &[f32] = if gates.is_some() { &gated } else { &hidden };
             let down_j = (&down[j * d * e..(j + 1) * d * e], d, e);
@@ -233,11 +235,7 @@ simd_dispatch! {
             let mut dpre = gemm(Product::AB, (gj, n, d), (&down[j * d * e..(j + 1) * d * e], d, e))?;
             if let Some(rs) = &r.rows {
                 for ((dr, hr), &row) in dpre.chunks_exact(e).zip(r.hidden.chunks_exact(e)).zip(rs) {
-                    let mut dot = 0f32;
-                    for (a, b) in dr.iter().zip(hr) {
-                        dot += a * b;
-                    }
-                    dgates[row * ne + j] = dot;
+                    dgates[row * ne + j] = dot_lanes(dr, hr);
                 }
             }
             let scale = row_gates(gates, ne, j, &r.rows, n);

@@ -217,6 +217,20 @@ fn sum_lanes(v: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Σ a·b over two slices of one length, in 8 interleaved partial sums like [`sum_lanes`].
+#[inline(always)]
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (x, y) in (&mut a8).zip(&mut b8) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(&x, &y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 #[inline(always)]
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + exp(-v))
