@@ -320,18 +320,23 @@ simd_dispatch! {
         let wq = di + n;
         let mut dqb = vec![0f32; rows * wq];
         let mut da_neg = vec![0f64; n];
-        for r in 0..rows {
-            let first = r % l == 0;
-            let mut acc = 0f32;
-            for j in 0..n {
-                let i = r * n + j;
-                let h_prev = if first { 0.0 } else { s.h[i - n] };
-                let da = lam[i] * h_prev * s.a[i]; // ∂/∂(Δ·A)
-                acc += lam[i] * s.qb[r * wq + di + j] + da * a_neg[j];
-                dqb[r * wq + di + j] = lam[i] * s.delta[r];
-                da_neg[j] += (da * s.delta[r]) as f64;
+        // Per row, the n state terms side by side (they vectorize), then summed in order.
+        let (zeros, mut terms) = (vec![0f32; n], vec![0f32; n]);
+        for (r, dd) in ddelta.iter_mut().enumerate() {
+            let at_r = r * n..(r + 1) * n;
+            let h_prev = if r % l == 0 { &zeros[..] } else { &s.h[at_r.start - n..at_r.start] };
+            let (lr, ar, dt) = (&lam[at_r.clone()], &s.a[at_r], s.delta[r]);
+            let bx = s.qb[r * wq + di..(r + 1) * wq].iter().zip(&a_neg);
+            let dbx = &mut dqb[r * wq + di..(r + 1) * wq];
+            for ((((((t, db), dn), &lm), &hp), &av), (&b, &an)) in
+                terms.iter_mut().zip(dbx).zip(da_neg.iter_mut()).zip(lr).zip(h_prev).zip(ar).zip(bx)
+            {
+                let da = lm * hp * av; // ∂/∂(Δ·A)
+                *t = lm * b + da * an;
+                *db = lm * dt;
+                *dn += (da * dt) as f64;
             }
-            ddelta[r] = acc;
+            *dd = terms.iter().fold(0f32, |acc, &t| acc + t);
         }
         // A = −exp(A_log) ⇒ ∂A/∂A_log = A.
         for ((t, &g), &an) in dp[at(A_LOG)].iter_mut().zip(&da_neg).zip(&a_neg) {
