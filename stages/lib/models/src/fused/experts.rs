@@ -21,6 +21,9 @@ use crate::linear_op::{Matrix, Product};
 use crate::nn::{layer_norm_bwd, row_stats};
 use crate::quant::QWeight;
 
+/// 1/√(2π), the standard normal density's factor.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
 /// Model width d, experts, each expert's hidden width, LayerNorm epsilon.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ExpertsDims {
@@ -57,8 +60,9 @@ pub fn pack(dims: &ExpertsDims, ln_w: &Tensor, ln_b: &Tensor, ups: &[&Tensor], d
 struct Routed {
     rows: Option<Vec<usize>>,
     x: Vec<f32>,
-    /// Before GELU; empty when the forward was not kept for a backward (GELU ran in place).
-    pre: Vec<f32>,
+    /// GELU′ at the up projection's output; empty when the forward was not kept for a
+    /// backward (GELU ran in place).
+    dgelu: Vec<f32>,
     hidden: Vec<f32>,
     /// `hidden` times each row's gate; empty without gates (then `hidden` is it).
     gated: Vec<f32>,
@@ -159,10 +163,14 @@ simd_dispatch! {
             // compiled for AVX2 cannot be inlined into std's baseline `map`/`for_each` drivers and
             // would cost a call per element.
             let hidden = if keep {
-                // The backward needs both: GELU into a fresh buffer, written once, not zeroed first.
+                // GELU into a fresh buffer, written once, not zeroed first; `pre` becomes GELU′
+                // there (Φ(v) + v·φ(v)), all the backward needs of it, from the same erf.
                 let mut hidden = Vec::with_capacity(pre.len());
-                for (h, &v) in hidden.spare_capacity_mut().iter_mut().zip(&pre) {
-                    h.write(0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)));
+                for (h, v) in hidden.spare_capacity_mut().iter_mut().zip(pre.iter_mut()) {
+                    let x = *v;
+                    let t = 1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2);
+                    h.write(0.5 * x * t);
+                    *v = 0.5 * t + x * INV_SQRT_2PI * exp(-0.5 * x * x);
                 }
                 // SAFETY: the loop wrote all pre.len() values of the capacity.
                 unsafe { hidden.set_len(pre.len()) };
@@ -204,7 +212,7 @@ simd_dispatch! {
                     }
                 }
             }
-            experts.push(Routed { rows: routed_rows, x: xg, pre, hidden, gated });
+            experts.push(Routed { rows: routed_rows, x: xg, dgelu: pre, hidden, gated });
         }
         Ok((out, Saved { stats, normed, experts }))
     }
@@ -220,7 +228,6 @@ simd_dispatch! {
         let mut dp = vec![0f32; p.len()];
         let mut dgates = vec![0f32; if gates.is_some() { rows * ne } else { 0 }];
         let mut dnormed = vec![0f32; rows * d];
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
         for (j, r) in s.experts.iter().enumerate() {
             let n = r.rows.as_ref().map_or(rows, Vec::len);
             if n == 0 {
@@ -239,10 +246,9 @@ simd_dispatch! {
                 }
             }
             let scale = row_gates(gates, ne, j, &r.rows, n);
-            for ((dr, pr), &sc) in dpre.chunks_exact_mut(e).zip(r.pre.chunks_exact(e)).zip(&scale) {
-                for (dv, &v) in dr.iter_mut().zip(pr) {
-                    let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                    *dv *= sc * (cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v));
+            for ((dr, gr), &sc) in dpre.chunks_exact_mut(e).zip(r.dgelu.chunks_exact(e)).zip(&scale) {
+                for (dv, &dg) in dr.iter_mut().zip(gr) {
+                    *dv *= sc * dg;
                 }
             }
             Product::AtB.write_into((&dpre, n, e), (xj, n, d), &mut d_up[j * e * d..(j + 1) * e * d], false)?;
