@@ -74,6 +74,31 @@ crate::fused::simd_dispatch! {
     }
 }
 
+crate::fused::simd_dispatch! {
+    /// LayerNorm's output from [`row_stats`]' (mean, 1/std) per row: (x − mean) · rstd · w + b,
+    /// written once into a fresh buffer (no zero fill first).
+    pub(crate) fn normalize_rows(x: &[f32], w: &[f32], b: &[f32], stats: &[(f32, f32)]) -> Result<Vec<f32>> {
+        let d = w.len();
+        if d == 0 || b.len() != d || x.len() != stats.len() * d {
+            candle_core::bail!(
+                "layer-norm: {} values are not {} rows of the weight's {d} (bias {})",
+                x.len(),
+                stats.len(),
+                b.len()
+            );
+        }
+        let mut y = crate::fused::slots(x.len());
+        for ((out, row), &(mean, rstd)) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(stats) {
+            for (((o, &v), &lw), &lb) in out.iter_mut().zip(row).zip(w).zip(b) {
+                o.write((v - mean) * rstd * lw + lb);
+            }
+        }
+        // SAFETY: x holds stats.len() rows of d (checked above), and each row of y is zipped
+        // with one row of x and with the d weights and biases: every slot is written.
+        Ok(unsafe { crate::fused::written(y) })
+    }
+}
+
 /// Σ f(v) in 8 interleaved f32 partial sums (vectorizes; a fixed order, so deterministic).
 #[inline(always)]
 fn sum_lanes_of(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
@@ -92,15 +117,21 @@ fn sum_lanes_of(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 const LN_GRAD_BLOCK: usize = 64;
 
 crate::fused::simd_dispatch! {
-    /// LayerNorm's backward for rows of `w.len()`: adds the input gradient into `dx` and returns
-    /// the weight and bias gradients (f32 sums over blocks of rows, f64 across blocks).
-    pub(crate) fn layer_norm_bwd(xs: &[f32], ws: &[f32], stats: &[(f32, f32)], gs: &[f32], dx: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
+    /// LayerNorm's backward for rows of `w.len()`: the input gradient (added to `base`, the
+    /// residual's gradient, when given), and the weight and bias gradients (f32 sums over blocks
+    /// of rows, f64 across blocks).
+    pub(crate) fn layer_norm_bwd(xs: &[f32], ws: &[f32], stats: &[(f32, f32)], gs: &[f32], base: Option<&[f32]>) -> Result<LayerNormGrads> {
         let d = ws.len();
-        let inv_d = 1.0 / d.max(1) as f32;
+        if d == 0 || xs.len() != stats.len() * d || gs.len() != xs.len() || base.is_some_and(|b| b.len() != xs.len()) {
+            candle_core::bail!("layer-norm backward: {} values and {} gradients are not {} rows of {d}", xs.len(), gs.len(), stats.len());
+        }
+        let inv_d = 1.0 / d as f32;
         let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
         let (mut pw, mut pb) = (vec![0f32; d], vec![0f32; d]);
         let (mut xhat, mut dxhat) = (vec![0f32; d], vec![0f32; d]);
-        for (r, &(mean, rstd)) in stats.iter().enumerate() {
+        let zeros = vec![0f32; d];
+        let mut dx = crate::fused::slots(xs.len());
+        for (r, (&(mean, rstd), out)) in stats.iter().zip(dx.chunks_exact_mut(d)).enumerate() {
             let (xr, gr) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
             // Zipped slices of one length, not indices: no bounds checks, so the loops vectorize.
             for (((((xh, dxh), p_w), p_b), (&x, &g)), &w) in
@@ -113,8 +144,9 @@ crate::fused::simd_dispatch! {
             }
             let m1 = sum_lanes_of(&dxhat, |v| v) * inv_d;
             let m2 = crate::fused::dot_lanes(&dxhat, &xhat) * inv_d;
-            for ((o, &dxh), &xh) in dx[r * d..(r + 1) * d].iter_mut().zip(&dxhat).zip(&xhat) {
-                *o += rstd * (dxh - m1 - xh * m2);
+            let br = base.map_or(&zeros[..], |b| &b[r * d..(r + 1) * d]);
+            for (((o, &dxh), &xh), &b) in out.iter_mut().zip(&dxhat).zip(&xhat).zip(br) {
+                o.write(b + rstd * (dxh - m1 - xh * m2));
             }
             if (r + 1) % LN_GRAD_BLOCK == 0 || r + 1 == stats.len() {
                 for i in 0..d {
@@ -125,9 +157,15 @@ crate::fused::simd_dispatch! {
                 pb.fill(0.0);
             }
         }
-        (dw.into_iter().map(|v| v as f32).collect(), db.into_iter().map(|v| v as f32).collect())
+        // SAFETY: dx holds stats.len() rows of d (checked above); each is zipped whole with
+        // dxhat, xhat (d each) and a base row of d.
+        let dx = unsafe { crate::fused::written(dx) };
+        Ok((dx, dw.into_iter().map(|v| v as f32).collect(), db.into_iter().map(|v| v as f32).collect()))
     }
 }
+
+/// LayerNorm's input, weight and bias gradients.
+pub(crate) type LayerNormGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
 
 impl candle_core::CustomOp3 for FusedLayerNorm {
     fn name(&self) -> &'static str {
@@ -144,13 +182,7 @@ impl candle_core::CustomOp3 for FusedLayerNorm {
         l3: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let (x, w, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let d = w.len();
-        let mut y = vec![0f32; x.len()];
-        for ((row, out), (mean, rstd)) in x.chunks(d).zip(y.chunks_mut(d)).zip(row_stats(x, d, self.eps)) {
-            for i in 0..d {
-                out[i] = (row[i] - mean) * rstd * w[i] + b[i];
-            }
-        }
+        let y = normalize_rows(x, w, b, &row_stats(x, w.len(), self.eps))?;
         Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -166,8 +198,7 @@ impl candle_core::CustomOp3 for FusedLayerNorm {
         let ws: Vec<f32> = w.to_vec1()?;
         let gs: Vec<f32> = g.contiguous()?.flatten_all()?.to_vec1()?;
         let d = ws.len();
-        let mut dx = vec![0f32; xs.len()];
-        let (dw, db) = layer_norm_bwd(&xs, &ws, &row_stats(&xs, d, self.eps), &gs, &mut dx);
+        let (dx, dw, db) = layer_norm_bwd(&xs, &ws, &row_stats(&xs, d, self.eps), &gs, None)?;
         let dev = x.device();
         let dx = Tensor::from_vec(dx, x.shape(), dev)?;
         let dw = Tensor::from_vec(dw, d, dev)?;
@@ -402,6 +433,19 @@ impl TiedEmbeddings {
 mod tests {
     use super::*;
     use candle_core::Var;
+
+    #[test]
+    fn layer_norm_kernels_refuse_rows_that_do_not_fit() {
+        let x = [1f32, 2.0, 3.0, 4.0, 5.0];
+        let stats = row_stats(&x, 2, 1e-5); // three rows, the last one short
+        assert!(normalize_rows(&x, &[1.0; 2], &[0.0; 2], &stats).is_err());
+        assert!(normalize_rows(&x[..4], &[1.0; 2], &[0.0; 3], &stats[..2]).is_err());
+        assert_eq!(normalize_rows(&x[..4], &[1.0; 2], &[0.0; 2], &stats[..2]).unwrap().len(), 4);
+        assert!(layer_norm_bwd(&x[..4], &[1.0; 2], &stats[..2], &x[..3], None).is_err());
+        assert!(layer_norm_bwd(&x[..4], &[1.0; 2], &stats[..2], &x[..4], Some(&x[..2])).is_err());
+        let (dx, dw, db) = layer_norm_bwd(&x[..4], &[1.0; 2], &stats[..2], &x[..4], Some(&x[1..5])).unwrap();
+        assert_eq!((dx.len(), dw.len(), db.len()), (4, 2, 2));
+    }
 
     #[test]
     fn fused_layer_norm_matches_the_op_by_op_form_and_its_gradients() {

@@ -15,7 +15,7 @@ use candle_core::{Result, Tensor};
 
 use super::*;
 use crate::linear_op::{strided_product, Product, View};
-use crate::nn::{layer_norm_bwd, row_stats};
+use crate::nn::{layer_norm_bwd, normalize_rows, row_stats};
 use crate::quant::QWeight;
 
 /// Model width d, heads, sequence length of the rows, LayerNorm epsilon.
@@ -86,12 +86,7 @@ simd_dispatch! {
         let (ln_b, rest) = rest.split_at(d);
         let (w_qkv, w_out) = rest.split_at(3 * d * d);
         let stats = row_stats(x, d, eps);
-        let mut normed = vec![0f32; x.len()];
-        for ((out, row), &(mean, rstd)) in normed.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(&stats) {
-            for (((o, &v), &lw), &lb) in out.iter_mut().zip(row).zip(ln_w).zip(ln_b) {
-                *o = (v - mean) * rstd * lw + lb;
-            }
-        }
+        let normed = normalize_rows(x, ln_w, ln_b, &stats)?;
         let qkv = match &quant.qkv {
             Some(q) => q.matmul_t(&normed, rows),
             None => Product::ABt.run((&normed, rows, d), (w_qkv, 3 * d, d))?.0,
@@ -219,8 +214,7 @@ simd_dispatch! {
         }
         Product::AtB.write_into((&dqkv, rows, w3), (&s.normed, rows, d), &mut dp[o_qkv..o_out], false)?;
         let dnormed = Product::AB.run((&dqkv, rows, w3), (w_qkv, w3, d))?.0;
-        let mut dx = if residual { g.to_vec() } else { vec![0f32; x.len()] };
-        let (dw, db) = layer_norm_bwd(x, ln_w, &s.stats, &dnormed, &mut dx);
+        let (dx, dw, db) = layer_norm_bwd(x, ln_w, &s.stats, &dnormed, residual.then_some(g))?;
         dp[..d].copy_from_slice(&dw);
         dp[d..2 * d].copy_from_slice(&db);
         Ok((dx, dp))

@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 
 use super::*;
 use crate::linear_op::{Matrix, Product};
-use crate::nn::{layer_norm_bwd, row_stats};
+use crate::nn::{layer_norm_bwd, normalize_rows, row_stats};
 use crate::quant::QWeight;
 
 /// 1/√(2π), the standard normal density's factor.
@@ -142,12 +142,7 @@ simd_dispatch! {
         let (ln_b, rest) = rest.split_at(d);
         let (up, down) = rest.split_at(ne * e * d);
         let stats = row_stats(x, d, dims.eps);
-        let mut normed = vec![0f32; x.len()];
-        for ((out, row), &(mean, rstd)) in normed.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(&stats) {
-            for (((o, &v), &lw), &lb) in out.iter_mut().zip(row).zip(ln_w).zip(ln_b) {
-                *o = (v - mean) * rstd * lw + lb;
-            }
-        }
+        let normed = normalize_rows(x, ln_w, ln_b, &stats)?;
         let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
         let mut experts = Vec::with_capacity(ne);
         for j in 0..ne {
@@ -265,8 +260,7 @@ simd_dispatch! {
                 }
             }
         }
-        let mut dx = if residual { g.to_vec() } else { vec![0f32; x.len()] };
-        let (dw, db) = layer_norm_bwd(x, ln_w, &s.stats, &dnormed, &mut dx);
+        let (dx, dw, db) = layer_norm_bwd(x, ln_w, &s.stats, &dnormed, residual.then_some(g))?;
         dp[..d].copy_from_slice(&dw);
         dp[d..2 * d].copy_from_slice(&db);
         Ok((dx, dgates, dp))

@@ -19,7 +19,7 @@ use candle_core::{Result, Tensor};
 use super::ssm::{conv_param_grad, conv_silu, silu_conv_transpose};
 use super::*;
 use crate::linear_op::Product;
-use crate::nn::{layer_norm_bwd, row_stats};
+use crate::nn::{layer_norm_bwd, normalize_rows, row_stats};
 use crate::quant::QWeight;
 use crate::scan::{scan_fwd, scan_rev};
 
@@ -162,15 +162,7 @@ simd_dispatch! {
         let (ln_w, ln_b) = (part(p, &o, LN_W), part(p, &o, LN_B));
 
         let stats = row_stats(x, d, eps);
-        let mut normed = slots(x.len());
-        for ((out, row), &(mean, rstd)) in normed.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(&stats) {
-            for (((o, &v), &w), &b) in out.iter_mut().zip(row).zip(ln_w).zip(ln_b) {
-                o.write((v - mean) * rstd * w + b);
-            }
-        }
-        // SAFETY: rows × d values, one row per stats entry (row_stats gives one per row of d),
-        // and each row zipped with the d LayerNorm weights and biases.
-        let normed = unsafe { written(normed) };
+        let normed = normalize_rows(x, ln_w, ln_b, &stats)?;
 
         let w_in = part(p, &o, W_IN);
         let (xs, z) = match &quant.in_proj {
@@ -375,8 +367,7 @@ simd_dispatch! {
         Product::AtB.write_into((&dz, rows, di), (&s.normed, rows, d), dw_z, false)?;
         let mut dnormed = gemm(Product::AB, (&dxs, rows, di), (&w_in[..di * d], di, d))?;
         Product::AB.write_into((&dz, rows, di), (&w_in[di * d..], di, d), &mut dnormed, true)?;
-        let mut dx = if residual { g.to_vec() } else { vec![0f32; x.len()] };
-        let (dw, db) = layer_norm_bwd(x, part(p, &o, LN_W), &s.stats, &dnormed, &mut dx);
+        let (dx, dw, db) = layer_norm_bwd(x, part(p, &o, LN_W), &s.stats, &dnormed, residual.then_some(g))?;
         dp[at(LN_W)].copy_from_slice(&dw);
         dp[at(LN_B)].copy_from_slice(&db);
         Ok((dx, dp))
