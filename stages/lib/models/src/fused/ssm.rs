@@ -68,18 +68,29 @@ simd_dispatch! {
     }
 }
 
-/// Row s of one sequence's conv input gradient, added into `row`: Σ_j gy[s+(k-1)-j] · wt[j].
+/// Row s of one sequence's conv input gradient into `row`: Σ_j gy[s+(k-1)-j] · wt[j] over the
+/// taps whose row lies inside the sequence, the first of them written rather than added to a
+/// zeroed row.
 #[inline(always)]
 fn conv_t_row(gb: &[f32], wt: &[f32], s: usize, l: usize, k: usize, row: &mut [f32]) {
     let c = row.len();
-    for j in 0..k {
+    if k == 0 {
+        row.fill(0.0);
+        return;
+    }
+    // Tap j reads row s + (k-1) - j, inside the sequence from j0 on (j = k-1 reads row s).
+    let j0 = (s + k).saturating_sub(l);
+    for j in j0..k {
         let t = s + (k - 1) - j;
-        if t >= l {
-            continue;
-        }
-        let gr = &gb[t * c..(t + 1) * c];
-        for ((r, &w), &g) in row.iter_mut().zip(&wt[j * c..(j + 1) * c]).zip(gr) {
-            *r += w * g;
+        let (gr, wr) = (&gb[t * c..(t + 1) * c], &wt[j * c..(j + 1) * c]);
+        if j == j0 {
+            for ((r, &w), &g) in row.iter_mut().zip(wr).zip(gr) {
+                *r = w * g;
+            }
+        } else {
+            for ((r, &w), &g) in row.iter_mut().zip(wr).zip(gr) {
+                *r += w * g;
+            }
         }
     }
 }
@@ -112,7 +123,6 @@ simd_dispatch! {
             }
             let mut row = vec![0f32; c];
             for (s, out) in o.chunks_exact_mut(c).enumerate() {
-                row.fill(0.0);
                 conv_t_row(gb, &wt, s, l, k, &mut row);
                 for (o, &v) in out.iter_mut().zip(&row) {
                     o.write(v);
