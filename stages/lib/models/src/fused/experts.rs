@@ -21,9 +21,6 @@ use crate::linear_op::{Matrix, Product};
 use crate::nn::{layer_norm_bwd, normalize_rows, row_stats};
 use crate::quant::QWeight;
 
-/// 1/√(2π), the standard normal density's factor.
-const INV_SQRT_2PI: f32 = 0.398_942_3;
-
 /// Model width d, experts, each expert's hidden width, LayerNorm epsilon.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ExpertsDims {
@@ -163,16 +160,16 @@ simd_dispatch! {
                 let mut hidden = Vec::with_capacity(pre.len());
                 for (h, v) in hidden.spare_capacity_mut().iter_mut().zip(pre.iter_mut()) {
                     let x = *v;
-                    let t = 1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2);
+                    let t = gelu_cdf2(x);
                     h.write(0.5 * x * t);
-                    *v = 0.5 * t + x * INV_SQRT_2PI * exp(-0.5 * x * x);
+                    *v = gelu_grad(x, t);
                 }
                 // SAFETY: the loop wrote all pre.len() values of the capacity.
                 unsafe { hidden.set_len(pre.len()) };
                 hidden
             } else {
                 for v in pre.iter_mut() {
-                    *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+                    *v = 0.5 * *v * gelu_cdf2(*v);
                 }
                 std::mem::take(&mut pre)
             };

@@ -39,7 +39,7 @@ simd_dispatch! {
         let mut y = vec![0f32; x.len()];
         for_chunks(&mut y, 16_384, |i, y| {
             for (y, &v) in y.iter_mut().zip(&x[i * 16_384..]) {
-                *y = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                *y = 0.5 * v * gelu_cdf2(v);
             }
         });
         y
@@ -49,12 +49,10 @@ simd_dispatch! {
 simd_dispatch! {
     /// g · (Φ(x) + x · φ(x)) elementwise.
     fn gelu_grad_values(x: &[f32], g: &[f32]) -> Vec<f32> {
-        const INV_SQRT_2PI: f32 = 0.398_942_3;
         let mut dx = vec![0f32; x.len()];
         for_chunks(&mut dx, 16_384, |i, d| {
             for ((d, &v), &g) in d.iter_mut().zip(&x[i * 16_384..]).zip(&g[i * 16_384..]) {
-                let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                *d = g * (cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v));
+                *d = g * gelu_grad(v, gelu_cdf2(v));
             }
         });
         dx

@@ -236,6 +236,28 @@ fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + exp(-v))
 }
 
+/// silu′(v) = σ(v)·(1 + v·(1 − σ(v))), given s = σ(v) (the callers have it from silu itself).
+#[inline(always)]
+fn silu_grad(v: f32, s: f32) -> f32 {
+    s * (1.0 + v * (1.0 - s))
+}
+
+/// 1/√(2π), φ(0).
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// The exact GELU's (PyTorch's `nn.GELU()`) cdf term 1 + erf(x/√2) = 2·Φ(x): GELU(x) is
+/// 0.5·x·t and its derivative [`gelu_grad`]`(x, t)`.
+#[inline(always)]
+fn gelu_cdf2(x: f32) -> f32 {
+    1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)
+}
+
+/// GELU′(x) = Φ(x) + x·φ(x), given t = [`gelu_cdf2`]`(x)`.
+#[inline(always)]
+fn gelu_grad(x: f32, t: f32) -> f32 {
+    0.5 * t + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+}
+
 /// Rows of `len` values per parallel task: large enough to amortise the hand-off.
 fn rows_per_task(len: usize) -> usize {
     (16_384 / len.max(1)).max(1)

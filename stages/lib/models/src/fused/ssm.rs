@@ -61,7 +61,7 @@ simd_dispatch! {
                 for (o, v) in xr.iter_mut().zip(row.iter_mut()) {
                     let s = sigmoid(*v);
                     o.write(*v * s);
-                    *v = s * (1.0 + *v * (1.0 - s));
+                    *v = silu_grad(*v, s);
                 }
             }
         });
@@ -69,28 +69,34 @@ simd_dispatch! {
 }
 
 /// Row s of one sequence's conv input gradient into `row`: Σ_j gy[s+(k-1)-j] · wt[j] over the
-/// taps whose row lies inside the sequence, the first of them written rather than added to a
-/// zeroed row.
+/// taps whose row lies inside the sequence, the first of them written into the slots (never
+/// zeroed first), the rest added.
 #[inline(always)]
-fn conv_t_row(gb: &[f32], wt: &[f32], s: usize, l: usize, k: usize, row: &mut [f32]) {
+fn conv_t_row(gb: &[f32], wt: &[f32], s: usize, l: usize, k: usize, row: &mut [MaybeUninit<f32>]) {
     let c = row.len();
     if k == 0 {
-        row.fill(0.0);
+        for r in row.iter_mut() {
+            r.write(0.0);
+        }
         return;
     }
-    // Tap j reads row s + (k-1) - j, inside the sequence from j0 on (j = k-1 reads row s).
+    // Tap j reads row s + (k-1) - j, inside the sequence from j0 on (j = k-1 reads row s, so
+    // j0 ≤ k-1 and the first tap below always runs).
     let j0 = (s + k).saturating_sub(l);
-    for j in j0..k {
+    let tap = |j: usize| {
         let t = s + (k - 1) - j;
-        let (gr, wr) = (&gb[t * c..(t + 1) * c], &wt[j * c..(j + 1) * c]);
-        if j == j0 {
-            for ((r, &w), &g) in row.iter_mut().zip(wr).zip(gr) {
-                *r = w * g;
-            }
-        } else {
-            for ((r, &w), &g) in row.iter_mut().zip(wr).zip(gr) {
-                *r += w * g;
-            }
+        (&gb[t * c..(t + 1) * c], &wt[j * c..(j + 1) * c])
+    };
+    let (gr, wr) = tap(j0);
+    for ((r, &w), &g) in row.iter_mut().zip(wr).zip(gr) {
+        r.write(w * g);
+    }
+    // SAFETY: the loop above wrote all c slots (gr and wr hold c values each).
+    let row = unsafe { &mut *(row as *mut [MaybeUninit<f32>] as *mut [f32]) };
+    for j in j0 + 1..k {
+        let (gr, wr) = tap(j);
+        for ((r, &w), &g) in row.iter_mut().zip(wr).zip(gr) {
+            *r += w * g;
         }
     }
 }
@@ -99,14 +105,16 @@ simd_dispatch! {
     /// dx[b,s,c] = Σ_j gy[b, s+(k-1)-j, c] · w[c,j] (within each sequence of `l` rows).
     pub(super) fn conv_transpose(gy: &[f32], w: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
         let wt = taps_by_offset(w, c, k);
-        let mut dx = vec![0f32; gy.len()];
+        let mut dx = slots(gy.len());
         for_chunks(&mut dx, l * c, |bi, o| {
             let gb = &gy[bi * l * c..(bi + 1) * l * c];
             for (s, row) in o.chunks_exact_mut(c).enumerate() {
                 conv_t_row(gb, &wt, s, l, k, row);
             }
         });
-        dx
+        // SAFETY: gy's length is whole sequences of l rows of c (checked by the callers'
+        // `seq_dims`), and conv_t_row writes every row of c slots of each.
+        unsafe { written(dx) }
     }
 }
 
@@ -121,16 +129,12 @@ simd_dispatch! {
             for (g, &ds) in gb.iter_mut().zip(&dsilu[bi * l * c..]) {
                 *g *= ds;
             }
-            let mut row = vec![0f32; c];
-            for (s, out) in o.chunks_exact_mut(c).enumerate() {
-                conv_t_row(gb, &wt, s, l, k, &mut row);
-                for (o, &v) in out.iter_mut().zip(&row) {
-                    o.write(v);
-                }
+            for (s, row) in o.chunks_exact_mut(c).enumerate() {
+                conv_t_row(gb, &wt, s, l, k, row);
             }
         });
-        // SAFETY: g and dx have one length, cut alike into sequences of l rows of c; every row
-        // of every sequence is written whole from `row` (c values).
+        // SAFETY: g and dx have one length, cut alike into sequences of l rows of c; conv_t_row
+        // writes every row of c slots of every sequence.
         unsafe { written(dx) }
     }
 }
@@ -262,7 +266,7 @@ impl CustomOp3 for ConvSiluPreGrad {
         for_chunks(&mut pre, 16_384, |i, p| {
             for (v, g) in p.iter_mut().zip(&g[i * 16_384..]) {
                 let s = sigmoid(*v);
-                *v = g * s * (1.0 + *v * (1.0 - s));
+                *v = g * silu_grad(*v, s);
             }
         });
         Ok((CpuStorage::F32(pre), l1.shape().clone()))
@@ -481,7 +485,7 @@ impl CustomOp3 for GateGrad {
             for (j, d) in dz.iter_mut().enumerate() {
                 let (y, z, g) = (y[i * CH + j], z[i * CH + j], g[i * CH + j]);
                 let s = sigmoid(z);
-                *d = g * y * s * (1.0 + z * (1.0 - s));
+                *d = g * y * silu_grad(z, s);
             }
         });
         let mut dims = vec![2];

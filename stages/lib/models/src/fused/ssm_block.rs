@@ -277,7 +277,7 @@ simd_dispatch! {
                 let sg = sigmoid(z);
                 let dg = *dy;
                 *dy = dg * z * sg;
-                dz.write(dg * y * sg * (1.0 + z * (1.0 - sg)));
+                dz.write(dg * y * silu_grad(z, sg));
             }
         });
         // SAFETY: dy, dz, y and z all hold rows × di values, cut alike and zipped whole.
