@@ -6,10 +6,11 @@
 //! seq 128), full-sequence forward tokens/s (same shape), generation tokens/s at batch 1 (new
 //! tokens ÷ wall time including the 16-token prompt's prefill; 112 new tokens) with the
 //! recurrent state / KV cache, achieved GFLOP/s against this machine's measured f32 GEMM rate,
-//! and the scan kernel's share of a step. Every figure is a median of the timed steps.
+//! and the scan kernel's share of a step. Every figure is a median of the timed steps; the
+//! Itera-Lite step's ratio to its GEMM floor is the median over alternating step / floor pairs.
 //!
-//! Threads: BENCH_THREADS (default 1); BENCH_STEPS (timed steps, default 10); BENCH_MODELS
-//! (default `itera_lite,transformer`).
+//! Threads: BENCH_THREADS (default 1); BENCH_STEPS (timed steps, default 10; twice as many
+//! step / GEMM-floor pairs); BENCH_MODELS (default `itera_lite,transformer`).
 
 use std::time::Instant;
 
@@ -67,27 +68,53 @@ fn itera_gemms(c: &itera_models::IteraConfig) -> Vec<(usize, usize)> {
     v
 }
 
-/// Seconds for those matmuls as candle runs them in a step: forward x·Wᵀ, and backward G·W and
-/// Xᵀ·G — the floor of a step's time at this machine's GEMM speed, with nothing else in it.
-fn gemm_floor(shapes: &[(usize, usize)], m: usize, reps: usize) -> candle_core::Result<(f64, f64)> {
-    let mut total = 0.0;
-    let mut flops = 0.0;
-    for &(k, n) in shapes {
-        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
-        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
-        let g = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu)?;
-        let mut times = Vec::new();
-        for _ in 0..reps {
-            let t = Instant::now();
-            x.matmul(&w.t()?)?;
-            g.matmul(&w)?;
-            x.t()?.matmul(&g)?;
-            times.push(t.elapsed().as_secs_f64());
+/// The matmuls of a step as candle runs them: forward x·Wᵀ, and backward G·W and Xᵀ·G, over
+/// operands made once per distinct (K, N) — the floor of a step's time at this machine's GEMM
+/// speed, with nothing else in it.
+struct GemmFloor {
+    /// (x, w, g) and how many of the step's matmuls have that shape.
+    shapes: Vec<((Tensor, Tensor, Tensor), usize)>,
+    flops: f64,
+}
+
+impl GemmFloor {
+    fn new(shapes: &[(usize, usize)], m: usize) -> candle_core::Result<Self> {
+        let mut distinct: Vec<((usize, usize), usize)> = Vec::new();
+        for &s in shapes {
+            match distinct.iter_mut().find(|(d, _)| *d == s) {
+                Some((_, count)) => *count += 1,
+                None => distinct.push((s, 1)),
+            }
         }
-        total += median(times);
-        flops += 3.0 * 2.0 * (m * k * n) as f64;
+        let mut out = Vec::new();
+        for ((k, n), count) in distinct {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+            let g = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu)?;
+            out.push(((x, w, g), count));
+        }
+        let flops = shapes.iter().map(|&(k, n)| 3.0 * 2.0 * (m * k * n) as f64).sum();
+        Ok(GemmFloor { shapes: out, flops })
     }
-    Ok((total, flops))
+
+    /// Seconds for one step's matmuls: each distinct shape run once untimed, then timed (its
+    /// operands in cache, as in a repeated run), times its count.
+    fn seconds(&self) -> candle_core::Result<f64> {
+        let mut total = 0.0;
+        for ((x, w, g), count) in &self.shapes {
+            let run = || -> candle_core::Result<()> {
+                x.matmul(&w.t()?)?;
+                g.matmul(w)?;
+                x.t()?.matmul(g)?;
+                Ok(())
+            };
+            run()?;
+            let t = Instant::now();
+            run()?;
+            total += t.elapsed().as_secs_f64() * *count as f64;
+        }
+        Ok(total)
+    }
 }
 
 fn main() -> candle_core::Result<()> {
@@ -96,6 +123,8 @@ fn main() -> candle_core::Result<()> {
     // Before the first rayon use, so candle's pool has this size.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let steps: usize = std::env::var("BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    // Single steps vary more than medians of ten; the step ÷ floor ratio takes more pairs.
+    let pairs = 2 * steps;
     let (b, l) = (16usize, 128usize);
     // A measured bound, not a clock-speed guess (a guess was below what the GEMMs reached).
     let peak = measured_gemm_rate(steps)?;
@@ -156,14 +185,34 @@ fn main() -> candle_core::Result<()> {
         );
         println!("  generate  {gen_tps:>9.1} tok/s  (batch 1, 16-token prompt + 112 new)");
         if let ModelConfig::IteraLite(c) = &cfg {
-            let (floor, gemm_flops) = gemm_floor(&itera_gemms(c), b * l, steps.max(3))?;
+            // Step and floor measured in alternation, so the ratio of each pair shares the VM's
+            // speed of the moment (it drifts ±15 % within minutes on these machines).
+            let floor = GemmFloor::new(&itera_gemms(c), b * l)?;
+            let (mut floors, mut ratios) = (Vec::new(), Vec::new());
+            for _ in 0..pairs {
+                let x = batch(&mut rng, b, l);
+                let t = Instant::now();
+                let (ce, aux) = model.loss(&x, Some(&mut drop_rng))?;
+                opt.backward_step(&(ce + aux)?)?;
+                let step = t.elapsed().as_secs_f64();
+                let f = floor.seconds()?;
+                floors.push(f);
+                ratios.push(step / f);
+            }
+            let (lo, hi) =
+                (ratios.iter().copied().fold(f64::MAX, f64::min), ratios.iter().copied().fold(0.0, f64::max));
+            let f = median(floors);
             println!(
                 "  GEMM floor: the step's {:.2} GFLOP of weight matmuls alone take {:.1} ms here ({:.1} \
                     GFLOP/s) → at most {:.0} training tok/s with every other op free",
-                gemm_flops / 1e9,
-                floor * 1e3,
-                gemm_flops / floor / 1e9,
-                (b * l) as f64 / floor
+                floor.flops / 1e9,
+                f * 1e3,
+                floor.flops / f / 1e9,
+                (b * l) as f64 / f
+            );
+            println!(
+                "  step ÷ GEMM floor, {pairs} alternating pairs: median {:.3} (range {lo:.3}–{hi:.3})",
+                median(ratios)
             );
         }
         if name == "itera_lite" {
