@@ -160,16 +160,16 @@ simd_dispatch! {
                 let mut hidden = Vec::with_capacity(pre.len());
                 for (h, v) in hidden.spare_capacity_mut().iter_mut().zip(pre.iter_mut()) {
                     let x = *v;
-                    let t = gelu_cdf2(x);
+                    let (t, e) = gelu_terms(x);
                     h.write(0.5 * x * t);
-                    *v = gelu_grad(x, t);
+                    *v = gelu_grad(x, t, e);
                 }
                 // SAFETY: the loop wrote all pre.len() values of the capacity.
                 unsafe { hidden.set_len(pre.len()) };
                 hidden
             } else {
                 for v in pre.iter_mut() {
-                    *v = 0.5 * *v * gelu_cdf2(*v);
+                    *v = 0.5 * *v * gelu_terms(*v).0;
                 }
                 std::mem::take(&mut pre)
             };

@@ -39,7 +39,7 @@ simd_dispatch! {
         let mut y = vec![0f32; x.len()];
         for_chunks(&mut y, 16_384, |i, y| {
             for (y, &v) in y.iter_mut().zip(&x[i * 16_384..]) {
-                *y = 0.5 * v * gelu_cdf2(v);
+                *y = 0.5 * v * gelu_terms(v).0;
             }
         });
         y
@@ -52,7 +52,8 @@ simd_dispatch! {
         let mut dx = vec![0f32; x.len()];
         for_chunks(&mut dx, 16_384, |i, d| {
             for ((d, &v), &g) in d.iter_mut().zip(&x[i * 16_384..]).zip(&g[i * 16_384..]) {
-                *d = g * gelu_grad(v, gelu_cdf2(v));
+                let (t, e) = gelu_terms(v);
+                *d = g * gelu_grad(v, t, e);
             }
         });
         dx

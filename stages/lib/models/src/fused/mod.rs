@@ -245,17 +245,19 @@ fn silu_grad(v: f32, s: f32) -> f32 {
 /// 1/√(2π), φ(0).
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
-/// The exact GELU's (PyTorch's `nn.GELU()`) cdf term 1 + erf(x/√2) = 2·Φ(x): GELU(x) is
-/// 0.5·x·t and its derivative [`gelu_grad`]`(x, t)`.
+/// The exact GELU's (PyTorch's `nn.GELU()`) terms at x: t = 1 + erf(x/√2) = 2·Φ(x) and
+/// e = e^{−x²/2} = √(2π)·φ(x), the exponential erf computed anyway. GELU(x) = 0.5·x·t, and
+/// GELU′(x) = [`gelu_grad`]`(x, t, e)`.
 #[inline(always)]
-fn gelu_cdf2(x: f32) -> f32 {
-    1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)
+fn gelu_terms(x: f32) -> (f32, f32) {
+    let (erf, e) = erf_gauss(x * std::f32::consts::FRAC_1_SQRT_2);
+    (1.0 + erf, e)
 }
 
-/// GELU′(x) = Φ(x) + x·φ(x), given t = [`gelu_cdf2`]`(x)`.
+/// GELU′(x) = Φ(x) + x·φ(x), given [`gelu_terms`]`(x)`.
 #[inline(always)]
-fn gelu_grad(x: f32, t: f32) -> f32 {
-    0.5 * t + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+fn gelu_grad(x: f32, t: f32, e: f32) -> f32 {
+    0.5 * t + x * INV_SQRT_2PI * e
 }
 
 /// Rows of `len` values per parallel task: large enough to amortise the hand-off.
@@ -324,12 +326,14 @@ fn softplus(v: f32) -> f32 {
 
 /// erf(x), Abramowitz & Stegun 7.1.26 (≤ 1.5e-7, ≤ 5e-7 after f32 rounding; tested), branch-free on |x| with the sign
 /// put back: libm's erff is a call per element, and candle's GELU backward is ~12 tensor ops.
+/// Returns (erf(x), e^{−x²}): the second is the exponential the first is made from.
 #[inline(always)]
-fn erf(x: f32) -> f32 {
+fn erf_gauss(x: f32) -> (f32, f32) {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    (1.0 - poly * exp(-a * a)).copysign(x)
+    let e = exp(-a * a);
+    ((1.0 - poly * e).copysign(x), e)
 }
 
 mod attention;
