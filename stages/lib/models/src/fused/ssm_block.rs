@@ -221,10 +221,11 @@ simd_dispatch! {
         // a = exp(Δ·A), u = Δ·(B x), h = scan(a, u).
         let a_neg: Vec<f32> = part(p, &o, A_LOG).iter().map(|v| -v.exp()).collect();
         let (mut a, mut u) = (vec![0f32; rows * n], vec![0f32; rows * n]);
-        for (r, &dt) in delta.iter().enumerate() {
-            for j in 0..n {
-                a[r * n + j] = (dt * a_neg[j]).exp();
-                u[r * n + j] = dt * qb[r * wq + di + j];
+        let rows_n = a.chunks_exact_mut(n.max(1)).zip(u.chunks_exact_mut(n.max(1)));
+        for (((ar, ur), &dt), qr) in rows_n.zip(&delta).zip(qb.chunks_exact(wq)) {
+            for (((av, uv), &an), &bx) in ar.iter_mut().zip(ur.iter_mut()).zip(&a_neg).zip(&qr[di..]) {
+                *av = exp(dt * an);
+                *uv = dt * bx;
             }
         }
         let h = scan_fwd(&a, &u, (rows / l, l, n));
