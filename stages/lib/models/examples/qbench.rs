@@ -3,7 +3,7 @@
 //! Itera-Lite tiny and Transformer tiny (vocab 256): full-sequence forward tokens/s at batch 16 ×
 //! seq 128 and generation tokens/s at batch 1, f32 vs INT8 vs INT4, same process, same threads
 //! (BENCH_THREADS, default 1), medians of BENCH_STEPS (default 10) timed runs after warm-up, the
-//! three variants interleaved run by run.
+//! three variants interleaved run by run; each × f32 is the median of the rounds' own ratios.
 //! `ITERA_SIMD=avx2` (or `portable`) runs the kernels a lesser CPU would; the header says which
 //! ran. Freed memory stays in the process, as in `orchestrate exec-stage`.
 
@@ -18,6 +18,12 @@ use rand::{Rng, SeedableRng};
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// The median over rounds of a variant's rate ÷ f32's rate in the same round: runs a few
+/// milliseconds apart share the machine's speed of the moment, medians of whole series do not.
+fn round_ratios(rates: &[f64], f32_rates: &[f64]) -> f64 {
+    median(rates.iter().zip(f32_rates).map(|(r, f)| r / f).collect())
 }
 
 fn main() -> candle_core::Result<()> {
@@ -60,7 +66,7 @@ fn main() -> candle_core::Result<()> {
                 }
             }
         }
-        for i in 0..(steps / 2).max(1) + 1 {
+        for i in 0..steps + 1 {
             for (model, rates) in models.iter().zip(gen.iter_mut()) {
                 let t = Instant::now();
                 model.generate(&prompt, 112, Sampling::Greedy, 0)?;
@@ -70,10 +76,11 @@ fn main() -> candle_core::Result<()> {
                 }
             }
         }
-        let (f, g): (Vec<f64>, Vec<f64>) = fwd.into_iter().map(median).zip(gen.into_iter().map(median)).unzip();
         for (i, scheme) in schemes.iter().enumerate() {
             let label = scheme.map(|s| s.name()).unwrap_or("f32");
-            println!("| {name} tiny | {label} | {:.0} | {:.2} | {:.0} | {:.2} |", f[i], f[i] / f[0], g[i], g[i] / g[0]);
+            let (fr, gr) = (round_ratios(&fwd[i], &fwd[0]), round_ratios(&gen[i], &gen[0]));
+            let (f, g) = (median(fwd[i].clone()), median(gen[i].clone()));
+            println!("| {name} tiny | {label} | {f:.0} | {fr:.2} | {g:.0} | {gr:.2} |");
         }
     }
     Ok(())
