@@ -20,6 +20,17 @@ fn taps_by_offset(w: &[f32], c: usize, k: usize) -> Vec<f32> {
     t
 }
 
+/// Refuses buffers that are not all one length of whole sequences of l rows of c values: the
+/// loops below write every row of every sequence of their outputs, which is what lets them skip
+/// zero fills.
+fn whole_sequences(op: &str, lens: &[usize], l: usize, c: usize) -> Result<()> {
+    let first = lens.first().copied().unwrap_or(0);
+    if lens.iter().any(|&n| n != first) || (first > 0 && (l * c == 0 || !first.is_multiple_of(l * c))) {
+        candle_core::bail!("{op}: buffers of {lens:?} values are not whole sequences of {l} rows of {c}");
+    }
+    Ok(())
+}
+
 /// Row t of one sequence's conv output: bias[c] + Σ_j wt[j,c] · xb[t+j-(k-1), c].
 #[inline(always)]
 fn conv_row(xb: &[f32], wt: &[f32], bias: &[f32], t: usize, k: usize, row: &mut [f32]) {
@@ -51,8 +62,9 @@ simd_dispatch! {
     /// The SSM block's conv and SiLU in one pass, row by row while the conv output is in L1:
     /// xc = silu(conv_pre(x)) and dsilu = silu′ there (what the backward multiplies by); `lck`:
     /// sequence length, channels, taps.
-    pub(super) fn conv_silu(x: &[f32], w: &[f32], bias: &[f32], lck: (usize, usize, usize), xc: &mut [MaybeUninit<f32>], dsilu: &mut [f32]) -> () {
+    pub(super) fn conv_silu(x: &[f32], w: &[f32], bias: &[f32], lck: (usize, usize, usize), xc: &mut [MaybeUninit<f32>], dsilu: &mut [f32]) -> Result<()> {
         let (l, c, k) = lck;
+        whole_sequences("ssm conv", &[x.len(), xc.len(), dsilu.len()], l, c)?;
         let wt = taps_by_offset(w, c, k);
         for_chunks2(dsilu, l * c, xc, l * c, |bi, ds, xo| {
             let xb = &x[bi * l * c..(bi + 1) * l * c];
@@ -65,6 +77,7 @@ simd_dispatch! {
                 }
             }
         });
+        Ok(())
     }
 }
 
@@ -103,7 +116,8 @@ fn conv_t_row(gb: &[f32], wt: &[f32], s: usize, l: usize, k: usize, row: &mut [M
 
 simd_dispatch! {
     /// dx[b,s,c] = Σ_j gy[b, s+(k-1)-j, c] · w[c,j] (within each sequence of `l` rows).
-    pub(super) fn conv_transpose(gy: &[f32], w: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
+    pub(super) fn conv_transpose(gy: &[f32], w: &[f32], l: usize, c: usize, k: usize) -> Result<Vec<f32>> {
+        whole_sequences("causal-conv-transpose", &[gy.len()], l, c)?;
         let wt = taps_by_offset(w, c, k);
         let mut dx = slots(gy.len());
         for_chunks(&mut dx, l * c, |bi, o| {
@@ -112,9 +126,9 @@ simd_dispatch! {
                 conv_t_row(gb, &wt, s, l, k, row);
             }
         });
-        // SAFETY: gy's length is whole sequences of l rows of c (checked by the callers'
-        // `seq_dims`), and conv_t_row writes every row of c slots of each.
-        unsafe { written(dx) }
+        // SAFETY: gy and so dx hold whole sequences of l rows of c (checked above), and
+        // conv_t_row writes every row of c slots of each.
+        Ok(unsafe { written(dx) })
     }
 }
 
@@ -122,7 +136,8 @@ simd_dispatch! {
     /// The SSM block's conv backward from ∂xc, a sequence at a time while it is in cache: scales
     /// `g` in place by silu′ (g becomes ∂ of the conv output, which conv_param_grad then reads)
     /// and returns conv_transpose of it.
-    pub(super) fn silu_conv_transpose(g: &mut [f32], dsilu: &[f32], w: &[f32], l: usize, c: usize, k: usize) -> Vec<f32> {
+    pub(super) fn silu_conv_transpose(g: &mut [f32], dsilu: &[f32], w: &[f32], l: usize, c: usize, k: usize) -> Result<Vec<f32>> {
+        whole_sequences("ssm conv backward", &[g.len(), dsilu.len()], l, c)?;
         let wt = taps_by_offset(w, c, k);
         let mut dx = slots(g.len());
         for_chunks2(g, l * c, &mut dx, l * c, |bi, gb, o| {
@@ -133,9 +148,9 @@ simd_dispatch! {
                 conv_t_row(gb, &wt, s, l, k, row);
             }
         });
-        // SAFETY: g and dx have one length, cut alike into sequences of l rows of c; conv_t_row
+        // SAFETY: g and dx have one length, whole sequences of l rows of c (checked above); conv_t_row
         // writes every row of c slots of every sequence.
-        unsafe { written(dx) }
+        Ok(unsafe { written(dx) })
     }
 }
 
@@ -286,7 +301,7 @@ impl CustomOp2 for ConvTranspose {
         let (gy, w) = (f32s(s1, l1, self.name())?, f32s(s2, l2, self.name())?);
         let (l, c) = seq_dims(l1, self.l, self.name())?;
         let k = w.len() / c.max(1);
-        let dx = conv_transpose(gy, w, l, c, k);
+        let dx = conv_transpose(gy, w, l, c, k)?;
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

@@ -174,9 +174,9 @@ simd_dispatch! {
         };
 
         let (mut xc, mut dsilu) = (slots(rows * di), vec![0f32; rows * di]);
-        conv_silu(&xs, part(p, &o, CONV_W), part(p, &o, CONV_B), (l, di, k), &mut xc, &mut dsilu);
-        // SAFETY: conv_silu writes every row of c values of every sequence of xc (xc and dsilu
-        // have one length and are cut alike).
+        conv_silu(&xs, part(p, &o, CONV_W), part(p, &o, CONV_B), (l, di, k), &mut xc, &mut dsilu)?;
+        // SAFETY: conv_silu returned Ok, so xc, dsilu and xs are one length of whole sequences
+        // and it wrote every row of c values of every sequence of xc.
         let xc = unsafe { written(xc) };
 
         // Each row of qb: delta_proj(xc) before its bias (di values), then B·xc (n).
@@ -354,7 +354,7 @@ simd_dispatch! {
         Product::AB.write_into((&dqb, rows, wq), (wb, wq, di), &mut dxc, true)?;
 
         // xc = silu(conv(xs) + bias): dxc becomes the conv output's gradient.
-        let dxs = silu_conv_transpose(&mut dxc, &s.dsilu, part(p, &o, CONV_W), l, di, k);
+        let dxs = silu_conv_transpose(&mut dxc, &s.dsilu, part(p, &o, CONV_W), l, di, k)?;
         let taps = conv_param_grad(&s.xs, &dxc, l, di, k); // (di, k + 1): taps, then the bias
         for (ch, row) in taps.chunks_exact(k + 1).enumerate() {
             dp[o[CONV_W] + ch * k..o[CONV_W] + (ch + 1) * k].copy_from_slice(&row[..k]);

@@ -153,3 +153,17 @@ fn silu_gate_matches_the_op_by_op_form_and_its_gradients() {
     let vars = [var(&[2, 9, 33], 0.0, 1.0), var(&[2, 9, 33], 0.0, 3.0)];
     agree(&vars, |t| silu_gate(t[0], t[1]).unwrap(), |t| (t[0] * t[1].silu().unwrap()).unwrap(), 1e-5, "silu-gate");
 }
+
+#[test]
+fn conv_kernels_refuse_buffers_that_are_not_whole_sequences() {
+    // c = 2 channels, k = 3 taps, sequences of l = 3 rows: 6 values each. The kernels write
+    // their outputs without zero-filling them first, so a partial sequence must be refused.
+    let (w, bias) = ([0.5f32; 6], [0.0f32; 2]);
+    assert!(ssm::conv_transpose(&[1.0; 10], &w, 3, 2, 3).is_err());
+    assert_eq!(ssm::conv_transpose(&[1.0; 12], &w, 3, 2, 3).unwrap().len(), 12);
+    let mut g = [1.0f32; 12];
+    assert!(ssm::silu_conv_transpose(&mut g, &[1.0; 6], &w, 3, 2, 3).is_err());
+    let (mut xc, mut ds) = (vec![std::mem::MaybeUninit::uninit(); 12], [0f32; 12]);
+    let err = ssm::conv_silu(&[1.0; 10], &w, &bias, (3, 2, 3), &mut xc, &mut ds).unwrap_err();
+    assert!(err.to_string().contains("not whole sequences"), "{err}");
+}
