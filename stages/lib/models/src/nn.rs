@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_nn::{VarBuilder, VarMap};
 
+use crate::fused::with_values;
 use crate::quant::{qmatmul_t, QWeight};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -194,11 +195,14 @@ impl candle_core::CustomOp3 for FusedLayerNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let ws: Vec<f32> = w.to_vec1()?;
-        let gs: Vec<f32> = g.contiguous()?.flatten_all()?.to_vec1()?;
-        let d = ws.len();
-        let (dx, dw, db) = layer_norm_bwd(&xs, &ws, &row_stats(&xs, d, self.eps), &gs, None)?;
+        // Read in place: copying x and g out first cost a 1 MiB copy each per LayerNorm.
+        let op = "layer-norm backward";
+        let (dx, dw, db) = with_values(x, op, |xs| {
+            with_values(w, op, |ws| {
+                with_values(g, op, |gs| layer_norm_bwd(xs, ws, &row_stats(xs, ws.len(), self.eps), gs, None))
+            })
+        })?;
+        let d = dw.len();
         let dev = x.device();
         let dx = Tensor::from_vec(dx, x.shape(), dev)?;
         let dw = Tensor::from_vec(dw, d, dev)?;

@@ -31,11 +31,11 @@ fn whole_sequences(op: &str, lens: &[usize], l: usize, c: usize) -> Result<()> {
     Ok(())
 }
 
-/// Row t of one sequence's conv output: bias[c] + Σ_j wt[j,c] · xb[t+j-(k-1), c].
+/// Adds row t of one sequence's conv, Σ_j wt[j,c] · xb[t+j-(k-1), c], to `row` (which the
+/// callers start at the bias).
 #[inline(always)]
-fn conv_row(xb: &[f32], wt: &[f32], bias: &[f32], t: usize, k: usize, row: &mut [f32]) {
+fn conv_row(xb: &[f32], wt: &[f32], t: usize, k: usize, row: &mut [f32]) {
     let c = row.len();
-    row.copy_from_slice(bias);
     for j in 0..k {
         let Some(src) = (t + j).checked_sub(k - 1) else { continue };
         let xr = &xb[src * c..(src + 1) * c];
@@ -52,7 +52,8 @@ simd_dispatch! {
         for_chunks(out, l * c, |bi, o| {
             let xb = &x[bi * l * c..(bi + 1) * l * c];
             for (t, row) in o.chunks_exact_mut(c).enumerate() {
-                conv_row(xb, &wt, bias, t, k, row);
+                row.copy_from_slice(bias);
+                conv_row(xb, &wt, t, k, row);
             }
         });
     }
@@ -60,23 +61,40 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// The SSM block's conv and SiLU in one pass, row by row while the conv output is in L1:
-    /// xc = silu(conv_pre(x)) and dsilu = silu′ there (what the backward multiplies by); `lck`:
-    /// sequence length, channels, taps.
-    pub(super) fn conv_silu(x: &[f32], w: &[f32], bias: &[f32], lck: (usize, usize, usize), xc: &mut [MaybeUninit<f32>], dsilu: &mut [f32]) -> Result<()> {
+    /// xc = silu(conv_pre(x)) and, when training, dsilu = silu′ there (what the backward
+    /// multiplies by; inference skips it); `lck`: sequence length, channels, taps. Every slot of
+    /// xc and dsilu is written (they are checked to be whole sequences).
+    pub(super) fn conv_silu(x: &[f32], w: &[f32], bias: &[f32], lck: (usize, usize, usize), xc: &mut [MaybeUninit<f32>], dsilu: Option<&mut [MaybeUninit<f32>]>) -> Result<()> {
         let (l, c, k) = lck;
-        whole_sequences("ssm conv", &[x.len(), xc.len(), dsilu.len()], l, c)?;
+        let ds_len = dsilu.as_ref().map_or(xc.len(), |d| d.len());
+        whole_sequences("ssm conv", &[x.len(), xc.len(), ds_len], l, c)?;
         let wt = taps_by_offset(w, c, k);
-        for_chunks2(dsilu, l * c, xc, l * c, |bi, ds, xo| {
-            let xb = &x[bi * l * c..(bi + 1) * l * c];
-            for (t, (row, xr)) in ds.chunks_exact_mut(c).zip(xo.chunks_exact_mut(c)).enumerate() {
-                conv_row(xb, &wt, bias, t, k, row);
-                for (o, v) in xr.iter_mut().zip(row.iter_mut()) {
-                    let s = sigmoid(*v);
-                    o.write(*v * s);
-                    *v = silu_grad(*v, s);
-                }
+        // Row t of sequence bi: `row` holds the bias, then the conv, then silu′ there; silu
+        // goes into xc's slots.
+        let silu_row = |xb: &[f32], t: usize, row: &mut [f32], xr: &mut [MaybeUninit<f32>]| {
+            conv_row(xb, &wt, t, k, row);
+            for (o, v) in xr.iter_mut().zip(row.iter_mut()) {
+                let s = sigmoid(*v);
+                o.write(*v * s);
+                *v = silu_grad(*v, s);
             }
-        });
+        };
+        match dsilu {
+            Some(dsilu) => for_chunks2(dsilu, l * c, xc, l * c, |bi, ds, xo| {
+                let xb = &x[bi * l * c..(bi + 1) * l * c];
+                for (t, (row, xr)) in ds.chunks_exact_mut(c).zip(xo.chunks_exact_mut(c)).enumerate() {
+                    silu_row(xb, t, row.write_copy_of_slice(bias), xr);
+                }
+            }),
+            None => for_chunks(xc, l * c, |bi, xo| {
+                let xb = &x[bi * l * c..(bi + 1) * l * c];
+                let mut row = vec![0f32; c];
+                for (t, xr) in xo.chunks_exact_mut(c).enumerate() {
+                    row.copy_from_slice(bias);
+                    silu_row(xb, t, &mut row, xr);
+                }
+            }),
+        }
         Ok(())
     }
 }

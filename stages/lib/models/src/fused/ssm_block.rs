@@ -99,7 +99,7 @@ struct Saved {
     xs: Vec<f32>,
     z: Vec<f32>,
     /// silu′ at the conv output: what the backward multiplies ∂xc by (the conv output itself
-    /// is not needed again, and this spares the backward its exponentials).
+    /// is not needed again, and this spares the backward its exponentials). Empty without `keep`.
     dsilu: Vec<f32>,
     xc: Vec<f32>,
     /// Rows of di + n: σ(delta_proj(xc) + bias), softplus′ there, then B·xc. (Without `keep`,
@@ -173,11 +173,13 @@ simd_dispatch! {
             ),
         };
 
-        let (mut xc, mut dsilu) = (slots(rows * di), vec![0f32; rows * di]);
-        conv_silu(&xs, part(p, &o, CONV_W), part(p, &o, CONV_B), (l, di, k), &mut xc, &mut dsilu)?;
-        // SAFETY: conv_silu returned Ok, so xc, dsilu and xs are one length of whole sequences
-        // and it wrote every row of c values of every sequence of xc.
-        let xc = unsafe { written(xc) };
+        // silu′ only when training (keep): inference neither computes nor stores it.
+        let (mut xc, mut dsilu) = (slots(rows * di), slots(if keep { rows * di } else { 0 }));
+        let conv = (part(p, &o, CONV_W), part(p, &o, CONV_B));
+        conv_silu(&xs, conv.0, conv.1, (l, di, k), &mut xc, keep.then_some(&mut dsilu[..]))?;
+        // SAFETY: conv_silu returned Ok, so xc, xs (and dsilu when given) are one length of whole
+        // sequences and it wrote every row of c values of every sequence of xc and dsilu.
+        let (xc, dsilu) = unsafe { (written(xc), written(dsilu)) };
 
         // Each row of qb: delta_proj(xc) before its bias (di values), then B·xc (n).
         let wq = di + n;

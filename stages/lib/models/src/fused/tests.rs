@@ -163,7 +163,10 @@ fn conv_kernels_refuse_buffers_that_are_not_whole_sequences() {
     assert_eq!(ssm::conv_transpose(&[1.0; 12], &w, 3, 2, 3).unwrap().len(), 12);
     let mut g = [1.0f32; 12];
     assert!(ssm::silu_conv_transpose(&mut g, &[1.0; 6], &w, 3, 2, 3).is_err());
-    let (mut xc, mut ds) = (vec![std::mem::MaybeUninit::uninit(); 12], [0f32; 12]);
-    let err = ssm::conv_silu(&[1.0; 10], &w, &bias, (3, 2, 3), &mut xc, &mut ds).unwrap_err();
+    let (mut xc, mut ds) = (vec![std::mem::MaybeUninit::uninit(); 12], vec![std::mem::MaybeUninit::uninit(); 12]);
+    let err = ssm::conv_silu(&[1.0; 10], &w, &bias, (3, 2, 3), &mut xc, Some(&mut ds)).unwrap_err();
+    assert!(err.to_string().contains("not whole sequences"), "{err}");
+    // A silu′ buffer of another length than the output's is refused too.
+    let err = ssm::conv_silu(&[1.0; 12], &w, &bias, (3, 2, 3), &mut xc, Some(&mut ds[..6])).unwrap_err();
     assert!(err.to_string().contains("not whole sequences"), "{err}");
 }
