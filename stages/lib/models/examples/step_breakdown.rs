@@ -1,4 +1,5 @@
-//! Where a training step's time goes: forward+loss, backward, AdamW update; MODE=forward times
+//! Where a training step's time goes: forward+loss and backward (AUTOGRAD=1; else the two as one
+//! `Model::loss_grads`), AdamW update; MODE=forward times
 //! the inference forward alone, MODE=generate batch-1 generation (16-token prompt + 112 new, for
 //! profiling the slice decoders). Threads: RAYON_NUM_THREADS.
 //! `cargo run --release -p itera-models --example step_breakdown` (MODEL=itera_lite|transformer).
@@ -44,16 +45,23 @@ fn main() -> candle_core::Result<()> {
         println!("{name}: inference forward {:.1} ms", times[times.len() / 2]);
         return Ok(());
     }
+    // Forward and backward apart only through autograd (AUTOGRAD=1, or a model the
+    // hand-written step does not cover); `Model::loss_grads` otherwise, timed as one.
+    let autograd = std::env::var("AUTOGRAD").as_deref() == Ok("1");
     let (mut f, mut b, mut u) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..12 {
         let v: Vec<u32> = (0..16 * 128).map(|_| rng.random_range(5..256)).collect();
         let x = Tensor::from_vec(v, (16, 128), &Device::Cpu)?;
         let t = Instant::now();
-        let (ce, aux) = model.loss(&x, Some(&mut drop_rng))?;
-        let loss = (ce + aux)?;
-        loss.to_scalar::<f32>()?;
-        let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let (grads, t1) = if autograd {
+            let (ce, aux) = model.loss(&x, Some(&mut drop_rng))?;
+            let loss = (ce + aux)?;
+            loss.to_scalar::<f32>()?;
+            let t1 = Instant::now();
+            (loss.backward()?, t1)
+        } else {
+            (model.loss_grads(&x, Some(&mut drop_rng))?.0, t)
+        };
         let t2 = Instant::now();
         opt.step(&grads)?;
         let t3 = Instant::now();
@@ -67,6 +75,11 @@ fn main() -> candle_core::Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2] * 1e3
     };
-    println!("{name}: forward+loss {:.1} ms, backward {:.1} ms, AdamW {:.1} ms", med(f), med(b), med(u));
+    let (f, b, u) = (med(f), med(b), med(u));
+    if autograd {
+        println!("{name}: forward+loss {f:.1} ms, backward {b:.1} ms, AdamW {u:.1} ms (autograd)");
+    } else {
+        println!("{name}: forward+loss+backward {b:.1} ms, AdamW {u:.1} ms (Model::loss_grads)");
+    }
     Ok(())
 }

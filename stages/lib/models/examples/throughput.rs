@@ -143,8 +143,7 @@ fn main() -> candle_core::Result<()> {
         for i in 0..steps + 2 {
             let x = batch(&mut rng, b, l);
             let t = Instant::now();
-            let (ce, aux) = model.loss(&x, Some(&mut drop_rng))?;
-            opt.backward_step(&(ce + aux)?)?;
+            opt.step(&model.loss_grads(&x, Some(&mut drop_rng))?.0)?;
             if i >= 2 {
                 train.push(t.elapsed().as_secs_f64());
             }
@@ -192,8 +191,7 @@ fn main() -> candle_core::Result<()> {
             for _ in 0..pairs {
                 let x = batch(&mut rng, b, l);
                 let t = Instant::now();
-                let (ce, aux) = model.loss(&x, Some(&mut drop_rng))?;
-                opt.backward_step(&(ce + aux)?)?;
+                opt.step(&model.loss_grads(&x, Some(&mut drop_rng))?.0)?;
                 let step = t.elapsed().as_secs_f64();
                 let f = floor.seconds()?;
                 floors.push(f);

@@ -128,7 +128,7 @@ impl SsmBlock {
         self.forward_ops(x, seq_len, train)
     }
 
-    fn dims(&self, seq_len: usize) -> fused::SsmBlockDims {
+    pub(crate) fn dims(&self, seq_len: usize) -> fused::SsmBlockDims {
         fused::SsmBlockDims {
             d: self.d_model,
             di: self.d_inner,
@@ -141,25 +141,27 @@ impl SsmBlock {
 
     /// The block's parameters as the fused node takes them.
     fn packed(&self) -> Result<Tensor> {
+        fused::pack_ssm_block(&self.dims(1), self.params()?)
+    }
+
+    /// The block's parameters in the fused node's packing order.
+    pub(crate) fn params(&self) -> Result<[&Tensor; 12]> {
         let no_bias = || candle_core::Error::Msg("ssm block: delta_proj has no bias".into());
         let b_delta = self.delta_proj.bias().ok_or_else(no_bias)?;
-        fused::pack_ssm_block(
-            &self.dims(1),
-            [
-                &self.norm.weight,
-                &self.norm.bias,
-                self.in_proj.weight(),
-                &self.conv_w,
-                &self.conv_b,
-                self.delta_proj.weight(),
-                &self.b,
-                b_delta,
-                &self.a_log,
-                &self.c,
-                &self.d,
-                self.out_proj.weight(),
-            ],
-        )
+        Ok([
+            &self.norm.weight,
+            &self.norm.bias,
+            self.in_proj.weight(),
+            &self.conv_w,
+            &self.conv_b,
+            self.delta_proj.weight(),
+            &self.b,
+            b_delta,
+            &self.a_log,
+            &self.c,
+            &self.d,
+            self.out_proj.weight(),
+        ])
     }
 
     /// The block op by op (any dtype, quantized weights): the reference the fused node is

@@ -18,6 +18,7 @@ pub mod decode_transformer;
 pub mod fused;
 pub mod gguf;
 pub mod itera;
+pub mod itera_step;
 pub mod linear_op;
 pub mod measure;
 pub mod model;

@@ -111,6 +111,21 @@ impl Model {
         Ok((next_token_loss(&f.logits, ids)?, f.aux))
     }
 
+    /// Gradients of `ce + aux` for every parameter, with the cross-entropy and the weighted
+    /// auxiliary loss: f32 Itera-Lite without dropout takes the hand-written step
+    /// ([`crate::itera_step`]), anything else candle's autograd through [`Self::loss`].
+    pub fn loss_grads(&self, ids: &Tensor, train: Train) -> Result<(candle_core::backprop::GradStore, f32, f32)> {
+        if let Net::IteraLite(m) = &self.net {
+            if train.is_some() && crate::itera_step::supported(m) {
+                let s = crate::itera_step::step(m, ids)?;
+                return Ok((s.grads, s.ce, s.aux));
+            }
+        }
+        let (ce, aux) = self.loss(ids, train)?;
+        let (ce_v, aux_v) = (ce.to_scalar::<f32>()?, aux.to_scalar::<f32>()?);
+        Ok(((ce + aux)?.backward()?, ce_v, aux_v))
+    }
+
     pub fn start(&self, batch: usize) -> Result<DecodeState> {
         Ok(match &self.net {
             Net::IteraLite(m) => DecodeState::Recurrent(m.zero_state(batch)?),

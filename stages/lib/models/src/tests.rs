@@ -527,3 +527,57 @@ fn fused_transformer_block_equals_the_op_by_op_block_and_its_gradients() {
         }
     }
 }
+
+#[test]
+fn hand_written_itera_step_equals_autograd() {
+    // Both balance losses, weighted heavily so the router's gradient is not lost in the
+    // cross-entropy's; two MoE layers and two dense ones.
+    for aux_loss in ["cv2", "switch"] {
+        let o = serde_json::json!({"max_seq_len": 32, "n_layers": 4, "aux_loss": aux_loss, "aux_weight": 0.5});
+        let cfg = ModelConfig::build("itera_lite", "micro", 40, o.as_object().unwrap()).unwrap();
+        let model = Model::new(&cfg, 8).unwrap();
+        let crate::model::Net::IteraLite(net) = &model.net else { unreachable!() };
+        assert!(crate::itera_step::supported(net));
+        let x = ids(3, 24, 5);
+        let hand = crate::itera_step::step(net, &x).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let (ce, aux) = model.loss(&x, Some(&mut rng)).unwrap();
+        let (ce_v, aux_v) = (ce.to_scalar::<f32>().unwrap(), aux.to_scalar::<f32>().unwrap());
+        assert!((hand.ce - ce_v).abs() <= 1e-5 * ce_v.abs(), "{aux_loss}: ce {} vs {ce_v}", hand.ce);
+        assert!(aux_v > 0.0 && (hand.aux - aux_v).abs() <= 1e-4 * aux_v, "{aux_loss}: aux {} vs {aux_v}", hand.aux);
+        let reference = (ce + aux).unwrap().backward().unwrap();
+        let data = model.varmap.data().lock().unwrap();
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for n in names {
+            let t = data[n].as_tensor();
+            let (a, b) = (hand.grads.get(t), reference.get(t));
+            let (a, b) = (a.unwrap_or_else(|| panic!("{aux_loss}: no hand gradient for {n}")), b.unwrap());
+            assert_eq!(a.dims(), b.dims(), "{n}");
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-4);
+            let d = max_abs(a, b);
+            assert!(d <= 1e-3 * scale, "{aux_loss}: gradient of {n} differs by {d} (max {scale})");
+        }
+    }
+}
+
+#[test]
+fn loss_grads_takes_autograd_where_the_hand_written_step_does_not_reach() {
+    // Dropout: the hand-written step does not cover it; loss_grads must still give gradients.
+    let o = serde_json::json!({"max_seq_len": 32, "dropout": 0.1});
+    let cfg = ModelConfig::build("itera_lite", "micro", 40, o.as_object().unwrap()).unwrap();
+    let model = Model::new(&cfg, 9).unwrap();
+    let crate::model::Net::IteraLite(net) = &model.net else { unreachable!() };
+    assert!(!crate::itera_step::supported(net));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let (grads, ce, _) = model.loss_grads(&ids(2, 16, 1), Some(&mut rng)).unwrap();
+    assert!(ce.is_finite());
+    let w = model.varmap.data().lock().unwrap()["layers.0.ssm.in_proj.weight"].as_tensor().clone();
+    assert!(grads.get(&w).is_some());
+    // Token ids outside the vocabulary are refused by the hand-written step, not read past.
+    let plain = Model::new(&small("itera_lite"), 9).unwrap();
+    let crate::model::Net::IteraLite(net) = &plain.net else { unreachable!() };
+    let bad = Tensor::from_vec(vec![1u32, 2, 40, 3], (1, 4), &Device::Cpu).unwrap();
+    let err = crate::itera_step::step(net, &bad).err().expect("id 40 of a 40-token vocabulary");
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}

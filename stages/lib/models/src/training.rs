@@ -342,6 +342,27 @@ impl Objective<'_> {
         };
         Ok(((task + f.aux)?, ce_v))
     }
+
+    /// The gradients of [`Self::loss`]'s loss and the cross-entropy for the log: plain
+    /// cross-entropy through [`Model::loss_grads`] (Itera-Lite's hand-written step where it
+    /// applies), distillation through autograd.
+    pub fn grads(
+        &self,
+        model: &Model,
+        x: &Tensor,
+        rng: &mut ChaCha8Rng,
+    ) -> candle_core::Result<(candle_core::backprop::GradStore, f64)> {
+        match self {
+            Objective::CrossEntropy => {
+                let (grads, ce, _) = model.loss_grads(x, Some(rng))?;
+                Ok((grads, ce as f64))
+            }
+            Objective::Distill { .. } => {
+                let (loss, ce) = self.loss(model, x, rng)?;
+                Ok((loss.backward()?, ce))
+            }
+        }
+    }
 }
 
 /// Progress reporting and cancellation, supplied by the caller.
@@ -443,8 +464,7 @@ pub fn fit(
         opt_decay.set_learning_rate(lr);
         opt_plain.set_learning_rate(lr);
         let x = random_batch(train_ids, h.batch, h.seq_len, &mut batch_rng)?;
-        let (loss, ce_v) = objective.loss(model, &x, &mut dropout_rng)?;
-        let mut grads = loss.backward()?;
+        let (mut grads, ce_v) = objective.grads(model, &x, &mut dropout_rng)?;
         let gnorm = clip_and_norm(&mut grads, &vars, h.grad_clip)?;
         opt_decay.step(&grads)?;
         opt_plain.step(&grads)?;

@@ -43,9 +43,17 @@ fn probe() -> candle_core::Result<Results> {
         let loss = (itera_models::next_token_loss(&f.logits, &x)? + f.aux)?;
         let grads = loss.backward()?;
         let vars = model.varmap.data().lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?.clone();
-        for (var_name, var) in vars {
+        for (var_name, var) in &vars {
             if let Some(g) = grads.get(var.as_tensor()) {
                 out.insert(format!("{name} grad {var_name}"), flat(g)?);
+            }
+        }
+        // The training step as `fit` takes it (Itera-Lite: the hand-written step).
+        let (step_grads, ce, _) = model.loss_grads(&x, Some(&mut rng))?;
+        out.insert(format!("{name} step ce"), vec![ce]);
+        for (var_name, var) in &vars {
+            if let Some(g) = step_grads.get(var.as_tensor()) {
+                out.insert(format!("{name} step grad {var_name}"), flat(g)?);
             }
         }
         out.insert(format!("{name} f32 decoder"), model.decoder()?.feed(&ids[..24])?);

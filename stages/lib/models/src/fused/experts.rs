@@ -78,7 +78,7 @@ impl ExpertsQuant {
     }
 }
 
-struct Saved {
+pub(crate) struct Saved {
     stats: Vec<(f32, f32)>,
     normed: Vec<f32>,
     experts: Vec<Routed>,
@@ -132,7 +132,7 @@ fn row_gates(gates: Option<&[f32]>, experts: usize, j: usize, rows: &Option<Vec<
 }
 
 simd_dispatch! {
-    fn experts_forward(dims: &ExpertsDims, quant: &ExpertsQuant, residual: bool, keep: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+    pub(crate) fn experts_forward(dims: &ExpertsDims, quant: &ExpertsQuant, residual: bool, keep: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let rows = check(dims, x.len(), gates, p.len())?;
         let (d, e, ne) = (dims.d, dims.hidden, dims.experts);
         let (ln_w, rest) = p.split_at(d);
@@ -212,7 +212,7 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// Gradients of x, of the gates (when given) and of the packed parameters.
-    fn experts_backward(dims: &ExpertsDims, residual: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    pub(crate) fn experts_backward(dims: &ExpertsDims, residual: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let rows = check(dims, x.len(), gates, p.len())?;
         let (d, e, ne) = (dims.d, dims.hidden, dims.experts);
         let ln_w = &p[..d];

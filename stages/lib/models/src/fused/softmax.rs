@@ -119,7 +119,7 @@ fn exp_shifted(row: &[f32], out: &mut [f32]) -> (f32, f32) {
 
 simd_dispatch! {
     /// Σ over the scored rows of −log softmax(row)[target], in f64 (targets checked by the caller).
-    fn nll_sum(x: &[f32], v: usize, ids: &[u32], l: usize) -> f64 {
+    pub(crate) fn nll_sum(x: &[f32], v: usize, ids: &[u32], l: usize) -> f64 {
         let mut tmp = vec![0f32; v];
         let mut total = 0f64;
         for (row, target) in scored(ids, l) {
@@ -133,7 +133,7 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// dx = (softmax(row) − one-hot(target)) · scale on the scored rows; other rows untouched.
-    fn nll_grad(x: &[f32], v: usize, ids: &[u32], l: usize, scale: f32, dx: &mut [f32]) -> () {
+    pub(crate) fn nll_grad(x: &[f32], v: usize, ids: &[u32], l: usize, scale: f32, dx: &mut [f32]) -> () {
         for (row, target) in scored(ids, l) {
             let (r, d) = (&x[row * v..(row + 1) * v], &mut dx[row * v..(row + 1) * v]);
             let (_, sum) = exp_shifted(r, d);

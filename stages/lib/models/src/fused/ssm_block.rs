@@ -93,7 +93,7 @@ impl SsmBlockQuant {
 }
 
 /// What the backward needs from the forward.
-struct Saved {
+pub(crate) struct Saved {
     stats: Vec<(f32, f32)>,
     normed: Vec<f32>,
     xs: Vec<f32>,
@@ -155,7 +155,7 @@ fn check(dims: &SsmBlockDims, x_len: usize, p_len: usize) -> Result<usize> {
 
 simd_dispatch! {
     /// The block's output and what its backward needs.
-    fn block_forward(dims: &SsmBlockDims, quant: &SsmBlockQuant, residual: bool, keep: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+    pub(crate) fn block_forward(dims: &SsmBlockDims, quant: &SsmBlockQuant, residual: bool, keep: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let rows = check(dims, x.len(), p.len())?;
         let SsmBlockDims { d, di, n, k, seq_len: l, eps } = *dims;
         let o = dims.offsets();
@@ -261,7 +261,7 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// Gradients of the input and of the packed parameters, given the output's gradient `g`.
-    fn block_backward(dims: &SsmBlockDims, residual: bool, x: &[f32], p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub(crate) fn block_backward(dims: &SsmBlockDims, residual: bool, x: &[f32], p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
         let rows = check(dims, x.len(), p.len())?;
         let SsmBlockDims { d, di, n, k, seq_len: l, .. } = *dims;
         let o = dims.offsets();
