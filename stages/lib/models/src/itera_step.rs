@@ -14,7 +14,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::config::AuxLoss;
-use crate::fused::{self, ExpertsDims, ExpertsQuant, ExpertsSaved, SsmBlockQuant, SsmSaved};
+use crate::fused::{self, ExpertsDims, ExpertsQuant, ExpertsSaved, InputGrad, SsmBlockQuant, SsmSaved};
 use crate::itera::{FeedForward, IteraLite, Moe};
 use crate::linear_op::Product;
 use crate::nn::{layer_norm_bwd, normalize_rows, row_stats};
@@ -91,10 +91,9 @@ fn empty_store() -> Result<GradStore> {
     Ok(store)
 }
 
-/// What the router's backward needs: the LayerNorm's statistics and output, the gates (softmax
-/// over each row's top k, zero elsewhere) and the full softmax the balance loss averages.
+/// What the router's backward needs: the LayerNorm's output, the gates (softmax over each row's
+/// top k, zero elsewhere) and the full softmax the balance loss averages.
 struct Router {
-    stats: Vec<(f32, f32)>,
     normed: Vec<f32>,
     gates: Vec<f32>,
     probs: Vec<f32>,
@@ -158,24 +157,23 @@ fn router_forward(moe: &Moe, kind: AuxLoss, x: &[f32], rows: usize, d: usize) ->
             (aux, share.iter().map(|f| e as f32 * f).collect())
         }
     };
-    Ok((Router { stats, normed, gates, probs, share, daux_dpmean }, aux))
+    Ok((Router { normed, gates, probs, share, daux_dpmean }, aux))
 }
 
-/// The router's backward: from the gates' gradient and the balance loss's weight to the input
-/// gradient (added onto `dx`, the experts' input gradient) and the router's and LayerNorm's
-/// parameter gradients.
+/// The router's backward: from the gates' gradient and the balance loss's weight to the
+/// router's weight gradient, adding the router's share of the LayerNorm output's gradient into
+/// `dnormed` (which holds the experts' share; one LayerNorm backward then serves both).
 fn router_backward(
     moe: &Moe,
     r: &Router,
-    x: &[f32],
     dgates: &[f32],
     aux_weight: f32,
-    dx: &[f32],
+    dnormed: &mut [f32],
     store: &mut GradStore,
-) -> Result<Vec<f32>> {
+) -> Result<()> {
     let e = r.share.len();
-    let rows = r.stats.len();
-    let d = x.len() / rows.max(1);
+    let rows = dgates.len() / e.max(1);
+    let d = r.normed.len() / rows.max(1);
     let dprob: Vec<f32> = r.daux_dpmean.iter().map(|g| aux_weight * g / rows as f32).collect();
     let mut dlogits = vec![0f32; rows * e];
     for (((dl, g), p), dg) in dlogits
@@ -193,25 +191,7 @@ fn router_backward(
     let wr = values(moe.router.weight())?;
     let (dwr, _) = Product::AtB.run((&dlogits, rows, e), (&r.normed, rows, d))?;
     store.insert(moe.router.weight(), Tensor::from_vec(dwr, (e, d), &Device::Cpu)?);
-    let (dnormed, _) = Product::AB.run((&dlogits, rows, e), (&wr, e, d))?;
-    let lw = values(&moe.norm.weight)?;
-    let (dx, dw, db) = layer_norm_bwd(x, &lw, &r.stats, &dnormed, Some(dx))?;
-    // The experts node normalizes with the same LayerNorm: its gradients are in the store.
-    add_to(store, &moe.norm.weight, dw)?;
-    add_to(store, &moe.norm.bias, db)?;
-    Ok(dx)
-}
-
-/// `grad` added to the gradient `store` holds for `t` (inserted when it holds none).
-fn add_to(store: &mut GradStore, t: &Tensor, mut grad: Vec<f32>) -> Result<()> {
-    if let Some(have) = store.get(t) {
-        fused::with_values(have, OP, |h| {
-            grad.iter_mut().zip(h).for_each(|(g, &v)| *g += v);
-            Ok(())
-        })?;
-    }
-    store.insert(t, Tensor::from_vec(grad, t.shape(), &Device::Cpu)?);
-    Ok(())
+    Product::AB.write_into((&dlogits, rows, e), (&wr, e, d), dnormed, true)
 }
 
 /// A feed-forward layer's parameters in the experts node's packing order, and its dims.
@@ -306,14 +286,22 @@ pub fn step(m: &IteraLite, ids: &Tensor) -> Result<StepGrads> {
     for ((ssm, ff), s) in m.layers.iter().zip(saved).rev() {
         let (params, dims) = experts_params(ff, d)?;
         let gates = s.router.as_ref().map(|r| &r.gates[..]);
-        let (dx_ff, dgates, dp) = fused::experts_backward(&dims, true, &s.x_ff, gates, &s.p_ff, &s.ff, &dx)?;
-        unpack(&params, &dp, &mut store)?;
+        // With a router, the experts stop at their LayerNorm's output: the router reads the same
+        // LayerNorm, and one backward of it takes both gradients.
+        let want = if s.router.is_some() { InputGrad::Normed } else { InputGrad::X { residual: true } };
+        let (first, dgates, mut dp) = fused::experts_backward(&dims, want, &s.x_ff, gates, &s.p_ff, &s.ff, &dx)?;
         dx = match (ff, &s.router) {
             (FeedForward::Moe(moe), Some(r)) => {
-                router_backward(moe, r, &s.x_ff, &dgates, cfg.aux_weight as f32, &dx_ff, &mut store)?
+                let mut dnormed = first;
+                router_backward(moe, r, &dgates, cfg.aux_weight as f32, &mut dnormed, &mut store)?;
+                let (dx_in, dw, db) = layer_norm_bwd(&s.x_ff, &s.p_ff[..d], &s.ff.stats, &dnormed, Some(&dx))?;
+                dp[..d].copy_from_slice(&dw);
+                dp[d..2 * d].copy_from_slice(&db);
+                dx_in
             }
-            _ => dx_ff,
+            _ => first,
         };
+        unpack(&params, &dp, &mut store)?;
         let (dx_ssm, dp) = fused::ssm_block_backward(&ssm.dims(l), true, &s.x_ssm, &s.p_ssm, &s.ssm, &dx)?;
         unpack(&ssm.params()?, &dp, &mut store)?;
         dx = dx_ssm;

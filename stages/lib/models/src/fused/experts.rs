@@ -79,7 +79,7 @@ impl ExpertsQuant {
 }
 
 pub(crate) struct Saved {
-    stats: Vec<(f32, f32)>,
+    pub(crate) stats: Vec<(f32, f32)>,
     normed: Vec<f32>,
     experts: Vec<Routed>,
 }
@@ -210,9 +210,21 @@ simd_dispatch! {
     }
 }
 
+/// What [`experts_backward`] returns first.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum InputGrad {
+    /// x's gradient, with (`true`) or without the residual's.
+    X { residual: bool },
+    /// The LayerNorm output's gradient, before the LayerNorm's backward: for a caller that adds
+    /// the gradient of another reader of the same LayerNorm (the MoE router) and runs the
+    /// LayerNorm's backward itself. The LayerNorm's parameter gradients are then left zero.
+    Normed,
+}
+
 simd_dispatch! {
-    /// Gradients of x, of the gates (when given) and of the packed parameters.
-    pub(crate) fn experts_backward(dims: &ExpertsDims, residual: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    /// Gradients of x (or of the LayerNorm's output, see [`InputGrad`]), of the gates (when given)
+    /// and of the packed parameters.
+    pub(crate) fn experts_backward(dims: &ExpertsDims, want: InputGrad, x: &[f32], gates: Option<&[f32]>, p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let rows = check(dims, x.len(), gates, p.len())?;
         let (d, e, ne) = (dims.d, dims.hidden, dims.experts);
         let ln_w = &p[..d];
@@ -257,6 +269,7 @@ simd_dispatch! {
                 }
             }
         }
+        let InputGrad::X { residual } = want else { return Ok((dnormed, dgates, dp)) };
         let (dx, dw, db) = layer_norm_bwd(x, ln_w, &s.stats, &dnormed, residual.then_some(g))?;
         dp[..d].copy_from_slice(&dw);
         dp[d..2 * d].copy_from_slice(&db);
@@ -293,7 +306,7 @@ impl ExpertsOp {
                         Some(s) => s,
                         None => experts_forward(&self.dims, &self.quant, self.residual, true, xs, gt, ps)?.1,
                     };
-                    experts_backward(&self.dims, self.residual, xs, gt, ps, &saved, gs)
+                    experts_backward(&self.dims, InputGrad::X { residual: self.residual }, xs, gt, ps, &saved, gs)
                 })
             })
         })?;
