@@ -105,6 +105,9 @@ pub(crate) struct Saved {
     /// Rows of di + n: σ(delta_proj(xc) + bias), softplus′ there, then B·xc. (Without `keep`,
     /// the first di hold delta_proj(xc) before its bias.)
     qb: Vec<f32>,
+    /// B·xc again, as (rows, n) on its own: the backward's per-row state loop reads it, and
+    /// from qb's row tails that was one cache line per row, mostly from memory.
+    bx: Vec<f32>,
     delta: Vec<f32>,
     a: Vec<f32>,
     h: Vec<f32>,
@@ -222,12 +225,13 @@ simd_dispatch! {
 
         // a = exp(Δ·A), u = Δ·(B x), h = scan(a, u).
         let a_neg: Vec<f32> = part(p, &o, A_LOG).iter().map(|v| -v.exp()).collect();
-        let (mut a, mut u) = (vec![0f32; rows * n], vec![0f32; rows * n]);
-        let rows_n = a.chunks_exact_mut(n.max(1)).zip(u.chunks_exact_mut(n.max(1)));
-        for (((ar, ur), &dt), qr) in rows_n.zip(&delta).zip(qb.chunks_exact(wq)) {
-            for (((av, uv), &an), &bx) in ar.iter_mut().zip(ur.iter_mut()).zip(&a_neg).zip(&qr[di..]) {
+        let (mut a, mut u, mut bx) = (vec![0f32; rows * n], vec![0f32; rows * n], vec![0f32; rows * n]);
+        let rows_n = a.chunks_exact_mut(n.max(1)).zip(u.chunks_exact_mut(n.max(1))).zip(bx.chunks_exact_mut(n.max(1)));
+        for ((((ar, ur), br), &dt), qr) in rows_n.zip(&delta).zip(qb.chunks_exact(wq)) {
+            br.copy_from_slice(&qr[di..]);
+            for (((av, uv), &an), &b) in ar.iter_mut().zip(ur.iter_mut()).zip(&a_neg).zip(br.iter()) {
                 *av = exp(dt * an);
-                *uv = dt * bx;
+                *uv = dt * b;
             }
         }
         let h = scan_fwd(&a, &u, (rows / l, l, n));
@@ -255,7 +259,7 @@ simd_dispatch! {
             Some(q) => q.matmul_t_add(&gated, rows, &mut out),
             None => Product::ABt.write_into((&gated, rows, di), (part(p, &o, W_OUT), d, di), &mut out, residual)?,
         }
-        Ok((out, Saved { stats, normed, xs, z, dsilu, xc, qb, delta, a, h, y, gated }))
+        Ok((out, Saved { stats, normed, xs, z, dsilu, xc, qb, bx, delta, a, h, y, gated }))
     }
 }
 
@@ -314,6 +318,8 @@ simd_dispatch! {
         // The gradient of qb: of delta_proj's product (filled below), then of B·xc.
         let wq = di + n;
         let mut dqb = vec![0f32; rows * wq];
+        // ∂(B·xc) per row, (rows, n), copied into dqb's row tails below with the rest of each row.
+        let mut dbx = vec![0f32; rows * n];
         let mut da_neg = vec![0f64; n];
         // Per row, the n state terms side by side (they vectorize), then summed in order. Rows
         // come from chunk iterators, not index ranges: sliced per row, this loop cost ≈ 0.8 % of
@@ -322,12 +328,12 @@ simd_dispatch! {
         let nn = n.max(1);
         let prev = std::iter::once(&zeros[..]).chain(s.h.chunks_exact(nn));
         let row_in = prev.zip(lam.chunks_exact(nn)).zip(s.a.chunks_exact(nn)).zip(&s.delta);
-        let row_q = s.qb.chunks_exact(wq).zip(dqb.chunks_exact_mut(wq));
-        for (r, ((dd, (((h_prev, lr), ar), &dt)), (qr, dqr))) in ddelta.iter_mut().zip(row_in).zip(row_q).enumerate() {
+        let row_b = s.bx.chunks_exact(nn).zip(dbx.chunks_exact_mut(nn));
+        for (r, ((dd, (((h_prev, lr), ar), &dt)), (br, dbr))) in ddelta.iter_mut().zip(row_in).zip(row_b).enumerate() {
             let h_prev = if r % l == 0 { &zeros[..] } else { h_prev };
-            let bx = qr[di..].iter().zip(&a_neg);
+            let bx = br.iter().zip(&a_neg);
             for ((((((t, db), dn), &lm), &hp), &av), (&b, &an)) in
-                terms.iter_mut().zip(&mut dqr[di..]).zip(da_neg.iter_mut()).zip(lr).zip(h_prev).zip(ar).zip(bx)
+                terms.iter_mut().zip(dbr.iter_mut()).zip(da_neg.iter_mut()).zip(lr).zip(h_prev).zip(ar).zip(bx)
             {
                 let da = lm * hp * av; // ∂/∂(Δ·A)
                 *t = lm * b + da * an;
@@ -344,7 +350,10 @@ simd_dispatch! {
         let per = rows_per_task(wq);
         let mut bias_partial = vec![0f32; rows.div_ceil(per) * di];
         for_chunks2(&mut dqb, per * wq, &mut bias_partial, di, |i, out, acc| {
-            for ((or, qr), &gd) in out.chunks_exact_mut(wq).zip(s.qb[i * per * wq..].chunks_exact(wq)).zip(&ddelta[i * per..]) {
+            let rows_in = s.qb[i * per * wq..].chunks_exact(wq).zip(&ddelta[i * per..]);
+            for (k, (or, (qr, &gd))) in out.chunks_exact_mut(wq).zip(rows_in).enumerate() {
+                let r = i * per + k;
+                or[di..].copy_from_slice(&dbx[r * n..(r + 1) * n]);
                 let scale = gd / di as f32;
                 for ((o, &sg), a) in or[..di].iter_mut().zip(&qr[..di]).zip(acc.iter_mut()) {
                     *o = scale * sg;
