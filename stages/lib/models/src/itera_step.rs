@@ -65,19 +65,19 @@ fn pack(params: &[&Tensor]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Hands each parameter its slice of a gradient packed as [`pack`] packs them.
-fn unpack(params: &[&Tensor], grad: &[f32], store: &mut GradStore) -> Result<()> {
+/// Hands each parameter its slice of a gradient packed as [`pack`] packs them: views into one
+/// tensor that owns the packed vector (copying each slice out cost ≈ 0.4 % of a step).
+fn unpack(params: &[&Tensor], grad: Vec<f32>, store: &mut GradStore) -> Result<()> {
+    let total: usize = params.iter().map(|t| t.elem_count()).sum();
+    if total != grad.len() {
+        candle_core::bail!("{OP}: a packed gradient of {} values for parameters of {total}", grad.len());
+    }
+    let packed = Tensor::from_vec(grad, total, &Device::Cpu)?;
     let mut at = 0;
     for t in params {
         let n = t.elem_count();
-        let Some(g) = grad.get(at..at + n) else {
-            candle_core::bail!("{OP}: a packed gradient of {} values is short of its parameters", grad.len())
-        };
-        store.insert(t, Tensor::from_slice(g, t.shape(), t.device())?);
+        store.insert(t, packed.narrow(0, at, n)?.reshape(t.shape())?);
         at += n;
-    }
-    if at != grad.len() {
-        candle_core::bail!("{OP}: a packed gradient of {} values for parameters of {at}", grad.len());
     }
     Ok(())
 }
@@ -301,9 +301,9 @@ pub fn step(m: &IteraLite, ids: &Tensor) -> Result<StepGrads> {
             }
             _ => first,
         };
-        unpack(&params, &dp, &mut store)?;
+        unpack(&params, dp, &mut store)?;
         let (dx_ssm, dp) = fused::ssm_block_backward(&ssm.dims(l), true, &s.x_ssm, &s.p_ssm, &s.ssm, &dx)?;
-        unpack(&ssm.params()?, &dp, &mut store)?;
+        unpack(&ssm.params()?, dp, &mut store)?;
         dx = dx_ssm;
     }
 
