@@ -40,7 +40,8 @@ pub fn supported(m: &IteraLite) -> bool {
             any |= match ff {
                 FeedForward::Dense(f) => f.ff.0.quantized().is_some() || f.ff.1.quantized().is_some(),
                 FeedForward::Moe(moe) => {
-                    moe.experts.iter().any(|(u, d)| u.quantized().is_some() || d.quantized().is_some())
+                    moe.router.quantized().is_some()
+                        || moe.experts.iter().any(|(u, d)| u.quantized().is_some() || d.quantized().is_some())
                 }
             };
         }
@@ -99,7 +100,7 @@ struct Router {
     probs: Vec<f32>,
     /// Per expert, the fraction of routing slots it took (the Switch loss's f, not differentiated).
     share: Vec<f32>,
-    /// Σ over experts of the auxiliary loss's derivative by the mean probability, unweighted.
+    /// Per expert, the balance loss's derivative by that expert's mean probability, unweighted.
     daux_dpmean: Vec<f32>,
 }
 
