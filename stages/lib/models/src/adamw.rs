@@ -4,13 +4,15 @@
 //! full-size buffer (2–3 % of a tiny model's training step). Here the moments live in plain
 //! vectors and each value is updated in one loop with the same f32 operations in the same order
 //! — the f64 hyper-parameters rounded to f32 as candle's `affine` rounds them — so the weights
-//! it produces are identical (tested), and only the new values are copied into the variable.
+//! it produces are identical (tested), and the new values are written into the variable's own storage.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 
-use crate::fused::with_values;
+use crate::fused::f32s;
 
 /// One parameter with its first and second moments.
 struct Slot {
@@ -100,18 +102,38 @@ impl Optimizer for FusedAdamW {
         for slot in &mut self.slots {
             let Some(g) = grads.get(slot.var.as_tensor()) else { continue };
             let Slot { var, m, v } = slot;
-            let theta = with_values(var.as_tensor(), "adamw", |t| {
-                with_values(g, "adamw", |g| {
-                    if g.len() != t.len() || m.len() != t.len() {
-                        candle_core::bail!("adamw: a gradient of {} values for a parameter of {}", g.len(), t.len());
-                    }
-                    let mut theta = t.to_vec();
-                    update(c, &mut theta, m, v, g);
-                    Ok(theta)
-                })
-            })?;
-            var.set(&Tensor::from_vec(theta, var.shape(), var.device())?)?;
+            let op = InPlace { c, m: RefCell::new(m), v: RefCell::new(v) };
+            var.as_tensor().inplace_op2(g, &op)?;
         }
+        Ok(())
+    }
+}
+
+/// One parameter's update written straight into the variable's storage: no copy of the
+/// parameter out and back (≈ 0.3 % of an Itera-Lite step). `inplace_op2` hands out the storage
+/// through `&self`, hence the cells.
+struct InPlace<'a> {
+    c: Coefficients,
+    m: RefCell<&'a mut Vec<f32>>,
+    v: RefCell<&'a mut Vec<f32>>,
+}
+
+impl InplaceOp2 for InPlace<'_> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+        let g = f32s(s2, l2, "adamw")?;
+        let theta = match (s1, l1.contiguous_offsets()) {
+            (CpuStorage::F32(t), Some((a, b))) => &mut t[a..b],
+            _ => candle_core::bail!("adamw: parameters must be contiguous f32 on the CPU"),
+        };
+        let (mut m, mut v) = (self.m.borrow_mut(), self.v.borrow_mut());
+        if g.len() != theta.len() || m.len() != theta.len() || v.len() != theta.len() {
+            candle_core::bail!("adamw: a gradient of {} values for a parameter of {}", g.len(), theta.len());
+        }
+        update(self.c, theta, &mut m[..], &mut v[..], g);
         Ok(())
     }
 }
@@ -119,7 +141,7 @@ impl Optimizer for FusedAdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Tensor, Var};
     use candle_nn::AdamW;
     use rand::{Rng, SeedableRng};
 
