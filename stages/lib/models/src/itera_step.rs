@@ -14,7 +14,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::config::AuxLoss;
-use crate::fused::{self, ExpertsDims, ExpertsQuant, ExpertsSaved, InputGrad, SsmBlockQuant, SsmSaved};
+use crate::fused::{self, ExpertsDims, ExpertsQuant, ExpertsSaved, InputGrad, Pass, SsmBlockQuant, SsmSaved};
 use crate::itera::{FeedForward, IteraLite, Moe};
 use crate::linear_op::Product;
 use crate::nn::{layer_norm_bwd, normalize_rows, row_stats};
@@ -92,10 +92,10 @@ fn empty_store() -> Result<GradStore> {
     Ok(store)
 }
 
-/// What the router's backward needs: the LayerNorm's output, the gates (softmax over each row's
-/// top k, zero elsewhere) and the full softmax the balance loss averages.
+/// What the router's backward needs besides the LayerNorm's output (kept by the experts): the
+/// gates (softmax over each row's top k, zero elsewhere) and the full softmax the balance loss
+/// averages.
 struct Router {
-    normed: Vec<f32>,
     gates: Vec<f32>,
     probs: Vec<f32>,
     /// Per expert, the fraction of routing slots it took (the Switch loss's f, not differentiated).
@@ -104,18 +104,16 @@ struct Router {
     daux_dpmean: Vec<f32>,
 }
 
-/// The MoE router on rows x (rows, d): as `Moe::forward` computes it (LayerNorm, linear, top k by
-/// value with ties kept, softmax over the chosen), with the unweighted balance loss.
-fn router_forward(moe: &Moe, kind: AuxLoss, x: &[f32], rows: usize, d: usize) -> Result<(Router, f32)> {
-    let (lw, lb) = (values(&moe.norm.weight)?, values(&moe.norm.bias)?);
-    let stats = row_stats(x, d, moe.norm.eps);
-    let normed = normalize_rows(x, &lw, &lb, &stats)?;
+/// The MoE router on the layer's LayerNorm output (rows, d) — the experts' too: as
+/// `Moe::forward` computes it (linear, top k by value with ties kept, softmax over the chosen),
+/// with the unweighted balance loss.
+fn router_forward(moe: &Moe, kind: AuxLoss, normed: &[f32], rows: usize, d: usize) -> Result<(Router, f32)> {
     let wr = values(moe.router.weight())?;
     let e = wr.len() / d.max(1);
     if moe.top_k == 0 || moe.top_k > e {
         candle_core::bail!("{OP}: top_k {} of {e} experts", moe.top_k);
     }
-    let (logits, _) = Product::ABt.run((&normed, rows, d), (&wr, e, d))?;
+    let (logits, _) = Product::ABt.run((normed, rows, d), (&wr, e, d))?;
     let (mut gates, mut probs) = (vec![0f32; rows * e], vec![0f32; rows * e]);
     let mut chosen = vec![0usize; e];
     let mut sorted = vec![0f32; e];
@@ -158,7 +156,7 @@ fn router_forward(moe: &Moe, kind: AuxLoss, x: &[f32], rows: usize, d: usize) ->
             (aux, share.iter().map(|f| e as f32 * f).collect())
         }
     };
-    Ok((Router { normed, gates, probs, share, daux_dpmean }, aux))
+    Ok((Router { gates, probs, share, daux_dpmean }, aux))
 }
 
 /// The router's backward: from the gates' gradient and the balance loss's weight to the
@@ -167,6 +165,7 @@ fn router_forward(moe: &Moe, kind: AuxLoss, x: &[f32], rows: usize, d: usize) ->
 fn router_backward(
     moe: &Moe,
     r: &Router,
+    normed: &[f32],
     dgates: &[f32],
     aux_weight: f32,
     dnormed: &mut [f32],
@@ -174,7 +173,7 @@ fn router_backward(
 ) -> Result<()> {
     let e = r.share.len();
     let rows = dgates.len() / e.max(1);
-    let d = r.normed.len() / rows.max(1);
+    let d = normed.len() / rows.max(1);
     let dprob: Vec<f32> = r.daux_dpmean.iter().map(|g| aux_weight * g / rows as f32).collect();
     let mut dlogits = vec![0f32; rows * e];
     for (((dl, g), p), dg) in dlogits
@@ -190,7 +189,7 @@ fn router_backward(
         }
     }
     let wr = values(moe.router.weight())?;
-    let (dwr, _) = Product::AtB.run((&dlogits, rows, e), (&r.normed, rows, d))?;
+    let (dwr, _) = Product::AtB.run((&dlogits, rows, e), (normed, rows, d))?;
     store.insert(moe.router.weight(), Tensor::from_vec(dwr, (e, d), &Device::Cpu)?);
     Product::AB.write_into((&dlogits, rows, e), (&wr, e, d), dnormed, true)
 }
@@ -250,16 +249,18 @@ pub fn step(m: &IteraLite, ids: &Tensor) -> Result<StepGrads> {
         let x_ssm = std::mem::replace(&mut x, out);
         let (params, dims) = experts_params(ff, d)?;
         let p_ff = pack(&params)?;
-        let router = match ff {
-            FeedForward::Dense(_) => None,
+        let (router, ln) = match ff {
+            FeedForward::Dense(_) => (None, None),
             FeedForward::Moe(moe) => {
-                let (r, a) = router_forward(moe, cfg.aux_loss, &x, rows, d)?;
+                let ln = fused::experts_norm(&dims, &x, &p_ff)?;
+                let (r, a) = router_forward(moe, cfg.aux_loss, &ln.out, rows, d)?;
                 aux += a;
-                Some(r)
+                (Some(r), Some(ln))
             }
         };
         let gates = router.as_ref().map(|r| &r.gates[..]);
-        let (out, s_ff) = fused::experts_forward(&dims, &ExpertsQuant::default(), true, true, &x, gates, &p_ff)?;
+        let pass = Pass { residual: true, keep: true };
+        let (out, s_ff) = fused::experts_forward(&dims, &ExpertsQuant::default(), pass, &x, ln, gates, &p_ff)?;
         let x_ff = std::mem::replace(&mut x, out);
         saved.push(Layer { x_ssm, p_ssm, ssm: s, x_ff, p_ff, ff: s_ff, router });
     }
@@ -294,8 +295,8 @@ pub fn step(m: &IteraLite, ids: &Tensor) -> Result<StepGrads> {
         dx = match (ff, &s.router) {
             (FeedForward::Moe(moe), Some(r)) => {
                 let mut dnormed = first;
-                router_backward(moe, r, &dgates, cfg.aux_weight as f32, &mut dnormed, &mut store)?;
-                let (dx_in, dw, db) = layer_norm_bwd(&s.x_ff, &s.p_ff[..d], &s.ff.stats, &dnormed, Some(&dx))?;
+                router_backward(moe, r, &s.ff.ln.out, &dgates, cfg.aux_weight as f32, &mut dnormed, &mut store)?;
+                let (dx_in, dw, db) = layer_norm_bwd(&s.x_ff, &s.p_ff[..d], &s.ff.ln.stats, &dnormed, Some(&dx))?;
                 dp[..d].copy_from_slice(&dw);
                 dp[d..2 * d].copy_from_slice(&db);
                 dx_in

@@ -79,9 +79,33 @@ impl ExpertsQuant {
 }
 
 pub(crate) struct Saved {
-    pub(crate) stats: Vec<(f32, f32)>,
-    normed: Vec<f32>,
+    pub(crate) ln: Normed,
     experts: Vec<Routed>,
+}
+
+/// The layer's LayerNorm over its input rows: per row (mean, 1/std), and the output.
+pub(crate) struct Normed {
+    pub(crate) stats: Vec<(f32, f32)>,
+    pub(crate) out: Vec<f32>,
+}
+
+/// The LayerNorm the layer starts with, on rows x, its weight and bias taken from the packed
+/// parameters p. The MoE router reads the same output: a caller running the router first hands
+/// it on to [`experts_forward`] rather than having it computed twice.
+pub(crate) fn experts_norm(dims: &ExpertsDims, x: &[f32], p: &[f32]) -> Result<Normed> {
+    if p.len() < 2 * dims.d {
+        candle_core::bail!("experts: {} packed parameters, expected {}", p.len(), dims.packed_len());
+    }
+    let stats = row_stats(x, dims.d, dims.eps);
+    let out = normalize_rows(x, &p[..dims.d], &p[dims.d..2 * dims.d], &stats)?;
+    Ok(Normed { stats, out })
+}
+
+/// How a forward runs: with the residual added, and keeping what a backward needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Pass {
+    pub(crate) residual: bool,
+    pub(crate) keep: bool,
 }
 
 struct ExpertsOp {
@@ -132,21 +156,24 @@ fn row_gates(gates: Option<&[f32]>, experts: usize, j: usize, rows: &Option<Vec<
 }
 
 simd_dispatch! {
-    pub(crate) fn experts_forward(dims: &ExpertsDims, quant: &ExpertsQuant, residual: bool, keep: bool, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+    pub(crate) fn experts_forward(dims: &ExpertsDims, quant: &ExpertsQuant, pass: Pass, x: &[f32], ln: Option<Normed>, gates: Option<&[f32]>, p: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let rows = check(dims, x.len(), gates, p.len())?;
         let (d, e, ne) = (dims.d, dims.hidden, dims.experts);
-        let (ln_w, rest) = p.split_at(d);
-        let (ln_b, rest) = rest.split_at(d);
-        let (up, down) = rest.split_at(ne * e * d);
-        let stats = row_stats(x, d, dims.eps);
-        let normed = normalize_rows(x, ln_w, ln_b, &stats)?;
+        let (up, down) = p[2 * d..].split_at(ne * e * d);
+        let Pass { residual, keep } = pass;
+        let ln = match ln {
+            Some(ln) if ln.out.len() == x.len() && ln.stats.len() == rows => ln,
+            Some(_) => candle_core::bail!("experts: a LayerNorm output that is not {rows} rows of {d}"),
+            None => experts_norm(dims, x, p)?,
+        };
+        let normed = &ln.out;
         let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
         let mut experts = Vec::with_capacity(ne);
         for j in 0..ne {
             let routed_rows = gates.map(|g| (0..rows).filter(|&r| g[r * ne + j] != 0.0).collect::<Vec<_>>());
             let n = routed_rows.as_ref().map_or(rows, Vec::len);
-            let xg = routed_rows.as_ref().map(|rs| gather(&normed, d, rs)).unwrap_or_default();
-            let xj: &[f32] = if routed_rows.is_some() { &xg } else { &normed };
+            let xg = routed_rows.as_ref().map(|rs| gather(normed, d, rs)).unwrap_or_default();
+            let xj: &[f32] = if routed_rows.is_some() { &xg } else { normed };
             let mut pre = match quant.up.get(j).and_then(Option::as_ref) {
                 Some(q) => q.matmul_t(xj, n),
                 None => gemm(Product::ABt, (xj, n, d), (&up[j * e * d..(j + 1) * e * d], e, d))?,
@@ -206,7 +233,7 @@ simd_dispatch! {
             }
             experts.push(Routed { rows: routed_rows, x: xg, dgelu: pre, hidden, gated });
         }
-        Ok((out, Saved { stats, normed, experts }))
+        Ok((out, Saved { ln, experts }))
     }
 }
 
@@ -239,7 +266,7 @@ simd_dispatch! {
             }
             let gg = r.rows.as_ref().map(|rs| gather(g, d, rs)).unwrap_or_default();
             let gj: &[f32] = if r.rows.is_some() { &gg } else { g };
-            let xj: &[f32] = if r.rows.is_some() { &r.x } else { &s.normed };
+            let xj: &[f32] = if r.rows.is_some() { &r.x } else { &s.ln.out };
             let (d_up, d_down) = dp[2 * d..].split_at_mut(ne * e * d);
             let gated: &[f32] = if r.gated.is_empty() { &r.hidden } else { &r.gated };
             Product::AtB.write_into((gj, n, d), (gated, n, e), &mut d_down[j * d * e..(j + 1) * d * e], false)?;
@@ -270,7 +297,7 @@ simd_dispatch! {
             }
         }
         let InputGrad::X { residual } = want else { return Ok((dnormed, dgates, dp)) };
-        let (dx, dw, db) = layer_norm_bwd(x, ln_w, &s.stats, &dnormed, residual.then_some(g))?;
+        let (dx, dw, db) = layer_norm_bwd(x, ln_w, &s.ln.stats, &dnormed, residual.then_some(g))?;
         dp[..d].copy_from_slice(&dw);
         dp[d..2 * d].copy_from_slice(&db);
         Ok((dx, dgates, dp))
@@ -279,7 +306,15 @@ simd_dispatch! {
 
 impl ExpertsOp {
     fn fwd(&self, x: &[f32], gates: Option<&[f32]>, p: &[f32]) -> Result<Vec<f32>> {
-        let (out, saved) = experts_forward(&self.dims, &self.quant, self.residual, self.keep, x, gates, p)?;
+        let (out, saved) = experts_forward(
+            &self.dims,
+            &self.quant,
+            Pass { residual: self.residual, keep: self.keep },
+            x,
+            None,
+            gates,
+            p,
+        )?;
         if self.keep {
             *self.saved.lock().map_err(|_| candle_core::Error::Msg("experts: a backward pass panicked".into()))? =
                 Some(saved);
@@ -304,7 +339,18 @@ impl ExpertsOp {
                     // A second backward through the same graph finds the intermediates gone: recompute them.
                     let saved = match kept {
                         Some(s) => s,
-                        None => experts_forward(&self.dims, &self.quant, self.residual, true, xs, gt, ps)?.1,
+                        None => {
+                            experts_forward(
+                                &self.dims,
+                                &self.quant,
+                                Pass { residual: self.residual, keep: true },
+                                xs,
+                                None,
+                                gt,
+                                ps,
+                            )?
+                            .1
+                        }
                     };
                     experts_backward(&self.dims, InputGrad::X { residual: self.residual }, xs, gt, ps, &saved, gs)
                 })
