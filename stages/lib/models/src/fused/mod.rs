@@ -156,6 +156,28 @@ impl<B: KeptBlock> candle_core::CustomOp2 for Kept<B> {
     }
 }
 
+/// a·b + c rounded once. In the AVX2 and AVX-512 copies of a `simd_dispatch` body this is one
+/// instruction where a multiply and an add were two (the elementwise chains are bound by them);
+/// the portable copy calls libm's `fmaf`, slower but giving the same value, so every SIMD level
+/// computes these polynomials alike.
+#[inline(always)]
+fn fma(a: f32, b: f32, c: f32) -> f32 {
+    a.mul_add(b, c)
+}
+
+/// c[0] + x·(c[1] + x·(c[2] + …)), Horner's rule in fused multiply-adds.
+#[inline(always)]
+fn horner<const N: usize>(x: f32, c: &[f32; N]) -> f32 {
+    // A plain loop, not a fold with a closure: a closure not inlined would be compiled without
+    // the calling copy's target features.
+    let Some((&last, rest)) = c.split_last() else { return 0.0 };
+    let mut acc = last;
+    for &ci in rest.iter().rev() {
+        acc = fma(acc, x, ci);
+    }
+    acc
+}
+
 /// e^x, branch-free so the loops calling it vectorize (libm's expf is a call per element and was
 /// ~7 % of a training step). Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, then a degree-7
 /// Taylor polynomial (truncation < 1e-8 relative) and 2^n built in the exponent bits; within
@@ -167,11 +189,8 @@ fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let t = x * std::f32::consts::LOG2_E + MAGIC;
     let n = t - MAGIC;
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let r = fma(n, 2.121_944_4e-4, fma(n, -0.693_359_4, x));
+    let p = horner(r, &[1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0]);
     let two_n = f32::from_bits(((t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32 + 127) as u32) << 23);
     p * two_n
 }
@@ -181,11 +200,7 @@ fn exp(x: f32) -> f32 {
 #[inline(always)]
 fn ln_1p_unit(y: f32) -> f32 {
     let s = y / (2.0 + y);
-    let s2 = s * s;
-    2.0 * s
-        * (1.0
-            + s2 * (1.0 / 3.0
-                + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0 + s2 * (1.0 / 13.0)))))))
+    2.0 * s * horner(s * s, &[1.0, 1.0 / 3.0, 1.0 / 5.0, 1.0 / 7.0, 1.0 / 9.0, 1.0 / 11.0, 1.0 / 13.0])
 }
 
 /// max v (−∞ for none) in 16 interleaved partial maxima, which vectorize: `f32::max`'s NaN rule
@@ -331,9 +346,9 @@ fn softplus(v: f32) -> f32 {
 fn erf_gauss(x: f32) -> (f32, f32) {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let poly = t * horner(t, &[0.254_829_6, -0.284_496_74, 1.421_413_8, -1.453_152_1, 1.061_405_4]);
     let e = exp(-a * a);
-    ((1.0 - poly * e).copysign(x), e)
+    (fma(-poly, e, 1.0).copysign(x), e)
 }
 
 mod attention;
