@@ -200,8 +200,11 @@ fn exp(x: f32) -> f32 {
 #[inline(always)]
 fn ln_1p_unit(y: f32) -> f32 {
     let s = y / (2.0 + y);
-    2.0 * s * horner(s * s, &[1.0, 1.0 / 3.0, 1.0 / 5.0, 1.0 / 7.0, 1.0 / 9.0, 1.0 / 11.0, 1.0 / 13.0])
+    2.0 * s * horner(s * s, &LN_1P_SERIES)
 }
+
+/// 1/(2k + 1): atanh's series in s², for [`ln_1p_unit`].
+const LN_1P_SERIES: [f32; 7] = [1.0, 1.0 / 3.0, 1.0 / 5.0, 1.0 / 7.0, 1.0 / 9.0, 1.0 / 11.0, 1.0 / 13.0];
 
 /// max v (−∞ for none) in 16 interleaved partial maxima, which vectorize: `f32::max`'s NaN rule
 /// and a fold's running order keep the compiler to one lane. The maximum is exact in any order.
@@ -337,6 +340,19 @@ pub(crate) fn for_chunks2<A: Send, B: Send>(
 #[inline(always)]
 fn softplus(v: f32) -> f32 {
     v.max(0.0) + ln_1p_unit(exp(-v.abs()))
+}
+
+/// (softplus(v), σ(v)) from one exponential y = e^{−|v|} and one division: ln(1 + y) wants
+/// y/(2 + y) and σ wants 1/(1 + y), both cut from 1/((1 + y)(2 + y)) (two divisions were a
+/// fair share of the SSM forward's Δ loop).
+#[inline(always)]
+fn softplus_sigmoid(v: f32) -> (f32, f32) {
+    let y = exp(-v.abs());
+    let inv = 1.0 / ((1.0 + y) * (2.0 + y));
+    let s = y * (1.0 + y) * inv;
+    let r = (2.0 + y) * inv;
+    let ln_1p = 2.0 * s * horner(s * s, &LN_1P_SERIES);
+    (v.max(0.0) + ln_1p, if v >= 0.0 { r } else { y * r })
 }
 
 /// erf(x), Abramowitz & Stegun 7.1.26 (≤ 1.5e-7, ≤ 5e-7 after f32 rounding; tested), branch-free on |x| with the sign

@@ -208,11 +208,7 @@ simd_dispatch! {
             for (o, row) in out.iter_mut().zip(qrows.chunks_exact_mut(wq)) {
                 if keep {
                     for ((t, q), b) in tmp.iter_mut().zip(&mut row[..di]).zip(b_delta) {
-                        let v = *q + b;
-                        let e = exp(-v.abs());
-                        *t = v.max(0.0) + ln_1p_unit(e);
-                        let r = 1.0 / (1.0 + e);
-                        *q = if v >= 0.0 { r } else { e * r };
+                        (*t, *q) = softplus_sigmoid(*q + b);
                     }
                 } else {
                     for ((t, &q), b) in tmp.iter_mut().zip(&row[..di]).zip(b_delta) {

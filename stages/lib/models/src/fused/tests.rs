@@ -34,6 +34,8 @@ fn var(shape: &[usize], mean: f32, std: f32) -> Var {
 #[test]
 fn fast_exp_sigmoid_and_softplus_are_within_a_few_ulp() {
     let mut worst = (0f64, 0f64, 0f64);
+    // softplus_sigmoid's pair, from one exponential and one division.
+    let mut pair = (0f64, 0f64);
     for i in 0..=200_000 {
         let x = -87.0 + 175.0 * i as f32 / 200_000.0;
         let e = (x as f64).exp();
@@ -42,8 +44,12 @@ fn fast_exp_sigmoid_and_softplus_are_within_a_few_ulp() {
         worst.1 = worst.1.max(((sigmoid(x) as f64) - sig).abs() / sig.max(1e-30));
         let sp = (x as f64).max(0.0) + (-(x as f64).abs()).exp().ln_1p();
         worst.2 = worst.2.max(((softplus(x) as f64) - sp).abs() / sp.max(1e-30));
+        let (p_sp, p_sig) = softplus_sigmoid(x);
+        pair.0 = pair.0.max(((p_sp as f64) - sp).abs() / sp.max(1e-30));
+        pair.1 = pair.1.max(((p_sig as f64) - sig).abs() / sig.max(1e-30));
     }
     assert!(worst.0 < 2.5e-7 && worst.1 < 5e-7 && worst.2 < 5e-7, "relative errors exp/sigmoid/softplus: {worst:?}");
+    assert!(pair.0 < 5e-7 && pair.1 < 5e-7, "relative errors of softplus_sigmoid: {pair:?}");
     assert_eq!(exp(-1000.0), exp(-87.0));
     assert!(exp(1000.0).is_finite() && sigmoid(-1000.0) >= 0.0 && sigmoid(1000.0) == 1.0);
 }
