@@ -31,10 +31,20 @@ macro_rules! simd_dispatch {
         $vis fn $name($($a: $t),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                // Each copy's body sees `fused_mad`'s math (fma in one instruction) before the
+                // module's `split_mad` (multiply, then add), which the portable copy keeps.
                 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-                unsafe fn avx512($($a: $t),*) -> $ret $body
+                unsafe fn avx512($($a: $t),*) -> $ret {
+                    #[allow(unused_imports)]
+                    use $crate::fused::fused_mad::*;
+                    $body
+                }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2_fma($($a: $t),*) -> $ret $body
+                unsafe fn avx2_fma($($a: $t),*) -> $ret {
+                    #[allow(unused_imports)]
+                    use $crate::fused::fused_mad::*;
+                    $body
+                }
                 match $crate::simd::active() {
                     // SAFETY: the CPU has AVX-512 F/BW/VL (the VNNI level includes them).
                     $crate::simd::Level::Vnni => return unsafe { avx512($($a),*) },
@@ -156,56 +166,6 @@ impl<B: KeptBlock> candle_core::CustomOp2 for Kept<B> {
     }
 }
 
-/// a·b + c rounded once. In the AVX2 and AVX-512 copies of a `simd_dispatch` body this is one
-/// instruction where a multiply and an add were two (the elementwise chains are bound by them);
-/// the portable copy calls libm's `fmaf`, slower but giving the same value, so every SIMD level
-/// computes these polynomials alike.
-#[inline(always)]
-fn fma(a: f32, b: f32, c: f32) -> f32 {
-    a.mul_add(b, c)
-}
-
-/// c[0] + x·(c[1] + x·(c[2] + …)), Horner's rule in fused multiply-adds.
-#[inline(always)]
-fn horner<const N: usize>(x: f32, c: &[f32; N]) -> f32 {
-    // A plain loop, not a fold with a closure: a closure not inlined would be compiled without
-    // the calling copy's target features.
-    let Some((&last, rest)) = c.split_last() else { return 0.0 };
-    let mut acc = last;
-    for &ci in rest.iter().rev() {
-        acc = fma(acc, x, ci);
-    }
-    acc
-}
-
-/// e^x, branch-free so the loops calling it vectorize (libm's expf is a call per element and was
-/// ~7 % of a training step). Cody–Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, then a degree-7
-/// Taylor polynomial (truncation < 1e-8 relative) and 2^n built in the exponent bits; within
-/// 2 ulp of the exact value on [−87, 88] (tested), saturating outside.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    // 1.5·2^23: adding it leaves round(x·log2 e) in the low mantissa bits.
-    const MAGIC: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let t = x * std::f32::consts::LOG2_E + MAGIC;
-    let n = t - MAGIC;
-    let r = fma(n, 2.121_944_4e-4, fma(n, -0.693_359_4, x));
-    let p = horner(r, &[1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0]);
-    let two_n = f32::from_bits(((t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32 + 127) as u32) << 23);
-    p * two_n
-}
-
-/// ln(1 + y) for y in [0, 1] as 2·atanh(y / (2 + y)) (series to s^13, s ≤ 1/3): accurate for
-/// tiny y too, and branch-free.
-#[inline(always)]
-fn ln_1p_unit(y: f32) -> f32 {
-    let s = y / (2.0 + y);
-    2.0 * s * horner(s * s, &LN_1P_SERIES)
-}
-
-/// 1/(2k + 1): atanh's series in s², for [`ln_1p_unit`].
-const LN_1P_SERIES: [f32; 7] = [1.0, 1.0 / 3.0, 1.0 / 5.0, 1.0 / 7.0, 1.0 / 9.0, 1.0 / 11.0, 1.0 / 13.0];
-
 /// max v (−∞ for none) in 16 interleaved partial maxima, which vectorize: `f32::max`'s NaN rule
 /// and a fold's running order keep the compiler to one lane. The maximum is exact in any order.
 #[inline(always)]
@@ -247,35 +207,6 @@ pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     }
     let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(&x, &y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + exp(-v))
-}
-
-/// silu′(v) = σ(v)·(1 + v·(1 − σ(v))), given s = σ(v) (the callers have it from silu itself).
-#[inline(always)]
-fn silu_grad(v: f32, s: f32) -> f32 {
-    s * (1.0 + v * (1.0 - s))
-}
-
-/// 1/√(2π), φ(0).
-const INV_SQRT_2PI: f32 = 0.398_942_3;
-
-/// The exact GELU's (PyTorch's `nn.GELU()`) terms at x: t = 1 + erf(x/√2) = 2·Φ(x) and
-/// e = e^{−x²/2} = √(2π)·φ(x), the exponential erf computed anyway. GELU(x) = 0.5·x·t, and
-/// GELU′(x) = [`gelu_grad`]`(x, t, e)`.
-#[inline(always)]
-fn gelu_terms(x: f32) -> (f32, f32) {
-    let (erf, e) = erf_gauss(x * std::f32::consts::FRAC_1_SQRT_2);
-    (1.0 + erf, e)
-}
-
-/// GELU′(x) = Φ(x) + x·φ(x), given [`gelu_terms`]`(x)`.
-#[inline(always)]
-fn gelu_grad(x: f32, t: f32, e: f32) -> f32 {
-    0.5 * t + x * INV_SQRT_2PI * e
 }
 
 /// Rows of `len` values per parallel task: large enough to amortise the hand-off.
@@ -336,36 +267,27 @@ pub(crate) fn for_chunks2<A: Send, B: Send>(
     }
 }
 
-/// softplus(v) = max(v, 0) + log(1 + e^{−|v|}).
-#[inline(always)]
-fn softplus(v: f32) -> f32 {
-    v.max(0.0) + ln_1p_unit(exp(-v.abs()))
+/// The shared elementwise math with `fma` rounding once: for the AVX2 and AVX-512 copies.
+pub(crate) mod fused_mad {
+    /// a·b + c rounded once.
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+    include!("math.rs");
 }
 
-/// (softplus(v), σ(v)) from one exponential y = e^{−|v|} and one division: ln(1 + y) wants
-/// y/(2 + y) and σ wants 1/(1 + y), both cut from 1/((1 + y)(2 + y)) (two divisions were a
-/// fair share of the SSM forward's Δ loop).
-#[inline(always)]
-fn softplus_sigmoid(v: f32) -> (f32, f32) {
-    let y = exp(-v.abs());
-    let inv = 1.0 / ((1.0 + y) * (2.0 + y));
-    let s = y * (1.0 + y) * inv;
-    let r = (2.0 + y) * inv;
-    let ln_1p = 2.0 * s * horner(s * s, &LN_1P_SERIES);
-    (v.max(0.0) + ln_1p, if v >= 0.0 { r } else { y * r })
+/// The shared elementwise math with `fma` a multiply then an add: for the portable copy and
+/// code outside `simd_dispatch`.
+pub(crate) mod split_mad {
+    /// a·b + c, two roundings.
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+    include!("math.rs");
 }
-
-/// erf(x), Abramowitz & Stegun 7.1.26 (≤ 1.5e-7, ≤ 5e-7 after f32 rounding; tested), branch-free on |x| with the sign
-/// put back: libm's erff is a call per element, and candle's GELU backward is ~12 tensor ops.
-/// Returns (erf(x), e^{−x²}): the second is the exponential the first is made from.
-#[inline(always)]
-fn erf_gauss(x: f32) -> (f32, f32) {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t * horner(t, &[0.254_829_6, -0.284_496_74, 1.421_413_8, -1.453_152_1, 1.061_405_4]);
-    let e = exp(-a * a);
-    (fma(-poly, e, 1.0).copysign(x), e)
-}
+pub(crate) use split_mad::*;
 
 mod attention;
 mod experts;
