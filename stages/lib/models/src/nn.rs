@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::fused::with_values;
+use crate::fused::{dot_lanes, fma, with_values};
 use crate::quant::{qmatmul_t, QWeight};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -91,7 +91,7 @@ crate::fused::simd_dispatch! {
         let mut y = crate::fused::slots(x.len());
         for ((out, row), &(mean, rstd)) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(stats) {
             for (((o, &v), &lw), &lb) in out.iter_mut().zip(row).zip(w).zip(b) {
-                o.write((v - mean) * rstd * lw + lb);
+                o.write(fma((v - mean) * rstd, lw, lb));
             }
         }
         // SAFETY: x holds stats.len() rows of d (checked above), and each row of y is zipped
@@ -140,14 +140,14 @@ crate::fused::simd_dispatch! {
             {
                 *xh = (x - mean) * rstd;
                 *dxh = g * w;
-                *p_w += g * *xh;
+                *p_w = fma(g, *xh, *p_w);
                 *p_b += g;
             }
             let m1 = sum_lanes_of(&dxhat, |v| v) * inv_d;
-            let m2 = crate::fused::dot_lanes(&dxhat, &xhat) * inv_d;
+            let m2 = dot_lanes(&dxhat, &xhat) * inv_d;
             let br = base.map_or(&zeros[..], |b| &b[r * d..(r + 1) * d]);
             for (((o, &dxh), &xh), &b) in out.iter_mut().zip(&dxhat).zip(&xhat).zip(br) {
-                o.write(b + rstd * (dxh - m1 - xh * m2));
+                o.write(fma(rstd, fma(-xh, m2, dxh - m1), b));
             }
             if (r + 1) % LN_GRAD_BLOCK == 0 || r + 1 == stats.len() {
                 for i in 0..d {

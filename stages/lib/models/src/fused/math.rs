@@ -1,4 +1,5 @@
-// The elementwise math the fused kernels share: e^x, σ, softplus, erf, GELU's terms. Included
+// The elementwise math the fused kernels share: e^x, σ, softplus, erf, GELU's terms, dot
+// products. Included
 // twice by `fused/mod.rs` (`include!`): into `fused_mad`, whose `fma` is one rounding (one
 // instruction where the `simd_dispatch` copies have FMA: these polynomials are bound by their
 // multiply-adds), and into `split_mad`, whose `fma` is a multiply then an add (the portable copy,
@@ -104,4 +105,18 @@ pub(crate) fn erf_gauss(x: f32) -> (f32, f32) {
     let poly = t * horner(t, &[0.254_829_6, -0.284_496_74, 1.421_413_8, -1.453_152_1, 1.061_405_4]);
     let e = exp(-a * a);
     (fma(-poly, e, 1.0).copysign(x), e)
+}
+
+/// Σ a·b over two slices of one length, in 8 interleaved partial sums like `sum_lanes`.
+#[inline(always)]
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (x, y) in (&mut a8).zip(&mut b8) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s = fma(x, y, *s);
+        }
+    }
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(&x, &y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
 }

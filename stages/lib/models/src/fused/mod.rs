@@ -195,20 +195,6 @@ fn sum_lanes(v: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Σ a·b over two slices of one length, in 8 interleaved partial sums like [`sum_lanes`].
-#[inline(always)]
-pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    for (x, y) in (&mut a8).zip(&mut b8) {
-        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x * y;
-        }
-    }
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(&x, &y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
 /// Rows of `len` values per parallel task: large enough to amortise the hand-off.
 fn rows_per_task(len: usize) -> usize {
     (16_384 / len.max(1)).max(1)
@@ -271,7 +257,7 @@ pub(crate) fn for_chunks2<A: Send, B: Send>(
 pub(crate) mod fused_mad {
     /// a·b + c rounded once.
     #[inline(always)]
-    fn fma(a: f32, b: f32, c: f32) -> f32 {
+    pub(crate) fn fma(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
     }
     include!("math.rs");
@@ -282,7 +268,7 @@ pub(crate) mod fused_mad {
 pub(crate) mod split_mad {
     /// a·b + c, two roundings.
     #[inline(always)]
-    fn fma(a: f32, b: f32, c: f32) -> f32 {
+    pub(crate) fn fma(a: f32, b: f32, c: f32) -> f32 {
         a * b + c
     }
     include!("math.rs");

@@ -187,7 +187,7 @@ simd_dispatch! {
                     let Some(src) = (t + j).checked_sub(k - 1) else { continue };
                     let xr = &xb[src * c..(src + 1) * c];
                     for ((a, &g), &x) in acc[j * c..(j + 1) * c].iter_mut().zip(gr).zip(xr) {
-                        *a += g * x;
+                        *a = fma(g, x, *a);
                     }
                 }
                 for (a, &g) in acc[k * c..].iter_mut().zip(gr) {

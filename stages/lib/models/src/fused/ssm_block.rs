@@ -241,7 +241,7 @@ simd_dispatch! {
             let (xcs, zs) = (&xc[i * per * di..], &z[i * per * di..]);
             for (((yr, gr), xr), zr) in ys.chunks_exact_mut(di).zip(gs.chunks_exact_mut(di)).zip(xcs.chunks_exact(di)).zip(zs.chunks_exact(di)) {
                 for ((((y, g), &x), &z), &dd) in yr.iter_mut().zip(gr.iter_mut()).zip(xr).zip(zr).zip(d_skip) {
-                    *y += dd * x;
+                    *y = fma(dd, x, *y);
                     g.write(*y * z * sigmoid(z));
                 }
             }
@@ -296,7 +296,7 @@ simd_dispatch! {
             for ((or, gr), xr) in out.chunks_exact_mut(di).zip(dy[base..].chunks_exact(di)).zip(s.xc[base..].chunks_exact(di)) {
                 for (((o, &g), &dd), (a, &x)) in or.iter_mut().zip(gr).zip(d_skip).zip(acc.iter_mut().zip(xr)) {
                     o.write(g * dd);
-                    *a += g * x;
+                    *a = fma(g, x, *a);
                 }
             }
         });
@@ -332,7 +332,7 @@ simd_dispatch! {
                 terms.iter_mut().zip(dbr.iter_mut()).zip(da_neg.iter_mut()).zip(lr).zip(h_prev).zip(ar).zip(bx)
             {
                 let da = lm * hp * av; // ∂/∂(Δ·A)
-                *t = lm * b + da * an;
+                *t = fma(lm, b, da * an);
                 *db = lm * dt;
                 *dn += (da * dt) as f64;
             }
