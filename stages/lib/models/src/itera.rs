@@ -236,6 +236,11 @@ impl Ffn {
             p_drop: cfg.dropout,
         })
     }
+    /// The layer's parameters in the fused node's order, on rows of width d.
+    pub(crate) fn layout(&self, d: usize) -> Result<fused::ExpertsLayout<'_>> {
+        let ln = (&self.norm.weight, &self.norm.bias, self.norm.eps);
+        fused::experts_layout(ln, &[(self.ff.0.weight(), self.ff.1.weight())], d)
+    }
     /// In f32 the whole layer is one fused node (quantized weights on their integer kernels at
     /// inference); training with quantized weights goes op by op.
     pub fn forward(&self, x: &Tensor, train: &mut Train) -> Result<Tensor> {
@@ -244,16 +249,8 @@ impl Ffn {
         let is_train = train.is_some();
         if x.dtype() == DType::F32 && x.rank() == 2 && !(quantized && is_train) {
             let dropped = is_train && self.p_drop > 0.0;
-            let dims =
-                fused::ExpertsDims { d: x.dim(1)?, experts: 1, hidden: self.ff.0.weight().dim(0)?, eps: self.norm.eps };
-            let packed = fused::pack_experts(
-                &dims,
-                &self.norm.weight,
-                &self.norm.bias,
-                &[self.ff.0.weight()],
-                &[self.ff.1.weight()],
-            )?;
-            let out = fused::experts(x, None, &packed, dims, quant, !dropped, is_train)?;
+            let layout = self.layout(x.dim(1)?)?;
+            let out = fused::experts(x, None, &layout.pack()?, layout.dims, quant, !dropped, is_train)?;
             return if dropped { x + dropout(&out, self.p_drop, train)? } else { Ok(out) };
         }
         self.forward_ops(x, train)
@@ -298,6 +295,11 @@ impl Moe {
             p_drop: cfg.dropout,
         })
     }
+    /// The layer's parameters in the fused node's order (the router's apart), on rows of width d.
+    pub(crate) fn layout(&self, d: usize) -> Result<fused::ExpertsLayout<'_>> {
+        let pairs: Vec<_> = self.experts.iter().map(|ex| (ex.0.weight(), ex.1.weight())).collect();
+        fused::experts_layout((&self.norm.weight, &self.norm.bias, self.norm.eps), &pairs, d)
+    }
 
     /// Router → top-k → softmax over the k → weighted sum of the chosen experts; residual.
     /// In f32 one fused node runs each expert on its routed rows (training and inference); the
@@ -332,11 +334,8 @@ impl Moe {
         let out = if fused_layer {
             // The whole layer (its own LayerNorm, each expert on its routed rows, the gates, the
             // residual) as one node; the LayerNorm above only feeds the router.
-            let ups: Vec<&Tensor> = self.experts.iter().map(|ex| ex.0.weight()).collect();
-            let downs: Vec<&Tensor> = self.experts.iter().map(|ex| ex.1.weight()).collect();
-            let hidden = ups.first().map(|w| w.dim(0)).transpose()?.unwrap_or(0);
-            let dims = fused::ExpertsDims { d, experts: e, hidden, eps: self.norm.eps };
-            let packed = fused::pack_experts(&dims, &self.norm.weight, &self.norm.bias, &ups, &downs)?;
+            let layout = self.layout(d)?;
+            let (packed, dims) = (layout.pack()?, layout.dims);
             let quant = fused::ExpertsQuant {
                 up: self.experts.iter().map(|ex| ex.0.quant.clone()).collect(),
                 down: self.experts.iter().map(|ex| ex.1.quant.clone()).collect(),
@@ -395,6 +394,16 @@ impl Moe {
 pub enum FeedForward {
     Moe(Moe),
     Dense(Ffn),
+}
+
+impl FeedForward {
+    /// The layer's parameters in the fused experts node's order, on rows of width d.
+    pub(crate) fn layout(&self, d: usize) -> Result<fused::ExpertsLayout<'_>> {
+        match self {
+            FeedForward::Dense(f) => f.layout(d),
+            FeedForward::Moe(m) => m.layout(d),
+        }
+    }
 }
 
 pub struct IteraLite {

@@ -14,7 +14,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::config::AuxLoss;
-use crate::fused::{self, ExpertsDims, ExpertsQuant, ExpertsSaved, InputGrad, Pass, SsmBlockQuant, SsmSaved};
+use crate::fused::{self, ExpertsQuant, ExpertsSaved, InputGrad, Pass, SsmBlockQuant, SsmSaved};
 use crate::itera::{FeedForward, IteraLite, Moe};
 use crate::linear_op::Product;
 use crate::nn::{layer_norm_bwd, normalize_rows, row_stats};
@@ -194,19 +194,6 @@ fn router_backward(
     Product::AB.write_into((&dlogits, rows, e), (&wr, e, d), dnormed, true)
 }
 
-/// A feed-forward layer's parameters in the experts node's packing order, and its dims.
-fn experts_params(ff: &FeedForward, d: usize) -> Result<(Vec<&Tensor>, ExpertsDims)> {
-    let (norm, pairs): (_, Vec<_>) = match ff {
-        FeedForward::Dense(f) => (&f.norm, vec![&f.ff]),
-        FeedForward::Moe(m) => (&m.norm, m.experts.iter().collect()),
-    };
-    let mut params = vec![&norm.weight, &norm.bias];
-    params.extend(pairs.iter().map(|p| p.0.weight()));
-    params.extend(pairs.iter().map(|p| p.1.weight()));
-    let hidden = pairs.first().map(|p| p.0.weight().dim(0)).transpose()?.unwrap_or(0);
-    Ok((params, ExpertsDims { d, experts: pairs.len(), hidden, eps: norm.eps }))
-}
-
 /// What one layer's backward needs.
 struct Layer {
     x_ssm: Vec<f32>,
@@ -247,7 +234,8 @@ pub fn step(m: &IteraLite, ids: &Tensor) -> Result<StepGrads> {
         let p_ssm = pack(&ssm.params()?)?;
         let (out, s) = fused::ssm_block_forward(&ssm.dims(l), &SsmBlockQuant::default(), true, true, &x, &p_ssm)?;
         let x_ssm = std::mem::replace(&mut x, out);
-        let (params, dims) = experts_params(ff, d)?;
+        let layout = ff.layout(d)?;
+        let (params, dims) = (layout.params, layout.dims);
         let p_ff = pack(&params)?;
         let (router, ln) = match ff {
             FeedForward::Dense(_) => (None, None),
@@ -286,7 +274,8 @@ pub fn step(m: &IteraLite, ids: &Tensor) -> Result<StepGrads> {
     store.insert(&norm_f.bias, Tensor::from_vec(db, d, &Device::Cpu)?);
 
     for ((ssm, ff), s) in m.layers.iter().zip(saved).rev() {
-        let (params, dims) = experts_params(ff, d)?;
+        let layout = ff.layout(d)?;
+        let (params, dims) = (layout.params, layout.dims);
         let gates = s.router.as_ref().map(|r| &r.gates[..]);
         // With a router, the experts stop at their LayerNorm's output: the router reads the same
         // LayerNorm, and one backward of it takes both gradients.

@@ -127,20 +127,9 @@ impl Block {
             let quant =
                 crate::fused::ExpertsQuant { up: vec![self.up.quant.clone()], down: vec![self.down.quant.clone()] };
             let dropped = is_train && self.p_drop > 0.0;
-            let dims = crate::fused::ExpertsDims {
-                d: x.dim(1)?,
-                experts: 1,
-                hidden: self.up.weight().dim(0)?,
-                eps: self.ln2.eps,
-            };
-            let packed = crate::fused::pack_experts(
-                &dims,
-                &self.ln2.weight,
-                &self.ln2.bias,
-                &[self.up.weight()],
-                &[self.down.weight()],
-            )?;
-            let out = crate::fused::experts(x, None, &packed, dims, quant, !dropped, is_train)?;
+            let ln = (&self.ln2.weight, &self.ln2.bias, self.ln2.eps);
+            let layout = crate::fused::experts_layout(ln, &[(self.up.weight(), self.down.weight())], x.dim(1)?)?;
+            let out = crate::fused::experts(x, None, &layout.pack()?, layout.dims, quant, !dropped, is_train)?;
             return if dropped { x + dropout(&out, self.p_drop, train)? } else { Ok(out) };
         }
         let h = apply(&self.down, &gelu(&apply(&self.up, &self.ln2.forward(x, is_train)?)?)?)?;

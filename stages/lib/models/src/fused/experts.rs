@@ -8,7 +8,7 @@
 //!
 //! Why one node: as for the SSM block (see `ssm_block`), candle's backward sums every node's input
 //! gradients into freshly zeroed buffers, and the layer's (rows, E·e) activations made that
-//! bookkeeping a large share of a training step. Parameters travel packed ([`pack`]): LayerNorm
+//! bookkeeping a large share of a training step. Parameters travel packed ([`ExpertsLayout::pack`]): LayerNorm
 //! weight and bias, the experts' up weights stacked (E·e, d), their down weights stacked (E·d, e).
 //! Tested against the op-by-op layers and their autograd gradients.
 
@@ -43,13 +43,40 @@ impl ExpertsDims {
     }
 }
 
-/// The layer's parameters as one vector: LayerNorm weight and bias, then the up weights and the
-/// down weights, each expert's contiguous.
-pub fn pack(dims: &ExpertsDims, ln_w: &Tensor, ln_b: &Tensor, ups: &[&Tensor], downs: &[&Tensor]) -> Result<Tensor> {
-    let up = Tensor::cat(ups, 0)?;
-    let down = Tensor::cat(downs, 0)?;
-    let [w_n, b_n, up_n, down_n] = dims.sizes();
-    pack_parts("experts", &[(ln_w, w_n), (ln_b, b_n), (&up, up_n), (&down, down_n)])
+/// A layer's parameters in the node's packing order — LayerNorm weight and bias, every expert's
+/// up weight, every expert's down weight — and its dims. The one place that order is written:
+/// the candle node ([`ExpertsLayout::pack`]) and the hand-written Itera-Lite step both take it.
+pub struct ExpertsLayout<'a> {
+    pub params: Vec<&'a Tensor>,
+    pub dims: ExpertsDims,
+}
+
+/// The layout of a layer with LayerNorm `ln` (weight, bias, epsilon) and (up, down) weight
+/// pairs, one per expert, on rows of width d.
+pub fn layout<'a>(
+    ln: (&'a Tensor, &'a Tensor, f64),
+    pairs: &[(&'a Tensor, &'a Tensor)],
+    d: usize,
+) -> Result<ExpertsLayout<'a>> {
+    let hidden = pairs.first().map(|p| p.0.dim(0)).transpose()?.unwrap_or(0);
+    let mut params = vec![ln.0, ln.1];
+    params.extend(pairs.iter().map(|p| p.0));
+    params.extend(pairs.iter().map(|p| p.1));
+    Ok(ExpertsLayout { params, dims: ExpertsDims { d, experts: pairs.len(), hidden, eps: ln.2 } })
+}
+
+impl ExpertsLayout<'_> {
+    /// The parameters as the one vector the node takes: each expert's weights contiguous.
+    pub fn pack(&self) -> Result<Tensor> {
+        let e = self.dims.experts;
+        if self.params.len() != 2 + 2 * e {
+            candle_core::bail!("experts: {} parameters for {e} experts", self.params.len());
+        }
+        let up = Tensor::cat(&self.params[2..2 + e], 0)?;
+        let down = Tensor::cat(&self.params[2 + e..], 0)?;
+        let [w_n, b_n, up_n, down_n] = self.dims.sizes();
+        pack_parts("experts", &[(self.params[0], w_n), (self.params[1], b_n), (&up, up_n), (&down, down_n)])
+    }
 }
 
 /// One expert's share of a forward pass: its rows (None: all of them, in order), its input rows
