@@ -8,8 +8,9 @@
 //!
 //! Why one node: as for the SSM block (see `ssm_block`), candle's backward sums every node's input
 //! gradients into freshly zeroed buffers, and the layer's (rows, E·e) activations made that
-//! bookkeeping a large share of a training step. Parameters travel packed ([`ExpertsLayout::pack`]): LayerNorm
-//! weight and bias, the experts' up weights stacked (E·e, d), their down weights stacked (E·d, e).
+//! bookkeeping a large share of a training step. Parameters travel packed
+//! ([`ExpertsLayout::pack`]): LayerNorm weight and bias, the experts' up weights stacked (E·e, d),
+//! their down weights stacked (E·d, e).
 //! Tested against the op-by-op layers and their autograd gradients.
 
 use std::sync::{Arc, Mutex};

@@ -1,10 +1,9 @@
 // The elementwise math the fused kernels share: e^x, σ, softplus, erf, GELU's terms, dot
-// products. Included
-// twice by `fused/mod.rs` (`include!`): into `fused_mad`, whose `fma` is one rounding (one
-// instruction where the `simd_dispatch` copies have FMA: these polynomials are bound by their
-// multiply-adds), and into `split_mad`, whose `fma` is a multiply then an add (the portable copy,
-// where a single-rounding fma is a libm call per element: 2.7× slower steps). Each
-// `simd_dispatch` copy imports the one it can run; everything else gets `split_mad`'s.
+// products. Included twice by `fused/mod.rs` (`include!`): into `fused_mad`, whose `fma` is one
+// rounding (one instruction where the `simd_dispatch` copies have FMA: these polynomials are
+// bound by their multiply-adds), and into `split_mad`, whose `fma` is a multiply then an add (the
+// portable copy, where a single-rounding fma is a libm call per element: 2.7× slower steps).
+// Each `simd_dispatch` copy imports the one it can run; everything else gets `split_mad`'s.
 
 /// c[0] + x·(c[1] + x·(c[2] + …)), Horner's rule in `fma`s.
 #[inline(always)]
@@ -40,12 +39,14 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// tiny y too, and branch-free.
 #[inline(always)]
 pub(crate) fn ln_1p_unit(y: f32) -> f32 {
-    let s = y / (2.0 + y);
-    2.0 * s * horner(s * s, &LN_1P_SERIES)
+    two_atanh(y / (2.0 + y))
 }
 
-/// 1/(2k + 1): atanh's series in s², for [`ln_1p_unit`].
-pub(crate) const LN_1P_SERIES: [f32; 7] = [1.0, 1.0 / 3.0, 1.0 / 5.0, 1.0 / 7.0, 1.0 / 9.0, 1.0 / 11.0, 1.0 / 13.0];
+/// 2·atanh(s) for 0 ≤ s ≤ 1/3, atanh's series to s^13: ln(1 + y) with s = y/(2 + y).
+#[inline(always)]
+pub(crate) fn two_atanh(s: f32) -> f32 {
+    2.0 * s * horner(s * s, &[1.0, 1.0 / 3.0, 1.0 / 5.0, 1.0 / 7.0, 1.0 / 9.0, 1.0 / 11.0, 1.0 / 13.0])
+}
 
 #[inline(always)]
 pub(crate) fn sigmoid(v: f32) -> f32 {
@@ -91,8 +92,7 @@ pub(crate) fn softplus_sigmoid(v: f32) -> (f32, f32) {
     let inv = 1.0 / ((1.0 + y) * (2.0 + y));
     let s = y * (1.0 + y) * inv;
     let r = (2.0 + y) * inv;
-    let ln_1p = 2.0 * s * horner(s * s, &LN_1P_SERIES);
-    (v.max(0.0) + ln_1p, if v >= 0.0 { r } else { y * r })
+    (v.max(0.0) + two_atanh(s), if v >= 0.0 { r } else { y * r })
 }
 
 /// erf(x), Abramowitz & Stegun 7.1.26 (≤ 1.5e-7, ≤ 5e-7 after f32 rounding; tested), branch-free on |x| with the sign
