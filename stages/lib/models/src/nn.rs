@@ -29,11 +29,13 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        // f32 takes the fused node in inference too: on (2048, 128) rows it runs in 0.07 ms,
+        // candle's layer_norm in 0.30–0.35 ms (one thread, Zen 4).
+        if [x, &self.weight, &self.bias].iter().all(|t| t.dtype() == DType::F32) {
+            return x.contiguous()?.apply_op3(&self.weight, &self.bias, FusedLayerNorm { eps: self.eps });
+        }
         if !train && x.is_contiguous() {
             return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
-        }
-        if x.dtype() == DType::F32 {
-            return x.contiguous()?.apply_op3(&self.weight, &self.bias, FusedLayerNorm { eps: self.eps });
         }
         self.forward_ops(x)
     }

@@ -117,14 +117,17 @@ simd_dispatch! {
                         // Lane-wise max and sum: a running f32 reduction cannot be reordered,
                         // and would keep the exp loop scalar.
                         let max = max_lanes(&row[..=i]);
-                        for s in row[..=i].iter_mut() {
+                        // The passes run over the block's whole row, the hidden keys' scores
+                        // (finite) zeroed after the exp: row lengths are then the block's, so
+                        // the loops run in full vectors where a visible part's tail was scalar.
+                        for s in row.iter_mut() {
                             *s = exp(scale * (*s - max));
                         }
-                        let inv = 1.0 / sum_lanes(&row[..=i]);
-                        for s in row[..=i].iter_mut() {
+                        row[i + 1..].fill(0.0);
+                        let inv = 1.0 / sum_lanes(row);
+                        for s in row.iter_mut() {
                             *s *= inv;
                         }
-                        row[i + 1..].fill(0.0);
                     }
                     let p_block = View { data: &pr[i0 * l..], rs: l, cs: 1 };
                     let v = View { data: &qkv[base + 2 * d..], rs: w3, cs: 1 };
@@ -180,14 +183,14 @@ simd_dispatch! {
                     // dP = dO · Vᵀ for queries i0..i1 over the keys they see.
                     let vt = View { data: &s.qkv[base + 2 * d..], rs: 1, cs: w3 };
                     ok &= strided_product(i1 - i0, i1, hd, &mut ds[i0 * l..], l, d_o(i0), vt, false).is_ok();
-                    // dS = scale · P ⊙ (dP − Σ_j dP ⊙ P) on the visible part, zero beyond.
+                    // dS = scale · P ⊙ (dP − Σ_j dP ⊙ P): zero beyond the visible keys, where
+                    // P is zero, so whole block rows (full vectors, as in the forward) need no fill.
                     for i in i0..i1 {
                         let (dr, prow) = (&mut ds[i * l..i * l + i1], &pr[i * l..i * l + i1]);
-                        let dot = dot_lanes(&dr[..=i], &prow[..=i]);
-                        for (a, &b) in dr[..=i].iter_mut().zip(&prow[..=i]) {
+                        let dot = dot_lanes(dr, prow);
+                        for (a, &b) in dr.iter_mut().zip(prow) {
                             *a = scale * b * (*a - dot);
                         }
-                        dr[i + 1..].fill(0.0);
                     }
                     // dQ = dS · K.
                     let k = View { data: &s.qkv[base + d..], rs: w3, cs: 1 };
