@@ -224,7 +224,7 @@ simd_dispatch! {
                 hidden
             } else {
                 for v in pre.iter_mut() {
-                    *v = 0.5 * *v * gelu_terms(*v).0;
+                    *v = gelu(*v);
                 }
                 std::mem::take(&mut pre)
             };

@@ -162,6 +162,26 @@ fn gelu_matches_candle_gelu_erf_and_its_gradient() {
     assert!(worst_gauss < 1e-5, "e^-x²: {worst_gauss}");
 }
 
+#[test]
+fn the_forward_only_erf_is_within_a_few_ulp_in_both_math_builds() {
+    type Erf = fn(f32) -> f32;
+    let builds: [(&str, Erf); 2] =
+        [("fused_mad", super::fused_mad::erf_rational), ("split_mad", super::split_mad::erf_rational)];
+    for (name, erf) in builds {
+        let (mut worst_abs, mut worst_rel) = (0f64, 0f64);
+        for x in (0..=400_000).map(|i| -10.0 + 20.0 * i as f32 / 400_000.0).chain([1e-30, -1e-20, 1e-6, 3e-3]) {
+            let (got, want) = (erf(x) as f64, libm_erf(x as f64));
+            worst_abs = worst_abs.max((got - want).abs());
+            // Near 0 erf(x) ≈ 1.13·x: the error relative to it, where an absolute bound says little.
+            if x.abs() < 0.5 {
+                worst_rel = worst_rel.max((got - want).abs() / want.abs().max(1e-38));
+            }
+        }
+        assert!(worst_abs < 4e-7 && worst_rel < 5e-7, "{name}: erf off by {worst_abs} (relative {worst_rel} near 0)");
+        assert_eq!((erf(9.0), erf(-f32::MAX)), (1.0, -1.0), "{name}: erf saturates");
+    }
+}
+
 fn libm_erf(x: f64) -> f64 {
     candle_core::cpu::erf::erf_f64(x)
 }
