@@ -86,10 +86,6 @@ fn softplus(v: f32) -> f32 {
     v.max(0.0) + (-v.abs()).exp().ln_1p()
 }
 
-pub(crate) fn gelu(v: f32) -> f32 {
-    (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v
-}
-
 struct Ssm {
     norm: Norm,
     in_proj: Dense,
@@ -176,9 +172,7 @@ impl Expert {
     fn apply(&self, x: &[f32], hidden: &mut Vec<f32>, out: &mut [f32]) {
         hidden.resize(self.up.rows, 0.0);
         self.up.apply(x, hidden);
-        for v in hidden.iter_mut() {
-            *v = gelu(*v);
-        }
+        crate::fused::gelu_in_place(hidden);
         self.down.apply(hidden, out);
     }
 }

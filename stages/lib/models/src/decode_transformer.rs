@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::Result;
 
-use crate::decode::{embed_token, gelu, matvec, values, Dense, Norm};
+use crate::decode::{embed_token, matvec, values, Dense, Norm};
 use crate::quant::QWeight;
 use crate::transformer::Transformer;
 
@@ -127,9 +127,7 @@ impl TransformerDecoder {
             }
             b.ln2.apply(&st.x, &mut st.normed);
             b.up.apply(&st.normed, &mut st.hidden);
-            for v in st.hidden.iter_mut() {
-                *v = gelu(*v);
-            }
+            crate::fused::gelu_in_place(&mut st.hidden);
             b.down.apply(&st.hidden, &mut st.out);
             for (x, o) in st.x.iter_mut().zip(&st.out) {
                 *x += o;

@@ -5,7 +5,7 @@
 
 use candle_core::Result;
 
-use super::{embed_token, gelu, silu, softplus, Dense, Expert, Ff, IteraDecodeState, IteraDecoder, Ssm, Weights};
+use super::{embed_token, silu, softplus, Dense, Expert, Ff, IteraDecodeState, IteraDecoder, Ssm, Weights};
 
 /// Rows of `n` sequences, each `width` wide, in one buffer.
 struct Rows {
@@ -109,9 +109,7 @@ impl Expert {
     fn apply_many(&self, xs: &[f32], n: usize, hidden: &mut Vec<f32>, out: &mut [f32]) {
         hidden.resize(n * self.up.rows, 0.0);
         self.up.apply_many(xs, n, hidden);
-        for v in hidden.iter_mut() {
-            *v = gelu(*v);
-        }
+        crate::fused::gelu_in_place(hidden);
         self.down.apply_many(hidden, n, out);
     }
 }

@@ -60,6 +60,16 @@ simd_dispatch! {
     }
 }
 
+simd_dispatch! {
+    /// GELU in place: the batch-1 decoders' hidden vectors (their loops sit outside any
+    /// dispatched body, so a loop there ran scalar).
+    pub(crate) fn gelu_in_place(v: &mut [f32]) -> () {
+        for x in v.iter_mut() {
+            *x = gelu(*x);
+        }
+    }
+}
+
 /// x · Φ(x), the exact GELU (PyTorch's `nn.GELU()`), one node.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)

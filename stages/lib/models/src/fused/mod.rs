@@ -285,6 +285,7 @@ mod ssm_block;
 pub use attention::{attention_block, pack as pack_attention, AttentionDims, AttentionQuant};
 pub use experts::{experts, layout as experts_layout, ExpertsDims, ExpertsLayout, ExpertsQuant};
 pub use gelu::gelu_erf;
+pub(crate) use gelu::gelu_in_place;
 pub use softmax::{causal_softmax, next_token_cross_entropy};
 pub use ssm::{causal_conv_silu, causal_conv_silu_ops, silu_gate, softplus_mean};
 pub use ssm_block::{pack as pack_ssm_block, ssm_block, SsmBlockDims, SsmBlockQuant};
