@@ -61,8 +61,9 @@ pub(crate) fn silu_grad(v: f32, s: f32) -> f32 {
 
 /// erf(x) with no exponential, for GELU's forward alone (the backward wants e^{−x²} anyway and
 /// takes [`erf_gauss`]): x·P(x²)/Q(x²), a (5, 5) rational fitted to erf on |x| ≤ 3.92 (beyond,
-/// erf is ±1 in f32), within 2e-8 in exact arithmetic and 3e-7 in f32 (tested). Its
-/// multiply-adds replace erf_gauss's exponential, the larger part of the Transformer's GELU.
+/// erf is ±1 in f32), within 2e-8 in exact arithmetic; in f32 within 4e-7 absolute and 5e-7
+/// relative near 0 (tested). Its multiply-adds replace erf_gauss's exponential: the experts'
+/// inference loop's own time fell by about a third.
 #[inline(always)]
 // The leading coefficient is the fit's, 2 ulp from 2/√π.
 #[allow(clippy::approx_constant)]
