@@ -17,6 +17,7 @@ pub mod decode;
 pub mod decode_transformer;
 pub mod fused;
 pub mod gguf;
+mod head_product;
 pub mod itera;
 pub mod itera_step;
 pub mod linear_op;

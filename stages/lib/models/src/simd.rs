@@ -12,8 +12,8 @@ pub enum Level {
     Portable,
     /// AVX2 + FMA (256-bit): the f32 kernels, and int8 products through `vpmaddubsw`.
     Avx2,
-    /// AVX-512 F/BW/VL + VNNI: int8 products through `vpdpbusd` on 512-bit vectors (the f32
-    /// kernels stay on AVX2).
+    /// AVX-512 F/BW/VL + VNNI: the f32 kernels on 512-bit vectors, int8 products through
+    /// `vpdpbusd`.
     Vnni,
 }
 

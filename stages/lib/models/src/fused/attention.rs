@@ -14,7 +14,8 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 
 use super::*;
-use crate::linear_op::{strided_product, Product, View};
+use crate::head_product::{head_product, transpose};
+use crate::linear_op::{Product, View};
 use crate::nn::{layer_norm_bwd, normalize_rows, row_stats};
 use crate::quant::QWeight;
 
@@ -101,16 +102,19 @@ simd_dispatch! {
         let failed = std::sync::atomic::AtomicBool::new(false);
         let sequence = |seq: usize, pr: &mut [f32], per_head: usize, m: &mut [f32]| {
             let mut ok = true;
+            let mut kt = vec![0f32; hd * l];
             for h in 0..heads {
                 let base = seq * l * w3 + h * hd;
                 let pr = &mut pr[h * per_head..h * per_head + l * l];
+                // Kᵀ with contiguous rows, which the products' tiles read in place.
+                ok &= transpose(&qkv[base + d..], w3, l, hd, &mut kt).is_ok();
                 // Causal blocks: queries i0..i1 see keys 0..i1 at most, so the products skip
                 // the blocks above the diagonal (5/8 of the full products' work at l = 128).
                 for i0 in (0..l).step_by(QUERY_BLOCK) {
                     let i1 = (i0 + QUERY_BLOCK).min(l);
                     let q = View { data: &qkv[base + i0 * w3..], rs: w3, cs: 1 };
-                    let kt = View { data: &qkv[base + d..], rs: 1, cs: w3 };
-                    ok &= strided_product(i1 - i0, i1, hd, &mut pr[i0 * l..], l, q, kt, false).is_ok();
+                    let kt = View { data: &kt, rs: l, cs: 1 };
+                    ok &= head_product(i1 - i0, i1, hd, &mut pr[i0 * l..], l, q, kt, false).is_ok();
                     // Query i sees keys 0..=i: softmax(scale · scores) there, zero beyond.
                     for i in i0..i1 {
                         let row = &mut pr[i * l..i * l + i1];
@@ -131,7 +135,7 @@ simd_dispatch! {
                     }
                     let p_block = View { data: &pr[i0 * l..], rs: l, cs: 1 };
                     let v = View { data: &qkv[base + 2 * d..], rs: w3, cs: 1 };
-                    ok &= strided_product(i1 - i0, hd, i1, &mut m[i0 * d + h * hd..], d, p_block, v, false).is_ok();
+                    ok &= head_product(i1 - i0, hd, i1, &mut m[i0 * d + h * hd..], d, p_block, v, false).is_ok();
                 }
             }
             if !ok {
@@ -174,15 +178,17 @@ simd_dispatch! {
         for_chunks(&mut dqkv, l * w3, |seq, dst| {
             let mut ok = true;
             let mut ds = vec![0f32; l * l];
+            let mut vt = vec![0f32; hd * l];
             for h in 0..heads {
                 let base = seq * l * w3 + h * hd;
+                ok &= transpose(&s.qkv[base + 2 * d..], w3, l, hd, &mut vt).is_ok();
                 let pr = &s.probs[(seq * heads + h) * l * l..][..l * l];
                 let d_o = |i0: usize| View { data: &dmerged[(seq * l + i0) * d + h * hd..], rs: d, cs: 1 };
                 for i0 in (0..l).step_by(QUERY_BLOCK) {
                     let i1 = (i0 + QUERY_BLOCK).min(l);
                     // dP = dO · Vᵀ for queries i0..i1 over the keys they see.
-                    let vt = View { data: &s.qkv[base + 2 * d..], rs: 1, cs: w3 };
-                    ok &= strided_product(i1 - i0, i1, hd, &mut ds[i0 * l..], l, d_o(i0), vt, false).is_ok();
+                    let vt = View { data: &vt, rs: l, cs: 1 };
+                    ok &= head_product(i1 - i0, i1, hd, &mut ds[i0 * l..], l, d_o(i0), vt, false).is_ok();
                     // dS = scale · P ⊙ (dP − Σ_j dP ⊙ P): zero beyond the visible keys, where
                     // P is zero, so whole block rows (full vectors, as in the forward) need no fill.
                     for i in i0..i1 {
@@ -195,17 +201,17 @@ simd_dispatch! {
                     // dQ = dS · K.
                     let k = View { data: &s.qkv[base + d..], rs: w3, cs: 1 };
                     let ds_rows = View { data: &ds[i0 * l..], rs: l, cs: 1 };
-                    ok &= strided_product(i1 - i0, hd, i1, &mut dst[i0 * w3 + h * hd..], w3, ds_rows, k, false).is_ok();
+                    ok &= head_product(i1 - i0, hd, i1, &mut dst[i0 * w3 + h * hd..], w3, ds_rows, k, false).is_ok();
                 }
                 // Keys j0..j1 are seen by queries j0..l: dV = Pᵀ · dO and dK = dSᵀ · Q there.
                 for j0 in (0..l).step_by(QUERY_BLOCK) {
                     let j1 = (j0 + QUERY_BLOCK).min(l);
                     let pt = View { data: &pr[j0 * l + j0..], rs: 1, cs: l };
                     let dv = &mut dst[j0 * w3 + 2 * d + h * hd..];
-                    ok &= strided_product(j1 - j0, hd, l - j0, dv, w3, pt, d_o(j0), false).is_ok();
+                    ok &= head_product(j1 - j0, hd, l - j0, dv, w3, pt, d_o(j0), false).is_ok();
                     let dst_t = View { data: &ds[j0 * l + j0..], rs: 1, cs: l };
                     let q = View { data: &s.qkv[base + j0 * w3..], rs: w3, cs: 1 };
-                    ok &= strided_product(j1 - j0, hd, l - j0, &mut dst[j0 * w3 + d + h * hd..], w3, dst_t, q, false).is_ok();
+                    ok &= head_product(j1 - j0, hd, l - j0, &mut dst[j0 * w3 + d + h * hd..], w3, dst_t, q, false).is_ok();
                 }
             }
             if !ok {
