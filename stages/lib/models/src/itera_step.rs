@@ -1,34 +1,25 @@
 //! One Itera-Lite training step — forward, loss and the whole backward — on plain slices,
-//! without candle's autograd graph.
+//! without candle's autograd graph ([`crate::hand_step`] says why).
 //!
-//! Through candle, every node input's gradient is a freshly zeroed tensor plus an add
-//! (`GradStore::or_insert`), the fused nodes' packed parameters are concatenated in the forward
-//! and narrowed apart in the backward, and the MoE router runs as a dozen small nodes: ≈ 4.75 %
-//! of a step (docs/results.md). Here the fused pieces' forwards and backwards (SSM block,
-//! experts, LayerNorm, next-token loss) are called directly, each gradient is summed in place
-//! where it arises, and the router, the embeddings and the tied head are written out. It covers
-//! the f32 model without dropout ([`supported`]); anything else trains through autograd, which
-//! the tests hold this step's gradients to.
+//! Through candle, besides the zeroed gradient buffers and the packing every fused node costs,
+//! the MoE router runs as a dozen small nodes: ≈ 4.75 % of a step (docs/results.md). Here the
+//! fused pieces' forwards and backwards (SSM block, experts, LayerNorm, next-token loss) are
+//! called directly, and the router is written out. It covers the f32 model without dropout
+//! ([`supported`]); anything else trains through autograd, which the tests hold this step's
+//! gradients to.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::config::AuxLoss;
 use crate::fused::{self, ExpertsQuant, ExpertsSaved, InputGrad, Pass, SsmBlockQuant, SsmSaved};
+pub use crate::hand_step::StepGrads;
+use crate::hand_step::{empty_store, Tokens};
 use crate::itera::{FeedForward, IteraLite, Moe};
 use crate::linear_op::Product;
-use crate::nn::{layer_norm_bwd, normalize_rows, row_stats};
+use crate::nn::layer_norm_bwd;
 
 const OP: &str = "itera-lite step";
-
-/// A step's losses and every parameter's gradient.
-pub struct StepGrads {
-    /// Next-token cross-entropy, mean over the scored positions.
-    pub ce: f32,
-    /// The auxiliary balance loss, weighted (what the step minimises besides `ce`).
-    pub aux: f32,
-    pub grads: GradStore,
-}
 
 /// Whether [`step`] covers this model: f32 weights, no dropout, no quantized copies (training
 /// quantized weights is refused anyway).
@@ -51,45 +42,15 @@ pub fn supported(m: &IteraLite) -> bool {
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
-    fused::with_values(t, OP, |v| Ok(v.to_vec()))
+    crate::hand_step::values(t, OP)
 }
 
-/// Parameters concatenated, flattened, in order: the packing the fused nodes take.
 fn pack(params: &[&Tensor]) -> Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(params.iter().map(|t| t.elem_count()).sum());
-    for t in params {
-        fused::with_values(t, OP, |v| {
-            out.extend_from_slice(v);
-            Ok(())
-        })?;
-    }
-    Ok(out)
+    crate::hand_step::pack(params, OP)
 }
 
-/// Hands each parameter its slice of a gradient packed as [`pack`] packs them: views into one
-/// tensor that owns the packed vector (copying each slice out cost ≈ 0.4 % of a step).
 fn unpack(params: &[&Tensor], grad: Vec<f32>, store: &mut GradStore) -> Result<()> {
-    let total: usize = params.iter().map(|t| t.elem_count()).sum();
-    if total != grad.len() {
-        candle_core::bail!("{OP}: a packed gradient of {} values for parameters of {total}", grad.len());
-    }
-    let packed = Tensor::from_vec(grad, total, &Device::Cpu)?;
-    let mut at = 0;
-    for t in params {
-        let n = t.elem_count();
-        store.insert(t, packed.narrow(0, at, n)?.reshape(t.shape())?);
-        at += n;
-    }
-    Ok(())
-}
-
-/// candle 0.11's `GradStore` has no public constructor; the backward of a constant (nothing
-/// behind it) returns a store holding only the constant's own gradient, removed here.
-fn empty_store() -> Result<GradStore> {
-    let c = Tensor::zeros((), DType::F32, &Device::Cpu)?;
-    let mut store = c.backward()?;
-    store.remove(&c);
-    Ok(store)
+    crate::hand_step::unpack(params, grad, store, OP)
 }
 
 /// What the router's backward needs besides the LayerNorm's output (kept by the experts): the
@@ -208,25 +169,9 @@ struct Layer {
 /// The training step of `m` on ids (batch, seq): losses and every parameter's gradient of
 /// `ce + aux`. Call only when [`supported`].
 pub fn step(m: &IteraLite, ids: &Tensor) -> Result<StepGrads> {
-    let (b, l) = ids.dims2()?;
-    let ids: Vec<u32> = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+    let (tokens, mut x) = Tokens::embed(&m.emb, ids, OP)?;
     let cfg = &m.cfg;
-    let (d, vocab, rows) = (cfg.d_model, cfg.vocab_size, b * l);
-    if l < 2 {
-        candle_core::bail!("need at least 2 tokens per sequence for a next-token loss");
-    }
-    if l > cfg.max_seq_len {
-        candle_core::bail!("sequence of {l} tokens exceeds max_seq_len {}", cfg.max_seq_len);
-    }
-    if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
-        candle_core::bail!("token id {t} is outside the vocabulary of {vocab}");
-    }
-    let (emb, pos) = (values(m.emb.weight())?, values(m.emb.pos.embeddings())?);
-    let mut x = Vec::with_capacity(rows * d);
-    for (r, &t) in ids.iter().enumerate() {
-        let (tok, at) = (&emb[t as usize * d..(t as usize + 1) * d], &pos[(r % l) * d..(r % l + 1) * d]);
-        x.extend(tok.iter().zip(at).map(|(a, p)| a + p));
-    }
+    let (d, l, rows) = (cfg.d_model, tokens.seq, tokens.ids.len());
 
     let mut saved = Vec::with_capacity(m.layers.len());
     let mut aux = 0f32;
@@ -253,25 +198,9 @@ pub fn step(m: &IteraLite, ids: &Tensor) -> Result<StepGrads> {
         saved.push(Layer { x_ssm, p_ssm, ssm: s, x_ff, p_ff, ff: s_ff, router });
     }
 
-    // Final LayerNorm, the head tied to the token embedding, the loss and its gradient.
-    let norm_f = &m.emb.norm_f;
-    let (wf, bf) = (values(&norm_f.weight)?, values(&norm_f.bias)?);
-    let stats_f = row_stats(&x, d, norm_f.eps);
-    let normed_f = normalize_rows(&x, &wf, &bf, &stats_f)?;
-    let (logits, _) = Product::ABt.run((&normed_f, rows, d), (&emb, vocab, d))?;
-    let count = b * (l - 1);
-    let ce = (fused::nll_sum(&logits, vocab, &ids, l) / count as f64) as f32;
-    let mut dlogits = vec![0f32; rows * vocab];
-    fused::nll_grad(&logits, vocab, &ids, l, 1.0 / count as f32, &mut dlogits);
-    drop(logits);
-
     let mut store = empty_store()?;
-    let (mut demb, _) = Product::AtB.run((&dlogits, rows, vocab), (&normed_f, rows, d))?;
-    let (dnormed_f, _) = Product::AB.run((&dlogits, rows, vocab), (&emb, vocab, d))?;
-    drop(dlogits);
-    let (mut dx, dw, db) = layer_norm_bwd(&x, &wf, &stats_f, &dnormed_f, None)?;
-    store.insert(&norm_f.weight, Tensor::from_vec(dw, d, &Device::Cpu)?);
-    store.insert(&norm_f.bias, Tensor::from_vec(db, d, &Device::Cpu)?);
+    let head = tokens.head_loss(&m.emb, &x, &mut store, OP)?;
+    let mut dx = head.dx;
 
     for ((ssm, ff), s) in m.layers.iter().zip(saved).rev() {
         let layout = ff.layout(d)?;
@@ -298,16 +227,6 @@ pub fn step(m: &IteraLite, ids: &Tensor) -> Result<StepGrads> {
         dx = dx_ssm;
     }
 
-    // The embeddings: the head's gradient plus each row's, by token and by position.
-    let mut dpos = vec![0f32; pos.len()];
-    for (r, (&t, g)) in ids.iter().zip(dx.chunks_exact(d)).enumerate() {
-        let row = &mut demb[t as usize * d..(t as usize + 1) * d];
-        row.iter_mut().zip(g).for_each(|(a, &v)| *a += v);
-        let at = &mut dpos[(r % l) * d..(r % l + 1) * d];
-        at.iter_mut().zip(g).for_each(|(a, &v)| *a += v);
-    }
-    store.insert(m.emb.weight(), Tensor::from_vec(demb, (vocab, d), &Device::Cpu)?);
-    let pos_t = m.emb.pos.embeddings();
-    store.insert(pos_t, Tensor::from_vec(dpos, pos_t.shape(), &Device::Cpu)?);
-    Ok(StepGrads { ce, aux: aux * cfg.aux_weight as f32, grads: store })
+    tokens.embed_backward(&m.emb, &dx, head.demb, &mut store)?;
+    Ok(StepGrads { ce: head.ce, aux: aux * cfg.aux_weight as f32, grads: store })
 }

@@ -4,6 +4,8 @@
 //!   with a mixture of experts on the odd layers; recurrent-state generation ([`decode`]: the
 //!   batch-1 step on plain slices).
 //! - [`transformer::Transformer`]: the baseline; KV-cache generation.
+//! - [`itera_step`], [`transformer_step`]: each model's training step on slices, without
+//!   candle's autograd graph (f32, no dropout).
 //! - [`model::Model`]: seeded construction, next-token loss, generation, safetensors checkpoints.
 //! - [`quant`], [`qmodel`], [`gguf`]: INT8/INT4 weights with integer matmuls, GGUF checkpoints.
 //! - [`training`]: hyper-parameters, data windows, the AdamW loop, evaluation, distillation loss;
@@ -17,6 +19,7 @@ pub mod decode;
 pub mod decode_transformer;
 pub mod fused;
 pub mod gguf;
+mod hand_step;
 mod head_product;
 pub mod itera;
 pub mod itera_step;
@@ -32,6 +35,7 @@ pub mod simd;
 pub mod testing;
 pub mod training;
 pub mod transformer;
+pub mod transformer_step;
 
 pub use config::{ConfigError, IteraConfig, ModelConfig, TransformerConfig};
 pub use model::{next_token_loss, CheckpointError, DecodeState, Decoder, Model, Sampling};

@@ -112,12 +112,19 @@ impl Model {
     }
 
     /// Gradients of `ce + aux` for every parameter, with the cross-entropy and the weighted
-    /// auxiliary loss: f32 Itera-Lite without dropout takes the hand-written step
-    /// ([`crate::itera_step`]), anything else candle's autograd through [`Self::loss`].
+    /// auxiliary loss: f32 models without dropout take their hand-written step
+    /// ([`crate::itera_step`], [`crate::transformer_step`]), anything else candle's autograd
+    /// through [`Self::loss`].
     pub fn loss_grads(&self, ids: &Tensor, train: Train) -> Result<(candle_core::backprop::GradStore, f32, f32)> {
-        if let Net::IteraLite(m) = &self.net {
-            if train.is_some() && crate::itera_step::supported(m) {
-                let s = crate::itera_step::step(m, ids)?;
+        if train.is_some() {
+            let hand = match &self.net {
+                Net::IteraLite(m) if crate::itera_step::supported(m) => Some(crate::itera_step::step(m, ids)?),
+                Net::Transformer(m) if crate::transformer_step::supported(m) => {
+                    Some(crate::transformer_step::step(m, ids)?)
+                }
+                _ => None,
+            };
+            if let Some(s) = hand {
                 return Ok((s.grads, s.ce, s.aux));
             }
         }

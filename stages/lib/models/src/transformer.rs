@@ -16,7 +16,7 @@ pub(crate) struct Block {
     pub(crate) ln2: LayerNorm,
     pub(crate) up: Linear,
     pub(crate) down: Linear,
-    heads: usize,
+    pub(crate) heads: usize,
     p_drop: f64,
 }
 
@@ -53,6 +53,22 @@ impl Block {
         self.forward_with(x, shape, train, past, true)
     }
 
+    /// The attention node's sizes on rows of width d in sequences of l.
+    pub(crate) fn attention_dims(&self, d: usize, l: usize) -> crate::fused::AttentionDims {
+        crate::fused::AttentionDims { d, heads: self.heads, seq_len: l, eps: self.ln1.eps }
+    }
+
+    /// The attention node's parameters in its packing order.
+    pub(crate) fn attention_params(&self) -> [&Tensor; 4] {
+        [&self.ln1.weight, &self.ln1.bias, self.qkv.weight(), self.proj.weight()]
+    }
+
+    /// The MLP as the experts node's layout: one expert of width d_ff, on rows of width d.
+    pub(crate) fn mlp_layout(&self, d: usize) -> Result<crate::fused::ExpertsLayout<'_>> {
+        let ln = (&self.ln2.weight, &self.ln2.bias, self.ln2.eps);
+        crate::fused::experts_layout(ln, &[(self.up.weight(), self.down.weight())], d)
+    }
+
     /// The block op by op: the reference the fused nodes are tested against.
     #[cfg(test)]
     pub(crate) fn forward_ops(&self, x: &Tensor, shape: (usize, usize), train: &mut Train) -> Result<Tensor> {
@@ -72,14 +88,9 @@ impl Block {
         if fuse && past.is_none() && x.dtype() == DType::F32 && !(quantized && is_train) {
             let quant = crate::fused::AttentionQuant { qkv: self.qkv.quant.clone(), out: self.proj.quant.clone() };
             // Full sequences: attention and MLP each one fused node.
-            let dims = crate::fused::AttentionDims { d: x.dim(1)?, heads: self.heads, seq_len: l, eps: self.ln1.eps };
-            let packed = crate::fused::pack_attention(
-                &dims,
-                &self.ln1.weight,
-                &self.ln1.bias,
-                self.qkv.weight(),
-                self.proj.weight(),
-            )?;
+            let dims = self.attention_dims(x.dim(1)?, l);
+            let [ln_w, ln_b, w_qkv, w_out] = self.attention_params();
+            let packed = crate::fused::pack_attention(&dims, ln_w, ln_b, w_qkv, w_out)?;
             let dropped = is_train && self.p_drop > 0.0;
             let a = crate::fused::attention_block(x, &packed, dims, quant, !dropped, is_train)?;
             let x = if dropped { (x + dropout(&a, self.p_drop, train)?)? } else { a };
@@ -127,8 +138,7 @@ impl Block {
             let quant =
                 crate::fused::ExpertsQuant { up: vec![self.up.quant.clone()], down: vec![self.down.quant.clone()] };
             let dropped = is_train && self.p_drop > 0.0;
-            let ln = (&self.ln2.weight, &self.ln2.bias, self.ln2.eps);
-            let layout = crate::fused::experts_layout(ln, &[(self.up.weight(), self.down.weight())], x.dim(1)?)?;
+            let layout = self.mlp_layout(x.dim(1)?)?;
             let out = crate::fused::experts(x, None, &layout.pack()?, layout.dims, quant, !dropped, is_train)?;
             return if dropped { x + dropout(&out, self.p_drop, train)? } else { Ok(out) };
         }

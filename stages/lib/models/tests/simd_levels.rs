@@ -48,7 +48,7 @@ fn probe() -> candle_core::Result<Results> {
                 out.insert(format!("{name} grad {var_name}"), flat(g)?);
             }
         }
-        // The training step as `fit` takes it (Itera-Lite: the hand-written step).
+        // The training step as `fit` takes it (both models: the hand-written steps).
         let (step_grads, ce, _) = model.loss_grads(&x, Some(&mut rng))?;
         out.insert(format!("{name} step ce"), vec![ce]);
         for (var_name, var) in &vars {

@@ -50,7 +50,7 @@ pub struct AttentionQuant {
 /// Query rows per block of the causal products.
 const QUERY_BLOCK: usize = 32;
 
-struct Saved {
+pub(crate) struct Saved {
     stats: Vec<(f32, f32)>,
     normed: Vec<f32>,
     qkv: Vec<f32>,
@@ -80,7 +80,7 @@ fn check(dims: &AttentionDims, x_len: usize, p_len: usize) -> Result<(usize, usi
 }
 
 simd_dispatch! {
-    fn attention_forward(dims: &AttentionDims, quant: &AttentionQuant, residual: bool, keep: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
+    pub(crate) fn attention_forward(dims: &AttentionDims, quant: &AttentionQuant, residual: bool, keep: bool, x: &[f32], p: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let (rows, hd) = check(dims, x.len(), p.len())?;
         let AttentionDims { d, heads, seq_len: l, eps } = *dims;
         let (ln_w, rest) = p.split_at(d);
@@ -160,7 +160,7 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
-    fn attention_backward(dims: &AttentionDims, residual: bool, x: &[f32], p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub(crate) fn attention_backward(dims: &AttentionDims, residual: bool, x: &[f32], p: &[f32], s: &Saved, g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
         let (rows, hd) = check(dims, x.len(), p.len())?;
         let AttentionDims { d, heads, seq_len: l, .. } = *dims;
         let (ln_w, w_qkv, w_out) = (&p[..d], &p[2 * d..2 * d + 3 * d * d], &p[2 * d + 3 * d * d..]);

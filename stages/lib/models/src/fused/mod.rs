@@ -289,7 +289,9 @@ pub(crate) use gelu::gelu_in_place;
 pub use softmax::{causal_softmax, next_token_cross_entropy};
 pub use ssm::{causal_conv_silu, causal_conv_silu_ops, silu_gate, softplus_mean};
 pub use ssm_block::{pack as pack_ssm_block, ssm_block, SsmBlockDims, SsmBlockQuant};
-// The fused pieces on plain slices, for the hand-written Itera-Lite step (`crate::itera_step`).
+// The fused pieces on plain slices, for the hand-written steps (`crate::itera_step`,
+// `crate::transformer_step`).
+pub(crate) use attention::{attention_backward, attention_forward, Saved as AttentionSaved};
 pub(crate) use experts::{experts_backward, experts_forward, experts_norm, InputGrad, Pass, Saved as ExpertsSaved};
 pub(crate) use softmax::{nll_grad, nll_sum};
 pub(crate) use ssm_block::{
