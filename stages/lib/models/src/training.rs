@@ -344,8 +344,8 @@ impl Objective<'_> {
     }
 
     /// The gradients of [`Self::loss`]'s loss and the cross-entropy for the log: plain
-    /// cross-entropy through [`Model::loss_grads`] (Itera-Lite's hand-written step where it
-    /// applies), distillation through autograd.
+    /// cross-entropy through [`Model::loss_grads`] (the models' hand-written steps where they
+    /// apply), distillation through autograd.
     pub fn grads(
         &self,
         model: &Model,
