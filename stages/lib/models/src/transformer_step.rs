@@ -3,7 +3,7 @@
 //!
 //! Through candle the step is already a handful of fused nodes (attention, MLP, head, loss), but
 //! its backward still built a zeroed buffer and an add per node input and concatenated the
-//! blocks' packed parameters each step: ≈ 4 % of a step in profiles (`Tensor::add`, `zeros_like`,
+//! blocks' packed parameters each step: ≈ 3.5 % of a step in profiles (`Tensor::add`, `zeros_like`,
 //! the graph walk, `cat`). Here the attention and MLP nodes' forwards and backwards are called on
 //! slices and each gradient lands where it arises. It covers the f32 model without dropout
 //! ([`supported`]); anything else trains through autograd, which the tests hold this step's
