@@ -57,22 +57,10 @@ extern "C" fn kill_own_group(_: libc::c_int) {
     }
 }
 
-/// Training allocates and frees megabyte-sized tensors hundreds of times a step. glibc returns
-/// such blocks to the kernel (mmap/trim) and the next step faults them back in page by page:
-/// ~10 % of a training step. Keep freed memory in the process instead (stages are short-lived).
-pub fn keep_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator thresholds; called before the stage allocates much.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-/// Entry point of the hidden `exec-stage` subcommand. Returns the process exit code.
 /// The scheduler's pid, given to `exec-stage` children so they can tell it is still there.
 const PARENT_ENV: &str = "ORCHESTRATE_SCHEDULER_PID";
 
+/// Entry point of the hidden `exec-stage` subcommand. Returns the process exit code.
 pub fn exec_stage_main(spec_path: &Path, result_path: &Path) -> i32 {
     // When the scheduler dies (even by SIGKILL) the kernel sends us SIGTERM; take the whole
     // process group down so no orphaned stage keeps writing.
@@ -81,7 +69,9 @@ pub fn exec_stage_main(spec_path: &Path, result_path: &Path) -> i32 {
         libc::signal(libc::SIGTERM, kill_own_group as *const () as libc::sighandler_t);
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
     }
-    keep_freed_memory();
+    // Training allocates and frees megabyte-sized tensors hundreds of times a step; keep freed
+    // memory in this short-lived process rather than fault it back in page by page (~10 %).
+    itera_models::measure::keep_freed_memory();
     // The scheduler may have died before the prctl took effect.
     let parent = std::env::var(PARENT_ENV).ok().and_then(|p| p.parse::<libc::pid_t>().ok());
     // SAFETY: getppid has no preconditions.

@@ -107,7 +107,7 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
 
 /// Training allocates and frees megabyte-sized tensors hundreds of times a step; glibc hands
 /// such blocks back to the kernel and the next step faults them in again page by page (~10 % of
-/// a step). Benchmarks call this first, as `orchestrate exec-stage` does for every stage.
+/// a step). Benchmarks call this first, and `orchestrate exec-stage` for every stage.
 pub fn keep_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only changes allocator thresholds.
