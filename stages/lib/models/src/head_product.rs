@@ -12,7 +12,7 @@
 
 use candle_core::Result;
 
-use crate::linear_op::{strided_product, View};
+use crate::linear_op::{check_views, strided_product, View};
 
 /// `dst (m×n, row stride dst_rs) = a (m×k) · b (k×n)`, or `+=` with `accumulate`, as
 /// [`strided_product`]; tiled when `b`'s rows are contiguous (`b.cs == 1`) and the CPU (and
@@ -31,9 +31,7 @@ pub(crate) fn head_product(
 ) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
     if b.cs == 1 && k > 0 && m > 0 && n > 0 {
-        if !a.fits(m, k) || !b.fits(k, n) || n > dst_rs || (m - 1) * dst_rs + n > dst.len() {
-            candle_core::bail!("head product: a {m}×{k} · {k}×{n} product does not fit its views");
-        }
+        check_views(m, n, k, dst.len(), dst_rs, a, b)?;
         let dims = Dims { m, n, k, dst_rs, accumulate };
         match crate::simd::active() {
             crate::simd::Level::Vnni => {
@@ -126,6 +124,17 @@ mod x86 {
         dst: *mut f32,
     }
 
+    impl At {
+        /// The tile at row r0, column c0 (pointers only; the kernels check nothing).
+        fn new(d: &Dims, dst: &mut [f32], a: View, b: View, (r0, c0): (usize, usize)) -> At {
+            At {
+                a: a.data.as_ptr().wrapping_add(r0 * a.rs),
+                b: b.data.as_ptr().wrapping_add(c0),
+                dst: dst.as_mut_ptr().wrapping_add(r0 * d.dst_rs + c0),
+            }
+        }
+    }
+
     /// # Safety
     /// The CPU has AVX-512 F, and the views and `dst` hold the product (checked by the caller).
     #[target_feature(enable = "avx512f")]
@@ -135,11 +144,7 @@ mod x86 {
             // Lanes of the strip's two vectors that hold columns (all but the last strip: all).
             let masks = [lanes(w.min(16)), lanes(w.saturating_sub(16))];
             for r0 in (0..d.m).step_by(MR) {
-                let at = At {
-                    a: a.data.as_ptr().wrapping_add(r0 * a.rs),
-                    b: b.data.as_ptr().wrapping_add(c0),
-                    dst: dst.as_mut_ptr().wrapping_add(r0 * d.dst_rs + c0),
-                };
+                let at = At::new(&d, dst, a, b, (r0, c0));
                 // SAFETY: the tile's rows r0..r0+rows and columns c0..c0+w lie inside the checked
                 // product; masked lanes are neither read nor written.
                 unsafe {
@@ -238,11 +243,7 @@ mod x86 {
         for c0 in (0..full).step_by(16) {
             let two = full - c0 >= 16;
             for r0 in (0..d.m).step_by(MR) {
-                let at = At {
-                    a: a.data.as_ptr().wrapping_add(r0 * a.rs),
-                    b: b.data.as_ptr().wrapping_add(c0),
-                    dst: dst.as_mut_ptr().wrapping_add(r0 * d.dst_rs + c0),
-                };
+                let at = At::new(&d, dst, a, b, (r0, c0));
                 // SAFETY: the tile's rows and its 8 or 16 columns lie inside the checked product.
                 unsafe {
                     match ((d.m - r0).min(MR), two) {

@@ -132,6 +132,15 @@ impl View<'_> {
     }
 }
 
+/// Whether views a (m×k) and b (k×n) and a destination of `dst_len` values with row stride
+/// `dst_rs` hold an m×n product.
+pub(crate) fn check_views(m: usize, n: usize, k: usize, dst_len: usize, dst_rs: usize, a: View, b: View) -> Result<()> {
+    if !a.fits(m, k) || !b.fits(k, n) || n > dst_rs || (m > 0 && n > 0 && (m - 1) * dst_rs + n > dst_len) {
+        candle_core::bail!("strided product: a {m}×{k} · {k}×{n} product does not fit its views");
+    }
+    Ok(())
+}
+
 /// `dst (m×n, row stride dst_rs) = a (m×k) · b (k×n)`, or `+=` with `accumulate`, for views of
 /// any strides (attention heads inside a (rows, 3·d) projection); single-threaded, as the
 /// callers run many of these side by side.
@@ -146,9 +155,7 @@ pub(crate) fn strided_product(
     b: View,
     accumulate: bool,
 ) -> Result<()> {
-    if !a.fits(m, k) || !b.fits(k, n) || n > dst_rs || (m > 0 && n > 0 && (m - 1) * dst_rs + n > dst.len()) {
-        candle_core::bail!("strided product: a {m}×{k} · {k}×{n} product does not fit its views");
-    }
+    check_views(m, n, k, dst.len(), dst_rs, a, b)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
