@@ -6,8 +6,9 @@
 //! seq 128), full-sequence forward tokens/s (same shape), generation tokens/s at batch 1 (new
 //! tokens ÷ wall time including the 16-token prompt's prefill; 112 new tokens) with the
 //! recurrent state / KV cache, achieved GFLOP/s against this machine's measured f32 GEMM rate,
-//! and the scan kernel's share of a step. Every figure is a median of the timed steps; the
-//! Itera-Lite step's ratio to its GEMM floor is the median over alternating step / floor pairs.
+//! and the scan kernel's share of a step. Every figure is a median of the timed steps; each
+//! model's step ÷ its GEMM floor is the median over alternating step / floor pairs. The core's
+//! f32 FMA peak, measured first, says how near that floor already runs to the hardware.
 //!
 //! Threads: BENCH_THREADS (default 1); BENCH_STEPS (timed steps, default 10; twice as many
 //! step / GEMM-floor pairs); BENCH_MODELS (default `itera_lite,transformer`).
@@ -37,6 +38,65 @@ fn measured_gemm_rate(runs: usize) -> candle_core::Result<f64> {
     Ok(2.0 * (n * n * n) as f64 / median(v) / 1e9)
 }
 
+/// One core's f32 multiply-add rate, GFLOP/s, on 512-bit and on 256-bit vectors (None where the
+/// CPU lacks them): twelve independent FMA chains, as many accumulators as the GEMM
+/// microkernels keep, so neither latency nor memory limits it. The best of five runs.
+#[cfg(target_arch = "x86_64")]
+fn fma_peaks() -> (Option<f64>, Option<f64>) {
+    use std::arch::x86_64::*;
+    const CHAINS: usize = 12;
+    const ITERS: usize = 4_000_000;
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run512() -> f32 {
+        // Opaque inputs, so the compiler cannot evaluate the chains itself.
+        let (b, c) = (_mm512_set1_ps(std::hint::black_box(0.999_999)), _mm512_set1_ps(std::hint::black_box(1e-6)));
+        let mut acc = [_mm512_set1_ps(1.0); CHAINS];
+        for _ in 0..std::hint::black_box(ITERS) {
+            for a in acc.iter_mut() {
+                *a = _mm512_fmadd_ps(*a, b, c);
+            }
+        }
+        acc.iter().map(|&a| _mm512_reduce_add_ps(a)).sum()
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run256() -> f32 {
+        let (b, c) = (_mm256_set1_ps(std::hint::black_box(0.999_999)), _mm256_set1_ps(std::hint::black_box(1e-6)));
+        let mut acc = [_mm256_set1_ps(1.0); CHAINS];
+        for _ in 0..std::hint::black_box(ITERS) {
+            for a in acc.iter_mut() {
+                *a = _mm256_fmadd_ps(*a, b, c);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        acc.iter()
+            .map(|&a| {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), a);
+                lanes.iter().sum::<f32>()
+            })
+            .sum()
+    }
+    let rate = |lanes: usize, run: &dyn Fn() -> f32| {
+        let best = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(run());
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min);
+        (2 * lanes * CHAINS * ITERS) as f64 / best / 1e9
+    };
+    // SAFETY (both): each runs only where the CPU reports the features it is compiled for.
+    let avx512 = is_x86_feature_detected!("avx512f").then(|| rate(16, &|| unsafe { run512() }));
+    let avx2 =
+        (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then(|| rate(8, &|| unsafe { run256() }));
+    (avx512, avx2)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fma_peaks() -> (Option<f64>, Option<f64>) {
+    (None, None)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -45,6 +105,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn batch(rng: &mut rand_chacha::ChaCha8Rng, b: usize, l: usize) -> Tensor {
     let v: Vec<u32> = (0..b * l).map(|_| rng.random_range(5..256)).collect();
     Tensor::from_vec(v, (b, l), &Device::Cpu).expect("batch")
+}
+
+/// Every weight matmul of a training step as (K, N) for M = batch·seq rows.
+fn step_gemms(cfg: &ModelConfig) -> Vec<(usize, usize)> {
+    match cfg {
+        ModelConfig::IteraLite(c) => itera_gemms(c),
+        ModelConfig::Transformer(c) => {
+            let (d, f) = (c.d_model, c.d_ff);
+            let mut v = Vec::new();
+            for _ in 0..c.n_layers {
+                v.extend([(d, 3 * d), (d, d), (d, f), (f, d)]);
+            }
+            v.push((d, c.vocab_size));
+            v
+        }
+    }
 }
 
 /// Every weight matmul of an Itera-Lite training step as (K, N) for M = batch·seq rows; a MoE
@@ -130,7 +206,10 @@ fn main() -> candle_core::Result<()> {
     let peak = measured_gemm_rate(steps)?;
     println!("itera-models throughput — {threads} thread(s), f32, batch {b} × seq {l}, vocab 256, {steps} timed steps (medians)");
     println!("CPU: {}; kernels: {}", itera_models::measure::cpu_model(), itera_models::simd_path());
-    println!("f32 GEMM rate measured here (768³ products): {peak:.1} GFLOP/s for {threads} thread(s)\n");
+    println!("f32 GEMM rate measured here (768³ products): {peak:.1} GFLOP/s for {threads} thread(s)");
+    let show = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.1}"));
+    let (fma512, fma256) = fma_peaks();
+    println!("f32 FMA peak of one core: {} GFLOP/s on 512-bit vectors, {} on 256-bit\n", show(fma512), show(fma256));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let models = std::env::var("BENCH_MODELS").unwrap_or_else(|_| "itera_lite,transformer".into());
     for name in models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
@@ -183,10 +262,10 @@ fn main() -> candle_core::Result<()> {
             100.0 * flops * fwd_tps / 1e9 / peak
         );
         println!("  generate  {gen_tps:>9.1} tok/s  (batch 1, 16-token prompt + 112 new)");
-        if let ModelConfig::IteraLite(c) = &cfg {
+        {
             // Step and floor measured in alternation, so the ratio of each pair shares the VM's
             // speed of the moment (it drifts ±15 % within minutes on these machines).
-            let floor = GemmFloor::new(&itera_gemms(c), b * l)?;
+            let floor = GemmFloor::new(&step_gemms(&cfg), b * l)?;
             let (mut floors, mut ratios) = (Vec::new(), Vec::new());
             for _ in 0..pairs {
                 let x = batch(&mut rng, b, l);
@@ -200,14 +279,28 @@ fn main() -> candle_core::Result<()> {
             let (lo, hi) =
                 (ratios.iter().copied().fold(f64::MAX, f64::min), ratios.iter().copied().fold(0.0, f64::max));
             let f = median(floors);
+            let rate = floor.flops / f;
             println!(
                 "  GEMM floor: the step's {:.2} GFLOP of weight matmuls alone take {:.1} ms here ({:.1} \
                     GFLOP/s) → at most {:.0} training tok/s with every other op free",
                 floor.flops / 1e9,
                 f * 1e3,
-                floor.flops / f / 1e9,
+                rate / 1e9,
                 (b * l) as f64 / f
             );
+            // Attention's score and value products (at least the causal half, forward and
+            // twice that backward) are GEMMs too, just not with weights: the bound adds them
+            // at the floor's rate.
+            let attention = 3.0 * (flops - forward_flops_per_token(&cfg, 0) as f64) * (b * l) as f64;
+            if attention > 0.0 {
+                let t = f + attention / rate;
+                println!(
+                    "  with attention's {:.2} GFLOP of score/value products at that rate: {:.1} ms → at most {:.0} tok/s",
+                    attention / 1e9,
+                    t * 1e3,
+                    (b * l) as f64 / t
+                );
+            }
             println!(
                 "  step ÷ GEMM floor, {pairs} alternating pairs: median {:.3} (range {lo:.3}–{hi:.3})",
                 median(ratios)

@@ -94,7 +94,9 @@ fn transpose_scalar(
     }
 }
 
-/// A product's sizes, its destination's row stride and whether it adds to the destination.
+/// A product's sizes, its destination's row stride and whether it adds to the destination
+/// (the tiles' arguments, so x86-64 only).
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Dims {
     m: usize,
