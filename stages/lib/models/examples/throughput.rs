@@ -144,13 +144,23 @@ fn itera_gemms(c: &itera_models::IteraConfig) -> Vec<(usize, usize)> {
     v
 }
 
-/// The matmuls of a step as candle runs them: forward x·Wᵀ, and backward G·W and Xᵀ·G, over
-/// operands made once per distinct (K, N) — the floor of a step's time at this machine's GEMM
-/// speed, with nothing else in it.
+/// The weight matmuls of a step — forward x·Wᵀ, backward G·W and Gᵀ·X — over operands made
+/// once per distinct (K, N): the floor of a step's time at this machine's GEMM speed, with
+/// nothing else in it. Timed as the hand-written steps run them
+/// (`itera_models::linear_op::training_products`) and, for comparison, through candle's matmul
+/// (the floor's definition before 2026-12-03), which also zero-fills each output first.
 struct GemmFloor {
-    /// (x, w, g) and how many of the step's matmuls have that shape.
-    shapes: Vec<((Tensor, Tensor, Tensor), usize)>,
+    /// (x, w, g) as tensors and as values, (m, k, n), and how many of the step's matmuls have
+    /// that shape.
+    shapes: Vec<Shape>,
     flops: f64,
+}
+
+struct Shape {
+    tensors: (Tensor, Tensor, Tensor),
+    values: (Vec<f32>, Vec<f32>, Vec<f32>),
+    mkn: (usize, usize, usize),
+    count: usize,
 }
 
 impl GemmFloor {
@@ -167,27 +177,35 @@ impl GemmFloor {
             let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
             let g = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu)?;
-            out.push(((x, w, g), count));
+            let v = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            let values = (v(&x)?, v(&w)?, v(&g)?);
+            out.push(Shape { tensors: (x, w, g), values, mkn: (m, k, n), count });
         }
         let flops = shapes.iter().map(|&(k, n)| 3.0 * 2.0 * (m * k * n) as f64).sum();
         Ok(GemmFloor { shapes: out, flops })
     }
 
     /// Seconds for one step's matmuls: each distinct shape run once untimed, then timed (its
-    /// operands in cache, as in a repeated run), times its count.
-    fn seconds(&self) -> candle_core::Result<f64> {
+    /// operands in cache, as in a repeated run), times its count; through candle or not.
+    fn seconds(&self, candle: bool) -> candle_core::Result<f64> {
         let mut total = 0.0;
-        for ((x, w, g), count) in &self.shapes {
+        for s in &self.shapes {
             let run = || -> candle_core::Result<()> {
-                x.matmul(&w.t()?)?;
-                g.matmul(w)?;
-                x.t()?.matmul(g)?;
+                if candle {
+                    let (x, w, g) = &s.tensors;
+                    x.matmul(&w.t()?)?;
+                    g.matmul(w)?;
+                    x.t()?.matmul(g)?;
+                } else {
+                    let (x, w, g) = &s.values;
+                    std::hint::black_box(itera_models::linear_op::training_products(x, w, g, s.mkn)?);
+                }
                 Ok(())
             };
             run()?;
             let t = Instant::now();
             run()?;
-            total += t.elapsed().as_secs_f64() * *count as f64;
+            total += t.elapsed().as_secs_f64() * s.count as f64;
         }
         Ok(total)
     }
@@ -266,15 +284,16 @@ fn main() -> candle_core::Result<()> {
             // Step and floor measured in alternation, so the ratio of each pair shares the VM's
             // speed of the moment (it drifts ±15 % within minutes on these machines).
             let floor = GemmFloor::new(&step_gemms(&cfg), b * l)?;
-            let (mut floors, mut ratios) = (Vec::new(), Vec::new());
+            let (mut floors, mut ratios, mut candle_ratios) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..pairs {
                 let x = batch(&mut rng, b, l);
                 let t = Instant::now();
                 opt.step(&model.loss_grads(&x, Some(&mut drop_rng))?.0)?;
                 let step = t.elapsed().as_secs_f64();
-                let f = floor.seconds()?;
+                let f = floor.seconds(false)?;
                 floors.push(f);
                 ratios.push(step / f);
+                candle_ratios.push(step / floor.seconds(true)?);
             }
             let (lo, hi) =
                 (ratios.iter().copied().fold(f64::MAX, f64::min), ratios.iter().copied().fold(0.0, f64::max));
@@ -302,8 +321,10 @@ fn main() -> candle_core::Result<()> {
                 );
             }
             println!(
-                "  step ÷ GEMM floor, {pairs} alternating pairs: median {:.3} (range {lo:.3}–{hi:.3})",
-                median(ratios)
+                "  step ÷ GEMM floor, {pairs} alternating pairs: median {:.3} (range {lo:.3}–{hi:.3}); \
+                    ÷ the same matmuls through candle: {:.3}",
+                median(ratios),
+                median(candle_ratios)
             );
         }
         if name == "itera_lite" {

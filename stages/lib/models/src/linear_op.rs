@@ -244,6 +244,23 @@ pub fn linear_shaped(x: &Tensor, w: &Tensor, shape: impl Into<Shape>) -> Result<
     x.contiguous()?.apply_op2(&w.contiguous()?, Linear(Some(shape.into())))
 }
 
+/// A linear layer's three training products for x (m×k), its weight w (n×k) and its output's
+/// gradient g (m×n) — y = x·wᵀ, dx = g·w, dw = gᵀ·x — each one GEMM into a fresh buffer that is
+/// not zeroed first, as the hand-written training steps run them: what the throughput bench's
+/// GEMM floor times (candle's `matmul` zero-fills its output before the GEMM overwrites it).
+pub fn training_products(x: &[f32], w: &[f32], g: &[f32], (m, k, n): (usize, usize, usize)) -> Result<[Vec<f32>; 3]> {
+    if x.len() != m * k || w.len() != n * k || g.len() != m * n {
+        candle_core::bail!(
+            "training products: {}, {} and {} values are not ({m}, {k}), ({n}, {k}) and ({m}, {n}) matrices",
+            x.len(),
+            w.len(),
+            g.len()
+        );
+    }
+    let (x, w, g) = ((x, m, k), (w, n, k), (g, m, n));
+    Ok([Product::ABt.run(x, w)?.0, Product::AB.run(g, w)?.0, Product::AtB.run(g, x)?.0])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +287,24 @@ mod tests {
                 assert!(max_diff(a, b) < 1e-4, "gradient ({m},{k},{n}): {}", max_diff(a, b));
             }
         }
+    }
+
+    #[test]
+    fn training_products_are_the_layer_and_its_gradients() {
+        let (m, k, n) = (9, 7, 5);
+        let t = |r, c| Tensor::randn(0f32, 1.0, (r, c), &Device::Cpu).unwrap();
+        let (x, w, g) = (t(m, k), t(n, k), t(m, n));
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let [y, dx, dw] = training_products(&v(&x), &v(&w), &v(&g), (m, k, n)).unwrap();
+        let expect = [x.matmul(&w.t().unwrap()).unwrap(), g.matmul(&w).unwrap(), g.t().unwrap().matmul(&x).unwrap()];
+        for (ours, theirs) in [y, dx, dw].into_iter().zip(expect) {
+            let diff = v(&theirs).iter().zip(&ours).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert_eq!(ours.len(), theirs.elem_count());
+            assert!(diff < 1e-4, "{diff}");
+        }
+        // A slice shorter than its stated shape is refused, not read past its end.
+        let err = training_products(&v(&x)[1..], &v(&w), &v(&g), (m, k, n)).unwrap_err();
+        assert!(err.to_string().contains("are not (9, 7)"), "{err}");
     }
 
     #[test]
