@@ -188,13 +188,18 @@ simd_dispatch! {
         let wq = di + n;
         let mut qb = match &quant.delta_proj {
             Some(q) => {
-                let (qd, bx) = (q.matmul_t(&xc, rows), gemm(Product::ABt, (&xc, rows, di), (part(p, &o, B), n, di))?);
-                let mut qb = Vec::with_capacity(rows * wq);
-                for (qr, br) in qd.chunks_exact(di).zip(bx.chunks_exact(n.max(1))) {
-                    qb.extend_from_slice(qr);
-                    qb.extend_from_slice(&br[..n]);
+                // The integer product straight into each row's first di slots; B·x (n values a
+                // row) copied into the rest.
+                let mut qb = slots(rows * wq);
+                q.matmul_t_into(&xc, rows, &mut qb, wq);
+                let bx = gemm(Product::ABt, (&xc, rows, di), (part(p, &o, B), n, di))?;
+                for (qr, br) in qb.chunks_exact_mut(wq).zip(bx.chunks_exact(n.max(1))) {
+                    qr[di..].write_copy_of_slice(&br[..n]);
                 }
-                qb
+                // SAFETY: matmul_t_into wrote the first di slots of every row of wq (it panics
+                // otherwise) and the loop the last n of each: with n = 0 it runs no row and
+                // there are no such slots.
+                unsafe { written(qb) }
             }
             None => gemm(Product::ABt, (&xc, rows, di), (&p[o[W_DELTA]..o[B + 1]], wq, di))?,
         };

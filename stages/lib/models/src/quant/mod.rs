@@ -178,7 +178,7 @@ impl QWeight {
                 // tiles cover all rows and all the panels' real columns): no zeroing first.
                 let mut out: Vec<f32> = Vec::with_capacity(m * width);
                 let spare = &mut out.spare_capacity_mut()[..m * width];
-                self.product_into(kernel, Rows { q: &xq, stride, scales: &sx }, w[0]..w[1], false, spare);
+                self.product_into(kernel, Rows { q: &xq, stride, scales: &sx }, w[0]..w[1], false, (spare, width));
                 // SAFETY: all m·width values were initialized just above (tested against the
                 // portable loop on partial tiles, split outputs and both threaded splits).
                 unsafe { out.set_len(m * width) };
@@ -200,24 +200,49 @@ impl QWeight {
         let out = &mut out[..m * self.rows];
         // SAFETY: MaybeUninit<f32> has f32's layout, and only initialized values are written.
         let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-        self.product_into(kernel, Rows { q: &xq, stride, scales: &sx }, 0..self.rows, true, out);
+        self.product_into(kernel, Rows { q: &xq, stride, scales: &sx }, 0..self.rows, true, (out, self.rows));
     }
 
-    /// Columns `cols` of the product of the quantized activation rows `x` into `out`
-    /// (m × cols.len()), or added to it (`add`, when `out` holds values).
+    /// `x @ Wᵀ` for `m` rows of `x` into the first `rows` slots of each of m rows of `out`,
+    /// `ldo` slots apart; the slots after them are left as they are. Where the product is one
+    /// part of a wider row (Δ's projection beside B·x in the SSM block), this spares a copy.
+    ///
+    /// # Panics
+    /// If `ldo` is below the product's width, or `x` or `out` hold fewer than `m` rows.
+    pub fn matmul_t_into(&self, x: &[f32], m: usize, out: &mut [MaybeUninit<f32>], ldo: usize) {
+        self.matmul_t_into_with(crate::simd::active(), x, m, out, ldo)
+    }
+
+    fn matmul_t_into_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [MaybeUninit<f32>], ldo: usize) {
+        assert!(kernel <= crate::simd::cpu(), "the {} kernel needs a CPU that has it", kernel.name());
+        assert!(ldo >= self.rows && out.len() >= m * ldo, "qmatmul: {} slots for {m} rows of {ldo}", out.len());
+        assert!(x.len() >= m * self.cols, "qmatmul: {} activations for {m} rows of {}", x.len(), self.cols);
+        let (xq, stride, sx) = self.quantize_activations(kernel, x, m);
+        self.product_into(
+            kernel,
+            Rows { q: &xq, stride, scales: &sx },
+            0..self.rows,
+            false,
+            (&mut out[..m * ldo], ldo),
+        );
+    }
+
+    /// Columns `cols` of the product of the quantized activation rows `x` into `out`, m rows of
+    /// `ldo` slots whose first cols.len() take the product (or have it added, with `add`, when
+    /// they hold values).
     fn product_into(
         &self,
         kernel: Kernel,
         x: Rows,
         cols: std::ops::Range<usize>,
         add: bool,
-        out: &mut [MaybeUninit<f32>],
+        (out, ldo): (&mut [MaybeUninit<f32>], usize),
     ) {
         if kernel == Kernel::Portable {
-            self.matmul_portable(x, cols.start, add, out);
+            self.matmul_portable(x, (cols.start, cols.len()), add, (out, ldo));
         } else {
             let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
-            self.panels.matmul(kernel, x, (panels, cols.len()), add, out);
+            self.panels.matmul(kernel, x, (panels, cols.len()), add, (out, ldo));
         }
     }
 
@@ -240,20 +265,27 @@ impl QWeight {
         (xq, stride, sx)
     }
 
-    /// Columns `first..first + width` of the product (`out`: m × width).
-    fn matmul_portable(&self, x: Rows, first: usize, add: bool, out: &mut [MaybeUninit<f32>]) {
+    /// Columns `first..first + width` of the product into the first `width` slots of each of
+    /// `out`'s rows of `ldo`.
+    fn matmul_portable(
+        &self,
+        x: Rows,
+        (first, width): (usize, usize),
+        add: bool,
+        (out, ldo): (&mut [MaybeUninit<f32>], usize),
+    ) {
         let Rows { q: xq, stride, scales: sx } = x;
-        let (k, width) = (self.cols, out.len() / sx.len().max(1));
-        if width == 0 {
+        let k = self.cols;
+        if width == 0 || ldo < width {
             return;
         }
         let row = |((xr, s), or): ((&[i8], &f32), &mut [MaybeUninit<f32>])| {
-            self.rows_times_portable(&xr[..k], *s, first, add, or)
+            self.rows_times_portable(&xr[..k], *s, first, add, &mut or[..width])
         };
         if rayon::current_num_threads() == 1 || sx.len() * width * k < 1 << 18 {
-            xq.chunks_exact(stride).zip(sx).zip(out.chunks_exact_mut(width)).for_each(row);
+            xq.chunks_exact(stride).zip(sx).zip(out.chunks_exact_mut(ldo)).for_each(row);
         } else {
-            xq.par_chunks_exact(stride).zip(sx).zip(out.par_chunks_exact_mut(width)).for_each(row);
+            xq.par_chunks_exact(stride).zip(sx).zip(out.par_chunks_exact_mut(ldo)).for_each(row);
         }
     }
 
@@ -420,6 +452,29 @@ mod tests {
                         let mut got = base.clone();
                         pool.install(|| q.matmul_t_add_with(kernel, xs, m, &mut got));
                         assert_eq!(got, want, "{kernel:?} {scheme:?} {m}x{n}x{k} added, 3 threads");
+                    }
+                    // Into rows wider than the product: its columns first, the rest untouched.
+                    let ldo = n + 3;
+                    for kernel in std::iter::once(Kernel::Portable).chain(simd.iter().copied()) {
+                        for threads in [1, 3] {
+                            let mut out = vec![MaybeUninit::new(-7f32); m * ldo];
+                            if threads == 1 {
+                                q.matmul_t_into_with(kernel, xs, m, &mut out, ldo)
+                            } else {
+                                pool.install(|| q.matmul_t_into_with(kernel, xs, m, &mut out, ldo))
+                            }
+                            // SAFETY: every slot was initialized to −7 and only values are written.
+                            let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+                            for (row, want) in got.chunks_exact(ldo).zip(reference.chunks_exact(n)) {
+                                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                                assert_eq!(
+                                    bits(&row[..n]),
+                                    bits(want),
+                                    "{kernel:?} {scheme:?} {m}x{n}x{k} into rows of {ldo}, {threads} threads"
+                                );
+                                assert_eq!(&row[n..], &[-7.0; 3], "{kernel:?} {scheme:?} past the product's columns");
+                            }
+                        }
                     }
                     let (a, b) = q.matmul_t_split(xs, m, 20);
                     assert_eq!((a.len(), b.len()), (20 * m, (n - 20) * m), "an unaligned split");

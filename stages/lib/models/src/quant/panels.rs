@@ -102,26 +102,27 @@ impl Panels {
         Panels { quads, group_quads, groups, count, bytes, bias, scales: packed_scales }
     }
 
-    /// `out` (m × width) = the m activation rows times the matrix rows of `panels` (the first
-    /// `width` of them); with `add`, `out` holds values and the product is added to them.
+    /// The first `width` slots of each of `out`'s m rows of `ldo` = the m activation rows times
+    /// the matrix rows of `panels` (the first `width` of them); with `add`, those slots hold
+    /// values and the product is added to them.
     pub(crate) fn matmul(
         &self,
         kernel: Kernel,
         x: Rows,
         (panels, width): (Range<usize>, usize),
         add: bool,
-        out: &mut [MaybeUninit<f32>],
+        (out, ldo): (&mut [MaybeUninit<f32>], usize),
     ) {
         let m = x.scales.len();
         let threads = rayon::current_num_threads();
         if threads == 1 || m * width * x.stride < 1 << 18 {
-            self.block(kernel, x, (panels, width), add, out, width);
+            self.block(kernel, x, (panels, width), add, out, ldo);
         } else if m >= 2 * MR * threads {
             // Many rows (a forward pass): whole rows per task, in multiples of the tile height.
             let rows = m.div_ceil(2 * threads).next_multiple_of(MR);
-            out.par_chunks_mut(rows * width)
+            out.par_chunks_mut(rows * ldo)
                 .enumerate()
-                .for_each(|(i, o)| self.block(kernel, x.slice(i * rows, rows), (panels.clone(), width), add, o, width));
+                .for_each(|(i, o)| self.block(kernel, x.slice(i * rows, rows), (panels.clone(), width), add, o, ldo));
         } else {
             // Few rows (generation): each task takes a run of panels and fills their columns.
             let per = panels.len().div_ceil(threads);
@@ -137,7 +138,7 @@ impl Panels {
                 })
                 .collect();
             for (c0, w, o) in parts {
-                for (dst, src) in out.chunks_exact_mut(width).zip(o.chunks_exact(w)) {
+                for (dst, src) in out.chunks_exact_mut(ldo).zip(o.chunks_exact(w)) {
                     for (d, s) in dst[c0..c0 + w].iter_mut().zip(src) {
                         // SAFETY: `o` was filled by `block`; with `add`, `out` holds values.
                         let v = unsafe { s.assume_init() };
