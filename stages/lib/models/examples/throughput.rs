@@ -11,7 +11,9 @@
 //! f32 FMA peak, measured first, says how near that floor already runs to the hardware.
 //!
 //! Threads: BENCH_THREADS (default 1); BENCH_STEPS (timed steps, default 10; twice as many
-//! step / GEMM-floor pairs); BENCH_MODELS (default `itera_lite,transformer`).
+//! step / GEMM-floor pairs); BENCH_MODELS (default `itera_lite,transformer`); BENCH_BATCH
+//! (sequences per step, default 16, the peer's: other sizes show how the step and its floor
+//! scale with the activations' footprint, and have no peer figure to compare with).
 
 use std::time::Instant;
 
@@ -219,7 +221,8 @@ fn main() -> candle_core::Result<()> {
     let steps: usize = std::env::var("BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     // Single steps vary more than medians of ten; the step ÷ floor ratio takes more pairs.
     let pairs = 2 * steps;
-    let (b, l) = (16usize, 128usize);
+    let b: usize = std::env::var("BENCH_BATCH").ok().and_then(|v| v.parse().ok()).filter(|&b| b > 0).unwrap_or(16);
+    let l = 128usize;
     // A measured bound, not a clock-speed guess (a guess was below what the GEMMs reached).
     let peak = measured_gemm_rate(steps)?;
     println!("itera-models throughput — {threads} thread(s), f32, batch {b} × seq {l}, vocab 256, {steps} timed steps (medians)");
