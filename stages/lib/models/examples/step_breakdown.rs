@@ -1,7 +1,8 @@
 //! Where a training step's time goes: forward+loss and backward (AUTOGRAD=1; else the two as one
 //! `Model::loss_grads`), AdamW update; MODE=forward times
 //! the inference forward alone, MODE=generate batch-1 generation (16-token prompt + 112 new, for
-//! profiling the slice decoders). Threads: RAYON_NUM_THREADS.
+//! profiling the slice decoders). Threads: RAYON_NUM_THREADS. STEPS (default 12, the first two
+//! untimed) sets how many training steps run: more give a profiler more samples.
 //! `cargo run --release -p itera-models --example step_breakdown` (MODEL=itera_lite|transformer).
 use std::time::Instant;
 
@@ -49,7 +50,8 @@ fn main() -> candle_core::Result<()> {
     // hand-written step does not cover); `Model::loss_grads` otherwise, timed as one.
     let autograd = std::env::var("AUTOGRAD").as_deref() == Ok("1");
     let (mut f, mut b, mut u) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..12 {
+    let steps: usize = std::env::var("STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(12).max(3);
+    for i in 0..steps {
         let v: Vec<u32> = (0..16 * 128).map(|_| rng.random_range(5..256)).collect();
         let x = Tensor::from_vec(v, (16, 128), &Device::Cpu)?;
         let t = Instant::now();
