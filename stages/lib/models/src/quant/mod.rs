@@ -194,13 +194,11 @@ impl QWeight {
     }
 
     fn matmul_t_add_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
-        assert!(kernel <= crate::simd::cpu(), "the {} kernel needs a CPU that has it", kernel.name());
-        assert!(x.len() >= m * self.cols && out.len() >= m * self.rows, "qmatmul: fewer than {m} rows given");
-        let (xq, stride, sx) = self.quantize_activations(kernel, x, m);
+        assert!(out.len() >= m * self.rows, "qmatmul: {} values for {m} rows of {}", out.len(), self.rows);
         let out = &mut out[..m * self.rows];
         // SAFETY: MaybeUninit<f32> has f32's layout, and only initialized values are written.
         let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-        self.product_into(kernel, Rows { q: &xq, stride, scales: &sx }, 0..self.rows, true, (out, self.rows));
+        self.product_rows(kernel, x, m, true, (out, self.rows));
     }
 
     /// `x @ Wᵀ` for `m` rows of `x` into the first `rows` slots of each of m rows of `out`,
@@ -210,21 +208,24 @@ impl QWeight {
     /// # Panics
     /// If `ldo` is below the product's width, or `x` or `out` hold fewer than `m` rows.
     pub fn matmul_t_into(&self, x: &[f32], m: usize, out: &mut [MaybeUninit<f32>], ldo: usize) {
-        self.matmul_t_into_with(crate::simd::active(), x, m, out, ldo)
+        self.product_rows(crate::simd::active(), x, m, false, (out, ldo))
     }
 
-    fn matmul_t_into_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [MaybeUninit<f32>], ldo: usize) {
+    /// The whole product into (`add`: added to) the first `rows` slots of m rows of `ldo`.
+    fn product_rows(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        m: usize,
+        add: bool,
+        (out, ldo): (&mut [MaybeUninit<f32>], usize),
+    ) {
         assert!(kernel <= crate::simd::cpu(), "the {} kernel needs a CPU that has it", kernel.name());
         assert!(ldo >= self.rows && out.len() >= m * ldo, "qmatmul: {} slots for {m} rows of {ldo}", out.len());
         assert!(x.len() >= m * self.cols, "qmatmul: {} activations for {m} rows of {}", x.len(), self.cols);
         let (xq, stride, sx) = self.quantize_activations(kernel, x, m);
-        self.product_into(
-            kernel,
-            Rows { q: &xq, stride, scales: &sx },
-            0..self.rows,
-            false,
-            (&mut out[..m * ldo], ldo),
-        );
+        let rows = Rows { q: &xq, stride, scales: &sx };
+        self.product_into(kernel, rows, 0..self.rows, add, (&mut out[..m * ldo], ldo));
     }
 
     /// Columns `cols` of the product of the quantized activation rows `x` into `out`, m rows of
@@ -276,7 +277,8 @@ impl QWeight {
     ) {
         let Rows { q: xq, stride, scales: sx } = x;
         let k = self.cols;
-        if width == 0 || ldo < width {
+        assert!(ldo >= width, "qmatmul: rows of {ldo} slots for {width} columns");
+        if width == 0 {
             return;
         }
         let row = |((xr, s), or): ((&[i8], &f32), &mut [MaybeUninit<f32>])| {
@@ -459,9 +461,9 @@ mod tests {
                         for threads in [1, 3] {
                             let mut out = vec![MaybeUninit::new(-7f32); m * ldo];
                             if threads == 1 {
-                                q.matmul_t_into_with(kernel, xs, m, &mut out, ldo)
+                                q.product_rows(kernel, xs, m, false, (&mut out, ldo))
                             } else {
-                                pool.install(|| q.matmul_t_into_with(kernel, xs, m, &mut out, ldo))
+                                pool.install(|| q.product_rows(kernel, xs, m, false, (&mut out, ldo)))
                             }
                             // SAFETY: every slot was initialized to −7 and only values are written.
                             let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
