@@ -8,7 +8,8 @@
 //! recurrent state / KV cache, achieved GFLOP/s against this machine's measured f32 GEMM rate,
 //! and the scan kernel's share of a step. Every figure is a median of the timed steps; each
 //! model's step ÷ its GEMM floor is the median over alternating step / floor pairs. The core's
-//! f32 FMA peak, measured first, says how near that floor already runs to the hardware.
+//! f32 FMA peak, measured first, says how near that floor already runs to the hardware; its
+//! streaming rates from memory bound the elementwise passes between the GEMMs.
 //!
 //! Threads: BENCH_THREADS (default 1); BENCH_STEPS (timed steps, default 10; twice as many
 //! step / GEMM-floor pairs); BENCH_MODELS (default `itera_lite,transformer`); BENCH_BATCH
@@ -97,6 +98,43 @@ fn fma_peaks() -> (Option<f64>, Option<f64>) {
 #[cfg(not(target_arch = "x86_64"))]
 fn fma_peaks() -> (Option<f64>, Option<f64>) {
     (None, None)
+}
+
+/// One core's streaming rates from memory, GB/s: (read, write, copy — bytes read plus written)
+/// over 128 MB buffers, far beyond any cache, the best of five passes each. The memory-side
+/// roof beside the FMA peak: the steps' elementwise passes move activations of a few MB each,
+/// more than L2 holds, so these rates, not arithmetic, are what caps them.
+fn stream_rates() -> (f64, f64, f64) {
+    const LEN: usize = 32 << 20;
+    let (mut a, mut b) = (vec![1f32; LEN], vec![2f32; LEN]);
+    let gb = (LEN * 4) as f64 / 1e9;
+    let best = |f: &mut dyn FnMut()| {
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    // Sixteen partial sums, so the adds vectorize and no single chain's latency limits the read.
+    let read = best(&mut || {
+        let mut acc = [0f32; 16];
+        for ch in a.chunks_exact(16) {
+            acc.iter_mut().zip(ch).for_each(|(s, &v)| *s += v);
+        }
+        std::hint::black_box(acc);
+    });
+    let write = best(&mut || {
+        let v = std::hint::black_box(3f32);
+        a.fill(v);
+        std::hint::black_box(&a);
+    });
+    let copy = best(&mut || {
+        b.copy_from_slice(std::hint::black_box(&a));
+        std::hint::black_box(&b);
+    });
+    (gb / read, gb / write, 2.0 * gb / copy)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -230,7 +268,11 @@ fn main() -> candle_core::Result<()> {
     println!("f32 GEMM rate measured here (768³ products): {peak:.1} GFLOP/s for {threads} thread(s)");
     let show = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.1}"));
     let (fma512, fma256) = fma_peaks();
-    println!("f32 FMA peak of one core: {} GFLOP/s on 512-bit vectors, {} on 256-bit\n", show(fma512), show(fma256));
+    println!("f32 FMA peak of one core: {} GFLOP/s on 512-bit vectors, {} on 256-bit", show(fma512), show(fma256));
+    let (read, write, copy) = stream_rates();
+    println!(
+        "one core streaming from memory: read {read:.1} GB/s, write {write:.1}, copy {copy:.1} (read + written)\n"
+    );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let models = std::env::var("BENCH_MODELS").unwrap_or_else(|_| "itera_lite,transformer".into());
     for name in models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
