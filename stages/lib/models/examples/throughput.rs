@@ -41,6 +41,17 @@ fn measured_gemm_rate(runs: usize) -> candle_core::Result<f64> {
     Ok(2.0 * (n * n * n) as f64 / median(v) / 1e9)
 }
 
+/// The fastest of five runs of `f`, in seconds: the machine's rate when nothing interferes.
+fn best_of_five(f: &mut dyn FnMut()) -> f64 {
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// One core's f32 multiply-add rate, GFLOP/s, on 512-bit and on 256-bit vectors (None where the
 /// CPU lacks them): twelve independent FMA chains, as many accumulators as the GEMM
 /// microkernels keep, so neither latency nor memory limits it. The best of five runs.
@@ -79,13 +90,9 @@ fn fma_peaks() -> (Option<f64>, Option<f64>) {
             .sum()
     }
     let rate = |lanes: usize, run: &dyn Fn() -> f32| {
-        let best = (0..5)
-            .map(|_| {
-                let t = Instant::now();
-                std::hint::black_box(run());
-                t.elapsed().as_secs_f64()
-            })
-            .fold(f64::MAX, f64::min);
+        let best = best_of_five(&mut || {
+            std::hint::black_box(run());
+        });
         (2 * lanes * CHAINS * ITERS) as f64 / best / 1e9
     };
     // SAFETY (both): each runs only where the CPU reports the features it is compiled for.
@@ -103,34 +110,25 @@ fn fma_peaks() -> (Option<f64>, Option<f64>) {
 /// One core's streaming rates from memory, GB/s: (read, write, copy — bytes read plus written)
 /// over 128 MB buffers, far beyond any cache, the best of five passes each. The memory-side
 /// roof beside the FMA peak: the steps' elementwise passes move activations of a few MB each,
-/// more than L2 holds, so these rates, not arithmetic, are what caps them.
+/// more than L2 holds, so these rates, not arithmetic, are their roof.
 fn stream_rates() -> (f64, f64, f64) {
     const LEN: usize = 32 << 20;
     let (mut a, mut b) = (vec![1f32; LEN], vec![2f32; LEN]);
     let gb = (LEN * 4) as f64 / 1e9;
-    let best = |f: &mut dyn FnMut()| {
-        (0..5)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-            .fold(f64::INFINITY, f64::min)
-    };
     // Sixteen partial sums, so the adds vectorize and no single chain's latency limits the read.
-    let read = best(&mut || {
+    let read = best_of_five(&mut || {
         let mut acc = [0f32; 16];
         for ch in a.chunks_exact(16) {
             acc.iter_mut().zip(ch).for_each(|(s, &v)| *s += v);
         }
         std::hint::black_box(acc);
     });
-    let write = best(&mut || {
+    let write = best_of_five(&mut || {
         let v = std::hint::black_box(3f32);
         a.fill(v);
         std::hint::black_box(&a);
     });
-    let copy = best(&mut || {
+    let copy = best_of_five(&mut || {
         b.copy_from_slice(std::hint::black_box(&a));
         std::hint::black_box(&b);
     });
