@@ -195,19 +195,147 @@ simd_dispatch! {
                 }
             }
         });
-        let mut sum = vec![0f64; (k + 1) * c];
-        for p in partial.chunks_exact((k + 1) * c) {
-            for (o, &v) in sum.iter_mut().zip(p) {
-                *o += v as f64;
+        conv_param_reduce(&partial, c, k)
+    }
+}
+
+/// The per-sequence partial sums of the conv's parameter gradient ((k + 1) rows of c each: the
+/// taps by offset, then the bias) added up in order in f64, as (c, k + 1).
+fn conv_param_reduce(partial: &[f32], c: usize, k: usize) -> Vec<f32> {
+    let mut sum = vec![0f64; (k + 1) * c];
+    for p in partial.chunks_exact((k + 1) * c) {
+        for (o, &v) in sum.iter_mut().zip(p) {
+            *o += v as f64;
+        }
+    }
+    let mut out = vec![0f32; c * (k + 1)];
+    for j in 0..=k {
+        for ch in 0..c {
+            out[ch * (k + 1) + j] = sum[j * c + ch] as f32;
+        }
+    }
+    out
+}
+
+/// Taps of the conv [`conv_backward`] fuses: the study's (`d_conv` is 4; other widths take the
+/// two-pass path).
+const FUSED_TAPS: usize = 4;
+
+/// N values of row t, channels c0.., of a sequence laid out as rows of c.
+#[inline(always)]
+fn lanes<const N: usize>(s: &[f32], t: usize, c: usize, c0: usize) -> [f32; N] {
+    let r = &s[t * c + c0..][..N];
+    std::array::from_fn(|i| r[i])
+}
+
+/// One sequence's conv backward on channels c0..c0 + N, 4 taps, walking down the rows with
+/// everything in registers: the conv output's gradient g′ = g · silu′ (never stored), row
+/// s = t − 3 of its transpose into `dx` once g′[t] is known, and the parameter sums into `acc`
+/// ((k + 1) rows of c, as [`conv_param_grad`]'s partials). Each output sums its terms in the
+/// two-pass kernels' order, so the results are theirs bit for bit; what goes is a pass that
+/// wrote g′ back and one that read it again, and the per-tap load-add-store of every sum.
+#[inline(always)]
+fn conv_backward_lanes<const N: usize>(
+    (gb, dsb, xb): (&[f32], &[f32], &[f32]),
+    wt: &[f32],
+    (l, c, c0): (usize, usize, usize),
+    dx: &mut [MaybeUninit<f32>],
+    acc: &mut [f32],
+    fma: impl Fn(f32, f32, f32) -> f32,
+) {
+    let w: [[f32; N]; 4] = std::array::from_fn(|j| lanes(wt, j, c, c0));
+    let mut a = [[0f32; N]; 5];
+    // g′ and x at rows t − 1, t − 2, t − 3 (zeros before the sequence).
+    let (mut gp, mut xw) = ([[0f32; N]; 3], [[0f32; N]; 3]);
+    let mut emit = |s: usize, r: &[f32; N]| {
+        for (o, &v) in dx[s * c + c0..][..N].iter_mut().zip(r) {
+            o.write(v);
+        }
+    };
+    // The first rows: only taps j ≥ 3 − t reach inside the sequence, and no transpose row is
+    // complete yet.
+    let head = l.min(3);
+    for t in 0..head {
+        let (g, d, x) = (lanes::<N>(gb, t, c, c0), lanes::<N>(dsb, t, c, c0), lanes::<N>(xb, t, c, c0));
+        let gt: [f32; N] = std::array::from_fn(|i| g[i] * d[i]);
+        for j in 3 - t..4 {
+            let xs = if j == 3 { &x } else { &xw[2 - j] };
+            for i in 0..N {
+                a[j][i] = fma(gt[i], xs[i], a[j][i]);
             }
         }
-        let mut out = vec![0f32; c * (k + 1)];
-        for j in 0..=k {
-            for ch in 0..c {
-                out[ch * (k + 1) + j] = sum[j * c + ch] as f32;
+        for i in 0..N {
+            a[4][i] += gt[i];
+        }
+        gp = [gt, gp[0], gp[1]];
+        xw = [x, xw[0], xw[1]];
+    }
+    for t in head..l {
+        let (g, d, x) = (lanes::<N>(gb, t, c, c0), lanes::<N>(dsb, t, c, c0), lanes::<N>(xb, t, c, c0));
+        let (mut gt, mut r) = ([0f32; N], [0f32; N]);
+        for i in 0..N {
+            gt[i] = g[i] * d[i];
+            a[0][i] = fma(gt[i], xw[2][i], a[0][i]);
+            a[1][i] = fma(gt[i], xw[1][i], a[1][i]);
+            a[2][i] = fma(gt[i], xw[0][i], a[2][i]);
+            a[3][i] = fma(gt[i], x[i], a[3][i]);
+            a[4][i] += gt[i];
+            // dx[s] = Σ_j w[j] · g′[s + 3 − j], tap 0 first, as conv_t_row adds them.
+            r[i] = w[0][i] * gt[i] + w[1][i] * gp[0][i] + w[2][i] * gp[1][i] + w[3][i] * gp[2][i];
+        }
+        emit(t - 3, &r);
+        gp = [gt, gp[0], gp[1]];
+        xw = [x, xw[0], xw[1]];
+    }
+    // The last rows s ≥ l − 3: taps j from j0 = s + 4 − l, reading g′[s + 3 − j], which is
+    // gp[l − 1 − (s + 3 − j)].
+    for s in l.saturating_sub(3)..l {
+        let j0 = s + 4 - l;
+        let g_at = |j: usize| &gp[l - 1 - (s + 3 - j)];
+        let first = g_at(j0);
+        let mut r: [f32; N] = std::array::from_fn(|i| w[j0][i] * first[i]);
+        for (j, wj) in w.iter().enumerate().skip(j0 + 1) {
+            let gj = g_at(j);
+            for i in 0..N {
+                r[i] += wj[i] * gj[i];
             }
         }
-        out
+        emit(s, &r);
+    }
+    for (j, aj) in a.iter().enumerate() {
+        acc[j * c + c0..][..N].copy_from_slice(aj);
+    }
+}
+
+simd_dispatch! {
+    /// The SSM block's conv backward from ∂xc (`g`), the silu′ the forward kept and the conv's
+    /// input `x`: (∂x, the parameter gradient as (c, k + 1): taps, then the bias) — what
+    /// [`silu_conv_transpose`] then [`conv_param_grad`] compute, in one pass over each sequence
+    /// when k is 4 (bit for bit theirs), through them otherwise.
+    pub(super) fn conv_backward(g: &[f32], dsilu: &[f32], x: &[f32], w: &[f32], l: usize, c: usize, k: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        whole_sequences("ssm conv backward", &[g.len(), dsilu.len(), x.len()], l, c)?;
+        if k != FUSED_TAPS {
+            let mut gc = g.to_vec();
+            let dx = silu_conv_transpose(&mut gc, dsilu, w, l, c, k)?;
+            return Ok((dx, conv_param_grad(x, &gc, l, c, k)));
+        }
+        let wt = taps_by_offset(w, c, k);
+        let mut dx = slots(g.len());
+        let mut partial = vec![0f32; g.len() / (l * c).max(1) * (k + 1) * c];
+        let blocks = c - c % 16;
+        for_chunks2(&mut dx, l * c, &mut partial, (k + 1) * c, |bi, o, acc| {
+            let r = bi * l * c..(bi + 1) * l * c;
+            let seq = (&g[r.clone()], &dsilu[r.clone()], &x[r]);
+            for c0 in (0..blocks).step_by(16) {
+                conv_backward_lanes::<16>(seq, &wt, (l, c, c0), o, acc, fma);
+            }
+            for c0 in blocks..c {
+                conv_backward_lanes::<1>(seq, &wt, (l, c, c0), o, acc, fma);
+            }
+        });
+        // SAFETY: g and so dx hold whole sequences of l rows of c (checked above), and every
+        // channel of every row of each was written: rows 0..l − 3 in the walk, the rest after it.
+        Ok((unsafe { written(dx) }, conv_param_reduce(&partial, c, k)))
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
 
-use super::ssm::{conv_param_grad, conv_silu, silu_conv_transpose};
+use super::ssm::{conv_backward, conv_silu};
 use super::*;
 use crate::linear_op::Product;
 use crate::nn::{layer_norm_bwd, normalize_rows, row_stats};
@@ -318,7 +318,10 @@ simd_dispatch! {
         let mut ddelta = vec![0f32; rows];
         // The gradient of qb: of delta_proj's product (filled below), then of B·xc.
         let wq = di + n;
-        let mut dqb = vec![0f32; rows * wq];
+        if s.qb.len() != rows * wq {
+            candle_core::bail!("ssm-block backward: {} kept (Δ | B·x) values for {rows} rows of {wq}", s.qb.len());
+        }
+        let mut dqb = slots(rows * wq);
         // ∂(B·xc) per row, (rows, n), copied into dqb's row tails below with the rest of each row.
         let mut dbx = vec![0f32; rows * n];
         let mut da_neg = vec![0f64; n];
@@ -354,23 +357,25 @@ simd_dispatch! {
             let rows_in = s.qb[i * per * wq..].chunks_exact(wq).zip(&ddelta[i * per..]);
             for (k, (or, (qr, &gd))) in out.chunks_exact_mut(wq).zip(rows_in).enumerate() {
                 let r = i * per + k;
-                or[di..].copy_from_slice(&dbx[r * n..(r + 1) * n]);
+                or[di..].write_copy_of_slice(&dbx[r * n..(r + 1) * n]);
                 let scale = gd / di as f32;
                 for ((o, &sg), a) in or[..di].iter_mut().zip(&qr[..di]).zip(acc.iter_mut()) {
-                    *o = scale * sg;
-                    *a += *o;
+                    *a += *o.write(scale * sg);
                 }
             }
         });
+        // SAFETY: qb holds rows × wq values (the forward kept it so), so every row of wq slots
+        // of dqb was zipped with one of qb's rows and written whole: its first di values, then
+        // its n-value tail.
+        let dqb = unsafe { written(dqb) };
         dp[at(B_DELTA)].copy_from_slice(&column_sums(&bias_partial, di));
         // [delta_proj; B] together: their weight gradients and their share of ∂xc.
         let wb = &p[o[W_DELTA]..o[B + 1]];
         Product::AtB.write_into((&dqb, rows, wq), (&s.xc, rows, di), &mut dp[o[W_DELTA]..o[B + 1]], false)?;
         Product::AB.write_into((&dqb, rows, wq), (wb, wq, di), &mut dxc, true)?;
 
-        // xc = silu(conv(xs) + bias): dxc becomes the conv output's gradient.
-        let dxs = silu_conv_transpose(&mut dxc, &s.dsilu, part(p, &o, CONV_W), l, di, k)?;
-        let taps = conv_param_grad(&s.xs, &dxc, l, di, k); // (di, k + 1): taps, then the bias
+        // xc = silu(conv(xs) + bias): ∂xs and the conv's parameters, (di, k + 1): taps, then the bias.
+        let (dxs, taps) = conv_backward(&dxc, &s.dsilu, &s.xs, part(p, &o, CONV_W), l, di, k)?;
         for (ch, row) in taps.chunks_exact(k + 1).enumerate() {
             dp[o[CONV_W] + ch * k..o[CONV_W] + (ch + 1) * k].copy_from_slice(&row[..k]);
             dp[o[CONV_B] + ch] = row[k];

@@ -208,3 +208,30 @@ fn conv_kernels_refuse_buffers_that_are_not_whole_sequences() {
     let err = ssm::conv_silu(&[1.0; 12], &w, &bias, (3, 2, 3), &mut xc, Some(&mut ds[..6])).unwrap_err();
     assert!(err.to_string().contains("not whole sequences"), "{err}");
 }
+
+#[test]
+fn conv_backward_is_the_two_pass_kernels_bit_for_bit() {
+    // 16-channel blocks and the channel-by-channel rest (c = 35), sequences shorter than the
+    // taps, as long and longer, several per batch; 3 taps take the two-pass path itself.
+    let val = |i: usize, s: usize, m: usize| ((i * s + 5) % m) as f32 * 0.037 - 0.9;
+    for (k, c) in [(4, 35), (4, 16), (3, 35)] {
+        for l in [1, 2, 3, 4, 5, 9] {
+            let n = 3 * l * c;
+            let (g, ds, x): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                (0..n).map(|i| val(i, 7, 101)).collect(),
+                (0..n).map(|i| val(i, 3, 89)).collect(),
+                (0..n).map(|i| val(i, 13, 97)).collect(),
+            );
+            let w: Vec<f32> = (0..c * k).map(|i| val(i, 11, 23)).collect();
+            let (dx, taps) = ssm::conv_backward(&g, &ds, &x, &w, l, c, k).unwrap();
+            let mut g2 = g.clone();
+            let dx2 = ssm::silu_conv_transpose(&mut g2, &ds, &w, l, c, k).unwrap();
+            let taps2 = ssm::conv_param_grad(&x, &g2, l, c, k);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&dx), bits(&dx2), "∂x, k {k}, c {c}, l {l}");
+            assert_eq!(bits(&taps), bits(&taps2), "taps and bias, k {k}, c {c}, l {l}");
+        }
+    }
+    let err = ssm::conv_backward(&[1.0; 12], &[1.0; 12], &[1.0; 10], &[0.5; 8], 3, 2, 4).unwrap_err();
+    assert!(err.to_string().contains("not whole sequences"), "{err}");
+}
