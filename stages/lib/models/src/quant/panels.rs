@@ -20,10 +20,14 @@ pub(crate) const PANEL: usize = 16;
 /// Activation rows per tile.
 pub(crate) const MR: usize = 4;
 
-/// Panels per tile: AVX-512 has 32 registers, so 4 rows × 4 panels of accumulators fit with the
-/// weights; AVX2 has 16, so 4 rows × one panel (two 8-lane halves).
-fn panels_per_tile(kernel: Kernel) -> usize {
+/// Panels per tile. A VNNI tile keeps R × N integer sums and R × N scaled float sums in
+/// registers, with N weight vectors and one broadcast activation: of AVX-512's 32, 4 rows fit 3
+/// panels (28); 4 × 4 (37) spilled the float sums to the stack at every scale group. Tiles of
+/// fewer rows (generation's single row) take 4. AVX2 has 16 registers: 4 rows × one panel
+/// (two 8-lane halves).
+fn panels_per_tile(kernel: Kernel, rows: usize) -> usize {
     match kernel {
+        Kernel::Vnni if rows >= MR => 3,
         Kernel::Vnni => 4,
         _ => 1,
     }
@@ -161,8 +165,8 @@ impl Panels {
         out: &mut [MaybeUninit<f32>],
         ldo: usize,
     ) {
-        let per_tile = panels_per_tile(kernel);
-        // Panels outside, rows inside: a tile's panels (4 × 64 bytes per step, 8–32 KB for
+        let per_tile = panels_per_tile(kernel, x.scales.len());
+        // Panels outside, rows inside: a tile's panels (3 or 4 × 64 bytes per step, at most 32 KB for
         // these widths) stay in L1 while every row streams past them.
         let mut p = panels.start;
         while p < panels.end {
