@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::fused::{dot_lanes, fma, with_values};
-use crate::quant::{qmatmul_t, QWeight};
+use crate::quant::{qmatmul_t, Kernel, QWeight, QuantRows};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -77,19 +77,25 @@ crate::fused::simd_dispatch! {
     }
 }
 
+/// The row width (the weight's length) when `x` is `stats.len()` rows of it and the bias matches.
+fn check_rows(x: &[f32], w: &[f32], b: &[f32], stats: &[(f32, f32)]) -> Result<usize> {
+    let d = w.len();
+    if d == 0 || b.len() != d || x.len() != stats.len() * d {
+        candle_core::bail!(
+            "layer-norm: {} values are not {} rows of the weight's {d} (bias {})",
+            x.len(),
+            stats.len(),
+            b.len()
+        );
+    }
+    Ok(d)
+}
+
 crate::fused::simd_dispatch! {
     /// LayerNorm's output from [`row_stats`]' (mean, 1/std) per row: (x − mean) · rstd · w + b,
     /// written once into a fresh buffer (no zero fill first).
     pub(crate) fn normalize_rows(x: &[f32], w: &[f32], b: &[f32], stats: &[(f32, f32)]) -> Result<Vec<f32>> {
-        let d = w.len();
-        if d == 0 || b.len() != d || x.len() != stats.len() * d {
-            candle_core::bail!(
-                "layer-norm: {} values are not {} rows of the weight's {d} (bias {})",
-                x.len(),
-                stats.len(),
-                b.len()
-            );
-        }
+        let d = check_rows(x, w, b, stats)?;
         let mut y = crate::fused::slots(x.len());
         for ((out, row), &(mean, rstd)) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(stats) {
             for (((o, &v), &lw), &lb) in out.iter_mut().zip(row).zip(w).zip(b) {
@@ -99,6 +105,26 @@ crate::fused::simd_dispatch! {
         // SAFETY: x holds stats.len() rows of d (checked above), and each row of y is zipped
         // with one row of x and with the d weights and biases: every slot is written.
         Ok(unsafe { crate::fused::written(y) })
+    }
+}
+
+crate::fused::simd_dispatch! {
+    /// LayerNorm's output quantized for the integer kernel `kernel` ([`QuantRows`]) as it is
+    /// made: each row normalized into one scratch row, which stays in L1, and quantized from
+    /// there. The bits of [`normalize_rows`] then [`QuantRows::new`], without writing and reading
+    /// back the f32 output where only an integer product consumes it.
+    pub(crate) fn normalize_quantize_rows(x: &[f32], w: &[f32], b: &[f32], stats: &[(f32, f32)], kernel: Kernel) -> Result<QuantRows> {
+        let d = check_rows(x, w, b, stats)?;
+        let mut rows = QuantRows::with_capacity(kernel, d, stats.len());
+        let mut scratch = vec![0f32; d];
+        for (row, &(mean, rstd)) in x.chunks_exact(d).zip(stats) {
+            // The same expression as normalize_rows', so the same bits on each path.
+            for (((o, &v), &lw), &lb) in scratch.iter_mut().zip(row).zip(w).zip(b) {
+                *o = fma((v - mean) * rstd, lw, lb);
+            }
+            rows.push(&scratch);
+        }
+        Ok(rows)
     }
 }
 
@@ -439,6 +465,25 @@ impl TiedEmbeddings {
 mod tests {
     use super::*;
     use candle_core::Var;
+
+    /// The LayerNorm quantized as it is made is the f32 LayerNorm quantized afterwards, bit for
+    /// bit, at widths with and without vector tails, for every kernel's byte layout.
+    #[test]
+    fn layer_norm_into_int8_rows_is_the_f32_output_quantized() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for d in [36usize, 128, 130] {
+            let mut draw = |n: usize| (0..n).map(|_| rng.random_range(-2f32..2.0)).collect::<Vec<_>>();
+            let (x, w, b) = (draw(7 * d), draw(d), draw(d));
+            let stats = row_stats(&x, d, 1e-5);
+            let normed = normalize_rows(&x, &w, &b, &stats).unwrap();
+            for kernel in Kernel::supported() {
+                let fused = normalize_quantize_rows(&x, &w, &b, &stats, kernel).unwrap();
+                assert_eq!(fused, QuantRows::new(kernel, d, &normed), "width {d}, {kernel:?}");
+            }
+            assert!(normalize_quantize_rows(&x[1..], &w, &b, &stats, Kernel::Portable).is_err());
+            assert!(normalize_quantize_rows(&x, &w, &b[1..], &stats, Kernel::Portable).is_err());
+        }
+    }
 
     #[test]
     fn layer_norm_kernels_refuse_rows_that_do_not_fit() {

@@ -19,8 +19,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 
 use super::*;
 use crate::linear_op::{Matrix, Product};
-use crate::nn::{layer_norm_bwd, normalize_rows, row_stats};
-use crate::quant::QWeight;
+use crate::nn::{layer_norm_bwd, normalize_quantize_rows, normalize_rows, row_stats};
+use crate::quant::{QWeight, QuantRows};
 
 /// Model width d, experts, each expert's hidden width, LayerNorm epsilon.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -129,6 +129,38 @@ pub(crate) fn experts_norm(dims: &ExpertsDims, x: &[f32], p: &[f32]) -> Result<N
     Ok(Normed { stats, out })
 }
 
+/// The experts' input: the LayerNorm (`ln` when the caller made it) in f32 where a float
+/// product or the backward reads it, and, for integer up projections at inference, all rows
+/// quantized once, which each expert gathers its routed rows from. With every up projection
+/// integer, the rows are quantized as the LayerNorm makes them and its f32 output is left empty.
+fn experts_input(
+    dims: &ExpertsDims,
+    quant: &ExpertsQuant,
+    keep: bool,
+    x: &[f32],
+    ln: Option<Normed>,
+    p: &[f32],
+) -> Result<(Normed, Option<QuantRows>)> {
+    let (d, rows) = (dims.d, x.len() / dims.d.max(1));
+    let int8 = (0..dims.experts).map(|j| quant.up.get(j).is_some_and(Option::is_some));
+    let (any_int8, any_f32) = int8.fold((false, keep), |(i, f), q| (i || q, f || !q));
+    let kernel = crate::simd::active();
+    let quantized = |ln: Normed| {
+        let xq = (any_int8 && !keep).then(|| QuantRows::new(kernel, d, &ln.out));
+        (ln, xq)
+    };
+    Ok(match ln {
+        Some(ln) if ln.out.len() == x.len() && ln.stats.len() == rows => quantized(ln),
+        Some(_) => candle_core::bail!("experts: a LayerNorm output that is not {rows} rows of {d}"),
+        None if any_f32 || p.len() < 2 * d => quantized(experts_norm(dims, x, p)?),
+        None => {
+            let stats = row_stats(x, d, dims.eps);
+            let xq = normalize_quantize_rows(x, &p[..d], &p[d..2 * d], &stats, kernel)?;
+            (Normed { stats, out: Vec::new() }, Some(xq))
+        }
+    })
+}
+
 /// How a forward runs: with the residual added, and keeping what a backward needs.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Pass {
@@ -189,22 +221,27 @@ simd_dispatch! {
         let (d, e, ne) = (dims.d, dims.hidden, dims.experts);
         let (up, down) = p[2 * d..].split_at(ne * e * d);
         let Pass { residual, keep } = pass;
-        let ln = match ln {
-            Some(ln) if ln.out.len() == x.len() && ln.stats.len() == rows => ln,
-            Some(_) => candle_core::bail!("experts: a LayerNorm output that is not {rows} rows of {d}"),
-            None => experts_norm(dims, x, p)?,
-        };
+        let (ln, int8_in) = experts_input(dims, quant, keep, x, ln, p)?;
         let normed = &ln.out;
         let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
         let mut experts = Vec::with_capacity(ne);
         for j in 0..ne {
             let routed_rows = gates.map(|g| (0..rows).filter(|&r| g[r * ne + j] != 0.0).collect::<Vec<_>>());
             let n = routed_rows.as_ref().map_or(rows, Vec::len);
-            let xg = routed_rows.as_ref().map(|rs| gather(normed, d, rs)).unwrap_or_default();
-            let xj: &[f32] = if routed_rows.is_some() { &xg } else { normed };
-            let mut pre = match quant.up.get(j).and_then(Option::as_ref) {
-                Some(q) => q.matmul_t(xj, n),
-                None => gemm(Product::ABt, (xj, n, d), (&up[j * e * d..(j + 1) * e * d], e, d))?,
+            let (xg, mut pre) = match (quant.up.get(j).and_then(Option::as_ref), &int8_in) {
+                (Some(q), Some(xq)) => match &routed_rows {
+                    Some(rs) => (Vec::new(), q.matmul_t_rows(&xq.gather(rs))),
+                    None => (Vec::new(), q.matmul_t_rows(xq)),
+                },
+                (q, _) => {
+                    let xg = routed_rows.as_ref().map(|rs| gather(normed, d, rs)).unwrap_or_default();
+                    let xj: &[f32] = if routed_rows.is_some() { &xg } else { normed };
+                    let pre = match q {
+                        Some(q) => q.matmul_t(xj, n),
+                        None => gemm(Product::ABt, (xj, n, d), (&up[j * e * d..(j + 1) * e * d], e, d))?,
+                    };
+                    (xg, pre)
+                }
             };
             // Plain loops, not iterator adapters with closures, throughout these bodies: a closure
             // compiled for AVX2 cannot be inlined into std's baseline `map`/`for_each` drivers and

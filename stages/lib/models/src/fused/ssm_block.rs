@@ -19,7 +19,7 @@ use candle_core::{Result, Tensor};
 use super::ssm::{conv_backward, conv_silu};
 use super::*;
 use crate::linear_op::Product;
-use crate::nn::{layer_norm_bwd, normalize_rows, row_stats};
+use crate::nn::{layer_norm_bwd, normalize_quantize_rows, normalize_rows, row_stats};
 use crate::quant::QWeight;
 use crate::scan::{scan_fwd, scan_rev};
 
@@ -165,10 +165,16 @@ simd_dispatch! {
         let (ln_w, ln_b) = (part(p, &o, LN_W), part(p, &o, LN_B));
 
         let stats = row_stats(x, d, eps);
-        let normed = normalize_rows(x, ln_w, ln_b, &stats)?;
-
+        // An integer in_proj at inference takes the LayerNorm's output quantized as it is made;
+        // the f32 output is made only when a float product or the backward reads it.
+        let ln_to_int8 = quant.in_proj.is_some() && !keep;
+        let normed = if ln_to_int8 { Vec::new() } else { normalize_rows(x, ln_w, ln_b, &stats)? };
         let w_in = part(p, &o, W_IN);
         let (xs, z) = match &quant.in_proj {
+            Some(q) if ln_to_int8 => {
+                let rows = normalize_quantize_rows(x, ln_w, ln_b, &stats, crate::simd::active())?;
+                q.matmul_t_split_rows(&rows, di)
+            }
             Some(q) => q.matmul_t_split(&normed, rows, di),
             None => (
                 gemm(Product::ABt, (&normed, rows, d), (&w_in[..di * d], di, d))?,

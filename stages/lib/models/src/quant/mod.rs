@@ -144,18 +144,40 @@ impl QWeight {
     /// If this CPU cannot run `kernel` (see [`Kernel::supported`]) or `x` holds fewer than
     /// `m` rows.
     pub fn matmul_t_with(&self, kernel: Kernel, x: &[f32], m: usize) -> Vec<f32> {
-        self.product(kernel, x, m, &[0, self.rows]).pop().unwrap_or_default()
+        self.matmul_t_rows(&self.quantize_rows(kernel, x, m))
+    }
+
+    /// The first `m` rows of `x` quantized for this matrix's products on `kernel`.
+    ///
+    /// # Panics
+    /// If `x` holds fewer than `m` rows of `cols`.
+    pub fn quantize_rows(&self, kernel: Kernel, x: &[f32], m: usize) -> QuantRows {
+        assert!(x.len() >= m * self.cols, "qmatmul: {} activations for {m} rows of {}", x.len(), self.cols);
+        QuantRows::new(kernel, self.cols, &x[..m * self.cols])
+    }
+
+    /// `x @ Wᵀ` for rows already quantized (for this matrix or any other of as many columns).
+    ///
+    /// # Panics
+    /// If the rows are not `cols` wide or were quantized for a kernel this CPU lacks.
+    pub fn matmul_t_rows(&self, x: &QuantRows) -> Vec<f32> {
+        self.product(x, &[0, self.rows]).pop().unwrap_or_default()
     }
 
     /// [`QWeight::matmul_t`] with its outputs in two matrices, columns `..at` and `at..` (what
     /// a projection to two concatenated halves needs), written in place, not copied apart.
     pub fn matmul_t_split(&self, x: &[f32], m: usize, at: usize) -> (Vec<f32>, Vec<f32>) {
+        self.matmul_t_split_rows(&self.quantize_rows(crate::simd::active(), x, m), at)
+    }
+
+    /// [`QWeight::matmul_t_split`] for rows already quantized.
+    pub fn matmul_t_split_rows(&self, x: &QuantRows, at: usize) -> (Vec<f32>, Vec<f32>) {
         let at = at.min(self.rows);
         let mut parts = if at.is_multiple_of(PANEL) {
-            self.product(crate::simd::active(), x, m, &[0, at, self.rows])
+            self.product(x, &[0, at, self.rows])
         } else {
             // The panel kernels write whole panels: split a full product instead.
-            let full = self.matmul_t(x, m);
+            let full = self.matmul_t_rows(x);
             let n = self.rows.max(1);
             let half =
                 |r: std::ops::Range<usize>| full.chunks_exact(n).flat_map(|row| &row[r.clone()]).copied().collect();
@@ -165,12 +187,18 @@ impl QWeight {
         (parts.pop().unwrap_or_default(), second)
     }
 
+    /// Rows `x` fit this matrix, on a kernel this CPU has.
+    fn check_rows(&self, x: &QuantRows) {
+        let kernel = x.kernel;
+        assert!(kernel <= crate::simd::cpu(), "the {} kernel needs a CPU that has it", kernel.name());
+        assert_eq!(x.cols, self.cols, "qmatmul: activation rows of {} for a weight of {} columns", x.cols, self.cols);
+    }
+
     /// The product's columns in parts: part i is m × (cuts[i+1] − cuts[i]). For the panel
     /// kernels every cut but the last is a multiple of 16.
-    fn product(&self, kernel: Kernel, x: &[f32], m: usize, cuts: &[usize]) -> Vec<Vec<f32>> {
-        assert!(kernel <= crate::simd::cpu(), "the {} kernel needs a CPU that has it", kernel.name());
-        assert!(x.len() >= m * self.cols, "qmatmul: {} activations for {m} rows of {}", x.len(), self.cols);
-        let (xq, stride, sx) = self.quantize_activations(kernel, x, m);
+    fn product(&self, x: &QuantRows, cuts: &[usize]) -> Vec<Vec<f32>> {
+        self.check_rows(x);
+        let m = x.len();
         cuts.windows(2)
             .map(|w| {
                 let width = w[1] - w[0];
@@ -178,7 +206,7 @@ impl QWeight {
                 // tiles cover all rows and all the panels' real columns): no zeroing first.
                 let mut out: Vec<f32> = Vec::with_capacity(m * width);
                 let spare = &mut out.spare_capacity_mut()[..m * width];
-                self.product_into(kernel, Rows { q: &xq, stride, scales: &sx }, w[0]..w[1], false, (spare, width));
+                self.product_into(x, w[0]..w[1], false, (spare, width));
                 // SAFETY: all m·width values were initialized just above (tested against the
                 // portable loop on partial tiles, split outputs and both threaded splits).
                 unsafe { out.set_len(m * width) };
@@ -198,7 +226,7 @@ impl QWeight {
         let out = &mut out[..m * self.rows];
         // SAFETY: MaybeUninit<f32> has f32's layout, and only initialized values are written.
         let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-        self.product_rows(kernel, x, m, true, (out, self.rows));
+        self.product_rows(&self.quantize_rows(kernel, x, m), true, (out, self.rows));
     }
 
     /// `x @ Wᵀ` for `m` rows of `x` into the first `rows` slots of each of m rows of `out`,
@@ -208,24 +236,15 @@ impl QWeight {
     /// # Panics
     /// If `ldo` is below the product's width, or `x` or `out` hold fewer than `m` rows.
     pub fn matmul_t_into(&self, x: &[f32], m: usize, out: &mut [MaybeUninit<f32>], ldo: usize) {
-        self.product_rows(crate::simd::active(), x, m, false, (out, ldo))
+        self.product_rows(&self.quantize_rows(crate::simd::active(), x, m), false, (out, ldo))
     }
 
     /// The whole product into (`add`: added to) the first `rows` slots of m rows of `ldo`.
-    fn product_rows(
-        &self,
-        kernel: Kernel,
-        x: &[f32],
-        m: usize,
-        add: bool,
-        (out, ldo): (&mut [MaybeUninit<f32>], usize),
-    ) {
-        assert!(kernel <= crate::simd::cpu(), "the {} kernel needs a CPU that has it", kernel.name());
+    fn product_rows(&self, x: &QuantRows, add: bool, (out, ldo): (&mut [MaybeUninit<f32>], usize)) {
+        self.check_rows(x);
+        let m = x.len();
         assert!(ldo >= self.rows && out.len() >= m * ldo, "qmatmul: {} slots for {m} rows of {ldo}", out.len());
-        assert!(x.len() >= m * self.cols, "qmatmul: {} activations for {m} rows of {}", x.len(), self.cols);
-        let (xq, stride, sx) = self.quantize_activations(kernel, x, m);
-        let rows = Rows { q: &xq, stride, scales: &sx };
-        self.product_into(kernel, rows, 0..self.rows, add, (&mut out[..m * ldo], ldo));
+        self.product_into(x, 0..self.rows, add, (&mut out[..m * ldo], ldo));
     }
 
     /// Columns `cols` of the product of the quantized activation rows `x` into `out`, m rows of
@@ -233,37 +252,17 @@ impl QWeight {
     /// they hold values).
     fn product_into(
         &self,
-        kernel: Kernel,
-        x: Rows,
+        x: &QuantRows,
         cols: std::ops::Range<usize>,
         add: bool,
         (out, ldo): (&mut [MaybeUninit<f32>], usize),
     ) {
-        if kernel == Kernel::Portable {
-            self.matmul_portable(x, (cols.start, cols.len()), add, (out, ldo));
+        if x.kernel == Kernel::Portable {
+            self.matmul_portable(x.view(), (cols.start, cols.len()), add, (out, ldo));
         } else {
             let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
-            self.panels.matmul(kernel, x, (panels, cols.len()), add, (out, ldo));
+            self.panels.matmul(x.kernel, x.view(), (panels, cols.len()), add, (out, ldo));
         }
-    }
-
-    /// The rows of `x` as int8 with their scales, each row padded with zeros to whole 4-byte
-    /// steps of the panel layout (`stride` bytes apart). The VNNI kernel takes its activations
-    /// as unsigned bytes x + 128: the top bit flipped, the padding becoming 128, which meets zero
-    /// weights. Rows are zeroed one at a time, just before they are written, while in cache.
-    fn quantize_activations(&self, kernel: Kernel, x: &[f32], m: usize) -> (Vec<i8>, usize, Vec<f32>) {
-        let (k, stride) = (self.cols, 4 * self.panels.quads);
-        let mut xq = Vec::with_capacity(m * stride);
-        let mut sx = Vec::with_capacity(m);
-        for xr in x.chunks_exact(k).take(m) {
-            let start = xq.len();
-            xq.resize(start + stride, 0i8);
-            sx.push(quantize_row(xr, &mut xq[start..start + k]));
-            if kernel == Kernel::Vnni {
-                xq[start..].iter_mut().for_each(|v| *v ^= i8::MIN);
-            }
-        }
-        (xq, stride, sx)
     }
 
     /// Columns `first..first + width` of the product into the first `width` slots of each of
@@ -308,6 +307,81 @@ impl QWeight {
             let prev = if add { unsafe { o.assume_init() } } else { 0.0 };
             o.write(if add { prev + acc * sx } else { acc * sx });
         }
+    }
+}
+
+/// Activation rows quantized for the integer kernels: int8, one scale per row (symmetric, round
+/// half to even), each row padded with zeros to whole 4-byte steps of the panel layout (`stride`
+/// bytes apart). For the VNNI kernel, which takes its activations as unsigned bytes x + 128, the
+/// top bit is flipped, the padding becoming 128, which meets zero weights. One quantization
+/// serves every weight of as many columns: a LayerNorm's output is quantized as it is made, and
+/// the experts of a layer gather their routed rows from one quantization of all rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantRows {
+    kernel: Kernel,
+    cols: usize,
+    stride: usize,
+    q: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl QuantRows {
+    /// No rows yet, room for `rows` of `cols`.
+    pub fn with_capacity(kernel: Kernel, cols: usize, rows: usize) -> QuantRows {
+        let stride = cols.next_multiple_of(4);
+        QuantRows { kernel, cols, stride, q: Vec::with_capacity(rows * stride), scales: Vec::with_capacity(rows) }
+    }
+
+    /// `x`'s rows of `cols` (a partial last row is left out).
+    pub fn new(kernel: Kernel, cols: usize, x: &[f32]) -> QuantRows {
+        let mut rows = QuantRows::with_capacity(kernel, cols, x.len() / cols.max(1));
+        for r in x.chunks_exact(cols.max(1)) {
+            rows.push(r);
+        }
+        rows
+    }
+
+    /// Quantizes `row` (its first `cols` values) after the rows already here. Each padded row is
+    /// zeroed just before it is written, while in cache.
+    ///
+    /// # Panics
+    /// If `row` holds fewer than `cols` values.
+    pub fn push(&mut self, row: &[f32]) {
+        let (start, cols) = (self.q.len(), self.cols);
+        self.q.resize(start + self.stride, 0i8);
+        self.scales.push(quantize_row(&row[..cols], &mut self.q[start..start + cols]));
+        if self.kernel == Kernel::Vnni {
+            self.q[start..].iter_mut().for_each(|v| *v ^= i8::MIN);
+        }
+    }
+
+    /// Rows `rows` (indices into these), in that order.
+    ///
+    /// # Panics
+    /// If an index is out of range.
+    pub fn gather(&self, rows: &[usize]) -> QuantRows {
+        let mut out = QuantRows::with_capacity(self.kernel, self.cols, rows.len());
+        for &r in rows {
+            out.q.extend_from_slice(&self.q[r * self.stride..(r + 1) * self.stride]);
+            out.scales.push(self.scales[r]);
+        }
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.scales.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.scales.is_empty()
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    fn view(&self) -> Rows<'_> {
+        Rows { q: &self.q, stride: self.stride, scales: &self.scales }
     }
 }
 
@@ -435,7 +509,7 @@ mod tests {
                     // Split outputs (two parts written in place) are the same columns.
                     let cut = (n / 2) / PANEL * PANEL;
                     for kernel in std::iter::once(Kernel::Portable).chain(simd.iter().copied()) {
-                        let parts = q.product(kernel, xs, m, &[0, cut, n]);
+                        let parts = q.product(&q.quantize_rows(kernel, xs, m), &[0, cut, n]);
                         let joined: Vec<f32> = parts[0]
                             .chunks(cut.max(1))
                             .zip(parts[1].chunks(n - cut))
@@ -460,10 +534,11 @@ mod tests {
                     for kernel in std::iter::once(Kernel::Portable).chain(simd.iter().copied()) {
                         for threads in [1, 3] {
                             let mut out = vec![MaybeUninit::new(-7f32); m * ldo];
+                            let rows = q.quantize_rows(kernel, xs, m);
                             if threads == 1 {
-                                q.product_rows(kernel, xs, m, false, (&mut out, ldo))
+                                q.product_rows(&rows, false, (&mut out, ldo))
                             } else {
-                                pool.install(|| q.product_rows(kernel, xs, m, false, (&mut out, ldo)))
+                                pool.install(|| q.product_rows(&rows, false, (&mut out, ldo)))
                             }
                             // SAFETY: every slot was initialized to −7 and only values are written.
                             let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
@@ -503,6 +578,35 @@ mod tests {
             v[1] = 2.0 * 126.5 / 127.0; // a tie that rounds to even (126)
             assert_eq!(quantize_row(&v, &mut xq), quantize_row_portable(&v, &mut xp), "length {len}");
             assert_eq!(xq, xp, "length {len}");
+        }
+    }
+
+    /// Rows quantized once and gathered (what each expert takes) give the product of the
+    /// gathered f32 rows bit for bit, whole or split, on every kernel this CPU has.
+    #[test]
+    fn gathered_quantized_rows_are_the_gathered_rows_quantized() {
+        let (m, n, k) = (23, 48, 100);
+        let x = random(m * k, 31);
+        let w = random(n * k, 32);
+        let pick = [22usize, 0, 5, 5, 17, 3, 9];
+        let gathered: Vec<f32> = pick.iter().flat_map(|&r| x[r * k..(r + 1) * k].to_vec()).collect();
+        for scheme in [Scheme::Int8, Scheme::Int4] {
+            let Ok(q) = QWeight::quantize("w", &w, n, k, scheme, 32) else { continue };
+            for kernel in Kernel::supported() {
+                let all = q.quantize_rows(kernel, &x, m);
+                assert_eq!((all.len(), all.kernel()), (m, kernel));
+                let some = all.gather(&pick);
+                assert_eq!(some, QuantRows::new(kernel, k, &gathered), "{kernel:?}: the rows themselves");
+                let want = q.matmul_t_with(kernel, &gathered, pick.len());
+                assert_eq!(q.matmul_t_rows(&some), want, "{kernel:?} {scheme:?}");
+                let (a, b) = q.matmul_t_split_rows(&some, 16);
+                let joined: Vec<f32> =
+                    a.chunks(16).zip(b.chunks(n - 16)).flat_map(|(a, b)| a.iter().chain(b)).copied().collect();
+                assert_eq!(joined, want, "{kernel:?} {scheme:?} split");
+            }
+            let narrow = QuantRows::new(Kernel::Portable, k - 4, &x[..(k - 4) * 3]);
+            let refused = std::panic::catch_unwind(|| q.matmul_t_rows(&narrow));
+            assert!(refused.is_err(), "rows of another width are refused");
         }
     }
 
