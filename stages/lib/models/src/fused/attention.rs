@@ -150,11 +150,16 @@ simd_dispatch! {
         if failed.into_inner() {
             candle_core::bail!("attention: a head's product did not fit its views");
         }
-        let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
-        match &quant.out {
-            Some(q) => q.matmul_t_add(&merged, rows, &mut out),
-            None => Product::ABt.write_into((&merged, rows, d), (w_out, d, d), &mut out, residual)?,
-        }
+        let out = match &quant.out {
+            // The integer kernels add the residual as they store: no copy of x to add into.
+            Some(q) if residual => q.matmul_t_plus(&merged, rows, x),
+            Some(q) => q.matmul_t(&merged, rows),
+            None => {
+                let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
+                Product::ABt.write_into((&merged, rows, d), (w_out, d, d), &mut out, residual)?;
+                out
+            }
+        };
         Ok((out, Saved { stats, normed, qkv, probs, merged }))
     }
 }

@@ -223,7 +223,14 @@ simd_dispatch! {
         let Pass { residual, keep } = pass;
         let (ln, int8_in) = experts_input(dims, quant, keep, x, ln, p)?;
         let normed = &ln.out;
-        let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
+        // Without gates there is one expert (checked above); an integer down projection then
+        // writes the output itself, adding the residual as it stores, with no copy of x first.
+        let down_writes_out = gates.is_none() && quant.down.first().is_some_and(Option::is_some);
+        let mut out = match (down_writes_out, residual) {
+            (true, _) => Vec::new(),
+            (false, true) => x.to_vec(),
+            (false, false) => vec![0f32; x.len()],
+        };
         let mut experts = Vec::with_capacity(ne);
         for j in 0..ne {
             let routed_rows = gates.map(|g| (0..rows).filter(|&r| g[r * ne + j] != 0.0).collect::<Vec<_>>());
@@ -283,7 +290,8 @@ simd_dispatch! {
             let down_q = quant.down.get(j).and_then(Option::as_ref);
             match (&routed_rows, down_q) {
                 (None, None) => Product::ABt.write_into((gated_or_hidden, n, e), down_j, &mut out, true)?,
-                (None, Some(q)) => q.matmul_t_add(gated_or_hidden, n, &mut out),
+                (None, Some(q)) if residual => out = q.matmul_t_plus(gated_or_hidden, n, x),
+                (None, Some(q)) => out = q.matmul_t(gated_or_hidden, n),
                 (Some(rs), _) => {
                     let y = match down_q {
                         Some(q) => q.matmul_t(gated_or_hidden, n),

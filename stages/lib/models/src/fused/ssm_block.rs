@@ -261,11 +261,16 @@ simd_dispatch! {
         // each row zipped with the di values of D.
         let gated = unsafe { written(gated) };
 
-        let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
-        match &quant.out_proj {
-            Some(q) => q.matmul_t_add(&gated, rows, &mut out),
-            None => Product::ABt.write_into((&gated, rows, di), (part(p, &o, W_OUT), d, di), &mut out, residual)?,
-        }
+        let out = match &quant.out_proj {
+            // The integer kernels add the residual as they store: no copy of x to add into.
+            Some(q) if residual => q.matmul_t_plus(&gated, rows, x),
+            Some(q) => q.matmul_t(&gated, rows),
+            None => {
+                let mut out = if residual { x.to_vec() } else { vec![0f32; x.len()] };
+                Product::ABt.write_into((&gated, rows, di), (part(p, &o, W_OUT), d, di), &mut out, residual)?;
+                out
+            }
+        };
         Ok((out, Saved { stats, normed, xs, z, dsilu, xc, qb, bx, delta, a, h, y, gated }))
     }
 }

@@ -206,7 +206,7 @@ impl QWeight {
                 // tiles cover all rows and all the panels' real columns): no zeroing first.
                 let mut out: Vec<f32> = Vec::with_capacity(m * width);
                 let spare = &mut out.spare_capacity_mut()[..m * width];
-                self.product_into(x, w[0]..w[1], false, (spare, width));
+                self.product_into(x, w[0]..w[1], None, (spare, width));
                 // SAFETY: all m·width values were initialized just above (tested against the
                 // portable loop on partial tiles, split outputs and both threaded splits).
                 unsafe { out.set_len(m * width) };
@@ -215,18 +215,28 @@ impl QWeight {
             .collect()
     }
 
-    /// `out` (m × rows) += `x @ Wᵀ`: what a residual projection needs, without a product
-    /// matrix to allocate and add.
-    pub fn matmul_t_add(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        self.matmul_t_add_with(crate::simd::active(), x, m, out)
+    /// `base + x @ Wᵀ` (base: m × rows) into a fresh matrix: a residual projection, whose
+    /// kernels add the base as they store, with no copy of it to add into.
+    ///
+    /// # Panics
+    /// If `base` or `x` hold fewer than `m` rows.
+    pub fn matmul_t_plus(&self, x: &[f32], m: usize, base: &[f32]) -> Vec<f32> {
+        self.matmul_t_plus_with(crate::simd::active(), x, m, base)
     }
 
-    fn matmul_t_add_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
-        assert!(out.len() >= m * self.rows, "qmatmul: {} values for {m} rows of {}", out.len(), self.rows);
-        let out = &mut out[..m * self.rows];
-        // SAFETY: MaybeUninit<f32> has f32's layout, and only initialized values are written.
-        let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-        self.product_rows(&self.quantize_rows(kernel, x, m), true, (out, self.rows));
+    fn matmul_t_plus_with(&self, kernel: Kernel, x: &[f32], m: usize, base: &[f32]) -> Vec<f32> {
+        let n = m * self.rows;
+        assert!(base.len() >= n, "qmatmul: a base of {} values for {m} rows of {}", base.len(), self.rows);
+        let mut out = Vec::with_capacity(n);
+        self.product_rows(
+            &self.quantize_rows(kernel, x, m),
+            Some(&base[..n]),
+            (&mut out.spare_capacity_mut()[..n], self.rows),
+        );
+        // SAFETY: product_rows wrote every one of the m × rows outputs (tested against the
+        // portable loop on partial tiles and both threaded splits).
+        unsafe { out.set_len(n) };
+        out
     }
 
     /// `x @ Wᵀ` for `m` rows of `x` into the first `rows` slots of each of m rows of `out`,
@@ -236,42 +246,46 @@ impl QWeight {
     /// # Panics
     /// If `ldo` is below the product's width, or `x` or `out` hold fewer than `m` rows.
     pub fn matmul_t_into(&self, x: &[f32], m: usize, out: &mut [MaybeUninit<f32>], ldo: usize) {
-        self.product_rows(&self.quantize_rows(crate::simd::active(), x, m), false, (out, ldo))
+        self.product_rows(&self.quantize_rows(crate::simd::active(), x, m), None, (out, ldo))
     }
 
-    /// The whole product into (`add`: added to) the first `rows` slots of m rows of `ldo`.
-    fn product_rows(&self, x: &QuantRows, add: bool, (out, ldo): (&mut [MaybeUninit<f32>], usize)) {
+    /// The whole product (plus `base`, laid out as `out`) into the first `rows` slots of m rows
+    /// of `ldo`.
+    fn product_rows(&self, x: &QuantRows, base: Option<&[f32]>, (out, ldo): (&mut [MaybeUninit<f32>], usize)) {
         self.check_rows(x);
         let m = x.len();
         assert!(ldo >= self.rows && out.len() >= m * ldo, "qmatmul: {} slots for {m} rows of {ldo}", out.len());
-        self.product_into(x, 0..self.rows, add, (&mut out[..m * ldo], ldo));
+        assert!(
+            base.is_none_or(|b| b.len() >= (m.max(1) - 1) * ldo + self.rows),
+            "qmatmul: a base shorter than the output"
+        );
+        self.product_into(x, 0..self.rows, base, (&mut out[..m * ldo], ldo));
     }
 
     /// Columns `cols` of the product of the quantized activation rows `x` into `out`, m rows of
-    /// `ldo` slots whose first cols.len() take the product (or have it added, with `add`, when
-    /// they hold values).
+    /// `ldo` slots whose first cols.len() take the product (plus `base`, laid out as `out`).
     fn product_into(
         &self,
         x: &QuantRows,
         cols: std::ops::Range<usize>,
-        add: bool,
+        base: Option<&[f32]>,
         (out, ldo): (&mut [MaybeUninit<f32>], usize),
     ) {
         if x.kernel == Kernel::Portable {
-            self.matmul_portable(x.view(), (cols.start, cols.len()), add, (out, ldo));
+            self.matmul_portable(x.view(), (cols.start, cols.len()), base, (out, ldo));
         } else {
             let panels = cols.start / PANEL..cols.end.div_ceil(PANEL);
-            self.panels.matmul(x.kernel, x.view(), (panels, cols.len()), add, (out, ldo));
+            self.panels.matmul(x.kernel, x.view(), (panels, cols.len()), base, (out, ldo));
         }
     }
 
-    /// Columns `first..first + width` of the product into the first `width` slots of each of
-    /// `out`'s rows of `ldo`.
+    /// Columns `first..first + width` of the product (plus `base`, laid out as `out`) into the
+    /// first `width` slots of each of `out`'s rows of `ldo`.
     fn matmul_portable(
         &self,
         x: Rows,
         (first, width): (usize, usize),
-        add: bool,
+        base: Option<&[f32]>,
         (out, ldo): (&mut [MaybeUninit<f32>], usize),
     ) {
         let Rows { q: xq, stride, scales: sx } = x;
@@ -280,22 +294,30 @@ impl QWeight {
         if width == 0 {
             return;
         }
-        let row = |((xr, s), or): ((&[i8], &f32), &mut [MaybeUninit<f32>])| {
-            self.rows_times_portable(&xr[..k], *s, first, add, &mut or[..width])
+        let row = |(i, ((xr, s), or)): RowJob| {
+            let b = base.map(|b| &b[i * ldo..i * ldo + width]);
+            self.rows_times_portable(&xr[..k], *s, first, b, &mut or[..width])
         };
         if rayon::current_num_threads() == 1 || sx.len() * width * k < 1 << 18 {
-            xq.chunks_exact(stride).zip(sx).zip(out.chunks_exact_mut(ldo)).for_each(row);
+            xq.chunks_exact(stride).zip(sx).zip(out.chunks_mut(ldo)).enumerate().for_each(row);
         } else {
-            xq.par_chunks_exact(stride).zip(sx).zip(out.par_chunks_exact_mut(ldo)).for_each(row);
+            xq.par_chunks_exact(stride).zip(sx).zip(out.par_chunks_mut(ldo)).enumerate().for_each(row);
         }
     }
 
-    /// out[j] = (x · W[first + j]) · sx (with `add`: out[j] += …), one scale group at a time, in
-    /// the same order of float operations as the SIMD kernels, which it therefore matches.
-    fn rows_times_portable(&self, xq: &[i8], sx: f32, first: usize, add: bool, out: &mut [MaybeUninit<f32>]) {
+    /// out[j] = (x · W[first + j]) · sx (with a `base`: base[j] + …), one scale group at a time,
+    /// in the same order of float operations as the SIMD kernels, which it therefore matches.
+    fn rows_times_portable(
+        &self,
+        xq: &[i8],
+        sx: f32,
+        first: usize,
+        base: Option<&[f32]>,
+        out: &mut [MaybeUninit<f32>],
+    ) {
         let k = self.cols;
         let groups = k / self.group;
-        for (r, o) in (first..).zip(out.iter_mut()) {
+        for (j, (r, o)) in (first..).zip(out.iter_mut()).enumerate() {
             let w = &self.q[r * k..(r + 1) * k];
             let s = &self.scales[r * groups..(r + 1) * groups];
             let mut acc = 0f32;
@@ -303,12 +325,13 @@ impl QWeight {
                 let span = g * self.group..(g + 1) * self.group;
                 acc = (dot_i8_portable(&xq[span.clone()], &w[span]) as f32).mul_add(sw, acc);
             }
-            // SAFETY: with `add`, `out` holds values (the caller's promise).
-            let prev = if add { unsafe { o.assume_init() } } else { 0.0 };
-            o.write(if add { prev + acc * sx } else { acc * sx });
+            o.write(base.map_or(acc * sx, |b| b[j] + acc * sx));
         }
     }
 }
+
+/// The portable loop's unit of work: row i's quantized activations and scale, and its outputs.
+type RowJob<'a> = (usize, ((&'a [i8], &'a f32), &'a mut [MaybeUninit<f32>]));
 
 /// Activation rows quantized for the integer kernels: int8, one scale per row (symmetric, round
 /// half to even), each row padded with zeros to whole 4-byte steps of the panel layout (`stride`
@@ -518,36 +541,41 @@ mod tests {
                             .collect();
                         assert_eq!(joined, reference, "{kernel:?} {scheme:?} {m}x{n}x{k} split at {cut}");
                     }
-                    // Added into existing outputs: the same values plus what was there.
+                    // Plus a base (a residual): the same values plus the base's.
                     let base = random(m * n, 99);
                     let want: Vec<f32> = base.iter().zip(&reference).map(|(a, b)| a + b).collect();
                     for kernel in std::iter::once(Kernel::Portable).chain(simd.iter().copied()) {
-                        let mut got = base.clone();
-                        q.matmul_t_add_with(kernel, xs, m, &mut got);
-                        assert_eq!(got, want, "{kernel:?} {scheme:?} {m}x{n}x{k} added");
-                        let mut got = base.clone();
-                        pool.install(|| q.matmul_t_add_with(kernel, xs, m, &mut got));
-                        assert_eq!(got, want, "{kernel:?} {scheme:?} {m}x{n}x{k} added, 3 threads");
+                        let got = q.matmul_t_plus_with(kernel, xs, m, &base);
+                        assert_eq!(got, want, "{kernel:?} {scheme:?} {m}x{n}x{k} plus a base");
+                        let got = pool.install(|| q.matmul_t_plus_with(kernel, xs, m, &base));
+                        assert_eq!(got, want, "{kernel:?} {scheme:?} {m}x{n}x{k} plus a base, 3 threads");
                     }
-                    // Into rows wider than the product: its columns first, the rest untouched.
+                    // Into rows wider than the product: its columns first (alone, or plus a base
+                    // laid out alike), the rest untouched.
                     let ldo = n + 3;
+                    let wide_base = random(m * ldo, 98);
                     for kernel in std::iter::once(Kernel::Portable).chain(simd.iter().copied()) {
-                        for threads in [1, 3] {
+                        for (threads, with_base) in [(1, false), (3, false), (1, true), (3, true)] {
                             let mut out = vec![MaybeUninit::new(-7f32); m * ldo];
                             let rows = q.quantize_rows(kernel, xs, m);
+                            let base = with_base.then_some(&wide_base[..]);
                             if threads == 1 {
-                                q.product_rows(&rows, false, (&mut out, ldo))
+                                q.product_rows(&rows, base, (&mut out, ldo))
                             } else {
-                                pool.install(|| q.product_rows(&rows, false, (&mut out, ldo)))
+                                pool.install(|| q.product_rows(&rows, base, (&mut out, ldo)))
                             }
                             // SAFETY: every slot was initialized to −7 and only values are written.
                             let got: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
-                            for (row, want) in got.chunks_exact(ldo).zip(reference.chunks_exact(n)) {
+                            let rows_of =
+                                got.chunks_exact(ldo).zip(reference.chunks_exact(n)).zip(wide_base.chunks_exact(ldo));
+                            for ((row, want), b) in rows_of {
+                                let want: Vec<f32> =
+                                    want.iter().zip(b).map(|(v, b)| if with_base { b + v } else { *v }).collect();
                                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                                 assert_eq!(
                                     bits(&row[..n]),
-                                    bits(want),
-                                    "{kernel:?} {scheme:?} {m}x{n}x{k} into rows of {ldo}, {threads} threads"
+                                    bits(&want),
+                                    "{kernel:?} {scheme:?} {m}x{n}x{k} into rows of {ldo}, {threads} threads, base: {with_base}"
                                 );
                                 assert_eq!(&row[n..], &[-7.0; 3], "{kernel:?} {scheme:?} past the product's columns");
                             }

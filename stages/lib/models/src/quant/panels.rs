@@ -70,7 +70,7 @@ impl<'a> Rows<'a> {
 /// One tile's operands: activation rows of `x`, `stride` bytes apart, with scales `sx` (one per
 /// row of the tile); panels from `panel`; output (row a, column col + c) at `out[a·ldo + col + c]`
 /// for c < `valid` (the panels' rows past the matrix's last are computed and not written); with
-/// `add` the outputs hold values and the products are added to them.
+/// a `base` (laid out as `out`) each output is base + product.
 pub(crate) struct Tile<'a> {
     pub(crate) x: &'a [i8],
     pub(crate) stride: usize,
@@ -80,7 +80,7 @@ pub(crate) struct Tile<'a> {
     pub(crate) ldo: usize,
     pub(crate) col: usize,
     pub(crate) valid: usize,
-    pub(crate) add: bool,
+    pub(crate) base: Option<&'a [f32]>,
 }
 
 impl Panels {
@@ -107,26 +107,27 @@ impl Panels {
     }
 
     /// The first `width` slots of each of `out`'s m rows of `ldo` = the m activation rows times
-    /// the matrix rows of `panels` (the first `width` of them); with `add`, those slots hold
-    /// values and the product is added to them.
+    /// the matrix rows of `panels` (the first `width` of them); with a `base` (laid out as
+    /// `out`), base + that product.
     pub(crate) fn matmul(
         &self,
         kernel: Kernel,
         x: Rows,
         (panels, width): (Range<usize>, usize),
-        add: bool,
+        base: Option<&[f32]>,
         (out, ldo): (&mut [MaybeUninit<f32>], usize),
     ) {
         let m = x.scales.len();
         let threads = rayon::current_num_threads();
         if threads == 1 || m * width * x.stride < 1 << 18 {
-            self.block(kernel, x, (panels, width), add, out, ldo);
+            self.block(kernel, x, (panels, width), base, out, ldo);
         } else if m >= 2 * MR * threads {
             // Many rows (a forward pass): whole rows per task, in multiples of the tile height.
             let rows = m.div_ceil(2 * threads).next_multiple_of(MR);
-            out.par_chunks_mut(rows * ldo)
-                .enumerate()
-                .for_each(|(i, o)| self.block(kernel, x.slice(i * rows, rows), (panels.clone(), width), add, o, ldo));
+            out.par_chunks_mut(rows * ldo).enumerate().for_each(|(i, o)| {
+                let b = base.map(|b| &b[(i * rows * ldo).min(b.len())..]);
+                self.block(kernel, x.slice(i * rows, rows), (panels.clone(), width), b, o, ldo)
+            });
         } else {
             // Few rows (generation): each task takes a run of panels and fills their columns.
             let per = panels.len().div_ceil(threads);
@@ -137,17 +138,17 @@ impl Panels {
                     let c0 = PANEL * (p0 - panels.start);
                     let w = (PANEL * per).min(width - c0);
                     let mut o = vec![MaybeUninit::new(0f32); m * w];
-                    self.block(kernel, x, (p0..(p0 + per).min(panels.end), w), false, &mut o, w);
+                    self.block(kernel, x, (p0..(p0 + per).min(panels.end), w), None, &mut o, w);
                     (c0, w, o)
                 })
                 .collect();
             for (c0, w, o) in parts {
-                for (dst, src) in out.chunks_exact_mut(ldo).zip(o.chunks_exact(w)) {
-                    for (d, s) in dst[c0..c0 + w].iter_mut().zip(src) {
-                        // SAFETY: `o` was filled by `block`; with `add`, `out` holds values.
+                for (r, (dst, src)) in out.chunks_exact_mut(ldo).zip(o.chunks_exact(w)).enumerate() {
+                    let b = base.map(|b| &b[r * ldo + c0..r * ldo + c0 + w]);
+                    for (c, (d, s)) in dst[c0..c0 + w].iter_mut().zip(src).enumerate() {
+                        // SAFETY: `o` was filled by `block`.
                         let v = unsafe { s.assume_init() };
-                        let prev = if add { unsafe { d.assume_init() } } else { 0.0 };
-                        d.write(if add { prev + v } else { v });
+                        d.write(b.map_or(v, |b| b[c] + v));
                     }
                 }
             }
@@ -161,7 +162,7 @@ impl Panels {
         kernel: Kernel,
         x: Rows,
         (panels, width): (Range<usize>, usize),
-        add: bool,
+        base: Option<&[f32]>,
         out: &mut [MaybeUninit<f32>],
         ldo: usize,
     ) {
@@ -175,8 +176,9 @@ impl Panels {
             let valid = width.saturating_sub(col).min(PANEL * np);
             for i in 0..x.scales.len().div_ceil(MR) {
                 let (rows, o) = (x.slice(i * MR, MR), &mut out[i * MR * ldo..]);
+                let base = base.map(|b| &b[(i * MR * ldo).min(b.len())..]);
                 let tile =
-                    Tile { x: rows.q, stride: x.stride, sx: rows.scales, panel: p, out: o, ldo, col, valid, add };
+                    Tile { x: rows.q, stride: x.stride, sx: rows.scales, panel: p, out: o, ldo, col, valid, base };
                 self.tile(kernel, np, tile);
             }
             p += np;

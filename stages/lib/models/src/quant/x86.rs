@@ -14,7 +14,8 @@ fn check(p: &Panels, tile: &Tile, rows: usize, np: usize) {
             && (rows - 1) * tile.stride + 4 * p.quads <= tile.x.len()
             && tile.panel + np <= p.count
             && tile.valid <= PANEL * np
-            && (rows - 1) * tile.ldo + tile.col + tile.valid <= tile.out.len(),
+            && (rows - 1) * tile.ldo + tile.col + tile.valid <= tile.out.len()
+            && tile.base.is_none_or(|b| (rows - 1) * tile.ldo + tile.col + tile.valid <= b.len()),
         "quantized tile out of bounds"
     );
 }
@@ -104,15 +105,14 @@ unsafe fn vnni_tile<const R: usize, const N: usize>(p: &Panels, t: &mut Tile) {
             let left = t.valid.saturating_sub(PANEL * j).min(PANEL);
             if left > 0 {
                 let mask = ((1u32 << left) - 1) as u16;
-                // SAFETY: (a, col + 16j + c) for c < left is inside `out` (checked).
-                // With `add`, those outputs hold values already (the caller's promise).
+                // SAFETY: (a, col + 16j + c) for c < left is inside `out` and `base` (checked).
                 unsafe {
-                    let at = t.out.as_mut_ptr().add(a * t.ldo + t.col + PANEL * j) as *mut f32;
+                    let off = a * t.ldo + t.col + PANEL * j;
                     let mut y = _mm512_mul_ps(*v, sx);
-                    if t.add {
-                        y = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), y);
+                    if let Some(b) = t.base {
+                        y = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, b.as_ptr().add(off)), y);
                     }
-                    _mm512_mask_storeu_ps(at, mask, y);
+                    _mm512_mask_storeu_ps(t.out.as_mut_ptr().add(off) as *mut f32, mask, y);
                 }
             }
         }
@@ -175,20 +175,26 @@ unsafe fn avx2_tile<const R: usize>(p: &Panels, t: &mut Tile) {
         let sx = _mm256_set1_ps(t.sx[a]);
         for (h, v) in fr.iter().enumerate() {
             let left = t.valid.saturating_sub(8 * h).min(8);
-            // SAFETY: (a, col + 8h + c) for c < left is inside `out` (checked); a partial
-            // half's mask keeps the load and store to those lanes. With `add`, those outputs
-            // hold values already (the caller's promise).
+            // SAFETY: (a, col + 8h + c) for c < left is inside `out` and `base` (checked); a
+            // partial half's mask keeps the loads and the store to those lanes.
             unsafe {
-                let at = t.out.as_mut_ptr().add(a * t.ldo + t.col + 8 * h) as *mut f32;
+                let off = a * t.ldo + t.col + 8 * h;
+                let at = t.out.as_mut_ptr().add(off) as *mut f32;
                 let y = _mm256_mul_ps(*v, sx);
                 if left == 8 {
                     // Whole halves by plain moves: AMD cores run `vmaskmovps` as a slow
                     // microcoded sequence, which cost a quarter of a tile's time on Zen 4.
-                    let y = if t.add { _mm256_add_ps(_mm256_loadu_ps(at), y) } else { y };
+                    let y = match t.base {
+                        Some(b) => _mm256_add_ps(_mm256_loadu_ps(b.as_ptr().add(off)), y),
+                        None => y,
+                    };
                     _mm256_storeu_ps(at, y);
                 } else if left > 0 {
                     let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(left as i32), lane);
-                    let y = if t.add { _mm256_add_ps(_mm256_maskload_ps(at, mask), y) } else { y };
+                    let y = match t.base {
+                        Some(b) => _mm256_add_ps(_mm256_maskload_ps(b.as_ptr().add(off), mask), y),
+                        None => y,
+                    };
                     _mm256_maskstore_ps(at, mask, y);
                 }
             }
