@@ -20,7 +20,7 @@ use super::ssm::{conv_backward, conv_silu};
 use super::*;
 use crate::linear_op::Product;
 use crate::nn::{layer_norm_bwd, normalize_quantize_rows, normalize_rows, row_stats};
-use crate::quant::QWeight;
+use crate::quant::{quantize_padded_row, Kernel, QWeight, QuantRows};
 use crate::scan::{scan_fwd, scan_rev};
 
 /// Shapes of one block: model width d, inner width di, state size n, conv taps k, and the
@@ -246,6 +246,13 @@ simd_dispatch! {
         // y = C h + D ⊙ xc; gated = y ⊙ silu(z).
         let mut y = gemm(Product::ABt, (&h, rows, n), (part(p, &o, C), di, n))?;
         let d_skip = part(p, &o, D_SKIP);
+        if let (Some(q), false) = (&quant.out_proj, keep) {
+            // Inference on an integer out_proj: the gate straight into int8 rows.
+            let gated = gate_to_int8(&y, &xc, &z, d_skip, crate::simd::active());
+            let out = if residual { q.matmul_t_plus_rows(&gated, x) } else { q.matmul_t_rows(&gated) };
+            let (y, gated) = (Vec::new(), Vec::new());
+            return Ok((out, Saved { stats, normed, xs, z, dsilu, xc, qb, bx, delta, a, h, y, gated }));
+        }
         let mut gated = slots(rows * di);
         let per = rows_per_task(di);
         for_chunks2(&mut y, per * di, &mut gated, per * di, |i, ys, gs| {
@@ -272,6 +279,33 @@ simd_dispatch! {
             }
         };
         Ok((out, Saved { stats, normed, xs, z, dsilu, xc, qb, bx, delta, a, h, y, gated }))
+    }
+}
+
+simd_dispatch! {
+    /// Inference's gate for an integer out_proj, quantized as it is made: row by row,
+    /// (y + D ⊙ xc) ⊙ silu(z) into one scratch row (the f32 path's expressions, so the same
+    /// bits) and from there into int8. Neither y + D ⊙ xc nor the gated rows are stored in f32.
+    fn gate_to_int8(y: &[f32], xc: &[f32], z: &[f32], d_skip: &[f32], kernel: Kernel) -> QuantRows {
+        // Widths of at least 1 for the chunking (a zero-width block has no values to gate).
+        let (di, w) = (d_skip.len(), d_skip.len().max(1));
+        let rows = y.len() / w;
+        let mut gated = QuantRows::zeroed(kernel, di, rows);
+        let (stride, per) = (gated.stride().max(1), rows_per_task(w));
+        let (qs, scales) = gated.parts_mut();
+        for_chunks2(qs, per * stride, scales, per, |i, qs, scales| {
+            let mut g = vec![0f32; di];
+            let at = i * per * di;
+            let inputs = y[at..].chunks_exact(w).zip(xc[at..].chunks_exact(w)).zip(z[at..].chunks_exact(w));
+            for ((qr, s), ((yr, xr), zr)) in qs.chunks_exact_mut(stride).zip(scales.iter_mut()).zip(inputs) {
+                for ((((g, &y), &x), &z), &dd) in g.iter_mut().zip(yr).zip(xr).zip(zr).zip(d_skip) {
+                    let y = fma(dd, x, y);
+                    *g = y * z * sigmoid(z);
+                }
+                *s = quantize_padded_row(kernel, &g, qr);
+            }
+        });
+        gated
     }
 }
 
@@ -432,4 +466,42 @@ pub fn ssm_block(
         candle_core::bail!("ssm-block: quantized weights are for inference; train the f32 model");
     }
     Kept::apply(SsmBlockOp { dims, quant, residual }, x, packed, train)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    simd_dispatch! {
+        /// The training path's gate in f32 (its expression, at this process's level).
+        fn gate_f32(y: &[f32], xc: &[f32], z: &[f32], d_skip: &[f32]) -> Vec<f32> {
+            let rows = y.chunks_exact(d_skip.len()).zip(xc.chunks_exact(d_skip.len())).zip(z.chunks_exact(d_skip.len()));
+            rows.flat_map(|((yr, xr), zr)| {
+                yr.iter().zip(xr).zip(zr).zip(d_skip).map(|(((&y, &x), &z), &dd)| fma(dd, x, y) * z * sigmoid(z)).collect::<Vec<_>>()
+            })
+            .collect()
+        }
+    }
+
+    /// The gate quantized as it is made is the f32 gate quantized afterwards, bit for bit, for
+    /// every kernel's byte layout, on one thread and on three (chunks of rows), at a width with
+    /// padding (di not a multiple of 4) and one without.
+    #[test]
+    fn the_gate_into_int8_rows_is_the_f32_gate_quantized() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for (rows, di) in [(300, 128), (70, 38)] {
+            let mut draw = |n: usize| (0..n).map(|_| rng.random_range(-3f32..3.0)).collect::<Vec<_>>();
+            let (y, xc, z, d_skip) = (draw(rows * di), draw(rows * di), draw(rows * di), draw(di));
+            let want = gate_f32(&y, &xc, &z, &d_skip);
+            for kernel in Kernel::supported() {
+                let reference = QuantRows::new(kernel, di, &want);
+                assert_eq!(gate_to_int8(&y, &xc, &z, &d_skip, kernel), reference, "{rows}×{di}, {kernel:?}");
+                let threaded = pool.install(|| gate_to_int8(&y, &xc, &z, &d_skip, kernel));
+                assert_eq!(threaded, reference, "{rows}×{di}, {kernel:?}, 3 threads");
+            }
+        }
+    }
 }

@@ -221,18 +221,18 @@ impl QWeight {
     /// # Panics
     /// If `base` or `x` hold fewer than `m` rows.
     pub fn matmul_t_plus(&self, x: &[f32], m: usize, base: &[f32]) -> Vec<f32> {
-        self.matmul_t_plus_with(crate::simd::active(), x, m, base)
+        self.matmul_t_plus_rows(&self.quantize_rows(crate::simd::active(), x, m), base)
     }
 
-    fn matmul_t_plus_with(&self, kernel: Kernel, x: &[f32], m: usize, base: &[f32]) -> Vec<f32> {
-        let n = m * self.rows;
-        assert!(base.len() >= n, "qmatmul: a base of {} values for {m} rows of {}", base.len(), self.rows);
+    /// [`QWeight::matmul_t_plus`] for rows already quantized.
+    ///
+    /// # Panics
+    /// As [`QWeight::matmul_t_rows`], or if `base` holds fewer values than the product.
+    pub fn matmul_t_plus_rows(&self, x: &QuantRows, base: &[f32]) -> Vec<f32> {
+        let n = x.len() * self.rows;
+        assert!(base.len() >= n, "qmatmul: a base of {} values for {} rows of {}", base.len(), x.len(), self.rows);
         let mut out = Vec::with_capacity(n);
-        self.product_rows(
-            &self.quantize_rows(kernel, x, m),
-            Some(&base[..n]),
-            (&mut out.spare_capacity_mut()[..n], self.rows),
-        );
+        self.product_rows(x, Some(&base[..n]), (&mut out.spare_capacity_mut()[..n], self.rows));
         // SAFETY: product_rows wrote every one of the m × rows outputs (tested against the
         // portable loop on partial tiles and both threaded splits).
         unsafe { out.set_len(n) };
@@ -330,6 +330,20 @@ impl QWeight {
     }
 }
 
+/// `row` quantized into the zeroed padded row `q` (`row.len()` values, then zeros to the row's
+/// stride) as `kernel` takes it: for VNNI with the top bit of every byte, padding included,
+/// flipped. Returns the row's scale.
+///
+/// # Panics
+/// If `q` is shorter than `row`.
+pub fn quantize_padded_row(kernel: Kernel, row: &[f32], q: &mut [i8]) -> f32 {
+    let scale = quantize_row(row, &mut q[..row.len()]);
+    if kernel == Kernel::Vnni {
+        q.iter_mut().for_each(|v| *v ^= i8::MIN);
+    }
+    scale
+}
+
 /// The portable loop's unit of work: row i's quantized activations and scale, and its outputs.
 type RowJob<'a> = (usize, ((&'a [i8], &'a f32), &'a mut [MaybeUninit<f32>]));
 
@@ -370,12 +384,26 @@ impl QuantRows {
     /// # Panics
     /// If `row` holds fewer than `cols` values.
     pub fn push(&mut self, row: &[f32]) {
-        let (start, cols) = (self.q.len(), self.cols);
+        let start = self.q.len();
         self.q.resize(start + self.stride, 0i8);
-        self.scales.push(quantize_row(&row[..cols], &mut self.q[start..start + cols]));
-        if self.kernel == Kernel::Vnni {
-            self.q[start..].iter_mut().for_each(|v| *v ^= i8::MIN);
-        }
+        self.scales.push(quantize_padded_row(self.kernel, &row[..self.cols], &mut self.q[start..]));
+    }
+
+    /// `rows` rows of zeros (each scale 0), for workers to quantize rows into in place
+    /// ([`QuantRows::parts_mut`], [`quantize_padded_row`]).
+    pub fn zeroed(kernel: Kernel, cols: usize, rows: usize) -> QuantRows {
+        let stride = cols.next_multiple_of(4);
+        QuantRows { kernel, cols, stride, q: vec![0; rows * stride], scales: vec![0.0; rows] }
+    }
+
+    /// Bytes per row: `cols` rounded up to whole 4-byte steps.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// The rows' bytes (`stride` apart) and their scales, to quantize rows into.
+    pub fn parts_mut(&mut self) -> (&mut [i8], &mut [f32]) {
+        (&mut self.q, &mut self.scales)
     }
 
     /// Rows `rows` (indices into these), in that order.
@@ -545,9 +573,9 @@ mod tests {
                     let base = random(m * n, 99);
                     let want: Vec<f32> = base.iter().zip(&reference).map(|(a, b)| a + b).collect();
                     for kernel in std::iter::once(Kernel::Portable).chain(simd.iter().copied()) {
-                        let got = q.matmul_t_plus_with(kernel, xs, m, &base);
+                        let got = q.matmul_t_plus_rows(&q.quantize_rows(kernel, xs, m), &base);
                         assert_eq!(got, want, "{kernel:?} {scheme:?} {m}x{n}x{k} plus a base");
-                        let got = pool.install(|| q.matmul_t_plus_with(kernel, xs, m, &base));
+                        let got = pool.install(|| q.matmul_t_plus_rows(&q.quantize_rows(kernel, xs, m), &base));
                         assert_eq!(got, want, "{kernel:?} {scheme:?} {m}x{n}x{k} plus a base, 3 threads");
                     }
                     // Into rows wider than the product: its columns first (alone, or plus a base
