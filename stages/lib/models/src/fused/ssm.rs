@@ -61,41 +61,38 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// The SSM block's conv and SiLU in one pass, row by row while the conv output is in L1:
-    /// xc = silu(conv_pre(x)) and, when training, dsilu = silu′ there (what the backward
-    /// multiplies by; inference skips it); `lck`: sequence length, channels, taps. Every slot of
-    /// xc and dsilu is written (they are checked to be whole sequences).
-    pub(super) fn conv_silu(x: &[f32], w: &[f32], bias: &[f32], lck: (usize, usize, usize), xc: &mut [MaybeUninit<f32>], dsilu: Option<&mut [MaybeUninit<f32>]>) -> Result<()> {
+    /// xc = silu(conv_pre(x)); `lck`: sequence length, channels, taps. Every slot of xc is
+    /// written (it is checked to hold whole sequences). silu′ is not kept for the backward:
+    /// [`conv_backward`] recomputes it from x, which it reads anyway.
+    pub(super) fn conv_silu(x: &[f32], w: &[f32], bias: &[f32], lck: (usize, usize, usize), xc: &mut [MaybeUninit<f32>]) -> Result<()> {
         let (l, c, k) = lck;
-        let ds_len = dsilu.as_ref().map_or(xc.len(), |d| d.len());
-        whole_sequences("ssm conv", &[x.len(), xc.len(), ds_len], l, c)?;
+        whole_sequences("ssm conv", &[x.len(), xc.len()], l, c)?;
         let wt = taps_by_offset(w, c, k);
-        // Row t of sequence bi: `row` holds the bias, then the conv, then silu′ there; silu
-        // goes into xc's slots.
-        let silu_row = |xb: &[f32], t: usize, row: &mut [f32], xr: &mut [MaybeUninit<f32>]| {
-            conv_row(xb, &wt, t, k, row);
-            for (o, v) in xr.iter_mut().zip(row.iter_mut()) {
-                let s = sigmoid(*v);
-                o.write(*v * s);
-                *v = silu_grad(*v, s);
+        for_chunks(xc, l * c, |bi, xo| {
+            let xb = &x[bi * l * c..(bi + 1) * l * c];
+            let mut row = vec![0f32; c];
+            for (t, xr) in xo.chunks_exact_mut(c).enumerate() {
+                row.copy_from_slice(bias);
+                conv_row(xb, &wt, t, k, &mut row);
+                for (o, &v) in xr.iter_mut().zip(&row) {
+                    o.write(v * sigmoid(v));
+                }
             }
-        };
-        match dsilu {
-            Some(dsilu) => for_chunks2(dsilu, l * c, xc, l * c, |bi, ds, xo| {
-                let xb = &x[bi * l * c..(bi + 1) * l * c];
-                for (t, (row, xr)) in ds.chunks_exact_mut(c).zip(xo.chunks_exact_mut(c)).enumerate() {
-                    silu_row(xb, t, row.write_copy_of_slice(bias), xr);
-                }
-            }),
-            None => for_chunks(xc, l * c, |bi, xo| {
-                let xb = &x[bi * l * c..(bi + 1) * l * c];
-                let mut row = vec![0f32; c];
-                for (t, xr) in xo.chunks_exact_mut(c).enumerate() {
-                    row.copy_from_slice(bias);
-                    silu_row(xb, t, &mut row, xr);
-                }
-            }),
-        }
+        });
         Ok(())
+    }
+}
+
+simd_dispatch! {
+    /// silu′ at the conv's output, silu′(v) = σ(v)·(1 + v·(1 − σ(v))) for v = conv_pre(x): what
+    /// the backward multiplies ∂xc by, computed as [`conv_backward`]'s fused walk recomputes it
+    /// (the same expressions, so the same bits at each level).
+    pub(super) fn conv_silu_grad(x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize) -> Result<Vec<f32>> {
+        whole_sequences("ssm conv", &[x.len()], l, c)?;
+        let mut out = vec![0f32; x.len()];
+        conv_pre(x, w, bias, l, c, k, &mut out);
+        for_chunks(&mut out, 16_384, |_, ch| ch.iter_mut().for_each(|v| *v = silu_grad(*v, sigmoid(*v))));
+        Ok(out)
     }
 }
 
@@ -229,21 +226,31 @@ fn lanes<const N: usize>(s: &[f32], t: usize, c: usize, c0: usize) -> [f32; N] {
 }
 
 /// One sequence's conv backward on channels c0..c0 + N, 4 taps, walking down the rows with
-/// everything in registers: the conv output's gradient g′ = g · silu′ (never stored), row
+/// everything in registers: the conv's pre-activation v again from the bias and the x window
+/// the walk holds anyway (summed as the forward's `conv_row` sums it, so the same v), the conv
+/// output's gradient g′ = g · silu′(v) (never stored), row
 /// s = t − 3 of its transpose into `dx` once g′[t] is known, and the parameter sums into `acc`
 /// ((k + 1) rows of c, as [`conv_param_grad`]'s partials). Each output sums its terms in the
 /// two-pass kernels' order, so the results are theirs bit for bit; what goes is a pass that
-/// wrote g′ back and one that read it again, and the per-tap load-add-store of every sum.
+/// wrote g′ back and one that read it again, the per-tap load-add-store of every sum, and
+/// silu′ kept from the forward (written there, read back here: 2 MB a layer written and read
+/// again, for four multiplies, four adds and a sigmoid a value). `fma` and `silu_grad_at`
+/// (v ↦ silu′(v)) are the calling copy's, so its math is that copy's.
+///
+/// Walking down the rows reads each 64-byte line of the inputs on its own, a row apart; a
+/// row-major pass (all channels of a row, what it carries from row to row in L1) was tried and
+/// took 0.64 ms a layer against this walk's 0.45, inputs in L3.
 #[inline(always)]
 fn conv_backward_lanes<const N: usize>(
-    (gb, dsb, xb): (&[f32], &[f32], &[f32]),
-    wt: &[f32],
+    (gb, xb): (&[f32], &[f32]),
+    (wt, bias): (&[f32], &[f32]),
     (l, c, c0): (usize, usize, usize),
-    dx: &mut [MaybeUninit<f32>],
-    acc: &mut [f32],
+    (dx, acc): (&mut [MaybeUninit<f32>], &mut [f32]),
     fma: impl Fn(f32, f32, f32) -> f32,
+    silu_grad_at: impl Fn(f32) -> f32,
 ) {
     let w: [[f32; N]; 4] = std::array::from_fn(|j| lanes(wt, j, c, c0));
+    let b: [f32; N] = lanes(bias, 0, c, c0);
     let mut a = [[0f32; N]; 5];
     // g′ and x at rows t − 1, t − 2, t − 3 (zeros before the sequence).
     let (mut gp, mut xw) = ([[0f32; N]; 3], [[0f32; N]; 3]);
@@ -256,12 +263,21 @@ fn conv_backward_lanes<const N: usize>(
     // complete yet.
     let head = l.min(3);
     for t in 0..head {
-        let (g, d, x) = (lanes::<N>(gb, t, c, c0), lanes::<N>(dsb, t, c, c0), lanes::<N>(xb, t, c, c0));
-        let gt: [f32; N] = std::array::from_fn(|i| g[i] * d[i]);
-        for j in 3 - t..4 {
-            let xs = if j == 3 { &x } else { &xw[2 - j] };
+        let (g, x) = (lanes::<N>(gb, t, c, c0), lanes::<N>(xb, t, c, c0));
+        // Tap j reads x[t − 3 + j]: x itself for j = 3, xw[2 − j] before it.
+        let tap = |j: usize| if j == 3 { &x } else { &xw[2 - j] };
+        let mut v = b;
+        for (j, wj) in w.iter().enumerate().skip(3 - t) {
+            let xs = tap(j);
             for i in 0..N {
-                a[j][i] = fma(gt[i], xs[i], a[j][i]);
+                v[i] += wj[i] * xs[i];
+            }
+        }
+        let gt: [f32; N] = std::array::from_fn(|i| g[i] * silu_grad_at(v[i]));
+        for (j, aj) in a.iter_mut().enumerate().take(4).skip(3 - t) {
+            let xs = tap(j);
+            for i in 0..N {
+                aj[i] = fma(gt[i], xs[i], aj[i]);
             }
         }
         for i in 0..N {
@@ -271,10 +287,12 @@ fn conv_backward_lanes<const N: usize>(
         xw = [x, xw[0], xw[1]];
     }
     for t in head..l {
-        let (g, d, x) = (lanes::<N>(gb, t, c, c0), lanes::<N>(dsb, t, c, c0), lanes::<N>(xb, t, c, c0));
+        let (g, x) = (lanes::<N>(gb, t, c, c0), lanes::<N>(xb, t, c, c0));
         let (mut gt, mut r) = ([0f32; N], [0f32; N]);
         for i in 0..N {
-            gt[i] = g[i] * d[i];
+            // The forward's sum: bias, then taps 0..3 in order, each a multiply then an add.
+            let v = b[i] + w[0][i] * xw[2][i] + w[1][i] * xw[1][i] + w[2][i] * xw[0][i] + w[3][i] * x[i];
+            gt[i] = g[i] * silu_grad_at(v);
             a[0][i] = fma(gt[i], xw[2][i], a[0][i]);
             a[1][i] = fma(gt[i], xw[1][i], a[1][i]);
             a[2][i] = fma(gt[i], xw[0][i], a[2][i]);
@@ -308,29 +326,33 @@ fn conv_backward_lanes<const N: usize>(
 }
 
 simd_dispatch! {
-    /// The SSM block's conv backward from ∂xc (`g`), the silu′ the forward kept and the conv's
-    /// input `x`: (∂x, the parameter gradient as (c, k + 1): taps, then the bias) — what
-    /// [`silu_conv_transpose`] then [`conv_param_grad`] compute, in one pass over each sequence
-    /// when k is 4 (bit for bit theirs), through them otherwise.
-    pub(super) fn conv_backward(g: &[f32], dsilu: &[f32], x: &[f32], w: &[f32], l: usize, c: usize, k: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-        whole_sequences("ssm conv backward", &[g.len(), dsilu.len(), x.len()], l, c)?;
+    /// The SSM block's conv backward from ∂xc (`g`), the conv's input `x`, taps and bias:
+    /// (∂x, the parameter gradient as (c, k + 1): taps, then the bias) — what
+    /// [`silu_conv_transpose`] then [`conv_param_grad`] compute from [`conv_silu_grad`], in one
+    /// pass over each sequence when k is 4 (bit for bit theirs), through them otherwise.
+    pub(super) fn conv_backward(g: &[f32], x: &[f32], w: &[f32], bias: &[f32], l: usize, c: usize, k: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        whole_sequences("ssm conv backward", &[g.len(), x.len()], l, c)?;
+        if w.len() != c * k || bias.len() != c {
+            candle_core::bail!("ssm conv backward: {} taps and {} biases for {c} channels of {k} taps", w.len(), bias.len());
+        }
         if k != FUSED_TAPS {
             let mut gc = g.to_vec();
-            let dx = silu_conv_transpose(&mut gc, dsilu, w, l, c, k)?;
+            let dx = silu_conv_transpose(&mut gc, &conv_silu_grad(x, w, bias, l, c, k)?, w, l, c, k)?;
             return Ok((dx, conv_param_grad(x, &gc, l, c, k)));
         }
         let wt = taps_by_offset(w, c, k);
         let mut dx = slots(g.len());
         let mut partial = vec![0f32; g.len() / (l * c).max(1) * (k + 1) * c];
         let blocks = c - c % 16;
+        let silu_grad_at = |v: f32| silu_grad(v, sigmoid(v));
         for_chunks2(&mut dx, l * c, &mut partial, (k + 1) * c, |bi, o, acc| {
             let r = bi * l * c..(bi + 1) * l * c;
-            let seq = (&g[r.clone()], &dsilu[r.clone()], &x[r]);
+            let seq = (&g[r.clone()], &x[r]);
             for c0 in (0..blocks).step_by(16) {
-                conv_backward_lanes::<16>(seq, &wt, (l, c, c0), o, acc, fma);
+                conv_backward_lanes::<16>(seq, (&wt, bias), (l, c, c0), (&mut *o, &mut *acc), fma, silu_grad_at);
             }
             for c0 in blocks..c {
-                conv_backward_lanes::<1>(seq, &wt, (l, c, c0), o, acc, fma);
+                conv_backward_lanes::<1>(seq, (&wt, bias), (l, c, c0), (&mut *o, &mut *acc), fma, silu_grad_at);
             }
         });
         // SAFETY: g and so dx hold whole sequences of l rows of c (checked above), and every

@@ -98,9 +98,6 @@ pub(crate) struct Saved {
     normed: Vec<f32>,
     xs: Vec<f32>,
     z: Vec<f32>,
-    /// silu′ at the conv output: what the backward multiplies ∂xc by (the conv output itself
-    /// is not needed again, and this spares the backward its exponentials). Empty without `keep`.
-    dsilu: Vec<f32>,
     xc: Vec<f32>,
     /// Rows of di + n: σ(delta_proj(xc) + bias), softplus′ there, then B·xc. (Without `keep`,
     /// the first di hold delta_proj(xc) before its bias.)
@@ -182,13 +179,11 @@ simd_dispatch! {
             ),
         };
 
-        // silu′ only when training (keep): inference neither computes nor stores it.
-        let (mut xc, mut dsilu) = (slots(rows * di), slots(if keep { rows * di } else { 0 }));
-        let conv = (part(p, &o, CONV_W), part(p, &o, CONV_B));
-        conv_silu(&xs, conv.0, conv.1, (l, di, k), &mut xc, keep.then_some(&mut dsilu[..]))?;
-        // SAFETY: conv_silu returned Ok, so xc, xs (and dsilu when given) are one length of whole
-        // sequences and it wrote every row of c values of every sequence of xc and dsilu.
-        let (xc, dsilu) = unsafe { (written(xc), written(dsilu)) };
+        let mut xc = slots(rows * di);
+        conv_silu(&xs, part(p, &o, CONV_W), part(p, &o, CONV_B), (l, di, k), &mut xc)?;
+        // SAFETY: conv_silu returned Ok, so xc and xs are one length of whole sequences and it
+        // wrote every row of c values of every sequence of xc.
+        let xc = unsafe { written(xc) };
 
         // Each row of qb: delta_proj(xc) before its bias (di values), then B·xc (n).
         let wq = di + n;
@@ -251,7 +246,7 @@ simd_dispatch! {
             let gated = gate_to_int8(&y, &xc, &z, d_skip, crate::simd::active());
             let out = if residual { q.matmul_t_plus_rows(&gated, x) } else { q.matmul_t_rows(&gated) };
             let (y, gated) = (Vec::new(), Vec::new());
-            return Ok((out, Saved { stats, normed, xs, z, dsilu, xc, qb, bx, delta, a, h, y, gated }));
+            return Ok((out, Saved { stats, normed, xs, z, xc, qb, bx, delta, a, h, y, gated }));
         }
         let mut gated = slots(rows * di);
         let per = rows_per_task(di);
@@ -278,7 +273,7 @@ simd_dispatch! {
                 out
             }
         };
-        Ok((out, Saved { stats, normed, xs, z, dsilu, xc, qb, bx, delta, a, h, y, gated }))
+        Ok((out, Saved { stats, normed, xs, z, xc, qb, bx, delta, a, h, y, gated }))
     }
 }
 
@@ -420,7 +415,7 @@ simd_dispatch! {
         Product::AB.write_into((&dqb, rows, wq), (wb, wq, di), &mut dxc, true)?;
 
         // xc = silu(conv(xs) + bias): ∂xs and the conv's parameters, (di, k + 1): taps, then the bias.
-        let (dxs, taps) = conv_backward(&dxc, &s.dsilu, &s.xs, part(p, &o, CONV_W), l, di, k)?;
+        let (dxs, taps) = conv_backward(&dxc, &s.xs, part(p, &o, CONV_W), part(p, &o, CONV_B), l, di, k)?;
         for (ch, row) in taps.chunks_exact(k + 1).enumerate() {
             dp[o[CONV_W] + ch * k..o[CONV_W] + (ch + 1) * k].copy_from_slice(&row[..k]);
             dp[o[CONV_B] + ch] = row[k];

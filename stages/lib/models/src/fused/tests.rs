@@ -201,29 +201,30 @@ fn conv_kernels_refuse_buffers_that_are_not_whole_sequences() {
     assert_eq!(ssm::conv_transpose(&[1.0; 12], &w, 3, 2, 3).unwrap().len(), 12);
     let mut g = [1.0f32; 12];
     assert!(ssm::silu_conv_transpose(&mut g, &[1.0; 6], &w, 3, 2, 3).is_err());
-    let (mut xc, mut ds) = (vec![std::mem::MaybeUninit::uninit(); 12], vec![std::mem::MaybeUninit::uninit(); 12]);
-    let err = ssm::conv_silu(&[1.0; 10], &w, &bias, (3, 2, 3), &mut xc, Some(&mut ds)).unwrap_err();
+    let mut xc = vec![std::mem::MaybeUninit::uninit(); 12];
+    let err = ssm::conv_silu(&[1.0; 10], &w, &bias, (3, 2, 3), &mut xc).unwrap_err();
     assert!(err.to_string().contains("not whole sequences"), "{err}");
-    // A silu′ buffer of another length than the output's is refused too.
-    let err = ssm::conv_silu(&[1.0; 12], &w, &bias, (3, 2, 3), &mut xc, Some(&mut ds[..6])).unwrap_err();
+    // An output of another length than the input's is refused too.
+    let err = ssm::conv_silu(&[1.0; 12], &w, &bias, (3, 2, 3), &mut xc[..6]).unwrap_err();
     assert!(err.to_string().contains("not whole sequences"), "{err}");
+    assert!(ssm::conv_silu_grad(&[1.0; 10], &w, &bias, 3, 2, 3).is_err());
 }
 
 #[test]
 fn conv_backward_is_the_two_pass_kernels_bit_for_bit() {
     // 16-channel blocks and the channel-by-channel rest (c = 35), sequences shorter than the
-    // taps, as long and longer, several per batch; 3 taps take the two-pass path itself.
+    // taps, as long and longer, several per batch; 3 taps take the two-pass path itself. The
+    // fused walk recomputes silu′ from x; the two-pass kernels take it from `conv_silu_grad`.
     let val = |i: usize, s: usize, m: usize| ((i * s + 5) % m) as f32 * 0.037 - 0.9;
     for (k, c) in [(4, 35), (4, 16), (3, 35)] {
         for l in [1, 2, 3, 4, 5, 9] {
             let n = 3 * l * c;
-            let (g, ds, x): (Vec<f32>, Vec<f32>, Vec<f32>) = (
-                (0..n).map(|i| val(i, 7, 101)).collect(),
-                (0..n).map(|i| val(i, 3, 89)).collect(),
-                (0..n).map(|i| val(i, 13, 97)).collect(),
-            );
+            let (g, x): (Vec<f32>, Vec<f32>) =
+                ((0..n).map(|i| val(i, 7, 101)).collect(), (0..n).map(|i| val(i, 13, 97)).collect());
             let w: Vec<f32> = (0..c * k).map(|i| val(i, 11, 23)).collect();
-            let (dx, taps) = ssm::conv_backward(&g, &ds, &x, &w, l, c, k).unwrap();
+            let bias: Vec<f32> = (0..c).map(|i| val(i, 5, 31)).collect();
+            let (dx, taps) = ssm::conv_backward(&g, &x, &w, &bias, l, c, k).unwrap();
+            let ds = ssm::conv_silu_grad(&x, &w, &bias, l, c, k).unwrap();
             let mut g2 = g.clone();
             let dx2 = ssm::silu_conv_transpose(&mut g2, &ds, &w, l, c, k).unwrap();
             let taps2 = ssm::conv_param_grad(&x, &g2, l, c, k);
@@ -232,6 +233,8 @@ fn conv_backward_is_the_two_pass_kernels_bit_for_bit() {
             assert_eq!(bits(&taps), bits(&taps2), "taps and bias, k {k}, c {c}, l {l}");
         }
     }
-    let err = ssm::conv_backward(&[1.0; 12], &[1.0; 12], &[1.0; 10], &[0.5; 8], 3, 2, 4).unwrap_err();
+    let err = ssm::conv_backward(&[1.0; 12], &[1.0; 10], &[0.5; 8], &[0.0; 2], 3, 2, 4).unwrap_err();
     assert!(err.to_string().contains("not whole sequences"), "{err}");
+    let err = ssm::conv_backward(&[1.0; 12], &[1.0; 12], &[0.5; 8], &[0.0; 3], 3, 2, 4).unwrap_err();
+    assert!(err.to_string().contains("biases"), "{err}");
 }
