@@ -239,28 +239,45 @@ simd_dispatch! {
         let h = scan_fwd(&a, &u, (rows / l, l, n));
 
         // y = C h + D ⊙ xc; gated = y ⊙ silu(z).
-        let mut y = gemm(Product::ABt, (&h, rows, n), (part(p, &o, C), di, n))?;
         let d_skip = part(p, &o, D_SKIP);
         if let (Some(q), false) = (&quant.out_proj, keep) {
-            // Inference on an integer out_proj: the gate straight into int8 rows.
-            let gated = gate_to_int8(&y, &xc, &z, d_skip, crate::simd::active());
+            // Inference on an integer out_proj: C h, the gate and int8 rows in one pass.
+            let gated = gate_to_int8((&h, part(p, &o, C)), &xc, &z, d_skip, crate::simd::active());
             let out = if residual { q.matmul_t_plus_rows(&gated, x) } else { q.matmul_t_rows(&gated) };
             let (y, gated) = (Vec::new(), Vec::new());
             return Ok((out, Saved { stats, normed, xs, z, xc, qb, bx, delta, a, h, y, gated }));
         }
         let mut gated = slots(rows * di);
         let per = rows_per_task(di);
-        for_chunks2(&mut y, per * di, &mut gated, per * di, |i, ys, gs| {
-            let (xcs, zs) = (&xc[i * per * di..], &z[i * per * di..]);
-            for (((yr, gr), xr), zr) in ys.chunks_exact_mut(di).zip(gs.chunks_exact_mut(di)).zip(xcs.chunks_exact(di)).zip(zs.chunks_exact(di)) {
-                for ((((y, g), &x), &z), &dd) in yr.iter_mut().zip(gr.iter_mut()).zip(xr).zip(zr).zip(d_skip) {
-                    *y = fma(dd, x, *y);
-                    g.write(*y * z * sigmoid(z));
+        let y = if keep {
+            let mut y = gemm(Product::ABt, (&h, rows, n), (part(p, &o, C), di, n))?;
+            for_chunks2(&mut y, per * di, &mut gated, per * di, |i, ys, gs| {
+                let (xcs, zs) = (&xc[i * per * di..], &z[i * per * di..]);
+                for (((yr, gr), xr), zr) in ys.chunks_exact_mut(di).zip(gs.chunks_exact_mut(di)).zip(xcs.chunks_exact(di)).zip(zs.chunks_exact(di)) {
+                    for ((((y, g), &x), &z), &dd) in yr.iter_mut().zip(gr.iter_mut()).zip(xr).zip(zr).zip(d_skip) {
+                        *y = fma(dd, x, *y);
+                        g.write(*y * z * sigmoid(z));
+                    }
                 }
-            }
-        });
-        // SAFETY: y, gated, xc and z all hold rows × di values, cut alike into rows of di, and
-        // each row zipped with the di values of D.
+            });
+            y
+        } else {
+            // Inference: y = C h row by row in registers, not stored (as gate_to_int8 makes it).
+            let c_by_state = by_state(part(p, &o, C), di, n);
+            for_chunks(&mut gated, per * di, |i, gs| {
+                let (mut g, at) = (vec![0f32; di], i * per);
+                let inputs = xc[at * di..].chunks_exact(di).zip(z[at * di..].chunks_exact(di)).enumerate();
+                for (gr, (r, (xr, zr))) in gs.chunks_exact_mut(di).zip(inputs) {
+                    c_times_h(&h[(at + r) * n..(at + r + 1) * n], &c_by_state, &mut g, fma);
+                    for ((o, ((&y, &x), &z)), &dd) in gr.iter_mut().zip(g.iter().zip(xr).zip(zr)).zip(d_skip) {
+                        o.write(fma(dd, x, y) * z * sigmoid(z));
+                    }
+                }
+            });
+            Vec::new()
+        };
+        // SAFETY: gated, xc and z (and y when kept) all hold rows × di values, cut alike into
+        // rows of di, and each row was zipped with the di values of D.
         let gated = unsafe { written(gated) };
 
         let out = match &quant.out_proj {
@@ -277,24 +294,63 @@ simd_dispatch! {
     }
 }
 
+/// C (di × n) by state: row s holds C[·, s], so each state's multiply-adds run along a row.
+fn by_state(c: &[f32], di: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * di];
+    for (j, cr) in c.chunks_exact(n.max(1)).take(di).enumerate() {
+        for (s, &v) in cr.iter().enumerate() {
+            out[s * di + j] = v;
+        }
+    }
+    out
+}
+
+/// y = C h for one row into `y` (di values): the n states' multiply-adds in order, for 64
+/// outputs at a time in registers (four independent chains of 16: one chain at a time waited
+/// on its multiply-adds' latency, and a pass over y per state on L1's loads and stores; both
+/// were slower than the GEMM this replaces). `c_by_state` holds C[·, s] as row s of di;
+/// `fma` is the calling copy's.
+#[inline(always)]
+fn c_times_h(h: &[f32], c_by_state: &[f32], y: &mut [f32], fma: impl Fn(f32, f32, f32) -> f32) {
+    let di = y.len();
+    let wide = di - di % 64;
+    for (b, yb) in y[..wide].chunks_exact_mut(64).enumerate() {
+        let mut acc = [0f32; 64];
+        for (cs, &hs) in c_by_state.chunks_exact(di).zip(h) {
+            for (a, &cv) in acc.iter_mut().zip(&cs[64 * b..64 * (b + 1)]) {
+                *a = fma(hs, cv, *a);
+            }
+        }
+        yb.copy_from_slice(&acc);
+    }
+    for (j, yj) in y.iter_mut().enumerate().skip(wide) {
+        *yj = c_by_state.chunks_exact(di).zip(h).fold(0.0, |acc, (cs, &hs)| fma(hs, cs[j], acc));
+    }
+}
+
 simd_dispatch! {
-    /// Inference's gate for an integer out_proj, quantized as it is made: row by row,
-    /// (y + D ⊙ xc) ⊙ silu(z) into one scratch row (the f32 path's expressions, so the same
-    /// bits) and from there into int8. Neither y + D ⊙ xc nor the gated rows are stored in f32.
-    fn gate_to_int8(y: &[f32], xc: &[f32], z: &[f32], d_skip: &[f32], kernel: Kernel) -> QuantRows {
+    /// Inference's gate for an integer out_proj, quantized as it is made: row by row, y = C h
+    /// (n multiply-adds a value, h's states in order, as the K = n GEMM sums them), then
+    /// (y + D ⊙ xc) ⊙ silu(z) into one scratch row (the f32 path's expressions) and from there
+    /// into int8. Neither y nor the gated rows are stored in f32: the GEMM that wrote y (2 MB a
+    /// layer at 16 × 128 rows) and the gate's read of it go. `ch`: h (rows × n) and C (di × n).
+    fn gate_to_int8(ch: (&[f32], &[f32]), xc: &[f32], z: &[f32], d_skip: &[f32], kernel: Kernel) -> QuantRows {
         // Widths of at least 1 for the chunking (a zero-width block has no values to gate).
         let (di, w) = (d_skip.len(), d_skip.len().max(1));
-        let rows = y.len() / w;
+        let (h, c) = ch;
+        let (n, rows) = (c.len() / w, xc.len() / w);
+        let c_by_state = by_state(c, di, n);
         let mut gated = QuantRows::zeroed(kernel, di, rows);
         let (stride, per) = (gated.stride().max(1), rows_per_task(w));
         let (qs, scales) = gated.parts_mut();
         for_chunks2(qs, per * stride, scales, per, |i, qs, scales| {
             let mut g = vec![0f32; di];
-            let at = i * per * di;
-            let inputs = y[at..].chunks_exact(w).zip(xc[at..].chunks_exact(w)).zip(z[at..].chunks_exact(w));
-            for ((qr, s), ((yr, xr), zr)) in qs.chunks_exact_mut(stride).zip(scales.iter_mut()).zip(inputs) {
-                for ((((g, &y), &x), &z), &dd) in g.iter_mut().zip(yr).zip(xr).zip(zr).zip(d_skip) {
-                    let y = fma(dd, x, y);
+            let at = i * per;
+            let inputs = xc[at * di..].chunks_exact(w).zip(z[at * di..].chunks_exact(w)).enumerate();
+            for ((qr, s), (r, (xr, zr))) in qs.chunks_exact_mut(stride).zip(scales.iter_mut()).zip(inputs) {
+                c_times_h(&h[(at + r) * n..(at + r + 1) * n], &c_by_state, &mut g, fma);
+                for (((g, &x), &z), &dd) in g.iter_mut().zip(xr).zip(zr).zip(d_skip) {
+                    let y = fma(dd, x, *g);
                     *g = y * z * sigmoid(z);
                 }
                 *s = quantize_padded_row(kernel, &g, qr);
@@ -480,21 +536,23 @@ mod tests {
         }
     }
 
-    /// The gate quantized as it is made is the f32 gate quantized afterwards, bit for bit, for
-    /// every kernel's byte layout, on one thread and on three (chunks of rows), at a width with
-    /// padding (di not a multiple of 4) and one without.
+    /// The gate quantized as it is made is the f32 path's gate quantized afterwards, bit for
+    /// bit — y = C h through the GEMM the f32 path runs, then its gate — for every kernel's byte
+    /// layout, on one thread and on three (chunks of rows), at a width with padding (di not a
+    /// multiple of 4) and one without, with the model's 8 states and with 3.
     #[test]
     fn the_gate_into_int8_rows_is_the_f32_gate_quantized() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        for (rows, di) in [(300, 128), (70, 38)] {
+        for (rows, di, n) in [(300, 128, 8), (70, 38, 3)] {
             let mut draw = |n: usize| (0..n).map(|_| rng.random_range(-3f32..3.0)).collect::<Vec<_>>();
-            let (y, xc, z, d_skip) = (draw(rows * di), draw(rows * di), draw(rows * di), draw(di));
+            let (h, c, xc, z, d_skip) = (draw(rows * n), draw(di * n), draw(rows * di), draw(rows * di), draw(di));
+            let y = gemm(Product::ABt, (&h, rows, n), (&c, di, n)).unwrap();
             let want = gate_f32(&y, &xc, &z, &d_skip);
             for kernel in Kernel::supported() {
                 let reference = QuantRows::new(kernel, di, &want);
-                assert_eq!(gate_to_int8(&y, &xc, &z, &d_skip, kernel), reference, "{rows}×{di}, {kernel:?}");
-                let threaded = pool.install(|| gate_to_int8(&y, &xc, &z, &d_skip, kernel));
+                assert_eq!(gate_to_int8((&h, &c), &xc, &z, &d_skip, kernel), reference, "{rows}×{di}, {kernel:?}");
+                let threaded = pool.install(|| gate_to_int8((&h, &c), &xc, &z, &d_skip, kernel));
                 assert_eq!(threaded, reference, "{rows}×{di}, {kernel:?}, 3 threads");
             }
         }
