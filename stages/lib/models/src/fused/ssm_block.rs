@@ -268,10 +268,8 @@ simd_dispatch! {
                 let (mut g, at) = (vec![0f32; di], i * per);
                 let inputs = xc[at * di..].chunks_exact(di).zip(z[at * di..].chunks_exact(di)).enumerate();
                 for (gr, (r, (xr, zr))) in gs.chunks_exact_mut(di).zip(inputs) {
-                    c_times_h(&h[(at + r) * n..(at + r + 1) * n], &c_by_state, &mut g, fma);
-                    for ((o, ((&y, &x), &z)), &dd) in gr.iter_mut().zip(g.iter().zip(xr).zip(zr)).zip(d_skip) {
-                        o.write(fma(dd, x, y) * z * sigmoid(z));
-                    }
+                    gate_row(&h[(at + r) * n..(at + r + 1) * n], &c_by_state, (xr, zr, d_skip), &mut g, fma, sigmoid);
+                    gr.write_copy_of_slice(&g);
                 }
             });
             Vec::new()
@@ -328,6 +326,24 @@ fn c_times_h(h: &[f32], c_by_state: &[f32], y: &mut [f32], fma: impl Fn(f32, f32
     }
 }
 
+/// One row of inference's gate into `g` (di values): y = C h ([`c_times_h`]), then
+/// (y + D ⊙ xc) ⊙ silu(z), the training path's expressions; what the f32 and the integer
+/// out_proj both take. `fma` and `sigmoid` are the calling copy's.
+#[inline(always)]
+fn gate_row(
+    h: &[f32],
+    c_by_state: &[f32],
+    (xc, z, d_skip): (&[f32], &[f32], &[f32]),
+    g: &mut [f32],
+    fma: impl Fn(f32, f32, f32) -> f32,
+    sigmoid: impl Fn(f32) -> f32,
+) {
+    c_times_h(h, c_by_state, g, &fma);
+    for (((g, &x), &z), &dd) in g.iter_mut().zip(xc).zip(z).zip(d_skip) {
+        *g = fma(dd, x, *g) * z * sigmoid(z);
+    }
+}
+
 simd_dispatch! {
     /// Inference's gate for an integer out_proj, quantized as it is made: row by row, y = C h
     /// (n multiply-adds a value, h's states in order, as the K = n GEMM sums them), then
@@ -348,11 +364,7 @@ simd_dispatch! {
             let at = i * per;
             let inputs = xc[at * di..].chunks_exact(w).zip(z[at * di..].chunks_exact(w)).enumerate();
             for ((qr, s), (r, (xr, zr))) in qs.chunks_exact_mut(stride).zip(scales.iter_mut()).zip(inputs) {
-                c_times_h(&h[(at + r) * n..(at + r + 1) * n], &c_by_state, &mut g, fma);
-                for (((g, &x), &z), &dd) in g.iter_mut().zip(xr).zip(zr).zip(d_skip) {
-                    let y = fma(dd, x, *g);
-                    *g = y * z * sigmoid(z);
-                }
+                gate_row(&h[(at + r) * n..(at + r + 1) * n], &c_by_state, (xr, zr, d_skip), &mut g, fma, sigmoid);
                 *s = quantize_padded_row(kernel, &g, qr);
             }
         });
