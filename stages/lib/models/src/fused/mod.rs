@@ -253,6 +253,33 @@ pub(crate) fn for_chunks2<A: Send, B: Send>(
     }
 }
 
+/// `f(i, chunks)` over matching chunks of four outputs, in parallel like [`for_chunks`].
+pub(crate) fn for_chunks4<A: Send, B: Send, C: Send, D: Send>(
+    (a, b, c, d): (&mut [A], &mut [B], &mut [C], &mut [D]),
+    sizes: [usize; 4],
+    f: impl Fn(usize, (&mut [A], &mut [B], &mut [C], &mut [D])) + Sync + Send,
+) {
+    let [sa, sb, sc, sd] = sizes.map(|s| s.max(1));
+    if rayon::current_num_threads() > 1 && a.len() > sa && a.len() >= PARALLEL_MIN {
+        let chunks = (a.par_chunks_mut(sa), b.par_chunks_mut(sb), c.par_chunks_mut(sc), d.par_chunks_mut(sd));
+        chunks.into_par_iter().enumerate().for_each(|(i, t)| f(i, t));
+    } else {
+        let chunks = a.chunks_mut(sa).zip(b.chunks_mut(sb)).zip(c.chunks_mut(sc)).zip(d.chunks_mut(sd));
+        chunks.enumerate().for_each(|(i, (((a, b), c), d))| f(i, (a, b, c, d)));
+    }
+}
+
+/// Σ over rows of a (rows, c) matrix, in f64 (the rows are partial sums over blocks of rows).
+pub(crate) fn column_sums(x: &[f32], c: usize) -> Vec<f32> {
+    let mut acc = vec![0f64; c];
+    for row in x.chunks_exact(c.max(1)) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+    }
+    acc.into_iter().map(|v| v as f32).collect()
+}
+
 /// The shared elementwise math with `fma` rounding once: for the AVX2 and AVX-512 copies.
 pub(crate) mod fused_mad {
     /// a·b + c rounded once.
@@ -281,6 +308,7 @@ mod gelu;
 mod softmax;
 mod ssm;
 mod ssm_block;
+mod ssm_gate;
 
 pub use attention::{attention_block, pack as pack_attention, AttentionDims, AttentionQuant};
 pub use experts::{experts, layout as experts_layout, ExpertsDims, ExpertsLayout, ExpertsQuant};

@@ -17,10 +17,11 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 
 use super::ssm::{conv_backward, conv_silu};
+use super::ssm_gate::{gate, gate_backward, gate_to_int8};
 use super::*;
 use crate::linear_op::Product;
 use crate::nn::{layer_norm_bwd, normalize_quantize_rows, normalize_rows, row_stats};
-use crate::quant::{quantize_padded_row, Kernel, QWeight, QuantRows};
+use crate::quant::QWeight;
 use crate::scan::{scan_fwd, scan_rev};
 
 /// Shapes of one block: model width d, inner width di, state size n, conv taps k, and the
@@ -108,7 +109,6 @@ pub(crate) struct Saved {
     delta: Vec<f32>,
     a: Vec<f32>,
     h: Vec<f32>,
-    y: Vec<f32>,
     gated: Vec<f32>,
 }
 
@@ -126,17 +126,6 @@ fn gemm(product: Product, a: crate::linear_op::Matrix, b: crate::linear_op::Matr
 
 fn part<'a>(p: &'a [f32], o: &[usize; PARTS + 1], i: usize) -> &'a [f32] {
     &p[o[i]..o[i + 1]]
-}
-
-/// Σ over rows of a (rows, c) matrix, in f64 (the rows are partial sums over blocks of rows).
-fn column_sums(x: &[f32], c: usize) -> Vec<f32> {
-    let mut acc = vec![0f64; c];
-    for row in x.chunks_exact(c) {
-        for (a, &v) in acc.iter_mut().zip(row) {
-            *a += v as f64;
-        }
-    }
-    acc.into_iter().map(|v| v as f32).collect()
 }
 
 /// Rows of x, after checking x holds whole sequences and p the whole packed parameter vector.
@@ -238,45 +227,16 @@ simd_dispatch! {
         }
         let h = scan_fwd(&a, &u, (rows / l, l, n));
 
-        // y = C h + D ⊙ xc; gated = y ⊙ silu(z).
-        let d_skip = part(p, &o, D_SKIP);
+        // gated = (C h + D ⊙ xc) ⊙ silu(z), y = C h made row by row in registers and not kept
+        // (the backward makes it again where it needs it).
+        let (d_skip, c) = (part(p, &o, D_SKIP), part(p, &o, C));
         if let (Some(q), false) = (&quant.out_proj, keep) {
-            // Inference on an integer out_proj: C h, the gate and int8 rows in one pass.
-            let gated = gate_to_int8((&h, part(p, &o, C)), &xc, &z, d_skip, crate::simd::active());
+            // Inference on an integer out_proj: the gate's rows quantized as they are made.
+            let gated = gate_to_int8((&h, c), &xc, &z, d_skip, crate::simd::active());
             let out = if residual { q.matmul_t_plus_rows(&gated, x) } else { q.matmul_t_rows(&gated) };
-            let (y, gated) = (Vec::new(), Vec::new());
-            return Ok((out, Saved { stats, normed, xs, z, xc, qb, bx, delta, a, h, y, gated }));
+            return Ok((out, Saved { stats, normed, xs, z, xc, qb, bx, delta, a, h, gated: Vec::new() }));
         }
-        let mut gated = slots(rows * di);
-        let per = rows_per_task(di);
-        let y = if keep {
-            let mut y = gemm(Product::ABt, (&h, rows, n), (part(p, &o, C), di, n))?;
-            for_chunks2(&mut y, per * di, &mut gated, per * di, |i, ys, gs| {
-                let (xcs, zs) = (&xc[i * per * di..], &z[i * per * di..]);
-                for (((yr, gr), xr), zr) in ys.chunks_exact_mut(di).zip(gs.chunks_exact_mut(di)).zip(xcs.chunks_exact(di)).zip(zs.chunks_exact(di)) {
-                    for ((((y, g), &x), &z), &dd) in yr.iter_mut().zip(gr.iter_mut()).zip(xr).zip(zr).zip(d_skip) {
-                        *y = fma(dd, x, *y);
-                        g.write(*y * z * sigmoid(z));
-                    }
-                }
-            });
-            y
-        } else {
-            // Inference: y = C h row by row in registers, not stored (as gate_to_int8 makes it).
-            let c_by_state = by_state(part(p, &o, C), di, n);
-            for_chunks(&mut gated, per * di, |i, gs| {
-                let (mut g, at) = (vec![0f32; di], i * per);
-                let inputs = xc[at * di..].chunks_exact(di).zip(z[at * di..].chunks_exact(di)).enumerate();
-                for (gr, (r, (xr, zr))) in gs.chunks_exact_mut(di).zip(inputs) {
-                    gate_row(&h[(at + r) * n..(at + r + 1) * n], &c_by_state, (xr, zr, d_skip), &mut g, fma, sigmoid);
-                    gr.write_copy_of_slice(&g);
-                }
-            });
-            Vec::new()
-        };
-        // SAFETY: gated, xc and z (and y when kept) all hold rows × di values, cut alike into
-        // rows of di, and each row was zipped with the di values of D.
-        let gated = unsafe { written(gated) };
+        let gated = gate((&h, c), &xc, &z, d_skip);
 
         let out = match &quant.out_proj {
             // The integer kernels add the residual as they store: no copy of x to add into.
@@ -288,87 +248,7 @@ simd_dispatch! {
                 out
             }
         };
-        Ok((out, Saved { stats, normed, xs, z, xc, qb, bx, delta, a, h, y, gated }))
-    }
-}
-
-/// C (di × n) by state: row s holds C[·, s], so each state's multiply-adds run along a row.
-fn by_state(c: &[f32], di: usize, n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * di];
-    for (j, cr) in c.chunks_exact(n.max(1)).take(di).enumerate() {
-        for (s, &v) in cr.iter().enumerate() {
-            out[s * di + j] = v;
-        }
-    }
-    out
-}
-
-/// y = C h for one row into `y` (di values): the n states' multiply-adds in order, for 64
-/// outputs at a time in registers (four independent chains of 16: one chain at a time waited
-/// on its multiply-adds' latency, and a pass over y per state on L1's loads and stores; both
-/// were slower than the GEMM this replaces). `c_by_state` holds C[·, s] as row s of di;
-/// `fma` is the calling copy's.
-#[inline(always)]
-fn c_times_h(h: &[f32], c_by_state: &[f32], y: &mut [f32], fma: impl Fn(f32, f32, f32) -> f32) {
-    let di = y.len();
-    let wide = di - di % 64;
-    for (b, yb) in y[..wide].chunks_exact_mut(64).enumerate() {
-        let mut acc = [0f32; 64];
-        for (cs, &hs) in c_by_state.chunks_exact(di).zip(h) {
-            for (a, &cv) in acc.iter_mut().zip(&cs[64 * b..64 * (b + 1)]) {
-                *a = fma(hs, cv, *a);
-            }
-        }
-        yb.copy_from_slice(&acc);
-    }
-    for (j, yj) in y.iter_mut().enumerate().skip(wide) {
-        *yj = c_by_state.chunks_exact(di).zip(h).fold(0.0, |acc, (cs, &hs)| fma(hs, cs[j], acc));
-    }
-}
-
-/// One row of inference's gate into `g` (di values): y = C h ([`c_times_h`]), then
-/// (y + D ⊙ xc) ⊙ silu(z), the training path's expressions; what the f32 and the integer
-/// out_proj both take. `fma` and `sigmoid` are the calling copy's.
-#[inline(always)]
-fn gate_row(
-    h: &[f32],
-    c_by_state: &[f32],
-    (xc, z, d_skip): (&[f32], &[f32], &[f32]),
-    g: &mut [f32],
-    fma: impl Fn(f32, f32, f32) -> f32,
-    sigmoid: impl Fn(f32) -> f32,
-) {
-    c_times_h(h, c_by_state, g, &fma);
-    for (((g, &x), &z), &dd) in g.iter_mut().zip(xc).zip(z).zip(d_skip) {
-        *g = fma(dd, x, *g) * z * sigmoid(z);
-    }
-}
-
-simd_dispatch! {
-    /// Inference's gate for an integer out_proj, quantized as it is made: row by row, y = C h
-    /// (n multiply-adds a value, h's states in order, as the K = n GEMM sums them), then
-    /// (y + D ⊙ xc) ⊙ silu(z) into one scratch row (the f32 path's expressions) and from there
-    /// into int8. Neither y nor the gated rows are stored in f32: the GEMM that wrote y (2 MB a
-    /// layer at 16 × 128 rows) and the gate's read of it go. `ch`: h (rows × n) and C (di × n).
-    fn gate_to_int8(ch: (&[f32], &[f32]), xc: &[f32], z: &[f32], d_skip: &[f32], kernel: Kernel) -> QuantRows {
-        // Widths of at least 1 for the chunking (a zero-width block has no values to gate).
-        let (di, w) = (d_skip.len(), d_skip.len().max(1));
-        let (h, c) = ch;
-        let (n, rows) = (c.len() / w, xc.len() / w);
-        let c_by_state = by_state(c, di, n);
-        let mut gated = QuantRows::zeroed(kernel, di, rows);
-        let (stride, per) = (gated.stride().max(1), rows_per_task(w));
-        let (qs, scales) = gated.parts_mut();
-        for_chunks2(qs, per * stride, scales, per, |i, qs, scales| {
-            let mut g = vec![0f32; di];
-            let at = i * per;
-            let inputs = xc[at * di..].chunks_exact(w).zip(z[at * di..].chunks_exact(w)).enumerate();
-            for ((qr, s), (r, (xr, zr))) in qs.chunks_exact_mut(stride).zip(scales.iter_mut()).zip(inputs) {
-                gate_row(&h[(at + r) * n..(at + r + 1) * n], &c_by_state, (xr, zr, d_skip), &mut g, fma, sigmoid);
-                *s = quantize_padded_row(kernel, &g, qr);
-            }
-        });
-        gated
+        Ok((out, Saved { stats, normed, xs, z, xc, qb, bx, delta, a, h, gated }))
     }
 }
 
@@ -385,38 +265,11 @@ simd_dispatch! {
         Product::AtB.write_into((g, rows, d), (&s.gated, rows, di), &mut dp[at(W_OUT)], false)?;
         let mut dy = gemm(Product::AB, (g, rows, d), (part(p, &o, W_OUT), d, di))?;
 
-        // gate: dy ← dgated ⊙ silu(z); dz = dgated ⊙ y ⊙ silu'(z)
-        let mut dz = slots(rows * di);
-        for_chunks2(&mut dy, 16_384, &mut dz, 16_384, |i, dys, dzs| {
-            let (ys, zs) = (&s.y[i * 16_384..], &s.z[i * 16_384..]);
-            for (((dy, dz), &y), &z) in dys.iter_mut().zip(dzs.iter_mut()).zip(ys).zip(zs) {
-                let sg = sigmoid(z);
-                let dg = *dy;
-                *dy = dg * z * sg;
-                dz.write(dg * y * silu_grad(z, sg));
-            }
-        });
-        // SAFETY: dy, dz, y and z all hold rows × di values, cut alike and zipped whole.
-        let dz = unsafe { written(dz) };
-
-        // y = C h + D ⊙ xc: ∂xc = dy ⊙ D, and ∂D summed per block of rows in f32, then in f64.
-        let d_skip = part(p, &o, D_SKIP);
-        let per = rows_per_task(di);
-        let mut dxc = slots(rows * di);
-        let mut d_partial = vec![0f32; rows.div_ceil(per) * di];
-        for_chunks2(&mut dxc, per * di, &mut d_partial, di, |i, out, acc| {
-            let base = i * per * di;
-            for ((or, gr), xr) in out.chunks_exact_mut(di).zip(dy[base..].chunks_exact(di)).zip(s.xc[base..].chunks_exact(di)) {
-                for (((o, &g), &dd), (a, &x)) in or.iter_mut().zip(gr).zip(d_skip).zip(acc.iter_mut().zip(xr)) {
-                    o.write(g * dd);
-                    *a = fma(g, x, *a);
-                }
-            }
-        });
-        // SAFETY: dxc, dy and xc hold rows × di values; every row of dxc is zipped with a row of
-        // dy and of xc and with the di values of D and of its partial sums.
-        let mut dxc = unsafe { written(dxc) };
-        dp[at(D_SKIP)].copy_from_slice(&column_sums(&d_partial, di));
+        // The gate, in one pass: ∂gated becomes ∂y in place; ∂z, xc's share through D, and D's
+        // gradient. Then ∂h = ∂y · C and C's gradient ∂yᵀ · h.
+        let gg = gate_backward(&mut dy, (&s.h, part(p, &o, C)), &s.xc, &s.z, part(p, &o, D_SKIP));
+        dp[at(D_SKIP)].copy_from_slice(&gg.dd);
+        let (dz, mut dxc) = (gg.dz, gg.dxc);
         let dh = gemm(Product::AB, (&dy, rows, di), (part(p, &o, C), di, n))?;
         Product::AtB.write_into((&dy, rows, di), (&s.h, rows, n), &mut dp[at(C)], false)?;
 
@@ -529,44 +382,4 @@ pub fn ssm_block(
         candle_core::bail!("ssm-block: quantized weights are for inference; train the f32 model");
     }
     Kept::apply(SsmBlockOp { dims, quant, residual }, x, packed, train)
-}
-
-#[cfg(test)]
-mod tests {
-    use rand::{Rng, SeedableRng};
-
-    use super::*;
-
-    simd_dispatch! {
-        /// The training path's gate in f32 (its expression, at this process's level).
-        fn gate_f32(y: &[f32], xc: &[f32], z: &[f32], d_skip: &[f32]) -> Vec<f32> {
-            let rows = y.chunks_exact(d_skip.len()).zip(xc.chunks_exact(d_skip.len())).zip(z.chunks_exact(d_skip.len()));
-            rows.flat_map(|((yr, xr), zr)| {
-                yr.iter().zip(xr).zip(zr).zip(d_skip).map(|(((&y, &x), &z), &dd)| fma(dd, x, y) * z * sigmoid(z)).collect::<Vec<_>>()
-            })
-            .collect()
-        }
-    }
-
-    /// The gate quantized as it is made is the f32 path's gate quantized afterwards, bit for
-    /// bit — y = C h through the GEMM the f32 path runs, then its gate — for every kernel's byte
-    /// layout, on one thread and on three (chunks of rows), at a width with padding (di not a
-    /// multiple of 4) and one without, with the model's 8 states and with 3.
-    #[test]
-    fn the_gate_into_int8_rows_is_the_f32_gate_quantized() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-        for (rows, di, n) in [(300, 128, 8), (70, 38, 3)] {
-            let mut draw = |n: usize| (0..n).map(|_| rng.random_range(-3f32..3.0)).collect::<Vec<_>>();
-            let (h, c, xc, z, d_skip) = (draw(rows * n), draw(di * n), draw(rows * di), draw(rows * di), draw(di));
-            let y = gemm(Product::ABt, (&h, rows, n), (&c, di, n)).unwrap();
-            let want = gate_f32(&y, &xc, &z, &d_skip);
-            for kernel in Kernel::supported() {
-                let reference = QuantRows::new(kernel, di, &want);
-                assert_eq!(gate_to_int8((&h, &c), &xc, &z, &d_skip, kernel), reference, "{rows}×{di}, {kernel:?}");
-                let threaded = pool.install(|| gate_to_int8((&h, &c), &xc, &z, &d_skip, kernel));
-                assert_eq!(threaded, reference, "{rows}×{di}, {kernel:?}, 3 threads");
-            }
-        }
-    }
 }
