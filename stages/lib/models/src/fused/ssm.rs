@@ -199,16 +199,11 @@ simd_dispatch! {
 /// The per-sequence partial sums of the conv's parameter gradient ((k + 1) rows of c each: the
 /// taps by offset, then the bias) added up in order in f64, as (c, k + 1).
 fn conv_param_reduce(partial: &[f32], c: usize, k: usize) -> Vec<f32> {
-    let mut sum = vec![0f64; (k + 1) * c];
-    for p in partial.chunks_exact((k + 1) * c) {
-        for (o, &v) in sum.iter_mut().zip(p) {
-            *o += v as f64;
-        }
-    }
+    let sum = column_sums(partial, (k + 1) * c);
     let mut out = vec![0f32; c * (k + 1)];
     for j in 0..=k {
         for ch in 0..c {
-            out[ch * (k + 1) + j] = sum[j * c + ch] as f32;
+            out[ch * (k + 1) + j] = sum[j * c + ch];
         }
     }
     out
@@ -595,13 +590,7 @@ impl CustomOp1 for ColumnSums {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, self.name())?;
         let c = l.shape().dims().last().copied().unwrap_or(1);
-        let mut acc = vec![0f64; c];
-        for row in x.chunks_exact(c) {
-            for (a, &v) in acc.iter_mut().zip(row) {
-                *a += v as f64;
-            }
-        }
-        Ok((CpuStorage::F32(acc.into_iter().map(|v| v as f32).collect()), Shape::from(c)))
+        Ok((CpuStorage::F32(column_sums(x, c)), Shape::from(c)))
     }
 }
 

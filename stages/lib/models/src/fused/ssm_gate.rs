@@ -9,7 +9,7 @@ use super::*;
 use crate::quant::{quantize_padded_row, Kernel, QuantRows};
 
 /// C (di × n) by state: row s holds C[·, s], so each state's multiply-adds run along a row.
-pub(super) fn by_state(c: &[f32], di: usize, n: usize) -> Vec<f32> {
+fn by_state(c: &[f32], di: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; n * di];
     for (j, cr) in c.chunks_exact(n.max(1)).take(di).enumerate() {
         for (s, &v) in cr.iter().enumerate() {
