@@ -112,13 +112,7 @@ fn quality(loss: f64, data: &Data) -> Value {
     json!({"val_loss": loss, "val_perplexity": loss.exp(), "bits_per_byte": loss / data.bytes_per_token / std::f64::consts::LN_2})
 }
 
-fn native_record(
-    label: &str,
-    path: &Path,
-    s: &Settings,
-    data: &Data,
-    threads: usize,
-) -> Result<(Value, ModelConfig), StageError> {
+fn native_record(label: &str, path: &Path, s: &Settings, data: &Data, threads: usize) -> Result<Value, StageError> {
     reset_peak_rss();
     let (cpu0, wall0) = (cpu_seconds(), Instant::now());
     let mut model = Model::load_any(path).context(|| format!("loading the model {}", path.display()))?;
@@ -163,7 +157,7 @@ fn native_record(
         "quality": quality(loss, data),
     });
     drop(model);
-    Ok((record, config))
+    Ok(record)
 }
 
 fn onnx_records(label: &str, dir: &Path, s: &Settings, data: &Data, threads: usize) -> Result<Vec<Value>, StageError> {
@@ -355,7 +349,7 @@ impl Stage for BenchmarkStage {
                 records.extend(onnx_records(name, &path, &s, &data, threads)?);
             } else {
                 // Quality uses windows of the model's own max length when it is shorter.
-                records.push(native_record(name, &path, &s, &data, threads)?.0);
+                records.push(native_record(name, &path, &s, &data, threads)?);
             }
         }
         let report = json!({

@@ -96,33 +96,3 @@ fn params_and_inputs_are_checked() {
     let io = InputSpec { inputs: vec!["tokenizer".into(), "valid".into()], outputs: vec![] };
     assert!(BenchmarkStage.check(&params(json!({})), &io).unwrap_err().message.contains("at least one model"));
 }
-
-/// A small model measured after a large one reports its own peak, not the large one's.
-#[test]
-fn a_small_model_after_a_large_one_reports_less_memory() {
-    // As in a stage process: freed memory is kept, which is what made peaks inherit.
-    itera_models::measure::keep_freed_memory();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let vocab = write_inputs(d);
-    let big =
-        ModelConfig::build("transformer", "tiny", vocab, json!({"max_seq_len": 64}).as_object().unwrap()).unwrap();
-    let small =
-        ModelConfig::build("itera_lite", "micro", vocab, json!({"max_seq_len": 32}).as_object().unwrap()).unwrap();
-    Model::new(&big, 1).unwrap().save(&d.join("big")).unwrap();
-    Model::new(&small, 1).unwrap().save(&d.join("small")).unwrap();
-    let s =
-        settings(&params(json!({"seq_len": 32, "batch": 8, "runs": 1, "generate": 4, "eval_tokens": 256}))).unwrap();
-    let ids: Vec<u32> = (0..512).map(|i| (i % (vocab as u32 - 1)) + 1).collect();
-    let data = super::Data {
-        windows: ids.chunks(32).map(<[u32]>::to_vec).collect(),
-        bytes_per_token: 1.0,
-        prompt: ids[..16].to_vec(),
-    };
-    let peak = |name: &str| {
-        let (r, _) = super::native_record(name, &d.join(name), &s, &data, 1).unwrap();
-        r["peak_rss_bytes"].as_u64().unwrap()
-    };
-    let (first_big, then_small) = (peak("big"), peak("small"));
-    assert!(then_small < first_big, "small {then_small} B after big {first_big} B: the peak was inherited");
-}
