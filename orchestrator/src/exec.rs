@@ -62,6 +62,8 @@ const PARENT_ENV: &str = "ORCHESTRATE_SCHEDULER_PID";
 
 /// Entry point of the hidden `exec-stage` subcommand. Returns the process exit code.
 pub fn exec_stage_main(spec_path: &Path, result_path: &Path) -> i32 {
+    // First, before any thread: the stage's memory on huge pages (this process again, by exec).
+    itera_models::measure::run_on_huge_pages();
     // When the scheduler dies (even by SIGKILL) the kernel sends us SIGTERM; take the whole
     // process group down so no orphaned stage keeps writing.
     // SAFETY: installing a handler that only calls kill(2), and a prctl on ourselves.

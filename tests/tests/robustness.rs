@@ -333,6 +333,34 @@ fn stage_process_protocol_runs_reports_and_dies_with_the_scheduler() {
     assert!(orphans.is_empty(), "stage processes survived the scheduler: {orphans:?}");
 }
 
+/// Built-in stages' processes (`exec-stage`) run with malloc on transparent huge pages
+/// (`itera_models::measure::run_on_huge_pages`); a GLIBC_TUNABLES of the user's that already
+/// sets them is kept as it is. A command stage under the process protocol shows the environment.
+#[test]
+fn stage_processes_run_with_malloc_on_huge_pages() {
+    // A project each: the environment is not part of the stage's key, so a rerun is cached.
+    let tunables = |user: Option<&str>| {
+        let p = Project::new();
+        p.write(
+            "t.yaml",
+            "stages:\n  t:\n    kind: command\n    outputs: [o]\n    cmd: 'echo \"$GLIBC_TUNABLES\" > ${outputs.o}'\n",
+        );
+        let mut c = p.cmd();
+        c.args(["run", "t.yaml"]).env("ORCHESTRATE_STAGE_PROTOCOL", "process");
+        match user {
+            Some(t) => c.env("GLIBC_TUNABLES", t),
+            None => c.env_remove("GLIBC_TUNABLES"),
+        };
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        p.run(&["export", "t.yaml", "t.o", "o.txt"]).assert_ok();
+        p.read("o.txt").trim().to_string()
+    };
+    assert_eq!(tunables(None), "glibc.malloc.hugetlb=1");
+    assert_eq!(tunables(Some("glibc.malloc.arena_max=2")), "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1");
+    assert_eq!(tunables(Some("glibc.malloc.hugetlb=0")), "glibc.malloc.hugetlb=0");
+}
+
 #[test]
 fn replacing_the_binary_mid_run_does_not_break_later_stages() {
     // A rebuild (`cargo build`) swaps the file under a running pipeline; built-in stages run as

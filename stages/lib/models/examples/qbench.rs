@@ -27,13 +27,19 @@ fn round_ratios(rates: &[f64], f32_rates: &[f64]) -> f64 {
 }
 
 fn main() -> candle_core::Result<()> {
+    itera_models::measure::run_on_huge_pages();
     let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let steps: usize = std::env::var("BENCH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     itera_models::measure::keep_freed_memory();
     let (b, l) = (16usize, 128usize);
     println!("quantized inference — {threads} thread(s), batch {b} × seq {l} forward, batch 1 generation (16 + 112 tokens), medians of {steps}");
-    println!("CPU: {}; kernels: {}\n", itera_models::measure::cpu_model(), itera_models::simd_path());
+    println!(
+        "CPU: {}; kernels: {}; malloc: {}\n",
+        itera_models::measure::cpu_model(),
+        itera_models::simd_path(),
+        itera_models::measure::malloc_pages()
+    );
     println!("| model | weights | forward tok/s | × f32 | generate tok/s | × f32 |");
     println!("|---|---|---|---|---|---|");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);

@@ -18,9 +18,15 @@ fn time(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() -> candle_core::Result<()> {
+    itera_models::measure::run_on_huge_pages();
     std::env::set_var("RAYON_NUM_THREADS", std::env::var("BENCH_THREADS").unwrap_or("1".into()));
     itera_models::measure::keep_freed_memory();
-    println!("CPU: {}; kernels: {}", itera_models::measure::cpu_model(), itera_models::simd_path());
+    println!(
+        "CPU: {}; kernels: {}; malloc: {}",
+        itera_models::measure::cpu_model(),
+        itera_models::simd_path(),
+        itera_models::measure::malloc_pages()
+    );
     for (m, n, k) in [(2048, 512, 128), (2048, 128, 256), (2048, 64, 128), (1, 512, 128), (1, 256, 128)] {
         let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;

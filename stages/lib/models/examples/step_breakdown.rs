@@ -13,6 +13,7 @@ use itera_models::{Model, ModelConfig};
 use rand::{Rng, SeedableRng};
 
 fn main() -> candle_core::Result<()> {
+    itera_models::measure::run_on_huge_pages();
     itera_models::measure::keep_freed_memory();
     let name = std::env::var("MODEL").unwrap_or_else(|_| "itera_lite".into());
     let cfg = ModelConfig::build(&name, "tiny", 256, &Default::default())

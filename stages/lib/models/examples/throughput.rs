@@ -250,6 +250,7 @@ impl GemmFloor {
 }
 
 fn main() -> candle_core::Result<()> {
+    itera_models::measure::run_on_huge_pages();
     let threads: usize = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     itera_models::measure::keep_freed_memory();
     // Before the first rayon use, so candle's pool has this size.
@@ -262,7 +263,12 @@ fn main() -> candle_core::Result<()> {
     // A measured bound, not a clock-speed guess (a guess was below what the GEMMs reached).
     let peak = measured_gemm_rate(steps)?;
     println!("itera-models throughput — {threads} thread(s), f32, batch {b} × seq {l}, vocab 256, {steps} timed steps (medians)");
-    println!("CPU: {}; kernels: {}", itera_models::measure::cpu_model(), itera_models::simd_path());
+    println!(
+        "CPU: {}; kernels: {}; malloc: {}",
+        itera_models::measure::cpu_model(),
+        itera_models::simd_path(),
+        itera_models::measure::malloc_pages()
+    );
     println!("f32 GEMM rate measured here (768³ products): {peak:.1} GFLOP/s for {threads} thread(s)");
     let show = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.1}"));
     let (fma512, fma256) = fma_peaks();
