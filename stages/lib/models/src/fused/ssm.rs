@@ -237,13 +237,28 @@ fn prefetch(s: &[f32], i: usize) {
     let _ = (s, i);
 }
 
+/// A hint to bring the line holding `s[i]` into L2 (nothing past the end): for data the walk
+/// reaches a sequence later.
+#[inline(always)]
+fn prefetch_l2(s: &[f32], i: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = s.get(i) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        // SAFETY: a prefetch only hints the cache; the address is inside `s`.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>((v as *const f32).cast()) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (s, i);
+}
+
 /// One sequence's conv backward on channels c0..c0 + N, 4 taps, walking down the rows with
 /// everything in registers: the conv's pre-activation v again from the bias and the x window
 /// the walk holds anyway (summed as the forward's `conv_row` sums it, so the same v), the conv
 /// output's gradient g′ = g · silu′(v) (never stored), row
 /// s = t − 3 of its transpose into `dx` once g′[t] is known, and the parameter sums into `acc`
 /// ((k + 1) rows of c, as [`conv_param_grad`]'s partials). Each output sums its terms in the
-/// two-pass kernels' order, so the results are theirs bit for bit; what goes is a pass that
+/// two-pass kernels' order, so the results are theirs bit for bit (but for the sign of a zero
+/// in the last three rows, see below); what goes is a pass that
 /// wrote g′ back and one that read it again, the per-tap load-add-store of every sum, and
 /// silu′ kept from the forward (written there, read back here: 2 MB a layer written and read
 /// again, for four multiplies, four adds and a sigmoid a value). `fma` and `silu_grad_at`
@@ -251,91 +266,65 @@ fn prefetch(s: &[f32], i: usize) {
 ///
 /// Walking down the rows reads each 64-byte line of the inputs on its own, a row apart; a
 /// row-major pass (all channels of a row, what it carries from row to row in L1) was tried and
-/// took 0.64 ms a layer against this walk's 0.45, inputs in L3. The walk asks for the lines
-/// [`AHEAD`] rows on: on a Zen 4 its share of a training step's profile went from 4.1–6.2 %
-/// (median 5.0, 17 profiles) to 3.3–5.9 % (median 4.2, 13), step ÷ floor 0.6 % lower over 26
-/// paired rounds (docs/results.md).
+/// was slower. The walk asks for the lines [`AHEAD`] rows on, and for the next sequence's
+/// lines, one of g and one of x a step, into L2. On a Zen 4, a layer of Itera-Lite tiny (16
+/// sequences of 128 rows of 256 channels, one thread): 0.45–0.49 ms with its inputs in cache,
+/// 0.73–0.95 ms with them in memory (1.3 ms without the next sequence's prefetch). When the
+/// rows before t lived in arrays indexed by a loop variable (for the first and last rows), the
+/// compiler kept them on the stack, and each step reloaded 512-bit values it had just stored:
+/// 1.6–2.0 ms and 2.2 ms, 3.6–6.7 % of a training step (now 1.8–3.1 %; docs/results.md).
 #[inline(always)]
 fn conv_backward_lanes<const N: usize>(
     (gb, xb): (&[f32], &[f32]),
     (wt, bias): (&[f32], &[f32]),
     (l, c, c0): (usize, usize, usize),
     (dx, acc): (&mut [MaybeUninit<f32>], &mut [f32]),
+    next: (&[f32], &[f32]),
     fma: impl Fn(f32, f32, f32) -> f32,
     silu_grad_at: impl Fn(f32) -> f32,
 ) {
     let w: [[f32; N]; 4] = std::array::from_fn(|j| lanes(wt, j, c, c0));
     let b: [f32; N] = lanes(bias, 0, c, c0);
     let mut a = [[0f32; N]; 5];
-    // g′ and x at rows t − 1, t − 2, t − 3 (zeros before the sequence).
-    let (mut gp, mut xw) = ([[0f32; N]; 3], [[0f32; N]; 3]);
-    let mut emit = |s: usize, r: &[f32; N]| {
-        for (o, &v) in dx[s * c + c0..][..N].iter_mut().zip(r) {
-            o.write(v);
-        }
-    };
-    // The first rows: only taps j ≥ 3 − t reach inside the sequence, and no transpose row is
-    // complete yet.
-    let head = l.min(3);
-    for t in 0..head {
-        let (g, x) = (lanes::<N>(gb, t, c, c0), lanes::<N>(xb, t, c, c0));
-        // Tap j reads x[t − 3 + j]: x itself for j = 3, xw[2 − j] before it.
-        let tap = |j: usize| if j == 3 { &x } else { &xw[2 - j] };
-        let mut v = b;
-        for (j, wj) in w.iter().enumerate().skip(3 - t) {
-            let xs = tap(j);
-            for i in 0..N {
-                v[i] += wj[i] * xs[i];
-            }
-        }
-        let gt: [f32; N] = std::array::from_fn(|i| g[i] * silu_grad_at(v[i]));
-        for (j, aj) in a.iter_mut().enumerate().take(4).skip(3 - t) {
-            let xs = tap(j);
-            for i in 0..N {
-                aj[i] = fma(gt[i], xs[i], aj[i]);
-            }
-        }
-        for i in 0..N {
-            a[4][i] += gt[i];
-        }
-        gp = [gt, gp[0], gp[1]];
-        xw = [x, xw[0], xw[1]];
-    }
-    for t in head..l {
+    // g′ and x at rows t − 1, t − 2, t − 3, each its own value: an array of them indexed by a
+    // loop variable anywhere would live in memory, and on a Zen 4 reloading a 512-bit value
+    // just stored stalls the walk (it ran at half speed so).
+    let zero = [0f32; N];
+    let (mut g1, mut g2, mut g3) = (zero, zero, zero);
+    let (mut x1, mut x2, mut x3) = (zero, zero, zero);
+    let step0 = c0 / 16 * l;
+    // Rows before the sequence are zeros to the taps, which adds nothing to a sum (the forward
+    // skips those taps; x + 0 is x). Three steps past its end, with g′ = 0, finish the
+    // transpose's last rows s ≥ l − 3, whose taps past the end add zeros: the same values
+    // as summing only the taps inside (a zero result's sign aside).
+    for t in 0..l + 3 {
         prefetch(gb, (t + AHEAD) * c + c0);
         prefetch(xb, (t + AHEAD) * c + c0);
-        let (g, x) = (lanes::<N>(gb, t, c, c0), lanes::<N>(xb, t, c, c0));
+        // Step t of this block's walk asks for line `step0 + t` of the next sequence's g and
+        // x: with N = 16 the whole sequence's walk covers each of their lines once.
+        prefetch_l2(next.0, (step0 + t) * 16);
+        prefetch_l2(next.1, (step0 + t) * 16);
+        let (g, x) = if t < l { (lanes::<N>(gb, t, c, c0), lanes::<N>(xb, t, c, c0)) } else { (zero, zero) };
         let (mut gt, mut r) = ([0f32; N], [0f32; N]);
         for i in 0..N {
             // The forward's sum: bias, then taps 0..3 in order, each a multiply then an add.
-            let v = b[i] + w[0][i] * xw[2][i] + w[1][i] * xw[1][i] + w[2][i] * xw[0][i] + w[3][i] * x[i];
+            let v = b[i] + w[0][i] * x3[i] + w[1][i] * x2[i] + w[2][i] * x1[i] + w[3][i] * x[i];
             gt[i] = g[i] * silu_grad_at(v);
-            a[0][i] = fma(gt[i], xw[2][i], a[0][i]);
-            a[1][i] = fma(gt[i], xw[1][i], a[1][i]);
-            a[2][i] = fma(gt[i], xw[0][i], a[2][i]);
+            a[0][i] = fma(gt[i], x3[i], a[0][i]);
+            a[1][i] = fma(gt[i], x2[i], a[1][i]);
+            a[2][i] = fma(gt[i], x1[i], a[2][i]);
             a[3][i] = fma(gt[i], x[i], a[3][i]);
             a[4][i] += gt[i];
             // dx[s] = Σ_j w[j] · g′[s + 3 − j], tap 0 first, as conv_t_row adds them.
-            r[i] = w[0][i] * gt[i] + w[1][i] * gp[0][i] + w[2][i] * gp[1][i] + w[3][i] * gp[2][i];
+            r[i] = w[0][i] * gt[i] + w[1][i] * g1[i] + w[2][i] * g2[i] + w[3][i] * g3[i];
         }
-        emit(t - 3, &r);
-        gp = [gt, gp[0], gp[1]];
-        xw = [x, xw[0], xw[1]];
-    }
-    // The last rows s ≥ l − 3: taps j from j0 = s + 4 − l, reading g′[s + 3 − j], which is
-    // gp[l − 1 − (s + 3 − j)].
-    for s in l.saturating_sub(3)..l {
-        let j0 = s + 4 - l;
-        let g_at = |j: usize| &gp[l - 1 - (s + 3 - j)];
-        let first = g_at(j0);
-        let mut r: [f32; N] = std::array::from_fn(|i| w[j0][i] * first[i]);
-        for (j, wj) in w.iter().enumerate().skip(j0 + 1) {
-            let gj = g_at(j);
-            for i in 0..N {
-                r[i] += wj[i] * gj[i];
+        if let Some(s) = t.checked_sub(3) {
+            for (o, &v) in dx[s * c + c0..][..N].iter_mut().zip(&r) {
+                o.write(v);
             }
         }
-        emit(s, &r);
+        (g3, g2, g1) = (g2, g1, gt);
+        (x3, x2, x1) = (x2, x1, x);
     }
     for (j, aj) in a.iter().enumerate() {
         acc[j * c + c0..][..N].copy_from_slice(aj);
@@ -364,12 +353,14 @@ simd_dispatch! {
         let silu_grad_at = |v: f32| silu_grad(v, sigmoid(v));
         for_chunks2(&mut dx, l * c, &mut partial, (k + 1) * c, |bi, o, acc| {
             let r = bi * l * c..(bi + 1) * l * c;
-            let seq = (&g[r.clone()], &x[r]);
+            let seq = (&g[r.clone()], &x[r.clone()]);
+            let next = (g.get(r.end..).unwrap_or(&[]), x.get(r.end..).unwrap_or(&[]));
+            let next = (&next.0[..next.0.len().min(l * c)], &next.1[..next.1.len().min(l * c)]);
             for c0 in (0..blocks).step_by(16) {
-                conv_backward_lanes::<16>(seq, (&wt, bias), (l, c, c0), (&mut *o, &mut *acc), fma, silu_grad_at);
+                conv_backward_lanes::<16>(seq, (&wt, bias), (l, c, c0), (&mut *o, &mut *acc), next, fma, silu_grad_at);
             }
             for c0 in blocks..c {
-                conv_backward_lanes::<1>(seq, (&wt, bias), (l, c, c0), (&mut *o, &mut *acc), fma, silu_grad_at);
+                conv_backward_lanes::<1>(seq, (&wt, bias), (l, c, c0), (&mut *o, &mut *acc), (&[], &[]), fma, silu_grad_at);
             }
         });
         // SAFETY: g and so dx hold whole sequences of l rows of c (checked above), and every
