@@ -508,6 +508,43 @@ mod tests {
         }
     }
 
+    /// The largest integer sums the kernels meet: every weight and activation at its extreme,
+    /// one sign or mixed, over groups of 32 and 64 (INT4) and whole rows (INT8) — where a kernel
+    /// summing in 16-bit lanes for too many steps would overflow — on every kernel this CPU has.
+    #[test]
+    fn extreme_weights_and_activations_agree_on_every_kernel() {
+        let (m, n, k) = (5, 32, 256);
+        let signs = |i: usize, mode: usize| match mode {
+            0 => 1.0,
+            1 => -1.0,
+            _ => {
+                if (i / 3).is_multiple_of(2) {
+                    1.0
+                } else {
+                    -1.0
+                }
+            }
+        };
+        for (scheme, group) in [(Scheme::Int8, 0), (Scheme::Int4, 32), (Scheme::Int4, 64)] {
+            for wm in 0..3 {
+                let w: Vec<f32> = (0..n * k).map(|i| signs(i % k, wm)).collect();
+                let q = QWeight::quantize("w", &w, n, k, scheme, group).unwrap();
+                for xm in 0..3 {
+                    let x: Vec<f32> = (0..m * k).map(|i| signs(i % k, xm)).collect();
+                    let reference = q.matmul_t_with(Kernel::Portable, &x, m);
+                    // The exact sums: ±max_level · 127 · (k / group) per group, times the scales.
+                    if wm == xm && wm < 2 {
+                        assert!(reference.iter().all(|&v| (v - k as f32).abs() <= 1e-3 * k as f32), "{scheme:?}");
+                    }
+                    for kernel in Kernel::supported() {
+                        let got = q.matmul_t_with(kernel, &x, m);
+                        assert_eq!(got, reference, "{kernel:?} {scheme:?} weights {wm} activations {xm}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Rows quantized once and gathered (what each expert takes) give the product of the
     /// gathered f32 rows bit for bit, whole or split, on every kernel this CPU has.
     #[test]

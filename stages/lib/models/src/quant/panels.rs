@@ -48,6 +48,8 @@ pub(crate) struct Panels {
     pub(crate) bias: Vec<i32>,
     /// count × groups × 16 scales.
     pub(crate) scales: Vec<f32>,
+    /// Every weight lies in −8..=8 (INT4's do), which the AVX2 kernel's narrow tile relies on.
+    pub(crate) narrow: bool,
 }
 
 /// Quantized activation rows: `q` holds them `stride` bytes apart (zero-padded), `scales` one
@@ -103,7 +105,8 @@ impl Panels {
                 packed_scales[(p * groups + g) * PANEL + lane] = scales[r * groups + g];
             }
         }
-        Panels { quads, group_quads, groups, count, bytes, bias, scales: packed_scales }
+        let narrow = q.iter().all(|v| (-8..=8).contains(v));
+        Panels { quads, group_quads, groups, count, bytes, bias, scales: packed_scales, narrow }
     }
 
     /// The first `width` slots of each of `out`'s m rows of `ldo` = the m activation rows times

@@ -126,11 +126,15 @@ pub(super) unsafe fn avx2(p: &Panels, mut tile: Tile) {
     let t = &mut tile;
     // SAFETY: the caller's CPU features; `check` the bounds.
     unsafe {
-        match t.sx.len() {
-            4 => avx2_tile::<4>(p, t),
-            3 => avx2_tile::<3>(p, t),
-            2 => avx2_tile::<2>(p, t),
-            1 => avx2_tile::<1>(p, t),
+        match (t.sx.len(), p.narrow) {
+            (4, false) => avx2_tile::<4>(p, t),
+            (3, false) => avx2_tile::<3>(p, t),
+            (2, false) => avx2_tile::<2>(p, t),
+            (1, false) => avx2_tile::<1>(p, t),
+            (4, true) => avx2_narrow_tile::<4>(p, t),
+            (3, true) => avx2_narrow_tile::<3>(p, t),
+            (2, true) => avx2_narrow_tile::<2>(p, t),
+            (1, true) => avx2_narrow_tile::<1>(p, t),
             _ => unreachable!("tiles are 1–4 rows"),
         }
     }
@@ -170,6 +174,73 @@ unsafe fn avx2_tile<const R: usize>(p: &Panels, t: &mut Tile) {
             }
         }
     }
+    // SAFETY: the caller's bounds.
+    unsafe { avx2_store(t, &f) }
+}
+
+/// [`avx2_tile`] for weights in −8..=8 (INT4's): activations offset by +128 (top bit flipped)
+/// go in whole as the unsigned side of `vpmaddubsw`, the panel's bias cancelling the offset as
+/// in the VNNI kernel; a pair is then at most 2·255·8 = 4080, so eight steps of pairs sum in
+/// i16 lanes without overflow and widen to i32 once, not every step: per row and step, two
+/// instructions a half instead of four. The same integer sums, so the same results.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_narrow_tile<const R: usize>(p: &Panels, t: &mut Tile) {
+    /// Steps summed in i16 before widening: 8 × 4080 < 2¹⁵.
+    const RUN: usize = 8;
+    let (quads, gq, groups) = (p.quads, p.group_quads, p.groups);
+    let (ones, flip) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
+    let mut f = [[_mm256_setzero_ps(); 2]; R];
+    for g in 0..groups {
+        let at = (t.panel * groups + g) * PANEL;
+        // SAFETY: panel < count, so at + 16 ≤ bias.len() and scales.len().
+        let (bias, sc) = unsafe {
+            let (b, s) = (p.bias.as_ptr().add(at), p.scales.as_ptr().add(at));
+            (
+                [_mm256_loadu_si256(b as *const _), _mm256_loadu_si256(b.add(8) as *const _)],
+                [_mm256_loadu_ps(s), _mm256_loadu_ps(s.add(8))],
+            )
+        };
+        let mut acc = [bias; R];
+        let (first, end) = (g * gq, (g + 1) * gq);
+        for run in (first..end).step_by(RUN) {
+            let mut pairs = [[_mm256_setzero_si256(); 2]; R];
+            for s in run..(run + RUN).min(end) {
+                // SAFETY: panel < count and s < quads: 64 bytes inside `bytes`.
+                let base = unsafe { p.bytes.as_ptr().add(64 * (t.panel * quads + s)) };
+                let wv =
+                    unsafe { [_mm256_loadu_si256(base as *const _), _mm256_loadu_si256(base.add(32) as *const _)] };
+                for (a, row) in pairs.iter_mut().enumerate() {
+                    // SAFETY: a < R rows and s < quads (checked).
+                    let xu = _mm256_xor_si256(_mm256_set1_epi32(unsafe { x4(t, a, s) }), flip);
+                    for (c, v) in row.iter_mut().zip(&wv) {
+                        *c = _mm256_add_epi16(*c, _mm256_maddubs_epi16(xu, *v));
+                    }
+                }
+            }
+            for (ar, pr) in acc.iter_mut().zip(&pairs) {
+                for h in 0..2 {
+                    ar[h] = _mm256_add_epi32(ar[h], _mm256_madd_epi16(pr[h], ones));
+                }
+            }
+        }
+        for (fr, ar) in f.iter_mut().zip(&acc) {
+            for h in 0..2 {
+                fr[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[h]), sc[h], fr[h]);
+            }
+        }
+    }
+    // SAFETY: the caller's bounds.
+    unsafe { avx2_store(t, &f) }
+}
+
+/// A tile's float sums times each row's activation scale into `out` (plus `base`), the
+/// columns past `valid` untouched.
+///
+/// # Safety
+/// The CPU has AVX2; the tile's rows and `valid` columns lie inside `out` and `base` (the
+/// caller's `check`).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_store<const R: usize>(t: &mut Tile, f: &[[__m256; 2]; R]) {
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (a, fr) in f.iter().enumerate() {
         let sx = _mm256_set1_ps(t.sx[a]);
