@@ -64,7 +64,7 @@ pub(super) unsafe fn vnni(p: &Panels, np: usize, mut tile: Tile) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn vnni_tile<const R: usize, const N: usize>(p: &Panels, t: &mut Tile) {
     let (quads, gq, groups) = (p.quads, p.group_quads, p.groups);
-    let w = p.bytes.as_ptr();
+    let w = p.bytes.as_ptr() as *const i8;
     let mut f = [[_mm512_setzero_ps(); N]; R];
     for g in 0..groups {
         let mut acc = [[_mm512_setzero_si512(); N]; R];
@@ -127,43 +127,34 @@ pub(super) unsafe fn avx2(p: &Panels, mut tile: Tile) {
     // SAFETY: the caller's CPU features; `check` the bounds.
     unsafe {
         match (t.sx.len(), p.narrow) {
-            (4, false) => avx2_tile::<4>(p, t),
-            (3, false) => avx2_tile::<3>(p, t),
-            (2, false) => avx2_tile::<2>(p, t),
-            (1, false) => avx2_tile::<1>(p, t),
-            (4, true) => avx2_narrow_tile::<4>(p, t),
-            (3, true) => avx2_narrow_tile::<3>(p, t),
-            (2, true) => avx2_narrow_tile::<2>(p, t),
-            (1, true) => avx2_narrow_tile::<1>(p, t),
+            (4, false) => avx2_tile::<4, false>(p, t),
+            (3, false) => avx2_tile::<3, false>(p, t),
+            (2, false) => avx2_tile::<2, false>(p, t),
+            (1, false) => avx2_tile::<1, false>(p, t),
+            (4, true) => avx2_tile::<4, true>(p, t),
+            (3, true) => avx2_tile::<3, true>(p, t),
+            (2, true) => avx2_tile::<2, true>(p, t),
+            (1, true) => avx2_tile::<1, true>(p, t),
             _ => unreachable!("tiles are 1–4 rows"),
         }
     }
 }
 
-/// `vpmaddubsw` multiplies unsigned by signed bytes into saturating i16 pairs: |x| goes in as
-/// the unsigned side and x's sign moves onto w; a pair sums to at most 2·127·127 < 2¹⁵ (no −128
-/// anywhere), so nothing saturates, and `vpmaddwd` by ones widens the pairs to i32.
+/// A tile of R rows × one panel: per scale group, the exact i32 sums ([`wide_sums`], or
+/// [`narrow_sums`] when every weight lies in −8..=8), then scaled into float sums.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_tile<const R: usize>(p: &Panels, t: &mut Tile) {
-    let (quads, gq, groups) = (p.quads, p.group_quads, p.groups);
-    let ones = _mm256_set1_epi16(1);
+unsafe fn avx2_tile<const R: usize, const NARROW: bool>(p: &Panels, t: &mut Tile) {
+    let groups = p.groups;
     let mut f = [[_mm256_setzero_ps(); 2]; R];
     for g in 0..groups {
-        let mut acc = [[_mm256_setzero_si256(); 2]; R];
-        for s in g * gq..(g + 1) * gq {
-            // SAFETY: panel < count and s < quads: 64 bytes inside `bytes`.
-            let base = unsafe { p.bytes.as_ptr().add(64 * (t.panel * quads + s)) };
-            let wv = unsafe { [_mm256_loadu_si256(base as *const _), _mm256_loadu_si256(base.add(32) as *const _)] };
-            for (a, row) in acc.iter_mut().enumerate() {
-                // SAFETY: a < R rows and s < quads (checked).
-                let xb = _mm256_set1_epi32(unsafe { x4(t, a, s) });
-                let ax = _mm256_abs_epi8(xb);
-                for (c, v) in row.iter_mut().zip(&wv) {
-                    let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(*v, xb));
-                    *c = _mm256_add_epi32(*c, _mm256_madd_epi16(pairs, ones));
-                }
+        // SAFETY: g < groups; the caller's bounds (checked) for the panel and the rows.
+        let acc = unsafe {
+            if NARROW {
+                narrow_sums::<R>(p, t, g)
+            } else {
+                wide_sums::<R>(p, t, g)
             }
-        }
+        };
         let at = (t.panel * groups + g) * PANEL;
         // SAFETY: panel < count, so at + 16 ≤ scales.len().
         let sc =
@@ -174,73 +165,6 @@ unsafe fn avx2_tile<const R: usize>(p: &Panels, t: &mut Tile) {
             }
         }
     }
-    // SAFETY: the caller's bounds.
-    unsafe { avx2_store(t, &f) }
-}
-
-/// [`avx2_tile`] for weights in −8..=8 (INT4's): activations offset by +128 (top bit flipped)
-/// go in whole as the unsigned side of `vpmaddubsw`, the panel's bias cancelling the offset as
-/// in the VNNI kernel; a pair is then at most 2·255·8 = 4080, so eight steps of pairs sum in
-/// i16 lanes without overflow and widen to i32 once, not every step: per row and step, two
-/// instructions a half instead of four. The same integer sums, so the same results.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_narrow_tile<const R: usize>(p: &Panels, t: &mut Tile) {
-    /// Steps summed in i16 before widening: 8 × 4080 < 2¹⁵.
-    const RUN: usize = 8;
-    let (quads, gq, groups) = (p.quads, p.group_quads, p.groups);
-    let (ones, flip) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
-    let mut f = [[_mm256_setzero_ps(); 2]; R];
-    for g in 0..groups {
-        let at = (t.panel * groups + g) * PANEL;
-        // SAFETY: panel < count, so at + 16 ≤ bias.len() and scales.len().
-        let (bias, sc) = unsafe {
-            let (b, s) = (p.bias.as_ptr().add(at), p.scales.as_ptr().add(at));
-            (
-                [_mm256_loadu_si256(b as *const _), _mm256_loadu_si256(b.add(8) as *const _)],
-                [_mm256_loadu_ps(s), _mm256_loadu_ps(s.add(8))],
-            )
-        };
-        let mut acc = [bias; R];
-        let (first, end) = (g * gq, (g + 1) * gq);
-        for run in (first..end).step_by(RUN) {
-            let mut pairs = [[_mm256_setzero_si256(); 2]; R];
-            for s in run..(run + RUN).min(end) {
-                // SAFETY: panel < count and s < quads: 64 bytes inside `bytes`.
-                let base = unsafe { p.bytes.as_ptr().add(64 * (t.panel * quads + s)) };
-                let wv =
-                    unsafe { [_mm256_loadu_si256(base as *const _), _mm256_loadu_si256(base.add(32) as *const _)] };
-                for (a, row) in pairs.iter_mut().enumerate() {
-                    // SAFETY: a < R rows and s < quads (checked).
-                    let xu = _mm256_xor_si256(_mm256_set1_epi32(unsafe { x4(t, a, s) }), flip);
-                    for (c, v) in row.iter_mut().zip(&wv) {
-                        *c = _mm256_add_epi16(*c, _mm256_maddubs_epi16(xu, *v));
-                    }
-                }
-            }
-            for (ar, pr) in acc.iter_mut().zip(&pairs) {
-                for h in 0..2 {
-                    ar[h] = _mm256_add_epi32(ar[h], _mm256_madd_epi16(pr[h], ones));
-                }
-            }
-        }
-        for (fr, ar) in f.iter_mut().zip(&acc) {
-            for h in 0..2 {
-                fr[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ar[h]), sc[h], fr[h]);
-            }
-        }
-    }
-    // SAFETY: the caller's bounds.
-    unsafe { avx2_store(t, &f) }
-}
-
-/// A tile's float sums times each row's activation scale into `out` (plus `base`), the
-/// columns past `valid` untouched.
-///
-/// # Safety
-/// The CPU has AVX2; the tile's rows and `valid` columns lie inside `out` and `base` (the
-/// caller's `check`).
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_store<const R: usize>(t: &mut Tile, f: &[[__m256; 2]; R]) {
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (a, fr) in f.iter().enumerate() {
         let sx = _mm256_set1_ps(t.sx[a]);
@@ -271,6 +195,82 @@ unsafe fn avx2_store<const R: usize>(t: &mut Tile, f: &[[__m256; 2]; R]) {
             }
         }
     }
+}
+
+/// Group g's i32 sums of R rows × one panel, any i8 weights. `vpmaddubsw` multiplies unsigned
+/// by signed bytes into saturating i16 pairs: |x| goes in as the unsigned side and x's sign
+/// moves onto w; a pair sums to at most 2·127·127 < 2¹⁵ (no −128 anywhere), so nothing
+/// saturates, and `vpmaddwd` by ones widens the pairs to i32 every step.
+///
+/// # Safety
+/// The CPU has AVX2; g < groups and the tile's bounds hold ([`check`]).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn wide_sums<const R: usize>(p: &Panels, t: &Tile, g: usize) -> [[__m256i; 2]; R] {
+    let (quads, gq) = (p.quads, p.group_quads);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+    for s in g * gq..(g + 1) * gq {
+        // SAFETY: panel < count and s < quads: 64 bytes inside `bytes`.
+        let base = unsafe { p.bytes.as_ptr().add(t.panel * quads + s) as *const i8 };
+        let wv = unsafe { [_mm256_loadu_si256(base as *const _), _mm256_loadu_si256(base.add(32) as *const _)] };
+        for (a, row) in acc.iter_mut().enumerate() {
+            // SAFETY: a < R rows and s < quads (checked).
+            let xb = _mm256_set1_epi32(unsafe { x4(t, a, s) });
+            let ax = _mm256_abs_epi8(xb);
+            for (c, v) in row.iter_mut().zip(&wv) {
+                let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(*v, xb));
+                *c = _mm256_add_epi32(*c, _mm256_madd_epi16(pairs, ones));
+            }
+        }
+    }
+    acc
+}
+
+/// [`wide_sums`] for weights in −8..=8 (INT4's): activations offset by +128 (top bit flipped)
+/// go in whole as the unsigned side of `vpmaddubsw`, the panel's bias cancelling the offset as
+/// in the VNNI kernel; a pair is then at most 2·255·8 = 4080, so eight steps of pairs sum in
+/// i16 lanes without overflow and widen to i32 once, not every step: per row and step, two
+/// instructions a half instead of four. The same integer sums, so the same results.
+///
+/// # Safety
+/// As [`wide_sums`], and every weight of the panels lies in −8..=8 (`Panels::narrow`).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn narrow_sums<const R: usize>(p: &Panels, t: &Tile, g: usize) -> [[__m256i; 2]; R] {
+    /// Steps summed in i16 before widening: 8 × 4080 < 2¹⁵.
+    const RUN: usize = 8;
+    let (quads, gq) = (p.quads, p.group_quads);
+    let (ones, flip) = (_mm256_set1_epi16(1), _mm256_set1_epi8(-128));
+    let at = (t.panel * p.groups + g) * PANEL;
+    // SAFETY: panel < count, so at + 16 ≤ bias.len().
+    let bias = unsafe {
+        let b = p.bias.as_ptr().add(at);
+        [_mm256_loadu_si256(b as *const _), _mm256_loadu_si256(b.add(8) as *const _)]
+    };
+    let mut acc = [bias; R];
+    let (first, end) = (g * gq, (g + 1) * gq);
+    for run in (first..end).step_by(RUN) {
+        let mut pairs = [[_mm256_setzero_si256(); 2]; R];
+        for s in run..(run + RUN).min(end) {
+            // SAFETY: panel < count and s < quads: 64 bytes inside `bytes`.
+            let base = unsafe { p.bytes.as_ptr().add(t.panel * quads + s) as *const i8 };
+            let wv = unsafe { [_mm256_loadu_si256(base as *const _), _mm256_loadu_si256(base.add(32) as *const _)] };
+            for (a, row) in pairs.iter_mut().enumerate() {
+                // SAFETY: a < R rows and s < quads (checked).
+                let xu = _mm256_xor_si256(_mm256_set1_epi32(unsafe { x4(t, a, s) }), flip);
+                for (c, v) in row.iter_mut().zip(&wv) {
+                    *c = _mm256_add_epi16(*c, _mm256_maddubs_epi16(xu, *v));
+                }
+            }
+        }
+        for (ar, pr) in acc.iter_mut().zip(&pairs) {
+            for h in 0..2 {
+                ar[h] = _mm256_add_epi32(ar[h], _mm256_madd_epi16(pr[h], ones));
+            }
+        }
+    }
+    acc
 }
 
 #[target_feature(enable = "avx2")]
