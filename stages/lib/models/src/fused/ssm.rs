@@ -223,32 +223,32 @@ fn lanes<const N: usize>(s: &[f32], t: usize, c: usize, c0: usize) -> [f32; N] {
 /// Rows ahead of the walk whose lines are asked for (see [`prefetch`]).
 const AHEAD: usize = 8;
 
-/// A hint to load the line holding `s[i]` (nothing past the end): the walk's reads are a row
-/// apart, 4 to a page, and the hardware's stride prefetchers stop at page boundaries.
-#[inline(always)]
-fn prefetch(s: &[f32], i: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(v) = s.get(i) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // SAFETY: a prefetch only hints the cache; the address is inside `s`.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>((v as *const f32).cast()) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (s, i);
+/// Where [`prefetch`] asks for a line: into L1, for rows [`AHEAD`] of the walk (its reads are a
+/// row apart, 4 to a page, and the hardware's stride prefetchers stop at page boundaries), or
+/// into L2, for the sequence the walk reaches next.
+#[derive(Clone, Copy)]
+enum Cache {
+    L1,
+    L2,
 }
 
-/// A hint to bring the line holding `s[i]` into L2 (nothing past the end): for data the walk
-/// reaches a sequence later.
+/// A hint to load the line holding `s[i]` (nothing past the end).
 #[inline(always)]
-fn prefetch_l2(s: &[f32], i: usize) {
+fn prefetch(into: Cache, s: &[f32], i: usize) {
     #[cfg(target_arch = "x86_64")]
     if let Some(v) = s.get(i) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        let at = (v as *const f32).cast();
         // SAFETY: a prefetch only hints the cache; the address is inside `s`.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>((v as *const f32).cast()) }
+        unsafe {
+            match into {
+                Cache::L1 => _mm_prefetch::<_MM_HINT_T0>(at),
+                Cache::L2 => _mm_prefetch::<_MM_HINT_T1>(at),
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (s, i);
+    let _ = (into, s, i);
 }
 
 /// One sequence's conv backward on channels c0..c0 + N, 4 taps, walking down the rows with
@@ -298,12 +298,12 @@ fn conv_backward_lanes<const N: usize>(
     // transpose's last rows s ≥ l − 3, whose taps past the end add zeros: the same values
     // as summing only the taps inside (a zero result's sign aside).
     for t in 0..l + 3 {
-        prefetch(gb, (t + AHEAD) * c + c0);
-        prefetch(xb, (t + AHEAD) * c + c0);
+        prefetch(Cache::L1, gb, (t + AHEAD) * c + c0);
+        prefetch(Cache::L1, xb, (t + AHEAD) * c + c0);
         // Step t of this block's walk asks for line `step0 + t` of the next sequence's g and
         // x: with N = 16 the whole sequence's walk covers each of their lines once.
-        prefetch_l2(next.0, (step0 + t) * 16);
-        prefetch_l2(next.1, (step0 + t) * 16);
+        prefetch(Cache::L2, next.0, (step0 + t) * 16);
+        prefetch(Cache::L2, next.1, (step0 + t) * 16);
         let (g, x) = if t < l { (lanes::<N>(gb, t, c, c0), lanes::<N>(xb, t, c, c0)) } else { (zero, zero) };
         let (mut gt, mut r) = ([0f32; N], [0f32; N]);
         for i in 0..N {
