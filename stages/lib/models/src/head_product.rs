@@ -14,10 +14,11 @@ use candle_core::Result;
 
 use crate::linear_op::{check_views, strided_product, View};
 
-/// `dst (m×n, row stride dst_rs) = a (m×k) · b (k×n)`, or `+=` with `accumulate`, as
-/// [`strided_product`]; tiled when `b`'s rows are contiguous (`b.cs == 1`) and the CPU (and
-/// `ITERA_SIMD`) allows AVX2 or AVX-512. Sums run over k in order, one fused multiply-add per
-/// term, so a level's results are the same on every run.
+/// `dst (m×n, row stride dst_rs) = a (m×k) · b (k×n)`, as [`strided_product`]; tiled when
+/// `b`'s rows are contiguous (`b.cs == 1`) and the CPU (and `ITERA_SIMD`) allows AVX2 or
+/// AVX-512. Sums run over k in order, one fused multiply-add per term, so a level's results are
+/// the same on every run. A tile skips the terms that `zeros` says are zero in `a`; the caller
+/// guarantees they are (the portable level adds them).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn head_product(
     m: usize,
@@ -27,12 +28,12 @@ pub(crate) fn head_product(
     dst_rs: usize,
     a: View,
     b: View,
-    accumulate: bool,
+    zeros: Zeros,
 ) -> Result<()> {
     #[cfg(target_arch = "x86_64")]
     if b.cs == 1 && k > 0 && m > 0 && n > 0 {
         check_views(m, n, k, dst.len(), dst_rs, a, b)?;
-        let dims = Dims { m, n, k, dst_rs, accumulate };
+        let dims = Dims { m, n, k, dst_rs, zeros };
         match crate::simd::active() {
             crate::simd::Level::Vnni => {
                 // SAFETY: the level says the CPU has AVX-512 F; the bounds were checked above.
@@ -44,7 +45,31 @@ pub(crate) fn head_product(
             crate::simd::Level::Portable => {}
         }
     }
-    strided_product(m, n, k, dst, dst_rs, a, b, accumulate)
+    strided_product(m, n, k, dst, dst_rs, a, b)
+}
+
+/// Which terms of a product are known zero because `a` is (block of) a causal matrix: the
+/// attention probabilities P and their gradient dS are zero above the diagonal.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Zeros {
+    /// None known.
+    None,
+    /// Row r of `a` is zero beyond column `diag + r`: P or dS for queries from `diag` on.
+    After(usize),
+    /// Row r of `a` is zero before column r: Pᵀ or dSᵀ from a diagonal element on.
+    Before,
+}
+
+impl Zeros {
+    /// The range of k a tile of rows r0..r1 sums over: every term outside it is zero.
+    #[cfg(target_arch = "x86_64")]
+    fn terms(self, k: usize, (r0, r1): (usize, usize)) -> (usize, usize) {
+        match self {
+            Zeros::None => (0, k),
+            Zeros::After(diag) => (0, k.min(diag + r1)),
+            Zeros::Before => (r0.min(k), k),
+        }
+    }
 }
 
 /// `dst (cols × rows, row-major) = srcᵀ` for `src` (rows × cols, row stride `rs`): a head's K
@@ -94,8 +119,8 @@ fn transpose_scalar(
     }
 }
 
-/// A product's sizes, its destination's row stride and whether it adds to the destination
-/// (the tiles' arguments, so x86-64 only).
+/// A product's sizes, its destination's row stride and `a`'s known zeros (the tiles'
+/// arguments, so x86-64 only).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Dims {
@@ -103,7 +128,7 @@ struct Dims {
     n: usize,
     k: usize,
     dst_rs: usize,
-    accumulate: bool,
+    zeros: Zeros,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -119,20 +144,24 @@ mod x86 {
     /// FMA latency on either core, with room left for `b`'s two vectors and the broadcast.
     const MR: usize = 6;
 
-    /// Where one tile starts: `a`'s first row, `dst`'s first row, and `b`'s column.
+    /// Where one tile starts: `a`'s first row, `dst`'s first row, and `b`'s column; and the
+    /// range of k its sums run over.
     struct At {
         a: *const f32,
         b: *const f32,
         dst: *mut f32,
+        terms: std::ops::Range<usize>,
     }
 
     impl At {
         /// The tile at row r0, column c0 (pointers only; the kernels check nothing).
         fn new(d: &Dims, dst: &mut [f32], a: View, b: View, (r0, c0): (usize, usize)) -> At {
+            let (lo, hi) = d.zeros.terms(d.k, (r0, (r0 + MR).min(d.m)));
             At {
                 a: a.data.as_ptr().wrapping_add(r0 * a.rs),
                 b: b.data.as_ptr().wrapping_add(c0),
                 dst: dst.as_mut_ptr().wrapping_add(r0 * d.dst_rs + c0),
+                terms: lo..hi,
             }
         }
     }
@@ -212,7 +241,7 @@ mod x86 {
         // SAFETY (whole body): pointers stay inside the caller's checked extents; masked-off
         // lanes (beyond the product's columns) are not accessed.
         unsafe {
-            for p in 0..d.k {
+            for p in at.terms.clone() {
                 let bp = at.b.wrapping_add(p * b_rs);
                 let b0 = _mm512_maskz_loadu_ps(m0, bp);
                 let b1 = _mm512_maskz_loadu_ps(m1, bp.wrapping_add(16));
@@ -224,13 +253,8 @@ mod x86 {
             }
             for (r, acc) in acc.iter().enumerate() {
                 let out = at.dst.wrapping_add(r * d.dst_rs);
-                let (mut c0, mut c1) = (acc[0], acc[1]);
-                if d.accumulate {
-                    c0 = _mm512_add_ps(c0, _mm512_maskz_loadu_ps(m0, out));
-                    c1 = _mm512_add_ps(c1, _mm512_maskz_loadu_ps(m1, out.wrapping_add(16)));
-                }
-                _mm512_mask_storeu_ps(out, m0, c0);
-                _mm512_mask_storeu_ps(out.wrapping_add(16), m1, c1);
+                _mm512_mask_storeu_ps(out, m0, acc[0]);
+                _mm512_mask_storeu_ps(out.wrapping_add(16), m1, acc[1]);
             }
         }
     }
@@ -269,7 +293,7 @@ mod x86 {
             return Ok(());
         }
         let b_tail = View { data: &b.data[full..], ..b };
-        strided_product(d.m, d.n - full, d.k, &mut dst[full..], d.dst_rs, a, b_tail, d.accumulate)
+        strided_product(d.m, d.n - full, d.k, &mut dst[full..], d.dst_rs, a, b_tail)
     }
 
     /// # Safety
@@ -280,7 +304,7 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); V]; R];
         // SAFETY (whole body): pointers stay inside the caller's checked extents.
         unsafe {
-            for p in 0..d.k {
+            for p in at.terms.clone() {
                 let bp = at.b.add(p * b_rs);
                 let mut bv = [_mm256_setzero_ps(); V];
                 for (v, bv) in bv.iter_mut().enumerate() {
@@ -296,9 +320,7 @@ mod x86 {
             for (r, acc) in acc.iter().enumerate() {
                 let out = at.dst.add(r * d.dst_rs);
                 for (v, &c) in acc.iter().enumerate() {
-                    let o = out.add(8 * v);
-                    let c = if d.accumulate { _mm256_add_ps(c, _mm256_loadu_ps(o)) } else { c };
-                    _mm256_storeu_ps(o, c);
+                    _mm256_storeu_ps(out.add(8 * v), c);
                 }
             }
         }
@@ -313,24 +335,37 @@ mod tests {
         (0..n as u32).map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
     }
 
-    /// Every tile size and column tail, `a` row-major and transposed, with and without
-    /// accumulation, against the gemm crate (at whatever level this process runs; the models'
-    /// per-level test covers the others through the attention block).
+    /// Every tile size and column tail, `a` row-major and transposed, with and without known
+    /// zeros, against the plain strided product (at whatever level this process runs; the
+    /// models' per-level test covers the others through the attention block). With zeros, `a`
+    /// has exactly the zeros declared: a tile that skipped one more term would differ.
     #[test]
     fn tiles_compute_what_the_gemm_computes() {
         for (m, n, k) in [(1, 1, 1), (32, 32, 128), (13, 40, 7), (7, 17, 33), (6, 64, 5), (5, 3, 9), (32, 96, 32)] {
-            for (a_t, accumulate) in [(false, false), (true, false), (false, true)] {
-                let a_data = values(m * k + 3, 1);
-                let a = if a_t { View { data: &a_data, rs: 1, cs: m } } else { View { data: &a_data, rs: k, cs: 1 } };
+            let cases = [Zeros::None, Zeros::After(0), Zeros::After(3), Zeros::Before];
+            for (a_t, zeros) in [false, true].into_iter().flat_map(|t| cases.map(|z| (t, z))) {
+                let mut a_data = values(m * k + 3, 1);
+                let (rs, cs) = if a_t { (1, m) } else { (k, 1) };
+                for (r, p) in (0..m).flat_map(|r| (0..k).map(move |p| (r, p))) {
+                    let zero = match zeros {
+                        Zeros::None => false,
+                        Zeros::After(diag) => p > diag + r,
+                        Zeros::Before => p < r,
+                    };
+                    if zero {
+                        a_data[r * rs + p * cs] = 0.0;
+                    }
+                }
+                let a = View { data: &a_data, rs, cs };
                 let b_data = values(k * (n + 2), 2);
                 let b = View { data: &b_data, rs: n + 2, cs: 1 };
                 let dst_rs = n + 5;
                 let start = values(m * dst_rs, 3);
                 let (mut ours, mut want) = (start.clone(), start.clone());
-                head_product(m, n, k, &mut ours, dst_rs, a, b, accumulate).unwrap();
-                strided_product(m, n, k, &mut want, dst_rs, a, b, accumulate).unwrap();
+                head_product(m, n, k, &mut ours, dst_rs, a, b, zeros).unwrap();
+                strided_product(m, n, k, &mut want, dst_rs, a, b).unwrap();
                 for (i, (x, y)) in ours.iter().zip(&want).enumerate() {
-                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{m}×{n}×{k} at {i}: {x} vs {y}");
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{m}×{n}×{k} {zeros:?} at {i}: {x} vs {y}");
                 }
                 // Columns beyond n in each destination row are left alone.
                 for r in 0..m {
@@ -361,8 +396,8 @@ mod tests {
         let (a, b) = (vec![0f32; 16], vec![0f32; 16]);
         let mut dst = vec![0f32; 16];
         let view = |d| View { data: d, rs: 4, cs: 1 };
-        assert!(head_product(4, 4, 5, &mut dst, 4, view(&a), view(&b), false).is_err());
-        assert!(head_product(4, 4, 4, &mut dst[..15], 4, view(&a), view(&b), false).is_err());
-        assert!(head_product(4, 4, 4, &mut dst, 4, view(&a), view(&b), false).is_ok());
+        assert!(head_product(4, 4, 5, &mut dst, 4, view(&a), view(&b), Zeros::None).is_err());
+        assert!(head_product(4, 4, 4, &mut dst[..15], 4, view(&a), view(&b), Zeros::None).is_err());
+        assert!(head_product(4, 4, 4, &mut dst, 4, view(&a), view(&b), Zeros::None).is_ok());
     }
 }

@@ -141,9 +141,9 @@ pub(crate) fn check_views(m: usize, n: usize, k: usize, dst_len: usize, dst_rs: 
     Ok(())
 }
 
-/// `dst (m×n, row stride dst_rs) = a (m×k) · b (k×n)`, or `+=` with `accumulate`, for views of
-/// any strides (attention heads inside a (rows, 3·d) projection); single-threaded, as the
-/// callers run many of these side by side.
+/// `dst (m×n, row stride dst_rs) = a (m×k) · b (k×n)` for views of any strides (attention heads
+/// inside a (rows, 3·d) projection); single-threaded, as the callers run many of these side by
+/// side.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn strided_product(
     m: usize,
@@ -153,17 +153,14 @@ pub(crate) fn strided_product(
     dst_rs: usize,
     a: View,
     b: View,
-    accumulate: bool,
 ) -> Result<()> {
     check_views(m, n, k, dst.len(), dst_rs, a, b)?;
     if m == 0 || n == 0 {
         return Ok(());
     }
     if k == 0 {
-        if !accumulate {
-            for r in 0..m {
-                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
-            }
+        for r in 0..m {
+            dst[r * dst_rs..r * dst_rs + n].fill(0.0);
         }
         return Ok(());
     }
@@ -177,7 +174,7 @@ pub(crate) fn strided_product(
             dst.as_mut_ptr(),
             1,
             dst_rs as isize,
-            accumulate,
+            false,
             a.data.as_ptr(),
             a.cs as isize,
             a.rs as isize,

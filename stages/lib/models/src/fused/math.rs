@@ -134,13 +134,17 @@ pub(crate) fn erf_gauss(x: f32) -> (f32, f32) {
 /// Σ a·b over two slices of one length, in 8 interleaved partial sums like `sum_lanes`.
 #[inline(always)]
 pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; 8];
-    let (mut a8, mut b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    for (x, y) in (&mut a8).zip(&mut b8) {
-        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
-            *s = fma(x, y, *s);
+    // Fixed-size chunks: with `chunks_exact` slices the compiler split the eight lanes into
+    // 4 + 2 + 2 and loaded them separately (the attention backward's dS rows).
+    let ((a8, a_tail), (b8, b_tail)) = (a.as_chunks::<8>(), b.as_chunks::<8>());
+    for (x, y) in a8.iter().zip(b8) {
+        for i in 0..8 {
+            acc[i] = fma(x[i], y[i], acc[i]);
         }
     }
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(&x, &y)| x * y).sum();
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(&x, &y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
 }

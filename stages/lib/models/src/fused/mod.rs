@@ -214,6 +214,14 @@ pub(crate) fn slots(len: usize) -> Vec<std::mem::MaybeUninit<f32>> {
     v
 }
 
+/// `s` zero-filled and handed out as values: for a loop that zeroes a chunk of [`slots`] just
+/// before it writes there, in cache, rather than a pass over the whole buffer ahead of it.
+pub(crate) fn zeroed(s: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    s.fill(std::mem::MaybeUninit::new(0.0));
+    // SAFETY: every element was just written, and MaybeUninit<f32> has f32's layout.
+    unsafe { &mut *(s as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// The values of [`slots`] once a loop has written them all.
 ///
 /// # Safety

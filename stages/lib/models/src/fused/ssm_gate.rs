@@ -210,13 +210,14 @@ mod tests {
             let (h, c, xc, z, d_skip) = (draw(rows * n), draw(di * n), draw(rows * di), draw(rows * di), draw(di));
             let y = gemm(Product::ABt, (&h, rows, n), (&c, di, n));
             let want = gate_f32(&y, &xc, &z, &d_skip);
-            let close = gate((&h, &c), &xc, &z, &d_skip)
-                .iter()
-                .zip(&want)
-                .all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0));
+            let rows_f32 = gate((&h, &c), &xc, &z, &d_skip);
+            let close = rows_f32.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0));
             assert!(close, "f32 gate rows, {rows}×{di}");
+            // The integer rows are the f32 rows quantized: the same expressions at this process's
+            // level, so equal to the bit (against the GEMM's y they agree only to rounding, and
+            // a value on a rounding step's edge lands on either side).
             for kernel in Kernel::supported() {
-                let reference = QuantRows::new(kernel, di, &want);
+                let reference = QuantRows::new(kernel, di, &rows_f32);
                 assert_eq!(gate_to_int8((&h, &c), &xc, &z, &d_skip, kernel), reference, "{rows}×{di}, {kernel:?}");
                 let threaded = pool.install(|| gate_to_int8((&h, &c), &xc, &z, &d_skip, kernel));
                 assert_eq!(threaded, reference, "{rows}×{di}, {kernel:?}, 3 threads");
