@@ -344,15 +344,24 @@ fn normal(rng: &mut ChaCha8Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
+/// Whether `name` is a LayerNorm's parameter, by the module names the models give their norms:
+/// `norm…` (`norm`, `norm_f`) and the Transformer's `ln1` and `ln2`. Matching "norm" alone
+/// missed `ln1`/`ln2`, so the Transformer's gains were drawn N(0, 0.02) like a weight matrix;
+/// `tests::every_layer_norm_starts_as_the_identity` holds both models to this rule.
+fn is_layer_norm(name: &str) -> bool {
+    let module = name.rsplit('.').nth(1).unwrap_or("");
+    module.starts_with("norm") || module.strip_prefix("ln").is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// How a variable is initialised, decided by its name.
 fn init_values(name: &str, shape: &[usize], rng: &mut ChaCha8Rng) -> Vec<f32> {
     let n: usize = shape.iter().product();
     let leaf = name.rsplit('.').next().unwrap_or(name);
-    let is_norm = name.contains("norm");
     match leaf {
         "A_log" => (1..=n).map(|i| (i as f32).ln()).collect(),
         "D" => vec![1.0; n],
-        "weight" if is_norm => vec![1.0; n],
+        // A LayerNorm starts as the identity (gain 1, bias 0), as torch's does.
+        "weight" if is_layer_norm(name) => vec![1.0; n],
         "bias" => vec![0.0; n],
         _ => {
             // Conv taps and the Δ projection get fan-in scaled uniform init (as nn.Conv1d /

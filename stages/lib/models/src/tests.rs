@@ -181,10 +181,13 @@ mod quantized {
         d / n
     }
 
+    /// Random weights through every block, weights and activations rounded: the logits' relative
+    /// RMS error measured 0.8 % (Itera-Lite micro) and 2.3 % (Transformer tiny) at INT8, 11 % and
+    /// 25 % at INT4 (group 32); a wrong scale or kernel is off by the logits' whole size.
     #[test]
     fn quantized_forward_stays_close_to_f32_and_step_matches_full() {
         for name in ["itera_lite", "transformer"] {
-            for (scheme, tol) in [(Scheme::Int8, 0.02), (Scheme::Int4, 0.2)] {
+            for (scheme, tol) in [(Scheme::Int8, 0.05), (Scheme::Int4, 0.4)] {
                 let f32_model = Model::new(&small(name), 11).unwrap();
                 let mut q = Model::new(&small(name), 11).unwrap();
                 let report = q.quantize(&spec(scheme, true)).unwrap();
@@ -200,7 +203,17 @@ mod quantized {
                 let steps: Vec<Tensor> =
                     (0..24).map(|t| q.step(&x.narrow(1, t, 1).unwrap(), t, &mut st).unwrap()).collect();
                 let stepped = Tensor::cat(&steps, 1).unwrap();
-                assert!(max_abs(&stepped, &got) < 1e-4, "{name} {scheme:?}: step vs full {}", max_abs(&stepped, &got));
+                // Itera-Lite's recurrent step does the full forward's row arithmetic in its order.
+                // The Transformer's KV-cache step runs the attention op by op (the full forward
+                // fused), and an activation within float rounding of a quantization boundary
+                // then rounds the other way: 0.27 % (INT8) and 0.10 % (INT4) relative RMS here,
+                // against 2.3 % and 25 % from the quantization itself.
+                let (bound, diff) = if name == "itera_lite" {
+                    (1e-4, max_abs(&stepped, &got))
+                } else {
+                    (5e-3, rel_rms(&got, &stepped))
+                };
+                assert!(diff < bound, "{name} {scheme:?}: step vs full {diff}");
                 assert!(matches!(st, DecodeState::Recurrent(_)) == (name == "itera_lite"));
             }
         }
@@ -624,4 +637,28 @@ fn loss_grads_takes_autograd_where_the_hand_written_step_does_not_reach() {
     let bad = Tensor::from_vec(vec![1u32, 2, 40, 3], (1, 4), &Device::Cpu).unwrap();
     let err = crate::itera_step::step(net, &bad).err().expect("id 40 of a 40-token vocabulary");
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
+
+/// Every LayerNorm of both models starts as the identity: gain 1, bias 0 (torch's init, and the
+/// original study's). The models' only 1-D `weight`s are LayerNorm gains; the Transformer's
+/// `ln1`/`ln2` once got N(0, 0.02) because the init rule matched "norm" in the name.
+#[test]
+fn every_layer_norm_starts_as_the_identity() {
+    for (model, preset, norms) in [("transformer", "tiny", 4 * 2 + 1), ("itera_lite", "tiny", 4 * 2 + 1)] {
+        let cfg = ModelConfig::build(model, preset, 40, &serde_json::Map::new()).unwrap();
+        let m = Model::new(&cfg, 11).unwrap();
+        let data = m.varmap.data().lock().unwrap();
+        let mut gains = 0;
+        for (name, var) in data.iter() {
+            let values = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            if var.dims().len() == 1 && name.ends_with(".weight") {
+                gains += 1;
+                assert!(values.iter().all(|&v| v == 1.0), "{model}: {name} does not start at 1");
+                let bias = name.replace(".weight", ".bias");
+                let b = data[&bias].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(b.iter().all(|&v| v == 0.0), "{model}: {bias} does not start at 0");
+            }
+        }
+        assert_eq!(gains, norms, "{model}: LayerNorms found");
+    }
 }
