@@ -345,9 +345,8 @@ fn normal(rng: &mut ChaCha8Rng) -> f64 {
 }
 
 /// Whether `name` is a LayerNorm's parameter, by the module names the models give their norms:
-/// `norm…` (`norm`, `norm_f`) and the Transformer's `ln1` and `ln2`. Matching "norm" alone
-/// missed `ln1`/`ln2`, so the Transformer's gains were drawn N(0, 0.02) like a weight matrix;
-/// `tests::every_layer_norm_starts_as_the_identity` holds both models to this rule.
+/// `norm…` (`norm`, `norm_f`) and the Transformer's `ln1` and `ln2`, which a match on "norm"
+/// alone would miss. `tests::every_layer_norm_starts_as_the_identity` holds both models to it.
 fn is_layer_norm(name: &str) -> bool {
     let module = name.rsplit('.').nth(1).unwrap_or("");
     module.starts_with("norm") || module.strip_prefix("ln").is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
