@@ -2,8 +2,9 @@
 
     python client.py BASE_URL MODEL CHECK [SERVER_PID]
 
-CHECK is one of: api, errors, concurrent, overload, graceful. Each check raises on the first
-thing that is wrong (so the process exits non-zero with the reason) and prints what it saw.
+CHECK is one of: api, errors, logprobs, concurrent, overload, graceful. Each check raises on
+the first thing that is wrong (so the process exits non-zero with the reason) and prints what it
+saw. `logprobs` reads PROBE_TEXT (a file) and PROBE_NATS (the evaluate stage's nats/token on it).
 """
 
 import json
@@ -128,6 +129,75 @@ def check_errors():
     print("errors ok")
 
 
+def check_logprobs():
+    import math
+
+    probe = open(os.environ["PROBE_TEXT"], encoding="utf-8").read()
+    want = float(os.environ["PROBE_NATS"])
+    # Echo with nothing generated scores the prompt: the same nats/token as the evaluate stage.
+    r = client.completions.create(model=MODEL, prompt=probe, max_tokens=0, echo=True, logprobs=0)
+    c, lp = r.choices[0], r.choices[0].logprobs
+    expect(c.text == probe and "".join(lp.tokens) == probe, f"echo: {c.text!r} / {lp.tokens}")
+    expect(r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(lp.tokens), f"echo usage {r.usage}")
+    expect(lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, "the first token has no context")
+    expect(all(probe[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens)), f"offsets {lp.text_offset}")
+    nats = -sum(lp.token_logprobs[1:]) / (len(lp.tokens) - 1)
+    expect(abs(nats - want) <= 1e-4 * max(1.0, want), f"echo scores {nats} nats/token, the evaluate stage {want}")
+
+    # Greedy generation: each token is the most likely one, and the listed ones are probabilities.
+    kw = dict(model=MODEL, prompt="the cat", max_tokens=12, temperature=0, logprobs=5)
+    g = client.completions.create(**kw)
+    text, lp = g.choices[0].text, g.choices[0].logprobs
+    expect(len(lp.tokens) == g.usage.completion_tokens, f"{len(lp.tokens)} tokens for {g.usage}")
+    expect("".join(lp.tokens) == text, f"tokens {lp.tokens} vs text {text!r}")
+    expect(all(text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens)), f"offsets {lp.text_offset}")
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        expect(chosen <= 0 and 1 <= len(top) <= 6 and chosen == max(top.values()), f"{chosen} among {top}")
+        expect(sum(math.exp(v) for v in top.values()) <= 1 + 1e-5, f"more than all probability: {top}")
+    # Streamed: the same tokens and numbers, spread over the chunks.
+    tokens, values = [], []
+    for chunk in client.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            if ch.logprobs is not None:
+                tokens += ch.logprobs.tokens
+                values += ch.logprobs.token_logprobs
+    expect((tokens, values) == (lp.tokens, lp.token_logprobs), f"streamed {tokens} {values}")
+    # Echo in front of generation changes nothing about the generated part.
+    e = client.completions.create(echo=True, **kw)
+    el = e.choices[0].logprobs
+    expect(e.choices[0].text == "the cat" + text, f"echo + generation {e.choices[0].text!r}")
+    expect(el.token_logprobs[-len(lp.tokens):] == lp.token_logprobs, "generated log-probabilities after echo")
+
+    # Chat: per token its bytes and the top 3, most likely first.
+    msgs = [{"role": "user", "content": "once upon a time"}]
+    ch = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    content = ch.choices[0].logprobs.content
+    expect(len(content) == ch.usage.completion_tokens, f"{len(content)} entries for {ch.usage}")
+    expect("".join(t.token for t in content) == ch.choices[0].message.content, "chat tokens and text")
+    for t in content:
+        values = [x.logprob for x in t.top_logprobs]
+        expect(len(values) == 3 and values == sorted(values, reverse=True) and t.logprob == values[0], f"{t}")
+        expect(t.bytes == list(t.token.encode()), f"bytes of {t}")
+    plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0)
+    expect(plain.choices[0].logprobs is None, "logprobs only when asked")
+
+    # What the server does not do is refused, never silently ignored; neutral values pass.
+    url = f"{BASE}/completions"
+    ok = {"model": MODEL, "prompt": "the cat", "max_tokens": 4}
+    for extra, param in [({"logprobs": 21}, "logprobs"), ({"max_tokens": 0}, "max_tokens"),
+                         ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"presence_penalty": -1}, "presence_penalty"),
+                         ({"logit_bias": {"5": 10}}, "logit_bias"), ({"best_of": 2}, "best_of"), ({"suffix": "end"}, "suffix")]:
+        error_of(httpx.post(url, json={**ok, **extra}), 400, param)
+    chat_ok = {"model": MODEL, "messages": msgs, "max_tokens": 4}
+    for extra, param in [({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+                         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                         ({"response_format": {"type": "json_object"}}, "response_format")]:
+        error_of(httpx.post(f"{BASE}/chat/completions", json={**chat_ok, **extra}), 400, param)
+    neutral = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "best_of": 1, "echo": False}
+    expect(httpx.post(url, json={**ok, **neutral}).status_code == 200, "neutral values of unsupported options")
+    print(f"logprobs ok: {nats:.6f} nats/token by echo, {want:.6f} by the evaluate stage")
+
+
 def check_concurrent():
     """32 concurrent streams, each seeded: every one ends, with the text it gets alone."""
     n, results, errors = 32, {}, []
@@ -202,4 +272,4 @@ def check_graceful():
     raise AssertionError("the server still answers after SIGTERM")
 
 
-{"api": check_api, "errors": check_errors, "concurrent": check_concurrent, "overload": check_overload, "graceful": check_graceful}[CHECK]()
+{"api": check_api, "errors": check_errors, "logprobs": check_logprobs, "concurrent": check_concurrent, "overload": check_overload, "graceful": check_graceful}[CHECK]()

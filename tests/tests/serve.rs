@@ -67,8 +67,14 @@ impl Server {
 
     /// Run one check of tests/serve/client.py against this server.
     fn check(&self, model: &str, check: &str) {
+        self.check_with(model, check, &[]);
+    }
+
+    /// A check that reads what it compares against from the environment.
+    fn check_with(&self, model: &str, check: &str, env: &[(&str, String)]) {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("serve/client.py");
         let out = Command::new(venv_python())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .arg(script)
             .args([self.base.as_str(), model, check, &self.child.id().to_string()])
             .output()
@@ -109,6 +115,30 @@ fn serve_answers_the_openai_client_and_every_bad_request() {
     s.check("itera", "errors");
     // Still serving after all of that.
     s.check("itera", "api");
+}
+
+/// The evaluate stage's score of a short text, for the server's log-probabilities to match.
+const SCORED: &str = r#"  score:
+    kind: evaluate
+    inputs: {tokenizer: vocab.tokenizer.json, text: file:probe.txt, itera: itera.best, transformer: transformer.best}
+    params: {seq_len: 128, generate: 4, generate_runs: 1, prompt: 4}
+"#;
+
+#[test]
+fn logprobs_and_echo_score_a_text_as_the_evaluate_stage_does() {
+    let p = Project::new();
+    // Shorter than the context, so the evaluate stage scores it in one window, as echo does.
+    p.write("probe.txt", "Once upon a time, a little girl named Lily found a red ball in the park.\n");
+    p.write("serve.yaml", &format!("{MODELS}{SCORED}"));
+    p.run(&["run", "serve.yaml"]).assert_ok();
+    p.run(&["export", "serve.yaml", "score.evaluation.json", "evaluation.json"]).assert_ok();
+    let eval: serde_json::Value = serde_json::from_str(&p.read("evaluation.json")).expect("evaluation.json");
+    for model in ["itera", "transformer"] {
+        let record = eval["models"].as_array().and_then(|m| m.iter().find(|r| r["label"] == model));
+        let nats = record.and_then(|r| r["nats_per_token"].as_f64()).expect("the model's nats/token");
+        let env = [("PROBE_TEXT", p.path().join("probe.txt").display().to_string()), ("PROBE_NATS", nats.to_string())];
+        Server::start(&p, &["serve.yaml", model]).check_with(model, "logprobs", &env);
+    }
 }
 
 #[test]

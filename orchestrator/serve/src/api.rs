@@ -20,7 +20,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::engine::{Event, Job, Loaded, Sampling};
+use crate::engine::{Event, Job, Loaded, Sampling, TokenLogprob};
+use crate::logprobs::{Echo, Kind, Shape};
 use crate::metrics::Metrics;
 use crate::Limits;
 
@@ -114,7 +115,13 @@ struct Common {
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    logit_bias: Option<serde_json::Map<String, Value>>,
 }
+
+/// The most likely tokens a request may ask to see per position (OpenAI's chat limit).
+const MAX_TOP_LOGPROBS: u64 = 20;
 
 #[derive(Deserialize)]
 struct StreamOptions {
@@ -125,6 +132,12 @@ struct StreamOptions {
 #[derive(Deserialize)]
 struct CompletionRequest {
     prompt: OneOrMany,
+    /// How many of the most likely tokens to list per position (0: the chosen token's only).
+    logprobs: Option<u64>,
+    #[serde(default)]
+    echo: bool,
+    best_of: Option<u64>,
+    suffix: Option<String>,
     #[serde(flatten)]
     common: Common,
 }
@@ -138,6 +151,11 @@ struct Message {
 #[derive(Deserialize)]
 struct ChatRequest {
     messages: Vec<Message>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<u64>,
+    tools: Option<Vec<Value>>,
+    response_format: Option<Value>,
     #[serde(flatten)]
     common: Common,
 }
@@ -149,9 +167,38 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     rx: UnboundedReceiver<Event>,
+    shape: Arc<Shape>,
 }
 
-fn prepare(st: &AppState, c: Common, prompt: &str, default_max: u64) -> Result<Prepared, ApiError> {
+/// What one endpoint's own fields ask for: the number of most likely tokens to list per
+/// position (None: no log-probabilities), and the prompt echoed (completions).
+struct Extra {
+    kind: Kind,
+    logprobs: Option<u64>,
+    echo: bool,
+}
+
+/// Options of the OpenAI API this server does not implement are refused when set to anything
+/// that would change the answer, so that no client gets a silently different one.
+fn refuse_unsupported(c: &Common) -> Result<(), ApiError> {
+    for (name, v) in [("frequency_penalty", c.frequency_penalty), ("presence_penalty", c.presence_penalty)] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::invalid(
+                format!(
+                    "{name} is not supported (tokens are drawn by temperature, top_p and top_k); leave it out or set 0"
+                ),
+                Some(name),
+            ));
+        }
+    }
+    if c.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        return Err(ApiError::invalid("logit_bias is not supported; leave it out", Some("logit_bias")));
+    }
+    Ok(())
+}
+
+fn prepare(st: &AppState, c: Common, prompt: &str, default_max: u64, extra: Extra) -> Result<Prepared, ApiError> {
+    refuse_unsupported(&c)?;
     if c.model != st.name {
         return Err(ApiError::invalid(
             format!("the model `{}` does not exist; this server serves `{}`", c.model, st.name),
@@ -163,10 +210,19 @@ fn prepare(st: &AppState, c: Common, prompt: &str, default_max: u64) -> Result<P
         return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
     }
     let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(default_max);
-    if max_tokens == 0 || max_tokens > st.limits.max_tokens as u64 {
+    // Zero only with echo: the prompt scored, nothing generated.
+    let least = u64::from(!extra.echo);
+    if max_tokens < least || max_tokens > st.limits.max_tokens as u64 {
         return Err(ApiError::invalid(
-            format!("max_tokens must be between 1 and {} (got {max_tokens})", st.limits.max_tokens),
+            format!("max_tokens must be between {least} and {} (got {max_tokens})", st.limits.max_tokens),
             Some("max_tokens"),
+        ));
+    }
+    if let Some(n) = extra.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+        let param = if extra.kind == Kind::Chat { "top_logprobs" } else { "logprobs" };
+        return Err(ApiError::invalid(
+            format!("{param} must be between 0 and {MAX_TOP_LOGPROBS} (got {n})"),
+            Some(param),
         ));
     }
     let temperature = c.temperature.unwrap_or(1.0);
@@ -191,19 +247,21 @@ fn prepare(st: &AppState, c: Common, prompt: &str, default_max: u64) -> Result<P
     if prompt.is_empty() {
         return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
     }
-    let ids = st
+    let encoding = st
         .model
         .tokenizer
-        .encode(prompt, false)
-        .map_err(|e| ApiError::invalid(format!("the prompt could not be tokenized: {e}"), Some("prompt")))?
-        .get_ids()
-        .to_vec();
-    if ids.is_empty() || ids.len() >= st.model.max_seq_len {
+        .encode_char_offsets(prompt, false)
+        .map_err(|e| ApiError::invalid(format!("the prompt could not be tokenized: {e}"), Some("prompt")))?;
+    let ids = encoding.get_ids().to_vec();
+    // A prompt only scored (echo, max_tokens 0) may fill the whole context.
+    let generates = max_tokens > 0;
+    if ids.is_empty() || ids.len() + usize::from(generates) > st.model.max_seq_len {
         return Err(ApiError::invalid(
             format!(
-                "the prompt is {} tokens; this model's context is {} tokens, and at least one must be left to generate",
+                "the prompt is {} tokens; this model's context is {} tokens{}",
                 ids.len(),
-                st.model.max_seq_len
+                st.model.max_seq_len,
+                if generates { ", and at least one must be left to generate" } else { "" }
             ),
             Some("prompt"),
         )
@@ -217,11 +275,17 @@ fn prepare(st: &AppState, c: Common, prompt: &str, default_max: u64) -> Result<P
         sampling: Sampling { temperature, top_k: c.top_k.unwrap_or(0) as usize, top_p },
         seed: c.seed.unwrap_or(id),
         stop,
+        logprobs: extra.logprobs.map(|n| n as usize),
+        echo: extra.echo,
         events: tx,
         queued_at: Instant::now(),
     };
     let include_usage = c.stream_options.is_some_and(|o| o.include_usage);
-    Ok(Prepared { id, job, stream: c.stream, include_usage, rx })
+    let echo = extra
+        .echo
+        .then(|| Echo { text: prompt.to_string(), offsets: encoding.get_offsets().iter().map(|o| o.0).collect() });
+    let shape = Arc::new(Shape { kind: extra.kind, logprobs: extra.logprobs.is_some(), echo });
+    Ok(Prepared { id, job, stream: c.stream, include_usage, rx, shape })
 }
 
 /// Put a job in the queue; a full queue is 503 with Retry-After, not unbounded memory.
@@ -245,19 +309,10 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-/// Which endpoint: completions (`text_completion`) or chat (`chat.completion`).
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
-impl Kind {
-    fn endpoint(self) -> &'static str {
-        match self {
-            Kind::Completion => "/v1/completions",
-            Kind::Chat => "/v1/chat/completions",
-        }
+fn endpoint(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Completion => "/v1/completions",
+        Kind::Chat => "/v1/chat/completions",
     }
 }
 
@@ -265,13 +320,27 @@ fn usage(p: usize, c: usize) -> Value {
     json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
 }
 
-async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<(String, &'static str, usize, usize), ApiError> {
-    let mut text = String::new();
+/// A whole answer: its text, log-probabilities, finish reason, prompt and completion tokens.
+struct Collected {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    finish: &'static str,
+    usage: Value,
+}
+
+async fn collect(mut rx: UnboundedReceiver<Event>, shape: &Shape) -> Result<Collected, ApiError> {
+    let (mut text, mut logprobs) = (String::new(), Vec::new());
     while let Some(e) = rx.recv().await {
         match e {
+            Event::Prompt(scored) => {
+                text.push_str(shape.echo.as_ref().map_or("", |e| e.text.as_str()));
+                logprobs.extend(shape.prompt(scored));
+            }
+            Event::Logprob(t) => logprobs.push(shape.generated(t)),
             Event::Text(t) => text.push_str(&t),
             Event::Done { finish, prompt_tokens, completion_tokens } => {
-                return Ok((text, finish.as_str(), prompt_tokens, completion_tokens))
+                let usage = usage(prompt_tokens, completion_tokens);
+                return Ok(Collected { text, logprobs, finish: finish.as_str(), usage });
             }
             Event::Failed(m) => return Err(ApiError::server(StatusCode::SERVICE_UNAVAILABLE, m, None)),
         }
@@ -282,18 +351,19 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<(String, &'static s
 async fn respond(st: Arc<AppState>, kind: Kind, p: Prepared) -> Result<Response, ApiError> {
     let (created, name) = (now(), st.name.clone());
     let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, p.id);
-    let (stream, include_usage, rx) = (p.stream, p.include_usage, p.rx);
+    let (stream, include_usage, rx, shape) = (p.stream, p.include_usage, p.rx, p.shape);
     enqueue(&st, p.job)?;
     if !stream {
-        let (text, finish, pt, ct) = collect(rx).await?;
+        let c = collect(rx, &shape).await?;
+        let (text, logprobs, finish) = (c.text, shape.field(&c.logprobs), c.finish);
         let choice = match kind {
-            Kind::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
+            Kind::Completion => json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}),
             Kind::Chat => {
-                json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
-        return Ok(Json(json!({"id": id, "object": object, "created": created, "model": name, "choices": [choice], "usage": usage(pt, ct)}))
+        return Ok(Json(json!({"id": id, "object": object, "created": created, "model": name, "choices": [choice], "usage": c.usage}))
             .into_response());
     }
     let chunk = move |choice: Value, usage: Option<Value>| {
@@ -307,14 +377,28 @@ async fn respond(st: Arc<AppState>, kind: Kind, p: Prepared) -> Result<Response,
     let first = (kind == Kind::Chat).then(|| {
         chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]), None)
     });
-    let events = stream::unfold(Some(rx), move |rx| {
-        let chunk = chunk.clone();
+    // Log-probabilities wait for the text piece that carries their tokens (a token's text can
+    // be held back), or else go with the closing chunk.
+    let events = stream::unfold(Some((rx, Vec::new())), move |state| {
+        let (chunk, shape) = (chunk.clone(), shape.clone());
         async move {
-            let mut rx = rx?;
+            let (mut rx, mut pending) = state?;
             let out: Vec<Sse> = match rx.recv().await {
-                Some(Event::Text(t)) => vec![chunk(piece(kind, Some(&t), None), None)],
+                Some(Event::Prompt(scored)) => {
+                    let text = shape.echo.as_ref().map_or("", |e| e.text.as_str());
+                    vec![chunk(piece(kind, Some(text), None, shape.field(&shape.prompt(scored))), None)]
+                }
+                Some(Event::Logprob(t)) => {
+                    pending.push(shape.generated(t));
+                    vec![]
+                }
+                Some(Event::Text(t)) => {
+                    let logprobs = shape.field(&std::mem::take(&mut pending));
+                    vec![chunk(piece(kind, Some(&t), None, logprobs), None)]
+                }
                 Some(Event::Done { finish, prompt_tokens, completion_tokens }) => {
-                    let mut v = vec![chunk(piece(kind, None, Some(finish.as_str())), None)];
+                    let logprobs = if pending.is_empty() { Value::Null } else { shape.field(&pending) };
+                    let mut v = vec![chunk(piece(kind, None, Some(finish.as_str()), logprobs), None)];
                     if include_usage {
                         v.push(chunk(json!([]), Some(usage(prompt_tokens, completion_tokens))));
                     }
@@ -327,7 +411,7 @@ async fn respond(st: Arc<AppState>, kind: Kind, p: Prepared) -> Result<Response,
                 }
                 None => return None,
             };
-            Some((out, Some(rx)))
+            Some((out, Some((rx, pending))))
         }
     })
     .flat_map(stream::iter);
@@ -336,21 +420,21 @@ async fn respond(st: Arc<AppState>, kind: Kind, p: Prepared) -> Result<Response,
 }
 
 /// One streamed choice: a text piece, or the closing one with its finish reason.
-fn piece(kind: Kind, text: Option<&str>, finish: Option<&str>) -> Value {
+fn piece(kind: Kind, text: Option<&str>, finish: Option<&str>, logprobs: Value) -> Value {
     match kind {
         Kind::Completion => {
-            json!([{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}])
+            json!([{"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish}])
         }
         Kind::Chat => {
             let delta = text.map_or(json!({}), |t| json!({"content": t}));
-            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}])
+            json!([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
         }
     }
 }
 
 fn counted(st: &AppState, kind: Kind, r: Result<Response, ApiError>) -> Response {
     let r = r.unwrap_or_else(IntoResponse::into_response);
-    st.metrics.request(kind.endpoint(), r.status().as_u16());
+    st.metrics.request(endpoint(kind), r.status().as_u16());
     r
 }
 
@@ -362,7 +446,17 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
             OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
             OneOrMany::Many(_) => return Err(ApiError::invalid("give one prompt (a string)", Some("prompt"))),
         };
-        let p = prepare(&st, req.common, &prompt, 16)?;
+        if req.best_of.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid(
+                "best_of is not supported (one completion per request); leave it out or set 1",
+                Some("best_of"),
+            ));
+        }
+        if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::invalid("suffix is not supported: these models only continue text", Some("suffix")));
+        }
+        let extra = Extra { kind: Kind::Completion, logprobs: req.logprobs, echo: req.echo };
+        let p = prepare(&st, req.common, &prompt, 16, extra)?;
         respond(st.clone(), Kind::Completion, p).await
     }
     .await;
@@ -391,9 +485,23 @@ pub async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesReje
         {
             return Err(ApiError::invalid(format!("unknown role `{}`", m.role), Some("messages")));
         }
+        if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(ApiError::invalid("tools are not supported: these are plain language models", Some("tools")));
+        }
+        if let Some(kind) = req.response_format.as_ref().and_then(|f| f.get("type")).filter(|t| *t != "text") {
+            return Err(ApiError::invalid(
+                format!("response_format {kind} is not supported; only text"),
+                Some("response_format"),
+            ));
+        }
+        if req.top_logprobs.is_some() && !req.logprobs {
+            return Err(ApiError::invalid("top_logprobs needs logprobs: true", Some("top_logprobs")));
+        }
         let msgs: Vec<(String, String)> = req.messages.into_iter().map(|m| (m.role, m.content)).collect();
         let default = st.limits.max_tokens as u64;
-        let p = prepare(&st, req.common, &chat_prompt(&msgs), default)?;
+        let logprobs = req.logprobs.then_some(req.top_logprobs.unwrap_or(0));
+        let extra = Extra { kind: Kind::Chat, logprobs, echo: false };
+        let p = prepare(&st, req.common, &chat_prompt(&msgs), default, extra)?;
         respond(st.clone(), Kind::Chat, p).await
     }
     .await;

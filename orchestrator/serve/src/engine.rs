@@ -33,6 +33,11 @@ pub struct Job {
     pub sampling: Sampling,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// Report each generated token's log-probability and those of the n most likely tokens.
+    pub logprobs: Option<usize>,
+    /// Send the prompt back first ([`Event::Prompt`]), scored when `logprobs` is asked for.
+    /// With `max_tokens` 0 nothing is generated: the prompt is only scored.
+    pub echo: bool,
     pub events: UnboundedSender<Event>,
     pub queued_at: Instant,
 }
@@ -54,9 +59,28 @@ impl Finish {
     }
 }
 
-/// What the engine tells a request, in order: text pieces, then `Done` (or `Failed`).
+/// A token's log-probability under the model — its own distribution, before temperature,
+/// top-k and top-p shape the draw — and the most likely tokens at its position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's text on its own (a piece of a UTF-8 character shows as U+FFFD).
+    pub token: String,
+    /// None for a prompt's first token, which nothing predicts.
+    pub logprob: Option<f32>,
+    /// Where the token's text starts in the generated text, in characters (prompt tokens: 0;
+    /// the API places them).
+    pub offset: usize,
+    /// The most likely tokens and their log-probabilities, most likely first (ties: lower id).
+    pub top: Vec<(String, f32)>,
+}
+
+/// What the engine tells a request, in order: the scored prompt (echo only), each token's
+/// log-probability (when asked) before the text piece that carries it, text pieces, then
+/// `Done` (or `Failed`).
 #[derive(Debug, PartialEq)]
 pub enum Event {
+    Prompt(Vec<TokenLogprob>),
+    Logprob(TokenLogprob),
     Text(String),
     Done { finish: Finish, prompt_tokens: usize, completion_tokens: usize },
     Failed(String),
@@ -79,6 +103,8 @@ struct Seq {
     ids: Vec<u32>,
     /// Bytes of the generated text already sent.
     sent: usize,
+    /// Characters of the generated text decoded so far: where the next token's text starts.
+    chars: usize,
 }
 
 /// The next token from `logits` under `s`, drawing from `rng` unless greedy.
@@ -115,6 +141,24 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
     order[probs.len() - 1] as u32
 }
 
+/// The log-probability of token `t` in the distribution of `logits`, and the `n` most likely
+/// tokens' (softmax in f64, so a flat distribution over a large vocabulary keeps its digits).
+pub fn logprob(logits: &[f32], t: u32, n: usize, tokenizer: &Tokenizer) -> (f32, Vec<(String, f32)>) {
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let lse = max + logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    let lp = |i: usize| (logits.get(i).map_or(f64::NEG_INFINITY, |&v| v as f64) - lse) as f32;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    // Stable: equal logits keep the lower id first.
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    let top = order.into_iter().take(n).map(|i| (token_text(tokenizer, i as u32), lp(i))).collect();
+    (lp(t as usize), top)
+}
+
+/// A token's text on its own.
+pub fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
+    tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
 /// Bytes at the end of `text` that must wait: an unfinished UTF-8 character (decoded as
 /// U+FFFD) or the start of a stop string.
 fn held_back(text: &str, stop: &[String]) -> usize {
@@ -144,6 +188,7 @@ impl Seq {
             None
         };
         let text = m.tokenizer.decode(&self.ids, true).unwrap_or_default();
+        self.chars = text.chars().count();
         let rest = text.get(self.sent.min(text.len())..).unwrap_or("");
         let stop_at = self.job.stop.iter().filter_map(|s| rest.find(s.as_str())).min();
         // Another token needs this one fed first, at position pos, which must be inside the context.
@@ -192,6 +237,11 @@ pub fn run(model: Arc<Loaded>, jobs: Receiver<Job>, metrics: Arc<Metrics>, max_b
         let mut next = Vec::with_capacity(active.len());
         active.retain_mut(|s| {
             let t = sample(&s.logits, &s.job.sampling, &mut s.rng);
+            if let (Some(n), false) = (s.job.logprobs, Some(t) == model.eot) {
+                let (lp, top) = logprob(&s.logits, t, n, &model.tokenizer);
+                let token = token_text(&model.tokenizer, t);
+                s.send(Event::Logprob(TokenLogprob { token, logprob: Some(lp), offset: s.chars, top }));
+            }
             let done = s.take(t, &model).is_some();
             if done {
                 metrics.finished(s.ids.len(), s.job.queued_at);
@@ -220,15 +270,56 @@ pub fn run(model: Arc<Loaded>, jobs: Receiver<Job>, metrics: Arc<Metrics>, max_b
 fn admit(job: Job, model: &Loaded, metrics: &Metrics, active: &mut Vec<Seq>) {
     metrics.dequeued(job.queued_at);
     let mut state = model.decoder.start();
-    match model.decoder.feed(&mut state, &job.prompt) {
-        Ok(logits) => {
+    let fed = match (job.echo, job.logprobs) {
+        (true, Some(n)) => score_prompt(model, &mut state, &job.prompt, n),
+        _ => model.decoder.feed(&mut state, &job.prompt).map(|l| (l, Vec::new())).map_err(|e| e.to_string()),
+    };
+    match fed {
+        Ok((logits, scored)) => {
+            if job.echo {
+                let _ = job.events.send(Event::Prompt(scored));
+            }
+            if job.max_tokens == 0 {
+                metrics.finished(0, job.queued_at);
+                let done =
+                    Event::Done { finish: Finish::Length, prompt_tokens: job.prompt.len(), completion_tokens: 0 };
+                let _ = job.events.send(done);
+                return;
+            }
             let rng = ChaCha8Rng::seed_from_u64(job.seed);
-            active.push(Seq { job, state, logits, rng, ids: Vec::new(), sent: 0 });
+            active.push(Seq { job, state, logits, rng, ids: Vec::new(), sent: 0, chars: 0 });
         }
         Err(e) => {
             let _ = job.events.send(Event::Failed(format!("reading the prompt failed: {e}")));
         }
     }
+}
+
+/// Feed the prompt one token at a time, scoring each token after the first by the logits
+/// before it (the decoder's `feed` steps token by token too, so the state is the same); the
+/// logits after the last token, and the scored tokens.
+fn score_prompt(
+    model: &Loaded,
+    state: &mut SeqState,
+    prompt: &[u32],
+    n: usize,
+) -> Result<(Vec<f32>, Vec<TokenLogprob>), String> {
+    let mut scored = Vec::with_capacity(prompt.len());
+    let mut logits: Option<Vec<f32>> = None;
+    for &t in prompt {
+        let token = token_text(&model.tokenizer, t);
+        let (logprob, top) = match &logits {
+            Some(l) => {
+                let (lp, top) = logprob(l, t, n, &model.tokenizer);
+                (Some(lp), top)
+            }
+            None => (None, Vec::new()),
+        };
+        scored.push(TokenLogprob { token, logprob, offset: 0, top });
+        logits = Some(model.decoder.feed(state, &[t]).map_err(|e| e.to_string())?);
+    }
+    let logits = logits.ok_or_else(|| "the prompt is empty".to_string())?;
+    Ok((logits, scored))
 }
 
 #[cfg(test)]

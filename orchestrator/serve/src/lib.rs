@@ -1,10 +1,11 @@
 //! `orchestrate serve`: an OpenAI-compatible HTTP server for one trained model (f32 checkpoint
 //! or INT8/INT4 GGUF, with its `tokenizer.json`). axum on tokio answers HTTP; one engine thread
 //! decodes every request in flight together ([`engine`]); a bounded queue in between turns
-//! overload into 503s. See docs/serve.md.
+//! overload into 503s. README's "Serving" says what it accepts; docs/architecture.md how it works.
 
 pub mod api;
 pub mod engine;
+pub mod logprobs;
 pub mod metrics;
 
 use std::future::Future;
