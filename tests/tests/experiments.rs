@@ -75,6 +75,14 @@ fn compare_shows_what_differs_in_every_format() {
         all.stdout
     );
 
+    // Nothing declared differs: say so, and where the rest is.
+    let same = p.run(&["compare", "latest", "latest"]);
+    assert!(
+        same.stdout.contains("metrics\n  (no declared metric differs; --all lists every metric"),
+        "{}",
+        same.stdout
+    );
+
     let md = p.run(&["compare", "--md"]);
     assert!(
         md.stdout.contains("### metrics") && md.stdout.contains("| score.value | 3 | 5 | 2 | +66.67% | better |"),

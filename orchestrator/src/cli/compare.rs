@@ -84,7 +84,7 @@ pub(super) fn compare(env: &Env, a: Args) -> Result<i32, Failure> {
     } else if a.csv {
         print!("{}", csv(&c));
     } else {
-        print!("{}", text(&c, a.md));
+        print!("{}", text(&c, a.md, a.all));
     }
     for r in &regressions {
         eprintln!("regression: {r}");
@@ -137,7 +137,7 @@ fn table(head: &[&str], rows: &[Vec<String>], md: bool) -> String {
     out
 }
 
-fn text(c: &Comparison, md: bool) -> String {
+fn text(c: &Comparison, md: bool, all: bool) -> String {
     let h = |t: &str| if md { format!("\n### {t}\n\n") } else { format!("\n{t}\n") };
     let run = |s: &crate::history::Side| {
         format!(
@@ -161,7 +161,12 @@ fn text(c: &Comparison, md: bool) -> String {
             vec![m.name.clone(), num(m.a), num(m.b), num(m.delta), pct, verdict]
         })
         .collect();
-    out += &table(&["metric", "A", "B", "Δ", "Δ%", "B is"], &rows, md);
+    if rows.is_empty() && !all {
+        // Without --all only the pipeline's declared metrics show, and only when they differ.
+        out += "  (no declared metric differs; --all lists every metric the stages recorded)\n";
+    } else {
+        out += &table(&["metric", "A", "B", "Δ", "Δ%", "B is"], &rows, md);
+    }
     out += &h("stages");
     let rows: Vec<_> = c.stages.iter().map(|s| vec![s.stage.clone(), s.change.clone(), s.reasons.join("; ")]).collect();
     out += &table(&["stage", "in B", "why"], &rows, md);
