@@ -307,7 +307,7 @@ impl<'a> RunLoop<'a> {
 
     /// Stage `i` is done without running: its result (under `key`) was found.
     fn reuse(&mut self, i: usize, key: String, digest: String, manifest: Manifest, status: Status) {
-        self.record_hit(i, &manifest);
+        self.record_hit(i, &digest, &manifest);
         let outcome = StageOutcome::new(&self.p.stages[i].name, status)
             .key(Some(key))
             .manifest(Some(digest.clone()))
@@ -420,15 +420,23 @@ impl<'a> RunLoop<'a> {
         Decision::Run { key, key_input, sources }
     }
 
-    /// A hit produced under another pipeline or stage name is recorded under this one too, so
-    /// `plan` and `show` find it.
-    fn record_hit(&self, i: usize, m: &Manifest) {
+    /// A hit becomes the stage's last result, which `plan` explains a rerun against and `show`
+    /// falls back to: after switching back to a cached configuration, the next change is told
+    /// against that one, not against the last that had to execute. A hit produced under another
+    /// pipeline or stage name is recorded under this one too.
+    fn record_hit(&self, i: usize, digest: &str, m: &Manifest) {
         let st = &self.p.stages[i];
-        if m.pipeline != self.p.name || m.stage != st.name {
+        let recorded = if m.pipeline != self.p.name || m.stage != st.name {
             let mut mine = m.clone();
             mine.pipeline = self.p.name.clone();
             mine.stage = st.name.clone();
-            let _ = self.store.commit(&mine);
+            self.store.commit(&mine).map(drop)
+        } else {
+            self.store.set_last(&self.p.name, &st.name, digest)
+        };
+        // Only an explanation depends on it; the run goes on.
+        if let Err(e) = recorded {
+            tracing::warn!("recording {}'s cached result as its last: {e}", st.name);
         }
     }
 

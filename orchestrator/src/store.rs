@@ -426,6 +426,12 @@ impl Store {
         Ok(digest)
     }
 
+    /// Make the stored manifest `digest` the last result of `stage` in `pipeline` (a cache hit).
+    pub fn set_last(&self, pipeline: &str, stage: &str, digest: &str) -> Result<()> {
+        self.last.insert(Self::last_key(pipeline, stage), digest.as_bytes())?;
+        Ok(())
+    }
+
     /// Index a manifest that is already an object (fetched from a remote, its outputs present).
     pub fn adopt(&self, digest: &str, m: &Manifest) -> Result<()> {
         self.cache.insert(m.key.as_bytes(), digest.as_bytes())?;

@@ -78,6 +78,12 @@ fn a_param_change_reruns_exactly_its_downstream() {
     for s in ["up", "cut@5", "cut@10", "other"] {
         assert_eq!(r.status_of(s), "cached", "{s}");
     }
+    // Back to a cached configuration, then another change: told against the configuration the
+    // stage last resolved to (a cache hit), not the last one that had to execute.
+    p.run(&["run", "p.yaml"]).assert_ok();
+    let plan = p.run(&["plan", "p.yaml", "--set", "suffix=x"]);
+    let tag = plan.stdout.lines().find(|l| l.starts_with("tag ")).unwrap_or_default();
+    assert!(tag.contains("printf '!'") && tag.contains("printf 'x'") && !tag.contains("'+'"), "{}", plan.stdout);
     // A stage param (not used by the command) still belongs to the cache key.
     let plan = p.run(&["plan", "p.yaml", "--set", "suffix=+", "--set", "stages.other.params.x=3"]);
     let other = plan.stdout.lines().find(|l| l.starts_with("other ")).unwrap_or_default();
