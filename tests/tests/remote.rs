@@ -109,6 +109,39 @@ fn run_in(p: &Project, args: &[&str]) -> Run {
     p.run_env(args, &[])
 }
 
+/// Two outputs that are one tree, as a training stage's `best` and `model` often are.
+const TWIN_OUTPUTS: &str = r#"name: twins
+stages:
+  t:
+    kind: command
+    cmd: "mkdir ${outputs.best} ${outputs.model}; head -c 65536 /dev/zero | tr '\\0' x | tee ${outputs.best}/w > ${outputs.model}/w"
+    outputs: [best, model]
+"#;
+
+#[test]
+fn a_pull_downloads_a_blob_two_outputs_share_once() {
+    let base = Project::new();
+    let remote = base.path().join("remote").display().to_string();
+    let a = Project::new();
+    a.write("p.yaml", TWIN_OUTPUTS);
+    run_in(&a, &["run", "p.yaml"]).assert_ok();
+    let pushed = run_in(&a, &["push", "p.yaml", "--remote", &remote, "--json"]);
+    pushed.assert_ok();
+    let b = Project::new();
+    b.write("p.yaml", TWIN_OUTPUTS);
+    let pulled = run_in(&b, &["pull", "p.yaml", "--remote", &remote, "--json"]);
+    pulled.assert_ok();
+    let (up, down) = (pushed.json(), pulled.json());
+    // Three blobs: the 64 KiB file, the tree `best` and `model` both are, and the manifest.
+    // Each is downloaded once.
+    assert_eq!(up["blobs_uploaded"], 3, "{up}");
+    assert_eq!(down["blobs_downloaded"], up["blobs_uploaded"], "{down}");
+    assert_eq!(down["bytes_downloaded"], up["bytes_uploaded"], "{down}");
+    run_in(&b, &["verify"]).assert_ok();
+    run_in(&b, &["export", "p.yaml", "t.model", "m"]).assert_ok();
+    assert_eq!(b.read("m/w").len(), 65536);
+}
+
 #[test]
 fn a_directory_remote_refuses_corrupt_and_missing_blobs_and_repairs_on_push() {
     let base = Project::new();

@@ -184,6 +184,9 @@ impl Remote {
         let Some((digest, m, bytes)) = self.manifest(key).await? else { return Ok(None) };
         self.download_all(&local.objects, roots(&m), t).await?;
         local.objects.put_bytes(&bytes)?;
+        // The manifest is a blob too, counted as push counts it.
+        t.moved(bytes.len() as u64);
+        t.blob_done();
         local.adopt(&digest, &m)?;
         Ok(Some((digest, m)))
     }
@@ -191,6 +194,10 @@ impl Remote {
     /// Download every blob under `level` (trees level by level) that the local store lacks.
     async fn download_all(&self, local: &ObjectStore, mut level: Vec<Wanted>, t: &Transfer) -> Result<()> {
         while !level.is_empty() {
+            // A blob named twice in a level (a training stage's `best` and `model` are often one
+            // tree) would be fetched twice at once, since neither copy is local yet.
+            let mut seen = HashSet::new();
+            level.retain(|(e, _)| seen.insert(e.digest.clone()));
             t.expect(level.iter().filter(|(e, _)| !local.has(&e.digest)).map(|(e, _)| e.size).sum());
             let next: Vec<Result<Vec<Wanted>>> = stream::iter(level)
                 .map(|(e, what)| self.download_one(local, e, what, t))
@@ -218,6 +225,9 @@ impl Remote {
                 if !local.has(&e.digest) {
                     let bytes = self.get_small(&e.digest, &what).await?;
                     local.put_bytes(&bytes)?;
+                    // Counted as push counts it, and as `expect` announced it.
+                    t.moved(bytes.len() as u64);
+                    t.blob_done();
                 }
                 let tree = local.read_tree(&e.digest, &what)?;
                 Ok(tree
