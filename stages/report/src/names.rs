@@ -65,6 +65,11 @@ fn segment_cost(a: &str, b: &str) -> Option<usize> {
     if a == b {
         return Some(0);
     }
+    // An empty segment (a key "." or "" splits into them) is a prefix of every name, not a
+    // near one.
+    if a.is_empty() || b.is_empty() {
+        return None;
+    }
     if b.starts_with(a) || a.starts_with(b) {
         return Some(1);
     }
@@ -128,6 +133,16 @@ mod tests {
         assert_eq!(closest("stages.teacher.summary_json.val_los", &p)[0], "stages.teacher.summary_json.val_loss");
         assert_eq!(closest("run.git_comit", &p)[0], "run.git_commit");
         assert!(closest("nothing.like.this", &p).is_empty());
+    }
+
+    #[test]
+    fn keys_with_dots_in_them_are_not_suggested_for_any_name() {
+        // A character vocabulary's "." token: its path ends in an empty segment.
+        let mut c = context();
+        c["stages"]["vocab"] = json!({"tokenizer_json": {"model": {"vocab": {".": 3, "a": 4}}}});
+        let near = closest("stages.nope.summary_json.val_loss", &all(&c));
+        assert!(near.iter().all(|p| !p.contains("..") && !p.contains("vocab")), "{near:?}");
+        assert_eq!(near[0], "stages.teacher.summary_json.val_loss");
     }
 
     #[test]
