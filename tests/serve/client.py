@@ -143,6 +143,14 @@ def check_logprobs():
     expect(all(probe[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens)), f"offsets {lp.text_offset}")
     nats = -sum(lp.token_logprobs[1:]) / (len(lp.tokens) - 1)
     expect(abs(nats - want) <= 1e-4 * max(1.0, want), f"echo scores {nats} nats/token, the evaluate stage {want}")
+    # The same prompt as token ids (PROBE_IDS, from the tokenizer): the same tokens and numbers.
+    ids = json.loads(os.environ["PROBE_IDS"])
+    for shape in (ids, [ids]):
+        r2 = client.completions.create(model=MODEL, prompt=shape, max_tokens=0, echo=True, logprobs=0)
+        l2 = r2.choices[0].logprobs
+        expect((r2.choices[0].text, l2.tokens, l2.token_logprobs, l2.text_offset) == (c.text, lp.tokens, lp.token_logprobs, lp.text_offset), f"ids prompt: {r2}")
+    error_of(httpx.post(f"{BASE}/completions", json={"model": MODEL, "prompt": [ids[0], 10**6], "max_tokens": 1}), 400, "prompt")
+    error_of(httpx.post(f"{BASE}/completions", json={"model": MODEL, "prompt": ["a", "b"], "max_tokens": 1}), 400, "prompt")
 
     # Greedy generation: each token is the most likely one, and the listed ones are probabilities.
     kw = dict(model=MODEL, prompt="the cat", max_tokens=12, temperature=0, logprobs=5)

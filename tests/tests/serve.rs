@@ -133,10 +133,19 @@ fn logprobs_and_echo_score_a_text_as_the_evaluate_stage_does() {
     p.run(&["run", "serve.yaml"]).assert_ok();
     p.run(&["export", "serve.yaml", "score.evaluation.json", "evaluation.json"]).assert_ok();
     let eval: serde_json::Value = serde_json::from_str(&p.read("evaluation.json")).expect("evaluation.json");
+    // The same text as token ids, as evaluation harnesses send prompts.
+    p.run(&["export", "serve.yaml", "vocab.tokenizer.json", "tokenizer.json"]).assert_ok();
+    let tokenizer = tokenizers::Tokenizer::from_file(p.path().join("tokenizer.json")).expect("tokenizer.json");
+    let probe = p.read("probe.txt");
+    let ids = tokenizer.encode(probe.as_str(), false).expect("encoding the probe").get_ids().to_vec();
     for model in ["itera", "transformer"] {
         let record = eval["models"].as_array().and_then(|m| m.iter().find(|r| r["label"] == model));
         let nats = record.and_then(|r| r["nats_per_token"].as_f64()).expect("the model's nats/token");
-        let env = [("PROBE_TEXT", p.path().join("probe.txt").display().to_string()), ("PROBE_NATS", nats.to_string())];
+        let env = [
+            ("PROBE_TEXT", p.path().join("probe.txt").display().to_string()),
+            ("PROBE_NATS", nats.to_string()),
+            ("PROBE_IDS", serde_json::json!(ids).to_string()),
+        ];
         Server::start(&p, &["serve.yaml", model]).check_with(model, "logprobs", &env);
     }
 }

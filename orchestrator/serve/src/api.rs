@@ -23,6 +23,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use crate::engine::{Event, Job, Loaded, Sampling, TokenLogprob};
 use crate::logprobs::{Echo, Kind, Shape};
 use crate::metrics::Metrics;
+use crate::prompt::{self, Prompt};
 use crate::Limits;
 
 pub struct AppState {
@@ -131,7 +132,8 @@ struct StreamOptions {
 
 #[derive(Deserialize)]
 struct CompletionRequest {
-    prompt: OneOrMany,
+    /// Text or token ids ([`prompt::read`]).
+    prompt: Value,
     /// How many of the most likely tokens to list per position (0: the chosen token's only).
     logprobs: Option<u64>,
     #[serde(default)]
@@ -197,7 +199,7 @@ fn refuse_unsupported(c: &Common) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn prepare(st: &AppState, c: Common, prompt: &str, default_max: u64, extra: Extra) -> Result<Prepared, ApiError> {
+fn prepare(st: &AppState, c: Common, prompt: Prompt, default_max: u64, extra: Extra) -> Result<Prepared, ApiError> {
     refuse_unsupported(&c)?;
     if c.model != st.name {
         return Err(ApiError::invalid(
@@ -244,15 +246,11 @@ fn prepare(st: &AppState, c: Common, prompt: &str, default_max: u64, extra: Extr
     if stop.len() > 4 || stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid("stop takes up to 4 non-empty strings", Some("stop")));
     }
-    if prompt.is_empty() {
+    let encoded = prompt::encode(&st.model.tokenizer, prompt).map_err(|m| ApiError::invalid(m, Some("prompt")))?;
+    if encoded.text.is_empty() && encoded.ids.is_empty() {
         return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
     }
-    let encoding = st
-        .model
-        .tokenizer
-        .encode_char_offsets(prompt, false)
-        .map_err(|e| ApiError::invalid(format!("the prompt could not be tokenized: {e}"), Some("prompt")))?;
-    let ids = encoding.get_ids().to_vec();
+    let ids = encoded.ids;
     // A prompt only scored (echo, max_tokens 0) may fill the whole context.
     let generates = max_tokens > 0;
     if ids.is_empty() || ids.len() + usize::from(generates) > st.model.max_seq_len {
@@ -281,9 +279,7 @@ fn prepare(st: &AppState, c: Common, prompt: &str, default_max: u64, extra: Extr
         queued_at: Instant::now(),
     };
     let include_usage = c.stream_options.is_some_and(|o| o.include_usage);
-    let echo = extra
-        .echo
-        .then(|| Echo { text: prompt.to_string(), offsets: encoding.get_offsets().iter().map(|o| o.0).collect() });
+    let echo = extra.echo.then_some(Echo { text: encoded.text, offsets: encoded.offsets });
     let shape = Arc::new(Shape { kind: extra.kind, logprobs: extra.logprobs.is_some(), echo });
     Ok(Prepared { id, job, stream: c.stream, include_usage, rx, shape })
 }
@@ -441,11 +437,7 @@ fn counted(st: &AppState, kind: Kind, r: Result<Response, ApiError>) -> Response
 pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let r = async {
         let req: CompletionRequest = parse(body)?;
-        let prompt = match req.prompt {
-            OneOrMany::One(p) => p,
-            OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
-            OneOrMany::Many(_) => return Err(ApiError::invalid("give one prompt (a string)", Some("prompt"))),
-        };
+        let prompt = prompt::read(req.prompt).map_err(|m| ApiError::invalid(m, Some("prompt")))?;
         if req.best_of.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid(
                 "best_of is not supported (one completion per request); leave it out or set 1",
@@ -456,7 +448,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
             return Err(ApiError::invalid("suffix is not supported: these models only continue text", Some("suffix")));
         }
         let extra = Extra { kind: Kind::Completion, logprobs: req.logprobs, echo: req.echo };
-        let p = prepare(&st, req.common, &prompt, 16, extra)?;
+        let p = prepare(&st, req.common, prompt, 16, extra)?;
         respond(st.clone(), Kind::Completion, p).await
     }
     .await;
@@ -501,7 +493,7 @@ pub async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesReje
         let default = st.limits.max_tokens as u64;
         let logprobs = req.logprobs.then_some(req.top_logprobs.unwrap_or(0));
         let extra = Extra { kind: Kind::Chat, logprobs, echo: false };
-        let p = prepare(&st, req.common, &chat_prompt(&msgs), default, extra)?;
+        let p = prepare(&st, req.common, Prompt::Text(chat_prompt(&msgs)), default, extra)?;
         respond(st.clone(), Kind::Chat, p).await
     }
     .await;

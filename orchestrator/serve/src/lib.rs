@@ -7,6 +7,7 @@ pub mod api;
 pub mod engine;
 pub mod logprobs;
 pub mod metrics;
+pub mod prompt;
 
 use std::future::Future;
 use std::path::Path;
