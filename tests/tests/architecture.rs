@@ -1,7 +1,8 @@
 //! docs/architecture.md and the README's layout cannot go stale silently: the crate map's
 //! "workspace deps" column must equal each crate's `Cargo.toml` dependencies (from `cargo
 //! metadata`), every `crate::` path in an orchestrator module must point to a module listed
-//! above it (so there are no import cycles), and the README's layout names every crate.
+//! above it (so there are no import cycles), and the README's layout names every crate. And the
+//! CI entry point runs the README's test command and fails when any step of it fails.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -170,4 +171,29 @@ fn only_the_registry_names_stage_crates() {
             }
         }
     }
+}
+
+/// `.ci/run` holds the README's test command verbatim, and a failing step stops it with that
+/// step's status: run on a copy whose `.ci/setup` fails, it exits 3 and runs nothing after.
+#[test]
+fn ci_runs_the_readme_test_command_and_fails_when_a_step_fails() {
+    let readme = read("README.md");
+    let command = readme
+        .lines()
+        .find(|l| l.ends_with("# all checks and tests"))
+        .and_then(|l| l.split("   #").next())
+        .expect("README's test command");
+    let run = read(".ci/run");
+    assert!(run.contains(command), ".ci/run does not run README's test command `{command}`:\n{run}");
+    let copy = tempfile::tempdir().expect("temp dir");
+    let ci = copy.path().join(".ci");
+    std::fs::create_dir_all(&ci).unwrap();
+    std::fs::write(ci.join("run"), &run).unwrap();
+    std::fs::write(ci.join("setup"), "exit 3\n").unwrap();
+    std::fs::write(ci.join("slurm"), "touch ran-after-setup\n").unwrap();
+    let out = Command::new("bash").arg(ci.join("run")).output().expect("running .ci/run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("== FAILED (exit 3)") && !stdout.contains("== done"), "{stdout}");
+    assert!(!copy.path().join("ran-after-setup").exists(), "a step ran after the failed one");
 }
