@@ -193,6 +193,12 @@ fn every_page_over_http_and_nothing_written() {
     let loss_row = r#"<td>fit@lr=0.1.loss</td><td class="num">0.6</td><td class="num">0.7</td><td class="num">0.1</td><td class="num">+16.67%</td><td>worse</td>"#;
     assert!(cmp.contains(loss_row), "{cmp}");
     assert!(cmp.contains("<td>fit@lr=0.2</td><td>reran</td><td>cmd changed:"), "{cmp}");
+    // A run beside itself: no metric differs, and the page says where the rest is.
+    let same = ui.page(&format!("/compare?a={a}&b={a}"));
+    assert!(
+        same.contains(&format!(r#"no declared metric differs; <a href="/compare?a={a}&amp;b={a}&amp;all=1">"#)),
+        "{same}"
+    );
     let sweep = ui.page(&format!("/runs/{a}/sweeps/fit"));
     let order: Vec<usize> =
         ["fit@lr=0.2", "fit@lr=0.1", "fit@lr=0.3"].iter().map(|v| sweep.find(v).expect(v)).collect();
