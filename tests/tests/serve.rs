@@ -2,7 +2,9 @@
 //! Python `openai` client and raw HTTP (tests/serve/client.py): models, completions and chat,
 //! streamed or not, seeded determinism, stop strings, every bad input, many concurrent streams
 //! batched (each with the text it gets alone), a full queue answered with 503, SIGTERM during a
-//! stream, an INT8 model and the Transformer; and the CLI's own errors.
+//! stream, an INT8 model and the Transformer; log-probabilities and echo, whose score of a text
+//! is held to the evaluate stage's (f32 Itera-Lite and Transformer, INT8 Itera-Lite); and the
+//! CLI's own errors.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -120,7 +122,7 @@ fn serve_answers_the_openai_client_and_every_bad_request() {
 /// The evaluate stage's score of a short text, for the server's log-probabilities to match.
 const SCORED: &str = r#"  score:
     kind: evaluate
-    inputs: {tokenizer: vocab.tokenizer.json, text: file:probe.txt, itera: itera.best, transformer: transformer.best}
+    inputs: {tokenizer: vocab.tokenizer.json, text: file:probe.txt, itera: itera.best, transformer: transformer.best, int8: int8.model.gguf}
     params: {seq_len: 128, generate: 4, generate_runs: 1, prompt: 4}
 "#;
 
@@ -138,7 +140,7 @@ fn logprobs_and_echo_score_a_text_as_the_evaluate_stage_does() {
     let tokenizer = tokenizers::Tokenizer::from_file(p.path().join("tokenizer.json")).expect("tokenizer.json");
     let probe = p.read("probe.txt");
     let ids = tokenizer.encode(probe.as_str(), false).expect("encoding the probe").get_ids().to_vec();
-    for model in ["itera", "transformer"] {
+    for model in ["itera", "transformer", "int8"] {
         let record = eval["models"].as_array().and_then(|m| m.iter().find(|r| r["label"] == model));
         let nats = record.and_then(|r| r["nats_per_token"].as_f64()).expect("the model's nats/token");
         let env = [

@@ -147,6 +147,9 @@ pub fn logprob(logits: &[f32], t: u32, n: usize, tokenizer: &Tokenizer) -> (f32,
     let max = logits.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
     let lse = max + logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
     let lp = |i: usize| (logits.get(i).map_or(f64::NEG_INFINITY, |&v| v as f64) - lse) as f32;
+    if n == 0 {
+        return (lp(t as usize), Vec::new());
+    }
     let mut order: Vec<usize> = (0..logits.len()).collect();
     // Stable: equal logits keep the lower id first.
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
