@@ -99,7 +99,8 @@ def check_errors():
     post = lambda body, **kw: httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30, **kw)
     ok = {"model": MODEL, "prompt": "the cat", "max_tokens": 4}
     error_of(post(b'{"model": '), 400)
-    error_of(post(json.dumps({**ok, "max_tokens": "ten"}).encode()), 400)
+    error_of(post(json.dumps({**ok, "max_tokens": "ten"}).encode()), 400, "max_tokens")
+    error_of(post(b"[1, 2]"), 400)
     error_of(post(json.dumps({**ok, "model": "gpt-4"}).encode()), 404, "model", "model_not_found")
     error_of(post(json.dumps({**ok, "max_tokens": 100000}).encode()), 400, "max_tokens")
     error_of(post(json.dumps({**ok, "prompt": ""}).encode()), 400, "prompt")
@@ -110,6 +111,20 @@ def check_errors():
     error_of(httpx.post(f"{BASE}/chat/completions", json={"model": MODEL, "messages": []}), 400, "messages")
     error_of(httpx.post(f"{BASE}/chat/completions", json={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}), 400, "messages")
     error_of(httpx.get(f"{ROOT}/v2/nothing"), 404)
+    # Chat content as parts: text parts are read, any other kind is refused by its path.
+    chat_url = f"{BASE}/chat/completions"
+    parts = lambda *p: {"model": MODEL, "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": list(p)}]}
+    joined = httpx.post(chat_url, json=parts({"type": "text", "text": "the cat"}, {"type": "text", "text": "sat"})).json()
+    plain = httpx.post(chat_url, json={**parts(), "messages": [{"role": "user", "content": "the cat\nsat"}]}).json()
+    expect(joined["choices"][0]["message"] == plain["choices"][0]["message"], f"text parts {joined} vs {plain}")
+    error_of(httpx.post(chat_url, json=parts({"type": "image_url", "image_url": {"url": "x"}})), 400, "messages[0].content")
+    error_of(httpx.post(chat_url, json={**parts(), "messages": [{"role": "user"}]}), 400, "messages[0].content")
+    # `null` is "not set" for every optional field, as clients send it.
+    nulls = {k: None for k in ["stream", "echo", "logprobs", "stop", "n", "temperature", "top_p", "seed",
+                               "frequency_penalty", "presence_penalty", "logit_bias", "best_of", "suffix", "stream_options"]}
+    expect(post(json.dumps({**ok, **nulls}).encode()).status_code == 200, "optional fields sent as null")
+    chat_nulls = {"logprobs": None, "top_logprobs": None, "tools": None, "response_format": None, "stream": None}
+    expect(httpx.post(chat_url, json={**parts(), "messages": [{"role": "user", "content": "x"}], **chat_nulls}).status_code == 200, "chat nulls")
     # The official client raises the same errors as typed exceptions.
     try:
         client.completions.create(model="nope", prompt="x")

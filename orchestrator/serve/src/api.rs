@@ -41,17 +41,17 @@ pub struct ApiError {
     status: StatusCode,
     message: String,
     kind: &'static str,
-    param: Option<&'static str>,
+    param: Option<String>,
     code: Option<&'static str>,
 }
 
 impl ApiError {
-    fn invalid(message: impl Into<String>, param: Option<&'static str>) -> ApiError {
+    fn invalid(message: impl Into<String>, param: Option<&str>) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
             kind: "invalid_request_error",
-            param,
+            param: param.map(str::to_string),
             code: None,
         }
     }
@@ -77,9 +77,17 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A request body as the endpoint's own fields and the fields both endpoints share, each read
+/// from the whole body (so that a field that fails is named by its path: serde loses the path
+/// inside a flattened struct).
+fn parse<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> Result<(T, Common), ApiError> {
+    let value = json_body(body)?;
+    Ok((fields(value.clone())?, fields(value)?))
+}
+
 /// A request body as JSON, with the extractor's own failures (too large, unreadable) and
 /// malformed JSON turned into OpenAI errors.
-fn parse<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     let body = body.map_err(|r| {
         let status = r.status();
         let e = ApiError::invalid(format!("could not read the request body: {}", r.body_text()), None);
@@ -91,7 +99,21 @@ fn parse<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> R
     })?;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))?;
-    serde_json::from_value(value).map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))
+    if !value.is_object() {
+        return Err(ApiError::invalid("the request body must be a JSON object", None));
+    }
+    Ok(value)
+}
+
+/// Typed fields out of a JSON body (unknown fields are ignored).
+fn fields<T: for<'de> Deserialize<'de>>(value: Value) -> Result<T, ApiError> {
+    // The path of the field that failed (`messages[0].content`), in the message and as `param`.
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let (what, param) =
+            if path == "." { (String::new(), None) } else { (format!("{path}: "), Some(path.as_str())) };
+        ApiError::invalid(format!("invalid request: {what}{}", e.inner()), param)
+    })
 }
 
 #[derive(Deserialize)]
@@ -113,8 +135,8 @@ struct Common {
     seed: Option<u64>,
     stop: Option<OneOrMany>,
     n: Option<u64>,
-    #[serde(default)]
-    stream: bool,
+    // Optional booleans are Options: clients send `null` for "not set".
+    stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     frequency_penalty: Option<f32>,
     presence_penalty: Option<f32>,
@@ -126,8 +148,7 @@ const MAX_TOP_LOGPROBS: u64 = 20;
 
 #[derive(Deserialize)]
 struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
+    include_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -136,30 +157,49 @@ struct CompletionRequest {
     prompt: Value,
     /// How many of the most likely tokens to list per position (0: the chosen token's only).
     logprobs: Option<u64>,
-    #[serde(default)]
-    echo: bool,
+    echo: Option<bool>,
     best_of: Option<u64>,
     suffix: Option<String>,
-    #[serde(flatten)]
-    common: Common,
 }
 
 #[derive(Deserialize)]
 struct Message {
     role: String,
-    content: String,
+    /// A string, a list of content parts (text only here), or null (an assistant turn).
+    #[serde(default)]
+    content: Value,
+}
+
+/// A message's text: its content string, or its text parts joined by newlines; an assistant
+/// turn's may be null (empty).
+fn message_text(i: usize, m: Message) -> Result<String, ApiError> {
+    let param = format!("messages[{i}].content");
+    let refuse = |why: String| ApiError::invalid(format!("{param}: {why}"), Some(param.as_str()));
+    match m.content {
+        Value::Null if m.role == "assistant" => Ok(String::new()),
+        Value::Null => Err(refuse(format!("a {} message needs content", m.role))),
+        Value::String(s) => Ok(s),
+        Value::Array(parts) => {
+            let text = |p: &Value| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str))
+            {
+                (Some("text"), Some(t)) => Ok(t.to_string()),
+                (Some("text"), None) => Err(refuse("a text part needs `text`".into())),
+                (Some(other), _) => Err(refuse(format!("only text parts are supported (got `{other}`)"))),
+                (None, _) => Err(refuse("each part needs a `type`".into())),
+            };
+            Ok(parts.iter().map(text).collect::<Result<Vec<_>, _>>()?.join("\n"))
+        }
+        _ => Err(refuse("must be a string or a list of text parts".into())),
+    }
 }
 
 #[derive(Deserialize)]
 struct ChatRequest {
     messages: Vec<Message>,
-    #[serde(default)]
-    logprobs: bool,
+    logprobs: Option<bool>,
     top_logprobs: Option<u64>,
     tools: Option<Vec<Value>>,
     response_format: Option<Value>,
-    #[serde(flatten)]
-    common: Common,
 }
 
 /// A validated request, ready for the engine.
@@ -278,10 +318,10 @@ fn prepare(st: &AppState, c: Common, prompt: Prompt, default_max: u64, extra: Ex
         events: tx,
         queued_at: Instant::now(),
     };
-    let include_usage = c.stream_options.is_some_and(|o| o.include_usage);
+    let include_usage = c.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
     let echo = extra.echo.then_some(Echo { text: encoded.text, offsets: encoded.offsets });
     let shape = Arc::new(Shape { kind: extra.kind, logprobs: extra.logprobs.is_some(), echo });
-    Ok(Prepared { id, job, stream: c.stream, include_usage, rx, shape })
+    Ok(Prepared { id, job, stream: c.stream.unwrap_or(false), include_usage, rx, shape })
 }
 
 /// Put a job in the queue; a full queue is 503 with Retry-After, not unbounded memory.
@@ -436,7 +476,7 @@ fn counted(st: &AppState, kind: Kind, r: Result<Response, ApiError>) -> Response
 
 pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let r = async {
-        let req: CompletionRequest = parse(body)?;
+        let (req, common): (CompletionRequest, Common) = parse(body)?;
         let prompt = prompt::read(req.prompt).map_err(|m| ApiError::invalid(m, Some("prompt")))?;
         if req.best_of.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid(
@@ -447,8 +487,8 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
         if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::invalid("suffix is not supported: these models only continue text", Some("suffix")));
         }
-        let extra = Extra { kind: Kind::Completion, logprobs: req.logprobs, echo: req.echo };
-        let p = prepare(&st, req.common, prompt, 16, extra)?;
+        let extra = Extra { kind: Kind::Completion, logprobs: req.logprobs, echo: req.echo.unwrap_or(false) };
+        let p = prepare(&st, common, prompt, 16, extra)?;
         respond(st.clone(), Kind::Completion, p).await
     }
     .await;
@@ -468,7 +508,7 @@ pub fn chat_prompt(messages: &[(String, String)]) -> String {
 
 pub async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let r = async {
-        let req: ChatRequest = parse(body)?;
+        let (req, common): (ChatRequest, Common) = parse(body)?;
         if req.messages.is_empty() {
             return Err(ApiError::invalid("messages is empty", Some("messages")));
         }
@@ -486,14 +526,17 @@ pub async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesReje
                 Some("response_format"),
             ));
         }
-        if req.top_logprobs.is_some() && !req.logprobs {
+        let want_logprobs = req.logprobs.unwrap_or(false);
+        if req.top_logprobs.is_some() && !want_logprobs {
             return Err(ApiError::invalid("top_logprobs needs logprobs: true", Some("top_logprobs")));
         }
-        let msgs: Vec<(String, String)> = req.messages.into_iter().map(|m| (m.role, m.content)).collect();
+        let msgs = (req.messages.into_iter().enumerate())
+            .map(|(i, m)| Ok((m.role.clone(), message_text(i, m)?)))
+            .collect::<Result<Vec<(String, String)>, ApiError>>()?;
         let default = st.limits.max_tokens as u64;
-        let logprobs = req.logprobs.then_some(req.top_logprobs.unwrap_or(0));
+        let logprobs = want_logprobs.then_some(req.top_logprobs.unwrap_or(0));
         let extra = Extra { kind: Kind::Chat, logprobs, echo: false };
-        let p = prepare(&st, req.common, Prompt::Text(chat_prompt(&msgs)), default, extra)?;
+        let p = prepare(&st, common, Prompt::Text(chat_prompt(&msgs)), default, extra)?;
         respond(st.clone(), Kind::Chat, p).await
     }
     .await;
