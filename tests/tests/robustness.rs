@@ -269,8 +269,12 @@ fn gc_keeps_the_last_runs_and_removes_the_rest() {
     let dry = p.run(&["gc", "--keep-last", "1", "--dry-run"]);
     dry.assert_ok();
     assert!(dry.stdout.starts_with("would remove "), "{}", dry.stdout);
+    assert!(dry.stdout.contains("1 older run record(s) would leave the history"), "{}", dry.stdout);
     assert_eq!(p.objects().len(), before, "a dry run removes nothing");
-    p.run(&["gc", "--keep-last", "1"]).assert_ok();
+    let gc = p.run(&["gc", "--keep-last", "1"]);
+    gc.assert_ok();
+    assert!(gc.stdout.contains("1 older run record(s) left the history"), "{}", gc.stdout);
+    assert_eq!(p.run(&["runs", "--json"]).json().as_array().map(Vec::len), Some(1), "the history says so too");
     assert!(p.objects().len() < before);
     assert_eq!(p.run(&["run", "p.yaml", "--set", "v=2", "--json"]).status_of("s"), "cached");
     assert_eq!(p.run(&["run", "p.yaml", "--json"]).status_of("s"), "ran", "v=1's result was collected");

@@ -14,14 +14,19 @@ pub(super) fn gc(env: &Env, a: Args) -> Result<i32, Failure> {
     let store = env.open_store()?;
     let r = store.gc(a.keep_last, a.dry_run)?;
     println!(
-        "{}{} objects ({}) {}; kept {} objects used by the last {} run(s)",
-        if a.dry_run { "would remove " } else { "removed " },
+        "{} {} objects ({}){}; kept {} objects used by the last {} run(s)",
+        if a.dry_run { "would remove" } else { "removed" },
         r.objects_removed,
         human_bytes(r.bytes_freed),
-        if a.dry_run { "(dry run)" } else { "" },
+        if a.dry_run { " (dry run)" } else { "" },
         r.objects_kept,
         r.runs_kept
     );
+    if r.runs_removed > 0 {
+        // The history shortens too: say so, since `runs` and `compare` no longer see them.
+        let verb = if a.dry_run { "would leave" } else { "left" };
+        println!("{} older run record(s) {verb} the history (`orchestrate runs`)", r.runs_removed);
+    }
     if r.scratch_removed > 0 {
         let verb = if a.dry_run { "would remove" } else { "removed" };
         println!("{verb} {} cluster job scratch folder(s) that no run committed (artifacts/slurm/)", r.scratch_removed);

@@ -13,6 +13,8 @@ use crate::objects;
 #[derive(Debug, Default, Serialize)]
 pub struct GcReport {
     pub runs_kept: usize,
+    /// Older run records removed: they leave the history (`orchestrate runs`).
+    pub runs_removed: usize,
     pub objects_kept: usize,
     pub objects_removed: usize,
     /// Cluster jobs' scratch folders removed (`slurm/`: results no run committed).
@@ -59,7 +61,8 @@ impl Store {
                 keep.extend(m.log.iter().chain(&m.run_description).cloned());
             }
         }
-        let mut report = GcReport { runs_kept: runs.len().min(keep_last), ..Default::default() };
+        let runs_kept = runs.len().min(keep_last);
+        let mut report = GcReport { runs_kept, runs_removed: runs.len() - runs_kept, ..Default::default() };
         for (name, path) in self.objects.list()? {
             if keep.contains(&name) {
                 report.objects_kept += 1;
