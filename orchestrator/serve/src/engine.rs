@@ -191,7 +191,10 @@ impl Seq {
             None
         };
         let text = m.tokenizer.decode(&self.ids, true).unwrap_or_default();
-        self.chars = text.chars().count();
+        // Only log-probabilities place tokens in the text; counting characters costs a pass.
+        if self.job.logprobs.is_some() {
+            self.chars = text.chars().count();
+        }
         let rest = text.get(self.sent.min(text.len())..).unwrap_or("");
         let stop_at = self.job.stop.iter().filter_map(|s| rest.find(s.as_str())).min();
         // Another token needs this one fed first, at position pos, which must be inside the context.
