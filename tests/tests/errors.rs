@@ -159,3 +159,30 @@ fn other_commands_share_the_checks() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("cannot read pipeline file missing.yaml"), "{}", r.stderr);
 }
+
+/// Every argument and option of every verb says what it is in `--help`: a bare `--json` or
+/// `--repair` leaves a user guessing.
+#[test]
+fn every_option_of_every_verb_is_described() {
+    let p = Project::new();
+    let top = p.run(&["--help"]);
+    top.assert_ok();
+    let verbs: Vec<&str> = (top.stdout.lines())
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|v| *v != "help")
+        .collect();
+    assert!(verbs.len() >= 15 && verbs.contains(&"push"), "{}", top.stdout);
+    for verb in verbs {
+        let help = p.run(&[verb, "--help"]);
+        help.assert_ok();
+        // An entry is its flag or name, two or more spaces, then its description.
+        let entries = help.stdout.lines().map(str::trim_start).filter(|l| l.starts_with('-') || l.starts_with('<'));
+        for entry in entries {
+            let parts = entry.split("  ").filter(|s| !s.trim().is_empty()).count();
+            assert!(parts >= 2, "`orchestrate {verb} --help` does not describe `{entry}`:\n{}", help.stdout);
+        }
+    }
+}

@@ -316,11 +316,25 @@ fn remote_errors_are_clear() {
         pushed.stderr
     );
 
-    // A bucket that does not exist: named, with what to do.
+    // A bucket that does not exist: named once (not once per blob), with what to do and
+    // without the server's XML; a pull says so too rather than "not on the remote", and a
+    // run warns once and computes here.
     let server = S3Server::start();
     let missing = q_run(&p, &server, &["push", "p.yaml", "--remote", "s3://no-such-bucket/x"]);
     assert_eq!(missing.code, 1, "{}", missing.stderr);
     assert!(missing.stderr.contains("the bucket does not exist: create it"), "{}", missing.stderr);
+    assert!(missing.stderr.contains("NoSuchBucket: The specified bucket does not exist"), "{}", missing.stderr);
+    assert_eq!(missing.stderr.lines().filter(|l| l.starts_with("error:")).count(), 1, "{}", missing.stderr);
+    assert!(!missing.stderr.contains("<?xml") && !missing.stderr.contains("RequestId"), "{}", missing.stderr);
+    let pulled = q_run(&p, &server, &["pull", "p.yaml", "--remote", "s3://no-such-bucket/x"]);
+    assert_eq!(pulled.code, 1, "{}", pulled.stderr);
+    assert!(pulled.stderr.contains("the bucket does not exist: create it"), "{}", pulled.stderr);
+    assert!(!pulled.stderr.contains("not on the remote"), "{}", pulled.stderr);
+    let fresh = Project::new();
+    fresh.write("p.yaml", SMALL_PIPELINE);
+    let ran = q_run(&fresh, &server, &["run", "p.yaml", "--remote", "s3://no-such-bucket/x"]);
+    ran.assert_ok();
+    assert_eq!(ran.stderr.matches("the bucket does not exist").count(), 1, "{}", ran.stderr);
     drop(server);
 
     // A server that does not answer: the run warns once and computes everything here.
@@ -341,4 +355,9 @@ fn remote_errors_are_clear() {
     assert!(r.statuses().iter().all(|(_, s)| s == "ran"), "{}", r.stdout);
     assert_eq!(r.stderr.matches("the remote cache failed").count(), 1, "{}", r.stderr);
     assert!(!r.stderr.contains(TEST_SECRET));
+    // A push to it fails once, saying what to check, and not once per result or blob.
+    let pushed = q.run_env(&["push", "p.yaml", "--remote", "s3://team-cache/x"], &env);
+    assert_eq!(pushed.code, 1, "{}", pushed.stderr);
+    assert_eq!(pushed.stderr.lines().filter(|l| l.starts_with("error:")).count(), 1, "{}", pushed.stderr);
+    assert!(pushed.stderr.contains("the server did not answer: check the endpoint"), "{}", pushed.stderr);
 }

@@ -27,6 +27,7 @@ pub(super) struct Args {
     /// Markdown tables.
     #[arg(long, conflicts_with_all = ["json", "csv"])]
     md: bool,
+    /// The comparison as JSON on stdout (for scripts).
     #[arg(long, conflicts_with = "csv")]
     json: bool,
     /// One CSV table: section,name,a,b,delta,delta_pct,verdict.

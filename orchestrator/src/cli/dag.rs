@@ -14,6 +14,7 @@ pub(super) enum DagFormat {
 pub(super) struct Args {
     #[command(flatten)]
     p: PipelineArgs,
+    /// Graphviz dot, or a Mermaid flowchart (renders in GitHub markdown).
     #[arg(long, value_enum, default_value_t = DagFormat::Dot)]
     format: DagFormat,
 }

@@ -4,8 +4,10 @@ use super::{human_bytes, Env, Failure};
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
-    #[arg(long, default_value_t = 1)]
+    /// Keep what the newest N runs used; delete every other object and cache entry.
+    #[arg(long, value_name = "N", default_value_t = 1)]
     keep_last: usize,
+    /// Say what would be removed, and remove nothing.
     #[arg(long)]
     dry_run: bool,
 }

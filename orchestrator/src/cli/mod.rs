@@ -339,3 +339,17 @@ fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
     println!("{}", serde_json::to_string_pretty(value).context("encoding JSON")?);
     Ok(())
 }
+
+/// Errors a transfer printed in full; the rest are counted (`--json` lists every one). A
+/// remote that fails one way usually fails every blob the same way.
+const ERRORS_SHOWN: usize = 5;
+
+/// A push's or pull's errors on stderr, the first [`ERRORS_SHOWN`] of them in full.
+fn print_errors(errors: &[String]) {
+    for e in errors.iter().take(ERRORS_SHOWN) {
+        eprintln!("error: {e}");
+    }
+    if errors.len() > ERRORS_SHOWN {
+        eprintln!("error: … and {} more (--json lists every one)", errors.len() - ERRORS_SHOWN);
+    }
+}

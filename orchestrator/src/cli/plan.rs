@@ -10,6 +10,7 @@ pub(super) struct Args {
     /// Also look up what the local store lacks in this remote cache (nothing is downloaded).
     #[command(flatten)]
     remote: RemoteArgs,
+    /// Print the result as JSON on stdout (for scripts).
     #[arg(long)]
     json: bool,
 }

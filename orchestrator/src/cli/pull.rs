@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{folder_of, human_bytes, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs};
+use super::{folder_of, human_bytes, print_errors, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs};
 use crate::plan::{plan_with_remote, RemoteAnswer};
 use crate::remote::{PullReport, Remote, Transfer};
 use crate::store::Store;
@@ -18,6 +18,7 @@ pub(super) struct Args {
     sets: Vec<String>,
     #[command(flatten)]
     remote: RemoteArgs,
+    /// Print the result as JSON on stdout (for scripts).
     #[arg(long)]
     json: bool,
 }
@@ -79,6 +80,7 @@ pub(super) fn pull(env: &Env, a: Args) -> Result<i32, Failure> {
     let Some(remote) = a.remote.open(&near, true)? else { return Ok(2) };
     let store = env.open_store()?;
     store.clean_tmp();
+    runtime()?.block_on(remote.probe()).map_err(|e| anyhow::anyhow!("pulling from {}: {e}", remote.shown))?;
     let t0 = Instant::now();
     let transfer = Transfer::new("pull", !a.json && std::io::stderr().is_terminal());
     // Interrupting is safe at any point: blobs land in tmp/ and move in whole once their hash
@@ -99,9 +101,7 @@ pub(super) fn pull(env: &Env, a: Args) -> Result<i32, Failure> {
 }
 
 fn print_report(remote: &Remote, r: &PullReport, secs: f64) {
-    for e in &r.errors {
-        eprintln!("error: {e}");
-    }
+    print_errors(&r.errors);
     let count = |s: &str| r.results.values().filter(|v| *v == s).count();
     eprintln!(
         "pulled from {}: {} results downloaded, {} already here, {} not on the remote; {} blobs ({}) in {secs:.2}s",

@@ -4,7 +4,9 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::{folder_of, human_bytes, print_json, runtime, stage_index, Env, Failure, PipelineArgs, RemoteArgs};
+use super::{
+    folder_of, human_bytes, print_errors, print_json, runtime, stage_index, Env, Failure, PipelineArgs, RemoteArgs,
+};
 use crate::remote::{PushReport, Remote, Transfer};
 use crate::store::Store;
 
@@ -20,6 +22,7 @@ pub(super) struct Args {
     stages: Vec<String>,
     #[command(flatten)]
     remote: RemoteArgs,
+    /// Print the result as JSON on stdout (for scripts).
     #[arg(long)]
     json: bool,
 }
@@ -72,11 +75,13 @@ pub(super) fn print_report(remote: &Remote, r: &PushReport, secs: f64, json: boo
     if json {
         return print_json(r);
     }
-    for e in &r.errors {
-        eprintln!("error: {e}");
-    }
+    print_errors(&r.errors);
+    let not_pushed = match r.results.saturating_sub(r.published + r.already) {
+        0 => String::new(),
+        n => format!(", {n} not pushed"),
+    };
     eprintln!(
-        "pushed to {}: {} results ({} new, {} already there); {} blobs checked, {} uploaded ({}) in {secs:.2}s",
+        "pushed to {}: {} results ({} new, {} already there{not_pushed}); {} blobs checked, {} uploaded ({}) in {secs:.2}s",
         remote.shown,
         r.results,
         r.published,

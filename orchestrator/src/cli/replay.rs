@@ -11,8 +11,10 @@ pub(super) struct Args {
     /// Replay only these stages (default: all).
     #[arg(long = "stage", value_name = "STAGE")]
     stages: Vec<String>,
+    /// CPU budget for the replayed stages, as for `run` (default: all cores).
     #[arg(long)]
     cores: Option<u32>,
+    /// Print the result as JSON on stdout (for scripts).
     #[arg(long)]
     json: bool,
 }

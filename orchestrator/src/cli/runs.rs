@@ -21,6 +21,7 @@ pub(super) struct Args {
     /// Draw the metric across the listed runs as a PNG bar chart (needs --metric).
     #[arg(long, value_name = "OUT.png", requires = "metric")]
     plot: Option<PathBuf>,
+    /// Print the result as JSON on stdout (for scripts).
     #[arg(long)]
     json: bool,
 }

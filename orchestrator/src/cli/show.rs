@@ -8,7 +8,9 @@ use crate::store::{iso8601, Manifest, Store};
 pub(super) struct Args {
     #[command(flatten)]
     pub(super) p: PipelineArgs,
+    /// The stage (with `foreach`: STAGE@VARIANT).
     stage: String,
+    /// Print the result as JSON on stdout (for scripts).
     #[arg(long)]
     json: bool,
 }

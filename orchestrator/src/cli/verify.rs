@@ -5,8 +5,11 @@ use crate::store::{self, VerifyReport};
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
+    /// Also drop index entries whose objects are gone, and rebuild an index that cannot be
+    /// opened from the objects.
     #[arg(long)]
     repair: bool,
+    /// Print the result as JSON on stdout (for scripts).
     #[arg(long)]
     json: bool,
 }

@@ -31,11 +31,13 @@ pub enum RemoteError {
     /// The remote cannot be used as given (bad location, missing credentials).
     #[error("{0}")]
     Setup(String),
-    #[error("{op} {path} on {remote}: {source}{hint}")]
+    #[error("{op} {path} on {remote}: {detail}{hint}")]
     Transfer {
         op: &'static str,
         path: String,
         remote: String,
+        /// The source's message, with any S3 error document in it cut down by [`brief`].
+        detail: String,
         #[source]
         source: Box<object_store::Error>,
         /// What to do about it, when the server says (` — …`), else empty.
@@ -155,6 +157,8 @@ impl Remote {
         let text = source.to_string();
         let hint = if text.contains("NoSuchBucket") {
             " — the bucket does not exist: create it, or fix the remote's URL"
+        } else if text.contains("error sending request") {
+            " — the server did not answer: check the endpoint (AWS_ENDPOINT_URL) and the network"
         } else if text.contains("AccessDenied")
             || text.contains("InvalidAccessKeyId")
             || text.contains("SignatureDoesNotMatch")
@@ -163,7 +167,8 @@ impl Remote {
         } else {
             ""
         };
-        RemoteError::Transfer { op, path: path.to_string(), remote: self.shown.clone(), source: Box::new(source), hint }
+        let (path, remote, detail) = (path.to_string(), self.shown.clone(), brief(&text));
+        RemoteError::Transfer { op, path, remote, detail, source: Box::new(source), hint }
     }
 
     fn mark_corrupt(&self, digest: &str) {
@@ -174,5 +179,39 @@ impl Remote {
 
     fn known_corrupt(&self, digest: &str) -> bool {
         self.corrupt.lock().map(|s| s.contains(digest)).unwrap_or(false)
+    }
+}
+
+/// object_store's message with the S3 error document it quotes (an XML body with request and
+/// host ids) cut down to the document's code and message.
+fn brief(text: &str) -> String {
+    let Some(start) = text.find("<?xml").or_else(|| text.find("<Error>")) else { return text.to_string() };
+    let field = |name: &str| {
+        let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+        let from = text.find(&open)? + open.len();
+        Some(&text[from..from + text[from..].find(&close)?])
+    };
+    let head = text[..start].trim_end().trim_end_matches(':');
+    match (field("Code"), field("Message")) {
+        (Some(code), Some(message)) => format!("{head}: {code}: {message}"),
+        (Some(code), None) => format!("{head}: {code}"),
+        _ => head.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_s3_error_document_is_cut_to_its_code_and_message() {
+        let text = "Error performing GET http://h/b/k in 4ms - Server returned non-2xx status code: 404 Not Found: \
+                    <?xml version=\"1.0\" encoding=\"utf-8\"?>\n<Error><Code>NoSuchBucket</Code><Message>The \
+                    specified bucket does not exist</Message><BucketName>b</BucketName><RequestId>X1</RequestId>\
+                    <HostId>H2</HostId></Error>";
+        assert_eq!(
+            super::brief(text),
+            "Error performing GET http://h/b/k in 4ms - Server returned non-2xx status code: 404 Not Found: \
+             NoSuchBucket: The specified bucket does not exist"
+        );
+        assert_eq!(super::brief("HTTP error: error sending request"), "HTTP error: error sending request");
     }
 }

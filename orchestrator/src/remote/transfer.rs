@@ -116,8 +116,22 @@ fn roots(m: &Manifest) -> Vec<Wanted> {
 }
 
 impl Remote {
+    /// The key is not there. S3 answers a bucket that does not exist with a 404 too; that one
+    /// is an error to report, not a miss.
     fn not_found(e: &object_store::Error) -> bool {
-        matches!(e, object_store::Error::NotFound { .. })
+        matches!(e, object_store::Error::NotFound { .. }) && !e.to_string().contains("NoSuchBucket")
+    }
+
+    /// One read before any transfer, so a remote that cannot be used is reported once, with
+    /// what to do, rather than once per result or blob: a key no result has must come back
+    /// "not found", not "no such bucket", refused credentials or no answer.
+    pub async fn probe(&self) -> Result<()> {
+        let path = Self::ac("orchestrate-probe");
+        match self.store.get(&path).await {
+            Ok(_) => Ok(()),
+            Err(e) if Self::not_found(&e) => Ok(()),
+            Err(e) => Err(self.transfer_error("reading", &path, e)),
+        }
     }
 
     /// The digest of the manifest cached under `key` on the remote, if any.
@@ -423,6 +437,7 @@ impl Remote {
     /// Blobs already on the remote are not sent again; an entry is written only once every blob
     /// of its result is there.
     pub async fn push(&self, local: &Store, results: &[(String, String)], t: &Transfer) -> Result<PushReport> {
+        self.probe().await?;
         let mut report = PushReport { results: results.len(), ..Default::default() };
         let todo = self.not_yet_pushed(local, results, &mut report).await?;
         let mut wanted: Vec<(String, u64)> = todo.iter().flat_map(|(_, _, b)| b.iter().cloned()).collect();
