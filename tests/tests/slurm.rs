@@ -165,6 +165,7 @@ stages:
     outputs: [out]
   fine:
     kind: command
+    timeout: 20s
     cmd: "echo ok > ${outputs.out}"
     outputs: [out]
 "#,
@@ -187,6 +188,9 @@ stages:
     let slow = error_of("slow");
     assert!(slow.contains("TIMEOUT"), "{slow}");
     error_of("fine");
+    // A limit under Slurm's one-minute granularity is pointed out before anything runs.
+    assert!(r.stderr.contains("stage `fine` has a time limit under a minute"), "{}", r.stderr);
+    assert!(!r.stderr.contains("stage `slow` has a time limit"), "{}", r.stderr);
     assert!(cluster.active_jobs().is_empty(), "{:?}", cluster.active_jobs());
     let verify = p.run(&["verify"]);
     verify.assert_ok();

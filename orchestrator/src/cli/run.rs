@@ -145,6 +145,15 @@ fn open_slurm(rt: &tokio::runtime::Runtime, p: &Pipeline, store: &Store) -> Resu
             .help(format!("its partitions: {}", known.join(", ")))
             .into());
     }
+    // Slurm counts time limits in whole minutes and enforces them on its own schedule: a
+    // shorter limit would act as one of a minute or two, unlike the same stage run locally.
+    for st in p.stages.iter().filter(|st| st.resources.time.or(st.timeout).is_some_and(|t| t.as_secs() < 60)) {
+        eprintln!(
+            "slurm: warning: stage `{}` has a time limit under a minute; Slurm counts limits in whole minutes and \
+             enforces them late, so on the cluster it may run a minute or two before it is stopped",
+            st.name
+        );
+    }
     if stale > 0 {
         eprintln!("slurm: cancelled {stale} job(s) a previous run on this store left queued or running (its coordinator is gone)");
     }
