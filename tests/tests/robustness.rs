@@ -197,6 +197,35 @@ fn two_concurrent_runs_on_one_store() {
     assert!(waited.statuses().iter().all(|(_, s)| s == "cached"), "{}", waited.stdout);
 }
 
+/// A long run holds the store; the history stays readable meanwhile (from objects/, as the
+/// web view reads it), while verbs that need the index still say who holds it.
+#[test]
+fn the_history_is_readable_while_a_run_holds_the_store() {
+    let p = Project::new();
+    p.write("q.yaml", "name: quick\nparams: {n: 1}\nstages:\n  a: {kind: command, cmd: \"seq ${params.n} > ${outputs.o}\", outputs: [o]}\n");
+    p.run(&["run", "q.yaml"]).assert_ok();
+    p.run(&["run", "q.yaml", "--set", "n=2"]).assert_ok();
+    let marker = p.path().join("slow-started");
+    p.write("p.yaml", &SLOW_TAIL.replace("MARKERPATH", &marker.display().to_string()).replace("sleep 30", "sleep 3"));
+    let mut first = p.cmd().args(["run", "p.yaml"]).stderr(Stdio::null()).spawn().unwrap();
+    wait_for(&marker, Duration::from_secs(30));
+    let runs = p.run(&["runs", "--json"]);
+    runs.assert_ok();
+    let listed = runs.json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "the two finished runs: {}", runs.stdout);
+    assert!(runs.stderr.contains("is in use by") && runs.stderr.contains("read from objects/"), "{}", runs.stderr);
+    let compared = p.run(&["compare"]);
+    compared.assert_ok();
+    assert!(compared.stdout.contains("seq 1 >") && compared.stdout.contains("seq 2 >"), "{}", compared.stdout);
+    let show = p.run(&["show", "q.yaml", "a"]);
+    assert_eq!(show.code, 3, "{}", show.stderr);
+    assert!(show.stderr.contains("--wait"), "{}", show.stderr);
+    assert!(pid_alive(first.id() as i32));
+    assert!(first.wait().unwrap().success());
+    // Once it has ended, its record is in the index's history too.
+    assert_eq!(p.run(&["runs", "--json"]).json().as_array().map(Vec::len), Some(3));
+}
+
 #[test]
 fn replay_proves_determinism_and_catches_a_liar() {
     let p = Project::new();
