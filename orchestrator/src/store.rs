@@ -307,7 +307,8 @@ pub struct Store {
     stat: sled::Tree,
     /// Copies of outputs placed outside `objects/` (`deliver`): destination → digest.
     delivered: sled::Tree,
-    _lock: StoreLock,
+    /// `None` for a snapshot ([`Store::open_snapshot`]), which holds no lock.
+    _lock: Option<StoreLock>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -356,10 +357,25 @@ impl Store {
         let lock = StoreLock::acquire(root, command, wait)?;
         let objects = ObjectStore::open(root)?;
         let db = open_db(root)?;
-        Self::assemble(root, objects, db, lock)
+        Self::assemble(root, objects, db, Some(lock))
     }
 
-    fn assemble(root: &Path, objects: ObjectStore, db: sled::Db, lock: StoreLock) -> Result<Store> {
+    /// The store as its objects say, for a verb that only reads while another process holds
+    /// the lock: no lock taken, and an index rebuilt from `objects/` into a temporary sled
+    /// (as `verify --repair` rebuilds it), so the holder's index is never opened. Objects are
+    /// installed whole and never change, so what is read is consistent; anything written to
+    /// the temporary index (the stat cache) is gone when the snapshot drops.
+    pub fn open_snapshot(root: &Path) -> Result<Store> {
+        let root = &objects::io_ctx(std::path::absolute(root), || format!("resolving {}", root.display()))?;
+        let objects = ObjectStore::open_existing(root)
+            .ok_or_else(|| ObjectError::Invalid(format!("{} has no objects/ folder", root.display())))?;
+        let db = sled::Config::new().temporary(true).flush_every_ms(None).open()?;
+        let store = Self::assemble(root, objects, db, None)?;
+        store.rebuild_index(&mut VerifyReport::default())?;
+        Ok(store)
+    }
+
+    fn assemble(root: &Path, objects: ObjectStore, db: sled::Db, lock: Option<StoreLock>) -> Result<Store> {
         Ok(Store {
             cache: db.open_tree("cache")?,
             last: db.open_tree("last")?,
@@ -629,13 +645,13 @@ pub fn open_for_repair(root: &Path, wait: bool) -> Result<(Store, Option<PathBuf
     let lock = StoreLock::acquire(root, "verify --repair", wait)?;
     let objects = ObjectStore::open(root)?;
     match open_db(root) {
-        Ok(db) => Ok((Store::assemble(root, objects, db, lock)?, None)),
+        Ok(db) => Ok((Store::assemble(root, objects, db, Some(lock))?, None)),
         Err(_) => {
             let aside = root.join("quarantine").join(format!("index.sled.{}", (now_unix() * 1000.0) as u64));
             objects::io_ctx(fs::create_dir_all(root.join("quarantine")), || "creating quarantine".into())?;
             objects::io_ctx(fs::rename(index_path(root), &aside), || "moving the broken index aside".into())?;
             let db = open_db(root)?;
-            Ok((Store::assemble(root, objects, db, lock)?, Some(aside)))
+            Ok((Store::assemble(root, objects, db, Some(lock))?, Some(aside)))
         }
     }
 }
@@ -682,6 +698,24 @@ mod tests {
         assert!(r.index_rebuilt && r.corrupt.is_empty());
         assert_eq!(store.lookup("k1").unwrap().unwrap().1, m);
         assert_eq!(store.last_manifest("p", "s").unwrap(), m);
+    }
+
+    /// A snapshot beside a holder: it sees what is committed, and writing to it (the stat
+    /// cache, `last`) leaves the holder's index alone.
+    #[test]
+    fn a_snapshot_reads_what_the_holder_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let holder = Store::open(dir.path(), "run x.yaml", false).unwrap();
+        let d = holder.objects.put_bytes(b"out").unwrap();
+        let m = manifest("k1", Entry { digest: d, kind: ObjKind::File, size: 3 });
+        holder.commit(&m).unwrap();
+        let snap = Store::open_snapshot(dir.path()).unwrap();
+        assert_eq!(snap.lookup("k1").unwrap().unwrap().1, m);
+        assert_eq!(snap.last_manifest("p", "s").unwrap(), m);
+        snap.cache.clear().unwrap();
+        drop(snap);
+        assert_eq!(holder.lookup("k1").unwrap().unwrap().1, m);
+        assert!(Store::open_snapshot(&dir.path().join("none")).is_err());
     }
 
     #[test]

@@ -53,11 +53,12 @@ pub(super) fn compare(env: &Env, a: Args) -> Result<i32, Failure> {
         Some(file) => Some(env.load(&PipelineArgs { pipeline: file.clone(), sets: vec![] })?.0.name),
         None => None,
     };
-    let h = env.read_history()?;
-    let runs: Vec<_> = h.runs.iter().filter(|(_, r)| name.as_ref().is_none_or(|n| *n == r.pipeline)).cloned().collect();
+    let store = env.open_reader()?;
+    let runs: Vec<_> =
+        store.runs().into_iter().filter(|(_, r)| name.as_ref().is_none_or(|n| *n == r.pipeline)).collect();
     if let Some(stage) = &a.sweep {
         let run = resolve(&runs, &a.b).map_err(invalid)?;
-        let sw = sweep(&h.objects, run, stage, a.by.as_deref()).map_err(invalid)?;
+        let sw = sweep(&store.objects, run, stage, a.by.as_deref()).map_err(invalid)?;
         if let Some(png) = &a.plot {
             plot_sweep(&sw, png)?;
         }
@@ -69,10 +70,10 @@ pub(super) fn compare(env: &Env, a: Args) -> Result<i32, Failure> {
         return Ok(0);
     }
     let (ra, rb) = (resolve(&runs, &a.a).map_err(invalid)?, resolve(&runs, &a.b).map_err(invalid)?);
-    let c = compare_runs(&h.objects, ra, rb, a.all).map_err(invalid)?;
+    let c = compare_runs(&store.objects, ra, rb, a.all).map_err(invalid)?;
     // Gates see every metric, also one that did not change.
     let everything = match (a.gates.is_empty(), a.all) {
-        (false, false) => Some(compare_runs(&h.objects, ra, rb, true).map_err(invalid)?),
+        (false, false) => Some(compare_runs(&store.objects, ra, rb, true).map_err(invalid)?),
         _ => None,
     };
     let mut regressions = Vec::new();

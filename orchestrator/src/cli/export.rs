@@ -50,7 +50,7 @@ pub(super) fn split_target(p: &Pipeline, target: &str) -> Result<(String, Option
 
 pub(super) fn export(env: &Env, a: Args) -> Result<i32, Failure> {
     let (p, dag) = env.load(&a.p)?;
-    let store = env.open_store()?;
+    let store = env.open_reader()?;
     let entries = crate::plan::plan(&p, &dag, &store);
     if let Some(dest) = a.all {
         for e in &entries {

@@ -138,37 +138,23 @@ struct Env {
     wait: bool,
 }
 
-/// The run history and the objects it points into, for the verbs that only read them.
-struct History {
-    /// Held while the history is read from the index; `None` when it came from `objects/`.
-    _store: Option<Store>,
-    objects: crate::objects::ObjectStore,
-    runs: Vec<crate::history::Run>,
-}
-
 impl Env {
     fn open_store(&self) -> Result<Store, StoreError> {
         Store::open(&self.root, &self.label, self.wait)
     }
 
-    /// The run history (`runs`, `compare`): from the index, or — while a run holds the store,
-    /// unless `--wait` — from `objects/` alone, as `orchestrate ui` reads it, so a long run does
-    /// not lock its team out of the history. Run records and manifests are immutable objects.
-    fn read_history(&self) -> Result<History, Failure> {
-        let holder = match self.open_store() {
-            Ok(store) => {
-                let objects = crate::objects::ObjectStore::open(&self.root).map_err(StoreError::from)?;
-                let runs = store.runs();
-                return Ok(History { _store: Some(store), objects, runs });
+    /// The store for a verb that only reads it (`show`, `export`, `plan`, `report`, `runs`,
+    /// `compare`, `serve`, `push`): while another process holds it, unless `--wait`, a snapshot
+    /// of what its objects say ([`Store::open_snapshot`]), so a long run does not lock its team
+    /// out of results and history. What that run has not finished is not in the snapshot.
+    fn open_reader(&self) -> Result<Store, Failure> {
+        match self.open_store() {
+            Err(StoreError::Locked { holder, .. }) if !self.wait => {
+                eprintln!("note: the store is in use by {holder}; reading what its objects hold (that run's results appear as its stages finish)");
+                Ok(Store::open_snapshot(&self.root)?)
             }
-            Err(StoreError::Locked { holder, .. }) if !self.wait => holder,
-            Err(e) => return Err(e.into()),
-        };
-        let objects = crate::objects::ObjectStore::open_existing(&self.root)
-            .ok_or_else(|| anyhow::anyhow!("{} has no objects/ folder", self.root.display()))?;
-        let runs = crate::ui::catalog::Catalog::default().runs(&objects).map_err(|e| anyhow::anyhow!(e))?;
-        eprintln!("note: the store is in use by {holder}; its history is read from objects/ (that run is listed once it ends)");
-        Ok(History { _store: None, objects, runs })
+            other => Ok(other?),
+        }
     }
 
     /// Load, check and resolve a pipeline, and build its graph.

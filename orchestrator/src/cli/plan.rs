@@ -17,7 +17,7 @@ pub(super) struct Args {
 
 pub(super) fn plan(env: &Env, a: Args) -> Result<i32, Failure> {
     let (p, dag) = env.load(&a.p)?;
-    let store = env.open_store()?;
+    let store = env.open_reader()?;
     let entries = match a.remote.open(&folder_of(&a.p.pipeline), false)? {
         None => crate::plan::plan(&p, &dag, &store),
         Some(remote) => {

@@ -50,7 +50,7 @@ fn results(env: &Env, a: &Args, store: &Store) -> Result<Vec<(String, String)>, 
 pub(super) fn push(env: &Env, a: Args) -> Result<i32, Failure> {
     let near = a.pipeline.as_deref().map(folder_of).unwrap_or_else(|| PathBuf::from("."));
     let Some(remote) = a.remote.open(&near, true)? else { return Ok(2) };
-    let store = env.open_store()?;
+    let store = env.open_reader()?;
     let results = results(env, &a, &store)?;
     let t0 = Instant::now();
     let transfer = Transfer::new("push", !a.json && std::io::stderr().is_terminal());

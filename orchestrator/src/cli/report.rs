@@ -43,7 +43,7 @@ pub(super) struct Args {
 
 pub(super) fn report(env: &Env, a: Args) -> Result<i32, Failure> {
     let (p, dag) = env.load(&PipelineArgs { pipeline: a.pipeline, sets: a.sets })?;
-    let store = env.open_store()?;
+    let store = env.open_reader()?;
     if a.vars {
         print_vars(&p, &dag, &store, a.template.as_deref())?;
         return Ok(0);

@@ -6,8 +6,7 @@ use serde::Serialize;
 
 use super::{print_json, Env, Failure, PipelineArgs};
 use crate::history::{Run, RunLine};
-use crate::objects::ObjectStore;
-use crate::store::{load_manifest, RunRecord};
+use crate::store::{RunRecord, Store};
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
@@ -37,16 +36,16 @@ struct Row {
 }
 
 /// `STAGE.METRIC` of a run, if that stage is in it and recorded the metric.
-fn metric_of(objects: &ObjectStore, r: &RunRecord, spec: &str) -> Option<f64> {
+fn metric_of(store: &Store, r: &RunRecord, spec: &str) -> Option<f64> {
     let (stage, digest) =
         (r.manifests.iter()).filter(|(s, _)| spec.starts_with(&format!("{s}."))).max_by_key(|(s, _)| s.len())?;
-    let m = load_manifest(objects, digest).ok()?;
+    let m = store.load_manifest(digest).ok()?;
     m.metrics.get(&spec[stage.len() + 1..])?.as_f64()
 }
 
 impl Row {
-    fn of(objects: &ObjectStore, run: &Run, metric: Option<&str>) -> Row {
-        Row { line: RunLine::of(run), metric: metric.and_then(|m| metric_of(objects, &run.1, m)) }
+    fn of(store: &Store, run: &Run, metric: Option<&str>) -> Row {
+        Row { line: RunLine::of(run), metric: metric.and_then(|m| metric_of(store, &run.1, m)) }
     }
 }
 
@@ -55,11 +54,11 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
         Some(file) => Some(env.load(&PipelineArgs { pipeline: file.clone(), sets: vec![] })?.0.name),
         None => None,
     };
-    let h = env.read_history()?;
-    let rows: Vec<Row> = (h.runs.iter())
+    let store = env.open_reader()?;
+    let rows: Vec<Row> = (store.runs().iter())
         .filter(|(_, r)| name.as_ref().is_none_or(|n| *n == r.pipeline))
         .take(a.limit)
-        .map(|run| Row::of(&h.objects, run, a.metric.as_deref()))
+        .map(|run| Row::of(&store, run, a.metric.as_deref()))
         .collect();
     if let (Some(metric), Some(png)) = (&a.metric, &a.plot) {
         plot(&rows, metric, png)?;

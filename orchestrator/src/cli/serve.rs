@@ -59,7 +59,7 @@ fn default_output(kind: &str) -> Option<&'static str> {
 /// Copy STAGE[.OUTPUT] and the stage's tokenizer out of the store into `dir`.
 fn from_store(env: &Env, pa: &PipelineArgs, target: &str, dir: &Path) -> Result<(PathBuf, PathBuf), Failure> {
     let (p, dag) = env.load(pa)?;
-    let store = env.open_store()?;
+    let store = env.open_reader()?;
     let entries = crate::plan::plan(&p, &dag, &store);
     let (stage, output) = split_target(&p, target)?;
     let st = p.stage(&stage).ok_or_else(|| anyhow!("no stage `{stage}`"))?;

@@ -18,7 +18,7 @@ pub(super) struct Args {
 pub(super) fn show(env: &Env, a: Args) -> Result<i32, Failure> {
     let (p, dag) = env.load(&a.p)?;
     stage_index(&p, &a.stage)?;
-    let store = env.open_store()?;
+    let store = env.open_reader()?;
     let stage = &a.stage;
     let (digest, m, current) = match crate::plan::current_manifest(&p, &dag, &store, stage) {
         Some((d, m)) => (d, m, true),

@@ -7,7 +7,7 @@
 //! things by run id, stage name and object digest only; files inside a stored folder are found
 //! by walking its tree entry by entry, so no URL becomes a filesystem path.
 
-pub(crate) mod catalog;
+mod catalog;
 mod graph;
 mod live_view;
 mod pages;
