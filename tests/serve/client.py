@@ -185,6 +185,21 @@ def check_logprobs():
                 tokens += ch.logprobs.tokens
                 values += ch.logprobs.token_logprobs
     expect((tokens, values) == (lp.tokens, lp.token_logprobs), f"streamed {tokens} {values}")
+    # A stop string cuts the text, and the tokens listed are those that start in what is
+    # returned (the ones inside the stop string are not), streamed or not.
+    if len(lp.tokens) >= 4:
+        stop = text[lp.text_offset[2]:lp.text_offset[2] + 2]
+        cut = text.find(stop)
+        keep = sum(1 for o in lp.text_offset if o < cut)
+        s = client.completions.create(stop=[stop], **kw)
+        sl = s.choices[0].logprobs
+        expect(s.choices[0].text == text[:cut] and s.choices[0].finish_reason == "stop", f"stop {stop!r}: {s.choices[0]}")
+        expect((sl.tokens, sl.token_logprobs) == (lp.tokens[:keep], lp.token_logprobs[:keep]), f"stop {stop!r}: {sl.tokens}")
+        streamed = []
+        for chunk in client.completions.create(stream=True, stop=[stop], **kw):
+            for ch in chunk.choices:
+                streamed += ch.logprobs.tokens if ch.logprobs is not None else []
+        expect(streamed == sl.tokens, f"streamed with stop {stop!r}: {streamed}")
     # Echo in front of generation changes nothing about the generated part.
     e = client.completions.create(echo=True, **kw)
     el = e.choices[0].logprobs

@@ -105,6 +105,8 @@ struct Seq {
     sent: usize,
     /// Characters of the generated text decoded so far: where the next token's text starts.
     chars: usize,
+    /// Log-probabilities of tokens whose text has not gone out yet (see [`release`]).
+    pending: Vec<TokenLogprob>,
 }
 
 /// The next token from `logits` under `s`, drawing from `rng` unless greedy.
@@ -176,6 +178,19 @@ fn held_back(text: &str, stop: &[String]) -> usize {
     partial.max(stop_prefix)
 }
 
+/// The log-probabilities that go out with the text up to character `end`: the tokens that
+/// start inside it. Once the sequence is done, every token left goes too — unless a stop string
+/// ended it: the tokens that start in the stop string (or after it) are not in the answer, so
+/// the listed tokens stay those of the returned text, as `text_offset` says.
+fn release(pending: &mut Vec<TokenLogprob>, end: usize, done: bool, stop_string: bool) -> Vec<TokenLogprob> {
+    let n = if done && !stop_string { pending.len() } else { pending.iter().take_while(|t| t.offset < end).count() };
+    let out = pending.drain(..n).collect();
+    if done {
+        pending.clear();
+    }
+    out
+}
+
 impl Seq {
     fn send(&self, e: Event) -> bool {
         self.job.events.send(e).is_ok()
@@ -205,6 +220,14 @@ impl Seq {
             (None, None) if full => (text.len(), Some(Finish::Length)),
             (None, None) => (text.len() - held_back(&text, &self.job.stop), None),
         };
+        if self.job.logprobs.is_some() {
+            let end_chars = text.get(..end).map_or(self.chars, |t| t.chars().count());
+            for t in release(&mut self.pending, end_chars, finish.is_some(), stop_at.is_some()) {
+                if !self.send(Event::Logprob(t)) {
+                    return Some(Finish::Stop);
+                }
+            }
+        }
         // Only whole characters go out; a piece that does not end on one waits for the next token.
         if let Some(piece) = text.get(self.sent..end).filter(|p| !p.is_empty()) {
             let piece = piece.to_string();
@@ -246,7 +269,7 @@ pub fn run(model: Arc<Loaded>, jobs: Receiver<Job>, metrics: Arc<Metrics>, max_b
             if let (Some(n), false) = (s.job.logprobs, Some(t) == model.eot) {
                 let (lp, top) = logprob(&s.logits, t, n, &model.tokenizer);
                 let token = token_text(&model.tokenizer, t);
-                s.send(Event::Logprob(TokenLogprob { token, logprob: Some(lp), offset: s.chars, top }));
+                s.pending.push(TokenLogprob { token, logprob: Some(lp), offset: s.chars, top });
             }
             let done = s.take(t, &model).is_some();
             if done {
@@ -293,7 +316,7 @@ fn admit(job: Job, model: &Loaded, metrics: &Metrics, active: &mut Vec<Seq>) {
                 return;
             }
             let rng = ChaCha8Rng::seed_from_u64(job.seed);
-            active.push(Seq { job, state, logits, rng, ids: Vec::new(), sent: 0, chars: 0 });
+            active.push(Seq { job, state, logits, rng, ids: Vec::new(), sent: 0, chars: 0, pending: Vec::new() });
         }
         Err(e) => {
             let _ = job.events.send(Event::Failed(format!("reading the prompt failed: {e}")));
@@ -356,6 +379,23 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn log_probabilities_go_with_their_text_and_not_past_a_stop_string() {
+        let tok = |offset| TokenLogprob { token: String::new(), logprob: Some(-1.0), offset, top: Vec::new() };
+        let offsets = |v: Vec<TokenLogprob>| v.into_iter().map(|t| t.offset).collect::<Vec<_>>();
+        // Text out to character 3: the tokens starting at 0 and 2; the one at 3 waits.
+        let mut pending = vec![tok(0), tok(2), tok(3)];
+        assert_eq!(offsets(release(&mut pending, 3, false, false)), [0, 2]);
+        assert_eq!(offsets(std::mem::take(&mut pending)), [3]);
+        // Done by length (or end of text): everything left goes, also a token with no text.
+        let mut pending = vec![tok(3), tok(5), tok(5)];
+        assert_eq!(offsets(release(&mut pending, 5, true, false)), [3, 5, 5]);
+        // Done by a stop string starting at character 4: the tokens inside it are dropped.
+        let mut pending = vec![tok(3), tok(4), tok(6)];
+        assert_eq!(offsets(release(&mut pending, 4, true, true)), [3]);
+        assert!(pending.is_empty());
     }
 
     #[test]
