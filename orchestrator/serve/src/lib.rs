@@ -8,6 +8,7 @@ pub mod engine;
 pub mod logprobs;
 pub mod metrics;
 pub mod prompt;
+mod request;
 
 use std::future::Future;
 use std::path::Path;
