@@ -78,6 +78,27 @@ def check_api():
         expect(s.finish_reason == "stop" and full.startswith(s.text) and stop not in s.text, f"stop {stop!r}: {s}")
         st, sf, _ = stream_text(model=MODEL, prompt="the", max_tokens=40, temperature=0, stop=[stop])
         expect((st, sf) == (s.text, "stop"), f"streamed stop: {st!r}/{sf} vs {s.text!r}")
+    # n choices: each its own seed (seed + i), so choice 0 is the n = 1 answer; usage sums
+    # the choices' tokens and counts the prompt once; streamed, every chunk names its choice.
+    kw = dict(model=MODEL, prompt="the dog", max_tokens=24, temperature=1.0, top_p=0.95, seed=42, extra_body={"top_k": 50})
+    three = client.completions.create(n=3, **kw)
+    texts = [c.text for c in sorted(three.choices, key=lambda c: c.index)]
+    expect([c.index for c in three.choices] == [0, 1, 2] and texts[0] == a, f"n=3: {three.choices} vs {a!r}")
+    expect(texts[1] == client.completions.create(**{**kw, "seed": 43}).choices[0].text, f"choice 1 is seed 43: {texts}")
+    one = client.completions.create(**kw)
+    expect(three.usage.prompt_tokens == one.usage.prompt_tokens, f"prompt counted once: {three.usage}")
+    expect(three.usage.completion_tokens == sum(client.completions.create(**{**kw, "seed": 42 + i}).usage.completion_tokens for i in range(3)), f"{three.usage}")
+    streamed, closed = ["", "", ""], []
+    for chunk in client.completions.create(stream=True, n=3, stream_options={"include_usage": True}, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+            closed += [c.index] if c.finish_reason else []
+        if chunk.usage:
+            expect(chunk.usage.completion_tokens == three.usage.completion_tokens, f"streamed usage {chunk.usage}")
+    expect(streamed == texts and sorted(closed) == [0, 1, 2], f"streamed n=3: {streamed} {closed} vs {texts}")
+    chat3 = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, n=2)
+    expect([c.index for c in chat3.choices] == [0, 1], f"chat n=2: {chat3.choices}")
+    expect(chat3.choices[0].message.content == chat3.choices[1].message.content, "greedy choices agree")
     health = httpx.get(f"{ROOT}/health").json()
     expect(health["status"] == "ok", f"health {health}")
     print("api ok:", repr(c.text), repr(ch.choices[0].message.content), repr(a))
@@ -105,6 +126,8 @@ def check_errors():
     error_of(post(json.dumps({**ok, "max_tokens": 100000}).encode()), 400, "max_tokens")
     error_of(post(json.dumps({**ok, "prompt": ""}).encode()), 400, "prompt")
     error_of(post(json.dumps({**ok, "temperature": 9}).encode()), 400, "temperature")
+    error_of(post(json.dumps({**ok, "n": 0}).encode()), 400, "n")
+    error_of(post(json.dumps({**ok, "n": 17}).encode()), 400, "n")
     error_of(post(json.dumps({**ok, "prompt": "the " * 5000}).encode()), 400, "prompt", "context_length_exceeded")
     error_of(post(b'{"model": "' + MODEL.encode() + b'", "prompt": "\xff\xfe"}'), 400)
     error_of(post(b"{" + b" " * (2 << 20) + b"}"), 413, code="request_too_large")

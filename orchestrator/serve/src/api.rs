@@ -2,7 +2,6 @@
 //! `/v1/chat/completions` (JSON or server-sent events), `/health`, `/metrics`. Every error is
 //! OpenAI's `{"error": {message, type, param, code}}` with a 4xx/5xx status.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
@@ -12,14 +11,12 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
-use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::stream::{self, StreamExt};
-use serde_json::{json, Value};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use serde_json::json;
+use tokio::sync::mpsc::unbounded_channel;
 
-use crate::engine::{Event, Job, Loaded, Sampling, TokenLogprob};
+use crate::engine::{Job, Loaded, Sampling};
 use crate::logprobs::{Echo, Kind, Shape};
 use crate::metrics::Metrics;
 use crate::prompt::{self, Prompt};
@@ -27,6 +24,7 @@ use crate::request::{
     message_text, parse, refuse_unsupported, ApiError, ChatRequest, Common, CompletionRequest, OneOrMany,
     MAX_TOP_LOGPROBS,
 };
+use crate::respond::{respond, Prepared};
 use crate::Limits;
 
 pub struct AppState {
@@ -38,16 +36,6 @@ pub struct AppState {
     pub next_id: AtomicU64,
 }
 
-/// A validated request, ready for the engine.
-struct Prepared {
-    id: u64,
-    job: Job,
-    stream: bool,
-    include_usage: bool,
-    rx: UnboundedReceiver<Event>,
-    shape: Arc<Shape>,
-}
-
 /// What one endpoint's own fields ask for: the number of most likely tokens to list per
 /// position (None: no log-probabilities), and the prompt echoed (completions).
 struct Extra {
@@ -56,7 +44,17 @@ struct Extra {
     echo: bool,
 }
 
-fn prepare(st: &AppState, c: Common, prompt: Prompt, default_max: u64, extra: Extra) -> Result<Prepared, ApiError> {
+/// Most choices one request may ask for (`n`): each is a sequence of its own.
+const MAX_CHOICES: u64 = 16;
+
+/// A request checked and turned into its choices' jobs (queued by [`answer`]).
+fn prepare(
+    st: &AppState,
+    c: Common,
+    prompt: Prompt,
+    default_max: u64,
+    extra: Extra,
+) -> Result<(Vec<Job>, Prepared), ApiError> {
     refuse_unsupported(&c)?;
     if c.model != st.name {
         return Err(ApiError::invalid(
@@ -65,8 +63,9 @@ fn prepare(st: &AppState, c: Common, prompt: Prompt, default_max: u64, extra: Ex
         )
         .with_code(StatusCode::NOT_FOUND, "model_not_found"));
     }
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
+    let n = c.n.unwrap_or(1);
+    if !(1..=MAX_CHOICES).contains(&n) {
+        return Err(ApiError::invalid(format!("n must be between 1 and {MAX_CHOICES} (got {n})"), Some("n")));
     }
     let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(default_max);
     // Zero only with echo: the prompt scored, nothing generated.
@@ -123,22 +122,40 @@ fn prepare(st: &AppState, c: Common, prompt: Prompt, default_max: u64, extra: Ex
         .with_code(StatusCode::BAD_REQUEST, "context_length_exceeded"));
     }
     let id = st.next_id.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = unbounded_channel();
-    let job = Job {
-        prompt: ids,
-        max_tokens: max_tokens as usize,
-        sampling: Sampling { temperature, top_k: c.top_k.unwrap_or(0) as usize, top_p },
-        seed: c.seed.unwrap_or(id),
-        stop,
-        logprobs: extra.logprobs.map(|n| n as usize),
-        echo: extra.echo,
-        events: tx,
-        queued_at: Instant::now(),
-    };
+    let seed = c.seed.unwrap_or(id);
+    let top_k = c.top_k.unwrap_or(0) as usize;
+    // Choice i draws with seed + i: choice 0 is the answer n = 1 gives for the same seed.
+    let (jobs, choices): (Vec<Job>, Vec<_>) = (0..n)
+        .map(|i| {
+            let (tx, rx) = unbounded_channel();
+            let job = Job {
+                prompt: ids.clone(),
+                max_tokens: max_tokens as usize,
+                sampling: Sampling { temperature, top_k, top_p },
+                seed: seed.wrapping_add(i),
+                stop: stop.clone(),
+                logprobs: extra.logprobs.map(|n| n as usize),
+                echo: extra.echo,
+                events: tx,
+                queued_at: Instant::now(),
+            };
+            (job, rx)
+        })
+        .unzip();
     let include_usage = c.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
     let echo = extra.echo.then_some(Echo { text: encoded.text, offsets: encoded.offsets });
     let shape = Arc::new(Shape { kind: extra.kind, logprobs: extra.logprobs.is_some(), echo });
-    Ok(Prepared { id, job, stream: c.stream.unwrap_or(false), include_usage, rx, shape })
+    Ok((jobs, Prepared { id, choices, stream: c.stream.unwrap_or(false), include_usage, shape }))
+}
+
+/// Queue a prepared request's jobs and answer it.
+async fn answer(st: &AppState, kind: Kind, (jobs, p): (Vec<Job>, Prepared)) -> Result<Response, ApiError> {
+    // A job queued before a later one is refused has its receiver dropped with `p`: the engine
+    // drops that sequence at its next token.
+    for job in jobs {
+        enqueue(st, job)?;
+    }
+    respond(p, kind, now(), st.name.clone()).await
 }
 
 /// Put a job in the queue; a full queue is 503 with Retry-After, not unbounded memory.
@@ -169,122 +186,6 @@ fn endpoint(kind: Kind) -> &'static str {
     }
 }
 
-fn usage(p: usize, c: usize) -> Value {
-    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
-}
-
-/// A whole answer: its text, log-probabilities, finish reason, prompt and completion tokens.
-struct Collected {
-    text: String,
-    logprobs: Vec<TokenLogprob>,
-    finish: &'static str,
-    usage: Value,
-}
-
-async fn collect(mut rx: UnboundedReceiver<Event>, shape: &Shape) -> Result<Collected, ApiError> {
-    let (mut text, mut logprobs) = (String::new(), Vec::new());
-    while let Some(e) = rx.recv().await {
-        match e {
-            Event::Prompt(scored) => {
-                text.push_str(shape.echo.as_ref().map_or("", |e| e.text.as_str()));
-                logprobs.extend(shape.prompt(scored));
-            }
-            Event::Logprob(t) => logprobs.push(shape.generated(t)),
-            Event::Text(t) => text.push_str(&t),
-            Event::Done { finish, prompt_tokens, completion_tokens } => {
-                let usage = usage(prompt_tokens, completion_tokens);
-                return Ok(Collected { text, logprobs, finish: finish.as_str(), usage });
-            }
-            Event::Failed(m) => return Err(ApiError::server(StatusCode::SERVICE_UNAVAILABLE, m, None)),
-        }
-    }
-    Err(ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped", None))
-}
-
-async fn respond(st: Arc<AppState>, kind: Kind, p: Prepared) -> Result<Response, ApiError> {
-    let (created, name) = (now(), st.name.clone());
-    let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, p.id);
-    let (stream, include_usage, rx, shape) = (p.stream, p.include_usage, p.rx, p.shape);
-    enqueue(&st, p.job)?;
-    if !stream {
-        let c = collect(rx, &shape).await?;
-        let (text, logprobs, finish) = (c.text, shape.field(&c.logprobs), c.finish);
-        let choice = match kind {
-            Kind::Completion => json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}),
-            Kind::Chat => {
-                json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish})
-            }
-        };
-        let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
-        return Ok(Json(json!({"id": id, "object": object, "created": created, "model": name, "choices": [choice], "usage": c.usage}))
-            .into_response());
-    }
-    let chunk = move |choice: Value, usage: Option<Value>| {
-        let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
-        let mut v = json!({"id": id, "object": object, "created": created, "model": name, "choices": choice});
-        if let Some(u) = usage {
-            v["usage"] = u;
-        }
-        Sse::default().data(v.to_string())
-    };
-    let first = (kind == Kind::Chat).then(|| {
-        chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]), None)
-    });
-    // Log-probabilities wait for the text piece that carries their tokens (a token's text can
-    // be held back), or else go with the closing chunk.
-    let events = stream::unfold(Some((rx, Vec::new())), move |state| {
-        let (chunk, shape) = (chunk.clone(), shape.clone());
-        async move {
-            let (mut rx, mut pending) = state?;
-            let out: Vec<Sse> = match rx.recv().await {
-                Some(Event::Prompt(scored)) => {
-                    let text = shape.echo.as_ref().map_or("", |e| e.text.as_str());
-                    vec![chunk(piece(kind, Some(text), None, shape.field(&shape.prompt(scored))), None)]
-                }
-                Some(Event::Logprob(t)) => {
-                    pending.push(shape.generated(t));
-                    vec![]
-                }
-                Some(Event::Text(t)) => {
-                    let logprobs = shape.field(&std::mem::take(&mut pending));
-                    vec![chunk(piece(kind, Some(&t), None, logprobs), None)]
-                }
-                Some(Event::Done { finish, prompt_tokens, completion_tokens }) => {
-                    let logprobs = if pending.is_empty() { Value::Null } else { shape.field(&pending) };
-                    let mut v = vec![chunk(piece(kind, None, Some(finish.as_str()), logprobs), None)];
-                    if include_usage {
-                        v.push(chunk(json!([]), Some(usage(prompt_tokens, completion_tokens))));
-                    }
-                    v.push(Sse::default().data("[DONE]"));
-                    return Some((v, None));
-                }
-                Some(Event::Failed(m)) => {
-                    let e = json!({"error": {"message": m, "type": "server_error", "param": null, "code": null}});
-                    return Some((vec![Sse::default().data(e.to_string())], None));
-                }
-                None => return None,
-            };
-            Some((out, Some((rx, pending))))
-        }
-    })
-    .flat_map(stream::iter);
-    let all = stream::iter(first).chain(events).map(Ok::<_, Infallible>);
-    Ok(axum::response::Sse::new(all).keep_alive(KeepAlive::default()).into_response())
-}
-
-/// One streamed choice: a text piece, or the closing one with its finish reason.
-fn piece(kind: Kind, text: Option<&str>, finish: Option<&str>, logprobs: Value) -> Value {
-    match kind {
-        Kind::Completion => {
-            json!([{"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish}])
-        }
-        Kind::Chat => {
-            let delta = text.map_or(json!({}), |t| json!({"content": t}));
-            json!([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
-        }
-    }
-}
-
 fn counted(st: &AppState, kind: Kind, r: Result<Response, ApiError>) -> Response {
     let r = r.unwrap_or_else(IntoResponse::into_response);
     st.metrics.request(endpoint(kind), r.status().as_u16());
@@ -305,8 +206,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
             return Err(ApiError::invalid("suffix is not supported: these models only continue text", Some("suffix")));
         }
         let extra = Extra { kind: Kind::Completion, logprobs: req.logprobs, echo: req.echo.unwrap_or(false) };
-        let p = prepare(&st, common, prompt, 16, extra)?;
-        respond(st.clone(), Kind::Completion, p).await
+        answer(&st, Kind::Completion, prepare(&st, common, prompt, 16, extra)?).await
     }
     .await;
     counted(&st, Kind::Completion, r)
@@ -353,8 +253,7 @@ pub async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesReje
         let default = st.limits.max_tokens as u64;
         let logprobs = want_logprobs.then_some(req.top_logprobs.unwrap_or(0));
         let extra = Extra { kind: Kind::Chat, logprobs, echo: false };
-        let p = prepare(&st, common, Prompt::Text(chat_prompt(&msgs)), default, extra)?;
-        respond(st.clone(), Kind::Chat, p).await
+        answer(&st, Kind::Chat, prepare(&st, common, Prompt::Text(chat_prompt(&msgs)), default, extra)?).await
     }
     .await;
     counted(&st, Kind::Chat, r)

@@ -9,6 +9,7 @@ pub mod logprobs;
 pub mod metrics;
 pub mod prompt;
 mod request;
+mod respond;
 
 use std::future::Future;
 use std::path::Path;
