@@ -188,7 +188,18 @@ def check_logprobs():
         l2 = r2.choices[0].logprobs
         expect((r2.choices[0].text, l2.tokens, l2.token_logprobs, l2.text_offset) == (c.text, lp.tokens, lp.token_logprobs, lp.text_offset), f"ids prompt: {r2}")
     error_of(httpx.post(f"{BASE}/completions", json={"model": MODEL, "prompt": [ids[0], 10**6], "max_tokens": 1}), 400, "prompt")
-    error_of(httpx.post(f"{BASE}/completions", json={"model": MODEL, "prompt": ["a", "b"], "max_tokens": 1}), 400, "prompt")
+    # A batch of prompts, as harnesses send it: choice i answers prompt i, as it would alone.
+    b = client.completions.create(model=MODEL, prompt=[ids, ids[:10]], max_tokens=0, echo=True, logprobs=0)
+    expect([c.index for c in b.choices] == [0, 1], f"batch choices {b.choices}")
+    expect(b.choices[0].logprobs.token_logprobs == lp.token_logprobs and b.choices[0].text == c.text, "batch prompt 0")
+    expect(b.choices[1].logprobs.token_logprobs == lp.token_logprobs[:10], f"batch prompt 1: {b.choices[1].logprobs}")
+    expect(b.usage.prompt_tokens == len(ids) + 10, f"batch usage {b.usage}")
+    texts = ["the cat", "once upon"]
+    alone = [client.completions.create(model=MODEL, prompt=t, max_tokens=6, temperature=0).choices[0].text for t in texts]
+    both = client.completions.create(model=MODEL, prompt=texts, max_tokens=6, temperature=0, n=2)
+    expect([ch.text for ch in both.choices] == [alone[0], alone[0], alone[1], alone[1]], f"batch × n: {both.choices} vs {alone}")
+    error_of(httpx.post(f"{BASE}/completions", json={"model": MODEL, "prompt": ["a", 1], "max_tokens": 1}), 400, "prompt")
+    error_of(httpx.post(f"{BASE}/completions", json={"model": MODEL, "prompt": ["a"] * 9, "n": 8, "max_tokens": 1}), 400, "prompt")
 
     # Greedy generation: each token is the most likely one, and the listed ones are probabilities.
     kw = dict(model=MODEL, prompt="the cat", max_tokens=12, temperature=0, logprobs=5)

@@ -44,18 +44,22 @@ struct Extra {
     echo: bool,
 }
 
-/// Most choices one request may ask for (`n`): each is a sequence of its own.
+/// Most choices one prompt may ask for (`n`), and one request in all (prompts × `n`): each
+/// choice is a sequence of its own.
 const MAX_CHOICES: u64 = 16;
+const MAX_REQUEST_CHOICES: usize = 64;
 
-/// A request checked and turned into its choices' jobs (queued by [`answer`]).
-fn prepare(
-    st: &AppState,
-    c: Common,
-    prompt: Prompt,
-    default_max: u64,
-    extra: Extra,
-) -> Result<(Vec<Job>, Prepared), ApiError> {
-    refuse_unsupported(&c)?;
+/// How every choice of a request is drawn.
+struct Settings {
+    n: u64,
+    max_tokens: u64,
+    sampling: Sampling,
+    stop: Vec<String>,
+}
+
+/// The shared fields checked: model, `n`, length, log-probabilities, sampling and stop.
+fn settings(st: &AppState, c: &Common, default_max: u64, extra: &Extra) -> Result<Settings, ApiError> {
+    refuse_unsupported(c)?;
     if c.model != st.name {
         return Err(ApiError::invalid(
             format!("the model `{}` does not exist; this server serves `{}`", c.model, st.name),
@@ -94,58 +98,81 @@ fn prepare(
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid(format!("top_p must be in (0, 1] (got {top_p})"), Some("top_p")));
     }
-    let stop = match c.stop {
+    let stop = match &c.stop {
         None => vec![],
-        Some(OneOrMany::One(s)) => vec![s],
-        Some(OneOrMany::Many(v)) => v,
+        Some(OneOrMany::One(s)) => vec![s.clone()],
+        Some(OneOrMany::Many(v)) => v.clone(),
     };
     if stop.len() > 4 || stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid("stop takes up to 4 non-empty strings", Some("stop")));
     }
-    let encoded = prompt::encode(&st.model.tokenizer, prompt).map_err(|m| ApiError::invalid(m, Some("prompt")))?;
-    if encoded.text.is_empty() && encoded.ids.is_empty() {
-        return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
+    let sampling = Sampling { temperature, top_k: c.top_k.unwrap_or(0) as usize, top_p };
+    Ok(Settings { n, max_tokens, sampling, stop })
+}
+
+/// One prompt tokenized and checked against the context (`which`: its place in a batch).
+fn encode(st: &AppState, prompt: Prompt, generates: bool, which: Option<usize>) -> Result<prompt::Encoded, ApiError> {
+    let name = which.map_or("the prompt".to_string(), |i| format!("prompt {i}"));
+    let invalid = |m: String| ApiError::invalid(m, Some("prompt"));
+    let encoded = prompt::encode(&st.model.tokenizer, prompt).map_err(|m| invalid(format!("{name}: {m}")))?;
+    let len = encoded.ids.len();
+    if encoded.text.is_empty() && len == 0 {
+        return Err(invalid(format!("{name} is empty")));
     }
-    let ids = encoded.ids;
     // A prompt only scored (echo, max_tokens 0) may fill the whole context.
-    let generates = max_tokens > 0;
-    if ids.is_empty() || ids.len() + usize::from(generates) > st.model.max_seq_len {
-        return Err(ApiError::invalid(
-            format!(
-                "the prompt is {} tokens; this model's context is {} tokens{}",
-                ids.len(),
-                st.model.max_seq_len,
-                if generates { ", and at least one must be left to generate" } else { "" }
-            ),
-            Some("prompt"),
-        )
-        .with_code(StatusCode::BAD_REQUEST, "context_length_exceeded"));
+    if len == 0 || len + usize::from(generates) > st.model.max_seq_len {
+        let left = if generates { ", and at least one must be left to generate" } else { "" };
+        let m = format!("{name} is {len} tokens; this model's context is {} tokens{left}", st.model.max_seq_len);
+        return Err(invalid(m).with_code(StatusCode::BAD_REQUEST, "context_length_exceeded"));
     }
+    Ok(encoded)
+}
+
+/// A request checked and turned into its choices' jobs (queued by [`answer`]): `n` per prompt,
+/// in the order of the response's `choices`.
+fn prepare(
+    st: &AppState,
+    c: Common,
+    prompts: Vec<Prompt>,
+    default_max: u64,
+    extra: Extra,
+) -> Result<(Vec<Job>, Prepared), ApiError> {
+    let s = settings(st, &c, default_max, &extra)?;
+    if prompts.len() * s.n as usize > MAX_REQUEST_CHOICES {
+        let m = format!("{} prompts × n = {} asks for more than {MAX_REQUEST_CHOICES} choices", prompts.len(), s.n);
+        return Err(ApiError::invalid(m, Some("prompt")));
+    }
+    let batch = prompts.len() > 1;
+    let encoded = (prompts.into_iter().enumerate())
+        .map(|(i, p)| encode(st, p, s.max_tokens > 0, batch.then_some(i)))
+        .collect::<Result<Vec<_>, _>>()?;
     let id = st.next_id.fetch_add(1, Ordering::Relaxed);
     let seed = c.seed.unwrap_or(id);
-    let top_k = c.top_k.unwrap_or(0) as usize;
-    // Choice i draws with seed + i: choice 0 is the answer n = 1 gives for the same seed.
-    let (jobs, choices): (Vec<Job>, Vec<_>) = (0..n)
-        .map(|i| {
+    let (mut jobs, mut choices) = (Vec::new(), Vec::new());
+    for e in encoded {
+        let echo = extra.echo.then_some(Echo { text: e.text, offsets: e.offsets });
+        let shape = Arc::new(Shape { kind: extra.kind, logprobs: extra.logprobs.is_some(), echo });
+        // Choice i of a prompt draws with seed + i: choice 0 is the answer n = 1 gives for the
+        // same seed, and a prompt in a batch answers as it would alone.
+        for i in 0..s.n {
             let (tx, rx) = unbounded_channel();
-            let job = Job {
-                prompt: ids.clone(),
-                max_tokens: max_tokens as usize,
-                sampling: Sampling { temperature, top_k, top_p },
+            jobs.push(Job {
+                prompt: e.ids.clone(),
+                max_tokens: s.max_tokens as usize,
+                sampling: s.sampling,
                 seed: seed.wrapping_add(i),
-                stop: stop.clone(),
+                stop: s.stop.clone(),
                 logprobs: extra.logprobs.map(|n| n as usize),
                 echo: extra.echo,
                 events: tx,
                 queued_at: Instant::now(),
-            };
-            (job, rx)
-        })
-        .unzip();
+            });
+            choices.push((rx, shape.clone()));
+        }
+    }
     let include_usage = c.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-    let echo = extra.echo.then_some(Echo { text: encoded.text, offsets: encoded.offsets });
-    let shape = Arc::new(Shape { kind: extra.kind, logprobs: extra.logprobs.is_some(), echo });
-    Ok((jobs, Prepared { id, choices, stream: c.stream.unwrap_or(false), include_usage, shape }))
+    let per_prompt = s.n as usize;
+    Ok((jobs, Prepared { id, choices, per_prompt, stream: c.stream.unwrap_or(false), include_usage }))
 }
 
 /// Queue a prepared request's jobs and answer it.
@@ -195,7 +222,7 @@ fn counted(st: &AppState, kind: Kind, r: Result<Response, ApiError>) -> Response
 pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let r = async {
         let (req, common): (CompletionRequest, Common) = parse(body)?;
-        let prompt = prompt::read(req.prompt).map_err(|m| ApiError::invalid(m, Some("prompt")))?;
+        let prompts = prompt::read(req.prompt).map_err(|m| ApiError::invalid(m, Some("prompt")))?;
         if req.best_of.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid(
                 "best_of is not supported (one completion per request); leave it out or set 1",
@@ -206,7 +233,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
             return Err(ApiError::invalid("suffix is not supported: these models only continue text", Some("suffix")));
         }
         let extra = Extra { kind: Kind::Completion, logprobs: req.logprobs, echo: req.echo.unwrap_or(false) };
-        answer(&st, Kind::Completion, prepare(&st, common, prompt, 16, extra)?).await
+        answer(&st, Kind::Completion, prepare(&st, common, prompts, 16, extra)?).await
     }
     .await;
     counted(&st, Kind::Completion, r)
@@ -253,7 +280,7 @@ pub async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesReje
         let default = st.limits.max_tokens as u64;
         let logprobs = want_logprobs.then_some(req.top_logprobs.unwrap_or(0));
         let extra = Extra { kind: Kind::Chat, logprobs, echo: false };
-        answer(&st, Kind::Chat, prepare(&st, common, Prompt::Text(chat_prompt(&msgs)), default, extra)?).await
+        answer(&st, Kind::Chat, prepare(&st, common, vec![Prompt::Text(chat_prompt(&msgs))], default, extra)?).await
     }
     .await;
     counted(&st, Kind::Chat, r)

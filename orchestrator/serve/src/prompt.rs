@@ -21,24 +21,26 @@ pub struct Encoded {
     pub offsets: Vec<usize>,
 }
 
-const SHAPES: &str = "prompt must be a string, or a list of token ids (one prompt per request)";
+const SHAPES: &str = "prompt must be a string, a list of token ids, or a list of several of either";
 
-/// The `prompt` field: a string, a list of one string, a list of token ids, or a list of one
-/// such list.
-pub fn read(v: Value) -> Result<Prompt, String> {
+/// The `prompt` field: a string, a list of token ids, or a list of several strings or several
+/// lists of token ids (a batch: each prompt gets its own choices).
+pub fn read(v: Value) -> Result<Vec<Prompt>, String> {
     let ids = |items: &[Value]| -> Option<Vec<u32>> {
         items.iter().map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok())).collect()
     };
-    match v {
-        Value::String(s) => Ok(Prompt::Text(s)),
-        Value::Array(items) => match items.as_slice() {
-            [Value::String(s)] => Ok(Prompt::Text(s.clone())),
-            [Value::Array(inner)] => ids(inner).map(Prompt::Ids).ok_or_else(|| SHAPES.to_string()),
-            [Value::String(_) | Value::Array(_), _, ..] => {
-                Err("one prompt per request: this server answers n = 1 and no batches".to_string())
-            }
-            _ => ids(&items).map(Prompt::Ids).ok_or_else(|| SHAPES.to_string()),
-        },
+    let one = |v: &Value| match v {
+        Value::String(s) => Some(Prompt::Text(s.clone())),
+        Value::Array(inner) => ids(inner).map(Prompt::Ids),
+        _ => None,
+    };
+    match &v {
+        Value::String(s) => Ok(vec![Prompt::Text(s.clone())]),
+        Value::Array(items) if items.is_empty() => Err("prompt is an empty list".to_string()),
+        Value::Array(items) if items.iter().all(|x| x.is_string() || x.is_array()) => {
+            items.iter().map(one).collect::<Option<Vec<_>>>().ok_or_else(|| SHAPES.to_string())
+        }
+        Value::Array(items) => ids(items).map(|ids| vec![Prompt::Ids(ids)]).ok_or_else(|| SHAPES.to_string()),
         _ => Err(SHAPES.to_string()),
     }
 }
@@ -73,14 +75,17 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn every_shape_of_one_prompt_and_what_is_refused() {
-        assert_eq!(read(json!("hi")), Ok(Prompt::Text("hi".into())));
-        assert_eq!(read(json!(["hi"])), Ok(Prompt::Text("hi".into())));
-        assert_eq!(read(json!([3, 1, 2])), Ok(Prompt::Ids(vec![3, 1, 2])));
-        assert_eq!(read(json!([[3, 1]])), Ok(Prompt::Ids(vec![3, 1])));
-        assert!(read(json!(["a", "b"])).unwrap_err().contains("one prompt per request"));
-        assert!(read(json!([[1], [2]])).unwrap_err().contains("one prompt per request"));
-        for bad in [json!([1, -2]), json!([1, "a"]), json!(5), json!([1.5]), json!([[1, "x"]]), json!({})] {
+    fn every_shape_of_a_prompt_and_of_a_batch_and_what_is_refused() {
+        assert_eq!(read(json!("hi")), Ok(vec![Prompt::Text("hi".into())]));
+        assert_eq!(read(json!(["hi"])), Ok(vec![Prompt::Text("hi".into())]));
+        assert_eq!(read(json!([3, 1, 2])), Ok(vec![Prompt::Ids(vec![3, 1, 2])]));
+        assert_eq!(read(json!([[3, 1]])), Ok(vec![Prompt::Ids(vec![3, 1])]));
+        assert_eq!(read(json!(["a", "b"])), Ok(vec![Prompt::Text("a".into()), Prompt::Text("b".into())]));
+        assert_eq!(read(json!([[1], [2, 3]])), Ok(vec![Prompt::Ids(vec![1]), Prompt::Ids(vec![2, 3])]));
+        assert!(read(json!([])).unwrap_err().contains("empty"));
+        for bad in
+            [json!([1, -2]), json!([1, "a"]), json!(5), json!([1.5]), json!([[1, "x"]]), json!({}), json!(["a", 1])]
+        {
             assert_eq!(read(bad.clone()), Err(SHAPES.to_string()), "{bad}");
         }
     }

@@ -17,13 +17,15 @@ use crate::engine::{Event, TokenLogprob};
 use crate::logprobs::{Kind, Shape};
 use crate::request::ApiError;
 
-/// A validated request, its choices' jobs already queued: one event receiver per choice.
+/// A validated request, its choices' jobs already queued: per choice its events and the shape
+/// of its answer (the echoed prompt is its prompt's).
 pub(crate) struct Prepared {
     pub(crate) id: u64,
-    pub(crate) choices: Vec<UnboundedReceiver<Event>>,
+    pub(crate) choices: Vec<(UnboundedReceiver<Event>, Arc<Shape>)>,
+    /// Choices per prompt (`n`): choices i·n … i·n + n − 1 answer prompt i.
+    pub(crate) per_prompt: usize,
     pub(crate) stream: bool,
     pub(crate) include_usage: bool,
-    pub(crate) shape: Arc<Shape>,
 }
 
 /// The response's header fields: id, object, created, model.
@@ -87,16 +89,21 @@ pub(crate) async fn respond(p: Prepared, kind: Kind, created: u64, model: String
     let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
     let header = Header { id: format!("{prefix}-{}", p.id), kind, created, model };
     if p.stream {
-        return Ok(streamed(header, p.choices, p.shape, p.include_usage));
+        return Ok(streamed(header, p.choices, p.per_prompt, p.include_usage));
     }
-    let collected = futures::future::join_all(p.choices.into_iter().map(|rx| collect(rx, &p.shape))).await;
+    let shapes: Vec<Arc<Shape>> = p.choices.iter().map(|(_, s)| s.clone()).collect();
+    let collected =
+        futures::future::join_all(p.choices.into_iter().map(|(rx, shape)| async move { collect(rx, &shape).await }))
+            .await;
     let (mut choices, mut prompt_tokens, mut completion_tokens) = (Vec::new(), 0, 0);
-    for (index, c) in collected.into_iter().enumerate() {
+    for (index, (c, shape)) in collected.into_iter().zip(&shapes).enumerate() {
         let c = c?;
-        // Every choice reads the same prompt: it counts once, as in OpenAI's usage.
-        prompt_tokens = c.prompt_tokens;
+        // A prompt's choices read it once each; it counts once, as in OpenAI's usage.
+        if index.is_multiple_of(p.per_prompt) {
+            prompt_tokens += c.prompt_tokens;
+        }
         completion_tokens += c.completion_tokens;
-        let logprobs = p.shape.field(&c.logprobs);
+        let logprobs = shape.field(&c.logprobs);
         choices.push(match kind {
             Kind::Completion => {
                 json!({"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish})
@@ -112,6 +119,8 @@ pub(crate) async fn respond(p: Prepared, kind: Kind, created: u64, model: String
 /// Where a streamed response is: per choice the log-probabilities waiting for the text piece
 /// that carries their tokens, the choices not finished yet, and the tokens counted so far.
 struct Streaming {
+    shapes: Vec<Arc<Shape>>,
+    per_prompt: usize,
     pending: Vec<Vec<TokenLogprob>>,
     left: usize,
     prompt_tokens: usize,
@@ -124,8 +133,8 @@ struct Streaming {
 /// once every choice has finished.
 fn streamed(
     header: Header,
-    choices: Vec<UnboundedReceiver<Event>>,
-    shape: Arc<Shape>,
+    choices: Vec<(UnboundedReceiver<Event>, Arc<Shape>)>,
+    per_prompt: usize,
     include_usage: bool,
 ) -> Response {
     let (kind, n) = (header.kind, choices.len());
@@ -140,16 +149,17 @@ fn streamed(
             .collect(),
         Kind::Completion => Vec::new(),
     };
-    let events: Vec<BoxStream<'static, (usize, Event)>> = (choices.into_iter().enumerate())
+    let (receivers, shapes): (Vec<_>, Vec<_>) = choices.into_iter().unzip();
+    let events: Vec<BoxStream<'static, (usize, Event)>> = (receivers.into_iter().enumerate())
         .map(|(i, rx)| {
             stream::unfold(rx, |mut rx| async move { Some((rx.recv().await?, rx)) }).map(move |e| (i, e)).boxed()
         })
         .collect();
-    let state =
-        Streaming { pending: vec![Vec::new(); n], left: n, prompt_tokens: 0, completion_tokens: 0, over: false };
+    let pending = vec![Vec::new(); n];
+    let state = Streaming { shapes, per_prompt, pending, left: n, prompt_tokens: 0, completion_tokens: 0, over: false };
     let chunks = stream::select_all(events)
         .scan(state, move |st, (i, e)| {
-            let out = if st.over { None } else { Some(step(st, i, e, &shape, &header, include_usage)) };
+            let out = if st.over { None } else { Some(step(st, i, e, &header, include_usage)) };
             futures::future::ready(out)
         })
         .flat_map(stream::iter);
@@ -158,8 +168,9 @@ fn streamed(
 }
 
 /// The chunks one engine event of choice `i` makes.
-fn step(st: &mut Streaming, i: usize, e: Event, shape: &Shape, header: &Header, include_usage: bool) -> Vec<Sse> {
+fn step(st: &mut Streaming, i: usize, e: Event, header: &Header, include_usage: bool) -> Vec<Sse> {
     let chunk = |choice: Value| Sse::default().data(header.with(true, json!([choice]), None).to_string());
+    let shape = st.shapes[i].clone();
     match e {
         Event::Prompt(scored) => {
             let text = shape.echo.as_ref().map_or("", |e| e.text.as_str());
@@ -177,7 +188,10 @@ fn step(st: &mut Streaming, i: usize, e: Event, shape: &Shape, header: &Header, 
             let pending = std::mem::take(&mut st.pending[i]);
             let logprobs = if pending.is_empty() { Value::Null } else { shape.field(&pending) };
             let mut out = vec![chunk(piece(header.kind, i, None, Some(finish.as_str()), logprobs))];
-            (st.prompt_tokens, st.completion_tokens) = (prompt_tokens, st.completion_tokens + completion_tokens);
+            if i.is_multiple_of(st.per_prompt) {
+                st.prompt_tokens += prompt_tokens;
+            }
+            st.completion_tokens += completion_tokens;
             st.left -= 1;
             if st.left == 0 {
                 if include_usage {
