@@ -99,6 +99,8 @@ def check_api():
     chat3 = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, n=2)
     expect([c.index for c in chat3.choices] == [0, 1], f"chat n=2: {chat3.choices}")
     expect(chat3.choices[0].message.content == chat3.choices[1].message.content, "greedy choices agree")
+    expect(client.models.retrieve(MODEL).id == MODEL, "GET /v1/models/{model}")
+    error_of(httpx.get(f"{BASE}/models/gpt-4"), 404, "model", "model_not_found")
     health = httpx.get(f"{ROOT}/health").json()
     expect(health["status"] == "ok", f"health {health}")
     print("api ok:", repr(c.text), repr(ch.choices[0].message.content), repr(a))

@@ -1,4 +1,4 @@
-//! The OpenAI HTTP API over the engine: `/v1/models`, `/v1/completions`,
+//! The OpenAI HTTP API over the engine: `/v1/models` (and one by name), `/v1/completions`,
 //! `/v1/chat/completions` (JSON or server-sent events), `/health`, `/metrics`. Every error is
 //! OpenAI's `{"error": {message, type, param, code}}` with a 4xx/5xx status.
 
@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -286,10 +286,25 @@ pub async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesReje
     counted(&st, Kind::Chat, r)
 }
 
+fn model_card(st: &AppState) -> serde_json::Value {
+    json!({"id": st.name, "object": "model", "created": 0, "owned_by": "orchestrate"})
+}
+
 pub async fn models(State(st): State<Arc<AppState>>) -> Response {
     st.metrics.request("/v1/models", 200);
-    Json(json!({"object": "list", "data": [{"id": st.name, "object": "model", "created": 0, "owned_by": "orchestrate"}]}))
-        .into_response()
+    Json(json!({"object": "list", "data": [model_card(&st)]})).into_response()
+}
+
+/// `GET /v1/models/{model}`: the served model, or OpenAI's 404 for any other name.
+pub async fn model(State(st): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    let r = if name == st.name {
+        Json(model_card(&st)).into_response()
+    } else {
+        let m = format!("the model `{name}` does not exist; this server serves `{}`", st.name);
+        ApiError::invalid(m, Some("model")).with_code(StatusCode::NOT_FOUND, "model_not_found").into_response()
+    };
+    st.metrics.request("/v1/models/{model}", r.status().as_u16());
+    r
 }
 
 pub async fn health(State(st): State<Arc<AppState>>) -> Response {

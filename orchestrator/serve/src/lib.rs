@@ -78,6 +78,7 @@ pub fn router(state: Arc<api::AppState>) -> Router {
     let body = state.limits.body_bytes;
     Router::new()
         .route("/v1/models", get(api::models))
+        .route("/v1/models/{model}", get(api::model))
         .route("/v1/completions", post(api::completions))
         .route("/v1/chat/completions", post(api::chat))
         .route("/health", get(api::health))
