@@ -342,9 +342,10 @@ fn judge(id: &JobId, end: &JobEnd, scratch: &Path, log: &Path, st: &StageInstanc
             "Slurm job {id}: the node could not see the store's scratch folder {}; the store must be on a filesystem every node shares",
             scratch.display()
         )),
-        (_, Some(code), Some(r)) if !r.ok => {
+        // The stage's own error says how it failed; exec-stage's exit code only that it did.
+        (_, Some(_), Some(r)) if !r.ok => {
             let why = r.error.unwrap_or_else(|| "the stage failed".into());
-            failed(format!("{why} (Slurm job {id} FAILED, exit code {code})"))
+            failed(format!("{why} (Slurm job {id} FAILED)"))
         }
         (_, Some(code), _) => failed(format!("Slurm job {id} FAILED: the stage process exited with status {code}")),
         (state, None, _) => {
