@@ -46,6 +46,10 @@ fn foreach_expands_and_outputs_are_right() {
     assert_eq!(p.read("t.txt"), "HELLO!");
     p.run(&["export", "p.yaml", "cut@10", "cut10"]).assert_ok();
     assert_eq!(p.read("cut10/out"), "HELLO WORL");
+    // A misspelt output is an invalid command line, with the stage's outputs offered.
+    let typo = p.run(&["export", "p.yaml", "tag.tt", "x.txt"]);
+    assert_eq!(typo.code, 2, "{}", typo.stderr);
+    assert!(typo.stderr.contains("has no output `tt`") && typo.stderr.contains("did you mean `t`?"), "{}", typo.stderr);
 }
 
 #[test]

@@ -69,10 +69,7 @@ pub(super) fn export(env: &Env, a: Args) -> Result<i32, Failure> {
     let m = manifest_of(&store, &entries, &stage)?;
     match output {
         Some(o) => {
-            let entry = m.outputs.get(&o).with_context(|| {
-                let names = m.outputs.keys().cloned().collect::<Vec<_>>().join(", ");
-                format!("stage `{stage}` has no output `{o}` (it has: {names})")
-            })?;
+            let entry = super::output_of(&m, &o)?;
             export_one(&store, entry, &dest, &target)?;
         }
         None => {

@@ -307,6 +307,15 @@ fn folder_of(file: &Path) -> PathBuf {
     }
 }
 
+/// Output `output` of a stored result, or an invalid command line naming the ones it has.
+fn output_of<'m>(m: &'m crate::store::Manifest, output: &str) -> Result<&'m crate::objects::Entry, Diagnostic> {
+    m.outputs.get(output).ok_or_else(|| {
+        let names: Vec<&str> = m.outputs.keys().map(String::as_str).collect();
+        Diagnostic::new("E-NO-OUTPUT", format!("stage `{}` has no output `{output}`", m.stage))
+            .help(crate::diag::suggest(output, &names, "outputs"))
+    })
+}
+
 fn unknown_stage(p: &Pipeline, name: &str) -> Diagnostic {
     let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
     Diagnostic::new("E-NO-STAGE", format!("pipeline `{}` has no stage `{name}`", p.name))

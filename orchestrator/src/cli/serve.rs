@@ -72,10 +72,7 @@ fn from_store(env: &Env, pa: &PipelineArgs, target: &str, dir: &Path) -> Result<
         }
     };
     let m = manifest_of(&store, &entries, &stage)?;
-    let entry = m.outputs.get(&output).with_context(|| {
-        let names = m.outputs.keys().cloned().collect::<Vec<_>>().join(", ");
-        format!("stage `{stage}` has no output `{output}` (it has: {names})")
-    })?;
+    let entry = super::output_of(&m, &output)?;
     let model = dir.join(if output.ends_with(".gguf") { "model.gguf" } else { "model" });
     store.export(entry, &model, &format!("{stage}.{output}")).map_err(|e| anyhow!(e))?;
     let tokenizer = tokenizer_of(&p, &store, &entries, &stage, dir)?;
