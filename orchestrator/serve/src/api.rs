@@ -225,7 +225,7 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
         let prompts = prompt::read(req.prompt).map_err(|m| ApiError::invalid(m, Some("prompt")))?;
         if req.best_of.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid(
-                "best_of is not supported (one completion per request); leave it out or set 1",
+                "best_of is not supported (choices are not ranked); leave it out or set 1, and ask for n choices instead",
                 Some("best_of"),
             ));
         }
