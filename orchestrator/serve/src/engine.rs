@@ -221,7 +221,8 @@ impl Seq {
             (None, None) => (text.len() - held_back(&text, &self.job.stop), None),
         };
         if self.job.logprobs.is_some() {
-            let end_chars = text.get(..end).map_or(self.chars, |t| t.chars().count());
+            // Characters up to `end`: the whole text's count less the few held back after it.
+            let end_chars = self.chars - text.get(end..).map_or(0, |t| t.chars().count());
             for t in release(&mut self.pending, end_chars, finish.is_some(), stop_at.is_some()) {
                 if !self.send(Event::Logprob(t)) {
                     return Some(Finish::Stop);

@@ -91,12 +91,12 @@ pub(crate) async fn respond(p: Prepared, kind: Kind, created: u64, model: String
     if p.stream {
         return Ok(streamed(header, p.choices, p.per_prompt, p.include_usage));
     }
-    let shapes: Vec<Arc<Shape>> = p.choices.iter().map(|(_, s)| s.clone()).collect();
-    let collected =
-        futures::future::join_all(p.choices.into_iter().map(|(rx, shape)| async move { collect(rx, &shape).await }))
-            .await;
+    let collected = futures::future::join_all(
+        p.choices.into_iter().map(|(rx, shape)| async move { (collect(rx, &shape).await, shape) }),
+    )
+    .await;
     let (mut choices, mut prompt_tokens, mut completion_tokens) = (Vec::new(), 0, 0);
-    for (index, (c, shape)) in collected.into_iter().zip(&shapes).enumerate() {
+    for (index, (c, shape)) in collected.into_iter().enumerate() {
         let c = c?;
         // A prompt's choices read it once each; it counts once, as in OpenAI's usage.
         if index.is_multiple_of(p.per_prompt) {
