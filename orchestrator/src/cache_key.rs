@@ -99,7 +99,10 @@ pub fn best_variant(
     let mut best: Option<(&String, f64)> = None;
     for v in variants {
         let Some(x) = metric_of(v, metric) else {
-            return Err(KeyError::Input(format!("input `{input}`: `{v}` did not record the metric `{metric}`")));
+            return Err(KeyError::Input(format!(
+                "input `{input}`: `{v}` did not record the metric `{metric}` ({})",
+                crate::pipeline::metrics::HOW_TO_RECORD
+            )));
         };
         if best.is_none_or(|(_, b)| better.judge(b, x) == Some(true)) {
             best = Some((v, x));

@@ -13,6 +13,9 @@ use crate::pipeline::metrics::{Better, MetricDecl};
 use crate::pipeline::{is_variant_of, split_instance};
 use crate::store::{iso8601, load_manifest, Manifest, RunRecord};
 
+mod gate;
+pub use gate::{Gate, Verdict};
+
 /// A run: the digest of its record (its id) and the record.
 pub type Run = (String, RunRecord);
 
@@ -113,6 +116,12 @@ pub struct MetricRow {
     pub better: Option<Better>,
     /// `better`, `worse` or `same`, when declared and present in both runs.
     pub verdict: Option<String>,
+    /// The stage (instance) that records it, and the metric's own name (`name` is the two
+    /// joined by a dot; instance names may contain dots, so it is not split back).
+    #[serde(skip)]
+    pub stage: String,
+    #[serde(skip)]
+    pub metric: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -212,11 +221,14 @@ fn metric_rows(
             for m in [ma.get(*s), mb.get(*s)].into_iter().flatten() {
                 if number(Some(m), &d.metric).is_none() {
                     let recorded: Vec<&str> = m.metrics.keys().map(String::as_str).collect();
+                    let recorded = match recorded.is_empty() {
+                        true => format!("it records none; {}", crate::pipeline::metrics::HOW_TO_RECORD),
+                        false => format!("it records: {}", recorded.join(", ")),
+                    };
                     return Err(format!(
-                        "metric `{}` is declared, but stage `{s}` did not record `{}` (it records: {})",
+                        "metric `{}` is declared, but stage `{s}` did not record `{}` ({recorded})",
                         d.name(),
                         d.metric,
-                        recorded.join(", ")
                     ));
                 }
             }
@@ -245,7 +257,7 @@ fn metric_rows(
                 Some(false) => "worse".to_string(),
                 None => "same".to_string(),
             });
-            MetricRow { name, a, b, delta, delta_pct, better, verdict }
+            MetricRow { name, a, b, delta, delta_pct, better, verdict, stage, metric }
         })
         .collect())
 }
@@ -304,67 +316,6 @@ pub fn compare(objects: &ObjectStore, a: &Run, b: &Run, all: bool) -> Result<Com
     Ok(Comparison { a: side(a), b: side(b), params, metrics, stages, artifacts })
 }
 
-/// `--fail-on-regress METRIC[:TOL]`: TOL absolute (`0.01`) or relative (`2%`); none = any worsening.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Gate {
-    pub metric: String,
-    pub tolerance: f64,
-    pub relative: bool,
-}
-
-impl std::str::FromStr for Gate {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Gate, String> {
-        let (metric, tol) = match s.rsplit_once(':') {
-            Some((m, t)) => (m, Some(t)),
-            None => (s, None),
-        };
-        let (tolerance, relative) = match tol {
-            None => (0.0, false),
-            Some(t) => {
-                let (num, relative) = t.strip_suffix('%').map_or((t, false), |n| (n, true));
-                let v: f64 =
-                    num.parse().map_err(|_| format!("`{s}`: the tolerance `{t}` is not a number like 0.01 or 2%"))?;
-                if !(v.is_finite() && v >= 0.0) {
-                    return Err(format!("`{s}`: the tolerance must be a number ≥ 0"));
-                }
-                (v, relative)
-            }
-        };
-        if !metric.contains('.') {
-            return Err(format!("`{s}`: name the metric as STAGE.METRIC"));
-        }
-        Ok(Gate { metric: metric.to_string(), tolerance, relative })
-    }
-}
-
-impl Gate {
-    /// A message if `row` got worse beyond the tolerance; an error if the metric has no direction.
-    pub fn check(&self, c: &Comparison) -> Result<Option<String>, String> {
-        let Some(row) = c.metrics.iter().find(|r| r.name == self.metric) else {
-            return Err(format!(
-                "--fail-on-regress {}: no such metric in these runs (declared and recorded metrics: {})",
-                self.metric,
-                c.metrics.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
-            ));
-        };
-        if row.better.is_none() {
-            return Err(format!(
-                "--fail-on-regress {}: the pipeline does not declare which way is better (add it under `metrics:`)",
-                self.metric
-            ));
-        }
-        let (Some(a), Some(d)) = (row.a, row.delta) else { return Ok(None) };
-        let allowed = if self.relative { a.abs() * self.tolerance / 100.0 } else { self.tolerance };
-        let worse = row.verdict.as_deref() == Some("worse") && d.abs() > allowed;
-        Ok(worse.then(|| {
-            let pct = row.delta_pct.map(|p| format!(" ({p:+.2}%)")).unwrap_or_default();
-            let tol = if self.relative { format!("{}%", self.tolerance) } else { self.tolerance.to_string() };
-            format!("{} regressed: {a} → {}{pct}, beyond the tolerance {tol}", self.metric, a + d)
-        }))
-    }
-}
-
 /// Every variant of a `foreach` stage in one run, with the params that vary and the metrics.
 #[derive(Debug, Serialize)]
 pub struct Sweep {
@@ -402,7 +353,11 @@ fn swept_values(label: &str) -> BTreeMap<String, Value> {
 fn rank(rows: &mut [SweepRow], metric: &str, better: Better) -> Result<(), String> {
     let key = |r: &SweepRow| r.metrics.get(metric).copied().flatten();
     if let Some(r) = rows.iter().find(|r| key(r).is_none()) {
-        return Err(format!("stage `{}` did not record the metric `{metric}`", r.variant));
+        return Err(format!(
+            "stage `{}` did not record the metric `{metric}` ({})",
+            r.variant,
+            crate::pipeline::metrics::HOW_TO_RECORD
+        ));
     }
     rows.sort_by(|a, b| {
         let order = key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal);

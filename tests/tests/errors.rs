@@ -52,6 +52,24 @@ fn the_good_pipeline_is_valid() {
 fn yaml_syntax_error() {
     let e = invalid(&GOOD.replace("outputs: [upper]", "outputs: [upper"), &[], "E-YAML", None);
     assert!(e.contains("p.yaml:"), "{e}");
+    assert!(!e.contains("quote the interpolation"), "{e}");
+}
+
+/// An unquoted `${...}` in a flow map or list is YAML's `{`: the error says to quote it.
+#[test]
+fn unquoted_interpolation_in_a_flow_collection() {
+    let grid = GOOD.replace("foreach: ${params.sizes}", "foreach: {n: ${params.sizes}}");
+    let e = invalid(&grid, &[], "E-YAML", Some("11:19"));
+    assert!(e.contains("quote the interpolation, \"${params.sizes}\""), "{e}");
+    let list = GOOD.replace(r#"["sh", "-c", "#, r#"[sh, ${params.seed}, "#);
+    let e = invalid(&list, &[], "E-YAML", Some("6:"));
+    assert!(e.contains("quote the interpolation, \"${params.seed}\""), "{e}");
+    // Quoted, the grid axis is the list itself.
+    let p = project(
+        &GOOD.replace("foreach: ${params.sizes}", "foreach: {n: \"${params.sizes}\"}").replace("${item}", "${item.n}"),
+    );
+    p.run(&["run", "p.yaml"]).assert_ok();
+    assert_eq!(p.read("artifacts/outputs/demo/b@n=10/out"), "HELLO WORL");
 }
 
 #[test]

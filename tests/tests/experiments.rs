@@ -121,6 +121,64 @@ fn fail_on_regress_gates_on_declared_metrics() {
     failed_with(&p.run(&["compare", "--fail-on-regress", "score.value:fast"]), 2, "not a number");
 }
 
+/// A gated metric that run B lacks fails the gate: its stage failed there, or is gone.
+#[test]
+fn fail_on_regress_fails_when_run_b_did_not_record_the_metric() {
+    let p = two_runs();
+    p.write("q.yaml", &SCORED.replace("wc -l <", "exit 3; wc -l <"));
+    assert_eq!(p.run(&["run", "q.yaml", "--set", "n=5"]).code, 1);
+    failed_with(
+        &p.run(&["compare", "--fail-on-regress", "score.value"]),
+        1,
+        "score.value was not recorded: stage `score` failed in run B (5 in run A)",
+    );
+    // Without the gate the comparison itself still succeeds.
+    p.run(&["compare"]).assert_ok();
+    p.write("q.yaml", &SCORED.replace("  score:", "  total:").replace("score.", "total."));
+    p.run(&["run", "q.yaml", "--set", "n=5"]).assert_ok();
+    failed_with(
+        &p.run(&["compare", "latest~2", "latest", "--fail-on-regress", "score.value"]),
+        1,
+        "score.value was not recorded: run B has no stage `score` (5 in run A)",
+    );
+    // A metric new in run B has nothing to regress from: a note, not a failure.
+    let r = p.run(&["compare", "latest~2", "latest", "--fail-on-regress", "total.value"]);
+    r.assert_ok();
+    assert!(r.stderr.contains("note: total.value: not in run A"), "{}", r.stderr);
+}
+
+/// `--fail-on-regress STAGE.METRIC` on a `foreach` stage judges every variant in both runs.
+#[test]
+fn fail_on_regress_gates_every_variant_of_a_sweep() {
+    let p = Project::new();
+    p.write("s.yaml", &sweep_pipeline("[0.1, 0.2]"));
+    p.run(&["run", "s.yaml"]).assert_ok();
+    // The optimum moves to 0.3: every variant's loss grows by 0.1.
+    p.write("s.yaml", &sweep_pipeline("[0.1, 0.2, 0.4]").replace("- 0.2)", "- 0.3)"));
+    p.run(&["run", "s.yaml"]).assert_ok();
+    let r = p.run(&["compare", "--fail-on-regress", "fit.loss"]);
+    failed_with(&r, 1, "regression: fit@lr=0.2+model=b.loss regressed: 0 → 0.1");
+    assert_eq!(r.stderr.matches("regressed").count(), 4, "{}", r.stderr);
+    assert!(r.stderr.contains("note: fit@lr=0.4+model=a.loss: not in run A"), "{}", r.stderr);
+    p.run(&["compare", "--fail-on-regress", "fit.loss:0.2"]).assert_ok();
+    p.run(&["compare", "latest", "latest~1", "--fail-on-regress", "fit.loss"]).assert_ok();
+    // One variant named exactly is gated alone.
+    failed_with(
+        &p.run(&["compare", "--fail-on-regress", "fit@lr=0.1+model=a.loss"]),
+        1,
+        "fit@lr=0.1+model=a.loss regressed: 1.1 → 1.2",
+    );
+    // No variant in both runs: nothing was compared, which is no pass.
+    p.write("s.yaml", &sweep_pipeline("[0.5]"));
+    p.run(&["run", "s.yaml"]).assert_ok();
+    failed_with(
+        &p.run(&["compare", "--fail-on-regress", "fit.loss"]),
+        1,
+        "fit.loss: no variant is in both runs, so nothing was compared",
+    );
+    failed_with(&p.run(&["compare", "--fail-on-regress", "fat.loss"]), 2, "no such metric");
+}
+
 #[test]
 fn compare_errors_are_clear() {
     let p = two_runs();

@@ -33,7 +33,8 @@ pub(super) struct Args {
     /// One CSV table: section,name,a,b,delta,delta_pct,verdict.
     #[arg(long)]
     csv: bool,
-    /// Exit 1 when METRIC got worse (by more than TOL: absolute, or relative with `%`).
+    /// Exit 1 when METRIC got worse (by more than TOL: absolute, or relative with `%`), or run
+    /// B lacks it; a `foreach` stage's STAGE.METRIC gates every variant in both runs.
     #[arg(long = "fail-on-regress", value_name = "METRIC[:TOL]")]
     gates: Vec<Gate>,
     /// Instead: every variant of this `foreach` stage in run B, best first.
@@ -76,9 +77,11 @@ pub(super) fn compare(env: &Env, a: Args) -> Result<i32, Failure> {
         (false, false) => Some(compare_runs(&store.objects, ra, rb, true).map_err(invalid)?),
         _ => None,
     };
-    let mut regressions = Vec::new();
+    let (mut regressions, mut notes) = (Vec::new(), Vec::new());
     for g in &a.gates {
-        regressions.extend(g.check(everything.as_ref().unwrap_or(&c)).map_err(invalid)?);
+        let v = g.check(everything.as_ref().unwrap_or(&c), &rb.1).map_err(invalid)?;
+        regressions.extend(v.regressions);
+        notes.extend(v.notes);
     }
     if a.json {
         print_json(&c)?;
@@ -86,6 +89,9 @@ pub(super) fn compare(env: &Env, a: Args) -> Result<i32, Failure> {
         print!("{}", csv(&c));
     } else {
         print!("{}", text(&c, a.md, a.all));
+    }
+    for n in &notes {
+        eprintln!("note: {n}");
     }
     for r in &regressions {
         eprintln!("regression: {r}");

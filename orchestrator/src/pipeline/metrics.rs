@@ -38,6 +38,11 @@ pub struct MetricDecl {
     pub better: Better,
 }
 
+/// How a stage records a metric, for errors about one missing: the built-in kinds record
+/// their own; a `command` writes them.
+pub const HOW_TO_RECORD: &str = "a `command` stage records metrics by writing one JSON object, \
+    e.g. {\"score\": 0.9}, to the file named by $ORCH_METRICS";
+
 impl MetricDecl {
     /// `stage.metric`, as written.
     pub fn name(&self) -> String {

@@ -38,7 +38,13 @@ pub(super) fn parse(file: &Path, sets: &[String]) -> Result<Document, Diagnostic
     let mut root = yaml::parse(&source).map_err(|e| {
         let d = Diagnostic::new("E-YAML", format!("invalid YAML: {}", e.message)).in_file(file, source.clone());
         match e.pos {
-            Some(p) => d.at(p),
+            Some(p) => match unquoted_interpolation(&source, p) {
+                Some(expr) => d.at(p).help(format!(
+                    "inside `{{...}}` or `[...]` YAML reads `{{` as the start of a map: quote the \
+                     interpolation, \"{expr}\""
+                )),
+                None => d.at(p),
+            },
             None => d,
         }
     })?;
@@ -53,6 +59,17 @@ pub(super) fn parse(file: &Path, sets: &[String]) -> Result<Document, Diagnostic
     let params = pipeline_params(&ctx, &root)?;
     check_stage_names(&ctx, &root)?;
     Ok(Document { ctx, root, name, params, dir: folder_of(file) })
+}
+
+/// The `${...}` at `pos` (1-based line and column), if the YAML error is there: unquoted in a
+/// flow collection (`foreach: {n: ${params.sizes}}`), where `{` opens a map.
+fn unquoted_interpolation(source: &str, pos: crate::yaml::Pos) -> Option<&str> {
+    let line = source.lines().nth((pos.line as usize).checked_sub(1)?)?;
+    let at = line.char_indices().nth((pos.col as usize).checked_sub(1)?)?.0;
+    // The parser stops at the `$` or at the `{` after it.
+    let start = if line[..at].ends_with('$') { at - 1 } else { at };
+    let rest = line[start..].strip_prefix("${")?;
+    Some(&line[start..start + 2 + rest.find('}')? + 1])
 }
 
 /// `name:`, or the file's stem when absent.
