@@ -291,6 +291,11 @@ fn sweep_errors_are_clear() {
     failed_with(&p.run(&["plan", "d.yaml"]), 2, "must be `min` or `max`");
     p.write("s.yaml", &sweep_pipeline("[0.1, 0.2]"));
     p.run(&["run", "s.yaml"]).assert_ok();
+    // A `foreach` stage named where one stage is meant: the error lists its variants.
+    let variants = "`fit` is a `foreach` stage: name one of its 4 variants, e.g. `fit@lr=0.1+model=a` (fit@lr=0.1+model=a, fit@lr=0.1+model=b, fit@lr=0.2+model=a, fit@lr=0.2+model=b)";
+    failed_with(&p.run(&["export", "s.yaml", "fit.model", "out"]), 2, variants);
+    failed_with(&p.run(&["show", "s.yaml", "fit"]), 2, variants);
+    failed_with(&p.run(&["export", "s.yaml", "fat.model", "out"]), 2, "valid stages: fit@lr=0.1+model=a,");
     failed_with(
         &p.run(&["compare", "--sweep", "pick"]),
         2,

@@ -44,7 +44,13 @@ pub(super) fn split_target(p: &Pipeline, target: &str) -> Result<(String, Option
     let split = target.match_indices('.').map(|(i, _)| i).find(|&i| p.index_of(&target[..i]).is_some());
     match split {
         Some(i) => Ok((target[..i].to_string(), Some(target[i + 1..].to_string()))),
-        None => Err(unknown_stage(p, target)),
+        // `fit.out` for a `foreach` stage `fit`: the error is about `fit`, with its variants.
+        None => match target.split_once('.') {
+            Some((stage, _)) if p.stages.iter().any(|s| crate::pipeline::is_variant_of(&s.name, stage)) => {
+                Err(unknown_stage(p, stage))
+            }
+            _ => Err(unknown_stage(p, target)),
+        },
     }
 }
 

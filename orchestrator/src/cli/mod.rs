@@ -318,8 +318,22 @@ fn output_of<'m>(m: &'m crate::store::Manifest, output: &str) -> Result<&'m crat
 
 fn unknown_stage(p: &Pipeline, name: &str) -> Diagnostic {
     let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
-    Diagnostic::new("E-NO-STAGE", format!("pipeline `{}` has no stage `{name}`", p.name))
-        .help(crate::diag::suggest(name, &names, "stages"))
+    let variants: Vec<&str> = names.iter().copied().filter(|n| crate::pipeline::is_variant_of(n, name)).collect();
+    let d = Diagnostic::new("E-NO-STAGE", format!("pipeline `{}` has no stage `{name}`", p.name));
+    match variants.as_slice() {
+        [] => d.help(crate::diag::suggest(name, &names, "stages")),
+        [first, ..] => {
+            // A grid can have a thousand variants: name a few.
+            const SHOWN: usize = 8;
+            let more = variants.len().saturating_sub(SHOWN);
+            let listed = variants[..variants.len().min(SHOWN)].join(", ");
+            let listed = if more > 0 { format!("{listed}, … and {more} more") } else { listed };
+            d.help(format!(
+                "`{name}` is a `foreach` stage: name one of its {} variants, e.g. `{first}` ({listed})",
+                variants.len()
+            ))
+        }
+    }
 }
 
 fn stage_index(p: &Pipeline, name: &str) -> Result<usize, Diagnostic> {
