@@ -291,6 +291,25 @@ fn sweep_errors_are_clear() {
     failed_with(&p.run(&["plan", "d.yaml"]), 2, "must be `min` or `max`");
     p.write("s.yaml", &sweep_pipeline("[0.1, 0.2]"));
     p.run(&["run", "s.yaml"]).assert_ok();
+    // `--target` with a `foreach` stage's name runs every variant, and nothing downstream.
+    p.write("s.yaml", &sweep_pipeline("[0.1, 0.3]"));
+    let r = p.run(&["run", "s.yaml", "--target", "fit", "--json"]);
+    r.assert_ok();
+    let stages: Vec<(String, String)> = (r.json()["stages"].as_array().unwrap().iter())
+        .map(|s| (s["stage"].as_str().unwrap().to_string(), s["status"].as_str().unwrap().to_string()))
+        .collect();
+    let status = |s: &str, st: &str| (s.to_string(), st.to_string());
+    assert_eq!(
+        stages,
+        [
+            status("fit@lr=0.1+model=a", "cached"),
+            status("fit@lr=0.1+model=b", "cached"),
+            status("fit@lr=0.3+model=a", "ran"),
+            status("fit@lr=0.3+model=b", "ran")
+        ]
+    );
+    failed_with(&p.run(&["run", "s.yaml", "--target", "fat"]), 2, "has no stage `fat`");
+    p.write("s.yaml", &sweep_pipeline("[0.1, 0.2]"));
     // A `foreach` stage named where one stage is meant: the error lists its variants.
     let variants = "`fit` is a `foreach` stage: name one of its 4 variants, e.g. `fit@lr=0.1+model=a` (fit@lr=0.1+model=a, fit@lr=0.1+model=b, fit@lr=0.2+model=a, fit@lr=0.2+model=b)";
     failed_with(&p.run(&["export", "s.yaml", "fit.model", "out"]), 2, variants);

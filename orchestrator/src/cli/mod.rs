@@ -336,6 +336,19 @@ fn unknown_stage(p: &Pipeline, name: &str) -> Diagnostic {
     }
 }
 
+/// `--target NAME`: that stage, or every variant of the `foreach` stage NAME.
+fn target_indices(p: &Pipeline, name: &str) -> Result<Vec<usize>, Diagnostic> {
+    if let Some(i) = p.index_of(name) {
+        return Ok(vec![i]);
+    }
+    let variants: Vec<usize> =
+        (0..p.stages.len()).filter(|&i| crate::pipeline::is_variant_of(&p.stages[i].name, name)).collect();
+    if variants.is_empty() {
+        return Err(unknown_stage(p, name));
+    }
+    Ok(variants)
+}
+
 fn stage_index(p: &Pipeline, name: &str) -> Result<usize, Diagnostic> {
     p.index_of(name).ok_or_else(|| unknown_stage(p, name))
 }

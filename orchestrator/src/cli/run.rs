@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::{cores_arg, folder_of, print_json, runtime, stage_index, Env, Failure, PipelineArgs, RemoteArgs};
+use super::{cores_arg, folder_of, print_json, runtime, target_indices, Env, Failure, PipelineArgs, RemoteArgs};
 use crate::deliver;
 use crate::diag::Diagnostic;
 use crate::events::{RunSummary, Status};
@@ -19,7 +19,7 @@ use crate::store::Store;
 pub(super) struct Args {
     #[command(flatten)]
     pub(super) p: PipelineArgs,
-    /// Run only these stages and what they need.
+    /// Run only these stages and what they need (a `foreach` stage's name: every variant).
     #[arg(long = "target", value_name = "STAGE")]
     targets: Vec<String>,
     /// CPU budget: the sum of running stages' threads stays within it (default: all cores).
@@ -61,7 +61,9 @@ pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
     } else {
         let mut set = HashSet::new();
         for t in &a.targets {
-            set.extend(dag.with_upstream(stage_index(&p, t)?));
+            for i in target_indices(&p, t)? {
+                set.extend(dag.with_upstream(i));
+            }
         }
         Some(set)
     };
