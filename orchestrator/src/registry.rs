@@ -99,7 +99,10 @@ pub mod report_templates {
 
     /// Every dotted name of `context` with a one-line sample of its value.
     pub fn names(context: &Value) -> Vec<(String, String)> {
-        stage_report::names::paths(context).into_iter().map(|(p, v)| (p, stage_report::names::sample(v, 70))).collect()
+        stage_report::names::paths(context)
+            .into_iter()
+            .map(|(p, v)| (stage_report::names::written(&p), stage_report::names::sample(v, 70)))
+            .collect()
     }
 
     /// The template functions and filters, for `--vars`.

@@ -406,7 +406,7 @@ fn describe_error(e: &Error, template_name: &str, template: &str, context: &Valu
     }
     if e.kind() == ErrorKind::UndefinedError {
         if let Some(name) = e.range().and_then(|r| names::name_at(template, r.start)) {
-            let paths: Vec<String> = names::paths(context).into_iter().map(|(p, _)| p).collect();
+            let paths: Vec<Vec<&str>> = names::paths(context).into_iter().map(|(p, _)| p).collect();
             let near = names::closest(&name, &paths);
             let help = match near.as_slice() {
                 [] => "`orchestrate report --vars --pipeline P` lists every name a template can use".to_string(),

@@ -6,24 +6,50 @@ use serde_json::Value;
 /// How deep `paths` descends into nested objects.
 const MAX_DEPTH: usize = 6;
 
-/// Every dotted path of `context` with its value, objects descended into (not lists), in
-/// sorted order: `stages`, `stages.train`, `stages.train.summary_json`, ….
-pub fn paths(context: &Value) -> Vec<(String, &Value)> {
+/// Every path of `context` as its keys, with its value, objects descended into (not lists),
+/// in sorted order: `[stages]`, `[stages, train]`, `[stages, train, summary_json]`, ….
+pub fn paths(context: &Value) -> Vec<(Vec<&str>, &Value)> {
     let mut out = Vec::new();
-    walk(context, String::new(), 0, &mut out);
+    walk(context, Vec::new(), &mut out);
     out
 }
 
-fn walk<'a>(v: &'a Value, prefix: String, depth: usize, out: &mut Vec<(String, &'a Value)>) {
+fn walk<'a>(v: &'a Value, prefix: Vec<&'a str>, out: &mut Vec<(Vec<&'a str>, &'a Value)>) {
     let Value::Object(map) = v else { return };
-    if depth >= MAX_DEPTH {
+    if prefix.len() >= MAX_DEPTH {
         return;
     }
     for (k, child) in map {
-        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let mut path = prefix.clone();
+        path.push(k.as_str());
         out.push((path.clone(), child));
-        walk(child, path, depth + 1, out);
+        walk(child, path, out);
     }
+}
+
+/// A key a template can write after a dot: a letter or `_`, then letters, digits, `_`.
+fn plain(key: &str) -> bool {
+    key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A path as a template writes it: `stages.teacher.summary_json`, and a key that is not a
+/// plain name subscripted, `stages["vocab@384"].tokenizer_json`.
+pub fn written(keys: &[&str]) -> String {
+    let mut out = String::new();
+    for k in keys {
+        if plain(k) {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(k);
+        } else {
+            out.push('[');
+            out.push_str(&Value::String(k.to_string()).to_string());
+            out.push(']');
+        }
+    }
+    out
 }
 
 /// A value in one line of at most `width` characters: numbers and strings as they are,
@@ -65,9 +91,12 @@ fn segment_cost(a: &str, b: &str) -> Option<usize> {
     if a == b {
         return Some(0);
     }
-    // An empty segment (a key "." or "" splits into them) is a prefix of every name, not a
-    // near one.
-    if a.is_empty() || b.is_empty() {
+    // A key that is not a plain name (a vocabulary's "." token) is near no name, except a
+    // `foreach` variant, `fit@lr=0.1` for `fit`.
+    if !plain(b) {
+        return b.strip_prefix(a).is_some_and(|rest| rest.starts_with('@')).then_some(1);
+    }
+    if a.is_empty() {
         return None;
     }
     if b.starts_with(a) || a.starts_with(b) {
@@ -96,13 +125,13 @@ fn distance(name: &[&str], path: &[&str]) -> Option<usize> {
     (matched * 2 >= name.len()).then_some(cost + (path.len() - j))
 }
 
-/// Up to three paths closest to `name`, best first.
-pub fn closest(name: &str, paths: &[String]) -> Vec<String> {
+/// Up to three paths closest to the dotted `name`, best first, as a template writes them.
+pub fn closest(name: &str, paths: &[Vec<&str>]) -> Vec<String> {
     let want: Vec<&str> = name.split('.').collect();
-    let mut scored: Vec<(usize, &String)> =
-        paths.iter().filter_map(|p| distance(&want, &p.split('.').collect::<Vec<_>>()).map(|d| (d, p))).collect();
-    scored.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.len().cmp(&b.1.len())).then(a.1.cmp(b.1)));
-    scored.into_iter().take(3).map(|(_, p)| p.clone()).collect()
+    let mut scored: Vec<(usize, String)> =
+        paths.iter().filter_map(|p| distance(&want, p).map(|d| (d, written(p)))).collect();
+    scored.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.len().cmp(&b.1.len())).then(a.1.cmp(&b.1)));
+    scored.into_iter().take(3).map(|(_, p)| p).collect()
 }
 
 #[cfg(test)]
@@ -121,13 +150,14 @@ mod tests {
         })
     }
 
-    fn all(v: &Value) -> Vec<String> {
+    fn all(v: &Value) -> Vec<Vec<&str>> {
         paths(v).into_iter().map(|(p, _)| p).collect()
     }
 
     #[test]
     fn suggests_the_stage_output_path() {
-        let p = all(&context());
+        let c = context();
+        let p = all(&c);
         assert_eq!(closest("teacher.summary.val_loss", &p)[0], "stages.teacher.summary_json.val_loss");
         assert_eq!(closest("inputs.teacher.val_loss", &p)[0], "stages.teacher.summary_json.val_loss");
         assert_eq!(closest("stages.teacher.summary_json.val_los", &p)[0], "stages.teacher.summary_json.val_loss");
@@ -143,6 +173,22 @@ mod tests {
         let near = closest("stages.nope.summary_json.val_loss", &all(&c));
         assert!(near.iter().all(|p| !p.contains("..") && !p.contains("vocab")), "{near:?}");
         assert_eq!(near[0], "stages.teacher.summary_json.val_loss");
+    }
+
+    /// A `foreach` variant's key is not a name a template can write after a dot: it is
+    /// suggested, and listed, subscripted.
+    #[test]
+    fn variant_keys_are_written_subscripted() {
+        let mut c = context();
+        c["stages"]["fit@lr=0.1"] = json!({"out": "x"});
+        c["stages"]["fit@lr=0.3"] = json!({"out": "y"});
+        let p = all(&c);
+        assert_eq!(closest("stages.fit.out", &p), [r#"stages["fit@lr=0.1"].out"#, r#"stages["fit@lr=0.3"].out"#]);
+        assert!(p.iter().map(|k| written(k)).any(|w| w == r#"stages["fit@lr=0.3"]"#));
+        assert_eq!(
+            written(&["stages", "vocab", "tokenizer_json", "model", "vocab", "\"", "0"]),
+            r#"stages.vocab.tokenizer_json.model.vocab["\""]["0"]"#
+        );
     }
 
     #[test]
