@@ -133,8 +133,27 @@ fn dotted(v: &Value, path: &str) -> Option<f64> {
     path.split('.').try_fold(v, |acc, k| acc.get(k))?.as_f64()
 }
 
-fn label_of(v: &Value) -> String {
-    v.get("label").and_then(Value::as_str).unwrap_or("?").to_string()
+/// The items a plot draws one mark per: a list, or an error saying what came instead.
+fn items_of(plot: &str, v: Value) -> Result<Vec<Value>, Error> {
+    match v {
+        Value::Array(items) => Ok(items),
+        other => Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("{plot}: the items must be a list of objects, got {}", names::sample(&other, 60)),
+        )),
+    }
+}
+
+/// An item's name in a plot: its `label`, else its `stage` or `name` (as the entries of
+/// `run.stages` have); item `i` having none is an error, not a bar called "?".
+fn label_of(plot: &str, i: usize, v: &Value) -> Result<String, Error> {
+    ["label", "stage", "name"].iter().find_map(|k| v.get(k).and_then(Value::as_str)).map(str::to_string).ok_or_else(
+        || {
+            let msg =
+                format!("{plot}: item {i} has no `label` (the name its mark is drawn with): {}", names::sample(v, 60));
+            Error::new(ErrorKind::InvalidOperation, msg)
+        },
+    )
 }
 
 /// The template environment: filters, and plot functions writing into `out_dir`.
@@ -191,9 +210,9 @@ fn environment_noting_provenance(out_dir: &Path, provenance_called: Arc<AtomicBo
                         return Err(Error::new(ErrorKind::InvalidOperation, msg));
                     }
                 };
-                let items = to_json(&items)?;
-                let rows = items.as_array().cloned().unwrap_or_default();
-                let labels: Vec<String> = rows.iter().map(label_of).collect();
+                let rows = items_of("bars", to_json(&items)?)?;
+                let labels =
+                    rows.iter().enumerate().map(|(i, r)| label_of("bars", i, r)).collect::<Result<Vec<_>, _>>()?;
                 let values: Vec<f64> = rows.iter().map(|r| dotted(r, &key).unwrap_or(f64::NAN)).collect();
                 if let Some(i) = values.iter().position(|v| !v.is_finite()) {
                     return Err(Error::new(
@@ -226,15 +245,15 @@ fn environment_noting_provenance(out_dir: &Path, provenance_called: Arc<AtomicBo
                     }
                 };
                 let ((x_key, x), (y_key, y)) = (axis(&x_axis)?, axis(&y_axis)?);
-                let items = to_json(&items)?;
                 let mut points = Vec::new();
-                for r in items.as_array().cloned().unwrap_or_default() {
+                for (i, r) in items_of("scatter", to_json(&items)?)?.into_iter().enumerate() {
+                    let label = label_of("scatter", i, &r)?;
                     match (dotted(&r, &x_key), dotted(&r, &y_key)) {
-                        (Some(px), Some(py)) => points.push(serde_json::json!([label_of(&r), px, py])),
+                        (Some(px), Some(py)) => points.push(serde_json::json!([label, px, py])),
                         _ => {
                             return Err(Error::new(
                                 ErrorKind::InvalidOperation,
-                                format!("scatter: item `{}` lacks `{x_key}` or `{y_key}`", label_of(&r)),
+                                format!("scatter: item `{label}` lacks `{x_key}` or `{y_key}`"),
                             ))
                         }
                     }

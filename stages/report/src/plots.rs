@@ -394,9 +394,23 @@ pub fn progression(file: &Path, steps: &Value) -> Result<Vec<Axes>, PlotError> {
     ensure_font();
     let e = draw_err(file);
     let steps = steps.as_array().ok_or_else(|| data_err(file, "progression needs a list of steps"))?;
-    let labels: Vec<String> =
-        steps.iter().map(|s| s.get("label").and_then(Value::as_str).unwrap_or("?").to_string()).collect();
-    let col = |k: &str| -> Vec<f64> { steps.iter().map(|s| s.get(k).and_then(Value::as_f64).unwrap_or(0.0)).collect() };
+    // Every step needs its label and three numbers: a missing one drawn as 0 would be a figure
+    // nobody measured.
+    fn field<'v>(file: &Path, i: usize, s: &'v Value, k: &str) -> Result<&'v Value, PlotError> {
+        s.get(k).ok_or_else(|| data_err(file, format!("progression: step {i} has no `{k}`")))
+    }
+    let mut labels = Vec::new();
+    for (i, s) in steps.iter().enumerate() {
+        let label =
+            field(file, i, s, "label")?.as_str().ok_or_else(|| data_err(file, "progression: a `label` is text"))?;
+        labels.push(label.to_string());
+        for k in ["params", "bytes", "perplexity"] {
+            if !field(file, i, s, k)?.as_f64().is_some_and(f64::is_finite) {
+                return Err(data_err(file, format!("progression: step `{label}`'s `{k}` is not a number")));
+            }
+        }
+    }
+    let col = |k: &str| -> Vec<f64> { steps.iter().filter_map(|s| s.get(k).and_then(Value::as_f64)).collect() };
     let root = BitMapBackend::new(file, (1200, 450)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let panels = root.split_evenly((1, 3));

@@ -50,6 +50,32 @@ fn template_errors_name_the_template_and_line() {
     assert!(e.contains("x.md.j2:1"), "{e}");
 }
 
+/// A plot never draws a mark for data it does not have: an item with no name, items that are
+/// not a list, a step missing a number are errors naming them. `run.stages` entries are named
+/// by their `stage`.
+#[test]
+fn plots_refuse_items_they_cannot_name_or_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = json!({"run": {"stages": [{"stage": "fit@n=3", "metrics": {"score": 3.1}}, {"stage": "fit@n=5", "metrics": {"score": 5.1}}]}});
+    let render_err = |t: &str| render("t.md.j2", t, &ctx, dir.path()).unwrap_err().to_string();
+    let ok = render("t.md.j2", r#"{{ bars("b.png", "s", run.stages, "metrics.score", "score") }}"#, &ctx, dir.path());
+    assert_eq!(ok.unwrap(), "b.png\n");
+    png_ok(&dir.path().join("b.png"));
+    let e = render_err(r#"{{ bars("b.png", "s", [{"v": 1}, {"v": 2}], "v", "score") }}"#);
+    assert!(e.contains("bars: item 0 has no `label` (the name its mark is drawn with): {v}"), "{e}");
+    let e = render_err(
+        r#"{{ scatter("s.png", "s", [{"label": "a", "x": 1, "y": 2}, {"x": 2, "y": 3}], ["x", "x"], ["y", "y"]) }}"#,
+    );
+    assert!(e.contains("scatter: item 1 has no `label`"), "{e}");
+    let e = render_err(r#"{{ bars("b.png", "s", run, "v", "score") }}"#);
+    assert!(e.contains("bars: the items must be a list of objects, got {stages}"), "{e}");
+    let e = render_err(r#"{{ progression("p.png", [{"label": "f32", "params": 1, "bytes": 2}]) }}"#);
+    assert!(e.contains("progression: step 0 has no `perplexity`"), "{e}");
+    let e =
+        render_err(r#"{{ progression("p.png", [{"label": "f32", "params": 1, "bytes": "big", "perplexity": 2}]) }}"#);
+    assert!(e.contains("progression: step `f32`'s `bytes` is not a number"), "{e}");
+}
+
 #[test]
 fn number_formats() {
     assert_eq!(format_bytes(512.0), "512 B");
