@@ -28,6 +28,14 @@ pub fn apply_set(root: &mut Node, arg: &str) -> Result<(), Diagnostic> {
         .and_then(Node::as_map)
         .map(|m| m.iter().map(|(k, _)| k.name.clone()).collect())
         .unwrap_or_default();
+    // `fit@lr=0.1.x=1` splits at the variant's own `=`: say what --set can reach instead.
+    let variant_of = key.split_once('@').map(|(s, _)| s.strip_prefix("stages.").unwrap_or(s));
+    let has_foreach = |s: &str| root.get("stages").and_then(|m| m.get(s)).and_then(|n| n.get("foreach")).is_some();
+    if let Some(stage) = variant_of.filter(|s| has_foreach(s)) {
+        return Err(bad(format!("`--set {arg}`: --set cannot reach one variant of a `foreach` stage")).help(format!(
+            "`--set {stage}.PARAM=V` sets it for every variant of `{stage}`; to run one variant alone, use `--target` with its name"
+        )));
+    }
     let path: Vec<String> = match parts[0] {
         "params" if parts.len() > 1 => parts.iter().map(|s| s.to_string()).collect(),
         "stages" if parts.len() > 2 => {

@@ -128,6 +128,13 @@ fn bad_set() {
     assert!(e.contains("did you mean `seed`"), "{e}");
     invalid(GOOD, &["--set", "stages.zz.params.x=1"], "E-SET", None);
     invalid(GOOD, &["--set", "sizes=[1, 2"], "E-SET", None);
+    for key in ["b@5.x=1", "stages.b@5.threads=2"] {
+        let e = invalid(GOOD, &["--set", key], "E-SET", None);
+        assert!(e.contains("--set cannot reach one variant of a `foreach` stage"), "{e}");
+        assert!(e.contains("`--set b.PARAM=V` sets it for every variant of `b`"), "{e}");
+    }
+    let e = invalid(GOOD, &["--set", "a@5.x=1"], "E-SET", None);
+    assert!(e.contains("is neither a pipeline param nor a stage"), "{e}");
 }
 
 #[test]
