@@ -169,7 +169,7 @@ impl RunEvents for Progress {
             l.overall.finish_and_clear();
         }
         self.line(format!(
-            "{}: {} — {} ran, {} cached{}, {} failed, {} skipped in {:.2}s ({})",
+            "{}: {} — {} ran, {} cached{}, {} failed, {} skipped{} in {:.2}s ({})",
             s.pipeline,
             s.status,
             s.count(Status::Ran),
@@ -179,7 +179,11 @@ impl RunEvents for Progress {
                 n => format!(", {n} pulled"),
             },
             s.count(Status::Failed),
-            s.count(Status::Skipped) + s.count(Status::Cancelled),
+            s.count(Status::Skipped),
+            match s.count(Status::Cancelled) {
+                0 => String::new(),
+                n => format!(", {n} cancelled"),
+            },
             s.wall_s,
             if s.cores >= crate::sched::CLUSTER_BUDGET {
                 "on the cluster".to_string()
