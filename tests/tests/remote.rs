@@ -173,7 +173,8 @@ fn a_directory_remote_refuses_corrupt_and_missing_blobs_and_repairs_on_push() {
     assert_eq!(std::fs::read(&blob).unwrap(), b"hello\n", "B's push replaced the corrupt blob");
 
     // A blob the remote lost: C pulls what it can and runs the rest, with a warning.
-    std::fs::remove_file(remote_blob(&remote, b"hello\ndeep\n")).unwrap();
+    let lost = remote_blob(&remote, b"hello\ndeep\n");
+    std::fs::remove_file(&lost).unwrap();
     let c = Project::new();
     c.write("p.yaml", SMALL_PIPELINE);
     let r = run_in(&c, &["run", "p.yaml", "--remote", &remote_s, "--json"]);
@@ -181,6 +182,32 @@ fn a_directory_remote_refuses_corrupt_and_missing_blobs_and_repairs_on_push() {
     assert_eq!((r.status_of("a"), r.status_of("b")), ("pulled".into(), "ran".into()), "{}", r.stderr);
     assert!(r.stderr.contains("warning: `b` could not be pulled") && r.stderr.contains("is missing"), "{}", r.stderr);
     run_in(&c, &["verify"]).assert_ok();
+
+    // A's results are the ones on the remote. A plain push trusts their entries, so the loss
+    // stays, and a pull says what it cannot use and how to mend it; `push --repair` sends
+    // every blob again.
+    let again = run_in(&a, &["push", "p.yaml", "--remote", &remote_s]);
+    again.assert_ok();
+    // (`a`'s entry is B's since B's push, so A writes its own again; `b`'s is A's.)
+    assert!(again.stderr.contains("(1 new, 1 already there)") && !lost.exists(), "{}", again.stderr);
+    let d = Project::new();
+    d.write("p.yaml", SMALL_PIPELINE);
+    let r = run_in(&d, &["pull", "p.yaml", "--remote", &remote_s]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("1 results downloaded, 0 already here, 0 not on the remote, 1 on it but unusable;")
+            && r.stderr.contains("is missing (`orchestrate push --repair`"),
+        "{}",
+        r.stderr
+    );
+    let repaired = run_in(&a, &["push", "p.yaml", "--remote", &remote_s, "--repair"]);
+    assert!(repaired.stderr.contains("2 results (2 written again, 0 already there)"), "{}", repaired.stderr);
+    assert_eq!(std::fs::read(&lost).unwrap(), b"hello\ndeep\n");
+    run_in(&d, &["pull", "p.yaml", "--remote", &remote_s]).assert_ok();
+    run_in(&d, &["verify"]).assert_ok();
+    let r = run_in(&d, &["run", "p.yaml", "--json"]);
+    assert_eq!((r.status_of("a"), r.status_of("b")), ("cached".into(), "cached".into()), "{}", r.stderr);
+    assert_eq!(d.read("artifacts/outputs/shared/b/o"), "hello\ndeep\n");
 }
 
 fn holds_a_file(dir: &Path) -> bool {

@@ -41,14 +41,18 @@ fn pull_pipeline(
         Err(e) => RemoteAnswer::Error(e.to_string()),
     });
     for e in entries {
-        let status = match e.status.as_str() {
-            "cached" => "local",
-            "remote" => "pulled",
+        let unusable = e.reasons.iter().find(|r| r.starts_with("the remote cache could not supply it"));
+        let status = match (e.status.as_str(), unusable) {
+            ("cached", _) => "local",
+            ("remote", _) => "pulled",
+            (_, Some(why)) => {
+                report.errors.push(format!("{}: {why}", e.stage));
+                "failed"
+            }
+            // Its key follows from an upstream result that is neither here nor pulled.
+            _ if e.reasons.iter().any(|r| r.starts_with("upstream `")) => "blocked",
             _ => "absent",
         };
-        if let Some(why) = e.reasons.iter().find(|r| r.starts_with("the remote cache could not supply it")) {
-            report.errors.push(format!("{}: {why}", e.stage));
-        }
         report.results.insert(e.stage, status.to_string());
     }
     Ok(report)
@@ -103,12 +107,15 @@ pub(super) fn pull(env: &Env, a: Args) -> Result<i32, Failure> {
 fn print_report(remote: &Remote, r: &PullReport, secs: f64) {
     print_errors(&r.errors);
     let count = |s: &str| r.results.values().filter(|v| *v == s).count();
+    let also = |n: usize, what: &str| if n > 0 { format!(", {n} {what}") } else { String::new() };
     eprintln!(
-        "pulled from {}: {} results downloaded, {} already here, {} not on the remote; {} blobs ({}) in {secs:.2}s",
+        "pulled from {}: {} results downloaded, {} already here, {} not on the remote{}{}; {} blobs ({}) in {secs:.2}s",
         remote.shown,
         count("pulled"),
         count("local"),
         count("absent"),
+        also(count("failed"), "on it but unusable"),
+        also(count("blocked"), "not looked up (an upstream result is missing)"),
         r.blobs_downloaded,
         human_bytes(r.bytes_downloaded)
     );

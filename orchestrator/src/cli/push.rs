@@ -25,6 +25,10 @@ pub(super) struct Args {
     /// Print the result as JSON on stdout (for scripts).
     #[arg(long)]
     json: bool,
+    /// Upload every blob of these results again, overwriting the remote's: for blobs deleted or
+    /// damaged there (pull names them), which a plain push skips as already pushed.
+    #[arg(long)]
+    repair: bool,
 }
 
 /// (cache key, manifest digest) of what to push: the pipeline's cached stages, or everything.
@@ -49,7 +53,8 @@ fn results(env: &Env, a: &Args, store: &Store) -> Result<Vec<(String, String)>, 
 
 pub(super) fn push(env: &Env, a: Args) -> Result<i32, Failure> {
     let near = a.pipeline.as_deref().map(folder_of).unwrap_or_else(|| PathBuf::from("."));
-    let Some(remote) = a.remote.open(&near, true)? else { return Ok(2) };
+    let Some(mut remote) = a.remote.open(&near, true)? else { return Ok(2) };
+    remote.repair = a.repair;
     let store = env.open_reader()?;
     let results = results(env, &a, &store)?;
     let t0 = Instant::now();
@@ -81,10 +86,11 @@ pub(super) fn print_report(remote: &Remote, r: &PushReport, secs: f64, json: boo
         n => format!(", {n} not pushed"),
     };
     eprintln!(
-        "pushed to {}: {} results ({} new, {} already there{not_pushed}); {} blobs checked, {} uploaded ({}) in {secs:.2}s",
+        "pushed to {}: {} results ({} {}, {} already there{not_pushed}); {} blobs checked, {} uploaded ({}) in {secs:.2}s",
         remote.shown,
         r.results,
         r.published,
+        if remote.repair { "written again" } else { "new" },
         r.already,
         r.blobs_checked,
         r.blobs_uploaded,

@@ -43,9 +43,15 @@ pub enum RemoteError {
         /// What to do about it, when the server says (` — …`), else empty.
         hint: &'static str,
     },
-    #[error("remote blob {path} ({what}) is corrupt: its content hashes to {actual}; it was not used")]
+    #[error(
+        "remote blob {path} ({what}) is corrupt: its content hashes to {actual}; it was not used \
+         (`orchestrate push --repair` from a store that has the result uploads it again)"
+    )]
     Corrupt { path: String, what: String, actual: String },
-    #[error("remote blob {path} ({what}) is missing")]
+    #[error(
+        "remote blob {path} ({what}) is missing (`orchestrate push --repair` from a store that has the result \
+         uploads it again)"
+    )]
     Missing { path: String, what: String },
     #[error("remote entry {path} is not valid: {why}")]
     Invalid { path: String, why: String },
@@ -74,6 +80,10 @@ pub struct Remote {
     pub shown: String,
     /// Blobs this process found corrupt on the remote: a push here overwrites them.
     corrupt: Mutex<HashSet<String>>,
+    /// Push every blob of the results again, overwriting the remote's (`push --repair`): a
+    /// blob damaged or deleted on the remote is otherwise never sent again, since its
+    /// result's entry is already there.
+    pub repair: bool,
 }
 
 /// Variables that, without an access key pair, let the AWS SDKs (and object_store) find
@@ -142,7 +152,7 @@ impl Remote {
             Location::S3 { .. } => open_s3(loc)?,
             Location::Dir(dir) => open_dir(dir)?,
         };
-        Ok(Remote { store, shown: loc.shown(), corrupt: Mutex::new(HashSet::new()) })
+        Ok(Remote { store, shown: loc.shown(), corrupt: Mutex::new(HashSet::new()), repair: false })
     }
 
     fn cas(digest: &str) -> ObjPath {

@@ -88,7 +88,9 @@ pub struct PushReport {
 /// What a pull did.
 #[derive(Debug, Default, Serialize)]
 pub struct PullReport {
-    /// Stage (or key) → `pulled`, `local` (already here) or `absent` (not on the remote).
+    /// Stage (or key) → `pulled`, `local` (already here), `absent` (not on the remote),
+    /// `failed` (on it, but a blob was corrupt or unreadable: see `errors`) or `blocked` (its
+    /// key follows from an upstream result that is neither here nor pulled).
     pub results: BTreeMap<String, String>,
     pub blobs_downloaded: u64,
     pub bytes_downloaded: u64,
@@ -302,9 +304,10 @@ impl Remote {
         Ok(h.finalize().to_hex().to_string())
     }
 
-    /// Whether the remote has a blob of this size (a known-corrupt one counts as absent).
+    /// Whether the remote has a blob of this size (a known-corrupt one counts as absent, and
+    /// every one when repairing: a damaged blob can have the right size).
     async fn has_blob(&self, digest: &str, size: u64) -> Result<bool> {
-        if self.known_corrupt(digest) {
+        if self.repair || self.known_corrupt(digest) {
             return Ok(false);
         }
         let path = Self::cas(digest);
@@ -417,6 +420,9 @@ impl Remote {
         results: &'r [(String, String)],
         report: &mut PushReport,
     ) -> Result<Vec<(&'r String, &'r String, Blobs)>> {
+        if self.repair {
+            return results.iter().map(|(k, d)| Ok((k, d, Self::blobs_of(local, d)?))).collect();
+        }
         let current: Vec<_> = stream::iter(results)
             .map(|(key, digest)| async move { (key, digest, self.lookup(key).await) })
             .buffer_unordered(CHECKS_IN_FLIGHT)
@@ -434,8 +440,8 @@ impl Remote {
     }
 
     /// Upload what the local results `(key, manifest digest)` need, then their `ac/` entries.
-    /// Blobs already on the remote are not sent again; an entry is written only once every blob
-    /// of its result is there.
+    /// Blobs already on the remote are not sent again (with [`Remote::repair`], every blob is);
+    /// an entry is written only once every blob of its result is there.
     pub async fn push(&self, local: &Store, results: &[(String, String)], t: &Transfer) -> Result<PushReport> {
         self.probe().await?;
         let mut report = PushReport { results: results.len(), ..Default::default() };
