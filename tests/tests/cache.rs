@@ -214,6 +214,34 @@ fn fail_fast_by_default_keep_going_finishes_other_branches() {
     assert_eq!(r.status_of("bad"), "failed");
     assert_eq!(r.status_of("after_bad"), "skipped");
     assert_eq!(r.status_of("slow"), "ran");
+
+    // `show` on a stage that failed: how, in which run, and the end of its log.
+    let shown = p.run(&["show", "p.yaml", "bad"]);
+    assert_eq!(shown.code, 1, "no stored result: {}", shown.stderr);
+    assert!(
+        shown.stdout.contains("last try   failed in run ") && shown.stdout.contains("command exited with status 7"),
+        "{}",
+        shown.stdout
+    );
+    assert!(shown.stdout.contains("  | boom"), "{}", shown.stdout);
+    let j = p.run(&["show", "p.yaml", "after_bad", "--json"]).json();
+    assert_eq!(j["last_attempt"]["status"], "skipped", "{j}");
+    // Once it succeeds, the failure is history: `show` shows the result alone.
+    p.write("p.yaml", &src.replace("exit 7", "echo fixed > ${outputs.o}"));
+    p.run(&["run", "p.yaml"]).assert_ok();
+    let shown = p.run(&["show", "p.yaml", "bad", "--json"]);
+    shown.assert_ok();
+    assert!(shown.json()["last_attempt"].is_null() && shown.json()["current"] == true, "{}", shown.stdout);
+    // A stored result that is not the pipeline's current one, after a failed try: both.
+    p.write("p.yaml", &src.replace("exit 7", "exit 8"));
+    assert_eq!(p.run(&["run", "p.yaml"]).code, 1);
+    let shown = p.run(&["show", "p.yaml", "bad"]);
+    shown.assert_ok();
+    assert!(
+        shown.stdout.contains("status 8") && shown.stdout.contains("showing its last stored result"),
+        "{}",
+        shown.stdout
+    );
 }
 
 #[test]

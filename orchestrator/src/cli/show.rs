@@ -20,22 +20,72 @@ pub(super) fn show(env: &Env, a: Args) -> Result<i32, Failure> {
     stage_index(&p, &a.stage)?;
     let store = env.open_reader()?;
     let stage = &a.stage;
-    let (digest, m, current) = match crate::plan::current_manifest(&p, &dag, &store, stage) {
+    let current_result = crate::plan::current_manifest(&p, &dag, &store, stage);
+    // Why the pipeline as it is has no result: the newest run that took the stage failed it.
+    let attempt = if current_result.is_some() { None } else { last_unfinished(&store, &p.name, stage) };
+    let (digest, m, current) = match current_result {
         Some((d, m)) => (d, m, true),
         None => match store.last_manifest(&p.name, stage) {
             Some(m) => ("(last run)".to_string(), m, false),
             None => {
-                let msg = anyhow::anyhow!("stage `{stage}` has never run in this store ({})", env.root.display());
-                return Err(Failure::Other(msg, 1));
+                let never = format!("stage `{stage}` has no stored result in this store ({})", env.root.display());
+                match &attempt {
+                    Some(t) if a.json => print_json(&serde_json::json!({"stage": stage, "last_attempt": t}))?,
+                    Some(t) => {
+                        println!("stage      {stage}");
+                        print_attempt(t);
+                        println!("note       {never}");
+                    }
+                    None => return Err(Failure::Other(anyhow::anyhow!("{never}: it has never run"), 1)),
+                }
+                return Ok(1);
             }
         },
     };
     if a.json {
-        print_json(&as_json(&store, stage, &digest, &m, current))?;
+        let mut j = as_json(&store, stage, &digest, &m, current);
+        j["last_attempt"] = serde_json::to_value(&attempt).unwrap_or_default();
+        print_json(&j)?;
     } else {
-        print_text(&store, stage, &m, current);
+        print_text(&store, stage, &m, current, attempt.as_ref());
     }
     Ok(0)
+}
+
+/// A run that took a stage and did not finish it.
+#[derive(serde::Serialize)]
+struct Attempt {
+    run: String,
+    at: String,
+    status: String,
+    error: Option<String>,
+    log_tail: Option<String>,
+}
+
+/// The newest run of `pipeline` that took `stage`, when it did not finish it there (failed,
+/// skipped, cancelled); none when that run finished it.
+fn last_unfinished(store: &Store, pipeline: &str, stage: &str) -> Option<Attempt> {
+    let (id, run, s) = (store.runs().into_iter())
+        .filter(|(_, r)| r.pipeline == pipeline)
+        .find_map(|(id, r)| r.stages.iter().find(|s| s.name == stage).cloned().map(|s| (id, r, s)))?;
+    if matches!(s.status.as_str(), "ran" | "cached" | "pulled") {
+        return None;
+    }
+    Some(Attempt {
+        run: crate::history::short(&id).to_string(),
+        at: iso8601(run.started_at),
+        status: s.status,
+        error: s.error,
+        log_tail: s.log_tail,
+    })
+}
+
+fn print_attempt(t: &Attempt) {
+    let why = t.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
+    println!("last try   {} in run {} ({}){why}", t.status, t.run, t.at);
+    for line in t.log_tail.iter().flat_map(|l| l.lines()) {
+        println!("  | {line}");
+    }
 }
 
 fn as_json(store: &Store, stage: &str, digest: &str, m: &Manifest, current: bool) -> serde_json::Value {
@@ -58,10 +108,13 @@ fn as_json(store: &Store, stage: &str, digest: &str, m: &Manifest, current: bool
     })
 }
 
-fn print_text(store: &Store, stage: &str, m: &Manifest, current: bool) {
+fn print_text(store: &Store, stage: &str, m: &Manifest, current: bool, attempt: Option<&Attempt>) {
     println!("stage      {stage} ({})", m.key_input.kind);
+    if let Some(t) = attempt {
+        print_attempt(t);
+    }
     if !current {
-        println!("note       not cached for the pipeline as it is now; showing its last run");
+        println!("note       not cached for the pipeline as it is now; showing its last stored result");
     }
     println!("key        {}", m.key);
     println!(
