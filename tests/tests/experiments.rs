@@ -49,6 +49,9 @@ fn runs_lists_the_history_newest_first() {
     let lines: Vec<&str> = text.stdout.lines().collect();
     assert!(lines[0].starts_with("id ") && lines[0].contains("score.value"), "{}", text.stdout);
     assert!(lines[1].contains("n=5") && lines[1].contains("5.000000"), "{}", text.stdout);
+    let none = p.run(&["runs", "--metric", "score.nope"]);
+    none.assert_ok();
+    assert!(none.stderr.contains("note: no listed run recorded `score.nope`"), "{}", none.stderr);
     let png = p.path().join("runs.png");
     p.run(&["runs", "--metric", "score.value", "--plot", png.to_str().unwrap()]).assert_ok();
     assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
@@ -244,6 +247,11 @@ fn grid_sweeps_are_named_ranked_and_the_best_variant_is_in_the_key() {
     assert_eq!(p.read("artifacts/outputs/sweep/pick/chosen"), "b-0.2\n");
     let show = p.run(&["show", "s.yaml", "pick", "--json"]).json();
     assert_eq!(show["selected"]["m"], "fit@lr=0.2+model=b", "the winner is recorded with the result");
+    // The history's column for a sweep's metric is its best variant's, named.
+    let runs = p.run(&["runs", "--metric", "fit.loss", "--json"]).json();
+    assert_eq!((runs[0]["metric"].as_f64(), runs[0]["metric_from"].as_str()), (Some(0.0), Some("fit@lr=0.2+model=b")));
+    let text = p.run(&["runs", "--metric", "fit.loss"]).stdout;
+    assert!(text.contains("0.000000 (fit@lr=0.2+model=b)"), "{text}");
 
     let sweep = p.run(&["compare", "--sweep", "fit"]);
     sweep.assert_ok();

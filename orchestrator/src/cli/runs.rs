@@ -15,7 +15,8 @@ pub(super) struct Args {
     /// At most this many runs.
     #[arg(long, default_value_t = 20)]
     limit: usize,
-    /// Add this metric of each run (STAGE.METRIC) as a column.
+    /// Add this metric of each run (STAGE.METRIC) as a column; for a `foreach` stage, its best
+    /// variant's by the pipeline's `metrics:` direction.
     #[arg(long, value_name = "STAGE.METRIC")]
     metric: Option<String>,
     /// Draw the metric across the listed runs as a PNG bar chart (needs --metric).
@@ -33,6 +34,10 @@ struct Row {
     line: RunLine,
     #[serde(skip_serializing_if = "Option::is_none")]
     metric: Option<f64>,
+    /// For a `foreach` stage's metric: the variant whose value it is, the best by the
+    /// pipeline's `metrics:` direction.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metric_from: Option<String>,
 }
 
 /// `STAGE.METRIC` of a run, if that stage is in it and recorded the metric.
@@ -43,9 +48,32 @@ fn metric_of(store: &Store, r: &RunRecord, spec: &str) -> Option<f64> {
     m.metrics.get(&spec[stage.len() + 1..])?.as_f64()
 }
 
+/// `SWEEP.METRIC` of a run for a `foreach` stage SWEEP whose metric the run's `metrics:`
+/// declares: the best variant's value, and that variant (ties: the first by name).
+fn best_of_sweep(store: &Store, r: &RunRecord, spec: &str) -> Option<(f64, String)> {
+    let (stage, metric) = spec.split_once('.')?;
+    let decl = r.metrics.iter().find(|d| d.stage == stage && d.metric == metric)?;
+    let mut best: Option<(f64, String)> = None;
+    for (s, digest) in r.manifests.iter().filter(|(s, _)| crate::pipeline::is_variant_of(s, stage)) {
+        let Some(v) = store.load_manifest(digest).ok().and_then(|m| m.metrics.get(metric)?.as_f64()) else { continue };
+        if best.as_ref().is_none_or(|(b, _)| decl.better.judge(*b, v) == Some(true)) {
+            best = Some((v, s.clone()));
+        }
+    }
+    best
+}
+
 impl Row {
     fn of(store: &Store, run: &Run, metric: Option<&str>) -> Row {
-        Row { line: RunLine::of(run), metric: metric.and_then(|m| metric_of(store, &run.1, m)) }
+        let line = RunLine::of(run);
+        let Some(spec) = metric else { return Row { line, metric: None, metric_from: None } };
+        match metric_of(store, &run.1, spec) {
+            Some(v) => Row { line, metric: Some(v), metric_from: None },
+            None => {
+                let (metric, from) = best_of_sweep(store, &run.1, spec).unzip();
+                Row { line, metric, metric_from: from }
+            }
+        }
     }
 }
 
@@ -62,6 +90,12 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
         .collect();
     if let (Some(metric), Some(png)) = (&a.metric, &a.plot) {
         plot(&rows, metric, png)?;
+    }
+    if let Some(metric) = a.metric.as_deref().filter(|_| !rows.is_empty() && rows.iter().all(|r| r.metric.is_none())) {
+        eprintln!(
+            "note: no listed run recorded `{metric}` (`orchestrate show P STAGE` lists a stage's metrics; a \
+             `foreach` stage's metric needs a `metrics:` direction to pick its best variant)"
+        );
     }
     if a.json {
         print_json(&rows)?;
@@ -90,7 +124,9 @@ fn plot(rows: &[Row], metric: &str, png: &std::path::Path) -> Result<(), Failure
 
 fn print_table(rows: &[Row], metric: Option<&str>) {
     let count = |n: Option<usize>| n.map_or("?".to_string(), |n| n.to_string());
-    let width = metric.map_or(0, |m| m.len().max(12));
+    // A sweep's metric is its best variant's, named beside the value.
+    let from_width = rows.iter().filter_map(|r| r.metric_from.as_ref()).map(|f| f.len() + 3).max().unwrap_or(0);
+    let width = metric.map_or(0, |m| m.len().max(12 + from_width));
     let metric_head = metric.map(|m| format!("  {m:>width$}")).unwrap_or_default();
     println!(
         "{:<12}  {:<20}  {:<12}  {:<12}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
@@ -99,7 +135,10 @@ fn print_table(rows: &[Row], metric: Option<&str>) {
     for r in rows {
         let value = match (metric, r.metric) {
             (None, _) => String::new(),
-            (Some(_), v) => format!("  {:>width$}", v.map_or("—".to_string(), |x| format!("{x:.6}"))),
+            (Some(_), v) => {
+                let from = r.metric_from.as_ref().map(|f| format!(" ({f})")).unwrap_or_default();
+                format!("  {:>width$}", v.map_or("—".to_string(), |x| format!("{x:.6}{from}")))
+            }
         };
         let r = &r.line;
         println!(
