@@ -113,6 +113,13 @@ fn corrupted_object_is_named_by_verify_and_recomputed_by_the_next_run() {
     let v = p.run(&["verify"]);
     assert_eq!(v.code, 1, "{}", v.stdout);
     assert!(v.stdout.contains(&format!("CORRUPT  {digest}")), "{}", v.stdout);
+    // The result whose output that was: named by stage, with what it lacks.
+    let dangling = format!(
+        "DANGLING  `b` of pipeline `tail` (key {}): output `o` ({}) missing; the next run computes it again",
+        &show["key"].as_str().unwrap()[..12],
+        &digest[..12]
+    );
+    assert!(v.stdout.contains(&dangling), "{}", v.stdout);
     let r = p.run(&["run", "p.yaml", "--json"]);
     r.assert_ok();
     assert_eq!(r.status_of("a"), "cached");

@@ -35,9 +35,14 @@ fn print_report(r: &VerifyReport, repair: bool) {
     for (d, to) in &r.corrupt {
         println!("CORRUPT  {d}  (moved to {to}; the next run recomputes what needs it)");
     }
-    for k in &r.dangling {
+    for d in &r.dangling {
         let what = if repair { "REMOVED " } else { "DANGLING" };
-        println!("{what}  index entry {k}: its manifest or outputs are missing");
+        let result = match (&d.stage, &d.pipeline) {
+            (Some(s), Some(p)) => format!("`{s}` of pipeline `{p}`"),
+            _ => "a result".to_string(),
+        };
+        let next = if repair { "" } else { "; the next run computes it again (`verify --repair` drops the entry now)" };
+        println!("{what}  {result} (key {}): {} missing{next}", &d.key[..d.key.len().min(12)], d.missing.join(", "));
     }
     if r.index_rebuilt {
         println!("index rebuilt from objects/: {} cache entries, {} run records", r.manifests_indexed, r.runs_indexed);

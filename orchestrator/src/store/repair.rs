@@ -20,13 +20,36 @@ pub struct VerifyReport {
     /// (digest, path moved to) of objects whose content did not match their name.
     pub corrupt: Vec<(String, String)>,
     /// Index entries whose manifest or outputs are gone (removed when repairing).
-    pub dangling: Vec<String>,
+    pub dangling: Vec<Dangling>,
     pub index_rebuilt: bool,
     pub manifests_indexed: usize,
     pub runs_indexed: usize,
 }
 
+/// An index entry that names a result the store no longer holds whole.
+#[derive(Debug, Serialize)]
+pub struct Dangling {
+    pub key: String,
+    /// The stage and pipeline of the result, when its manifest is still there.
+    pub stage: Option<String>,
+    pub pipeline: Option<String>,
+    /// What is gone: `manifest <digest>`, or each missing output by name.
+    pub missing: Vec<String>,
+}
+
 impl Store {
+    /// The index entry `key` → manifest `digest`, if the result is not whole.
+    fn dangling(&self, key: String, digest: &str) -> Option<Dangling> {
+        let Ok(m) = self.load_manifest(digest) else {
+            return Some(Dangling { key, stage: None, pipeline: None, missing: vec![format!("manifest {digest}")] });
+        };
+        let missing: Vec<String> = (m.outputs.iter())
+            .filter(|(_, e)| !self.objects.present(e))
+            .map(|(name, e)| format!("output `{name}` ({})", &e.digest[..e.digest.len().min(12)]))
+            .collect();
+        (!missing.is_empty()).then_some(Dangling { key, stage: Some(m.stage), pipeline: Some(m.pipeline), missing })
+    }
+
     /// The store as its objects say, for a verb that only reads while another process holds
     /// the lock: no lock taken, and an index rebuilt from `objects/` into a temporary sled
     /// (as `verify --repair` rebuilds it), so the holder's index is never opened. Objects are
@@ -64,13 +87,8 @@ impl Store {
         for kv in self.cache.iter() {
             let (k, v) = kv?;
             let key = String::from_utf8_lossy(&k).into_owned();
-            let digest = String::from_utf8_lossy(&v).into_owned();
-            let ok = self
-                .load_manifest(&digest)
-                .map(|m| m.outputs.values().all(|e| self.objects.present(e)))
-                .unwrap_or(false);
-            if !ok {
-                report.dangling.push(key.clone());
+            if let Some(d) = self.dangling(key, &String::from_utf8_lossy(&v)) {
+                report.dangling.push(d);
                 if repair {
                     self.cache.remove(k)?;
                 }
