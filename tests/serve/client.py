@@ -136,6 +136,16 @@ def check_errors():
     error_of(httpx.post(f"{BASE}/chat/completions", json={"model": MODEL, "messages": []}), 400, "messages")
     error_of(httpx.post(f"{BASE}/chat/completions", json={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}), 400, "messages")
     error_of(httpx.get(f"{ROOT}/v2/nothing"), 404)
+    # A known endpoint with the wrong method: 405, in JSON, with Allow.
+    wrong = httpx.delete(url)
+    error_of(wrong, 405, code="method_not_allowed")
+    expect(wrong.headers.get("allow") == "POST", f"Allow {wrong.headers}")
+    expect(httpx.post(f"{ROOT}/health").headers.get("allow") == "GET", "POST /health")
+    # Seeds are signed 64-bit integers, as OpenAI's: each its own sequence, the same twice.
+    signed = lambda s: post(json.dumps({**ok, "temperature": 1.0, "max_tokens": 12, "seed": s}).encode()).json()["choices"][0]["text"]
+    expect(signed(-5) == signed(-5), "seed -5 twice")
+    expect(signed(-5) != signed(5) or signed(-6) != signed(6), "negative seeds are their own")
+    error_of(post(json.dumps({**ok, "seed": 1.5}).encode()), 400, "seed")
     # Chat content as parts: text parts are read, any other kind is refused by its path.
     chat_url = f"{BASE}/chat/completions"
     parts = lambda *p: {"model": MODEL, "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": list(p)}]}

@@ -315,6 +315,17 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.encode()).into_response()
 }
 
+/// A known endpoint asked with a method it does not take: 405 with `Allow`, in JSON like
+/// every other error (axum's own 405 has no body).
+pub async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let allowed = if uri.path().ends_with("completions") { "POST" } else { "GET" };
+    let msg = format!("{} takes {allowed}, not {method}", uri.path());
+    let mut r =
+        ApiError::invalid(msg, None).with_code(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").into_response();
+    r.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+    r
+}
+
 pub async fn not_found() -> Response {
     ApiError::invalid(
         "no such endpoint; this server has /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics",

@@ -77,12 +77,12 @@ pub fn load(model: &Path, tokenizer: &Path) -> Result<Loaded, ServeError> {
 pub fn router(state: Arc<api::AppState>) -> Router {
     let body = state.limits.body_bytes;
     Router::new()
-        .route("/v1/models", get(api::models))
-        .route("/v1/models/{model}", get(api::model))
-        .route("/v1/completions", post(api::completions))
-        .route("/v1/chat/completions", post(api::chat))
-        .route("/health", get(api::health))
-        .route("/metrics", get(api::metrics))
+        .route("/v1/models", get(api::models).fallback(api::wrong_method))
+        .route("/v1/models/{model}", get(api::model).fallback(api::wrong_method))
+        .route("/v1/completions", post(api::completions).fallback(api::wrong_method))
+        .route("/v1/chat/completions", post(api::chat).fallback(api::wrong_method))
+        .route("/health", get(api::health).fallback(api::wrong_method))
+        .route("/metrics", get(api::metrics).fallback(api::wrong_method))
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(body))
         .with_state(state)

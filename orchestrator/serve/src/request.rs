@@ -109,6 +109,9 @@ pub(crate) struct Common {
     pub(crate) temperature: Option<f32>,
     pub(crate) top_p: Option<f32>,
     pub(crate) top_k: Option<u64>,
+    /// Any 64-bit integer, negative ones included (OpenAI's is a signed integer): as its
+    /// two's-complement bits, so each seed draws its own sequence.
+    #[serde(default, deserialize_with = "signed_seed")]
     pub(crate) seed: Option<u64>,
     pub(crate) stop: Option<OneOrMany>,
     pub(crate) n: Option<u64>,
@@ -118,6 +121,21 @@ pub(crate) struct Common {
     pub(crate) frequency_penalty: Option<f32>,
     pub(crate) presence_penalty: Option<f32>,
     pub(crate) logit_bias: Option<serde_json::Map<String, Value>>,
+}
+
+fn signed_seed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seed {
+        Unsigned(u64),
+        Signed(i64),
+    }
+    Ok(Option::<Seed>::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("expected an integer between -2^63 and 2^64 - 1"))?
+        .map(|s| match s {
+            Seed::Unsigned(u) => u,
+            Seed::Signed(i) => i as u64,
+        }))
 }
 
 /// The most likely tokens a request may ask to see per position (OpenAI's chat limit).
