@@ -87,6 +87,15 @@ pub fn resolve<'r>(runs: &'r [Run], spec: &str) -> Result<&'r Run, String> {
     }
 }
 
+/// The default base run of a comparison with `b`: the run before it (newest first in `runs`)
+/// of `b`'s own pipeline, so that another pipeline's run in between is not taken.
+pub fn base_before<'r>(runs: &'r [Run], b: &Run) -> Result<&'r Run, String> {
+    let mut older = runs.iter().skip_while(|r| r.0 != b.0).skip(1);
+    older.find(|r| r.1.pipeline == b.1.pipeline).ok_or_else(|| {
+        format!("run {} is the oldest run of pipeline `{}` here: name the base run A", short(&b.0), b.1.pipeline)
+    })
+}
+
 /// One side of a comparison, in short.
 #[derive(Debug, Serialize)]
 pub struct Side {
@@ -207,9 +216,12 @@ fn number(m: Option<&Manifest>, metric: &str) -> Option<f64> {
 }
 
 /// The metric rows: declared metrics of every stage they cover, plus (with `all`) every other
-/// numeric metric. A declared metric that a stage present in a run did not record is an error.
+/// numeric metric. A declared metric that a stage present in a run did not record is an error
+/// when that run's pipeline declares it (runs of two pipelines may name different things
+/// alike).
 fn metric_rows(
     decls: &[MetricDecl],
+    runs: [&RunRecord; 2],
     ma: &BTreeMap<String, Manifest>,
     mb: &BTreeMap<String, Manifest>,
     all: bool,
@@ -218,8 +230,8 @@ fn metric_rows(
     let mut names: BTreeMap<String, (String, String, Option<Better>)> = BTreeMap::new();
     for d in decls {
         for s in stages.iter().filter(|s| d.covers(s)) {
-            for m in [ma.get(*s), mb.get(*s)].into_iter().flatten() {
-                if number(Some(m), &d.metric).is_none() {
+            for (run, m) in runs.iter().zip([ma.get(*s), mb.get(*s)]).filter_map(|(r, m)| Some((r, m?))) {
+                if number(Some(m), &d.metric).is_none() && run.metrics.contains(d) {
                     let recorded: Vec<&str> = m.metrics.keys().map(String::as_str).collect();
                     let recorded = match recorded.is_empty() {
                         true => format!("it records none; {}", crate::pipeline::metrics::HOW_TO_RECORD),
@@ -309,8 +321,10 @@ pub fn compare(objects: &ObjectStore, a: &Run, b: &Run, all: bool) -> Result<Com
         .map(|n| ParamRow { name: n.clone(), a: pa.get(n).cloned(), b: pb.get(n).cloned() })
         .filter(|r| all || r.a != r.b)
         .collect();
-    let metrics =
-        metric_rows(&declarations(&a.1, &b.1), &ma, &mb, all)?.into_iter().filter(|r| all || r.a != r.b).collect();
+    let metrics = metric_rows(&declarations(&a.1, &b.1), [&a.1, &b.1], &ma, &mb, all)?
+        .into_iter()
+        .filter(|r| all || r.a != r.b)
+        .collect();
     let stages = stage_rows(&b.1, &ma, &mb).into_iter().filter(|r| all || r.change != "same").collect();
     let artifacts = artifact_rows(&ma, &mb).into_iter().filter(|r| all || r.a != r.b).collect();
     Ok(Comparison { a: side(a), b: side(b), params, metrics, stages, artifacts })

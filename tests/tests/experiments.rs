@@ -182,6 +182,26 @@ fn fail_on_regress_gates_every_variant_of_a_sweep() {
     failed_with(&p.run(&["compare", "--fail-on-regress", "fat.loss"]), 2, "no such metric");
 }
 
+/// Without A, `compare` takes B's pipeline's run before B, not another pipeline's run between.
+#[test]
+fn compare_takes_the_base_run_from_the_same_pipeline() {
+    let p = two_runs();
+    p.write("o.yaml", "name: other\nstages:\n  x: {kind: command, cmd: \"echo > ${outputs.o}\", outputs: [o]}\n");
+    p.run(&["run", "o.yaml"]).assert_ok();
+    failed_with(&p.run(&["compare"]), 2, "is the oldest run of pipeline `other` here: name the base run A");
+    p.run(&["run", "q.yaml", "--set", "n=7"]).assert_ok();
+    let c = p.run(&["compare"]);
+    c.assert_ok();
+    assert!(c.stdout.contains("--set n=5)\nB: ") && c.stdout.contains("--set n=7)"), "{}", c.stdout);
+    assert!(c.stdout.contains("score.value  5  7  2  +40.00%  better"), "{}", c.stdout);
+    assert!(!c.stderr.contains("note:"), "{}", c.stderr);
+    // Named explicitly, runs of two pipelines compare, with a note; `other` declares no metric
+    // of its own, so q's declarations are not held against its stages.
+    let cross = p.run(&["compare", "latest~1", "latest"]);
+    cross.assert_ok();
+    assert!(cross.stderr.contains("note: A is a run of pipeline `other`, B of `q`"), "{}", cross.stderr);
+}
+
 #[test]
 fn compare_errors_are_clear() {
     let p = two_runs();

@@ -7,14 +7,14 @@ use serde_json::Value;
 
 use super::{human_bytes, print_json, Env, Failure, PipelineArgs};
 use crate::diag::Diagnostic;
-use crate::history::{compare as compare_runs, resolve, short, sweep, Comparison, Gate, Sweep};
+use crate::history::{base_before, compare as compare_runs, resolve, short, sweep, Comparison, Gate, Sweep};
 use crate::store::iso8601;
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
-    /// The base run: an id (4+ characters), `latest` or `latest~N`.
-    #[arg(default_value = "latest~1")]
-    a: String,
+    /// The base run: an id (4+ characters), `latest` or `latest~N` [default: the run of B's
+    /// pipeline before B].
+    a: Option<String>,
     /// The run compared with it.
     #[arg(default_value = "latest")]
     b: String,
@@ -70,7 +70,14 @@ pub(super) fn compare(env: &Env, a: Args) -> Result<i32, Failure> {
         }
         return Ok(0);
     }
-    let (ra, rb) = (resolve(&runs, &a.a).map_err(invalid)?, resolve(&runs, &a.b).map_err(invalid)?);
+    let rb = resolve(&runs, &a.b).map_err(invalid)?;
+    let ra = match &a.a {
+        Some(spec) => resolve(&runs, spec).map_err(invalid)?,
+        None => base_before(&runs, rb).map_err(invalid)?,
+    };
+    if ra.1.pipeline != rb.1.pipeline {
+        eprintln!("note: A is a run of pipeline `{}`, B of `{}`", ra.1.pipeline, rb.1.pipeline);
+    }
     let c = compare_runs(&store.objects, ra, rb, a.all).map_err(invalid)?;
     // Gates see every metric, also one that did not change.
     let everything = match (a.gates.is_empty(), a.all) {

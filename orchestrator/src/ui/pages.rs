@@ -220,9 +220,16 @@ pub async fn compare(State(ui): State<Shared>, Query(q): Query<CompareQuery>) ->
     if runs.len() < 2 && q.a.is_none() && q.b.is_none() {
         return ui.render("compare.html", context! { runs => rows, comparison => (), a => "", b => "" });
     }
-    let (a_spec, b_spec) = (q.a.as_deref().unwrap_or("latest~1"), q.b.as_deref().unwrap_or("latest"));
     let bad = |m: String| PageError::BadRequest(format!("compare: {m}"));
-    let (a, b) = (resolve(&runs, a_spec).map_err(bad)?, resolve(&runs, b_spec).map_err(bad)?);
+    let b = resolve(&runs, q.b.as_deref().unwrap_or("latest")).map_err(bad)?;
+    // Without A, B's pipeline's run before it, as on the command line; none: the empty form.
+    let a = match q.a.as_deref() {
+        Some(spec) => resolve(&runs, spec).map_err(bad)?,
+        None => match history::base_before(&runs, b) {
+            Ok(a) => a,
+            Err(_) => return ui.render("compare.html", context! { runs => rows, comparison => (), a => "", b => "" }),
+        },
+    };
     let all = q.all.as_deref().is_some_and(|v| !v.is_empty() && v != "0");
     let c = history::compare(&ui.objects, a, b, all).map_err(PageError::BadRequest)?;
     ui.render(
