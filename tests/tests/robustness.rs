@@ -268,6 +268,8 @@ fn replay_proves_determinism_and_catches_a_liar() {
     assert!(det.ends_with("yes"), "{}", r.stdout);
     let honest = r.stdout.lines().find(|l| l.starts_with("honest")).unwrap();
     assert!(honest.contains("declared non-deterministic"), "{}", r.stdout);
+    assert!(r.stdout.contains("replay: MISMATCH — liar did not reproduce\n"), "names the stage: {}", r.stdout);
+    assert!(r.stdout.contains("`deterministic: false`"), "says what to do: {}", r.stdout);
     let j = p.run(&["replay", "p.yaml", "--json"]).json();
     assert_eq!(j["failed"], true);
     // Replay never touches the cache: the run is still fully cached.

@@ -35,14 +35,19 @@ pub(super) fn replay(env: &Env, a: Args) -> Result<i32, Failure> {
         print_json(&report)?;
     } else {
         print!("{}", crate::replay::render_table(&report));
-        println!(
-            "{}",
-            if report.failed {
-                "replay: MISMATCH — a deterministic stage did not reproduce"
-            } else {
-                "replay: every deterministic stage reproduced bit for bit"
-            }
-        );
+        if report.failed {
+            let mut stages: Vec<&str> =
+                report.rows.iter().filter(|r| r.deterministic && !r.identical).map(|r| r.stage.as_str()).collect();
+            stages.dedup();
+            println!("replay: MISMATCH — {} did not reproduce", stages.join(", "));
+            println!(
+                "  = help: the same inputs gave other bytes: look for an unseeded RNG, the clock, the thread \
+                 count or file order in the stage; a stage whose output rightly varies is marked \
+                 `deterministic: false`"
+            );
+        } else {
+            println!("replay: every deterministic stage reproduced bit for bit");
+        }
     }
     Ok(if report.failed { 1 } else { 0 })
 }
