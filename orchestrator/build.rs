@@ -59,6 +59,14 @@ fn build_facts(root: &Path) {
     println!("cargo:rustc-env=ORCHESTRATE_GIT_COMMIT={commit}");
     println!("cargo:rustc-env=ORCHESTRATE_GIT_DIRTY={dirty}");
     println!("cargo:rustc-env=ORCHESTRATE_RUSTC={version}");
+    // `orchestrate --version`: what a bug report needs, the same facts results record.
+    let pkg = std::env::var("CARGO_PKG_VERSION").unwrap_or_default();
+    let built = match (commit.get(..12), dirty) {
+        (Some(c), true) => format!("commit {c}, uncommitted changes, "),
+        (Some(c), false) => format!("commit {c}, "),
+        (None, _) => String::new(),
+    };
+    println!("cargo:rustc-env=ORCHESTRATE_LONG_VERSION={pkg} ({built}{version})");
     // A new commit or a checkout changes HEAD or the branch it points to.
     let git_dir = root.join(".git");
     if git_dir.is_dir() {

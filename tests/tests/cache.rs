@@ -339,4 +339,11 @@ fn show_prints_what_produced_a_result() {
     let json = p.run(&["show", "p.yaml", "a", "--json"]).json();
     assert!(json["provenance"]["cpu_flags"].is_array(), "{json}");
     assert!(json["implementation"]["stage-api"].as_str().is_some_and(|d| d.len() == 64), "{json}");
+    // `--version` states the same build as the results record: commit and compiler.
+    let v = p.run(&["--version"]);
+    v.assert_ok();
+    let commit = json["provenance"]["commit"].as_str().map(|c| c[..12].to_string());
+    assert!(commit.is_none_or(|c| v.stdout.contains(&format!("(commit {c}"))), "{} vs {json}", v.stdout);
+    assert!(v.stdout.starts_with(&format!("orchestrate {} (", env!("CARGO_PKG_VERSION"))), "{}", v.stdout);
+    assert!(v.stdout.contains("rustc 1."), "{}", v.stdout);
 }

@@ -35,7 +35,11 @@ use crate::registry::Registry;
 use crate::store::{Store, StoreError};
 
 #[derive(Parser, Debug)]
-#[command(name = "orchestrate", version, about = "Run YAML pipelines of stages with a content-addressed cache")]
+#[command(
+    name = "orchestrate",
+    version = env!("ORCHESTRATE_LONG_VERSION"),
+    about = "Run YAML pipelines of stages with a content-addressed cache"
+)]
 struct Cli {
     /// Store folder (default: $ORCHESTRATE_STORE, else ./artifacts).
     #[arg(long, global = true, value_name = "DIR")]
