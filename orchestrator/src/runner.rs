@@ -258,9 +258,11 @@ async fn store_outputs(
         let mut entries = BTreeMap::new();
         for (name, path) in &outputs {
             if std::fs::symlink_metadata(path).is_err() {
+                // The scratch folder is gone by the time anyone reads this: say where a
+                // command writes the output, not the absolute path it had.
                 return Err(format!(
-                    "declared output `{name}` was not written (expected at {}); the stage must create it",
-                    path.display()
+                    "declared output `{name}` was not written: the stage ended without creating it (a `command` \
+                     writes it at ${{outputs.{name}}})"
                 ));
             }
             let e = store.put_path_move(path).map_err(|e| format!("storing output `{name}`: {e}"))?;

@@ -250,7 +250,7 @@ fn missing_declared_output_fails_and_stores_nothing_for_it() {
     p.write("p.yaml", "stages:\n  s: {kind: command, cmd: \"true\", outputs: [o]}\n");
     let r = p.run(&["run", "p.yaml"]);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("declared output `o` was not written"), "{}", r.stderr);
+    assert!(r.stderr.contains("declared output `o` was not written: the stage ended without creating it (a `command` writes it at ${outputs.o})"), "{}", r.stderr);
     let r = p.run(&["run", "p.yaml", "--json"]);
     assert_eq!(r.status_of("s"), "failed", "a failure is never cached");
 }
