@@ -60,6 +60,14 @@ fn deliveries(p: &Pipeline, dag: &Dag, store: &Store, run: &RunSummary) -> Vec<D
 /// Put a read-only copy of `entry` at `dest`, unless it already holds it. `ours`: the
 /// destination is inside the store, so whatever is there may be replaced.
 fn place(store: &Store, entry: &Entry, dest: &Path, what: &str, ours: bool) -> Result<(), String> {
+    if let Some(folder) = store.managed_folder_of(dest).filter(|_| !ours) {
+        return Err(format!(
+            "`publish:` puts `{what}` at {}, inside the store's {}, which only orchestrate writes; publish it \
+             somewhere outside it",
+            dest.display(),
+            folder.display()
+        ));
+    }
     let previous = store.delivered(dest);
     let exists = dest.symlink_metadata().is_ok();
     if exists && previous.as_deref() == Some(entry.digest.as_str()) {

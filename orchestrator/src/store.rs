@@ -322,6 +322,30 @@ struct StatEntry {
     digest: String,
 }
 
+/// `path` made absolute with its existing part's symbolic links resolved (the rest need not
+/// exist yet); `.` and `..` are taken lexically first.
+fn resolved(dest: &Path) -> Option<PathBuf> {
+    let mut path = PathBuf::new();
+    for c in std::path::absolute(dest).ok()?.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                path.pop();
+            }
+            other => path.push(other),
+        }
+    }
+    let mut existing = path.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = fs::canonicalize(existing) {
+            return Some(rest.iter().rev().fold(real, |p, c| p.join(c)));
+        }
+        rest.push(existing.file_name()?.to_owned());
+        existing = existing.parent()?;
+    }
+}
+
 pub fn index_path(root: &Path) -> PathBuf {
     root.join("index.sled")
 }
@@ -475,9 +499,29 @@ impl Store {
         Ok(Entry { digest, kind: ObjKind::File, size })
     }
 
+    /// The store's own folder that `dest` lies in, if any: objects, the index, scratch,
+    /// quarantine and the final outputs' copies are written by orchestrate alone (a file put
+    /// in `objects/` is taken for a corrupt object). Symbolic links are followed as far as
+    /// `dest` exists.
+    pub fn managed_folder_of(&self, dest: &Path) -> Option<PathBuf> {
+        let root = fs::canonicalize(&self.root).ok()?;
+        let dest = resolved(dest)?;
+        ["objects", "index.sled", "tmp", "quarantine", "outputs"]
+            .iter()
+            .map(|f| root.join(f))
+            .find(|f| dest.starts_with(f))
+    }
+
     /// Copy a stored output to `to` (a new path; its parent folders are created). `what`
     /// names the output in errors, e.g. `train.best`.
     pub fn export(&self, entry: &Entry, to: &Path, what: &str) -> std::result::Result<(), String> {
+        if let Some(folder) = self.managed_folder_of(to) {
+            return Err(format!(
+                "{} is inside the store's {}, which only orchestrate writes; export somewhere outside it",
+                to.display(),
+                folder.display()
+            ));
+        }
         if let Some(parent) = to.parent() {
             fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
         }

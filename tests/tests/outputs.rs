@@ -85,3 +85,32 @@ fn publish_names_checked_before_anything_runs() {
     assert!(r.stderr.contains("valid outputs of `make`: site, n"), "{}", r.stderr);
     assert!(p.store_is_empty());
 }
+
+/// A copy put in one of the store's own folders would be taken for an object (a corrupt one,
+/// by `verify`) or lost to the next run: `export` and `publish:` refuse such destinations,
+/// also reached through `..` or a symbolic link, and the store stays whole.
+#[test]
+fn nothing_is_copied_into_the_stores_own_folders() {
+    let p = Project::new();
+    p.write("p.yaml", PIPELINE);
+    p.run(&["run", "p.yaml"]).assert_ok();
+    std::os::unix::fs::symlink(p.store().join("objects"), p.path().join("link")).unwrap();
+    for dest in ["artifacts/objects/zz/x", "artifacts/new/../tmp/x", "artifacts/outputs/outs/x", "link/x"] {
+        let r = p.run(&["export", "p.yaml", "count.count", dest]);
+        assert_eq!(r.code, 1, "{dest}: {}", r.stderr);
+        assert!(r.stderr.contains("which only orchestrate writes; export somewhere outside it"), "{}", r.stderr);
+    }
+    assert!(!p.store().join("objects/zz").exists() && !p.store().join("new").exists());
+    p.run(&["export", "p.yaml", "count.count", "artifacts/count.txt"]).assert_ok();
+    let v = p.run(&["verify"]);
+    assert!(v.code == 0 && v.stdout.contains("store OK"), "{}", v.stdout);
+    p.write("p.yaml", &format!("{PIPELINE}publish:\n  count.count: artifacts/objects/x\n"));
+    let r = p.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("`publish:` puts `count.count` at") && r.stderr.contains("publish it somewhere outside it"),
+        "{}",
+        r.stderr
+    );
+    assert!(p.run(&["verify"]).stdout.contains("store OK"));
+}
