@@ -138,6 +138,16 @@ impl ObjectStore {
         })
     }
 
+    /// The objects of a store that does not exist yet: none, and nothing is created.
+    pub fn absent(root: &Path) -> ObjectStore {
+        ObjectStore {
+            root: root.to_path_buf(),
+            objects: root.join("objects"),
+            tmp: root.join("tmp"),
+            counter: AtomicU64::new(0),
+        }
+    }
+
     pub fn tmp_dir(&self) -> &Path {
         &self.tmp
     }
@@ -357,6 +367,9 @@ impl ObjectStore {
     /// Every object file as (digest, path); names that are not digests are reported as such.
     pub fn list(&self) -> Result<Vec<(String, PathBuf)>> {
         let mut out = Vec::new();
+        if !self.objects.exists() {
+            return Ok(out);
+        }
         for shard in io_ctx(fs::read_dir(&self.objects), || format!("listing {}", self.objects.display()))? {
             let shard = io_ctx(shard, || "listing objects".into())?;
             if !shard.path().is_dir() {

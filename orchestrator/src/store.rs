@@ -363,6 +363,10 @@ fn open_db(root: &Path) -> Result<sled::Db> {
 impl Store {
     /// Open (creating if needed) the store at `root`, taking the writer lock.
     pub fn open(root: &Path, command: &str, wait: bool) -> Result<Store> {
+        if root.exists() && !root.is_dir() {
+            let e = std::io::Error::new(std::io::ErrorKind::NotADirectory, "a store is a folder, and this is a file");
+            objects::io_ctx::<()>(Err(e), || format!("opening the store {} (--store takes a folder)", root.display()))?;
+        }
         objects::io_ctx(fs::create_dir_all(root), || format!("creating store {}", root.display()))?;
         // Stages run in scratch folders, so every path handed to them must be absolute.
         let root = &objects::io_ctx(std::path::absolute(root), || format!("resolving {}", root.display()))?;

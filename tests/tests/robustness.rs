@@ -443,3 +443,33 @@ fn replacing_the_binary_mid_run_does_not_break_later_stages() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
+
+/// Only `run` and `pull` make a store. A mistyped --store never turns a folder into one: the
+/// verbs that read see nothing, the ones that maintain a store say there is none, and a file
+/// is refused as a store.
+#[test]
+fn no_verb_but_run_and_pull_creates_a_store() {
+    let p = Project::new();
+    p.write("p.yaml", SLOW_TAIL.split("  slow:").next().unwrap());
+    let nowhere = p.path().join("no/store");
+    let at = nowhere.to_str().unwrap();
+    for args in
+        [&["runs"][..], &["plan", "p.yaml"], &["compare"], &["show", "p.yaml", "a"], &["export", "p.yaml", "a.o", "x"]]
+    {
+        let r = p.run(&[args, &["--store", at]].concat());
+        assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.stderr);
+    }
+    assert!(p.run(&["plan", "p.yaml", "--store", at]).stdout.contains("3 of 3 stages will run"));
+    for args in [&["gc"][..], &["verify"], &["verify", "--repair"], &["replay", "p.yaml"]] {
+        let r = p.run(&[args, &["--store", at]].concat());
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(&format!("no store at {at} (it has no objects/ folder)")), "{}", r.stderr);
+    }
+    assert!(!p.path().join("no").exists(), "nothing was created");
+    p.write("afile", "x\n");
+    let r = p.run(&["run", "p.yaml", "--store", "afile"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("opening the store afile (--store takes a folder)"), "{}", r.stderr);
+    p.run(&["run", "p.yaml", "--store", at]).assert_ok();
+    p.run(&["gc", "--store", at]).assert_ok();
+}

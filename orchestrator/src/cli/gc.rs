@@ -13,7 +13,7 @@ pub(super) struct Args {
 }
 
 pub(super) fn gc(env: &Env, a: Args) -> Result<i32, Failure> {
-    let store = env.open_store()?;
+    let store = env.open_existing()?;
     let r = store.gc(a.keep_last, a.dry_run)?;
     println!(
         "{} {} objects ({}){}; kept {} objects used by the last {} run(s)",

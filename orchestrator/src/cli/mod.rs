@@ -147,11 +147,36 @@ impl Env {
         Store::open(&self.root, &self.label, self.wait)
     }
 
+    /// Whether a store is at the root (only `run` and `pull` create one).
+    fn has_store(&self) -> bool {
+        self.root.join("objects").is_dir()
+    }
+
+    /// What a verb that needs results says when the root holds no store.
+    fn no_store(&self, code: &'static str) -> Diagnostic {
+        Diagnostic::new(code, format!("no store at {} (it has no objects/ folder)", self.root.display()))
+            .help("run a pipeline first, or point at a store with --store DIR (or ORCHESTRATE_STORE)")
+    }
+
+    /// The store for a verb that maintains one (`gc`, `replay`, `verify`): it must exist, so
+    /// a mistyped --store never turns another folder into a store.
+    fn open_existing(&self) -> Result<Store, Failure> {
+        if !self.has_store() {
+            return Err(self.no_store("E-STORE").into());
+        }
+        Ok(self.open_store()?)
+    }
+
     /// The store for a verb that only reads it (`show`, `export`, `plan`, `report`, `runs`,
-    /// `compare`, `serve`, `push`): while another process holds it, unless `--wait`, a snapshot
+    /// `compare`, `serve`, `push`): none yet, an empty view that creates nothing; while
+    /// another process holds it, unless `--wait`, a snapshot
     /// of what its objects say ([`Store::open_snapshot`]), so a long run does not lock its team
     /// out of results and history. What that run has not finished is not in the snapshot.
     fn open_reader(&self) -> Result<Store, Failure> {
+        // No store yet (a fresh project, or a mistyped --store): an empty view, creating nothing.
+        if !self.has_store() {
+            return Ok(Store::open_snapshot(&self.root)?);
+        }
         match self.open_store() {
             Err(StoreError::Locked { holder, .. }) if !self.wait => {
                 eprintln!("note: the store is in use by {holder}; reading what its objects hold (that run's results appear as its stages finish)");

@@ -27,7 +27,7 @@ pub(super) fn replay(env: &Env, a: Args) -> Result<i32, Failure> {
     } else {
         Some(a.stages.iter().map(|s| stage_index(&p, s)).collect::<Result<Vec<_>, _>>()?)
     };
-    let store = env.open_store()?;
+    let store = env.open_existing()?;
     store.clean_tmp();
     let report =
         runtime()?.block_on(crate::replay::replay(&p, &dag, &store, only.as_deref(), cores)).context("replay")?;

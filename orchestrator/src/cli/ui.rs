@@ -3,7 +3,6 @@
 use anyhow::anyhow;
 
 use super::{Env, Failure};
-use crate::diag::Diagnostic;
 use crate::ui::Ui;
 
 #[derive(clap::Args, Debug)]
@@ -18,12 +17,7 @@ pub(super) struct Args {
 
 pub(super) fn ui(env: &Env, a: Args) -> Result<i32, Failure> {
     let addr = super::socket_addr(&a.host, a.port)?;
-    let Some(ui) = Ui::open(&env.root) else {
-        let msg = format!("no store at {} (it has no objects/ folder)", env.root.display());
-        return Err(Diagnostic::new("E-UI", msg)
-            .help("run a pipeline first, or point at a store with --store DIR (or ORCHESTRATE_STORE)")
-            .into());
-    };
+    let Some(ui) = Ui::open(&env.root) else { return Err(env.no_store("E-UI").into()) };
     let rt = super::runtime()?;
     rt.block_on(async move {
         let listener = super::listen(addr).await?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::{index_path, now_unix, open_db, Manifest, Result, RunRecord, Store, StoreLock, MANIFEST_TAG, RUN_TAG};
-use crate::objects::{self, tagged, ObjectError, ObjectStore};
+use crate::objects::{self, tagged, ObjectStore};
 
 /// What `verify` found and did.
 #[derive(Debug, Default, Serialize)]
@@ -57,8 +57,8 @@ impl Store {
     /// the temporary index (the stat cache) is gone when the snapshot drops.
     pub fn open_snapshot(root: &Path) -> Result<Store> {
         let root = &objects::io_ctx(std::path::absolute(root), || format!("resolving {}", root.display()))?;
-        let objects = ObjectStore::open_existing(root)
-            .ok_or_else(|| ObjectError::Invalid(format!("{} has no objects/ folder", root.display())))?;
+        // No objects/ folder: a store not made yet, seen as empty.
+        let objects = ObjectStore::open_existing(root).unwrap_or_else(|| ObjectStore::absent(root));
         let db = sled::Config::new().temporary(true).flush_every_ms(None).open()?;
         let store = Self::assemble(root, objects, db, None)?;
         store.rebuild_index(&mut VerifyReport::default())?;
