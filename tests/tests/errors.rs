@@ -53,6 +53,8 @@ fn yaml_syntax_error() {
     let e = invalid(&GOOD.replace("outputs: [upper]", "outputs: [upper"), &[], "E-YAML", None);
     assert!(e.contains("p.yaml:"), "{e}");
     assert!(!e.contains("quote the interpolation"), "{e}");
+    let e = invalid(&GOOD.replace("    outputs: [upper]", "\toutputs: [upper]"), &[], "E-YAML", Some("8:"));
+    assert!(e.contains("YAML indents with spaces only"), "{e}");
 }
 
 /// An unquoted `${...}` in a flow map or list is YAML's `{`: the error says to quote it.

@@ -43,6 +43,9 @@ pub(super) fn parse(file: &Path, sets: &[String]) -> Result<Document, Diagnostic
                     "inside `{{...}}` or `[...]` YAML reads `{{` as the start of a map: quote the \
                      interpolation, \"{expr}\""
                 )),
+                None if e.message.contains("tabs disallowed") => {
+                    d.at(p).help("YAML indents with spaces only: replace the tab with spaces")
+                }
                 None => d.at(p),
             },
             None => d,
