@@ -642,7 +642,10 @@ mod tests {
         snap.cache.clear().unwrap();
         drop(snap);
         assert_eq!(holder.lookup("k1").unwrap().unwrap().1, m);
-        assert!(Store::open_snapshot(&dir.path().join("none")).is_err());
+        // No store there yet: an empty view, and nothing is created.
+        let none = Store::open_snapshot(&dir.path().join("none")).unwrap();
+        assert!(none.lookup("k1").unwrap().is_none() && none.runs().is_empty());
+        assert!(!dir.path().join("none").exists());
     }
 
     #[test]
