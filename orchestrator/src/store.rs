@@ -212,6 +212,13 @@ pub struct RunStage {
     pub log_tail: Option<String>,
 }
 
+impl RunStage {
+    /// Whether the run ended the stage with a result (it ran, was cached or was pulled).
+    pub fn finished(&self) -> bool {
+        matches!(self.status.as_str(), "ran" | "cached" | "pulled")
+    }
+}
+
 /// The manifest stored as object `digest`. Objects never change once written, so this needs
 /// neither the index nor the lock (`orchestrate ui` reads a store a run is writing).
 pub fn load_manifest(objects: &ObjectStore, digest: &str) -> Result<Manifest> {

@@ -1,5 +1,6 @@
 //! `orchestrate runs`: the run history, newest first.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -49,18 +50,19 @@ fn metric_of(store: &Store, r: &RunRecord, spec: &str) -> Option<f64> {
 }
 
 /// `SWEEP.METRIC` of a run for a `foreach` stage SWEEP whose metric the run's `metrics:`
-/// declares: the best variant's value, and that variant (ties: the first by name).
+/// declares: the best variant's value, and that variant (ties: the first by name). Variants
+/// that did not record the metric are left out.
 fn best_of_sweep(store: &Store, r: &RunRecord, spec: &str) -> Option<(f64, String)> {
     let (stage, metric) = spec.split_once('.')?;
     let decl = r.metrics.iter().find(|d| d.stage == stage && d.metric == metric)?;
-    let mut best: Option<(f64, String)> = None;
-    for (s, digest) in r.manifests.iter().filter(|(s, _)| crate::pipeline::is_variant_of(s, stage)) {
-        let Some(v) = store.load_manifest(digest).ok().and_then(|m| m.metrics.get(metric)?.as_f64()) else { continue };
-        if best.as_ref().is_none_or(|(b, _)| decl.better.judge(*b, v) == Some(true)) {
-            best = Some((v, s.clone()));
-        }
-    }
-    best
+    let values: BTreeMap<&str, f64> = (r.manifests.iter())
+        .filter(|(s, _)| crate::pipeline::is_variant_of(s, stage))
+        .filter_map(|(s, digest)| Some((s.as_str(), store.load_manifest(digest).ok()?.metrics.get(metric)?.as_f64()?)))
+        .collect();
+    let variants: Vec<String> = values.keys().map(|s| s.to_string()).collect();
+    let value = |v: &str, _: &str| values.get(v).copied();
+    let best = crate::cache_key::best_variant(&value, spec, &variants, metric, decl.better).ok()?;
+    Some((*values.get(best.as_str())?, best))
 }
 
 impl Row {

@@ -68,7 +68,7 @@ fn last_unfinished(store: &Store, pipeline: &str, stage: &str) -> Option<Attempt
     let (id, run, s) = (store.runs().into_iter())
         .filter(|(_, r)| r.pipeline == pipeline)
         .find_map(|(id, r)| r.stages.iter().find(|s| s.name == stage).cloned().map(|s| (id, r, s)))?;
-    if matches!(s.status.as_str(), "ran" | "cached" | "pulled") {
+    if s.finished() {
         return None;
     }
     Some(Attempt {

@@ -19,7 +19,7 @@ pub(super) fn verify(env: &Env, a: Args) -> Result<i32, Failure> {
         return Err(env.no_store("E-STORE").into());
     }
     let (store, moved) =
-        if a.repair { store::open_for_repair(&env.root, env.wait)? } else { (env.open_existing()?, None) };
+        if a.repair { store::open_for_repair(&env.root, env.wait)? } else { (env.open_store()?, None) };
     if let Some(m) = &moved {
         eprintln!("the index could not be opened; moved it to {} and rebuilt it", m.display());
     }

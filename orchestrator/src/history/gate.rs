@@ -135,5 +135,5 @@ fn shown(x: f64) -> f64 {
 /// How `stage` ended in run `b` when it did not finish there (failed, skipped, cancelled).
 fn unfinished<'r>(b: &'r RunRecord, stage: &str) -> Option<&'r str> {
     let s = b.stages.iter().find(|s| s.name == stage)?;
-    (!matches!(s.status.as_str(), "ran" | "cached" | "pulled")).then_some(s.status.as_str())
+    (!s.finished()).then_some(s.status.as_str())
 }
