@@ -30,7 +30,7 @@ impl PlanEntry {
 /// Why a stage whose key is not in the cache will run, against what it last ran with.
 fn reasons_to_run(store: &Store, p: &Pipeline, stage: &str, key: &str, ki: &KeyInput) -> Vec<String> {
     match store.last_manifest(&p.name, stage) {
-        None => vec!["never run".to_string()],
+        None => vec!["not in this store: never run here, or removed by gc".to_string()],
         Some(last) if last.key == key => vec!["its stored outputs are missing (removed by gc or verify)".to_string()],
         Some(last) => {
             let r = explain(&last.key_input, ki);

@@ -331,6 +331,25 @@ fn gc_keeps_the_last_runs_and_removes_the_rest() {
     assert!(p.run(&["verify"]).stdout.contains("store OK"));
 }
 
+/// A stage whose every result `gc` collected is not said never to have run.
+#[test]
+fn plan_and_show_after_gc_name_it_as_a_cause() {
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        "params: {n: [1]}\nstages:\n  s: {kind: command, foreach: \"${params.n}\", cmd: \"echo ${item} > ${outputs.o}\", outputs: [o]}\n",
+    );
+    p.run(&["run", "p.yaml"]).assert_ok();
+    p.run(&["run", "p.yaml", "--set", "n=[2]"]).assert_ok();
+    p.run(&["gc", "--keep-last", "1"]).assert_ok();
+    let plan = p.run(&["plan", "p.yaml"]);
+    assert!(plan.stdout.contains("will run  (not in this store: never run here, or removed by gc)"), "{}", plan.stdout);
+    let show = p.run(&["show", "p.yaml", "s@1"]);
+    assert_eq!(show.code, 1);
+    assert!(show.stderr.contains("it has not run here, or `orchestrate gc` removed its results"), "{}", show.stderr);
+    assert!(show.stderr.contains("`orchestrate run p.yaml --target s@1` computes it"), "{}", show.stderr);
+}
+
 #[test]
 fn store_location_flag_and_environment() {
     let p = Project::new();

@@ -36,7 +36,11 @@ pub(super) fn show(env: &Env, a: Args) -> Result<i32, Failure> {
                         print_attempt(t);
                         println!("note       {never}");
                     }
-                    None => return Err(Failure::Other(anyhow::anyhow!("{never}: it has never run"), 1)),
+                    None => {
+                        let how = format!("`orchestrate run {} --target {stage}` computes it", a.p.pipeline.display());
+                        let why = "it has not run here, or `orchestrate gc` removed its results";
+                        return Err(Failure::Other(anyhow::anyhow!("{never}: {why}; {how}"), 1));
+                    }
                 }
                 return Ok(1);
             }
