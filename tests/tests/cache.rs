@@ -46,6 +46,14 @@ fn foreach_expands_and_outputs_are_right() {
     assert_eq!(p.read("t.txt"), "HELLO!");
     p.run(&["export", "p.yaml", "cut@10", "cut10"]).assert_ok();
     assert_eq!(p.read("cut10/out"), "HELLO WORL");
+    // Into an existing folder, as `cp` does; what is there already is never overwritten.
+    let into = p.run(&["export", "p.yaml", "tag.t", "cut10"]);
+    into.assert_ok();
+    assert!(into.stderr.contains("exported tag.t to cut10/t"), "{}", into.stderr);
+    assert_eq!(p.read("cut10/t"), "HELLO!");
+    let again = p.run(&["export", "p.yaml", "tag.t", "cut10"]);
+    assert_eq!(again.code, 1, "{}", again.stderr);
+    assert!(again.stderr.contains("cut10/t already exists"), "{}", again.stderr);
     // A misspelt output is an invalid command line, with the stage's outputs offered.
     let typo = p.run(&["export", "p.yaml", "tag.tt", "x.txt"]);
     assert_eq!(typo.code, 2, "{}", typo.stderr);

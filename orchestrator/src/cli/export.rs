@@ -16,7 +16,8 @@ pub(super) struct Args {
     pub(super) p: PipelineArgs,
     /// STAGE or STAGE.OUTPUT (omit with --all).
     target: Option<String>,
-    /// Destination folder (or file, for a single file output).
+    /// Where to: a new path; or an existing folder, which gets DEST/OUTPUT for STAGE.OUTPUT
+    /// and DEST/<output> for each of a STAGE's outputs.
     dest: Option<PathBuf>,
     /// Export every stage's outputs to DEST/<stage>/<output>.
     #[arg(long, value_name = "DEST", conflicts_with = "dest")]
@@ -73,17 +74,21 @@ pub(super) fn export(env: &Env, a: Args) -> Result<i32, Failure> {
     };
     let (stage, output) = split_target(&p, &target)?;
     let m = manifest_of(&store, &entries, &stage)?;
-    match output {
+    let to = match output {
         Some(o) => {
             let entry = super::output_of(&m, &o)?;
-            export_one(&store, entry, &dest, &target)?;
+            // Into an existing folder, as `cp` does: DEST/OUTPUT.
+            let to = if dest.is_dir() { dest.join(&o) } else { dest };
+            export_one(&store, entry, &to, &target)?;
+            to
         }
         None => {
             for (name, entry) in &m.outputs {
                 export_one(&store, entry, &dest.join(name), &format!("{stage}.{name}"))?;
             }
+            dest
         }
-    }
-    eprintln!("exported {target} to {}", dest.display());
+    };
+    eprintln!("exported {target} to {}", to.display());
     Ok(0)
 }
