@@ -11,6 +11,7 @@ use crate::cache_key::explain;
 use crate::objects::ObjectStore;
 use crate::pipeline::metrics::{Better, MetricDecl};
 use crate::pipeline::{is_variant_of, split_instance};
+use crate::source::SourceRev;
 use crate::store::{iso8601, load_manifest, Manifest, RunRecord};
 
 mod gate;
@@ -31,6 +32,9 @@ pub struct RunLine {
     pub id: String,
     pub started_at: String,
     pub pipeline: String,
+    /// The revision of the pipeline's git repository as the run started.
+    pub source: Option<SourceRev>,
+    /// The commit orchestrate was built from.
     pub commit: Option<String>,
     pub sets: Vec<String>,
     pub status: String,
@@ -48,6 +52,7 @@ impl RunLine {
             id: short(id).to_string(),
             started_at: iso8601(r.started_at),
             pipeline: r.pipeline.clone(),
+            source: r.source.clone(),
             commit: r.provenance.as_ref().and_then(|p| p.commit.clone()).map(|c| c[..c.len().min(12)].to_string()),
             sets: r.sets.clone(),
             status: r.status.clone(),
@@ -102,6 +107,9 @@ pub struct Side {
     pub id: String,
     pub pipeline: String,
     pub started_at: f64,
+    /// The pipeline repository's revision as the run started.
+    pub source: Option<SourceRev>,
+    /// The commit orchestrate was built from.
     pub commit: Option<String>,
     pub sets: Vec<String>,
     pub status: String,
@@ -164,6 +172,7 @@ fn side(run: &Run) -> Side {
         id: id.clone(),
         pipeline: r.pipeline.clone(),
         started_at: r.started_at,
+        source: r.source.clone(),
         commit: r.provenance.as_ref().and_then(|p| p.commit.clone()),
         sets: r.sets.clone(),
         status: r.status.clone(),

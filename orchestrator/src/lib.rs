@@ -31,6 +31,7 @@ pub mod replay;
 pub mod run_description;
 pub mod runner;
 pub mod sched;
+pub mod source;
 pub mod store;
 pub mod ui;
 pub mod yaml;

@@ -5,17 +5,11 @@
 //! (`Stage::wants_run_description`, the `report` stage), and `orchestrate report`, which renders
 //! from the cache without running anything (so every stage there is `cached`).
 
-use std::path::Path;
-
 use serde_json::{json, Map, Value};
 
 use crate::pipeline::Pipeline;
+use crate::source::SourceRev;
 use crate::store::{iso8601, now_unix, Manifest};
-
-fn git_commit(dir: &Path) -> Option<String> {
-    let out = std::process::Command::new("git").arg("-C").arg(dir).args(["rev-parse", "HEAD"]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
 
 /// One stage's line. `cached`: this run reused a stored result instead of computing it;
 /// `computed_at`/`duration_s`/`cpu_s` describe the run that did compute it.
@@ -46,11 +40,13 @@ pub fn missing_entry(stage: &str, key: Option<&str>) -> Value {
 pub fn describe(p: &Pipeline, stages: Vec<Value>, rendered_from: &str) -> Value {
     let by_stage: Map<String, Value> =
         stages.iter().filter_map(|s| Some((s.get("stage")?.as_str()?.to_string(), s.clone()))).collect();
+    let source = SourceRev::of(&p.dir);
     json!({
         "pipeline": p.name,
         "pipeline_file": p.file.display().to_string(),
         "pipeline_digest": blake3::hash(p.source.as_bytes()).to_hex().to_string(),
-        "git_commit": git_commit(&p.dir),
+        "git_commit": source.as_ref().map(|s| s.commit.clone()),
+        "git_dirty": source.as_ref().map(|s| s.dirty),
         "date": iso8601(now_unix()),
         "host": stage_api::host::describe(),
         "stages": stages,

@@ -27,6 +27,7 @@ use crate::objects::{Entry, ObjKind};
 use crate::pipeline::{Pipeline, StageInstance};
 use crate::remote::{Remote, RemoteError, Transfer};
 use crate::runner::{self, StageFailure, StageJob, StageRun};
+use crate::source::SourceRev;
 use crate::store::{now_unix, Manifest, Provenance, RunRecord, RunStage, Store, MANIFEST_TAG, RUN_TAG};
 
 pub struct RunOptions {
@@ -170,6 +171,8 @@ struct RunLoop<'a> {
     opts: RunOptions,
     t0: Instant,
     started_at: f64,
+    /// The pipeline repository's revision as the run started.
+    source: Option<SourceRev>,
     state: Vec<State>,
     outcomes: Vec<Option<StageOutcome>>,
     /// Stage index → its position in `dag.order`, the order stages are taken in.
@@ -208,6 +211,7 @@ impl<'a> RunLoop<'a> {
             opts,
             t0: Instant::now(),
             started_at: now_unix(),
+            source: SourceRev::of(&p.dir),
             state: vec![State::Waiting; n],
             outcomes: vec![None; n],
             pos,
@@ -658,6 +662,7 @@ impl<'a> RunLoop<'a> {
             ran: Some(self.with_status(Status::Ran)),
             pulled: self.with_status(Status::Pulled),
             metrics: self.p.metrics.clone(),
+            source: self.source.clone(),
             provenance: Some(Provenance::here(None)),
             stages: self.recorded_stages(),
         };

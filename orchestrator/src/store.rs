@@ -185,6 +185,10 @@ pub struct RunRecord {
     /// The pipeline's `metrics:` declarations when it ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<crate::pipeline::metrics::MetricDecl>,
+    /// The revision of the pipeline file's git repository when the run started. Absent outside
+    /// a repository, and in run records written before runs kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::source::SourceRev>,
     /// The binary and machine that ran the run (each stage's own is in its manifest).
     /// Absent in run records written before provenance was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -31,6 +31,47 @@ fn failed_with(r: &Run, code: i32, text: &str) {
     assert!(r.stderr.contains(text), "expected `{text}` in:\n{}", r.stderr);
 }
 
+/// `git` in the project folder, which must succeed.
+fn git(p: &Project, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .current_dir(p.path())
+        .args(["-c", "user.email=t@example.com", "-c", "user.name=t"])
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Each run records the commit of the pipeline's repository, and whether tracked files had
+/// changes; `runs`, `compare` and the JSON say so.
+#[test]
+fn runs_record_the_pipeline_repository_revision() {
+    let p = Project::new();
+    p.write("q.yaml", SCORED);
+    git(&p, &["init", "-q"]);
+    git(&p, &["add", "q.yaml"]);
+    git(&p, &["commit", "-qm", "pipeline"]);
+    let head = git(&p, &["rev-parse", "HEAD"]);
+    p.run(&["run", "q.yaml"]).assert_ok();
+    // The store is untracked and is not a change; an edited pipeline is.
+    p.write("q.yaml", &format!("{SCORED}# edited\n"));
+    p.run(&["run", "q.yaml"]).assert_ok();
+    let j = p.run(&["runs", "--json"]).json();
+    assert_eq!(j[0]["source"], serde_json::json!({"commit": head, "dirty": true}), "{j}");
+    assert_eq!(j[1]["source"], serde_json::json!({"commit": head, "dirty": false}), "{j}");
+    let text = p.run(&["runs"]);
+    text.assert_ok();
+    let lines: Vec<&str> = text.stdout.lines().collect();
+    assert!(lines[0].contains(" source ") && lines[0].contains(" orchestrate "), "{}", text.stdout);
+    assert!(lines[1].contains(&format!("{}*", &head[..12])), "{}", text.stdout);
+    assert!(lines[2].contains(&format!("{} ", &head[..12])), "{}", text.stdout);
+    assert!(text.stdout.contains("* the pipeline's repository had uncommitted changes"), "{}", text.stdout);
+    let cmp = p.run(&["compare"]);
+    cmp.assert_ok();
+    assert!(cmp.stdout.contains(&format!("source {} with uncommitted changes", &head[..12])), "{}", cmp.stdout);
+}
+
 #[test]
 fn runs_lists_the_history_newest_first() {
     let p = two_runs();
@@ -44,6 +85,7 @@ fn runs_lists_the_history_newest_first() {
     assert_eq!((list[0]["ran"].as_u64(), list[0]["reused"].as_u64()), (Some(2), Some(0)));
     assert_eq!(list[0]["status"], "ok");
     assert_eq!(list[0]["commit"].as_str().map(str::len), Some(12), "{j}");
+    assert_eq!(list[0]["source"], serde_json::Value::Null, "a pipeline in no git repository: {j}");
     let text = p.run(&["runs", "q.yaml", "--metric", "score.value"]);
     text.assert_ok();
     let lines: Vec<&str> = text.stdout.lines().collect();

@@ -155,10 +155,11 @@ fn text(c: &Comparison, md: bool, all: bool) -> String {
     let h = |t: &str| if md { format!("\n### {t}\n\n") } else { format!("\n{t}\n") };
     let run = |s: &crate::history::Side| {
         format!(
-            "{} ({}, {}, commit {}{})",
+            "{} ({}, {}, {}orchestrate {}{})",
             short(&s.id),
             iso8601(s.started_at),
             s.status,
+            s.source.as_ref().map(|r| format!("source {}, ", r.described())).unwrap_or_default(),
             s.commit.as_deref().map_or("?", |c| &c[..c.len().min(12)]),
             if s.sets.is_empty() { String::new() } else { format!(", --set {}", s.sets.join(" ")) }
         )

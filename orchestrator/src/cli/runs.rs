@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::{print_json, Env, Failure, PipelineArgs};
 use crate::history::{Run, RunLine};
+use crate::source::SourceRev;
 use crate::store::{RunRecord, Store};
 
 #[derive(clap::Args, Debug)]
@@ -131,8 +132,8 @@ fn print_table(rows: &[Row], metric: Option<&str>) {
     let width = metric.map_or(0, |m| m.len().max(12 + from_width));
     let metric_head = metric.map(|m| format!("  {m:>width$}")).unwrap_or_default();
     println!(
-        "{:<12}  {:<20}  {:<12}  {:<12}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
-        "id", "when", "pipeline", "commit", "status", "duration", "ran", "reused"
+        "{:<12}  {:<20}  {:<12}  {:<13}  {:<12}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
+        "id", "when", "pipeline", "source", "orchestrate", "status", "duration", "ran", "reused"
     );
     for r in rows {
         let value = match (metric, r.metric) {
@@ -144,10 +145,11 @@ fn print_table(rows: &[Row], metric: Option<&str>) {
         };
         let r = &r.line;
         println!(
-            "{:<12}  {:<20}  {:<12}  {:<12}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
+            "{:<12}  {:<20}  {:<12}  {:<13}  {:<12}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
             r.id,
             r.started_at,
             r.pipeline,
+            r.source.as_ref().map_or("-".to_string(), SourceRev::short),
             r.commit.as_deref().unwrap_or("-"),
             r.status,
             r.duration_s,
@@ -155,5 +157,8 @@ fn print_table(rows: &[Row], metric: Option<&str>) {
             count(r.reused),
             r.sets.join(" ")
         );
+    }
+    if rows.iter().any(|r| r.line.source.as_ref().is_some_and(|s| s.dirty)) {
+        println!("* the pipeline's repository had uncommitted changes to tracked files when the run started");
     }
 }
