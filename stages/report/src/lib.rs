@@ -330,10 +330,12 @@ fn produced_by(e: &Value) -> String {
 pub fn provenance(run: &Value) -> String {
     let s = |k: &str| run.get(k).and_then(Value::as_str).unwrap_or("?");
     let short = |v: &str, n: usize| v.chars().take(n).collect::<String>();
+    let changes =
+        if run.get("git_dirty").and_then(Value::as_bool) == Some(true) { " with uncommitted changes" } else { "" };
     let commit = run
         .get("git_commit")
         .and_then(Value::as_str)
-        .map(|c| format!(", git commit {}", short(c, 12)))
+        .map(|c| format!(", git commit {}{changes}", short(c, 12)))
         .unwrap_or_default();
     let mut out = format!(
         "## Provenance\n\nRendered {} from {}; pipeline `{}` ({}, blake3 {}…){commit}.\n\

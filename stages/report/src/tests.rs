@@ -1,6 +1,6 @@
 use serde_json::json;
 
-use super::{format_bytes, format_int, render};
+use super::{format_bytes, format_int, provenance, render};
 
 fn png_ok(path: &std::path::Path) {
     let b = std::fs::read(path).unwrap();
@@ -112,6 +112,13 @@ fn sections_say_whether_this_run_measured_them() {
     // Rendered without a run (a stage run by hand): sources named, no provenance section.
     let bare = render("t.md.j2", tmpl, &json!({}), dir.path()).unwrap();
     assert!(bare.contains("*Source: `train`.*") && !bare.contains("Provenance"), "{bare}");
+    // The pipeline's repository: its commit, and whether tracked files had changes.
+    let mut at = run.clone();
+    at["git_commit"] = json!("0123456789abcdef0123456789abcdef01234567");
+    assert!(provenance(&at).contains("blake3 0123456789abcdef…), git commit 0123456789ab."), "{}", provenance(&at));
+    at["git_dirty"] = json!(true);
+    let dirty = provenance(&at);
+    assert!(dirty.contains("git commit 0123456789ab with uncommitted changes."), "{dirty}");
 }
 
 #[test]
