@@ -35,6 +35,9 @@ pub struct RunOptions {
     pub keep_going: bool,
     /// Only these stage indices (and nothing else) are considered; `None` = all.
     pub only: Option<HashSet<usize>>,
+    /// Stage indices that execute even when a result for their key is cached here or on the
+    /// remote (`run --rerun`); the new result replaces the cached one under that key.
+    pub rerun: HashSet<usize>,
     /// A remote cache to look a stage up in when the local store misses (`run --remote`).
     pub remote: Option<Arc<Remote>>,
     /// Where stages run: here, or as cluster jobs.
@@ -301,8 +304,8 @@ impl<'a> RunLoop<'a> {
                 self.reuse(i, key, digest, *manifest, Status::Cached);
             }
             Decision::Run { key, key_input, sources } => match self.opts.remote.clone() {
-                Some(remote) => self.fetch(i, remote, (key, key_input, sources)),
-                None => {
+                Some(remote) if !self.opts.rerun.contains(&i) => self.fetch(i, remote, (key, key_input, sources)),
+                _ => {
                     self.blocked.insert(self.pos[i], (key, key_input, sources));
                 }
             },
@@ -416,6 +419,9 @@ impl<'a> RunLoop<'a> {
             Err(KeyError::Input(msg)) => return Decision::BadInput(msg),
         };
         let key = key_input.key();
+        if self.opts.rerun.contains(&i) {
+            return Decision::Run { key, key_input, sources };
+        }
         match self.store.lookup(&key) {
             Ok(Some((digest, m))) => return Decision::Hit { key, digest, manifest: Box::new(m) },
             Ok(None) => {}

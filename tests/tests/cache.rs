@@ -133,6 +133,38 @@ fn same_output_bytes_stop_the_rerun_early() {
     assert_eq!(r.status_of("tag"), "cached");
 }
 
+/// `--rerun` executes a cached stage again (a `foreach` name: every variant); what reads it
+/// reruns only if its bytes changed, and the new result is what the cache then holds.
+#[test]
+fn rerun_executes_cached_stages_and_replaces_their_results() {
+    let p = project();
+    p.write("stamp.yaml", "stages:\n  stamp: {kind: command, cmd: \"date +%s%N > ${outputs.o}\", outputs: [o], deterministic: false}\n  copy: {kind: command, cmd: \"cp ${inputs.i} ${outputs.o}\", inputs: {i: stamp.o}, outputs: [o]}\n");
+    p.run(&["run", "p.yaml"]).assert_ok();
+    let r = p.run(&["run", "p.yaml", "--rerun", "up", "--rerun", "cut", "--json"]);
+    r.assert_ok();
+    let ran: Vec<(String, String)> = r.statuses();
+    assert_eq!(r.status_of("up"), "ran", "{ran:?}");
+    assert_eq!((r.status_of("cut@5"), r.status_of("cut@10")), ("ran".into(), "ran".into()), "{ran:?}");
+    assert_eq!(r.status_of("tag"), "cached", "same bytes upstream: {ran:?}");
+    assert_eq!(r.status_of("other"), "cached", "{ran:?}");
+    // With --target, a rerun stage is a target too; nothing else is taken.
+    let t = p.run(&["run", "p.yaml", "--target", "other", "--rerun", "up", "--json"]);
+    assert_eq!(t.statuses().iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["up", "other"]);
+    assert_eq!((t.status_of("up"), t.status_of("other")), ("ran".into(), "cached".into()));
+    // Other bytes: the reader reruns, and the cache holds the new result.
+    p.run(&["run", "stamp.yaml"]).assert_ok();
+    p.run(&["export", "stamp.yaml", "stamp.o", "first"]).assert_ok();
+    let again = p.run(&["run", "stamp.yaml", "--rerun", "stamp", "--json"]);
+    assert_eq!((again.status_of("stamp"), again.status_of("copy")), ("ran".into(), "ran".into()));
+    p.run(&["export", "stamp.yaml", "copy.o", "second"]).assert_ok();
+    assert_ne!(p.read("first"), p.read("second"));
+    let cached = p.run(&["run", "stamp.yaml", "--json"]);
+    assert_eq!((cached.status_of("stamp"), cached.status_of("copy")), ("cached".into(), "cached".into()));
+    let typo = p.run(&["run", "p.yaml", "--rerun", "upp"]);
+    assert_eq!(typo.code, 2, "{}", typo.stderr);
+    assert!(typo.stderr.contains("no stage `upp`"), "{}", typo.stderr);
+}
+
 #[test]
 fn set_changes_foreach_items() {
     let p = project();

@@ -142,6 +142,21 @@ fn a_pull_downloads_a_blob_two_outputs_share_once() {
     assert_eq!(b.read("m/w").len(), 65536);
 }
 
+/// `--rerun` executes a stage the remote holds instead of pulling it; the rest is pulled.
+#[test]
+fn a_rerun_stage_is_not_pulled() {
+    let base = Project::new();
+    let remote = base.path().join("remote").display().to_string();
+    let a = Project::new();
+    a.write("p.yaml", SMALL_PIPELINE);
+    run_in(&a, &["run", "p.yaml", "--remote", &remote, "--push"]).assert_ok();
+    let b = Project::new();
+    b.write("p.yaml", SMALL_PIPELINE);
+    let r = run_in(&b, &["run", "p.yaml", "--remote", &remote, "--rerun", "b", "--json"]);
+    r.assert_ok();
+    assert_eq!((r.status_of("a"), r.status_of("b")), ("pulled".into(), "ran".into()), "{}", r.stderr);
+}
+
 #[test]
 fn a_directory_remote_refuses_corrupt_and_missing_blobs_and_repairs_on_push() {
     let base = Project::new();

@@ -22,6 +22,11 @@ pub(super) struct Args {
     /// Run only these stages and what they need (a `foreach` stage's name: every variant).
     #[arg(long = "target", value_name = "STAGE")]
     targets: Vec<String>,
+    /// Execute these stages even when their result is cached (here or on the remote), e.g. to
+    /// measure again; the new result replaces the cached one, and what reads it reruns only if
+    /// its outputs changed. A `foreach` stage's name: every variant. With --target, also a target.
+    #[arg(long = "rerun", value_name = "STAGE")]
+    reruns: Vec<String>,
     /// CPU budget: the sum of running stages' threads stays within it (default: all cores).
     #[arg(long)]
     cores: Option<u32>,
@@ -56,16 +61,19 @@ pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
         (ExecutorArg::Slurm, None) => sched::CLUSTER_BUDGET,
         _ => cores_arg(a.cores)?,
     };
+    let mut rerun = HashSet::new();
+    for s in &a.reruns {
+        rerun.extend(target_indices(&p, s)?);
+    }
     let only = if a.targets.is_empty() {
         None
     } else {
         let mut set = HashSet::new();
         for t in &a.targets {
-            for i in target_indices(&p, t)? {
-                set.extend(dag.with_upstream(i));
-            }
+            set.extend(target_indices(&p, t)?);
         }
-        Some(set)
+        set.extend(&rerun);
+        Some(set.iter().flat_map(|&i| dag.with_upstream(i)).collect())
     };
     if a.push && a.remote.remote.is_none() {
         return Err(crate::diag::Diagnostic::new("E-CLI", "--push needs --remote REMOTE").into());
@@ -81,7 +89,8 @@ pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
     let mut progress = Progress::new(a.json);
     let mut live = LiveFile::new(&store.root, &p, &dag);
     let mut events = Both(&mut progress, &mut live);
-    let opts = RunOptions { cores, keep_going: a.keep_going, only, remote: remote.clone(), executor: executor.clone() };
+    let opts =
+        RunOptions { cores, keep_going: a.keep_going, only, rerun, remote: remote.clone(), executor: executor.clone() };
     let mut summary = rt.block_on(sched::run(&p, &dag, store.clone(), opts, &mut events));
     if let Executor::Slurm(s) = &executor {
         eprintln!("slurm: {} status queries", s.status_queries());
