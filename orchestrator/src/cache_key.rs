@@ -160,7 +160,8 @@ pub fn short(d: &str) -> &str {
     &d[..d.len().min(12)]
 }
 
-fn brief(v: &Value) -> String {
+/// A value on one line of at most 60 characters (strings quoted, so a newline reads `\n`).
+pub fn brief(v: &Value) -> String {
     let s = match v {
         Value::String(s) => format!("{s:?}"),
         other => other.to_string(),
@@ -173,7 +174,7 @@ fn brief(v: &Value) -> String {
 }
 
 /// Both sides of a change, cut to the region where two long strings first differ.
-fn change(a: &Value, b: &Value) -> (String, String) {
+pub fn change(a: &Value, b: &Value) -> (String, String) {
     if let (Value::String(x), Value::String(y)) = (a, b) {
         let (xc, yc): (Vec<char>, Vec<char>) = (x.chars().collect(), y.chars().collect());
         if xc.len() > 60 || yc.len() > 60 {

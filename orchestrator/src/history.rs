@@ -30,6 +30,8 @@ pub fn short(id: &str) -> &str {
 pub struct RunLine {
     /// The short id.
     pub id: String,
+    /// The name given with `run --name`.
+    pub name: Option<String>,
     pub started_at: String,
     pub pipeline: String,
     /// The revision of the pipeline's git repository as the run started.
@@ -50,6 +52,7 @@ impl RunLine {
         let ran = r.ran.as_ref().map(Vec::len);
         RunLine {
             id: short(id).to_string(),
+            name: r.name.clone(),
             started_at: iso8601(r.started_at),
             pipeline: r.pipeline.clone(),
             source: r.source.clone(),
@@ -64,7 +67,26 @@ impl RunLine {
     }
 }
 
-/// `latest`, `latest~N`, or a unique prefix (4+ characters) of a run id, among `runs` (newest first).
+/// Why `name` cannot name a run, if it cannot: a name must not read as a run id or as
+/// `latest~N`, and must fit in a table and a URL.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("a run name has 1 to 64 characters".into());
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        return Err("a run name has only letters, digits, `.`, `_` and `-`".into());
+    }
+    if name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("a run name of hex digits only would read as a run id; add another letter".into());
+    }
+    if name.starts_with("latest") {
+        return Err("`latest…` already names runs by their age".into());
+    }
+    Ok(())
+}
+
+/// `latest`, `latest~N`, the name of a run (`run --name`; the newest so named), or a unique
+/// prefix (4+ characters) of a run id, among `runs` (newest first).
 pub fn resolve<'r>(runs: &'r [Run], spec: &str) -> Result<&'r Run, String> {
     let back = match spec.strip_prefix("latest") {
         Some("") => Some(0),
@@ -77,8 +99,14 @@ pub fn resolve<'r>(runs: &'r [Run], spec: &str) -> Result<&'r Run, String> {
     if let Some(n) = back {
         return runs.get(n).ok_or_else(|| format!("`{spec}`: the store has only {} runs", runs.len()));
     }
+    if let Some(named) = runs.iter().find(|(_, r)| r.name.as_deref() == Some(spec)) {
+        return Ok(named);
+    }
     if spec.len() < 4 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("`{spec}` is not a run id: give `latest`, `latest~N`, or 4+ hex characters of an id"));
+        return Err(format!(
+            "no run is named `{spec}`, and it is not a run id: give `latest`, `latest~N`, a name from `orchestrate \
+             runs`, or 4+ hex characters of an id"
+        ));
     }
     let found: Vec<&Run> = runs.iter().filter(|(id, _)| id.starts_with(&spec.to_ascii_lowercase())).collect();
     match found.as_slice() {
@@ -105,6 +133,7 @@ pub fn base_before<'r>(runs: &'r [Run], b: &Run) -> Result<&'r Run, String> {
 #[derive(Debug, Serialize)]
 pub struct Side {
     pub id: String,
+    pub name: Option<String>,
     pub pipeline: String,
     pub started_at: f64,
     /// The pipeline repository's revision as the run started.
@@ -170,6 +199,7 @@ fn side(run: &Run) -> Side {
     let (id, r) = run;
     Side {
         id: id.clone(),
+        name: r.name.clone(),
         pipeline: r.pipeline.clone(),
         started_at: r.started_at,
         source: r.source.clone(),

@@ -38,6 +38,8 @@ pub struct RunOptions {
     /// Stage indices that execute even when a result for their key is cached here or on the
     /// remote (`run --rerun`); the new result replaces the cached one under that key.
     pub rerun: HashSet<usize>,
+    /// The name the run record gets (`run --name`).
+    pub name: Option<String>,
     /// A remote cache to look a stage up in when the local store misses (`run --remote`).
     pub remote: Option<Arc<Remote>>,
     /// Where stages run: here, or as cluster jobs.
@@ -668,6 +670,7 @@ impl<'a> RunLoop<'a> {
             ran: Some(self.with_status(Status::Ran)),
             pulled: self.with_status(Status::Pulled),
             metrics: self.p.metrics.clone(),
+            name: self.opts.name.clone(),
             source: self.source.clone(),
             provenance: Some(Provenance::here(None)),
             stages: self.recorded_stages(),

@@ -185,6 +185,10 @@ pub struct RunRecord {
     /// The pipeline's `metrics:` declarations when it ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<crate::pipeline::metrics::MetricDecl>,
+    /// The name the run was given (`run --name`); `compare` and the web view take it for the
+    /// newest run so named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// The revision of the pipeline file's git repository when the run started. Absent outside
     /// a repository, and in run records written before runs kept it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -99,6 +99,50 @@ fn runs_lists_the_history_newest_first() {
     assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
 }
 
+/// `run --name` names a run; `compare` and `runs` take the name for the newest run so named,
+/// and names that would read as ids or ages are refused.
+#[test]
+fn runs_can_be_named_and_compared_by_name() {
+    let p = Project::new();
+    p.write("q.yaml", SCORED);
+    p.run(&["run", "q.yaml", "--name", "baseline"]).assert_ok();
+    p.run(&["run", "q.yaml", "--set", "n=5"]).assert_ok();
+    p.run(&["run", "q.yaml", "--set", "n=7"]).assert_ok();
+    let c = p.run(&["compare", "baseline"]);
+    c.assert_ok();
+    assert!(c.stdout.starts_with("A: ") && c.stdout.lines().next().unwrap().contains("`baseline`"), "{}", c.stdout);
+    assert!(c.stdout.contains("score.value  3  7  4"), "against the named run, not the one before B: {}", c.stdout);
+    // A name given again moves to the newer run.
+    p.run(&["run", "q.yaml", "--set", "n=5", "--name", "baseline"]).assert_ok();
+    assert!(p.run(&["compare", "baseline", "latest~1"]).stdout.contains("score.value  5  7  2"));
+    let j = p.run(&["runs", "--json"]).json();
+    assert_eq!(
+        (j[0]["name"].as_str(), j[1]["name"].as_str(), j[3]["name"].as_str()),
+        (Some("baseline"), None, Some("baseline"))
+    );
+    let table = p.run(&["runs"]).stdout;
+    assert!(table.lines().next().unwrap().contains(" name "), "{table}");
+    for (bad, why) in [("cafe", "would read as a run id"), ("latest-good", "`latest…`"), ("a b", "only letters")] {
+        failed_with(&p.run(&["run", "q.yaml", "--name", bad]), 2, why);
+    }
+    failed_with(&p.run(&["compare", "basline"]), 2, "no run is named `basline`");
+}
+
+/// A multi-line or long param (a `cmd: |` block) is cut to where the two runs differ, on one
+/// line, so the table stays a table.
+#[test]
+fn compare_cuts_long_params_to_their_difference() {
+    let p = Project::new();
+    let long = "name: l\nparams: {n: 3}\nstages:\n  s:\n    kind: command\n    cmd: |\n      echo first line of a long script that goes on and on > ${outputs.o}\n      echo n is ${params.n} >> ${outputs.o}\n      echo last line >> ${outputs.o}\n    outputs: [o]\n";
+    p.write("l.yaml", long);
+    p.run(&["run", "l.yaml"]).assert_ok();
+    p.run(&["run", "l.yaml", "--set", "n=4"]).assert_ok();
+    let out = p.run(&["compare"]).stdout;
+    let row = out.lines().find(|l| l.trim_start().starts_with("s.cmd")).unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("n is 3") && row.contains("n is 4") && row.contains("\\n"), "{out}");
+    assert!(!out.contains("last line >>"), "the rest is cut: {out}");
+}
+
 #[test]
 fn compare_shows_what_differs_in_every_format() {
     let p = two_runs();

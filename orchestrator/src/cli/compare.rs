@@ -12,8 +12,8 @@ use crate::store::iso8601;
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
-    /// The base run: an id (4+ characters), `latest` or `latest~N` [default: the run of B's
-    /// pipeline before B].
+    /// The base run: a name (`run --name`), an id (4+ characters), `latest` or `latest~N`
+    /// [default: the run of B's pipeline before B].
     a: Option<String>,
     /// The run compared with it.
     #[arg(default_value = "latest")]
@@ -114,6 +114,22 @@ fn shown(v: &Option<Value>) -> String {
     }
 }
 
+/// A param's two values for a table row: as they are, unless one is long or spans lines (a
+/// multi-line `cmd`); then both on one line, cut to where they first differ.
+fn shown_pair(a: &Option<Value>, b: &Option<Value>) -> (String, String) {
+    let long = |v: &Option<Value>| matches!(v, Some(Value::String(s)) if s.contains('\n') || s.chars().count() > 60);
+    if !long(a) && !long(b) {
+        return (shown(a), shown(b));
+    }
+    match (a, b) {
+        (Some(x), Some(y)) => crate::cache_key::change(x, y),
+        _ => (
+            a.as_ref().map_or("—".into(), crate::cache_key::brief),
+            b.as_ref().map_or("—".into(), crate::cache_key::brief),
+        ),
+    }
+}
+
 fn num(v: Option<f64>) -> String {
     v.map_or("—".into(), |x| format!("{}", (x * 1e6).round() / 1e6))
 }
@@ -155,8 +171,9 @@ fn text(c: &Comparison, md: bool, all: bool) -> String {
     let h = |t: &str| if md { format!("\n### {t}\n\n") } else { format!("\n{t}\n") };
     let run = |s: &crate::history::Side| {
         format!(
-            "{} ({}, {}, {}orchestrate {}{})",
+            "{}{} ({}, {}, {}orchestrate {}{})",
             short(&s.id),
+            s.name.as_ref().map(|n| format!(" `{n}`")).unwrap_or_default(),
             iso8601(s.started_at),
             s.status,
             s.source.as_ref().map(|r| format!("source {}, ", r.described())).unwrap_or_default(),
@@ -166,7 +183,12 @@ fn text(c: &Comparison, md: bool, all: bool) -> String {
     };
     let mut out = format!("A: {}\nB: {}\n", run(&c.a), run(&c.b));
     out += &h("params");
-    let rows: Vec<_> = c.params.iter().map(|p| vec![p.name.clone(), shown(&p.a), shown(&p.b)]).collect();
+    let rows: Vec<_> = (c.params.iter())
+        .map(|p| {
+            let (a, b) = shown_pair(&p.a, &p.b);
+            vec![p.name.clone(), a, b]
+        })
+        .collect();
     out += &table(&["param", "A", "B"], &rows, md);
     out += &h("metrics");
     let rows: Vec<_> = (c.metrics.iter())

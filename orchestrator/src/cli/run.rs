@@ -27,6 +27,10 @@ pub(super) struct Args {
     /// its outputs changed. A `foreach` stage's name: every variant. With --target, also a target.
     #[arg(long = "rerun", value_name = "STAGE")]
     reruns: Vec<String>,
+    /// A name for this run (letters, digits, `.`, `_`, `-`, not only hex digits): `compare`,
+    /// `runs` and the web view take it for the newest run so named, e.g. a team's `baseline`.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
     /// CPU budget: the sum of running stages' threads stays within it (default: all cores).
     #[arg(long)]
     cores: Option<u32>,
@@ -55,6 +59,9 @@ enum ExecutorArg {
 }
 
 pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
+    if let Some(name) = &a.name {
+        crate::history::check_name(name).map_err(|e| Diagnostic::new("E-CLI", format!("--name {name}: {e}")))?;
+    }
     let (p, dag) = env.load(&a.p)?;
     // On a cluster the budget is what may be queued at once; Slurm itself fits jobs to nodes.
     let cores = match (a.executor, a.cores) {
@@ -89,8 +96,15 @@ pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
     let mut progress = Progress::new(a.json);
     let mut live = LiveFile::new(&store.root, &p, &dag);
     let mut events = Both(&mut progress, &mut live);
-    let opts =
-        RunOptions { cores, keep_going: a.keep_going, only, rerun, remote: remote.clone(), executor: executor.clone() };
+    let opts = RunOptions {
+        cores,
+        keep_going: a.keep_going,
+        only,
+        rerun,
+        name: a.name,
+        remote: remote.clone(),
+        executor: executor.clone(),
+    };
     let mut summary = rt.block_on(sched::run(&p, &dag, store.clone(), opts, &mut events));
     if let Executor::Slurm(s) = &executor {
         eprintln!("slurm: {} status queries", s.status_queries());

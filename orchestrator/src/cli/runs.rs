@@ -131,9 +131,21 @@ fn print_table(rows: &[Row], metric: Option<&str>) {
     let from_width = rows.iter().filter_map(|r| r.metric_from.as_ref()).map(|f| f.len() + 3).max().unwrap_or(0);
     let width = metric.map_or(0, |m| m.len().max(12 + from_width));
     let metric_head = metric.map(|m| format!("  {m:>width$}")).unwrap_or_default();
+    // A name column only when a listed run has a name.
+    let name_width = rows.iter().filter_map(|r| r.line.name.as_ref()).map(|n| n.len().max(4)).max();
+    let name_of = |n: Option<&str>| name_width.map(|w| format!("{:<w$}  ", n.unwrap_or("-"))).unwrap_or_default();
     println!(
-        "{:<12}  {:<20}  {:<12}  {:<13}  {:<12}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
-        "id", "when", "pipeline", "source", "orchestrate", "status", "duration", "ran", "reused"
+        "{:<12}  {}{:<20}  {:<12}  {:<13}  {:<12}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
+        "id",
+        name_of(Some("name")),
+        "when",
+        "pipeline",
+        "source",
+        "orchestrate",
+        "status",
+        "duration",
+        "ran",
+        "reused"
     );
     for r in rows {
         let value = match (metric, r.metric) {
@@ -145,8 +157,9 @@ fn print_table(rows: &[Row], metric: Option<&str>) {
         };
         let r = &r.line;
         println!(
-            "{:<12}  {:<20}  {:<12}  {:<13}  {:<12}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
+            "{:<12}  {}{:<20}  {:<12}  {:<13}  {:<12}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
             r.id,
+            name_of(r.name.as_deref()),
             r.started_at,
             r.pipeline,
             r.source.as_ref().map_or("-".to_string(), SourceRev::short),
