@@ -59,13 +59,13 @@ fn gated(gate: &Path) -> String {
     )
 }
 
-/// Two runs: `view.yaml` as written (ok), then with scale=2 and --keep-going (fit reruns,
+/// Two runs: `view.yaml` as written (ok, named `base`), then with scale=2 and --keep-going (fit reruns,
 /// flaky fails, after is skipped, data is reused). Returns the project and both run ids.
 fn project() -> (Project, String, String) {
     let p = Project::new();
     p.write("view.yaml", PIPELINE);
     p.write("t.md.j2", TEMPLATE);
-    p.run(&["run", "view.yaml"]).assert_ok();
+    p.run(&["run", "view.yaml", "--name", "base"]).assert_ok();
     let second = p.run(&["run", "view.yaml", "--set", "scale=2", "--keep-going"]);
     assert_eq!(second.code, 1, "the second run fails in `flaky`: {}", second.stderr);
     let runs = p.run(&["runs", "--json"]);
@@ -173,6 +173,9 @@ fn every_page_over_http_and_nothing_written() {
     );
     assert!(run.contains(&format!("/compare?a={a}&amp;b={b}")), "{run}");
     assert_eq!(ui.page("/runs/latest"), run, "`latest` is the newest run");
+    // A run's name is shown and taken where an id is.
+    assert!(runs.contains(r#"<span class="run-name">base</span>"#), "{runs}");
+    assert_eq!(ui.page("/runs/base"), ui.page(&format!("/runs/{a}")));
 
     // A stage: params, inputs, outputs with a download link that gives the bytes, metrics, log.
     let stage = ui.page(&format!("/runs/{b}/stages/fit@lr%3D0.1"));
