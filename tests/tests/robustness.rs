@@ -164,6 +164,13 @@ fn deleted_index_is_rebuilt_by_verify_repair_with_nothing_lost() {
     let r = p.run(&["run", "p.yaml", "--json"]);
     assert!(r.statuses().iter().all(|(_, s)| s == "cached"), "{}", r.stdout);
     assert!(p.run(&["plan", "p.yaml"]).stdout.contains("0 of 3 stages will run"));
+    // An index rebuilt beside a lost output counts what it keeps, not what it dropped.
+    let c = p.run(&["show", "p.yaml", "c", "--json"]).json();
+    std::fs::remove_file(c["outputs"]["o"]["path"].as_str().unwrap()).unwrap();
+    std::fs::remove_dir_all(p.store().join("index.sled")).unwrap();
+    let r = p.run(&["verify", "--repair"]);
+    assert!(r.stdout.contains("REMOVED   `c` of pipeline `tail`"), "{}", r.stdout);
+    assert!(r.stdout.contains("index rebuilt from objects/: 2 cache entries, 2 run records"), "{}", r.stdout);
 }
 
 #[test]

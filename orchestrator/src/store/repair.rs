@@ -94,6 +94,10 @@ impl Store {
                 }
             }
         }
+        if report.index_rebuilt {
+            // What the index holds once the dangling entries are gone.
+            report.manifests_indexed = self.cache.len();
+        }
         self.flush()?;
         Ok(report)
     }
