@@ -264,6 +264,11 @@ fn fail_fast_by_default_keep_going_finishes_other_branches() {
         shown.stdout
     );
     assert!(shown.stdout.contains("  | boom"), "{}", shown.stdout);
+    // `--log`: the failed try's log, as it was written.
+    let log = p.run(&["show", "p.yaml", "bad", "--log"]);
+    log.assert_ok();
+    assert_eq!(log.stdout.trim(), "boom", "{}", log.stderr);
+    assert!(log.stderr.contains("the last try of `bad` (failed in run "), "{}", log.stderr);
     let j = p.run(&["show", "p.yaml", "after_bad", "--json"]).json();
     assert_eq!(j["last_attempt"]["status"], "skipped", "{j}");
     // Once it succeeds, the failure is history: `show` shows the result alone.
@@ -325,6 +330,17 @@ fn show_reports_outputs_metrics_duration_and_memory() {
     assert!(v["duration_s"].as_f64().unwrap() > 0.0);
     let text = p.run(&["show", "p.yaml", "m"]);
     assert!(text.stdout.contains("peak memory"), "{}", text.stdout);
+    // `--log` prints what the stage wrote to stdout and stderr.
+    p.write(
+        "q.yaml",
+        "stages:\n  s: {kind: command, cmd: \"echo out; echo err >&2; echo > ${outputs.o}\", outputs: [o]}\n",
+    );
+    p.run(&["run", "q.yaml"]).assert_ok();
+    let log = p.run(&["show", "q.yaml", "s", "--log"]);
+    log.assert_ok();
+    assert!(log.stdout.contains("out\n") && log.stdout.contains("err\n"), "{}", log.stdout);
+    let quiet = p.run(&["show", "p.yaml", "m", "--log"]);
+    assert!(quiet.stdout.is_empty() && quiet.stderr.contains("`m` wrote nothing"), "{}{}", quiet.stdout, quiet.stderr);
 }
 
 #[test]

@@ -11,8 +11,12 @@ pub(super) struct Args {
     /// The stage (with `foreach`: STAGE@VARIANT).
     stage: String,
     /// Print the result as JSON on stdout (for scripts).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "log")]
     json: bool,
+    /// Print the stage's log (its stdout and stderr) instead; when the pipeline as it is has no
+    /// result because the newest run that took the stage failed it, the end of that try's log.
+    #[arg(long)]
+    log: bool,
 }
 
 pub(super) fn show(env: &Env, a: Args) -> Result<i32, Failure> {
@@ -23,28 +27,32 @@ pub(super) fn show(env: &Env, a: Args) -> Result<i32, Failure> {
     let current_result = crate::plan::current_manifest(&p, &dag, &store, stage);
     // Why the pipeline as it is has no result: the newest run that took the stage failed it.
     let attempt = if current_result.is_some() { None } else { last_unfinished(&store, &p.name, stage) };
-    let (digest, m, current) = match current_result {
-        Some((d, m)) => (d, m, true),
-        None => match store.last_manifest(&p.name, stage) {
-            Some(m) => ("(last run)".to_string(), m, false),
-            None => {
-                let never = format!("stage `{stage}` has no stored result in this store ({})", env.root.display());
-                match &attempt {
-                    Some(t) if a.json => print_json(&serde_json::json!({"stage": stage, "last_attempt": t}))?,
-                    Some(t) => {
-                        println!("stage      {stage}");
-                        print_attempt(t);
-                        println!("note       {never}");
-                    }
-                    None => {
-                        let how = format!("`orchestrate run {} --target {stage}` computes it", a.p.pipeline.display());
-                        let why = "it has not run here, or `orchestrate gc` removed its results";
-                        return Err(Failure::Other(anyhow::anyhow!("{never}: {why}; {how}"), 1));
-                    }
+    let stored = match current_result {
+        Some((d, m)) => Some((d, m, true)),
+        None => store.last_manifest(&p.name, stage).map(|m| ("(last run)".to_string(), m, false)),
+    };
+    if a.log && (stored.is_some() || attempt.is_some()) {
+        return print_log(&store, stage, stored.as_ref().map(|s| &s.1), attempt.as_ref());
+    }
+    let (digest, m, current) = match stored {
+        Some(s) => s,
+        None => {
+            let never = format!("stage `{stage}` has no stored result in this store ({})", env.root.display());
+            match &attempt {
+                Some(t) if a.json => print_json(&serde_json::json!({"stage": stage, "last_attempt": t}))?,
+                Some(t) => {
+                    println!("stage      {stage}");
+                    print_attempt(t);
+                    println!("note       {never}");
                 }
-                return Ok(1);
+                None => {
+                    let how = format!("`orchestrate run {} --target {stage}` computes it", a.p.pipeline.display());
+                    let why = "it has not run here, or `orchestrate gc` removed its results";
+                    return Err(Failure::Other(anyhow::anyhow!("{never}: {why}; {how}"), 1));
+                }
             }
-        },
+            return Ok(1);
+        }
     };
     if a.json {
         let mut j = as_json(&store, stage, &digest, &m, current);
@@ -82,6 +90,24 @@ fn last_unfinished(store: &Store, pipeline: &str, stage: &str) -> Option<Attempt
         error: s.error,
         log_tail: s.log_tail,
     })
+}
+
+/// `show --log`: the end of the log of the newest run's failed try when there is one, else the
+/// stored result's whole log.
+fn print_log(store: &Store, stage: &str, m: Option<&Manifest>, attempt: Option<&Attempt>) -> Result<i32, Failure> {
+    use std::io::Write;
+    if let Some((t, tail)) = attempt.and_then(|t| Some((t, t.log_tail.as_ref()?))) {
+        eprintln!("the last try of `{stage}` ({} in run {}, {}) kept the end of its log:", t.status, t.run, t.at);
+        println!("{}", tail.trim_end());
+        return Ok(0);
+    }
+    let Some(log) = m.and_then(|m| m.log.as_ref()) else {
+        eprintln!("`{stage}` wrote nothing to stdout or stderr");
+        return Ok(0);
+    };
+    let bytes = store.objects.read_verified(log, "log").map_err(|e| Failure::Other(anyhow::anyhow!(e), 1))?;
+    std::io::stdout().write_all(&bytes).map_err(|e| Failure::Other(anyhow::anyhow!("writing the log: {e}"), 1))?;
+    Ok(0)
 }
 
 fn print_attempt(t: &Attempt) {
