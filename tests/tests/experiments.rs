@@ -91,6 +91,20 @@ fn runs_lists_the_history_newest_first() {
     let lines: Vec<&str> = text.stdout.lines().collect();
     assert!(lines[0].starts_with("id ") && lines[0].contains("score.value"), "{}", text.stdout);
     assert!(lines[1].contains("n=5") && lines[1].contains("5.000000"), "{}", text.stdout);
+    // Several metrics: a column each, and each by name in the JSON.
+    let two = p.run(&["runs", "--metric", "score.value", "--metric", "score.loss"]);
+    let head = two.stdout.lines().next().unwrap_or_default().to_string();
+    assert!(head.contains("score.value") && head.contains("score.loss"), "{}", two.stdout);
+    let j = p.run(&["runs", "--metric", "score.value", "--metric", "score.loss", "--json"]).json();
+    assert_eq!(
+        j[0]["metrics"],
+        serde_json::json!({"score.value": {"value": 5.0}, "score.loss": {"value": 1.0}}),
+        "{j}"
+    );
+    assert_eq!(j[0]["metric"], 5.0, "the first metric, as with one --metric: {j}");
+    let png = p.path().join("two.png");
+    let both = p.run(&["runs", "--metric", "score.value", "--metric", "score.loss", "--plot", png.to_str().unwrap()]);
+    failed_with(&both, 2, "--plot draws one metric");
     let none = p.run(&["runs", "--metric", "score.nope"]);
     none.assert_ok();
     assert!(none.stderr.contains("note: no listed run recorded `score.nope`"), "{}", none.stderr);

@@ -17,29 +17,60 @@ pub(super) struct Args {
     /// At most this many runs.
     #[arg(long, default_value_t = 20)]
     limit: usize,
-    /// Add this metric of each run (STAGE.METRIC) as a column; for a `foreach` stage, its best
-    /// variant's by the pipeline's `metrics:` direction.
-    #[arg(long, value_name = "STAGE.METRIC")]
-    metric: Option<String>,
-    /// Draw the metric across the listed runs as a PNG bar chart (needs --metric).
-    #[arg(long, value_name = "OUT.png", requires = "metric")]
+    /// Add this metric of each run (STAGE.METRIC) as a column (repeatable: a column each); for
+    /// a `foreach` stage, its best variant's by the pipeline's `metrics:` direction.
+    #[arg(long = "metric", value_name = "STAGE.METRIC")]
+    metrics: Vec<String>,
+    /// Draw the metric across the listed runs as a PNG bar chart (needs one --metric).
+    #[arg(long, value_name = "OUT.png", requires = "metrics")]
     plot: Option<PathBuf>,
     /// Print the result as JSON on stdout (for scripts).
     #[arg(long)]
     json: bool,
 }
 
-/// A listed run, and the asked metric of it.
+/// A listed run, and the asked metrics of it.
 #[derive(Serialize)]
 struct Row {
     #[serde(flatten)]
     line: RunLine,
+    /// The first asked metric's value (`cells` has every one).
     #[serde(skip_serializing_if = "Option::is_none")]
     metric: Option<f64>,
+    /// Where the first asked metric comes from, for a `foreach` stage's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metric_from: Option<String>,
+    /// Every asked metric, by STAGE.METRIC.
+    #[serde(rename = "metrics", skip_serializing_if = "BTreeMap::is_empty")]
+    cells: BTreeMap<String, Cell>,
+}
+
+/// One asked metric of a run.
+#[derive(Clone, Serialize)]
+struct Cell {
+    value: Option<f64>,
     /// For a `foreach` stage's metric: the variant whose value it is, the best by the
     /// pipeline's `metrics:` direction.
     #[serde(skip_serializing_if = "Option::is_none")]
-    metric_from: Option<String>,
+    from: Option<String>,
+}
+
+impl Cell {
+    fn of(store: &Store, r: &RunRecord, spec: &str) -> Cell {
+        match metric_of(store, r, spec) {
+            Some(v) => Cell { value: Some(v), from: None },
+            None => {
+                let (value, from) = best_of_sweep(store, r, spec).unzip();
+                Cell { value, from }
+            }
+        }
+    }
+
+    /// `0.500000`, `0.500000 (fit@lr=0.1)` or `—`.
+    fn text(&self) -> String {
+        let from = self.from.as_ref().map(|f| format!(" ({f})")).unwrap_or_default();
+        self.value.map_or("—".to_string(), |x| format!("{x:.6}{from}"))
+    }
 }
 
 /// `STAGE.METRIC` of a run, if that stage is in it and recorded the metric.
@@ -67,16 +98,19 @@ fn best_of_sweep(store: &Store, r: &RunRecord, spec: &str) -> Option<(f64, Strin
 }
 
 impl Row {
-    fn of(store: &Store, run: &Run, metric: Option<&str>) -> Row {
-        let line = RunLine::of(run);
-        let Some(spec) = metric else { return Row { line, metric: None, metric_from: None } };
-        match metric_of(store, &run.1, spec) {
-            Some(v) => Row { line, metric: Some(v), metric_from: None },
-            None => {
-                let (metric, from) = best_of_sweep(store, &run.1, spec).unzip();
-                Row { line, metric, metric_from: from }
-            }
+    fn of(store: &Store, run: &Run, metrics: &[String]) -> Row {
+        let cells: Vec<(String, Cell)> = metrics.iter().map(|m| (m.clone(), Cell::of(store, &run.1, m))).collect();
+        let first = cells.first().map(|(_, c)| c.clone());
+        Row {
+            line: RunLine::of(run),
+            metric: first.as_ref().and_then(|c| c.value),
+            metric_from: first.and_then(|c| c.from),
+            cells: cells.into_iter().collect(),
         }
+    }
+
+    fn value(&self, metric: &str) -> Option<f64> {
+        self.cells.get(metric).and_then(|c| c.value)
     }
 }
 
@@ -89,12 +123,16 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
     let rows: Vec<Row> = (store.runs().iter())
         .filter(|(_, r)| name.as_ref().is_none_or(|n| *n == r.pipeline))
         .take(a.limit)
-        .map(|run| Row::of(&store, run, a.metric.as_deref()))
+        .map(|run| Row::of(&store, run, &a.metrics))
         .collect();
-    if let (Some(metric), Some(png)) = (&a.metric, &a.plot) {
+    if let Some(png) = &a.plot {
+        let [metric] = a.metrics.as_slice() else {
+            let msg = "--plot draws one metric: give one --metric";
+            return Err(Failure::Invalid(crate::diag::Diagnostic::new("E-CLI", msg)));
+        };
         plot(&rows, metric, png)?;
     }
-    if let Some(metric) = a.metric.as_deref().filter(|_| !rows.is_empty() && rows.iter().all(|r| r.metric.is_none())) {
+    for metric in a.metrics.iter().filter(|m| !rows.is_empty() && rows.iter().all(|r| r.value(m).is_none())) {
         eprintln!(
             "note: no listed run recorded `{metric}` (`orchestrate show P STAGE` lists a stage's metrics; a \
              `foreach` stage's metric needs a `metrics:` direction to pick its best variant)"
@@ -105,32 +143,33 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
     } else if rows.is_empty() {
         println!("no runs recorded{}", name.map(|n| format!(" for pipeline `{n}`")).unwrap_or_default());
     } else {
-        print_table(&rows, a.metric.as_deref());
+        print_table(&rows, &a.metrics);
     }
     Ok(0)
 }
 
 /// The metric across the listed runs, oldest at the top.
 fn plot(rows: &[Row], metric: &str, png: &std::path::Path) -> Result<(), Failure> {
-    let with: Vec<&Row> = rows.iter().rev().filter(|r| r.metric.is_some()).collect();
+    let with: Vec<&Row> = rows.iter().rev().filter(|r| r.value(metric).is_some()).collect();
     if with.is_empty() {
         let msg = format!("no listed run recorded `{metric}`; `orchestrate show` lists a stage's metrics");
         return Err(Failure::Invalid(crate::diag::Diagnostic::new("E-RUNS", msg)));
     }
     let labels: Vec<String> = with.iter().map(|r| format!("{} {}", r.line.id, r.line.sets.join(" "))).collect();
-    let values: Vec<f64> = with.iter().filter_map(|r| r.metric).collect();
+    let values: Vec<f64> = with.iter().filter_map(|r| r.value(metric)).collect();
     crate::registry::report_templates::bars(png, &format!("{metric} across runs"), &labels, &values, metric, "run")
         .map_err(|e| anyhow::anyhow!("drawing {}: {e}", png.display()))?;
     eprintln!("plot: {}", png.display());
     Ok(())
 }
 
-fn print_table(rows: &[Row], metric: Option<&str>) {
+fn print_table(rows: &[Row], metrics: &[String]) {
     let count = |n: Option<usize>| n.map_or("?".to_string(), |n| n.to_string());
-    // A sweep's metric is its best variant's, named beside the value.
-    let from_width = rows.iter().filter_map(|r| r.metric_from.as_ref()).map(|f| f.len() + 3).max().unwrap_or(0);
-    let width = metric.map_or(0, |m| m.len().max(12 + from_width));
-    let metric_head = metric.map(|m| format!("  {m:>width$}")).unwrap_or_default();
+    // A column per metric, as wide as its name or its widest value (a sweep's names the variant).
+    let widths: Vec<usize> = (metrics.iter())
+        .map(|m| rows.iter().map(|r| r.cells.get(m).map_or(1, |c| c.text().chars().count())).fold(m.len(), usize::max))
+        .collect();
+    let metric_head: String = metrics.iter().zip(&widths).map(|(m, w)| format!("  {m:>w$}")).collect();
     // A name column only when a listed run has a name.
     let name_width = rows.iter().filter_map(|r| r.line.name.as_ref()).map(|n| n.len().max(4)).max();
     let name_of = |n: Option<&str>| name_width.map(|w| format!("{:<w$}  ", n.unwrap_or("-"))).unwrap_or_default();
@@ -148,13 +187,9 @@ fn print_table(rows: &[Row], metric: Option<&str>) {
         "reused"
     );
     for r in rows {
-        let value = match (metric, r.metric) {
-            (None, _) => String::new(),
-            (Some(_), v) => {
-                let from = r.metric_from.as_ref().map(|f| format!(" ({f})")).unwrap_or_default();
-                format!("  {:>width$}", v.map_or("—".to_string(), |x| format!("{x:.6}{from}")))
-            }
-        };
+        let value: String = (metrics.iter().zip(&widths))
+            .map(|(m, w)| format!("  {:>w$}", r.cells.get(m).map_or("—".to_string(), Cell::text)))
+            .collect();
         let r = &r.line;
         println!(
             "{:<12}  {}{:<20}  {:<12}  {:<13}  {:<12}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
