@@ -169,7 +169,7 @@ impl RunEvents for Progress {
             l.overall.finish_and_clear();
         }
         self.line(format!(
-            "{}: {} — {} ran, {} cached{}, {} failed, {} skipped{} in {:.2}s ({})",
+            "{}: {} — {} ran, {} cached{}, {} failed, {} skipped{} in {:.2}s ({}){}",
             s.pipeline,
             s.status,
             s.count(Status::Ran),
@@ -189,7 +189,9 @@ impl RunEvents for Progress {
                 "on the cluster".to_string()
             } else {
                 format!("{} cores", s.cores)
-            }
+            },
+            // The id `runs`, `compare` and the web view know the run by.
+            s.run.as_deref().map(|id| format!("; run {}", crate::history::short(id))).unwrap_or_default()
         ));
     }
 }

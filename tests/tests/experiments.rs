@@ -126,14 +126,17 @@ fn runs_can_be_named_and_compared_by_name() {
     c.assert_ok();
     assert!(c.stdout.starts_with("A: ") && c.stdout.lines().next().unwrap().contains("`baseline`"), "{}", c.stdout);
     assert!(c.stdout.contains("score.value  3  7  4"), "against the named run, not the one before B: {}", c.stdout);
-    // A name given again moves to the newer run.
-    p.run(&["run", "q.yaml", "--set", "n=5", "--name", "baseline"]).assert_ok();
+    // A name given again moves to the newer run. The run's last line names its id.
+    let again = p.run(&["run", "q.yaml", "--set", "n=5", "--name", "baseline"]);
+    again.assert_ok();
     assert!(p.run(&["compare", "baseline", "latest~1"]).stdout.contains("score.value  5  7  2"));
     let j = p.run(&["runs", "--json"]).json();
     assert_eq!(
         (j[0]["name"].as_str(), j[1]["name"].as_str(), j[3]["name"].as_str()),
         (Some("baseline"), None, Some("baseline"))
     );
+    let id = j[0]["id"].as_str().unwrap_or("?");
+    assert!(again.stderr.contains(&format!(" cores); run {id}\n")), "{}", again.stderr);
     let table = p.run(&["runs"]).stdout;
     assert!(table.lines().next().unwrap().contains(" name "), "{table}");
     for (bad, why) in [("cafe", "would read as a run id"), ("latest-good", "`latest…`"), ("a b", "only letters")] {
