@@ -338,6 +338,29 @@ fn gc_keeps_the_last_runs_and_removes_the_rest() {
     assert!(p.run(&["verify"]).stdout.contains("store OK"));
 }
 
+/// A named run is a reference a team compares against: `gc` keeps the newest run of each name
+/// with what it used, however old, and collects a name's older runs like any other.
+#[test]
+fn gc_keeps_the_newest_run_of_each_name() {
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        "params: {v: 1}\nstages:\n  s: {kind: command, cmd: \"echo ${params.v} > ${outputs.o}\", outputs: [o]}\n",
+    );
+    p.run(&["run", "p.yaml", "--set", "v=0", "--name", "base"]).assert_ok();
+    p.run(&["run", "p.yaml", "--name", "base"]).assert_ok();
+    p.run(&["run", "p.yaml", "--set", "v=2"]).assert_ok();
+    p.run(&["run", "p.yaml", "--set", "v=3"]).assert_ok();
+    let gc = p.run(&["gc", "--keep-last", "1"]);
+    gc.assert_ok();
+    assert!(gc.stdout.contains("used by the last 1 run(s) and 1 older named run(s)"), "{}", gc.stdout);
+    assert!(gc.stdout.contains("2 older run record(s) left the history"), "{}", gc.stdout);
+    p.run(&["compare", "base"]).assert_ok();
+    assert_eq!(p.run(&["run", "p.yaml", "--json"]).status_of("s"), "cached", "base's result is kept");
+    assert_eq!(p.run(&["run", "p.yaml", "--set", "v=0", "--json"]).status_of("s"), "ran", "an older base's is not");
+    assert!(p.run(&["verify"]).stdout.contains("store OK"));
+}
+
 /// A stage whose every result `gc` collected is not said never to have run.
 #[test]
 fn plan_and_show_after_gc_name_it_as_a_cause() {

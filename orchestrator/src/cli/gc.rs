@@ -4,7 +4,8 @@ use super::{human_bytes, Env, Failure};
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
-    /// Keep what the newest N runs used; delete every other object and cache entry.
+    /// Keep what the newest N runs used (and the newest run of each `run --name`); delete every
+    /// other object and cache entry.
     #[arg(long, value_name = "N", default_value_t = 1)]
     keep_last: usize,
     /// Say what would be removed, and remove nothing.
@@ -16,13 +17,17 @@ pub(super) fn gc(env: &Env, a: Args) -> Result<i32, Failure> {
     let store = env.open_existing()?;
     let r = store.gc(a.keep_last, a.dry_run)?;
     println!(
-        "{} {} objects ({}){}; kept {} objects used by the last {} run(s)",
+        "{} {} objects ({}){}; kept {} objects used by the last {} run(s){}",
         if a.dry_run { "would remove" } else { "removed" },
         r.objects_removed,
         human_bytes(r.bytes_freed),
         if a.dry_run { " (dry run)" } else { "" },
         r.objects_kept,
-        r.runs_kept
+        r.runs_kept - r.named_kept,
+        match r.named_kept {
+            0 => String::new(),
+            n => format!(" and {n} older named run(s) (`run --name`)"),
+        }
     );
     if r.runs_removed > 0 {
         // The history shortens too: say so, since `runs` and `compare` no longer see them.

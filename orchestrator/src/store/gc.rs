@@ -13,6 +13,9 @@ use crate::objects;
 #[derive(Debug, Default, Serialize)]
 pub struct GcReport {
     pub runs_kept: usize,
+    /// Of `runs_kept`, those older than the last N, kept because a name points at them (the
+    /// newest run of each `run --name`).
+    pub named_kept: usize,
     /// Older run records removed: they leave the history (`orchestrate runs`).
     pub runs_removed: usize,
     pub objects_kept: usize,
@@ -41,12 +44,22 @@ impl Store {
         Ok(())
     }
 
-    /// Keep what the last `keep_last` runs used; delete every other object and index entry.
+    /// Keep what the last `keep_last` runs used, and what the newest run of each name
+    /// (`run --name`) used, which `compare NAME` reads; delete every other object and index
+    /// entry.
     pub fn gc(&self, keep_last: usize, dry_run: bool) -> Result<GcReport> {
         let runs = self.runs();
         let mut keep: HashSet<String> = HashSet::new();
         let mut kept_manifests: HashSet<String> = HashSet::new();
-        for (d, r) in runs.iter().take(keep_last) {
+        let mut names: HashSet<&str> = HashSet::new();
+        let mut named_kept = 0;
+        for (i, (d, r)) in runs.iter().enumerate() {
+            // A name's newest run (runs are newest first) keeps its results.
+            let named = r.name.as_deref().is_some_and(|n| names.insert(n));
+            if i >= keep_last && !named {
+                continue;
+            }
+            named_kept += usize::from(i >= keep_last);
             keep.insert(d.clone());
             for md in r.manifests.values() {
                 kept_manifests.insert(md.clone());
@@ -61,8 +74,8 @@ impl Store {
                 keep.extend(m.log.iter().chain(&m.run_description).cloned());
             }
         }
-        let runs_kept = runs.len().min(keep_last);
-        let mut report = GcReport { runs_kept, runs_removed: runs.len() - runs_kept, ..Default::default() };
+        let runs_kept = runs.len().min(keep_last) + named_kept;
+        let mut report = GcReport { runs_kept, named_kept, runs_removed: runs.len() - runs_kept, ..Default::default() };
         for (name, path) in self.objects.list()? {
             if keep.contains(&name) {
                 report.objects_kept += 1;
