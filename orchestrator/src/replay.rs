@@ -158,7 +158,7 @@ async fn replay_one(
 /// on: "recorded on X; replayed on Y". Floating-point results may then legitimately differ.
 fn other_host(recorded: Option<&Provenance>, replayed: &Provenance) -> Option<String> {
     let r = recorded?;
-    let same = r.cpu == replayed.cpu && r.cpu_flags == replayed.cpu_flags && r.simd_path == replayed.simd_path;
+    let same = r.same_kernels(replayed);
     let side = |p: &Provenance| {
         format!("{}{}", p.machine(), p.simd_path.as_ref().map(|s| format!(", {s}")).unwrap_or_default())
     };

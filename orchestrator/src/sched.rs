@@ -535,6 +535,9 @@ impl<'a> RunLoop<'a> {
         match done.result {
             Ok(run) => {
                 let m = self.manifest(i, &done.key, done.key_input, &run, done.run_description);
+                if let Some(w) = self.rerun_differs(i, &m) {
+                    events.warning(&w);
+                }
                 match self.store.commit(&m) {
                     Ok(digest) => {
                         tracing::debug!(stage = %name, "committed");
@@ -568,6 +571,31 @@ impl<'a> RunLoop<'a> {
         if self.failed_any && !self.opts.keep_going && !self.stopping {
             self.stop();
         }
+    }
+
+    /// For a stage run again with `--rerun`, before its result replaces the cached one: when a
+    /// deterministic stage gave other bytes on the same CPU and kernels, the warning that says
+    /// so (that is nondeterminism, which `replay` would fail on).
+    fn rerun_differs(&self, i: usize, new: &Manifest) -> Option<String> {
+        let st = &self.p.stages[i];
+        if !self.opts.rerun.contains(&i) || !st.deterministic {
+            return None;
+        }
+        let (_, old) = self.store.lookup(&new.key).ok()??;
+        let same_kernels = old.provenance.as_ref().zip(new.provenance.as_ref()).is_some_and(|(a, b)| a.same_kernels(b));
+        let differ: Vec<&str> = (old.outputs.iter())
+            .filter(|(name, e)| !st.volatile_outputs.contains(name) && new.outputs.get(*name) != Some(*e))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        (same_kernels && !differ.is_empty()).then(|| {
+            format!(
+                "`{}` was run again and gave other bytes than its cached result ({}) on the same CPU and kernels: \
+                 the stage is not deterministic (an unseeded RNG, the clock, the thread count?); the new result \
+                 replaces the old; mark the stage `deterministic: false` if its output rightly varies",
+                st.name,
+                differ.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
+            )
+        })
     }
 
     fn manifest(&self, i: usize, key: &str, key_input: KeyInput, run: &StageRun, desc: Option<String>) -> Manifest {

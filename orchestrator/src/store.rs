@@ -116,6 +116,12 @@ impl Provenance {
         }
     }
 
+    /// Whether `other` ran on the same CPU and SIMD code: floating-point results from either
+    /// should then be the same bytes.
+    pub fn same_kernels(&self, other: &Provenance) -> bool {
+        self.cpu == other.cpu && self.cpu_flags == other.cpu_flags && self.simd_path == other.simd_path
+    }
+
     /// The machine in a few words: `Intel Xeon … (2 cores; avx2 fma avx512_vnni)`.
     pub fn machine(&self) -> String {
         format!("{} ({} cores; {})", self.cpu.as_deref().unwrap_or("unknown CPU"), self.cores, self.cpu_flags.join(" "))

@@ -147,6 +147,7 @@ fn rerun_executes_cached_stages_and_replaces_their_results() {
     assert_eq!((r.status_of("cut@5"), r.status_of("cut@10")), ("ran".into(), "ran".into()), "{ran:?}");
     assert_eq!(r.status_of("tag"), "cached", "same bytes upstream: {ran:?}");
     assert_eq!(r.status_of("other"), "cached", "{ran:?}");
+    assert!(!r.stderr.contains("not deterministic"), "same bytes: {}", r.stderr);
     // With --target, a rerun stage is a target too; nothing else is taken.
     let t = p.run(&["run", "p.yaml", "--target", "other", "--rerun", "up", "--json"]);
     assert_eq!(t.statuses().iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["up", "other"]);
@@ -156,10 +157,22 @@ fn rerun_executes_cached_stages_and_replaces_their_results() {
     p.run(&["export", "stamp.yaml", "stamp.o", "first"]).assert_ok();
     let again = p.run(&["run", "stamp.yaml", "--rerun", "stamp", "--json"]);
     assert_eq!((again.status_of("stamp"), again.status_of("copy")), ("ran".into(), "ran".into()));
+    assert!(!again.stderr.contains("not deterministic"), "declared so: {}", again.stderr);
     p.run(&["export", "stamp.yaml", "copy.o", "second"]).assert_ok();
     assert_ne!(p.read("first"), p.read("second"));
     let cached = p.run(&["run", "stamp.yaml", "--json"]);
     assert_eq!((cached.status_of("stamp"), cached.status_of("copy")), ("cached".into(), "cached".into()));
+    // A stage declared deterministic that gives other bytes: the rerun says so.
+    p.write("clock.yaml", "stages:\n  clock: {kind: command, cmd: \"date +%s%N > ${outputs.o}\", outputs: [o]}\n");
+    p.run(&["run", "clock.yaml"]).assert_ok();
+    let clock = p.run(&["run", "clock.yaml", "--rerun", "clock"]);
+    clock.assert_ok();
+    assert!(
+        clock.stderr.contains("`clock` was run again and gave other bytes than its cached result (`o`)")
+            && clock.stderr.contains("the stage is not deterministic"),
+        "{}",
+        clock.stderr
+    );
     let typo = p.run(&["run", "p.yaml", "--rerun", "upp"]);
     assert_eq!(typo.code, 2, "{}", typo.stderr);
     assert!(typo.stderr.contains("no stage `upp`"), "{}", typo.stderr);
