@@ -176,6 +176,8 @@ fn every_page_over_http_and_nothing_written() {
     // A run's name is shown and taken where an id is.
     assert!(runs.contains(r#"<span class="run-name">base</span>"#), "{runs}");
     assert_eq!(ui.page("/runs/base"), ui.page(&format!("/runs/{a}")));
+    let by_name = ui.page(&format!("/compare?a=base&b={b}"));
+    assert!(by_name.contains(r#"<span class="run-name">base</span> · view"#), "{by_name}");
 
     // A stage: params, inputs, outputs with a download link that gives the bytes, metrics, log.
     let stage = ui.page(&format!("/runs/{b}/stages/fit@lr%3D0.1"));
