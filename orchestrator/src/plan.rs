@@ -1,6 +1,6 @@
 //! Dry run: for every stage, cached or will run, and why.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde::Serialize;
 
@@ -52,27 +52,39 @@ pub enum RemoteAnswer {
     Error(String),
 }
 
-/// Plan every stage against the store without running anything.
-pub fn plan(p: &Pipeline, dag: &Dag, store: &Store) -> Vec<PlanEntry> {
-    plan_with_remote(p, dag, store, &mut |_| RemoteAnswer::Absent)
+/// Which stages a run takes (`--target`) and which it executes although cached (`--rerun`).
+#[derive(Debug, Default)]
+pub struct Scope {
+    /// Stage indices the run takes, upstream-closed; `None`: every stage.
+    pub only: Option<HashSet<usize>>,
+    pub rerun: HashSet<usize>,
 }
 
-/// Plan every stage against the store and, for keys the store lacks, a remote cache: a stage
-/// the remote has is `remote`, and its outputs there make its dependents' keys known.
+/// Plan every stage against the store without running anything.
+pub fn plan(p: &Pipeline, dag: &Dag, store: &Store) -> Vec<PlanEntry> {
+    plan_with_remote(p, dag, store, &Scope::default(), &mut |_| RemoteAnswer::Absent)
+}
+
+/// Plan the stages in `scope` against the store and, for keys the store lacks, a remote cache:
+/// a stage the remote has is `remote`, and its outputs there make its dependents' keys known.
 pub fn plan_with_remote(
     p: &Pipeline,
     dag: &Dag,
     store: &Store,
+    scope: &Scope,
     remote: &mut dyn FnMut(&str) -> RemoteAnswer,
 ) -> Vec<PlanEntry> {
     let mut known: BTreeMap<String, Manifest> = BTreeMap::new();
     let mut will_run: BTreeSet<String> = BTreeSet::new();
+    // Cached stages a rerun may still change: each with the rerun stages it depends on.
+    let mut unsettled: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
     let mut out = Vec::new();
-    for &i in &dag.order {
+    for &i in dag.order.iter().filter(|&&i| scope.only.as_ref().is_none_or(|o| o.contains(&i))) {
         let st = &p.stages[i];
         let upstream = |stage: &str, output: &str| known.get(stage).and_then(|m| m.outputs.get(output)).cloned();
         let metric = |stage: &str, name: &str| known.get(stage).and_then(|m| m.metrics.get(name)?.as_f64());
         let up = Upstream { output: &upstream, metric: &metric };
+        let rerun = scope.rerun.contains(&i);
         let entry = match stage_key(store, st, &up) {
             Err(KeyError::Pending(up)) => {
                 let verb = if will_run.contains(&up) { "will" } else { "cannot" };
@@ -84,8 +96,30 @@ pub fn plan_with_remote(
                 match store.lookup(&key) {
                     Ok(Some((digest, m))) => {
                         known.insert(st.name.clone(), m);
-                        PlanEntry::new(&st.name, "cached", Some(key), Some(digest), vec![])
+                        let roots: BTreeSet<String> =
+                            dag.upstream(i).iter().filter_map(|u| unsettled.get(u)).flatten().cloned().collect();
+                        if rerun {
+                            unsettled.insert(i, BTreeSet::from([st.name.clone()]));
+                            let why = "--rerun: executed again although cached; what reads it reruns only if its \
+                                       outputs change";
+                            PlanEntry::new(&st.name, "run", Some(key), Some(digest), vec![why.to_string()])
+                        } else if roots.is_empty() {
+                            PlanEntry::new(&st.name, "cached", Some(key), Some(digest), vec![])
+                        } else {
+                            let names = roots.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", ");
+                            let why = format!("unless {names}, run again, gives other outputs");
+                            unsettled.insert(i, roots);
+                            PlanEntry::new(&st.name, "cached", Some(key), Some(digest), vec![why])
+                        }
                     }
+                    // `run --rerun` does not pull a stage it is told to execute.
+                    _ if rerun => PlanEntry::new(
+                        &st.name,
+                        "run",
+                        Some(key.clone()),
+                        None,
+                        reasons_to_run(store, p, &st.name, &key, &ki),
+                    ),
                     _ => match remote(&key) {
                         RemoteAnswer::Has(digest, m) => {
                             known.insert(st.name.clone(), *m);

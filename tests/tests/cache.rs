@@ -140,6 +140,27 @@ fn rerun_executes_cached_stages_and_replaces_their_results() {
     let p = project();
     p.write("stamp.yaml", "stages:\n  stamp: {kind: command, cmd: \"date +%s%N > ${outputs.o}\", outputs: [o], deterministic: false}\n  copy: {kind: command, cmd: \"cp ${inputs.i} ${outputs.o}\", inputs: {i: stamp.o}, outputs: [o]}\n");
     p.run(&["run", "p.yaml"]).assert_ok();
+    // `plan` takes the same flags and says what such a run would do.
+    let plan = p.run(&["plan", "p.yaml", "--rerun", "up"]);
+    plan.assert_ok();
+    let line =
+        |stage: &str| plan.stdout.lines().find(|l| l.starts_with(&format!("{stage} "))).unwrap_or("").to_string();
+    assert!(line("up").contains("will run  (--rerun: executed again although cached"), "{}", plan.stdout);
+    assert!(line("cut@5").contains("cached  (unless `up`, run again, gives other outputs)"), "{}", plan.stdout);
+    assert!(line("tag").contains("cached  (unless `up`, run again"), "{}", plan.stdout);
+    assert!(line("other").ends_with(" cached"), "nothing upstream reruns: {}", plan.stdout);
+    assert!(plan.stdout.contains("1 of 5 stages will run"), "{}", plan.stdout);
+    let tplan = p.run(&["plan", "p.yaml", "--target", "other", "--rerun", "up", "--json"]).json();
+    let planned: Vec<(&str, &str)> = (tplan.as_array().into_iter().flatten())
+        .map(|e| (e["stage"].as_str().unwrap_or(""), e["status"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(planned, [("up", "run"), ("other", "cached")]);
+    let targeted = p.run(&["plan", "p.yaml", "--target", "tag"]);
+    assert!(
+        targeted.stdout.contains("0 of 3 stages will run (--target takes 3 of the pipeline's 5)"),
+        "{}",
+        targeted.stdout
+    );
     let r = p.run(&["run", "p.yaml", "--rerun", "up", "--rerun", "cut", "--json"]);
     r.assert_ok();
     let ran: Vec<(String, String)> = r.statuses();
@@ -173,9 +194,11 @@ fn rerun_executes_cached_stages_and_replaces_their_results() {
         "{}",
         clock.stderr
     );
-    let typo = p.run(&["run", "p.yaml", "--rerun", "upp"]);
-    assert_eq!(typo.code, 2, "{}", typo.stderr);
-    assert!(typo.stderr.contains("no stage `upp`"), "{}", typo.stderr);
+    for verb in ["run", "plan"] {
+        let typo = p.run(&[verb, "p.yaml", "--rerun", "upp"]);
+        assert_eq!(typo.code, 2, "{verb}: {}", typo.stderr);
+        assert!(typo.stderr.contains("no stage `upp`"), "{verb}: {}", typo.stderr);
+    }
 }
 
 #[test]

@@ -70,6 +70,38 @@ struct PipelineArgs {
     sets: Vec<String>,
 }
 
+/// Which stages a run takes and which it executes although cached: `run` and `plan` share them.
+#[derive(clap::Args, Debug)]
+struct SelectArgs {
+    /// Only these stages and what they need (a `foreach` stage's name: every variant).
+    #[arg(long = "target", value_name = "STAGE")]
+    targets: Vec<String>,
+    /// Execute these stages even when their result is cached (here or on the remote), e.g. to
+    /// measure again; the new result replaces the cached one, and what reads it reruns only if
+    /// its outputs changed. A `foreach` stage's name: every variant. With --target, also a target.
+    #[arg(long = "rerun", value_name = "STAGE")]
+    reruns: Vec<String>,
+}
+
+impl SelectArgs {
+    fn scope(&self, p: &Pipeline, dag: &Dag) -> Result<crate::plan::Scope, Diagnostic> {
+        let mut rerun = std::collections::HashSet::new();
+        for s in &self.reruns {
+            rerun.extend(target_indices(p, s)?);
+        }
+        if self.targets.is_empty() {
+            return Ok(crate::plan::Scope { only: None, rerun });
+        }
+        let mut set = std::collections::HashSet::new();
+        for t in &self.targets {
+            set.extend(target_indices(p, t)?);
+        }
+        set.extend(&rerun);
+        let only = set.iter().flat_map(|&i| dag.with_upstream(i)).collect();
+        Ok(crate::plan::Scope { only: Some(only), rerun })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run a pipeline (only what is not cached).

@@ -1,12 +1,14 @@
 //! `orchestrate plan`: what is cached, what will run, and why — running nothing.
 
-use super::{folder_of, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs};
+use super::{folder_of, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs, SelectArgs};
 use crate::plan::RemoteAnswer;
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
     #[command(flatten)]
     pub(super) p: PipelineArgs,
+    #[command(flatten)]
+    select: SelectArgs,
     /// Also look up what the local store lacks in this remote cache (nothing is downloaded).
     #[command(flatten)]
     remote: RemoteArgs,
@@ -17,18 +19,22 @@ pub(super) struct Args {
 
 pub(super) fn plan(env: &Env, a: Args) -> Result<i32, Failure> {
     let (p, dag) = env.load(&a.p)?;
+    let scope = a.select.scope(&p, &dag)?;
     let store = env.open_reader()?;
-    let entries = match a.remote.open(&folder_of(&a.p.pipeline), false)? {
-        None => crate::plan::plan(&p, &dag, &store),
-        Some(remote) => {
-            let rt = runtime()?;
-            crate::plan::plan_with_remote(&p, &dag, &store, &mut |key| match rt.block_on(remote.manifest(key)) {
-                Ok(Some((d, m, _))) => RemoteAnswer::Has(d, Box::new(m)),
-                Ok(None) => RemoteAnswer::Absent,
-                Err(e) => RemoteAnswer::Error(e.to_string()),
-            })
-        }
-    };
+    let entries =
+        match a.remote.open(&folder_of(&a.p.pipeline), false)? {
+            None => crate::plan::plan_with_remote(&p, &dag, &store, &scope, &mut |_| RemoteAnswer::Absent),
+            Some(remote) => {
+                let rt = runtime()?;
+                crate::plan::plan_with_remote(&p, &dag, &store, &scope, &mut |key| match rt
+                    .block_on(remote.manifest(key))
+                {
+                    Ok(Some((d, m, _))) => RemoteAnswer::Has(d, Box::new(m)),
+                    Ok(None) => RemoteAnswer::Absent,
+                    Err(e) => RemoteAnswer::Error(e.to_string()),
+                })
+            }
+        };
     if a.json {
         print_json(&entries)?;
         return Ok(0);
@@ -49,6 +55,11 @@ pub(super) fn plan(env: &Env, a: Args) -> Result<i32, Failure> {
         0 => String::new(),
         n => format!(", {n} will be pulled from the remote"),
     };
-    println!("{} of {} stages will run{pulls}", entries.len() - count("cached") - count("remote"), entries.len());
+    let taken = match scope.only {
+        Some(_) => format!(" (--target takes {} of the pipeline's {})", entries.len(), p.stages.len()),
+        None => String::new(),
+    };
+    let runs = entries.len() - count("cached") - count("remote");
+    println!("{runs} of {} stages will run{pulls}{taken}", entries.len());
     Ok(0)
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{folder_of, human_bytes, print_errors, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs};
-use crate::plan::{plan_with_remote, RemoteAnswer};
+use crate::plan::{plan_with_remote, RemoteAnswer, Scope};
 use crate::remote::{PullReport, Remote, Transfer};
 use crate::store::Store;
 
@@ -35,7 +35,9 @@ fn pull_pipeline(
     let (p, dag) = env.load(&PipelineArgs { pipeline: file.to_path_buf(), sets: a.sets.clone() })?;
     let rt = runtime()?;
     let mut report = PullReport::default();
-    let entries = plan_with_remote(&p, &dag, store, &mut |key| match rt.block_on(remote.fetch(store, key, t)) {
+    let entries = plan_with_remote(&p, &dag, store, &Scope::default(), &mut |key| match rt
+        .block_on(remote.fetch(store, key, t))
+    {
         Ok(Some((d, m))) => RemoteAnswer::Has(d, Box::new(m)),
         Ok(None) => RemoteAnswer::Absent,
         Err(e) => RemoteAnswer::Error(e.to_string()),

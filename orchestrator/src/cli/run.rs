@@ -1,9 +1,8 @@
 //! `orchestrate run`: run what is not cached, within a CPU budget.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::{cores_arg, folder_of, print_json, runtime, target_indices, Env, Failure, PipelineArgs, RemoteArgs};
+use super::{cores_arg, folder_of, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs, SelectArgs};
 use crate::deliver;
 use crate::diag::Diagnostic;
 use crate::events::{RunSummary, Status};
@@ -19,14 +18,8 @@ use crate::store::Store;
 pub(super) struct Args {
     #[command(flatten)]
     pub(super) p: PipelineArgs,
-    /// Run only these stages and what they need (a `foreach` stage's name: every variant).
-    #[arg(long = "target", value_name = "STAGE")]
-    targets: Vec<String>,
-    /// Execute these stages even when their result is cached (here or on the remote), e.g. to
-    /// measure again; the new result replaces the cached one, and what reads it reruns only if
-    /// its outputs changed. A `foreach` stage's name: every variant. With --target, also a target.
-    #[arg(long = "rerun", value_name = "STAGE")]
-    reruns: Vec<String>,
+    #[command(flatten)]
+    select: SelectArgs,
     /// A name for this run (letters, digits, `.`, `_`, `-`, not only hex digits): `compare`,
     /// `runs` and the web view take it for the newest run so named, e.g. a team's `baseline`.
     #[arg(long, value_name = "NAME")]
@@ -68,20 +61,7 @@ pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
         (ExecutorArg::Slurm, None) => sched::CLUSTER_BUDGET,
         _ => cores_arg(a.cores)?,
     };
-    let mut rerun = HashSet::new();
-    for s in &a.reruns {
-        rerun.extend(target_indices(&p, s)?);
-    }
-    let only = if a.targets.is_empty() {
-        None
-    } else {
-        let mut set = HashSet::new();
-        for t in &a.targets {
-            set.extend(target_indices(&p, t)?);
-        }
-        set.extend(&rerun);
-        Some(set.iter().flat_map(|&i| dag.with_upstream(i)).collect())
-    };
+    let scope = a.select.scope(&p, &dag)?;
     if a.push && a.remote.remote.is_none() {
         return Err(crate::diag::Diagnostic::new("E-CLI", "--push needs --remote REMOTE").into());
     }
@@ -99,8 +79,8 @@ pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
     let opts = RunOptions {
         cores,
         keep_going: a.keep_going,
-        only,
-        rerun,
+        only: scope.only,
+        rerun: scope.rerun,
         name: a.name,
         remote: remote.clone(),
         executor: executor.clone(),
