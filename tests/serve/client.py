@@ -269,8 +269,10 @@ def check_logprobs():
     url = f"{BASE}/completions"
     ok = {"model": MODEL, "prompt": "the cat", "max_tokens": 4}
     for extra, param in [({"logprobs": 21}, "logprobs"), ({"max_tokens": 0}, "max_tokens"),
-                         ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"presence_penalty": -1}, "presence_penalty"),
-                         ({"logit_bias": {"5": 10}}, "logit_bias"), ({"best_of": 2}, "best_of"), ({"suffix": "end"}, "suffix")]:
+                         ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"presence_penalty": -3}, "presence_penalty"),
+                         ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+                         ({"logit_bias": {"5": "up"}}, "logit_bias"), ({"logit_bias": {str(10**6): 1}}, "logit_bias"),
+                         ({"best_of": 0}, "best_of"), ({"suffix": "end"}, "suffix")]:
         error_of(httpx.post(url, json={**ok, **extra}), 400, param)
     chat_ok = {"model": MODEL, "messages": msgs, "max_tokens": 4}
     for extra, param in [({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
@@ -279,7 +281,60 @@ def check_logprobs():
         error_of(httpx.post(f"{BASE}/chat/completions", json={**chat_ok, **extra}), 400, param)
     neutral = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "best_of": 1, "echo": False}
     expect(httpx.post(url, json={**ok, **neutral}).status_code == 200, "neutral values of unsupported options")
+    check_shaping(ids)
+    check_best_of()
     print(f"logprobs ok: {nats:.6f} nats/token by echo, {want:.6f} by the evaluate stage")
+
+
+def check_best_of():
+    """best_of draws seed, seed + 1, … as n does, and answers with the n of highest mean log-probability."""
+    kw = dict(model=MODEL, prompt="the cat", max_tokens=8, temperature=1.0, seed=11)
+    drawn = client.completions.create(n=4, logprobs=0, **kw)
+    mean = lambda c: sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs)
+    ranked = sorted(drawn.choices, key=lambda c: (-mean(c), c.index))
+    picked = client.completions.create(n=2, best_of=4, **kw)
+    expect([c.text for c in picked.choices] == [c.text for c in ranked[:2]], f"best_of 4: {picked.choices} from {ranked}")
+    expect([c.index for c in picked.choices] == [0, 1] and all(c.logprobs is None for c in picked.choices), f"{picked.choices}")
+    expect(picked.usage.completion_tokens == drawn.usage.completion_tokens, f"usage {picked.usage} vs {drawn.usage}")
+    expect(picked.usage.prompt_tokens == drawn.usage.prompt_tokens, f"usage {picked.usage} vs {drawn.usage}")
+    # Asked for, the log-probabilities come with the chosen draw.
+    one = client.completions.create(best_of=4, logprobs=2, **kw).choices[0]
+    expect(one.text == ranked[0].text and one.logprobs.token_logprobs == ranked[0].logprobs.token_logprobs, f"{one}")
+    url = f"{BASE}/completions"
+    for bad in [{"best_of": 1, "n": 2}, {"best_of": 17}, {"best_of": 2, "stream": True}]:
+        error_of(httpx.post(url, json={**kw, **bad}), 400, "best_of")
+    print(f"best_of ok: {[c.text for c in picked.choices]}")
+
+
+def check_shaping(ids):
+    """logit_bias and the penalties, greedy: each token is the most likely under the shaped logits."""
+    # Each id's text, from the echoed prompt of those ids.
+    probe = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=0).choices[0]
+    probe_tokens = probe.logprobs.tokens
+    kw = dict(model=MODEL, prompt="the cat", max_tokens=16, temperature=0, logprobs=20)
+    plain = client.completions.create(**kw).choices[0]
+    # +100 on one token: it is drawn every time.
+    favoured = client.completions.create(logit_bias={str(ids[3]): 100}, **kw).choices[0]
+    want = probe_tokens[3]
+    expect(favoured.logprobs.tokens == [want] * 16, f"logit_bias +100 on {want!r}: {favoured.logprobs.tokens}")
+    # -100 on every token of the probe text: none of them is drawn.
+    banned = {str(i): -100 for i in ids}
+    avoided = client.completions.create(logit_bias=banned, **kw).choices[0]
+    expect(not set(avoided.logprobs.tokens) & set(probe_tokens), f"banned tokens drawn: {avoided.logprobs.tokens}")
+    # Penalties: a token generated c times loses presence + c × frequency (log-probabilities
+    # are the model's own, so the test applies the penalties to them as the server must).
+    presence, frequency = 1.0, 1.5
+    pen = client.completions.create(presence_penalty=presence, frequency_penalty=frequency, **kw).choices[0]
+    seen = {}
+    for chosen, value, top in zip(pen.logprobs.tokens, pen.logprobs.token_logprobs, pen.logprobs.top_logprobs):
+        shaped = lambda t, v: v - (presence + frequency * seen[t] if t in seen else 0.0)
+        best = max(shaped(t, v) for t, v in top.items())
+        expect(shaped(chosen, value) >= best - 1e-4, f"{chosen!r} ({value}) drawn over {top} after {seen}")
+        seen[chosen] = seen.get(chosen, 0) + 1
+    expect(pen.text != plain.text, f"penalties changed nothing: {pen.text!r}")
+    expect(max(seen.values()) < max(plain.logprobs.tokens.count(t) for t in plain.logprobs.tokens),
+           f"penalised {seen} vs plain {plain.logprobs.tokens}")
+    print(f"shaping ok: {plain.text!r} → penalised {pen.text!r}")
 
 
 def check_concurrent():

@@ -3,8 +3,10 @@
 //! streamed or not, seeded determinism, stop strings, every bad input, many concurrent streams
 //! batched (each with the text it gets alone), a full queue answered with 503, SIGTERM during a
 //! stream, an INT8 model and the Transformer; log-probabilities and echo, whose score of a text
-//! is held to the evaluate stage's (f32 Itera-Lite and Transformer, INT8 Itera-Lite); and the
-//! CLI's own errors.
+//! is held to the evaluate stage's (f32 Itera-Lite and Transformer, INT8 Itera-Lite);
+//! `logit_bias` and the penalties (greedy: each token the best under the shaped log-probabilities);
+//! `best_of` (the `n` draws of highest mean log-probability);
+//! and the CLI's own errors.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

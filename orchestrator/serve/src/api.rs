@@ -16,13 +16,12 @@ use axum::Json;
 use serde_json::json;
 use tokio::sync::mpsc::unbounded_channel;
 
-use crate::engine::{Job, Loaded, Sampling};
+use crate::engine::{Job, Loaded, Sampling, Shaping};
 use crate::logprobs::{Echo, Kind, Shape};
 use crate::metrics::Metrics;
 use crate::prompt::{self, Prompt};
 use crate::request::{
-    message_text, parse, refuse_unsupported, ApiError, ChatRequest, Common, CompletionRequest, OneOrMany,
-    MAX_TOP_LOGPROBS,
+    message_text, parse, shaping, ApiError, ChatRequest, Common, CompletionRequest, OneOrMany, MAX_TOP_LOGPROBS,
 };
 use crate::respond::{respond, Prepared};
 use crate::Limits;
@@ -42,6 +41,9 @@ struct Extra {
     kind: Kind,
     logprobs: Option<u64>,
     echo: bool,
+    /// Completions: draw this many per prompt and answer with the `n` of highest mean
+    /// log-probability per token.
+    best_of: Option<u64>,
 }
 
 /// Most choices one prompt may ask for (`n`), and one request in all (prompts × `n`): each
@@ -52,14 +54,16 @@ const MAX_REQUEST_CHOICES: usize = 64;
 /// How every choice of a request is drawn.
 struct Settings {
     n: u64,
+    /// Sequences drawn per prompt: `n`, or `best_of`.
+    draws: u64,
     max_tokens: u64,
     sampling: Sampling,
+    shaping: Shaping,
     stop: Vec<String>,
 }
 
 /// The shared fields checked: model, `n`, length, log-probabilities, sampling and stop.
 fn settings(st: &AppState, c: &Common, default_max: u64, extra: &Extra) -> Result<Settings, ApiError> {
-    refuse_unsupported(c)?;
     if c.model != st.name {
         return Err(ApiError::invalid(
             format!("the model `{}` does not exist; this server serves `{}`", c.model, st.name),
@@ -70,6 +74,17 @@ fn settings(st: &AppState, c: &Common, default_max: u64, extra: &Extra) -> Resul
     let n = c.n.unwrap_or(1);
     if !(1..=MAX_CHOICES).contains(&n) {
         return Err(ApiError::invalid(format!("n must be between 1 and {MAX_CHOICES} (got {n})"), Some("n")));
+    }
+    let draws = extra.best_of.unwrap_or(n);
+    if !(n..=MAX_CHOICES).contains(&draws) {
+        let m = format!("best_of must be between n ({n}) and {MAX_CHOICES} (got {draws})");
+        return Err(ApiError::invalid(m, Some("best_of")));
+    }
+    if draws > n && c.stream.unwrap_or(false) {
+        return Err(ApiError::invalid(
+            "best_of cannot be used with stream: choices are ranked once all are done",
+            Some("best_of"),
+        ));
     }
     let max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(default_max);
     // Zero only with echo: the prompt scored, nothing generated.
@@ -107,7 +122,8 @@ fn settings(st: &AppState, c: &Common, default_max: u64, extra: &Extra) -> Resul
         return Err(ApiError::invalid("stop takes up to 4 non-empty strings", Some("stop")));
     }
     let sampling = Sampling { temperature, top_k: c.top_k.unwrap_or(0) as usize, top_p };
-    Ok(Settings { n, max_tokens, sampling, stop })
+    let shaping = shaping(c, st.model.tokenizer.get_vocab_size(true))?;
+    Ok(Settings { n, draws, max_tokens, sampling, shaping, stop })
 }
 
 /// One prompt tokenized and checked against the context (`which`: its place in a batch).
@@ -138,8 +154,13 @@ fn prepare(
     extra: Extra,
 ) -> Result<(Vec<Job>, Prepared), ApiError> {
     let s = settings(st, &c, default_max, &extra)?;
-    if prompts.len() * s.n as usize > MAX_REQUEST_CHOICES {
-        let m = format!("{} prompts × n = {} asks for more than {MAX_REQUEST_CHOICES} choices", prompts.len(), s.n);
+    if prompts.len() * s.draws as usize > MAX_REQUEST_CHOICES {
+        let each = if s.draws > s.n { "best_of" } else { "n" };
+        let m = format!(
+            "{} prompts × {each} = {} asks for more than {MAX_REQUEST_CHOICES} choices",
+            prompts.len(),
+            s.draws
+        );
         return Err(ApiError::invalid(m, Some("prompt")));
     }
     let batch = prompts.len() > 1;
@@ -153,16 +174,20 @@ fn prepare(
         let echo = extra.echo.then_some(Echo { text: e.text, offsets: e.offsets });
         let shape = Arc::new(Shape { kind: extra.kind, logprobs: extra.logprobs.is_some(), echo });
         // Choice i of a prompt draws with seed + i: choice 0 is the answer n = 1 gives for the
-        // same seed, and a prompt in a batch answers as it would alone.
-        for i in 0..s.n {
+        // same seed, and a prompt in a batch answers as it would alone. Ranking `best_of` draws
+        // needs each token's log-probability, asked for or not.
+        let ranked = s.draws > s.n;
+        let logprobs = extra.logprobs.map(|n| n as usize).or(ranked.then_some(0));
+        for i in 0..s.draws {
             let (tx, rx) = unbounded_channel();
             jobs.push(Job {
                 prompt: e.ids.clone(),
                 max_tokens: s.max_tokens as usize,
                 sampling: s.sampling,
+                shaping: s.shaping.clone(),
                 seed: seed.wrapping_add(i),
                 stop: s.stop.clone(),
-                logprobs: extra.logprobs.map(|n| n as usize),
+                logprobs,
                 echo: extra.echo,
                 events: tx,
                 queued_at: Instant::now(),
@@ -171,8 +196,8 @@ fn prepare(
         }
     }
     let include_usage = c.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-    let per_prompt = s.n as usize;
-    Ok((jobs, Prepared { id, choices, per_prompt, stream: c.stream.unwrap_or(false), include_usage }))
+    let (per_prompt, drawn) = (s.n as usize, s.draws as usize);
+    Ok((jobs, Prepared { id, choices, per_prompt, drawn, stream: c.stream.unwrap_or(false), include_usage }))
 }
 
 /// Queue a prepared request's jobs and answer it.
@@ -223,16 +248,11 @@ pub async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, By
     let r = async {
         let (req, common): (CompletionRequest, Common) = parse(body)?;
         let prompts = prompt::read(req.prompt).map_err(|m| ApiError::invalid(m, Some("prompt")))?;
-        if req.best_of.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid(
-                "best_of is not supported (choices are not ranked); leave it out or set 1, and ask for n choices instead",
-                Some("best_of"),
-            ));
-        }
         if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::invalid("suffix is not supported: these models only continue text", Some("suffix")));
         }
-        let extra = Extra { kind: Kind::Completion, logprobs: req.logprobs, echo: req.echo.unwrap_or(false) };
+        let echo = req.echo.unwrap_or(false);
+        let extra = Extra { kind: Kind::Completion, logprobs: req.logprobs, echo, best_of: req.best_of };
         answer(&st, Kind::Completion, prepare(&st, common, prompts, 16, extra)?).await
     }
     .await;
@@ -279,7 +299,7 @@ pub async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesReje
             .collect::<Result<Vec<(String, String)>, ApiError>>()?;
         let default = st.limits.max_tokens as u64;
         let logprobs = want_logprobs.then_some(req.top_logprobs.unwrap_or(0));
-        let extra = Extra { kind: Kind::Chat, logprobs, echo: false };
+        let extra = Extra { kind: Kind::Chat, logprobs, echo: false, best_of: None };
         answer(&st, Kind::Chat, prepare(&st, common, vec![Prompt::Text(chat_prompt(&msgs))], default, extra)?).await
     }
     .await;

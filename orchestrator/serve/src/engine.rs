@@ -3,6 +3,8 @@
 //! sampled tokens back in one batched step ([`SharedDecoder::step_many`]). New requests join
 //! between steps, up to `max_batch` at once; the rest wait in the bounded queue in front.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,11 +28,46 @@ pub struct Sampling {
     pub top_p: f32,
 }
 
+/// What a request adds to the model's logits before each draw, as OpenAI defines it: the
+/// penalties lower a token already generated in this choice (not in the prompt), by
+/// `presence` once and by `frequency` per time; `bias` is added to the listed tokens' logits.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Shaping {
+    pub presence: f32,
+    pub frequency: f32,
+    pub bias: Vec<(u32, f32)>,
+}
+
+impl Shaping {
+    /// The logits to draw from: `logits` itself when nothing applies.
+    pub fn apply<'a>(&self, logits: &'a [f32], generated: &BTreeMap<u32, u32>) -> Cow<'a, [f32]> {
+        let penalised = (self.presence != 0.0 || self.frequency != 0.0) && !generated.is_empty();
+        if !penalised && self.bias.is_empty() {
+            return Cow::Borrowed(logits);
+        }
+        let mut out = logits.to_vec();
+        for &(t, b) in &self.bias {
+            if let Some(x) = out.get_mut(t as usize) {
+                *x += b;
+            }
+        }
+        if penalised {
+            for (&t, &n) in generated {
+                if let Some(x) = out.get_mut(t as usize) {
+                    *x -= self.presence + self.frequency * n as f32;
+                }
+            }
+        }
+        Cow::Owned(out)
+    }
+}
+
 /// One request for the engine.
 pub struct Job {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: Sampling,
+    pub shaping: Shaping,
     pub seed: u64,
     pub stop: Vec<String>,
     /// Report each generated token's log-probability and those of the n most likely tokens.
@@ -101,6 +138,8 @@ struct Seq {
     logits: Vec<f32>,
     rng: ChaCha8Rng,
     ids: Vec<u32>,
+    /// How often each token is in `ids`, for the penalties.
+    counts: BTreeMap<u32, u32>,
     /// Bytes of the generated text already sent.
     sent: usize,
     /// Characters of the generated text decoded so far: where the next token's text starts.
@@ -203,6 +242,7 @@ impl Seq {
             Some(Finish::Stop)
         } else {
             self.ids.push(t);
+            *self.counts.entry(t).or_default() += 1;
             None
         };
         let text = m.tokenizer.decode(&self.ids, true).unwrap_or_default();
@@ -266,7 +306,7 @@ pub fn run(model: Arc<Loaded>, jobs: Receiver<Job>, metrics: Arc<Metrics>, max_b
         }
         let mut next = Vec::with_capacity(active.len());
         active.retain_mut(|s| {
-            let t = sample(&s.logits, &s.job.sampling, &mut s.rng);
+            let t = sample(&s.job.shaping.apply(&s.logits, &s.counts), &s.job.sampling, &mut s.rng);
             if let (Some(n), false) = (s.job.logprobs, Some(t) == model.eot) {
                 let (lp, top) = logprob(&s.logits, t, n, &model.tokenizer);
                 let token = token_text(&model.tokenizer, t);
@@ -317,7 +357,8 @@ fn admit(job: Job, model: &Loaded, metrics: &Metrics, active: &mut Vec<Seq>) {
                 return;
             }
             let rng = ChaCha8Rng::seed_from_u64(job.seed);
-            active.push(Seq { job, state, logits, rng, ids: Vec::new(), sent: 0, chars: 0, pending: Vec::new() });
+            let (ids, counts) = (Vec::new(), BTreeMap::new());
+            active.push(Seq { job, state, logits, rng, ids, counts, sent: 0, chars: 0, pending: Vec::new() });
         }
         Err(e) => {
             let _ = job.events.send(Event::Failed(format!("reading the prompt failed: {e}")));
@@ -380,6 +421,24 @@ mod tests {
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn bias_and_penalties_shift_the_logits_as_openai_defines_them() {
+        let logits = [1.0, 2.0, 3.0];
+        let none = Shaping::default();
+        let seen = BTreeMap::from([(2, 3), (0, 1)]);
+        assert!(matches!(none.apply(&logits, &seen), Cow::Borrowed(_)));
+        let s = Shaping { presence: 0.5, frequency: 0.25, bias: vec![(1, -2.0), (7, 100.0)] };
+        // Token 2 seen 3 times: -0.5 - 3 × 0.25; token 0 once: -0.75; token 1 biased; 7 is outside.
+        assert_eq!(s.apply(&logits, &seen).as_ref(), [0.25, 0.0, 1.75]);
+        // Nothing generated yet: only the bias.
+        assert_eq!(s.apply(&logits, &BTreeMap::new()).as_ref(), [1.0, 0.0, 3.0]);
+        // Greedy follows the shaped logits.
+        let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 };
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let heavy = Shaping { presence: 2.0, frequency: 0.0, bias: vec![] };
+        assert_eq!(sample(&heavy.apply(&logits, &BTreeMap::from([(2, 1)])), &greedy, &mut rng), 1);
     }
 
     #[test]

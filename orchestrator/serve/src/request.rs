@@ -10,6 +10,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::engine::Shaping;
+
 /// An OpenAI-style error response.
 #[derive(Debug)]
 pub(crate) struct ApiError {
@@ -197,21 +199,28 @@ pub(crate) struct ChatRequest {
     pub(crate) response_format: Option<Value>,
 }
 
-/// Options of the OpenAI API this server does not implement are refused when set to anything
-/// that would change the answer, so that no client gets a silently different one.
-pub(crate) fn refuse_unsupported(c: &Common) -> Result<(), ApiError> {
-    for (name, v) in [("frequency_penalty", c.frequency_penalty), ("presence_penalty", c.presence_penalty)] {
-        if v.is_some_and(|v| v != 0.0) {
-            return Err(ApiError::invalid(
-                format!(
-                    "{name} is not supported (tokens are drawn by temperature, top_p and top_k); leave it out or set 0"
-                ),
-                Some(name),
-            ));
+/// The penalties and logit bias, checked as OpenAI checks them (penalties in [-2, 2], bias
+/// keys token ids of this vocabulary, values in [-100, 100]).
+pub(crate) fn shaping(c: &Common, vocab: usize) -> Result<Shaping, ApiError> {
+    let penalty = |name: &str, v: Option<f32>| match v.unwrap_or(0.0) {
+        v if (-2.0..=2.0).contains(&v) => Ok(v),
+        v => Err(ApiError::invalid(format!("{name} must be between -2 and 2 (got {v})"), Some(name))),
+    };
+    let presence = penalty("presence_penalty", c.presence_penalty)?;
+    let frequency = penalty("frequency_penalty", c.frequency_penalty)?;
+    let refuse = |why: String| ApiError::invalid(format!("logit_bias: {why}"), Some("logit_bias"));
+    let mut bias = Vec::new();
+    for (key, v) in c.logit_bias.iter().flatten() {
+        let id = key.parse::<u32>().map_err(|_| refuse(format!("`{key}` is not a token id")))?;
+        if id as usize >= vocab {
+            let last = vocab.saturating_sub(1);
+            return Err(refuse(format!("token id {id} is outside the vocabulary ({vocab} tokens, ids 0 to {last})")));
+        }
+        match v.as_f64() {
+            Some(b) if (-100.0..=100.0).contains(&b) => bias.push((id, b as f32)),
+            _ => return Err(refuse(format!("the bias of token {id} must be a number between -100 and 100 (got {v})"))),
         }
     }
-    if c.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-        return Err(ApiError::invalid("logit_bias is not supported; leave it out", Some("logit_bias")));
-    }
-    Ok(())
+    bias.sort_by_key(|&(id, _)| id);
+    Ok(Shaping { presence, frequency, bias })
 }

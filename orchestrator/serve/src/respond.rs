@@ -22,8 +22,11 @@ use crate::request::ApiError;
 pub(crate) struct Prepared {
     pub(crate) id: u64,
     pub(crate) choices: Vec<(UnboundedReceiver<Event>, Arc<Shape>)>,
-    /// Choices per prompt (`n`): choices i·n … i·n + n − 1 answer prompt i.
+    /// Choices per prompt in the answer (`n`).
     pub(crate) per_prompt: usize,
+    /// Sequences drawn per prompt (`best_of`, else `n`): `choices` i·d … i·d + d − 1 are
+    /// prompt i's; with more than `n`, the `n` of highest mean log-probability answer.
+    pub(crate) drawn: usize,
     pub(crate) stream: bool,
     pub(crate) include_usage: bool,
 }
@@ -64,20 +67,30 @@ struct Collected {
     finish: &'static str,
     prompt_tokens: usize,
     completion_tokens: usize,
+    /// The mean log-probability of the generated tokens (−∞ when none), which ranks
+    /// `best_of` draws.
+    score: f64,
 }
 
 async fn collect(mut rx: UnboundedReceiver<Event>, shape: &Shape) -> Result<Collected, ApiError> {
     let (mut text, mut logprobs) = (String::new(), Vec::new());
+    let (mut sum, mut count) = (0.0f64, 0usize);
     while let Some(e) = rx.recv().await {
         match e {
             Event::Prompt(scored) => {
                 text.push_str(shape.echo.as_ref().map_or("", |e| e.text.as_str()));
                 logprobs.extend(shape.prompt(scored));
             }
-            Event::Logprob(t) => logprobs.push(shape.generated(t)),
+            Event::Logprob(t) => {
+                sum += f64::from(t.logprob.unwrap_or(0.0));
+                count += 1;
+                logprobs.push(shape.generated(t));
+            }
             Event::Text(t) => text.push_str(&t),
             Event::Done { finish, prompt_tokens, completion_tokens } => {
-                return Ok(Collected { text, logprobs, finish: finish.as_str(), prompt_tokens, completion_tokens });
+                let score = if count == 0 { f64::NEG_INFINITY } else { sum / count as f64 };
+                let finish = finish.as_str();
+                return Ok(Collected { text, logprobs, finish, prompt_tokens, completion_tokens, score });
             }
             Event::Failed(m) => return Err(ApiError::server(StatusCode::SERVICE_UNAVAILABLE, m, None)),
         }
@@ -95,14 +108,17 @@ pub(crate) async fn respond(p: Prepared, kind: Kind, created: u64, model: String
         p.choices.into_iter().map(|(rx, shape)| async move { (collect(rx, &shape).await, shape) }),
     )
     .await;
+    let collected = collected.into_iter().map(|(c, shape)| c.map(|c| (c, shape))).collect::<Result<Vec<_>, _>>()?;
     let (mut choices, mut prompt_tokens, mut completion_tokens) = (Vec::new(), 0, 0);
-    for (index, (c, shape)) in collected.into_iter().enumerate() {
-        let c = c?;
-        // A prompt's choices read it once each; it counts once, as in OpenAI's usage.
-        if index.is_multiple_of(p.per_prompt) {
+    for (i, (c, _)) in collected.iter().enumerate() {
+        // A prompt's draws read it once each; it counts once, as in OpenAI's usage. Every
+        // draw's tokens count, the ones `best_of` left out too.
+        if i.is_multiple_of(p.drawn) {
             prompt_tokens += c.prompt_tokens;
         }
         completion_tokens += c.completion_tokens;
+    }
+    for (index, (c, shape)) in best(collected, p.drawn, p.per_prompt).into_iter().enumerate() {
         let logprobs = shape.field(&c.logprobs);
         choices.push(match kind {
             Kind::Completion => {
@@ -114,6 +130,24 @@ pub(crate) async fn respond(p: Prepared, kind: Kind, created: u64, model: String
     }
     let body = header.with(false, Value::Array(choices), Some(usage(prompt_tokens, completion_tokens)));
     Ok(Json(body).into_response())
+}
+
+/// Per prompt, the `keep` of its `drawn` draws with the highest mean log-probability, best
+/// first (ties: the earlier draw); all of them, in order, when it drew no more than it keeps.
+fn best<T>(all: Vec<(Collected, T)>, drawn: usize, keep: usize) -> Vec<(Collected, T)> {
+    if drawn <= keep {
+        return all;
+    }
+    let mut out = Vec::new();
+    let mut rest = all.into_iter();
+    loop {
+        let mut group: Vec<(Collected, T)> = rest.by_ref().take(drawn).collect();
+        if group.is_empty() {
+            return out;
+        }
+        group.sort_by(|a, b| b.0.score.total_cmp(&a.0.score));
+        out.extend(group.into_iter().take(keep));
+    }
 }
 
 /// Where a streamed response is: per choice the log-probabilities waiting for the text piece
@@ -221,5 +255,39 @@ fn piece(kind: Kind, index: usize, text: Option<&str>, finish: Option<&str>, log
             let delta = text.map_or(json!({}), |t| json!({"content": t}));
             json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draw(text: &str, score: f64) -> (Collected, ()) {
+        let c = Collected {
+            text: text.into(),
+            logprobs: Vec::new(),
+            finish: "length",
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            score,
+        };
+        (c, ())
+    }
+
+    #[test]
+    fn best_of_keeps_each_prompts_most_likely_draws_best_first() {
+        let texts = |v: Vec<(Collected, ())>| v.into_iter().map(|(c, _)| c.text).collect::<Vec<_>>();
+        // Two prompts, three draws each, two kept; a tie keeps the earlier draw first.
+        let all = vec![
+            draw("a0", -2.0),
+            draw("a1", -0.5),
+            draw("a2", -1.0),
+            draw("b0", -1.0),
+            draw("b1", f64::NEG_INFINITY),
+            draw("b2", -1.0),
+        ];
+        assert_eq!(texts(best(all, 3, 2)), ["a1", "a2", "b0", "b2"]);
+        // Nothing to choose: every draw, in order.
+        assert_eq!(texts(best(vec![draw("x", -3.0), draw("y", -1.0)], 2, 2)), ["x", "y"]);
     }
 }
