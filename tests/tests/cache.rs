@@ -356,7 +356,7 @@ fn directory_outputs_become_trees() {
 #[test]
 fn show_reports_outputs_metrics_duration_and_memory() {
     let p = Project::new();
-    p.write("p.yaml", "stages:\n  m: {kind: command, cmd: \"echo hi > ${outputs.o}; echo '{\\\"acc\\\": 0.5}' > $ORCH_METRICS\", outputs: [o]}\n");
+    p.write("p.yaml", "stages:\n  m: {kind: command, cmd: \"echo hi > ${outputs.o}; echo '{\\\"acc\\\": 0.5, \\\"compression_ratio_of_tensors\\\": 3.9}' > $ORCH_METRICS\", outputs: [o]}\n");
     p.run(&["run", "p.yaml"]).assert_ok();
     let v = p.run(&["show", "p.yaml", "m", "--json"]).json();
     assert_eq!(v["metrics"]["acc"], 0.5);
@@ -366,6 +366,12 @@ fn show_reports_outputs_metrics_duration_and_memory() {
     assert!(v["duration_s"].as_f64().unwrap() > 0.0);
     let text = p.run(&["show", "p.yaml", "m"]);
     assert!(text.stdout.contains("peak memory"), "{}", text.stdout);
+    // Values line up after the longest name.
+    assert!(
+        text.stdout.contains("\n  acc                          0.5\n  compression_ratio_of_tensors 3.9\n"),
+        "{}",
+        text.stdout
+    );
     // `--log` prints what the stage wrote to stdout and stderr.
     p.write(
         "q.yaml",

@@ -176,18 +176,25 @@ fn print_text(store: &Store, stage: &str, m: &Manifest, current: bool, attempt: 
         println!("best_of    input `{input}` took `{winner}`, the best variant");
     }
     println!("outputs");
+    let w = column(m.outputs.keys());
     for (k, e) in &m.outputs {
         let kind = if e.kind == ObjKind::Tree { "dir " } else { "file" };
         let path = store.objects.path(&e.digest);
-        println!("  {k:<16} {kind} {:>10}  {}  {}", human_bytes(e.size), e.digest, path.display());
+        println!("  {k:<w$} {kind} {:>10}  {}  {}", human_bytes(e.size), e.digest, path.display());
     }
     if let Some(log) = &m.log {
         println!("log        {}", store.objects.path(log).display());
     }
     if !m.metrics.is_empty() {
         println!("metrics");
+        let w = column(m.metrics.keys());
         for (k, v) in &m.metrics {
-            println!("  {k:<16} {v}");
+            println!("  {k:<w$} {v}");
         }
     }
+}
+
+/// The width of a column of names: the longest, at least 16, so the values line up.
+fn column<'a>(names: impl Iterator<Item = &'a String>) -> usize {
+    names.map(|n| n.chars().count()).max().unwrap_or(0).max(16)
 }
