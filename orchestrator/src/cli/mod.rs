@@ -136,6 +136,12 @@ enum Cmd {
     Ui(ui::Args),
     /// List the stage kinds this binary knows.
     Stages,
+    /// Print a shell completion script, e.g. `orchestrate completions bash >
+    /// ~/.local/share/bash-completion/completions/orchestrate`.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
     /// Internal: run one stage in this process (used by the scheduler).
     #[command(hide = true)]
     ExecStage { spec: PathBuf, result: PathBuf },
@@ -311,6 +317,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
     match cli.command {
         Cmd::ExecStage { .. } => Ok(0),
         Cmd::Stages => stages::stages(&env),
+        Cmd::Completions { shell } => completions(shell),
         Cmd::Dag(a) => dag::dag(&env, a),
         Cmd::Run(a) => run::run(&env, a),
         Cmd::Plan(a) => plan::plan(&env, a),
@@ -326,6 +333,26 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Cmd::Pull(a) => pull::pull(&env, a),
         Cmd::Serve(a) => serve::serve(&env, a),
         Cmd::Ui(a) => ui::ui(&env, a),
+    }
+}
+
+/// `orchestrate completions SHELL`: the script for the command line as users see it (clap's
+/// generators would also offer the hidden internal subcommand), written at once so that a
+/// reader that stops early (`| head`) is not an error.
+fn completions(shell: clap_complete::Shell) -> Result<i32, Failure> {
+    let full = <Cli as clap::CommandFactory>::command();
+    let visible = full.get_subcommands().filter(|c| !c.is_hide_set()).cloned();
+    let mut cmd = clap::Command::new("orchestrate")
+        .version(env!("ORCHESTRATE_LONG_VERSION"))
+        .args(full.get_arguments().cloned())
+        .subcommands(visible);
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "orchestrate", &mut script);
+    match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Failure::Other(anyhow::Error::new(e).context("writing the completion script"), 1))
+        }
+        _ => Ok(0),
     }
 }
 
