@@ -39,6 +39,8 @@ pub struct RunLine {
     /// The commit orchestrate was built from.
     pub commit: Option<String>,
     pub sets: Vec<String>,
+    /// The stages `--target` limited the run to; empty: every stage.
+    pub targets: Vec<String>,
     pub status: String,
     pub duration_s: f64,
     /// Unknown (`null`) for runs recorded before run history kept it.
@@ -58,6 +60,7 @@ impl RunLine {
             source: r.source.clone(),
             commit: r.provenance.as_ref().and_then(|p| p.commit.clone()).map(|c| c[..c.len().min(12)].to_string()),
             sets: r.sets.clone(),
+            targets: r.targets.clone(),
             status: r.status.clone(),
             duration_s: r.finished_at - r.started_at,
             reused: ran.map(|n| r.manifests.len().saturating_sub(n + r.pulled.len())),
@@ -141,6 +144,8 @@ pub struct Side {
     /// The commit orchestrate was built from.
     pub commit: Option<String>,
     pub sets: Vec<String>,
+    /// The stages `--target` limited the run to; empty: every stage.
+    pub targets: Vec<String>,
     pub status: String,
 }
 
@@ -173,7 +178,7 @@ pub struct MetricRow {
 #[derive(Debug, Serialize)]
 pub struct StageRow {
     pub stage: String,
-    /// `reran`, `added`, `removed` or `same`.
+    /// `reran`, `added`, `removed`, `left out` (by one run's `--target`) or `same`.
     pub change: String,
     pub reasons: Vec<String>,
 }
@@ -205,6 +210,7 @@ fn side(run: &Run) -> Side {
         source: r.source.clone(),
         commit: r.provenance.as_ref().and_then(|p| p.commit.clone()),
         sets: r.sets.clone(),
+        targets: r.targets.clone(),
         status: r.status.clone(),
     }
 }
@@ -233,9 +239,10 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
     }
 }
 
-fn params_of(ms: &BTreeMap<String, Manifest>) -> BTreeMap<String, Value> {
+/// Every param of the stages in `ms` but those in `skip`, as `stage.param.sub`.
+fn params_of(ms: &BTreeMap<String, Manifest>, skip: &BTreeSet<&String>) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
-    for (stage, m) in ms {
+    for (stage, m) in ms.iter().filter(|(s, _)| !skip.contains(s)) {
         for (k, v) in m.key_input.params.iter().chain(&m.key_input.fields) {
             flatten(&format!("{stage}.{k}"), v, &mut out);
         }
@@ -313,9 +320,14 @@ fn metric_rows(
         .collect())
 }
 
-fn stage_rows(run_b: &RunRecord, ma: &BTreeMap<String, Manifest>, mb: &BTreeMap<String, Manifest>) -> Vec<StageRow> {
+fn stage_rows(
+    [run_a, run_b]: [&RunRecord; 2],
+    ma: &BTreeMap<String, Manifest>,
+    mb: &BTreeMap<String, Manifest>,
+) -> Vec<StageRow> {
     let stages: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
     let ran_in_b = |s: &str| run_b.ran.as_ref().is_some_and(|r| r.iter().any(|x| x == s));
+    let left_out = |side: &str, r: &RunRecord| ("left out", vec![format!("run {side} ran with {}", r.targets_shown())]);
     stages
         .into_iter()
         .map(|s| {
@@ -323,7 +335,9 @@ fn stage_rows(run_b: &RunRecord, ma: &BTreeMap<String, Manifest>, mb: &BTreeMap<
                 (Some(a), Some(b)) if a == b && !ran_in_b(s) => ("same", vec![]),
                 (Some(a), Some(b)) if a.key != b.key => ("reran", explain(&a.key_input, &b.key_input)),
                 (Some(_), Some(_)) => ("reran", vec!["same inputs, computed again".to_string()]),
+                (None, Some(_)) if run_a.left_out(s) => left_out("A", run_a),
                 (None, Some(_)) => ("added", vec![]),
+                (Some(_), None) if run_b.left_out(s) => left_out("B", run_b),
                 (Some(_), None) => ("removed", vec![]),
                 (None, None) => ("same", vec![]),
             };
@@ -332,10 +346,14 @@ fn stage_rows(run_b: &RunRecord, ma: &BTreeMap<String, Manifest>, mb: &BTreeMap<
         .collect()
 }
 
-fn artifact_rows(ma: &BTreeMap<String, Manifest>, mb: &BTreeMap<String, Manifest>) -> Vec<ArtifactRow> {
+fn artifact_rows(
+    ma: &BTreeMap<String, Manifest>,
+    mb: &BTreeMap<String, Manifest>,
+    skip: &BTreeSet<&String>,
+) -> Vec<ArtifactRow> {
     let mut names: BTreeMap<String, ArtifactRow> = BTreeMap::new();
     for (side, ms) in [(0, ma), (1, mb)] {
-        for (stage, m) in ms {
+        for (stage, m) in ms.iter().filter(|(s, _)| !skip.contains(s)) {
             for (o, e) in &m.outputs {
                 let name = format!("{stage}.{o}");
                 let row = names.entry(name.clone()).or_insert(ArtifactRow { name, a: None, b: None });
@@ -354,7 +372,12 @@ fn artifact_rows(ma: &BTreeMap<String, Manifest>, mb: &BTreeMap<String, Manifest
 /// Compare run `a` (the base) with run `b`. Without `all`, only what differs.
 pub fn compare(objects: &ObjectStore, a: &Run, b: &Run, all: bool) -> Result<Comparison, String> {
     let (ma, mb) = (manifests(objects, a)?, manifests(objects, b)?);
-    let (pa, pb) = (params_of(&ma), params_of(&mb));
+    // A stage one run's `--target` left out has no params or outputs there: not a difference
+    // (the stage row says it was left out).
+    let skip: BTreeSet<&String> = (ma.keys().filter(|s| !mb.contains_key(*s) && b.1.left_out(s)))
+        .chain(mb.keys().filter(|s| !ma.contains_key(*s) && a.1.left_out(s)))
+        .collect();
+    let (pa, pb) = (params_of(&ma, &skip), params_of(&mb, &skip));
     let names: BTreeSet<&String> = pa.keys().chain(pb.keys()).collect();
     let params = (names.into_iter())
         .map(|n| ParamRow { name: n.clone(), a: pa.get(n).cloned(), b: pb.get(n).cloned() })
@@ -364,8 +387,8 @@ pub fn compare(objects: &ObjectStore, a: &Run, b: &Run, all: bool) -> Result<Com
         .into_iter()
         .filter(|r| all || r.a != r.b)
         .collect();
-    let stages = stage_rows(&b.1, &ma, &mb).into_iter().filter(|r| all || r.change != "same").collect();
-    let artifacts = artifact_rows(&ma, &mb).into_iter().filter(|r| all || r.a != r.b).collect();
+    let stages = stage_rows([&a.1, &b.1], &ma, &mb).into_iter().filter(|r| all || r.change != "same").collect();
+    let artifacts = artifact_rows(&ma, &mb, &skip).into_iter().filter(|r| all || r.a != r.b).collect();
     Ok(Comparison { a: side(a), b: side(b), params, metrics, stages, artifacts })
 }
 

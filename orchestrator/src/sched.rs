@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub rerun: HashSet<usize>,
     /// The name the run record gets (`run --name`).
     pub name: Option<String>,
+    /// The stages named with `--target` (and `--rerun` beside it), for the run record.
+    pub targets: Vec<String>,
     /// A remote cache to look a stage up in when the local store misses (`run --remote`).
     pub remote: Option<Arc<Remote>>,
     /// Where stages run: here, or as cluster jobs.
@@ -695,6 +697,7 @@ impl<'a> RunLoop<'a> {
             status: status.into(),
             manifests,
             sets: self.p.sets.clone(),
+            targets: self.opts.targets.clone(),
             ran: Some(self.with_status(Status::Ran)),
             pulled: self.with_status(Status::Pulled),
             metrics: self.p.metrics.clone(),

@@ -182,6 +182,9 @@ pub struct RunRecord {
     /// The `--set` overrides the run was given. Absent in records older than run history.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sets: Vec<String>,
+    /// The stages `--target` limited the run to (with what they need); empty: every stage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
     /// The stages that executed in this run (the rest of `manifests` were reused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ran: Option<Vec<String>>,
@@ -224,6 +227,19 @@ pub struct RunStage {
     /// The last lines of a failed stage's log (a failed stage stores no manifest or log).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_tail: Option<String>,
+}
+
+impl RunRecord {
+    /// Whether `--target` left `stage` out of this run (so its absence says nothing of the
+    /// pipeline).
+    pub fn left_out(&self, stage: &str) -> bool {
+        !self.targets.is_empty() && !self.stages.iter().any(|s| s.name == stage)
+    }
+
+    /// `--target A --target B`, as the run was limited.
+    pub fn targets_shown(&self) -> String {
+        self.targets.iter().map(|t| format!("--target {t}")).collect::<Vec<_>>().join(" ")
+    }
 }
 
 impl RunStage {

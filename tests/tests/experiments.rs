@@ -145,6 +145,49 @@ fn runs_can_be_named_and_compared_by_name() {
     failed_with(&p.run(&["compare", "basline"]), 2, "no run is named `basline`");
 }
 
+/// A run limited by `--target` says so in `runs` and `compare`, and the stages it left out are
+/// "left out", not "removed": their params and outputs are no difference, and a gate on their
+/// metric says why it could not judge.
+#[test]
+fn a_targeted_run_leaves_stages_out_and_compare_says_so() {
+    let p = Project::new();
+    p.write(
+        "t.yaml",
+        r#"name: t
+params: {n: 3}
+metrics: {gen.v: max, side.v: max}
+stages:
+  gen: {kind: command, cmd: "seq ${params.n} > ${outputs.o}; echo '{\"v\": '${params.n}'}' > $ORCH_METRICS", outputs: [o]}
+  side: {kind: command, cmd: "echo side > ${outputs.o}; echo '{\"v\": 1}' > $ORCH_METRICS", outputs: [o]}
+"#,
+    );
+    p.run(&["run", "t.yaml", "--name", "full"]).assert_ok();
+    p.run(&["run", "t.yaml", "--set", "n=4", "--target", "gen"]).assert_ok();
+    let c = p.run(&["compare", "full"]);
+    c.assert_ok();
+    let out = &c.stdout;
+    assert!(out.lines().nth(1).is_some_and(|b| b.contains("--set n=4, --target gen")), "{out}");
+    let words = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(out.lines().any(|l| words(l) == "side left out run B ran with --target gen"), "{out}");
+    assert!(out.lines().any(|l| l.trim_start().starts_with("gen.v ") && l.contains("better")), "{out}");
+    assert!(out.contains("gen.cmd"), "{out}");
+    assert!(!out.contains("side.cmd") && !out.contains("side.o ") && !out.contains("removed"), "{out}");
+    let j = p.run(&["compare", "full", "--json"]).json();
+    let side = j["stages"].as_array().and_then(|s| s.iter().find(|r| r["stage"] == "side"));
+    assert_eq!(side.map(|r| r["change"].clone()), Some("left out".into()), "{j}");
+    assert_eq!(j["b"]["targets"], serde_json::json!(["gen"]));
+    assert!(p.run(&["runs"]).stdout.lines().nth(1).is_some_and(|l| l.ends_with("n=4 --target gen")));
+    // A gate on a metric of the stage left out cannot pass, and says why.
+    let gate = p.run(&["compare", "full", "--fail-on-regress", "side.v"]);
+    assert_eq!(gate.code, 1, "{}", gate.stderr);
+    assert!(
+        gate.stderr
+            .contains("side.v was not recorded: run B ran with --target gen, which leaves `side` out (1 in run A)"),
+        "{}",
+        gate.stderr
+    );
+}
+
 /// A multi-line or long param (a `cmd: |` block) is cut to where the two runs differ, on one
 /// line, so the table stays a table.
 #[test]

@@ -171,14 +171,15 @@ fn text(c: &Comparison, md: bool, all: bool) -> String {
     let h = |t: &str| if md { format!("\n### {t}\n\n") } else { format!("\n{t}\n") };
     let run = |s: &crate::history::Side| {
         format!(
-            "{}{} ({}, {}, {}orchestrate {}{})",
+            "{}{} ({}, {}, {}orchestrate {}{}{})",
             short(&s.id),
             s.name.as_ref().map(|n| format!(" `{n}`")).unwrap_or_default(),
             iso8601(s.started_at),
             s.status,
             s.source.as_ref().map(|r| format!("source {}, ", r.described())).unwrap_or_default(),
             s.commit.as_deref().map_or("?", |c| &c[..c.len().min(12)]),
-            if s.sets.is_empty() { String::new() } else { format!(", --set {}", s.sets.join(" ")) }
+            if s.sets.is_empty() { String::new() } else { format!(", --set {}", s.sets.join(" ")) },
+            s.targets.iter().map(|t| format!(", --target {t}")).collect::<String>()
         )
     };
     let mut out = format!("A: {}\nB: {}\n", run(&c.a), run(&c.b));

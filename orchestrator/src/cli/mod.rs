@@ -84,6 +84,15 @@ struct SelectArgs {
 }
 
 impl SelectArgs {
+    /// The stages the run is limited to, as named (a `--rerun` stage is a target too when
+    /// there are targets); empty: every stage.
+    fn targets(&self) -> Vec<String> {
+        if self.targets.is_empty() {
+            return Vec::new();
+        }
+        self.targets.iter().chain(&self.reruns).cloned().collect()
+    }
+
     fn scope(&self, p: &Pipeline, dag: &Dag) -> Result<crate::plan::Scope, Diagnostic> {
         let mut rerun = std::collections::HashSet::new();
         for s in &self.reruns {

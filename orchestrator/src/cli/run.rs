@@ -82,6 +82,7 @@ pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
         only: scope.only,
         rerun: scope.rerun,
         name: a.name,
+        targets: a.select.targets(),
         remote: remote.clone(),
         executor: executor.clone(),
     };

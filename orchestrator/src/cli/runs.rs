@@ -203,7 +203,12 @@ fn print_table(rows: &[Row], metrics: &[String]) {
             r.duration_s,
             count(r.ran),
             count(r.reused),
-            r.sets.join(" ")
+            r.sets
+                .iter()
+                .cloned()
+                .chain(r.targets.iter().map(|t| format!("--target {t}")))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     if rows.iter().any(|r| r.line.source.as_ref().is_some_and(|s| s.dirty)) {

@@ -97,6 +97,12 @@ impl Gate {
                         row.stage,
                         shown(a)
                     )),
+                    None if !sweep && b.left_out(&row.stage) => v.regressions.push(format!(
+                        "{name} was not recorded: run B ran with {}, which leaves `{}` out ({} in run A)",
+                        b.targets_shown(),
+                        row.stage,
+                        shown(a)
+                    )),
                     None if !sweep => v.regressions.push(format!(
                         "{name} was not recorded: run B has no stage `{}` ({} in run A)",
                         row.stage,
