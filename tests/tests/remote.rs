@@ -157,6 +157,29 @@ fn a_rerun_stage_is_not_pulled() {
     assert_eq!((r.status_of("a"), r.status_of("b")), ("pulled".into(), "ran".into()), "{}", r.stderr);
 }
 
+/// `pull --target` downloads what that stage needs and nothing of the other branches.
+#[test]
+fn a_targeted_pull_takes_only_what_the_target_needs() {
+    let base = Project::new();
+    let remote = base.path().join("remote").display().to_string();
+    let pipeline =
+        format!("{SMALL_PIPELINE}  c: {{kind: command, cmd: \"echo other > ${{outputs.o}}\", outputs: [o]}}\n");
+    let a = Project::new();
+    a.write("p.yaml", &pipeline);
+    run_in(&a, &["run", "p.yaml", "--remote", &remote, "--push"]).assert_ok();
+    let b = Project::new();
+    b.write("p.yaml", &pipeline);
+    let pulled = run_in(&b, &["pull", "p.yaml", "--remote", &remote, "--target", "b", "--json"]);
+    pulled.assert_ok();
+    let results = pulled.json()["results"].clone();
+    assert_eq!(results, serde_json::json!({"a": "pulled", "b": "pulled"}), "{}", pulled.stdout);
+    let plan = run_in(&b, &["plan", "p.yaml"]);
+    let c_runs = plan.stdout.lines().any(|l| l.starts_with("c ") && l.contains("will run"));
+    assert!(plan.stdout.contains("1 of 3 stages will run") && c_runs, "{}", plan.stdout);
+    let no_file = run_in(&b, &["pull", "--remote", &remote, "--target", "b"]);
+    assert_eq!(no_file.code, 2, "{}", no_file.stderr);
+}
+
 #[test]
 fn a_directory_remote_refuses_corrupt_and_missing_blobs_and_repairs_on_push() {
     let base = Project::new();

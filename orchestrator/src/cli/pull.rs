@@ -4,8 +4,10 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{folder_of, human_bytes, print_errors, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs};
-use crate::plan::{plan_with_remote, RemoteAnswer, Scope};
+use super::{
+    folder_of, human_bytes, print_errors, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs, SelectArgs,
+};
+use crate::plan::{plan_with_remote, RemoteAnswer};
 use crate::remote::{PullReport, Remote, Transfer};
 use crate::store::Store;
 
@@ -16,6 +18,10 @@ pub(super) struct Args {
     /// Override a value of the pipeline, as for `run`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    /// Only these stages and what they need, as `run --target` takes them (their upstream
+    /// results too: a stage's key follows from theirs).
+    #[arg(long = "target", value_name = "STAGE", requires = "pipeline")]
+    targets: Vec<String>,
     #[command(flatten)]
     remote: RemoteArgs,
     /// Print the result as JSON on stdout (for scripts).
@@ -33,15 +39,16 @@ fn pull_pipeline(
     t: &Transfer,
 ) -> Result<PullReport, Failure> {
     let (p, dag) = env.load(&PipelineArgs { pipeline: file.to_path_buf(), sets: a.sets.clone() })?;
+    let select = SelectArgs { targets: a.targets.clone(), reruns: Vec::new() };
+    let scope = select.scope(&p, &dag)?;
     let rt = runtime()?;
     let mut report = PullReport::default();
-    let entries = plan_with_remote(&p, &dag, store, &Scope::default(), &mut |key| match rt
-        .block_on(remote.fetch(store, key, t))
-    {
-        Ok(Some((d, m))) => RemoteAnswer::Has(d, Box::new(m)),
-        Ok(None) => RemoteAnswer::Absent,
-        Err(e) => RemoteAnswer::Error(e.to_string()),
-    });
+    let entries =
+        plan_with_remote(&p, &dag, store, &scope, &mut |key| match rt.block_on(remote.fetch(store, key, t)) {
+            Ok(Some((d, m))) => RemoteAnswer::Has(d, Box::new(m)),
+            Ok(None) => RemoteAnswer::Absent,
+            Err(e) => RemoteAnswer::Error(e.to_string()),
+        });
     for e in entries {
         let unusable = e.reasons.iter().find(|r| r.starts_with("the remote cache could not supply it"));
         let status = match (e.status.as_str(), unusable) {
