@@ -16,7 +16,8 @@ pub struct PlanEntry {
     /// cannot be read).
     pub status: String,
     pub key: Option<String>,
-    /// Digest of the cached manifest, when cached.
+    /// Digest of the cached manifest, when cached (also for a `--rerun` stage, whose cached
+    /// result its rerun replaces).
     pub manifest: Option<String>,
     pub reasons: Vec<String>,
 }
@@ -96,21 +97,8 @@ pub fn plan_with_remote(
                 match store.lookup(&key) {
                     Ok(Some((digest, m))) => {
                         known.insert(st.name.clone(), m);
-                        let roots: BTreeSet<String> =
-                            dag.upstream(i).iter().filter_map(|u| unsettled.get(u)).flatten().cloned().collect();
-                        if rerun {
-                            unsettled.insert(i, BTreeSet::from([st.name.clone()]));
-                            let why = "--rerun: executed again although cached; what reads it reruns only if its \
-                                       outputs change";
-                            PlanEntry::new(&st.name, "run", Some(key), Some(digest), vec![why.to_string()])
-                        } else if roots.is_empty() {
-                            PlanEntry::new(&st.name, "cached", Some(key), Some(digest), vec![])
-                        } else {
-                            let names = roots.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", ");
-                            let why = format!("unless {names}, run again, gives other outputs");
-                            unsettled.insert(i, roots);
-                            PlanEntry::new(&st.name, "cached", Some(key), Some(digest), vec![why])
-                        }
+                        let entry = PlanEntry::new(&st.name, "cached", Some(key), Some(digest), vec![]);
+                        settle(entry, i, rerun, dag, &mut unsettled)
                     }
                     // `run --rerun` does not pull a stage it is told to execute.
                     _ if rerun => PlanEntry::new(
@@ -143,6 +131,29 @@ pub fn plan_with_remote(
         out.push(entry);
     }
     out
+}
+
+/// A cached stage's entry under `--rerun`: a stage to rerun will run; a stage downstream of
+/// one stays cached unless the rerun gives other outputs, and says which reruns those are.
+fn settle(
+    mut e: PlanEntry,
+    i: usize,
+    rerun: bool,
+    dag: &Dag,
+    unsettled: &mut BTreeMap<usize, BTreeSet<String>>,
+) -> PlanEntry {
+    let roots: BTreeSet<String> = dag.upstream(i).iter().filter_map(|u| unsettled.get(u)).flatten().cloned().collect();
+    if rerun {
+        unsettled.insert(i, BTreeSet::from([e.stage.clone()]));
+        e.status = "run".into();
+        e.reasons
+            .push("--rerun: executed again although cached; what reads it reruns only if its outputs change".into());
+    } else if !roots.is_empty() {
+        let names = roots.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", ");
+        e.reasons.push(format!("unless {names}, run again, gives other outputs"));
+        unsettled.insert(i, roots);
+    }
+    e
 }
 
 /// The manifest a stage has for the pipeline as it is now, if cached.

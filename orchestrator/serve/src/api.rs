@@ -46,8 +46,8 @@ struct Extra {
     best_of: Option<u64>,
 }
 
-/// Most choices one prompt may ask for (`n`), and one request in all (prompts × `n`): each
-/// choice is a sequence of its own.
+/// Most sequences one prompt may ask for (`n`, or `best_of` drawn to choose `n` from), and one
+/// request in all (prompts × that): each is decoded as a sequence of its own.
 const MAX_CHOICES: u64 = 16;
 const MAX_REQUEST_CHOICES: usize = 64;
 
@@ -62,7 +62,8 @@ struct Settings {
     stop: Vec<String>,
 }
 
-/// The shared fields checked: model, `n`, length, log-probabilities, sampling and stop.
+/// The shared fields checked: model, `n` and `best_of`, length, log-probabilities, sampling,
+/// penalties and logit bias, and stop.
 fn settings(st: &AppState, c: &Common, default_max: u64, extra: &Extra) -> Result<Settings, ApiError> {
     if c.model != st.name {
         return Err(ApiError::invalid(

@@ -70,7 +70,8 @@ struct PipelineArgs {
     sets: Vec<String>,
 }
 
-/// Which stages a run takes and which it executes although cached: `run` and `plan` share them.
+/// Which stages a run takes and which it executes although cached: `run` and `plan` take
+/// both flags; `pull` takes the targets.
 #[derive(clap::Args, Debug)]
 struct SelectArgs {
     /// Only these stages and what they need (a `foreach` stage's name: every variant).
