@@ -332,6 +332,13 @@ fn a_run_goes_while_the_view_is_open_and_the_live_view_follows_it() {
     assert!(out.0, "the run failed while the view was open: {}", out.1);
     let runs = ui.page("/");
     assert!(runs.contains("gated"), "the finished run is listed: {runs}");
+    // A run limited by --target says so, and compare calls the stages it left out so.
+    p.run(&["run", "view.yaml", "--target", "data"]).assert_ok();
+    assert!(ui.page("/").contains("--target data"), "{}", ui.page("/"));
+    let targeted = p.run(&["runs", "--json"]).json()[0]["id"].as_str().unwrap_or("?").to_string();
+    let cmp = ui.page(&format!("/compare?a=base&b={targeted}"));
+    assert!(cmp.contains("<code>--target data</code>"), "{cmp}");
+    assert!(cmp.contains("<td>flaky</td><td>left out</td><td>run B ran with --target data</td>"), "{cmp}");
 
     // SIGTERM with a live page open: the event stream ends and the server exits cleanly.
     let mut ui = ui;
