@@ -65,6 +65,11 @@ def check_api():
             parts.append(c2.delta.content or "")
     expect("".join(parts) == ch.choices[0].message.content, f"chat stream {''.join(parts)!r} vs {ch.choices[0].message.content!r}")
     expect(roles[0] == "assistant", f"first delta carries the role: {roles}")
+    # One system_fingerprint for every answer of this server, chunks included.
+    fp = r.system_fingerprint
+    expect(fp and fp.startswith("fp_") and ch.system_fingerprint == fp, f"fingerprints {fp!r} / {ch.system_fingerprint!r}")
+    chunks = client.completions.create(stream=True, **kw)
+    expect({c.system_fingerprint for c in chunks} == {fp}, "every chunk carries the fingerprint")
     # Seeded sampling: the same seed gives the same text, another seed another text.
     seeded = lambda s: client.completions.create(model=MODEL, prompt="the dog", max_tokens=24, temperature=1.0, top_p=0.95, seed=s, extra_body={"top_k": 50}).choices[0].text
     a, b, other = seeded(42), seeded(42), seeded(43)

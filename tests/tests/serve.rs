@@ -88,6 +88,15 @@ impl Server {
         assert!(stdout.contains(&format!("{check} ok")), "{stdout}");
     }
 
+    /// The `system_fingerprint` of a one-token completion, over raw HTTP.
+    fn fingerprint(&self, model: &str) -> String {
+        let port = self.base.rsplit(':').next().and_then(|p| p.trim_end_matches("/v1").parse().ok()).unwrap_or(0);
+        let body = serde_json::json!({"model": model, "prompt": "the", "max_tokens": 1}).to_string();
+        let reply = e2e_tests::http(port, "POST", "/v1/completions", body.as_bytes());
+        let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+        v["system_fingerprint"].as_str().unwrap_or_else(|| panic!("no fingerprint in {}", reply.text())).to_string()
+    }
+
     /// Wait for the server to exit by itself; its exit code and stderr.
     fn wait(mut self) -> (Option<i32>, String) {
         for _ in 0..200 {
@@ -164,12 +173,18 @@ fn concurrent_streams_are_batched_and_each_gets_its_own_text() {
 #[test]
 fn the_int8_model_and_the_transformer_serve_too() {
     let p = trained();
-    Server::start(&p, &["serve.yaml", "int8"]).check("int8", "api");
-    Server::start(&p, &["serve.yaml", "transformer"]).check("transformer", "api");
-    // --model: a checkpoint folder copied out of the store, with its tokenizer.
+    let int8 = Server::start(&p, &["serve.yaml", "int8"]);
+    int8.check("int8", "api");
+    let transformer = Server::start(&p, &["serve.yaml", "transformer"]);
+    transformer.check("transformer", "api");
+    // --model: the GGUF file copied out of the store, with its tokenizer.
     p.run(&["export", "serve.yaml", "int8.model.gguf", "m/int8.gguf"]).assert_ok();
     p.run(&["export", "serve.yaml", "vocab.tokenizer.json", "m/tokenizer.json"]).assert_ok();
-    Server::start(&p, &["--model", "m/int8.gguf"]).check("int8", "api");
+    let copied = Server::start(&p, &["--model", "m/int8.gguf"]);
+    copied.check("int8", "api");
+    // The fingerprint follows the bytes served: the same model either way, another model not.
+    let (a, b, c) = (int8.fingerprint("int8"), copied.fingerprint("int8"), transformer.fingerprint("transformer"));
+    assert!(a == b && a != c, "int8 {a}, its copy {b}, transformer {c}");
 }
 
 #[test]

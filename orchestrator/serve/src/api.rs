@@ -29,6 +29,8 @@ use crate::Limits;
 pub struct AppState {
     pub model: Arc<Loaded>,
     pub name: String,
+    /// OpenAI's `system_fingerprint`: changes when what decides a seed's text changes.
+    pub fingerprint: String,
     pub jobs: SyncSender<Job>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
@@ -208,7 +210,7 @@ async fn answer(st: &AppState, kind: Kind, (jobs, p): (Vec<Job>, Prepared)) -> R
     for job in jobs {
         enqueue(st, job)?;
     }
-    respond(p, kind, now(), st.name.clone()).await
+    respond(p, kind, now(), st.name.clone(), st.fingerprint.clone()).await
 }
 
 /// Put a job in the queue; a full queue is 503 with Retry-After, not unbounded memory.

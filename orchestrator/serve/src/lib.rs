@@ -90,10 +90,12 @@ pub fn router(state: Arc<api::AppState>) -> Router {
 
 /// Serve `model` as `name` on `listener` until `shutdown` resolves; then stop taking
 /// connections, let requests in flight finish (bounded by their `max_tokens`), and return.
+/// Every response carries `fingerprint` as OpenAI's `system_fingerprint`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     model: Loaded,
     name: String,
+    fingerprint: String,
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -104,7 +106,8 @@ pub async fn serve(
         let (model, metrics, max_batch) = (model.clone(), metrics.clone(), limits.max_batch);
         std::thread::Builder::new().name("decode".into()).spawn(move || engine::run(model, rx, metrics, max_batch))?
     };
-    let state = Arc::new(api::AppState { model, name, jobs, metrics, limits, next_id: AtomicU64::new(1) });
+    let next_id = AtomicU64::new(1);
+    let state = Arc::new(api::AppState { model, name, fingerprint, jobs, metrics, limits, next_id });
     let app = router(state);
     // The router (and with it the last job sender) is dropped when serving ends, which lets
     // the engine finish what is in flight and return.

@@ -37,6 +37,7 @@ struct Header {
     kind: Kind,
     created: u64,
     model: String,
+    fingerprint: String,
 }
 
 impl Header {
@@ -47,8 +48,8 @@ impl Header {
             (Kind::Chat, true) => "chat.completion.chunk",
             (Kind::Completion, _) => "text_completion",
         };
-        let mut v =
-            json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices});
+        let mut v = json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+                           "system_fingerprint": self.fingerprint, "choices": choices});
         if let Some(u) = usage {
             v["usage"] = u;
         }
@@ -98,9 +99,15 @@ async fn collect(mut rx: UnboundedReceiver<Event>, shape: &Shape) -> Result<Coll
     Err(ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, "the engine stopped", None))
 }
 
-pub(crate) async fn respond(p: Prepared, kind: Kind, created: u64, model: String) -> Result<Response, ApiError> {
+pub(crate) async fn respond(
+    p: Prepared,
+    kind: Kind,
+    created: u64,
+    model: String,
+    fingerprint: String,
+) -> Result<Response, ApiError> {
     let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
-    let header = Header { id: format!("{prefix}-{}", p.id), kind, created, model };
+    let header = Header { id: format!("{prefix}-{}", p.id), kind, created, model, fingerprint };
     if p.stream {
         return Ok(streamed(header, p.choices, p.per_prompt, p.include_usage));
     }

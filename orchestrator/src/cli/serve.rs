@@ -101,6 +101,35 @@ fn tokenizer_of(
     }
 }
 
+/// OpenAI's `system_fingerprint`: a digest of what decides the text a seed gives — the model's
+/// and the tokenizer's bytes, this binary's commit and the kernels it runs here — so a client
+/// can tell when the same seed may no longer give the same text.
+fn fingerprint(model: &Path, tokenizer: &Path) -> anyhow::Result<String> {
+    let mut h = blake3::Hasher::new();
+    for path in [model, tokenizer] {
+        hash_into(&mut h, path).with_context(|| format!("reading {}", path.display()))?;
+    }
+    h.update(env!("ORCHESTRATE_GIT_COMMIT").as_bytes());
+    h.update(env!("ORCHESTRATE_GIT_DIRTY").as_bytes());
+    h.update(itera_models::simd_path().as_bytes());
+    Ok(format!("fp_{}", &h.finalize().to_hex()[..12]))
+}
+
+/// A file's bytes, or a folder's files by name (names included), into `h`.
+fn hash_into(h: &mut blake3::Hasher, path: &Path) -> std::io::Result<()> {
+    if !path.is_dir() {
+        h.update_reader(std::fs::File::open(path)?)?;
+        return Ok(());
+    }
+    let mut entries = std::fs::read_dir(path)?.collect::<Result<Vec<_>, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        h.update(e.file_name().as_encoded_bytes());
+        hash_into(h, &e.path())?;
+    }
+    Ok(())
+}
+
 pub(super) fn serve(env: &Env, a: Args) -> Result<i32, Failure> {
     let addr = super::socket_addr(&a.host, a.port)?;
     let scratch =
@@ -125,6 +154,7 @@ pub(super) fn serve(env: &Env, a: Args) -> Result<i32, Failure> {
         }
     };
     let loaded = orchestrate_serve::load(&model, &tokenizer).map_err(|e| anyhow!(e))?;
+    let fingerprint = fingerprint(&model, &tokenizer)?;
     let kind = if loaded.decoder.batches() { "Itera-Lite, batched decoding" } else { "Transformer" };
     let name = a.name.clone().unwrap_or(default_name);
     let limits = orchestrate_serve::Limits {
@@ -151,7 +181,9 @@ pub(super) fn serve(env: &Env, a: Args) -> Result<i32, Failure> {
             loaded.max_seq_len
         );
         let _ = std::io::stdout().flush();
-        orchestrate_serve::serve(listener, loaded, name, limits, shutdown_signal()).await.map_err(|e| anyhow!(e))?;
+        orchestrate_serve::serve(listener, loaded, name, fingerprint, limits, shutdown_signal())
+            .await
+            .map_err(|e| anyhow!(e))?;
         eprintln!("stopped: requests in flight finished");
         Ok::<_, anyhow::Error>(())
     })?;
