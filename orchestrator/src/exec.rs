@@ -188,6 +188,9 @@ impl Exit {
             (_, Some(9)) => "was killed by SIGKILL (out of memory?)".to_string(),
             (_, Some(6)) => "aborted (SIGABRT)".to_string(),
             (_, Some(s)) => format!("was killed by signal {s}"),
+            // The shell's own codes for a program it could not run (POSIX `sh`, "Exit Status").
+            (Some(127), _) => "exited with status 127: the program was not found (is it installed and on PATH?)".into(),
+            (Some(126), _) => "exited with status 126: the program could not be executed (is it executable?)".into(),
             (Some(c), _) => format!("exited with status {c}"),
             _ => "ended abnormally".to_string(),
         }

@@ -12,6 +12,7 @@
 //! taken in DAG order as threads free up.
 
 mod record;
+mod rerun;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
@@ -256,6 +257,25 @@ impl<'a> RunLoop<'a> {
         let _ = self.cancel_tx.send(true);
     }
 
+    /// After a failure (without `--keep-going`): nothing new starts, but stages already running
+    /// finish and are stored, as `make` and Snakemake do, so the next run does not redo them.
+    fn halt(&mut self, events: &mut dyn RunEvents) {
+        self.stopping = true;
+        let running: Vec<String> = (0..self.state.len())
+            .filter(|&i| matches!(self.state[i], State::Running))
+            .map(|i| format!("`{}`", self.p.stages[i].name))
+            .collect();
+        let (what, them) = match running.as_slice() {
+            [] => return,
+            [one] => (one.clone(), "its result is kept (Ctrl-C stops it now)"),
+            [a, b] => (format!("{a} and {b}"), "their results are kept (Ctrl-C stops them now)"),
+            [a, b, rest @ ..] => {
+                (format!("{a}, {b} and {} more", rest.len()), "their results are kept (Ctrl-C stops them now)")
+            }
+        };
+        events.note(&format!("nothing new starts after the failure; waiting for {what} to finish so {them}"));
+    }
+
     /// Decide every stage whose upstream has settled (cache hits and skips settle at once and
     /// can make their dependents ready in turn), then start waiting stages, in DAG order, while
     /// their threads fit.
@@ -302,7 +322,7 @@ impl<'a> RunLoop<'a> {
                 self.set(i, State::Failed, StageOutcome::new(&name, Status::Failed).error(Some(msg)));
                 self.failed_any = true;
                 if !self.opts.keep_going {
-                    self.stop();
+                    self.halt(events);
                 }
             }
             Decision::Hit { key, digest, manifest } => {
@@ -573,33 +593,8 @@ impl<'a> RunLoop<'a> {
             }
         }
         if self.failed_any && !self.opts.keep_going && !self.stopping {
-            self.stop();
+            self.halt(events);
         }
-    }
-
-    /// For a stage run again with `--rerun`, before its result replaces the cached one: when a
-    /// deterministic stage gave other bytes on the same CPU and kernels, the warning that says
-    /// so (that is nondeterminism, which `replay` would fail on).
-    fn rerun_differs(&self, i: usize, new: &Manifest) -> Option<String> {
-        let st = &self.p.stages[i];
-        if !self.opts.rerun.contains(&i) || !st.deterministic {
-            return None;
-        }
-        let (_, old) = self.store.lookup(&new.key).ok()??;
-        let same_kernels = old.provenance.as_ref().zip(new.provenance.as_ref()).is_some_and(|(a, b)| a.same_kernels(b));
-        let differ: Vec<&str> = (old.outputs.iter())
-            .filter(|(name, e)| !st.volatile_outputs.contains(name) && new.outputs.get(*name) != Some(*e))
-            .map(|(name, _)| name.as_str())
-            .collect();
-        (same_kernels && !differ.is_empty()).then(|| {
-            format!(
-                "`{}` was run again and gave other bytes than its cached result ({}) on the same CPU and kernels: \
-                 the stage is not deterministic (an unseeded RNG, the clock, the thread count?); the new result \
-                 replaces the old; mark the stage `deterministic: false` if its output rightly varies",
-                st.name,
-                differ.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
-            )
-        })
     }
 
     fn manifest(&self, i: usize, key: &str, key_input: KeyInput, run: &StageRun, desc: Option<String>) -> Manifest {

@@ -269,6 +269,33 @@ fn independent_stages_run_in_parallel_within_the_core_budget() {
 }
 
 #[test]
+fn after_a_failure_running_stages_finish_and_are_stored_and_nothing_new_starts() {
+    let p = Project::new();
+    let mark = p.path().join("bad-failed");
+    // `slow` is running when `bad` fails (it waits for bad's mark), and ends a second later.
+    let src = r#"stages:
+  bad: {kind: command, cmd: "touch MARK; exit 7", outputs: [o]}
+  slow: {kind: command, cmd: "while [ ! -e MARK ]; do sleep 0.05; done; sleep 1; echo ok > ${outputs.o}", outputs: [o]}
+  later: {kind: command, cmd: "echo later > ${outputs.o}", outputs: [o]}
+"#
+    .replace("MARK", &mark.display().to_string());
+    p.write("p.yaml", &src);
+    let r = p.run(&["run", "p.yaml", "--cores", "2"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let said = |text: &str| assert!(r.stderr.contains(text), "`{text}` expected in:\n{}", r.stderr);
+    said("FAILED     bad: command exited with status 7");
+    said("nothing new starts after the failure; waiting for `slow` to finish so its result is kept (Ctrl-C stops it now)");
+    said("done       slow in ");
+    // `later` never started: nothing new starts after a failure.
+    said("1 ran, 0 cached, 1 failed, 1 skipped in");
+    // Its result was stored: the next run takes it from the cache.
+    std::fs::remove_file(&mark).unwrap();
+    let r = p.run(&["run", "p.yaml", "--cores", "2", "--json", "--keep-going"]);
+    assert_eq!(r.status_of("slow"), "cached", "{}", r.stderr);
+    assert_eq!(r.status_of("later"), "ran");
+}
+
+#[test]
 fn fail_fast_by_default_keep_going_finishes_other_branches() {
     let src = r#"stages:
   bad: {kind: command, cmd: "echo boom >&2; exit 7", outputs: [o]}

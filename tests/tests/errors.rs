@@ -213,3 +213,28 @@ fn every_option_of_every_verb_is_described() {
         }
     }
 }
+
+/// A program the shell cannot find or run fails the stage with the shell's status and what it
+/// means, in both forms of `cmd`.
+#[test]
+fn a_missing_or_unrunnable_program_is_named_as_such() {
+    let p = project(GOOD);
+    p.write("tool.sh", "echo never\n");
+    let cases = [
+        (
+            "cmd: \"no-such-tool-xyz > ${outputs.o}\"",
+            "status 127: the program was not found (is it installed and on PATH?)",
+        ),
+        ("cmd: [no-such-tool-xyz, \"${outputs.o}\"]", "status 127: the program was not found"),
+        (
+            "cmd: [\"${inputs.t}\", \"${outputs.o}\"]\n    inputs: {t: file:tool.sh}",
+            "status 126: the program could not be executed",
+        ),
+    ];
+    for (cmd, expected) in cases {
+        p.write("q.yaml", &format!("stages:\n  s:\n    kind: command\n    {cmd}\n    outputs: [o]\n"));
+        let r = p.run(&["run", "q.yaml"]);
+        assert_eq!(r.code, 1, "{cmd}: {}", r.stderr);
+        assert!(r.stderr.contains(expected), "{cmd}: {}", r.stderr);
+    }
+}

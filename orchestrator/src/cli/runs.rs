@@ -66,11 +66,19 @@ impl Cell {
         }
     }
 
-    /// `0.500000`, `0.500000 (fit@lr=0.1)` or `—`.
-    fn text(&self) -> String {
+    /// `0.50`, `0.50 (fit@lr=0.1)` or `—`, with `decimals` places.
+    fn text(&self, decimals: usize) -> String {
         let from = self.from.as_ref().map(|f| format!(" ({f})")).unwrap_or_default();
-        self.value.map_or("—".to_string(), |x| format!("{x:.6}{from}"))
+        self.value.map_or("—".to_string(), |x| format!("{x:.decimals$}{from}"))
     }
+}
+
+/// Decimal places a column needs: the most any of its values needs, at most 6 (as `compare`
+/// rounds), so the points line up and 17071 tok/s is not printed as 17071.000000.
+fn decimals(values: impl Iterator<Item = f64>) -> usize {
+    let places =
+        |x: f64| (0..6).find(|&d| ((x * 10f64.powi(d)).round() - x * 10f64.powi(d)).abs() < 1e-6 * 10f64.powi(d));
+    values.map(|x| places(x).map_or(6, |d| d as usize)).max().unwrap_or(0)
 }
 
 /// `STAGE.METRIC` of a run, if that stage is in it and recorded the metric.
@@ -166,8 +174,11 @@ fn plot(rows: &[Row], metric: &str, png: &std::path::Path) -> Result<(), Failure
 fn print_table(rows: &[Row], metrics: &[String]) {
     let count = |n: Option<usize>| n.map_or("?".to_string(), |n| n.to_string());
     // A column per metric, as wide as its name or its widest value (a sweep's names the variant).
-    let widths: Vec<usize> = (metrics.iter())
-        .map(|m| rows.iter().map(|r| r.cells.get(m).map_or(1, |c| c.text().chars().count())).fold(m.len(), usize::max))
+    let places: Vec<usize> =
+        metrics.iter().map(|m| decimals(rows.iter().filter_map(|r| r.cells.get(m)?.value))).collect();
+    let text = |r: &Row, k: usize| r.cells.get(&metrics[k]).map_or("—".to_string(), |c| c.text(places[k]));
+    let widths: Vec<usize> = (0..metrics.len())
+        .map(|k| rows.iter().map(|r| text(r, k).chars().count()).fold(metrics[k].len(), usize::max))
         .collect();
     let metric_head: String = metrics.iter().zip(&widths).map(|(m, w)| format!("  {m:>w$}")).collect();
     // A name column only when a listed run has a name.
@@ -187,9 +198,7 @@ fn print_table(rows: &[Row], metrics: &[String]) {
         "reused"
     );
     for r in rows {
-        let value: String = (metrics.iter().zip(&widths))
-            .map(|(m, w)| format!("  {:>w$}", r.cells.get(m).map_or("—".to_string(), Cell::text)))
-            .collect();
+        let value: String = widths.iter().enumerate().map(|(k, w)| format!("  {:>w$}", text(r, k))).collect();
         let r = &r.line;
         println!(
             "{:<12}  {}{:<20}  {:<12}  {:<13}  {:<12}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
@@ -213,5 +222,18 @@ fn print_table(rows: &[Row], metrics: &[String]) {
     }
     if rows.iter().any(|r| r.line.source.as_ref().is_some_and(|s| s.dirty)) {
         println!("* the pipeline's repository had uncommitted changes to tracked files when the run started");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_column_takes_the_places_its_values_need() {
+        let places = |v: &[f64]| super::decimals(v.iter().copied());
+        assert_eq!(places(&[17071.0, 17373.0]), 0);
+        assert_eq!(places(&[0.5, 2.25, 3.0]), 2);
+        assert_eq!(places(&[0.1 + 0.2]), 1, "0.30000000000000004 is 0.3");
+        assert_eq!(places(&[1.0 / 3.0]), 6, "at most 6, as compare rounds");
+        assert_eq!(places(&[]), 0);
     }
 }
