@@ -38,6 +38,8 @@ pub struct RunLine {
     pub source: Option<SourceRev>,
     /// The commit orchestrate was built from.
     pub commit: Option<String>,
+    /// Whether orchestrate was built from a tree with uncommitted changes.
+    pub commit_dirty: bool,
     pub sets: Vec<String>,
     /// The stages `--target` limited the run to; empty: every stage.
     pub targets: Vec<String>,
@@ -59,6 +61,7 @@ impl RunLine {
             pipeline: r.pipeline.clone(),
             source: r.source.clone(),
             commit: r.provenance.as_ref().and_then(|p| p.commit.clone()).map(|c| c[..c.len().min(12)].to_string()),
+            commit_dirty: r.provenance.as_ref().is_some_and(|p| p.dirty),
             sets: r.sets.clone(),
             targets: r.targets.clone(),
             status: r.status.clone(),
@@ -143,6 +146,8 @@ pub struct Side {
     pub source: Option<SourceRev>,
     /// The commit orchestrate was built from.
     pub commit: Option<String>,
+    /// Whether orchestrate was built from a tree with uncommitted changes.
+    pub commit_dirty: bool,
     pub sets: Vec<String>,
     /// The stages `--target` limited the run to; empty: every stage.
     pub targets: Vec<String>,
@@ -209,6 +214,7 @@ fn side(run: &Run) -> Side {
         started_at: r.started_at,
         source: r.source.clone(),
         commit: r.provenance.as_ref().and_then(|p| p.commit.clone()),
+        commit_dirty: r.provenance.as_ref().is_some_and(|p| p.dirty),
         sets: r.sets.clone(),
         targets: r.targets.clone(),
         status: r.status.clone(),

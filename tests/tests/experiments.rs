@@ -66,7 +66,16 @@ fn runs_record_the_pipeline_repository_revision() {
     assert!(lines[0].contains(" source ") && lines[0].contains(" orchestrate "), "{}", text.stdout);
     assert!(lines[1].contains(&format!("{}*", &head[..12])), "{}", text.stdout);
     assert!(lines[2].contains(&format!("{} ", &head[..12])), "{}", text.stdout);
-    assert!(text.stdout.contains("* the pipeline's repository had uncommitted changes"), "{}", text.stdout);
+    assert!(text.stdout.contains("* source: the pipeline's repository had uncommitted changes"), "{}", text.stdout);
+    // The binary's own build: marked as `orchestrate --version` describes it.
+    let built_dirty = p.run(&["--version"]).stdout.contains("uncommitted changes");
+    assert_eq!(j[0]["commit_dirty"], built_dirty, "{j}");
+    let build = &j[0]["commit"].as_str().unwrap()[..12];
+    assert_eq!(lines[1].contains(&format!("{build}* ")), built_dirty, "{}", text.stdout);
+    assert_eq!(
+        text.stdout.contains("* orchestrate: the binary was built from a tree with uncommitted changes"),
+        built_dirty
+    );
     let cmp = p.run(&["compare"]);
     cmp.assert_ok();
     assert!(cmp.stdout.contains(&format!("source {} with uncommitted changes", &head[..12])), "{}", cmp.stdout);

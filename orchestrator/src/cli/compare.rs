@@ -8,6 +8,7 @@ use serde_json::Value;
 use super::{human_bytes, print_json, Env, Failure, PipelineArgs};
 use crate::diag::Diagnostic;
 use crate::history::{base_before, compare as compare_runs, resolve, short, sweep, Comparison, Gate, Sweep};
+use crate::source::SourceRev;
 use crate::store::iso8601;
 
 #[derive(clap::Args, Debug)]
@@ -167,22 +168,27 @@ fn table(head: &[&str], rows: &[Vec<String>], md: bool) -> String {
     out
 }
 
+/// A run in the header: `abc123 `base` (when, ok, source …, orchestrate …, --set …)`.
+fn side_text(s: &crate::history::Side) -> String {
+    let build = match &s.commit {
+        Some(c) => SourceRev { commit: c.clone(), dirty: s.commit_dirty }.described(),
+        None => "?".into(),
+    };
+    format!(
+        "{}{} ({}, {}, {}orchestrate {build}{}{})",
+        short(&s.id),
+        s.name.as_ref().map(|n| format!(" `{n}`")).unwrap_or_default(),
+        iso8601(s.started_at),
+        s.status,
+        s.source.as_ref().map(|r| format!("source {}, ", r.described())).unwrap_or_default(),
+        if s.sets.is_empty() { String::new() } else { format!(", --set {}", s.sets.join(" ")) },
+        s.targets.iter().map(|t| format!(", --target {t}")).collect::<String>()
+    )
+}
+
 fn text(c: &Comparison, md: bool, all: bool) -> String {
     let h = |t: &str| if md { format!("\n### {t}\n\n") } else { format!("\n{t}\n") };
-    let run = |s: &crate::history::Side| {
-        format!(
-            "{}{} ({}, {}, {}orchestrate {}{}{})",
-            short(&s.id),
-            s.name.as_ref().map(|n| format!(" `{n}`")).unwrap_or_default(),
-            iso8601(s.started_at),
-            s.status,
-            s.source.as_ref().map(|r| format!("source {}, ", r.described())).unwrap_or_default(),
-            s.commit.as_deref().map_or("?", |c| &c[..c.len().min(12)]),
-            if s.sets.is_empty() { String::new() } else { format!(", --set {}", s.sets.join(" ")) },
-            s.targets.iter().map(|t| format!(", --target {t}")).collect::<String>()
-        )
-    };
-    let mut out = format!("A: {}\nB: {}\n", run(&c.a), run(&c.b));
+    let mut out = format!("A: {}\nB: {}\n", side_text(&c.a), side_text(&c.b));
     out += &h("params");
     let rows: Vec<_> = (c.params.iter())
         .map(|p| {
@@ -305,4 +311,32 @@ fn plot_sweep(sw: &Sweep, png: &std::path::Path) -> Result<(), Failure> {
         .map_err(|e| anyhow::anyhow!("drawing {}: {e}", png.display()))?;
     eprintln!("plot: {}", png.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::history::Side;
+    use crate::source::SourceRev;
+
+    #[test]
+    fn the_header_says_which_code_ran_and_whether_it_was_committed() {
+        let side = |dirty: bool| Side {
+            id: "0123456789abcdef".into(),
+            name: Some("base".into()),
+            pipeline: "p".into(),
+            started_at: 0.0,
+            source: Some(SourceRev { commit: "aaaaaaaaaaaaaaaa".into(), dirty: false }),
+            commit: Some("bbbbbbbbbbbbbbbb".into()),
+            commit_dirty: dirty,
+            sets: vec!["n=5".into()],
+            targets: vec![],
+            status: "ok".into(),
+        };
+        assert_eq!(
+            super::side_text(&side(true)),
+            "0123456789ab `base` (1970-01-01T00:00:00Z, ok, source aaaaaaaaaaaa, \
+             orchestrate bbbbbbbbbbbb with uncommitted changes, --set n=5)"
+        );
+        assert!(super::side_text(&side(false)).contains("orchestrate bbbbbbbbbbbb, --set"));
+    }
 }

@@ -185,7 +185,7 @@ fn print_table(rows: &[Row], metrics: &[String]) {
     let name_width = rows.iter().filter_map(|r| r.line.name.as_ref()).map(|n| n.len().max(4)).max();
     let name_of = |n: Option<&str>| name_width.map(|w| format!("{:<w$}  ", n.unwrap_or("-"))).unwrap_or_default();
     println!(
-        "{:<12}  {}{:<20}  {:<12}  {:<13}  {:<12}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
+        "{:<12}  {}{:<20}  {:<12}  {:<13}  {:<13}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
         "id",
         name_of(Some("name")),
         "when",
@@ -201,13 +201,15 @@ fn print_table(rows: &[Row], metrics: &[String]) {
         let value: String = widths.iter().enumerate().map(|(k, w)| format!("  {:>w$}", text(r, k))).collect();
         let r = &r.line;
         println!(
-            "{:<12}  {}{:<20}  {:<12}  {:<13}  {:<12}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
+            "{:<12}  {}{:<20}  {:<12}  {:<13}  {:<13}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
             r.id,
             name_of(r.name.as_deref()),
             r.started_at,
             r.pipeline,
             r.source.as_ref().map_or("-".to_string(), SourceRev::short),
-            r.commit.as_deref().unwrap_or("-"),
+            r.commit
+                .as_ref()
+                .map_or("-".to_string(), |c| SourceRev { commit: c.clone(), dirty: r.commit_dirty }.short()),
             r.status,
             r.duration_s,
             count(r.ran),
@@ -221,7 +223,10 @@ fn print_table(rows: &[Row], metrics: &[String]) {
         );
     }
     if rows.iter().any(|r| r.line.source.as_ref().is_some_and(|s| s.dirty)) {
-        println!("* the pipeline's repository had uncommitted changes to tracked files when the run started");
+        println!("* source: the pipeline's repository had uncommitted changes to tracked files when the run started");
+    }
+    if rows.iter().any(|r| r.line.commit_dirty) {
+        println!("* orchestrate: the binary was built from a tree with uncommitted changes (`show` names its build)");
     }
 }
 
