@@ -278,6 +278,25 @@ fn csv_row(r: &Value) -> String {
     .join(",")
 }
 
+/// A model's headline figures as stage metrics, so `runs --metric`, `compare` and
+/// `--fail-on-regress` follow them across runs: `LABEL_forward_tok_s` and so on, named as the
+/// evaluate stage names its own (`@` in an ONNX label becomes `_`). Absent figures are left out.
+fn metrics_of(r: &Value) -> Vec<(String, Value)> {
+    let label = r["label"].as_str().unwrap_or("model").replace('@', "_");
+    [
+        ("forward_tok_s", &r["forward_tokens_per_s"]["median"]),
+        ("generate_tok_s", &r["generate_tokens_per_s"]["median"]),
+        ("latency_ms_p50", &r["latency_ms_p50"]),
+        ("bytes_on_disk", &r["bytes_on_disk"]),
+        ("peak_rss_bytes", &r["peak_rss_bytes"]),
+        ("val_loss", &r["quality"]["val_loss"]),
+    ]
+    .into_iter()
+    .filter(|(_, v)| v.is_number())
+    .map(|(k, v)| (format!("{label}_{k}"), v.clone()))
+    .collect()
+}
+
 const CSV_HEADER: &str = concat!(
     "label,model,runtime,weights,params,",
     "embedding_params,non_embedding_params,bytes_on_disk,flops_per_token,forward_tok_s_median,",
@@ -373,6 +392,9 @@ impl Stage for BenchmarkStage {
         }
         std::fs::write(ctx.output("benchmark.csv")?, csv).map_err(|e| StageError::io("writing benchmark.csv", e))?;
         ctx.metric("models", report["models"].as_array().map(|a| a.len()).unwrap_or(0));
+        for (name, value) in report["models"].as_array().into_iter().flatten().flat_map(metrics_of) {
+            ctx.metric(name, value);
+        }
         Ok(())
     }
 }

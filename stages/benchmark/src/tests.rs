@@ -84,6 +84,22 @@ fn measures_native_gguf_and_onnx_models_with_host_and_csv() {
     assert!((loss(1) - loss(2)).abs() < 1e-4 && (loss(1) - loss(3)).abs() < 1e-4);
     assert_eq!(models[2]["flops_cross_check"]["equal"], true);
     assert!(models[0]["bytes_on_disk"].as_u64().unwrap() * 2 < models[1]["bytes_on_disk"].as_u64().unwrap());
+    // Each model's figures are also the stage's metrics, as benchmark.json has them (read
+    // back by serde_json's fast float parser, which may be an ulp off).
+    let metrics = ctx.metrics();
+    for (i, label) in [(0, "int8"), (1, "itera"), (3, "onnx_onnxruntime")] {
+        let m = &models[i];
+        let same = |metric: &str, v: &Value| {
+            let (a, b) = (metrics[&format!("{label}_{metric}")].as_f64().unwrap(), v.as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-12 * b.abs(), "{label}_{metric}: {a} vs {b}");
+        };
+        same("forward_tok_s", &m["forward_tokens_per_s"]["median"]);
+        same("generate_tok_s", &m["generate_tokens_per_s"]["median"]);
+        same("val_loss", &m["quality"]["val_loss"]);
+        same("bytes_on_disk", &m["bytes_on_disk"]);
+        same("peak_rss_bytes", &m["peak_rss_bytes"]);
+        same("latency_ms_p50", &m["latency_ms_p50"]);
+    }
     let csv = std::fs::read_to_string(d.join("benchmark.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5);
     assert!(csv.lines().all(|l| l.split(',').count() == 20), "{csv}");
