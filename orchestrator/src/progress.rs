@@ -49,6 +49,16 @@ impl Progress {
         }
     }
 
+    /// A line shown even in quiet mode.
+    fn always(&self, text: String) {
+        match &self.live {
+            Some(l) => {
+                let _ = l.multi.println(text);
+            }
+            None => eprintln!("{text}"),
+        }
+    }
+
     fn tick(&mut self) {
         self.finished += 1;
         if let Some(l) = &self.live {
@@ -129,13 +139,7 @@ impl RunEvents for Progress {
                 text.push_str(l);
             }
         }
-        // Failures are shown even in quiet mode.
-        match &self.live {
-            Some(l) => {
-                let _ = l.multi.println(text);
-            }
-            None => eprintln!("{text}"),
-        }
+        self.always(text);
         self.tick();
     }
 
@@ -150,18 +154,14 @@ impl RunEvents for Progress {
         self.tick();
     }
 
+    /// Notes say why the run is stopping (a failure, Ctrl-C): shown even in quiet mode, as
+    /// failures are, since the run may still wait for stages.
     fn note(&mut self, text: &str) {
-        self.line(format!("  {text}"));
+        self.always(format!("  {text}"));
     }
 
     fn warning(&mut self, text: &str) {
-        let text = format!("  warning: {text}");
-        match &self.live {
-            Some(l) => {
-                let _ = l.multi.println(text);
-            }
-            None => eprintln!("{text}"),
-        }
+        self.always(format!("  warning: {text}"));
     }
 
     fn finish(&mut self, s: &RunSummary) {

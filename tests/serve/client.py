@@ -2,9 +2,10 @@
 
     python client.py BASE_URL MODEL CHECK [SERVER_PID]
 
-CHECK is one of: api, errors, logprobs, concurrent, overload, graceful. Each check raises on
-the first thing that is wrong (so the process exits non-zero with the reason) and prints what it
-saw. `logprobs` reads PROBE_TEXT (a file) and PROBE_NATS (the evaluate stage's nats/token on it).
+CHECK is one of: api, errors, logprobs, concurrent, overload, graceful, card. Each check raises
+on the first thing that is wrong (so the process exits non-zero with the reason) and prints what
+it saw. `logprobs` reads PROBE_TEXT (a file) and PROBE_NATS (the evaluate stage's nats/token on
+it); `card` reads CREATED_FROM (Unix seconds or an ISO 8601 time) and CREATED_SPAN (seconds).
 """
 
 import json
@@ -13,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import datetime
 
 import httpx
 from openai import OpenAI, APIStatusError
@@ -416,4 +418,15 @@ def check_graceful():
     raise AssertionError("the server still answers after SIGTERM")
 
 
-{"api": check_api, "errors": check_errors, "logprobs": check_logprobs, "concurrent": check_concurrent, "overload": check_overload, "graceful": check_graceful}[CHECK]()
+def check_card():
+    """/v1/models says when the model was made: within CREATED_SPAN seconds of CREATED_FROM."""
+    start = os.environ["CREATED_FROM"]
+    start = int(start) if start.isdigit() else datetime.fromisoformat(start.replace("Z", "+00:00")).timestamp()
+    span = float(os.environ.get("CREATED_SPAN", "0"))
+    card, listed = client.models.retrieve(MODEL), client.models.list().data[0]
+    expect(start <= card.created <= start + span + 1, f"created {card.created}, expected {start} + {span} s")
+    expect(listed.created == card.created, f"listed {listed.created} vs retrieved {card.created}")
+    print(f"card ok: created {card.created}")
+
+
+{"api": check_api, "errors": check_errors, "card": check_card, "logprobs": check_logprobs, "concurrent": check_concurrent, "overload": check_overload, "graceful": check_graceful}[CHECK]()

@@ -185,6 +185,17 @@ fn the_int8_model_and_the_transformer_serve_too() {
     // The fingerprint follows the bytes served: the same model either way, another model not.
     let (a, b, c) = (int8.fingerprint("int8"), copied.fingerprint("int8"), transformer.fingerprint("transformer"));
     assert!(a == b && a != c, "int8 {a}, its copy {b}, transformer {c}");
+    // /v1/models' `created`: when the stage computed the model, or the file's modification time.
+    let shown = p.run(&["show", "serve.yaml", "int8", "--json"]).json();
+    let span = shown["duration_s"].as_f64().unwrap_or(0.0).ceil().to_string();
+    int8.check_with(
+        "int8",
+        "card",
+        &[("CREATED_FROM", shown["started_at"].as_str().unwrap_or("").into()), ("CREATED_SPAN", span)],
+    );
+    let mtime = std::fs::metadata(p.path().join("m/int8.gguf")).and_then(|m| m.modified()).expect("the copy's mtime");
+    let mtime = mtime.duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs();
+    copied.check_with("int8", "card", &[("CREATED_FROM", mtime.to_string()), ("CREATED_SPAN", "0".into())]);
 }
 
 #[test]

@@ -31,6 +31,8 @@ pub struct AppState {
     pub name: String,
     /// OpenAI's `system_fingerprint`: changes when what decides a seed's text changes.
     pub fingerprint: String,
+    /// When the model was made (Unix seconds), as `/v1/models` says.
+    pub created: u64,
     pub jobs: SyncSender<Job>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
@@ -310,7 +312,7 @@ pub async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesReje
 }
 
 fn model_card(st: &AppState) -> serde_json::Value {
-    json!({"id": st.name, "object": "model", "created": 0, "owned_by": "orchestrate"})
+    json!({"id": st.name, "object": "model", "created": st.created, "owned_by": "orchestrate"})
 }
 
 pub async fn models(State(st): State<Arc<AppState>>) -> Response {

@@ -91,11 +91,20 @@ pub fn router(state: Arc<api::AppState>) -> Router {
 /// Serve `model` as `name` on `listener` until `shutdown` resolves; then stop taking
 /// connections, let requests in flight finish (bounded by their `max_tokens`), and return.
 /// Every response carries `fingerprint` as OpenAI's `system_fingerprint`.
+/// What the API says about the model it serves.
+pub struct Card {
+    /// The model's name: requests must name it.
+    pub name: String,
+    /// OpenAI's `system_fingerprint`, on every response.
+    pub fingerprint: String,
+    /// `/v1/models`' `created`: when the model was made (Unix seconds).
+    pub created: u64,
+}
+
 pub async fn serve(
     listener: tokio::net::TcpListener,
     model: Loaded,
-    name: String,
-    fingerprint: String,
+    card: Card,
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -107,7 +116,8 @@ pub async fn serve(
         std::thread::Builder::new().name("decode".into()).spawn(move || engine::run(model, rx, metrics, max_batch))?
     };
     let next_id = AtomicU64::new(1);
-    let state = Arc::new(api::AppState { model, name, fingerprint, jobs, metrics, limits, next_id });
+    let Card { name, fingerprint, created } = card;
+    let state = Arc::new(api::AppState { model, name, fingerprint, created, jobs, metrics, limits, next_id });
     let app = router(state);
     // The router (and with it the last job sender) is dropped when serving ends, which lets
     // the engine finish what is in flight and return.

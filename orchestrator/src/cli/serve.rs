@@ -57,7 +57,8 @@ fn default_output(kind: &str) -> Option<&'static str> {
 }
 
 /// Copy STAGE[.OUTPUT] and the stage's tokenizer out of the store into `dir`.
-fn from_store(env: &Env, pa: &PipelineArgs, target: &str, dir: &Path) -> Result<(PathBuf, PathBuf), Failure> {
+/// The stage's model and tokenizer copied into `dir`, and when the stage computed it.
+fn from_store(env: &Env, pa: &PipelineArgs, target: &str, dir: &Path) -> Result<(PathBuf, PathBuf, u64), Failure> {
     let (p, dag) = env.load(pa)?;
     let store = env.open_reader()?;
     let entries = crate::plan::plan(&p, &dag, &store);
@@ -76,7 +77,13 @@ fn from_store(env: &Env, pa: &PipelineArgs, target: &str, dir: &Path) -> Result<
     let model = dir.join(if output.ends_with(".gguf") { "model.gguf" } else { "model" });
     store.export(entry, &model, &format!("{stage}.{output}")).map_err(|e| anyhow!(e))?;
     let tokenizer = tokenizer_of(&p, &store, &entries, &stage, dir)?;
-    Ok((model, tokenizer))
+    Ok((model, tokenizer, (m.started_at + m.duration_s) as u64))
+}
+
+/// A file's (or folder's) modification time in Unix seconds; 0 when the filesystem has none.
+fn modified(path: &Path) -> u64 {
+    let t = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs())
 }
 
 /// The stage's `tokenizer` input, copied out of the store (or in place for a `file:` input).
@@ -134,18 +141,18 @@ pub(super) fn serve(env: &Env, a: Args) -> Result<i32, Failure> {
     let addr = super::socket_addr(&a.host, a.port)?;
     let scratch =
         tempfile::Builder::new().prefix("orchestrate-serve-").tempdir().context("creating a temporary folder")?;
-    let (model, tokenizer, default_name) = match (&a.model, &a.pipeline, &a.target) {
+    let (model, tokenizer, default_name, created) = match (&a.model, &a.pipeline, &a.target) {
         (Some(m), _, _) => {
             // Given, else beside the model (a .gguf file), else inside it (a checkpoint folder).
             let beside = m.with_file_name("tokenizer.json");
             let tok = a.tokenizer.clone().unwrap_or(if beside.exists() { beside } else { m.join("tokenizer.json") });
             let name = m.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
-            (m.clone(), tok, name)
+            (m.clone(), tok, name, modified(m))
         }
         (None, Some(pipeline), Some(target)) => {
             let pa = PipelineArgs { pipeline: pipeline.clone(), sets: a.sets.clone() };
-            let (m, t) = from_store(env, &pa, target, scratch.path())?;
-            (m, a.tokenizer.clone().unwrap_or(t), target.clone())
+            let (m, t, created) = from_store(env, &pa, target, scratch.path())?;
+            (m, a.tokenizer.clone().unwrap_or(t), target.clone(), created)
         }
         _ => {
             return Err(Diagnostic::new("E-CLI", "serve needs PIPELINE STAGE[.OUTPUT], or --model PATH")
@@ -181,9 +188,8 @@ pub(super) fn serve(env: &Env, a: Args) -> Result<i32, Failure> {
             loaded.max_seq_len
         );
         let _ = std::io::stdout().flush();
-        orchestrate_serve::serve(listener, loaded, name, fingerprint, limits, shutdown_signal())
-            .await
-            .map_err(|e| anyhow!(e))?;
+        let card = orchestrate_serve::Card { name, fingerprint, created };
+        orchestrate_serve::serve(listener, loaded, card, limits, shutdown_signal()).await.map_err(|e| anyhow!(e))?;
         eprintln!("stopped: requests in flight finished");
         Ok::<_, anyhow::Error>(())
     })?;
