@@ -243,6 +243,31 @@ fn spawn_run(p: &Project, cluster: &SlurmCluster, file: &str, extra: &[&str]) ->
     c.stdout(Stdio::null()).stderr(log).spawn().expect("starting orchestrate")
 }
 
+/// Without `--keep-going`, a failed job stops new submissions but cancels nothing: the job
+/// running beside it finishes and its result is stored.
+#[test]
+fn after_a_failed_job_the_jobs_already_submitted_finish_and_are_stored() {
+    let cluster = SlurmCluster::start();
+    let p = Project::new();
+    let mark = p.path().join("bad-failed").display().to_string();
+    let file = p.write(
+        "fail.yaml",
+        &format!(
+            "stages:\n  bad: {{kind: command, cmd: \"touch {mark}; exit 3\", outputs: [o]}}\n  \
+             slow: {{kind: command, cmd: \"while [ ! -e {mark} ]; do sleep 0.1; done; sleep 2; echo ok > ${{outputs.o}}\", outputs: [o]}}\n"
+        ),
+    );
+    let file = file.display().to_string();
+    let r = run_in(&p, &cluster, &["run", &file, "--executor", "slurm", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.status_of("bad"), "failed", "{}", r.stderr);
+    assert_eq!(r.status_of("slow"), "ran", "{}", r.stderr);
+    assert!(r.stderr.contains("waiting for `slow` to finish so its result is kept"), "{}", r.stderr);
+    assert!(cluster.calls_of("scancel").is_empty(), "nothing is cancelled: {:?}", cluster.calls_of("scancel"));
+    let again = run_in(&p, &cluster, &["run", &file, "--executor", "slurm", "--target", "slow", "--json"]);
+    assert_eq!(again.status_of("slow"), "cached", "{}", again.stderr);
+}
+
 #[test]
 fn ctrl_c_cancels_every_job_of_the_run() {
     let cluster = SlurmCluster::start();
