@@ -103,7 +103,11 @@ pub fn resolve<'r>(runs: &'r [Run], spec: &str) -> Result<&'r Run, String> {
         None => None,
     };
     if let Some(n) = back {
-        return runs.get(n).ok_or_else(|| format!("`{spec}`: the store has only {} runs", runs.len()));
+        return runs.get(n).ok_or_else(|| match runs.len() {
+            0 => format!("`{spec}`: the store has no runs yet (`orchestrate run` records one)"),
+            1 => format!("`{spec}`: the store has only 1 run (`latest`)"),
+            k => format!("`{spec}`: the store has only {k} runs (`latest~{}` is the oldest)", k - 1),
+        });
     }
     if let Some(named) = runs.iter().find(|(_, r)| r.name.as_deref() == Some(spec)) {
         return Ok(named);

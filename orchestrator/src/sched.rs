@@ -1,5 +1,6 @@
 //! The scheduler: a tokio loop over the DAG that admits ready stages while their threads fit
-//! the CPU budget, short-circuits cache hits, and stops cleanly on failure or a signal.
+//! the CPU budget, short-circuits cache hits, stops admitting stages after a failure (those
+//! running finish), and stops running ones on a signal.
 //!
 //! [`run`] is the loop; [`RunLoop`] holds the state of every stage and has one method per
 //! thing that can happen: settle what needs no running ([`RunLoop::admit_ready`]), a stage

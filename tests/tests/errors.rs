@@ -137,6 +137,11 @@ fn bad_set() {
     }
     let e = invalid(GOOD, &["--set", "a@5.x=1"], "E-SET", None);
     assert!(e.contains("is neither a pipeline param nor a stage"), "{e}");
+    // A value --set gives that the stage refuses: the error says it came from --set.
+    let e = invalid(GOOD, &["--set", "stages.a.cmd=[]"], "E-PARAM", None);
+    assert!(e.starts_with("--set: error[E-PARAM]: stage `a`: ") && e.contains("empty list"), "{e}");
+    let e = invalid(GOOD, &["--set", "stages.a.threads=zero"], "E-TYPE", None);
+    assert!(e.starts_with("--set: error[E-TYPE]"), "{e}");
 }
 
 #[test]

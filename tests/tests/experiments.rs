@@ -366,7 +366,7 @@ fn compare_errors_are_clear() {
         2,
         "no run `abcdef12` in the store; `orchestrate runs` lists them",
     );
-    failed_with(&p.run(&["compare", "latest~5", "latest"]), 2, "the store has only 2 runs");
+    failed_with(&p.run(&["compare", "latest~5", "latest"]), 2, "the store has only 2 runs (`latest~1` is the oldest)");
     failed_with(&p.run(&["compare", "latest", "latest~x"]), 2, "write `latest` or `latest~N`");
     p.write("q.yaml", &SCORED.replace("score.loss: min", "score.accuracy: max"));
     p.run(&["run", "q.yaml", "--set", "n=7"]).assert_ok();
@@ -376,7 +376,7 @@ fn compare_errors_are_clear() {
         "metric `score.accuracy` is declared, but stage `score` did not record `accuracy` (it records: loss, value)",
     );
     let fresh = Project::new();
-    failed_with(&fresh.run(&["compare"]), 2, "the store has only 0 runs");
+    failed_with(&fresh.run(&["compare"]), 2, "the store has no runs yet");
 }
 
 /// A grid sweep whose `loss` is smallest at lr=0.2 with model b, and a stage taking the best.

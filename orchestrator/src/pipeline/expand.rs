@@ -342,11 +342,11 @@ fn fields(ctx: &Ctx, d: &Decl, scope: &Scope) -> Result<BTreeMap<String, Value>,
     Ok(fields)
 }
 
-/// The kind's own check, its error placed at the offending key (or the stage's name).
+/// The kind's own check, its error placed at the offending key (or the stage's name); a value
+/// given with `--set` has no place in the file, and the error says `--set` instead.
 fn check(ctx: &Ctx, d: &Decl, name: &str, p: &Params, io: InputSpec) -> Result<StageProfile, Diagnostic> {
     d.stage.check(p, &io).map_err(|e| {
         let pos = d.node.locate(&e.key);
-        let pos = if pos == Pos::default() { d.key.pos } else { pos };
         let mut diag = ctx.err("E-PARAM", format!("stage `{name}`: {}", e.message), pos);
         diag.help = e.help;
         diag
