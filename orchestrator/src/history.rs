@@ -412,7 +412,7 @@ pub struct Sweep {
     pub better: Better,
     /// The swept values: a grid's keys, or `item` for a plain `foreach` list.
     pub params: Vec<String>,
-    /// Declared metrics covering the variants.
+    /// The metrics shown: the one ranked by, and those declared covering the variants.
     pub metrics: Vec<String>,
     pub rows: Vec<SweepRow>,
 }
@@ -456,6 +456,47 @@ fn rank(rows: &mut [SweepRow], metric: &str, better: Better) -> Result<(), Strin
     Ok(())
 }
 
+/// What `--sweep STAGE [--by B]` ranks by: `B` as `METRIC` or `STAGE.METRIC`, declared under
+/// `metrics:`, or with its direction (`METRIC:min`, `METRIC:max`) whether declared or not;
+/// without `--by`, the first declared metric covering the stage.
+fn ranked_by(
+    stage: &str,
+    by: Option<&str>,
+    decls: &[&MetricDecl],
+    variants: &BTreeMap<&String, &Manifest>,
+) -> Result<(String, Better), String> {
+    let recorded = || {
+        let names: BTreeSet<&str> = variants.values().flat_map(|m| m.metrics.keys()).map(String::as_str).collect();
+        names.into_iter().collect::<Vec<_>>().join(", ")
+    };
+    let Some(spec) = by else {
+        return decls.first().map(|d| (d.metric.clone(), d.better)).ok_or_else(|| {
+            format!(
+                "no metric of `{stage}` is declared, so the variants cannot be ranked: declare one (e.g. \
+                 `metrics: {{{stage}.val_loss: min}}`) or name one with its direction, `--by METRIC:min` \
+                 (its variants record: {})",
+                recorded()
+            )
+        });
+    };
+    let (name, given) = match spec.rsplit_once(':') {
+        Some((m, "min")) => (m, Some(Better::Min)),
+        Some((m, "max")) => (m, Some(Better::Max)),
+        Some((_, other)) => return Err(format!("`--by {spec}`: the direction is `min` or `max`, not `{other}`")),
+        None => (spec, None),
+    };
+    let name = name.strip_prefix(&format!("{stage}.")).unwrap_or(name);
+    let declared = decls.iter().find(|d| d.metric == name).map(|d| d.better);
+    match given.or(declared) {
+        Some(better) => Ok((name.to_string(), better)),
+        None => Err(format!(
+            "`--by {spec}`: `{name}` is not a declared metric of `{stage}` in that run: give its direction, \
+             `--by {name}:min` or `--by {name}:max` (its variants record: {})",
+            recorded()
+        )),
+    }
+}
+
 /// The sweep of `stage` in `run`, sorted by `by` (else the first declared metric covering it).
 pub fn sweep(objects: &ObjectStore, run: &Run, stage: &str, by: Option<&str>) -> Result<Sweep, String> {
     let all = manifests(objects, run)?;
@@ -472,14 +513,7 @@ pub fn sweep(objects: &ObjectStore, run: &Run, stage: &str, by: Option<&str>) ->
         return Err(format!("run {} has no variants of `{stage}` (stages with foreach in it: {known})", short(&run.0)));
     }
     let decls: Vec<&MetricDecl> = run.1.metrics.iter().filter(|d| variants.keys().any(|v| d.covers(v))).collect();
-    let chosen = match by {
-        Some(m) => decls.iter().find(|d| d.metric == m).ok_or_else(|| {
-            format!("`--by {m}`: `{m}` is not a declared metric of `{stage}` in that run (declare it under `metrics:`)")
-        })?,
-        None => decls.first().ok_or_else(|| {
-            format!("no metric of `{stage}` is declared, so the variants cannot be ranked; add e.g. `metrics: {{{stage}.val_loss: min}}`")
-        })?,
-    };
+    let (by, better) = ranked_by(stage, by, &decls, &variants)?;
     let mut varying: Vec<String> = Vec::new();
     for v in variants.keys() {
         for k in swept_values(split_instance(v).1.unwrap_or_default()).into_keys() {
@@ -488,7 +522,10 @@ pub fn sweep(objects: &ObjectStore, run: &Run, stage: &str, by: Option<&str>) ->
             }
         }
     }
-    let metrics: Vec<String> = decls.iter().map(|d| d.metric.clone()).collect();
+    let mut metrics: Vec<String> = decls.iter().map(|d| d.metric.clone()).collect();
+    if !metrics.contains(&by) {
+        metrics.insert(0, by.clone());
+    }
     let mut rows: Vec<SweepRow> = (variants.iter())
         .map(|(v, m)| SweepRow {
             variant: (*v).clone(),
@@ -496,14 +533,6 @@ pub fn sweep(objects: &ObjectStore, run: &Run, stage: &str, by: Option<&str>) ->
             metrics: metrics.iter().map(|name| (name.clone(), number(Some(m), name))).collect(),
         })
         .collect();
-    rank(&mut rows, &chosen.metric, chosen.better)?;
-    Ok(Sweep {
-        stage: stage.into(),
-        run: run.0.clone(),
-        by: chosen.metric.clone(),
-        better: chosen.better,
-        params: varying,
-        metrics,
-        rows,
-    })
+    rank(&mut rows, &by, better)?;
+    Ok(Sweep { stage: stage.into(), run: run.0.clone(), by, better, params: varying, metrics, rows })
 }

@@ -507,6 +507,19 @@ fn sweep_errors_are_clear() {
     failed_with(
         &p.run(&["compare", "--sweep", "fit", "--by", "speed"]),
         2,
-        "`speed` is not a declared metric of `fit`",
+        "`speed` is not a declared metric of `fit` in that run: give its direction, `--by speed:min` or \
+         `--by speed:max` (its variants record: loss)",
     );
+    failed_with(&p.run(&["compare", "--sweep", "fit", "--by", "loss:up"]), 2, "the direction is `min` or `max`");
+    // `--by` takes STAGE.METRIC too, and a direction given ranks that way.
+    p.run(&["run", "s.yaml"]).assert_ok();
+    let first_row = |args: &[&str]| {
+        let r = p.run(args);
+        r.assert_ok();
+        r.stdout.lines().nth(2).unwrap_or_default().trim().to_string()
+    };
+    let best = first_row(&["compare", "--sweep", "fit", "--by", "fit.loss"]);
+    assert!(best.starts_with("fit@lr=0.2+model=b"), "{best}");
+    let worst = first_row(&["compare", "--sweep", "fit", "--by", "loss:max"]);
+    assert!(worst.starts_with("fit@lr=0.1+model=a"), "{worst}");
 }

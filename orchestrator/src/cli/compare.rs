@@ -41,7 +41,8 @@ pub(super) struct Args {
     /// Instead: every variant of this `foreach` stage in run B, best first.
     #[arg(long, value_name = "STAGE", conflicts_with = "gates")]
     sweep: Option<String>,
-    /// With --sweep: rank by this declared metric (default: the first declared for the stage).
+    /// With --sweep: rank by this metric, declared under `metrics:`, or any the variants record
+    /// with its direction: `loss:min`, `accuracy:max` (default: the first declared for the stage).
     #[arg(long, value_name = "METRIC", requires = "sweep")]
     by: Option<String>,
     /// With --sweep: also draw the ranking metric per variant as a PNG bar chart.
