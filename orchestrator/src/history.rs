@@ -479,12 +479,7 @@ fn ranked_by(
             )
         });
     };
-    let (name, given) = match spec.rsplit_once(':') {
-        Some((m, "min")) => (m, Some(Better::Min)),
-        Some((m, "max")) => (m, Some(Better::Max)),
-        Some((_, other)) => return Err(format!("`--by {spec}`: the direction is `min` or `max`, not `{other}`")),
-        None => (spec, None),
-    };
+    let (name, given) = Better::split(spec).map_err(|e| format!("--by {e}"))?;
     let name = name.strip_prefix(&format!("{stage}.")).unwrap_or(name);
     let declared = decls.iter().find(|d| d.metric == name).map(|d| d.better);
     match given.or(declared) {

@@ -428,6 +428,10 @@ fn grid_sweeps_are_named_ranked_and_the_best_variant_is_in_the_key() {
     assert_eq!((runs[0]["metric"].as_f64(), runs[0]["metric_from"].as_str()), (Some(0.0), Some("fit@lr=0.2+model=b")));
     let text = p.run(&["runs", "--metric", "fit.loss"]).stdout;
     assert!(text.contains(" 0 (fit@lr=0.2+model=b)"), "{text}");
+    // A direction given picks the best variant that way, declared or not.
+    let runs = p.run(&["runs", "--metric", "fit.loss:max", "--json"]).json();
+    assert_eq!((runs[0]["metric"].as_f64(), runs[0]["metric_from"].as_str()), (Some(1.2), Some("fit@lr=0.4+model=a")));
+    failed_with(&p.run(&["runs", "--metric", "fit.loss:up"]), 2, "the direction is `min` or `max`, not `up`");
 
     let sweep = p.run(&["compare", "--sweep", "fit"]);
     sweep.assert_ok();

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::{print_json, Env, Failure, PipelineArgs};
 use crate::history::{Run, RunLine};
+use crate::pipeline::metrics::Better;
 use crate::source::SourceRev;
 use crate::store::{RunRecord, Store};
 
@@ -18,7 +19,8 @@ pub(super) struct Args {
     #[arg(long, default_value_t = 20)]
     limit: usize,
     /// Add this metric of each run (STAGE.METRIC) as a column (repeatable: a column each); for
-    /// a `foreach` stage, its best variant's by the pipeline's `metrics:` direction.
+    /// a `foreach` stage, its best variant's by the pipeline's `metrics:` direction, or by the
+    /// one given: STAGE.METRIC:min or :max.
     #[arg(long = "metric", value_name = "STAGE.METRIC")]
     metrics: Vec<String>,
     /// Draw the metric across the listed runs as a PNG bar chart (needs one --metric).
@@ -56,11 +58,13 @@ struct Cell {
 }
 
 impl Cell {
+    /// `spec` is STAGE.METRIC, or for a `foreach` stage's best variant also STAGE.METRIC:min|max.
     fn of(store: &Store, r: &RunRecord, spec: &str) -> Cell {
-        match metric_of(store, r, spec) {
+        let (name, better) = Better::split(spec).unwrap_or((spec, None));
+        match metric_of(store, r, name) {
             Some(v) => Cell { value: Some(v), from: None },
             None => {
-                let (value, from) = best_of_sweep(store, r, spec).unzip();
+                let (value, from) = best_of_sweep(store, r, name, better).unzip();
                 Cell { value, from }
             }
         }
@@ -92,16 +96,17 @@ fn metric_of(store: &Store, r: &RunRecord, spec: &str) -> Option<f64> {
 /// `SWEEP.METRIC` of a run for a `foreach` stage SWEEP whose metric the run's `metrics:`
 /// declares: the best variant's value, and that variant (ties: the first by name). Variants
 /// that did not record the metric are left out.
-fn best_of_sweep(store: &Store, r: &RunRecord, spec: &str) -> Option<(f64, String)> {
+fn best_of_sweep(store: &Store, r: &RunRecord, spec: &str, better: Option<Better>) -> Option<(f64, String)> {
     let (stage, metric) = spec.split_once('.')?;
-    let decl = r.metrics.iter().find(|d| d.stage == stage && d.metric == metric)?;
+    let declared = || r.metrics.iter().find(|d| d.stage == stage && d.metric == metric).map(|d| d.better);
+    let better = better.or_else(declared)?;
     let values: BTreeMap<&str, f64> = (r.manifests.iter())
         .filter(|(s, _)| crate::pipeline::is_variant_of(s, stage))
         .filter_map(|(s, digest)| Some((s.as_str(), store.load_manifest(digest).ok()?.metrics.get(metric)?.as_f64()?)))
         .collect();
     let variants: Vec<String> = values.keys().map(|s| s.to_string()).collect();
     let value = |v: &str, _: &str| values.get(v).copied();
-    let best = crate::cache_key::best_variant(&value, spec, &variants, metric, decl.better).ok()?;
+    let best = crate::cache_key::best_variant(&value, spec, &variants, metric, better).ok()?;
     Some((*values.get(best.as_str())?, best))
 }
 
@@ -127,6 +132,10 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
         Some(file) => Some(env.load(&PipelineArgs { pipeline: file.clone(), sets: vec![] })?.0.name),
         None => None,
     };
+    for m in &a.metrics {
+        Better::split(m)
+            .map_err(|e| Failure::Invalid(crate::diag::Diagnostic::new("E-CLI", format!("--metric {e}"))))?;
+    }
     let store = env.open_reader()?;
     let rows: Vec<Row> = (store.runs().iter())
         .filter(|(_, r)| name.as_ref().is_none_or(|n| *n == r.pipeline))
@@ -143,7 +152,8 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
     for metric in a.metrics.iter().filter(|m| !rows.is_empty() && rows.iter().all(|r| r.value(m).is_none())) {
         eprintln!(
             "note: no listed run recorded `{metric}` (`orchestrate show P STAGE` lists a stage's metrics; a \
-             `foreach` stage's metric needs a `metrics:` direction to pick its best variant)"
+             `foreach` stage's metric needs a direction to pick its best variant: under `metrics:`, or \
+             `--metric {metric}:min`)"
         );
     }
     if a.json {

@@ -1,5 +1,5 @@
 //! `metrics:` — the numbers a pipeline is judged by, each with the direction that is better:
-//! `metrics: {teacher.val_loss: min, benchmark.forward_tok_s: max}`. `compare` reports them
+//! `metrics: {teacher.val_loss: min, benchmark.itera_f32_forward_tok_s: max}`. `compare` reports them
 //! better/worse, `--fail-on-regress` gates on them. A declaration's stage may be a `foreach`
 //! stage's name (`train.val_loss`): it then covers every instance.
 
@@ -17,6 +17,17 @@ pub enum Better {
 }
 
 impl Better {
+    /// A metric named on the command line with its direction, `loss:min` or `fit.acc:max`, or
+    /// without (`loss`: none given); any other suffix after `:` is an error.
+    pub fn split(spec: &str) -> Result<(&str, Option<Better>), String> {
+        match spec.rsplit_once(':') {
+            Some((m, "min")) => Ok((m, Some(Better::Min))),
+            Some((m, "max")) => Ok((m, Some(Better::Max))),
+            Some((_, other)) => Err(format!("`{spec}`: the direction is `min` or `max`, not `{other}`")),
+            None => Ok((spec, None)),
+        }
+    }
+
     /// Whether going from `a` to `b` is an improvement (`Some(true)`), a regression, or neither.
     pub fn judge(self, a: f64, b: f64) -> Option<bool> {
         if a == b {
