@@ -77,6 +77,12 @@ pub mod report_templates {
         stage_report::plots::bars(file, title, labels, values, value, label).map(|_| ()).map_err(|e| e.to_string())
     }
 
+    /// Train (dashed) and validation (solid) loss against tokens seen, one colour per label
+    /// (the report stage's plot): `series` is {label: [{tokens, train_loss, val_loss}, …]}.
+    pub fn training_curves(file: &Path, series: &Value) -> Result<(), String> {
+        stage_report::plots::training_curves(file, series).map(|_| ()).map_err(|e| e.to_string())
+    }
+
     /// A stage output or file as the template sees it: JSON parsed, CSV as rows, text as text.
     pub fn load_input(path: &Path) -> Result<Value, String> {
         stage_report::load_input(path).map_err(|e| e.to_string())

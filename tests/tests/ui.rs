@@ -35,6 +35,10 @@ stages:
     kind: report
     inputs: {bench: bench.bench.json}
     params: {template: "file:t.md.j2"}
+  train:
+    kind: command
+    cmd: "printf 'step,tokens,train_loss,val_loss\n1,100,3.${params.scale},2.${params.scale}\n2,200,1.5,1.2\n' > ${outputs.metrics.csv}"
+    outputs: [metrics.csv]
   flaky:
     kind: command
     inputs: {d: data.data.txt}
@@ -209,6 +213,27 @@ fn every_page_over_http_and_nothing_written() {
         ["fit@lr=0.2", "fit@lr=0.1", "fit@lr=0.3"].iter().map(|v| sweep.find(v).expect(v)).collect();
     assert!(order[0] < order[1] && order[1] < order[2], "best first: {sweep}");
 
+    // Training curves: a stage with a metrics CSV (tokens and a loss), the two runs' in one chart.
+    let png_at = |path: &str| {
+        let r = ui.get(path);
+        assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+        assert_eq!(r.header("content-type").as_deref(), Some("image/png"), "{path}");
+        assert!(r.body.starts_with(b"\x89PNG"), "{path}: not a PNG");
+    };
+    assert!(ui
+        .page(&format!("/runs/{b}/stages/train"))
+        .contains(&format!(r#"id="curves" src="/runs/{b}/stages/train/curves.png""#)));
+    png_at(&format!("/runs/{b}/stages/train/curves.png"));
+    assert!(!ui.page(&format!("/runs/{b}/stages/data")).contains(r#"id="curves""#), "no CSV, no chart");
+    assert!(
+        cmp.contains(&format!(
+            r#"<img class="curves" data-stage="train" src="/compare/curves.png?a={a}&amp;b={b}&amp;stage=train""#
+        )),
+        "{cmp}"
+    );
+    png_at(&format!("/compare/curves.png?a={a}&b={b}&stage=train"));
+    assert!(!same.contains(r#"class="curves""#), "the same curves are not drawn twice: {same}");
+
     // The report with its plot, served from the stored folder.
     let report = ui.page(&format!("/runs/{b}/reports/report"));
     assert!(report.contains("<h1>View report</h1>") && report.contains("<strong>a</strong>"), "{report}");
@@ -238,7 +263,10 @@ fn every_page_over_http_and_nothing_written() {
     assert!(ui.page("/live").contains(r#"data-stage="after""#));
 
     // Bad requests: 404/400/405 pages, and the server keeps serving.
-    let errors: [(&str, &str, u16, &str); 14] = [
+    let errors: [(&str, &str, u16, &str); 17] = [
+        ("GET", &format!("/runs/{b}/stages/data/curves.png"), 404, "has no training curves"),
+        ("GET", &format!("/compare/curves.png?a=zz&b={b}&stage=train"), 400, "is not a run id"),
+        ("GET", &format!("/compare/curves.png?a={a}&b={b}"), 400, "stage"),
         ("GET", "/runs/zz", 404, "is not a run id"),
         ("GET", "/runs/ffffffffffff", 404, "no run `ffffffffffff`"),
         ("GET", "/runs/latest~9", 404, "has only 2 runs"),
@@ -397,6 +425,7 @@ fn headless_chromium_renders_the_pages() {
         format!("stage:{b}:fit@lr=0.2"),
         format!("report:{b}:report"),
         format!("compare:{a}:{b}"),
+        format!("curves:{a}:{b}:train"),
     ];
     let browse = |checks: &[String]| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ui/browser.py");

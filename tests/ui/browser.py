@@ -2,7 +2,7 @@
 Selenium) and check the rendered DOM of the main pages; save a screenshot of each.
 
 usage: browser.py BASE_URL OUT_DIR CHECK...   (checks: runs, run:ID, stage:ID:STAGE, report:ID:STAGE,
-compare:A:B, live, page:NAME:PATH)
+compare:A:B, curves:A:B:STAGE, live, page:NAME:PATH)
 
 Prints `CHECK ok` per check; any failed expectation raises (non-zero exit)."""
 
@@ -100,13 +100,17 @@ def check_stage(d, base, out, run, stage):
     shot(d, out, "stage")
 
 
+def loaded(d, img):
+    """An image's natural width once the browser has finished loading it (0: it failed)."""
+    WebDriverWait(d, 10).until(lambda d: d.execute_script("return arguments[0].complete", img))
+    return d.execute_script("return arguments[0].naturalWidth", img)
+
+
 def check_report(d, base, out, run, stage):
     d.get(f"{base}/runs/{run}/reports/{seg(stage)}")
     article = d.find_element(By.ID, "report")
     expect(article.find_elements(By.TAG_NAME, "h1"), "the report has no heading")
-    img = article.find_element(By.TAG_NAME, "img")
-    WebDriverWait(d, 10).until(lambda d: d.execute_script("return arguments[0].complete", img))
-    width = d.execute_script("return arguments[0].naturalWidth", img)
+    width = loaded(d, article.find_element(By.TAG_NAME, "img"))
     expect(width > 100, f"the report's plot did not load (naturalWidth {width})")
     shot(d, out, "report")
 
@@ -117,6 +121,18 @@ def check_compare(d, base, out, a, b):
     expect(verdicts, "no metric rows")
     expect(d.find_elements(By.CSS_SELECTOR, "#cmp-params tbody tr"), "no param rows")
     shot(d, out, "compare")
+
+
+def check_curves(d, base, out, a, b, stage):
+    d.get(f"{base}/runs/{b}/stages/{seg(stage)}")
+    width = loaded(d, d.find_element(By.ID, "curves"))
+    expect(width > 100, f"the stage's training curves did not load (naturalWidth {width})")
+    d.get(f"{base}/compare?a={a}&b={b}")
+    charts = d.find_elements(By.CSS_SELECTOR, f'#cmp-curves img.curves[data-stage="{stage}"]')
+    expect(len(charts) == 1, f"{len(charts)} charts of {stage} on the compare page")
+    width = loaded(d, charts[0])
+    expect(width > 100, f"the compared training curves did not load (naturalWidth {width})")
+    shot(d, out, "compare-curves")
 
 
 def check_live(d, base, out):
@@ -153,7 +169,7 @@ def main():
             # page:NAME:PATH keeps the colons of PATH.
             name, *args = check.split(":", 2) if check.startswith("page:") else check.split(":")
             {"runs": check_runs, "run": check_run, "stage": check_stage, "report": check_report,
-             "compare": check_compare, "live": check_live, "page": check_page}[name](d, base, out, *args)
+             "compare": check_compare, "curves": check_curves, "live": check_live, "page": check_page}[name](d, base, out, *args)
             print(f"{check} ok", flush=True)
     finally:
         d.quit()

@@ -8,6 +8,7 @@
 //! by walking its tree entry by entry, so no URL becomes a filesystem path.
 
 mod catalog;
+mod curves;
 mod graph;
 mod live_view;
 mod pages;
@@ -132,10 +133,12 @@ pub fn router(ui: Shared) -> Router {
         .route("/", get(pages::runs))
         .route("/runs/{id}", get(pages::run))
         .route("/runs/{id}/stages/{stage}", get(pages::stage))
+        .route("/runs/{id}/stages/{stage}/curves.png", get(curves::stage_png))
         .route("/runs/{id}/sweeps/{stage}", get(pages::sweep))
         .route("/runs/{id}/reports/{stage}", get(report::page))
         .route("/runs/{id}/reports/{stage}/files/{*path}", get(report::file))
         .route("/compare", get(pages::compare))
+        .route("/compare/curves.png", get(curves::compare_png))
         .route("/objects/{digest}", get(pages::object))
         .route("/live", get(live_view::page))
         .route("/live/state", get(live_view::state))

@@ -198,7 +198,7 @@ pub async fn stage(State(ui): State<Shared>, Path((id, stage)): Path<(String, St
             context! {
                 manifest => m, outputs => outputs, inputs => inputs, metrics => metrics,
                 params => pretty(&m.key_input.params), fields => pretty(&m.key_input.fields),
-                log => log, provenance => prov,
+                log => log, provenance => prov, curves => !super::curves::curve_outputs(&ui, m).is_empty(),
                 computed_here => m.started_at >= run.1.started_at && recorded.status == "ran",
             }
         }
@@ -232,9 +232,10 @@ pub async fn compare(State(ui): State<Shared>, Query(q): Query<CompareQuery>) ->
     };
     let all = q.all.as_deref().is_some_and(|v| !v.is_empty() && v != "0");
     let c = history::compare(&ui.objects, a, b, all).map_err(PageError::BadRequest)?;
+    let curves = super::curves::compared(&ui, a, b, all);
     ui.render(
         "compare.html",
-        context! { runs => rows, comparison => c, a => short(&a.0), b => short(&b.0), all => all },
+        context! { runs => rows, comparison => c, a => short(&a.0), b => short(&b.0), all => all, curves => curves },
     )
 }
 
