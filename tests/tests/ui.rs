@@ -165,6 +165,17 @@ fn every_page_over_http_and_nothing_written() {
     assert!(runs.contains(a) && runs.contains(b), "{runs}");
     assert!(runs.contains("st-failed") && runs.contains("st-ok"), "{runs}");
     assert!(ui.page("/?pipeline=view").contains(a) && !ui.page("/?pipeline=other").contains(a));
+    // A metric column, as `runs --metric`: a sweep's best variant, named; the declared ones offered.
+    assert!(runs.contains(r#"<option value="fit.loss">"#), "{runs}");
+    let with = ui.page("/?metric=fit.loss");
+    assert!(with.contains(r#"<th class="num" id="metric-head">fit.loss</th>"#), "{with}");
+    assert_eq!(
+        with.matches(r#"<td class="num metric">0.5 <span class="muted">(fit@lr=0.2)</span></td>"#).count(),
+        2,
+        "{with}"
+    );
+    let worst = ui.page("/?metric=fit.loss:max&pipeline=view");
+    assert!(worst.contains(r#"<td class="num metric">0.7 <span class="muted">(fit@lr=0.1)</span></td>"#), "{worst}");
 
     let run = ui.page(&format!("/runs/{b}"));
     for (stage, status) in [("data", "cached"), ("flaky", "failed"), ("after", "skipped"), ("fit@lr=0.1", "ran")] {
@@ -263,7 +274,8 @@ fn every_page_over_http_and_nothing_written() {
     assert!(ui.page("/live").contains(r#"data-stage="after""#));
 
     // Bad requests: 404/400/405 pages, and the server keeps serving.
-    let errors: [(&str, &str, u16, &str); 17] = [
+    let errors: [(&str, &str, u16, &str); 18] = [
+        ("GET", "/?metric=fit.loss:up", 400, "the direction is `min` or `max`"),
         ("GET", &format!("/runs/{b}/stages/data/curves.png"), 404, "has no training curves"),
         ("GET", &format!("/compare/curves.png?a=zz&b={b}&stage=train"), 400, "is not a run id"),
         ("GET", &format!("/compare/curves.png?a={a}&b={b}"), 400, "stage"),

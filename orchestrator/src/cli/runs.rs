@@ -58,15 +58,10 @@ struct Cell {
 }
 
 impl Cell {
-    /// `spec` is STAGE.METRIC, or for a `foreach` stage's best variant also STAGE.METRIC:min|max.
     fn of(store: &Store, r: &RunRecord, spec: &str) -> Cell {
-        let (name, better) = Better::split(spec).unwrap_or((spec, None));
-        match metric_of(store, r, name) {
-            Some(v) => Cell { value: Some(v), from: None },
-            None => {
-                let (value, from) = best_of_sweep(store, r, name, better).unzip();
-                Cell { value, from }
-            }
+        match crate::history::run_metric(&store.objects, r, spec) {
+            Some((v, from)) => Cell { value: Some(v), from },
+            None => Cell { value: None, from: None },
         }
     }
 
@@ -83,31 +78,6 @@ fn decimals(values: impl Iterator<Item = f64>) -> usize {
     let places =
         |x: f64| (0..6).find(|&d| ((x * 10f64.powi(d)).round() - x * 10f64.powi(d)).abs() < 1e-6 * 10f64.powi(d));
     values.map(|x| places(x).map_or(6, |d| d as usize)).max().unwrap_or(0)
-}
-
-/// `STAGE.METRIC` of a run, if that stage is in it and recorded the metric.
-fn metric_of(store: &Store, r: &RunRecord, spec: &str) -> Option<f64> {
-    let (stage, digest) =
-        (r.manifests.iter()).filter(|(s, _)| spec.starts_with(&format!("{s}."))).max_by_key(|(s, _)| s.len())?;
-    let m = store.load_manifest(digest).ok()?;
-    m.metrics.get(&spec[stage.len() + 1..])?.as_f64()
-}
-
-/// `SWEEP.METRIC` of a run for a `foreach` stage SWEEP whose metric the run's `metrics:`
-/// declares: the best variant's value, and that variant (ties: the first by name). Variants
-/// that did not record the metric are left out.
-fn best_of_sweep(store: &Store, r: &RunRecord, spec: &str, better: Option<Better>) -> Option<(f64, String)> {
-    let (stage, metric) = spec.split_once('.')?;
-    let declared = || r.metrics.iter().find(|d| d.stage == stage && d.metric == metric).map(|d| d.better);
-    let better = better.or_else(declared)?;
-    let values: BTreeMap<&str, f64> = (r.manifests.iter())
-        .filter(|(s, _)| crate::pipeline::is_variant_of(s, stage))
-        .filter_map(|(s, digest)| Some((s.as_str(), store.load_manifest(digest).ok()?.metrics.get(metric)?.as_f64()?)))
-        .collect();
-    let variants: Vec<String> = values.keys().map(|s| s.to_string()).collect();
-    let value = |v: &str, _: &str| values.get(v).copied();
-    let best = crate::cache_key::best_variant(&value, spec, &variants, metric, better).ok()?;
-    Some((*values.get(best.as_str())?, best))
 }
 
 impl Row {

@@ -49,15 +49,43 @@ fn stages_of(run: &Run) -> Vec<RunStage> {
 #[derive(Deserialize)]
 pub struct RunsQuery {
     pipeline: Option<String>,
+    /// A column of this STAGE.METRIC (`:min`/`:max` for a `foreach` stage's best variant).
+    metric: Option<String>,
+}
+
+/// A listed run, with the asked metric's value and the variant it comes from.
+#[derive(Serialize)]
+struct RunsRow {
+    #[serde(flatten)]
+    line: RunLine,
+    value: Option<f64>,
+    from: Option<String>,
 }
 
 pub async fn runs(State(ui): State<Shared>, Query(q): Query<RunsQuery>) -> PageResult {
+    let metric = q.metric.as_deref().map(str::trim).filter(|m| !m.is_empty());
+    if let Some(m) = metric {
+        crate::pipeline::metrics::Better::split(m).map_err(|e| PageError::BadRequest(format!("metric {e}")))?;
+    }
     let runs = ui.runs()?;
-    let rows: Vec<RunLine> =
-        (runs.iter()).filter(|(_, r)| q.pipeline.as_ref().is_none_or(|p| *p == r.pipeline)).map(RunLine::of).collect();
+    let rows: Vec<RunsRow> = (runs.iter())
+        .filter(|(_, r)| q.pipeline.as_ref().is_none_or(|p| *p == r.pipeline))
+        .map(|run| {
+            let (value, from) = metric.and_then(|m| history::run_metric(&ui.objects, &run.1, m)).unzip();
+            RunsRow { line: RunLine::of(run), value, from: from.flatten() }
+        })
+        .collect();
+    // The metrics the listed runs' pipelines declare, offered in the metric field.
+    let declared: BTreeSet<String> = (runs.iter())
+        .filter(|(_, r)| q.pipeline.as_ref().is_none_or(|p| *p == r.pipeline))
+        .flat_map(|(_, r)| r.metrics.iter().map(|d| d.name()))
+        .collect();
     let live = super::live_view::state_of(&ui.root);
     let store = ui.root.display().to_string();
-    ui.render("runs.html", context! { runs => rows, live => live, store => store, pipeline => q.pipeline })
+    ui.render(
+        "runs.html",
+        context! { runs => rows, live => live, store => store, pipeline => q.pipeline, metric => metric, declared => declared },
+    )
 }
 
 #[derive(Serialize)]
