@@ -286,6 +286,13 @@ pub fn evaluate(ctx: &mut StageContext, meter: &Meter) -> Result<(), StageError>
         for key in ["bits_per_byte", "nats_per_token"] {
             ctx.metric(format!("{name}_{key}"), m.scores[key].clone());
         }
+        // The cost of a token, so `runs` and `compare` follow it too (joules only when measured).
+        for (what, cost) in [("scoring", &m.scoring), ("generation", &m.generation)] {
+            ctx.metric(format!("{name}_{what}_cpu_s_per_1k"), cost.cpu_seconds_per_1k);
+            if let Some(j) = cost.joules_per_1k {
+                ctx.metric(format!("{name}_{what}_joules_per_1k"), j);
+            }
+        }
         scores.push(m.scores);
         costs.push(json!({"label": name, "scoring": m.scoring, "generation": m.generation}));
     }

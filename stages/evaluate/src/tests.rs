@@ -99,7 +99,8 @@ fn fake_powercap(root: &Path) {
     std::fs::write(d.join("max_energy_range_uj"), "262143328850\n").unwrap();
 }
 
-fn run_stage(d: &Path, meter: &Meter, p: Value) -> (Value, Value, String) {
+/// The stage's evaluation.json, energy.json, evaluation.csv and metrics.
+fn run_stage(d: &Path, meter: &Meter, p: Value) -> (Value, Value, String, BTreeMap<String, Value>) {
     let inputs: BTreeMap<String, PathBuf> = [
         ("tokenizer", d.join("tokenizer.json")),
         ("text", d.join("text.txt")),
@@ -136,6 +137,7 @@ fn run_stage(d: &Path, meter: &Meter, p: Value) -> (Value, Value, String) {
         serde_json::from_str(&read("evaluation.json")).unwrap(),
         serde_json::from_str(&read("energy.json")).unwrap(),
         read("evaluation.csv"),
+        ctx.into_metrics(),
     )
 }
 
@@ -153,7 +155,7 @@ fn scores_checkpoints_and_gguf_and_reports_joules_only_when_measured() {
     fake_powercap(&d.join("powercap"));
     let p = json!({"seq_len": 64, "batch": 4, "max_bytes": 500, "generate": 8, "generate_runs": 2, "prompt": 4});
 
-    let (eval, energy, csv) = run_stage(d, &Meter::new(&d.join("powercap")), p.clone());
+    let (eval, energy, csv, metrics) = run_stage(d, &Meter::new(&d.join("powercap")), p.clone());
     let text_bytes = eval["text"]["bytes"].as_u64().unwrap();
     assert!(text_bytes <= 500 && text_bytes > 450, "{text_bytes}");
     let models = eval["models"].as_array().unwrap();
@@ -182,10 +184,27 @@ fn scores_checkpoints_and_gguf_and_reports_joules_only_when_measured() {
         assert_eq!(c["scoring"]["joules"], 0.0, "{c}");
         assert_eq!(c["generation"]["units"], 16, "{c}");
         assert!(c["scoring"]["cpu_seconds"].as_f64().unwrap() > 0.0, "{c}");
+        // The costs are metrics too, as energy.json has them.
+        let label = c["label"].as_str().unwrap();
+        // (energy.json read back by serde_json's fast float parser, which may be an ulp off)
+        let same = |metric: String, v: &Value| {
+            let (a, b) = (metrics[&metric].as_f64().unwrap(), v.as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-12 * b.abs(), "{metric}: {a} vs {b}");
+        };
+        for what in ["scoring", "generation"] {
+            same(format!("{label}_{what}_cpu_s_per_1k"), &c[what]["cpu_seconds_per_1k"]);
+            same(format!("{label}_{what}_joules_per_1k"), &c[what]["joules_per_1k"]);
+        }
+        let scores = models.iter().find(|m| m["label"] == label).unwrap();
+        same(format!("{label}_nats_per_token"), &scores["nats_per_token"]);
     }
 
     // No powercap: the same scores, CPU-seconds, and no joules anywhere.
-    let (eval2, energy2, _) = run_stage(d, &Meter::new(&d.join("absent")), p);
+    let (eval2, energy2, _, metrics2) = run_stage(d, &Meter::new(&d.join("absent")), p);
+    assert!(
+        metrics2.contains_key("itera_generation_cpu_s_per_1k")
+            && !metrics2.contains_key("itera_generation_joules_per_1k")
+    );
     assert_eq!(eval2, eval, "scores are deterministic and independent of the meter");
     assert_eq!(energy2["has_joules"], false);
     assert!(energy2["measured"].as_str().unwrap().contains("no joules"), "{energy2}");
