@@ -288,6 +288,10 @@ fn after_a_failure_running_stages_finish_and_are_stored_and_nothing_new_starts()
     said("done       slow in ");
     // `later` never started: nothing new starts after a failure.
     said("1 ran, 0 cached, 1 failed, 1 skipped in");
+    // With --json too, the run says what it waits for (stderr; stdout is the summary).
+    let r = p.run(&["run", "p.yaml", "--cores", "2", "--rerun", "slow", "--json"]);
+    assert_eq!((r.status_of("bad"), r.status_of("slow")), ("failed".into(), "ran".into()), "{}", r.stderr);
+    assert!(r.stderr.contains("waiting for `slow` to finish so its result is kept"), "{}", r.stderr);
     // Its result was stored: the next run takes it from the cache.
     std::fs::remove_file(&mark).unwrap();
     let r = p.run(&["run", "p.yaml", "--cores", "2", "--json", "--keep-going"]);

@@ -59,10 +59,8 @@ struct Cell {
 
 impl Cell {
     fn of(store: &Store, r: &RunRecord, spec: &str) -> Cell {
-        match crate::history::run_metric(&store.objects, r, spec) {
-            Some((v, from)) => Cell { value: Some(v), from },
-            None => Cell { value: None, from: None },
-        }
+        let (value, from) = crate::history::run_metric(&store.objects, r, spec).unzip();
+        Cell { value, from: from.flatten() }
     }
 
     /// `0.50`, `0.50 (fit@lr=0.1)` or `—`, with `decimals` places.
