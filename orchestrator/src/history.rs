@@ -456,6 +456,23 @@ fn rank(rows: &mut [SweepRow], metric: &str, better: Better) -> Result<(), Strin
     Ok(())
 }
 
+/// A number as every table shows it: 7 significant digits, at most 6 decimals, no trailing
+/// zeros — so 0.09999999999999998 reads 0.1, 48417.860129 tok/s reads 48417.86 and 17071.0
+/// reads 17071.
+pub fn shown(x: f64) -> String {
+    if !x.is_finite() || x == 0.0 {
+        return if x == 0.0 { "0".into() } else { x.to_string() };
+    }
+    let decimals = (6 - x.abs().log10().floor() as i32).clamp(0, 6) as usize;
+    let text = format!("{x:.decimals$}");
+    let text = if text.contains('.') { text.trim_end_matches('0').trim_end_matches('.') } else { &text };
+    if text == "-0" {
+        "0".into()
+    } else {
+        text.to_string()
+    }
+}
+
 /// A run's `STAGE.METRIC`, as `runs --metric` and the web view's run list show it: the stage's
 /// recorded value; for a `foreach` stage, the best variant's (by the direction given as
 /// `STAGE.METRIC:min|max`, else the declared one) and that variant's name.
@@ -568,4 +585,25 @@ pub fn sweep(objects: &ObjectStore, run: &Run, stage: &str, by: Option<&str>) ->
         .collect();
     rank(&mut rows, &by, better)?;
     Ok(Sweep { stage: stage.into(), run: run.0.clone(), by, better, params: varying, metrics, rows })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn numbers_show_seven_significant_digits_and_no_float_noise() {
+        let cases = [
+            (0.09999999999999998, "0.1"),
+            (48417.860129, "48417.86"),
+            (17071.0, "17071"),
+            (0.278811234, "0.278811"),
+            (-1476.394748, "-1476.395"),
+            (123456789.4, "123456789"),
+            (0.0, "0"),
+            (-0.0000001, "0"),
+            (1.0 / 3.0, "0.333333"),
+        ];
+        for (x, text) in cases {
+            assert_eq!(super::shown(x), text, "{x}");
+        }
+    }
 }

@@ -133,7 +133,7 @@ fn shown_pair(a: &Option<Value>, b: &Option<Value>) -> (String, String) {
 }
 
 fn num(v: Option<f64>) -> String {
-    v.map_or("—".into(), |x| format!("{}", (x * 1e6).round() / 1e6))
+    v.map_or("—".into(), crate::history::shown)
 }
 
 fn artifact(v: &Option<(String, u64)>) -> String {

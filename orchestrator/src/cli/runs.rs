@@ -70,12 +70,12 @@ impl Cell {
     }
 }
 
-/// Decimal places a column needs: the most any of its values needs, at most 6 (as `compare`
-/// rounds), so the points line up and 17071 tok/s is not printed as 17071.000000.
+/// Decimal places a column needs: the most any of its values shows (`history::shown`: 7
+/// significant digits, at most 6 decimals), so the points line up and 17071 tok/s is not
+/// printed as 17071.000000.
 fn decimals(values: impl Iterator<Item = f64>) -> usize {
-    let places =
-        |x: f64| (0..6).find(|&d| ((x * 10f64.powi(d)).round() - x * 10f64.powi(d)).abs() < 1e-6 * 10f64.powi(d));
-    values.map(|x| places(x).map_or(6, |d| d as usize)).max().unwrap_or(0)
+    let places = |x: f64| crate::history::shown(x).split_once('.').map_or(0, |(_, d)| d.len());
+    values.map(places).max().unwrap_or(0)
 }
 
 impl Row {
@@ -217,6 +217,7 @@ mod tests {
         assert_eq!(places(&[0.5, 2.25, 3.0]), 2);
         assert_eq!(places(&[0.1 + 0.2]), 1, "0.30000000000000004 is 0.3");
         assert_eq!(places(&[1.0 / 3.0]), 6, "at most 6, as compare rounds");
+        assert_eq!(places(&[48417.860129, 105320.148567]), 2, "7 significant digits");
         assert_eq!(places(&[]), 0);
     }
 }

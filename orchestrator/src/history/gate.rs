@@ -1,6 +1,6 @@
 //! `compare --fail-on-regress`: a declared metric of run B judged against run A.
 
-use super::{Comparison, MetricRow};
+use super::{shown, Comparison, MetricRow};
 use crate::pipeline::is_variant_of;
 use crate::store::RunRecord;
 
@@ -131,11 +131,6 @@ impl Gate {
         let tol = if self.relative { format!("{}%", self.tolerance) } else { self.tolerance.to_string() };
         Some(format!("{} regressed: {} → {}{pct}, beyond the tolerance {tol}", row.name, shown(a), shown(b)))
     }
-}
-
-/// A value as `compare`'s tables show it: to six decimals, so 0.09999999999999998 reads 0.1.
-fn shown(x: f64) -> f64 {
-    (x * 1e6).round() / 1e6
 }
 
 /// How `stage` ended in run `b` when it did not finish there (failed, skipped, cancelled).

@@ -97,10 +97,8 @@ impl Ui {
         env.add_filter("when", |t: f64| crate::store::iso8601(t));
         env.add_filter("bytes", |n: u64| crate::objects::human_bytes(n));
         env.add_filter("secs", |s: f64| format_secs(s));
-        // Numbers as `compare` prints them: at most 6 decimals, so 0.1 is not 0.09999999999999998.
-        env.add_filter("num", |v: Option<f64>| {
-            v.map_or_else(|| "—".to_string(), |x| ((x * 1e6).round() / 1e6).to_string())
-        });
+        // Numbers as `compare` prints them (`history::shown`): 0.1, not 0.09999999999999998.
+        env.add_filter("num", |v: Option<f64>| v.map_or_else(|| "—".to_string(), crate::history::shown));
         env.add_filter("seg", |s: String| pages::seg(&s));
         env.add_filter("pct", |p: Option<f64>| p.map_or_else(|| "—".to_string(), |p| format!("{p:+.2}%")));
         let stop = tokio::sync::watch::Sender::new(false);
