@@ -178,6 +178,22 @@ fn a_targeted_pull_takes_only_what_the_target_needs() {
     assert!(plan.stdout.contains("1 of 3 stages will run") && c_runs, "{}", plan.stdout);
     let no_file = run_in(&b, &["pull", "--remote", &remote, "--target", "b"]);
     assert_eq!(no_file.code, 2, "{}", no_file.stderr);
+
+    // `push --target` uploads that stage and what it needs, so a teammate's targeted run finds
+    // the whole chain; the other branch stays local.
+    let remote2 = base.path().join("remote2").display().to_string();
+    run_in(&a, &["push", "p.yaml", "--remote", &remote2, "--target", "b"]).assert_ok();
+    let c = Project::new();
+    c.write("p.yaml", &pipeline);
+    let pulled = run_in(&c, &["pull", "p.yaml", "--remote", &remote2, "--json"]);
+    assert_eq!(
+        pulled.json()["results"],
+        serde_json::json!({"a": "pulled", "b": "pulled", "c": "absent"}),
+        "{}",
+        pulled.stdout
+    );
+    let no_file = run_in(&a, &["push", "--remote", &remote2, "--target", "b"]);
+    assert_eq!(no_file.code, 2, "{}", no_file.stderr);
 }
 
 #[test]

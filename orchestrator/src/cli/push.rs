@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use super::{
     folder_of, human_bytes, print_errors, print_json, runtime, stage_index, Env, Failure, PipelineArgs, RemoteArgs,
+    SelectArgs,
 };
 use crate::remote::{PushReport, Remote, Transfer};
 use crate::store::Store;
@@ -20,6 +21,10 @@ pub(super) struct Args {
     /// Only these stages' results.
     #[arg(long = "stage", value_name = "STAGE")]
     stages: Vec<String>,
+    /// Only these stages and what they need, as `run --target` takes them: what a teammate's
+    /// `run --target` or `pull --target` of them then finds on the remote.
+    #[arg(long = "target", value_name = "STAGE", requires = "pipeline")]
+    targets: Vec<String>,
     #[command(flatten)]
     remote: RemoteArgs,
     /// Print the result as JSON on stdout (for scripts).
@@ -43,10 +48,13 @@ fn results(env: &Env, a: &Args, store: &Store) -> Result<Vec<(String, String)>, 
     for s in &a.stages {
         stage_index(&p, s)?;
     }
+    let scope = SelectArgs { targets: a.targets.clone(), reruns: Vec::new() }.scope(&p, &dag)?;
+    let in_scope =
+        |stage: &str| scope.only.as_ref().is_none_or(|only| p.index_of(stage).is_some_and(|i| only.contains(&i)));
     let entries = crate::plan::plan(&p, &dag, store);
     Ok(entries
         .into_iter()
-        .filter(|e| a.stages.is_empty() || a.stages.contains(&e.stage))
+        .filter(|e| (a.stages.is_empty() || a.stages.contains(&e.stage)) && in_scope(&e.stage))
         .filter_map(|e| Some((e.key?, e.manifest?)))
         .collect())
 }
