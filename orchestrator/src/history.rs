@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::cache_key::explain;
 use crate::objects::ObjectStore;
-use crate::pipeline::metrics::{Better, MetricDecl};
+use crate::pipeline::metrics::{Band, Better, MetricDecl};
 use crate::pipeline::{is_variant_of, split_instance};
 use crate::source::SourceRev;
 use crate::store::{iso8601, load_manifest, Manifest, RunRecord};
@@ -174,8 +174,11 @@ pub struct MetricRow {
     pub delta_pct: Option<f64>,
     /// The declared direction, if the pipeline declares this metric.
     pub better: Option<Better>,
-    /// `better`, `worse` or `same`, when declared and present in both runs.
+    /// `better`, `worse`, `same`, or `noise` (a change within the declared `within:` band),
+    /// when declared and present in both runs.
     pub verdict: Option<String>,
+    /// The declared band within which a change is noise.
+    pub within: Option<Band>,
     /// The stage (instance) that records it, and the metric's own name (`name` is the two
     /// joined by a dot; instance names may contain dots, so it is not split back).
     #[serde(skip)]
@@ -283,7 +286,7 @@ fn metric_rows(
     all: bool,
 ) -> Result<Vec<MetricRow>, String> {
     let stages: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
-    let mut names: BTreeMap<String, (String, String, Option<Better>)> = BTreeMap::new();
+    let mut names: BTreeMap<String, (String, String, Option<Better>, Option<Band>)> = BTreeMap::new();
     for d in decls {
         for s in stages.iter().filter(|s| d.covers(s)) {
             for (run, m) in runs.iter().zip([ma.get(*s), mb.get(*s)]).filter_map(|(r, m)| Some((r, m?))) {
@@ -300,7 +303,7 @@ fn metric_rows(
                     ));
                 }
             }
-            names.insert(format!("{s}.{}", d.metric), ((*s).clone(), d.metric.clone(), Some(d.better)));
+            names.insert(format!("{s}.{}", d.metric), ((*s).clone(), d.metric.clone(), Some(d.better), d.within));
         }
     }
     if all {
@@ -308,7 +311,7 @@ fn metric_rows(
             for m in [ma.get(*s), mb.get(*s)].into_iter().flatten() {
                 for (k, v) in &m.metrics {
                     if v.is_number() {
-                        names.entry(format!("{s}.{k}")).or_insert(((*s).clone(), k.clone(), None));
+                        names.entry(format!("{s}.{k}")).or_insert(((*s).clone(), k.clone(), None, None));
                     }
                 }
             }
@@ -316,16 +319,18 @@ fn metric_rows(
     }
     Ok(names
         .into_iter()
-        .map(|(name, (stage, metric, better))| {
+        .map(|(name, (stage, metric, better, within))| {
             let (a, b) = (number(ma.get(&stage), &metric), number(mb.get(&stage), &metric));
             let delta = a.zip(b).map(|(a, b)| b - a);
             let delta_pct = a.zip(delta).filter(|(a, _)| *a != 0.0).map(|(a, d)| d / a.abs() * 100.0);
+            let noise = |a: f64, b: f64| within.is_some_and(|w| (b - a).abs() <= w.allowed(a));
             let verdict = better.zip(a.zip(b)).map(|(dir, (a, b))| match dir.judge(a, b) {
+                Some(_) if noise(a, b) => "noise".to_string(),
                 Some(true) => "better".to_string(),
                 Some(false) => "worse".to_string(),
                 None => "same".to_string(),
             });
-            MetricRow { name, a, b, delta, delta_pct, better, verdict, stage, metric }
+            MetricRow { name, a, b, delta, delta_pct, better, verdict, within, stage, metric }
         })
         .collect())
 }

@@ -527,3 +527,58 @@ fn sweep_errors_are_clear() {
     let worst = first_row(&["compare", "--sweep", "fit", "--by", "loss:max"]);
     assert!(worst.starts_with("fit@lr=0.1+model=a"), "{worst}");
 }
+
+/// A metric declared with a band (`within:`): changes inside it are noise — neither better nor
+/// worse, and the gate passes them — while a change beyond it, or beyond a tolerance the gate
+/// is given, still counts.
+#[test]
+fn a_declared_band_makes_small_changes_noise() {
+    let p = Project::new();
+    let banded = SCORED.replace("score.value: max", "score.value: {better: max, within: 50%}");
+    p.write("q.yaml", &banded);
+    for n in ["3", "2", "1"] {
+        p.run(&["run", "q.yaml", "--set", &format!("n={n}")]).assert_ok();
+    }
+    // 3 → 2 (−33 %): noise.
+    let cmp = p.run(&["compare", "latest~2", "latest~1"]);
+    cmp.assert_ok();
+    let row = cmp.stdout.lines().find(|l| l.trim_start().starts_with("score.value")).unwrap_or_default().to_string();
+    assert!(row.trim_end().ends_with("noise (within 50%)"), "{}", cmp.stdout);
+    let json = p.run(&["compare", "latest~2", "latest~1", "--json"]).json();
+    let value = json["metrics"].as_array().and_then(|m| m.iter().find(|r| r["name"] == "score.value")).cloned();
+    assert_eq!(
+        value.map(|v| (v["verdict"].clone(), v["within"].clone())),
+        Some(("noise".into(), serde_json::json!({"amount": 50.0, "relative": true})))
+    );
+    p.run(&["compare", "latest~2", "latest~1", "--fail-on-regress", "score.value"]).assert_ok();
+    // The gate's own tolerance replaces the band.
+    failed_with(
+        &p.run(&["compare", "latest~2", "latest~1", "--fail-on-regress", "score.value:10%"]),
+        1,
+        "score.value regressed: 3 → 2 (-33.33%), beyond the tolerance 10%",
+    );
+    // 3 → 1 (−67 %): beyond the band, worse, and the gate fails naming the band.
+    let cmp = p.run(&["compare", "latest~2", "latest"]);
+    assert!(
+        cmp.stdout.lines().any(|l| l.trim_start().starts_with("score.value") && l.trim_end().ends_with("worse")),
+        "{}",
+        cmp.stdout
+    );
+    failed_with(
+        &p.run(&["compare", "latest~2", "latest", "--fail-on-regress", "score.value"]),
+        1,
+        "beyond its declared band 50%",
+    );
+    // Bad declarations, each placed in the file.
+    for (decl, says) in [
+        ("{better: up}", "must be `min` or `max`"),
+        ("{better: max, within: lots}", "`within` `lots` is not a number ≥ 0"),
+        ("{within: 5%}", "needs `better: min` or `better: max`"),
+        ("{better: max, witin: 5%}", "unknown key `witin`"),
+    ] {
+        p.write("b.yaml", &SCORED.replace("score.value: max", &format!("score.value: {decl}")));
+        let r = p.run(&["plan", "b.yaml"]);
+        failed_with(&r, 2, says);
+        assert!(r.stderr.starts_with("b.yaml:3:"), "{decl}: {}", r.stderr);
+    }
+}

@@ -202,7 +202,11 @@ fn text(c: &Comparison, md: bool, all: bool) -> String {
     let rows: Vec<_> = (c.metrics.iter())
         .map(|m| {
             let pct = m.delta_pct.map_or("—".into(), |p| format!("{p:+.2}%"));
-            let verdict = m.verdict.clone().unwrap_or_else(|| "—".into());
+            let verdict = match (m.verdict.as_deref(), m.within) {
+                (Some("noise"), Some(w)) => format!("noise (within {w})"),
+                (Some(v), _) => v.to_string(),
+                (None, _) => "—".into(),
+            };
             vec![m.name.clone(), num(m.a), num(m.b), num(m.delta), pct, verdict]
         })
         .collect();

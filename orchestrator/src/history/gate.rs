@@ -2,14 +2,15 @@
 
 use super::{shown, Comparison, MetricRow};
 use crate::pipeline::is_variant_of;
+use crate::pipeline::metrics::Band;
 use crate::store::RunRecord;
 
-/// `--fail-on-regress METRIC[:TOL]`: TOL absolute (`0.01`) or relative (`2%`); none = any worsening.
+/// `--fail-on-regress METRIC[:TOL]`: TOL absolute (`0.01`) or relative (`2%`); none = the
+/// metric's declared `within:` band, else any worsening.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gate {
     pub metric: String,
-    pub tolerance: f64,
-    pub relative: bool,
+    pub tolerance: Option<Band>,
 }
 
 impl std::str::FromStr for Gate {
@@ -19,22 +20,11 @@ impl std::str::FromStr for Gate {
             Some((m, t)) => (m, Some(t)),
             None => (s, None),
         };
-        let (tolerance, relative) = match tol {
-            None => (0.0, false),
-            Some(t) => {
-                let (num, relative) = t.strip_suffix('%').map_or((t, false), |n| (n, true));
-                let v: f64 =
-                    num.parse().map_err(|_| format!("`{s}`: the tolerance `{t}` is not a number like 0.01 or 2%"))?;
-                if !(v.is_finite() && v >= 0.0) {
-                    return Err(format!("`{s}`: the tolerance must be a number ≥ 0"));
-                }
-                (v, relative)
-            }
-        };
+        let tolerance = tol.map(|t| Band::parse(t).map_err(|e| format!("`{s}`: the tolerance {e}"))).transpose()?;
         if !metric.contains('.') {
             return Err(format!("`{s}`: name the metric as STAGE.METRIC"));
         }
-        Ok(Gate { metric: metric.to_string(), tolerance, relative })
+        Ok(Gate { metric: metric.to_string(), tolerance })
     }
 }
 
@@ -120,16 +110,19 @@ impl Gate {
         Ok(v)
     }
 
-    /// A message if `row` (in both runs, `a` in run A) got worse beyond the tolerance.
+    /// A message if `row` (in both runs, `a` in run A) got worse beyond the tolerance: the
+    /// gate's own, else the metric's declared `within:` band, else none.
     fn worse(&self, row: &MetricRow, a: f64) -> Option<String> {
         let (b, d) = (row.b?, row.delta?);
-        let allowed = if self.relative { a.abs() * self.tolerance / 100.0 } else { self.tolerance };
-        if !(row.verdict.as_deref() == Some("worse") && d.abs() > allowed) {
+        let band = self.tolerance.or(row.within).unwrap_or(Band { amount: 0.0, relative: false });
+        let worse = row.better.and_then(|dir| dir.judge(a, b)) == Some(false);
+        if !(worse && d.abs() > band.allowed(a)) {
             return None;
         }
         let pct = row.delta_pct.map(|p| format!(" ({p:+.2}%)")).unwrap_or_default();
-        let tol = if self.relative { format!("{}%", self.tolerance) } else { self.tolerance.to_string() };
-        Some(format!("{} regressed: {} → {}{pct}, beyond the tolerance {tol}", row.name, shown(a), shown(b)))
+        let whose =
+            if self.tolerance.is_none() && row.within.is_some() { "its declared band" } else { "the tolerance" };
+        Some(format!("{} regressed: {} → {}{pct}, beyond {whose} {band}", row.name, shown(a), shown(b)))
     }
 }
 
