@@ -140,6 +140,7 @@ fn bad_set() {
     // A value --set gives that the stage refuses: the error says it came from --set.
     let e = invalid(GOOD, &["--set", "stages.a.cmd=[]"], "E-PARAM", None);
     assert!(e.starts_with("--set: error[E-PARAM]: stage `a`: ") && e.contains("empty list"), "{e}");
+    assert!(e.contains("the value comes from --set; stage `a` is declared at p.yaml:4:3"), "{e}");
     let e = invalid(GOOD, &["--set", "stages.a.threads=zero"], "E-TYPE", None);
     assert!(e.starts_with("--set: error[E-TYPE]"), "{e}");
 }

@@ -56,6 +56,9 @@ fn train_params_are_checked_before_anything_runs() {
     let r = p.run(&["run", &shipped_pipeline("train"), "--store", p.store().to_str().unwrap(), "--set", "itera.lr=7"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("error[E-PARAM]") && r.stderr.contains("`lr` must be in (0, 1)"), "{}", r.stderr);
+    // The value came from --set, and the error says so, and where the stage is declared.
+    assert!(r.stderr.starts_with("--set: error[E-PARAM]: stage `itera`"), "{}", r.stderr);
+    assert!(r.stderr.contains("the value comes from --set; stage `itera` is declared at "), "{}", r.stderr);
     assert!(r.stderr.contains("train.yaml:"), "points into the pipeline file: {}", r.stderr);
     assert!(p.store_is_empty());
 }

@@ -343,12 +343,19 @@ fn fields(ctx: &Ctx, d: &Decl, scope: &Scope) -> Result<BTreeMap<String, Value>,
 }
 
 /// The kind's own check, its error placed at the offending key (or the stage's name); a value
-/// given with `--set` has no place in the file, and the error says `--set` instead.
+/// given with `--set` has no place in the file: the error says `--set`, and where the stage is.
 fn check(ctx: &Ctx, d: &Decl, name: &str, p: &Params, io: InputSpec) -> Result<StageProfile, Diagnostic> {
     d.stage.check(p, &io).map_err(|e| {
         let pos = d.node.locate(&e.key);
         let mut diag = ctx.err("E-PARAM", format!("stage `{name}`: {}", e.message), pos);
-        diag.help = e.help;
+        diag.help = match (pos.is_cli(), e.help) {
+            (false, help) => help,
+            (true, help) => {
+                let at = format!("{}:{}:{}", ctx.file.display(), d.key.pos.line, d.key.pos.col);
+                let set = format!("the value comes from --set; stage `{name}` is declared at {at}");
+                Some(help.map_or(set.clone(), |h| format!("{set}; {h}")))
+            }
+        };
         diag
     })
 }
