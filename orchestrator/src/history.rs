@@ -478,6 +478,16 @@ pub fn shown(x: f64) -> String {
     }
 }
 
+/// A recorded metric as `show` and the web view print it: a fractional number as [`shown`]
+/// (the exact value stays in `--json`), an integer in full, a string bare, anything else as JSON.
+pub fn shown_value(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Number(n) if n.is_f64() => n.as_f64().map_or_else(|| n.to_string(), shown),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// A run's `STAGE.METRIC`, as `runs --metric` and the web view's run list show it: the stage's
 /// recorded value; for a `foreach` stage, the best variant's (by the direction given as
 /// `STAGE.METRIC:min|max`, else the declared one) and that variant's name.
@@ -609,6 +619,16 @@ mod tests {
         ];
         for (x, text) in cases {
             assert_eq!(super::shown(x), text, "{x}");
+        }
+        let values = [
+            (serde_json::json!(204887.65093707087), "204887.7"),
+            (serde_json::json!(766442), "766442"),
+            (serde_json::json!(u64::MAX), "18446744073709551615"),
+            (serde_json::json!("vnni"), "vnni"),
+            (serde_json::json!([1, 2]), "[1,2]"),
+        ];
+        for (v, text) in values {
+            assert_eq!(super::shown_value(&v), text, "{v}");
         }
     }
 }

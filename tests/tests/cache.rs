@@ -387,10 +387,12 @@ fn directory_outputs_become_trees() {
 #[test]
 fn show_reports_outputs_metrics_duration_and_memory() {
     let p = Project::new();
-    p.write("p.yaml", "stages:\n  m: {kind: command, cmd: \"echo hi > ${outputs.o}; echo '{\\\"acc\\\": 0.5, \\\"compression_ratio_of_tensors\\\": 3.9}' > $ORCH_METRICS\", outputs: [o]}\n");
+    p.write("p.yaml", "stages:\n  m: {kind: command, cmd: \"echo hi > ${outputs.o}; echo '{\\\"acc\\\": 0.5, \\\"compression_ratio_of_tensors\\\": 3.9, \\\"tok_s\\\": 204887.65093707087}' > $ORCH_METRICS\", outputs: [o]}\n");
     p.run(&["run", "p.yaml"]).assert_ok();
     let v = p.run(&["show", "p.yaml", "m", "--json"]).json();
     assert_eq!(v["metrics"]["acc"], 0.5);
+    // The text rounds a fraction as the tables do; JSON keeps it whole.
+    assert_eq!(v["metrics"]["tok_s"], 204887.65093707087);
     assert_eq!(v["outputs"]["o"]["size"], 3);
     assert!(std::path::Path::new(v["outputs"]["o"]["path"].as_str().unwrap()).exists());
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
@@ -399,7 +401,7 @@ fn show_reports_outputs_metrics_duration_and_memory() {
     assert!(text.stdout.contains("peak memory"), "{}", text.stdout);
     // Values line up after the longest name.
     assert!(
-        text.stdout.contains("\n  acc                          0.5\n  compression_ratio_of_tensors 3.9\n"),
+        text.stdout.contains("\n  acc                          0.5\n  compression_ratio_of_tensors 3.9\n  tok_s                        204887.7\n"),
         "{}",
         text.stdout
     );

@@ -24,7 +24,7 @@ stages:
     kind: command
     foreach: {lr: [0.1, 0.2, 0.3]}
     inputs: {d: data.data.txt}
-    cmd: "python3 -c 'import json; print(json.dumps({\"loss\": round(abs(${item.lr} - 0.2) * ${params.scale} + 0.5, 3)}))' > $ORCH_METRICS; echo fit-${item.lr} > ${outputs.model}; echo trained ${item.lr}"
+    cmd: "python3 -c 'import json; print(json.dumps({\"loss\": round(abs(${item.lr} - 0.2) * ${params.scale} + 0.5, 3), \"rate\": ${item.lr} / 3}))' > $ORCH_METRICS; echo fit-${item.lr} > ${outputs.model}; echo trained ${item.lr}"
     outputs: [model]
   bench:
     kind: command
@@ -200,6 +200,8 @@ fn every_page_over_http_and_nothing_written() {
     {
         assert!(stage.contains(needle), "`{needle}` missing: {stage}");
     }
+    // A metric as the tables round it, the exact value on hover.
+    assert!(stage.contains(r#"<td class="num" title="0.03333333333333333"><code>0.033333</code></td>"#), "{stage}");
     let href = stage.split("<a href=\"/objects/").nth(2).and_then(|s| s.split('"').next()).expect("an output link");
     let file = ui.get(&format!("/objects/{}", href.replace("&amp;", "&")));
     assert_eq!((file.status, file.text().as_str()), (200, "fit-0.1\n"), "{}", file.head);

@@ -10,7 +10,8 @@ pub(super) struct Args {
     pub(super) p: PipelineArgs,
     /// The stage (with `foreach`: STAGE@VARIANT).
     stage: String,
-    /// Print the result as JSON on stdout (for scripts).
+    /// Print the result as JSON on stdout (for scripts; metrics at full precision, where the
+    /// text rounds fractions to 7 significant digits).
     #[arg(long, conflicts_with = "log")]
     json: bool,
     /// Print the stage's log (its stdout and stderr) instead; when the pipeline as it is has no
@@ -189,7 +190,7 @@ fn print_text(store: &Store, stage: &str, m: &Manifest, current: bool, attempt: 
         println!("metrics");
         let w = column(m.metrics.keys());
         for (k, v) in &m.metrics {
-            println!("  {k:<w$} {v}");
+            println!("  {k:<w$} {}", crate::history::shown_value(v));
         }
     }
 }

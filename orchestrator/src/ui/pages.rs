@@ -220,7 +220,9 @@ pub async fn stage(State(ui): State<Shared>, Path((id, stage)): Path<(String, St
                 .collect();
             let inputs: Vec<(String, String, bool)> =
                 (m.key_input.inputs.iter()).map(|(n, d)| (n.clone(), d.clone(), ui.objects.has(d))).collect();
-            let metrics = pretty(&m.metrics);
+            // Rounded as the tables round them; the exact value shows on hover.
+            let metrics: Vec<(&String, String, String)> =
+                (m.metrics.iter()).map(|(k, v)| (k, history::shown_value(v), v.to_string())).collect();
             let log = m.log.as_deref().and_then(|d| log_text(&ui, d));
             let prov = m.provenance.as_ref().map(|p| (p.build(), p.machine(), p.simd_path.clone(), p.ran_on.clone()));
             context! {
