@@ -190,7 +190,8 @@ pub struct MetricRow {
 #[derive(Debug, Serialize)]
 pub struct StageRow {
     pub stage: String,
-    /// `reran`, `added`, `removed`, `left out` (by one run's `--target`) or `same`.
+    /// `reran` (by B), `changed` (B reused a result that differs from A's), `added`, `removed`,
+    /// `left out` (by one run's `--target`) or `same`.
     pub change: String,
     pub reasons: Vec<String>,
 }
@@ -342,14 +343,23 @@ fn stage_rows(
 ) -> Vec<StageRow> {
     let stages: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
     let ran_in_b = |s: &str| run_b.ran.as_ref().is_some_and(|r| r.iter().any(|x| x == s));
+    // A result that differs from A's but that B took from the store was not rerun by B: say
+    // when it was computed. (A record from before `ran` was kept cannot tell; it says "reran".)
+    let differs = |s: &str, b: &Manifest, mut reasons: Vec<String>| {
+        if run_b.ran.is_none() || ran_in_b(s) {
+            return ("reran", reasons);
+        }
+        reasons.push(format!("B reused the result computed at {}", iso8601(b.started_at)));
+        ("changed", reasons)
+    };
     let left_out = |side: &str, r: &RunRecord| ("left out", vec![format!("run {side} ran with {}", r.targets_shown())]);
     stages
         .into_iter()
         .map(|s| {
             let (change, reasons) = match (ma.get(s), mb.get(s)) {
                 (Some(a), Some(b)) if a == b && !ran_in_b(s) => ("same", vec![]),
-                (Some(a), Some(b)) if a.key != b.key => ("reran", explain(&a.key_input, &b.key_input)),
-                (Some(_), Some(_)) => ("reran", vec!["same inputs, computed again".to_string()]),
+                (Some(a), Some(b)) if a.key != b.key => differs(s, b, explain(&a.key_input, &b.key_input)),
+                (Some(_), Some(b)) => differs(s, b, vec!["same inputs, computed again".to_string()]),
                 (None, Some(_)) if run_a.left_out(s) => left_out("A", run_a),
                 (None, Some(_)) => ("added", vec![]),
                 (Some(_), None) if run_b.left_out(s) => left_out("B", run_b),

@@ -200,6 +200,23 @@ stages:
 
 /// A multi-line or long param (a `cmd: |` block) is cut to where the two runs differ, on one
 /// line, so the table stays a table.
+/// A run that took every result from the store reran nothing, even where its results differ
+/// from the other run's: compare says it reused them, and when they were computed.
+#[test]
+fn compare_says_a_cached_result_that_differs_was_reused_not_rerun() {
+    let p = two_runs();
+    p.run(&["run", "q.yaml"]).assert_ok(); // n=3 again: everything from the first run
+    let out = p.run(&["compare", "latest~1", "latest"]).stdout;
+    let row = out.lines().find(|l| l.trim_start().starts_with("score ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("score  changed  input `x` changed"), "{out}");
+    assert!(row.contains("B reused the result computed at 20"), "{out}");
+    assert!(!out.contains("reran"), "{out}");
+    let j = p.run(&["compare", "latest~1", "latest", "--json"]).json();
+    assert_eq!(j["stages"][0]["change"], "changed", "{j}");
+    // The run that computed them says reran.
+    assert!(p.run(&["compare", "latest~1", "latest~2"]).stdout.contains("score  reran  input `x` changed"));
+}
+
 #[test]
 fn compare_cuts_long_params_to_their_difference() {
     let p = Project::new();
