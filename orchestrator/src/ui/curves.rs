@@ -22,12 +22,21 @@ const MAX_CSV_BYTES: u64 = 8 << 20;
 /// At most this many charts on a compare page.
 pub const MAX_COMPARED: usize = 8;
 
-/// The stage's outputs that are training curves: (output name, digest), by output name.
-pub fn curve_outputs(ui: &Ui, m: &Manifest) -> Vec<(String, String)> {
+/// One output of a stage that is a training curve, read once.
+pub struct Curve {
+    name: String,
+    digest: String,
+    rows: Value,
+}
+
+/// The stage's outputs that are training curves, by output name.
+pub fn curve_outputs(ui: &Ui, m: &Manifest) -> Vec<Curve> {
     (m.outputs.iter())
         .filter(|(name, e)| e.kind == ObjKind::File && name.ends_with(".csv") && e.size <= MAX_CSV_BYTES)
-        .filter(|(name, e)| rows(ui, &e.digest, name).is_ok_and(|r| is_curve(&r)))
-        .map(|(name, e)| (name.clone(), e.digest.clone()))
+        .filter_map(|(name, e)| {
+            let rows = rows(ui, &e.digest, name).ok().filter(is_curve)?;
+            Some(Curve { name: name.clone(), digest: e.digest.clone(), rows })
+        })
         .collect()
 }
 
@@ -60,8 +69,7 @@ fn manifest_of(ui: &Ui, run: &Run, stage: &str) -> Result<Manifest, PageError> {
 fn series_of(ui: &Ui, run: &Run, stage: &str, prefix: &str, into: &mut Map<String, Value>) -> Result<(), PageError> {
     let outputs = curve_outputs(ui, &manifest_of(ui, run, stage)?);
     let several = outputs.len() > 1;
-    for (name, digest) in outputs {
-        let rows = rows(ui, &digest, &name).map_err(PageError::Internal)?;
+    for Curve { name, rows, .. } in outputs {
         let which = match name.trim_end_matches(".csv") {
             "metrics" => stage,
             other => other,
@@ -128,7 +136,7 @@ pub fn compared(ui: &Ui, a: &Run, b: &Run, all: bool) -> Vec<String> {
     let curves = |run: &Run, stage: &str| -> Vec<(String, String)> {
         (run.1.manifests.get(stage))
             .and_then(|d| load_manifest(&ui.objects, d).ok())
-            .map(|m| curve_outputs(ui, &m))
+            .map(|m| curve_outputs(ui, &m).into_iter().map(|c| (c.name, c.digest)).collect())
             .unwrap_or_default()
     };
     let mut out = Vec::new();
