@@ -172,24 +172,57 @@ pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
     let s = settings(ctx.params())?;
     let threads = ctx.threads().max(1) as usize;
     let g = graphs(ctx.input("graphs")?)?;
-    let model_path = ctx.input("model")?.to_path_buf();
-    let loading = || format!("loading the model {}", model_path.display());
-    let mut native = Model::load_any(&model_path).context(loading)?;
-    let scheme = native.quant_scheme();
-    // The same arithmetic as the graph: for a quantized model, its dequantized weights in f32.
-    let reference = if scheme.is_some() {
-        let mut r = Model::load_any(&model_path).context(loading)?;
-        r.use_dequantized_weights();
-        Some(r)
-    } else {
-        None
-    };
-    let reference_model = reference.as_ref().unwrap_or(&native);
-    let config = native.config.clone();
-    let vocab = config.vocab_size();
-    let max_seq = config.max_seq_len();
-    let seq_len = s.seq_len.unwrap_or(128).min(max_seq);
+    let native = Native::measure(ctx, &s)?;
+    ctx.check_cancelled()?;
 
+    let mut entries = Vec::new();
+    let mut failures = Vec::new();
+    for runtime in &s.runtimes {
+        for (graph_kind, path) in [("full", Some(&g.full)), ("step", g.step.as_ref())] {
+            let Some(path) = path else { continue };
+            let mut engine = match runtime.as_str() {
+                "tract" => Engine::tract(path),
+                _ => Engine::ort(path, threads),
+            }
+            .map_err(|e| {
+                StageError::failed(format!("{}: {runtime} could not load {}: {e}", native.label, path.display()))
+            })?;
+            let entry = if graph_kind == "step" {
+                native.check_step_graph(&mut engine, runtime, &mut failures)?
+            } else {
+                let entry =
+                    native.check_full_graph(&mut engine, runtime, s.bench_runs, g.step.is_none(), &mut failures)?;
+                ctx.check_cancelled()?;
+                entry
+            };
+            entries.push(entry);
+        }
+    }
+    let report = native.report(entries, &failures, threads);
+    stage_api::write_json(ctx.output("crosscheck.json")?, &report)?;
+    ctx.metric("pass", failures.is_empty());
+    ctx.metric("native_val_loss", native.loss);
+    if !failures.is_empty() {
+        return Err(StageError::failed(format!(
+            "the exported model disagrees with the native one:\n  {}",
+            failures.join("\n  ")
+        )));
+    }
+    Ok(())
+}
+
+/// The model's input windows: `eval`, every validation window in batches, which the losses and
+/// speeds are scored on; `compared`, the first batches and two edge shapes, whose logits are
+/// compared value by value; the prompt of the generation check.
+struct Inputs {
+    seq_len: usize,
+    eval: Vec<Case>,
+    compared: Vec<Case>,
+    prompt: Vec<u32>,
+}
+
+fn inputs(ctx: &StageContext, s: &Settings, max_seq: usize) -> Result<Inputs, StageError> {
+    let seq_len = s.seq_len.unwrap_or(128).min(max_seq);
     let tok = load_tokenizer(ctx.input("tokenizer")?)?;
     let valid_text = stage_api::read_text(ctx.input("valid")?)?;
     let valid_ids = encode(&tok, &valid_text)?;
@@ -200,204 +233,279 @@ pub fn run(ctx: &mut StageContext) -> Result<(), StageError> {
             valid_ids.len()
         )));
     }
-    let eval: Vec<Case> = windows
-        .chunks(s.batch)
-        .enumerate()
-        .map(|(i, c)| Case {
-            label: format!("validation batch {i}"),
-            batch: c.len(),
-            seq: seq_len,
-            ids: c.iter().flat_map(|w| w.iter().copied()).collect(),
+    let case = |label: String, batch: usize, seq: usize, ids: Vec<u32>| Case { label, batch, seq, ids };
+    let eval: Vec<Case> = (windows.chunks(s.batch).enumerate())
+        .map(|(i, c)| {
+            case(format!("validation batch {i}"), c.len(), seq_len, c.iter().flat_map(|w| w.iter().copied()).collect())
         })
         .collect();
-    let mut cases: Vec<Case> = eval
-        .iter()
-        .take(s.batches)
-        .map(|c| Case { label: c.label.clone(), batch: c.batch, seq: c.seq, ids: c.ids.clone() })
-        .collect();
-    cases.push(Case { label: "edge: batch 1, seq 1".into(), batch: 1, seq: 1, ids: vec![valid_ids[0]] });
+    let mut compared: Vec<Case> =
+        eval.iter().take(s.batches).map(|c| case(c.label.clone(), c.batch, c.seq, c.ids.clone())).collect();
+    compared.push(case("edge: batch 1, seq 1".into(), 1, 1, vec![valid_ids[0]]));
     if valid_ids.len() >= max_seq {
-        cases.push(Case {
-            label: format!("edge: batch 1, max seq {max_seq}"),
-            batch: 1,
-            seq: max_seq,
-            ids: valid_ids[..max_seq].to_vec(),
-        });
+        compared.push(case(format!("edge: batch 1, max seq {max_seq}"), 1, max_seq, valid_ids[..max_seq].to_vec()));
     }
-    let reference_logits: Vec<Vec<f32>> =
-        cases.iter().map(|c| native_logits(reference_model, c)).collect::<Result<_, _>>()?;
+    let prompt = valid_ids[..16.min(valid_ids.len())].to_vec();
+    Ok(Inputs { seq_len, eval, compared, prompt })
+}
 
-    // Native validation loss and speed, scored exactly as the runtimes are.
-    let score = |f: &mut dyn FnMut(&Case) -> Result<Vec<f32>, StageError>| -> Result<(f64, f64), StageError> {
-        let (mut total, mut n, mut secs) = (0.0, 0usize, 0.0);
-        for c in &eval {
+/// Validation loss and tokens/s of `logits` over the cases, scored as every runtime is.
+fn score(
+    eval: &[Case],
+    vocab: usize,
+    logits: &mut dyn FnMut(&Case) -> Result<Vec<f32>, StageError>,
+) -> Result<(f64, f64), StageError> {
+    let (mut total, mut n, mut secs) = (0.0, 0usize, 0.0);
+    for c in eval {
+        let t = Instant::now();
+        let l = logits(c)?;
+        secs += t.elapsed().as_secs_f64();
+        let (ce, k) = onnx_runtime::next_token_nll(&l, &c.ids, c.batch, c.seq, vocab);
+        total += ce;
+        n += k;
+    }
+    let tokens: usize = eval.iter().map(|c| c.batch * c.seq).sum();
+    Ok((total / n.max(1) as f64, tokens as f64 / secs.max(1e-9)))
+}
+
+/// What the graphs are held to: the native model on the same inputs. For a quantized model the
+/// reference is its dequantized weights in f32 (the graph's arithmetic); `loss` and `tps` are
+/// the model as it runs natively (integer kernels).
+struct Native {
+    label: String,
+    config: ModelConfig,
+    quantization: Option<&'static str>,
+    inputs: Inputs,
+    reference_logits: Vec<Vec<f32>>,
+    loss: f64,
+    tps: f64,
+    reference_loss: f64,
+    reference_tps: f64,
+    generated: Vec<u32>,
+}
+
+/// A full graph's agreement with the reference, and its validation loss against both natives.
+struct Figures {
+    agree: Agreement,
+    agreement: f64,
+    loss: f64,
+    loss_rel: f64,
+    quant_rel: f64,
+    /// Where the largest logit difference is.
+    worst: String,
+}
+
+impl Figures {
+    fn of(agree: Agreement, loss: f64, native: &Native) -> Figures {
+        let agreement = agree.same_argmax as f64 / agree.positions.max(1) as f64;
+        let loss_rel = (loss - native.reference_loss).abs() / native.reference_loss.abs().max(1e-12);
+        let quant_rel = (loss - native.loss).abs() / native.loss.abs().max(1e-12);
+        let w = agree.worst.clone().unwrap_or_default();
+        let worst = format!("{} (sequence {}, position {}, vocab {})", w.0, w.1, w.2, w.3);
+        Figures { agree, agreement, loss, loss_rel, quant_rel, worst }
+    }
+}
+
+impl Native {
+    fn measure(ctx: &StageContext, s: &Settings) -> Result<Native, StageError> {
+        let model_path = ctx.input("model")?.to_path_buf();
+        let loading = || format!("loading the model {}", model_path.display());
+        let mut native = Model::load_any(&model_path).context(loading)?;
+        let scheme = native.quant_scheme();
+        let reference = match scheme {
+            Some(_) => {
+                let mut r = Model::load_any(&model_path).context(loading)?;
+                r.use_dequantized_weights();
+                Some(r)
+            }
+            None => None,
+        };
+        let reference_model = reference.as_ref().unwrap_or(&native);
+        let config = native.config.clone();
+        let (vocab, max_seq) = (config.vocab_size(), config.max_seq_len());
+        let inputs = inputs(ctx, s, max_seq)?;
+        let reference_logits =
+            inputs.compared.iter().map(|c| native_logits(reference_model, c)).collect::<Result<_, _>>()?;
+        let (loss, tps) = score(&inputs.eval, vocab, &mut |c| native_logits(&native, c))?;
+        let (reference_loss, reference_tps) = match &reference {
+            Some(r) => score(&inputs.eval, vocab, &mut |c| native_logits(r, c))?,
+            None => (loss, tps),
+        };
+        let n_gen = s.generate.min(max_seq.saturating_sub(16)).max(1);
+        let generated = reference_model
+            .generate(&inputs.prompt, n_gen.min(max_seq - inputs.prompt.len()), Sampling::Greedy, 0)
+            .context(|| "native greedy generation".into())?;
+        let label =
+            format!("{}{}", model_name(&config), scheme.map(|s| format!(" ({})", s.name())).unwrap_or_default());
+        let quantization = scheme.map(|s| s.name());
+        Ok(Native {
+            label,
+            config,
+            quantization,
+            inputs,
+            reference_logits,
+            loss,
+            tps,
+            reference_loss,
+            reference_tps,
+            generated,
+        })
+    }
+
+    /// The step graph (one token at a time, with state): its greedy generation must be ours.
+    fn check_step_graph(
+        &self,
+        engine: &mut Engine,
+        runtime: &str,
+        failures: &mut Vec<String>,
+    ) -> Result<serde_json::Value, StageError> {
+        let prompt = &self.inputs.prompt;
+        let (generated, lat, wall) = generate(engine, true, &self.config, prompt, self.generated.len())?;
+        let identical = generated == self.generated;
+        if !identical {
+            let at = generated.iter().zip(&self.generated).position(|(a, b)| a != b).unwrap_or(0);
+            let (got, want) = (generated.get(at).copied().unwrap_or(0), self.generated.get(at).copied().unwrap_or(0));
+            failures.push(format!(
+                "{}, {runtime}, step graph: greedy generation differs from native at new token {at} ({got} vs {want})",
+                self.label
+            ));
+        }
+        Ok(json!({
+            "runtime": runtime, "graph": "step",
+            "generation": {"prompt_tokens": prompt.len(), "new_tokens": generated.len(), "identical_to_native": identical,
+                "tokens_per_s": generated.len() as f64 / wall.max(1e-9),
+                "latency_ms_p50": 1e3 * quantile(&lat, 0.5), "latency_ms_p95": 1e3 * quantile(&lat, 0.95)},
+            "pass": identical,
+        }))
+    }
+
+    /// The full graph: logits value by value, validation loss, speed, and — when there is no
+    /// step graph — greedy generation by re-running it on the growing prefix.
+    fn check_full_graph(
+        &self,
+        engine: &mut Engine,
+        runtime: &str,
+        bench_runs: usize,
+        generate_here: bool,
+        failures: &mut Vec<String>,
+    ) -> Result<serde_json::Value, StageError> {
+        let vocab = self.config.vocab_size();
+        let agree = self.agreement(engine, runtime)?;
+        let (loss, tps) = score(&self.inputs.eval, vocab, &mut |c| {
+            let o = engine.run(&[("input_ids", ids_input(c))]).context(|| format!("{runtime} on {}", c.label))?;
+            Ok(logits_of(&o)?.data.clone())
+        })?;
+        let mut bench = Vec::new();
+        for _ in 0..bench_runs {
+            let c = &self.inputs.eval[0];
             let t = Instant::now();
-            let l = f(c)?;
-            secs += t.elapsed().as_secs_f64();
-            let (ce, k) = onnx_runtime::next_token_nll(&l, &c.ids, c.batch, c.seq, vocab);
-            total += ce;
-            n += k;
+            engine.run(&[("input_ids", ids_input(c))]).context(|| format!("{runtime} on {}", c.label))?;
+            bench.push((c.batch * c.seq) as f64 / t.elapsed().as_secs_f64().max(1e-9));
         }
-        let tokens: usize = eval.iter().map(|c| c.batch * c.seq).sum();
-        Ok((total / n.max(1) as f64, tokens as f64 / secs.max(1e-9)))
-    };
-    let (native_loss, native_tps) = score(&mut |c| native_logits(&native, c))?;
-    let (reference_loss, reference_tps) = if reference.is_some() {
-        score(&mut |c| native_logits(reference_model, c))?
-    } else {
-        (native_loss, native_tps)
-    };
-    let n_gen = s.generate.min(max_seq.saturating_sub(16)).max(1);
-    let prompt: Vec<u32> = valid_ids[..16.min(valid_ids.len())].to_vec();
-    let native_generated = reference_model
-        .generate(&prompt, n_gen.min(max_seq - prompt.len()), Sampling::Greedy, 0)
-        .context(|| "native greedy generation".into())?;
-    ctx.check_cancelled()?;
+        let f = Figures::of(agree, loss, self);
+        let found = self.judge(runtime, &f);
+        let eval0 = &self.inputs.eval[0];
+        let mut entry = json!({
+            "runtime": runtime, "graph": "full",
+            "cases": self.inputs.compared.iter().map(|c| c.label.clone()).collect::<Vec<_>>(),
+            "max_abs_diff": f.agree.max_abs, "mean_abs_diff": f.agree.sum_abs / f.agree.count.max(1) as f64,
+            "max_rel_diff": f.agree.max_rel, "argmax_agreement": f.agreement, "worst": f.worst,
+            "val_loss": loss, "val_loss_native": self.reference_loss, "val_loss_rel_diff": f.loss_rel,
+            "tokens_per_s": tps,
+            "tokens_per_s_bench": {"median": quantile(&bench, 0.5), "min": quantile(&bench, 0.0), "max": quantile(&bench, 1.0), "shape": [eval0.batch, eval0.seq]},
+            "pass": found.is_empty(),
+        });
+        failures.extend(found);
+        if self.quantization.is_some() {
+            entry["val_loss_native_quantized"] = json!(self.loss);
+            entry["val_loss_rel_diff_vs_native_quantized"] = json!(f.quant_rel);
+        }
+        if generate_here {
+            let prompt = &self.inputs.prompt;
+            let (generated, _, wall) = generate(engine, false, &self.config, prompt, self.generated.len())?;
+            let identical = generated == self.generated;
+            if !identical {
+                entry["pass"] = json!(false);
+                failures.push(format!("{}, {runtime}, full graph: greedy generation differs from native", self.label));
+            }
+            entry["generation"] = json!({"prompt_tokens": prompt.len(), "new_tokens": generated.len(), "identical_to_native": identical,
+                "tokens_per_s": generated.len() as f64 / wall.max(1e-9), "method": "full graph re-run on the growing prefix (no step graph)"});
+        }
+        Ok(entry)
+    }
 
-    let mut entries = Vec::new();
-    let mut failures = Vec::new();
-    let model_label =
-        format!("{}{}", model_name(&config), scheme.map(|s| format!(" ({})", s.name())).unwrap_or_default());
-    for runtime in &s.runtimes {
-        for (graph_kind, path) in [("full", Some(&g.full)), ("step", g.step.as_ref())] {
-            let Some(path) = path else { continue };
-            let mut engine = match runtime.as_str() {
-                "tract" => Engine::tract(path),
-                _ => Engine::ort(path, threads),
+    /// The graph's logits against the reference's, on every compared case.
+    fn agreement(&self, engine: &mut Engine, runtime: &str) -> Result<Agreement, StageError> {
+        let vocab = self.config.vocab_size();
+        let mut agree = Agreement::default();
+        for (c, r) in self.inputs.compared.iter().zip(&self.reference_logits) {
+            let o = (engine.run(&[("input_ids", ids_input(c))]))
+                .map_err(|e| StageError::failed(format!("{}: {runtime} failed on {}: {e}", self.label, c.label)))?;
+            let l = logits_of(&o)?;
+            if l.shape != [c.batch, c.seq, vocab] {
+                return Err(StageError::failed(format!(
+                    "{}, {runtime}, full graph: logits have shape {:?}, expected [{}, {}, {vocab}]",
+                    self.label, l.shape, c.batch, c.seq
+                )));
             }
-            .map_err(|e| {
-                StageError::failed(format!("{model_label}: {runtime} could not load {}: {e}", path.display()))
-            })?;
-            if graph_kind == "step" {
-                let (generated, lat, wall) = generate(&mut engine, true, &config, &prompt, native_generated.len())?;
-                let identical = generated == native_generated;
-                if !identical {
-                    let at = generated.iter().zip(&native_generated).position(|(a, b)| a != b).unwrap_or(0);
-                    failures.push(format!("{model_label}, {runtime}, step graph: greedy generation differs from native at new token {at} ({} vs {})", generated.get(at).copied().unwrap_or(0), native_generated.get(at).copied().unwrap_or(0)));
-                }
-                entries.push(json!({
-                    "runtime": runtime, "graph": "step",
-                    "generation": {"prompt_tokens": prompt.len(), "new_tokens": generated.len(), "identical_to_native": identical,
-                        "tokens_per_s": generated.len() as f64 / wall.max(1e-9),
-                        "latency_ms_p50": 1e3 * quantile(&lat, 0.5), "latency_ms_p95": 1e3 * quantile(&lat, 0.95)},
-                    "pass": identical,
-                }));
-                continue;
-            }
-            let mut agree = Agreement::default();
-            for (c, r) in cases.iter().zip(&reference_logits) {
-                let o = engine
-                    .run(&[("input_ids", ids_input(c))])
-                    .map_err(|e| StageError::failed(format!("{model_label}: {runtime} failed on {}: {e}", c.label)))?;
-                let l = logits_of(&o)?;
-                if l.shape != [c.batch, c.seq, vocab] {
-                    return Err(StageError::failed(format!(
-                        "{model_label}, {runtime}, full graph: logits have shape {:?}, expected [{}, {}, {vocab}]",
-                        l.shape, c.batch, c.seq
-                    )));
-                }
-                agree.add(c, r, &l.data, vocab);
-            }
-            ctx.check_cancelled()?;
-            let (loss, tps) = score(&mut |c| {
-                let o = engine.run(&[("input_ids", ids_input(c))]).context(|| format!("{runtime} on {}", c.label))?;
-                Ok(logits_of(&o)?.data.clone())
-            })?;
-            let mut bench = Vec::new();
-            for _ in 0..s.bench_runs {
-                let c = &eval[0];
-                let t = Instant::now();
-                engine.run(&[("input_ids", ids_input(c))]).context(|| format!("{runtime} on {}", c.label))?;
-                bench.push((c.batch * c.seq) as f64 / t.elapsed().as_secs_f64().max(1e-9));
-            }
-            let (generated, _, wall) = if g.step.is_none() {
-                generate(&mut engine, false, &config, &prompt, native_generated.len())?
-            } else {
-                (Vec::new(), Vec::new(), 0.0)
-            };
-            let agreement = agree.same_argmax as f64 / agree.positions.max(1) as f64;
-            let loss_rel = (loss - reference_loss).abs() / reference_loss.abs().max(1e-12);
-            let quant_rel = (loss - native_loss).abs() / native_loss.abs().max(1e-12);
-            let mut ok = true;
-            let worst = agree.worst.clone().unwrap_or_default();
-            let where_ = format!("{} (sequence {}, position {}, vocab {})", worst.0, worst.1, worst.2, worst.3);
-            if agree.max_abs > MAX_ABS || !agree.max_abs.is_finite() {
-                ok = false;
-                failures.push(format!(
-                    "{model_label}, {runtime}, full graph: max |Δlogit| {:.3e} > {MAX_ABS:.0e} at {where_}",
-                    agree.max_abs
-                ));
-            }
-            if agreement < ARGMAX_AGREEMENT {
-                ok = false;
-                failures.push(format!("{model_label}, {runtime}, full graph: argmax agrees on {:.3} % of positions (< {:.1} %); worst logit at {where_}", 100.0 * agreement, 100.0 * ARGMAX_AGREEMENT));
-            }
-            if loss_rel > LOSS_REL || !loss.is_finite() {
-                ok = false;
-                failures.push(format!("{model_label}, {runtime}, full graph: validation loss {loss:.6} vs native {reference_loss:.6} (relative {loss_rel:.2e} > {LOSS_REL:.0e})"));
-            }
-            if scheme.is_some() && quant_rel > QUANT_LOSS_REL {
-                ok = false;
-                failures.push(format!("{model_label}, {runtime}, full graph: validation loss {loss:.6} vs native quantized {native_loss:.6} (relative {quant_rel:.2e} > {QUANT_LOSS_REL})"));
-            }
-            let mut entry = json!({
-                "runtime": runtime, "graph": "full",
-                "cases": cases.iter().map(|c| c.label.clone()).collect::<Vec<_>>(),
-                "max_abs_diff": agree.max_abs, "mean_abs_diff": agree.sum_abs / agree.count.max(1) as f64, "max_rel_diff": agree.max_rel,
-                "argmax_agreement": agreement, "worst": where_,
-                "val_loss": loss, "val_loss_native": reference_loss, "val_loss_rel_diff": loss_rel,
-                "tokens_per_s": tps,
-                "tokens_per_s_bench": {"median": quantile(&bench, 0.5), "min": quantile(&bench, 0.0), "max": quantile(&bench, 1.0), "shape": [eval[0].batch, eval[0].seq]},
-                "pass": ok,
-            });
-            if scheme.is_some() {
-                entry["val_loss_native_quantized"] = json!(native_loss);
-                entry["val_loss_rel_diff_vs_native_quantized"] = json!(quant_rel);
-            }
-            if !generated.is_empty() {
-                let identical = generated == native_generated;
-                if !identical {
-                    entry["pass"] = json!(false);
-                    failures
-                        .push(format!("{model_label}, {runtime}, full graph: greedy generation differs from native"));
-                }
-                entry["generation"] = json!({"prompt_tokens": prompt.len(), "new_tokens": generated.len(), "identical_to_native": identical,
-                    "tokens_per_s": generated.len() as f64 / wall.max(1e-9), "method": "full graph re-run on the growing prefix (no step graph)"});
-            }
-            entries.push(entry);
+            agree.add(c, r, &l.data, vocab);
         }
+        Ok(agree)
     }
-    let report = json!({
-        "model": model_label,
-        "config": config,
-        "quantization": scheme.map(|s| s.name()),
-        "seq_len": seq_len,
-        "eval_positions": eval.iter().map(|c| c.batch * (c.seq - 1)).sum::<usize>(),
-        "tolerances": {
-            "max_abs_diff": MAX_ABS, "argmax_agreement": ARGMAX_AGREEMENT, "val_loss_rel": LOSS_REL,
-            "quantized_val_loss_rel_vs_native_quantized": QUANT_LOSS_REL,
-            "reference": if scheme.is_some() { "native forward with the dequantized weights and f32 \
-                activations (what the graph computes); the validation loss is also held to the \
-                native quantized model (integer kernels)" } else { "native f32 forward" },
-        },
-        "native": {"val_loss": native_loss, "tokens_per_s": native_tps, "reference_val_loss": reference_loss, "reference_tokens_per_s": reference_tps,
-            "generated": native_generated.len(), "threads": threads},
-        "runtimes": entries,
-        "onnxruntime_library": onnxruntime_path().map(|p| p.display().to_string()),
-        "threads": {"native": threads, "onnxruntime": threads, "tract": 1},
-        "pass": failures.is_empty(),
-        "failures": failures,
-    });
-    stage_api::write_json(ctx.output("crosscheck.json")?, &report)?;
-    ctx.metric("pass", failures.is_empty());
-    ctx.metric("native_val_loss", native_loss);
-    if !failures.is_empty() {
-        return Err(StageError::failed(format!(
-            "the exported model disagrees with the native one:\n  {}",
-            failures.join("\n  ")
-        )));
+
+    /// The full graph's figures held to the tolerances: what fails, one line each.
+    fn judge(&self, runtime: &str, f: &Figures) -> Vec<String> {
+        let (at, worst, loss) = (format!("{}, {runtime}, full graph", self.label), &f.worst, f.loss);
+        let mut failures = Vec::new();
+        if f.agree.max_abs > MAX_ABS || !f.agree.max_abs.is_finite() {
+            failures.push(format!("{at}: max |Δlogit| {:.3e} > {MAX_ABS:.0e} at {worst}", f.agree.max_abs));
+        }
+        if f.agreement < ARGMAX_AGREEMENT {
+            failures.push(format!(
+                "{at}: argmax agrees on {:.3} % of positions (< {:.1} %); worst logit at {worst}",
+                100.0 * f.agreement,
+                100.0 * ARGMAX_AGREEMENT
+            ));
+        }
+        if f.loss_rel > LOSS_REL || !loss.is_finite() {
+            failures.push(format!(
+                "{at}: validation loss {loss:.6} vs native {:.6} (relative {:.2e} > {LOSS_REL:.0e})",
+                self.reference_loss, f.loss_rel
+            ));
+        }
+        if self.quantization.is_some() && f.quant_rel > QUANT_LOSS_REL {
+            failures.push(format!(
+                "{at}: validation loss {loss:.6} vs native quantized {:.6} (relative {:.2e} > {QUANT_LOSS_REL})",
+                self.loss, f.quant_rel
+            ));
+        }
+        failures
     }
-    Ok(())
+
+    fn report(&self, entries: Vec<serde_json::Value>, failures: &[String], threads: usize) -> serde_json::Value {
+        let eval = &self.inputs.eval;
+        json!({
+            "model": self.label,
+            "config": self.config,
+            "quantization": self.quantization,
+            "seq_len": self.inputs.seq_len,
+            "eval_positions": eval.iter().map(|c| c.batch * (c.seq - 1)).sum::<usize>(),
+            "tolerances": {
+                "max_abs_diff": MAX_ABS, "argmax_agreement": ARGMAX_AGREEMENT, "val_loss_rel": LOSS_REL,
+                "quantized_val_loss_rel_vs_native_quantized": QUANT_LOSS_REL,
+                "reference": if self.quantization.is_some() { "native forward with the dequantized weights and f32 \
+                    activations (what the graph computes); the validation loss is also held to the \
+                    native quantized model (integer kernels)" } else { "native f32 forward" },
+            },
+            "native": {"val_loss": self.loss, "tokens_per_s": self.tps, "reference_val_loss": self.reference_loss,
+                "reference_tokens_per_s": self.reference_tps, "generated": self.generated.len(), "threads": threads},
+            "runtimes": entries,
+            "onnxruntime_library": onnxruntime_path().map(|p| p.display().to_string()),
+            "threads": {"native": threads, "onnxruntime": threads, "tract": 1},
+            "pass": failures.is_empty(),
+            "failures": failures,
+        })
+    }
 }
 
 fn model_name(c: &ModelConfig) -> &'static str {
