@@ -167,106 +167,8 @@ fn environment_noting_provenance(out_dir: &Path, provenance_called: Arc<AtomicBo
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
     // A rendered file ends with a newline, as text files do.
     env.set_keep_trailing_newline(true);
-    env.add_filter("bytes", |v: minijinja::Value| -> Result<String, Error> { Ok(format_bytes(num(&v)?)) });
-    env.add_filter("int", |v: minijinja::Value| -> Result<String, Error> { Ok(format_int(num(&v)?)) });
-    env.add_filter("ratio", |v: minijinja::Value| -> Result<String, Error> { Ok(format!("{:.2}×", num(&v)?)) });
-    env.add_filter("fixed", |v: minijinja::Value, n: Option<usize>| -> Result<String, Error> {
-        Ok(format!("{:.*}", n.unwrap_or(2), num(&v)?))
-    });
-    env.add_filter("pct", |v: minijinja::Value| -> Result<String, Error> { Ok(format!("{:.2} %", 100.0 * num(&v)?)) });
-    env.add_filter("signed_pct", |v: minijinja::Value| -> Result<String, Error> {
-        Ok(format!("{:+.3} %", 100.0 * num(&v)?))
-    });
-    let to_json = |v: &minijinja::Value| {
-        serde_json::to_value(v).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
-    };
-    let dir = out_dir.to_path_buf();
-    let plot_err = |e: plots::PlotError| Error::new(ErrorKind::InvalidOperation, e.to_string());
-    {
-        let dir = dir.clone();
-        env.add_function("training_curves", move |file: String, series: minijinja::Value| -> Result<String, Error> {
-            plots::training_curves(&dir.join(&file), &to_json(&series)?).map_err(plot_err)?;
-            Ok(file)
-        });
-    }
-    {
-        let dir = dir.clone();
-        env.add_function(
-            "bars",
-            move |file: String,
-                  title: String,
-                  items: minijinja::Value,
-                  key: String,
-                  axes: minijinja::Value|
-                  -> Result<String, Error> {
-                // `"value label"`, or `["value label", "name label"]`.
-                let (y, names) = match to_json(&axes)? {
-                    Value::String(y) => (y, "model".to_string()),
-                    Value::Array(a) if a.len() == 2 && a.iter().all(Value::is_string) => {
-                        (a[0].as_str().unwrap_or_default().into(), a[1].as_str().unwrap_or_default().into())
-                    }
-                    other => {
-                        let msg = format!("bars: the last argument is \"value label\" or [\"value label\", \"name label\"], got {other}");
-                        return Err(Error::new(ErrorKind::InvalidOperation, msg));
-                    }
-                };
-                let rows = items_of("bars", to_json(&items)?)?;
-                let labels =
-                    rows.iter().enumerate().map(|(i, r)| label_of("bars", i, r)).collect::<Result<Vec<_>, _>>()?;
-                let values: Vec<f64> = rows.iter().map(|r| dotted(r, &key).unwrap_or(f64::NAN)).collect();
-                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                    return Err(Error::new(
-                        ErrorKind::InvalidOperation,
-                        format!("bars: item `{}` has no number at `{key}`", labels[i]),
-                    ));
-                }
-                plots::bars(&dir.join(&file), &title, &labels, &values, &y, &names).map_err(plot_err)?;
-                Ok(file)
-            },
-        );
-    }
-    {
-        let dir = dir.clone();
-        env.add_function(
-            "scatter",
-            move |file: String,
-                  title: String,
-                  items: minijinja::Value,
-                  x_axis: Vec<String>,
-                  y_axis: Vec<String>|
-                  -> Result<String, Error> {
-                let axis = |a: &[String]| -> Result<(String, String), Error> {
-                    match a {
-                        [key, label] => Ok((key.clone(), label.clone())),
-                        _ => Err(Error::new(
-                            ErrorKind::InvalidOperation,
-                            "scatter axes are [\"dotted.key\", \"axis label\"]",
-                        )),
-                    }
-                };
-                let ((x_key, x), (y_key, y)) = (axis(&x_axis)?, axis(&y_axis)?);
-                let mut points = Vec::new();
-                for (i, r) in items_of("scatter", to_json(&items)?)?.into_iter().enumerate() {
-                    let label = label_of("scatter", i, &r)?;
-                    match (dotted(&r, &x_key), dotted(&r, &y_key)) {
-                        (Some(px), Some(py)) => points.push(serde_json::json!([label, px, py])),
-                        _ => {
-                            return Err(Error::new(
-                                ErrorKind::InvalidOperation,
-                                format!("scatter: item `{label}` lacks `{x_key}` or `{y_key}`"),
-                            ))
-                        }
-                    }
-                }
-                plots::scatter(&dir.join(&file), &title, &Value::Array(points), &x, &y).map_err(plot_err)?;
-                Ok(file)
-            },
-        );
-    }
-    env.add_function("progression", move |file: String, steps: minijinja::Value| -> Result<String, Error> {
-        plots::progression(&dir.join(&file), &to_json(&steps)?).map_err(plot_err)?;
-        Ok(file)
-    });
+    add_filters(&mut env);
+    add_plots(&mut env, out_dir);
     let run_of = move |state: &minijinja::State| -> Result<Option<Value>, Error> {
         state.lookup("run").map(|r| to_json(&r)).transpose()
     };
@@ -282,6 +184,109 @@ fn environment_noting_provenance(out_dir: &Path, provenance_called: Arc<AtomicBo
         Ok(run_of(state)?.map(|r| provenance(&r)).unwrap_or_default())
     });
     env
+}
+
+fn to_json(v: &minijinja::Value) -> Result<Value, Error> {
+    serde_json::to_value(v).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
+}
+
+fn template_error(message: String) -> Error {
+    Error::new(ErrorKind::InvalidOperation, message)
+}
+
+/// The number filters: `bytes`, `int`, `ratio`, `fixed(n)`, `pct`, `signed_pct`.
+fn add_filters(env: &mut Environment<'static>) {
+    env.add_filter("bytes", |v: minijinja::Value| -> Result<String, Error> { Ok(format_bytes(num(&v)?)) });
+    env.add_filter("int", |v: minijinja::Value| -> Result<String, Error> { Ok(format_int(num(&v)?)) });
+    env.add_filter("ratio", |v: minijinja::Value| -> Result<String, Error> { Ok(format!("{:.2}×", num(&v)?)) });
+    env.add_filter("fixed", |v: minijinja::Value, n: Option<usize>| -> Result<String, Error> {
+        Ok(format!("{:.*}", n.unwrap_or(2), num(&v)?))
+    });
+    env.add_filter("pct", |v: minijinja::Value| -> Result<String, Error> { Ok(format!("{:.2} %", 100.0 * num(&v)?)) });
+    env.add_filter("signed_pct", |v: minijinja::Value| -> Result<String, Error> {
+        Ok(format!("{:+.3} %", 100.0 * num(&v)?))
+    });
+}
+
+/// The plot functions, each writing a PNG into `out_dir` and returning its file name.
+fn add_plots(env: &mut Environment<'static>, out_dir: &Path) {
+    let plot_err = |e: plots::PlotError| template_error(e.to_string());
+    let dir = out_dir.to_path_buf();
+    env.add_function("training_curves", move |file: String, series: minijinja::Value| -> Result<String, Error> {
+        plots::training_curves(&dir.join(&file), &to_json(&series)?).map_err(plot_err)?;
+        Ok(file)
+    });
+    let dir = out_dir.to_path_buf();
+    env.add_function(
+        "bars",
+        move |file: String, title: String, items: minijinja::Value, key: String, axes: minijinja::Value| {
+            bars(&dir.join(&file), &title, items, &key, axes).map(|()| file)
+        },
+    );
+    let dir = out_dir.to_path_buf();
+    env.add_function(
+        "scatter",
+        move |file: String, title: String, items: minijinja::Value, x_axis: Vec<String>, y_axis: Vec<String>| {
+            scatter(&dir.join(&file), &title, items, &x_axis, &y_axis).map(|()| file)
+        },
+    );
+    let dir = out_dir.to_path_buf();
+    env.add_function("progression", move |file: String, steps: minijinja::Value| -> Result<String, Error> {
+        plots::progression(&dir.join(&file), &to_json(&steps)?).map_err(plot_err)?;
+        Ok(file)
+    });
+}
+
+/// `bars(png, title, items, "dotted.key", axes)`: one bar per item; `axes` is `"value label"`
+/// or `["value label", "name label"]`.
+fn bars(png: &Path, title: &str, items: minijinja::Value, key: &str, axes: minijinja::Value) -> Result<(), Error> {
+    let (y, names) = match to_json(&axes)? {
+        Value::String(y) => (y, "model".to_string()),
+        Value::Array(a) if a.len() == 2 && a.iter().all(Value::is_string) => {
+            (a[0].as_str().unwrap_or_default().into(), a[1].as_str().unwrap_or_default().into())
+        }
+        other => {
+            return Err(template_error(format!(
+                "bars: the last argument is \"value label\" or [\"value label\", \"name label\"], got {other}"
+            )))
+        }
+    };
+    let rows = items_of("bars", to_json(&items)?)?;
+    let labels = rows.iter().enumerate().map(|(i, r)| label_of("bars", i, r)).collect::<Result<Vec<_>, _>>()?;
+    let values: Vec<f64> = rows.iter().map(|r| dotted(r, key).unwrap_or(f64::NAN)).collect();
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(template_error(format!("bars: item `{}` has no number at `{key}`", labels[i])));
+    }
+    plots::bars(png, title, &labels, &values, &y, &names).map_err(|e| template_error(e.to_string()))?;
+    Ok(())
+}
+
+/// `scatter(png, title, items, ["x.key", "x label"], ["y.key", "y label"])`: one labelled
+/// point per item.
+fn scatter(
+    png: &Path,
+    title: &str,
+    items: minijinja::Value,
+    x_axis: &[String],
+    y_axis: &[String],
+) -> Result<(), Error> {
+    let axis = |a: &[String]| -> Result<(String, String), Error> {
+        match a {
+            [key, label] => Ok((key.clone(), label.clone())),
+            _ => Err(template_error("scatter axes are [\"dotted.key\", \"axis label\"]".into())),
+        }
+    };
+    let ((x_key, x), (y_key, y)) = (axis(x_axis)?, axis(y_axis)?);
+    let mut points = Vec::new();
+    for (i, r) in items_of("scatter", to_json(&items)?)?.into_iter().enumerate() {
+        let label = label_of("scatter", i, &r)?;
+        match (dotted(&r, &x_key), dotted(&r, &y_key)) {
+            (Some(px), Some(py)) => points.push(serde_json::json!([label, px, py])),
+            _ => return Err(template_error(format!("scatter: item `{label}` lacks `{x_key}` or `{y_key}`"))),
+        }
+    }
+    plots::scatter(png, title, &Value::Array(points), &x, &y).map_err(|e| template_error(e.to_string()))?;
+    Ok(())
 }
 
 /// The functions and filters every template has, one per line (`orchestrate report --vars`
