@@ -30,7 +30,7 @@ pub fn short(id: &str) -> &str {
 pub struct RunLine {
     /// The short id.
     pub id: String,
-    /// The name given with `run --name`.
+    /// The name given with `run --name` or later with `orchestrate name`.
     pub name: Option<String>,
     pub started_at: String,
     pub pipeline: String,
@@ -91,7 +91,8 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `latest`, `latest~N`, the name of a run (`run --name`; the newest so named), or a unique
+/// `latest`, `latest~N`, the name of a run (`run --name` or `orchestrate name`; the run that
+/// took it last), or a unique
 /// prefix (4+ characters) of a run id, among `runs` (newest first).
 pub fn resolve<'r>(runs: &'r [Run], spec: &str) -> Result<&'r Run, String> {
     let back = match spec.strip_prefix("latest") {
@@ -109,7 +110,7 @@ pub fn resolve<'r>(runs: &'r [Run], spec: &str) -> Result<&'r Run, String> {
             k => format!("`{spec}`: the store has only {k} runs (`latest~{}` is the oldest)", k - 1),
         });
     }
-    if let Some(named) = runs.iter().find(|(_, r)| r.name.as_deref() == Some(spec)) {
+    if let Some(named) = crate::store::names::holder(runs, spec) {
         return Ok(named);
     }
     if spec.len() < 4 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {

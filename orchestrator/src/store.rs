@@ -1,8 +1,9 @@
 //! The store: objects + a sled index + a single-writer lock.
 //!
 //! sled holds only the index (cache key → manifest digest, last manifest per stage, run
-//! records, a stat cache for input files). Manifests and run records are objects too, so the
-//! whole index can be rebuilt from `objects/` (`orchestrate verify --repair`).
+//! records, runs' newest namings, a stat cache for input files). Manifests, run records and
+//! namings are objects too, so the whole index can be rebuilt from `objects/` (`orchestrate
+//! verify --repair`).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 mod gc;
+pub mod names;
 mod repair;
 
 pub use gc::GcReport;
@@ -194,8 +196,8 @@ pub struct RunRecord {
     /// The pipeline's `metrics:` declarations when it ran.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<crate::pipeline::metrics::MetricDecl>,
-    /// The name the run was given (`run --name`); `compare` and the web view take it for the
-    /// newest run so named.
+    /// The name the run was given (`run --name`, or later `orchestrate name`: then set when the
+    /// record is read); `compare` and the web view take it for the run that took it last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// The revision of the pipeline file's git repository when the run started. Absent outside
@@ -211,6 +213,9 @@ pub struct RunRecord {
     /// Absent in run records written before runs kept it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<RunStage>,
+    /// When `name` was given after the run (`orchestrate name`; see [`names`]), not stored here.
+    #[serde(skip)]
+    pub renamed_at: Option<f64>,
 }
 
 /// One stage in a [`RunRecord`].
@@ -343,6 +348,8 @@ pub struct Store {
     cache: sled::Tree,
     last: sled::Tree,
     runs: sled::Tree,
+    /// Names given to runs later: run id → its newest naming's digest ([`names`]).
+    names: sled::Tree,
     stat: sled::Tree,
     /// Copies of outputs placed outside `objects/` (`deliver`): destination → digest.
     delivered: sled::Tree,
@@ -418,6 +425,7 @@ impl Store {
             cache: db.open_tree("cache")?,
             last: db.open_tree("last")?,
             runs: db.open_tree("runs")?,
+            names: db.open_tree("names")?,
             stat: db.open_tree("stat")?,
             delivered: db.open_tree("delivered")?,
             db,
@@ -589,7 +597,10 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.runs.iter().rev().flatten() {
             let d = String::from_utf8_lossy(&kv.1).into_owned();
-            if let Some(r) = load_run(&self.objects, &d) {
+            if let Some(mut r) = load_run(&self.objects, &d) {
+                if let Some((_, n)) = self.naming(&d) {
+                    n.apply(&mut r);
+                }
                 out.push((d, r));
             }
         }
@@ -621,76 +632,4 @@ pub fn remove_dir_all_writable(p: &Path) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cache_key::KEY_FORMAT;
-
-    #[test]
-    fn iso_dates() {
-        assert_eq!(iso8601(0.0), "1970-01-01T00:00:00Z");
-        assert_eq!(iso8601(1_795_748_645.0), "2026-11-27T03:04:05Z");
-    }
-
-    fn manifest(key: &str, out: Entry) -> Manifest {
-        let ki = KeyInput {
-            format: KEY_FORMAT,
-            kind: "command".into(),
-            implementation: BTreeMap::new(),
-            fields: BTreeMap::new(),
-            params: BTreeMap::new(),
-            inputs: BTreeMap::new(),
-            outputs: vec!["o".into()],
-            selected: BTreeMap::new(),
-        };
-        let mut m = Manifest::for_test("p", "s", ki, BTreeMap::from([("o".to_string(), out)]));
-        m.key = key.into();
-        m
-    }
-
-    #[test]
-    fn commit_lookup_and_rebuild() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "test", false).unwrap();
-        let d = store.objects.put_bytes(b"out").unwrap();
-        let m = manifest("k1", Entry { digest: d, kind: ObjKind::File, size: 3 });
-        store.commit(&m).unwrap();
-        assert_eq!(store.lookup("k1").unwrap().unwrap().1, m);
-        assert!(store.lookup("k2").unwrap().is_none());
-        store.cache.clear().unwrap();
-        assert!(store.lookup("k1").unwrap().is_none());
-        let r = store.verify(true).unwrap();
-        assert!(r.index_rebuilt && r.corrupt.is_empty());
-        assert_eq!(store.lookup("k1").unwrap().unwrap().1, m);
-        assert_eq!(store.last_manifest("p", "s").unwrap(), m);
-    }
-
-    /// A snapshot beside a holder: it sees what is committed, and writing to it (the stat
-    /// cache, `last`) leaves the holder's index alone.
-    #[test]
-    fn a_snapshot_reads_what_the_holder_committed() {
-        let dir = tempfile::tempdir().unwrap();
-        let holder = Store::open(dir.path(), "run x.yaml", false).unwrap();
-        let d = holder.objects.put_bytes(b"out").unwrap();
-        let m = manifest("k1", Entry { digest: d, kind: ObjKind::File, size: 3 });
-        holder.commit(&m).unwrap();
-        let snap = Store::open_snapshot(dir.path()).unwrap();
-        assert_eq!(snap.lookup("k1").unwrap().unwrap().1, m);
-        assert_eq!(snap.last_manifest("p", "s").unwrap(), m);
-        snap.cache.clear().unwrap();
-        drop(snap);
-        assert_eq!(holder.lookup("k1").unwrap().unwrap().1, m);
-        // No store there yet: an empty view, and nothing is created.
-        let none = Store::open_snapshot(&dir.path().join("none")).unwrap();
-        assert!(none.lookup("k1").unwrap().is_none() && none.runs().is_empty());
-        assert!(!dir.path().join("none").exists());
-    }
-
-    #[test]
-    fn second_writer_is_refused_with_holder() {
-        let dir = tempfile::tempdir().unwrap();
-        let _a = Store::open(dir.path(), "run x.yaml", false).unwrap();
-        let err = StoreLock::acquire(dir.path(), "run y.yaml", false).err().unwrap().to_string();
-        assert!(err.contains("in use by `orchestrate run x.yaml`"), "{err}");
-        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
-    }
-}
+mod tests;

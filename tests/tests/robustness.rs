@@ -338,8 +338,9 @@ fn gc_keeps_the_last_runs_and_removes_the_rest() {
     assert!(p.run(&["verify"]).stdout.contains("store OK"));
 }
 
-/// A named run is a reference a team compares against: `gc` keeps the newest run of each name
-/// with what it used, however old, and collects a name's older runs like any other.
+/// A named run is a reference a team compares against: `gc` keeps the run each name means (the
+/// newest of `run --name`) with what it used, however old, and collects a name's older runs like
+/// any other.
 #[test]
 fn gc_keeps_the_newest_run_of_each_name() {
     let p = Project::new();
@@ -359,6 +360,57 @@ fn gc_keeps_the_newest_run_of_each_name() {
     assert_eq!(p.run(&["run", "p.yaml", "--json"]).status_of("s"), "cached", "base's result is kept");
     assert_eq!(p.run(&["run", "p.yaml", "--set", "v=0", "--json"]).status_of("s"), "ran", "an older base's is not");
     assert!(p.run(&["verify"]).stdout.contains("store OK"));
+}
+
+/// A run is often found to be the reference after it ran: `orchestrate name` names it then.
+/// Its id stays; the name means it from then on (over an earlier run of that name) for
+/// `compare`, `runs` and gc, survives an index rebuilt by `verify --repair`, and `--clear`
+/// takes it away.
+#[test]
+fn a_run_named_after_it_ran_is_what_the_name_means() {
+    let p = Project::new();
+    p.write(
+        "p.yaml",
+        "params: {v: 1}\nstages:\n  s: {kind: command, cmd: \"echo ${params.v} > ${outputs.o}\", outputs: [o]}\n",
+    );
+    p.run(&["run", "p.yaml", "--set", "v=0"]).assert_ok();
+    p.run(&["run", "p.yaml", "--set", "v=2", "--name", "base"]).assert_ok();
+    p.run(&["run", "p.yaml", "--set", "v=3"]).assert_ok();
+    let ids = |p: &Project| -> Vec<String> {
+        let j = p.run(&["runs", "--json"]).json();
+        j.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect()
+    };
+    let before = ids(&p);
+    let named = p.run(&["name", "latest~2", "base"]);
+    named.assert_ok();
+    assert!(named.stdout.contains(&format!("run {} (", &before[2][..12])) && named.stdout.contains("is named `base`"));
+    assert!(named.stdout.contains(&format!("`base` meant run {} until now", &before[1][..12])), "{}", named.stdout);
+    assert_eq!(ids(&p), before, "a run's id does not change with its name");
+    let base_id = |p: &Project| p.run(&["compare", "base", "latest", "--json"]).json()["a"]["id"].to_string();
+    assert!(base_id(&p).starts_with(&format!("\"{}", before[2])), "{}", base_id(&p));
+    let runs = p.run(&["runs", "--json"]).json();
+    assert_eq!((runs[2]["name"].as_str(), runs[1]["name"].as_str()), (Some("base"), Some("base")), "{runs}");
+
+    // gc keeps what the name means now, not the run that held it before.
+    let gc = p.run(&["gc", "--keep-last", "1"]);
+    assert!(gc.stdout.contains("and 1 older named run(s)"), "{}", gc.stdout);
+    assert_eq!(p.run(&["run", "p.yaml", "--set", "v=0", "--json"]).status_of("s"), "cached");
+    std::fs::remove_dir_all(p.store().join("index.sled")).unwrap();
+    p.run(&["verify", "--repair"]).assert_ok();
+    assert!(base_id(&p).starts_with(&format!("\"{}", before[2])), "{}", base_id(&p));
+
+    let cleared = p.run(&["name", "base", "--clear"]);
+    assert!(cleared.stdout.contains("is no longer named `base`"), "{}", cleared.stdout);
+    let gone = p.run(&["compare", "base"]);
+    assert!(gone.code != 0 && gone.stderr.contains("no run is named `base`"), "{}", gone.stderr);
+    for (args, text) in [
+        (&["name", "latest", "a b"][..], "`a b`: a run name has only letters"),
+        (&["name", "nope", "base"], "error[E-NAME]: no run is named `nope`"),
+        (&["name", "latest~9", "base"], "the store has only"),
+    ] {
+        let r = p.run(args);
+        assert!(r.code != 0 && r.stderr.contains(text), "{args:?}: {}", r.stderr);
+    }
 }
 
 /// A stage whose every result `gc` collected is not said never to have run.

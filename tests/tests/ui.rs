@@ -305,6 +305,23 @@ fn every_page_over_http_and_nothing_written() {
     assert_eq!(snapshot(&p.store()), before, "the view changed files in the store");
 }
 
+/// A name given with `orchestrate name` while the view is open shows in it and is taken where
+/// an id is, as `run --name`'s are.
+#[test]
+fn a_name_given_later_shows_in_the_open_view() {
+    let (p, first, second) = project();
+    let ui = Ui::start(&p);
+    assert!(!ui.page("/").contains(r#"<span class="run-name">fixed</span>"#));
+    p.run(&["name", &second, "fixed"]).assert_ok();
+    let runs = ui.page("/");
+    assert!(runs.contains(r#"<span class="run-name">fixed</span>"#), "{runs}");
+    assert_eq!(ui.page("/runs/fixed"), ui.page(&format!("/runs/{}", short(&second))));
+    // `base` moved to the second run: the name means the run that took it last.
+    p.run(&["name", &second, "base"]).assert_ok();
+    assert_eq!(ui.page("/runs/base"), ui.page(&format!("/runs/{}", short(&second))));
+    assert_ne!(ui.page("/runs/base"), ui.page(&format!("/runs/{}", short(&first))));
+}
+
 #[test]
 fn no_store_is_a_clear_error() {
     let p = Project::new();

@@ -13,7 +13,7 @@ use crate::store::iso8601;
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
-    /// The base run: a name (`run --name`), an id (4+ characters), `latest` or `latest~N`
+    /// The base run: a name (`run --name`, `orchestrate name`), an id (4+ characters), `latest` or `latest~N`
     /// [default: the run of B's pipeline before B].
     a: Option<String>,
     /// The run compared with it.

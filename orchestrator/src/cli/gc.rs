@@ -4,8 +4,8 @@ use super::{human_bytes, Env, Failure};
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
-    /// Keep what the newest N runs used (and the newest run of each `run --name`); delete every
-    /// other object and cache entry.
+    /// Keep what the newest N runs used (and the run each name means: `run --name`,
+    /// `orchestrate name`); delete every other object and cache entry.
     #[arg(long, value_name = "N", default_value_t = 1)]
     keep_last: usize,
     /// Say what would be removed, and remove nothing.
@@ -26,7 +26,7 @@ pub(super) fn gc(env: &Env, a: Args) -> Result<i32, Failure> {
         r.runs_kept - r.named_kept,
         match r.named_kept {
             0 => String::new(),
-            n => format!(" and {n} older named run(s) (`run --name`)"),
+            n => format!(" and {n} older named run(s) (`run --name`, `orchestrate name`)"),
         }
     );
     if r.runs_removed > 0 {

@@ -9,6 +9,7 @@ mod compare;
 mod dag;
 mod export;
 mod gc;
+mod name;
 mod plan;
 mod pull;
 mod push;
@@ -134,6 +135,8 @@ enum Cmd {
     Runs(runs::Args),
     /// Compare two runs: params, metrics (better/worse), reruns and why, changed artifacts.
     Compare(compare::Args),
+    /// Name a run after it ran, as `run --name` names it as it starts (or --clear its name).
+    Name(name::Args),
     /// Delete objects not used by the last N runs.
     Gc(gc::Args),
     /// Upload cached results to a remote cache (S3 or a shared directory).
@@ -311,6 +314,7 @@ fn command_label(cmd: &Cmd) -> String {
         Cmd::Compare(_) => "compare".into(),
         Cmd::Pull(_) => "pull".into(),
         Cmd::Gc(_) => "gc".into(),
+        Cmd::Name(_) => "name".into(),
         Cmd::Serve(_) => "serve".into(),
         Cmd::Ui(_) => "ui".into(),
         _ => "orchestrate".into(),
@@ -337,6 +341,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Cmd::Replay(a) => replay::replay(&env, a),
         Cmd::Verify(a) => verify::verify(&env, a),
         Cmd::Gc(a) => gc::gc(&env, a),
+        Cmd::Name(a) => name::name(&env, a),
         Cmd::Push(a) => push::push(&env, a),
         Cmd::Runs(a) => runs::runs(&env, a),
         Cmd::Compare(a) => compare::compare(&env, a),

@@ -21,7 +21,8 @@ pub(super) struct Args {
     #[command(flatten)]
     select: SelectArgs,
     /// A name for this run (letters, digits, `.`, `_`, `-`, not only hex digits): `compare`,
-    /// `runs` and the web view take it for the newest run so named, e.g. a team's `baseline`.
+    /// `runs` and the web view take it for the run that took it last, e.g. a team's `baseline`
+    /// (`orchestrate name` names a run after it ran).
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
     /// CPU budget: the sum of running stages' threads stays within it (default: all cores).

@@ -7,14 +7,15 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::names::name_holders;
 use super::{remove_dir_all_writable, Result, Store};
 use crate::objects;
 
 #[derive(Debug, Default, Serialize)]
 pub struct GcReport {
     pub runs_kept: usize,
-    /// Of `runs_kept`, those older than the last N, kept because a name points at them (the
-    /// newest run of each `run --name`).
+    /// Of `runs_kept`, those older than the last N, kept because a name means them (the run
+    /// that took each name last, by `run --name` or `orchestrate name`).
     pub named_kept: usize,
     /// Older run records removed: they leave the history (`orchestrate runs`).
     pub runs_removed: usize,
@@ -44,23 +45,23 @@ impl Store {
         Ok(())
     }
 
-    /// Keep what the last `keep_last` runs used, and what the newest run of each name
-    /// (`run --name`) used, which `compare NAME` reads; delete every other object and index
-    /// entry.
+    /// Keep what the last `keep_last` runs used, and what the run each name means used (with
+    /// its naming), which `compare NAME` reads; delete every other object and index entry.
     pub fn gc(&self, keep_last: usize, dry_run: bool) -> Result<GcReport> {
         let runs = self.runs();
         let mut keep: HashSet<String> = HashSet::new();
         let mut kept_manifests: HashSet<String> = HashSet::new();
-        let mut names: HashSet<&str> = HashSet::new();
+        let holders = name_holders(&runs);
         let mut named_kept = 0;
         for (i, (d, r)) in runs.iter().enumerate() {
-            // A name's newest run (runs are newest first) keeps its results.
-            let named = r.name.as_deref().is_some_and(|n| names.insert(n));
+            // The run a name means keeps its results.
+            let named = holders.contains(d.as_str());
             if i >= keep_last && !named {
                 continue;
             }
             named_kept += usize::from(i >= keep_last);
             keep.insert(d.clone());
+            keep.extend(self.naming(d).map(|(digest, _)| digest));
             for md in r.manifests.values() {
                 kept_manifests.insert(md.clone());
             }
@@ -102,6 +103,12 @@ impl Store {
                 let (k, v) = kv?;
                 if !keep.contains(&*String::from_utf8_lossy(&v)) {
                     self.runs.remove(k)?;
+                }
+            }
+            for kv in self.names.iter() {
+                let (k, _) = kv?;
+                if !keep.contains(&*String::from_utf8_lossy(&k)) {
+                    self.names.remove(k)?;
                 }
             }
             self.flush()?;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::names::RunName;
 use super::{index_path, now_unix, open_db, Manifest, Result, RunRecord, Store, StoreLock, MANIFEST_TAG, RUN_TAG};
 use crate::objects::{self, tagged, ObjectStore};
 
@@ -106,6 +107,8 @@ impl Store {
         self.cache.clear()?;
         self.last.clear()?;
         self.runs.clear()?;
+        self.names.clear()?;
+        let mut namings: HashMap<String, (f64, String)> = HashMap::new();
         let mut by_key: HashMap<String, (f64, String)> = HashMap::new();
         let mut by_stage: HashMap<Vec<u8>, (f64, String)> = HashMap::new();
         for (name, path) in self.objects.list()? {
@@ -127,7 +130,14 @@ impl Store {
             } else if let Some(r) = tagged::<RunRecord>(&bytes, RUN_TAG) {
                 self.runs.insert(((r.started_at * 1e9) as u128).to_be_bytes(), name.as_bytes())?;
                 report.runs_indexed += 1;
+            } else if let Some(n) = RunName::parse(&bytes) {
+                if namings.get(&n.run).is_none_or(|e| n.at > e.0) {
+                    namings.insert(n.run.clone(), (n.at, name.clone()));
+                }
             }
+        }
+        for (run, (_, d)) in &namings {
+            self.names.insert(run.as_bytes(), d.as_bytes())?;
         }
         for (k, (_, d)) in &by_key {
             self.cache.insert(k.as_bytes(), d.as_bytes())?;

@@ -1,18 +1,26 @@
 //! The run history read from `objects/` alone. The index (sled) is opened by one process at a
 //! time and a run holds it for as long as it goes, so the view cannot use it; run records are
-//! objects too, and objects never change once written, so each is peeked at once and remembered.
+//! objects too (and so are names given to runs later), and objects never change once written,
+//! so each is peeked at once and remembered.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 
 use crate::history::Run;
 use crate::objects::{is_digest, ObjectStore};
-use crate::store::{load_run, RUN_TAG};
+use crate::store::names::{apply_names, RunName, NAME_TAG};
+use crate::store::{load_run, RunRecord, RUN_TAG};
 
 #[derive(Default)]
 pub struct Catalog {
-    /// Every object seen: its run record if it is one.
-    seen: HashMap<String, Option<crate::store::RunRecord>>,
+    /// Every object seen: what it is, if it is a run record or a run's naming.
+    seen: HashMap<String, Seen>,
+}
+
+enum Seen {
+    Run(Box<RunRecord>),
+    Name(RunName),
+    Other,
 }
 
 /// Whether the object at `path` starts like one of our tagged JSON objects (a run record, a
@@ -23,8 +31,20 @@ pub fn tagged_as(path: &std::path::Path, tag: &str) -> bool {
     std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && head == prefix.as_bytes()
 }
 
+fn peek(objects: &ObjectStore, digest: &str, path: &std::path::Path) -> Seen {
+    if tagged_as(path, RUN_TAG) {
+        return load_run(objects, digest).map_or(Seen::Other, |r| Seen::Run(Box::new(r)));
+    }
+    if tagged_as(path, NAME_TAG) {
+        let naming = objects.read_verified(digest, "run name").ok().and_then(|b| RunName::parse(&b));
+        return naming.map_or(Seen::Other, Seen::Name);
+    }
+    Seen::Other
+}
+
 impl Catalog {
-    /// The runs in the store now, newest first. Objects `gc` deleted drop out.
+    /// The runs in the store now, newest first, with the names given them later. Objects `gc`
+    /// deleted drop out.
     pub fn runs(&mut self, objects: &ObjectStore) -> Result<Vec<Run>, String> {
         let listed = objects.list().map_err(|e| e.to_string())?;
         let mut present = HashSet::with_capacity(listed.len());
@@ -33,15 +53,24 @@ impl Catalog {
                 continue;
             }
             if !self.seen.contains_key(&digest) {
-                let run = if tagged_as(&path, RUN_TAG) { load_run(objects, &digest) } else { None };
-                self.seen.insert(digest.clone(), run);
+                let seen = peek(objects, &digest, &path);
+                self.seen.insert(digest.clone(), seen);
             }
             present.insert(digest);
         }
         self.seen.retain(|d, _| present.contains(d));
-        let mut runs: Vec<Run> =
-            self.seen.iter().filter_map(|(d, r)| r.as_ref().map(|r| (d.clone(), r.clone()))).collect();
+        let mut runs: Vec<Run> = (self.seen.iter())
+            .filter_map(|(d, s)| match s {
+                Seen::Run(r) => Some((d.clone(), (**r).clone())),
+                _ => None,
+            })
+            .collect();
         runs.sort_by(|a, b| b.1.started_at.total_cmp(&a.1.started_at).then_with(|| a.0.cmp(&b.0)));
+        let names = self.seen.values().filter_map(|s| match s {
+            Seen::Name(n) => Some(n),
+            _ => None,
+        });
+        apply_names(&mut runs, names);
         Ok(runs)
     }
 }
