@@ -32,6 +32,8 @@ pub struct RunLine {
     pub id: String,
     /// The name given with `run --name` or later with `orchestrate name`.
     pub name: Option<String>,
+    /// Whether the name has moved on: it now means a run that took it later.
+    pub name_moved: bool,
     pub started_at: String,
     pub pipeline: String,
     /// The revision of the pipeline's git repository as the run started.
@@ -52,11 +54,18 @@ pub struct RunLine {
 }
 
 impl RunLine {
+    /// The line of `run` among `runs` (all of the store's): its name marked if it moved on.
+    pub fn among(run: &Run, runs: &[Run]) -> RunLine {
+        let holder = run.1.name.as_deref().and_then(|n| crate::store::names::holder(runs, n));
+        RunLine { name_moved: holder.is_some_and(|(id, _)| *id != run.0), ..RunLine::of(run) }
+    }
+
     pub fn of((id, r): &Run) -> RunLine {
         let ran = r.ran.as_ref().map(Vec::len);
         RunLine {
             id: short(id).to_string(),
             name: r.name.clone(),
+            name_moved: false,
             started_at: iso8601(r.started_at),
             pipeline: r.pipeline.clone(),
             source: r.source.clone(),

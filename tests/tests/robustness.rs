@@ -390,6 +390,10 @@ fn a_run_named_after_it_ran_is_what_the_name_means() {
     assert!(base_id(&p).starts_with(&format!("\"{}", before[2])), "{}", base_id(&p));
     let runs = p.run(&["runs", "--json"]).json();
     assert_eq!((runs[2]["name"].as_str(), runs[1]["name"].as_str()), (Some("base"), Some("base")), "{runs}");
+    assert_eq!((runs[2]["name_moved"].as_bool(), runs[1]["name_moved"].as_bool()), (Some(false), Some(true)));
+    let table = p.run(&["runs"]).stdout;
+    assert!(table.contains(&format!("{}  (base)", &before[1][..12])), "{table}");
+    assert!(table.contains(&format!("{}  base ", &before[2][..12])), "{table}");
 
     // gc keeps what the name means now, not the run that held it before.
     let gc = p.run(&["gc", "--keep-last", "1"]);

@@ -320,6 +320,10 @@ fn a_name_given_later_shows_in_the_open_view() {
     p.run(&["name", &second, "base"]).assert_ok();
     assert_eq!(ui.page("/runs/base"), ui.page(&format!("/runs/{}", short(&second))));
     assert_ne!(ui.page("/runs/base"), ui.page(&format!("/runs/{}", short(&first))));
+    // The first run keeps its name in the list, marked as moved on.
+    assert!(ui
+        .page("/")
+        .contains(r#"<span class="run-name moved" title="`base` now means a run that took it later">base</span>"#));
 }
 
 #[test]

@@ -41,7 +41,7 @@ pub(super) fn name(env: &Env, a: Args) -> Result<i32, Failure> {
         (Some(n), _) => {
             println!("{what} is named `{n}`");
             if let Some((other, _)) = before {
-                println!("`{n}` meant run {} until now; that run keeps the name in the history", short(other));
+                println!("`{n}` meant run {} until now; `runs` shows that one as `({n})`", short(other));
             }
         }
         (None, old) => println!("{what} is no longer named `{}`", old.as_deref().unwrap_or_default()),

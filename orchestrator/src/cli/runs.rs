@@ -79,11 +79,11 @@ fn decimals(values: impl Iterator<Item = f64>) -> usize {
 }
 
 impl Row {
-    fn of(store: &Store, run: &Run, metrics: &[String]) -> Row {
+    fn of(store: &Store, run: &Run, all: &[Run], metrics: &[String]) -> Row {
         let cells: Vec<(String, Cell)> = metrics.iter().map(|m| (m.clone(), Cell::of(store, &run.1, m))).collect();
         let first = cells.first().map(|(_, c)| c.clone());
         Row {
-            line: RunLine::of(run),
+            line: RunLine::among(run, all),
             metric: first.as_ref().and_then(|c| c.value),
             metric_from: first.and_then(|c| c.from),
             cells: cells.into_iter().collect(),
@@ -105,10 +105,11 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
             .map_err(|e| Failure::Invalid(crate::diag::Diagnostic::new("E-CLI", format!("--metric {e}"))))?;
     }
     let store = env.open_reader()?;
-    let rows: Vec<Row> = (store.runs().iter())
+    let all = store.runs();
+    let rows: Vec<Row> = (all.iter())
         .filter(|(_, r)| name.as_ref().is_none_or(|n| *n == r.pipeline))
         .take(a.limit)
-        .map(|run| Row::of(&store, run, &a.metrics))
+        .map(|run| Row::of(&store, run, &all, &a.metrics))
         .collect();
     if let Some(png) = &a.plot {
         let [metric] = a.metrics.as_slice() else {
@@ -160,7 +161,9 @@ fn print_table(rows: &[Row], metrics: &[String]) {
         .collect();
     let metric_head: String = metrics.iter().zip(&widths).map(|(m, w)| format!("  {m:>w$}")).collect();
     // A name column only when a listed run has a name.
-    let name_width = rows.iter().filter_map(|r| r.line.name.as_ref()).map(|n| n.len().max(4)).max();
+    // A name that moved on to a run that took it later reads `(base)`.
+    let named = |r: &RunLine| r.name.as_ref().map(|n| if r.name_moved { format!("({n})") } else { n.clone() });
+    let name_width = rows.iter().filter_map(|r| named(&r.line)).map(|n| n.len().max(4)).max();
     let name_of = |n: Option<&str>| name_width.map(|w| format!("{:<w$}  ", n.unwrap_or("-"))).unwrap_or_default();
     println!(
         "{:<12}  {}{:<20}  {:<12}  {:<13}  {:<13}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
@@ -181,7 +184,7 @@ fn print_table(rows: &[Row], metrics: &[String]) {
         println!(
             "{:<12}  {}{:<20}  {:<12}  {:<13}  {:<13}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
             r.id,
-            name_of(r.name.as_deref()),
+            name_of(named(r).as_deref()),
             r.started_at,
             r.pipeline,
             r.source.as_ref().map_or("-".to_string(), SourceRev::short),
@@ -202,6 +205,9 @@ fn print_table(rows: &[Row], metrics: &[String]) {
     }
     if rows.iter().any(|r| r.line.source.as_ref().is_some_and(|s| s.dirty)) {
         println!("* source: the pipeline's repository had uncommitted changes to tracked files when the run started");
+    }
+    if rows.iter().any(|r| r.line.name_moved) {
+        println!("(name): the name now means a run that took it later (`orchestrate name`, `run --name`)");
     }
     if rows.iter().any(|r| r.line.commit_dirty) {
         println!("* orchestrate: the binary was built from a tree with uncommitted changes (`show` names its build)");

@@ -72,7 +72,7 @@ pub async fn runs(State(ui): State<Shared>, Query(q): Query<RunsQuery>) -> PageR
         .filter(|(_, r)| q.pipeline.as_ref().is_none_or(|p| *p == r.pipeline))
         .map(|run| {
             let (value, from) = metric.and_then(|m| history::run_metric(&ui.objects, &run.1, m)).unzip();
-            RunsRow { line: RunLine::of(run), value, from: from.flatten() }
+            RunsRow { line: RunLine::among(run, &runs), value, from: from.flatten() }
         })
         .collect();
     // The metrics the listed runs' pipelines declare, offered in the metric field.
@@ -161,7 +161,7 @@ pub async fn run(State(ui): State<Shared>, Path(id): Path<String>) -> PageResult
     ui.render(
         "run.html",
         context! {
-            run => RunLine::of(&run), full_id => &run.0, record => &run.1, graph => graph, stages => rows,
+            run => RunLine::among(&run, &runs), full_id => &run.0, record => &run.1, graph => graph, stages => rows,
             metrics => declared_metrics(&run, &manifests), sweeps => sweeps,
             reports => reports(&ui, &manifests), previous => previous, provenance => provenance,
             base => base,
