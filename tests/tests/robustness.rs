@@ -395,6 +395,17 @@ fn a_run_named_after_it_ran_is_what_the_name_means() {
     assert!(table.contains(&format!("{}  (base)", &before[1][..12])), "{table}");
     assert!(table.contains(&format!("{}  base ", &before[2][..12])), "{table}");
 
+    // A past run's results, by its name: exported and shown as it recorded them.
+    p.run(&["export", "p.yaml", "s.o", "base.txt", "--run", "base"]).assert_ok();
+    assert_eq!(p.read("base.txt"), "0\n");
+    p.run(&["export", "p.yaml", "s.o", "now.txt", "--set", "v=3"]).assert_ok();
+    assert_eq!(p.read("now.txt"), "3\n", "without --run: the pipeline as it is now");
+    let shown = p.run(&["show", "p.yaml", "s", "--run", "base", "--json"]).json();
+    assert_eq!((shown["run"].as_str(), shown["current"].as_bool()), (Some(&before[2][..12]), Some(false)), "{shown}");
+    let text = p.run(&["show", "p.yaml", "s", "--run", "latest"]).stdout;
+    assert!(text.contains(&format!("the result run {} recorded", &before[0][..12])), "{text}");
+    let none = p.run(&["export", "p.yaml", "t.o", "x", "--run", "base"]);
+    assert!(none.code != 0 && none.stderr.contains("has no result of `t`"), "{}", none.stderr);
     // gc keeps what the name means now, not the run that held it before.
     let gc = p.run(&["gc", "--keep-last", "1"]);
     assert!(gc.stdout.contains("and 1 older named run(s)"), "{}", gc.stdout);

@@ -45,3 +45,30 @@ fn bash_completes_verbs_and_options_from_the_generated_script() {
     assert_eq!(tcsh.code, 2, "{}", tcsh.stderr);
     assert!(tcsh.stderr.contains("possible values: bash, elvish, fish, powershell, zsh"), "{}", tcsh.stderr);
 }
+
+/// A listing read by a reader that stops early (`| head -1`) ends quietly, as `ls` does: no
+/// panic on the closed pipe. The reader is gone before orchestrate writes, so every write fails.
+#[test]
+fn a_listing_cut_short_by_its_reader_ends_quietly() {
+    let p = Project::new();
+    p.write("p.yaml", "stages:\n  a: {kind: command, cmd: \"echo a > ${outputs.o}\", outputs: [o]}\n");
+    p.run(&["run", "p.yaml"]).assert_ok();
+    for args in [
+        &["runs", "--json"][..],
+        &["show", "p.yaml", "a", "--json"],
+        &["dag", "p.yaml"],
+        &["compare", "latest", "latest"],
+    ] {
+        let mut child = (p.cmd().args(args))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting orchestrate");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("waiting for orchestrate");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        use std::os::unix::process::ExitStatusExt;
+        assert!(out.status.success() || out.status.signal() == Some(13), "{args:?}: {:?} {stderr}", out.status);
+    }
+}

@@ -6,6 +6,7 @@ use anyhow::{anyhow, bail, Context};
 
 use super::{unknown_stage, Env, Failure, PipelineArgs};
 use crate::diag::Diagnostic;
+use crate::history::{resolve, short, Run};
 use crate::pipeline::Pipeline;
 use crate::plan::PlanEntry;
 use crate::store::{Manifest, Store};
@@ -22,6 +23,67 @@ pub(super) struct Args {
     /// Export every stage's outputs to DEST/<stage>/<output>.
     #[arg(long, value_name = "DEST", conflicts_with = "dest")]
     all: Option<PathBuf>,
+    /// Take the results a past run of the pipeline recorded (`latest~N`, a name such as
+    /// `baseline`, or 4+ characters of an id), not those of the pipeline as it is now.
+    #[arg(long, value_name = "RUN")]
+    run: Option<String>,
+}
+
+/// The results export takes: the pipeline's as it is now, or those a past run recorded.
+pub(super) struct Results {
+    /// Stage → its result's manifest digest (none: not cached as the pipeline is now).
+    pub(super) stages: Vec<(String, Option<String>)>,
+    /// The past run (`--run`): its short id, and the stages it has no result of.
+    pub(super) run: Option<String>,
+}
+
+impl Results {
+    pub(super) fn of_run(store: &Store, p: &Pipeline, spec: &str) -> Result<Results, Failure> {
+        let runs: Vec<Run> = store.runs().into_iter().filter(|(_, r)| r.pipeline == p.name).collect();
+        let invalid = |m: String| Failure::Invalid(Diagnostic::new("E-RUN", format!("--run {spec}: {m}")));
+        let (id, run) = resolve(&runs, spec).map_err(|e| invalid(format!("{e} (among the runs of `{}`)", p.name)))?;
+        let stages = run.manifests.iter().map(|(s, d)| (s.clone(), Some(d.clone()))).collect();
+        Ok(Results { stages, run: Some(short(id).to_string()) })
+    }
+
+    pub(super) fn manifest(&self, store: &Store, stage: &str) -> anyhow::Result<Manifest> {
+        match (self.stages.iter().find(|(s, _)| s == stage), &self.run) {
+            (Some((_, Some(d))), _) => Ok(store.load_manifest(d)?),
+            (_, None) => {
+                bail!("stage `{stage}` is not cached for the pipeline as it is now; run it first (`orchestrate run`)")
+            }
+            (_, Some(run)) => bail!(
+                "run {run} has no result of `{stage}` (it failed or was skipped there, or the run's --target \
+                 left it out); its results: {}",
+                self.stages.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
+    /// `STAGE` or `STAGE.OUTPUT` among a past run's stages (the pipeline may have changed since).
+    fn split(&self, p: &Pipeline, target: &str) -> Result<(String, Option<String>), Diagnostic> {
+        if self.run.is_none() {
+            return split_target(p, target);
+        }
+        let has = |s: &str| self.stages.iter().any(|(n, _)| n == s);
+        if has(target) {
+            return Ok((target.to_string(), None));
+        }
+        match target.match_indices('.').map(|(i, _)| i).find(|&i| has(&target[..i])) {
+            Some(i) => Ok((target[..i].to_string(), Some(target[i + 1..].to_string()))),
+            None => Err(self.no_stage(target.split_once('.').map_or(target, |(s, _)| s))),
+        }
+    }
+
+    fn no_stage(&self, stage: &str) -> Diagnostic {
+        let names: Vec<&str> = self.stages.iter().map(|(s, _)| s.as_str()).collect();
+        let run = self.run.as_deref().unwrap_or_default();
+        Diagnostic::new("E-NO-STAGE", format!("run {run} has no result of `{stage}`")).help(crate::diag::suggest(
+            stage,
+            &names,
+            "stages with results in that run",
+        ))
+    }
 }
 
 /// The manifest of `stage` for the pipeline as it is now.
@@ -58,22 +120,29 @@ pub(super) fn split_target(p: &Pipeline, target: &str) -> Result<(String, Option
 pub(super) fn export(env: &Env, a: Args) -> Result<i32, Failure> {
     let (p, dag) = env.load(&a.p)?;
     let store = env.open_reader()?;
-    let entries = crate::plan::plan(&p, &dag, &store);
+    let results = match &a.run {
+        Some(spec) => Results::of_run(&store, &p, spec)?,
+        None => {
+            let entries = crate::plan::plan(&p, &dag, &store);
+            Results { stages: entries.into_iter().map(|e| (e.stage, e.manifest)).collect(), run: None }
+        }
+    };
+    let from = results.run.as_ref().map(|r| format!(" of run {r}")).unwrap_or_default();
     if let Some(dest) = a.all {
-        for e in &entries {
-            let m = manifest_of(&store, &entries, &e.stage)?;
+        for (stage, _) in &results.stages {
+            let m = results.manifest(&store, stage)?;
             for (name, entry) in &m.outputs {
-                export_one(&store, entry, &dest.join(&e.stage).join(name), &format!("{}.{name}", e.stage))?;
+                export_one(&store, entry, &dest.join(stage).join(name), &format!("{stage}.{name}"))?;
             }
         }
-        eprintln!("exported {} stages to {}", entries.len(), dest.display());
+        eprintln!("exported {} stages{from} to {}", results.stages.len(), dest.display());
         return Ok(0);
     }
     let (Some(target), Some(dest)) = (a.target, a.dest) else {
         return Err(Diagnostic::new("E-CLI", "export needs STAGE[.OUTPUT] and DEST, or --all DEST").into());
     };
-    let (stage, output) = split_target(&p, &target)?;
-    let m = manifest_of(&store, &entries, &stage)?;
+    let (stage, output) = results.split(&p, &target)?;
+    let m = results.manifest(&store, &stage)?;
     let to = match output {
         Some(o) => {
             let entry = super::output_of(&m, &o)?;
@@ -89,6 +158,6 @@ pub(super) fn export(env: &Env, a: Args) -> Result<i32, Failure> {
             dest
         }
     };
-    eprintln!("exported {target} to {}", to.display());
+    eprintln!("exported {target}{from} to {}", to.display());
     Ok(0)
 }

@@ -321,7 +321,30 @@ fn command_label(cmd: &Cmd) -> String {
     }
 }
 
+/// A reader that stops early (`orchestrate runs --json | head`) ends a listing quietly, as it
+/// ends `ls`: the read-only verbs that print take the default SIGPIPE action again. (Rust's
+/// runtime ignores SIGPIPE, so a write to the closed pipe failed and `println!` panicked.) The
+/// verbs that run stages, serve or write the store keep ignoring it: a closed pipe must not
+/// kill them mid-work; their sockets are written with MSG_NOSIGNAL either way.
+fn end_quietly_on_a_closed_pipe(cmd: &Cmd) {
+    let listing = matches!(
+        cmd,
+        Cmd::Runs(_)
+            | Cmd::Compare(_)
+            | Cmd::Show(_)
+            | Cmd::Dag(_)
+            | Cmd::Plan(_)
+            | Cmd::Stages
+            | Cmd::Completions { .. }
+    );
+    if listing {
+        // SAFETY: called once, before any thread is started, with a valid handler constant.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+}
+
 fn dispatch(cli: Cli) -> Result<i32, Failure> {
+    end_quietly_on_a_closed_pipe(&cli.command);
     let env = Env {
         registry: Registry::builtin(),
         root: store_root(&cli.store),

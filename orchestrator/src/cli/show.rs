@@ -1,7 +1,9 @@
 //! `orchestrate show`: a stage's stored result — outputs, metrics, duration, peak memory.
 
 use super::{human_bytes, print_json, stage_index, Env, Failure, PipelineArgs};
+use crate::dag::Dag;
 use crate::objects::ObjKind;
+use crate::pipeline::Pipeline;
 use crate::store::{iso8601, Manifest, Store};
 
 #[derive(clap::Args, Debug)]
@@ -18,10 +20,41 @@ pub(super) struct Args {
     /// result because the newest run that took the stage failed it, the end of that try's log.
     #[arg(long)]
     log: bool,
+    /// Show the result a past run of the pipeline recorded (`latest~N`, a name such as
+    /// `baseline`, or 4+ characters of an id), not the pipeline's as it is now.
+    #[arg(long, value_name = "RUN")]
+    run: Option<String>,
+}
+
+/// `show --run`: the stage's result as a past run recorded it.
+fn show_of_run(store: &Store, p: &Pipeline, dag: &Dag, spec: &str, a: &Args) -> Result<i32, Failure> {
+    let results = super::export::Results::of_run(store, p, spec)?;
+    let stage = &a.stage;
+    let m = results.manifest(store, stage)?;
+    let digest = results.stages.iter().find(|(s, _)| s == stage).and_then(|(_, d)| d.clone()).unwrap_or_default();
+    if a.log {
+        return print_log(store, stage, Some(&m), None);
+    }
+    let now = crate::plan::current_manifest(p, dag, store, stage).map(|(d, _)| d);
+    let current = now.as_deref() == Some(digest.as_str());
+    let run = results.run.unwrap_or_default();
+    if a.json {
+        let mut j = as_json(store, stage, &digest, &m, current);
+        j["run"] = serde_json::json!(run);
+        print_json(&j)?;
+    } else {
+        let also = if current { "; the pipeline as it is now has the same" } else { "" };
+        print_text(store, stage, &m, Some(format!("the result run {run} recorded{also}")), None);
+    }
+    Ok(0)
 }
 
 pub(super) fn show(env: &Env, a: Args) -> Result<i32, Failure> {
     let (p, dag) = env.load(&a.p)?;
+    if let Some(spec) = &a.run {
+        // The run's stages, not the pipeline's as it is now, say which exist.
+        return show_of_run(&env.open_reader()?, &p, &dag, spec, &a);
+    }
     stage_index(&p, &a.stage)?;
     let store = env.open_reader()?;
     let stage = &a.stage;
@@ -60,7 +93,8 @@ pub(super) fn show(env: &Env, a: Args) -> Result<i32, Failure> {
         j["last_attempt"] = serde_json::to_value(&attempt).unwrap_or_default();
         print_json(&j)?;
     } else {
-        print_text(&store, stage, &m, current, attempt.as_ref());
+        let note = "not cached for the pipeline as it is now; showing its last stored result";
+        print_text(&store, stage, &m, (!current).then(|| note.to_string()), attempt.as_ref());
     }
     Ok(0)
 }
@@ -139,13 +173,13 @@ fn as_json(store: &Store, stage: &str, digest: &str, m: &Manifest, current: bool
     })
 }
 
-fn print_text(store: &Store, stage: &str, m: &Manifest, current: bool, attempt: Option<&Attempt>) {
+fn print_text(store: &Store, stage: &str, m: &Manifest, note: Option<String>, attempt: Option<&Attempt>) {
     println!("stage      {stage} ({})", m.key_input.kind);
     if let Some(t) = attempt {
         print_attempt(t);
     }
-    if !current {
-        println!("note       not cached for the pipeline as it is now; showing its last stored result");
+    if let Some(note) = note {
+        println!("note       {note}");
     }
     println!("key        {}", m.key);
     println!(
