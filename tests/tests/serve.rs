@@ -185,6 +185,10 @@ fn the_int8_model_and_the_transformer_serve_too() {
     // The fingerprint follows the bytes served: the same model either way, another model not.
     let (a, b, c) = (int8.fingerprint("int8"), copied.fingerprint("int8"), transformer.fingerprint("transformer"));
     assert!(a == b && a != c, "int8 {a}, its copy {b}, transformer {c}");
+    // --run: the model a past run recorded, with the tokenizer its manifest names.
+    let past = Server::start(&p, &["serve.yaml", "int8", "--run", "latest"]);
+    past.check("int8", "api");
+    assert_eq!(past.fingerprint("int8"), a, "the same bytes as the pipeline's own");
     // /v1/models' `created`: when the stage computed the model, or the file's modification time.
     let shown = p.run(&["show", "serve.yaml", "int8", "--json"]).json();
     let span = shown["duration_s"].as_f64().unwrap_or(0.0).ceil().to_string();
@@ -227,6 +231,8 @@ fn serve_says_what_is_wrong_with_its_arguments() {
     fails(&["serve", "serve.yaml", "corpus"], 2, "holds no model to serve");
     fails(&["serve", "serve.yaml", "itera.metrics.csv"], 1, "loading the model");
     fails(&["serve"], 2, "serve needs PIPELINE STAGE[.OUTPUT], or --model PATH");
+    fails(&["serve", "serve.yaml", "itera", "--run", "nope"], 2, "--run nope: no run is named `nope`");
+    fails(&["serve", "serve.yaml", "nothere", "--run", "latest"], 2, "has no result of `nothere`");
     fails(&["serve", "--model", "missing/ckpt", "--tokenizer", "t.json"], 1, "loading the model from missing/ckpt");
     fails(&["serve", "serve.yaml", "itera", "--host", "localhost:1"], 2, "is not an IP address");
     // A port already taken is named, with what to do.

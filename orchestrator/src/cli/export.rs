@@ -61,7 +61,7 @@ impl Results {
     }
 
     /// `STAGE` or `STAGE.OUTPUT` among a past run's stages (the pipeline may have changed since).
-    fn split(&self, p: &Pipeline, target: &str) -> Result<(String, Option<String>), Diagnostic> {
+    pub(super) fn split(&self, p: &Pipeline, target: &str) -> Result<(String, Option<String>), Diagnostic> {
         if self.run.is_none() {
             return split_target(p, target);
         }

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 
-use super::export::{manifest_of, split_target};
+use super::export::{manifest_of, split_target, Results};
 use super::{Env, Failure, PipelineArgs};
 use crate::diag::Diagnostic;
 use crate::pipeline::{InputRef, Pipeline};
-use crate::store::Store;
+use crate::store::{Manifest, Store};
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
@@ -24,6 +24,10 @@ pub(super) struct Args {
     /// Serve this checkpoint folder or .gguf file instead of a stage's output.
     #[arg(long, conflicts_with_all = ["pipeline", "target"])]
     model: Option<PathBuf>,
+    /// Serve the model a past run recorded (`latest~N`, a name such as `baseline`, or 4+
+    /// characters of an id), not the pipeline's as it is now.
+    #[arg(long, value_name = "RUN", conflicts_with = "model")]
+    run: Option<String>,
     /// The tokenizer.json (default: the stage's `tokenizer` input, or MODEL/tokenizer.json).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -56,28 +60,69 @@ fn default_output(kind: &str) -> Option<&'static str> {
     }
 }
 
-/// Copy STAGE[.OUTPUT] and the stage's tokenizer out of the store into `dir`.
-/// The stage's model and tokenizer copied into `dir`, and when the stage computed it.
-fn from_store(env: &Env, pa: &PipelineArgs, target: &str, dir: &Path) -> Result<(PathBuf, PathBuf, u64), Failure> {
+/// The output holding the model: the one named, else the kind's (train/distill `best`, quantize
+/// `model.gguf`).
+fn model_output(stage: &str, kind: &str, named: Option<String>) -> Result<String, Failure> {
+    match named.or_else(|| default_output(kind).map(String::from)) {
+        Some(o) => Ok(o),
+        None => Err(Diagnostic::new("E-CLI", format!("stage `{stage}` ({kind}) holds no model to serve"))
+            .help("name the output: STAGE.OUTPUT (a checkpoint folder or a .gguf file), or use --model")
+            .into()),
+    }
+}
+
+/// The stage's model copied out of the store into `dir`, and when the stage computed it.
+fn copy_model(store: &Store, m: &Manifest, stage: &str, output: &str, dir: &Path) -> Result<(PathBuf, u64), Failure> {
+    let entry = super::output_of(m, output)?;
+    let model = dir.join(if output.ends_with(".gguf") { "model.gguf" } else { "model" });
+    store.export(entry, &model, &format!("{stage}.{output}")).map_err(|e| anyhow!(e))?;
+    Ok((model, (m.started_at + m.duration_s) as u64))
+}
+
+/// A model copied out of the store, its tokenizer (or why there is none: `--tokenizer` may give
+/// one), and when the stage computed it.
+type FromStore = (PathBuf, Result<PathBuf, Failure>, u64);
+
+/// The stage's model and tokenizer copied out of the store into `dir`.
+fn from_store(env: &Env, pa: &PipelineArgs, target: &str, dir: &Path) -> Result<FromStore, Failure> {
     let (p, dag) = env.load(pa)?;
     let store = env.open_reader()?;
     let entries = crate::plan::plan(&p, &dag, &store);
     let (stage, output) = split_target(&p, target)?;
     let st = p.stage(&stage).ok_or_else(|| anyhow!("no stage `{stage}`"))?;
-    let output = match output.or_else(|| default_output(&st.kind).map(String::from)) {
-        Some(o) => o,
-        None => {
-            return Err(Diagnostic::new("E-CLI", format!("stage `{stage}` ({}) holds no model to serve", st.kind))
-                .help("name the output: STAGE.OUTPUT (a checkpoint folder or a .gguf file), or use --model")
-                .into())
-        }
-    };
+    let output = model_output(&stage, &st.kind, output)?;
     let m = manifest_of(&store, &entries, &stage)?;
-    let entry = super::output_of(&m, &output)?;
-    let model = dir.join(if output.ends_with(".gguf") { "model.gguf" } else { "model" });
-    store.export(entry, &model, &format!("{stage}.{output}")).map_err(|e| anyhow!(e))?;
-    let tokenizer = tokenizer_of(&p, &store, &entries, &stage, dir)?;
-    Ok((model, tokenizer, (m.started_at + m.duration_s) as u64))
+    let (model, created) = copy_model(&store, &m, &stage, &output, dir)?;
+    let tokenizer = tokenizer_of(&p, &store, &entries, &stage, dir).map_err(Failure::from);
+    Ok((model, tokenizer, created))
+}
+
+/// Stored file `digest` (checked against its digest) copied to `to`.
+fn copy_file(store: &Store, digest: &str, to: &Path) -> anyhow::Result<PathBuf> {
+    let bytes = store.objects.read_verified(digest, "tokenizer").map_err(|e| anyhow!(e))?;
+    std::fs::write(to, bytes).with_context(|| format!("writing {}", to.display()))?;
+    Ok(to.to_path_buf())
+}
+
+/// `--run`: the model a past run recorded, with the tokenizer its manifest names as its
+/// `tokenizer` input — the pipeline may have changed since.
+fn from_run(env: &Env, pa: &PipelineArgs, target: &str, spec: &str, dir: &Path) -> Result<FromStore, Failure> {
+    let (p, _) = env.load(pa)?;
+    let store = env.open_reader()?;
+    let results = Results::of_run(&store, &p, spec)?;
+    let (stage, output) = results.split(&p, target)?;
+    let m = results.manifest(&store, &stage)?;
+    let output = model_output(&stage, &m.key_input.kind, output)?;
+    let (model, created) = copy_model(&store, &m, &stage, &output, dir)?;
+    let run = results.run.unwrap_or_default();
+    let tokenizer = match m.key_input.inputs.get("tokenizer") {
+        Some(d) if store.objects.has(d) => copy_file(&store, d, &dir.join("tokenizer.json")),
+        Some(_) => Err(anyhow!(
+            "the tokenizer `{stage}` had in run {run} was a file outside the store; pass it with --tokenizer FILE"
+        )),
+        None => Err(anyhow!("`{stage}` had no `tokenizer` input in run {run}; pass --tokenizer FILE")),
+    };
+    Ok((model, tokenizer.map_err(Failure::from), created))
 }
 
 /// A file's (or folder's) modification time in Unix seconds; 0 when the filesystem has none.
@@ -151,8 +196,15 @@ pub(super) fn serve(env: &Env, a: Args) -> Result<i32, Failure> {
         }
         (None, Some(pipeline), Some(target)) => {
             let pa = PipelineArgs { pipeline: pipeline.clone(), sets: a.sets.clone() };
-            let (m, t, created) = from_store(env, &pa, target, scratch.path())?;
-            (m, a.tokenizer.clone().unwrap_or(t), target.clone(), created)
+            let (m, t, created) = match &a.run {
+                Some(spec) => from_run(env, &pa, target, spec, scratch.path())?,
+                None => from_store(env, &pa, target, scratch.path())?,
+            };
+            let t = match &a.tokenizer {
+                Some(given) => given.clone(),
+                None => t?,
+            };
+            (m, t, target.clone(), created)
         }
         _ => {
             return Err(Diagnostic::new("E-CLI", "serve needs PIPELINE STAGE[.OUTPUT], or --model PATH")
