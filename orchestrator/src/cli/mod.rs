@@ -322,20 +322,15 @@ fn command_label(cmd: &Cmd) -> String {
 }
 
 /// A reader that stops early (`orchestrate runs --json | head`) ends a listing quietly, as it
-/// ends `ls`: the read-only verbs that print take the default SIGPIPE action again. (Rust's
-/// runtime ignores SIGPIPE, so a write to the closed pipe failed and `println!` panicked.) The
-/// verbs that run stages, serve or write the store keep ignoring it: a closed pipe must not
-/// kill them mid-work; their sockets are written with MSG_NOSIGNAL either way.
+/// ends `ls`: the verbs that only read the store and print take the default SIGPIPE action
+/// again. (Rust's runtime ignores SIGPIPE, so a write to the closed pipe failed and `println!`
+/// panicked.) The others keep ignoring it: a verb that runs stages, writes the store or talks to
+/// a network (`plan --remote` too; vectored socket writes can raise SIGPIPE) must not be killed
+/// mid-work by a closed pipe or socket.
 fn end_quietly_on_a_closed_pipe(cmd: &Cmd) {
     let listing = matches!(
         cmd,
-        Cmd::Runs(_)
-            | Cmd::Compare(_)
-            | Cmd::Show(_)
-            | Cmd::Dag(_)
-            | Cmd::Plan(_)
-            | Cmd::Stages
-            | Cmd::Completions { .. }
+        Cmd::Runs(_) | Cmd::Compare(_) | Cmd::Show(_) | Cmd::Dag(_) | Cmd::Stages | Cmd::Completions { .. }
     );
     if listing {
         // SAFETY: called once, before any thread is started, with a valid handler constant.
