@@ -2,13 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 
 use super::{unknown_stage, Env, Failure, PipelineArgs};
 use crate::diag::Diagnostic;
 use crate::history::{resolve, short, Run};
 use crate::pipeline::Pipeline;
-use crate::plan::PlanEntry;
 use crate::store::{Manifest, Store};
 
 #[derive(clap::Args, Debug)]
@@ -33,11 +32,16 @@ pub(super) struct Args {
 pub(super) struct Results {
     /// Stage → its result's manifest digest (none: not cached as the pipeline is now).
     pub(super) stages: Vec<(String, Option<String>)>,
-    /// The past run (`--run`): its short id, and the stages it has no result of.
+    /// The past run (`--run`), by its short id; `None`: the pipeline as it is now.
     pub(super) run: Option<String>,
 }
 
 impl Results {
+    pub(super) fn now(p: &Pipeline, dag: &crate::dag::Dag, store: &Store) -> Results {
+        let entries = crate::plan::plan(p, dag, store);
+        Results { stages: entries.into_iter().map(|e| (e.stage, e.manifest)).collect(), run: None }
+    }
+
     pub(super) fn of_run(store: &Store, p: &Pipeline, spec: &str) -> Result<Results, Failure> {
         let runs: Vec<Run> = store.runs().into_iter().filter(|(_, r)| r.pipeline == p.name).collect();
         let invalid = |m: String| Failure::Invalid(Diagnostic::new("E-RUN", format!("--run {spec}: {m}")));
@@ -86,15 +90,6 @@ impl Results {
     }
 }
 
-/// The manifest of `stage` for the pipeline as it is now.
-pub(super) fn manifest_of(store: &Store, entries: &[PlanEntry], stage: &str) -> anyhow::Result<Manifest> {
-    let e = entries.iter().find(|e| e.stage == stage).context("no such stage")?;
-    match &e.manifest {
-        Some(d) => Ok(store.load_manifest(d)?),
-        None => bail!("stage `{stage}` is not cached for the pipeline as it is now; run it first (`orchestrate run`)"),
-    }
-}
-
 fn export_one(store: &Store, entry: &crate::objects::Entry, to: &std::path::Path, what: &str) -> anyhow::Result<()> {
     store.export(entry, to, what).map_err(|e| anyhow!(e))
 }
@@ -122,10 +117,7 @@ pub(super) fn export(env: &Env, a: Args) -> Result<i32, Failure> {
     let store = env.open_reader()?;
     let results = match &a.run {
         Some(spec) => Results::of_run(&store, &p, spec)?,
-        None => {
-            let entries = crate::plan::plan(&p, &dag, &store);
-            Results { stages: entries.into_iter().map(|e| (e.stage, e.manifest)).collect(), run: None }
-        }
+        None => Results::now(&p, &dag, &store),
     };
     let from = results.run.as_ref().map(|r| format!(" of run {r}")).unwrap_or_default();
     if let Some(dest) = a.all {

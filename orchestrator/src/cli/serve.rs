@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 
-use super::export::{manifest_of, split_target, Results};
+use super::export::{split_target, Results};
 use super::{Env, Failure, PipelineArgs};
 use crate::diag::Diagnostic;
 use crate::pipeline::{InputRef, Pipeline};
@@ -87,13 +87,13 @@ type FromStore = (PathBuf, Result<PathBuf, Failure>, u64);
 fn from_store(env: &Env, pa: &PipelineArgs, target: &str, dir: &Path) -> Result<FromStore, Failure> {
     let (p, dag) = env.load(pa)?;
     let store = env.open_reader()?;
-    let entries = crate::plan::plan(&p, &dag, &store);
+    let results = Results::now(&p, &dag, &store);
     let (stage, output) = split_target(&p, target)?;
     let st = p.stage(&stage).ok_or_else(|| anyhow!("no stage `{stage}`"))?;
     let output = model_output(&stage, &st.kind, output)?;
-    let m = manifest_of(&store, &entries, &stage)?;
+    let m = results.manifest(&store, &stage)?;
     let (model, created) = copy_model(&store, &m, &stage, &output, dir)?;
-    let tokenizer = tokenizer_of(&p, &store, &entries, &stage, dir).map_err(Failure::from);
+    let tokenizer = tokenizer_of(&p, &store, &results, &stage, dir).map_err(Failure::from);
     Ok((model, tokenizer, created))
 }
 
@@ -132,18 +132,12 @@ fn modified(path: &Path) -> u64 {
 }
 
 /// The stage's `tokenizer` input, copied out of the store (or in place for a `file:` input).
-fn tokenizer_of(
-    p: &Pipeline,
-    store: &Store,
-    entries: &[crate::plan::PlanEntry],
-    stage: &str,
-    dir: &Path,
-) -> anyhow::Result<PathBuf> {
+fn tokenizer_of(p: &Pipeline, store: &Store, results: &Results, stage: &str, dir: &Path) -> anyhow::Result<PathBuf> {
     let st = p.stage(stage).context("no such stage")?;
     match st.inputs.get("tokenizer") {
         Some(InputRef::File { path, .. }) => Ok(path.clone()),
         Some(InputRef::Stage { stage: from, output }) => {
-            let m = manifest_of(store, entries, from)?;
+            let m = results.manifest(store, from)?;
             let entry = m.outputs.get(output).with_context(|| format!("stage `{from}` has no output `{output}`"))?;
             let to = dir.join("tokenizer.json");
             store.export(entry, &to, &format!("{from}.{output}")).map_err(|e| anyhow!(e))?;
