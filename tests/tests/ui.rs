@@ -200,6 +200,9 @@ fn every_page_over_http_and_nothing_written() {
     {
         assert!(stage.contains(needle), "`{needle}` missing: {stage}");
     }
+    // How to get it with the command line.
+    let export = format!("<code>orchestrate export view.yaml fit@lr=0.1.OUTPUT DEST --run {b}</code>");
+    assert!(stage.contains(&export), "{stage}");
     // A metric as the tables round it, the exact value on hover.
     assert!(stage.contains(r#"<td class="num" title="0.03333333333333333"><code>0.033333</code></td>"#), "{stage}");
     let href = stage.split("<a href=\"/objects/").nth(2).and_then(|s| s.split('"').next()).expect("an output link");

@@ -234,7 +234,11 @@ pub async fn stage(State(ui): State<Shared>, Path((id, stage)): Path<(String, St
         }
         None => context! {},
     };
-    ui.render("stage.html", context! { run => RunLine::of(&run), stage => recorded, base => base, ..ctx })
+    let pipeline_file = run.1.pipeline_file.clone();
+    ui.render(
+        "stage.html",
+        context! { run => RunLine::of(&run), stage => recorded, base => base, pipeline_file => pipeline_file, ..ctx },
+    )
 }
 
 #[derive(Deserialize)]
