@@ -244,3 +244,18 @@ fn a_missing_or_unrunnable_program_is_named_as_such() {
         assert!(r.stderr.contains(expected), "{cmd}: {}", r.stderr);
     }
 }
+
+/// A mistyped param of a built-in kind: the nearest known one is offered, in the file and
+/// from `--set` alike; a name near none gets the list alone.
+#[test]
+fn a_mistyped_param_gets_the_nearest_known_one() {
+    let corpus = "stages:\n  c:\n    kind: corpus\n    params: {source: builtin, documnets: 10}\n";
+    let e = invalid(corpus, &[], "E-PARAM", Some("4:"));
+    assert!(e.contains("unknown corpus param `documnets`"), "{e}");
+    assert!(e.contains("help: did you mean `documents`? corpus params: "), "{e}");
+    let fine = corpus.replace("documnets", "documents");
+    let e = invalid(&fine, &["--set", "c.seeed=3"], "E-PARAM", None);
+    assert!(e.contains("did you mean `seed`? corpus params: "), "{e}");
+    let e = invalid(&corpus.replace("documnets", "zzzzzzzzzz"), &[], "E-PARAM", None);
+    assert!(e.contains("help: corpus params: ") && !e.contains("did you mean"), "{e}");
+}

@@ -348,7 +348,8 @@ fn check(ctx: &Ctx, d: &Decl, name: &str, p: &Params, io: InputSpec) -> Result<S
     d.stage.check(p, &io).map_err(|e| {
         let pos = d.node.locate(&e.key);
         let mut diag = ctx.err("E-PARAM", format!("stage `{name}`: {}", e.message), pos);
-        diag.help = match (pos.is_cli(), e.help) {
+        let help = e.help.map(|h| closest_known(&e.key, h));
+        diag.help = match (pos.is_cli(), help) {
             (false, help) => help,
             (true, help) => {
                 let at = format!("{}:{}:{}", ctx.file.display(), d.key.pos.line, d.key.pos.col);
@@ -358,6 +359,19 @@ fn check(ctx: &Ctx, d: &Decl, name: &str, p: &Params, io: InputSpec) -> Result<S
         };
         diag
     })
+}
+
+/// `stage_api::check_known_params`'s help ("KIND params: a, b, c") for an unknown `params.K`,
+/// with the known param nearest K first ("did you mean `warmup`? …"). The list is only in the
+/// help text: a method on `Stage` naming them would change every stage's code fingerprint, and
+/// so every cache key, for a hint.
+fn closest_known(key: &str, help: String) -> String {
+    let Some(unknown) = key.strip_prefix("params.") else { return help };
+    let known = help.split_once(" params: ").map(|(_, list)| list.split(", ").collect::<Vec<_>>());
+    match known.and_then(|k| crate::diag::closest(unknown, k)) {
+        Some(near) if near != unknown => format!("did you mean `{near}`? {help}"),
+        _ => help,
+    }
 }
 
 /// How the instance runs, from the common keys or the kind's defaults.
