@@ -123,8 +123,8 @@ fn runs_lists_the_history_newest_first() {
     assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
 }
 
-/// `run --name` names a run; `compare` and `runs` take the name for the newest run so named,
-/// and names that would read as ids or ages are refused.
+/// `run --name` names a run; `compare` and `runs` take the name for the run that took it last
+/// (here the newest so named), and names that would read as ids or ages are refused.
 #[test]
 fn runs_can_be_named_and_compared_by_name() {
     let p = Project::new();
