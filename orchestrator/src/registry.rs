@@ -56,7 +56,7 @@ impl Registry {
 }
 
 /// `orchestrate report` renders a template exactly as the `report` stage does (same context
-/// shape, functions and filters), so one template works in both. These two functions are the
+/// shape, functions and filters), so one template works in both. These functions are the
 /// report stage's own, reached through here so that this file stays the only one in the
 /// orchestrator that names a stage crate.
 pub mod report_templates {
@@ -81,6 +81,11 @@ pub mod report_templates {
     /// (the report stage's plot): `series` is {label: [{tokens, train_loss, val_loss}, …]}.
     pub fn training_curves(file: &Path, series: &Value) -> Result<(), String> {
         stage_report::plots::training_curves(file, series).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// A CSV text as rows, as a template sees a CSV input.
+    pub fn csv_rows(text: &str) -> Value {
+        stage_report::csv_rows(text)
     }
 
     /// A stage output or file as the template sees it: JSON parsed, CSV as rows, text as text.

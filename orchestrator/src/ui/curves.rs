@@ -43,10 +43,8 @@ pub fn curve_outputs(ui: &Ui, m: &Manifest) -> Vec<Curve> {
 /// A stored CSV as rows (checked against its digest first, as every file the view serves).
 fn rows(ui: &Ui, digest: &str, name: &str) -> Result<Value, String> {
     let bytes = ui.objects.read_verified(digest, name).map_err(|e| e.to_string())?;
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let file = dir.path().join("rows.csv");
-    std::fs::write(&file, bytes).map_err(|e| e.to_string())?;
-    report_templates::load_input(&file)
+    let text = String::from_utf8(bytes).map_err(|_| format!("{name} is not UTF-8 text"))?;
+    Ok(report_templates::csv_rows(&text))
 }
 
 fn is_curve(rows: &Value) -> bool {
