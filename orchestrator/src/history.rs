@@ -101,8 +101,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
 }
 
 /// `latest`, `latest~N`, the name of a run (`run --name` or `orchestrate name`; the run that
-/// took it last), or a unique
-/// prefix (4+ characters) of a run id, among `runs` (newest first).
+/// took it last), or a unique prefix (4+ characters) of a run id, among `runs` (newest first).
 pub fn resolve<'r>(runs: &'r [Run], spec: &str) -> Result<&'r Run, String> {
     let back = match spec.strip_prefix("latest") {
         Some("") => Some(0),
