@@ -54,6 +54,10 @@ fn foreach_expands_and_outputs_are_right() {
     let again = p.run(&["export", "p.yaml", "tag.t", "cut10"]);
     assert_eq!(again.code, 1, "{}", again.stderr);
     assert!(again.stderr.contains("cut10/t already exists"), "{}", again.stderr);
+    // A trailing `/` names a folder to make, as the output's home.
+    let made = p.run(&["export", "p.yaml", "tag.t", "new/dir/"]);
+    assert!(made.stderr.contains("exported tag.t to new/dir/t"), "{}", made.stderr);
+    assert_eq!(p.read("new/dir/t"), "HELLO!");
     // A misspelt output is an invalid command line, with the stage's outputs offered.
     let typo = p.run(&["export", "p.yaml", "tag.tt", "x.txt"]);
     assert_eq!(typo.code, 2, "{}", typo.stderr);

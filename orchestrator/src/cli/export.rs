@@ -16,8 +16,8 @@ pub(super) struct Args {
     pub(super) p: PipelineArgs,
     /// STAGE or STAGE.OUTPUT (omit with --all).
     target: Option<String>,
-    /// Where to: a new path; or an existing folder, which gets DEST/OUTPUT for STAGE.OUTPUT
-    /// and DEST/<output> for each of a STAGE's outputs.
+    /// Where to: a new path; or a folder (existing, or named with a trailing `/`), which gets
+    /// DEST/OUTPUT for STAGE.OUTPUT and DEST/<output> for each of a STAGE's outputs.
     dest: Option<PathBuf>,
     /// Export every stage's outputs to DEST/<stage>/<output>.
     #[arg(long, value_name = "DEST", conflicts_with = "dest")]
@@ -138,8 +138,9 @@ pub(super) fn export(env: &Env, a: Args) -> Result<i32, Failure> {
     let to = match output {
         Some(o) => {
             let entry = super::output_of(&m, &o)?;
-            // Into an existing folder, as `cp` does: DEST/OUTPUT.
-            let to = if dest.is_dir() { dest.join(&o) } else { dest };
+            // Into an existing folder, as `cp` does, or one a trailing `/` names: DEST/OUTPUT.
+            let folder = dest.is_dir() || dest.as_os_str().as_encoded_bytes().ends_with(b"/");
+            let to = if folder { dest.join(&o) } else { dest };
             export_one(&store, entry, &to, &target)?;
             to
         }
