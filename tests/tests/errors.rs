@@ -250,7 +250,7 @@ fn a_missing_or_unrunnable_program_is_named_as_such() {
 #[test]
 fn a_mistyped_param_gets_the_nearest_known_one() {
     let corpus = "stages:\n  c:\n    kind: corpus\n    params: {source: builtin, documnets: 10}\n";
-    let e = invalid(corpus, &[], "E-PARAM", Some("4:"));
+    let e = invalid(corpus, &[], "E-PARAM", Some("4:31:"));
     assert!(e.contains("unknown corpus param `documnets`"), "{e}");
     assert!(e.contains("help: did you mean `documents`? corpus params: "), "{e}");
     let fine = corpus.replace("documnets", "documents");

@@ -346,9 +346,18 @@ fn fields(ctx: &Ctx, d: &Decl, scope: &Scope) -> Result<BTreeMap<String, Value>,
 /// given with `--set` has no place in the file: the error says `--set`, and where the stage is.
 fn check(ctx: &Ctx, d: &Decl, name: &str, p: &Params, io: InputSpec) -> Result<StageProfile, Diagnostic> {
     d.stage.check(p, &io).map_err(|e| {
-        let pos = d.node.locate(&e.key);
+        let mut pos = d.node.locate(&e.key);
+        let unknown = e.help.as_deref().and_then(|h| unknown_param(&e.key, h));
+        // An unknown param is its key's fault, not its value's: point at the key.
+        if let Some((param, _)) = unknown.as_ref().filter(|_| !pos.is_cli()) {
+            pos = d.node.get("params").and_then(|p| p.key_pos(param)).unwrap_or(pos);
+        }
         let mut diag = ctx.err("E-PARAM", format!("stage `{name}`: {}", e.message), pos);
-        let help = e.help.map(|h| closest_known(&e.key, h));
+        let near = unknown.and_then(|(param, known)| crate::diag::closest(param, known).filter(|n| *n != param));
+        let help = e.help.as_ref().map(|h| match near {
+            Some(near) => format!("did you mean `{near}`? {h}"),
+            None => h.clone(),
+        });
         diag.help = match (pos.is_cli(), help) {
             (false, help) => help,
             (true, help) => {
@@ -361,17 +370,13 @@ fn check(ctx: &Ctx, d: &Decl, name: &str, p: &Params, io: InputSpec) -> Result<S
     })
 }
 
-/// `stage_api::check_known_params`'s help ("KIND params: a, b, c") for an unknown `params.K`,
-/// with the known param nearest K first ("did you mean `warmup`? …"). The list is only in the
-/// help text: a method on `Stage` naming them would change every stage's code fingerprint, and
-/// so every cache key, for a hint.
-fn closest_known(key: &str, help: String) -> String {
-    let Some(unknown) = key.strip_prefix("params.") else { return help };
-    let known = help.split_once(" params: ").map(|(_, list)| list.split(", ").collect::<Vec<_>>());
-    match known.and_then(|k| crate::diag::closest(unknown, k)) {
-        Some(near) if near != unknown => format!("did you mean `{near}`? {help}"),
-        _ => help,
-    }
+/// For `stage_api::check_known_params`' error on an unknown `params.K` (its help reads "KIND
+/// params: a, b, c"): K and the known params. The list is only in the help text: a method on
+/// `Stage` naming them would change every stage's code fingerprint, and so every cache key.
+fn unknown_param<'a>(key: &'a str, help: &'a str) -> Option<(&'a str, Vec<&'a str>)> {
+    let param = key.strip_prefix("params.")?;
+    let (_, list) = help.split_once(" params: ")?;
+    Some((param, list.split(", ").collect()))
 }
 
 /// How the instance runs, from the common keys or the kind's defaults.
