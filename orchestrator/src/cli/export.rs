@@ -69,14 +69,8 @@ impl Results {
         if self.run.is_none() {
             return split_target(p, target);
         }
-        let has = |s: &str| self.stages.iter().any(|(n, _)| n == s);
-        if has(target) {
-            return Ok((target.to_string(), None));
-        }
-        match target.match_indices('.').map(|(i, _)| i).find(|&i| has(&target[..i])) {
-            Some(i) => Ok((target[..i].to_string(), Some(target[i + 1..].to_string()))),
-            None => Err(self.no_stage(target.split_once('.').map_or(target, |(s, _)| s))),
-        }
+        split_among(target, |s| self.stages.iter().any(|(n, _)| n == s))
+            .ok_or_else(|| self.no_stage(target.split_once('.').map_or(target, |(s, _)| s)))
     }
 
     fn no_stage(&self, stage: &str) -> Diagnostic {
@@ -94,14 +88,20 @@ fn export_one(store: &Store, entry: &crate::objects::Entry, to: &std::path::Path
     store.export(entry, to, what).map_err(|e| anyhow!(e))
 }
 
+/// `target` as `STAGE` or `STAGE.OUTPUT` for a stage `is_stage` knows: the whole, else the
+/// first split at a `.` whose left side is one (stage names may hold `.`: foreach items).
+fn split_among(target: &str, is_stage: impl Fn(&str) -> bool) -> Option<(String, Option<String>)> {
+    if is_stage(target) {
+        return Some((target.to_string(), None));
+    }
+    let i = target.match_indices('.').map(|(i, _)| i).find(|&i| is_stage(&target[..i]))?;
+    Some((target[..i].to_string(), Some(target[i + 1..].to_string())))
+}
+
 /// `STAGE` or `STAGE.OUTPUT`; stage names may hold `.` (foreach items), so try each split.
 pub(super) fn split_target(p: &Pipeline, target: &str) -> Result<(String, Option<String>), Diagnostic> {
-    if p.index_of(target).is_some() {
-        return Ok((target.to_string(), None));
-    }
-    let split = target.match_indices('.').map(|(i, _)| i).find(|&i| p.index_of(&target[..i]).is_some());
-    match split {
-        Some(i) => Ok((target[..i].to_string(), Some(target[i + 1..].to_string()))),
+    match split_among(target, |s| p.index_of(s).is_some()) {
+        Some(split) => Ok(split),
         // `fit.out` for a `foreach` stage `fit`: the error is about `fit`, with its variants.
         None => match target.split_once('.') {
             Some((stage, _)) if p.stages.iter().any(|s| crate::pipeline::is_variant_of(&s.name, stage)) => {
