@@ -81,6 +81,17 @@ fn two_machines_share_a_reduced_phase4_through_s3() {
     assert!(ran.contains(&"int4".to_string()) && ran.len() < 16, "{ran:?}");
     assert!(rerun.statuses().iter().all(|(_, s)| s == "ran" || s == "cached"), "{}", rerun.stdout);
     assert_eq!(published(&rerun.stderr), ran.len(), "only the stages that ran are new on the remote");
+    assert!(rerun.stderr.contains("run history: 1 run shared"), "{}", rerun.stderr);
+
+    // A pulls B's results, and B's run with them: A can compare its own run against B's.
+    let back = s3(&a, &server, "pull", &fa, &edited, &["--remote", remote, "--json"]);
+    back.assert_ok();
+    assert_eq!(back.json()["runs"]["pulled"], 1, "{}", back.stdout);
+    let b_run = rerun.json()["run"].as_str().expect("B's run id").to_string();
+    let store = a.store().display().to_string();
+    let compared = a.run(&["compare", &cold.json()["run"].as_str().unwrap()[..12], &b_run[..12], "--store", &store]);
+    compared.assert_ok();
+    assert!(compared.stdout.contains("int4.group_size"), "{}", compared.stdout);
 
     // The secret went to the server and nowhere else.
     for p in [&a, &b] {
@@ -441,4 +452,89 @@ fn remote_errors_are_clear() {
     assert_eq!(pushed.code, 1, "{}", pushed.stderr);
     assert_eq!(pushed.stderr.lines().filter(|l| l.starts_with("error:")).count(), 1, "{}", pushed.stderr);
     assert!(pushed.stderr.contains("the server did not answer: check the endpoint"), "{}", pushed.stderr);
+}
+
+/// A pipeline with a metric, for run history: `b.lines` counts the lines `a` wrote.
+const COUNTED: &str = r#"name: counted
+params: {n: 3}
+metrics: {b.lines: max}
+stages:
+  a: {kind: command, cmd: "seq ${params.n} > ${outputs.o}", outputs: [o]}
+  b: {kind: command, cmd: "echo \"{\\\"lines\\\": $(wc -l < ${inputs.x})}\" > $ORCH_METRICS; cp ${inputs.x} ${outputs.o}", inputs: {x: a.o}, outputs: [o]}
+"#;
+
+/// Names of the runs a store lists, newest first (`-` for none).
+fn run_names(p: &Project) -> Vec<String> {
+    let listed = run_in(p, &["runs", "--json"]);
+    listed.assert_ok();
+    let runs = listed.json().as_array().expect("runs").clone();
+    runs.iter().map(|r| r["name"].as_str().unwrap_or("-").to_string()).collect()
+}
+
+/// Runs travel with their results: a teammate who pulls can list and compare them, a name
+/// given later follows, a run whose results are not all on the remote stays local, and a
+/// damaged record is refused.
+#[test]
+fn run_history_and_names_travel_with_the_results() {
+    let base = Project::new();
+    let remote = base.path().join("remote").display().to_string();
+    let a = Project::new();
+    a.write("p.yaml", COUNTED);
+    run_in(&a, &["run", "p.yaml", "--name", "baseline"]).assert_ok();
+    run_in(&a, &["run", "p.yaml", "--set", "params.n=5"]).assert_ok();
+    let pushed = run_in(&a, &["push", "--remote", &remote, "--json"]);
+    pushed.assert_ok();
+    assert_eq!(pushed.json()["runs"], serde_json::json!({"shared": 2, "already": 0, "names": 0, "not_shared": []}));
+    let again = run_in(&a, &["push", "p.yaml", "--remote", &remote]);
+    assert!(again.stderr.contains("run history: 0 runs shared, 2 already there"), "{}", again.stderr);
+
+    let b = Project::new();
+    b.write("p.yaml", COUNTED);
+    let pulled = run_in(&b, &["pull", "--remote", &remote]);
+    pulled.assert_ok();
+    assert!(pulled.stderr.contains("run history: 2 runs pulled"), "{}", pulled.stderr);
+    assert_eq!(run_names(&b), ["-", "baseline"]);
+    let compared = run_in(&b, &["compare", "baseline", "latest"]);
+    compared.assert_ok();
+    let line = compared.stdout.lines().find(|l| l.trim_start().starts_with("b.lines")).unwrap_or_default();
+    assert!(line.contains('3') && line.contains('5') && line.contains("better"), "{}", compared.stdout);
+    assert_eq!(run_in(&b, &["pull", "--remote", &remote, "--json"]).json()["runs"]["pulled"], 0, "pulled once");
+
+    // A name given on A after the run reaches B, and moves the name there too.
+    run_in(&a, &["name", "latest", "baseline"]).assert_ok();
+    let named = run_in(&a, &["push", "--remote", &remote, "--json"]);
+    assert_eq!(named.json()["runs"]["names"], 1, "{}", named.stdout);
+    let pulled = run_in(&b, &["pull", "p.yaml", "--remote", &remote, "--json"]);
+    assert_eq!(pulled.json()["runs"]["names"], 1, "{}", pulled.stdout);
+    assert_eq!(run_names(&b), ["baseline", "baseline"]);
+    let moved = run_in(&b, &["compare", "latest~1", "baseline"]);
+    assert!(moved.stdout.contains("params.n=5"), "`baseline` means the run named last:\n{}", moved.stdout);
+
+    // A run whose results are not all on the remote stays local, saying which one is missing.
+    run_in(&a, &["run", "p.yaml", "--set", "params.n=7"]).assert_ok();
+    let partial = run_in(&a, &["push", "p.yaml", "--set", "params.n=7", "--stage", "a", "--remote", &remote]);
+    partial.assert_ok();
+    assert!(partial.stderr.contains("the result of stage `b` is not on the remote"), "{}", partial.stderr);
+    // C pulls only `a`: no run's results are all there, so none joins its history.
+    let c = Project::new();
+    c.write("p.yaml", COUNTED);
+    let only_a = run_in(&c, &["pull", "p.yaml", "--target", "a", "--remote", &remote, "--json"]);
+    only_a.assert_ok();
+    assert_eq!(only_a.json()["runs"], serde_json::json!({"pulled": 0, "waiting": 2, "names": 0}));
+    assert!(run_in(&c, &["runs"]).stdout.contains("no runs"));
+    assert!(run_in(&c, &["pull", "--remote", &remote, "--no-runs", "--json"]).json().get("runs").is_none());
+
+    // A damaged record on the remote is refused by its hash, and the pull says so.
+    let runs_dir = Path::new(&remote).join("runs");
+    let id = std::fs::read_dir(&runs_dir).unwrap().flatten().next().unwrap().file_name();
+    std::fs::write(Path::new(&remote).join("cas").join(&id), br#"{"orchestrate":"run"}"#).unwrap();
+    let d = Project::new();
+    let damaged = run_in(&d, &["pull", "--remote", &remote]);
+    assert_eq!(damaged.code, 1, "{}", damaged.stderr);
+    assert!(damaged.stderr.contains("(run record) is corrupt"), "{}", damaged.stderr);
+    assert_eq!(run_names(&d).len(), 1, "the other run is pulled");
+    let repaired = run_in(&a, &["push", "--remote", &remote, "--repair", "--json"]);
+    repaired.assert_ok();
+    run_in(&d, &["pull", "--remote", &remote]).assert_ok();
+    assert_eq!(run_names(&d).len(), 3);
 }

@@ -27,6 +27,10 @@ pub(super) struct Args {
     /// Print the result as JSON on stdout (for scripts).
     #[arg(long)]
     json: bool,
+    /// Take no run history: no run records or run names (by default the remote's runs, of
+    /// this pipeline if one is given, whose results are all in the store join `runs`).
+    #[arg(long)]
+    no_runs: bool,
 }
 
 /// Pull the pipeline's stages in DAG order: a stage pulled makes its dependents' keys known.
@@ -37,7 +41,7 @@ fn pull_pipeline(
     store: &Store,
     remote: &Remote,
     t: &Transfer,
-) -> Result<PullReport, Failure> {
+) -> Result<(PullReport, String), Failure> {
     let (p, dag) = env.load(&PipelineArgs { pipeline: file.to_path_buf(), sets: a.sets.clone() })?;
     let select = SelectArgs { targets: a.targets.clone(), reruns: Vec::new() };
     let scope = select.scope(&p, &dag)?;
@@ -64,7 +68,7 @@ fn pull_pipeline(
         };
         report.results.insert(e.stage, status.to_string());
     }
-    Ok(report)
+    Ok((report, p.name.clone()))
 }
 
 /// Pull every result the remote has.
@@ -99,12 +103,17 @@ pub(super) fn pull(env: &Env, a: Args) -> Result<i32, Failure> {
     // Interrupting is safe at any point: blobs land in tmp/ and move in whole once their hash
     // matches, and a result is indexed only after all its blobs are in.
     let work = match &a.pipeline {
-        Some(file) => pull_pipeline(env, &a, file, &store, &remote, &transfer),
-        None => pull_all(&store, &remote, &transfer),
+        Some(file) => pull_pipeline(env, &a, file, &store, &remote, &transfer).map(|(r, p)| (r, Some(p))),
+        None => pull_all(&store, &remote, &transfer).map(|r| (r, None)),
     };
     transfer.finish();
-    let mut report = work?;
+    let (mut report, pipeline) = work?;
     (report.bytes_downloaded, report.blobs_downloaded) = transfer.totals();
+    // After the results: a run joins the history only once every result it names is here.
+    if !a.no_runs {
+        let runs = runtime()?.block_on(remote.pull_runs(&store, pipeline.as_deref(), &mut report.errors));
+        report.runs = Some(runs.map_err(|e| anyhow::anyhow!("pulling run history from {}: {e}", remote.shown))?);
+    }
     if a.json {
         print_json(&report)?;
     } else {
@@ -128,4 +137,14 @@ fn print_report(remote: &Remote, r: &PullReport, secs: f64) {
         r.blobs_downloaded,
         human_bytes(r.bytes_downloaded)
     );
+    if let Some(runs) = &r.runs {
+        let names = super::push::and_names(runs.names);
+        let waiting = match runs.waiting {
+            0 => String::new(),
+            n => format!(
+                "; {n} more on the remote name results not here (`orchestrate pull` without a pipeline file takes every result)"
+            ),
+        };
+        eprintln!("run history: {} pulled{names}{waiting}", super::push::runs(runs.pulled));
+    }
 }

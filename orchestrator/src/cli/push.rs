@@ -8,8 +8,8 @@ use super::{
     folder_of, human_bytes, print_errors, print_json, runtime, stage_index, Env, Failure, PipelineArgs, RemoteArgs,
     SelectArgs,
 };
-use crate::remote::{PushReport, Remote, Transfer};
-use crate::store::Store;
+use crate::remote::{PushReport, Remote, RunsPushed, Transfer};
+use crate::store::{RunRecord, Store};
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
@@ -34,15 +34,25 @@ pub(super) struct Args {
     /// damaged there (pull names them), which a plain push skips as already pushed.
     #[arg(long)]
     repair: bool,
+    /// Keep run history local: push no run records or run names (by default the runs whose
+    /// results are all on the remote are shared, for a teammate's `runs` and `compare`).
+    #[arg(long)]
+    no_runs: bool,
 }
 
-/// (cache key, manifest digest) of what to push: the pipeline's cached stages, or everything.
-fn results(env: &Env, a: &Args, store: &Store) -> Result<Vec<(String, String)>, Failure> {
+/// What to push: results as (cache key, manifest digest), and the pipeline they are of.
+struct Selection {
+    results: Vec<(String, String)>,
+    pipeline: Option<String>,
+}
+
+/// What to push: the pipeline's cached stages, or everything.
+fn select(env: &Env, a: &Args, store: &Store) -> Result<Selection, Failure> {
     let Some(file) = &a.pipeline else {
         if !a.stages.is_empty() {
             return Err(Failure::Invalid(crate::diag::Diagnostic::new("E-CLI", "--stage needs a pipeline file")));
         }
-        return Ok(store.results()?);
+        return Ok(Selection { results: store.results()?, pipeline: None });
     };
     let (p, dag) = env.load(&PipelineArgs { pipeline: file.clone(), sets: a.sets.clone() })?;
     for s in &a.stages {
@@ -52,11 +62,26 @@ fn results(env: &Env, a: &Args, store: &Store) -> Result<Vec<(String, String)>, 
     let in_scope =
         |stage: &str| scope.only.as_ref().is_none_or(|only| p.index_of(stage).is_some_and(|i| only.contains(&i)));
     let entries = crate::plan::plan(&p, &dag, store);
-    Ok(entries
-        .into_iter()
+    let results = (entries.into_iter())
         .filter(|e| (a.stages.is_empty() || a.stages.contains(&e.stage)) && in_scope(&e.stage))
         .filter_map(|e| Some((e.key?, e.manifest?)))
-        .collect())
+        .collect();
+    Ok(Selection { results, pipeline: Some(p.name.clone()) })
+}
+
+/// Push `results`, then share `runs` (when given) whose results are all on the remote.
+pub(super) async fn push_with_runs(
+    remote: &Remote,
+    store: &Store,
+    results: &[(String, String)],
+    runs: Option<&[(String, RunRecord)]>,
+    t: &Transfer,
+) -> crate::remote::Result<PushReport> {
+    let mut report = remote.push(store, results, t).await?;
+    if let Some(runs) = runs {
+        report.runs = Some(remote.push_runs(store, runs, &report.on_remote).await?);
+    }
+    Ok(report)
 }
 
 pub(super) fn push(env: &Env, a: Args) -> Result<i32, Failure> {
@@ -64,13 +89,19 @@ pub(super) fn push(env: &Env, a: Args) -> Result<i32, Failure> {
     let Some(mut remote) = a.remote.open(&near, true)? else { return Ok(2) };
     remote.repair = a.repair;
     let store = env.open_reader()?;
-    let results = results(env, &a, &store)?;
+    let Selection { results, pipeline } = select(env, &a, &store)?;
+    // The runs of this pipeline (of any, without a file), newest first.
+    let runs: Option<Vec<_>> = (!a.no_runs).then(|| {
+        let mut runs = store.runs();
+        runs.retain(|(_, r)| pipeline.as_ref().is_none_or(|p| *p == r.pipeline));
+        runs
+    });
     let t0 = Instant::now();
     let transfer = Transfer::new("push", !a.json && std::io::stderr().is_terminal());
     let rt = runtime()?;
     let report = rt.block_on(async {
         tokio::select! {
-            r = remote.push(&store, &results, &transfer) => Some(r),
+            r = push_with_runs(&remote, &store, &results, runs.as_deref(), &transfer) => Some(r),
             _ = tokio::signal::ctrl_c() => None,
         }
     });
@@ -104,5 +135,38 @@ pub(super) fn print_report(remote: &Remote, r: &PushReport, secs: f64, json: boo
         r.blobs_uploaded,
         human_bytes(r.bytes_uploaded)
     );
+    if let Some(runs) = &r.runs {
+        print_runs(runs);
+    }
     Ok(())
+}
+
+/// `1 run`, `2 runs`.
+pub(super) fn runs(n: usize) -> String {
+    if n == 1 {
+        "1 run".into()
+    } else {
+        format!("{n} runs")
+    }
+}
+
+/// `, N run names` for a history line, or nothing.
+pub(super) fn and_names(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        1 => ", 1 run name".into(),
+        n => format!(", {n} run names"),
+    }
+}
+
+fn print_runs(r: &RunsPushed) {
+    let names = and_names(r.names);
+    let left = match r.not_shared.len() {
+        0 => String::new(),
+        n => format!("; {n} kept local, since a result they name is not on the remote (push it first):"),
+    };
+    eprintln!("run history: {} shared, {} already there{names}{left}", runs(r.shared), r.already);
+    for line in &r.not_shared {
+        eprintln!("  {line}");
+    }
 }

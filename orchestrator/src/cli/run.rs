@@ -176,7 +176,10 @@ fn push_results(rt: &tokio::runtime::Runtime, remote: &Remote, store: &Store, su
         .collect();
     let t0 = std::time::Instant::now();
     let transfer = Transfer::new("push", false);
-    match rt.block_on(remote.push(store, &results, &transfer)) {
+    // The run's own record, shared once its results are all on the remote.
+    let run = summary.run.as_ref().and_then(|id| Some((id.clone(), crate::store::load_run(&store.objects, id)?)));
+    let runs: Vec<_> = run.into_iter().collect();
+    match rt.block_on(super::push::push_with_runs(remote, store, &results, Some(&runs), &transfer)) {
         Ok(r) => {
             let _ = super::push::print_report(remote, &r, t0.elapsed().as_secs_f64(), false);
             r.errors.is_empty()

@@ -8,6 +8,7 @@
 //! streams in and installs it only if the hash matches its name.
 
 pub mod config;
+mod runs;
 mod transfer;
 
 use std::collections::HashSet;
@@ -21,6 +22,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 
 pub use config::Location;
+pub use runs::{RunsPulled, RunsPushed};
 pub use transfer::{PullReport, PushReport, Transfer};
 
 use crate::objects::ObjectError;

@@ -13,6 +13,7 @@ use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
+use super::runs::{RunsPulled, RunsPushed};
 use super::{Remote, RemoteError, Result, CHECKS_IN_FLIGHT, TRANSFERS_IN_FLIGHT};
 use crate::objects::{hash_bytes, is_digest, Entry, ObjKind, ObjectStore};
 use crate::store::{Manifest, Store, MANIFEST_TAG};
@@ -83,6 +84,12 @@ pub struct PushReport {
     pub bytes_uploaded: u64,
     /// One line per blob or entry that could not be sent.
     pub errors: Vec<String>,
+    /// Manifests whose result the remote holds after this push (its `ac/` entry names them).
+    #[serde(skip)]
+    pub on_remote: HashSet<String>,
+    /// What the push did with run history (absent with `--no-runs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runs: Option<RunsPushed>,
 }
 
 /// What a pull did.
@@ -96,6 +103,9 @@ pub struct PullReport {
     pub bytes_downloaded: u64,
     /// One line per result that could not be pulled.
     pub errors: Vec<String>,
+    /// What the pull did with run history (absent with `--no-runs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runs: Option<RunsPulled>,
 }
 
 /// (digest, size) of each blob a result is made of.
@@ -120,7 +130,7 @@ fn roots(m: &Manifest) -> Vec<Wanted> {
 impl Remote {
     /// The key is not there. S3 answers a bucket that does not exist with a 404 too; that one
     /// is an error to report, not a miss.
-    fn not_found(e: &object_store::Error) -> bool {
+    pub(super) fn not_found(e: &object_store::Error) -> bool {
         matches!(e, object_store::Error::NotFound { .. }) && !e.to_string().contains("NoSuchBucket")
     }
 
@@ -166,7 +176,7 @@ impl Remote {
     }
 
     /// A manifest or tree, read whole and hash-checked.
-    async fn get_small(&self, digest: &str, what: &str) -> Result<Vec<u8>> {
+    pub(super) async fn get_small(&self, digest: &str, what: &str) -> Result<Vec<u8>> {
         let (path, got) = self.get_blob(digest, what).await?;
         if got.meta.size > SMALL_LIMIT {
             return Err(RemoteError::Invalid { path: path.to_string(), why: format!("{what} is too large") });
@@ -431,7 +441,10 @@ impl Remote {
         let mut todo = Vec::new();
         for (key, digest, on_remote) in current {
             match on_remote {
-                Ok(Some(d)) if d == *digest && !self.known_corrupt(&d) => report.already += 1,
+                Ok(Some(d)) if d == *digest && !self.known_corrupt(&d) => {
+                    report.already += 1;
+                    report.on_remote.insert(d);
+                }
                 Ok(_) => todo.push((key, digest, Self::blobs_of(local, digest)?)),
                 Err(e) => report.errors.push(e.to_string()),
             }
@@ -492,7 +505,10 @@ impl Remote {
             }
             let path = Self::ac(key);
             match self.store.put(&path, PutPayload::from(digest.clone().into_bytes())).await {
-                Ok(_) => report.published += 1,
+                Ok(_) => {
+                    report.published += 1;
+                    report.on_remote.insert(digest.clone());
+                }
                 Err(e) => report.errors.push(self.transfer_error("writing", &path, e).to_string()),
             }
         }

@@ -95,8 +95,20 @@ impl Store {
         self.flush()
     }
 
+    /// Take a naming made elsewhere (`pull`), given its bytes: it becomes the run's naming if
+    /// it is newer than the one this store has. Whether it did.
+    pub fn adopt_naming(&self, bytes: &[u8], naming: &RunName) -> Result<bool> {
+        if self.naming(&naming.run).is_some_and(|(_, mine)| mine.at >= naming.at) {
+            return Ok(false);
+        }
+        let digest = self.objects.put_bytes(bytes)?;
+        self.names.insert(naming.run.as_bytes(), digest.as_bytes())?;
+        self.flush()?;
+        Ok(true)
+    }
+
     /// The newest naming of run `id`, with its object's digest.
-    pub(super) fn naming(&self, id: &str) -> Option<(String, RunName)> {
+    pub fn naming(&self, id: &str) -> Option<(String, RunName)> {
         let digest = String::from_utf8_lossy(&self.names.get(id.as_bytes()).ok()??).into_owned();
         let naming = RunName::parse(&self.objects.read_verified(&digest, "run name").ok()?)?;
         Some((digest, naming))

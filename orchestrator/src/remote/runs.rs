@@ -1,0 +1,219 @@
+//! Run history through a remote: the run records (`runs`, `compare`, the web view) and the
+//! names given to runs after they ran travel with the results, so a teammate can compare
+//! against a run made on another machine.
+//!
+//! Layout: a record is a blob like any other (`cas/<run id>`, the id being its digest), listed
+//! by an entry `runs/<run id>` written after the blob; a naming is `cas/<digest>` listed by
+//! `names/<digest>`. A run is pushed only once every result it names is on the remote (its
+//! `ac/` entry names that very manifest), and pulled only once every one is in the local
+//! store: a shared run never names a result its reader cannot have.
+
+use std::collections::{BTreeMap, HashSet};
+
+use futures::stream::{self, StreamExt};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::Serialize;
+
+use super::{Remote, RemoteError, Result, CHECKS_IN_FLIGHT, TRANSFERS_IN_FLIGHT};
+use crate::history::short;
+use crate::objects::{is_digest, tagged};
+use crate::store::names::RunName;
+use crate::store::{RunRecord, Store, RUN_TAG};
+
+/// What a push did with run history.
+#[derive(Debug, Default, Serialize)]
+pub struct RunsPushed {
+    /// Records this push put on the remote.
+    pub shared: usize,
+    /// Records the remote had already.
+    pub already: usize,
+    /// Namings (`orchestrate name`) this push put on the remote.
+    pub names: usize,
+    /// One line per run left local: a result it names is not on the remote.
+    pub not_shared: Vec<String>,
+}
+
+/// What a pull did with run history.
+#[derive(Debug, Default, Serialize)]
+pub struct RunsPulled {
+    /// Records this pull added to the store.
+    pub pulled: usize,
+    /// Records on the remote (of this pipeline) that name a result the store does not hold.
+    pub waiting: usize,
+    /// Namings taken: newer than the store's own for their run.
+    pub names: usize,
+}
+
+fn run_entry(id: &str) -> ObjPath {
+    ObjPath::from(format!("runs/{id}"))
+}
+
+fn name_entry(digest: &str) -> ObjPath {
+    ObjPath::from(format!("names/{digest}"))
+}
+
+impl Remote {
+    /// Whether the remote has an entry at `path`.
+    async fn has_entry(&self, path: &ObjPath) -> Result<bool> {
+        match self.store.head(path).await {
+            Ok(_) => Ok(true),
+            Err(e) if Self::not_found(&e) => Ok(false),
+            Err(e) => Err(self.transfer_error("checking", path, e)),
+        }
+    }
+
+    /// Upload local object `digest` (`what` it is, for messages), then the entry listing it.
+    async fn publish(&self, local: &Store, digest: &str, entry: &ObjPath, what: &str) -> Result<()> {
+        let bytes = local.objects.read_verified(digest, what)?;
+        let blob = Self::cas(digest);
+        let put = |path: ObjPath, body: Vec<u8>| async move {
+            self.store.put(&path, PutPayload::from(body)).await.map_err(|e| self.transfer_error("writing", &path, e))
+        };
+        put(blob, bytes).await?;
+        put(entry.clone(), digest.as_bytes().to_vec()).await?;
+        Ok(())
+    }
+
+    /// Of the manifests `runs` name, those whose result is on the remote. `known`: manifests
+    /// this push just found or put there; the others are looked up by their cache key.
+    async fn results_on_remote(
+        &self,
+        local: &Store,
+        runs: &[(String, RunRecord)],
+        known: &HashSet<String>,
+    ) -> Result<HashSet<String>> {
+        let mut ask: Vec<&String> = runs.iter().flat_map(|(_, r)| r.manifests.values()).collect();
+        ask.retain(|d| !known.contains(*d));
+        ask.sort();
+        ask.dedup();
+        let answers: Vec<Result<Option<String>>> = stream::iter(ask)
+            .map(|digest| async move {
+                let Ok(m) = local.load_manifest(digest) else { return Ok(None) };
+                Ok(self.lookup(&m.key).await?.filter(|on| on == digest))
+            })
+            .buffer_unordered(CHECKS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut on_remote = known.clone();
+        for a in answers {
+            on_remote.extend(a?);
+        }
+        Ok(on_remote)
+    }
+
+    /// Share `runs` (id, record) whose results are all on the remote, with their namings.
+    pub async fn push_runs(
+        &self,
+        local: &Store,
+        runs: &[(String, RunRecord)],
+        known: &HashSet<String>,
+    ) -> Result<RunsPushed> {
+        let on_remote = self.results_on_remote(local, runs, known).await?;
+        let mut report = RunsPushed::default();
+        for (id, r) in runs {
+            let missing = r.manifests.iter().find(|(_, d)| !on_remote.contains(*d));
+            if let Some((stage, _)) = missing {
+                report.not_shared.push(format!(
+                    "run {} ({}): the result of stage `{stage}` is not on the remote",
+                    short(id),
+                    r.pipeline
+                ));
+                continue;
+            }
+            let entry = run_entry(id);
+            if !self.repair && self.has_entry(&entry).await? {
+                report.already += 1;
+            } else {
+                self.publish(local, id, &entry, "run record").await?;
+                report.shared += 1;
+            }
+            if let Some((digest, _)) = local.naming(id) {
+                let entry = name_entry(&digest);
+                if self.repair || !self.has_entry(&entry).await? {
+                    self.publish(local, &digest, &entry, "run name").await?;
+                    report.names += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// The digests listed under `prefix/` (`runs`, `names`).
+    async fn listed(&self, prefix: &str) -> Result<Vec<String>> {
+        let prefix = ObjPath::from(prefix);
+        let mut listing = self.store.list(Some(&prefix));
+        let mut out = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| self.transfer_error("listing", &prefix, e))?;
+            out.extend(meta.location.filename().filter(|n| is_digest(n)).map(str::to_string));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The blobs `digests` (each `what`), read and hash-checked; one error line per failure.
+    async fn blobs(&self, digests: Vec<String>, what: &str, errors: &mut Vec<String>) -> BTreeMap<String, Vec<u8>> {
+        let got: Vec<(String, Result<Vec<u8>>)> = stream::iter(digests)
+            .map(|d| async move {
+                let r = self.get_small(&d, what).await;
+                (d, r)
+            })
+            .buffer_unordered(TRANSFERS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut out = BTreeMap::new();
+        for (d, r) in got {
+            match r {
+                Ok(bytes) => {
+                    out.insert(d, bytes);
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        out
+    }
+
+    /// Take the remote's runs (of `pipeline`, if given) whose results the store holds, and the
+    /// namings of the store's runs. A record or naming that cannot be read (corrupt, not one)
+    /// adds a line to `errors` and is left out.
+    pub async fn pull_runs(
+        &self,
+        local: &Store,
+        pipeline: Option<&str>,
+        errors: &mut Vec<String>,
+    ) -> Result<RunsPulled> {
+        let mut report = RunsPulled::default();
+        let mut mine = local.run_ids();
+        let new: Vec<String> = self.listed("runs").await?.into_iter().filter(|id| !mine.contains(id)).collect();
+        for (id, bytes) in self.blobs(new, "run record", errors).await {
+            let Some(r) = tagged::<RunRecord>(&bytes, RUN_TAG) else {
+                let why = "it is not a run record".to_string();
+                errors.push(RemoteError::Invalid { path: Self::cas(&id).to_string(), why }.to_string());
+                continue;
+            };
+            if pipeline.is_some_and(|p| p != r.pipeline) {
+                continue;
+            }
+            if !r.manifests.values().all(|d| local.objects.has(d)) {
+                report.waiting += 1;
+                continue;
+            }
+            local.adopt_run(&bytes, &r)?;
+            mine.insert(id);
+            report.pulled += 1;
+        }
+        let new: Vec<String> = self.listed("names").await?.into_iter().filter(|d| !local.objects.has(d)).collect();
+        for (digest, bytes) in self.blobs(new, "run name", errors).await {
+            match RunName::parse(&bytes) {
+                Some(n) if mine.contains(&n.run) => report.names += usize::from(local.adopt_naming(&bytes, &n)?),
+                Some(_) => {}
+                None => {
+                    let why = "it is not a run name".to_string();
+                    errors.push(RemoteError::Invalid { path: Self::cas(&digest).to_string(), why }.to_string());
+                }
+            }
+        }
+        Ok(report)
+    }
+}
