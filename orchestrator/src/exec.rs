@@ -90,8 +90,8 @@ pub fn exec_stage_main(spec_path: &Path, result_path: &Path) -> i32 {
     };
     (r.cpu_s, r.peak_rss_bytes) = own_usage();
     let mut host = stage_api::host::describe();
-    if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-        host["hostname"] = Value::String(name.trim().to_string());
+    if let Some(name) = crate::store::hostname() {
+        host["hostname"] = Value::String(name);
     }
     r.host = Some(host);
     let ok = r.ok;

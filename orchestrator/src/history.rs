@@ -51,6 +51,8 @@ pub struct RunLine {
     pub ran: Option<usize>,
     pub reused: Option<usize>,
     pub pulled: usize,
+    /// Who ran it and where (`user@host`), if the record says.
+    pub by: Option<String>,
 }
 
 impl RunLine {
@@ -78,6 +80,7 @@ impl RunLine {
             reused: ran.map(|n| r.manifests.len().saturating_sub(n + r.pulled.len())),
             ran,
             pulled: r.pulled.len(),
+            by: r.by.clone(),
         }
     }
 }
@@ -165,6 +168,8 @@ pub struct Side {
     /// The stages `--target` limited the run to; empty: every stage.
     pub targets: Vec<String>,
     pub status: String,
+    /// Who ran it and where (`user@host`), if the record says.
+    pub by: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -235,6 +240,7 @@ fn side(run: &Run) -> Side {
         sets: r.sets.clone(),
         targets: r.targets.clone(),
         status: r.status.clone(),
+        by: r.by.clone(),
     }
 }
 

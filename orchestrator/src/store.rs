@@ -143,6 +143,21 @@ impl Provenance {
 
 pub const MANIFEST_TAG: &str = "manifest";
 
+/// The machine's host name (Linux), as the kernel has it.
+pub fn hostname() -> Option<String> {
+    let name = fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(name.trim().to_string()).filter(|n| !n.is_empty())
+}
+
+/// `user@host` of this process (`$USER`, else `$LOGNAME`), or what of it is known.
+pub fn user_at_host() -> Option<String> {
+    let user = ["USER", "LOGNAME"].iter().find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()));
+    match (user, hostname()) {
+        (Some(u), Some(h)) => Some(format!("{u}@{h}")),
+        (u, h) => u.or(h),
+    }
+}
+
 #[cfg(test)]
 impl Manifest {
     /// A stored result for tests: `key_input`'s key, these outputs, no metrics or provenance.
@@ -213,6 +228,10 @@ pub struct RunRecord {
     /// Absent in run records written before runs kept it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<RunStage>,
+    /// Who ran it and where, `user@host`: runs travel between stores (`push`, `pull`). Absent
+    /// in run records written before runs kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
     /// When `name` was given after the run (`orchestrate name`; see [`names`]), not stored here.
     #[serde(skip)]
     pub renamed_at: Option<f64>,

@@ -329,6 +329,40 @@ fn a_name_given_later_shows_in_the_open_view() {
         .contains(r#"<span class="run-name moved" title="`base` now means a run that took it later">base</span>"#));
 }
 
+/// A teammate's run pulled into the store: the list says who ran each run once more than one
+/// person did, and so do the run and compare pages.
+#[test]
+fn a_teammates_pulled_run_shows_who_ran_it() {
+    let pipeline = "name: team\nparams: {n: 3}\nstages:\n  a: {kind: command, cmd: \"seq ${params.n} > ${outputs.o}\", outputs: [o]}\n";
+    let remote = Project::new();
+    let remote = remote.path().join("remote").display().to_string();
+    let (ana, ben) = (Project::new(), Project::new());
+    for (p, user, n) in [(&ana, "ana", "3"), (&ben, "ben", "4")] {
+        p.write("p.yaml", pipeline);
+        let set = format!("params.n={n}");
+        p.run_env(&["run", "p.yaml", "--set", &set, "--remote", &remote, "--push"], &[("USER", user.into())])
+            .assert_ok();
+    }
+    ben.run(&["pull", "--remote", &remote]).assert_ok();
+    let ui = Ui::start(&ben);
+    let runs = ui.page("/");
+    assert!(runs.contains("<th>by</th>") && runs.contains("<td class=\"by\">ana@"), "{runs}");
+    assert!(runs.contains("<td class=\"by\">ben@"), "{runs}");
+    let compare = ui.page("/compare?a=latest~1&b=latest");
+    assert!(compare.contains(" · by ana@") && compare.contains(" · by ben@"), "{compare}");
+    assert!(ui.page("/runs/latest~1").contains("<dt>by</dt><dd id=\"by\">ana@"));
+    let text = ben.run(&["compare", "latest~1", "latest"]);
+    assert!(text.stdout.contains(", ok, by ana@") && text.stdout.contains(", ok, by ben@"), "{}", text.stdout);
+    let listed = ben.run(&["runs"]).stdout;
+    let by_column = |l: &str| l.split_whitespace().nth(2).map(str::to_string);
+    let column: Vec<_> = listed.lines().filter_map(by_column).collect();
+    assert!(column[0] == "by" && column[1].starts_with("ben@") && column[2].starts_with("ana@"), "{listed}");
+    // Alone, ana's own lists have no `by` column.
+    let ui = Ui::start(&ana);
+    assert!(!ui.page("/").contains("<th>by</th>"));
+    assert!(!ana.run(&["runs"]).stdout.contains(" by "));
+}
+
 #[test]
 fn no_store_is_a_clear_error() {
     let p = Project::new();

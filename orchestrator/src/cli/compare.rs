@@ -169,18 +169,20 @@ fn table(head: &[&str], rows: &[Vec<String>], md: bool) -> String {
     out
 }
 
-/// A run in the header: `abc123 `base` (when, ok, source …, orchestrate …, --set …)`.
-fn side_text(s: &crate::history::Side) -> String {
+/// A run in the header: `abc123 `base` (when, ok, by …, source …, orchestrate …, --set …)`;
+/// `by` only when `show_by` (the two runs were made by different people or machines).
+fn side_text(s: &crate::history::Side, show_by: bool) -> String {
     let build = match &s.commit {
         Some(c) => SourceRev { commit: c.clone(), dirty: s.commit_dirty }.described(),
         None => "?".into(),
     };
     format!(
-        "{}{} ({}, {}, {}orchestrate {build}{}{})",
+        "{}{} ({}, {}, {}{}orchestrate {build}{}{})",
         short(&s.id),
         s.name.as_ref().map(|n| format!(" `{n}`")).unwrap_or_default(),
         iso8601(s.started_at),
         s.status,
+        s.by.as_ref().filter(|_| show_by).map(|b| format!("by {b}, ")).unwrap_or_default(),
         s.source.as_ref().map(|r| format!("source {}, ", r.described())).unwrap_or_default(),
         if s.sets.is_empty() { String::new() } else { format!(", --set {}", s.sets.join(" ")) },
         s.targets.iter().map(|t| format!(", --target {t}")).collect::<String>()
@@ -189,7 +191,8 @@ fn side_text(s: &crate::history::Side) -> String {
 
 fn text(c: &Comparison, md: bool, all: bool) -> String {
     let h = |t: &str| if md { format!("\n### {t}\n\n") } else { format!("\n{t}\n") };
-    let mut out = format!("A: {}\nB: {}\n", side_text(&c.a), side_text(&c.b));
+    let show_by = c.a.by != c.b.by;
+    let mut out = format!("A: {}\nB: {}\n", side_text(&c.a, show_by), side_text(&c.b, show_by));
     out += &h("params");
     let rows: Vec<_> = (c.params.iter())
         .map(|p| {
@@ -336,12 +339,14 @@ mod tests {
             sets: vec!["n=5".into()],
             targets: vec![],
             status: "ok".into(),
+            by: Some("ana@ws1".into()),
         };
         assert_eq!(
-            super::side_text(&side(true)),
+            super::side_text(&side(true), false),
             "0123456789ab `base` (1970-01-01T00:00:00Z, ok, source aaaaaaaaaaaa, \
              orchestrate bbbbbbbbbbbb with uncommitted changes, --set n=5)"
         );
-        assert!(super::side_text(&side(false)).contains("orchestrate bbbbbbbbbbbb, --set"));
+        assert!(super::side_text(&side(false), false).contains("orchestrate bbbbbbbbbbbb, --set"));
+        assert!(super::side_text(&side(false), true).contains(", ok, by ana@ws1, source aaaaaaaaaaaa"));
     }
 }

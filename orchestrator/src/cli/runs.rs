@@ -165,11 +165,16 @@ fn print_table(rows: &[Row], metrics: &[String]) {
     let named = |r: &RunLine| r.name.as_ref().map(|n| if r.name_moved { format!("({n})") } else { n.clone() });
     let name_width = rows.iter().filter_map(|r| named(&r.line)).map(|n| n.len().max(4)).max();
     let name_of = |n: Option<&str>| name_width.map(|w| format!("{:<w$}  ", n.unwrap_or("-"))).unwrap_or_default();
+    // A `by` column only when the runs were made by more than one person or machine (pulled).
+    let makers: std::collections::HashSet<_> = rows.iter().map(|r| r.line.by.as_deref()).collect();
+    let by_width = (makers.len() > 1).then(|| makers.iter().flatten().map(|b| b.len()).fold(2, usize::max));
+    let by_of = |b: Option<&str>| by_width.map(|w| format!("{:<w$}  ", b.unwrap_or("-"))).unwrap_or_default();
     println!(
-        "{:<12}  {}{:<20}  {:<12}  {:<13}  {:<13}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
+        "{:<12}  {}{:<20}  {}{:<12}  {:<13}  {:<13}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
         "id",
         name_of(Some("name")),
         "when",
+        by_of(Some("by")),
         "pipeline",
         "source",
         "orchestrate",
@@ -182,10 +187,11 @@ fn print_table(rows: &[Row], metrics: &[String]) {
         let value: String = widths.iter().enumerate().map(|(k, w)| format!("  {:>w$}", text(r, k))).collect();
         let r = &r.line;
         println!(
-            "{:<12}  {}{:<20}  {:<12}  {:<13}  {:<13}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
+            "{:<12}  {}{:<20}  {}{:<12}  {:<13}  {:<13}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
             r.id,
             name_of(named(r).as_deref()),
             r.started_at,
+            by_of(r.by.as_deref()),
             r.pipeline,
             r.source.as_ref().map_or("-".to_string(), SourceRev::short),
             r.commit

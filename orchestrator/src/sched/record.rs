@@ -56,6 +56,7 @@ impl RunLoop<'_> {
             source: self.source.clone(),
             provenance: Some(Provenance::here(None)),
             stages: self.recorded_stages(),
+            by: crate::store::user_at_host(),
             renamed_at: None,
         };
         match self.store.record_run(&record) {

@@ -82,9 +82,11 @@ pub async fn runs(State(ui): State<Shared>, Query(q): Query<RunsQuery>) -> PageR
         .collect();
     let live = super::live_view::state_of(&ui.root);
     let store = ui.root.display().to_string();
+    // Who ran each run only when more than one person or machine did (runs pulled from a team).
+    let show_by = rows.iter().map(|r| r.line.by.as_deref()).collect::<BTreeSet<_>>().len() > 1;
     ui.render(
         "runs.html",
-        context! { runs => rows, live => live, store => store, pipeline => q.pipeline, metric => metric, declared => declared },
+        context! { runs => rows, live => live, store => store, pipeline => q.pipeline, metric => metric, declared => declared, show_by => show_by },
     )
 }
 
