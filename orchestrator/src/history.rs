@@ -58,8 +58,7 @@ pub struct RunLine {
 impl RunLine {
     /// The line of `run` among `runs` (all of the store's): its name marked if it moved on.
     pub fn among(run: &Run, runs: &[Run]) -> RunLine {
-        let holder = run.1.name.as_deref().and_then(|n| crate::store::names::holder(runs, n));
-        RunLine { name_moved: holder.is_some_and(|(id, _)| *id != run.0), ..RunLine::of(run) }
+        RunLine { name_moved: name_moved(run, runs), ..RunLine::of(run) }
     }
 
     pub fn of((id, r): &Run) -> RunLine {
@@ -83,6 +82,12 @@ impl RunLine {
             by: r.by.clone(),
         }
     }
+}
+
+/// Whether `run`'s name has moved on among `runs`: it now means a run that took it later.
+pub fn name_moved(run: &Run, runs: &[Run]) -> bool {
+    let holder = run.1.name.as_deref().and_then(|n| crate::store::names::holder(runs, n));
+    holder.is_some_and(|(id, _)| *id != run.0)
 }
 
 /// Why `name` cannot name a run, if it cannot: a name must not read as a run id or as
@@ -156,6 +161,9 @@ pub fn base_before<'r>(runs: &'r [Run], b: &Run) -> Result<&'r Run, String> {
 pub struct Side {
     pub id: String,
     pub name: Option<String>,
+    /// Whether the name has moved on to a run that took it later (set by the caller, who
+    /// has the store's runs).
+    pub name_moved: bool,
     pub pipeline: String,
     pub started_at: f64,
     /// The pipeline repository's revision as the run started.
@@ -232,6 +240,7 @@ fn side(run: &Run) -> Side {
     Side {
         id: id.clone(),
         name: r.name.clone(),
+        name_moved: false,
         pipeline: r.pipeline.clone(),
         started_at: r.started_at,
         source: r.source.clone(),

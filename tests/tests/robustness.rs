@@ -394,6 +394,12 @@ fn a_run_named_after_it_ran_is_what_the_name_means() {
     let table = p.run(&["runs"]).stdout;
     assert!(table.contains(&format!("{}  (base)", &before[1][..12])), "{table}");
     assert!(table.contains(&format!("{}  base ", &before[2][..12])), "{table}");
+    // compare marks the run that held the name before, not the one that holds it now.
+    let header = p.run(&["compare", "latest~1", "base"]).stdout;
+    assert!(header.contains("A: ") && header.contains("`base` (the name moved on) ("), "{header}");
+    assert_eq!(header.matches("(the name moved on)").count(), 1, "{header}");
+    let j = p.run(&["compare", "latest~1", "base", "--json"]).json();
+    assert_eq!((j["a"]["name_moved"].as_bool(), j["b"]["name_moved"].as_bool()), (Some(true), Some(false)), "{j}");
 
     // A past run's results, by its name: exported and shown as it recorded them.
     p.run(&["export", "p.yaml", "s.o", "base.txt", "--run", "base"]).assert_ok();

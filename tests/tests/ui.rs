@@ -323,10 +323,11 @@ fn a_name_given_later_shows_in_the_open_view() {
     p.run(&["name", &second, "base"]).assert_ok();
     assert_eq!(ui.page("/runs/base"), ui.page(&format!("/runs/{}", short(&second))));
     assert_ne!(ui.page("/runs/base"), ui.page(&format!("/runs/{}", short(&first))));
-    // The first run keeps its name in the list, marked as moved on.
-    assert!(ui
-        .page("/")
-        .contains(r#"<span class="run-name moved" title="`base` now means a run that took it later">base</span>"#));
+    // The first run keeps its name in the list, marked as moved on; so does compare.
+    let moved = r#"<span class="run-name moved" title="`base` now means a run that took it later">base</span>"#;
+    assert!(ui.page("/").contains(moved));
+    let compared = ui.page(&format!("/compare?a={}&b=base", short(&first)));
+    assert!(compared.contains(moved) && compared.contains(r#"<span class="run-name">base</span>"#), "{compared}");
 }
 
 /// A teammate's run pulled into the store: the list says who ran each run once more than one

@@ -7,7 +7,9 @@ use serde_json::Value;
 
 use super::{human_bytes, print_json, Env, Failure, PipelineArgs};
 use crate::diag::Diagnostic;
-use crate::history::{base_before, compare as compare_runs, resolve, short, sweep, Comparison, Gate, Sweep};
+use crate::history::{
+    base_before, compare as compare_runs, name_moved, resolve, short, sweep, Comparison, Gate, Sweep,
+};
 use crate::source::SourceRev;
 use crate::store::iso8601;
 
@@ -57,8 +59,8 @@ pub(super) fn compare(env: &Env, a: Args) -> Result<i32, Failure> {
         None => None,
     };
     let store = env.open_reader()?;
-    let runs: Vec<_> =
-        store.runs().into_iter().filter(|(_, r)| name.as_ref().is_none_or(|n| *n == r.pipeline)).collect();
+    let all = store.runs();
+    let runs: Vec<_> = all.iter().filter(|(_, r)| name.as_ref().is_none_or(|n| *n == r.pipeline)).cloned().collect();
     if let Some(stage) = &a.sweep {
         let run = resolve(&runs, &a.b).map_err(invalid)?;
         let sw = sweep(&store.objects, run, stage, a.by.as_deref()).map_err(invalid)?;
@@ -80,7 +82,8 @@ pub(super) fn compare(env: &Env, a: Args) -> Result<i32, Failure> {
     if ra.1.pipeline != rb.1.pipeline {
         eprintln!("note: A is a run of pipeline `{}`, B of `{}`", ra.1.pipeline, rb.1.pipeline);
     }
-    let c = compare_runs(&store.objects, ra, rb, a.all).map_err(invalid)?;
+    let mut c = compare_runs(&store.objects, ra, rb, a.all).map_err(invalid)?;
+    (c.a.name_moved, c.b.name_moved) = (name_moved(ra, &all), name_moved(rb, &all));
     // Gates see every metric, also one that did not change.
     let everything = match (a.gates.is_empty(), a.all) {
         (false, false) => Some(compare_runs(&store.objects, ra, rb, true).map_err(invalid)?),
@@ -179,7 +182,10 @@ fn side_text(s: &crate::history::Side, show_by: bool) -> String {
     format!(
         "{}{} ({}, {}, {}{}orchestrate {build}{}{})",
         short(&s.id),
-        s.name.as_ref().map(|n| format!(" `{n}`")).unwrap_or_default(),
+        s.name
+            .as_ref()
+            .map(|n| format!(" `{n}`{}", if s.name_moved { " (the name moved on)" } else { "" }))
+            .unwrap_or_default(),
         iso8601(s.started_at),
         s.status,
         s.by.as_ref().filter(|_| show_by).map(|b| format!("by {b}, ")).unwrap_or_default(),
@@ -331,6 +337,7 @@ mod tests {
         let side = |dirty: bool| Side {
             id: "0123456789abcdef".into(),
             name: Some("base".into()),
+            name_moved: false,
             pipeline: "p".into(),
             started_at: 0.0,
             source: Some(SourceRev { commit: "aaaaaaaaaaaaaaaa".into(), dirty: false }),

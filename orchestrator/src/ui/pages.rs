@@ -267,7 +267,8 @@ pub async fn compare(State(ui): State<Shared>, Query(q): Query<CompareQuery>) ->
         },
     };
     let all = q.all.as_deref().is_some_and(|v| !v.is_empty() && v != "0");
-    let c = history::compare(&ui.objects, a, b, all).map_err(PageError::BadRequest)?;
+    let mut c = history::compare(&ui.objects, a, b, all).map_err(PageError::BadRequest)?;
+    (c.a.name_moved, c.b.name_moved) = (history::name_moved(a, &runs), history::name_moved(b, &runs));
     let curves = super::curves::compared(&ui, a, b, all);
     ui.render(
         "compare.html",
