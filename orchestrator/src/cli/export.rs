@@ -51,8 +51,13 @@ impl Results {
     }
 
     pub(super) fn manifest(&self, store: &Store, stage: &str) -> anyhow::Result<Manifest> {
+        Ok(self.result(store, stage)?.1)
+    }
+
+    /// `stage`'s result: its manifest's digest and the manifest.
+    pub(super) fn result(&self, store: &Store, stage: &str) -> anyhow::Result<(String, Manifest)> {
         match (self.stages.iter().find(|(s, _)| s == stage), &self.run) {
-            (Some((_, Some(d))), _) => Ok(store.load_manifest(d)?),
+            (Some((_, Some(d))), _) => Ok((d.clone(), store.load_manifest(d)?)),
             (_, None) => {
                 bail!("stage `{stage}` is not cached for the pipeline as it is now; run it first (`orchestrate run`)")
             }

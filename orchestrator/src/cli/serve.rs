@@ -97,9 +97,9 @@ fn from_store(env: &Env, pa: &PipelineArgs, target: &str, dir: &Path) -> Result<
     Ok((model, tokenizer, created))
 }
 
-/// Stored file `digest` (checked against its digest) copied to `to`.
-fn copy_file(store: &Store, digest: &str, to: &Path) -> anyhow::Result<PathBuf> {
-    let bytes = store.objects.read_verified(digest, "tokenizer").map_err(|e| anyhow!(e))?;
+/// Stored file `digest` (checked against its digest; `what` it is, for messages) copied to `to`.
+fn copy_file(store: &Store, digest: &str, what: &str, to: &Path) -> anyhow::Result<PathBuf> {
+    let bytes = store.objects.read_verified(digest, what).map_err(|e| anyhow!(e))?;
     std::fs::write(to, bytes).with_context(|| format!("writing {}", to.display()))?;
     Ok(to.to_path_buf())
 }
@@ -116,7 +116,7 @@ fn from_run(env: &Env, pa: &PipelineArgs, target: &str, spec: &str, dir: &Path) 
     let (model, created) = copy_model(&store, &m, &stage, &output, dir)?;
     let run = results.run.unwrap_or_default();
     let tokenizer = match m.key_input.inputs.get("tokenizer") {
-        Some(d) if store.objects.has(d) => copy_file(&store, d, &dir.join("tokenizer.json")),
+        Some(d) if store.objects.has(d) => copy_file(&store, d, "tokenizer", &dir.join("tokenizer.json")),
         Some(_) => Err(anyhow!(
             "the tokenizer `{stage}` had in run {run} was a file outside the store; pass it with --tokenizer FILE"
         )),

@@ -30,8 +30,7 @@ pub(super) struct Args {
 fn show_of_run(store: &Store, p: &Pipeline, dag: &Dag, spec: &str, a: &Args) -> Result<i32, Failure> {
     let results = super::export::Results::of_run(store, p, spec)?;
     let stage = &a.stage;
-    let m = results.manifest(store, stage)?;
-    let digest = results.stages.iter().find(|(s, _)| s == stage).and_then(|(_, d)| d.clone()).unwrap_or_default();
+    let (digest, m) = results.result(store, stage)?;
     if a.log {
         return print_log(store, stage, Some(&m), None);
     }
