@@ -45,6 +45,16 @@ pub struct RunsPulled {
     pub names: usize,
 }
 
+/// What pushing one run did.
+enum Shared {
+    /// Left local: why.
+    Not(String),
+    /// Its record went up now; `named`: and its naming.
+    Now { named: bool },
+    /// The remote had its record.
+    Before { named: bool },
+}
+
 fn run_entry(id: &str) -> ObjPath {
     ObjPath::from(format!("runs/{id}"))
 }
@@ -109,34 +119,52 @@ impl Remote {
         runs: &[(String, RunRecord)],
         known: &HashSet<String>,
     ) -> Result<RunsPushed> {
-        let on_remote = self.results_on_remote(local, runs, known).await?;
+        let on_remote = &self.results_on_remote(local, runs, known).await?;
+        let outcomes: Vec<Result<Shared>> = stream::iter(runs)
+            .map(|(id, r)| self.share_run(local, id, r, on_remote))
+            // In order: the lines of runs left local read newest first, as `runs` lists them.
+            .buffered(CHECKS_IN_FLIGHT)
+            .collect()
+            .await;
         let mut report = RunsPushed::default();
-        for (id, r) in runs {
-            let missing = r.manifests.iter().find(|(_, d)| !on_remote.contains(*d));
-            if let Some((stage, _)) = missing {
-                report.not_shared.push(format!(
-                    "run {} ({}): the result of stage `{stage}` is not on the remote",
-                    short(id),
-                    r.pipeline
-                ));
-                continue;
-            }
-            let entry = run_entry(id);
-            if !self.repair && self.has_entry(&entry).await? {
-                report.already += 1;
-            } else {
-                self.publish(local, id, &entry, "run record").await?;
-                report.shared += 1;
-            }
-            if let Some((digest, _)) = local.naming(id) {
-                let entry = name_entry(&digest);
-                if self.repair || !self.has_entry(&entry).await? {
-                    self.publish(local, &digest, &entry, "run name").await?;
-                    report.names += 1;
+        for outcome in outcomes {
+            match outcome? {
+                Shared::Not(why) => report.not_shared.push(why),
+                Shared::Now { named } => {
+                    report.shared += 1;
+                    report.names += usize::from(named);
+                }
+                Shared::Before { named } => {
+                    report.already += 1;
+                    report.names += usize::from(named);
                 }
             }
         }
         Ok(report)
+    }
+
+    /// Share one run, if every result it names is in `on_remote`, and its newest naming.
+    async fn share_run(&self, local: &Store, id: &str, r: &RunRecord, on_remote: &HashSet<String>) -> Result<Shared> {
+        if let Some((stage, _)) = r.manifests.iter().find(|(_, d)| !on_remote.contains(*d)) {
+            let (run, pipeline) = (short(id), &r.pipeline);
+            return Ok(Shared::Not(format!(
+                "run {run} ({pipeline}): the result of stage `{stage}` is not on the remote"
+            )));
+        }
+        let entry = run_entry(id);
+        let before = !self.repair && self.has_entry(&entry).await?;
+        if !before {
+            self.publish(local, id, &entry, "run record").await?;
+        }
+        let mut named = false;
+        if let Some((digest, _)) = local.naming(id) {
+            let entry = name_entry(&digest);
+            if self.repair || !self.has_entry(&entry).await? {
+                self.publish(local, &digest, &entry, "run name").await?;
+                named = true;
+            }
+        }
+        Ok(if before { Shared::Before { named } } else { Shared::Now { named } })
     }
 
     /// The digests listed under `prefix/` (`runs`, `names`).
