@@ -111,6 +111,11 @@ pub fn check_name(name: &str) -> Result<(), String> {
 /// `latest`, `latest~N`, the name of a run (`run --name` or `orchestrate name`; the run that
 /// took it last), or a unique prefix (4+ characters) of a run id, among `runs` (newest first).
 pub fn resolve<'r>(runs: &'r [Run], spec: &str) -> Result<&'r Run, String> {
+    resolve_in(runs, spec, "the store")
+}
+
+/// [`resolve`] among the runs of `place` (`the store`, `the remote …`), which messages name.
+pub fn resolve_in<'r>(runs: &'r [Run], spec: &str, place: &str) -> Result<&'r Run, String> {
     let back = match spec.strip_prefix("latest") {
         Some("") => Some(0),
         Some(rest) => match rest.strip_prefix('~').and_then(|n| n.parse::<usize>().ok()) {
@@ -119,11 +124,13 @@ pub fn resolve<'r>(runs: &'r [Run], spec: &str) -> Result<&'r Run, String> {
         },
         None => None,
     };
+    let local = place == "the store";
     if let Some(n) = back {
         return runs.get(n).ok_or_else(|| match runs.len() {
-            0 => format!("`{spec}`: the store has no runs yet (`orchestrate run` records one)"),
-            1 => format!("`{spec}`: the store has only 1 run (`latest`)"),
-            k => format!("`{spec}`: the store has only {k} runs (`latest~{}` is the oldest)", k - 1),
+            0 if local => format!("`{spec}`: the store has no runs yet (`orchestrate run` records one)"),
+            0 => format!("`{spec}`: {place} has no runs yet"),
+            1 => format!("`{spec}`: {place} has only 1 run (`latest`)"),
+            k => format!("`{spec}`: {place} has only {k} runs (`latest~{}` is the oldest)", k - 1),
         });
     }
     if let Some(named) = crate::store::names::holder(runs, spec) {
@@ -138,7 +145,8 @@ pub fn resolve<'r>(runs: &'r [Run], spec: &str) -> Result<&'r Run, String> {
     let found: Vec<&Run> = runs.iter().filter(|(id, _)| id.starts_with(&spec.to_ascii_lowercase())).collect();
     match found.as_slice() {
         [one] => Ok(one),
-        [] => Err(format!("no run `{spec}` in the store; `orchestrate runs` lists them")),
+        [] if local => Err(format!("no run `{spec}` in the store; `orchestrate runs` lists them")),
+        [] => Err(format!("no run `{spec}` in {place}")),
         many => Err(format!(
             "`{spec}` matches {} runs ({}); give more characters",
             many.len(),

@@ -520,6 +520,20 @@ impl Store {
         self.flush()
     }
 
+    /// Index a past run's result (pulled with its run): under its key only if the store has
+    /// no result of that key (a nondeterministic stage may have two), and as its stage's last
+    /// only if the stage has none — so `plan` keeps explaining against what ran here.
+    pub fn adopt_past(&self, digest: &str, m: &Manifest) -> Result<()> {
+        if self.cache.get(m.key.as_bytes())?.is_none() {
+            self.cache.insert(m.key.as_bytes(), digest.as_bytes())?;
+        }
+        let last = Self::last_key(&m.pipeline, &m.stage);
+        if self.last.get(&last)?.is_none() {
+            self.last.insert(last, digest.as_bytes())?;
+        }
+        self.flush()
+    }
+
     /// Every cached result in the index: (cache key, manifest digest), by key.
     pub fn results(&self) -> Result<Vec<(String, String)>> {
         let mut out = Vec::new();

@@ -524,6 +524,20 @@ fn run_history_and_names_travel_with_the_results() {
     assert!(run_in(&c, &["runs"]).stdout.contains("no runs"));
     assert!(run_in(&c, &["pull", "--remote", &remote, "--no-runs", "--json"]).json().get("runs").is_none());
 
+    // One run by its name, with the very results it recorded (`baseline` now means the n=5
+    // run), though the pipeline as it is says n=3: what a teammate compares against.
+    let e = Project::new();
+    e.write("p.yaml", COUNTED);
+    let one = run_in(&e, &["pull", "--run", "baseline", "--remote", &remote, "--json"]);
+    one.assert_ok();
+    assert_eq!(one.json()["results"], serde_json::json!({"a": "pulled", "b": "pulled"}), "{}", one.stdout);
+    assert_eq!(run_names(&e), ["baseline"]);
+    run_in(&e, &["export", "p.yaml", "a.o", "base.txt", "--run", "baseline"]).assert_ok();
+    assert_eq!(e.read("base.txt").lines().count(), 5);
+    assert!(run_in(&e, &["plan", "p.yaml"]).stdout.contains("2 of 2 stages will run"), "n=3 is not cached here");
+    let too_far = run_in(&e, &["pull", "--run", "latest~9", "--remote", &remote]);
+    assert!(too_far.code != 0 && too_far.stderr.contains("has only 2 runs"), "{}", too_far.stderr);
+
     // A damaged record on the remote is refused by its hash, and the pull says so.
     let runs_dir = Path::new(&remote).join("runs");
     let id = std::fs::read_dir(&runs_dir).unwrap().flatten().next().unwrap().file_name();

@@ -7,8 +7,9 @@ use std::time::Instant;
 use super::{
     folder_of, human_bytes, print_errors, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs, SelectArgs,
 };
+use crate::history::short;
 use crate::plan::{plan_with_remote, RemoteAnswer};
-use crate::remote::{PullReport, Remote, Transfer};
+use crate::remote::{PullReport, Remote, RunsPulled, Transfer};
 use crate::store::Store;
 
 #[derive(clap::Args, Debug)]
@@ -27,6 +28,10 @@ pub(super) struct Args {
     /// Print the result as JSON on stdout (for scripts).
     #[arg(long)]
     json: bool,
+    /// One run of the remote's history (`latest`, `latest~N`, a name, an id prefix) with every
+    /// result it recorded — e.g. a teammate's `baseline`, to compare against.
+    #[arg(long, value_name = "RUN", conflicts_with_all = ["pipeline", "targets", "no_runs"])]
+    run: Option<String>,
     /// Take no run history: no run records or run names (by default the remote's runs, of
     /// this pipeline if one is given, whose results are all in the store join `runs`).
     #[arg(long)]
@@ -102,6 +107,16 @@ pub(super) fn pull(env: &Env, a: Args) -> Result<i32, Failure> {
     let transfer = Transfer::new("pull", !a.json && std::io::stderr().is_terminal());
     // Interrupting is safe at any point: blobs land in tmp/ and move in whole once their hash
     // matches, and a result is indexed only after all its blobs are in.
+    if let Some(spec) = &a.run {
+        let mut report = PullReport::default();
+        let pulled = runtime()?.block_on(remote.pull_run(&store, spec, &transfer, &mut report.errors));
+        transfer.finish();
+        let (id, results) = pulled.map_err(|e| anyhow::anyhow!("pulling run `{spec}` from {}: {e}", remote.shown))?;
+        (report.bytes_downloaded, report.blobs_downloaded) = transfer.totals();
+        report.results = results;
+        report.runs = Some(RunsPulled { pulled: 1, run: Some(id), ..Default::default() });
+        return finish(&remote, report, t0.elapsed().as_secs_f64(), a.json);
+    }
     let work = match &a.pipeline {
         Some(file) => pull_pipeline(env, &a, file, &store, &remote, &transfer).map(|(r, p)| (r, Some(p))),
         None => pull_all(&store, &remote, &transfer).map(|r| (r, None)),
@@ -114,10 +129,15 @@ pub(super) fn pull(env: &Env, a: Args) -> Result<i32, Failure> {
         let runs = runtime()?.block_on(remote.pull_runs(&store, pipeline.as_deref(), &mut report.errors));
         report.runs = Some(runs.map_err(|e| anyhow::anyhow!("pulling run history from {}: {e}", remote.shown))?);
     }
-    if a.json {
+    finish(&remote, report, t0.elapsed().as_secs_f64(), a.json)
+}
+
+/// Print what the pull did; exit 1 if anything could not be pulled.
+fn finish(remote: &Remote, report: PullReport, secs: f64, json: bool) -> Result<i32, Failure> {
+    if json {
         print_json(&report)?;
     } else {
-        print_report(&remote, &report, t0.elapsed().as_secs_f64());
+        print_report(remote, &report, secs);
     }
     Ok(if report.errors.is_empty() { 0 } else { 1 })
 }
@@ -145,6 +165,7 @@ fn print_report(remote: &Remote, r: &PullReport, secs: f64) {
                 "; {n} more on the remote name results not here (`orchestrate pull` without a pipeline file takes every result)"
             ),
         };
-        eprintln!("run history: {} pulled{names}{waiting}", super::push::runs(runs.pulled));
+        let which = runs.run.as_deref().map(|id| format!(" ({})", short(id))).unwrap_or_default();
+        eprintln!("run history: {} pulled{which}{names}{waiting}", super::push::runs(runs.pulled));
     }
 }

@@ -16,9 +16,9 @@ use object_store::{ObjectStoreExt, PutPayload};
 use serde::Serialize;
 
 use super::{Remote, RemoteError, Result, CHECKS_IN_FLIGHT, TRANSFERS_IN_FLIGHT};
-use crate::history::short;
+use crate::history::{resolve_in, short};
 use crate::objects::{is_digest, tagged};
-use crate::store::names::RunName;
+use crate::store::names::{apply_names, RunName};
 use crate::store::{RunRecord, Store, RUN_TAG};
 
 /// What a push did with run history.
@@ -43,6 +43,9 @@ pub struct RunsPulled {
     pub waiting: usize,
     /// Namings taken: newer than the store's own for their run.
     pub names: usize,
+    /// `pull --run`: the id of the run pulled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 /// What pushing one run did.
@@ -53,6 +56,16 @@ enum Shared {
     Now { named: bool },
     /// The remote had its record.
     Before { named: bool },
+}
+
+/// The remote's run history, read whole.
+struct History {
+    /// Newest first, named as the remote's namings say.
+    runs: Vec<(String, RunRecord)>,
+    /// Each record's bytes, by run id.
+    records: BTreeMap<String, Vec<u8>>,
+    /// Each naming with its bytes.
+    namings: Vec<(Vec<u8>, RunName)>,
 }
 
 fn run_entry(id: &str) -> ObjPath {
@@ -243,5 +256,57 @@ impl Remote {
             }
         }
         Ok(report)
+    }
+
+    /// Every run on the remote, newest first, with the remote's namings applied. Unreadable
+    /// records and namings add a line to `errors`.
+    async fn history(&self, errors: &mut Vec<String>) -> Result<History> {
+        let records = self.blobs(self.listed("runs").await?, "run record", errors).await;
+        let mut runs: Vec<(String, RunRecord)> = Vec::new();
+        for (id, bytes) in &records {
+            match tagged::<RunRecord>(bytes, RUN_TAG) {
+                Some(r) => runs.push((id.clone(), r)),
+                None => errors.push(format!("remote blob {} is not a run record", Self::cas(id))),
+            }
+        }
+        runs.sort_by(|a, b| b.1.started_at.total_cmp(&a.1.started_at));
+        let namings = self.blobs(self.listed("names").await?, "run name", errors).await;
+        let namings: Vec<(Vec<u8>, RunName)> =
+            namings.into_values().filter_map(|b| RunName::parse(&b).map(|n| (b, n))).collect();
+        apply_names(&mut runs, namings.iter().map(|(_, n)| n));
+        Ok(History { runs, records, namings })
+    }
+
+    /// `pull --run SPEC`: the run SPEC names among the remote's (`latest~N`, a name, an id
+    /// prefix), with every result it names — the very manifests it recorded, whatever the
+    /// `ac/` entries name now. Returns the run's id and, per stage, `pulled` or `local`.
+    pub async fn pull_run(
+        &self,
+        local: &Store,
+        spec: &str,
+        t: &super::Transfer,
+        errors: &mut Vec<String>,
+    ) -> Result<(String, BTreeMap<String, String>)> {
+        let h = self.history(errors).await?;
+        let place = format!("the remote {}", self.shown);
+        let (id, r) = resolve_in(&h.runs, spec, &place).map_err(RemoteError::Setup)?;
+        let mut results = BTreeMap::new();
+        for (stage, digest) in &r.manifests {
+            let status = if local.objects.has(digest) {
+                "local"
+            } else {
+                self.fetch_manifest(local, digest, t).await?;
+                "pulled"
+            };
+            results.insert(stage.clone(), status.to_string());
+        }
+        // Only now, with every result in: the run never names what the store lacks.
+        if let Some(bytes) = h.records.get(id) {
+            local.adopt_run(bytes, r)?;
+        }
+        for (bytes, n) in h.namings.iter().filter(|(_, n)| n.run == *id) {
+            local.adopt_naming(bytes, n)?;
+        }
+        Ok((id.clone(), results))
     }
 }

@@ -208,13 +208,33 @@ impl Remote {
     /// is an error, and nothing of the result is indexed locally.
     pub async fn fetch(&self, local: &Store, key: &str, t: &Transfer) -> Result<Option<(String, Manifest)>> {
         let Some((digest, m, bytes)) = self.manifest(key).await? else { return Ok(None) };
-        self.download_all(&local.objects, roots(&m), t).await?;
-        local.objects.put_bytes(&bytes)?;
+        self.download_result(local, &m, &bytes, t).await?;
+        local.adopt(&digest, &m)?;
+        Ok(Some((digest, m)))
+    }
+
+    /// Download the result whose manifest is blob `digest` (a past run's: its key's `ac/`
+    /// entry may name a newer one) into the local store, and index it where the store has no
+    /// result of its key yet (`Store::adopt_past`).
+    pub async fn fetch_manifest(&self, local: &Store, digest: &str, t: &Transfer) -> Result<Manifest> {
+        let bytes = self.get_small(digest, "manifest").await?;
+        let m: Manifest = crate::objects::tagged(&bytes, MANIFEST_TAG).ok_or_else(|| RemoteError::Invalid {
+            path: Self::cas(digest).to_string(),
+            why: "it is not a manifest".into(),
+        })?;
+        self.download_result(local, &m, &bytes, t).await?;
+        local.adopt_past(digest, &m)?;
+        Ok(m)
+    }
+
+    /// A result's blobs, then its manifest (`bytes`), into the local store.
+    async fn download_result(&self, local: &Store, m: &Manifest, bytes: &[u8], t: &Transfer) -> Result<()> {
+        self.download_all(&local.objects, roots(m), t).await?;
+        local.objects.put_bytes(bytes)?;
         // The manifest is a blob too, counted as push counts it.
         t.moved(bytes.len() as u64);
         t.blob_done();
-        local.adopt(&digest, &m)?;
-        Ok(Some((digest, m)))
+        Ok(())
     }
 
     /// Download every blob under `level` (trees level by level) that the local store lacks.
