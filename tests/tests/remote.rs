@@ -552,3 +552,62 @@ fn run_history_and_names_travel_with_the_results() {
     run_in(&d, &["pull", "--remote", &remote]).assert_ok();
     assert_eq!(run_names(&d).len(), 3);
 }
+
+/// `gc --remote` on one remote: keeps what the newest run and the named run use, and
+/// everything written within the grace period; what it removes leaves no entry dangling.
+fn collect_remote(remote: &str, env: &[(&str, String)]) {
+    let run = |p: &Project, args: &[&str]| p.run_env(args, env);
+    let a = Project::new();
+    a.write("p.yaml", COUNTED);
+    for (n, name) in [("3", Some("keep")), ("4", None), ("5", None)] {
+        let set = format!("params.n={n}");
+        let mut args = vec!["run", "p.yaml", "--set", &set, "--remote", remote, "--push"];
+        args.extend(name.map(|n| ["--name", n]).into_iter().flatten());
+        run(&a, &args).assert_ok();
+    }
+    let unasked = run(&a, &["gc", "--remote", remote]);
+    assert!(unasked.code == 2 && unasked.stderr.contains("needs --keep-last N"), "{}", unasked.stderr);
+    let young = run(&a, &["gc", "--remote", remote, "--keep-last", "1"]);
+    young.assert_ok();
+    assert!(
+        young.stdout.contains("removed 0 blobs (0 B) and 0 entries"),
+        "all of it is a day old at most: {}",
+        young.stdout
+    );
+    let dry = run(&a, &["gc", "--remote", remote, "--keep-last", "1", "--keep-newer", "0s", "--dry-run"]);
+    assert!(
+        dry.stdout.contains("would remove 4 blobs") && dry.stdout.contains("1 older run(s) would leave"),
+        "{}",
+        dry.stdout
+    );
+    let still = Project::new();
+    assert_eq!(
+        run(&still, &["pull", "--remote", remote, "--json"]).json()["runs"]["pulled"],
+        3,
+        "a dry run deletes nothing"
+    );
+
+    // n=4's run goes with its two results (2 outputs, 2 manifests), its record and 2 ac entries.
+    let gone = run(&a, &["gc", "--remote", remote, "--keep-last", "1", "--keep-newer", "0s"]);
+    gone.assert_ok();
+    assert!(gone.stdout.contains("removed 4 blobs") && gone.stdout.contains("and 3 entries"), "{}", gone.stdout);
+    assert!(gone.stdout.contains("the last 1 run(s) and 1 older named run(s)"), "{}", gone.stdout);
+    let c = Project::new();
+    c.write("p.yaml", COUNTED);
+    let pulled = run(&c, &["pull", "--remote", remote, "--json"]);
+    pulled.assert_ok();
+    assert_eq!(pulled.json()["runs"]["pulled"], 2, "{}", pulled.stdout);
+    assert_eq!(run_names(&c), ["-", "keep"]);
+    let plan = run(&c, &["plan", "p.yaml", "--set", "params.n=4", "--remote", remote]);
+    assert!(plan.stdout.contains("2 of 2 stages will run"), "n=4's results left the remote: {}", plan.stdout);
+    run(&c, &["verify"]).assert_ok();
+}
+
+#[test]
+fn gc_of_a_remote_keeps_what_its_runs_use() {
+    let base = Project::new();
+    collect_remote(&base.path().join("remote").display().to_string(), &[]);
+    let server = S3Server::start();
+    server.create_bucket("gc-cache");
+    collect_remote("s3://gc-cache/team", &server.env());
+}

@@ -137,7 +137,7 @@ enum Cmd {
     Compare(compare::Args),
     /// Name a run after it ran, as `run --name` names it as it starts (or --clear its name).
     Name(name::Args),
-    /// Delete objects not used by the last N runs.
+    /// Delete objects not used by the last N runs: of the store, or with --remote of a remote cache.
     Gc(gc::Args),
     /// Upload cached results to a remote cache (S3 or a shared directory).
     Push(push::Args),

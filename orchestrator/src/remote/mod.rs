@@ -8,6 +8,7 @@
 //! streams in and installs it only if the hash matches its name.
 
 pub mod config;
+mod gc;
 mod runs;
 mod transfer;
 
@@ -22,6 +23,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 
 pub use config::Location;
+pub use gc::RemoteGcReport;
 pub use runs::{RunsPulled, RunsPushed};
 pub use transfer::{PullReport, PushReport, Transfer};
 

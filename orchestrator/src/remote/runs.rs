@@ -59,9 +59,9 @@ enum Shared {
 }
 
 /// The remote's run history, read whole.
-struct History {
+pub(super) struct History {
     /// Newest first, named as the remote's namings say.
-    runs: Vec<(String, RunRecord)>,
+    pub(super) runs: Vec<(String, RunRecord)>,
     /// Each record's bytes, by run id.
     records: BTreeMap<String, Vec<u8>>,
     /// Each naming with its bytes.
@@ -260,7 +260,7 @@ impl Remote {
 
     /// Every run on the remote, newest first, with the remote's namings applied. Unreadable
     /// records and namings add a line to `errors`.
-    async fn history(&self, errors: &mut Vec<String>) -> Result<History> {
+    pub(super) async fn history(&self, errors: &mut Vec<String>) -> Result<History> {
         let records = self.blobs(self.listed("runs").await?, "run record", errors).await;
         let mut runs: Vec<(String, RunRecord)> = Vec::new();
         for (id, bytes) in &records {

@@ -112,14 +112,14 @@ pub struct PullReport {
 type Blobs = Vec<(String, u64)>;
 
 /// A blob to download: its entry and what it is, for messages (`train.best/config.json`).
-type Wanted = (Entry, String);
+pub(super) type Wanted = (Entry, String);
 
 fn file_entry(digest: &str, size: u64) -> Entry {
     Entry { digest: digest.to_string(), kind: ObjKind::File, size }
 }
 
 /// The blobs a stored result is made of besides its manifest: outputs, log, run description.
-fn roots(m: &Manifest) -> Vec<Wanted> {
+pub(super) fn roots(m: &Manifest) -> Vec<Wanted> {
     let mut out: Vec<Wanted> = (m.outputs.iter()).map(|(o, e)| (e.clone(), format!("{}.{o}", m.stage))).collect();
     // Sizes of the log and run description are not recorded; 0 means "unknown" below.
     out.extend(m.log.iter().map(|d| (file_entry(d, 0), format!("{} log", m.stage))));
