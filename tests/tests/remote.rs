@@ -487,6 +487,14 @@ fn run_history_and_names_travel_with_the_results() {
     assert_eq!(pushed.json()["runs"], serde_json::json!({"shared": 2, "already": 0, "names": 0, "not_shared": []}));
     let again = run_in(&a, &["push", "p.yaml", "--remote", &remote]);
     assert!(again.stderr.contains("run history: 0 runs shared, 2 already there"), "{}", again.stderr);
+    // A history that cannot be written is an error beside the results pushed, not instead.
+    let blocked = base.path().join("blocked");
+    std::fs::create_dir_all(&blocked).unwrap();
+    std::fs::write(blocked.join("runs"), "a file where the runs/ folder goes").unwrap();
+    let half = run_in(&a, &["push", "--remote", blocked.to_str().unwrap()]);
+    assert_eq!(half.code, 1, "{}", half.stderr);
+    assert!(half.stderr.contains("4 results (4 new, 0 already there)"), "{}", half.stderr);
+    assert!(half.stderr.contains("runs/"), "the error names the entry it could not write: {}", half.stderr);
 
     let b = Project::new();
     b.write("p.yaml", COUNTED);

@@ -126,8 +126,12 @@ pub(super) fn pull(env: &Env, a: Args) -> Result<i32, Failure> {
     (report.bytes_downloaded, report.blobs_downloaded) = transfer.totals();
     // After the results: a run joins the history only once every result it names is here.
     if !a.no_runs {
-        let runs = runtime()?.block_on(remote.pull_runs(&store, pipeline.as_deref(), &mut report.errors));
-        report.runs = Some(runs.map_err(|e| anyhow::anyhow!("pulling run history from {}: {e}", remote.shown))?);
+        let mut errors = Vec::new();
+        match runtime()?.block_on(remote.pull_runs(&store, pipeline.as_deref(), &mut errors)) {
+            Ok(runs) => report.runs = Some(runs),
+            Err(e) => errors.push(format!("pulling run history: {e}")),
+        }
+        report.errors.extend(errors);
     }
     finish(&remote, report, t0.elapsed().as_secs_f64(), a.json)
 }

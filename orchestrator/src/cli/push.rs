@@ -79,7 +79,14 @@ pub(super) async fn push_with_runs(
 ) -> crate::remote::Result<PushReport> {
     let mut report = remote.push(store, results, t).await?;
     if let Some(runs) = runs {
-        report.runs = Some(remote.push_runs(store, runs, &report.on_remote).await?);
+        // The results are up by now: a history that cannot follow is an error to report
+        // beside them, not one that hides what was pushed.
+        let mut errors = Vec::new();
+        match remote.push_runs(store, runs, &report.on_remote, &mut errors).await {
+            Ok(shared) => report.runs = Some(shared),
+            Err(e) => errors.push(format!("sharing run history: {e}")),
+        }
+        report.errors.extend(errors);
     }
     Ok(report)
 }

@@ -125,12 +125,14 @@ impl Remote {
         Ok(on_remote)
     }
 
-    /// Share `runs` (id, record) whose results are all on the remote, with their namings.
+    /// Share `runs` (id, record) whose results are all on the remote, with their namings. A
+    /// run that cannot be shared for an error adds a line to `errors`; the others still go.
     pub async fn push_runs(
         &self,
         local: &Store,
         runs: &[(String, RunRecord)],
         known: &HashSet<String>,
+        errors: &mut Vec<String>,
     ) -> Result<RunsPushed> {
         let on_remote = &self.results_on_remote(local, runs, known).await?;
         let outcomes: Vec<Result<Shared>> = stream::iter(runs)
@@ -140,17 +142,18 @@ impl Remote {
             .collect()
             .await;
         let mut report = RunsPushed::default();
-        for outcome in outcomes {
-            match outcome? {
-                Shared::Not(why) => report.not_shared.push(why),
-                Shared::Now { named } => {
+        for ((id, _), outcome) in runs.iter().zip(outcomes) {
+            match outcome {
+                Ok(Shared::Not(why)) => report.not_shared.push(why),
+                Ok(Shared::Now { named }) => {
                     report.shared += 1;
                     report.names += usize::from(named);
                 }
-                Shared::Before { named } => {
+                Ok(Shared::Before { named }) => {
                     report.already += 1;
                     report.names += usize::from(named);
                 }
+                Err(e) => errors.push(format!("run {}: {e}", short(id))),
             }
         }
         Ok(report)
