@@ -7,7 +7,7 @@
 //! --no-runs`) live that long. Entries are deleted before blobs, so a gc that stops half-way
 //! never leaves an entry naming a deleted blob.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::transfer::roots;
 use super::{Remote, RemoteError, Result, CHECKS_IN_FLIGHT};
 use crate::objects::{tagged, ObjKind};
-use crate::store::names::name_holders;
+use crate::store::names::{name_holders, RunName};
 use crate::store::{Manifest, RunRecord, MANIFEST_TAG, RUN_TAG};
 
 /// What a remote gc did (or, dry, would do).
@@ -44,6 +44,15 @@ struct Listing {
     runs: Vec<ObjectMeta>,
     names: Vec<ObjectMeta>,
     cas: Vec<ObjectMeta>,
+}
+
+/// What was written after this many seconds since the epoch is young: it stays.
+struct Young(f64);
+
+impl Young {
+    fn holds(&self, meta: &ObjectMeta) -> bool {
+        meta.last_modified.timestamp() as f64 > self.0
+    }
 }
 
 fn name_of(meta: &ObjectMeta) -> String {
@@ -122,80 +131,22 @@ impl Remote {
         }
         let all = self.list_all().await?;
         // Seconds since the epoch: the remote's clock stamps what it stores, ours sets the bound.
-        let cutoff = crate::store::now_unix() - grace.as_secs_f64();
-        let recent = |m: &ObjectMeta| m.last_modified.timestamp() as f64 > cutoff;
+        let young = Young(crate::store::now_unix() - grace.as_secs_f64());
         let mut report = RemoteGcReport::default();
-
-        // The runs kept, and what they use.
-        let holders = name_holders(&h.runs);
-        let kept_runs: Vec<&(String, RunRecord)> = (h.runs.iter().enumerate())
-            .filter(|(i, (id, _))| *i < keep_last || holders.contains(id.as_str()))
-            .map(|(_, r)| r)
-            .collect();
-        report.runs_kept = kept_runs.len();
-        report.named_kept = kept_runs.len().saturating_sub(keep_last.min(h.runs.len()));
-        let mut keep: HashSet<String> = HashSet::new();
-        let kept_ids: HashSet<&str> = kept_runs.iter().map(|(id, _)| id.as_str()).collect();
-        for (id, r) in &kept_runs {
-            keep.insert(id.clone());
-            for d in r.manifests.values() {
-                self.keep_result(d, &mut keep).await?;
-            }
-        }
+        let (mut keep, kept_ids) = self.kept_by_runs(&h.runs, keep_last, &mut report).await?;
         let used = keep.clone();
-        // Entries written within the grace period, with what they name.
-        for meta in all.runs.iter().filter(|m| recent(m)) {
-            let id = name_of(meta);
-            keep.insert(id.clone());
-            if let Some(bytes) = self.read_kept(&id, "run record").await? {
-                for d in tagged::<RunRecord>(&bytes, RUN_TAG).map(|r| r.manifests).unwrap_or_default().values() {
-                    self.keep_result(d, &mut keep).await?;
-                }
-            }
+        self.keep_young_runs(&all.runs, &young, &mut keep).await?;
+        let mut doomed = self.sort_ac(all.ac, &young, &mut keep).await?;
+        for meta in all.runs.iter().filter(|m| !kept_ids.contains(&name_of(m)) && !young.holds(m)) {
+            report.runs_removed += 1;
+            doomed.push(meta.location.clone());
         }
-        // An `ac/` entry stays if it is recent or names a kept result; either way, what it names stays.
-        let mut doomed: Vec<ObjPath> = Vec::new();
-        let digests: Vec<(ObjectMeta, Result<String>)> = stream::iter(all.ac)
-            .map(|meta| async move {
-                let d = self.entry_digest(&meta.location).await;
-                (meta, d)
-            })
-            .buffer_unordered(CHECKS_IN_FLIGHT)
-            .collect()
-            .await;
-        let mut ac_kept: BTreeMap<String, String> = BTreeMap::new();
-        for (meta, digest) in digests {
-            let digest = digest?;
-            if recent(&meta) || keep.contains(&digest) {
-                ac_kept.insert(digest, name_of(&meta));
-            } else {
-                doomed.push(meta.location);
-            }
-        }
-        for digest in ac_kept.keys() {
-            self.keep_result(digest, &mut keep).await?;
-        }
-        for meta in &all.runs {
-            let id = name_of(meta);
-            if !kept_ids.contains(id.as_str()) && !recent(meta) {
-                report.runs_removed += 1;
-                doomed.push(meta.location.clone());
-            }
-        }
-        for meta in &all.names {
-            let digest = name_of(meta);
-            let run = self.read_kept(&digest, "run name").await?.and_then(|b| crate::store::names::RunName::parse(&b));
-            if recent(meta) || run.is_some_and(|n| kept_ids.contains(n.run.as_str())) {
-                keep.insert(digest);
-            } else {
-                doomed.push(meta.location.clone());
-            }
-        }
+        self.sort_names(&all.names, &young, &kept_ids, &mut keep, &mut doomed).await?;
         report.entries_removed = doomed.len();
         let mut blobs: Vec<ObjPath> = Vec::new();
         for meta in &all.cas {
             let digest = name_of(meta);
-            if keep.contains(&digest) || recent(meta) {
+            if keep.contains(&digest) || young.holds(meta) {
                 report.blobs_kept += 1;
                 report.recent_kept += usize::from(!used.contains(&digest));
             } else {
@@ -210,6 +161,91 @@ impl Remote {
             self.delete_all(blobs).await?;
         }
         Ok(report)
+    }
+
+    /// The newest `keep_last` runs and the run each name means: every blob they use, and
+    /// their ids.
+    async fn kept_by_runs(
+        &self,
+        runs: &[(String, RunRecord)],
+        keep_last: usize,
+        report: &mut RemoteGcReport,
+    ) -> Result<(HashSet<String>, HashSet<String>)> {
+        let holders = name_holders(runs);
+        let kept: Vec<&(String, RunRecord)> = (runs.iter().enumerate())
+            .filter(|(i, (id, _))| *i < keep_last || holders.contains(id.as_str()))
+            .map(|(_, r)| r)
+            .collect();
+        report.runs_kept = kept.len();
+        report.named_kept = kept.len().saturating_sub(keep_last.min(runs.len()));
+        let mut keep = HashSet::new();
+        for (id, r) in &kept {
+            keep.insert(id.clone());
+            for d in r.manifests.values() {
+                self.keep_result(d, &mut keep).await?;
+            }
+        }
+        Ok((keep, kept.iter().map(|(id, _)| id.clone()).collect()))
+    }
+
+    /// Runs pushed within the grace period keep their records and results.
+    async fn keep_young_runs(&self, runs: &[ObjectMeta], young: &Young, keep: &mut HashSet<String>) -> Result<()> {
+        for meta in runs.iter().filter(|m| young.holds(m)) {
+            let id = name_of(meta);
+            keep.insert(id.clone());
+            let Some(bytes) = self.read_kept(&id, "run record").await? else { continue };
+            for d in tagged::<RunRecord>(&bytes, RUN_TAG).map(|r| r.manifests).unwrap_or_default().values() {
+                self.keep_result(d, keep).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An `ac/` entry stays if it is young or names a kept result, and what it names stays
+    /// with it; the others are returned, to delete.
+    async fn sort_ac(&self, ac: Vec<ObjectMeta>, young: &Young, keep: &mut HashSet<String>) -> Result<Vec<ObjPath>> {
+        let digests: Vec<(ObjectMeta, Result<String>)> = stream::iter(ac)
+            .map(|meta| async move {
+                let d = self.entry_digest(&meta.location).await;
+                (meta, d)
+            })
+            .buffer_unordered(CHECKS_IN_FLIGHT)
+            .collect()
+            .await;
+        let (mut named, mut doomed) = (BTreeSet::new(), Vec::new());
+        for (meta, digest) in digests {
+            let digest = digest?;
+            if young.holds(&meta) || keep.contains(&digest) {
+                named.insert(digest);
+            } else {
+                doomed.push(meta.location);
+            }
+        }
+        for digest in &named {
+            self.keep_result(digest, keep).await?;
+        }
+        Ok(doomed)
+    }
+
+    /// A naming stays if it is young or names a kept run; the others join `doomed`.
+    async fn sort_names(
+        &self,
+        names: &[ObjectMeta],
+        young: &Young,
+        kept_ids: &HashSet<String>,
+        keep: &mut HashSet<String>,
+        doomed: &mut Vec<ObjPath>,
+    ) -> Result<()> {
+        for meta in names {
+            let digest = name_of(meta);
+            let naming = self.read_kept(&digest, "run name").await?.and_then(|b| RunName::parse(&b));
+            if young.holds(meta) || naming.is_some_and(|n| kept_ids.contains(&n.run)) {
+                keep.insert(digest);
+            } else {
+                doomed.push(meta.location.clone());
+            }
+        }
+        Ok(())
     }
 
     async fn delete_all(&self, paths: Vec<ObjPath>) -> Result<()> {
