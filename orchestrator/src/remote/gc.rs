@@ -18,8 +18,8 @@ use serde::Serialize;
 use super::transfer::roots;
 use super::{Remote, RemoteError, Result, CHECKS_IN_FLIGHT};
 use crate::objects::{tagged, ObjKind};
-use crate::store::names::{name_holders, RunName};
-use crate::store::{Manifest, RunRecord, MANIFEST_TAG, RUN_TAG};
+use crate::store::names::name_holders;
+use crate::store::{Manifest, RunRecord, MANIFEST_TAG};
 
 /// What a remote gc did (or, dry, would do).
 #[derive(Debug, Default, Serialize)]
@@ -110,13 +110,6 @@ impl Remote {
         Ok(())
     }
 
-    /// The digest an `ac/` or `runs/`/`names/` entry holds.
-    async fn entry_digest(&self, path: &ObjPath) -> Result<String> {
-        let got = self.store.get(path).await.map_err(|e| self.transfer_error("reading", path, e))?;
-        let bytes = got.bytes().await.map_err(|e| self.transfer_error("reading", path, e))?;
-        Ok(String::from_utf8_lossy(&bytes).trim().to_string())
-    }
-
     /// Delete what the newest `keep_last` runs and the named runs do not use, and what is
     /// older than `grace`; with `dry_run`, only count it.
     pub async fn gc(&self, keep_last: usize, grace: Duration, dry_run: bool) -> Result<RemoteGcReport> {
@@ -135,13 +128,22 @@ impl Remote {
         let mut report = RemoteGcReport::default();
         let (mut keep, kept_ids) = self.kept_by_runs(&h.runs, keep_last, &mut report).await?;
         let used = keep.clone();
-        self.keep_young_runs(&all.runs, &young, &mut keep).await?;
+        self.keep_young_runs(&all.runs, &h.runs, &young, &mut keep).await?;
         let mut doomed = self.sort_ac(all.ac, &young, &mut keep).await?;
         for meta in all.runs.iter().filter(|m| !kept_ids.contains(&name_of(m)) && !young.holds(m)) {
             report.runs_removed += 1;
             doomed.push(meta.location.clone());
         }
-        self.sort_names(&all.names, &young, &kept_ids, &mut keep, &mut doomed).await?;
+        // A naming stays if it is young or names a kept run.
+        for meta in &all.names {
+            let digest = name_of(meta);
+            let run = h.namings.get(&digest).map(|(_, n)| n.run.as_str());
+            if young.holds(meta) || run.is_some_and(|r| kept_ids.contains(r)) {
+                keep.insert(digest);
+            } else {
+                doomed.push(meta.location.clone());
+            }
+        }
         report.entries_removed = doomed.len();
         let mut blobs: Vec<ObjPath> = Vec::new();
         for meta in &all.cas {
@@ -188,15 +190,23 @@ impl Remote {
         Ok((keep, kept.iter().map(|(id, _)| id.clone()).collect()))
     }
 
-    /// Runs pushed within the grace period keep their records and results.
-    async fn keep_young_runs(&self, runs: &[ObjectMeta], young: &Young, keep: &mut HashSet<String>) -> Result<()> {
-        for meta in runs.iter().filter(|m| young.holds(m)) {
+    /// Runs pushed within the grace period keep their records and results (`runs`: the
+    /// history already read).
+    async fn keep_young_runs(
+        &self,
+        entries: &[ObjectMeta],
+        runs: &[(String, RunRecord)],
+        young: &Young,
+        keep: &mut HashSet<String>,
+    ) -> Result<()> {
+        for meta in entries.iter().filter(|m| young.holds(m)) {
             let id = name_of(meta);
-            keep.insert(id.clone());
-            let Some(bytes) = self.read_kept(&id, "run record").await? else { continue };
-            for d in tagged::<RunRecord>(&bytes, RUN_TAG).map(|r| r.manifests).unwrap_or_default().values() {
-                self.keep_result(d, keep).await?;
+            for (_, r) in runs.iter().filter(|(run, _)| *run == id) {
+                for d in r.manifests.values() {
+                    self.keep_result(d, keep).await?;
+                }
             }
+            keep.insert(id);
         }
         Ok(())
     }
@@ -206,7 +216,7 @@ impl Remote {
     async fn sort_ac(&self, ac: Vec<ObjectMeta>, young: &Young, keep: &mut HashSet<String>) -> Result<Vec<ObjPath>> {
         let digests: Vec<(ObjectMeta, Result<String>)> = stream::iter(ac)
             .map(|meta| async move {
-                let d = self.entry_digest(&meta.location).await;
+                let d = self.read_entry(&meta.location).await.map(Option::unwrap_or_default);
                 (meta, d)
             })
             .buffer_unordered(CHECKS_IN_FLIGHT)
@@ -225,27 +235,6 @@ impl Remote {
             self.keep_result(digest, keep).await?;
         }
         Ok(doomed)
-    }
-
-    /// A naming stays if it is young or names a kept run; the others join `doomed`.
-    async fn sort_names(
-        &self,
-        names: &[ObjectMeta],
-        young: &Young,
-        kept_ids: &HashSet<String>,
-        keep: &mut HashSet<String>,
-        doomed: &mut Vec<ObjPath>,
-    ) -> Result<()> {
-        for meta in names {
-            let digest = name_of(meta);
-            let naming = self.read_kept(&digest, "run name").await?.and_then(|b| RunName::parse(&b));
-            if young.holds(meta) || naming.is_some_and(|n| kept_ids.contains(&n.run)) {
-                keep.insert(digest);
-            } else {
-                doomed.push(meta.location.clone());
-            }
-        }
-        Ok(())
     }
 
     async fn delete_all(&self, paths: Vec<ObjPath>) -> Result<()> {

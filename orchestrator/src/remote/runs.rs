@@ -64,8 +64,8 @@ pub(super) struct History {
     pub(super) runs: Vec<(String, RunRecord)>,
     /// Each record's bytes, by run id.
     records: BTreeMap<String, Vec<u8>>,
-    /// Each naming with its bytes.
-    namings: Vec<(Vec<u8>, RunName)>,
+    /// Each naming with its bytes, by its digest.
+    pub(super) namings: BTreeMap<String, (Vec<u8>, RunName)>,
 }
 
 fn run_entry(id: &str) -> ObjPath {
@@ -183,8 +183,8 @@ impl Remote {
         Ok(if before { Shared::Before { named } } else { Shared::Now { named } })
     }
 
-    /// The digests listed under `prefix/` (`runs`, `names`).
-    async fn listed(&self, prefix: &str) -> Result<Vec<String>> {
+    /// The digests listed under `prefix/` (`ac`: cache keys; `runs`, `names`), sorted.
+    pub(super) async fn listed(&self, prefix: &str) -> Result<Vec<String>> {
         let prefix = ObjPath::from(prefix);
         let mut listing = self.store.list(Some(&prefix));
         let mut out = Vec::new();
@@ -274,9 +274,9 @@ impl Remote {
         }
         runs.sort_by(|a, b| b.1.started_at.total_cmp(&a.1.started_at));
         let namings = self.blobs(self.listed("names").await?, "run name", errors).await;
-        let namings: Vec<(Vec<u8>, RunName)> =
-            namings.into_values().filter_map(|b| RunName::parse(&b).map(|n| (b, n))).collect();
-        apply_names(&mut runs, namings.iter().map(|(_, n)| n));
+        let namings: BTreeMap<String, (Vec<u8>, RunName)> =
+            namings.into_iter().filter_map(|(d, b)| RunName::parse(&b).map(|n| (d, (b, n)))).collect();
+        apply_names(&mut runs, namings.values().map(|(_, n)| n));
         Ok(History { runs, records, namings })
     }
 
@@ -307,7 +307,7 @@ impl Remote {
         if let Some(bytes) = h.records.get(id) {
             local.adopt_run(bytes, r)?;
         }
-        for (bytes, n) in h.namings.iter().filter(|(_, n)| n.run == *id) {
+        for (bytes, n) in h.namings.values().filter(|(_, n)| n.run == *id) {
             local.adopt_naming(bytes, n)?;
         }
         Ok((id.clone(), results))

@@ -149,13 +149,7 @@ impl Remote {
     /// The digest of the manifest cached under `key` on the remote, if any.
     pub async fn lookup(&self, key: &str) -> Result<Option<String>> {
         let path = Self::ac(key);
-        let got = match self.store.get(&path).await {
-            Ok(g) => g,
-            Err(e) if Self::not_found(&e) => return Ok(None),
-            Err(e) => return Err(self.transfer_error("reading", &path, e)),
-        };
-        let bytes = got.bytes().await.map_err(|e| self.transfer_error("reading", &path, e))?;
-        let digest = String::from_utf8_lossy(&bytes).trim().to_string();
+        let Some(digest) = self.read_entry(&path).await? else { return Ok(None) };
         if !is_digest(&digest) {
             return Err(RemoteError::Invalid {
                 path: path.to_string(),
@@ -163,6 +157,17 @@ impl Remote {
             });
         }
         Ok(Some(digest))
+    }
+
+    /// The text an entry (`ac/`, `runs/`, `names/`) holds, trimmed; `None` if it is not there.
+    pub(super) async fn read_entry(&self, path: &ObjPath) -> Result<Option<String>> {
+        let got = match self.store.get(path).await {
+            Ok(g) => g,
+            Err(e) if Self::not_found(&e) => return Ok(None),
+            Err(e) => return Err(self.transfer_error("reading", path, e)),
+        };
+        let bytes = got.bytes().await.map_err(|e| self.transfer_error("reading", path, e))?;
+        Ok(Some(String::from_utf8_lossy(&bytes).trim().to_string()))
     }
 
     /// Start reading blob `digest`; a missing one is `Missing`, naming `what` it is.
@@ -538,16 +543,6 @@ impl Remote {
 
     /// Every cache key the remote has an `ac/` entry for.
     pub async fn keys(&self) -> Result<Vec<String>> {
-        let prefix = ObjPath::from("ac");
-        let mut listing = self.store.list(Some(&prefix));
-        let mut keys = Vec::new();
-        while let Some(meta) = listing.next().await {
-            let meta = meta.map_err(|e| self.transfer_error("listing", &prefix, e))?;
-            if let Some(name) = meta.location.filename() {
-                keys.push(name.to_string());
-            }
-        }
-        keys.sort();
-        Ok(keys)
+        self.listed("ac").await
     }
 }
