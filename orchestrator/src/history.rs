@@ -532,35 +532,42 @@ pub fn shown_value(v: &serde_json::Value) -> String {
 
 /// A run's `STAGE.METRIC`, as `runs --metric` and the web view's run list show it: the stage's
 /// recorded value; for a `foreach` stage, the best variant's (by the direction given as
-/// `STAGE.METRIC:min|max`, else the declared one) and that variant's name.
-pub fn run_metric(objects: &ObjectStore, r: &RunRecord, spec: &str) -> Option<(f64, Option<String>)> {
+/// `STAGE.METRIC:min|max`, else the declared one) and that variant's name. `manifest` reads a
+/// manifest by digest: from the store, or as `runs --remote` has fetched it.
+pub fn run_metric(
+    manifest: &dyn Fn(&str) -> Option<Manifest>,
+    r: &RunRecord,
+    spec: &str,
+) -> Option<(f64, Option<String>)> {
     let (name, better) = Better::split(spec).unwrap_or((spec, None));
-    match stage_metric(objects, r, name) {
+    match stage_metric(manifest, r, name) {
         Some(v) => Some((v, None)),
-        None => best_of_sweep(objects, r, name, better).map(|(v, from)| (v, Some(from))),
+        None => best_of_sweep(manifest, r, name, better).map(|(v, from)| (v, Some(from))),
     }
 }
 
 /// `STAGE.METRIC` of a run, if that stage is in it and recorded the metric.
-fn stage_metric(objects: &ObjectStore, r: &RunRecord, spec: &str) -> Option<f64> {
+fn stage_metric(manifest: &dyn Fn(&str) -> Option<Manifest>, r: &RunRecord, spec: &str) -> Option<f64> {
     let (stage, digest) =
         (r.manifests.iter()).filter(|(s, _)| spec.starts_with(&format!("{s}."))).max_by_key(|(s, _)| s.len())?;
-    let m = load_manifest(objects, digest).ok()?;
-    m.metrics.get(&spec[stage.len() + 1..])?.as_f64()
+    manifest(digest)?.metrics.get(&spec[stage.len() + 1..])?.as_f64()
 }
 
 /// `SWEEP.METRIC` of a run for a `foreach` stage SWEEP, with a direction: the best variant's
 /// value, and that variant (ties: the first by name). Variants that did not record the metric
 /// are left out.
-fn best_of_sweep(objects: &ObjectStore, r: &RunRecord, spec: &str, better: Option<Better>) -> Option<(f64, String)> {
+fn best_of_sweep(
+    manifest: &dyn Fn(&str) -> Option<Manifest>,
+    r: &RunRecord,
+    spec: &str,
+    better: Option<Better>,
+) -> Option<(f64, String)> {
     let (stage, metric) = spec.split_once('.')?;
     let declared = || r.metrics.iter().find(|d| d.stage == stage && d.metric == metric).map(|d| d.better);
     let better = better.or_else(declared)?;
     let values: BTreeMap<&str, f64> = (r.manifests.iter())
         .filter(|(s, _)| is_variant_of(s, stage))
-        .filter_map(|(s, digest)| {
-            Some((s.as_str(), load_manifest(objects, digest).ok()?.metrics.get(metric)?.as_f64()?))
-        })
+        .filter_map(|(s, digest)| Some((s.as_str(), manifest(digest)?.metrics.get(metric)?.as_f64()?)))
         .collect();
     let variants: Vec<String> = values.keys().map(|s| s.to_string()).collect();
     let value = |v: &str, _: &str| values.get(v).copied();

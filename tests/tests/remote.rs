@@ -83,6 +83,14 @@ fn two_machines_share_a_reduced_phase4_through_s3() {
     assert_eq!(published(&rerun.stderr), ran.len(), "only the stages that ran are new on the remote");
     assert!(rerun.stderr.contains("run history: 1 run shared"), "{}", rerun.stderr);
 
+    // Before pulling, A sees B's run on the remote beside its own, and who made each.
+    let team = s3(&a, &server, "runs", &fa, &[], &["--remote", remote, "--json"]);
+    team.assert_ok();
+    let rows = team.json().as_array().expect("runs").clone();
+    let here: Vec<bool> = rows.iter().map(|r| r["here"].as_bool().expect("here")).collect();
+    assert_eq!(here, [false, true], "B's run, newest, is not in A's store yet: {}", team.stdout);
+    assert_eq!(rows[0]["id"].as_str(), rerun.json()["run"].as_str().map(|id| &id[..12]));
+
     // A pulls B's results, and B's run with them: A can compare its own run against B's.
     let back = s3(&a, &server, "pull", &fa, &edited, &["--remote", remote, "--json"]);
     back.assert_ok();
@@ -559,6 +567,54 @@ fn run_history_and_names_travel_with_the_results() {
     repaired.assert_ok();
     run_in(&d, &["pull", "--remote", &remote]).assert_ok();
     assert_eq!(run_names(&d).len(), 3);
+}
+
+/// `runs --remote`: the team's history as the remote holds it, before pulling anything — names,
+/// metrics read from the remote's manifests, which runs are here — and a damaged record is an
+/// error beside the runs that could be read.
+#[test]
+fn a_teammate_lists_the_remotes_runs_before_pulling() {
+    let base = Project::new();
+    let remote = base.path().join("remote").display().to_string();
+    let a = Project::new();
+    a.write("p.yaml", COUNTED);
+    run_in(&a, &["run", "p.yaml", "--name", "baseline"]).assert_ok();
+    run_in(&a, &["run", "p.yaml", "--set", "params.n=5"]).assert_ok();
+    run_in(&a, &["push", "--remote", &remote]).assert_ok();
+
+    let b = Project::new();
+    let listed = run_in(&b, &["runs", "--remote", &remote, "--metric", "b.lines", "--json"]);
+    listed.assert_ok();
+    let rows = listed.json().as_array().expect("runs").clone();
+    let field = |k: &str| rows.iter().map(|r| r[k].clone()).collect::<Vec<_>>();
+    assert_eq!(field("name"), [serde_json::Value::Null, "baseline".into()], "{}", listed.stdout);
+    assert_eq!(field("metric"), [5.0, 3.0], "read from the remote's manifests: {}", listed.stdout);
+    assert_eq!(field("here"), [false, false]);
+    assert!(!b.store().exists(), "listing creates no store and downloads nothing into one");
+
+    run_in(&b, &["pull", "--run", "baseline", "--remote", &remote]).assert_ok();
+    let text = run_in(&b, &["runs", "--remote", &remote]);
+    text.assert_ok();
+    let line = |name: &str| text.stdout.lines().find(|l| l.contains(name)).unwrap_or_default().to_string();
+    assert!(line("baseline").contains(" yes "), "{}", text.stdout);
+    assert!(line("params.n=5").contains(" no "), "{}", text.stdout);
+    assert!(text.stdout.contains("pull --run ID --remote"), "how to bring one here: {}", text.stdout);
+    b.write("other.yaml", "name: other\nstages:\n  a: {kind: command, cmd: \"true\"}\n");
+    let none = run_in(&b, &["runs", "other.yaml", "--remote", &remote]);
+    none.assert_ok();
+    assert!(none.stdout.contains("no runs shared on") && none.stdout.contains("`other`"), "{}", none.stdout);
+
+    // A record damaged on the remote: an error line naming it, the other run still listed.
+    let runs_dir = Path::new(&remote).join("runs");
+    let id = std::fs::read_dir(&runs_dir).unwrap().flatten().next().unwrap().file_name();
+    std::fs::write(Path::new(&remote).join("cas").join(&id), br#"{"orchestrate":"run"}"#).unwrap();
+    let damaged = run_in(&b, &["runs", "--remote", &remote, "--json"]);
+    assert_eq!(damaged.code, 1, "{}", damaged.stderr);
+    assert!(damaged.stderr.contains("(run record) is corrupt"), "{}", damaged.stderr);
+    assert_eq!(damaged.json().as_array().map(Vec::len), Some(1), "{}", damaged.stdout);
+    let nowhere = run_in(&b, &["runs", "--remote", base.path().join("nothing").to_str().unwrap()]);
+    nowhere.assert_ok();
+    assert!(nowhere.stdout.contains("no runs shared on"), "{}", nowhere.stdout);
 }
 
 /// `gc --remote` on one remote: keeps what the newest run and the named run use, and

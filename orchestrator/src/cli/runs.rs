@@ -1,15 +1,17 @@
 //! `orchestrate runs`: the run history, newest first.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{print_json, Env, Failure, PipelineArgs};
+use super::{folder_of, print_errors, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs};
 use crate::history::{Run, RunLine};
 use crate::pipeline::metrics::Better;
+use crate::remote::{Remote, RemoteError};
 use crate::source::SourceRev;
-use crate::store::{RunRecord, Store};
+use crate::store::{Manifest, RunRecord, Store};
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
@@ -29,6 +31,10 @@ pub(super) struct Args {
     /// Print the result as JSON on stdout (for scripts).
     #[arg(long)]
     json: bool,
+    /// List the runs shared on this remote cache (a name from orchestrate.toml,
+    /// s3://BUCKET/PREFIX, or a directory) instead of the store's, marking those already here.
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 /// A listed run, and the asked metrics of it.
@@ -36,6 +42,9 @@ pub(super) struct Args {
 struct Row {
     #[serde(flatten)]
     line: RunLine,
+    /// `runs --remote`: whether the run is in this store too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    here: Option<bool>,
     /// The first asked metric's value (`cells` has every one).
     #[serde(skip_serializing_if = "Option::is_none")]
     metric: Option<f64>,
@@ -58,8 +67,8 @@ struct Cell {
 }
 
 impl Cell {
-    fn of(store: &Store, r: &RunRecord, spec: &str) -> Cell {
-        let (value, from) = crate::history::run_metric(&store.objects, r, spec).unzip();
+    fn of(manifest: &Loader, r: &RunRecord, spec: &str) -> Cell {
+        let (value, from) = crate::history::run_metric(manifest, r, spec).unzip();
         Cell { value, from: from.flatten() }
     }
 
@@ -79,11 +88,12 @@ fn decimals(values: impl Iterator<Item = f64>) -> usize {
 }
 
 impl Row {
-    fn of(store: &Store, run: &Run, all: &[Run], metrics: &[String]) -> Row {
-        let cells: Vec<(String, Cell)> = metrics.iter().map(|m| (m.clone(), Cell::of(store, &run.1, m))).collect();
+    fn of(manifest: &Loader, run: &Run, all: &[Run], metrics: &[String]) -> Row {
+        let cells: Vec<(String, Cell)> = metrics.iter().map(|m| (m.clone(), Cell::of(manifest, &run.1, m))).collect();
         let first = cells.first().map(|(_, c)| c.clone());
         Row {
             line: RunLine::among(run, all),
+            here: None,
             metric: first.as_ref().and_then(|c| c.value),
             metric_from: first.and_then(|c| c.from),
             cells: cells.into_iter().collect(),
@@ -95,6 +105,9 @@ impl Row {
     }
 }
 
+/// Reads a manifest by digest, for the metric columns.
+type Loader<'a> = dyn Fn(&str) -> Option<Manifest> + 'a;
+
 pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
     let name = match &a.pipeline {
         Some(file) => Some(env.load(&PipelineArgs { pipeline: file.clone(), sets: vec![] })?.0.name),
@@ -105,12 +118,21 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
             .map_err(|e| Failure::Invalid(crate::diag::Diagnostic::new("E-CLI", format!("--metric {e}"))))?;
     }
     let store = env.open_reader()?;
-    let all = store.runs();
-    let rows: Vec<Row> = (all.iter())
-        .filter(|(_, r)| name.as_ref().is_none_or(|n| *n == r.pipeline))
-        .take(a.limit)
-        .map(|run| Row::of(&store, run, &all, &a.metrics))
-        .collect();
+    let local = |d: &str| store.load_manifest(d).ok();
+    let of_pipeline = |(_, r): &&Run| name.as_ref().is_none_or(|n| *n == r.pipeline);
+    let near = a.pipeline.as_deref().map(folder_of).unwrap_or_else(|| PathBuf::from("."));
+    let mut errors = Vec::new();
+    let (rows, place) = match a.remote.open(&near, false)? {
+        None => {
+            let all = store.runs();
+            let rows = all.iter().filter(of_pipeline).take(a.limit).map(|run| Row::of(&local, run, &all, &a.metrics));
+            (rows.collect::<Vec<Row>>(), None)
+        }
+        Some(remote) => {
+            let rows = remote_rows(&remote, &store, &a, &of_pipeline, &mut errors)?;
+            (rows, Some(remote.shown))
+        }
+    };
     if let Some(png) = &a.plot {
         let [metric] = a.metrics.as_slice() else {
             let msg = "--plot draws one metric: give one --metric";
@@ -125,14 +147,55 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
              `--metric {metric}:min`)"
         );
     }
+    print_errors(&errors);
+    let of = name.map(|n| format!(" for pipeline `{n}`")).unwrap_or_default();
     if a.json {
         print_json(&rows)?;
     } else if rows.is_empty() {
-        println!("no runs recorded{}", name.map(|n| format!(" for pipeline `{n}`")).unwrap_or_default());
+        match &place {
+            Some(remote) => println!("no runs shared on {remote}{of}"),
+            None => println!("no runs recorded{of}"),
+        }
     } else {
         print_table(&rows, &a.metrics);
+        if let Some(remote) = place.filter(|_| rows.iter().any(|r| r.here == Some(false))) {
+            println!("here no: the run is not in this store; `orchestrate pull --run ID --remote {remote}` brings it with its results");
+        }
     }
-    Ok(0)
+    Ok(if errors.is_empty() { 0 } else { 1 })
+}
+
+/// `runs --remote`: the remote's runs as rows, each marked whether the store has it. The
+/// metric columns read each manifest from the store, else from the remote (read, not kept).
+fn remote_rows(
+    remote: &Remote,
+    store: &Store,
+    a: &Args,
+    of_pipeline: &dyn Fn(&&Run) -> bool,
+    errors: &mut Vec<String>,
+) -> Result<Vec<Row>, Failure> {
+    let rt = runtime()?;
+    let listing = |e: RemoteError| anyhow::anyhow!("listing the runs on {}: {e}", remote.shown);
+    rt.block_on(remote.probe()).map_err(listing)?;
+    let all = rt.block_on(remote.list_runs(errors)).map_err(listing)?;
+    let listed: Vec<&Run> = all.iter().filter(of_pipeline).take(a.limit).collect();
+    // First ask the metrics of the store alone, noting the manifests it lacks; fetch those.
+    let missing = RefCell::new(BTreeSet::new());
+    let noting = |d: &str| {
+        let m = store.load_manifest(d).ok();
+        if m.is_none() {
+            missing.borrow_mut().insert(d.to_string());
+        }
+        m
+    };
+    for run in &listed {
+        a.metrics.iter().for_each(|m| drop(crate::history::run_metric(&noting, &run.1, m)));
+    }
+    let fetched = rt.block_on(remote.read_manifests(missing.into_inner().into_iter().collect(), errors));
+    let manifest = |d: &str| store.load_manifest(d).ok().or_else(|| fetched.get(d).cloned());
+    let here: HashSet<String> = store.runs().into_iter().map(|(id, _)| id).collect();
+    let row = |run: &&Run| Row { here: Some(here.contains(&run.0)), ..Row::of(&manifest, run, &all, &a.metrics) };
+    Ok(listed.iter().map(row).collect())
 }
 
 /// The metric across the listed runs, oldest at the top.
@@ -169,9 +232,13 @@ fn print_table(rows: &[Row], metrics: &[String]) {
     let makers: std::collections::HashSet<_> = rows.iter().map(|r| r.line.by.as_deref()).collect();
     let by_width = (makers.len() > 1).then(|| makers.iter().flatten().map(|b| b.len()).fold(2, usize::max));
     let by_of = |b: Option<&str>| by_width.map(|w| format!("{:<w$}  ", b.unwrap_or("-"))).unwrap_or_default();
+    // `runs --remote`: whether each run is in this store too.
+    let here_of = |h: Option<&str>| h.map(|h| format!("{h:<4}  ")).unwrap_or_default();
+    let here = |r: &Row| here_of(r.here.map(|h| if h { "yes" } else { "no" }));
     println!(
-        "{:<12}  {}{:<20}  {}{:<12}  {:<13}  {:<13}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
+        "{:<12}  {}{}{:<20}  {}{:<12}  {:<13}  {:<13}  {:<9}  {:>9}  {:>4}  {:>6}{metric_head}  set",
         "id",
+        here_of(rows.iter().any(|r| r.here.is_some()).then_some("here")),
         name_of(Some("name")),
         "when",
         by_of(Some("by")),
@@ -185,10 +252,12 @@ fn print_table(rows: &[Row], metrics: &[String]) {
     );
     for r in rows {
         let value: String = widths.iter().enumerate().map(|(k, w)| format!("  {:>w$}", text(r, k))).collect();
+        let here = here(r);
         let r = &r.line;
         println!(
-            "{:<12}  {}{:<20}  {}{:<12}  {:<13}  {:<13}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
+            "{:<12}  {}{}{:<20}  {}{:<12}  {:<13}  {:<13}  {:<9}  {:>8.1}s  {:>4}  {:>6}{value}  {}",
             r.id,
+            here,
             name_of(named(r).as_deref()),
             r.started_at,
             by_of(r.by.as_deref()),

@@ -19,7 +19,7 @@ use super::{Remote, RemoteError, Result, CHECKS_IN_FLIGHT, TRANSFERS_IN_FLIGHT};
 use crate::history::{resolve_in, short};
 use crate::objects::{is_digest, tagged};
 use crate::store::names::{apply_names, RunName};
-use crate::store::{RunRecord, Store, RUN_TAG};
+use crate::store::{Manifest, RunRecord, Store, MANIFEST_TAG, RUN_TAG};
 
 /// What a push did with run history.
 #[derive(Debug, Default, Serialize)]
@@ -278,6 +278,30 @@ impl Remote {
             namings.into_iter().filter_map(|(d, b)| RunName::parse(&b).map(|n| (d, (b, n)))).collect();
         apply_names(&mut runs, namings.values().map(|(_, n)| n));
         Ok(History { runs, records, namings })
+    }
+
+    /// `runs --remote`: the remote's runs, newest first, named as its namings say. Unreadable
+    /// records and namings add a line to `errors`.
+    pub async fn list_runs(&self, errors: &mut Vec<String>) -> Result<Vec<(String, RunRecord)>> {
+        Ok(self.history(errors).await?.runs)
+    }
+
+    /// The manifests `digests`, read and hash-checked but not stored: what `runs --remote
+    /// --metric` reads of runs whose results are not here. One error line per failure.
+    pub async fn read_manifests(&self, digests: Vec<String>, errors: &mut Vec<String>) -> BTreeMap<String, Manifest> {
+        let mut out = BTreeMap::new();
+        for (digest, bytes) in self.blobs(digests, "manifest", errors).await {
+            match tagged::<Manifest>(&bytes, MANIFEST_TAG) {
+                Some(m) => {
+                    out.insert(digest, m);
+                }
+                None => {
+                    let why = "it is not a manifest".to_string();
+                    errors.push(RemoteError::Invalid { path: Self::cas(&digest).to_string(), why }.to_string());
+                }
+            }
+        }
+        out
     }
 
     /// `pull --run SPEC`: the run SPEC names among the remote's (`latest~N`, a name, an id

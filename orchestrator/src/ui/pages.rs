@@ -71,7 +71,8 @@ pub async fn runs(State(ui): State<Shared>, Query(q): Query<RunsQuery>) -> PageR
     let rows: Vec<RunsRow> = (runs.iter())
         .filter(|(_, r)| q.pipeline.as_ref().is_none_or(|p| *p == r.pipeline))
         .map(|run| {
-            let (value, from) = metric.and_then(|m| history::run_metric(&ui.objects, &run.1, m)).unzip();
+            let (value, from) =
+                metric.and_then(|m| history::run_metric(&|d| load_manifest(&ui.objects, d).ok(), &run.1, m)).unzip();
             RunsRow { line: RunLine::among(run, &runs), value, from: from.flatten() }
         })
         .collect();
