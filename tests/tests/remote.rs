@@ -612,9 +612,17 @@ fn a_teammate_lists_the_remotes_runs_before_pulling() {
     assert_eq!(damaged.code, 1, "{}", damaged.stderr);
     assert!(damaged.stderr.contains("(run record) is corrupt"), "{}", damaged.stderr);
     assert_eq!(damaged.json().as_array().map(Vec::len), Some(1), "{}", damaged.stdout);
-    let nowhere = run_in(&b, &["runs", "--remote", base.path().join("nothing").to_str().unwrap()]);
-    nowhere.assert_ok();
-    assert!(nowhere.stdout.contains("no runs shared on"), "{}", nowhere.stdout);
+    // A mistyped directory (or a share not mounted) is an error, not an empty remote, and is
+    // not created by reading it: only a push creates a directory remote.
+    let typo = base.path().join("remtoe");
+    for verb in [&["runs"][..], &["pull"], &["plan", "other.yaml"], &["run", "other.yaml"]] {
+        let read = run_in(&b, &[verb, &["--remote", typo.to_str().unwrap()]].concat());
+        assert_eq!(read.code, 2, "{verb:?}: {}", read.stderr);
+        assert!(read.stderr.contains("does not exist: check the path"), "{verb:?}: {}", read.stderr);
+        assert!(!typo.exists(), "{verb:?} created the remote directory");
+    }
+    run_in(&b, &["run", "other.yaml", "--remote", typo.to_str().unwrap(), "--push"]).assert_ok();
+    assert!(typo.join("runs").is_dir(), "a push creates it");
 }
 
 /// `gc --remote` on one remote: keeps what the newest run and the named run use, and

@@ -2,6 +2,7 @@
 
 use super::{human_bytes, runtime, Env, Failure, RemoteArgs};
 use crate::diag::Diagnostic;
+use crate::remote::Access;
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
@@ -68,7 +69,7 @@ fn gc_remote(a: Args) -> Result<i32, Failure> {
     };
     let grace = crate::pipeline::parse_duration(&a.keep_newer)
         .ok_or_else(|| invalid(format!("--keep-newer {}: not a duration; write e.g. 12h, 7d, 30m", a.keep_newer)))?;
-    let Some(remote) = a.remote.open(std::path::Path::new("."), false)? else { return Ok(2) };
+    let Some(remote) = a.remote.open(std::path::Path::new("."), false, Access::Read)? else { return Ok(2) };
     let r = runtime()?
         .block_on(remote.gc(keep_last, grace, a.dry_run))
         .map_err(|e| anyhow::anyhow!("collecting {}: {e}", remote.shown))?;

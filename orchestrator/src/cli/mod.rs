@@ -400,7 +400,12 @@ struct RemoteArgs {
 impl RemoteArgs {
     /// The remote given, or the `default_remote` of orchestrate.toml when `use_default`.
     /// `near` is where orchestrate.toml is looked for (the pipeline's folder).
-    fn open(&self, near: &Path, use_default: bool) -> Result<Option<crate::remote::Remote>, Failure> {
+    fn open(
+        &self,
+        near: &Path,
+        use_default: bool,
+        access: crate::remote::Access,
+    ) -> Result<Option<crate::remote::Remote>, Failure> {
         let invalid = |msg: String| Failure::Invalid(Diagnostic::new("E-REMOTE", msg));
         let spec = match (&self.remote, use_default) {
             (Some(s), _) => s.clone(),
@@ -416,7 +421,7 @@ impl RemoteArgs {
             (None, false) => return Ok(None),
         };
         let loc = crate::remote::config::resolve(&spec, near).map_err(invalid)?;
-        crate::remote::Remote::open(&loc).map(Some).map_err(|e| invalid(e.to_string()))
+        crate::remote::Remote::open(&loc, access).map(Some).map_err(|e| invalid(e.to_string()))
     }
 }
 

@@ -2,6 +2,7 @@
 
 use super::{folder_of, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs, SelectArgs};
 use crate::plan::RemoteAnswer;
+use crate::remote::Access;
 
 #[derive(clap::Args, Debug)]
 pub(super) struct Args {
@@ -22,7 +23,7 @@ pub(super) fn plan(env: &Env, a: Args) -> Result<i32, Failure> {
     let scope = a.select.scope(&p, &dag)?;
     let store = env.open_reader()?;
     let entries =
-        match a.remote.open(&folder_of(&a.p.pipeline), false)? {
+        match a.remote.open(&folder_of(&a.p.pipeline), false, Access::Read)? {
             None => crate::plan::plan_with_remote(&p, &dag, &store, &scope, &mut |_| RemoteAnswer::Absent),
             Some(remote) => {
                 let rt = runtime()?;

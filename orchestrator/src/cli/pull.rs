@@ -9,7 +9,7 @@ use super::{
 };
 use crate::history::short;
 use crate::plan::{plan_with_remote, RemoteAnswer};
-use crate::remote::{PullReport, Remote, RunsPulled, Transfer};
+use crate::remote::{Access, PullReport, Remote, RunsPulled, Transfer};
 use crate::store::Store;
 
 #[derive(clap::Args, Debug)]
@@ -99,7 +99,7 @@ fn pull_all(store: &Store, remote: &Remote, t: &Transfer) -> Result<PullReport, 
 
 pub(super) fn pull(env: &Env, a: Args) -> Result<i32, Failure> {
     let near = a.pipeline.as_deref().map(folder_of).unwrap_or_else(|| PathBuf::from("."));
-    let Some(remote) = a.remote.open(&near, true)? else { return Ok(2) };
+    let Some(remote) = a.remote.open(&near, true, Access::Read)? else { return Ok(2) };
     let store = env.open_store()?;
     store.clean_tmp();
     runtime()?.block_on(remote.probe()).map_err(|e| anyhow::anyhow!("pulling from {}: {e}", remote.shown))?;

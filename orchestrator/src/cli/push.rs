@@ -8,7 +8,7 @@ use super::{
     folder_of, human_bytes, print_errors, print_json, runtime, stage_index, Env, Failure, PipelineArgs, RemoteArgs,
     SelectArgs,
 };
-use crate::remote::{PushReport, Remote, RunsPushed, Transfer};
+use crate::remote::{Access, PushReport, Remote, RunsPushed, Transfer};
 use crate::store::{RunRecord, Store};
 
 #[derive(clap::Args, Debug)]
@@ -93,7 +93,7 @@ pub(super) async fn push_with_runs(
 
 pub(super) fn push(env: &Env, a: Args) -> Result<i32, Failure> {
     let near = a.pipeline.as_deref().map(folder_of).unwrap_or_else(|| PathBuf::from("."));
-    let Some(mut remote) = a.remote.open(&near, true)? else { return Ok(2) };
+    let Some(mut remote) = a.remote.open(&near, true, Access::Write)? else { return Ok(2) };
     remote.repair = a.repair;
     let store = env.open_reader()?;
     let Selection { results, pipeline } = select(env, &a, &store)?;

@@ -10,7 +10,7 @@ use crate::executor::{Executor, Slurm};
 use crate::live::{Both, LiveFile};
 use crate::pipeline::Pipeline;
 use crate::progress::Progress;
-use crate::remote::{Remote, Transfer};
+use crate::remote::{Access, Remote, Transfer};
 use crate::sched::{self, RunOptions};
 use crate::store::Store;
 
@@ -66,7 +66,8 @@ pub(super) fn run(env: &Env, a: Args) -> Result<i32, Failure> {
     if a.push && a.remote.remote.is_none() {
         return Err(crate::diag::Diagnostic::new("E-CLI", "--push needs --remote REMOTE").into());
     }
-    let remote = a.remote.open(&folder_of(&a.p.pipeline), false)?.map(Arc::new);
+    let access = if a.push { Access::Write } else { Access::Read };
+    let remote = a.remote.open(&folder_of(&a.p.pipeline), false, access)?.map(Arc::new);
     let store = Arc::new(env.open_store()?);
     store.clean_tmp();
     let rt = runtime()?;

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::{folder_of, print_errors, print_json, runtime, Env, Failure, PipelineArgs, RemoteArgs};
 use crate::history::{Run, RunLine};
 use crate::pipeline::metrics::Better;
-use crate::remote::{Remote, RemoteError};
+use crate::remote::{Access, Remote, RemoteError};
 use crate::source::SourceRev;
 use crate::store::{Manifest, RunRecord, Store};
 
@@ -32,9 +32,10 @@ pub(super) struct Args {
     #[arg(long)]
     json: bool,
     /// List the runs shared on this remote cache (a name from orchestrate.toml,
-    /// s3://BUCKET/PREFIX, or a directory) instead of the store's, marking those already here.
-    #[command(flatten)]
-    remote: RemoteArgs,
+    /// s3://BUCKET/PREFIX, or a directory) instead of the store's, marking those already here;
+    /// nothing is downloaded into the store.
+    #[arg(long, value_name = "REMOTE")]
+    remote: Option<String>,
 }
 
 /// A listed run, and the asked metrics of it.
@@ -122,7 +123,7 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
     let of_pipeline = |(_, r): &&Run| name.as_ref().is_none_or(|n| *n == r.pipeline);
     let near = a.pipeline.as_deref().map(folder_of).unwrap_or_else(|| PathBuf::from("."));
     let mut errors = Vec::new();
-    let (rows, place) = match a.remote.open(&near, false)? {
+    let (rows, place) = match (RemoteArgs { remote: a.remote.clone() }).open(&near, false, Access::Read)? {
         None => {
             let all = store.runs();
             let rows = all.iter().filter(of_pipeline).take(a.limit).map(|run| Row::of(&local, run, &all, &a.metrics));

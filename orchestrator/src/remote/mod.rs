@@ -139,22 +139,40 @@ fn open_s3(loc: &Location) -> Result<Arc<dyn ObjectStore>> {
     Ok(Arc::new(s3))
 }
 
-fn open_dir(dir: &std::path::Path) -> Result<Arc<dyn ObjectStore>> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| RemoteError::Setup(format!("cannot create the remote directory {}: {e}", dir.display())))?;
+/// A directory remote. Reading needs it to exist: a mistyped path or an unmounted share must
+/// not read as an empty cache (nor get created on the local disk); a push creates it.
+fn open_dir(dir: &std::path::Path, access: Access) -> Result<Arc<dyn ObjectStore>> {
+    match access {
+        Access::Write => std::fs::create_dir_all(dir)
+            .map_err(|e| RemoteError::Setup(format!("cannot create the remote directory {}: {e}", dir.display())))?,
+        Access::Read if !dir.is_dir() => {
+            return Err(RemoteError::Setup(format!(
+                "the remote directory {} does not exist: check the path (a share not mounted?); a push creates it",
+                dir.display()
+            )))
+        }
+        Access::Read => {}
+    }
     let fs = LocalFileSystem::new_with_prefix(dir)
         .map_err(|e| RemoteError::Setup(format!("cannot use {} as a remote: {e}", dir.display())))?;
     Ok(Arc::new(fs))
 }
 
+/// What a command does with a remote: a directory remote is created only for writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
 impl Remote {
-    pub fn open(loc: &Location) -> Result<Remote> {
+    pub fn open(loc: &Location, access: Access) -> Result<Remote> {
         let store = match loc {
             Location::S3 { prefix, .. } if !prefix.is_empty() => {
                 Arc::new(PrefixStore::new(open_s3(loc)?, ObjPath::from(prefix.as_str()))) as Arc<dyn ObjectStore>
             }
             Location::S3 { .. } => open_s3(loc)?,
-            Location::Dir(dir) => open_dir(dir)?,
+            Location::Dir(dir) => open_dir(dir, access)?,
         };
         Ok(Remote { store, shown: loc.shown(), corrupt: Mutex::new(HashSet::new()), repair: false })
     }
