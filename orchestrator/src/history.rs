@@ -136,16 +136,22 @@ pub fn resolve_in<'r>(runs: &'r [Run], spec: &str, place: &str) -> Result<&'r Ru
     if let Some(named) = crate::store::names::holder(runs, spec) {
         return Ok(named);
     }
+    // A teammate's run is on the remote until pulled: say how to see and fetch it.
+    let team = if local {
+        "; a teammate's run: `orchestrate runs --remote R` lists the remote's, `orchestrate pull --run RUN` brings one"
+    } else {
+        ""
+    };
     if spec.len() < 4 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!(
-            "no run is named `{spec}`, and it is not a run id: give `latest`, `latest~N`, a name from `orchestrate \
-             runs`, or 4+ hex characters of an id"
+            "no run is named `{spec}` in {place}, and it is not a run id: give `latest`, `latest~N`, a name from \
+             `orchestrate runs`, or 4+ hex characters of an id{team}"
         ));
     }
     let found: Vec<&Run> = runs.iter().filter(|(id, _)| id.starts_with(&spec.to_ascii_lowercase())).collect();
     match found.as_slice() {
         [one] => Ok(one),
-        [] if local => Err(format!("no run `{spec}` in the store; `orchestrate runs` lists them")),
+        [] if local => Err(format!("no run `{spec}` in the store; `orchestrate runs` lists them{team}")),
         [] => Err(format!("no run `{spec}` in {place}")),
         many => Err(format!(
             "`{spec}` matches {} runs ({}); give more characters",

@@ -593,6 +593,8 @@ fn a_teammate_lists_the_remotes_runs_before_pulling() {
     assert!(!b.store().exists(), "listing creates no store and downloads nothing into one");
 
     run_in(&b, &["pull", "--run", "baseline", "--remote", &remote]).assert_ok();
+    let missing = run_in(&b, &["compare", "nightly", "baseline"]);
+    assert!(missing.code == 2 && missing.stderr.contains("`orchestrate runs --remote R`"), "{}", missing.stderr);
     let text = run_in(&b, &["runs", "--remote", &remote]);
     text.assert_ok();
     let line = |name: &str| text.stdout.lines().find(|l| l.contains(name)).unwrap_or_default().to_string();
