@@ -479,6 +479,22 @@ fn run_names(p: &Project) -> Vec<String> {
     runs.iter().map(|r| r["name"].as_str().unwrap_or("-").to_string()).collect()
 }
 
+/// A project that ran COUNTED twice: `baseline` (n=3), then n=5.
+fn two_counted_runs() -> Project {
+    let a = Project::new();
+    a.write("p.yaml", COUNTED);
+    run_in(&a, &["run", "p.yaml", "--name", "baseline"]).assert_ok();
+    run_in(&a, &["run", "p.yaml", "--set", "params.n=5"]).assert_ok();
+    a
+}
+
+/// Overwrite the blob of one run record on a directory remote with other bytes, which a reader
+/// must refuse by the blob's hash.
+fn damage_a_run_record(remote: &Path) {
+    let id = std::fs::read_dir(remote.join("runs")).unwrap().flatten().next().unwrap().file_name();
+    std::fs::write(remote.join("cas").join(&id), br#"{"orchestrate":"run"}"#).unwrap();
+}
+
 /// Runs travel with their results: a teammate who pulls can list and compare them, a name
 /// given later follows, a run whose results are not all on the remote stays local, and a
 /// damaged record is refused.
@@ -486,10 +502,7 @@ fn run_names(p: &Project) -> Vec<String> {
 fn run_history_and_names_travel_with_the_results() {
     let base = Project::new();
     let remote = base.path().join("remote").display().to_string();
-    let a = Project::new();
-    a.write("p.yaml", COUNTED);
-    run_in(&a, &["run", "p.yaml", "--name", "baseline"]).assert_ok();
-    run_in(&a, &["run", "p.yaml", "--set", "params.n=5"]).assert_ok();
+    let a = two_counted_runs();
     let pushed = run_in(&a, &["push", "--remote", &remote, "--json"]);
     pushed.assert_ok();
     assert_eq!(pushed.json()["runs"], serde_json::json!({"shared": 2, "already": 0, "names": 0, "not_shared": []}));
@@ -555,9 +568,7 @@ fn run_history_and_names_travel_with_the_results() {
     assert!(too_far.code != 0 && too_far.stderr.contains("has only 2 runs"), "{}", too_far.stderr);
 
     // A damaged record on the remote is refused by its hash, and the pull says so.
-    let runs_dir = Path::new(&remote).join("runs");
-    let id = std::fs::read_dir(&runs_dir).unwrap().flatten().next().unwrap().file_name();
-    std::fs::write(Path::new(&remote).join("cas").join(&id), br#"{"orchestrate":"run"}"#).unwrap();
+    damage_a_run_record(Path::new(&remote));
     let d = Project::new();
     let damaged = run_in(&d, &["pull", "--remote", &remote]);
     assert_eq!(damaged.code, 1, "{}", damaged.stderr);
@@ -576,10 +587,7 @@ fn run_history_and_names_travel_with_the_results() {
 fn a_teammate_lists_the_remotes_runs_before_pulling() {
     let base = Project::new();
     let remote = base.path().join("remote").display().to_string();
-    let a = Project::new();
-    a.write("p.yaml", COUNTED);
-    run_in(&a, &["run", "p.yaml", "--name", "baseline"]).assert_ok();
-    run_in(&a, &["run", "p.yaml", "--set", "params.n=5"]).assert_ok();
+    let a = two_counted_runs();
     run_in(&a, &["push", "--remote", &remote]).assert_ok();
 
     let b = Project::new();
@@ -607,9 +615,7 @@ fn a_teammate_lists_the_remotes_runs_before_pulling() {
     assert!(none.stdout.contains("no runs shared on") && none.stdout.contains("`other`"), "{}", none.stdout);
 
     // A record damaged on the remote: an error line naming it, the other run still listed.
-    let runs_dir = Path::new(&remote).join("runs");
-    let id = std::fs::read_dir(&runs_dir).unwrap().flatten().next().unwrap().file_name();
-    std::fs::write(Path::new(&remote).join("cas").join(&id), br#"{"orchestrate":"run"}"#).unwrap();
+    damage_a_run_record(Path::new(&remote));
     let damaged = run_in(&b, &["runs", "--remote", &remote, "--json"]);
     assert_eq!(damaged.code, 1, "{}", damaged.stderr);
     assert!(damaged.stderr.contains("(run record) is corrupt"), "{}", damaged.stderr);
