@@ -189,6 +189,31 @@ pub struct RunSpec {
     pub run_description: Option<PathBuf>,
 }
 
+impl RunSpec {
+    /// A run of stage `stage_name` of `kind` in `work_dir`, on 1 thread with seed 0 and no run
+    /// description: how a stage's own tests and tools run it (set the rest with `..`).
+    pub fn new(
+        stage_name: impl Into<String>,
+        kind: impl Into<String>,
+        params: Params,
+        inputs: BTreeMap<String, PathBuf>,
+        outputs: BTreeMap<String, PathBuf>,
+        work_dir: impl Into<PathBuf>,
+    ) -> RunSpec {
+        RunSpec {
+            stage_name: stage_name.into(),
+            kind: kind.into(),
+            params,
+            inputs,
+            outputs,
+            work_dir: work_dir.into(),
+            threads: 1,
+            seed: 0,
+            run_description: None,
+        }
+    }
+}
+
 /// A UTF-8 text input, with the path in the error.
 pub fn read_text(path: &Path) -> Result<String, StageError> {
     std::fs::read_to_string(path).map_err(|e| StageError::io(format!("reading {}", path.display()), e))
@@ -205,6 +230,11 @@ pub struct StageContext {
 impl StageContext {
     pub fn new(spec: RunSpec, cancel: Arc<AtomicBool>) -> Self {
         StageContext { spec, metrics: BTreeMap::new(), cancel, progress: Box::new(|_| {}) }
+    }
+
+    /// A context no one cancels: for running a stage outside the executor (tests, tools).
+    pub fn uncancelled(spec: RunSpec) -> Self {
+        Self::new(spec, Arc::new(AtomicBool::new(false)))
     }
 
     /// Route progress messages somewhere (the executor prints them for the scheduler).
@@ -378,18 +408,15 @@ mod tests {
 
     #[test]
     fn context_errors_on_undeclared_names() {
-        let spec = RunSpec {
-            stage_name: "s".into(),
-            kind: "k".into(),
-            params: Params::default(),
-            inputs: BTreeMap::from([("a".to_string(), PathBuf::from("/x/a"))]),
-            outputs: BTreeMap::new(),
-            work_dir: PathBuf::from("/x"),
-            threads: 1,
-            seed: 0,
-            run_description: None,
-        };
-        let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+        let spec = RunSpec::new(
+            "s",
+            "k",
+            Params::default(),
+            BTreeMap::from([("a".to_string(), PathBuf::from("/x/a"))]),
+            BTreeMap::new(),
+            PathBuf::from("/x"),
+        );
+        let mut ctx = StageContext::uncancelled(spec);
         assert_eq!(ctx.input("a").unwrap(), Path::new("/x/a"));
         assert!(ctx.input("b").unwrap_err().to_string().contains("`b`"));
         assert!(ctx.output("o").is_err());

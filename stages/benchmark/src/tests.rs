@@ -1,7 +1,5 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use itera_models::qmodel::QuantSpec;
 use itera_models::quant::Scheme;
@@ -56,18 +54,8 @@ fn measures_native_gguf_and_onnx_models_with_host_and_csv() {
     let plan = BenchmarkStage.check(&p, &io).unwrap();
     assert!(!plan.deterministic);
     let out: BTreeMap<String, PathBuf> = plan.required_outputs.iter().map(|n| (n.clone(), d.join(n))).collect();
-    let spec = RunSpec {
-        stage_name: "bench".into(),
-        kind: "benchmark".into(),
-        params: p,
-        inputs,
-        outputs: out,
-        work_dir: d.into(),
-        threads: 1,
-        seed: 0,
-        run_description: None,
-    };
-    let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+    let spec = RunSpec::new("bench", "benchmark", p, inputs, out, d);
+    let mut ctx = StageContext::uncancelled(spec);
     BenchmarkStage.run(&mut ctx).unwrap();
     let r: Value = serde_json::from_str(&std::fs::read_to_string(d.join("benchmark.json")).unwrap()).unwrap();
     assert!(r["host"]["cores"].as_u64().unwrap() >= 1 && r["host"]["rustc"].as_str().unwrap().starts_with("rustc"));

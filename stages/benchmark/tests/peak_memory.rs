@@ -7,8 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use itera_models::{Model, ModelConfig};
 use serde_json::{json, Value};
@@ -39,18 +37,8 @@ fn a_small_model_after_a_large_one_reports_less_memory() {
     let io = InputSpec { inputs: inputs.keys().cloned().collect(), outputs: vec![] };
     let plan = BenchmarkStage.check(&params, &io).unwrap();
     let outputs = plan.required_outputs.iter().map(|n| (n.clone(), d.join(n))).collect();
-    let spec = RunSpec {
-        stage_name: "bench".into(),
-        kind: "benchmark".into(),
-        params,
-        inputs,
-        outputs,
-        work_dir: d.into(),
-        threads: 1,
-        seed: 0,
-        run_description: None,
-    };
-    BenchmarkStage.run(&mut StageContext::new(spec, Arc::new(AtomicBool::new(false)))).unwrap();
+    let spec = RunSpec::new("bench", "benchmark", params, inputs, outputs, d);
+    BenchmarkStage.run(&mut StageContext::uncancelled(spec)).unwrap();
 
     let report: Value = serde_json::from_str(&std::fs::read_to_string(d.join("benchmark.json")).unwrap()).unwrap();
     let peak = |i: usize| {

@@ -295,8 +295,6 @@ fn check_size(spec: &RunSpec, args: &[String]) -> Result<(), StageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
 
     fn params(cmd: Value) -> Params {
         let mut p = Params::default();
@@ -339,18 +337,15 @@ mod tests {
     fn runs_and_collects_metrics() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.txt");
-        let spec = stage_api::RunSpec {
-            stage_name: "t".into(),
-            kind: "command".into(),
-            params: params(serde_json::json!("printf hello > ${outputs.o} && echo '{\"n\": 3}' > \"$ORCH_METRICS\"")),
-            inputs: BTreeMap::new(),
-            outputs: BTreeMap::from([("o".to_string(), out.clone())]),
-            work_dir: dir.path().to_path_buf(),
-            threads: 1,
-            seed: 1,
-            run_description: None,
-        };
-        let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+        let spec = RunSpec::new(
+            "t",
+            "command",
+            params(serde_json::json!("printf hello > ${outputs.o} && echo '{\"n\": 3}' > \"$ORCH_METRICS\"")),
+            BTreeMap::new(),
+            BTreeMap::from([("o".to_string(), out.clone())]),
+            dir.path(),
+        );
+        let mut ctx = StageContext::uncancelled(spec);
         CommandStage.run(&mut ctx).unwrap();
         assert_eq!(std::fs::read_to_string(out).unwrap(), "hello");
         assert_eq!(ctx.metrics()["n"], serde_json::json!(3));
@@ -359,18 +354,15 @@ mod tests {
     #[test]
     fn failing_command_reports_status() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = stage_api::RunSpec {
-            stage_name: "t".into(),
-            kind: "command".into(),
-            params: params(serde_json::json!(["sh", "-c", "exit 3"])),
-            inputs: BTreeMap::new(),
-            outputs: BTreeMap::new(),
-            work_dir: dir.path().to_path_buf(),
-            threads: 1,
-            seed: 1,
-            run_description: None,
-        };
-        let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+        let spec = RunSpec::new(
+            "t",
+            "command",
+            params(serde_json::json!(["sh", "-c", "exit 3"])),
+            BTreeMap::new(),
+            BTreeMap::new(),
+            dir.path(),
+        );
+        let mut ctx = StageContext::uncancelled(spec);
         let err = CommandStage.run(&mut ctx).unwrap_err().to_string();
         assert!(err.contains("status 3"), "{err}");
     }

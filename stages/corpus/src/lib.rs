@@ -247,8 +247,6 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use std::path::PathBuf;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
 
     fn run(params: Value, dir: &Path) -> Result<(String, String, Value), StageError> {
         let p = Params { fields: BTreeMap::new(), params: params.as_object().unwrap().clone().into_iter().collect() };
@@ -256,17 +254,10 @@ mod tests {
         let outputs: BTreeMap<String, PathBuf> =
             ["train.txt", "valid.txt", "stats.json"].iter().map(|n| (n.to_string(), dir.join(n))).collect();
         let spec = stage_api::RunSpec {
-            stage_name: "corpus".into(),
-            kind: "corpus".into(),
-            params: p,
-            inputs: BTreeMap::new(),
-            outputs,
-            work_dir: dir.to_path_buf(),
-            threads: 1,
             seed: 5,
-            run_description: None,
+            ..stage_api::RunSpec::new("corpus", "corpus", p, BTreeMap::new(), outputs, dir)
         };
-        let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+        let mut ctx = StageContext::uncancelled(spec);
         CorpusStage.run(&mut ctx)?;
         let r = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
         Ok((r("train.txt"), r("valid.txt"), serde_json::from_str(&r("stats.json")).unwrap()))

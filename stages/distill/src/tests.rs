@@ -1,7 +1,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use itera_models::training::{
     encode, eval_batches, fit, kl_divergence, load_tokenizer, FitHooks, Hyper, Objective, TokenSplits,
@@ -68,18 +67,8 @@ fn run(dir: &Path, p: Value) -> Result<Value, stage_api::StageError> {
     std::fs::create_dir_all(&out).unwrap();
     let outputs: BTreeMap<String, PathBuf> =
         plan.required_outputs.iter().map(|n| (n.to_string(), out.join(n))).collect();
-    let spec = RunSpec {
-        stage_name: "d".into(),
-        kind: "distill".into(),
-        params: p,
-        inputs,
-        outputs,
-        work_dir: dir.into(),
-        threads: 1,
-        seed: 4,
-        run_description: None,
-    };
-    let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+    let spec = RunSpec { seed: 4, ..RunSpec::new("d", "distill", p, inputs, outputs, dir) };
+    let mut ctx = StageContext::uncancelled(spec);
     DistillStage.run(&mut ctx)?;
     Ok(serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap())
 }

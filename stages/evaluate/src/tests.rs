@@ -1,7 +1,5 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use energy_meter::Meter;
 use itera_models::qmodel::QuantSpec;
@@ -119,18 +117,8 @@ fn run_stage(d: &Path, meter: &Meter, p: Value) -> (Value, Value, String, BTreeM
     let out_dir = d.join(format!("out{}", meter.has_energy()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let outputs = profile.required_outputs.iter().map(|n| (n.clone(), out_dir.join(n))).collect();
-    let spec = RunSpec {
-        stage_name: "eval".into(),
-        kind: "evaluate".into(),
-        params: p,
-        inputs,
-        outputs,
-        work_dir: d.into(),
-        threads: 1,
-        seed: 0,
-        run_description: None,
-    };
-    let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+    let spec = RunSpec::new("eval", "evaluate", p, inputs, outputs, d);
+    let mut ctx = StageContext::uncancelled(spec);
     evaluate(&mut ctx, meter).unwrap();
     let read = |n: &str| std::fs::read_to_string(out_dir.join(n)).unwrap();
     (

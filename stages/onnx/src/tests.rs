@@ -90,8 +90,6 @@ fn step_graph_matches_native_decoding() {
 mod stages {
     use std::collections::BTreeMap;
     use std::path::{Path, PathBuf};
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
 
     use itera_models::qmodel::QuantSpec;
     use itera_models::quant::Scheme;
@@ -126,18 +124,15 @@ mod stages {
         std::fs::create_dir_all(&out_dir).unwrap();
         let outputs: BTreeMap<String, PathBuf> =
             plan.required_outputs.iter().map(|n| (n.clone(), out_dir.join(n))).collect();
-        let spec = RunSpec {
-            stage_name: out.into(),
-            kind: stage.kind().into(),
-            params: p,
-            inputs: inputs.iter().map(|(n, path)| (n.to_string(), path.clone())).collect(),
+        let spec = RunSpec::new(
+            out,
+            stage.kind(),
+            p,
+            inputs.iter().map(|(n, path)| (n.to_string(), path.clone())).collect(),
             outputs,
-            work_dir: dir.into(),
-            threads: 1,
-            seed: 0,
-            run_description: None,
-        };
-        let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+            dir,
+        );
+        let mut ctx = StageContext::uncancelled(spec);
         stage.run(&mut ctx)?;
         Ok(out_dir)
     }

@@ -1,7 +1,5 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use itera_models::{Model, ModelConfig};
 use serde_json::{json, Value};
@@ -36,18 +34,8 @@ fn run(dir: &Path, p: Value) -> Result<Value, stage_api::StageError> {
     std::fs::create_dir_all(&out).unwrap();
     let outputs: BTreeMap<String, PathBuf> =
         ["model.gguf", "summary.json"].iter().map(|n| (n.to_string(), out.join(n))).collect();
-    let spec = RunSpec {
-        stage_name: "q".into(),
-        kind: "quantize".into(),
-        params: p,
-        inputs,
-        outputs,
-        work_dir: dir.into(),
-        threads: 1,
-        seed: 1,
-        run_description: None,
-    };
-    let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+    let spec = RunSpec { seed: 1, ..RunSpec::new("q", "quantize", p, inputs, outputs, dir) };
+    let mut ctx = StageContext::uncancelled(spec);
     QuantizeStage.run(&mut ctx)?;
     Ok(serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap())
 }

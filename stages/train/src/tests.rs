@@ -1,7 +1,5 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use serde_json::{json, Value};
 use stage_api::{InputSpec, Params, RunSpec, Stage, StageContext};
@@ -36,18 +34,8 @@ fn run(dir: &Path, p: Value) -> Result<Value, stage_api::StageError> {
         .map(|n| (n.to_string(), dir.join("out").join(n)))
         .collect();
     std::fs::create_dir_all(dir.join("out")).unwrap();
-    let spec = RunSpec {
-        stage_name: "t".into(),
-        kind: "train".into(),
-        params: p,
-        inputs,
-        outputs,
-        work_dir: dir.into(),
-        threads: 1,
-        seed: 3,
-        run_description: None,
-    };
-    let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+    let spec = RunSpec { seed: 3, ..RunSpec::new("t", "train", p, inputs, outputs, dir) };
+    let mut ctx = StageContext::uncancelled(spec);
     TrainStage.run(&mut ctx)?;
     Ok(serde_json::from_str(&std::fs::read_to_string(dir.join("out/summary.json")).unwrap()).unwrap())
 }

@@ -215,8 +215,6 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use std::path::PathBuf;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
 
     const TRAIN: &str =
         "Once upon a time, a cat sat.\n<|endoftext|>\nThe cat ran to the park. The dog ran too!\n<|endoftext|>\n";
@@ -235,18 +233,8 @@ mod tests {
         ]);
         let outputs: BTreeMap<String, PathBuf> =
             ["tokenizer.json", "stats.json"].iter().map(|n| (n.to_string(), dir.path().join(n))).collect();
-        let spec = stage_api::RunSpec {
-            stage_name: "v".into(),
-            kind: "vocab".into(),
-            params: p,
-            inputs,
-            outputs,
-            work_dir: dir.path().into(),
-            threads: 1,
-            seed: 0,
-            run_description: None,
-        };
-        let mut ctx = StageContext::new(spec, Arc::new(AtomicBool::new(false)));
+        let spec = stage_api::RunSpec::new("v", "vocab", p, inputs, outputs, dir.path());
+        let mut ctx = StageContext::uncancelled(spec);
         VocabStage.run(&mut ctx).unwrap();
         let tok = Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
         let stats = serde_json::from_str(&std::fs::read_to_string(dir.path().join("stats.json")).unwrap()).unwrap();
