@@ -5,7 +5,8 @@
 //! (BENCH_THREADS, default 1), medians of BENCH_STEPS (default 10) timed runs after warm-up, the
 //! three variants interleaved run by run; each × f32 is the median of the rounds' own ratios.
 //! `ITERA_SIMD=avx2` (or `portable`) runs the kernels a lesser CPU would; the header says which
-//! ran. Freed memory stays in the process, as in `orchestrate exec-stage`.
+//! ran. Freed memory stays in the process, as in `orchestrate exec-stage`. BENCH_JSON=FILE
+//! appends one JSON line per model and weight format with the figures printed.
 
 use std::time::Instant;
 
@@ -87,6 +88,14 @@ fn main() -> candle_core::Result<()> {
             let (fr, gr) = (round_ratios(&fwd[i], &fwd[0]), round_ratios(&gen[i], &gen[0]));
             let (f, g) = (median(fwd[i].clone()), median(gen[i].clone()));
             println!("| {name} tiny | {label} | {f:.0} | {fr:.2} | {g:.0} | {gr:.2} |");
+            if let Ok(path) = std::env::var("BENCH_JSON") {
+                let record = serde_json::json!({
+                    "bench": "qbench", "model": name, "weights": label, "threads": threads,
+                    "kernels": itera_models::simd_path(), "forward_tok_s": f, "forward_x_f32": fr,
+                    "generate_tok_s": g, "generate_x_f32": gr,
+                });
+                itera_models::measure::append_json_line(&path, &record)?;
+            }
         }
     }
     Ok(())

@@ -14,7 +14,9 @@
 //! Threads: BENCH_THREADS (default 1); BENCH_STEPS (timed steps, default 10; twice as many
 //! step / GEMM-floor pairs); BENCH_MODELS (default `itera_lite,transformer`); BENCH_BATCH
 //! (sequences per step, default 16, the peer's: other sizes show how the step and its floor
-//! scale with the activations' footprint, and have no peer figure to compare with).
+//! scale with the activations' footprint, and have no peer figure to compare with);
+//! BENCH_JSON=FILE appends one JSON line per model with the figures printed (for
+//! `tests/bench/model_peer.py`, which runs this beside the original).
 
 use std::time::Instant;
 
@@ -329,6 +331,12 @@ fn main() -> candle_core::Result<()> {
             100.0 * flops * fwd_tps / 1e9 / peak
         );
         println!("  generate  {gen_tps:>9.1} tok/s  (batch 1, 16-token prompt + 112 new)");
+        let mut record = serde_json::json!({
+            "bench": "throughput", "model": name, "threads": threads, "batch": b, "seq": l,
+            "cpu": itera_models::measure::cpu_model(), "kernels": itera_models::simd_path(),
+            "fma_peak_gflops": fma512.or(fma256), "train_tok_s": train_tps, "train_step_ms": train_step * 1e3,
+            "forward_tok_s": fwd_tps, "generate_tok_s": gen_tps,
+        });
         {
             // Step and floor measured in alternation, so the ratio of each pair shares the VM's
             // speed of the moment (it drifts ±15 % within minutes on these machines).
@@ -360,6 +368,9 @@ fn main() -> candle_core::Result<()> {
             // twice that backward) are GEMMs too, just not with weights: the bound adds them
             // at the floor's rate.
             let attention = 3.0 * (flops - forward_flops_per_token(&cfg, 0) as f64) * (b * l) as f64;
+            record["floor_ms"] = (f * 1e3).into();
+            record["floor_with_attention_ms"] = ((f + attention / rate) * 1e3).into();
+            record["step_over_floor"] = median(ratios.clone()).into();
             if attention > 0.0 {
                 let t = f + attention / rate;
                 println!(
@@ -396,6 +407,9 @@ fn main() -> candle_core::Result<()> {
                 train_step * 1e3,
                 100.0 * s / train_step
             );
+        }
+        if let Ok(path) = std::env::var("BENCH_JSON") {
+            itera_models::measure::append_json_line(&path, &record)?;
         }
         println!();
     }

@@ -166,6 +166,14 @@ pub fn cpu_model() -> String {
         .map_or_else(|| "unknown CPU".to_string(), |m| m.trim().to_string())
 }
 
+/// Append `record` as one line of JSON to the file at `path` (created if missing): how the
+/// benchmarks hand their figures to a script (`BENCH_JSON`).
+pub fn append_json_line(path: &str, record: &serde_json::Value) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(f, "{record}")
+}
+
 /// How malloc's memory is paged in this process, for benchmarks to print beside their figures.
 pub fn malloc_pages() -> &'static str {
     let asked = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.split(':').any(|t| t.trim() == HUGE_PAGES));
