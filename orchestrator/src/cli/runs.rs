@@ -159,8 +159,9 @@ pub(super) fn runs(env: &Env, a: Args) -> Result<i32, Failure> {
         }
     } else {
         print_table(&rows, &a.metrics);
-        if let Some(remote) = place.filter(|_| rows.iter().any(|r| r.here == Some(false))) {
-            println!("here no: the run is not in this store; `orchestrate pull --run ID --remote {remote}` brings it with its results");
+        // The remote as the user named it (`team`, not the URL it resolves to).
+        if let Some(given) = a.remote.as_deref().filter(|_| rows.iter().any(|r| r.here == Some(false))) {
+            println!("here no: the run is not in this store; `orchestrate pull --run ID --remote {given}` brings it with its results");
         }
     }
     Ok(if errors.is_empty() { 0 } else { 1 })
