@@ -181,20 +181,23 @@ fn remote_rows(
     rt.block_on(remote.probe()).map_err(listing)?;
     let all = rt.block_on(remote.list_runs(errors)).map_err(listing)?;
     let listed: Vec<&Run> = all.iter().filter(of_pipeline).take(a.limit).collect();
-    // First ask the metrics of the store alone, noting the manifests it lacks; fetch those.
-    let missing = RefCell::new(BTreeSet::new());
+    // First ask the metrics of the store alone, keeping what it holds and noting what it
+    // lacks; fetch that; then ask again of both, reading no manifest twice.
+    let (local, missing) = (RefCell::new(BTreeMap::new()), RefCell::new(BTreeSet::new()));
     let noting = |d: &str| {
         let m = store.load_manifest(d).ok();
-        if m.is_none() {
-            missing.borrow_mut().insert(d.to_string());
+        match &m {
+            Some(m) => drop(local.borrow_mut().insert(d.to_string(), m.clone())),
+            None => drop(missing.borrow_mut().insert(d.to_string())),
         }
         m
     };
     for run in &listed {
         a.metrics.iter().for_each(|m| drop(crate::history::run_metric(&noting, &run.1, m)));
     }
-    let fetched = rt.block_on(remote.read_manifests(missing.into_inner().into_iter().collect(), errors));
-    let manifest = |d: &str| store.load_manifest(d).ok().or_else(|| fetched.get(d).cloned());
+    let mut found = local.into_inner();
+    found.extend(rt.block_on(remote.read_manifests(missing.into_inner().into_iter().collect(), errors)));
+    let manifest = |d: &str| found.get(d).cloned();
     let here: HashSet<String> = store.runs().into_iter().map(|(id, _)| id).collect();
     let row = |run: &&Run| Row { here: Some(here.contains(&run.0)), ..Row::of(&manifest, run, &all, &a.metrics) };
     Ok(listed.iter().map(row).collect())
